@@ -1,0 +1,269 @@
+"""Configuration: YAML decoded into msgspec Structs.
+
+Loading order: read YAML -> interpolate ``${VAR}`` / ``${VAR:-default}`` in strings ->
+apply ``LLMROUTER__SECTION__KEY=value`` environment overrides (values parsed as YAML
+scalars; list items by index, e.g. ``LLMROUTER__MODELS__0__NAME``) -> decode. A bad
+field fails at start-up with a :class:`~llmrouter.errors.ConfigError` naming its path.
+
+Deployment keys that are not common to every provider (``base_url``, ``api_key``,
+``device``...) are collected into ``Deployment.options`` and validated by the
+provider's own ``Options`` struct when the router builds it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from llmrouter.errors import ConfigError
+
+__all__ = [
+    "Config",
+    "Cooldown",
+    "Deployment",
+    "GroupCache",
+    "ModelGroup",
+    "Price",
+    "Retry",
+    "RouterConfig",
+    "ServerConfig",
+    "Timeouts",
+    "load_config",
+    "parse_config",
+]
+
+ENV_PREFIX = "LLMROUTER__"
+
+Strategy = Literal["priority", "weighted", "least_busy", "lowest_latency", "cheapest"]
+
+
+class Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of config sections: unknown keys are errors (typos fail loudly)."""
+
+
+class Timeouts(Section):
+    connect: float = 10.0
+    """Seconds to open a connection to an upstream."""
+    first_token: float | None = 60.0
+    """Seconds until the first content chunk (or the whole answer when not streaming)."""
+    total: float | None = 600.0
+    """Seconds for the whole request, stream included."""
+
+
+class Retry(Section):
+    attempts: int = 2
+    """Retries after the first try, on retryable errors only (across the group's deployments)."""
+    backoff_base: float = 0.05
+    """First backoff in seconds; doubles each retry, with full jitter."""
+    backoff_max: float = 2.0
+
+
+class Cooldown(Section):
+    failures: int = 3
+    """Consecutive failures that take a deployment out of rotation."""
+    seconds: float = 30.0
+
+
+class Price(Section):
+    """USD per million tokens."""
+
+    input: float = 0.0
+    output: float = 0.0
+    cached_input: float | None = None
+
+
+class Deployment(Section):
+    provider: str
+    model: str
+    id: str | None = None
+    """Stable name for readiness, metrics and the ledger; default ``provider/model``."""
+    weight: float = 1.0
+    priority: int = 0
+    """Lower is tried first by the ``priority`` strategy."""
+    max_concurrency: int | None = None
+    timeouts: Timeouts | None = None
+    price: Price | None = None
+    options: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Provider-specific keys (everything not named above)."""
+
+
+class GroupCache(Section):
+    ttl: float | None = None
+    """Seconds an answer stays cached; None uses the cache's default."""
+    cache_all: bool = False
+    """Cache non-deterministic requests too (not only temperature 0 or a seed)."""
+    enabled: bool = True
+
+
+class ModelGroup(Section):
+    name: str
+    deployments: list[Deployment]
+    aliases: list[str] = msgspec.field(default_factory=list)
+    strategy: Strategy | None = None
+    fallbacks: list[str] = msgspec.field(default_factory=list)
+    """Other model groups to try, in order, when every deployment here failed."""
+    retry: Retry | None = None
+    timeouts: Timeouts | None = None
+    cooldown: Cooldown | None = None
+    cache: GroupCache | None = None
+
+
+class RouterConfig(Section):
+    strategy: Strategy = "priority"
+    retry: Retry = msgspec.field(default_factory=Retry)
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    cooldown: Cooldown = msgspec.field(default_factory=Cooldown)
+    allow_direct: bool = True
+    """Accept ``provider/model`` names that are not configured groups."""
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    cors_origins: list[str] = msgspec.field(default_factory=list)
+    max_request_bytes: int = 8 * 1024 * 1024
+    """Bodies larger than this get 413."""
+
+
+class Config(Section):
+    models: list[ModelGroup] = msgspec.field(default_factory=list)
+    router: RouterConfig = msgspec.field(default_factory=RouterConfig)
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    pricing: dict[str, Price] = msgspec.field(default_factory=dict)
+    """Prices by model name (upstream model or group name); deployments may override."""
+    pricing_file: str | None = None
+    """A YAML file of ``model: {input, output, cached_input}`` merged under ``pricing``."""
+    providers: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    """Per-provider defaults merged into each deployment's options (e.g. an API key)."""
+    discover: bool = True
+    """With no ``models``, register whatever the environment offers (see docs/providers.md)."""
+
+
+_DEPLOYMENT_KEYS = frozenset(Deployment.__struct_fields__) - {"options"}
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any, env: Mapping[str, str], path: str) -> Any:
+    if isinstance(value, str):
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"config: environment variable {name} is not set - at `{path}`")
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _yaml_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__") if k]
+        if not keys:
+            continue
+        node: Any = data
+        for i, key in enumerate(keys):
+            last = i == len(keys) - 1
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"config: {name}: no list item {key}")
+                if last:
+                    node[int(key)] = _yaml_scalar(raw)
+                else:
+                    node = node[int(key)]
+            else:
+                if last:
+                    node[key] = _yaml_scalar(raw)
+                else:
+                    node = node.setdefault(key, {})
+
+
+def _split_deployment_options(data: dict[str, Any]) -> None:
+    for group in data.get("models") or []:
+        if not isinstance(group, dict):
+            continue
+        for deployment in group.get("deployments") or []:
+            if not isinstance(deployment, dict):
+                continue
+            options = dict(deployment.get("options") or {})
+            for key in [k for k in deployment if k not in _DEPLOYMENT_KEYS and k != "options"]:
+                options[key] = deployment.pop(key)
+            deployment["options"] = options
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from exc
+
+
+def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str] | None = None, *, base_dir: Path | None = None) -> Config:
+    """Decode a config mapping (as read from YAML), with interpolation and env overrides."""
+    env = os.environ if env is None else env
+    if data is not None and not isinstance(data, Mapping):
+        raise ConfigError("config: the top level must be a mapping")
+    raw = _interpolate(dict(data or {}), env, "$")
+    _apply_env_overrides(raw, env)
+    _split_deployment_options(raw)
+    pricing_file = raw.get("pricing_file")
+    if isinstance(pricing_file, str):
+        file_prices = _read_yaml((base_dir or Path.cwd()) / pricing_file)
+        if not isinstance(file_prices, dict):
+            raise ConfigError(f"config: {pricing_file} must map model names to prices")
+        raw["pricing"] = {**file_prices.get("pricing", file_prices), **(raw.get("pricing") or {})}
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"config: {exc}") from exc
+    _check_references(config)
+    return config
+
+
+def _check_references(config: Config) -> None:
+    names: set[str] = set()
+    for i, group in enumerate(config.models):
+        for name in (group.name, *group.aliases):
+            if name in names:
+                raise ConfigError(f"config: model name {name!r} is defined twice - at `$.models[{i}]`")
+            names.add(name)
+        if not group.deployments:
+            raise ConfigError(f"config: model group {group.name!r} has no deployments - at `$.models[{i}].deployments`")
+    for i, group in enumerate(config.models):
+        for j, fallback in enumerate(group.fallbacks):
+            if fallback not in names:
+                raise ConfigError(f"config: unknown fallback model {fallback!r} - at `$.models[{i}].fallbacks[{j}]`")
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the config file at ``path`` (or only defaults + environment when None)."""
+    if path is None:
+        return parse_config({}, env)
+    path = Path(path)
+    return parse_config(_read_yaml(path), env, base_dir=path.parent)

@@ -1,0 +1,77 @@
+"""Per-request state that travels the request path and records what happened.
+
+The caller (the service, or a library user) creates a :class:`RequestContext`
+with who is asking; the router fills in where the request went, what it used and
+cost, and how it ended. Hooks (accounting, telemetry, logs) read it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from llmrouter.errors import LLMRouterError
+    from llmrouter.types import ChatRequest, CompletionRequest, Usage
+
+__all__ = ["CacheStatus", "CostSource", "RequestContext", "RequestStatus"]
+
+CacheStatus = Literal["hit", "miss", "bypass", "coalesced"]
+CostSource = Literal["provider", "price_table", "unpriced", "cache"]
+RequestStatus = Literal["ok", "error", "cancelled"]
+
+
+@dataclass(slots=True, kw_only=True)
+class RequestContext:
+    """Who asked, and (after the call) what the router did with the request."""
+
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    api_key_id: str | None = None
+    """The id of the API key that pays (None for a local, unauthenticated user)."""
+    principal: Any = None
+    """The authenticated principal object (accounting's), for scope and model checks."""
+    no_cache: bool = False
+    """``Cache-Control: no-cache``: skip the lookup, refresh the entry."""
+    no_store: bool = False
+    """``Cache-Control: no-store``: don't write the answer to the cache."""
+    traceparent: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    # --- filled by the router -------------------------------------------------------
+    operation: Literal["chat", "completion"] = "chat"
+    stream: bool = False
+    request: ChatRequest | CompletionRequest | None = None
+    model_group: str | None = None
+    deployment: str | None = None
+    provider: str | None = None
+    upstream_model: str | None = None
+    attempts: int = 0
+    fallbacks: int = 0
+    prompt_tokens_estimate: int = 0
+    max_cost: float | None = None
+    """The most this request can cost (prompt + max output at the price); reserved."""
+    usage: Usage | None = None
+    cost: float | None = None
+    cost_source: CostSource | None = None
+    cache_status: CacheStatus | None = None
+    status: RequestStatus | None = None
+    error: LLMRouterError | None = None
+    started_at: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    created: float = field(default_factory=time.time)
+    """Wall-clock start (Unix seconds), for ledger rows."""
+
+    @property
+    def ttft_ms(self) -> float | None:
+        if self.first_token_at is None:
+            return None
+        return (self.first_token_at - self.started_at) * 1000
+
+    @property
+    def latency_ms(self) -> float | None:
+        if self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at) * 1000

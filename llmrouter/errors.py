@@ -1,0 +1,251 @@
+"""One exception tree for llmrouter; every error knows its HTTP status and OpenAI body.
+
+::
+
+    LLMRouterError (500 server_error)
+    ├── ConfigError                       bad configuration (raised at start-up)
+    ├── ProviderNotInstalledError         a known provider whose distribution is missing
+    ├── InvalidRequestError (400)
+    │   ├── ContextWindowExceededError    code=context_length_exceeded
+    │   └── UnsupportedFeatureError       the deployment cannot do what was asked
+    ├── AuthenticationError (401)
+    ├── InsufficientCreditsError (402)    upstream account out of credit
+    ├── PermissionDeniedError (403)
+    ├── NotFoundError (404)
+    │   └── ModelNotFoundError            code=model_not_found
+    ├── RequestTooLargeError (413)
+    ├── UnprocessableEntityError (422)
+    ├── RateLimitError (429)              retry_after in seconds
+    │   └── BudgetExceededError           code=insufficient_quota
+    ├── UpstreamError (502, retryable)    a provider failed
+    │   ├── UpstreamConnectionError       connect refused / reset
+    │   ├── UpstreamTimeoutError (504)    connect, first-token or total timeout
+    │   └── UpstreamUnavailableError (503)
+    └── NoDeploymentAvailableError (503)  every deployment cooling down or full
+
+Providers translate their library's errors at the boundary (``raise X(...) from exc``).
+``retryable`` tells the router whether another attempt may succeed; an upstream 429 is
+retryable, a local rate limit is not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "AuthenticationError",
+    "BudgetExceededError",
+    "ConfigError",
+    "ContextWindowExceededError",
+    "InsufficientCreditsError",
+    "InvalidRequestError",
+    "LLMRouterError",
+    "ModelNotFoundError",
+    "NoDeploymentAvailableError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ProviderNotInstalledError",
+    "RateLimitError",
+    "RequestTooLargeError",
+    "UnprocessableEntityError",
+    "UnsupportedFeatureError",
+    "UpstreamConnectionError",
+    "UpstreamError",
+    "UpstreamTimeoutError",
+    "UpstreamUnavailableError",
+    "error_for_status",
+]
+
+
+class LLMRouterError(Exception):
+    """Base of every llmrouter error.
+
+    Args:
+        message: human-readable text, safe to show to the client.
+        code: OpenAI-style machine code (e.g. ``model_not_found``).
+        param: the request field at fault, if any.
+        provider: the provider that raised it, if any.
+        retry_after: seconds the client should wait before retrying.
+        retryable: override the class default for this instance.
+        status: override the class default HTTP status (e.g. an upstream's own 4xx).
+    """
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+    default_retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        provider: str | None = None,
+        retry_after: float | None = None,
+        retryable: bool | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code if code is not None else self.default_code
+        self.param = param
+        self.provider = provider
+        self.retry_after = retry_after
+        self.retryable = self.default_retryable if retryable is None else retryable
+        self.http_status = status if status is not None else self.status
+
+    def to_body(self) -> dict[str, Any]:
+        """The OpenAI error body: ``{"error": {"message", "type", "code", "param"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "code": self.code,
+                "param": self.param,
+            }
+        }
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+class ConfigError(LLMRouterError):
+    """The configuration is invalid; the message names the bad field's path."""
+
+
+class ProviderNotInstalledError(LLMRouterError):
+    """A known provider was asked for but its distribution is not installed."""
+
+
+class InvalidRequestError(LLMRouterError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextWindowExceededError(InvalidRequestError):
+    default_code = "context_length_exceeded"
+
+
+class UnsupportedFeatureError(InvalidRequestError):
+    default_code = "unsupported_feature"
+
+
+class AuthenticationError(LLMRouterError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class InsufficientCreditsError(LLMRouterError):
+    status = 402
+    type = "insufficient_quota"
+    default_code = "insufficient_credits"
+
+
+class PermissionDeniedError(LLMRouterError):
+    status = 403
+    type = "permission_error"
+
+
+class NotFoundError(LLMRouterError):
+    status = 404
+    type = "not_found_error"
+
+
+class ModelNotFoundError(NotFoundError):
+    type = "invalid_request_error"
+    default_code = "model_not_found"
+
+
+class RequestTooLargeError(LLMRouterError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class UnprocessableEntityError(LLMRouterError):
+    status = 422
+    type = "invalid_request_error"
+
+
+class RateLimitError(LLMRouterError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class BudgetExceededError(RateLimitError):
+    type = "insufficient_quota"
+    default_code = "insufficient_quota"
+
+
+class UpstreamError(LLMRouterError):
+    status = 502
+    type = "upstream_error"
+    default_retryable = True
+
+
+class UpstreamConnectionError(UpstreamError):
+    default_code = "upstream_connection_error"
+
+
+class UpstreamTimeoutError(UpstreamError):
+    status = 504
+    default_code = "upstream_timeout"
+
+
+class UpstreamUnavailableError(UpstreamError):
+    status = 503
+    default_code = "upstream_unavailable"
+
+
+class NoDeploymentAvailableError(LLMRouterError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "no_deployment_available"
+
+
+def error_for_status(
+    status: int,
+    message: str,
+    *,
+    provider: str | None = None,
+    retry_after: float | None = None,
+    code: str | None = None,
+    param: str | None = None,
+) -> LLMRouterError:
+    """Translate an upstream HTTP status into the error tree.
+
+    429, 408 and 5xx are retryable; other 4xx are not (the same request would fail again).
+    """
+    kwargs: dict[str, Any] = {"provider": provider, "retry_after": retry_after, "code": code, "param": param}
+    if status == 400:
+        if code == "context_length_exceeded":
+            return ContextWindowExceededError(message, **kwargs)
+        return InvalidRequestError(message, **kwargs)
+    if status == 401:
+        return AuthenticationError(message, **kwargs)
+    if status == 402:
+        return InsufficientCreditsError(message, **kwargs)
+    if status == 403:
+        return PermissionDeniedError(message, **kwargs)
+    if status == 404:
+        return NotFoundError(message, **kwargs)
+    if status == 408:
+        return UpstreamTimeoutError(message, **kwargs)
+    if status == 413:
+        return RequestTooLargeError(message, **kwargs)
+    if status == 422:
+        return UnprocessableEntityError(message, **kwargs)
+    if status == 429:
+        return RateLimitError(message, retryable=True, **kwargs)
+    if status == 503:
+        return UpstreamUnavailableError(message, **kwargs)
+    if status == 504:
+        return UpstreamTimeoutError(message, **kwargs)
+    if status >= 500:
+        return UpstreamError(message, status=502, **kwargs)
+    return InvalidRequestError(message, status=status if 400 <= status < 500 else 400, **kwargs)

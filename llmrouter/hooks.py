@@ -1,0 +1,70 @@
+"""Extension points on the request path: hooks that observe or admit requests,
+and the cache layer that wraps dispatch.
+
+The router calls, for each request::
+
+    hook.before_request(ctx)        # in order; may raise (limits, budget) -> request rejected
+    ... cache layer -> select -> provider, with on_attempt / on_fallback / on_cooldown /
+        on_first_token events ...
+    hook.after_request(ctx)         # exactly once per admitted request, in reverse order,
+                                    # shielded from cancellation, even on error or cancel
+
+``after_request`` must not raise; the router logs and swallows what it does raise.
+Event methods are synchronous and cheap: they run on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from llmrouter.context import RequestContext
+    from llmrouter.errors import LLMRouterError
+    from llmrouter.types import ChatChunk, ChatRequest, ChatResponse
+
+__all__ = ["CacheLayer", "RouterHooks"]
+
+
+class RouterHooks:
+    """Base class for request hooks; every method is a no-op by default."""
+
+    async def before_request(self, ctx: RequestContext) -> None:
+        """Admit the request (``ctx.request``, ``ctx.model_group``, ``ctx.max_cost`` are set)."""
+
+    async def after_request(self, ctx: RequestContext) -> None:
+        """Settle and record: ``ctx.status``, ``usage``, ``cost``, timings are set."""
+
+    def on_attempt(self, ctx: RequestContext, deployment: str, error: LLMRouterError | None) -> None:
+        """One attempt on one deployment ended (``error`` is None on success)."""
+
+    def on_fallback(self, ctx: RequestContext, from_group: str, to_group: str) -> None:
+        """The request moved on to a fallback model group."""
+
+    def on_cooldown(self, deployment: str, seconds: float) -> None:
+        """A deployment was taken out of rotation for ``seconds``."""
+
+    def on_first_token(self, ctx: RequestContext) -> None:
+        """The first content arrived (streams and non-streams alike)."""
+
+
+class CacheLayer(Protocol):
+    """Wraps dispatch with lookup, in-flight coalescing and store (see ``llmrouter.cache``).
+
+    ``call`` performs the real dispatch; the layer decides whether to call it, and sets
+    ``ctx.cache_status``.
+    """
+
+    async def chat(
+        self,
+        ctx: RequestContext,
+        request: ChatRequest,
+        call: Callable[[], Awaitable[ChatResponse]],
+    ) -> ChatResponse: ...
+
+    def stream(
+        self,
+        ctx: RequestContext,
+        request: ChatRequest,
+        call: Callable[[], AsyncIterator[ChatChunk]],
+    ) -> AsyncIterator[ChatChunk]: ...

@@ -1,0 +1,139 @@
+"""The Provider contract: the only thing a model backend implements.
+
+A provider instance serves one deployment (one upstream model). It is an async
+context manager: ``start()`` loads models or opens clients, ``aclose()`` releases
+them. Cancellation is the caller's anyio cancel scope: when the awaiting task is
+cancelled, ``chat`` must stop promptly, and when a ``stream`` generator is closed
+(``aclose``) it must close its upstream stream, abort the engine request or stop
+the generate loop, and leak no thread.
+
+Streams end with a chunk that carries ``usage`` (its ``choices`` may be empty),
+whether or not the client asked for it: the router needs usage for billing and
+strips that chunk when the client did not ask for ``stream_options.include_usage``.
+Responses from ``chat`` always carry ``usage``; when the provider had to count the
+tokens itself, ``usage.estimated`` is True.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, ClassVar, Generic, TypeVar
+
+import msgspec
+
+from llmrouter.errors import ConfigError, UnsupportedFeatureError
+from llmrouter.types import (
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+)
+
+__all__ = ["Capabilities", "Health", "NoOptions", "Provider", "ProviderOptions"]
+
+
+class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
+    """What a deployment can do; the router rejects requests it cannot serve."""
+
+    streaming: bool = True
+    tools: bool = False
+    json_mode: bool = False
+    vision: bool = False
+    completions: bool = False
+    max_context: int | None = None
+
+
+class Health(msgspec.Struct, kw_only=True):
+    ok: bool
+    detail: str = ""
+    latency_ms: float | None = None
+
+
+class ProviderOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base for a provider's own deployment options (unknown keys are config errors)."""
+
+
+class NoOptions(ProviderOptions):
+    pass
+
+
+OptionsT = TypeVar("OptionsT", bound=ProviderOptions)
+
+
+class Provider(abc.ABC, Generic[OptionsT]):
+    """Base class of every provider.
+
+    Subclasses set ``name`` (the entry-point name, e.g. ``"remote"``), ``Options``
+    (a :class:`ProviderOptions` subclass describing the keys a deployment may set)
+    and implement :meth:`chat` and :meth:`stream`.
+
+    Args:
+        model: the upstream model this instance serves.
+        options: the provider's options; defaults to ``Options()``.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[ProviderOptions]] = NoOptions
+
+    def __init__(self, model: str, options: OptionsT | None = None) -> None:
+        self.model = model
+        self.options: OptionsT = options if options is not None else self.Options()  # type: ignore[assignment]
+
+    @classmethod
+    def from_config(cls, model: str, options: Mapping[str, Any] | None = None, *, path: str = "") -> Provider[Any]:
+        """Build a provider from raw config keys, failing with the bad field's path."""
+        try:
+            parsed = msgspec.convert(dict(options or {}), cls.Options, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{path or cls.name}: {exc}") from exc
+        return cls(model, parsed)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    async def start(self) -> None:
+        """Load the model / open clients. Called once before the first request."""
+
+    async def aclose(self) -> None:
+        """Release everything ``start`` acquired. Safe to call twice."""
+
+    @abc.abstractmethod
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        """One chat completion, with ``usage`` filled."""
+
+    @abc.abstractmethod
+    def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        """Stream a chat completion; the last chunk carries ``usage``."""
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse:
+        """A legacy prompt completion; only where ``capabilities.completions``."""
+        raise UnsupportedFeatureError(
+            f"provider {self.name!r} does not support /v1/completions", provider=self.name
+        )
+
+    def stream_complete(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
+        """Stream a legacy prompt completion; the last chunk carries ``usage``."""
+        raise UnsupportedFeatureError(
+            f"provider {self.name!r} does not support /v1/completions", provider=self.name
+        )
+
+    async def list_models(self) -> list[ModelCard]:
+        return [ModelCard(id=self.model, owned_by=self.name or "llmrouter")]
+
+    async def health(self) -> Health:
+        return Health(ok=True)
+
+    async def __aenter__(self) -> Provider[OptionsT]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model!r})"

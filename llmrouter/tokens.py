@@ -1,0 +1,94 @@
+"""Token counting for usage that a provider did not report.
+
+OpenAI-family models are counted with tiktoken (``o200k_base`` for the gpt-4o / o-series
+generation, ``cl100k_base`` otherwise). tiktoken normally downloads its BPE files; here
+they come from the ``bpe-openai`` package and are unpacked into a private
+``TIKTOKEN_CACHE_DIR`` under the names tiktoken looks for, so no network call is made.
+Without either package, a conservative estimate (4 characters a token) is used.
+Local providers count with their own tokenizer and never come here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from llmrouter.types import ChatMessage, message_text
+
+__all__ = ["count_messages", "count_text", "encoding_name_for"]
+
+_BLOB = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+_O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4", "chatgpt-4o", "gpt-oss")
+# Every message costs a few tokens of framing (role, separators); the reply is primed with 3.
+_TOKENS_PER_MESSAGE = 3
+_REPLY_PRIMING = 3
+
+
+def encoding_name_for(model: str) -> str:
+    base = model.rsplit("/", 1)[-1].lower()
+    return "o200k_base" if base.startswith(_O200K_PREFIXES) else "cl100k_base"
+
+
+def _prepare_cache_dir() -> str | None:
+    try:
+        data = resources.files("bpe_openai") / "data"
+    except ModuleNotFoundError:
+        return None
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "llmrouter-tiktoken")
+    os.makedirs(cache_dir, exist_ok=True)
+    for name in ("cl100k_base", "o200k_base"):
+        target = os.path.join(cache_dir, hashlib.sha1(_BLOB.format(name).encode()).hexdigest())
+        if os.path.exists(target):
+            continue
+        packed = data / f"{name}.tiktoken.gz"
+        if not packed.is_file():
+            continue
+        tmp = f"{target}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as out:
+            out.write(gzip.decompress(packed.read_bytes()))
+        os.replace(tmp, target)
+    return cache_dir
+
+
+@cache
+def _encoding(name: str) -> Any:
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    cache_dir = _prepare_cache_dir()
+    if cache_dir is None and "TIKTOKEN_CACHE_DIR" not in os.environ:
+        return None
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", cache_dir or "")
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception:  # noqa: BLE001 - no BPE file offline: fall back to the estimate
+        return None
+
+
+def count_text(text: str, model: str = "") -> int:
+    """Tokens in ``text`` for ``model``'s tokenizer family (estimated without tiktoken)."""
+    if not text:
+        return 0
+    encoding = _encoding(encoding_name_for(model))
+    if encoding is None:
+        return max(1, (len(text) + 3) // 4)
+    return len(encoding.encode(text, disallowed_special=()))
+
+
+def count_messages(messages: Sequence[ChatMessage], model: str = "") -> int:
+    """Prompt tokens of a chat, framing included (OpenAI's counting recipe)."""
+    total = _REPLY_PRIMING
+    for message in messages:
+        total += _TOKENS_PER_MESSAGE + count_text(message_text(message), model)
+        if message.name:
+            total += 1 + count_text(message.name, model)
+        for call in message.tool_calls or ():
+            total += count_text(call.function.name, model) + count_text(call.function.arguments, model)
+    return total

@@ -1,0 +1,459 @@
+"""msgspec Structs for the OpenAI wire format.
+
+One base class (:class:`Wire`) fixes the policy: keyword-only, defaults omitted
+when encoding, unknown fields ignored when decoding. Clients are decoded
+strictly (types, ranges, tagged content parts); upstream responses are decoded
+with the same types, whose optional fields make them tolerant of what
+OpenAI-compatible servers actually send.
+
+Request fields llmrouter does not model are not lost: :func:`decode_chat_request`
+keeps them in ``extra`` and :func:`request_to_wire` puts them back for upstreams.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal, TypeVar, Union
+
+import msgspec
+from msgspec import Meta
+
+from llmrouter.errors import InvalidRequestError
+
+__all__ = [
+    "AudioPart",
+    "ChatChoice",
+    "ChatChunk",
+    "ChatMessage",
+    "ChatRequest",
+    "ChatResponse",
+    "ChunkChoice",
+    "CompletionChoice",
+    "CompletionChunk",
+    "CompletionRequest",
+    "CompletionResponse",
+    "CompletionTokensDetails",
+    "ContentPart",
+    "Delta",
+    "FilePart",
+    "FunctionCall",
+    "FunctionCallDelta",
+    "FunctionDefinition",
+    "ImagePart",
+    "ImageURL",
+    "JsonSchema",
+    "ModelCard",
+    "ModelList",
+    "PromptTokensDetails",
+    "ResponseFormat",
+    "StreamOptions",
+    "TextPart",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
+    "Usage",
+    "Wire",
+    "decode_chat_request",
+    "decode_completion_request",
+    "message_text",
+    "new_id",
+    "request_to_wire",
+]
+
+
+class Wire(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Base of every wire Struct: keyword-only, defaults left out when encoding."""
+
+
+# --- content parts (tagged by "type") -------------------------------------------------
+
+
+class TextPart(Wire, tag="text", tag_field="type"):
+    text: str
+
+
+class ImageURL(Wire):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(Wire, tag="image_url", tag_field="type"):
+    image_url: ImageURL
+
+
+class InputAudio(Wire):
+    data: str
+    format: str
+
+
+class AudioPart(Wire, tag="input_audio", tag_field="type"):
+    input_audio: InputAudio
+
+
+class FileRef(Wire):
+    file_id: str | None = None
+    file_data: str | None = None
+    filename: str | None = None
+
+
+class FilePart(Wire, tag="file", tag_field="type"):
+    file: FileRef
+
+
+ContentPart = Union[TextPart, ImagePart, AudioPart, FilePart]
+
+
+# --- tools -----------------------------------------------------------------------------
+
+
+class FunctionDefinition(Wire):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Wire):
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
+class FunctionCall(Wire):
+    name: str
+    arguments: str = ""
+
+
+class ToolCall(Wire):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class FunctionCallDelta(Wire):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(Wire):
+    index: int = 0
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
+# --- messages --------------------------------------------------------------------------
+
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class ChatMessage(Wire):
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+
+
+def message_text(message: ChatMessage) -> str:
+    """The text of a message: its string content, or its text parts joined."""
+    content = message.content
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content if isinstance(part, TextPart))
+
+
+# --- requests --------------------------------------------------------------------------
+
+
+class StreamOptions(Wire):
+    include_usage: bool = False
+
+
+class JsonSchema(Wire):
+    name: str
+    schema: dict[str, Any] | None = None
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Wire):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+Probability = Annotated[float, Meta(ge=0, le=1)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+Stop = Union[str, Annotated[list[str], Meta(max_length=4)], None]
+
+
+class ChatRequest(Wire):
+    """``POST /v1/chat/completions``."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    stop: Stop = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+    extra: dict[str, Any] = msgspec.field(default_factory=dict, name="__extra__")
+    """Request fields llmrouter does not model; passed on to upstreams that take them."""
+
+    @property
+    def output_limit(self) -> int | None:
+        """The most tokens the answer may have (``max_completion_tokens`` wins)."""
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(Wire):
+    """``POST /v1/completions`` (the legacy prompt API)."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = 16
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    stop: Stop = None
+    seed: int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+    echo: bool | None = None
+    best_of: PositiveInt | None = None
+    suffix: str | None = None
+    user: str | None = None
+    extra: dict[str, Any] = msgspec.field(default_factory=dict, name="__extra__")
+
+    @property
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def prompt_text(self) -> str:
+        """The prompt as one string (only for a single text prompt)."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) == 1 and isinstance(self.prompt[0], str):
+            return self.prompt[0]
+        raise InvalidRequestError(
+            "only a single text prompt is supported by this deployment", param="prompt"
+        )
+
+
+# --- usage -----------------------------------------------------------------------------
+
+
+class PromptTokensDetails(Wire):
+    cached_tokens: int | None = None
+    audio_tokens: int | None = None
+
+
+class CompletionTokensDetails(Wire):
+    reasoning_tokens: int | None = None
+    audio_tokens: int | None = None
+    accepted_prediction_tokens: int | None = None
+    rejected_prediction_tokens: int | None = None
+
+
+class Usage(Wire):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
+    cost: float | None = None
+    """Cost in USD as reported by the provider (OpenRouter does); wins over our price table."""
+    estimated: bool = False
+    """True when the tokens were counted by llmrouter rather than reported by the provider."""
+
+    @property
+    def cached_tokens(self) -> int:
+        details = self.prompt_tokens_details
+        return (details.cached_tokens or 0) if details else 0
+
+
+# --- responses -------------------------------------------------------------------------
+
+
+class ChatChoice(Wire):
+    index: int = 0
+    message: ChatMessage = msgspec.field(default_factory=lambda: ChatMessage(role="assistant"))
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatResponse(Wire):
+    id: str = ""
+    object: str = "chat.completion"
+    created: int = 0
+    model: str = ""
+    choices: list[ChatChoice] = msgspec.field(default_factory=list)
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class Delta(Wire):
+    role: Role | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChunkChoice(Wire):
+    index: int = 0
+    delta: Delta = msgspec.field(default_factory=Delta)
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatChunk(Wire):
+    id: str = ""
+    object: str = "chat.completion.chunk"
+    created: int = 0
+    model: str = ""
+    choices: list[ChunkChoice] = msgspec.field(default_factory=list)
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(Wire):
+    index: int = 0
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+class CompletionResponse(Wire):
+    id: str = ""
+    object: str = "text_completion"
+    created: int = 0
+    model: str = ""
+    choices: list[CompletionChoice] = msgspec.field(default_factory=list)
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChunk(CompletionResponse):
+    """A streamed piece of a legacy completion (same shape as the response)."""
+
+
+class ModelCard(Wire):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "llmrouter"
+
+
+class ModelList(Wire):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def new_id(prefix: str = "chatcmpl") -> str:
+    """A fresh OpenAI-style object id, e.g. ``chatcmpl-3f2a...``."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+_R = TypeVar("_R", ChatRequest, CompletionRequest)
+_CHAT_FIELDS = frozenset(ChatRequest.__struct_encode_fields__) - {"__extra__"}
+_COMPLETION_FIELDS = frozenset(CompletionRequest.__struct_encode_fields__) - {"__extra__"}
+_json_decoder = msgspec.json.Decoder()
+
+
+def _decode_request(body: bytes | str | dict[str, Any], kind: type[_R], known: frozenset[str]) -> _R:
+    if isinstance(body, dict):
+        raw = dict(body)
+    else:
+        try:
+            raw = _json_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidRequestError("request body must be a JSON object")
+    raw.pop("__extra__", None)
+    extra = {key: raw.pop(key) for key in [k for k in raw if k not in known]}
+    if extra:
+        raw["__extra__"] = extra
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(str(exc), param=_error_path(str(exc))) from exc
+
+
+def _error_path(message: str) -> str | None:
+    # msgspec says "... - at `$.messages[0].role`"; OpenAI's param is "messages[0].role".
+    marker = "at `$."
+    start = message.rfind(marker)
+    if start == -1:
+        return None
+    return message[start + len(marker) :].rstrip("`")
+
+
+def decode_chat_request(body: bytes | str | dict[str, Any]) -> ChatRequest:
+    """Decode and validate a client's chat request, keeping unknown fields in ``extra``.
+
+    Raises:
+        InvalidRequestError: the body is not JSON or does not fit the schema; ``param``
+            names the offending field.
+    """
+    return _decode_request(body, ChatRequest, _CHAT_FIELDS)
+
+
+def decode_completion_request(body: bytes | str | dict[str, Any]) -> CompletionRequest:
+    """Decode and validate a legacy completion request (see :func:`decode_chat_request`)."""
+    return _decode_request(body, CompletionRequest, _COMPLETION_FIELDS)
+
+
+def request_to_wire(request: ChatRequest | CompletionRequest) -> dict[str, Any]:
+    """The request as an OpenAI JSON object, with the unknown fields put back at top level."""
+    data: dict[str, Any] = msgspec.to_builtins(request)
+    extra = data.pop("__extra__", None)
+    if extra:
+        for key, value in extra.items():
+            data.setdefault(key, value)
+    return data
