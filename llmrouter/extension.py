@@ -1,0 +1,50 @@
+"""How optional subsystems (accounting, cache, telemetry) plug into the service.
+
+An extension contributes router hooks, HTTP route handlers and lifecycle steps; the
+one that owns API keys also authenticates requests. ``create_app`` collects the
+extensions that the config enables and mounts them. Library users can ignore this
+module and pass hooks to :class:`~llmrouter.router.Router` directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from llmrouter.context import RequestContext
+    from llmrouter.hooks import CacheLayer, RouterHooks
+
+__all__ = ["Extension"]
+
+
+class Extension:
+    """Base class; override what applies."""
+
+    name: str = "extension"
+
+    def router_hooks(self) -> Sequence[RouterHooks]:
+        """Hooks to add to the router (in order)."""
+        return ()
+
+    def cache_layer(self) -> CacheLayer | None:
+        """The cache layer to wrap dispatch with, if this extension provides one."""
+        return None
+
+    def route_handlers(self) -> Sequence[Any]:
+        """Litestar route handlers / controllers to mount."""
+        return ()
+
+    async def startup(self) -> None:
+        """Open connections, create tables, start background writers."""
+
+    async def shutdown(self) -> None:
+        """Flush and close; called once, even after a failed startup of a later extension."""
+
+    async def authenticate(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
+        """Fill ``ctx.api_key_id`` / ``ctx.principal`` from the request headers, or raise
+        :class:`~llmrouter.errors.AuthenticationError`. Only the key owner overrides this."""
+
+    def readiness(self) -> Mapping[str, Any]:
+        """Extra entries for ``GET /ready`` (e.g. cache stats, ledger queue depth)."""
+        return {}
