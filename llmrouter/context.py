@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     from llmrouter.errors import LLMRouterError
     from llmrouter.types import ChatRequest, CompletionRequest, Usage
 
-__all__ = ["CacheStatus", "CostSource", "RequestContext", "RequestStatus"]
+__all__ = ["CacheStatus", "CostSource", "RequestContext", "RequestStatus", "current_context"]
 
 CacheStatus = Literal["hit", "miss", "bypass", "coalesced"]
 CostSource = Literal["provider", "price_table", "unpriced", "cache"]
@@ -75,3 +76,8 @@ class RequestContext:
         if self.finished_at is None:
             return None
         return (self.finished_at - self.started_at) * 1000
+
+
+current_context: ContextVar[RequestContext | None] = ContextVar("llmrouter_request_context", default=None)
+"""The request being served, set by the router around each provider call, so that HTTP
+providers can forward ``traceparent`` and ``X-Request-ID`` without a signature change."""

@@ -35,6 +35,10 @@ class Extension:
         """Litestar route handlers / controllers to mount."""
         return ()
 
+    def middleware(self) -> Sequence[Any]:
+        """ASGI middleware (Litestar ``DefineMiddleware`` or factories) to install."""
+        return ()
+
     async def startup(self) -> None:
         """Open connections, create tables, start background writers."""
 

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import msgspec
 
+from llmrouter.config import ModelGroup
 from llmrouter.errors import ConfigError, UnsupportedFeatureError
 from llmrouter.types import (
     ChatChunk,
@@ -121,6 +122,21 @@ class Provider(abc.ABC, Generic[OptionsT]):
         raise UnsupportedFeatureError(
             f"provider {self.name!r} does not support /v1/completions", provider=self.name
         )
+
+    @classmethod
+    async def discover(cls) -> list[ModelGroup]:
+        """Model groups this provider can serve with no configuration (zero-config start).
+
+        Called by ``llmrouter serve`` when the config names no models. Must be quick
+        (probe with a short timeout) and must not raise: return ``[]`` when nothing is
+        found. Override :meth:`discovery_note` to say what was (not) found.
+        """
+        return []
+
+    @classmethod
+    def discovery_note(cls) -> str:
+        """One line for the start-up summary, e.g. ``"ollama: no daemon at 127.0.0.1:11434"``."""
+        return ""
 
     async def list_models(self) -> list[ModelCard]:
         return [ModelCard(id=self.model, owned_by=self.name or "llmrouter")]
