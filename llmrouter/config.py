@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from llmrouter.accounting.config import AccountingConfig
 from llmrouter.errors import ConfigError
 
 __all__ = [
@@ -143,6 +144,8 @@ class Config(Section):
     """Per-provider defaults merged into each deployment's options (e.g. an API key)."""
     discover: bool = True
     """With no ``models``, register whatever the environment offers (see docs/providers.md)."""
+    accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
+    """Keys, ledger, budgets and limits (see docs/accounting.md)."""
 
 
 _DEPLOYMENT_KEYS = frozenset(Deployment.__struct_fields__) - {"options"}

@@ -1,0 +1,111 @@
+"""Accounting configuration: plain msgspec Structs, no database imports.
+
+Lives under ``accounting:`` in the main config::
+
+    accounting:
+      database: {url: "postgresql+asyncpg://llmrouter@db/llmrouter"}
+      auth: {enabled: auto}
+      redis: {url: "redis://127.0.0.1:6379/0", prefix: "llmrouter:"}
+      limits: {rpm: 600, tpm: 200000, concurrency: 16}
+      budgets:
+        - {key: "*", period: month, limit: 50.0, soft_limit: 40.0}
+        - {key: ci-bot, model: gpt-4o, period: day, limit: 2.0}
+
+This module is imported by :mod:`llmrouter.config`, so it must stay free of
+SQLAlchemy, Redis and Litestar imports.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+__all__ = [
+    "AccountingConfig",
+    "AuthConfig",
+    "BudgetRule",
+    "DatabaseConfig",
+    "LedgerConfig",
+    "LimitsConfig",
+    "RedisConfig",
+]
+
+Period = Literal["day", "month", "total"]
+
+
+class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Unknown keys are errors, like every other config section."""
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite+aiosqlite:///./llmrouter.db"
+    """SQLAlchemy async URL: ``sqlite+aiosqlite:///path`` or ``postgresql+asyncpg://...``."""
+    create: bool = True
+    """Apply pending schema migrations at start-up (``llmrouter db upgrade`` does the same)."""
+    pool_size: int = 5
+    echo: bool = False
+
+
+class AuthConfig(_Section):
+    enabled: Literal["auto"] | bool = "auto"
+    """``auto``: on as soon as any API key exists (revoked ones included); ``false`` only
+    for a local single-user setup."""
+    cache_seconds: float = 5.0
+    """How long a verified key is trusted without a database read (revocation lag
+    for *other* replicas; this replica forgets a revoked key at once)."""
+
+
+class BudgetRule(_Section):
+    limit: float
+    """Hard limit in USD: requests whose reserved maximum cost would cross it get 429."""
+    key: str = "*"
+    """Key id or key name; ``*`` applies the rule to every key separately (and to the
+    unauthenticated local user)."""
+    model: str | None = None
+    """Only requests for this model group count against the rule."""
+    period: Period = "month"
+    soft_limit: float | None = None
+    """Crossing it logs a warning and marks responses (``x-llmrouter-budget: soft``)."""
+
+
+class LimitsConfig(_Section):
+    """Per-key defaults; a key's own ``rpm`` / ``tpm`` / ``concurrency`` override them."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    lease_seconds: float = 900.0
+    """A concurrency slot held by a crashed replica is freed after this long (Redis)."""
+
+
+class RedisConfig(_Section):
+    url: str | None = None
+    """When set, rate-limit windows and budget reservations live in Redis and are shared
+    by every replica."""
+    prefix: str = "llmrouter:"
+
+
+class LedgerConfig(_Section):
+    batch_size: int = 200
+    flush_interval: float = 0.25
+    """Seconds between writes when rows trickle in (a full batch is written at once)."""
+    spill_path: str = "./llmrouter-ledger-spill.jsonl"
+    """Rows the database would not take by shutdown go here and are replayed at the next start."""
+    shutdown_timeout: float = 10.0
+
+
+BudgetBackend = Literal["auto", "memory", "redis", "database"]
+
+
+class AccountingConfig(_Section):
+    enabled: bool = True
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    budgets: list[BudgetRule] = msgspec.field(default_factory=list)
+    budget_backend: BudgetBackend = "auto"
+    """Where reservations are made atomic: ``memory`` (one process), ``redis`` (Lua, shared),
+    ``database`` (conditional UPDATE, shared). ``auto``: redis when configured, else memory."""
+    ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
