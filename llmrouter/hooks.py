@@ -8,6 +8,7 @@ The router calls, for each request::
         on_first_token events ...
     hook.after_request(ctx)         # exactly once per admitted request, in reverse order,
                                     # shielded from cancellation, even on error or cancel
+    hook.on_rejected(ctx, error)    # instead, on every hook, when a before_request raised
 
 ``after_request`` must not raise; the router logs and swallows what it does raise.
 Event methods are synchronous and cheap: they run on the hot path.
@@ -46,6 +47,16 @@ class RouterHooks:
 
     def on_first_token(self, ctx: RequestContext) -> None:
         """The first content arrived (streams and non-streams alike)."""
+
+    def on_chunk(self, ctx: RequestContext) -> None:
+        """A stream chunk carrying content was delivered (streams only; the first one too)."""
+
+    def on_rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
+        """A ``before_request`` raised ``error`` and the request was not admitted.
+
+        Called on every hook, whether or not its own ``before_request`` ran, so that
+        rejections (rate limits, budgets) can be counted; ``after_request`` is not called.
+        """
 
 
 class CacheLayer(Protocol):
