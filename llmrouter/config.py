@@ -22,6 +22,7 @@ import msgspec
 
 from llmrouter.accounting.config import AccountingConfig
 from llmrouter.errors import ConfigError
+from llmrouter.telemetry.config import TelemetryConfig
 
 __all__ = [
     "Config",
@@ -146,6 +147,8 @@ class Config(Section):
     """With no ``models``, register whatever the environment offers (see docs/providers.md)."""
     accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
     """Keys, ledger, budgets and limits (see docs/accounting.md)."""
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    """Metrics, JSON logs and traces (see docs/telemetry.md)."""
 
 
 _DEPLOYMENT_KEYS = frozenset(Deployment.__struct_fields__) - {"options"}

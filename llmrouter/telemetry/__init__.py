@@ -1,0 +1,57 @@
+"""Metrics, JSON logs and traces for llmrouter, on OpenTelemetry.
+
+Library use (metrics go to the global MeterProvider, so your own SDK set-up is honoured)::
+
+    from llmrouter import Router
+    from llmrouter.telemetry import TelemetryHooks
+
+    router = Router(config, hooks=[TelemetryHooks()])
+
+The service mounts :class:`~llmrouter.telemetry.extension.TelemetryExtension`
+(``build_telemetry_extension(config)``): ``GET /metrics``, the HTTP duration
+middleware, one JSON log line per request, ``traceparent`` handling and optional
+OTLP trace export. See ``docs/telemetry.md``.
+
+Importing this package is cheap: OpenTelemetry is imported only by the submodules
+that need it (``llmrouter.telemetry.config`` is imported by ``llmrouter.config``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from llmrouter.telemetry.config import TelemetryConfig
+
+if TYPE_CHECKING:
+    from llmrouter.telemetry.extension import TelemetryExtension, build_telemetry_extension
+    from llmrouter.telemetry.hooks import TelemetryHooks
+    from llmrouter.telemetry.logging import JsonFormatter, configure_logging
+    from llmrouter.telemetry.metrics import RouterMetrics
+
+__all__ = [
+    "JsonFormatter",
+    "RouterMetrics",
+    "TelemetryConfig",
+    "TelemetryExtension",
+    "TelemetryHooks",
+    "build_telemetry_extension",
+    "configure_logging",
+]
+
+_LAZY = {
+    "JsonFormatter": "llmrouter.telemetry.logging",
+    "RouterMetrics": "llmrouter.telemetry.metrics",
+    "TelemetryExtension": "llmrouter.telemetry.extension",
+    "TelemetryHooks": "llmrouter.telemetry.hooks",
+    "build_telemetry_extension": "llmrouter.telemetry.extension",
+    "configure_logging": "llmrouter.telemetry.logging",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmrouter.telemetry' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
