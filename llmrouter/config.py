@@ -52,7 +52,7 @@ class Timeouts(Section):
     connect: float = 10.0
     """Seconds to open a connection to an upstream."""
     first_token: float | None = 60.0
-    """Seconds until the first content chunk (or the whole answer when not streaming)."""
+    """Seconds until the first chunk of a stream (and the longest wait for a free slot)."""
     total: float | None = 600.0
     """Seconds for the whole request, stream included."""
 
@@ -122,6 +122,8 @@ class RouterConfig(Section):
     cooldown: Cooldown = msgspec.field(default_factory=Cooldown)
     allow_direct: bool = True
     """Accept ``provider/model`` names that are not configured groups."""
+    default_max_tokens: int = 4096
+    """Output bound for priced requests that set none, so a budget reservation is a true maximum."""
 
 
 class ServerConfig(Section):

@@ -6,9 +6,11 @@ The router calls, for each request::
     hook.before_request(ctx)        # in order; may raise (limits, budget) -> request rejected
     ... cache layer -> select -> provider, with on_attempt / on_fallback / on_cooldown /
         on_first_token events ...
-    hook.after_request(ctx)         # exactly once per admitted request, in reverse order,
-                                    # shielded from cancellation, even on error or cancel
-    hook.on_rejected(ctx, error)    # instead, on every hook, when a before_request raised
+    hook.after_request(ctx)         # exactly once for every hook whose before_request returned,
+                                    # in reverse order, shielded from cancellation, even on
+                                    # error, cancel or rejection by a later hook
+    hook.on_rejected(ctx, error)    # on every hook, when the request was refused before
+                                    # dispatch (unknown model, auth, rate limit, budget)
 
 ``after_request`` must not raise; the router logs and swallows what it does raise.
 Event methods are synchronous and cheap: they run on the hot path.
@@ -52,10 +54,13 @@ class RouterHooks:
         """A stream chunk carrying content was delivered (streams only; the first one too)."""
 
     def on_rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
-        """A ``before_request`` raised ``error`` and the request was not admitted.
+        """The request was refused before dispatch: a ``before_request`` raised ``error``
+        (or the model is unknown).
 
-        Called on every hook, whether or not its own ``before_request`` ran, so that
-        rejections (rate limits, budgets) can be counted; ``after_request`` is not called.
+        Called on every hook, so that rejections (rate limits, budgets) can be counted.
+        A hook whose own ``before_request`` had already returned also gets
+        ``after_request`` (with ``ctx.status == "error"`` and ``ctx.error`` set), so that
+        whatever it acquired (a reservation, an in-flight count) is released.
         """
 
 

@@ -1,0 +1,272 @@
+"""Dispatch: try deployments in strategy order, retry, cool down, fall back.
+
+One :class:`AttemptPlan` walks a model group and then its fallback groups. Within a
+group, an untried deployment is tried at once after a failure; the same deployment is
+tried again only for retryable errors, after a jittered exponential backoff (or the
+upstream's ``Retry-After`` when shorter than the cap). Errors that are the request's
+own fault (a bad request) end the plan at once; errors of one deployment (its 401, a
+context window too small, an unsupported feature) move on without retrying it.
+
+Streams can only be retried before their first chunk: once content has reached the
+caller, a failure ends the stream with the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+
+from llmrouter.context import RequestContext, current_context
+from llmrouter.deployments import DeploymentState, GroupState
+from llmrouter.errors import (
+    ContextWindowExceededError,
+    InvalidRequestError,
+    LLMRouterError,
+    NoDeploymentAvailableError,
+    UnsupportedFeatureError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from llmrouter.hooks import RouterHooks
+from llmrouter.provider import Provider
+
+__all__ = ["AttemptPlan", "dispatch_call", "dispatch_stream"]
+
+logger = logging.getLogger("llmrouter.dispatch")
+
+R = TypeVar("R")
+C = TypeVar("C")
+Req = TypeVar("Req", bound=msgspec.Struct)
+
+# Closing an upstream stream must not hang a cancelled request for long.
+_CLOSE_GRACE_S = 5.0
+
+
+def is_request_fault(exc: LLMRouterError) -> bool:
+    """True when the same request would fail on every deployment."""
+    if isinstance(exc, (ContextWindowExceededError, UnsupportedFeatureError)):
+        return False
+    return isinstance(exc, InvalidRequestError) or exc.http_status in (413, 422)
+
+
+def as_router_error(exc: Exception, deployment: DeploymentState) -> LLMRouterError:
+    """Errors that escaped a provider untranslated are provider bugs: log and wrap them."""
+    if isinstance(exc, LLMRouterError):
+        if exc.provider is None:
+            exc.provider = deployment.config.provider
+        return exc
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeoutError(
+            f"deployment {deployment.id!r} timed out", provider=deployment.config.provider
+        )
+    logger.error("provider %s raised %r", deployment.id, exc, exc_info=exc)
+    return UpstreamError(
+        f"deployment {deployment.id!r} failed: {type(exc).__name__}",
+        provider=deployment.config.provider,
+        retryable=False,
+    )
+
+
+class AttemptPlan:
+    """Decides which deployment each attempt goes to, and what a failure means."""
+
+    def __init__(self, ctx: RequestContext, groups: Sequence[GroupState], hooks: Sequence[RouterHooks]) -> None:
+        self.ctx = ctx
+        self._groups = list(groups)
+        self._hooks = hooks
+        self._index = 0
+        self._tried: list[DeploymentState] = []
+        self._exhausted: list[DeploymentState] = []
+        self._attempts_left = self._groups[0].retry.attempts + 1
+        self._backoff_s = 0.0
+        self._last_error: LLMRouterError | None = None
+
+    async def next(self) -> tuple[GroupState, DeploymentState]:
+        """The group and deployment of the next attempt; raises the last error when none is left."""
+        while self._index < len(self._groups):
+            group = self._groups[self._index]
+            if self._attempts_left > 0:
+                try:
+                    deployment = await group.select(self._tried, self._exhausted)
+                except NoDeploymentAvailableError as exc:
+                    self._last_error = self._last_error or exc
+                else:
+                    if deployment in self._tried and self._backoff_s > 0:
+                        await anyio.sleep(self._backoff_s)
+                    self._backoff_s = 0.0
+                    self._attempts_left -= 1
+                    self.ctx.attempts += 1
+                    return group, deployment
+            self._move_to_fallback(group)
+        assert self._last_error is not None
+        raise self._last_error
+
+    def _move_to_fallback(self, group: GroupState) -> None:
+        self._index += 1
+        if self._index >= len(self._groups):
+            return
+        following = self._groups[self._index]
+        self.ctx.fallbacks += 1
+        for hook in self._hooks:
+            hook.on_fallback(self.ctx, group.name, following.name)
+        self._tried, self._exhausted = [], []
+        self._attempts_left = following.retry.attempts + 1
+
+    def failed(self, group: GroupState, deployment: DeploymentState, error: LLMRouterError) -> None:
+        """Record a failed attempt; re-raises when the request itself is at fault."""
+        self._last_error = error
+        for hook in self._hooks:
+            hook.on_attempt(self.ctx, deployment.id, error)
+        if is_request_fault(error):
+            raise error
+        if deployment.record_failure(group.cooldown):
+            logger.warning("deployment %s cooling down for %.0fs after repeated failures", deployment.id, group.cooldown.seconds)
+            for hook in self._hooks:
+                hook.on_cooldown(deployment.id, group.cooldown.seconds)
+        self._tried.append(deployment)
+        if not error.retryable:
+            self._exhausted.append(deployment)
+            return
+        tries = len(self._tried)
+        ceiling = min(group.retry.backoff_max, group.retry.backoff_base * 2 ** (tries - 1))
+        if error.retry_after is not None:
+            self._backoff_s = min(error.retry_after, group.retry.backoff_max)
+        else:
+            self._backoff_s = random.uniform(0, ceiling)
+
+    def succeeded(self, deployment: DeploymentState) -> None:
+        for hook in self._hooks:
+            hook.on_attempt(self.ctx, deployment.id, None)
+
+
+def _for_deployment(request: Req, deployment: DeploymentState) -> Req:
+    if getattr(request, "model", None) == deployment.config.model:
+        return request
+    return msgspec.structs.replace(request, model=deployment.config.model)  # type: ignore[type-var]
+
+
+def _commit(ctx: RequestContext, group: GroupState, deployment: DeploymentState) -> None:
+    ctx.model_group = group.name
+    ctx.deployment = deployment.id
+    ctx.provider = deployment.config.provider
+    ctx.upstream_model = deployment.config.model
+
+
+def _first_token(ctx: RequestContext, hooks: Sequence[RouterHooks]) -> None:
+    ctx.first_token_at = time.perf_counter()
+    for hook in hooks:
+        hook.on_first_token(ctx)
+
+
+async def dispatch_call(
+    ctx: RequestContext,
+    groups: Sequence[GroupState],
+    hooks: Sequence[RouterHooks],
+    request: Req,
+    method: Callable[[Provider[Any], Req], Awaitable[R]],
+) -> R:
+    """Run a non-streaming call (``chat`` / ``complete``) with retries and fallbacks."""
+    plan = AttemptPlan(ctx, groups, hooks)
+    while True:
+        group, deployment = await plan.next()
+        timeout = group.timeouts_for(deployment).total
+        group.acquire(deployment)
+        token = current_context.set(ctx)
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(timeout):
+                result = await method(deployment.provider, _for_deployment(request, deployment))
+        except Exception as exc:  # noqa: BLE001 - translated and judged by the plan
+            plan.failed(group, deployment, as_router_error(exc, deployment))
+            continue
+        finally:
+            current_context.reset(token)
+            group.release(deployment)
+        elapsed = time.perf_counter() - started
+        deployment.record_success(elapsed, elapsed)
+        plan.succeeded(deployment)
+        _commit(ctx, group, deployment)
+        _first_token(ctx, hooks)
+        return result
+
+
+async def _close_quietly(stream: AsyncIterator[Any]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_GRACE_S):
+        try:
+            await aclose()
+        except Exception as exc:  # noqa: BLE001 - the stream is being abandoned anyway
+            logger.debug("closing an upstream stream raised %r", exc)
+
+
+async def _next_chunk(stream: AsyncIterator[C], deadline: float | None) -> C:
+    if deadline is None:
+        return await stream.__anext__()
+    with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+        return await stream.__anext__()
+
+
+async def dispatch_stream(
+    ctx: RequestContext,
+    groups: Sequence[GroupState],
+    hooks: Sequence[RouterHooks],
+    request: Req,
+    method: Callable[[Provider[Any], Req], AsyncIterator[C]],
+) -> AsyncIterator[C]:
+    """Stream from the first deployment that produces a first chunk in time."""
+    plan = AttemptPlan(ctx, groups, hooks)
+    while True:
+        group, deployment = await plan.next()
+        timeouts = group.timeouts_for(deployment)
+        started = time.perf_counter()
+        deadline = None if timeouts.total is None else time.monotonic() + timeouts.total
+        group.acquire(deployment)
+        token = current_context.set(ctx)
+        stream = method(deployment.provider, _for_deployment(request, deployment))
+        try:
+            try:
+                with anyio.fail_after(timeouts.first_token):
+                    first = await _next_chunk(stream, deadline)
+            except StopAsyncIteration:
+                error: LLMRouterError = UpstreamError(
+                    f"deployment {deployment.id!r} returned an empty stream", provider=deployment.config.provider
+                )
+                plan.failed(group, deployment, error)
+                continue
+            except Exception as exc:  # noqa: BLE001 - translated and judged by the plan
+                plan.failed(group, deployment, as_router_error(exc, deployment))
+                continue
+            _commit(ctx, group, deployment)
+            _first_token(ctx, hooks)
+            ttft = time.perf_counter() - started
+            current_context.reset(token)
+            token = None
+            yield first
+            while True:
+                try:
+                    chunk = await _next_chunk(stream, deadline)
+                except StopAsyncIteration:
+                    break
+                except Exception as exc:  # noqa: BLE001 - mid-stream: no retry, report and end
+                    error = as_router_error(exc, deployment)
+                    deployment.record_failure(group.cooldown)
+                    for hook in hooks:
+                        hook.on_attempt(ctx, deployment.id, error)
+                    raise error from exc
+                yield chunk
+            deployment.record_success(ttft, time.perf_counter() - started)
+            plan.succeeded(deployment)
+            return
+        finally:
+            if token is not None:
+                current_context.reset(token)
+            await _close_quietly(stream)
+            group.release(deployment)

@@ -1,0 +1,504 @@
+"""The Router: model groups -> deployments -> strategy -> retry / fallback.
+
+For each request the router resolves the model name to a group (or an ad-hoc
+``provider/model`` deployment), estimates its most possible cost, asks the hooks to
+admit it (auth scope, limits, budget reservation), passes it through the cache layer
+when one is set, dispatches it (``llmrouter.dispatch``), fills in usage and cost, and
+lets the hooks settle and record it. Cancelling the caller cancels the provider call.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Any
+
+import anyio
+import msgspec
+
+from llmrouter.config import Config, Deployment, ModelGroup
+from llmrouter.context import RequestContext
+from llmrouter.cost import PriceTable, max_cost, usage_cost
+from llmrouter.deployments import DeploymentState, GroupState
+from llmrouter.dispatch import dispatch_call, dispatch_stream
+from llmrouter.errors import ConfigError, LLMRouterError, ModelNotFoundError
+from llmrouter.hooks import CacheLayer, RouterHooks
+from llmrouter.provider import Provider
+from llmrouter.registry import available_providers, create_provider
+from llmrouter.strategies import get_strategy
+from llmrouter.tokens import count_messages, count_text
+from llmrouter.types import (
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    Usage,
+    decode_chat_request,
+    decode_completion_request,
+)
+
+__all__ = ["Router"]
+
+logger = logging.getLogger("llmrouter.router")
+
+_HEALTH_TIMEOUT_S = 2.0
+
+
+class Router:
+    """Routes OpenAI-style requests to model deployments.
+
+    Args:
+        config: models, router policies and prices; ``None`` starts empty.
+        hooks: request hooks (accounting, telemetry, logs), called in order.
+        cache: a cache layer wrapping chat dispatch (see ``llmrouter.cache``).
+
+    Example::
+
+        async with Router(load_config("llmrouter.yaml")) as router:
+            reply = await router.chat({"model": "gpt", "messages": [{"role": "user", "content": "Hi"}]})
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        hooks: Sequence[RouterHooks] = (),
+        cache: CacheLayer | None = None,
+    ) -> None:
+        self.config = config or Config()
+        self.hooks: list[RouterHooks] = list(hooks)
+        self.cache: CacheLayer | None = cache
+        self.prices = PriceTable(self.config.pricing)
+        self._groups: dict[str, GroupState] = {}
+        self._names: dict[str, str] = {}
+        self._started = False
+        self._start_lock: anyio.Lock | None = None
+        for group in self.config.models:
+            self.add_group(group)
+
+    @classmethod
+    def from_config(
+        cls, config: Config, *, hooks: Sequence[RouterHooks] = (), cache: CacheLayer | None = None
+    ) -> Router:
+        return cls(config, hooks=hooks, cache=cache)
+
+    # --- building ----------------------------------------------------------------------
+
+    @property
+    def groups(self) -> dict[str, GroupState]:
+        return self._groups
+
+    @property
+    def deployments(self) -> list[DeploymentState]:
+        return [d for group in self._groups.values() for d in group.deployments]
+
+    def add_group(self, group: ModelGroup) -> GroupState:
+        """Add a model group from config, building a provider for each deployment."""
+        state = self._new_group(group)
+        for index, deployment in enumerate(group.deployments):
+            options = {**self.config.providers.get(deployment.provider, {}), **deployment.options}
+            path = f"models[{group.name}].deployments[{index}]"
+            provider = create_provider(deployment.provider, deployment.model, options, path=path)
+            self._add_state(state, provider, deployment)
+        return state
+
+    def add_deployment(self, group_name: str, provider: Provider[Any], deployment: Deployment | None = None) -> DeploymentState:
+        """Serve ``group_name`` with an existing provider instance (created if new)."""
+        deployment = deployment or Deployment(provider=provider.name or type(provider).__name__, model=provider.model)
+        state = self._groups.get(group_name) or self._new_group(ModelGroup(name=group_name, deployments=[]))
+        return self._add_state(state, provider, deployment)
+
+    def _new_group(self, group: ModelGroup) -> GroupState:
+        for name in (group.name, *group.aliases):
+            if name in self._names:
+                raise ConfigError(f"model name {name!r} is already defined")
+        defaults = self.config.router
+        state = GroupState(
+            name=group.name,
+            config=group,
+            strategy=get_strategy(group.strategy or defaults.strategy),
+            retry=group.retry or defaults.retry,
+            timeouts=group.timeouts or defaults.timeouts,
+            cooldown=group.cooldown or defaults.cooldown,
+        )
+        self._groups[group.name] = state
+        for name in (group.name, *group.aliases):
+            self._names[name] = group.name
+        return state
+
+    def _add_state(self, group: GroupState, provider: Provider[Any], deployment: Deployment) -> DeploymentState:
+        base_id = deployment.id or f"{deployment.provider}/{deployment.model}"
+        taken = {d.id for d in self.deployments}
+        dep_id, n = base_id, 1
+        while dep_id in taken:
+            n += 1
+            dep_id = f"{base_id}#{n}"
+        price = self.prices.lookup(
+            provider=deployment.provider, model=deployment.model, group=group.name, own=deployment.price
+        )
+        state = DeploymentState(
+            id=dep_id, group=group.name, index=len(group.deployments), config=deployment, provider=provider, price=price
+        )
+        group.deployments.append(state)
+        return state
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start every provider (concurrently). A provider that fails to start is logged
+        and taken out of rotation; the router still serves the others."""
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = anyio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            async with anyio.create_task_group() as tg:
+                for deployment in self.deployments:
+                    tg.start_soon(self._start_deployment, deployment)
+            self._started = True
+
+    async def _start_deployment(self, deployment: DeploymentState) -> None:
+        if deployment.started:
+            return
+        try:
+            await deployment.provider.start()
+        except Exception as exc:  # noqa: BLE001 - one bad deployment must not stop the rest
+            deployment.start_error = f"{type(exc).__name__}: {exc}"
+            logger.error("deployment %s failed to start: %s", deployment.id, deployment.start_error)
+        else:
+            deployment.started = True
+
+    async def aclose(self) -> None:
+        """Close every provider."""
+        with anyio.CancelScope(shield=True):
+            for deployment in self.deployments:
+                try:
+                    await deployment.provider.aclose()
+                except Exception as exc:  # noqa: BLE001 - keep closing the others
+                    logger.warning("closing %s raised %r", deployment.id, exc)
+                deployment.started = False
+        self._started = False
+
+    async def __aenter__(self) -> Router:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # --- resolution --------------------------------------------------------------------
+
+    def resolve(self, model: str) -> list[GroupState]:
+        """The group serving ``model`` followed by its fallback groups."""
+        name = self._names.get(model)
+        if name is None:
+            group = self._direct_group(model)
+        else:
+            group = self._groups[name]
+        chain = [group]
+        for fallback in group.config.fallbacks:
+            following = self._groups.get(self._names.get(fallback, fallback))
+            if following is not None and following not in chain:
+                chain.append(following)
+        return chain
+
+    def _direct_group(self, model: str) -> GroupState:
+        provider, _, upstream = model.partition("/")
+        if not (self.config.router.allow_direct and upstream and provider in available_providers()):
+            raise ModelNotFoundError(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+        try:
+            group = self.add_group(ModelGroup(name=model, deployments=[Deployment(provider=provider, model=upstream)]))
+        except LLMRouterError as exc:
+            raise ModelNotFoundError(f"The model `{model}` cannot be served: {exc.message}", param="model") from exc
+        self._started = False  # the new deployment starts on first use
+        return group
+
+    # --- requests ----------------------------------------------------------------------
+
+    async def chat(self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None) -> ChatResponse:
+        """One chat completion (``stream`` in the request is ignored; use :meth:`stream`)."""
+        if not isinstance(request, ChatRequest):
+            request = decode_chat_request(request)
+        ctx, groups, request = await self._admit(request, context, operation="chat", stream=False)
+
+        async def call() -> ChatResponse:
+            return await dispatch_call(ctx, groups, self.hooks, request, _provider_chat)
+
+        try:
+            if self.cache is not None:
+                response = await self.cache.chat(ctx, request, call)
+            else:
+                response = await call()
+            if ctx.usage is None:
+                ctx.usage = response.usage or _count_usage(ctx, _response_text(response))
+            ctx.status = "ok"
+            return response
+        except BaseException as exc:
+            _record_failure(ctx, exc)
+            raise
+        finally:
+            await self._finish(ctx)
+
+    async def stream(
+        self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None
+    ) -> AsyncIterator[ChatChunk]:
+        """Stream a chat completion as chunks; a final usage chunk only when the request
+        asks for ``stream_options.include_usage``."""
+        if not isinstance(request, ChatRequest):
+            request = decode_chat_request(request)
+        ctx, groups, request = await self._admit(request, context, operation="chat", stream=True)
+
+        def call() -> AsyncIterator[ChatChunk]:
+            return dispatch_stream(ctx, groups, self.hooks, request, _provider_stream)
+
+        source = self.cache.stream(ctx, request, call) if self.cache is not None else call()
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        async for chunk in self._relay(ctx, source, include_usage):
+            yield chunk
+
+    async def complete(
+        self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None
+    ) -> CompletionResponse:
+        """One legacy prompt completion (``/v1/completions``)."""
+        if not isinstance(request, CompletionRequest):
+            request = decode_completion_request(request)
+        ctx, groups, request = await self._admit(request, context, operation="completion", stream=False)
+        try:
+            response = await dispatch_call(ctx, groups, self.hooks, request, _provider_complete)
+            ctx.usage = response.usage or _count_usage(ctx, "".join(c.text for c in response.choices))
+            ctx.status = "ok"
+            return response
+        except BaseException as exc:
+            _record_failure(ctx, exc)
+            raise
+        finally:
+            await self._finish(ctx)
+
+    async def stream_complete(
+        self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None
+    ) -> AsyncIterator[CompletionChunk]:
+        """Stream a legacy prompt completion."""
+        if not isinstance(request, CompletionRequest):
+            request = decode_completion_request(request)
+        ctx, groups, request = await self._admit(request, context, operation="completion", stream=True)
+        source = dispatch_stream(ctx, groups, self.hooks, request, _provider_stream_complete)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        async for chunk in self._relay(ctx, source, include_usage):
+            yield chunk
+
+    async def _relay(self, ctx: RequestContext, source: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[Any]:
+        """Pass chunks on, keep usage for billing, and remember the text for partial billing."""
+        pieces: list[str] = []
+        try:
+            async with aclosing(source):  # type: ignore[type-var]
+                async for chunk in source:
+                    if chunk.usage is not None:
+                        ctx.usage = chunk.usage
+                        if not include_usage:
+                            if not chunk.choices:
+                                continue
+                            chunk = msgspec.structs.replace(chunk, usage=None)
+                    for choice in chunk.choices:
+                        text = choice.delta.content if isinstance(chunk, ChatChunk) else choice.text
+                        if text:
+                            pieces.append(text)
+                    for hook in self.hooks:
+                        hook.on_chunk(ctx)
+                    yield chunk
+            ctx.status = "ok"
+        except BaseException as exc:
+            _record_failure(ctx, exc)
+            raise
+        finally:
+            if ctx.usage is None and (pieces or ctx.deployment is not None):
+                ctx.usage = _count_usage(ctx, "".join(pieces))
+            await self._finish(ctx)
+
+    async def _admit(self, request: Any, context: RequestContext | None, *, operation: str, stream: bool) -> Any:
+        ctx = context or RequestContext()
+        ctx.operation = operation  # type: ignore[assignment]
+        ctx.stream = stream
+        ctx.request = request
+        ctx.model_group = request.model
+        try:
+            groups = self.resolve(request.model)
+            ctx.model_group = groups[0].name
+            request = self._bound_cost(ctx, groups, request)
+            if not self._started:
+                await self.start()
+        except LLMRouterError as exc:
+            _record_failure(ctx, exc)
+            self._rejected(ctx, exc)
+            raise
+        admitted: list[RouterHooks] = []
+        try:
+            for hook in self.hooks:
+                await hook.before_request(ctx)
+                admitted.append(hook)
+        except BaseException as exc:
+            _record_failure(ctx, exc)
+            ctx.finished_at = time.perf_counter()
+            await self._after(ctx, admitted)
+            if isinstance(exc, LLMRouterError):
+                self._rejected(ctx, exc)
+            raise
+        return ctx, groups, request
+
+    def _bound_cost(self, ctx: RequestContext, groups: list[GroupState], request: Any) -> Any:
+        """Estimate prompt tokens and the most the request can cost (0 when unpriced).
+
+        A priced request without an output limit gets ``router.default_max_tokens``, so
+        that a budget reservation really is the maximum.
+        """
+        prices = [d.price for g in groups for d in g.deployments if d.price is not None]
+        if not prices:
+            ctx.max_cost = 0.0
+            return request
+        model = groups[0].deployments[0].config.model if groups[0].deployments else request.model
+        if isinstance(request, ChatRequest):
+            ctx.prompt_tokens_estimate = count_messages(request.messages, model)
+        else:
+            ctx.prompt_tokens_estimate = count_text(request.prompt_text, model)
+        limit = request.output_limit
+        if limit is None:
+            limit = self.config.router.default_max_tokens
+            request = msgspec.structs.replace(request, max_tokens=limit)
+            ctx.request = request
+        ctx.max_cost = max(max_cost(ctx.prompt_tokens_estimate, limit, price) for price in prices)
+        return request
+
+    def _rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
+        for hook in self.hooks:
+            try:
+                hook.on_rejected(ctx, error)
+            except Exception:  # noqa: BLE001 - observers must not break the request path
+                logger.exception("hook %r failed in on_rejected", hook)
+
+    async def _finish(self, ctx: RequestContext) -> None:
+        ctx.finished_at = time.perf_counter()
+        self._settle_cost(ctx)
+        await self._after(ctx, self.hooks)
+
+    async def _after(self, ctx: RequestContext, hooks: Sequence[RouterHooks]) -> None:
+        with anyio.CancelScope(shield=True):
+            for hook in reversed(hooks):
+                try:
+                    await hook.after_request(ctx)
+                except Exception:  # noqa: BLE001 - a failing hook must not lose the answer
+                    logger.exception("hook %r failed in after_request", hook)
+
+    def _settle_cost(self, ctx: RequestContext) -> None:
+        if ctx.cost_source == "cache" or ctx.usage is None:
+            if ctx.cost is None and ctx.usage is None:
+                ctx.cost = 0.0
+            return
+        if ctx.usage.cost is not None:
+            ctx.cost, ctx.cost_source = ctx.usage.cost, "provider"
+            return
+        deployment = self._deployment(ctx.deployment)
+        price = deployment.price if deployment is not None else None
+        if price is None:
+            ctx.cost, ctx.cost_source = 0.0, "unpriced"
+        else:
+            ctx.cost, ctx.cost_source = usage_cost(ctx.usage, price), "price_table"
+
+    def _deployment(self, deployment_id: str | None) -> DeploymentState | None:
+        if deployment_id is None:
+            return None
+        for deployment in self.deployments:
+            if deployment.id == deployment_id:
+                return deployment
+        return None
+
+    # --- introspection -----------------------------------------------------------------
+
+    async def list_models(self) -> ModelList:
+        """Every model name clients can use: group names and aliases."""
+        created = 0
+        return ModelList(data=[ModelCard(id=name, created=created) for name in self._names])
+
+    async def readiness(self, *, probe: bool = True) -> dict[str, Any]:
+        """Per-deployment state; with ``probe``, each provider's ``health()`` (2 s bound)."""
+        now = time.monotonic()
+        snapshots = {d.id: d.snapshot(now) for d in self.deployments}
+        if probe:
+            async with anyio.create_task_group() as tg:
+                for deployment in self.deployments:
+                    tg.start_soon(_probe, deployment, snapshots[deployment.id])
+        ready = any(s["healthy"] and s.get("reachable", True) for s in snapshots.values())
+        return {"ready": ready, "deployments": list(snapshots.values())}
+
+
+async def _probe(deployment: DeploymentState, snapshot: dict[str, Any]) -> None:
+    if deployment.start_error is not None:
+        snapshot["reachable"] = False
+        return
+    started = time.perf_counter()
+    with anyio.move_on_after(_HEALTH_TIMEOUT_S) as scope:
+        try:
+            health = await deployment.provider.health()
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            snapshot["reachable"], snapshot["detail"] = False, f"{type(exc).__name__}: {exc}"
+            return
+    if scope.cancelled_caught:
+        snapshot["reachable"], snapshot["detail"] = False, "health check timed out"
+        return
+    snapshot["reachable"] = health.ok
+    snapshot["detail"] = health.detail
+    snapshot["latency_ms"] = health.latency_ms or round((time.perf_counter() - started) * 1000, 2)
+
+
+def _record_failure(ctx: RequestContext, exc: BaseException) -> None:
+    if isinstance(exc, (anyio.get_cancelled_exc_class(), GeneratorExit)):
+        ctx.status = "cancelled"
+    elif ctx.status != "ok":
+        ctx.status = "error"
+        if isinstance(exc, LLMRouterError):
+            ctx.error = exc
+
+
+def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:
+    """Usage counted by llmrouter (estimated) for a provider that reported none."""
+    request = ctx.request
+    model = ctx.upstream_model or (request.model if request is not None else "")
+    prompt = ctx.prompt_tokens_estimate
+    if not prompt and request is not None:
+        if isinstance(request, ChatRequest):
+            prompt = count_messages(request.messages, model)
+        elif isinstance(request.prompt, str):
+            prompt = count_text(request.prompt, model)
+    completion = count_text(completion_text, model)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True)
+
+
+def _response_text(response: ChatResponse) -> str:
+    parts = []
+    for choice in response.choices:
+        content = choice.message.content
+        if isinstance(content, str):
+            parts.append(content)
+    return "".join(parts)
+
+
+def _provider_chat(provider: Provider[Any], request: ChatRequest) -> Any:
+    return provider.chat(request)
+
+
+def _provider_stream(provider: Provider[Any], request: ChatRequest) -> AsyncIterator[ChatChunk]:
+    return provider.stream(request)
+
+
+def _provider_complete(provider: Provider[Any], request: CompletionRequest) -> Any:
+    return provider.complete(request)
+
+
+def _provider_stream_complete(provider: Provider[Any], request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
+    return provider.stream_complete(request)
