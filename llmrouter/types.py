@@ -54,6 +54,7 @@ __all__ = [
     "ToolCallDelta",
     "Usage",
     "Wire",
+    "WireOut",
     "decode_chat_request",
     "decode_completion_request",
     "message_text",
@@ -63,7 +64,12 @@ __all__ = [
 
 
 class Wire(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Base of every wire Struct: keyword-only, defaults left out when encoding."""
+    """Base of request-side Structs: keyword-only, defaults left out when encoding."""
+
+
+class WireOut(msgspec.Struct, kw_only=True):
+    """Base of response-side objects: every field is encoded, as OpenAI does (``index: 0``,
+    ``finish_reason: null``, ``object: "chat.completion"``), because clients rely on them."""
 
 
 # --- content parts (tagged by "type") -------------------------------------------------
@@ -114,7 +120,7 @@ class FunctionDefinition(Wire):
     strict: bool | None = None
 
 
-class Tool(Wire):
+class Tool(WireOut):
     function: FunctionDefinition
     type: Literal["function"] = "function"
 
@@ -124,7 +130,7 @@ class FunctionCall(Wire):
     arguments: str = ""
 
 
-class ToolCall(Wire):
+class ToolCall(WireOut):
     id: str
     function: FunctionCall
     type: Literal["function"] = "function"
@@ -135,7 +141,7 @@ class FunctionCallDelta(Wire):
     arguments: str | None = None
 
 
-class ToolCallDelta(Wire):
+class ToolCallDelta(WireOut):
     index: int = 0
     id: str | None = None
     type: Literal["function"] | None = None
@@ -236,7 +242,8 @@ class CompletionRequest(Wire):
     """``POST /v1/completions`` (the legacy prompt API)."""
 
     model: Annotated[str, Meta(min_length=1)]
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[Any]
+    """A string, a list of strings, a list of token ids, or a list of token-id lists."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt | None = 16
@@ -254,6 +261,18 @@ class CompletionRequest(Wire):
     suffix: str | None = None
     user: str | None = None
     extra: dict[str, Any] = msgspec.field(default_factory=dict, name="__extra__")
+
+    def __post_init__(self) -> None:
+        # msgspec cannot express a union of several list types; check the list forms here.
+        if isinstance(self.prompt, list) and self.prompt:
+            first = self.prompt[0]
+            if isinstance(first, list):
+                kind_ok = all(isinstance(p, list) and all(type(t) is int for t in p) for p in self.prompt)
+            else:
+                kind = str if isinstance(first, str) else int
+                kind_ok = all(type(p) is kind for p in self.prompt)
+            if not kind_ok:
+                raise ValueError("`prompt` must be a string, a list of strings or a list of token ids")
 
     @property
     def output_limit(self) -> int | None:
@@ -280,19 +299,19 @@ class CompletionRequest(Wire):
 # --- usage -----------------------------------------------------------------------------
 
 
-class PromptTokensDetails(Wire):
+class PromptTokensDetails(WireOut):
     cached_tokens: int | None = None
     audio_tokens: int | None = None
 
 
-class CompletionTokensDetails(Wire):
+class CompletionTokensDetails(WireOut):
     reasoning_tokens: int | None = None
     audio_tokens: int | None = None
     accepted_prediction_tokens: int | None = None
     rejected_prediction_tokens: int | None = None
 
 
-class Usage(Wire):
+class Usage(WireOut):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -312,14 +331,14 @@ class Usage(Wire):
 # --- responses -------------------------------------------------------------------------
 
 
-class ChatChoice(Wire):
+class ChatChoice(WireOut):
     index: int = 0
     message: ChatMessage = msgspec.field(default_factory=lambda: ChatMessage(role="assistant"))
     finish_reason: str | None = None
     logprobs: dict[str, Any] | None = None
 
 
-class ChatResponse(Wire):
+class ChatResponse(WireOut):
     id: str = ""
     object: str = "chat.completion"
     created: int = 0
@@ -337,14 +356,14 @@ class Delta(Wire):
     reasoning_content: str | None = None
 
 
-class ChunkChoice(Wire):
+class ChunkChoice(WireOut):
     index: int = 0
     delta: Delta = msgspec.field(default_factory=Delta)
     finish_reason: str | None = None
     logprobs: dict[str, Any] | None = None
 
 
-class ChatChunk(Wire):
+class ChatChunk(WireOut):
     id: str = ""
     object: str = "chat.completion.chunk"
     created: int = 0
@@ -354,14 +373,14 @@ class ChatChunk(Wire):
     system_fingerprint: str | None = None
 
 
-class CompletionChoice(Wire):
+class CompletionChoice(WireOut):
     index: int = 0
     text: str = ""
     finish_reason: str | None = None
     logprobs: dict[str, Any] | None = None
 
 
-class CompletionResponse(Wire):
+class CompletionResponse(WireOut):
     id: str = ""
     object: str = "text_completion"
     created: int = 0
@@ -375,14 +394,14 @@ class CompletionChunk(CompletionResponse):
     """A streamed piece of a legacy completion (same shape as the response)."""
 
 
-class ModelCard(Wire):
+class ModelCard(WireOut):
     id: str
     object: str = "model"
     created: int = 0
     owned_by: str = "llmrouter"
 
 
-class ModelList(Wire):
+class ModelList(WireOut):
     data: list[ModelCard]
     object: str = "list"
 

@@ -1,0 +1,78 @@
+import pytest
+
+from llmrouter.config import load_config, parse_config
+from llmrouter.errors import ConfigError
+
+MINIMAL = """
+models:
+  - name: mock-gpt
+    deployments:
+      - provider: remote
+        model: mock-gpt
+        base_url: http://127.0.0.1:18000/v1
+"""
+
+
+def test_minimal_config_puts_provider_keys_into_options(tmp_path):
+    path = tmp_path / "llmrouter.yaml"
+    path.write_text(MINIMAL)
+    config = load_config(path, env={})
+    deployment = config.models[0].deployments[0]
+    assert deployment.provider == "remote"
+    assert deployment.options == {"base_url": "http://127.0.0.1:18000/v1"}
+    assert config.server.port == 8000
+
+
+def test_env_interpolation_with_default_and_missing():
+    data = {"models": [{"name": "g", "deployments": [{"provider": "remote", "model": "m", "api_key": "${KEY}",
+                                                      "base_url": "${URL:-http://x/v1}"}]}]}
+    config = parse_config(data, env={"KEY": "sk-1"})
+    assert config.models[0].deployments[0].options == {"api_key": "sk-1", "base_url": "http://x/v1"}
+    with pytest.raises(ConfigError, match=r"KEY is not set - at `\$.models\[0\].deployments\[0\].api_key`"):
+        parse_config(data, env={})
+
+
+def test_environment_overrides_sections_and_list_items():
+    env = {
+        "LLMROUTER__SERVER__PORT": "9001",
+        "LLMROUTER__ROUTER__RETRY__ATTEMPTS": "5",
+        "LLMROUTER__MODELS__0__STRATEGY": "least_busy",
+    }
+    data = {"models": [{"name": "g", "deployments": [{"provider": "remote", "model": "m"}]}]}
+    config = parse_config(data, env=env)
+    assert config.server.port == 9001
+    assert config.router.retry.attempts == 5
+    assert config.models[0].strategy == "least_busy"
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        ({"server": {"port": "eighty"}}, "$.server.port"),
+        ({"server": {"prot": 1}}, "prot"),
+        ({"models": [{"name": "g", "deployments": [{"provider": "remote", "model": "m", "weight": "heavy"}]}]},
+         "$.models[0].deployments[0].weight"),
+        ({"models": [{"name": "g", "deployments": []}]}, "$.models[0].deployments"),
+        ({"models": [{"name": "g", "deployments": [{"provider": "p", "model": "m"}], "fallbacks": ["nope"]}]},
+         "$.models[0].fallbacks[0]"),
+        ({"router": {"strategy": "fastest"}}, "$.router.strategy"),
+    ],
+)
+def test_bad_config_names_the_field(data, where):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, env={})
+    assert where in str(info.value)
+
+
+def test_duplicate_model_names_are_rejected():
+    group = {"name": "g", "deployments": [{"provider": "p", "model": "m"}], "aliases": ["a"]}
+    with pytest.raises(ConfigError, match="defined twice"):
+        parse_config({"models": [group, {**group, "name": "a", "aliases": []}]}, env={})
+
+
+def test_pricing_file_is_merged(tmp_path):
+    (tmp_path / "prices.yaml").write_text("gpt-4o: {input: 2.5, output: 10}\n")
+    (tmp_path / "c.yaml").write_text("pricing_file: prices.yaml\npricing:\n  mine: {input: 1}\n")
+    config = load_config(tmp_path / "c.yaml", env={})
+    assert config.pricing["gpt-4o"].output == 10
+    assert config.pricing["mine"].input == 1

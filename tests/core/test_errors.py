@@ -1,0 +1,43 @@
+import pytest
+
+from llmrouter import errors
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "retryable"),
+    [
+        (400, errors.InvalidRequestError, False),
+        (401, errors.AuthenticationError, False),
+        (402, errors.InsufficientCreditsError, False),
+        (403, errors.PermissionDeniedError, False),
+        (404, errors.NotFoundError, False),
+        (408, errors.UpstreamTimeoutError, True),
+        (413, errors.RequestTooLargeError, False),
+        (422, errors.UnprocessableEntityError, False),
+        (429, errors.RateLimitError, True),
+        (500, errors.UpstreamError, True),
+        (502, errors.UpstreamError, True),
+        (503, errors.UpstreamUnavailableError, True),
+        (504, errors.UpstreamTimeoutError, True),
+    ],
+)
+def test_error_for_status(status, kind, retryable):
+    error = errors.error_for_status(status, "boom", provider="remote", retry_after=3)
+    assert type(error) is kind
+    assert error.retryable is retryable
+    assert error.provider == "remote"
+    assert error.headers() == {"Retry-After": "3"}
+
+
+def test_body_shape_and_context_window_code():
+    error = errors.error_for_status(400, "too long", code="context_length_exceeded", param="messages")
+    assert isinstance(error, errors.ContextWindowExceededError)
+    assert error.to_body() == {
+        "error": {"message": "too long", "type": "invalid_request_error", "code": "context_length_exceeded", "param": "messages"}
+    }
+
+
+def test_local_rate_limit_is_not_retryable_but_upstream_is():
+    assert errors.RateLimitError("slow down").retryable is False
+    assert errors.error_for_status(429, "slow down").retryable is True
+    assert errors.BudgetExceededError("no money").http_status == 429

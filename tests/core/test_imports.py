@@ -1,0 +1,17 @@
+import subprocess
+import sys
+
+import llmrouter
+
+HEAVY = ("torch", "vllm", "transformers", "litestar", "sqlalchemy", "sqlmodel", "opentelemetry", "redis", "uvicorn")
+
+
+def test_import_llmrouter_loads_nothing_heavy():
+    code = f"import sys, llmrouter; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_all_is_exported():
+    for name in llmrouter.__all__:
+        assert hasattr(llmrouter, name), name
