@@ -1,0 +1,492 @@
+"""The shared HTTP client for OpenAI-compatible upstreams (vLLM, llama.cpp, TGI, llmrouter, OpenRouter).
+
+One :class:`OpenAICompatClient` per upstream, holding a pooled ``httpx.AsyncClient``
+(injectable: ``http_client=`` or ``transport=``). Requests are encoded once with msgspec;
+responses and SSE chunks are decoded straight into :mod:`llmrouter.types` Structs, with a
+lenient fallback for servers that bend the schema. Every error leaves this module as a
+member of :mod:`llmrouter.errors`, with the provider's name on it::
+
+    non-2xx                          -> error_for_status(status, upstream message, code, Retry-After)
+    {"error": ...} SSE event         -> error_for_status(its code, or 502)
+    ConnectError / ReadError / ...   -> UpstreamConnectionError
+    httpx.TimeoutException           -> UpstreamTimeoutError
+    undecodable body or chunk        -> UpstreamError
+
+Timeouts come from :class:`llmrouter.config.Timeouts`: ``connect`` opens the connection,
+``first_token`` is the read timeout (until the headers and first chunk arrive, and then
+the longest pause allowed between chunks); ``total`` is enforced by the caller (the router).
+Streams always ask for ``stream_options.include_usage``; when an upstream reports no usage
+anyway, tokens are counted with :mod:`llmrouter.tokens` and ``usage.estimated`` is set.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+import msgspec
+
+from llmrouter.config import Timeouts
+from llmrouter.context import current_context
+from llmrouter.errors import (
+    LLMRouterError,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamTimeoutError,
+    error_for_status,
+)
+from llmrouter.provider import Health
+from llmrouter.tokens import count_messages, count_text
+from llmrouter.types import (
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    StreamOptions,
+    Usage,
+    request_to_wire,
+)
+
+__all__ = ["OpenAICompatClient", "SSEDecoder", "error_from_body", "parse_retry_after"]
+
+T = TypeVar("T")
+_R = TypeVar("_R", ChatRequest, CompletionRequest)
+_USAGE_ON = StreamOptions(include_usage=True)
+_JSON = "application/json"
+_generic = msgspec.json.Decoder()
+
+
+# --- SSE --------------------------------------------------------------------------------------
+
+
+class SSEDecoder:
+    """Incremental ``text/event-stream`` parser yielding each event's ``data`` as bytes.
+
+    Handles ``data:`` lines (joined with newlines when an event has several), comments
+    (``:`` lines), ``event:``/``id:``/``retry:`` fields (ignored, except ``event: error``
+    which marks the data as an error), CRLF line ends, and a last event without its
+    blank line. The hot path is one ``bytes.split`` per network read.
+    """
+
+    __slots__ = ("_buffer", "_data", "_event")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[bytes] = []
+        self._event = b""
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
+        """Add bytes; return the completed events as ``(event_name, data)`` pairs."""
+        lines = (self._buffer + chunk).split(b"\n")
+        self._buffer = lines.pop()
+        events: list[tuple[bytes, bytes]] = []
+        for line in lines:
+            self._line(line, events)
+        return events
+
+    def finish(self) -> list[tuple[bytes, bytes]]:
+        """Flush the last event when the stream ended without a trailing blank line."""
+        events: list[tuple[bytes, bytes]] = []
+        if self._buffer:
+            self._line(self._buffer, events)
+            self._buffer = b""
+        self._line(b"", events)
+        return events
+
+    def _line(self, line: bytes, events: list[tuple[bytes, bytes]]) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            if self._data:
+                events.append((self._event, b"\n".join(self._data)))
+                self._data = []
+            self._event = b""
+        elif line.startswith(b"data:"):
+            value = line[5:]
+            self._data.append(value[1:] if value.startswith(b" ") else value)
+        elif line.startswith(b"event:"):
+            self._event = line[6:].strip()
+        # comments (":") and id:/retry: fields carry nothing we use
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from ``retry-after-ms``, or ``Retry-After`` (seconds or an HTTP date)."""
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            return max(0.0, float(millis) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _error_fields(payload: Any) -> tuple[str | None, str | None, str | None, Any]:
+    """(message, code, param, status hint) from the error shapes servers use."""
+    if not isinstance(payload, dict):
+        return None, None, None, None
+    error = payload.get("error", payload)
+    if isinstance(error, str):  # {"error": "text"} (llama.cpp, TGI)
+        return error, None, None, payload.get("code")
+    if not isinstance(error, dict):
+        return None, None, None, None
+    # OpenAI {"error": {message, type, code, param}}; vLLM {"object": "error", message, code};
+    # FastAPI {"detail": ...}.
+    message = error.get("message") or error.get("detail") or payload.get("detail")
+    if message is not None and not isinstance(message, str):
+        message = msgspec.json.encode(message).decode()
+    code = error.get("code")
+    status_hint = code if isinstance(code, int) else error.get("status")
+    code_text = str(code) if code is not None and not isinstance(code, int) else None
+    param = error.get("param")
+    return message, code_text, param if isinstance(param, str) else None, status_hint
+
+
+def error_from_body(
+    status: int, body: bytes, headers: Mapping[str, str] | None = None, *, provider: str | None = None
+) -> LLMRouterError:
+    """Translate an upstream error response into the error tree, keeping its message and code."""
+    try:
+        payload = _generic.decode(body) if body else None
+    except msgspec.DecodeError:
+        payload = None
+    message, code, param, _ = _error_fields(payload)
+    if not message:
+        text = body.decode("utf-8", "replace").strip()[:500]
+        message = text or f"upstream answered HTTP {status}"
+    retry_after = parse_retry_after(headers) if headers is not None else None
+    return error_for_status(status, message, provider=provider, retry_after=retry_after, code=code, param=param)
+
+
+def _error_from_event(payload: Any, provider: str) -> LLMRouterError:
+    message, code, param, hint = _error_fields(payload)
+    status = hint if isinstance(hint, int) and 400 <= hint < 600 else 502
+    return error_for_status(status, message or "upstream reported an error mid-stream",
+                            provider=provider, code=code, param=param)
+
+
+@contextmanager
+def _translate(provider: str, action: str) -> Iterator[None]:
+    """Turn httpx's errors into the tree (LLMRouterErrors pass through)."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise UpstreamTimeoutError(f"{provider}: {action} timed out ({type(exc).__name__})",
+                                   provider=provider) from exc
+    except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+        raise UpstreamConnectionError(f"{provider}: {action} failed: {exc or type(exc).__name__}",
+                                      provider=provider) from exc
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"{provider}: {action} failed: {exc or type(exc).__name__}", provider=provider) from exc
+
+
+# --- the client -------------------------------------------------------------------------------
+
+
+def normalise_base_url(base_url: str) -> str:
+    """``http://host:8000`` -> ``http://host:8000/v1``; a URL with a path is kept as given."""
+    base = base_url.rstrip("/")
+    if urlsplit(base).path in ("", "/"):
+        base += "/v1"
+    return base
+
+
+class OpenAICompatClient:
+    """An async client for one OpenAI-compatible upstream.
+
+    Args:
+        base_url: the API root, e.g. ``http://gpu-1:8000/v1`` (``/v1`` is added to a bare host).
+        provider: the name put on every error (``remote``, ``openrouter``...).
+        api_key: sent as ``Authorization: Bearer``.
+        headers: extra headers on every request.
+        timeouts: connect and first-token (read) timeouts; ``total`` is the caller's.
+        http_client: an ``httpx.AsyncClient`` to use (not closed by :meth:`aclose`).
+        transport: a transport for the client built here (tests: ``httpx.MockTransport``).
+        max_connections: pool size.
+        max_keepalive: idle connections kept open.
+        verify: TLS verification (bool or CA bundle path).
+        stream_usage: send ``stream_options.include_usage`` (off for servers that reject it).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        provider: str = "openai",
+        api_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeouts: Timeouts | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_connections: int = 256,
+        max_keepalive: int = 64,
+        verify: bool | str = True,
+        stream_usage: bool = True,
+    ) -> None:
+        self.base_url = normalise_base_url(base_url)
+        self.provider = provider
+        self.stream_usage = stream_usage
+        timeouts = timeouts or Timeouts()
+        self.timeout = httpx.Timeout(
+            connect=timeouts.connect, read=timeouts.first_token, write=timeouts.first_token, pool=timeouts.first_token
+        )
+        self._headers = {"accept": _JSON, **(headers or {})}
+        if api_key:
+            self._headers["authorization"] = f"Bearer {api_key}"
+        self._owns_client = http_client is None
+        self._client = http_client or httpx.AsyncClient(
+            transport=transport,
+            timeout=self.timeout,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive),
+            verify=verify,
+            trust_env=False,
+        )
+
+    @property
+    def http_client(self) -> httpx.AsyncClient:
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the pool (only when this object created it). Safe to call twice."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _request_headers(self, stream: bool) -> dict[str, str]:
+        headers = dict(self._headers)
+        headers["content-type"] = _JSON
+        if stream:
+            headers["accept"] = "text/event-stream"
+        ctx = current_context.get()
+        if ctx is not None:
+            headers["x-request-id"] = ctx.request_id
+            if ctx.traceparent:
+                headers["traceparent"] = ctx.traceparent
+        return headers
+
+    def _encode(self, request: _R, *, model: str | None, stream: bool) -> bytes:
+        """The request body, encoded once (unknown client fields put back at top level)."""
+        changes: dict[str, Any] = {"stream": stream}
+        if model is not None and model != request.model:
+            changes["model"] = model
+        if stream:
+            changes["stream_options"] = _USAGE_ON if self.stream_usage else request.stream_options
+        else:
+            changes["stream_options"] = None
+        wire = msgspec.structs.replace(request, **changes)
+        if not wire.extra:
+            return msgspec.json.encode(wire)
+        return msgspec.json.encode(request_to_wire(wire))
+
+    async def _post_json(self, path: str, body: bytes, kind: type[T]) -> T:
+        with _translate(self.provider, f"POST {path}"):
+            response = await self._client.post(
+                f"{self.base_url}{path}", content=body, headers=self._request_headers(False), timeout=self.timeout
+            )
+        if response.status_code >= 400:
+            raise error_from_body(response.status_code, response.content, response.headers, provider=self.provider)
+        return self._decode(response.content, kind, path)
+
+    def _decode(self, data: bytes, kind: type[T], what: str) -> T:
+        try:
+            return msgspec.json.decode(data, type=kind)
+        except msgspec.ValidationError:
+            pass  # schema bent (e.g. a number as a string): try the lenient route below
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(f"{self.provider}: {what} answered invalid JSON: {exc}",
+                                provider=self.provider) from exc
+        try:
+            return msgspec.convert(_generic.decode(data), kind, strict=False)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise UpstreamError(f"{self.provider}: {what} answered an unexpected shape: {exc}",
+                                provider=self.provider) from exc
+
+    async def chat(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
+        """``POST /chat/completions``; ``usage`` is always filled (estimated when not reported)."""
+        response = await self._post_json("/chat/completions", self._encode(request, model=model, stream=False),
+                                         ChatResponse)
+        if response.usage is None:
+            text = "".join(_message_text(c.message) for c in response.choices)
+            response = msgspec.structs.replace(response, usage=_estimate(request, text, model))
+        return response
+
+    async def complete(self, request: CompletionRequest, *, model: str | None = None) -> CompletionResponse:
+        """``POST /completions`` (legacy prompt API); ``usage`` always filled."""
+        response = await self._post_json("/completions", self._encode(request, model=model, stream=False),
+                                         CompletionResponse)
+        if response.usage is None:
+            text = "".join(c.text for c in response.choices)
+            response = msgspec.structs.replace(response, usage=_estimate(request, text, model))
+        return response
+
+    async def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[ChatChunk]:
+        """Stream ``/chat/completions``; the last chunk carries ``usage``.
+
+        Closing the generator (``aclose`` or cancellation) closes the upstream response,
+        so the upstream sees its connection go away.
+        """
+        body = self._encode(request, model=model, stream=True)
+        texts: list[str] = []
+        last: ChatChunk | None = None
+        reported: Usage | None = None
+        async for chunk in self._events("/chat/completions", body, ChatChunk):
+            for choice in chunk.choices:
+                delta = choice.delta
+                if delta.content:
+                    texts.append(delta.content)
+                for call in delta.tool_calls or ():
+                    if call.function is not None:
+                        texts.append((call.function.name or "") + (call.function.arguments or ""))
+            if chunk.usage is not None:
+                reported = chunk.usage
+            last = chunk
+            yield chunk
+        if last is None:
+            raise UpstreamError(f"{self.provider}: the upstream stream ended without a chunk", provider=self.provider)
+        if last.usage is None:
+            usage = reported or _estimate(request, "".join(texts), model)
+            yield ChatChunk(id=last.id, created=last.created, model=last.model, choices=[], usage=usage)
+
+    async def stream_complete(
+        self, request: CompletionRequest, *, model: str | None = None
+    ) -> AsyncIterator[CompletionChunk]:
+        """Stream ``/completions``; the last chunk carries ``usage``."""
+        body = self._encode(request, model=model, stream=True)
+        texts: list[str] = []
+        last: CompletionChunk | None = None
+        reported: Usage | None = None
+        async for chunk in self._events("/completions", body, CompletionChunk):
+            texts.extend(c.text for c in chunk.choices if c.text)
+            if chunk.usage is not None:
+                reported = chunk.usage
+            last = chunk
+            yield chunk
+        if last is None:
+            raise UpstreamError(f"{self.provider}: the upstream stream ended without a chunk", provider=self.provider)
+        if last.usage is None:
+            usage = reported or _estimate(request, "".join(texts), model)
+            yield CompletionChunk(id=last.id, created=last.created, model=last.model, choices=[], usage=usage)
+
+    async def _events(self, path: str, body: bytes, kind: type[T]) -> AsyncIterator[T]:
+        """POST ``body`` and yield each SSE data event decoded as ``kind`` until ``[DONE]``."""
+        decoder = msgspec.json.Decoder(kind)
+        sse = SSEDecoder()
+        request = self._client.build_request(
+            "POST", f"{self.base_url}{path}", content=body, headers=self._request_headers(True), timeout=self.timeout
+        )
+        with _translate(self.provider, f"POST {path}"):
+            response = await self._client.send(request, stream=True)
+        try:
+            if response.status_code >= 400:
+                with _translate(self.provider, f"reading the error of POST {path}"):
+                    content = await response.aread()
+                raise error_from_body(response.status_code, content, response.headers, provider=self.provider)
+            with _translate(self.provider, f"streaming POST {path}"):
+                async for raw in response.aiter_bytes():
+                    for event, data in sse.feed(raw):
+                        if data == b"[DONE]":
+                            return
+                        yield self._chunk(decoder, event, data, kind)
+                for event, data in sse.finish():
+                    if data == b"[DONE]":
+                        return
+                    yield self._chunk(decoder, event, data, kind)
+        finally:
+            # Runs on normal end, error, aclose() and cancellation alike: an unread body
+            # means httpx drops the connection instead of pooling it, so the upstream stops.
+            await response.aclose()
+
+    def _chunk(self, decoder: msgspec.json.Decoder[T], event: bytes, data: bytes, kind: type[T]) -> T:
+        if event == b"error" or b'"error"' in data:
+            try:
+                payload = _generic.decode(data)
+            except msgspec.DecodeError:
+                payload = {"error": {"message": data.decode("utf-8", "replace")[:500]}}
+            if event == b"error" or (isinstance(payload, dict) and payload.get("error") is not None):
+                raise _error_from_event(payload, self.provider)
+        try:
+            return decoder.decode(data)
+        except msgspec.ValidationError:
+            return self._decode(data, kind, "a stream chunk")
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(f"{self.provider}: the upstream sent an invalid stream chunk: {exc}",
+                                provider=self.provider) from exc
+
+    # --- models and health --------------------------------------------------------------
+
+    async def list_models(self) -> list[ModelCard]:
+        """``GET /models``, tolerant of missing or null fields."""
+        with _translate(self.provider, "GET /models"):
+            response = await self._client.get(
+                f"{self.base_url}/models", headers=self._request_headers(False), timeout=self.timeout
+            )
+        if response.status_code >= 400:
+            raise error_from_body(response.status_code, response.content, response.headers, provider=self.provider)
+        try:
+            payload = _generic.decode(response.content)
+        except msgspec.DecodeError as exc:
+            raise UpstreamError(f"{self.provider}: GET /models answered invalid JSON", provider=self.provider) from exc
+        items = payload.get("data") if isinstance(payload, dict) else payload
+        cards = []
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict) and isinstance(item.get("id"), str):
+                created = item.get("created")
+                cards.append(ModelCard(id=item["id"], created=created if isinstance(created, int) else 0,
+                                       owned_by=str(item.get("owned_by") or self.provider)))
+        return cards
+
+    async def health(self) -> Health:
+        """Healthy when ``GET /models`` answers; ``latency_ms`` is how long it took."""
+        started = time.perf_counter()
+        try:
+            models = await self.list_models()
+        except LLMRouterError as exc:
+            return Health(ok=False, detail=exc.message, latency_ms=(time.perf_counter() - started) * 1000)
+        latency = (time.perf_counter() - started) * 1000
+        return Health(ok=True, detail=f"{len(models)} model(s) at {self.base_url}", latency_ms=latency)
+
+
+def _message_text(message: Any) -> str:
+    content = message.content
+    text = content if isinstance(content, str) else ""
+    for call in message.tool_calls or ():
+        text += call.function.name + call.function.arguments
+    return text
+
+
+def _estimate(request: ChatRequest | CompletionRequest, text: str, model: str | None) -> Usage:
+    """Usage counted locally (tiktoken family of the model), marked ``estimated``."""
+    name = model or request.model
+    if isinstance(request, ChatRequest):
+        prompt = count_messages(request.messages, name)
+    elif isinstance(request.prompt, str):
+        prompt = count_text(request.prompt, name)
+    else:
+        # A list of strings, one list of token ids, or a list of them.
+        prompt = sum(count_text(p, name) if isinstance(p, str) else len(p) if isinstance(p, list) else 1
+                     for p in request.prompt)
+    completion = count_text(text, name)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 estimated=True)
