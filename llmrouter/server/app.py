@@ -1,0 +1,190 @@
+"""The Litestar application factory and its lifespan.
+
+``create_app()`` builds the OpenAI-compatible service around a
+:class:`~llmrouter.router.Router`. The router and the extensions are long-lived: the
+lifespan starts them (extensions first, so that their hooks and cache are ready when the
+router starts) and closes them in reverse order; handlers reach them through the
+``service`` dependency.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from litestar import Litestar
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+
+from llmrouter.config import Config, load_config
+from llmrouter.discovery import resolve_config
+from llmrouter.extension import Extension
+from llmrouter.server.chat import chat_handlers
+from llmrouter.server.completions import completion_handlers
+from llmrouter.server.errors import exception_handlers
+from llmrouter.server.health import liveness, readiness
+from llmrouter.server.middleware import RequestIdMiddleware, ensure_request_id
+from llmrouter.server.models import model_handlers
+from llmrouter.server.sse import ClientDisconnected
+from llmrouter.server.state import STATE_KEY, Service, provide_service
+
+if TYPE_CHECKING:
+    from litestar import Request, Response
+
+    from llmrouter.router import Router
+
+__all__ = ["RESOLVED_CONFIG_ENV", "create_app", "create_app_from_env", "default_extensions"]
+
+logger = logging.getLogger("llmrouter.server")
+
+RESOLVED_CONFIG_ENV = "LLMROUTER_RESOLVED_CONFIG"
+"""JSON of a resolved :class:`Config`, how ``llmrouter serve --workers N`` hands the
+config it loaded and discovered to each worker process."""
+
+# Optional subsystems, in request-path order (auth/limits, then cache, then telemetry).
+# Each may expose ``extension_from_config(config) -> Extension | None``.
+_EXTENSION_MODULES = ("llmrouter.accounting", "llmrouter.cache", "llmrouter.telemetry")
+
+_EXPOSED_HEADERS = [
+    "x-request-id",
+    "x-process-time",
+    "x-llmrouter-deployment",
+    "x-llmrouter-model-group",
+    "x-llmrouter-cache",
+    "x-llmrouter-cost",
+    "retry-after",
+]
+
+
+def default_extensions(config: Config) -> list[Extension]:
+    """The extensions that the installed subsystems build from ``config`` (may be none)."""
+    extensions: list[Extension] = []
+    for module_name in _EXTENSION_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        factory = getattr(module, "extension_from_config", None)
+        if factory is None:
+            continue
+        extension = factory(config)
+        if extension is not None:
+            extensions.append(extension)
+    return extensions
+
+
+def _build_router(config: Config) -> Router:
+    from llmrouter.router import Router
+
+    return Router.from_config(config)
+
+
+def _attach_extensions(router: Router, extensions: Sequence[Extension]) -> None:
+    for ext in extensions:
+        router.hooks.extend(ext.router_hooks())
+        cache = ext.cache_layer()
+        if cache is not None:
+            router.cache = cache
+
+
+def _make_lifespan(service: Service, owns_router: bool) -> Any:
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            for ext in service.extensions:
+                # Registered before startup: an extension that half-started still closes.
+                stack.push_async_callback(ext.shutdown)
+                await ext.startup()
+            if service.router is None:
+                config, notes = await resolve_config(service.config)
+                service.config, service.discovery_notes = config, notes
+                for line in notes:
+                    logger.info("discovery: %s", line)
+                service.router = _build_router(config)
+            router = service.router
+            _attach_extensions(router, service.extensions)
+            if owns_router:
+                stack.push_async_callback(router.aclose)
+            await router.start()
+            yield
+
+    return lifespan
+
+
+def _handle_disconnect(request: Request[Any, Any, Any], exc: ClientDisconnected) -> Response[bytes]:
+    from litestar import Response
+
+    # Nobody is listening any more; the server drops this. 499 as nginx logs it.
+    return Response(content=b"", status_code=499)
+
+
+def create_app(
+    config: Config | None = None,
+    *,
+    router: Router | None = None,
+    extensions: Sequence[Extension] = (),
+) -> Litestar:
+    """Build the OpenAI-compatible service.
+
+    Args:
+        config: the configuration; defaults to ``Config()`` (zero-config discovery).
+        router: a router to serve (embedded use, tests); by default one is built from
+            ``config`` in the lifespan, after discovery when ``config.models`` is empty.
+            A router passed in is started by the app but closed by its owner.
+        extensions: subsystems (accounting, cache, telemetry) to mount: their hooks and
+            cache layer go into the router, their routes and middleware into the app.
+
+    Returns:
+        The Litestar application; serve it with any ASGI server.
+    """
+    config = config or Config()
+    service = Service(config=config, router=router, extensions=tuple(extensions))
+    handlers: list[Any] = [*chat_handlers, *completion_handlers, *model_handlers, liveness, readiness]
+    middleware: list[Any] = [RequestIdMiddleware()]
+    for ext in service.extensions:
+        handlers.extend(ext.route_handlers())
+        middleware.extend(ext.middleware())
+    origins = config.server.cors_origins
+    return Litestar(
+        route_handlers=handlers,
+        dependencies={"service": Provide(provide_service, sync_to_thread=False)},
+        exception_handlers={**exception_handlers, ClientDisconnected: _handle_disconnect},
+        middleware=middleware,
+        before_send=[ensure_request_id],
+        cors_config=CORSConfig(allow_origins=origins, expose_headers=_EXPOSED_HEADERS) if origins else None,
+        request_max_body_size=config.server.max_request_bytes,
+        lifespan=[_make_lifespan(service, owns_router=router is None)],
+        state=State({STATE_KEY: service}),
+        openapi_config=OpenAPIConfig(title="llmrouter", version=_version(), path="/schema"),
+        logging_config=None,
+    )
+
+
+def create_app_from_env() -> Litestar:
+    """App factory for ``uvicorn --factory`` and multi-worker ``llmrouter serve``.
+
+    Reads the resolved config from ``LLMROUTER_RESOLVED_CONFIG`` (JSON), else loads
+    ``LLMROUTER_CONFIG`` (a YAML path), else uses the defaults.
+    """
+    raw = os.environ.get(RESOLVED_CONFIG_ENV)
+    if raw:
+        config = msgspec.json.decode(raw, type=Config)
+    else:
+        config = load_config(os.environ.get("LLMROUTER_CONFIG") or None)
+    return create_app(config, extensions=default_extensions(config))
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("llmrouter")
+    except Exception:  # noqa: BLE001 - not installed (running from a checkout)
+        return "0"

@@ -1,0 +1,61 @@
+"""``POST /v1/chat/completions``: JSON or a server-sent event stream."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import msgspec
+from litestar import Request, post
+from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example
+from litestar.response.base import ASGIResponse
+
+from llmrouter.server.sse import call_until_disconnect, open_stream
+from llmrouter.server.state import Service, response_headers
+from llmrouter.types import ChatResponse, decode_chat_request
+
+__all__ = ["chat_handlers", "create_chat_completion", "json_response"]
+
+_encode = msgspec.json.Encoder().encode
+
+
+def json_response(body: Any, headers: dict[str, str], status: int = 200) -> ASGIResponse:
+    """A JSON response encoded by msgspec straight to bytes."""
+    return ASGIResponse(body=_encode(body), media_type="application/json", headers=headers, status_code=status)
+
+
+_OPENAPI: dict[str, Any] = dict(
+    summary="Create a chat completion (OpenAI-compatible)",
+    description=(
+        "Body: an OpenAI chat completion request. With `stream: true` the answer is a "
+        "`text/event-stream` of `chat.completion.chunk` events ending with `data: [DONE]`."
+    ),
+    responses={200: ResponseSpec(data_container=ChatResponse, description="The completion")},
+    tags=["openai"],
+    operation_id="createChatCompletion",
+    examples=[Example(value={"model": "mock-gpt", "messages": [{"role": "user", "content": "Hi"}]})],
+)
+
+
+async def create_chat_completion(request: Request[Any, Any, Any], service: NamedDependency[Service]) -> ASGIResponse:
+    ctx = await service.new_context(request)
+    chat_request = decode_chat_request(await request.body())
+    router = service.active_router
+    if chat_request.stream:
+        return await open_stream(
+            request.receive,
+            router.stream(chat_request, context=ctx),
+            partial(response_headers, ctx, with_cost=False),
+            ctx.request_id,
+        )
+    response = await call_until_disconnect(request.receive, partial(router.chat, chat_request, context=ctx))
+    return json_response(response, response_headers(ctx))
+
+
+chat_handlers = [
+    post("/v1/chat/completions", **_OPENAPI)(create_chat_completion),
+    # The same API without the /v1 prefix, for clients configured with a bare base URL.
+    post("/chat/completions", include_in_schema=False)(create_chat_completion),
+]

@@ -1,0 +1,50 @@
+"""``POST /v1/completions``: the legacy prompt API, JSON or a server-sent event stream."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from litestar import Request, post
+from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.response.base import ASGIResponse
+
+from llmrouter.server.chat import json_response
+from llmrouter.server.sse import call_until_disconnect, open_stream
+from llmrouter.server.state import Service, response_headers
+from llmrouter.types import CompletionResponse, decode_completion_request
+
+__all__ = ["completion_handlers", "create_completion"]
+
+
+_OPENAPI: dict[str, Any] = dict(
+    summary="Create a text completion (legacy OpenAI API)",
+    description="With `stream: true` the answer is a `text/event-stream` ending with `data: [DONE]`.",
+    responses={200: ResponseSpec(data_container=CompletionResponse, description="The completion")},
+    tags=["openai"],
+    operation_id="createCompletion",
+)
+
+
+async def create_completion(request: Request[Any, Any, Any], service: NamedDependency[Service]) -> ASGIResponse:
+    ctx = await service.new_context(request)
+    completion_request = decode_completion_request(await request.body())
+    router = service.active_router
+    if completion_request.stream:
+        return await open_stream(
+            request.receive,
+            router.stream_complete(completion_request, context=ctx),
+            partial(response_headers, ctx, with_cost=False),
+            ctx.request_id,
+        )
+    response = await call_until_disconnect(
+        request.receive, partial(router.complete, completion_request, context=ctx)
+    )
+    return json_response(response, response_headers(ctx))
+
+
+completion_handlers = [
+    post("/v1/completions", **_OPENAPI)(create_completion),
+    post("/completions", include_in_schema=False)(create_completion),
+]

@@ -1,0 +1,75 @@
+"""Request id and timing headers.
+
+``X-Request-ID`` is the client's when it sent one (so a trace can be followed across
+services), else a fresh one; the handler reads it from the scope to put it into the
+:class:`~llmrouter.context.RequestContext`. ``X-Process-Time`` is the seconds from the
+request reaching this middleware to the response headers leaving it (for a stream, the
+time to the first event).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from litestar.enums import ScopeType
+from litestar.middleware import ASGIMiddleware
+
+if TYPE_CHECKING:
+    from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["REQUEST_ID_KEY", "RequestIdMiddleware", "ensure_request_id", "request_id_of"]
+
+REQUEST_ID_KEY = "llmrouter.request_id"
+_MAX_ID_LENGTH = 128
+
+
+def request_id_of(scope: Scope) -> str:
+    """The request id for this connection: already assigned, sent by the client, or new."""
+    existing = scope.get(REQUEST_ID_KEY)  # type: ignore[misc]
+    if existing:
+        return existing  # type: ignore[no-any-return]
+    request_id = ""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            # Only a sane printable id is echoed back; anything else is replaced.
+            candidate = value.decode("latin-1")
+            if len(candidate) <= _MAX_ID_LENGTH and candidate.isprintable():
+                request_id = candidate
+            break
+    if not request_id:
+        request_id = uuid.uuid4().hex
+    scope[REQUEST_ID_KEY] = request_id  # type: ignore[literal-required]
+    return request_id
+
+
+class RequestIdMiddleware(ASGIMiddleware):
+    """Adds ``X-Request-ID`` and ``X-Process-Time`` to every routed HTTP response."""
+
+    scopes = (ScopeType.HTTP,)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        started = time.perf_counter()
+        request_id = request_id_of(scope).encode("latin-1")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                elapsed = f"{time.perf_counter() - started:.6f}".encode()
+                headers = list(message.get("headers", ()))
+                headers.append((b"x-request-id", request_id))
+                headers.append((b"x-process-time", elapsed))
+                message["headers"] = headers
+            await send(message)
+
+        await next_app(scope, receive, send_with_headers)
+
+
+async def ensure_request_id(message: Message, scope: Scope) -> None:
+    """``before_send`` hook: responses that never reached a route (404, 405) get an id too."""
+    if message["type"] != "http.response.start":
+        return
+    headers: Any = message.get("headers", ())
+    if any(name.lower() == b"x-request-id" for name, _ in headers):
+        return
+    message["headers"] = [*headers, (b"x-request-id", request_id_of(scope).encode("latin-1"))]

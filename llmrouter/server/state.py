@@ -1,0 +1,89 @@
+"""The service's long-lived state, shared by every handler through dependency injection."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from litestar.datastructures import State
+
+from llmrouter.context import RequestContext
+from llmrouter.extension import Extension
+from llmrouter.server.middleware import request_id_of
+
+if TYPE_CHECKING:
+    from litestar import Request
+
+    from llmrouter.config import Config
+    from llmrouter.router import Router
+
+__all__ = ["Service", "provide_service", "response_headers"]
+
+STATE_KEY = "llmrouter"
+
+
+class Service:
+    """What the handlers need: the router, the extensions and the config in force.
+
+    A plain class on purpose: Litestar validates dependency values by type, and a
+    dataclass would be introspected (and converted) on every request.
+    """
+
+    __slots__ = ("_authenticators", "config", "discovery_notes", "extensions", "router")
+
+    def __init__(
+        self, config: Config, router: Router | None = None, extensions: Sequence[Extension] = ()
+    ) -> None:
+        self.config = config
+        self.router = router
+        self.extensions = tuple(extensions)
+        self.discovery_notes: list[str] = []
+        # Only extensions that override authenticate() cost an await on the hot path.
+        self._authenticators = tuple(
+            ext for ext in self.extensions if type(ext).authenticate is not Extension.authenticate
+        )
+
+    @property
+    def active_router(self) -> Router:
+        if self.router is None:  # only before the lifespan started
+            raise RuntimeError("the llmrouter service has not started")
+        return self.router
+
+    async def new_context(self, request: Request[Any, Any, Any]) -> RequestContext:
+        """A request context from the HTTP request, authenticated by the extensions.
+
+        Raises:
+            AuthenticationError: an extension refused the credentials.
+        """
+        headers = request.headers
+        cache_control = headers.get("cache-control", "").lower()
+        ctx = RequestContext(
+            request_id=request_id_of(request.scope),
+            no_cache="no-cache" in cache_control,
+            no_store="no-store" in cache_control,
+            traceparent=headers.get("traceparent"),
+        )
+        for ext in self._authenticators:
+            await ext.authenticate(ctx, headers)
+        return ctx
+
+
+def response_headers(ctx: RequestContext, *, with_cost: bool = True) -> dict[str, str]:
+    """Headers that tell the client where its request went (and what it cost)."""
+    headers: dict[str, str] = {}
+    if ctx.deployment:
+        headers["x-llmrouter-deployment"] = ctx.deployment
+    if ctx.model_group:
+        headers["x-llmrouter-model-group"] = ctx.model_group
+    if ctx.cache_status:
+        headers["x-llmrouter-cache"] = ctx.cache_status
+    if with_cost and ctx.cost is not None:
+        headers["x-llmrouter-cost"] = f"{ctx.cost:.8f}"
+    if ctx.attempts > 1:
+        headers["x-llmrouter-attempts"] = str(ctx.attempts)
+    return headers
+
+
+def provide_service(state: State) -> Service:
+    """Dependency provider: the :class:`Service` the lifespan stored in ``app.state``."""
+    return state[STATE_KEY]  # type: ignore[no-any-return]
