@@ -1,0 +1,214 @@
+"""RemoteProvider: one deployment served by an OpenAI-compatible server over HTTP.
+
+Works with vLLM's OpenAI server (``vllm serve``), llama.cpp's ``llama-server``, Hugging Face
+TGI's Messages API, and another llmrouter (``llmrouter serve``) — anything that speaks
+``/v1/chat/completions``, ``/v1/completions`` and ``/v1/models``. The HTTP work lives in
+:class:`llmrouter.openai_compat.OpenAICompatClient`; this class adds configuration,
+capabilities and the provider life cycle.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import httpx
+import msgspec
+
+from llmrouter.config import Timeouts
+from llmrouter.errors import ConfigError, LLMRouterError
+from llmrouter.openai_compat import OpenAICompatClient
+from llmrouter.provider import Capabilities, Health, Provider, ProviderOptions
+from llmrouter.types import (
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+)
+
+__all__ = ["RemoteOptions", "RemoteProvider"]
+
+
+class RemoteOptions(ProviderOptions):
+    """Deployment keys for ``provider: remote`` (see docs/providers/remote.md)."""
+
+    base_url: str
+    """The server's OpenAI API root, e.g. ``http://gpu-1:8000/v1`` (``/v1`` is added to a bare host)."""
+    api_key: str | None = None
+    """Sent as ``Authorization: Bearer``; wins over ``api_key_env``."""
+    api_key_env: str | None = None
+    """Name of an environment variable holding the API key, read at start-up."""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    """Extra headers sent with every request."""
+    connect_timeout: float = 10.0
+    """Seconds to open a TCP/TLS connection."""
+    read_timeout: float | None = 300.0
+    """Seconds to wait for the response headers, a non-streamed answer, or the next stream chunk."""
+    max_connections: int = 256
+    """Connection pool size (concurrent requests to this server)."""
+    max_keepalive: int = 64
+    """Idle connections kept open for reuse."""
+    verify: bool | str = True
+    """TLS certificate verification: true, false, or the path of a CA bundle."""
+    stream_usage: bool = True
+    """Ask for ``stream_options.include_usage``; turn off for servers that reject the field."""
+    max_context: int | None = None
+    """The model's context window, if known (reported in capabilities)."""
+    check_model: bool = True
+    """Health needs ``GET /v1/models`` to list ``model``; turn off for servers that answer
+    for any model name (llama.cpp without ``--alias``)."""
+
+
+class RemoteProvider(Provider[RemoteOptions]):
+    """A deployment on an OpenAI-compatible server.
+
+    Args:
+        model: the model name the server knows (what ``GET /v1/models`` lists).
+        options: a :class:`RemoteOptions`; or pass its fields as keyword arguments.
+        http_client: an ``httpx.AsyncClient`` to use (the caller closes it).
+        transport: an httpx transport for the client built here (tests: ``httpx.MockTransport``).
+
+    Example::
+
+        async with RemoteProvider("Qwen/Qwen2.5-7B-Instruct", base_url="http://gpu-1:8000/v1") as p:
+            reply = await p.chat(decode_chat_request({...}))
+    """
+
+    name: ClassVar[str] = "remote"
+    Options: ClassVar[type[ProviderOptions]] = RemoteOptions
+
+    def __init__(
+        self,
+        model: str,
+        options: RemoteOptions | None = None,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        **option_fields: Any,
+    ) -> None:
+        if options is None:
+            try:
+                options = msgspec.convert(option_fields, RemoteOptions)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(f"remote: {exc}") from exc
+        elif option_fields:
+            raise TypeError("pass either options or option keyword arguments, not both")
+        super().__init__(model, options)
+        self._http_client = http_client
+        self._transport = transport
+        self._client: OpenAICompatClient | None = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(streaming=True, tools=True, json_mode=True, vision=True, completions=True,
+                            max_context=self.options.max_context)
+
+    def _api_key(self) -> str | None:
+        opts = self.options
+        if opts.api_key:
+            return opts.api_key
+        if opts.api_key_env:
+            value = os.environ.get(opts.api_key_env)
+            if not value:
+                raise ConfigError(f"remote: environment variable {opts.api_key_env} (api_key_env) is not set")
+            return value
+        return None
+
+    async def start(self) -> None:
+        """Open the connection pool (connections themselves open on first use)."""
+        if self._client is not None:
+            return
+        opts = self.options
+        self._client = OpenAICompatClient(
+            opts.base_url,
+            provider=self.name,
+            api_key=self._api_key(),
+            headers=opts.headers,
+            timeouts=Timeouts(connect=opts.connect_timeout, first_token=opts.read_timeout),
+            http_client=self._http_client,
+            transport=self._transport,
+            max_connections=opts.max_connections,
+            max_keepalive=opts.max_keepalive,
+            verify=opts.verify,
+            stream_usage=opts.stream_usage,
+        )
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def _ready(self) -> OpenAICompatClient:
+        # Library users may call without start(); open the pool on first use.
+        if self._client is None:
+            await self.start()
+        assert self._client is not None
+        return self._client
+
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        client = await self._ready()
+        return await client.chat(request, model=self.model)
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        if self._client is not None:
+            # The client's own generator: no extra async layer per chunk.
+            return self._client.stream(request, model=self.model)
+        return self._stream_after_start(request)
+
+    async def _stream_after_start(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        client = await self._ready()
+        stream = client.stream(request, model=self.model)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse:
+        client = await self._ready()
+        return await client.complete(request, model=self.model)
+
+    def stream_complete(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
+        if self._client is not None:
+            return self._client.stream_complete(request, model=self.model)
+        return self._stream_complete_after_start(request)
+
+    async def _stream_complete_after_start(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
+        client = await self._ready()
+        stream = client.stream_complete(request, model=self.model)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
+
+    async def list_models(self) -> list[ModelCard]:
+        """The models the server lists (not only this deployment's)."""
+        client = await self._ready()
+        return await client.list_models()
+
+    async def health(self) -> Health:
+        """``GET /v1/models``: ok when it answers and lists this deployment's model."""
+        client = await self._ready()
+        started = time.perf_counter()
+        try:
+            ids = {card.id for card in await client.list_models()}
+        except LLMRouterError as exc:
+            return Health(ok=False, detail=exc.message, latency_ms=(time.perf_counter() - started) * 1000)
+        latency = (time.perf_counter() - started) * 1000
+        if self.options.check_model and ids and self.model not in ids:
+            return Health(ok=False, latency_ms=latency,
+                          detail=f"{client.base_url} does not list model {self.model!r}")
+        return Health(ok=True, latency_ms=latency, detail=f"{client.base_url} serves {self.model!r}")
+
+    @classmethod
+    def discovery_note(cls) -> str:
+        return "remote: configure base_url per deployment (not auto-discovered)"
+
+    def __repr__(self) -> str:
+        return f"RemoteProvider(model={self.model!r}, base_url={self.options.base_url!r})"
