@@ -261,8 +261,9 @@ class Router:
 
         source = self.cache.stream(ctx, request, call) if self.cache is not None else call()
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        async for chunk in self._relay(ctx, source, include_usage):
-            yield chunk
+        async with aclosing(self._relay(ctx, source, include_usage)) as relay:
+            async for chunk in relay:
+                yield chunk
 
     async def complete(
         self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None
@@ -291,8 +292,9 @@ class Router:
         ctx, groups, request = await self._admit(request, context, operation="completion", stream=True)
         source = dispatch_stream(ctx, groups, self.hooks, request, _provider_stream_complete)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        async for chunk in self._relay(ctx, source, include_usage):
-            yield chunk
+        async with aclosing(self._relay(ctx, source, include_usage)) as relay:
+            async for chunk in relay:
+                yield chunk
 
     async def _relay(self, ctx: RequestContext, source: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[Any]:
         """Pass chunks on, keep usage for billing, and remember the text for partial billing."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
@@ -73,9 +74,9 @@ class ScriptedProvider(Provider):
 
     name = "scripted"
 
-    def __init__(self, model: str = "scripted-model", steps: Iterable[Step] = (), *, default: Step | None = None,
-                 capabilities: Capabilities | None = None) -> None:
-        super().__init__(model)
+    def __init__(self, model: str = "scripted-model", options: Any = None, *, steps: Iterable[Step] = (),
+                 default: Step | None = None, capabilities: Capabilities | None = None) -> None:
+        super().__init__(model, options)
         self.steps: deque[Step] = deque(steps)
         self.default = default or Step()
         self.record = _Record()

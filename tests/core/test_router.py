@@ -1,0 +1,415 @@
+"""Router behaviour with in-process scripted providers."""
+
+from collections import Counter
+
+import anyio
+import pytest
+
+from llmrouter import Router, RouterHooks
+from llmrouter.config import Config, Cooldown, Deployment, ModelGroup, Price, Retry, RouterConfig, Timeouts
+from llmrouter.context import RequestContext, current_context
+from llmrouter.errors import (
+    AuthenticationError,
+    BudgetExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NoDeploymentAvailableError,
+    RateLimitError,
+    UpstreamError,
+    UpstreamTimeoutError,
+)
+from llmrouter.registry import register_provider
+from llmrouter.testing.scripted import ScriptedProvider, Step
+from llmrouter.types import Usage
+
+pytestmark = pytest.mark.anyio
+
+FAST_RETRY = Retry(attempts=2, backoff_base=0.001, backoff_max=0.01)
+
+
+def chat_body(model="g", text="hi", **extra):
+    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def make_router(*providers, strategy="priority", hooks=(), config=None, group="g", **group_kwargs):
+    config = config or Config(router=RouterConfig(retry=FAST_RETRY))
+    router = Router(config, hooks=hooks)
+    deployments = []
+    for i, provider in enumerate(providers):
+        deployment = Deployment(provider="scripted", model=provider.model, id=f"d{i}", **group_kwargs.pop(f"d{i}", {}))
+        deployments.append(router.add_deployment(group, provider, deployment))
+    router.groups[group].strategy = __import__("llmrouter.strategies", fromlist=["x"]).get_strategy(strategy)
+    for key, value in group_kwargs.items():
+        setattr(router.groups[group], key, value)
+    return router
+
+
+async def test_chat_returns_answer_and_fills_context():
+    provider = ScriptedProvider(default=Step(text="Paris is the capital."))
+    router = make_router(provider)
+    ctx = RequestContext()
+    response = await router.chat(chat_body(), context=ctx)
+    assert response.choices[0].message.content == "Paris is the capital."
+    assert ctx.status == "ok" and ctx.deployment == "d0" and ctx.model_group == "g"
+    assert ctx.usage.completion_tokens == 4 and not ctx.usage.estimated
+    assert ctx.ttft_ms is not None and ctx.latency_ms >= ctx.ttft_ms
+    assert provider.started, "the router starts providers on first use"
+
+
+async def test_unknown_model_is_404_with_param():
+    router = make_router(ScriptedProvider())
+    with pytest.raises(ModelNotFoundError) as info:
+        await router.chat(chat_body(model="nope"))
+    assert info.value.http_status == 404 and info.value.param == "model"
+
+
+async def test_aliases_and_direct_provider_addressing():
+    register_provider("scripted", ScriptedProvider)
+    config = Config(models=[ModelGroup(name="big", aliases=["gpt"], deployments=[Deployment(provider="scripted", model="m1")])])
+    router = Router(config)
+    ctx = RequestContext()
+    await router.chat(chat_body(model="gpt"), context=ctx)
+    assert ctx.model_group == "big"
+    ctx = RequestContext()
+    await router.chat(chat_body(model="scripted/other-model"), context=ctx)
+    assert ctx.upstream_model == "other-model" and ctx.provider == "scripted"
+    names = [card.id for card in (await router.list_models()).data]
+    assert {"big", "gpt"} <= set(names)
+
+
+async def test_upstream_model_name_replaces_group_name():
+    provider = ScriptedProvider(model="upstream-7b")
+    router = make_router(provider)
+    await router.chat(chat_body(model="g"))
+    assert provider.record.requests[0].model == "upstream-7b"
+
+
+async def test_priority_order_and_retry_goes_to_next_deployment():
+    first = ScriptedProvider(steps=[Step(error=UpstreamError("boom"))])
+    second = ScriptedProvider(default=Step(text="from second"))
+    router = make_router(first, second, d1={"priority": 1})
+    ctx = RequestContext()
+    response = await router.chat(chat_body(), context=ctx)
+    assert response.choices[0].message.content == "from second"
+    assert ctx.attempts == 2 and ctx.deployment == "d1"
+    assert first.record.calls == 1 and second.record.calls == 1
+
+
+async def test_retryable_error_retries_same_deployment_with_backoff():
+    provider = ScriptedProvider(steps=[Step(error=RateLimitError("slow", retryable=True, retry_after=0.01))])
+    router = make_router(provider)
+    ctx = RequestContext()
+    await router.chat(chat_body(), context=ctx)
+    assert provider.record.calls == 2 and ctx.attempts == 2
+
+
+async def test_bad_request_is_not_retried():
+    provider = ScriptedProvider(steps=[Step(error=InvalidRequestError("bad", param="messages"))])
+    other = ScriptedProvider()
+    router = make_router(provider, other)
+    with pytest.raises(InvalidRequestError):
+        await router.chat(chat_body())
+    assert provider.record.calls == 1 and other.record.calls == 0
+
+
+async def test_deployment_auth_error_moves_on_without_retrying_it():
+    broken = ScriptedProvider(default=Step(error=AuthenticationError("bad upstream key")))
+    good = ScriptedProvider()
+    router = make_router(broken, good, d1={"priority": 1})
+    for _ in range(2):
+        await router.chat(chat_body())
+    assert broken.record.calls == 2 and good.record.calls == 2
+
+
+async def test_retries_exhausted_raise_last_error():
+    provider = ScriptedProvider(default=Step(error=UpstreamError("down")))
+    router = make_router(provider)
+    with pytest.raises(UpstreamError, match="down"):
+        await router.chat(chat_body())
+    assert provider.record.calls == FAST_RETRY.attempts + 1
+
+
+async def test_fallback_to_other_group():
+    config = Config(router=RouterConfig(retry=FAST_RETRY))
+    router = Router(config)
+    failing = ScriptedProvider(default=Step(error=UpstreamError("down")))
+    backup = ScriptedProvider(default=Step(text="backup answer"))
+    router.add_deployment("backup", backup)
+    group = router.add_deployment("main", failing)
+    router.groups["main"].config = ModelGroup(name="main", deployments=[], fallbacks=["backup"])
+    seen = []
+
+    class Events(RouterHooks):
+        def on_fallback(self, ctx, from_group, to_group):
+            seen.append((from_group, to_group))
+
+    router.hooks.append(Events())
+    ctx = RequestContext()
+    response = await router.chat(chat_body(model="main"), context=ctx)
+    assert response.choices[0].message.content == "backup answer"
+    assert ctx.fallbacks == 1 and ctx.model_group == "backup" and seen == [("main", "backup")]
+    assert group.failures == 3
+
+
+async def test_cooldown_after_consecutive_failures_then_recovery():
+    flaky = ScriptedProvider(steps=[Step(error=UpstreamError("x"))] * 2)
+    steady = ScriptedProvider()
+    router = make_router(flaky, steady, d1={"priority": 1}, cooldown=Cooldown(failures=2, seconds=0.2),
+                         retry=Retry(attempts=0))
+    cooled = []
+
+    class Events(RouterHooks):
+        def on_cooldown(self, deployment, seconds):
+            cooled.append(deployment)
+
+    router.hooks.append(Events())
+    for _ in range(2):
+        with pytest.raises(UpstreamError):
+            await router.chat(chat_body())
+    assert cooled == ["d0"]
+    ctx = RequestContext()
+    await router.chat(chat_body(), context=ctx)
+    assert ctx.deployment == "d1", "the cooling deployment is skipped"
+    await anyio.sleep(0.25)
+    ctx = RequestContext()
+    await router.chat(chat_body(), context=ctx)
+    assert ctx.deployment == "d0", "after the cooldown it serves again"
+    readiness = await router.readiness(probe=False)
+    assert {d["id"] for d in readiness["deployments"]} == {"d0", "d1"}
+
+
+async def test_all_cooling_is_503_with_retry_after():
+    provider = ScriptedProvider(default=Step(error=UpstreamError("x")))
+    router = make_router(provider, cooldown=Cooldown(failures=1, seconds=30), retry=Retry(attempts=0))
+    with pytest.raises(UpstreamError):
+        await router.chat(chat_body())
+    with pytest.raises(NoDeploymentAvailableError) as info:
+        await router.chat(chat_body())
+    assert info.value.http_status == 503 and 29 < info.value.retry_after <= 30
+
+
+async def test_max_concurrency_is_respected():
+    provider = ScriptedProvider(default=Step(delay=0.05))
+    router = make_router(provider, d0={"max_concurrency": 2})
+    peak = 0
+    deployment = router.groups["g"].deployments[0]
+
+    async def watch():
+        nonlocal peak
+        for _ in range(40):
+            peak = max(peak, deployment.in_flight)
+            await anyio.sleep(0.005)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        for _ in range(6):
+            tg.start_soon(router.chat, chat_body())
+    assert peak == 2 and provider.record.completed == 6
+
+
+async def test_least_busy_spreads_concurrent_load():
+    providers = [ScriptedProvider(default=Step(delay=0.05)) for _ in range(3)]
+    router = make_router(*providers, strategy="least_busy")
+    async with anyio.create_task_group() as tg:
+        for _ in range(9):
+            tg.start_soon(router.chat, chat_body())
+    assert [p.record.calls for p in providers] == [3, 3, 3]
+
+
+async def test_weighted_follows_weights():
+    heavy, light = ScriptedProvider(), ScriptedProvider()
+    router = make_router(heavy, light, strategy="weighted", d0={"weight": 9}, d1={"weight": 1})
+    for _ in range(400):
+        await router.chat(chat_body())
+    assert 0.8 < heavy.record.calls / 400 < 0.97
+
+
+async def test_lowest_latency_prefers_the_faster_deployment():
+    slow, fast = ScriptedProvider(default=Step(delay=0.03)), ScriptedProvider(default=Step(delay=0.0))
+    router = make_router(slow, fast, strategy="lowest_latency")
+    for _ in range(12):
+        await router.chat(chat_body())
+    assert slow.record.calls == 1 and fast.record.calls == 11
+
+
+async def test_cheapest_picks_lowest_price():
+    pricey, cheap = ScriptedProvider(), ScriptedProvider()
+    router = make_router(pricey, cheap, strategy="cheapest")
+    router.groups["g"].deployments[0].price = Price(input=5, output=15)
+    router.groups["g"].deployments[1].price = Price(input=0.1, output=0.4)
+    await router.chat(chat_body())
+    assert cheap.record.calls == 1 and pricey.record.calls == 0
+
+
+async def test_total_timeout_is_retryable_timeout():
+    slow = ScriptedProvider(default=Step(delay=5))
+    router = make_router(slow, timeouts=Timeouts(total=0.05), retry=Retry(attempts=0))
+    with anyio.fail_after(2):
+        with pytest.raises(UpstreamTimeoutError):
+            await router.chat(chat_body())
+    assert slow.record.cancelled == 1
+
+
+async def test_stream_first_token_timeout_fails_over():
+    slow = ScriptedProvider(default=Step(delay=5))
+    fast = ScriptedProvider(default=Step(text="a b c"))
+    router = make_router(slow, fast, d1={"priority": 1}, timeouts=Timeouts(first_token=0.05, total=10))
+    with anyio.fail_after(2):
+        chunks = [c async for c in router.stream(chat_body())]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "a b c"
+    assert slow.record.cancelled == 1
+
+
+async def test_cancelling_the_caller_cancels_the_provider():
+    provider = ScriptedProvider(default=Step(delay=10))
+    router = make_router(provider)
+    ctx = RequestContext()
+    with anyio.move_on_after(0.05):
+        await router.chat(chat_body(), context=ctx)
+    assert provider.record.cancelled == 1
+    assert ctx.status == "cancelled"
+    assert router.groups["g"].deployments[0].in_flight == 0
+
+
+async def test_closing_a_stream_closes_the_provider_stream_and_bills_partial_output():
+    provider = ScriptedProvider(default=Step(text="one two three four five six", chunk_delay=0.01, usage=False))
+    router = make_router(provider)
+    ctx = RequestContext()
+    stream = router.stream(chat_body(), context=ctx)
+    received = [await stream.__anext__(), await stream.__anext__()]
+    await stream.aclose()
+    assert len(received) == 2
+    assert provider.record.cancelled == 1 and provider.record.completed == 0
+    assert ctx.status == "cancelled"
+    assert ctx.usage.estimated and ctx.usage.completion_tokens >= 2
+
+
+async def test_stream_usage_chunk_only_when_asked():
+    router = make_router(ScriptedProvider(default=Step(text="a b")))
+    plain = [c async for c in router.stream(chat_body())]
+    assert all(c.usage is None for c in plain)
+    ctx = RequestContext()
+    asked = [c async for c in router.stream(chat_body(stream_options={"include_usage": True}), context=ctx)]
+    assert asked[-1].usage is not None and asked[-1].choices == []
+    assert ctx.usage == asked[-1].usage
+
+
+async def test_mid_stream_failure_raises_after_content():
+    provider = ScriptedProvider(default=Step(text="a b c d", fail_after_chunks=2, error=UpstreamError("reset")))
+    router = make_router(provider)
+    ctx = RequestContext()
+    got = []
+    with pytest.raises(UpstreamError, match="reset"):
+        async for chunk in router.stream(chat_body(), context=ctx):
+            got.append(chunk)
+    assert len(got) == 2 and provider.record.calls == 1, "no retry once content was sent"
+    assert ctx.status == "error" and ctx.usage.estimated
+
+
+class Recorder(RouterHooks):
+    def __init__(self, name, log, reject=None):
+        self.name, self.log, self.reject = name, log, reject
+
+    async def before_request(self, ctx):
+        self.log.append(("before", self.name))
+        assert ctx.max_cost is not None
+        if self.reject:
+            raise self.reject
+
+    async def after_request(self, ctx):
+        self.log.append(("after", self.name, ctx.status, ctx.cost))
+
+    def on_rejected(self, ctx, error):
+        self.log.append(("rejected", self.name, type(error).__name__))
+
+
+async def test_hooks_order_and_exactly_once_after():
+    log = []
+    router = make_router(ScriptedProvider(), hooks=[Recorder("a", log), Recorder("b", log)])
+    await router.chat(chat_body())
+    assert log == [("before", "a"), ("before", "b"), ("after", "b", "ok", 0.0), ("after", "a", "ok", 0.0)]
+
+
+async def test_rejection_releases_admitted_hooks_and_reports():
+    log = []
+    provider = ScriptedProvider()
+    router = make_router(provider, hooks=[Recorder("a", log), Recorder("b", log, reject=BudgetExceededError("no money"))])
+    with pytest.raises(BudgetExceededError):
+        await router.chat(chat_body())
+    assert provider.record.calls == 0
+    assert ("after", "a", "error", None) in log and not any(e[:2] == ("after", "b") for e in log)
+    assert ("rejected", "a", "BudgetExceededError") in log and ("rejected", "b", "BudgetExceededError") in log
+
+
+async def test_cost_from_price_table_and_max_cost_bound():
+    provider = ScriptedProvider(default=Step(usage=Usage(prompt_tokens=1000, completion_tokens=500, total_tokens=1500)))
+    router = make_router(provider)
+    router.groups["g"].deployments[0].price = Price(input=2.0, output=8.0)
+    ctx = RequestContext()
+    await router.chat(chat_body(max_tokens=100), context=ctx)
+    assert ctx.cost == pytest.approx((1000 * 2 + 500 * 8) / 1e6) and ctx.cost_source == "price_table"
+    assert ctx.max_cost == pytest.approx((ctx.prompt_tokens_estimate * 2 + 100 * 8) / 1e6)
+    ctx = RequestContext()
+    await router.chat(chat_body(), context=ctx)
+    assert provider.record.requests[-1].max_tokens == 4096, "priced requests get a bounded output"
+
+
+async def test_provider_reported_cost_wins():
+    usage = Usage(prompt_tokens=10, completion_tokens=10, total_tokens=20, cost=0.0123)
+    router = make_router(ScriptedProvider(default=Step(usage=usage)))
+    router.groups["g"].deployments[0].price = Price(input=1, output=1)
+    ctx = RequestContext()
+    await router.chat(chat_body(), context=ctx)
+    assert ctx.cost == 0.0123 and ctx.cost_source == "provider"
+
+
+async def test_missing_usage_is_counted_and_marked_estimated():
+    router = make_router(ScriptedProvider(default=Step(text="hello there world", usage=False)))
+    ctx = RequestContext()
+    await router.chat(chat_body(), context=ctx)
+    assert ctx.usage.estimated and ctx.usage.completion_tokens == 3 and ctx.usage.prompt_tokens > 0
+
+
+async def test_current_context_is_visible_to_the_provider():
+    seen = []
+
+    class Peeking(ScriptedProvider):
+        async def chat(self, request):
+            seen.append(current_context.get())
+            return await super().chat(request)
+
+    router = make_router(Peeking())
+    ctx = RequestContext(traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01")
+    await router.chat(chat_body(), context=ctx)
+    assert seen == [ctx] and current_context.get() is None
+
+
+async def test_completions_and_streamed_completions():
+    router = make_router(ScriptedProvider(default=Step(echo=True)))
+    response = await router.complete({"model": "g", "prompt": "say this back"})
+    assert response.choices[0].text == "say this back"
+    chunks = [c async for c in router.stream_complete({"model": "g", "prompt": "x y", "stream": True})]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "x y"
+
+
+async def test_failed_start_takes_deployment_out_and_others_serve():
+    class Broken(ScriptedProvider):
+        async def start(self):
+            raise RuntimeError("weights missing")
+
+    good = ScriptedProvider()
+    router = make_router(Broken(), good)
+    ctx = RequestContext()
+    await router.chat(chat_body(), context=ctx)
+    assert ctx.deployment == "d1"
+    states = {d["id"]: d for d in (await router.readiness())["deployments"]}
+    assert states["d0"]["healthy"] is False and "weights missing" in states["d0"]["error"]
+
+
+async def test_calls_are_counted_per_deployment():
+    providers = [ScriptedProvider() for _ in range(2)]
+    router = make_router(*providers, strategy="weighted")
+    for _ in range(50):
+        await router.chat(chat_body())
+    counts = Counter(d.requests for d in router.deployments)
+    assert sum(d.requests for d in router.deployments) == 50 and len(counts) >= 1
