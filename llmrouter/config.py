@@ -21,6 +21,7 @@ from typing import Any, Literal
 import msgspec
 
 from llmrouter.accounting.config import AccountingConfig
+from llmrouter.cache.config import CacheConfig
 from llmrouter.errors import ConfigError
 from llmrouter.telemetry.config import TelemetryConfig
 
@@ -151,6 +152,8 @@ class Config(Section):
     """Keys, ledger, budgets and limits (see docs/accounting.md)."""
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     """Metrics, JSON logs and traces (see docs/telemetry.md)."""
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    """Response cache backend, TTL and coalescing (see docs/cache.md)."""
 
 
 _DEPLOYMENT_KEYS = frozenset(Deployment.__struct_fields__) - {"options"}

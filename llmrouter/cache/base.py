@@ -1,0 +1,57 @@
+"""The storage contract that every cache backend implements, and its counters.
+
+A backend stores opaque bytes under string keys with an optional TTL. It knows
+nothing about chat requests: :mod:`llmrouter.cache.layer` decides what to store
+and :mod:`llmrouter.cache.entry` how answers are encoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ["BackendStats", "CacheBackend"]
+
+
+@dataclass(slots=True)
+class BackendStats:
+    """What a backend knows about its own contents.
+
+    ``entries`` and ``bytes`` are None where the backend cannot tell cheaply (Redis,
+    shared by many replicas and expiring keys on its own).
+    """
+
+    entries: int | None = 0
+    bytes: int | None = 0
+    evictions: int = 0
+    """Entries dropped to stay under the size bound."""
+    expirations: int = 0
+    """Entries found or swept past their TTL."""
+
+
+@runtime_checkable
+class CacheBackend(Protocol):
+    """Bytes by key, with TTL. Every method may raise; the layer treats that as a miss."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Open connections / create tables (idempotent)."""
+
+    async def get(self, key: str) -> bytes | None:
+        """The value stored under ``key``, or None when absent or expired."""
+
+    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        """Store ``value`` for ``ttl`` seconds (None: until evicted)."""
+
+    async def delete(self, key: str) -> None:
+        """Forget ``key`` (no error when absent)."""
+
+    async def clear(self) -> int:
+        """Forget every entry of this cache; returns how many were dropped (if known)."""
+
+    async def aclose(self) -> None:
+        """Release connections; the backend may be started again."""
+
+    def stats(self) -> BackendStats:
+        """Current counters (cheap, synchronous)."""

@@ -1,0 +1,222 @@
+"""In-flight coalescing: identical requests share one upstream call.
+
+The first request for a key launches a *flight*: a producer task that calls upstream
+once and publishes the answer (or each streamed chunk as it arrives) to everyone
+attending. Requests for the same key that arrive while it runs attend the same
+flight instead of calling upstream again.
+
+Who owns the producer matters for cancellation:
+
+* The producer is a task of its own, not a child of any one client's cancel scope,
+  so the first client disconnecting does not take the answer away from the others.
+* When the *last* attendee leaves before the answer is complete, the producer is
+  cancelled and awaited (shielded, bounded), so cancellation still stops generation
+  upstream when nobody is listening.
+* Whoever is left holding the flight when it completes pays for it: if the client
+  that launched it has gone, the next attendee in line becomes the *payer*
+  (see :class:`Flight`), so the call is billed once, to someone who got the answer.
+
+The producer runs on asyncio (``asyncio.create_task``); under another event loop
+the cache layer does not coalesce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import anyio
+
+from llmrouter.cache.entry import chunks_from_response, response_from_chunks
+from llmrouter.errors import UpstreamUnavailableError
+
+if TYPE_CHECKING:
+    from llmrouter.context import RequestContext
+    from llmrouter.types import ChatChunk, ChatResponse
+
+__all__ = ["Coalescer", "Flight", "FlightCancelledError"]
+
+log = logging.getLogger("llmrouter.cache")
+
+
+class FlightCancelledError(UpstreamUnavailableError):
+    """The shared upstream call was cancelled (shutdown) before it answered."""
+
+
+class Flight:
+    """One upstream call in progress, shared by every identical request.
+
+    Attributes:
+        key: the cache key.
+        origin: the context of the request whose ``call`` runs upstream; the router
+            fills it (deployment, usage, cost).
+        payer: the attendee billed for the call: ``origin`` unless it left early.
+        streaming: True when upstream is streamed (chunks are published live).
+    """
+
+    def __init__(self, key: str, origin: RequestContext, *, streaming: bool) -> None:
+        self.key = key
+        self.origin = origin
+        self.payer: RequestContext | None = origin
+        self.streaming = streaming
+        self.attendees: list[RequestContext] = []
+        self.chunks: list[ChatChunk] = []
+        self.response: ChatResponse | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.ended = anyio.Event()
+        """Set when the producer task has finished, storing included."""
+        self.task: asyncio.Task[None] | None = None
+        self._changed = anyio.Event()
+
+    def push(self, chunk: ChatChunk) -> None:
+        """Publish one streamed chunk to every attendee."""
+        self.chunks.append(chunk)
+        self._signal()
+
+    def finish(self, *, response: ChatResponse | None = None, error: BaseException | None = None) -> None:
+        """Publish the outcome; attendees waiting for the whole answer wake up."""
+        if self.done:
+            return
+        self.response = response
+        self.error = error
+        self.done = True
+        self._signal()
+
+    def _signal(self) -> None:
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    async def result(self) -> ChatResponse:
+        """The whole answer (assembled from the chunks for a streamed flight).
+
+        Raises:
+            Exception: what the upstream call raised.
+        """
+        while not self.done:
+            await self._changed.wait()
+        if self.error is not None:
+            raise self.error
+        if self.response is not None:
+            return self.response
+        return response_from_chunks(self.chunks)
+
+    async def iter_chunks(self) -> AsyncIterator[ChatChunk]:
+        """Every chunk from the first, then live ones as they arrive (a non-streamed
+        flight is re-chunked once it completes)."""
+        sent = 0
+        while True:
+            if sent < len(self.chunks):
+                sent += 1
+                yield self.chunks[sent - 1]
+                continue
+            if self.done:
+                break
+            await self._changed.wait()
+        if self.error is not None:
+            raise self.error
+        if self.response is not None and not self.chunks:
+            for chunk in chunks_from_response(self.response):
+                yield chunk
+
+
+Producer = Callable[[Flight], Awaitable["ChatResponse | None"]]
+"""Calls upstream for a flight: returns the response, or pushes chunks and returns None."""
+AfterFlight = Callable[[Flight], Awaitable[None]]
+
+
+class Coalescer:
+    """The map of flights in progress, by cache key.
+
+    Args:
+        cancel_grace: seconds the last leaving attendee waits for the cancelled
+            producer to stop (closing the upstream stream, aborting generation).
+    """
+
+    def __init__(self, *, cancel_grace: float = 10.0) -> None:
+        self.cancel_grace = cancel_grace
+        self._flights: dict[str, Flight] = {}
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def find(self, key: str) -> Flight | None:
+        """The flight in progress for ``key``, if any (it may be finishing its store)."""
+        return self._flights.get(key)
+
+    def launch(self, key: str, origin: RequestContext, produce: Producer, after: AfterFlight, *, streaming: bool) -> Flight:
+        """Start the producer for ``key`` in a task of its own.
+
+        Args:
+            produce: calls upstream (see :data:`Producer`).
+            after: runs once the answer is published, while the flight still
+                takes new attendees (the layer stores the answer here).
+        """
+        flight = Flight(key, origin, streaming=streaming)
+        self._flights[key] = flight
+        flight.task = asyncio.create_task(self._fly(flight, produce, after), name=f"llmrouter-cache-flight-{key[-12:]}")
+        # A done callback, not a finally: a task cancelled before its first step never
+        # runs its body, and attendees must still be released.
+        flight.task.add_done_callback(lambda _task: self._landed(flight))
+        return flight
+
+    def _landed(self, flight: Flight) -> None:
+        flight.finish(error=FlightCancelledError("the shared upstream call was cancelled"))
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+        flight.ended.set()
+
+    async def _fly(self, flight: Flight, produce: Producer, after: AfterFlight) -> None:
+        try:
+            response = await produce(flight)
+        except Exception as exc:  # noqa: BLE001 - published to every attendee, who re-raise it
+            flight.finish(error=exc)
+            return
+        flight.finish(response=response)
+        try:
+            await after(flight)
+        except Exception:  # a failing store must never fail the answer
+            log.exception("cache: after-flight step failed for %s", flight.key)
+
+    @asynccontextmanager
+    async def attend(self, flight: Flight, ctx: RequestContext) -> AsyncIterator[Flight]:
+        """Attend ``flight`` for the duration of the block (see the module docstring
+        for what leaving early does)."""
+        flight.attendees.append(ctx)
+        try:
+            yield flight
+        finally:
+            if self._leave(flight, ctx):
+                # Nobody is listening any more: stop generation and wait for the
+                # provider to close upstream before this request's teardown goes on.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.cancel_grace):
+                    await flight.ended.wait()
+
+    def _leave(self, flight: Flight, ctx: RequestContext) -> bool:
+        """Remove ``ctx``; True when that abandoned the flight (its producer is cancelled)."""
+        flight.attendees.remove(ctx)
+        if flight.done:
+            return False
+        if flight.payer is ctx:
+            flight.payer = flight.attendees[0] if flight.attendees else None
+        if flight.attendees:
+            return False
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]  # a new identical request must start afresh
+        if flight.task is not None:
+            flight.task.cancel()
+        return True
+
+    async def aclose(self) -> None:
+        """Cancel every flight in progress and wait for the producers to stop."""
+        flights = list(self._flights.values())
+        self._flights.clear()
+        for flight in flights:
+            if flight.task is not None:
+                flight.task.cancel()
+        with anyio.move_on_after(self.cancel_grace):
+            for flight in flights:
+                await flight.ended.wait()

@@ -1,0 +1,378 @@
+"""The response cache: lookup, in-flight coalescing and store around dispatch.
+
+:class:`ResponseCache` implements :class:`~llmrouter.hooks.CacheLayer`. For each
+request the router hands it the context, the request and ``call`` (the real
+dispatch); the cache decides whether ``call`` runs at all::
+
+    not cacheable (sampling, group off) ──────────────► call()              bypass
+    Cache-Control: no-cache ──────────────────────────► call(), store       bypass
+    identical request in flight ──────────────────────► wait for it         coalesced
+    stored answer ────────────────────────────────────► replay it           hit (cost 0)
+    otherwise ───────────► launch a flight: call(), publish, store          miss
+
+A request is cacheable when it is deterministic (``temperature: 0`` or a ``seed``)
+or its model group opts in with ``cache.cache_all``. Errors, cancelled and
+incomplete answers are never stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from llmrouter.cache.base import CacheBackend
+from llmrouter.cache.coalesce import Coalescer, Flight
+from llmrouter.cache.entry import CacheEntry, decode_entry, encode_entry, is_storable, response_from_chunks
+from llmrouter.cache.key import cache_key
+
+if TYPE_CHECKING:
+    from llmrouter.cache.config import CacheConfig
+    from llmrouter.config import Config, GroupCache
+    from llmrouter.context import CacheStatus, RequestContext
+    from llmrouter.types import ChatChunk, ChatRequest, ChatResponse
+
+__all__ = ["CacheStats", "ResponseCache", "build_backend"]
+
+log = logging.getLogger("llmrouter.cache")
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters since start; telemetry exports them (see docs/cache.md)."""
+
+    hits: int = 0
+    misses: int = 0
+    bypasses: int = 0
+    coalesced: int = 0
+    stores: int = 0
+    """Answers written to the backend."""
+    skipped: int = 0
+    """Answers not written: incomplete, failed, too large, or ``no-store``."""
+    errors: int = 0
+    """Backend failures (a failed lookup counts as a miss, a failed store as skipped)."""
+
+
+@dataclass(slots=True, frozen=True)
+class _Plan:
+    key: str
+    ttl: float | None
+
+
+class ResponseCache:
+    """Exact-match response cache with in-flight coalescing.
+
+    Args:
+        backend: where entries live (memory, SQLite, Redis, or your own).
+        ttl: default seconds an entry lives (None: until evicted).
+        groups: per model group settings (``ModelGroup.cache``), by group name or alias.
+        namespace_by_key: keep each API key's answers apart.
+        coalesce: share one upstream call between identical concurrent requests.
+        store_truncated: also store answers with ``finish_reason: length``.
+        max_entry_bytes: don't store encoded answers larger than this.
+    """
+
+    def __init__(
+        self,
+        backend: CacheBackend,
+        *,
+        ttl: float | None = 3600.0,
+        groups: Mapping[str, GroupCache | None] | None = None,
+        namespace_by_key: bool = False,
+        coalesce: bool = True,
+        store_truncated: bool = False,
+        max_entry_bytes: int | None = None,
+    ) -> None:
+        self.backend = backend
+        self.ttl = ttl
+        self.namespace_by_key = namespace_by_key
+        self.coalesce = coalesce
+        self.store_truncated = store_truncated
+        self.max_entry_bytes = max_entry_bytes
+        self.stats = CacheStats()
+        self.coalescer = Coalescer()
+        self._groups: dict[str, GroupCache | None] = dict(groups or {})
+
+    @classmethod
+    def from_config(cls, config: Config) -> ResponseCache | None:
+        """The cache that ``config.cache`` describes, or None for ``backend: none``."""
+        settings = config.cache
+        backend = build_backend(settings)
+        if backend is None:
+            return None
+        groups: dict[str, GroupCache | None] = {}
+        for group in config.models:
+            for name in (group.name, *group.aliases):
+                groups[name] = group.cache
+        return cls(
+            backend,
+            ttl=settings.ttl,
+            groups=groups,
+            namespace_by_key=settings.namespace_by_key,
+            coalesce=settings.coalesce,
+            store_truncated=settings.store_truncated,
+            max_entry_bytes=settings.max_entry_bytes,
+        )
+
+    def configure_group(self, name: str, settings: GroupCache | None) -> None:
+        """Set (or with None, reset) one model group's cache settings."""
+        self._groups[name] = settings
+
+    async def start(self) -> None:
+        await self.backend.start()
+
+    async def aclose(self) -> None:
+        """Cancel flights in progress and close the backend."""
+        await self.coalescer.aclose()
+        await self.backend.aclose()
+
+    async def clear(self) -> int:
+        """Drop every stored entry; returns how many (when the backend can tell)."""
+        return await self.backend.clear()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters and backend figures, for ``/ready``, the admin route and metrics."""
+        backend = self.backend.stats()
+        looked_up = self.stats.hits + self.stats.misses + self.stats.coalesced
+        return {
+            "backend": self.backend.name,
+            "hits": self.stats.hits,
+            "misses": self.stats.misses,
+            "bypasses": self.stats.bypasses,
+            "coalesced": self.stats.coalesced,
+            "stores": self.stats.stores,
+            "skipped": self.stats.skipped,
+            "errors": self.stats.errors,
+            "hit_ratio": round((self.stats.hits + self.stats.coalesced) / looked_up, 4) if looked_up else 0.0,
+            "entries": backend.entries,
+            "bytes": backend.bytes,
+            "evictions": backend.evictions,
+            "expirations": backend.expirations,
+            "in_flight": len(self.coalescer),
+        }
+
+    # --- the CacheLayer protocol ------------------------------------------------------
+
+    async def chat(self, ctx: RequestContext, request: ChatRequest, call: Callable[[], Awaitable[ChatResponse]]) -> ChatResponse:
+        """Answer from the cache, from an identical request in flight, or through ``call``."""
+        plan = self._plan(ctx, request)
+        if plan is None or ctx.no_cache:
+            self._mark(ctx, "bypass")
+            response = await call()
+            if plan is not None and not ctx.no_store:
+                await self._store(plan, response=response)
+            return response
+        flight = await self._find_or_lookup(ctx, plan)
+        if isinstance(flight, CacheEntry):
+            ctx.first_token_at = time.perf_counter()
+            return flight.as_response()
+        if flight is None:
+            self._mark(ctx, "miss")
+            if not self._can_coalesce():
+                response = await call()
+                if not ctx.no_store:
+                    await self._store(plan, response=response)
+                return response
+            flight = self.coalescer.launch(
+                plan.key, ctx, lambda _flight: call(), self._after_flight(plan, store=not ctx.no_store), streaming=False
+            )
+        async with self.coalescer.attend(flight, ctx):
+            response = await flight.result()
+        if ctx is not flight.origin:
+            ctx.first_token_at = time.perf_counter()
+        self._settle(ctx, flight, response)
+        return response
+
+    async def stream(
+        self, ctx: RequestContext, request: ChatRequest, call: Callable[[], AsyncIterator[ChatChunk]]
+    ) -> AsyncIterator[ChatChunk]:
+        """Stream from the cache (replayed chunks), from an identical request in flight
+        (the same chunks as they arrive), or through ``call``."""
+        plan = self._plan(ctx, request)
+        if plan is None or ctx.no_cache:
+            self._mark(ctx, "bypass")
+            async for chunk in self._pass_through(plan if not ctx.no_store else None, call):
+                yield chunk
+            return
+        flight = await self._find_or_lookup(ctx, plan)
+        if isinstance(flight, CacheEntry):
+            ctx.first_token_at = time.perf_counter()
+            for chunk in flight.as_chunks():
+                yield chunk
+            return
+        if flight is None:
+            self._mark(ctx, "miss")
+            if not self._can_coalesce():
+                async for chunk in self._pass_through(plan if not ctx.no_store else None, call):
+                    yield chunk
+                return
+            flight = self.coalescer.launch(
+                plan.key, ctx, _stream_producer(call), self._after_flight(plan, store=not ctx.no_store), streaming=True
+            )
+        async with self.coalescer.attend(flight, ctx):
+            async for chunk in flight.iter_chunks():
+                if ctx is not flight.origin:
+                    # The router times and bills the origin; attendees are ours to fill.
+                    if ctx.first_token_at is None:
+                        ctx.first_token_at = time.perf_counter()
+                    if chunk.usage is not None:
+                        ctx.usage = chunk.usage
+                yield chunk
+        self._settle(ctx, flight, None)
+
+    # --- steps --------------------------------------------------------------------------
+
+    def _plan(self, ctx: RequestContext, request: ChatRequest) -> _Plan | None:
+        """The key and TTL when this request may be cached, else None."""
+        group = ctx.model_group or request.model
+        settings = self._groups.get(group)
+        if settings is not None and not settings.enabled:
+            return None
+        deterministic = request.temperature == 0 or request.seed is not None
+        if not deterministic and not (settings is not None and settings.cache_all):
+            return None
+        namespace = (ctx.api_key_id or "-") if self.namespace_by_key else None
+        ttl = settings.ttl if settings is not None and settings.ttl is not None else self.ttl
+        return _Plan(key=cache_key(request, group, namespace=namespace), ttl=ttl)
+
+    async def _find_or_lookup(self, ctx: RequestContext, plan: _Plan) -> Flight | CacheEntry | None:
+        """A flight to attend, a stored entry (the context is marked as a hit), or None."""
+        coalescing = self._can_coalesce()
+        flight = self.coalescer.find(plan.key) if coalescing else None
+        if flight is None:
+            entry = await self._lookup(plan.key)
+            if entry is not None:
+                self._mark(ctx, "hit")
+                ctx.usage = entry.usage
+                ctx.cost = 0.0
+                ctx.cost_source = "cache"
+                return entry
+            # Someone may have launched the same request while we were looking.
+            flight = self.coalescer.find(plan.key) if coalescing else None
+        if flight is not None:
+            self._mark(ctx, "coalesced")
+            ctx.cost = 0.0
+            ctx.cost_source = "cache"
+        return flight
+
+    def _settle(self, ctx: RequestContext, flight: Flight, response: ChatResponse | None) -> None:
+        """Fill an attendee's context once the flight answered."""
+        if ctx is flight.origin:
+            return  # the router filled it while calling upstream
+        origin = flight.origin
+        ctx.deployment, ctx.provider, ctx.upstream_model = origin.deployment, origin.provider, origin.upstream_model
+        if ctx is flight.payer:
+            # The launching client left early: this request inherits the bill, priced by
+            # the router from the usage and deployment like any miss.
+            ctx.cache_status = "miss"
+            ctx.usage, ctx.cost, ctx.cost_source = origin.usage, None, None
+            ctx.attempts, ctx.fallbacks = origin.attempts, origin.fallbacks
+            return
+        if response is not None:
+            ctx.usage = response.usage
+        elif ctx.usage is None:
+            ctx.usage = origin.usage
+
+    async def _lookup(self, key: str) -> CacheEntry | None:
+        try:
+            data = await self.backend.get(key)
+            if data is None:
+                return None
+            return decode_entry(data)
+        except Exception as exc:  # noqa: BLE001 - a broken cache must never break a request
+            self.stats.errors += 1
+            log.warning("cache: lookup failed (%s: %s); treating as a miss", type(exc).__name__, exc)
+            return None
+
+    async def _store(self, plan: _Plan, *, response: ChatResponse | None = None, chunks: list[ChatChunk] | None = None) -> None:
+        whole = response if response is not None else response_from_chunks(chunks or [])
+        if not is_storable(whole, store_truncated=self.store_truncated):
+            self.stats.skipped += 1
+            return
+        data = encode_entry(response=response, chunks=chunks)
+        if self.max_entry_bytes is not None and len(data) > self.max_entry_bytes:
+            self.stats.skipped += 1
+            return
+        try:
+            await self.backend.set(plan.key, data, plan.ttl)
+        except Exception as exc:  # noqa: BLE001 - the answer is already on its way; only the store is lost
+            self.stats.errors += 1
+            self.stats.skipped += 1
+            log.warning("cache: store failed (%s: %s)", type(exc).__name__, exc)
+            return
+        self.stats.stores += 1
+
+    def _after_flight(self, plan: _Plan, *, store: bool) -> Callable[[Flight], Awaitable[None]]:
+        async def store_answer(flight: Flight) -> None:
+            if not store:
+                self.stats.skipped += 1
+            elif flight.streaming:
+                await self._store(plan, chunks=list(flight.chunks))
+            elif flight.response is not None:
+                await self._store(plan, response=flight.response)
+
+        return store_answer
+
+    async def _pass_through(self, plan: _Plan | None, call: Callable[[], AsyncIterator[ChatChunk]]) -> AsyncIterator[ChatChunk]:
+        """Stream from upstream in the caller's own task; store a complete stream when
+        ``plan`` is given."""
+        chunks: list[ChatChunk] = []
+        async with aclosing(call()) as upstream:  # type: ignore[type-var]
+            async for chunk in upstream:
+                if plan is not None:
+                    chunks.append(chunk)
+                yield chunk
+        if plan is not None:
+            await self._store(plan, chunks=chunks)
+
+    def _mark(self, ctx: RequestContext, status: CacheStatus) -> None:
+        ctx.cache_status = status
+        if status == "hit":
+            self.stats.hits += 1
+        elif status == "miss":
+            self.stats.misses += 1
+        elif status == "coalesced":
+            self.stats.coalesced += 1
+        else:
+            self.stats.bypasses += 1
+
+    def _can_coalesce(self) -> bool:
+        # Flights run as asyncio tasks detached from any client's cancel scope.
+        if not self.coalesce:
+            return False
+        try:
+            return asyncio.current_task() is not None
+        except RuntimeError:  # not running on asyncio (e.g. trio)
+            return False
+
+
+def _stream_producer(call: Callable[[], AsyncIterator[ChatChunk]]) -> Callable[[Flight], Awaitable[None]]:
+    async def produce(flight: Flight) -> None:
+        # aclosing: when the flight is cancelled, the provider's generator closes
+        # upstream in this same task.
+        async with aclosing(call()) as upstream:  # type: ignore[type-var]
+            async for chunk in upstream:
+                flight.push(chunk)
+
+    return produce
+
+
+def build_backend(settings: CacheConfig, *, clock: Callable[[], float] | None = None) -> CacheBackend | None:
+    """The backend ``settings.backend`` names (None for ``none``); imports it lazily."""
+    if settings.backend == "none":
+        return None
+    if settings.backend == "memory":
+        from llmrouter.cache.memory import MemoryBackend
+
+        return MemoryBackend(max_bytes=settings.max_bytes, clock=clock or time.monotonic)
+    if settings.backend == "sqlite":
+        from llmrouter.cache.sqlite import SQLiteBackend
+
+        return SQLiteBackend(settings.sqlite_path, table=settings.sqlite_table, max_bytes=settings.max_bytes, clock=clock or time.time)
+    from llmrouter.cache.redis import RedisBackend
+
+    return RedisBackend(settings.redis_url, prefix=settings.redis_prefix)
