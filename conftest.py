@@ -15,19 +15,14 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-# In CI (.ci/run sets LLMROUTER_REQUIRE_SERVICES=1) the PostgreSQL and Redis tests must run:
-# a skip because a server is unreachable is turned into a failure there.
-_SERVICE_WORDS = ("postgres", "redis")
-
-
+# In CI (.ci/run sets LLMROUTER_REQUIRE_SERVICES=1) the tests marked `postgres` or `redis`
+# must run: a skip of one of them (server unreachable) is turned into a failure there.
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if not (report.skipped and os.environ.get("LLMROUTER_REQUIRE_SERVICES") == "1"):
         return
-    reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr).lower()
-    if any(word in reason for word in _SERVICE_WORDS) and ("unreachable" in reason or "not running" in reason
-                                                           or "not available" in reason or "absent" in reason):
+    if item.get_closest_marker("postgres") or item.get_closest_marker("redis"):
         report.outcome = "failed"
-        report.longrepr = f"required service missing in CI: {reason}"
+        report.longrepr = f"{item.nodeid}: skipped, but CI requires PostgreSQL and Redis: {report.longrepr}"
