@@ -90,9 +90,12 @@ class LedgerConfig(_Section):
     batch_size: int = 200
     flush_interval: float = 0.25
     """Seconds between writes when rows trickle in (a full batch is written at once)."""
-    spill_path: str = "./llmrouter-ledger-spill.jsonl"
-    """Rows the database would not take by shutdown go here and are replayed at the next start."""
+    journal_dir: str | None = "./llmrouter-journal"
+    """Each row is appended here before it counts as recorded; rows of a process that died
+    (or shut down while the database was away) are replayed at the next start. ``null``
+    keeps rows in memory only (lost if the process dies before they are written)."""
     shutdown_timeout: float = 10.0
+    """How long shutdown keeps retrying the database before leaving rows to the journal."""
 
 
 BudgetBackend = Literal["auto", "memory", "redis", "database"]

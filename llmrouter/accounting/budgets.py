@@ -1,0 +1,275 @@
+"""Budgets: spend caps per key (optionally per model) and period, exact under concurrency.
+
+Before dispatch the request's *maximum* cost (every prompt token at the input price plus
+``max_tokens`` at the output price, ``ctx.max_cost``) is reserved against each budget
+that applies; after the call the reservation is settled to the real cost. A reservation
+succeeds only if ``spent + reserved + amount <= limit`` holds *atomically*, so however
+many requests race, the sum of what they may cost never passes the limit: when every
+request is priced (real cost <= reserved maximum), spend never exceeds the budget.
+
+Money is counted in integer nano-dollars so that sums are exact: reservations round up,
+settlements to the nearest unit.
+
+Where the check-and-reserve is atomic depends on the store (``budget_backend``):
+
+- :class:`MemoryBudgetStore` — one process: check and update run with no ``await``
+  between them, so the event loop makes them atomic without a lock. Spend is seeded
+  from the ledger the first time a window is used.
+- :class:`~llmrouter.accounting.budget_stores.RedisBudgetStore` — replicas: one Lua
+  script per reservation; reservations carry a lease so a crashed replica's are freed.
+- :class:`~llmrouter.accounting.budget_stores.DatabaseBudgetStore` — replicas without
+  Redis: ``UPDATE … WHERE spent + reserved + x <= limit`` (PostgreSQL row lock; the
+  SQLite write lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
+
+from llmrouter.accounting.config import BudgetRule
+from llmrouter.errors import BudgetExceededError
+
+if TYPE_CHECKING:
+    from llmrouter.accounting.keys import ApiKey
+
+__all__ = [
+    "UNITS_PER_USD",
+    "BudgetManager",
+    "BudgetStore",
+    "BudgetWindow",
+    "MemoryBudgetStore",
+    "Reservation",
+    "fits",
+    "period_bounds",
+    "to_units",
+]
+
+log = logging.getLogger("llmrouter.accounting.budgets")
+UNITS_PER_USD = 1_000_000_000
+
+
+def to_units(usd: float | None, *, round_up: bool = False) -> int:
+    """USD as integer nano-dollars; ``round_up`` (with a tolerance for float noise) for
+    reservations, so that a reservation is never below the cost it covers."""
+    if not usd or usd <= 0:
+        return 0
+    scaled = usd * UNITS_PER_USD
+    return math.ceil(scaled - 1e-3) if round_up else round(scaled)
+
+
+def fits(spent: int, reserved: int, amount: int, limit: int) -> bool:
+    """Whether a reservation of ``amount`` keeps the window within ``limit``; a free
+    request is refused once the budget is used up."""
+    if amount == 0:
+        return spent + reserved < limit
+    return spent + reserved + amount <= limit
+
+
+def period_bounds(period: str, now: float) -> tuple[str, float, float | None]:
+    """``(tag, start, end)`` of the UTC window containing ``now``; ``end`` None for total."""
+    moment = datetime.fromtimestamp(now, UTC)
+    if period == "day":
+        start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
+        return start.strftime("d%Y-%m-%d"), start.timestamp(), start.timestamp() + 86400
+    if period == "month":
+        start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        nxt = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        return start.strftime("m%Y-%m"), start.timestamp(), nxt.timestamp()
+    return "total", 0.0, None
+
+
+@dataclass(frozen=True)
+class BudgetWindow:
+    """One budget in one period, for one key (and model)."""
+
+    counter: str
+    key_id: str | None
+    model: str | None
+    period: str
+    start: float
+    end: float | None
+    limit: int
+    soft_limit: int | None
+
+
+@dataclass
+class Reservation:
+    windows: list[tuple[BudgetWindow, int]] = field(default_factory=list)
+    request_id: str = ""
+
+
+SeedFn = Callable[[BudgetWindow], Awaitable[int]]
+
+
+class BudgetStore(Protocol):
+    """Atomic check-and-reserve over (spent, reserved) counters."""
+
+    async def reserve(self, window: BudgetWindow, amount: int, request_id: str) -> tuple[bool, int, int]:
+        """Reserve if it fits; returns ``(ok, spent, reserved)`` as seen by the check."""
+        ...
+
+    async def settle(self, window: BudgetWindow, reserved: int, actual: int, request_id: str) -> int:
+        """Release ``reserved`` and add ``actual`` to spent; returns the new spent."""
+        ...
+
+    async def usage(self, window: BudgetWindow) -> tuple[int, int]:
+        """``(spent, reserved)`` now."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class MemoryBudgetStore:
+    """Counters in this process; spend seeded from the ledger on first use of a window."""
+
+    def __init__(self, seed: SeedFn) -> None:
+        self._seed = seed
+        self._counters: dict[str, list[int]] = {}
+
+    async def _state(self, window: BudgetWindow) -> list[int]:
+        state = self._counters.get(window.counter)
+        if state is None:
+            spent = await self._seed(window)
+            # Another task may have seeded it while we awaited: keep the first.
+            state = self._counters.setdefault(window.counter, [spent, 0])
+        return state
+
+    async def reserve(self, window: BudgetWindow, amount: int, request_id: str) -> tuple[bool, int, int]:
+        state = await self._state(window)
+        # No await from here on: check and update are atomic on the event loop.
+        spent, reserved = state
+        if not fits(spent, reserved, amount, window.limit):
+            return False, spent, reserved
+        state[1] += amount
+        return True, spent, state[1]
+
+    async def settle(self, window: BudgetWindow, reserved: int, actual: int, request_id: str) -> int:
+        state = await self._state(window)
+        state[1] -= reserved
+        state[0] += actual
+        return state[0]
+
+    async def usage(self, window: BudgetWindow) -> tuple[int, int]:
+        spent, reserved = await self._state(window)
+        return spent, reserved
+
+    async def aclose(self) -> None:
+        self._counters.clear()
+
+
+class BudgetManager:
+    """Finds the budgets that apply to a request and reserves/settles them.
+
+    Args:
+        rules: the configured budgets.
+        store: where counters live.
+    """
+
+    def __init__(self, rules: Sequence[BudgetRule], store: BudgetStore) -> None:
+        self.rules = list(rules)
+        self.store = store
+        self._soft_warned: set[str] = set()
+
+    def windows_for(self, key: ApiKey | None, model_group: str | None, now: float | None = None) -> list[BudgetWindow]:
+        """The budget windows a request by ``key`` for ``model_group`` counts against."""
+        now = time.time() if now is None else now
+        key_id = key.id if key is not None else None
+        found: dict[str, BudgetWindow] = {}
+        candidates: list[tuple[str | None, str, float, float | None]] = []
+        for rule in self.rules:
+            if rule.key != "*" and (key is None or rule.key not in (key.id, key.name)):
+                continue
+            if rule.model is not None and rule.model != model_group:
+                continue
+            candidates.append((rule.model, rule.period, rule.limit, rule.soft_limit))
+        if key is not None and key.budget is not None:
+            candidates.append((None, key.budget_period or "month", key.budget, None))
+        for model, period, limit, soft in candidates:
+            tag, start, end = period_bounds(period, now)
+            counter = f"{key_id or '-'}|{model or '*'}|{tag}"
+            window = BudgetWindow(
+                counter, key_id, model, period, start, end, to_units(limit), to_units(soft) if soft else None
+            )
+            previous = found.get(counter)
+            if previous is None or window.limit < previous.limit:
+                found[counter] = window  # the same window twice: the stricter limit holds
+        return list(found.values())
+
+    async def reserve(
+        self, key: ApiKey | None, model_group: str | None, max_cost: float | None, request_id: str
+    ) -> Reservation:
+        """Reserve ``max_cost`` against every applicable budget, all or nothing.
+
+        Raises:
+            BudgetExceededError: a budget cannot take it (429, ``insufficient_quota``).
+        """
+        amount = to_units(max_cost, round_up=True)
+        reservation = Reservation(request_id=request_id)
+        for window in self.windows_for(key, model_group):
+            ok, spent, reserved = await self.store.reserve(window, amount, request_id)
+            if not ok:
+                await self.release(reservation)
+                raise _exceeded(window, spent, reserved, amount)
+            reservation.windows.append((window, amount))
+        return reservation
+
+    async def settle(self, reservation: Reservation, cost: float | None) -> bool:
+        """Turn the reservation into the real cost; True if a soft limit is now crossed."""
+        actual = to_units(cost)
+        soft_crossed = False
+        for window, amount in reservation.windows:
+            spent = await self.store.settle(window, amount, actual, reservation.request_id)
+            if window.soft_limit is not None and spent >= window.soft_limit:
+                soft_crossed = True
+                if window.counter not in self._soft_warned:
+                    self._soft_warned.add(window.counter)
+                    log.warning(
+                        "budget: soft limit crossed for %s (spent $%.6f of soft $%.6f, hard $%.6f)",
+                        window.counter, spent / UNITS_PER_USD, window.soft_limit / UNITS_PER_USD,
+                        window.limit / UNITS_PER_USD,
+                    )
+        reservation.windows = []
+        return soft_crossed
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give a reservation back unused (request rejected before dispatch)."""
+        for window, amount in reservation.windows:
+            await self.store.settle(window, amount, 0, reservation.request_id)
+        reservation.windows = []
+
+    async def status(self, key: ApiKey | None, model_groups: Sequence[str | None] = (None,)) -> list[dict[str, object]]:
+        """Every budget window of ``key`` with its spend, for ``/v1/usage``."""
+        seen: dict[str, dict[str, object]] = {}
+        for model in model_groups:
+            for window in self.windows_for(key, model):
+                if window.counter in seen:
+                    continue
+                spent, reserved = await self.store.usage(window)
+                seen[window.counter] = {
+                    "model": window.model,
+                    "period": window.period,
+                    "limit": window.limit / UNITS_PER_USD,
+                    "soft_limit": window.soft_limit / UNITS_PER_USD if window.soft_limit else None,
+                    "spent": spent / UNITS_PER_USD,
+                    "reserved": reserved / UNITS_PER_USD,
+                    "resets_at": window.end,
+                }
+        return list(seen.values())
+
+
+def _exceeded(window: BudgetWindow, spent: int, reserved: int, amount: int) -> BudgetExceededError:
+    scope = f" for model {window.model}" if window.model else ""
+    retry = max(1.0, window.end - time.time()) if window.end is not None else None
+    return BudgetExceededError(
+        f"budget exceeded{scope}: {window.period} limit ${window.limit / UNITS_PER_USD:.6f}, "
+        f"spent ${spent / UNITS_PER_USD:.6f}, reserved ${reserved / UNITS_PER_USD:.6f}, "
+        f"this request may cost up to ${amount / UNITS_PER_USD:.6f}",
+        retry_after=retry,
+        retryable=False,
+    )

@@ -1,0 +1,67 @@
+"""The async engine: SQLite through aiosqlite (WAL) by default, PostgreSQL through asyncpg."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from llmrouter.accounting.config import DatabaseConfig
+from llmrouter.errors import ConfigError
+
+__all__ = ["create_engine", "is_postgres", "is_sqlite"]
+
+
+def is_sqlite(engine: AsyncEngine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def is_postgres(engine: AsyncEngine) -> bool:
+    return engine.dialect.name == "postgresql"
+
+
+def _enable_wal(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets readers (reports) run beside the ledger writer; busy_timeout makes a
+    # second process wait for the write lock instead of failing at once.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def create_engine(config: DatabaseConfig | str) -> AsyncEngine:
+    """An async engine for ``config.url`` (a ``DatabaseConfig`` or a bare URL).
+
+    SQLite files get WAL mode and their parent folder is created; PostgreSQL
+    connections are checked before use so that a database restart costs one retry,
+    not a stream of errors.
+    """
+    if isinstance(config, str):
+        config = DatabaseConfig(url=config)
+    try:
+        url = make_url(config.url)
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy raises ArgumentError and ValueError
+        raise ConfigError(f"config: accounting.database.url is not a database URL: {exc}") from exc
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        if url.drivername != "sqlite+aiosqlite":
+            url = url.set(drivername="sqlite+aiosqlite")
+        if url.database and url.database != ":memory:":
+            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, echo=config.echo)
+        event.listen(engine.sync_engine, "connect", _enable_wal)
+        return engine
+    if backend == "postgresql":
+        if url.drivername != "postgresql+asyncpg":
+            url = url.set(drivername="postgresql+asyncpg")
+        return create_async_engine(
+            url, echo=config.echo, pool_size=config.pool_size, pool_pre_ping=True, pool_recycle=1800
+        )
+    raise ConfigError(
+        f"config: accounting.database.url: unsupported database {backend!r} (use sqlite or postgresql)"
+    )

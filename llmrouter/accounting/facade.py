@@ -1,0 +1,199 @@
+"""``Accounting``: keys, ledger, budgets and limits wired together from the config."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmrouter.accounting.budget_stores import DatabaseBudgetStore, RedisBudgetStore
+from llmrouter.accounting.budgets import BudgetManager, BudgetStore, BudgetWindow, MemoryBudgetStore, to_units
+from llmrouter.accounting.config import AccountingConfig
+from llmrouter.accounting.db import create_engine
+from llmrouter.accounting.hooks import AccountingHooks
+from llmrouter.accounting.keys import ApiKey, KeyStore
+from llmrouter.accounting.ledger import LedgerWriter, Sink
+from llmrouter.accounting.limits import Limiter, MemoryLimiter, RedisLimiter
+from llmrouter.accounting.migrations import current_version, latest_version, upgrade
+from llmrouter.accounting.models import LedgerRow
+from llmrouter.accounting.reports import usage_report
+from llmrouter.errors import ConfigError, LLMRouterError
+
+__all__ = ["Accounting"]
+
+log = logging.getLogger("llmrouter.accounting")
+_LEDGER: Any = LedgerRow.__table__  # type: ignore[attr-defined]
+
+
+class Accounting:
+    """Everything accounting, for the library and the service.
+
+    Args:
+        config: the ``accounting`` config section.
+        engine: an engine to use instead of one built from ``config.database``.
+        redis: a ``redis.asyncio.Redis`` to use instead of one built from ``config.redis.url``.
+        ledger_sink: replaces the ledger's database insert (tests).
+
+    Use as ``async with Accounting.from_config(cfg) as acct:`` and pass ``acct.hooks``
+    to the router.
+    """
+
+    def __init__(
+        self,
+        config: AccountingConfig | None = None,
+        *,
+        engine: AsyncEngine | None = None,
+        redis: Any = None,
+        ledger_sink: Sink | None = None,
+    ) -> None:
+        self.config = config or AccountingConfig()
+        self.engine = engine or create_engine(self.config.database)
+        self._own_redis = redis is None and self.config.redis.url is not None
+        self.redis = redis
+        self.keys = KeyStore(self.engine, cache_seconds=self.config.auth.cache_seconds)
+        ledger = self.config.ledger
+        self.ledger = LedgerWriter(
+            self.engine,
+            batch_size=ledger.batch_size,
+            flush_interval=ledger.flush_interval,
+            journal_dir=ledger.journal_dir,
+            shutdown_timeout=ledger.shutdown_timeout,
+            sink=ledger_sink,
+        )
+        self.limiter: Limiter | None = None
+        self.budgets: BudgetManager | None = None
+        self._hooks: AccountingHooks | None = None
+        self._started = False
+
+    @classmethod
+    def from_config(cls, config: Any = None, **kwargs: Any) -> Accounting:
+        """From a full :class:`~llmrouter.config.Config`, its ``accounting`` section, or a
+        mapping of that section."""
+        if config is None:
+            section = AccountingConfig()
+        elif isinstance(config, AccountingConfig):
+            section = config
+        elif hasattr(config, "accounting"):
+            section = config.accounting
+        else:
+            try:
+                section = msgspec.convert(dict(config), AccountingConfig)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(f"config: accounting: {exc}") from exc
+        return cls(section, **kwargs)
+
+    @property
+    def hooks(self) -> AccountingHooks:
+        """The router hooks (available after :meth:`start`)."""
+        if self._hooks is None:
+            raise RuntimeError("Accounting.start() has not been called")
+        return self._hooks
+
+    def _budget_store(self) -> BudgetStore:
+        backend = self.config.budget_backend
+        if backend == "auto":
+            backend = "redis" if self.redis is not None else "memory"
+        if backend == "redis":
+            if self.redis is None:
+                raise ConfigError("config: accounting.budget_backend is redis but accounting.redis.url is not set")
+            return RedisBudgetStore(
+                self.redis, self.spent_in_ledger, prefix=self.config.redis.prefix,
+                lease_seconds=self.config.limits.lease_seconds,
+            )
+        if backend == "database":
+            return DatabaseBudgetStore(self.engine, self.spent_in_ledger)
+        return MemoryBudgetStore(self.spent_in_ledger)
+
+    async def start(self) -> None:
+        """Migrate (when ``database.create``), replay the ledger journal, connect Redis."""
+        if self._started:
+            return
+        if self.config.database.create:
+            applied = await upgrade(self.engine)
+            if applied:
+                log.info("accounting: applied schema migrations %s", applied)
+        elif await current_version(self.engine) < latest_version():
+            raise ConfigError("accounting database schema is behind: run `llmrouter db upgrade`")
+        if self._own_redis:
+            import redis.asyncio as aioredis
+
+            self.redis = aioredis.Redis.from_url(self.config.redis.url)
+        await self.ledger.start()
+        self.limiter = RedisLimiter(
+            self.redis, prefix=self.config.redis.prefix, lease_seconds=self.config.limits.lease_seconds
+        ) if self.redis is not None else MemoryLimiter()
+        self.budgets = BudgetManager(self.config.budgets, self._budget_store())
+        self._hooks = AccountingHooks(
+            keys=self.keys, ledger=self.ledger, budgets=self.budgets, limiter=self.limiter, limits=self.config.limits
+        )
+        self._started = True
+
+    async def aclose(self) -> None:
+        """Flush the ledger and close connections."""
+        if not self._started:
+            await self.engine.dispose()
+            return
+        self._started = False
+        await self.ledger.aclose()
+        if self.budgets is not None:
+            await self.budgets.store.aclose()
+        if self.limiter is not None:
+            await self.limiter.aclose()
+        if self._own_redis and self.redis is not None:
+            await self.redis.aclose()
+        await self.engine.dispose()
+
+    async def __aenter__(self) -> Accounting:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def auth_required(self) -> bool:
+        """``auth.enabled``, or with ``auto``: whether any key exists."""
+        enabled = self.config.auth.enabled
+        if enabled == "auto":
+            return await self.keys.any_exist()
+        return bool(enabled)
+
+    async def authenticate(self, secret: str) -> ApiKey:
+        """The active key for a secret (raises ``AuthenticationError``)."""
+        return await self.keys.verify(secret)
+
+    async def spent_in_ledger(self, window: BudgetWindow) -> int:
+        """What the ledger says a budget window has spent, in nano-dollars."""
+        try:
+            await self.ledger.flush()  # rows of this process first, so the sum is current
+        except RuntimeError:
+            log.warning("accounting: ledger not flushed before reading spend: %s", self.ledger.last_error)
+        query = select(func.coalesce(func.sum(_LEDGER.c.cost), 0.0)).where(_LEDGER.c.created_at >= window.start)
+        if window.key_id is None:
+            query = query.where(_LEDGER.c.api_key_id.is_(None))
+        else:
+            query = query.where(_LEDGER.c.api_key_id == window.key_id)
+        if window.model is not None:
+            query = query.where(_LEDGER.c.model_group == window.model)
+        try:
+            async with self.engine.connect() as conn:
+                total = (await conn.execute(query)).scalar_one()
+        except Exception as exc:
+            raise LLMRouterError("accounting database unavailable: cannot check the budget") from exc
+        return to_units(float(total or 0.0))
+
+    async def usage(self, **kwargs: Any) -> list[dict[str, Any]]:
+        """:func:`~llmrouter.accounting.reports.usage_report` over this ledger (flushed first)."""
+        await self.ledger.flush()
+        return await usage_report(self.engine, **kwargs)
+
+    def readiness(self) -> dict[str, Any]:
+        return {
+            "ledger_pending": self.ledger.pending,
+            "ledger_written": self.ledger.written,
+            "ledger_failures": self.ledger.failures,
+            "ledger_last_error": self.ledger.last_error,
+            "in_flight": self._hooks.in_flight if self._hooks else 0,
+        }

@@ -1,0 +1,155 @@
+"""The accounting steps of the request path, as router hooks.
+
+``before_request``: the key may use this model -> rate limits -> budget reservation of
+``ctx.max_cost``. ``after_request``: settle the budget to ``ctx.cost`` -> free the
+concurrency slot and true up TPM -> queue the ledger row. A request refused in
+``before_request`` gives back whatever it had taken and gets a ``rejected`` ledger row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from llmrouter.accounting.budgets import BudgetManager, Reservation
+from llmrouter.accounting.config import LimitsConfig
+from llmrouter.accounting.keys import ApiKey
+from llmrouter.accounting.ledger import LedgerWriter, row_from_context
+from llmrouter.accounting.limits import EffectiveLimits, Limiter, LimitTicket
+from llmrouter.errors import AuthenticationError, LLMRouterError, PermissionDeniedError
+from llmrouter.hooks import RouterHooks
+
+if TYPE_CHECKING:
+    from llmrouter.accounting.keys import KeyStore
+    from llmrouter.context import RequestContext
+
+__all__ = ["AccountingHooks"]
+
+log = logging.getLogger("llmrouter.accounting")
+
+
+@dataclass
+class _Admission:
+    ctx: RequestContext
+    ticket: LimitTicket | None
+    reservation: Reservation | None
+
+
+class AccountingHooks(RouterHooks):
+    """Admits requests against keys, limits and budgets; settles and records them.
+
+    Every part is optional, so a library user can take only what they need (e.g. a
+    ledger without keys).
+
+    Args:
+        keys: resolves ``ctx.api_key_id`` to a key when ``ctx.principal`` is not set.
+        ledger: where finished requests are recorded.
+        budgets: spend caps.
+        limiter: RPM / TPM / concurrency backend.
+        limits: defaults for keys that set none of their own.
+    """
+
+    def __init__(
+        self,
+        *,
+        keys: KeyStore | None = None,
+        ledger: LedgerWriter | None = None,
+        budgets: BudgetManager | None = None,
+        limiter: Limiter | None = None,
+        limits: LimitsConfig | None = None,
+    ) -> None:
+        self.keys = keys
+        self.ledger = ledger
+        self.budgets = budgets
+        self.limiter = limiter
+        self.limits = limits or LimitsConfig()
+        self._admitted: dict[int, _Admission] = {}
+        self._key_cache: dict[str, tuple[float, ApiKey | None]] = {}
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._admitted)
+
+    def effective_limits(self, key: ApiKey | None) -> EffectiveLimits:
+        """The key's own limits, else the configured defaults."""
+        own = key or ApiKey(id="", name="", prefix="")
+        return EffectiveLimits(
+            rpm=own.rpm if own.rpm is not None else self.limits.rpm,
+            tpm=own.tpm if own.tpm is not None else self.limits.tpm,
+            concurrency=own.concurrency if own.concurrency is not None else self.limits.concurrency,
+        )
+
+    async def _principal(self, ctx: RequestContext) -> ApiKey | None:
+        if isinstance(ctx.principal, ApiKey):
+            ctx.api_key_id = ctx.principal.id
+            return ctx.principal
+        if ctx.api_key_id is None or self.keys is None:
+            return None
+        cached = self._key_cache.get(ctx.api_key_id)
+        if cached is None or time.monotonic() - cached[0] > 5.0:
+            cached = (time.monotonic(), await self.keys.load(ctx.api_key_id))
+            self._key_cache[ctx.api_key_id] = cached
+        if cached[1] is None:
+            raise AuthenticationError(f"unknown API key id {ctx.api_key_id}")
+        ctx.principal = cached[1]
+        return cached[1]
+
+    def _check_access(self, ctx: RequestContext, key: ApiKey | None) -> None:
+        if key is None:
+            return
+        state = key.state()
+        if state != "active":
+            raise AuthenticationError(f"API key sk-llmr-{key.prefix}-... is {state}", code=f"key_{state}")
+        requested = getattr(ctx.request, "model", None)
+        if not key.allows_model(requested, ctx.model_group):
+            raise PermissionDeniedError(
+                f"this API key may not use model {requested or ctx.model_group!r}",
+                code="model_not_allowed",
+                param="model",
+            )
+
+    async def before_request(self, ctx: RequestContext) -> None:
+        """Admit or refuse (401/403/429); on refusal nothing stays taken."""
+        ticket: LimitTicket | None = None
+        reservation: Reservation | None = None
+        try:
+            key = await self._principal(ctx)
+            self._check_access(ctx, key)
+            limits = self.effective_limits(key)
+            if self.limiter is not None and not limits.empty:
+                ticket = await self.limiter.acquire(key.id if key else "-", limits, ctx.prompt_tokens_estimate)
+            if self.budgets is not None:
+                reservation = await self.budgets.reserve(key, ctx.model_group, ctx.max_cost, uuid.uuid4().hex)
+        except LLMRouterError as exc:
+            if ticket is not None and self.limiter is not None:
+                await self.limiter.release(ticket, 0)
+            if self.ledger is not None:
+                self.ledger.record(row_from_context(ctx, status="rejected", error_code=exc.code))
+            raise
+        self._admitted[id(ctx)] = _Admission(ctx, ticket, reservation)
+
+    async def after_request(self, ctx: RequestContext) -> None:
+        """Settle, release, record. Never raises (a failure is logged; the row is still queued)."""
+        admission = self._admitted.pop(id(ctx), None)
+        if admission is not None:
+            try:
+                await self._settle(ctx, admission)
+            except Exception:  # noqa: BLE001 - after_request must not raise
+                log.exception("accounting: settling request %s failed", ctx.request_id)
+        if self.ledger is not None:
+            try:
+                self.ledger.record(row_from_context(ctx))
+            except Exception:  # noqa: BLE001
+                log.exception("accounting: recording request %s failed", ctx.request_id)
+
+    async def _settle(self, ctx: RequestContext, admission: _Admission) -> None:
+        if admission.reservation is not None and self.budgets is not None:
+            if await self.budgets.settle(admission.reservation, ctx.cost):
+                ctx.metadata["budget"] = "soft_limit_reached"
+        if admission.ticket is not None and self.limiter is not None:
+            usage = ctx.usage
+            tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
+            await self.limiter.release(admission.ticket, tokens)

@@ -1,0 +1,250 @@
+"""API keys: created with a random secret shown once, stored as a hash.
+
+A secret looks like ``sk-llmr-<prefix>-<43 random chars>``. The 8-character prefix is
+public: it is stored in clear, indexed, shown in listings and used to find the row;
+the whole secret is stored only as its SHA-256.
+
+Why SHA-256 and not scrypt/argon2: those slow hashes protect *low-entropy* passwords
+against offline guessing. Our secrets carry 256 random bits, so guessing is hopeless
+whatever the hash, and a slow hash would only add tens of milliseconds of CPU to every
+request. Comparison uses :func:`hmac.compare_digest` (constant time), and no secret is
+ever logged or put in an error message.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import secrets
+import string
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Literal
+
+import msgspec
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmrouter.accounting.models import ApiKeyRow
+from llmrouter.errors import AuthenticationError, InvalidRequestError, NotFoundError
+
+__all__ = ["SECRET_PREFIX", "ApiKey", "KeyStore", "Principal", "hash_secret", "parse_secret"]
+
+SECRET_PREFIX = "sk-llmr-"
+_PREFIX_LEN = 8
+_ALPHABET = string.ascii_lowercase + string.digits
+Scope = Literal["admin", "user"]
+SCOPES: frozenset[str] = frozenset({"admin", "user"})
+_TABLE = ApiKeyRow.__table__  # type: ignore[attr-defined]
+
+
+class ApiKey(msgspec.Struct, kw_only=True, frozen=True):
+    """A key as the rest of llmrouter sees it (never the secret or its hash)."""
+
+    id: str
+    name: str
+    prefix: str
+    scopes: tuple[str, ...] = ("user",)
+    allowed_models: tuple[str, ...] | None = None
+    created_at: float = 0.0
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    budget: float | None = None
+    budget_period: str | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    note: str | None = None
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes or "admin" in self.scopes
+
+    def allows_model(self, *names: str | None) -> bool:
+        """True if any of ``names`` (requested name, resolved group) matches the allow-list."""
+        if self.allowed_models is None:
+            return True
+        return any(
+            name is not None and fnmatch.fnmatchcase(name, pattern)
+            for name in names
+            for pattern in self.allowed_models
+        )
+
+    def state(self, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+
+Principal = ApiKey
+"""The authenticated caller (``RequestContext.principal``)."""
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def parse_secret(secret: str) -> str | None:
+    """The public prefix of a well-formed secret, else None."""
+    if not secret.startswith(SECRET_PREFIX):
+        return None
+    rest = secret[len(SECRET_PREFIX) :]
+    if len(rest) < _PREFIX_LEN + 2 or rest[_PREFIX_LEN] != "-":
+        return None
+    return rest[:_PREFIX_LEN]
+
+
+def _to_key(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(
+        id=row.id,
+        name=row.name,
+        prefix=row.prefix,
+        scopes=tuple(s for s in row.scopes.split(",") if s),
+        allowed_models=tuple(m for m in row.allowed_models.split(",") if m) if row.allowed_models is not None else None,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        budget=row.budget,
+        budget_period=row.budget_period,
+        rpm=row.rpm,
+        tpm=row.tpm,
+        concurrency=row.concurrency,
+        note=row.note,
+    )
+
+
+class KeyStore:
+    """Create, list, revoke and verify keys.
+
+    Args:
+        engine: the accounting database.
+        cache_seconds: how long a verified key is trusted without a database read.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, cache_seconds: float = 5.0) -> None:
+        self._engine = engine
+        self._cache_seconds = cache_seconds
+        self._by_prefix: dict[str, tuple[float, ApiKey, str]] = {}
+        self._any_key: bool | None = None
+
+    async def create(
+        self,
+        name: str,
+        *,
+        scopes: Sequence[str] = ("user",),
+        allowed_models: Sequence[str] | None = None,
+        expires_at: float | None = None,
+        budget: float | None = None,
+        budget_period: str | None = None,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        concurrency: int | None = None,
+        note: str | None = None,
+    ) -> tuple[ApiKey, str]:
+        """Create a key; returns it and its secret (the only time the secret is seen)."""
+        bad = set(scopes) - SCOPES
+        if bad or not scopes:
+            raise InvalidRequestError(f"scopes must be a non-empty subset of {sorted(SCOPES)}", param="scopes")
+        if budget_period not in (None, "day", "month", "total"):
+            raise InvalidRequestError("budget_period must be day, month or total", param="budget_period")
+        if budget is not None and budget < 0:
+            raise InvalidRequestError("budget must be >= 0", param="budget")
+        prefix = "".join(secrets.choice(_ALPHABET) for _ in range(_PREFIX_LEN))
+        secret = f"{SECRET_PREFIX}{prefix}-{secrets.token_urlsafe(32)}"
+        row = ApiKeyRow(
+            id=f"key_{uuid.uuid4().hex[:16]}",
+            name=name,
+            prefix=prefix,
+            secret_hash=hash_secret(secret),
+            scopes=",".join(sorted(set(scopes))),
+            allowed_models=",".join(allowed_models) if allowed_models is not None else None,
+            created_at=time.time(),
+            expires_at=expires_at,
+            budget=budget,
+            budget_period=(budget_period or "month") if budget is not None else None,
+            rpm=rpm,
+            tpm=tpm,
+            concurrency=concurrency,
+            note=note,
+        )
+        async with self._engine.begin() as conn:
+            await conn.execute(_TABLE.insert().values(**row.model_dump()))
+        self._any_key = True
+        return _to_key(row), secret
+
+    async def list(self, *, include_revoked: bool = True) -> list[ApiKey]:
+        query = select(_TABLE).order_by(_TABLE.c.created_at)
+        if not include_revoked:
+            query = query.where(_TABLE.c.revoked_at.is_(None))
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return [_to_key(ApiKeyRow(**row)) for row in rows]
+
+    async def get(self, id_or_name: str) -> ApiKey | None:
+        """A key by id, prefix or name (the newest when names repeat)."""
+        query = (
+            select(_TABLE)
+            .where(or_(_TABLE.c.id == id_or_name, _TABLE.c.prefix == id_or_name, _TABLE.c.name == id_or_name))
+            .order_by(_TABLE.c.created_at.desc())
+            .limit(1)
+        )
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(query)).mappings().first()
+        return _to_key(ApiKeyRow(**row)) if row else None
+
+    async def revoke(self, id_or_name: str) -> ApiKey:
+        key = await self.get(id_or_name)
+        if key is None:
+            raise NotFoundError(f"no API key {id_or_name!r}", code="key_not_found")
+        if key.revoked_at is None:
+            async with self._engine.begin() as conn:
+                await conn.execute(update(_TABLE).where(_TABLE.c.id == key.id).values(revoked_at=time.time()))
+        self._by_prefix.pop(key.prefix, None)
+        return await self.get(key.id) or key
+
+    async def any_exist(self) -> bool:
+        """Whether any key was ever created (revoked keys count: revoking the last key
+        must not open the service)."""
+        if self._any_key:
+            return True
+        async with self._engine.connect() as conn:
+            count = (await conn.execute(select(func.count()).select_from(_TABLE))).scalar_one()
+        self._any_key = count > 0
+        return self._any_key
+
+    async def verify(self, secret: str) -> ApiKey:
+        """The active key for ``secret``.
+
+        Raises:
+            AuthenticationError: malformed, unknown, revoked or expired.
+        """
+        prefix = parse_secret(secret)
+        if prefix is None:
+            raise AuthenticationError("invalid API key format (expected sk-llmr-...)")
+        now = time.monotonic()
+        cached = self._by_prefix.get(prefix)
+        if cached is None or now - cached[0] > self._cache_seconds:
+            async with self._engine.connect() as conn:
+                row = (await conn.execute(select(_TABLE).where(_TABLE.c.prefix == prefix))).mappings().first()
+            if row is None:
+                self._by_prefix.pop(prefix, None)
+                raise AuthenticationError(f"unknown API key sk-llmr-{prefix}-...")
+            cached = (now, _to_key(ApiKeyRow(**row)), row["secret_hash"])
+            self._by_prefix[prefix] = cached
+        _, key, expected = cached
+        if not hmac.compare_digest(hash_secret(secret), expected):
+            raise AuthenticationError(f"unknown API key sk-llmr-{prefix}-...")
+        state = key.state()
+        if state != "active":
+            raise AuthenticationError(f"API key sk-llmr-{prefix}-... is {state}", code=f"key_{state}")
+        return key
+
+    async def load(self, key_id: str) -> ApiKey | None:
+        """A key by id (for library users who put ``api_key_id`` in the context)."""
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(_TABLE).where(_TABLE.c.id == key_id))).mappings().first()
+        return _to_key(ApiKeyRow(**row)) if row else None

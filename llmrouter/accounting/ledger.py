@@ -1,0 +1,231 @@
+"""The usage ledger: one row per request, written behind the response.
+
+:meth:`LedgerWriter.record` is synchronous and cheap: it journals the row (see
+:mod:`llmrouter.accounting.journal`) and queues it. A background task writes queued
+rows in batches; when the database fails, the rows stay queued (and journaled) and the
+batch is retried with backoff. Inserts ignore an ``entry_id`` already present, so a
+batch retried after an ambiguous failure, or a journal replayed at start-up, never
+bills twice. :meth:`LedgerWriter.aclose` flushes what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmrouter.accounting.journal import Journal, orphaned_rows, release_orphan
+from llmrouter.accounting.models import LedgerRow
+
+if TYPE_CHECKING:
+    from llmrouter.context import RequestContext
+
+__all__ = ["LedgerWriter", "insert_rows", "row_from_context"]
+
+log = logging.getLogger("llmrouter.accounting.ledger")
+_TABLE: Any = LedgerRow.__table__  # type: ignore[attr-defined]
+_COLUMNS = frozenset(c.name for c in _TABLE.columns) - {"id"}
+Sink = Callable[[Sequence[dict[str, Any]]], Awaitable[None]]
+
+
+def utc_day(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+def row_from_context(ctx: RequestContext, *, status: str | None = None, error_code: str | None = None) -> dict[str, Any]:
+    """The ledger row for a finished (or rejected) request."""
+    usage = ctx.usage
+    error = ctx.error
+    return {
+        "entry_id": uuid.uuid4().hex,
+        "request_id": ctx.request_id,
+        "created_at": ctx.created,
+        "day": utc_day(ctx.created),
+        "api_key_id": ctx.api_key_id,
+        "operation": ctx.operation,
+        "stream": ctx.stream,
+        "model_group": ctx.model_group,
+        "deployment": ctx.deployment,
+        "provider": ctx.provider,
+        "upstream_model": ctx.upstream_model,
+        "prompt_tokens": usage.prompt_tokens if usage else 0,
+        "completion_tokens": usage.completion_tokens if usage else 0,
+        "cached_tokens": usage.cached_tokens if usage else 0,
+        "cost": float(ctx.cost or 0.0),
+        "cost_source": ctx.cost_source,
+        "usage_estimated": bool(usage.estimated) if usage else False,
+        "cache_status": ctx.cache_status,
+        "latency_ms": ctx.latency_ms,
+        "ttft_ms": ctx.ttft_ms,
+        "status": status or ctx.status or "error",
+        "error_code": error_code or (error.code if error is not None else None),
+        "attempts": ctx.attempts,
+    }
+
+
+async def insert_rows(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert ledger rows in one transaction, skipping request ids already recorded."""
+    if not rows:
+        return
+    insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
+    clean = [{k: v for k, v in row.items() if k in _COLUMNS} for row in rows]
+    statement = insert(_TABLE).on_conflict_do_nothing(index_elements=["entry_id"])
+    async with engine.begin() as conn:
+        await conn.execute(statement, clean)
+
+
+class LedgerWriter:
+    """Batches ledger rows into the database without ever blocking a response.
+
+    Args:
+        engine: the accounting database.
+        batch_size: rows per insert.
+        flush_interval: seconds between writes when rows trickle in.
+        journal_dir: where rows are journaled before they count as recorded (None: memory only).
+        shutdown_timeout: how long :meth:`aclose` retries a failing database.
+        sink: replaces the database insert (tests inject outages through it).
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        batch_size: int = 200,
+        flush_interval: float = 0.25,
+        journal_dir: str | None = None,
+        shutdown_timeout: float = 10.0,
+        sink: Sink | None = None,
+    ) -> None:
+        self._engine = engine
+        self._batch_size = max(1, batch_size)
+        self._flush_interval = flush_interval
+        self._journal_dir = journal_dir
+        self._journal: Journal | None = None
+        self._shutdown_timeout = shutdown_timeout
+        self._sink: Sink = sink or (lambda rows: insert_rows(engine, rows))
+        self._queue: deque[tuple[int, dict[str, Any]]] = deque()
+        self._wake = asyncio.Event()
+        self._write_lock = anyio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.written = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    @property
+    def pending(self) -> int:
+        """Rows acknowledged but not yet in the database."""
+        return len(self._queue)
+
+    async def start(self) -> int:
+        """Replay rows journaled by dead processes, then start the background writer.
+
+        Returns:
+            The number of rows replayed.
+        """
+        replayed = 0
+        if self._journal_dir is not None:
+            for folder, rows, fd in orphaned_rows(self._journal_dir):
+                try:
+                    for i in range(0, len(rows), self._batch_size):
+                        await self._sink(rows[i : i + self._batch_size])
+                except Exception:
+                    release_orphan(folder, fd, replayed=False)
+                    raise
+                release_orphan(folder, fd, replayed=True)
+                replayed += len(rows)
+            self._journal = Journal(self._journal_dir)
+        if replayed:
+            log.info("ledger: replayed %d journaled rows", replayed)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="llmrouter-ledger-writer")
+        return replayed
+
+    def record(self, row: dict[str, Any]) -> None:
+        """Acknowledge a row: journal it, queue it; it will reach the database."""
+        if self._closing and self._task is None:
+            raise RuntimeError("ledger writer is closed")
+        segment = self._journal.append(row) if self._journal is not None else 0
+        self._queue.append((segment, row))
+        if len(self._queue) >= self._batch_size:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while not self._closing:
+            with anyio.move_on_after(self._flush_interval):
+                await self._wake.wait()
+            self._wake.clear()
+            if await self._write_available():
+                backoff = 0.1
+            else:
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _write_available(self) -> bool:
+        """Write everything queued now, batch by batch; False on a database failure."""
+        async with self._write_lock:
+            while self._queue:
+                batch = [row for _, row in list(self._queue)[: self._batch_size]]
+                try:
+                    await self._sink(batch)
+                except Exception as exc:  # noqa: BLE001 - any failure: keep the rows, retry later
+                    self.failures += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.warning("ledger: write of %d rows failed, will retry: %s", len(batch), self.last_error)
+                    return False
+                for _ in batch:
+                    self._queue.popleft()
+                self.written += len(batch)
+                self._trim_journal()
+            return True
+
+    def _trim_journal(self) -> None:
+        if self._journal is None:
+            return
+        # New rows go to a fresh segment; every older segment without a queued row is done.
+        self._journal.rotate()
+        self._journal.drop_before(self._queue[0][0] if self._queue else self._journal.segment)
+
+    async def flush(self) -> None:
+        """Write everything queued now (reports call this to read their own writes).
+
+        Raises:
+            RuntimeError: the database refused the rows (they stay queued).
+        """
+        if not await self._write_available():
+            raise RuntimeError(f"ledger flush failed: {self.last_error}")
+
+    async def aclose(self) -> None:
+        """Stop the writer and flush, retrying until ``shutdown_timeout``; rows the
+        database still refuses stay in the journal for the next start."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            # A batch interrupted mid-insert stays queued; the retry below is idempotent.
+            self._task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(self._task, return_exceptions=True)
+        deadline = time.monotonic() + self._shutdown_timeout
+        delay = 0.1
+        with anyio.CancelScope(shield=True):
+            while not await self._write_available() and time.monotonic() < deadline:
+                await anyio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 2.0)
+        if self._queue:
+            where = f"left in {self._journal.folder}" if self._journal else "LOST (no journal_dir)"
+            log.error("ledger: %d rows not written at shutdown: %s", len(self._queue), where)
+        if self._journal is not None:
+            self._journal.close(committed=not self._queue)
+        self._task = None

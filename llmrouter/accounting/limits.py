@@ -1,0 +1,253 @@
+"""Rate limits per key: requests per minute, tokens per minute, concurrent requests.
+
+RPM and TPM use a sliding-window counter (the current minute's count plus the previous
+minute's, weighted by how much of it still overlaps the last 60 s): memory per key is
+constant and bursts at a minute boundary are smoothed. TPM charges the prompt estimate
+at admission and is trued up with the real token count when the request ends.
+
+Two backends, same semantics: :class:`MemoryLimiter` (one process; each check and
+update runs with no ``await`` between them) and :class:`RedisLimiter` (one Lua script
+per admission, using the Redis server's clock, so every replica shares the windows).
+Concurrency slots in Redis are leases, so a replica that dies frees its slots.
+
+A refusal is :class:`~llmrouter.errors.RateLimitError` (429, ``retryable=False``, with
+``retry_after``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from llmrouter.errors import RateLimitError
+
+__all__ = ["EffectiveLimits", "Limiter", "LimitTicket", "MemoryLimiter", "RedisLimiter", "seconds_until_fits"]
+
+WINDOW = 60.0
+
+
+@dataclass(frozen=True)
+class EffectiveLimits:
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.rpm is None and self.tpm is None and self.concurrency is None
+
+
+@dataclass
+class LimitTicket:
+    subject: str
+    limits: EffectiveLimits
+    tokens: int
+    slot: str
+
+
+def seconds_until_fits(limit: float, need: float, prev: float, curr: float, elapsed: float) -> float:
+    """Seconds until ``prev * (1 - (elapsed + t) / 60) + curr + need <= limit``."""
+    if curr + need <= limit:
+        if prev <= 0:
+            return 0.0
+        return max(0.0, WINDOW * (1 - (limit - curr - need) / prev) - elapsed)
+    later = WINDOW * (1 - (limit - need) / curr) if curr > 0 else 0.0
+    return (WINDOW - elapsed) + max(0.0, later)
+
+
+def _refusal(kind: str, limit: int, wait: float) -> RateLimitError:
+    names = {"rpm": "requests per minute", "tpm": "tokens per minute", "concurrency": "concurrent requests"}
+    return RateLimitError(
+        f"rate limit reached: {limit} {names[kind]}; retry after {math.ceil(wait)} s",
+        retry_after=max(1.0, wait),
+        retryable=False,
+    )
+
+
+class Limiter(Protocol):
+    async def acquire(self, subject: str, limits: EffectiveLimits, tokens: int) -> LimitTicket:
+        """Admit one request of ~``tokens`` tokens or raise :class:`RateLimitError`."""
+        ...
+
+    async def release(self, ticket: LimitTicket, actual_tokens: int) -> None:
+        """The request ended: free its slot, true up its tokens."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _Window:
+    __slots__ = ("curr", "prev", "start")
+
+    def __init__(self, start: float) -> None:
+        self.start, self.prev, self.curr = start, 0.0, 0.0
+
+    def roll(self, now: float) -> float:
+        """Move to the minute containing ``now``; returns the seconds elapsed in it."""
+        minute = math.floor(now / WINDOW) * WINDOW
+        if minute != self.start:
+            self.prev = self.curr if minute - self.start == WINDOW else 0.0
+            self.curr, self.start = 0.0, minute
+        return now - minute
+
+    def estimate(self, elapsed: float) -> float:
+        return self.prev * (1 - elapsed / WINDOW) + self.curr
+
+
+class MemoryLimiter:
+    """Limits for one process."""
+
+    def __init__(self, clock: Any = time.time) -> None:
+        self._clock = clock
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self._in_flight: dict[str, int] = {}
+
+    def _window(self, subject: str, kind: str, now: float) -> tuple[_Window, float]:
+        window = self._windows.get((subject, kind))
+        if window is None:
+            window = self._windows[(subject, kind)] = _Window(math.floor(now / WINDOW) * WINDOW)
+        return window, window.roll(now)
+
+    async def acquire(self, subject: str, limits: EffectiveLimits, tokens: int) -> LimitTicket:
+        now = self._clock()
+        checks = [("rpm", limits.rpm, 1.0), ("tpm", limits.tpm, float(tokens))]
+        admitted = []
+        # Check everything before charging anything: a TPM refusal must not eat an RPM slot.
+        for kind, limit, need in checks:
+            if limit is None:
+                continue
+            window, elapsed = self._window(subject, kind, now)
+            if window.estimate(elapsed) + need > limit:
+                raise _refusal(kind, limit, seconds_until_fits(limit, need, window.prev, window.curr, elapsed))
+            admitted.append((window, need))
+        if limits.concurrency is not None and self._in_flight.get(subject, 0) >= limits.concurrency:
+            raise _refusal("concurrency", limits.concurrency, 1.0)
+        for window, need in admitted:
+            window.curr += need
+        if limits.concurrency is not None:
+            self._in_flight[subject] = self._in_flight.get(subject, 0) + 1
+        return LimitTicket(subject, limits, tokens, slot="")
+
+    async def release(self, ticket: LimitTicket, actual_tokens: int) -> None:
+        if ticket.limits.concurrency is not None:
+            left = self._in_flight.get(ticket.subject, 1) - 1
+            if left > 0:
+                self._in_flight[ticket.subject] = left
+            else:
+                self._in_flight.pop(ticket.subject, None)
+        if ticket.limits.tpm is not None and actual_tokens != ticket.tokens:
+            window, _ = self._window(ticket.subject, "tpm", self._clock())
+            window.curr = max(0.0, window.curr + actual_tokens - ticket.tokens)
+
+    async def aclose(self) -> None:
+        self._windows.clear()
+        self._in_flight.clear()
+
+
+# KEYS[1] = windows hash, KEYS[2] = concurrency leases (zset)
+# ARGV = rpm, tpm, concurrency (-1 = none), tokens, slot id, lease seconds
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local minute = math.floor(now / 60) * 60
+local elapsed = now - minute
+local h = KEYS[1]
+local start = tonumber(redis.call('HGET', h, 'start') or '0')
+if start ~= minute then
+  if minute - start == 60 then
+    redis.call('HSET', h, 'rp', redis.call('HGET', h, 'rc') or 0, 'tp', redis.call('HGET', h, 'tc') or 0)
+  else
+    redis.call('HSET', h, 'rp', 0, 'tp', 0)
+  end
+  redis.call('HSET', h, 'rc', 0, 'tc', 0, 'start', minute)
+  redis.call('EXPIRE', h, 180)
+end
+local function wait(limit, need, prev, curr)
+  if curr + need <= limit then
+    if prev <= 0 then return 0 end
+    return math.max(0, 60 * (1 - (limit - curr - need) / prev) - elapsed)
+  end
+  local later = 0
+  if curr > 0 then later = math.max(0, 60 * (1 - (limit - need) / curr)) end
+  return (60 - elapsed) + later
+end
+local checks = {{'rpm', tonumber(ARGV[1]), 1, 'rp', 'rc'}, {'tpm', tonumber(ARGV[2]), tonumber(ARGV[4]), 'tp', 'tc'}}
+for _, c in ipairs(checks) do
+  if c[2] >= 0 then
+    local prev = tonumber(redis.call('HGET', h, c[4]) or '0')
+    local curr = tonumber(redis.call('HGET', h, c[5]) or '0')
+    if prev * (1 - elapsed / 60) + curr + c[3] > c[2] then
+      return {0, c[1], tostring(wait(c[2], c[3], prev, curr))}
+    end
+  end
+end
+local conc = tonumber(ARGV[3])
+if conc >= 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  if redis.call('ZCARD', KEYS[2]) >= conc then return {0, 'concurrency', '1'} end
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
+  redis.call('EXPIRE', KEYS[2], math.ceil(tonumber(ARGV[6])) + 60)
+end
+if tonumber(ARGV[1]) >= 0 then redis.call('HINCRBYFLOAT', h, 'rc', 1) end
+if tonumber(ARGV[2]) >= 0 then redis.call('HINCRBYFLOAT', h, 'tc', tonumber(ARGV[4])) end
+return {1, '', '0'}
+"""
+
+# ARGV = slot id, token delta (actual - charged), track tpm (1/0)
+_RELEASE = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then
+  local tc = tonumber(redis.call('HGET', KEYS[1], 'tc') or '0') + tonumber(ARGV[2])
+  if tc < 0 then tc = 0 end
+  redis.call('HSET', KEYS[1], 'tc', tc)
+end
+return 1
+"""
+
+
+class RedisLimiter:
+    """Limits shared by every replica through Redis.
+
+    Args:
+        client: a ``redis.asyncio.Redis``.
+        prefix: key prefix.
+        lease_seconds: a concurrency slot not released within this long is freed.
+    """
+
+    def __init__(self, client: Any, *, prefix: str = "llmrouter:", lease_seconds: float = 900.0) -> None:
+        self._redis = client
+        self._prefix = f"{prefix}limits:"
+        self._lease = lease_seconds
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
+
+    def _keys(self, subject: str) -> list[str]:
+        base = f"{self._prefix}{{{subject}}}"
+        return [base, f"{base}:slots"]
+
+    async def acquire(self, subject: str, limits: EffectiveLimits, tokens: int) -> LimitTicket:
+        slot = uuid.uuid4().hex
+        args = [
+            -1 if limits.rpm is None else limits.rpm,
+            -1 if limits.tpm is None else limits.tpm,
+            -1 if limits.concurrency is None else limits.concurrency,
+            tokens,
+            slot,
+            self._lease,
+        ]
+        ok, kind, wait = await self._acquire(keys=self._keys(subject), args=args)
+        if int(ok) != 1:
+            kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+            limit = {"rpm": limits.rpm, "tpm": limits.tpm, "concurrency": limits.concurrency}[kind]
+            raise _refusal(kind, limit or 0, float(wait))
+        return LimitTicket(subject, limits, tokens, slot=slot)
+
+    async def release(self, ticket: LimitTicket, actual_tokens: int) -> None:
+        track = "1" if ticket.limits.tpm is not None else "0"
+        await self._release(keys=self._keys(ticket.subject), args=[ticket.slot, actual_tokens - ticket.tokens, track])
+
+    async def aclose(self) -> None:
+        """The client belongs to the caller."""

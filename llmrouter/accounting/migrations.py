@@ -1,0 +1,99 @@
+"""A small versioned migration runner (``llmrouter db upgrade``).
+
+The applied versions live in ``llmr_schema_version``. :func:`upgrade` is idempotent
+and safe while other replicas run: on PostgreSQL the whole upgrade is one transaction
+under an advisory lock (DDL is transactional there), so two replicas starting together
+apply each step once; on SQLite the file's write lock serialises writers and a racing
+second process simply re-reads the version and finds nothing left to do.
+
+Rules for new migrations, so that a running deployment keeps working while they apply:
+only additive changes (new tables, new nullable columns, new indexes); never rename or
+drop in the same release that stops using a column. Migration 1 creates the tables as
+``models.py`` defines them today; later migrations must spell out their DDL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, inspect, select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmrouter.accounting.models import TABLES, SchemaVersionRow
+
+__all__ = ["MIGRATIONS", "Migration", "current_version", "upgrade"]
+
+_ADVISORY_LOCK_ID = 0x6C6C6D72  # "llmr"
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _create_v1(conn: Connection) -> None:
+    for table in TABLES:
+        table.create(conn, checkfirst=True)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "api keys, usage ledger, budget counters", _create_v1),
+)
+
+_VERSION_TABLE: Any = SchemaVersionRow.__table__  # type: ignore[attr-defined]
+
+
+def _read_version(conn: Connection) -> int:
+    if not inspect(conn).has_table(_VERSION_TABLE.name):
+        return 0
+    versions = conn.execute(select(_VERSION_TABLE.c.version)).scalars().all()
+    return max(versions, default=0)
+
+
+def _upgrade_sync(conn: Connection) -> list[int]:
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK_ID})")
+    _VERSION_TABLE.create(conn, checkfirst=True)
+    current = _read_version(conn)
+    applied = []
+    for migration in MIGRATIONS:
+        if migration.version <= current:
+            continue
+        migration.apply(conn)
+        conn.execute(
+            _VERSION_TABLE.insert().values(
+                version=migration.version, description=migration.description, applied_at=time.time()
+            )
+        )
+        applied.append(migration.version)
+    return applied
+
+
+async def upgrade(engine: AsyncEngine) -> list[int]:
+    """Apply pending migrations; returns the versions applied (empty when up to date)."""
+    for attempt in range(3):
+        try:
+            async with engine.begin() as conn:
+                return await conn.run_sync(_upgrade_sync)
+        except DBAPIError:
+            # Another process created the same objects between our check and our DDL
+            # (SQLite has no advisory lock): re-read the version and carry on.
+            if attempt == 2:
+                raise
+    return []
+
+
+async def current_version(engine: AsyncEngine) -> int:
+    """The schema version of the database (0 when empty)."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(_read_version)
+
+
+def latest_version() -> int:
+    return MIGRATIONS[-1].version

@@ -1,0 +1,96 @@
+"""SQLModel tables: API keys, the usage ledger, shared budget counters.
+
+Times are Unix seconds (floats) so that range queries behave the same on SQLite and
+PostgreSQL; the ledger also keeps the UTC ``day`` as text for portable grouping.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, Double, Index, Integer, String, Text
+from sqlmodel import Field, SQLModel
+
+__all__ = ["ApiKeyRow", "BudgetCounterRow", "LedgerRow", "SchemaVersionRow", "TABLES"]
+
+
+class ApiKeyRow(SQLModel, table=True):
+    __tablename__ = "llmr_api_keys"
+
+    id: str = Field(primary_key=True, max_length=40)
+    name: str = Field(index=True, max_length=200)
+    prefix: str = Field(sa_column=Column(String(16), unique=True, nullable=False))
+    """Public part of the secret, for lookup; unique."""
+    secret_hash: str = Field(max_length=64)
+    """Hex SHA-256 of the whole secret (the secret itself is never stored)."""
+    scopes: str = Field(default="user", max_length=100)
+    """Comma-separated: ``admin``, ``user``."""
+    allowed_models: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    """Comma-separated model names / glob patterns; NULL allows every model."""
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    budget: float | None = None
+    budget_period: str | None = Field(default=None, max_length=10)
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    note: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+
+
+class LedgerRow(SQLModel, table=True):
+    __tablename__ = "llmr_ledger"
+    __table_args__ = (
+        Index("ix_llmr_ledger_key_created", "api_key_id", "created_at"),
+        Index("ix_llmr_ledger_day", "day"),
+    )
+
+    # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+    id: int | None = Field(default=None, sa_column=Column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True))
+    entry_id: str = Field(sa_column=Column(String(40), unique=True, nullable=False))
+    """Made when the row is recorded; unique, so that a batch retried after an ambiguous
+    failure, or a journal replayed, cannot bill twice."""
+    request_id: str = Field(index=True, max_length=200)
+    """Not unique: clients may reuse ``X-Request-ID``."""
+    created_at: float
+    day: str = Field(max_length=10)
+    api_key_id: str | None = Field(default=None, max_length=40)
+    operation: str = Field(default="chat", max_length=20)
+    stream: bool = False
+    model_group: str | None = Field(default=None, max_length=200)
+    deployment: str | None = Field(default=None, max_length=200)
+    provider: str | None = Field(default=None, max_length=100)
+    upstream_model: str | None = Field(default=None, max_length=200)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost: float = Field(default=0.0, sa_column=Column(Double, nullable=False, default=0.0))
+    cost_source: str | None = Field(default=None, max_length=20)
+    usage_estimated: bool = False
+    cache_status: str | None = Field(default=None, max_length=20)
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    status: str = Field(default="ok", max_length=20)
+    """``ok``, ``error``, ``cancelled`` (billed for what was generated) or ``rejected``."""
+    error_code: str | None = Field(default=None, max_length=100)
+    attempts: int = 0
+
+
+class BudgetCounterRow(SQLModel, table=True):
+    """Spend and open reservations per budget window, for the ``database`` budget backend."""
+
+    __tablename__ = "llmr_budget_counters"
+
+    counter: str = Field(primary_key=True, max_length=300)
+    spent_nanos: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    reserved_nanos: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+
+
+class SchemaVersionRow(SQLModel, table=True):
+    __tablename__ = "llmr_schema_version"
+
+    version: int = Field(primary_key=True)
+    description: str = Field(max_length=200)
+    applied_at: float
+
+
+TABLES = [t.__table__ for t in (ApiKeyRow, LedgerRow, BudgetCounterRow, SchemaVersionRow)]  # type: ignore[attr-defined]

@@ -1,0 +1,167 @@
+"""Usage reports over the ledger: grouped sums for a time range, as table, CSV or JSON."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+from collections.abc import Sequence
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import case, func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmrouter.accounting.models import ApiKeyRow, LedgerRow
+from llmrouter.errors import InvalidRequestError
+
+__all__ = ["DIMENSIONS", "parse_time", "render", "usage_report"]
+
+_LEDGER: Any = LedgerRow.__table__  # type: ignore[attr-defined]
+_KEYS: Any = ApiKeyRow.__table__  # type: ignore[attr-defined]
+DIMENSIONS = {
+    "key": _LEDGER.c.api_key_id,
+    "model": _LEDGER.c.model_group,
+    "provider": _LEDGER.c.provider,
+    "deployment": _LEDGER.c.deployment,
+    "day": _LEDGER.c.day,
+    "status": _LEDGER.c.status,
+}
+_RELATIVE = re.compile(r"^(\d+)([hdw])$")
+
+
+def parse_time(text: str | None, *, end: bool = False) -> float | None:
+    """``2026-11-01`` (a whole UTC day: ``end`` means its end), an ISO datetime, ``today``,
+    or a relative ``24h`` / ``7d`` / ``2w`` before now; None passes through.
+
+    Raises:
+        InvalidRequestError: anything else.
+    """
+    if text is None or text == "":
+        return None
+    text = text.strip()
+    match = _RELATIVE.match(text)
+    if match:
+        hours = {"h": 1, "d": 24, "w": 168}[match.group(2)] * int(match.group(1))
+        return time.time() - hours * 3600
+    if text == "today":
+        text = datetime.now(UTC).date().isoformat()
+    try:
+        if len(text) == 10:
+            day = date.fromisoformat(text)
+            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+            return (start + timedelta(days=1)).timestamp() if end else start.timestamp()
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise InvalidRequestError(f"not a date or time: {text!r} (use 2026-11-01, ISO 8601, or 7d)") from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _check_dimensions(by: Sequence[str]) -> list[str]:
+    dims = [d.strip() for d in by if d.strip()]
+    unknown = [d for d in dims if d not in DIMENSIONS]
+    if unknown:
+        raise InvalidRequestError(f"cannot group by {unknown}; choose from {sorted(DIMENSIONS)}", param="by")
+    return dims
+
+
+async def usage_report(
+    engine: AsyncEngine,
+    *,
+    by: Sequence[str] = ("key", "model"),
+    since: float | None = None,
+    until: float | None = None,
+    key_id: str | None = None,
+) -> list[dict[str, Any]]:
+    """Sums over the ledger rows in ``[since, until)``, grouped by ``by``.
+
+    Args:
+        by: dimensions among ``key``, ``model``, ``provider``, ``deployment``, ``day``, ``status``.
+        since: Unix seconds, inclusive.
+        until: Unix seconds, exclusive.
+        key_id: only this key's rows (``/v1/usage``).
+
+    Returns:
+        One dict per group: the dimensions (``key`` also gets ``key_name``), then
+        ``requests``, ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``,
+        ``cost``, ``estimated`` (rows whose usage was counted), ``errors``,
+        ``cache_hits``, ordered by the dimensions.
+    """
+    dims = _check_dimensions(by)
+    columns = [DIMENSIONS[d].label(d) for d in dims]
+    query = select(
+        *columns,
+        func.count().label("requests"),
+        func.coalesce(func.sum(_LEDGER.c.prompt_tokens), 0).label("prompt_tokens"),
+        func.coalesce(func.sum(_LEDGER.c.completion_tokens), 0).label("completion_tokens"),
+        func.coalesce(func.sum(_LEDGER.c.cached_tokens), 0).label("cached_tokens"),
+        func.coalesce(func.sum(_LEDGER.c.cost), 0.0).label("cost"),
+        func.sum(case((_LEDGER.c.usage_estimated.is_(True), 1), else_=0)).label("estimated"),
+        func.sum(case((_LEDGER.c.status.in_(["ok"]), 0), else_=1)).label("errors"),
+        func.sum(case((_LEDGER.c.cache_status == "hit", 1), else_=0)).label("cache_hits"),
+    )
+    if since is not None:
+        query = query.where(_LEDGER.c.created_at >= since)
+    if until is not None:
+        query = query.where(_LEDGER.c.created_at < until)
+    if key_id is not None:
+        query = query.where(_LEDGER.c.api_key_id == key_id)
+    if dims:
+        query = query.group_by(*[DIMENSIONS[d] for d in dims]).order_by(*[DIMENSIONS[d] for d in dims])
+    async with engine.connect() as conn:
+        rows = [dict(r) for r in (await conn.execute(query)).mappings().all()]
+        if "key" in dims:
+            names = dict((await conn.execute(select(_KEYS.c.id, _KEYS.c.name))).all())
+    result = []
+    for row in rows:
+        out: dict[str, Any] = {}
+        for d in dims:
+            out[d] = row[d]
+            if d == "key":
+                out["key_name"] = names.get(row[d]) if row[d] else None
+        for name in ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "estimated", "errors", "cache_hits"):
+            out[name] = int(row[name] or 0)
+        out["cost"] = round(float(row["cost"] or 0.0), 9)
+        result.append(out)
+    return result
+
+
+def render(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
+    """``table`` (aligned text with a total line), ``csv`` or ``json``."""
+    if fmt == "json":
+        return json.dumps(list(rows), indent=2)
+    if not rows:
+        return "" if fmt == "csv" else "(no usage in this range)\n"
+    headers = list(rows[0])
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=headers, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buffer.getvalue()
+    if fmt != "table":
+        raise InvalidRequestError(f"unknown format {fmt!r}: table, csv or json", param="format")
+
+    def cell(name: str, value: Any) -> str:
+        if value is None:
+            return "-"
+        if name == "cost":
+            return f"${value:,.6f}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    total = {h: (sum(r[h] for r in rows) if isinstance(rows[0][h], (int, float)) else "") for h in headers}
+    total[headers[0]] = "TOTAL"
+    body = [[cell(h, r[h]) for h in headers] for r in rows]
+    foot = [cell(h, total[h]) if total[h] != "" else "" for h in headers]
+    widths = [max(len(h), *(len(line[i]) for line in [*body, foot])) for i, h in enumerate(headers)]
+    numeric = [isinstance(rows[0][h], (int, float)) for h in headers]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *map(line, body), rule, line(foot)]) + "\n"
