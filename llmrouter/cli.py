@@ -1,0 +1,352 @@
+"""The ``llmrouter`` command line.
+
+::
+
+    llmrouter serve [--config FILE] [--host H] [--port P] [--workers N]
+    llmrouter models [--config FILE]
+    llmrouter chat [-m MODEL] ["prompt"] [--url URL]     # no prompt: interactive
+
+The config file is ``--config``, else ``$LLMROUTER_CONFIG``, else ``./llmrouter.yaml``
+when present, else the defaults (zero-config discovery). Other packages add their own
+sub-commands through a ``register(subparsers)`` function in ``llmrouter.accounting.cli``
+and ``llmrouter.bench.cli``: each sets ``func`` (``args -> int | None``) on its parsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmrouter.config import Config, load_config
+from llmrouter.errors import LLMRouterError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["build_parser", "find_config_path", "main"]
+
+CONFIG_ENV = "LLMROUTER_CONFIG"
+DEFAULT_CONFIG_FILE = "llmrouter.yaml"
+# Sub-commands that live with their subsystem; skipped when it is not installed.
+PLUGIN_CLI_MODULES = ("llmrouter.accounting.cli", "llmrouter.bench.cli")
+
+
+def find_config_path(explicit: str | None = None) -> Path | None:
+    """``explicit``, else ``$LLMROUTER_CONFIG``, else ``./llmrouter.yaml`` if it exists."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env)
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def _load(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    path = find_config_path(getattr(args, "config", None))
+    return load_config(path), path
+
+
+def _resolve(config: Config) -> tuple[Config, list[str]]:
+    import anyio
+
+    from llmrouter.discovery import resolve_config
+
+    return anyio.run(resolve_config, config)
+
+
+def _version() -> str:
+    from llmrouter import __version__
+
+    return __version__
+
+
+# --- serve ---------------------------------------------------------------------------
+
+
+def _startup_summary(config: Config, path: Path | None, notes: list[str], extensions: list[str]) -> list[str]:
+    from llmrouter.discovery import describe_config
+
+    lines = [f"llmrouter {_version()}"]
+    if path is not None:
+        lines.append(f"config: {path}")
+    else:
+        lines.append(f"config: none (defaults; use --config, ${CONFIG_ENV} or ./{DEFAULT_CONFIG_FILE})")
+    deployments = sum(len(group.deployments) for group in config.models)
+    lines.append(f"models: {len(config.models)} group(s), {deployments} deployment(s)")
+    lines += [f"  {line}" for line in describe_config(config)]
+    if notes:
+        lines.append("discovery:")
+        lines += [f"  {note}" for note in notes]
+    lines.append(f"extensions: {', '.join(extensions) or 'none'}")
+    return lines
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import msgspec
+    import uvicorn
+
+    from llmrouter.server.app import RESOLVED_CONFIG_ENV, create_app, default_extensions
+
+    config, path = _load(args)
+    config, notes = _resolve(config)
+    host = args.host or config.server.host
+    port = config.server.port if args.port is None else args.port
+    workers = args.workers or config.server.workers
+    extensions = default_extensions(config)
+    for line in _startup_summary(config, path, notes, [ext.name for ext in extensions]):
+        print(line)
+    print(f"listening on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)", flush=True)
+    common: dict[str, Any] = {"host": host, "port": port, "log_level": args.log_level, "access_log": args.access_log}
+    if workers > 1:
+        # Each worker process builds its own app from the config resolved here, so that
+        # discovery runs once and every worker serves the same models.
+        os.environ[RESOLVED_CONFIG_ENV] = msgspec.json.encode(config).decode()
+        uvicorn.run("llmrouter.server.app:create_app_from_env", factory=True, workers=workers, **common)
+    else:
+        uvicorn.run(create_app(config, extensions=extensions), **common)
+    return 0
+
+
+# --- models --------------------------------------------------------------------------
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    config, _ = _load(args)
+    config, notes = _resolve(config)
+    rows = [["MODEL", "ALIASES", "STRATEGY", "DEPLOYMENT", "PROVIDER", "UPSTREAM MODEL"]]
+    for group in config.models:
+        for index, deployment in enumerate(group.deployments):
+            first = index == 0
+            rows.append([
+                group.name if first else "",
+                ", ".join(group.aliases) if first else "",
+                (group.strategy or config.router.strategy) if first else "",
+                deployment.id or f"{deployment.provider}/{deployment.model}",
+                deployment.provider,
+                deployment.model,
+            ])
+    if len(rows) > 1:
+        print(_table(rows))
+    else:
+        print("no models configured")
+    for note in notes:
+        print(f"discovery: {note}")
+    return 0
+
+
+# --- chat ----------------------------------------------------------------------------
+
+
+class _ChatError(Exception):
+    """A chat turn failed (already translated into one printable line)."""
+
+
+def _chat_request(args: argparse.Namespace, model: str, messages: list[dict[str, str]]) -> dict[str, Any]:
+    request: dict[str, Any] = {"model": model, "messages": messages, "stream": args.stream}
+    if args.max_tokens is not None:
+        request["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        request["temperature"] = args.temperature
+    return request
+
+
+class _RouterBackend:
+    """Chat in-process through a :class:`~llmrouter.router.Router` built from the config."""
+
+    def __init__(self, router: Any) -> None:
+        self.router = router
+
+    async def default_model(self) -> str:
+        models = (await self.router.list_models()).data
+        if not models:
+            raise _ChatError("no models configured or discovered (see `llmrouter models`)")
+        return models[0].id
+
+    async def reply(self, request: dict[str, Any]) -> Any:
+        try:
+            if request["stream"]:
+                async for chunk in self.router.stream(request):
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            yield choice.delta.content
+            else:
+                response = await self.router.chat(request)
+                yield response.choices[0].message.content or ""
+        except LLMRouterError as exc:
+            raise _ChatError(exc.message) from exc
+
+
+class _HTTPBackend:
+    """Chat with a running server through the official ``openai`` client."""
+
+    def __init__(self, url: str, api_key: str | None) -> None:
+        import openai
+
+        base_url = url.rstrip("/")
+        if not base_url.endswith("/v1"):
+            base_url += "/v1"
+        key = api_key or os.environ.get("LLMROUTER_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
+        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
+
+    async def default_model(self) -> str:
+        async for model in self.client.models.list():
+            return str(model.id)
+        raise _ChatError("the server lists no models")
+
+    async def reply(self, request: dict[str, Any]) -> Any:
+        import openai
+
+        try:
+            if request["stream"]:
+                stream = await self.client.chat.completions.create(**request)
+                async for chunk in stream:
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            yield choice.delta.content
+            else:
+                response = await self.client.chat.completions.create(**request)
+                yield response.choices[0].message.content or ""
+        except openai.APIStatusError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            message = body.get("message") or (body.get("error") or {}).get("message") or str(exc)
+            raise _ChatError(f"{exc.status_code}: {message}") from exc
+        except openai.APIConnectionError as exc:
+            raise _ChatError(f"cannot reach {self.client.base_url}: {exc}") from exc
+
+
+async def _chat_turn(backend: Any, args: argparse.Namespace, model: str, messages: list[dict[str, str]]) -> str:
+    pieces = []
+    async for piece in backend.reply(_chat_request(args, model, messages)):
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(pieces)
+
+
+async def _chat_session(backend: Any, args: argparse.Namespace) -> int:
+    import anyio.to_thread
+
+    model = args.model or await backend.default_model()
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        await _chat_turn(backend, args, model, [*history, {"role": "user", "content": prompt}])
+        return 0
+    print(f"chatting with {model} (empty line skipped; /exit or Ctrl-D quits)", file=sys.stderr)
+    while True:
+        try:
+            line = await anyio.to_thread.run_sync(input, "> ")
+        except EOFError:
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        turn = [*history, {"role": "user", "content": line}]
+        try:
+            answer = await _chat_turn(backend, args, model, turn)
+        except _ChatError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        history = [*turn, {"role": "assistant", "content": answer}]
+
+
+async def _chat_main(args: argparse.Namespace) -> int:
+    if args.url:
+        backend: Any = _HTTPBackend(args.url, args.api_key)
+        return await _chat_session(backend, args)
+    from llmrouter.discovery import resolve_config
+    from llmrouter.router import Router
+
+    config, _ = _load(args)
+    config, _notes = await resolve_config(config)
+    async with Router(config) as router:
+        return await _chat_session(_RouterBackend(router), args)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import anyio
+
+    try:
+        return anyio.run(_chat_main, args)
+    except _ChatError as exc:
+        print(f"llmrouter: error: {exc}", file=sys.stderr)
+        return 1
+
+
+# --- parser --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with the sub-commands of installed subsystems."""
+    parser = argparse.ArgumentParser(prog="llmrouter", description="A pluggable multi-provider LLM router.")
+    parser.add_argument("--version", action="version", version=f"llmrouter {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP service")
+    serve.add_argument("--config", "-c", help=f"config file (default: ${CONFIG_ENV} or ./{DEFAULT_CONFIG_FILE})")
+    serve.add_argument("--host", help="bind address (default: server.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: server.port, 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: server.workers, 1)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
+    serve.set_defaults(func=cmd_serve)
+
+    models = sub.add_parser("models", help="list model groups and their deployments")
+    models.add_argument("--config", "-c", help="config file")
+    models.set_defaults(func=cmd_models)
+
+    chat = sub.add_parser("chat", help="talk to a model (one prompt, or interactive without one)")
+    chat.add_argument("prompt", nargs="?", help="the message; omit for an interactive session")
+    chat.add_argument("-m", "--model", help="model name (default: the first configured model)")
+    chat.add_argument("--config", "-c", help="config file (in-process mode)")
+    chat.add_argument("--url", help="talk to a running llmrouter/OpenAI server at this base URL instead")
+    chat.add_argument("--api-key", help="API key for --url (default: $LLMROUTER_API_KEY or $OPENAI_API_KEY)")
+    chat.add_argument("--system", "-s", help="system prompt")
+    chat.add_argument("--max-tokens", type=int, help="most tokens to generate")
+    chat.add_argument("--temperature", "-t", type=float, help="sampling temperature")
+    chat.add_argument("--no-stream", dest="stream", action="store_false", help="wait for the whole answer")
+    chat.set_defaults(func=cmd_chat)
+
+    for module_name in PLUGIN_CLI_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``llmrouter`` script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(func(args) or 0)
+    except LLMRouterError as exc:
+        print(f"llmrouter: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
