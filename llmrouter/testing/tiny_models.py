@@ -38,7 +38,7 @@ _CORPUS = [
     "Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024.",
     "Streaming tokens one by one, stop strings, batching and cancellation.",
     "Café, naïve, façade, jalapeño, Größe, smørrebrød.",
-    "日本語のテキスト、中文文本，한국어 텍스트.",
+    "日本語のテキスト、中文文本，한국어 텍스트.",  # noqa: RUF001 - full-width punctuation on purpose
     "Emoji: 😀 🚀 🎉 👍 ❤️ 🌍 — done.",
     "def add(a, b):\n    return a + b\n",
     '{"key": "value", "list": [1, 2, 3]}',
@@ -89,7 +89,11 @@ def _save(model: Any, tokenizer: Any, path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    # Like real ChatML models, the end of an assistant turn also ends generation.
+    model.generation_config.eos_token_id = [
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    ]
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -66,11 +66,15 @@ class BatchState:
         old_len, new_len = self.mask.shape[1], mask.shape[1]
         length = max(old_len, new_len)
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, length - old_len, -2), _left_pad(theirs.keys, length - new_len, -2)])
+            mine.keys = torch.cat(
+                [_left_pad(mine.keys, length - old_len, -2), _left_pad(theirs.keys, length - new_len, -2)]
+            )
             mine.values = torch.cat(
                 [_left_pad(mine.values, length - old_len, -2), _left_pad(theirs.values, length - new_len, -2)]
             )
-        self.mask = torch.cat([_left_pad(self.mask, length - old_len, 1), _left_pad(mask, length - new_len, 1)])
+        self.mask = torch.cat(
+            [_left_pad(self.mask, length - old_len, 1), _left_pad(mask, length - new_len, 1)]
+        )
         self.positions.extend(positions)
 
     def keep(self, rows: list[int]) -> None:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmrouter.errors import UpstreamError
-
 from llmrouter_transformers.batch import BatchState, cache_supports_batching, prefill_inputs
 from llmrouter_transformers.sampling import SamplingParams, TokenSampler, choose_next_tokens
 from llmrouter_transformers.text import IncrementalDecoder, StopStringFilter
@@ -55,7 +54,9 @@ class GenerationJob:
         on_event: called from the worker thread with each :class:`JobEvent`; must not block.
     """
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[JobEvent], None]) -> None:
+    def __init__(
+        self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[JobEvent], None]
+    ) -> None:
         self.id = next(_ids)
         self.prompt_ids = prompt_ids
         self.params = params
@@ -186,7 +187,9 @@ class GenerationEngine:
                     self._step(newcomers)
                 except Exception as exc:  # noqa: BLE001 - every waiting request must hear about it
                     self._fail_all(newcomers, exc)
-        self._fail_all(list(self._pending), UpstreamError("the transformers engine shut down", provider="transformers"))
+        self._fail_all(
+            list(self._pending), UpstreamError("the transformers engine shut down", provider="transformers")
+        )
 
     def _admit(self) -> list[GenerationJob]:
         room = self.max_batch_size - len(self._rows) if self.batching else int(not self._rows)
@@ -256,7 +259,9 @@ class GenerationEngine:
         if text:
             self._emit(job, text)
         total = len(job.prompt_ids) + len(job.generated)
-        if len(job.generated) >= job.params.max_new_tokens or (self.max_context and total >= self.max_context):
+        if len(job.generated) >= job.params.max_new_tokens or (
+            self.max_context and total >= self.max_context
+        ):
             self._finish(job, "length")
 
     def _emit(self, job: GenerationJob, text: str) -> None:
@@ -297,8 +302,10 @@ class GenerationEngine:
         self._next_tokens = [self._next_tokens[row] for row in keep]
 
     def _fail_all(self, newcomers: list[GenerationJob], exc: BaseException) -> None:
-        error = exc if isinstance(exc, UpstreamError) else UpstreamError(
-            f"generation failed: {type(exc).__name__}: {exc}", provider="transformers"
+        error = (
+            exc
+            if isinstance(exc, UpstreamError)
+            else UpstreamError(f"generation failed: {type(exc).__name__}: {exc}", provider="transformers")
         )
         if error is not exc:
             error.__cause__ = exc

@@ -76,7 +76,10 @@ def resolve_dtype(dtype: DType, device: Any) -> Any:
 
 def hub_is_offline() -> bool:
     """True when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` forbids downloads."""
-    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").strip().lower() in _TRUE
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
@@ -147,7 +150,6 @@ def load_model(
     Raises:
         ConfigError: the model cannot be found, reached or loaded.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_device = resolve_device(device)
@@ -155,7 +157,11 @@ def load_model(
     location, local_only = _locate(source, revision=revision)
     _log(f"loading {source} on {torch_device} ({str(torch_dtype).removeprefix('torch.')}) ...")
     started = time.perf_counter()
-    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code, "local_files_only": local_only}
+    kwargs: dict[str, Any] = {
+        "revision": revision,
+        "trust_remote_code": trust_remote_code,
+        "local_files_only": local_only,
+    }
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model_kwargs = dict(kwargs, dtype=torch_dtype)
