@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from llmrouter.telemetry.config import TelemetryConfig
 
 if TYPE_CHECKING:
+    from llmrouter.config import Config
+    from llmrouter.extension import Extension
     from llmrouter.telemetry.extension import TelemetryExtension, build_telemetry_extension
     from llmrouter.telemetry.hooks import TelemetryHooks
     from llmrouter.telemetry.logging import JsonFormatter, configure_logging
@@ -36,6 +38,7 @@ __all__ = [
     "TelemetryHooks",
     "build_telemetry_extension",
     "configure_logging",
+    "extension_from_config",
 ]
 
 _LAZY = {
@@ -55,3 +58,18 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+def extension_from_config(config: Config) -> Extension | None:
+    """The service's telemetry extension, or None (with a warning) when OpenTelemetry
+    is not installed (``pip install 'llmrouter[telemetry]'``)."""
+    try:
+        from llmrouter.telemetry.extension import build_telemetry_extension
+    except ImportError as exc:
+        import logging
+
+        logging.getLogger("llmrouter.telemetry").warning(
+            "telemetry off (%s): pip install 'llmrouter[telemetry]' for /metrics and JSON logs", exc
+        )
+        return None
+    return build_telemetry_extension(config)

@@ -1,0 +1,126 @@
+"""The service's telemetry: ``GET /metrics``, HTTP middleware, hooks, logs and traces.
+
+``create_app`` picks it up through :func:`llmrouter.telemetry.extension_from_config`;
+this is the only telemetry module that imports Litestar.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from llmrouter.extension import Extension
+from llmrouter.telemetry.config import TelemetryConfig
+from llmrouter.telemetry.hooks import TelemetryHooks
+from llmrouter.telemetry.http import TelemetryMiddleware
+from llmrouter.telemetry.logging import configure_logging, log_event
+from llmrouter.telemetry.metrics import RouterMetrics
+from llmrouter.telemetry.prometheus import PrometheusMetrics
+from llmrouter.telemetry.tracing import RequestTracer, build_tracer_provider, otlp_endpoint
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+
+    from llmrouter.config import Config
+    from llmrouter.hooks import RouterHooks
+
+__all__ = ["TelemetryExtension", "build_telemetry_extension"]
+
+logger = logging.getLogger("llmrouter.telemetry")
+
+
+class TelemetryExtension(Extension):
+    """Mounts metrics, logs and traces into the service.
+
+    Args:
+        config: the ``telemetry:`` section.
+        meter_provider: record into this provider instead of the service's own
+            Prometheus one (``/metrics`` is then not served).
+        tracer_provider: send spans there instead of an OTLP exporter built from config.
+    """
+
+    name = "telemetry"
+
+    def __init__(
+        self,
+        config: TelemetryConfig | None = None,
+        *,
+        meter_provider: MeterProvider | None = None,
+        tracer_provider: Any = None,
+    ) -> None:
+        self.config = config or TelemetryConfig()
+        self.prometheus: PrometheusMetrics | None = None
+        if meter_provider is None and self.config.metrics:
+            self.prometheus = PrometheusMetrics(self.config.service_name)
+            meter_provider = self.prometheus.meter_provider
+        self.metrics = RouterMetrics(meter_provider)
+        self._owns_tracer_provider = tracer_provider is None
+        self.tracer_provider = tracer_provider or build_tracer_provider(self.config)
+        self.tracer = RequestTracer(self.tracer_provider) if self.tracer_provider is not None else None
+        self.hooks = TelemetryHooks(metrics=self.metrics, tracer_provider=self.tracer_provider)
+
+    def router_hooks(self) -> Sequence[RouterHooks]:
+        return (self.hooks,)
+
+    def middleware(self) -> Sequence[Any]:
+        from litestar.middleware import DefineMiddleware
+
+        return (
+            DefineMiddleware(
+                TelemetryMiddleware,
+                metrics=self.metrics,
+                tracer=self.tracer,
+                access_log=self.config.access_log,
+                quiet_paths=self.config.quiet_paths,
+            ),
+        )
+
+    def route_handlers(self) -> Sequence[Any]:
+        if self.prometheus is None:
+            return ()
+        return (_metrics_handler(self.prometheus, self.config.metrics_path),)
+
+    async def startup(self) -> None:
+        if self.config.json_logs:
+            configure_logging(self.config.log_level)
+        log_event(
+            logger,
+            "telemetry started",
+            metrics_path=self.config.metrics_path if self.prometheus else None,
+            otlp_endpoint=otlp_endpoint(self.config) if self.tracer_provider is not None else None,
+            service_name=self.config.service_name,
+            json_logs=self.config.json_logs,
+        )
+
+    async def shutdown(self) -> None:
+        log_event(logger, "telemetry stopping")
+        if self.tracer_provider is not None and self._owns_tracer_provider:
+            # Flushes the spans still queued for export.
+            self.tracer_provider.shutdown()
+        if self.prometheus is not None:
+            self.prometheus.shutdown()
+
+    def readiness(self) -> dict[str, Any]:
+        return {
+            "metrics": self.prometheus is not None,
+            "tracing": self.tracer_provider is not None,
+            "in_flight": self.hooks.in_flight(),
+        }
+
+
+def _metrics_handler(prometheus: PrometheusMetrics, path: str) -> Any:
+    from litestar import Request, get
+    from litestar.response.base import ASGIResponse
+
+    @get(path, include_in_schema=False, sync_to_thread=False, name="llmrouter-metrics")
+    def metrics(request: Request[Any, Any, Any]) -> ASGIResponse:
+        body, content_type = prometheus.render(request.headers.get("accept"))
+        return ASGIResponse(body=body, media_type=content_type)
+
+    return metrics
+
+
+def build_telemetry_extension(config: Config) -> TelemetryExtension:
+    """The telemetry extension for a service ``config`` (its ``telemetry:`` section)."""
+    return TelemetryExtension(config.telemetry)

@@ -1,0 +1,300 @@
+"""Router hooks that record metrics, spans and the request log line from the context.
+
+Install them on a :class:`~llmrouter.router.Router` (``hooks=[TelemetryHooks()]``);
+the service does so through :class:`~llmrouter.telemetry.extension.TelemetryExtension`.
+Everything is read from :class:`~llmrouter.context.RequestContext`: the router fills
+it, these hooks only observe (they never raise into the request path).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from llmrouter.errors import (
+    AuthenticationError,
+    BudgetExceededError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+)
+from llmrouter.hooks import RouterHooks
+from llmrouter.telemetry.logging import ACCESS_LOGGER, context_fields, current_access_record
+from llmrouter.telemetry.metrics import RouterMetrics
+from llmrouter.telemetry.tracing import (
+    RequestTracer,
+    new_traceparent,
+    parse_traceparent,
+    perf_to_ns,
+    span_traceparent,
+)
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import Span
+
+    from llmrouter.context import RequestContext
+    from llmrouter.errors import LLMRouterError
+
+__all__ = ["TelemetryHooks", "error_type", "rejection_reason"]
+
+_log = logging.getLogger(__name__)
+
+_OPERATION_NAMES = {"chat": "chat", "completion": "text_completion"}
+_NO_UPSTREAM_TOKENS = frozenset({"hit", "coalesced"})
+UNKNOWN = "unknown"
+_RECORDED_MEMORY = 4096
+
+
+def error_type(ctx: RequestContext) -> str | None:
+    """``error.type`` for a finished request: the error's class name, ``cancelled``, or None."""
+    if ctx.status == "cancelled":
+        return "cancelled"
+    if ctx.status == "error" or ctx.error is not None:
+        return type(ctx.error).__name__ if ctx.error is not None else "_OTHER"
+    return None
+
+
+def rejection_reason(error: BaseException) -> str:
+    """A small, fixed vocabulary for ``llmrouter.rejection.reason``."""
+    if isinstance(error, BudgetExceededError):
+        return "budget_exceeded"
+    if isinstance(error, RateLimitError):
+        return "rate_limited"
+    if isinstance(error, (AuthenticationError, PermissionDeniedError)):
+        return "unauthorized"
+    if isinstance(error, ModelNotFoundError):
+        return "model_not_found"
+    if isinstance(error, InvalidRequestError):
+        return "invalid_request"
+    return "other"
+
+
+def _model(ctx: RequestContext, error: BaseException | None = None) -> str:
+    # An unknown model name is whatever the client typed: never a label value.
+    if ctx.model_group is None or isinstance(error or ctx.error, ModelNotFoundError):
+        return UNKNOWN
+    return ctx.model_group
+
+
+class TelemetryHooks(RouterHooks):
+    """Records llmrouter's metrics (and spans, and the request log line) per request.
+
+    Args:
+        meter_provider: where instruments live; None uses the global MeterProvider.
+        metrics: share instruments with another component (overrides ``meter_provider``).
+        tracer_provider: where spans go; None uses the global TracerProvider (no-op
+            unless the application installed an SDK one).
+        log_requests: write the request log line when no HTTP middleware will (library use).
+    """
+
+    def __init__(
+        self,
+        *,
+        meter_provider: MeterProvider | None = None,
+        metrics: RouterMetrics | None = None,
+        tracer_provider: Any = None,
+        log_requests: bool = True,
+    ) -> None:
+        self.metrics = metrics or RouterMetrics(meter_provider)
+        self.tracer = RequestTracer(tracer_provider)
+        self.log_requests = log_requests
+        self._access_log = logging.getLogger(ACCESS_LOGGER)
+        # Requests between before_request and after_request/on_rejected, by request id.
+        self._active: dict[str, RequestContext] = {}
+        self._spans: dict[str, Span] = {}
+        self._attempt_started: dict[str, int] = {}
+        self._last_chunk: dict[str, float] = {}
+        # Requests already recorded: a hook rejecting a request gets after_request on the
+        # hooks admitted before it *and* on_rejected on all; record each request once.
+        self._recorded: OrderedDict[str, None] = OrderedDict()
+        self.metrics.add_in_flight_source(self.in_flight)
+
+    # --- admission ----------------------------------------------------------------
+
+    async def before_request(self, ctx: RequestContext) -> None:
+        record = current_access_record.get()
+        if record is not None:
+            record.ctx = ctx
+            if ctx.traceparent is None:
+                ctx.traceparent = record.traceparent
+        if parse_traceparent(ctx.traceparent) is None:
+            ctx.traceparent = new_traceparent().header()
+        self._active[ctx.request_id] = ctx
+        try:
+            span = self.tracer.start_request_span(
+                f"{_OPERATION_NAMES.get(ctx.operation, ctx.operation)} {_model(ctx)}",
+                ctx.traceparent,
+                self._base_attributes(ctx),
+            )
+        except Exception:  # noqa: BLE001 - tracing must never reject a request
+            _log.exception("telemetry: could not start the request span")
+            return
+        own = span_traceparent(span)
+        if own is not None:
+            self._spans[ctx.request_id] = span
+            # Upstreams see the router's span as their parent.
+            ctx.traceparent = own
+        self._attempt_started[ctx.request_id] = time.time_ns()
+
+    def on_rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
+        self.metrics.rejected.add(
+            1,
+            {
+                "llmrouter.rejection.reason": rejection_reason(error),
+                "gen_ai.request.model": _model(ctx, error),
+            },
+        )
+        self._forget(ctx.request_id)
+        if not self._first_record(ctx.request_id):
+            return
+        if ctx.error is None:
+            ctx.error = error
+        try:
+            self._record(ctx)
+        finally:
+            self._end_span(ctx)
+            self._log(ctx, outcome="rejected")
+
+    # --- events on the hot path --------------------------------------------------
+
+    def on_attempt(self, ctx: RequestContext, deployment: str, error: LLMRouterError | None) -> None:
+        attributes: dict[str, Any] = {
+            "llmrouter.deployment": deployment,
+            "llmrouter.outcome": "ok" if error is None else "error",
+        }
+        if error is not None:
+            attributes["error.type"] = type(error).__name__
+        self.metrics.attempts.add(1, attributes)
+        now = time.time_ns()
+        started = self._attempt_started.get(ctx.request_id)
+        self._attempt_started[ctx.request_id] = now
+        span = self._spans.get(ctx.request_id)
+        if span is not None and started is not None:
+            call_attributes = {
+                **attributes,
+                "gen_ai.operation.name": _OPERATION_NAMES.get(ctx.operation, ctx.operation),
+                "gen_ai.provider.name": ctx.provider or UNKNOWN,
+                "gen_ai.request.model": ctx.upstream_model or _model(ctx),
+            }
+            name = f"{call_attributes['gen_ai.operation.name']} {call_attributes['gen_ai.request.model']}"
+            self.tracer.record_call_span(span, name, call_attributes, start_ns=started, error=error)
+
+    def on_fallback(self, ctx: RequestContext, from_group: str, to_group: str) -> None:
+        self.metrics.fallbacks.add(
+            1, {"gen_ai.request.model": from_group, "llmrouter.fallback.model": to_group}
+        )
+
+    def on_cooldown(self, deployment: str, seconds: float) -> None:
+        self.metrics.cooldowns.add(1, {"llmrouter.deployment": deployment})
+
+    def on_chunk(self, ctx: RequestContext) -> None:
+        now = time.perf_counter()
+        previous = self._last_chunk.get(ctx.request_id)
+        self._last_chunk[ctx.request_id] = now
+        if previous is not None:
+            self.metrics.time_per_output_chunk.record(now - previous, self._base_attributes(ctx))
+
+    # --- settlement -----------------------------------------------------------------
+
+    async def after_request(self, ctx: RequestContext) -> None:
+        self._forget(ctx.request_id)
+        if not self._first_record(ctx.request_id):
+            return
+        try:
+            self._record(ctx)
+        finally:
+            self._end_span(ctx)
+            self._log(ctx)
+
+    def _record(self, ctx: RequestContext) -> None:
+        attributes = self._base_attributes(ctx)
+        finished = ctx.finished_at if ctx.finished_at is not None else time.perf_counter()
+        failure = error_type(ctx)
+        duration_attributes = {**attributes, "error.type": failure} if failure else attributes
+        self.metrics.operation_duration.record(max(0.0, finished - ctx.started_at), duration_attributes)
+        if ctx.usage is not None and ctx.cache_status not in _NO_UPSTREAM_TOKENS:
+            usage = self.metrics.token_usage
+            usage.record(ctx.usage.prompt_tokens, {**attributes, "gen_ai.token.type": "input"})
+            usage.record(ctx.usage.completion_tokens, {**attributes, "gen_ai.token.type": "output"})
+        if ctx.stream and ctx.first_token_at is not None:
+            self.metrics.time_to_first_chunk.record(ctx.first_token_at - ctx.started_at, attributes)
+        if ctx.cost:
+            self.metrics.cost.add(
+                ctx.cost,
+                {"llmrouter.api_key.id": ctx.api_key_id or "none", "gen_ai.request.model": _model(ctx)},
+            )
+        if ctx.cache_status is not None:
+            self.metrics.cache_requests.add(
+                1, {"llmrouter.cache.status": ctx.cache_status, "gen_ai.request.model": _model(ctx)}
+            )
+        if ctx.attempts > 1:
+            self.metrics.retries.add(ctx.attempts - 1, {"gen_ai.request.model": _model(ctx)})
+
+    def _log(self, ctx: RequestContext, outcome: str | None = None) -> None:
+        record = current_access_record.get()
+        if record is not None:
+            # The HTTP middleware writes the line once the status is known.
+            record.ctx = ctx
+            return
+        if self.log_requests:
+            fields = context_fields(ctx)
+            if outcome is not None:
+                fields["outcome"] = outcome
+            self._access_log.info("request", extra=fields)
+
+    def _end_span(self, ctx: RequestContext) -> None:
+        span = self._spans.pop(ctx.request_id, None)
+        if span is None:
+            return
+        from opentelemetry.trace import Status, StatusCode
+
+        if ctx.usage is not None:
+            span.set_attribute("gen_ai.usage.input_tokens", ctx.usage.prompt_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", ctx.usage.completion_tokens)
+        for key, value in (
+            ("gen_ai.response.model", ctx.upstream_model),
+            ("llmrouter.deployment", ctx.deployment),
+            ("llmrouter.cache.status", ctx.cache_status),
+            ("llmrouter.cost", ctx.cost),
+        ):
+            if value is not None:
+                span.set_attribute(key, value)
+        failure = error_type(ctx)
+        if failure is not None:
+            span.set_attribute("error.type", failure)
+            span.set_status(Status(StatusCode.ERROR, str(ctx.error or failure)[:200]))
+        end = perf_to_ns(ctx.finished_at) if ctx.finished_at is not None else None
+        span.end(end_time=end)
+
+    # --- state ----------------------------------------------------------------------
+
+    def in_flight(self) -> dict[str, int]:
+        """Admitted requests by the deployment now serving them (an in-flight gauge source)."""
+        contexts = list(self._active.values())
+        return dict(Counter(c.deployment for c in contexts if c.deployment and c.finished_at is None))
+
+    def _forget(self, request_id: str) -> None:
+        self._active.pop(request_id, None)
+        self._attempt_started.pop(request_id, None)
+        self._last_chunk.pop(request_id, None)
+
+    def _first_record(self, request_id: str) -> bool:
+        """True the first time a request is settled (after_request or on_rejected)."""
+        if request_id in self._recorded:
+            return False
+        self._recorded[request_id] = None
+        while len(self._recorded) > _RECORDED_MEMORY:
+            self._recorded.popitem(last=False)
+        return True
+
+    @staticmethod
+    def _base_attributes(ctx: RequestContext) -> dict[str, Any]:
+        return {
+            "gen_ai.operation.name": _OPERATION_NAMES.get(ctx.operation, ctx.operation),
+            "gen_ai.provider.name": ctx.provider or UNKNOWN,
+            "gen_ai.request.model": _model(ctx),
+        }

@@ -1,0 +1,177 @@
+"""ASGI middleware: HTTP server duration, the trace header, and the access log line.
+
+For each HTTP request it
+
+1. makes sure the request carries a valid W3C ``traceparent`` (the client's, else a new
+   trace; with span export on, its own server span) by rewriting the scope's header,
+   so that the controller puts it into ``ctx.traceparent`` and providers forward it;
+2. publishes an :class:`~llmrouter.telemetry.logging.AccessRecord` in a context
+   variable, which :class:`~llmrouter.telemetry.TelemetryHooks` fill with the router's
+   context;
+3. once the response is sent, records ``http.server.request.duration`` (attributes
+   ``http.request.method``, ``http.route`` - the route template, never the raw path -,
+   ``http.response.status_code``, ``error.type`` for 5xx) and writes the access line.
+
+Plain ASGI: no Litestar import, so any ASGI application can use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any
+
+from llmrouter.telemetry.logging import ACCESS_LOGGER, AccessRecord, context_fields, current_access_record
+from llmrouter.telemetry.metrics import RouterMetrics
+from llmrouter.telemetry.tracing import (
+    RequestTracer,
+    new_traceparent,
+    parse_traceparent,
+    span_traceparent,
+    trace_id_of,
+)
+
+__all__ = ["TelemetryMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[
+    [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
+]
+
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+_REQUEST_ID_SCOPE_KEY = "llmrouter.request_id"  # the key llmrouter.server's request-id middleware uses
+
+
+class TelemetryMiddleware:
+    """Records HTTP metrics, keeps the trace header and logs one line per request.
+
+    Args:
+        app: the wrapped ASGI application.
+        metrics: instruments (``http.server.request.duration``); None records none.
+        tracer: creates the server span when spans are exported; None creates none.
+        access_log: write the access line (logger ``llmrouter.access``).
+        quiet_paths: paths whose access lines go out at DEBUG (probes, scrapes).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: RouterMetrics | None = None,
+        tracer: RequestTracer | None = None,
+        access_log: bool = True,
+        quiet_paths: Sequence[str] = (),
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.tracer = tracer
+        self.access_log = access_log
+        self.quiet_paths = frozenset(quiet_paths)
+        self._logger = logging.getLogger(ACCESS_LOGGER)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        method = scope.get("method", "GET")
+        route = scope.get("path_template")
+        incoming = _header(scope, b"traceparent")
+        parent = parse_traceparent(incoming)
+        span = None
+        if self.tracer is not None:
+            span = self.tracer.start_server_span(
+                f"{method} {route}" if route else method,
+                parent.header() if parent else None,
+                {
+                    "http.request.method": _method(method),
+                    "http.route": route or "",
+                    "url.path": scope["path"],
+                },
+            )
+        traceparent = (span_traceparent(span) if span is not None else None) or (
+            parent.header() if parent else new_traceparent().header()
+        )
+        if traceparent != incoming:
+            _set_header(scope, b"traceparent", traceparent)
+        record = AccessRecord(method, scope["path"], _request_id(scope), traceparent)
+        status: list[int] = []
+
+        async def send_and_watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(int(message["status"]))
+            await send(message)
+
+        token = current_access_record.set(record)
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            current_access_record.reset(token)
+            # No response started means the app raised: the server answers 500.
+            code = status[0] if status else 500
+            elapsed = time.perf_counter() - started
+            self._record(method, route, code, elapsed, span)
+            if self.access_log:
+                self._log(record, code, elapsed)
+
+    def _record(self, method: str, route: str | None, code: int, elapsed: float, span: Any) -> None:
+        attributes: dict[str, Any] = {
+            "http.request.method": _method(method),
+            "http.response.status_code": code,
+        }
+        if route:
+            attributes["http.route"] = route
+        if code >= 500:
+            attributes["error.type"] = str(code)
+        if self.metrics is not None:
+            self.metrics.http_server_duration.record(elapsed, attributes)
+        if span is not None:
+            from opentelemetry.trace import Status, StatusCode
+
+            span.set_attribute("http.response.status_code", code)
+            if code >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+
+    def _log(self, record: AccessRecord, code: int, elapsed: float) -> None:
+        fields: dict[str, Any] = {
+            "request_id": record.request_id,
+            "trace_id": trace_id_of(record.traceparent),
+        }
+        if record.ctx is not None:
+            fields.update(context_fields(record.ctx))
+        fields.update(
+            method=record.method, path=record.path, status=code, latency_ms=round(elapsed * 1000, 2)
+        )
+        level = logging.DEBUG if record.path in self.quiet_paths else logging.INFO
+        self._logger.log(level, "request", extra=fields)
+
+
+def _method(method: str) -> str:
+    return method if method in _KNOWN_METHODS else "_OTHER"
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def _set_header(scope: Scope, name: bytes, value: str) -> None:
+    headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() != name]
+    headers.append((name, value.encode("latin-1")))
+    scope["headers"] = headers
+
+
+def _request_id(scope: Scope) -> str:
+    existing = scope.get(_REQUEST_ID_SCOPE_KEY)
+    if existing:
+        return str(existing)
+    sent = _header(scope, b"x-request-id")
+    if sent and len(sent) <= 128 and sent.isprintable():
+        return sent
+    return uuid.uuid4().hex

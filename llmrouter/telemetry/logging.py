@@ -1,0 +1,151 @@
+"""JSON logs on the standard library's ``logging``: one line per request, plus events.
+
+Every record becomes one JSON object: ``timestamp`` (UTC, ISO 8601, ms), ``level``,
+``logger``, ``message`` and the record's extra fields. The request line
+(logger ``llmrouter.access``, message ``request``) carries::
+
+    request_id, trace_id, method, path, status, latency_ms, model, deployment,
+    provider, tokens {prompt, completion, total, estimated}, cost, cache, ttft_ms,
+    attempts, fallbacks, error (type, code) - and api_key_id when a key paid.
+
+Behind the service the HTTP middleware writes it once the response is sent (it knows
+the status); a library user gets it from :class:`~llmrouter.telemetry.TelemetryHooks`
+(without method/path, ``status`` is the router's ``ok``/``error``/``cancelled``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import IO, TYPE_CHECKING, Any
+
+from llmrouter.telemetry.tracing import trace_id_of
+
+if TYPE_CHECKING:
+    from llmrouter.context import RequestContext
+
+__all__ = [
+    "ACCESS_LOGGER",
+    "AccessRecord",
+    "JsonFormatter",
+    "configure_logging",
+    "context_fields",
+    "current_access_record",
+    "log_event",
+]
+
+ACCESS_LOGGER = "llmrouter.access"
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats each record as one JSON line (non-JSON values fall back to ``str``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                payload[key] = value
+        if record.exc_info:
+            payload["exception"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str, ensure_ascii=False, separators=(",", ":"))
+
+
+class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler ``configure_logging`` installed, so a second call replaces it."""
+
+
+def configure_logging(level: str = "INFO", *, json_lines: bool = True, stream: IO[str] | None = None) -> None:
+    """Send every log record to ``stream`` (stderr) as JSON lines at ``level``.
+
+    Replaces a handler installed by an earlier call and leaves other handlers alone.
+    With ``json_lines=False`` only the level is set (the application formats logs).
+    Uvicorn's own access log should be off (``access_log=False``): the access line
+    written here carries more.
+    """
+    root = logging.getLogger()
+    root.setLevel(level)
+    logging.getLogger("llmrouter").setLevel(level)
+    if not json_lines:
+        return
+    for handler in [h for h in root.handlers if isinstance(h, _JsonHandler)]:
+        root.removeHandler(handler)
+    handler = _JsonHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root.addHandler(handler)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar"):
+        # Route the servers' own lines through the JSON handler instead of theirs.
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+@dataclass(slots=True)
+class AccessRecord:
+    """What the HTTP middleware knows about the request being served; the hooks attach
+    the router's :class:`~llmrouter.context.RequestContext` to it."""
+
+    method: str
+    path: str
+    request_id: str
+    traceparent: str
+    ctx: RequestContext | None = None
+
+
+current_access_record: ContextVar[AccessRecord | None] = ContextVar("llmrouter_access_record", default=None)
+"""Set by the HTTP middleware for the duration of one request (None outside the service).
+
+It holds a mutable object, so a hook running in a child task (which sees a copy of the
+context) still writes to the record that the middleware will log."""
+
+
+def context_fields(ctx: RequestContext) -> dict[str, Any]:
+    """The request line's fields that come from the router's context."""
+    fields: dict[str, Any] = {
+        "request_id": ctx.request_id,
+        "trace_id": trace_id_of(ctx.traceparent),
+        "model": ctx.model_group,
+        "deployment": ctx.deployment,
+        "provider": ctx.provider,
+        "operation": ctx.operation,
+        "stream": ctx.stream,
+        "latency_ms": _round(ctx.latency_ms),
+        "ttft_ms": _round(ctx.ttft_ms),
+        "cache": ctx.cache_status,
+        "cost": ctx.cost,
+        "attempts": ctx.attempts,
+        "fallbacks": ctx.fallbacks,
+        "outcome": ctx.status,
+    }
+    if ctx.usage is not None:
+        fields["tokens"] = {
+            "prompt": ctx.usage.prompt_tokens,
+            "completion": ctx.usage.completion_tokens,
+            "total": ctx.usage.total_tokens,
+            "estimated": ctx.usage.estimated,
+        }
+    if ctx.api_key_id is not None:
+        fields["api_key_id"] = ctx.api_key_id
+    if ctx.error is not None:
+        fields["error"] = {"type": type(ctx.error).__name__, "code": ctx.error.code}
+    return fields
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def log_event(logger: logging.Logger, message: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log a structured event (start-up, shutdown, ...) with ``fields`` as JSON keys."""
+    logger.log(level, message, extra={"event": message, **fields})

@@ -1,0 +1,167 @@
+"""The instruments llmrouter records, named after the OpenTelemetry semantic conventions.
+
+GenAI client metrics (``gen_ai.*``) follow the GenAI semantic conventions; the HTTP
+server duration follows the HTTP ones; llmrouter's own are under ``llmrouter.*``.
+Attributes are bounded by configuration (model groups, deployments, API keys, error
+classes) - never request ids, prompts or raw client-supplied strings.
+
+Instruments come from ``metrics.get_meter("llmrouter", meter_provider=...)``: with no
+``meter_provider`` they use the global one, so a library user's own SDK set-up (any
+exporter) is honoured, even when it is installed after the router was built.
+
+Prometheus names, as the OpenTelemetry Prometheus exporter writes them::
+
+    gen_ai_client_token_usage_bucket{gen_ai_token_type="input"|"output", ...}
+    gen_ai_client_operation_duration_seconds_bucket
+    gen_ai_client_operation_time_to_first_chunk_seconds_bucket
+    gen_ai_client_operation_time_per_output_chunk_seconds_bucket
+    http_server_request_duration_seconds_bucket
+    llmrouter_cost_total, llmrouter_cache_requests_total, llmrouter_retries_total,
+    llmrouter_fallbacks_total, llmrouter_deployment_attempts_total,
+    llmrouter_deployment_cooldowns_total, llmrouter_requests_rejected_total,
+    llmrouter_deployment_in_flight
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+__all__ = [
+    "CHUNK_BUCKETS",
+    "DURATION_BUCKETS",
+    "HTTP_DURATION_BUCKETS",
+    "TOKEN_BUCKETS",
+    "TTFT_BUCKETS",
+    "RouterMetrics",
+]
+
+DURATION_BUCKETS: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)  # fmt: skip
+"""``gen_ai.client.operation.duration`` advice from the GenAI semantic conventions."""
+
+TOKEN_BUCKETS: tuple[int, ...] = tuple(4**i for i in range(14))
+"""``gen_ai.client.token.usage`` advice: 1, 4, 16, ... 67108864."""
+
+TTFT_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)  # fmt: skip
+"""Time to first chunk: the conventions' server TTFT advice, stretched for cold local models."""
+
+CHUNK_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)  # fmt: skip
+"""Time per output chunk: the conventions' time-per-output-token advice, plus sub-10 ms
+buckets for fast upstreams."""
+
+HTTP_DURATION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)  # fmt: skip
+"""The HTTP conventions' advice stops at 10 s; LLM answers and streams run for minutes."""
+
+InFlightSource = Callable[[], Mapping[str, int]]
+
+
+class RouterMetrics:
+    """Creates and holds llmrouter's instruments on one meter.
+
+    Args:
+        meter_provider: where to create them; None uses the global MeterProvider.
+    """
+
+    def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
+        meter = metrics.get_meter("llmrouter", _version(), meter_provider=meter_provider)
+        self.token_usage = meter.create_histogram(
+            "gen_ai.client.token.usage",
+            unit="{token}",
+            description="Number of input and output tokens used.",
+            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
+        )
+        self.operation_duration = meter.create_histogram(
+            "gen_ai.client.operation.duration",
+            unit="s",
+            description="GenAI operation duration.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.time_to_first_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_to_first_chunk",
+            unit="s",
+            description="Time to receive the first chunk of a streamed response.",
+            explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
+        )
+        self.time_per_output_chunk = meter.create_histogram(
+            "gen_ai.client.operation.time_per_output_chunk",
+            unit="s",
+            description="Time per output chunk, for each chunk after the first one.",
+            explicit_bucket_boundaries_advisory=CHUNK_BUCKETS,
+        )
+        self.http_server_duration = meter.create_histogram(
+            "http.server.request.duration",
+            unit="s",
+            description="Duration of HTTP server requests.",
+            explicit_bucket_boundaries_advisory=HTTP_DURATION_BUCKETS,
+        )
+        self.cost = meter.create_counter(
+            "llmrouter.cost",
+            unit="{USD}",
+            description="Cost of requests in US dollars, by API key and model.",
+        )
+        self.cache_requests = meter.create_counter(
+            "llmrouter.cache.requests",
+            unit="{request}",
+            description="Cache lookups by result (hit, miss, coalesced, bypass).",
+        )
+        self.retries = meter.create_counter(
+            "llmrouter.retries", unit="{attempt}", description="Attempts after the first one of a request."
+        )
+        self.fallbacks = meter.create_counter(
+            "llmrouter.fallbacks", unit="{fallback}", description="Moves to a fallback model group."
+        )
+        self.attempts = meter.create_counter(
+            "llmrouter.deployment.attempts",
+            unit="{attempt}",
+            description="Attempts on a deployment, by outcome (ok, error) and error type.",
+        )
+        self.cooldowns = meter.create_counter(
+            "llmrouter.deployment.cooldowns",
+            unit="{cooldown}",
+            description="Times a deployment was taken out of rotation.",
+        )
+        self.rejected = meter.create_counter(
+            "llmrouter.requests.rejected",
+            unit="{request}",
+            description="Requests refused before dispatch (rate limits, budgets, auth).",
+        )
+        self._sources: list[InFlightSource] = []
+        self._seen_deployments: set[str] = set()
+        self._lock = threading.Lock()
+        meter.create_observable_gauge(
+            "llmrouter.deployment.in_flight",
+            callbacks=[self._observe_in_flight],
+            unit="{request}",
+            description="Requests being served by each deployment.",
+        )
+
+    def add_in_flight_source(self, source: InFlightSource) -> None:
+        """Register a callable returning ``{deployment: in_flight}``; summed at collection."""
+        with self._lock:
+            self._sources.append(source)
+
+    def _observe_in_flight(self, options: CallbackOptions) -> Iterable[Observation]:
+        totals: dict[str, int] = {}
+        with self._lock:
+            sources = list(self._sources)
+        for source in sources:
+            for deployment, count in source().items():
+                totals[deployment] = totals.get(deployment, 0) + count
+        with self._lock:
+            # A deployment that went idle reports 0 rather than vanishing: a vanished
+            # series keeps its last value in Prometheus for five minutes.
+            self._seen_deployments.update(totals)
+            seen = sorted(self._seen_deployments)
+        return [Observation(totals.get(name, 0), {"llmrouter.deployment": name}) for name in seen]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("llmrouter")
+    except PackageNotFoundError:
+        return "0"
