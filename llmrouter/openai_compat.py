@@ -296,9 +296,14 @@ class OpenAICompatClient:
         else:
             changes["stream_options"] = None
         wire = msgspec.structs.replace(request, **changes)
-        if not wire.extra:
+        # omit_defaults drops a completion's max_tokens=16 (OpenAI's default), but servers
+        # differ (llama.cpp: unlimited), so that one is always spelled out.
+        if not wire.extra and not isinstance(wire, CompletionRequest):
             return msgspec.json.encode(wire)
-        return msgspec.json.encode(request_to_wire(wire))
+        data = request_to_wire(wire)
+        if isinstance(wire, CompletionRequest) and wire.max_tokens is not None:
+            data["max_tokens"] = wire.max_tokens
+        return msgspec.json.encode(data)
 
     async def _post_json(self, path: str, body: bytes, kind: type[T]) -> T:
         with _translate(self.provider, f"POST {path}"):

@@ -24,7 +24,7 @@ import msgspec
 __all__ = ["PRESETS", "Behaviour", "Plan", "RecordedRequest", "UpstreamState", "plan_reply"]
 
 DEFAULT_REPLY = "This is a fake reply from the llmrouter test upstream."
-_TOKEN = re.compile(r"\s*\S+")
+_TOKEN = re.compile(r"\s*\S+|\s+")  # a word with the spaces before it; trailing spaces
 _json_encode = msgspec.json.encode
 _json_decoder = msgspec.json.Decoder()
 _MAX_DELAY_S = 300.0
@@ -236,6 +236,8 @@ def plan_reply(state: UpstreamState, behaviour: Behaviour, body: dict[str, Any])
     tokens = _TOKEN.findall(text) or ([text] if text else [])
     finish = "stop"
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    if limit is None and "prompt" in body:
+        limit = 16  # OpenAI's (and vLLM's) default for /v1/completions
     if isinstance(limit, int) and 0 < limit < len(tokens):
         tokens, finish = tokens[:limit], "length"
     stops = _stop_list(body)
