@@ -113,7 +113,14 @@ def _metrics_handler(prometheus: PrometheusMetrics, path: str) -> Any:
     from litestar import Request, get
     from litestar.response.base import ASGIResponse
 
-    @get(path, include_in_schema=False, sync_to_thread=False, name="llmrouter-metrics")
+    @get(
+        path,
+        include_in_schema=False,
+        sync_to_thread=False,
+        name="llmrouter-metrics",
+        # Annotations are strings here (postponed evaluation) and these names are local.
+        signature_namespace={"Request": Request, "ASGIResponse": ASGIResponse, "Any": Any},
+    )
     def metrics(request: Request[Any, Any, Any]) -> ASGIResponse:
         body, content_type = prometheus.render(request.headers.get("accept"))
         return ASGIResponse(body=body, media_type=content_type)

@@ -1,0 +1,146 @@
+"""The telemetry extension inside the service: /metrics, HTTP duration, traceparent, access lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from litestar.testing import TestClient
+
+from llmrouter.context import RequestContext, current_context
+from llmrouter.errors import RateLimitError
+from llmrouter.hooks import RouterHooks
+from llmrouter.router import Router
+from llmrouter.server import create_app
+from llmrouter.telemetry import JsonFormatter, TelemetryConfig
+from llmrouter.telemetry.extension import TelemetryExtension
+from llmrouter.telemetry.tracing import parse_traceparent
+from llmrouter.testing.scripted import ScriptedProvider, Step
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there friend"}]}
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class TraceRecordingProvider(ScriptedProvider):
+    """Remembers the traceparent an HTTP provider would forward upstream."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.traceparents: list[str | None] = []
+
+    async def chat(self, request: Any) -> Any:
+        ctx = current_context.get()
+        self.traceparents.append(ctx.traceparent if ctx else None)
+        return await super().chat(request)
+
+
+class RefuseKey(RouterHooks):
+    async def before_request(self, ctx: RequestContext) -> None:
+        if ctx.request is not None and ctx.request.user == "over-limit":
+            raise RateLimitError("slow down", retry_after=3)
+
+
+@pytest.fixture
+def provider() -> TraceRecordingProvider:
+    return TraceRecordingProvider("upstream-m", default=Step(text="general kenobi you are bold"))
+
+
+@pytest.fixture
+def client(provider: TraceRecordingProvider) -> Iterator[TestClient[Any]]:
+    router = Router(hooks=[RefuseKey()])
+    router.add_deployment("m", provider)
+    extension = TelemetryExtension(TelemetryConfig(json_logs=False))
+    with TestClient(create_app(router=router, extensions=[extension])) as test_client:
+        yield test_client
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{key}="{value}"' in line for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    formatter = JsonFormatter()
+    return [json.loads(formatter.format(r)) for r in caplog.records if r.name == "llmrouter.access"]
+
+
+def test_metrics_endpoint_after_traffic(client: TestClient[Any]) -> None:
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert client.post("/v1/chat/completions", json={**CHAT, "stream": True}).status_code == 200
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert metric_value(
+        text,
+        "http_server_request_duration_seconds_count",
+        http_route="/v1/chat/completions",
+        http_request_method="POST",
+        http_response_status_code="200",
+    ) == 2
+    assert metric_value(text, "gen_ai_client_token_usage_sum", gen_ai_token_type="output", gen_ai_request_model="m") == 10
+    assert metric_value(text, "gen_ai_client_operation_time_to_first_chunk_seconds_count") == 1
+    assert metric_value(text, "gen_ai_client_operation_duration_seconds_count", gen_ai_operation_name="chat") == 2
+    assert 'service_name="llmrouter"' in text  # target_info
+    assert "process_cpu_seconds_total" in text
+    # No request ids or prompt text among the label values.
+    assert "hello there" not in text and not re.search(r'="[0-9a-f]{32}"', text)
+
+
+def test_openmetrics_when_asked(client: TestClient[Any]) -> None:
+    response = client.get("/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.text.rstrip().endswith("# EOF")
+
+
+def test_incoming_traceparent_reaches_the_provider_and_the_log(
+    client: TestClient[Any], provider: TraceRecordingProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmrouter.access")
+    client.post("/v1/chat/completions", json=CHAT, headers={"traceparent": TRACEPARENT, "x-request-id": "req-42"})
+    assert provider.traceparents == [TRACEPARENT]
+    (line,) = [entry for entry in access_lines(caplog) if entry["path"] == "/v1/chat/completions"]
+    assert line["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    assert line["request_id"] == "req-42"
+    assert (line["method"], line["status"], line["model"], line["level"]) == ("POST", 200, "m", "INFO")
+    assert line["deployment"] and line["tokens"]["completion"] == 5 and line["latency_ms"] >= 0
+    assert line["timestamp"].endswith("+00:00") and line["cache"] is None
+
+
+@pytest.mark.parametrize("header", [None, "garbage", "00-" + "0" * 32 + "-b7ad6b7169203331-01"])
+def test_missing_or_invalid_traceparent_starts_a_trace(
+    client: TestClient[Any], provider: TraceRecordingProvider, header: str | None
+) -> None:
+    headers = {"traceparent": header} if header else {}
+    client.post("/v1/chat/completions", json=CHAT, headers=headers)
+    (sent,) = provider.traceparents
+    parsed = parse_traceparent(sent)
+    assert parsed is not None and sent != header
+
+
+def test_rate_limited_request_is_counted_and_logged(
+    client: TestClient[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmrouter.access")
+    response = client.post("/v1/chat/completions", json={**CHAT, "user": "over-limit"})
+    assert response.status_code == 429
+    text = client.get("/metrics").text
+    assert metric_value(text, "llmrouter_requests_rejected_total", llmrouter_rejection_reason="rate_limited") == 1
+    (line,) = [entry for entry in access_lines(caplog) if entry["path"] == "/v1/chat/completions"]
+    assert line["status"] == 429 and line["error"]["type"] == "RateLimitError"
+
+
+def test_probe_and_scrape_lines_are_debug(client: TestClient[Any], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="llmrouter.access")
+    client.get("/health")
+    client.get("/v1/models")
+    levels = {entry["path"]: entry["level"] for entry in access_lines(caplog)}
+    assert levels == {"/health": "DEBUG", "/v1/models": "INFO"}
