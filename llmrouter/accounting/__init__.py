@@ -18,19 +18,31 @@ the submodules that need them (``llmrouter.accounting.config`` is imported by
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from llmrouter.accounting.config import AccountingConfig
 
 if TYPE_CHECKING:
+    from llmrouter.accounting.extension import AccountingExtension
     from llmrouter.accounting.facade import Accounting
     from llmrouter.accounting.hooks import AccountingHooks
     from llmrouter.accounting.keys import ApiKey, KeyStore, Principal
 
-__all__ = ["Accounting", "AccountingConfig", "AccountingHooks", "ApiKey", "KeyStore", "Principal"]
+__all__ = [
+    "Accounting",
+    "AccountingConfig",
+    "AccountingExtension",
+    "AccountingHooks",
+    "ApiKey",
+    "KeyStore",
+    "Principal",
+    "extension_from_config",
+]
 
 _LAZY = {
     "Accounting": "llmrouter.accounting.facade",
+    "AccountingExtension": "llmrouter.accounting.extension",
     "AccountingHooks": "llmrouter.accounting.hooks",
     "ApiKey": "llmrouter.accounting.keys",
     "KeyStore": "llmrouter.accounting.keys",
@@ -45,3 +57,20 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     return getattr(importlib.import_module(module), name)
+
+
+def extension_from_config(config: Any) -> AccountingExtension | None:
+    """The service's accounting extension for a :class:`~llmrouter.config.Config`
+    (None when ``accounting.enabled`` is false, or when SQLModel is not installed)."""
+    section: AccountingConfig = getattr(config, "accounting", None) or AccountingConfig()
+    if not section.enabled:
+        return None
+    try:
+        from llmrouter.accounting.extension import AccountingExtension
+        from llmrouter.accounting.facade import Accounting
+    except ImportError as exc:
+        logging.getLogger("llmrouter.accounting").warning(
+            "accounting disabled: %s (install `llmrouter[accounting]`)", exc
+        )
+        return None
+    return AccountingExtension(Accounting.from_config(section))

@@ -130,6 +130,7 @@ class KeyStore:
         self._cache_seconds = cache_seconds
         self._by_prefix: dict[str, tuple[float, ApiKey, str]] = {}
         self._any_key: bool | None = None
+        self._any_key_checked = 0.0
 
     async def create(
         self,
@@ -211,9 +212,12 @@ class KeyStore:
         must not open the service)."""
         if self._any_key:
             return True
+        now = time.monotonic()
+        if self._any_key is False and now - self._any_key_checked < self._cache_seconds:
+            return False
         async with self._engine.connect() as conn:
             count = (await conn.execute(select(func.count()).select_from(_TABLE))).scalar_one()
-        self._any_key = count > 0
+        self._any_key, self._any_key_checked = count > 0, now
         return self._any_key
 
     async def verify(self, secret: str) -> ApiKey:

@@ -76,6 +76,7 @@ async def usage_report(
     since: float | None = None,
     until: float | None = None,
     key_id: str | None = None,
+    anonymous: bool = False,
 ) -> list[dict[str, Any]]:
     """Sums over the ledger rows in ``[since, until)``, grouped by ``by``.
 
@@ -84,6 +85,7 @@ async def usage_report(
         since: Unix seconds, inclusive.
         until: Unix seconds, exclusive.
         key_id: only this key's rows (``/v1/usage``).
+        anonymous: only rows without a key (the local user when auth is off).
 
     Returns:
         One dict per group: the dimensions (``key`` also gets ``key_name``), then
@@ -110,6 +112,8 @@ async def usage_report(
         query = query.where(_LEDGER.c.created_at < until)
     if key_id is not None:
         query = query.where(_LEDGER.c.api_key_id == key_id)
+    elif anonymous:
+        query = query.where(_LEDGER.c.api_key_id.is_(None))
     if dims:
         query = query.group_by(*[DIMENSIONS[d] for d in dims]).order_by(*[DIMENSIONS[d] for d in dims])
     async with engine.connect() as conn:

@@ -1,0 +1,254 @@
+"""``llmrouter keys|usage|db`` sub-commands (registered by :mod:`llmrouter.cli`).
+
+::
+
+    llmrouter keys create NAME [--scope admin] [--models gpt-4o,local-*] [--expires 30d]
+                               [--budget 10 --budget-period month] [--rpm N] [--tpm N] [--concurrency N]
+    llmrouter keys list [--active] [--format table|json]
+    llmrouter keys revoke KEY            # id, prefix or name
+    llmrouter usage report [--by key,model] [--since 2026-11-01] [--until 2026-11-30] [--key KEY]
+                           [--format table|csv|json]
+    llmrouter db upgrade | db status
+
+Every command takes ``--config`` (like ``serve``) and ``--database-url`` (wins over it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+
+from llmrouter.accounting.config import AccountingConfig, DatabaseConfig
+
+__all__ = ["main", "register"]
+
+
+def _section(args: argparse.Namespace) -> AccountingConfig:
+    from llmrouter.cli import find_config_path
+    from llmrouter.config import load_config
+
+    section = load_config(find_config_path(getattr(args, "config", None))).accounting
+    url = getattr(args, "database_url", None)
+    if url:
+        import msgspec
+
+        section = msgspec.structs.replace(section, database=DatabaseConfig(url=url))
+    return section
+
+
+def _with_db(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *, migrate: bool = True) -> int:
+    from llmrouter.accounting.db import create_engine
+    from llmrouter.accounting.migrations import upgrade
+
+    section = _section(args)
+
+    async def run() -> int:
+        engine = create_engine(section.database)
+        try:
+            if migrate and section.database.create:
+                await upgrade(engine)
+            return await body(engine)
+        finally:
+            await engine.dispose()
+
+    return anyio.run(run)
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from llmrouter.accounting.keys import KeyStore
+    from llmrouter.accounting.reports import parse_time
+
+    expires_at = None
+    if args.expires:
+        # "30d" means 30 days from now (parse_time reads it as 30 days ago).
+        if args.expires[-1] in "hdw" and args.expires[:-1].isdigit():
+            expires_at = 2 * time.time() - (parse_time(args.expires) or 0.0)
+        else:
+            expires_at = parse_time(args.expires)
+
+    async def body(engine: Any) -> int:
+        key, secret = await KeyStore(engine).create(
+            args.name,
+            scopes=args.scope or ["user"],
+            allowed_models=[m for m in args.models.split(",") if m] if args.models else None,
+            expires_at=expires_at,
+            budget=args.budget,
+            budget_period=args.budget_period,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            concurrency=args.concurrency,
+            note=args.note,
+        )
+        if args.format == "json":
+            print(json.dumps({"id": key.id, "name": key.name, "prefix": key.prefix, "scopes": list(key.scopes), "secret": secret}))
+        else:
+            print(f"created key {key.id} ({key.name}), scopes: {','.join(key.scopes)}")
+            print(f"secret (shown once, store it now): {secret}")
+        return 0
+
+    return _with_db(args, body)
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from llmrouter.accounting.keys import KeyStore
+
+    async def body(engine: Any) -> int:
+        keys = await KeyStore(engine).list(include_revoked=not args.active)
+        if args.format == "json":
+            print(json.dumps([{**msgspec.to_builtins(k), "state": k.state()} for k in keys], indent=2))
+            return 0
+        rows = [
+            {
+                "id": k.id, "name": k.name, "prefix": f"sk-llmr-{k.prefix}-", "scopes": ",".join(k.scopes),
+                "models": ",".join(k.allowed_models) if k.allowed_models is not None else "*",
+                "state": k.state(), "created": _when(k.created_at), "expires": _when(k.expires_at),
+                "budget": f"{k.budget}/{k.budget_period}" if k.budget is not None else "-",
+            }
+            for k in keys
+        ]
+        print(_plain_table(rows), end="")
+        return 0
+
+    return _with_db(args, body)
+
+
+def _plain_table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "(no keys)\n"
+    headers = list(rows[0])
+    widths = [max(len(h), *(len(r[h]) for r in rows)) for h in headers]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(r[h].ljust(w) for h, w in zip(headers, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines) + "\n"
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from llmrouter.accounting.keys import KeyStore
+
+    async def body(engine: Any) -> int:
+        key = await KeyStore(engine).revoke(args.key)
+        print(f"revoked key {key.id} ({key.name}) at {_when(key.revoked_at)}")
+        return 0
+
+    return _with_db(args, body)
+
+
+def cmd_usage_report(args: argparse.Namespace) -> int:
+    from llmrouter.accounting.keys import KeyStore
+    from llmrouter.accounting.reports import parse_time, render, usage_report
+
+    since, until = parse_time(args.since), parse_time(args.until, end=True)
+
+    async def body(engine: Any) -> int:
+        key_id = None
+        if args.key:
+            key = await KeyStore(engine).get(args.key)
+            if key is None:
+                print(f"llmrouter: error: no API key {args.key!r}", file=sys.stderr)
+                return 1
+            key_id = key.id
+        rows = await usage_report(engine, by=args.by.split(","), since=since, until=until, key_id=key_id)
+        sys.stdout.write(render(rows, args.format))
+        return 0
+
+    return _with_db(args, body)
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from llmrouter.accounting.migrations import current_version, upgrade
+
+    async def body(engine: Any) -> int:
+        applied = await upgrade(engine)
+        version = await current_version(engine)
+        print(f"applied migrations {applied}; schema version {version}" if applied else f"up to date (schema version {version})")
+        return 0
+
+    return _with_db(args, body, migrate=False)
+
+
+def cmd_db_status(args: argparse.Namespace) -> int:
+    from llmrouter.accounting.migrations import current_version, latest_version
+
+    async def body(engine: Any) -> int:
+        version, latest = await current_version(engine), latest_version()
+        print(f"schema version {version} of {latest}" + ("" if version >= latest else " - run `llmrouter db upgrade`"))
+        return 0 if version >= latest else 3
+
+    return _with_db(args, body, migrate=False)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: don't overwrite a --config given to a parent parser with None.
+    parser.add_argument("--config", "-c", default=argparse.SUPPRESS, help="config file")
+    parser.add_argument("--database-url", default=argparse.SUPPRESS, help="accounting database URL (wins over the config)")
+
+
+def register(subparsers: Any) -> None:
+    """Add ``keys``, ``usage`` and ``db`` to the ``llmrouter`` command line."""
+    keys = subparsers.add_parser("keys", help="create, list and revoke API keys").add_subparsers(metavar="ACTION")
+    create = keys.add_parser("create", help="create a key and print its secret (once)")
+    create.add_argument("name")
+    create.add_argument("--scope", action="append", choices=["admin", "user"], help="repeatable (default: user)")
+    create.add_argument("--models", help="comma-separated allowed model names or globs (default: all)")
+    create.add_argument("--expires", help="30d, 12h, or a date/time (UTC)")
+    create.add_argument("--budget", type=float, help="spend cap in USD")
+    create.add_argument("--budget-period", choices=["day", "month", "total"], default=None)
+    create.add_argument("--rpm", type=int)
+    create.add_argument("--tpm", type=int)
+    create.add_argument("--concurrency", type=int)
+    create.add_argument("--note")
+    create.add_argument("--format", choices=["text", "json"], default="text")
+    create.set_defaults(func=cmd_keys_create)
+    listing = keys.add_parser("list", help="list keys (never their secrets)")
+    listing.add_argument("--active", action="store_true", help="hide revoked keys")
+    listing.add_argument("--format", choices=["table", "json"], default="table")
+    listing.set_defaults(func=cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by id, prefix or name")
+    revoke.add_argument("key")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
+    usage = subparsers.add_parser("usage", help="usage and cost reports").add_subparsers(metavar="ACTION")
+    report = usage.add_parser("report", help="usage grouped by key/model/provider/deployment/day/status")
+    report.add_argument("--by", default="key,model", help="comma-separated dimensions (default: key,model)")
+    report.add_argument("--since", help="2026-11-01, ISO time, today, or 7d/24h ago (inclusive)")
+    report.add_argument("--until", help="as --since; a bare date includes that whole day")
+    report.add_argument("--key", help="only this key (id, prefix or name)")
+    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.set_defaults(func=cmd_usage_report)
+
+    db = subparsers.add_parser("db", help="accounting database schema").add_subparsers(metavar="ACTION")
+    up = db.add_parser("upgrade", help="apply pending migrations (safe while replicas run)")
+    up.set_defaults(func=cmd_db_upgrade)
+    status = db.add_parser("status", help="show the schema version")
+    status.set_defaults(func=cmd_db_status)
+    for parser in (create, listing, revoke, report, up, status):
+        _common(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (``python -m llmrouter.accounting.cli``)."""
+    parser = argparse.ArgumentParser(prog="llmrouter")
+    register(parser.add_subparsers(metavar="COMMAND"))
+    args = parser.parse_args(argv)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    return int(func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The accounting extension for the service: authentication, hooks and HTTP routes.
+
+Routes (OpenAI-style error bodies on failure):
+
+- ``GET /v1/usage?since=&until=&by=day,model`` — the caller's own usage and budgets.
+- ``GET /v1/admin/usage?since=&until=&by=key,model,provider,day&key=`` — everyone's (admin).
+- ``POST /v1/admin/keys`` — create a key; the response carries the secret, once (admin).
+- ``GET /v1/admin/keys`` — list keys (admin).
+- ``DELETE /v1/admin/keys/{key}`` — revoke by id, prefix or name (admin).
+
+Litestar is imported only here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import msgspec
+from litestar import Request, Response, delete, get, post
+
+from llmrouter.accounting.facade import Accounting
+from llmrouter.accounting.keys import ApiKey
+from llmrouter.accounting.reports import parse_time
+from llmrouter.context import RequestContext
+from llmrouter.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+from llmrouter.extension import Extension
+from llmrouter.hooks import RouterHooks
+
+__all__ = ["AccountingExtension", "CreateKeyRequest", "secret_from_headers"]
+
+_encode = msgspec.json.Encoder().encode
+
+
+class CreateKeyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/admin/keys``."""
+
+    name: str
+    scopes: list[Literal["admin", "user"]] = msgspec.field(default_factory=lambda: ["user"])
+    allowed_models: list[str] | None = None
+    expires_at: float | None = None
+    """Unix seconds."""
+    expires_in_days: float | None = None
+    budget: float | None = None
+    budget_period: Literal["day", "month", "total"] | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    note: str | None = None
+
+
+def secret_from_headers(headers: Mapping[str, str]) -> str | None:
+    """The API key from ``Authorization: Bearer …`` or ``X-API-Key``."""
+    auth = headers.get("authorization") or headers.get("Authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    value = headers.get("x-api-key") or headers.get("X-API-Key")
+    return value.strip() if value and value.strip() else None
+
+
+def key_to_json(key: ApiKey) -> dict[str, Any]:
+    data = msgspec.to_builtins(key)
+    data["object"] = "api_key"
+    data["state"] = key.state()
+    return data
+
+
+def _json(body: Any, status: int = 200) -> Response[bytes]:
+    return Response(content=_encode(body), status_code=status, media_type="application/json")
+
+
+class AccountingExtension(Extension):
+    """Keys, limits, budgets and the ledger for ``llmrouter serve``.
+
+    Args:
+        accounting: the (not yet started) :class:`Accounting` to serve.
+    """
+
+    name = "accounting"
+
+    def __init__(self, accounting: Accounting) -> None:
+        self.accounting = accounting
+
+    def router_hooks(self) -> Sequence[RouterHooks]:
+        return (self.accounting.hooks,)
+
+    async def startup(self) -> None:
+        await self.accounting.start()
+
+    async def shutdown(self) -> None:
+        await self.accounting.aclose()
+
+    def readiness(self) -> Mapping[str, Any]:
+        return self.accounting.readiness()
+
+    async def authenticate(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
+        """Attach the caller's key; 401 when auth is on and the key is missing or bad.
+
+        With auth off, a valid llmrouter key is still attached (usage is attributed),
+        and anything else (``Bearer sk-no-key``, as SDKs send) is ignored.
+        """
+        secret = secret_from_headers(headers)
+        required = await self.accounting.auth_required()
+        if secret is None:
+            if required:
+                raise AuthenticationError(
+                    "missing API key: send `Authorization: Bearer sk-llmr-...` or `X-API-Key`",
+                    code="missing_api_key",
+                )
+            return
+        try:
+            key = await self.accounting.authenticate(secret)
+        except AuthenticationError:
+            if required:
+                raise
+            return
+        ctx.principal = key
+        ctx.api_key_id = key.id
+
+    async def _caller(self, request: Request[Any, Any, Any], *, admin: bool) -> ApiKey | None:
+        ctx = RequestContext()
+        await self.authenticate(ctx, request.headers)
+        key = ctx.principal if isinstance(ctx.principal, ApiKey) else None
+        if admin and key is not None and not key.has_scope("admin"):
+            raise PermissionDeniedError("this endpoint needs an API key with the admin scope", code="admin_required")
+        if admin and key is None and await self.accounting.auth_required():
+            raise AuthenticationError("missing API key", code="missing_api_key")
+        return key
+
+    def route_handlers(self) -> Sequence[Any]:
+        ext = self
+        acct = self.accounting
+
+        def time_range(request: Request[Any, Any, Any]) -> tuple[float | None, float | None]:
+            query = request.query_params
+            return parse_time(query.get("since")), parse_time(query.get("until"), end=True)
+
+        def dimensions(request: Request[Any, Any, Any], default: str) -> list[str]:
+            return [d for d in (request.query_params.get("by") or default).split(",") if d.strip()]
+
+        @get("/v1/usage", summary="The caller's usage (by day and model) and budgets")
+        async def own_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
+            key = await ext._caller(request, admin=False)
+            since, until = time_range(request)
+            by = [d for d in dimensions(request, "day,model") if d != "key"]
+            rows = await acct.usage(by=by, since=since, until=until, key_id=key.id if key else None, anonymous=key is None)
+            budgets = await acct.budgets.status(key) if acct.budgets is not None else []
+            return _json({
+                "object": "usage",
+                "key": key_to_json(key) if key else None,
+                "since": since,
+                "until": until,
+                "data": rows,
+                "budgets": budgets,
+            })
+
+        @get("/v1/admin/usage", summary="Everyone's usage, grouped (admin)")
+        async def admin_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
+            await ext._caller(request, admin=True)
+            since, until = time_range(request)
+            key_filter = request.query_params.get("key")
+            key_id = None
+            if key_filter:
+                found = await acct.keys.get(key_filter)
+                if found is None:
+                    raise InvalidRequestError(f"no API key {key_filter!r}", param="key")
+                key_id = found.id
+            rows = await acct.usage(by=dimensions(request, "key,model"), since=since, until=until, key_id=key_id)
+            return _json({"object": "usage", "since": since, "until": until, "data": rows})
+
+        @post("/v1/admin/keys", summary="Create an API key (the secret is shown once)", status_code=201)
+        async def create_key(request: Request[Any, Any, Any]) -> Response[bytes]:
+            await ext._caller(request, admin=True)
+            try:
+                body = msgspec.json.decode(await request.body(), type=CreateKeyRequest)
+            except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+                raise InvalidRequestError(f"invalid key request: {exc}") from exc
+            expires_at = body.expires_at
+            if body.expires_in_days is not None:
+                expires_at = time.time() + body.expires_in_days * 86400
+            key, secret = await acct.keys.create(
+                body.name, scopes=body.scopes, allowed_models=body.allowed_models, expires_at=expires_at,
+                budget=body.budget, budget_period=body.budget_period, rpm=body.rpm, tpm=body.tpm,
+                concurrency=body.concurrency, note=body.note,
+            )
+            return _json({**key_to_json(key), "secret": secret}, status=201)
+
+        @get("/v1/admin/keys", summary="List API keys (admin)")
+        async def list_keys(request: Request[Any, Any, Any]) -> Response[bytes]:
+            await ext._caller(request, admin=True)
+            keys = await acct.keys.list()
+            return _json({"object": "list", "data": [key_to_json(k) for k in keys]})
+
+        @delete("/v1/admin/keys/{key_ref:str}", summary="Revoke an API key (admin)", status_code=200)
+        async def revoke_key(request: Request[Any, Any, Any], key_ref: str) -> Response[bytes]:
+            await ext._caller(request, admin=True)
+            return _json(key_to_json(await acct.keys.revoke(key_ref)))
+
+        return [own_usage, admin_usage, create_key, list_keys, revoke_key]
