@@ -1,0 +1,210 @@
+"""Gateway overhead: the same load straight at a fast fake upstream and through
+``llmrouter serve``, non-streaming and streaming, at several concurrencies.
+
+Layout on the machine: the upstream and the gateway share the first core, the load
+generator (this process) runs on the second, so that the gateway's CPU per request is
+what the table shows and the load generator does not steal it. Every figure is the
+median of ``rounds`` measured windows after a warm-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmrouter.bench.loadgen import LoadResult, http_request, run_load
+from llmrouter.bench.processes import Child, free_port, pin_self, python_argv
+from llmrouter.bench.stats import median, percentile, render_table
+
+__all__ = ["GatewayRow", "run_gateway_bench"]
+
+MODEL = "mock-gpt"
+
+# Subsystems switched off: what the bare routing path costs.
+BARE = {
+    "accounting": {"enabled": False},
+    "cache": {"backend": "none"},
+    "telemetry": {"metrics": False, "json_logs": False, "access_log": False},
+}
+
+
+def _full(workdir: Path) -> dict[str, Any]:
+    """Subsystems on: SQLite ledger, memory cache (every request a miss + store), metrics."""
+    return {
+        "accounting": {
+            "enabled": True,
+            "database": {"url": f"sqlite+aiosqlite:///{workdir / 'bench.db'}"},
+            "ledger": {"journal_dir": str(workdir / "journal")},
+        },
+        "cache": {"backend": "memory"},
+        "telemetry": {"metrics": True, "json_logs": True, "access_log": False, "log_level": "WARNING"},
+    }
+
+
+@dataclass
+class GatewayRow:
+    target: str
+    stream: bool
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    ttfb_p50_ms: float
+    added_p50_ms: float | None
+    cpu_ms_per_req: float | None
+    rss_mb: float | None
+    errors: int
+
+
+def _config(upstream_port: int, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "discover": False,
+        "models": [{"name": MODEL, "deployments": [
+            {"provider": "remote", "model": MODEL, "base_url": f"http://127.0.0.1:{upstream_port}/v1"}
+        ]}],
+        **extra,
+    }
+
+
+def _body_factory(stream: bool) -> Callable[[int], bytes]:
+    tail = ',"stream":true' if stream else ""
+
+    def body(i: int) -> bytes:
+        # A different message each time: with the cache on, each request is a miss and a store.
+        return (
+            f'{{"model":"{MODEL}","temperature":0,"max_tokens":64,'
+            f'"messages":[{{"role":"user","content":"Say hello, request {i}."}}]{tail}}}'
+        ).encode()
+
+    return body
+
+
+def _measure(port: int, stream: bool, concurrency: int, duration: float, rounds: int,
+             headers: dict[str, str], child: Child | None) -> tuple[list[LoadResult], float | None]:
+    make_body = _body_factory(stream)
+    path = "/v1/chat/completions"
+
+    def make_request(i: int) -> bytes:
+        return http_request("127.0.0.1", port, path, make_body(i), headers)
+
+    results, cpu = [], []
+    for _ in range(rounds):
+        before = child.cpu_seconds() if child else 0.0
+        result = asyncio.run(run_load("127.0.0.1", port, make_request, concurrency=concurrency,
+                                      duration=duration, warmup=min(0.5, duration / 4)))
+        if child and result.total:
+            cpu.append((child.cpu_seconds() - before) * 1000 / result.total)
+        results.append(result)
+    return results, (median(cpu) if cpu else None)
+
+
+def _row(target: str, stream: bool, concurrency: int, results: list[LoadResult], cpu: float | None,
+         rss: float | None, direct_p50: float | None) -> GatewayRow:
+    p50 = median([percentile(r.latencies, 50) for r in results]) * 1000
+    return GatewayRow(
+        target=target, stream=stream, concurrency=concurrency,
+        rps=median([r.completed / r.elapsed for r in results]),
+        p50_ms=p50,
+        p90_ms=median([percentile(r.latencies, 90) for r in results]) * 1000,
+        p99_ms=median([percentile(r.latencies, 99) for r in results]) * 1000,
+        ttfb_p50_ms=median([percentile(r.first_bytes, 50) for r in results]) * 1000,
+        added_p50_ms=None if direct_p50 is None else p50 - direct_p50,
+        cpu_ms_per_req=cpu, rss_mb=rss, errors=sum(r.errors for r in results),
+    )
+
+
+def _start_gateway(config: dict[str, Any], workdir: Path, name: str) -> Child:
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    child = Child(python_argv("-m", "llmrouter.cli", "serve", "--config", str(path), "--port", str(port)),
+                  port, log=workdir / f"{name}.log")
+    child.wait_listening()
+    return child
+
+
+def run_gateway_bench(
+    *,
+    concurrencies: Sequence[int] = (1, 16, 64),
+    duration: float = 3.0,
+    rounds: int = 3,
+    chunks: int = 20,
+    modes: Sequence[str] = ("bare", "full"),
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[GatewayRow]:
+    """Measure direct vs gateway (bare and with accounting + cache + metrics)."""
+    pin_self(1)
+    rows: list[GatewayRow] = []
+    with tempfile.TemporaryDirectory(prefix="llmrouter-bench-") as tmp:
+        workdir = Path(tmp)
+        upstream_port = free_port()
+        upstream = Child(python_argv("-m", "llmrouter.testing.upstream", "--port", str(upstream_port),
+                                     "--chunks", str(chunks), "--no-record", "--model", MODEL),
+                         upstream_port, log=workdir / "upstream.log")
+        try:
+            upstream.wait_listening()
+            direct: dict[tuple[bool, int], float] = {}
+            for stream in (False, True):
+                for c in concurrencies:
+                    progress(f"direct stream={stream} c={c}")
+                    results, _ = _measure(upstream_port, stream, c, duration, rounds, {}, None)
+                    row = _row("direct", stream, c, results, None, None, None)
+                    direct[(stream, c)] = row.p50_ms
+                    rows.append(row)
+            for mode in modes:
+                extra = BARE if mode == "bare" else _full(workdir)
+                gateway = _start_gateway(_config(upstream_port, extra), workdir, mode)
+                try:
+                    idle_rss = gateway.rss_mb()
+                    for stream in (False, True):
+                        for c in concurrencies:
+                            progress(f"gateway[{mode}] stream={stream} c={c}")
+                            results, cpu = _measure(gateway.port, stream, c, duration, rounds, {}, gateway)
+                            rows.append(_row(f"gateway[{mode}]", stream, c, results, cpu, gateway.rss_mb(),
+                                             direct[(stream, c)]))
+                    rows.append(GatewayRow(f"gateway[{mode}] idle", False, 0, *([float("nan")] * 5), None,
+                                           None, idle_rss, 0))
+                finally:
+                    gateway.stop()
+        finally:
+            upstream.stop()
+    return rows
+
+
+def import_time_ms(samples: int = 5) -> float:
+    """Median wall time of ``import llmrouter`` in a fresh interpreter, minus bare start-up."""
+    def run(code: str) -> float:
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True)
+        return time.perf_counter() - started
+
+    bare = median([run("pass") for _ in range(samples)])
+    loaded = median([run("import llmrouter") for _ in range(samples)])
+    return (loaded - bare) * 1000
+
+
+def format_rows(rows: Sequence[GatewayRow]) -> str:
+    headers = ["target", "stream", "conc", "req/s", "p50 ms", "p90 ms", "p99 ms", "ttfb p50", "added p50",
+               "cpu ms/req", "rss MB", "errors"]
+    table = [
+        [r.target, "yes" if r.stream else "no", r.concurrency or "-", r.rps, r.p50_ms, r.p90_ms, r.p99_ms,
+         r.ttfb_p50_ms, r.added_p50_ms if r.added_p50_ms is not None else float("nan"),
+         r.cpu_ms_per_req if r.cpu_ms_per_req is not None else float("nan"),
+         r.rss_mb if r.rss_mb is not None else float("nan"), r.errors]
+        for r in rows
+    ]
+    return render_table(headers, table)
+
+
+def rows_as_dicts(rows: Sequence[GatewayRow]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]

@@ -1,0 +1,131 @@
+"""A small closed-loop HTTP/1.1 load generator on raw asyncio streams.
+
+Python HTTP clients (httpx in particular) cost more CPU per request than the gateway
+under test, so this one only writes pre-encoded requests and parses just enough of the
+answer: the status line, ``Content-Length`` or chunked framing, and the arrival time of
+the first body bytes (time to first chunk for SSE). Each of ``concurrency`` workers
+keeps one connection alive and sends its next request when the previous one ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["LoadResult", "run_load"]
+
+
+@dataclass
+class LoadResult:
+    """Latencies (seconds) of the requests that ended inside the measured window."""
+
+    latencies: list[float] = field(default_factory=list)
+    first_bytes: list[float] = field(default_factory=list)
+    errors: int = 0
+    total: int = 0
+    """Every response received, warm-up included (for CPU per request)."""
+    statuses: dict[int, int] = field(default_factory=dict)
+    elapsed: float = 0.0
+
+    @property
+    def completed(self) -> int:
+        return len(self.latencies)
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: bytes) -> float | None:
+    """Consume the body; return when its first bytes arrived (None if it had none)."""
+    lower = headers.lower()
+    if b"transfer-encoding: chunked" in lower:
+        first: float | None = None
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";", 1)[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                return first
+            await reader.readexactly(size + 2)
+            if first is None:
+                first = time.perf_counter()
+    marker = lower.find(b"content-length:")
+    if marker == -1:
+        return None
+    length = int(lower[marker + 15 : lower.index(b"\r\n", marker)])
+    if length:
+        await reader.readexactly(length)
+        return time.perf_counter()
+    return None
+
+
+async def _worker(
+    host: str,
+    port: int,
+    make_request: Callable[[int], bytes],
+    deadline: float,
+    measure_from: float,
+    result: LoadResult,
+    counter: list[int],
+) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while time.perf_counter() < deadline:
+            counter[0] += 1
+            payload = make_request(counter[0])
+            started = time.perf_counter()
+            try:
+                writer.write(payload)
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                first = await _read_body(reader, head)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                result.errors += 1
+                writer.close()
+                reader, writer = await asyncio.open_connection(host, port)
+                continue
+            ended = time.perf_counter()
+            result.total += 1
+            if started < measure_from or ended > deadline:
+                continue
+            result.statuses[status] = result.statuses.get(status, 0) + 1
+            if status >= 400:
+                result.errors += 1
+                continue
+            result.latencies.append(ended - started)
+            result.first_bytes.append((first or ended) - started)
+    finally:
+        writer.close()
+
+
+def http_request(host: str, port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    """An encoded keep-alive ``POST`` request."""
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def run_load(
+    host: str,
+    port: int,
+    make_request: Callable[[int], bytes],
+    *,
+    concurrency: int,
+    duration: float,
+    warmup: float = 0.5,
+) -> LoadResult:
+    """Run ``concurrency`` closed-loop workers for ``warmup + duration`` seconds."""
+    result = LoadResult()
+    start = time.perf_counter()
+    measure_from = start + warmup
+    deadline = measure_from + duration
+    counter = [0]
+    await asyncio.gather(
+        *(_worker(host, port, make_request, deadline, measure_from, result, counter) for _ in range(concurrency))
+    )
+    result.elapsed = duration
+    return result

@@ -1,0 +1,88 @@
+"""Child processes for the gateway benchmark: the fake upstream and ``llmrouter serve``,
+pinned to one core, with their CPU time and memory read from ``/proc``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["Child", "free_port", "pin_self"]
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def pin_self(core_index: int) -> None:
+    """Pin this process to one core (the load generator's), when there are two or more."""
+    cores = _cores()
+    if len(cores) > 1:
+        os.sched_setaffinity(0, {cores[core_index % len(cores)]})
+
+
+class Child:
+    """A server process pinned (before exec) to the first core, waited for until it listens."""
+
+    def __init__(self, argv: Sequence[str], port: int, *, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        self.argv, self.port = list(argv), port
+        cores = _cores()
+        core = {cores[0]} if len(cores) > 1 else set(cores)
+        self._log = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            self.argv,
+            env={**os.environ, **(env or {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: os.sched_setaffinity(0, core),  # noqa: PLW1509 - set before exec, inherited by threads
+        )
+
+    def wait_listening(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.argv[0]} exited with {self.process.returncode} before listening")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise TimeoutError(f"{' '.join(self.argv)} did not listen on {self.port} within {timeout:.0f}s")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+
+
+def python_argv(*args: str) -> list[str]:
+    return [sys.executable, *args]
