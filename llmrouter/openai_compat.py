@@ -157,6 +157,8 @@ def _error_fields(payload: Any) -> tuple[str | None, str | None, str | None, Any
     if message is not None and not isinstance(message, str):
         message = msgspec.json.encode(message).decode()
     code = error.get("code")
+    if isinstance(code, str) and code.isdigit():
+        code = int(code)
     status_hint = code if isinstance(code, int) else error.get("status")
     code_text = str(code) if code is not None and not isinstance(code, int) else None
     param = error.get("param")

@@ -1,0 +1,193 @@
+"""What RemoteProvider sends upstream, and how it reads what comes back."""
+
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import msgspec
+import pytest
+from llmrouter_remote import RemoteOptions, RemoteProvider
+
+from llmrouter.context import RequestContext, current_context
+from llmrouter.errors import ConfigError, InvalidRequestError, UpstreamError
+from llmrouter.registry import create_provider, load_provider_class
+from llmrouter.testing.conformance import collect_stream
+from llmrouter.testing.upstream import FakeUpstream
+from llmrouter.types import decode_chat_request, decode_completion_request
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def echo_upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream(reply="You said: {last_user}", models=["served-model"]) as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def remote(echo_upstream: FakeUpstream) -> AsyncIterator[RemoteProvider]:
+    echo_upstream.reset()
+    provider = RemoteProvider("served-model", base_url=echo_upstream.base_url, headers={"x-team": "blue"})
+    async with provider:
+        yield provider
+
+
+async def test_unknown_request_fields_reach_the_upstream(remote: RemoteProvider, echo_upstream: FakeUpstream) -> None:
+    request = decode_chat_request({
+        "model": "my-group",
+        "messages": [{"role": "user", "content": "hello"}],
+        "top_k": 5,
+        "repetition_penalty": 1.1,
+        "chat_template_kwargs": {"enable_thinking": False},
+    })
+    response = await remote.chat(request)
+    assert response.choices[0].message.content == "You said: hello"
+    sent = echo_upstream.last_request.json
+    assert sent["top_k"] == 5 and sent["repetition_penalty"] == 1.1
+    assert sent["chat_template_kwargs"] == {"enable_thinking": False}
+    assert sent["model"] == "served-model"  # the deployment's model, not the group name
+    assert "stream" not in sent or sent["stream"] is False
+    assert "__extra__" not in sent
+
+
+async def test_stream_always_asks_for_usage(remote: RemoteProvider, echo_upstream: FakeUpstream) -> None:
+    request = decode_chat_request({
+        "model": "served-model", "messages": [{"role": "user", "content": "a b"}], "stream": True, "top_k": 3,
+    })
+    chunks = await collect_stream(remote.stream(request))
+    sent = echo_upstream.last_request.json
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert sent["top_k"] == 3
+    assert chunks[-1].usage is not None and not chunks[-1].usage.estimated
+    assert "".join(c.delta.content or "" for ch in chunks for c in ch.choices) == "You said: a b"
+
+
+async def test_completion_sends_max_tokens_explicitly(remote: RemoteProvider, echo_upstream: FakeUpstream) -> None:
+    # 16 is the wire default (so omitted by msgspec), but llama.cpp's default is unlimited.
+    await remote.complete(decode_completion_request({"model": "x", "prompt": "p"}))
+    assert echo_upstream.last_request.json["max_tokens"] == 16
+
+
+async def test_context_and_option_headers_are_forwarded(remote: RemoteProvider, echo_upstream: FakeUpstream) -> None:
+    ctx = RequestContext(request_id="req-123", traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    token = current_context.set(ctx)
+    try:
+        await collect_stream(remote.stream(decode_chat_request(
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True})))
+    finally:
+        current_context.reset(token)
+    headers = echo_upstream.last_request.headers
+    assert headers["x-request-id"] == "req-123"
+    assert headers["traceparent"] == ctx.traceparent
+    assert headers["x-team"] == "blue"
+    assert headers["accept"] == "text/event-stream"
+    await remote.chat(decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]}))
+    assert "x-request-id" not in echo_upstream.last_request.headers
+
+
+async def test_tool_calls_round_trip(remote: RemoteProvider, echo_upstream: FakeUpstream) -> None:
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+    }
+    echo_upstream.enqueue("tool_call", "tool_call")
+    response = await remote.chat(decode_chat_request(body))
+    (call,) = response.choices[0].message.tool_calls or []
+    assert call.function.name == "get_weather" and response.choices[0].finish_reason == "tool_calls"
+    assert echo_upstream.last_request.json["tools"][0]["function"]["name"] == "get_weather"
+    chunks = await collect_stream(remote.stream(decode_chat_request({**body, "stream": True})))
+    deltas = [t for ch in chunks for c in ch.choices for t in c.delta.tool_calls or []]
+    assert deltas and deltas[0].function is not None and deltas[0].function.name == "get_weather"
+    assert chunks[-1].usage is not None
+
+
+async def test_list_models_and_health(remote: RemoteProvider, echo_upstream: FakeUpstream) -> None:
+    assert [m.id for m in await remote.list_models()] == ["served-model"]
+    health = await remote.health()
+    assert health.ok and health.latency_ms is not None and health.latency_ms >= 0
+    async with RemoteProvider("missing-model", base_url=echo_upstream.url) as other:  # no /v1: added
+        health = await other.health()
+        assert not health.ok and "missing-model" in health.detail
+    async with RemoteProvider("missing-model", base_url=echo_upstream.url, check_model=False) as lax:
+        assert (await lax.health()).ok
+
+
+def test_registered_under_entry_point_and_config_errors() -> None:
+    assert load_provider_class("remote") is RemoteProvider
+    provider = create_provider("remote", "m", {"base_url": "http://h:8000/v1", "max_connections": 8})
+    assert isinstance(provider.options, RemoteOptions) and provider.options.max_connections == 8
+    caps = provider.capabilities
+    assert caps.streaming and caps.tools and caps.json_mode and caps.vision and caps.completions
+    with pytest.raises(ConfigError, match="base_url"):
+        create_provider("remote", "m", {}, path="models[g].deployments[0]")
+    with pytest.raises(ConfigError, match="bogus"):
+        create_provider("remote", "m", {"base_url": "http://h", "bogus": 1})
+
+
+# --- odd upstreams, through an injected MockTransport ------------------------------------------
+
+
+def mock_provider(handler) -> RemoteProvider:  # noqa: ANN001 - an httpx handler
+    return RemoteProvider("m", base_url="http://upstream.test/v1", transport=httpx.MockTransport(handler))
+
+
+async def test_lenient_decoding_of_bent_schemas() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        # created as a string, usage numbers as strings: seen from home-grown servers.
+        body = {"id": "x", "created": "1700000000", "model": "m",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": "3", "completion_tokens": 1, "total_tokens": 4}}
+        return httpx.Response(200, json=body)
+
+    async with mock_provider(handler) as provider:
+        response = await provider.chat(decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]}))
+    assert response.created == 1700000000 and response.usage is not None and response.usage.prompt_tokens == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (400, {"object": "error", "message": "vllm says no", "type": "BadRequestError", "code": 400}, "vllm says no"),
+        (400, {"error": "llama.cpp says no"}, "llama.cpp says no"),
+        (400, {"detail": "fastapi says no"}, "fastapi says no"),
+        (400, b"<html>plain text</html>", "<html>plain text</html>"),
+        (502, b"", "upstream answered HTTP 502"),
+    ],
+)
+async def test_error_body_shapes(status: int, body: object, message: str) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if isinstance(body, bytes):
+            return httpx.Response(status, content=body)
+        return httpx.Response(status, json=body)
+
+    async with mock_provider(handler) as provider:
+        with pytest.raises((InvalidRequestError, UpstreamError)) as caught:
+            await provider.chat(decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]}))
+    assert caught.value.message == message
+    assert caught.value.retryable is (status >= 500)
+
+
+async def test_sse_without_done_or_final_blank_line_and_with_comments() -> None:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "hé"}, "finish_reason": None}]}
+    last = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    payload = (b": keep-alive\r\n\r\n" + b"data: " + msgspec.json.encode(chunk) + b"\r\n\r\n"
+               + b"event: message\ndata: " + msgspec.json.encode(last))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=payload, headers={"content-type": "text/event-stream"})
+
+    async with mock_provider(handler) as provider:
+        chunks = await collect_stream(provider.stream(
+            decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True})))
+    assert [c.choices[0].delta.content for c in chunks[:1]] == ["hé"]
+    assert chunks[1].choices[0].finish_reason == "stop"
+    assert chunks[-1].usage is not None and chunks[-1].usage.estimated and chunks[-1].choices == []
+
+
+async def test_injected_http_client_is_left_open() -> None:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"data": []})))
+    async with RemoteProvider("m", base_url="http://u.test", http_client=client) as provider:
+        assert await provider.list_models() == []
+    assert not client.is_closed
+    await client.aclose()
