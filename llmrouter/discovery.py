@@ -65,6 +65,8 @@ async def discover_models(
 ) -> DiscoveryReport:
     """Run ``discover()`` of every available provider (or of ``providers``) concurrently.
 
+    Known first-party providers that are not installed get a line naming what to install.
+
     Group names must be unique: a later provider's group with a name (or alias) already
     taken is left out, and a line says so.
     """
@@ -90,10 +92,10 @@ async def discover_models(
                 continue
             taken |= labels
             report.groups.append(model_group)
-    if providers is None:
-        for name, install in KNOWN_PROVIDERS.items():
-            if name not in names:
-                report.lines.append(f"{name}: not installed (install {install})")
+    installed = set(available_providers())
+    for name, install in KNOWN_PROVIDERS.items():
+        if name not in installed:
+            report.lines.append(f"{name}: not installed (install {install})")
     return report
 
 

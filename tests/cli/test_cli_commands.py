@@ -1,0 +1,104 @@
+"""``llmrouter models`` / ``chat``, config search and plugin sub-commands (in-process ``main``)."""
+
+from __future__ import annotations
+
+import io
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmrouter import cli
+from llmrouter.testing.upstream import FakeUpstream
+
+
+def test_models_table(tmp_path: Path, fake: FakeUpstream, make_config: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    config = make_config(tmp_path / "c.yaml", fake.base_url)
+    assert cli.main(["models", "--config", str(config)]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["MODEL", "ALIASES", "STRATEGY", "DEPLOYMENT", "PROVIDER", "UPSTREAM", "MODEL"]
+    assert row.split() == ["mock-gpt", "priority", "remote/mock-gpt", "remote", "mock-gpt"]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_chat_one_shot_in_process(
+    tmp_path: Path, fake: FakeUpstream, make_config: Any, capsys: pytest.CaptureFixture[str], stream: bool
+) -> None:
+    config = make_config(tmp_path / "c.yaml", fake.base_url)
+    argv = ["chat", "-m", "mock-gpt", "hello", "--config", str(config), "--max-tokens", "5"]
+    assert cli.main(argv if stream else [*argv, "--no-stream"]) == 0
+    assert capsys.readouterr().out == "Echo: hello\n"
+    assert fake.last_request.json["max_tokens"] == 5
+    assert fake.last_request.json.get("stream", False) is stream
+
+
+def test_chat_error_is_one_line_and_exit_1(
+    tmp_path: Path, fake: FakeUpstream, make_config: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = make_config(tmp_path / "c.yaml", fake.base_url)
+    assert cli.main(["chat", "-m", "nope", "hi", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmrouter: error: The model `nope` does not exist") and "Traceback" not in err
+
+
+def test_chat_repl_keeps_history(
+    tmp_path: Path, fake: FakeUpstream, make_config: Any, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = make_config(tmp_path / "c.yaml", fake.base_url)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\n\nsecond\n/exit\n"))
+    assert cli.main(["chat", "--config", str(config), "--system", "be brief"]) == 0  # default model: the only one
+    out = capsys.readouterr().out
+    assert "Echo: first" in out and "Echo: second" in out
+    messages = fake.generation_requests()[-1].json["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[2]["content"] == "Echo: first"
+
+
+def test_chat_over_http_with_the_openai_client(
+    tmp_path: Path, fake: FakeUpstream, make_config: Any, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = make_config(tmp_path / "c.yaml", fake.base_url)
+    with serve(config) as server:
+        assert cli.main(["chat", "--url", server.url, "hello"]) == 0
+        assert capsys.readouterr().out == "Echo: hello\n"
+        assert cli.main(["chat", "--url", f"{server.url}/v1", "-m", "missing", "hello"]) == 1
+        assert "404" in capsys.readouterr().err
+
+
+def test_config_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(cli.CONFIG_ENV, raising=False)
+    assert cli.find_config_path() is None
+    (tmp_path / "llmrouter.yaml").write_text("models: []\n")
+    assert cli.find_config_path() == Path("llmrouter.yaml")
+    monkeypatch.setenv(cli.CONFIG_ENV, "/etc/other.yaml")
+    assert cli.find_config_path() == Path("/etc/other.yaml")
+    assert cli.find_config_path("given.yaml") == Path("given.yaml")
+
+
+def test_bad_config_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: x\n    deployments: []\n")
+    assert cli.main(["models", "--config", str(bad)]) == 1
+    assert "has no deployments" in capsys.readouterr().err
+
+
+def test_plugin_subcommands_are_registered(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    plugin = types.ModuleType("llmrouter.bench.cli")
+
+    def register(subparsers: Any) -> None:
+        parser = subparsers.add_parser("bench", help="benchmarks")
+        parser.set_defaults(func=lambda args: print("bench ran") or 0)
+
+    plugin.register = register  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "llmrouter.bench.cli", plugin)
+    assert cli.main(["bench"]) == 0
+    assert capsys.readouterr().out == "bench ran\n"
+
+
+def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == 2
+    assert "serve" in capsys.readouterr().out

@@ -1,0 +1,66 @@
+"""``llmrouter serve`` as a subprocess: the issue's minimal config, workers, and a chain of routers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from llmrouter.testing.upstream import FakeUpstream
+
+MESSAGES: list[Any] = [{"role": "user", "content": "ping"}]
+
+
+def test_serve_minimal_config(tmp_path: Path, fake: FakeUpstream, serve: Any, make_config: Any) -> None:
+    config = make_config(tmp_path / "llmrouter.yaml", fake.base_url)
+    with serve(config) as server:
+        sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        reply = sdk.chat.completions.create(model="mock-gpt", messages=MESSAGES)
+        assert reply.choices[0].message.content == "Echo: ping"
+        stream = sdk.chat.completions.create(model="mock-gpt", messages=MESSAGES, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Echo: ping"
+        assert httpx.get(f"{server.url}/ready", timeout=5).json()["ready"] is True
+    assert f"config: {config}" in server.output
+    assert "models: 1 group(s), 1 deployment(s)" in server.output
+    assert "mock-gpt -> remote/mock-gpt" in server.output
+    assert f"listening on {server.url}" in server.output
+
+
+def test_serve_with_two_workers(tmp_path: Path, fake: FakeUpstream, serve: Any, make_config: Any) -> None:
+    config = make_config(tmp_path / "llmrouter.yaml", fake.base_url)
+    with serve(config, "--workers", "2") as server:
+        sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        for _ in range(4):
+            assert sdk.chat.completions.create(model="mock-gpt", messages=MESSAGES).choices[0].message.content
+    assert len(fake.generation_requests()) == 4
+
+
+def test_chain_of_two_routers(tmp_path: Path, fake: FakeUpstream, serve: Any, make_config: Any) -> None:
+    # client -> llmrouter A -> remote provider -> llmrouter B -> fake upstream
+    no_retry = {"retry": {"attempts": 0}}  # so that one upstream 429 reaches the client
+    config_b = make_config(tmp_path / "b.yaml", fake.base_url, router=no_retry)
+    with serve(config_b) as node_b:
+        config_a = make_config(tmp_path / "a.yaml", f"{node_b.url}/v1", model="chained", router=no_retry)
+        with serve(config_a) as node_a:
+            sdk = openai.OpenAI(base_url=f"{node_a.url}/v1", api_key="unused", max_retries=0)
+            raw = sdk.chat.completions.with_raw_response.create(
+                model="chained", messages=MESSAGES, extra_headers={"x-request-id": "chain-1"})
+            assert raw.parse().choices[0].message.content == "Echo: ping"
+            assert raw.headers["x-request-id"] == "chain-1"
+            stream = sdk.chat.completions.create(
+                model="chained", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
+            chunks = list(stream)
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Echo: ping"
+            assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+
+            fake.enqueue("rate_limit")
+            try:
+                sdk.chat.completions.create(model="chained", messages=MESSAGES)
+            except openai.RateLimitError as exc:
+                assert exc.response.headers.get("retry-after")
+            else:
+                raise AssertionError("an upstream 429 must reach the client through both routers")
+    # Node B saw the upstream model name; the fake saw every generation request.
+    assert {r.json["model"] for r in fake.generation_requests()} == {"mock-gpt"}
