@@ -1,0 +1,283 @@
+"""OpenRouterProvider: models on OpenRouter, through the shared OpenAI-compatible client.
+
+OpenRouter speaks the OpenAI API with extras, which this class adds:
+
+- the API key from the deployment's ``api_key`` or ``OPENROUTER_API_KEY``;
+- attribution headers ``HTTP-Referer`` and ``X-Title`` when configured;
+- provider-routing preferences (``provider: {...}``), a fallback list (``models: [...]``)
+  and ``route``, from the deployment config;
+- ``usage: {include: true}``, so that the response's ``usage.cost`` (USD) comes back; the
+  router records that figure as the request's cost, marked provider-reported;
+- errors in the body of a 200 response (a model that failed mid-answer).
+
+HTTP statuses map through :func:`llmrouter.errors.error_for_status` (401 authentication,
+402 out of credit, 429 and 5xx retryable, each with ``Retry-After`` when sent).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar, Literal
+
+import httpx
+import msgspec
+
+from llmrouter.config import Deployment, ModelGroup, Timeouts
+from llmrouter.errors import AuthenticationError, LLMRouterError, UpstreamError, error_for_status
+from llmrouter.openai_compat import OpenAICompatClient, error_from_body
+from llmrouter.provider import Capabilities, Health, Provider, ProviderOptions
+from llmrouter.types import (
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+)
+
+__all__ = ["API_KEY_ENV", "DEFAULT_BASE_URL", "OpenRouterOptions", "OpenRouterProvider"]
+
+DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
+API_KEY_ENV = "OPENROUTER_API_KEY"
+MODELS_ENV = "LLMROUTER_OPENROUTER_MODELS"
+"""Comma-separated OpenRouter model ids that zero-config start registers (besides ``openrouter/auto``)."""
+
+# Fields a client may send that change which model answers (and so what it costs);
+# dropped unless the deployment sets ``client_routing: true``.
+_CLIENT_ROUTING_FIELDS = ("models", "route")
+
+
+class OpenRouterOptions(ProviderOptions):
+    """Deployment keys for ``provider: openrouter`` (see docs/providers/openrouter.md)."""
+
+    api_key: str | None = None
+    """Default: the environment variable named by ``api_key_env``."""
+    api_key_env: str = API_KEY_ENV
+    base_url: str = DEFAULT_BASE_URL
+    http_referer: str | None = None
+    """Sent as ``HTTP-Referer``: your app's URL, for OpenRouter's attribution."""
+    x_title: str | None = None
+    """Sent as ``X-Title``: your app's name, for OpenRouter's attribution."""
+    provider_preferences: dict[str, Any] | None = None
+    """OpenRouter's provider routing object, sent as ``provider`` (``order``, ``sort``,
+    ``allow_fallbacks``, ``data_collection``, ``only``, ``ignore``, ``max_price``...)."""
+    fallback_models: list[str] = msgspec.field(default_factory=list)
+    """Sent as ``models``: OpenRouter tries them in order when the model fails."""
+    route: Literal["fallback"] | None = None
+    transforms: list[str] | None = None
+    """E.g. ``["middle-out"]``."""
+    client_routing: bool = False
+    """Let clients send ``models`` / ``route`` themselves (they pick the model that answers)."""
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    connect_timeout: float = 10.0
+    read_timeout: float | None = 300.0
+    """Seconds to wait for headers, a non-streamed answer, or the next stream chunk."""
+    max_connections: int = 256
+    max_context: int | None = None
+
+
+class OpenRouterProvider(Provider[OpenRouterOptions]):
+    """One model on OpenRouter (``model`` is OpenRouter's id, e.g. ``openai/gpt-4o-mini``).
+
+    Args:
+        model: the OpenRouter model id.
+        options: :class:`OpenRouterOptions`.
+        http_client: an ``httpx.AsyncClient`` to use (the caller closes it).
+        transport: an httpx transport for the client built here (tests).
+    """
+
+    name: ClassVar[str] = "openrouter"
+    Options: ClassVar[type[ProviderOptions]] = OpenRouterOptions
+
+    def __init__(
+        self,
+        model: str,
+        options: OpenRouterOptions | None = None,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(model, options)
+        self._http_client = http_client
+        self._transport = transport
+        self._client: OpenAICompatClient | None = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            streaming=True, tools=True, json_mode=True, vision=True, completions=True,
+            max_context=self.options.max_context,
+        )
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def api_key(self) -> str | None:
+        return self.options.api_key or os.environ.get(self.options.api_key_env) or None
+
+    def _headers(self) -> dict[str, str]:
+        headers = dict(self.options.headers)
+        if self.options.http_referer:
+            headers["HTTP-Referer"] = self.options.http_referer
+        if self.options.x_title:
+            headers["X-Title"] = self.options.x_title
+        return headers
+
+    async def start(self) -> None:
+        """Open the connection pool. A missing key fails here, with what to set."""
+        if self._client is not None:
+            return
+        key = self.api_key()
+        if not key:
+            raise AuthenticationError(
+                f"openrouter: no API key: set {self.options.api_key_env} or the deployment's api_key",
+                provider=self.name,
+            )
+        opts = self.options
+        self._client = OpenAICompatClient(
+            opts.base_url,
+            provider=self.name,
+            api_key=key,
+            headers=self._headers(),
+            timeouts=Timeouts(connect=opts.connect_timeout, first_token=opts.read_timeout),
+            http_client=self._http_client,
+            transport=self._transport,
+            max_connections=opts.max_connections,
+        )
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def _ready(self) -> OpenAICompatClient:
+        if self._client is None:
+            await self.start()
+        assert self._client is not None
+        return self._client
+
+    # --- requests -------------------------------------------------------------------
+
+    def _prepare(self, request: Any) -> Any:
+        """The request with OpenRouter's extras: usage accounting, routing preferences."""
+        opts = self.options
+        extra = dict(request.extra)
+        if not opts.client_routing:
+            for key in _CLIENT_ROUTING_FIELDS:
+                extra.pop(key, None)
+        client_prefs = extra.get("provider")
+        if opts.provider_preferences:
+            # The operator's preferences (data policy, price caps) win over the client's.
+            base = client_prefs if isinstance(client_prefs, dict) else {}
+            extra["provider"] = {**base, **opts.provider_preferences}
+        if opts.fallback_models:
+            extra["models"] = list(opts.fallback_models)
+        if opts.route:
+            extra["route"] = opts.route
+        if opts.transforms is not None:
+            extra["transforms"] = list(opts.transforms)
+        extra["usage"] = {"include": True}
+        return msgspec.structs.replace(request, extra=extra)
+
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        client = await self._ready()
+        response = await client.chat(self._prepare(request), model=self.model)
+        if not response.choices or any(choice.finish_reason == "error" for choice in response.choices):
+            # OpenRouter reports a failure after the model started with HTTP 200.
+            raise UpstreamError("openrouter: the model failed while answering (finish_reason=error)",
+                                provider=self.name)
+        return response
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        client = await self._ready()
+        chunks = client.stream(self._prepare(request), model=self.model)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse:
+        client = await self._ready()
+        return await client.complete(self._prepare(request), model=self.model)
+
+    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
+        client = await self._ready()
+        chunks = client.stream_complete(self._prepare(request), model=self.model)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+
+    # --- models and health -----------------------------------------------------------
+
+    async def list_models(self) -> list[ModelCard]:
+        """Every model OpenRouter offers (``GET /models``)."""
+        client = await self._ready()
+        return await client.list_models()
+
+    async def health(self) -> Health:
+        """``GET /key``: ok when the key is accepted and has credit left."""
+        started = time.perf_counter()
+        try:
+            client = await self._ready()
+            response = await client.http_client.get(
+                f"{client.base_url}/key", headers={"authorization": f"Bearer {self.api_key()}"}, timeout=client.timeout
+            )
+        except LLMRouterError as exc:
+            return Health(ok=False, detail=exc.message)
+        except httpx.HTTPError as exc:
+            return Health(ok=False, detail=f"openrouter: {type(exc).__name__}: {exc}")
+        latency = (time.perf_counter() - started) * 1000
+        if response.status_code >= 400:
+            error = error_from_body(response.status_code, response.content, response.headers, provider=self.name)
+            return Health(ok=False, detail=error.message, latency_ms=latency)
+        return _key_health(response, latency)
+
+    # --- zero-config ------------------------------------------------------------------
+
+    @classmethod
+    async def discover(cls) -> list[ModelGroup]:
+        """With ``OPENROUTER_API_KEY`` set: ``openrouter/auto`` plus the ids listed in
+        ``LLMROUTER_OPENROUTER_MODELS`` (comma-separated). No network call at start-up;
+        any other OpenRouter model is reachable as ``openrouter/<id>`` (direct routing)."""
+        if not os.environ.get(API_KEY_ENV):
+            return []
+        return [_group(model_id) for model_id in _zero_config_models()]
+
+    @classmethod
+    def discovery_note(cls) -> str:
+        if not os.environ.get(API_KEY_ENV):
+            return f"openrouter: {API_KEY_ENV} not set"
+        models = ", ".join(_group(m).name for m in _zero_config_models())
+        return f"openrouter: {API_KEY_ENV} set: {models} (any model as openrouter/<id>)"
+
+
+def _zero_config_models() -> list[str]:
+    listed = [m.strip() for m in os.environ.get(MODELS_ENV, "").split(",") if m.strip()]
+    return ["openrouter/auto", *[m for m in listed if m != "openrouter/auto"]]
+
+
+def _group(model_id: str) -> ModelGroup:
+    name = model_id if model_id.startswith("openrouter/") else f"openrouter/{model_id}"
+    aliases = [] if name == model_id else [model_id]
+    deployment = Deployment(provider="openrouter", model=model_id, id=f"openrouter/{model_id}")
+    return ModelGroup(name=name, deployments=[deployment], aliases=aliases)
+
+
+def _key_health(response: httpx.Response, latency: float) -> Health:
+    try:
+        data = response.json().get("data") or {}
+    except (ValueError, AttributeError):
+        return Health(ok=True, latency_ms=latency)
+    remaining = data.get("limit_remaining")
+    if isinstance(remaining, int | float) and remaining <= 0:
+        error = error_for_status(402, "openrouter: the key's credit limit is used up")
+        return Health(ok=False, detail=error.message, latency_ms=latency)
+    detail = f"key {data.get('label') or ''}".strip()
+    if isinstance(remaining, int | float):
+        detail += f", ${remaining:.2f} left"
+    return Health(ok=True, detail=detail, latency_ms=latency)

@@ -1,0 +1,276 @@
+"""OpenRouterProvider against the fake OpenRouter, over httpx (the shared OpenAI-compatible client)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+from fake_openrouter import API_KEY, FakeOpenRouter
+
+from llmrouter.config import Deployment
+from llmrouter.context import RequestContext
+from llmrouter.errors import (
+    AuthenticationError,
+    InsufficientCreditsError,
+    InvalidRequestError,
+    RateLimitError,
+    UpstreamConnectionError,
+    UpstreamError,
+    UpstreamUnavailableError,
+)
+from llmrouter.router import Router
+from llmrouter.types import ChatChunk, decode_chat_request, decode_completion_request
+from llmrouter_openrouter import OpenRouterOptions, OpenRouterProvider
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "openai/gpt-4o-mini"
+REPLY = "Hello from the fake OpenRouter."
+
+
+def chat_request(**fields: Any):
+    return decode_chat_request({"model": "x", "messages": [{"role": "user", "content": "Say hello please"}], **fields})
+
+
+def options(url: str, **fields: Any) -> OpenRouterOptions:
+    return OpenRouterOptions(base_url=url, api_key=API_KEY, **fields)
+
+
+@pytest.fixture
+async def provider(openrouter_url: str) -> AsyncIterator[OpenRouterProvider]:
+    async with OpenRouterProvider(MODEL, options(openrouter_url)) as p:
+        yield p
+
+
+def last(fake: FakeOpenRouter, path: str = "/api/v1/chat/completions") -> tuple[dict[str, str], dict[str, Any]]:
+    headers, body = [(h, b) for p, h, b in fake.requests if p == path][-1]
+    return headers, body
+
+
+async def collect(stream: AsyncIterator[ChatChunk]) -> list[ChatChunk]:
+    return [chunk async for chunk in stream]
+
+
+# --- requests ---------------------------------------------------------------------------
+
+
+async def test_chat_reports_openrouters_cost(provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter) -> None:
+    response = await provider.chat(chat_request())
+    assert response.choices[0].message.content == REPLY
+    usage = response.usage
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (4, 5)
+    assert usage.cost == pytest.approx(4 * 0.00000015 + 5 * 0.0000006)
+    assert usage.estimated is False
+    headers, body = last(fake_openrouter)
+    assert body["model"] == MODEL
+    assert body["usage"] == {"include": True}
+    assert headers["authorization"] == f"Bearer {API_KEY}"
+
+
+async def test_stream_skips_processing_comments_and_ends_with_cost(
+    provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter
+) -> None:
+    chunks = await collect(provider.stream(chat_request(stream=True)))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == REPLY
+    assert any(c.choices and c.choices[0].finish_reason == "stop" for c in chunks)
+    final = chunks[-1]
+    assert final.choices == [] and final.usage is not None
+    assert final.usage.cost == pytest.approx(4 * 0.00000015 + 5 * 0.0000006)
+    assert last(fake_openrouter)[1]["usage"] == {"include": True}
+
+
+async def test_attribution_headers(openrouter_url: str, fake_openrouter: FakeOpenRouter) -> None:
+    opts = options(openrouter_url, http_referer="https://example.com/app", x_title="Example App")
+    async with OpenRouterProvider(MODEL, opts) as p:
+        await p.chat(chat_request())
+    headers, _ = last(fake_openrouter)
+    assert headers["http-referer"] == "https://example.com/app"
+    assert headers["x-title"] == "Example App"
+
+
+async def test_routing_preferences_and_fallbacks_are_sent(openrouter_url: str, fake_openrouter: FakeOpenRouter) -> None:
+    opts = options(
+        openrouter_url,
+        provider_preferences={"order": ["openai", "azure"], "allow_fallbacks": False, "data_collection": "deny"},
+        fallback_models=["anthropic/claude-3.5-haiku"],
+        route="fallback",
+        transforms=["middle-out"],
+    )
+    async with OpenRouterProvider(MODEL, opts) as p:
+        # The client's own preferences merge under the deployment's; its model list is dropped.
+        await p.chat(chat_request(provider={"sort": "price", "data_collection": "allow"}, models=["openai/o1-pro"]))
+    _, body = last(fake_openrouter)
+    assert body["provider"] == {"sort": "price", "order": ["openai", "azure"], "allow_fallbacks": False,
+                                "data_collection": "deny"}
+    assert body["models"] == ["anthropic/claude-3.5-haiku"]
+    assert body["route"] == "fallback"
+    assert body["transforms"] == ["middle-out"]
+
+
+async def test_client_routing_is_opt_in(openrouter_url: str, fake_openrouter: FakeOpenRouter) -> None:
+    async with OpenRouterProvider(MODEL, options(openrouter_url)) as p:
+        await p.chat(chat_request(models=["openai/o1-pro"], route="fallback", provider={"sort": "throughput"}))
+    _, body = last(fake_openrouter)
+    assert "models" not in body and "route" not in body
+    assert body["provider"] == {"sort": "throughput"}
+    async with OpenRouterProvider(MODEL, options(openrouter_url, client_routing=True)) as p:
+        await p.chat(chat_request(models=["anthropic/claude-3.5-haiku"]))
+    assert last(fake_openrouter)[1]["models"] == ["anthropic/claude-3.5-haiku"]
+
+
+async def test_api_key_from_the_environment(openrouter_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENROUTER_API_KEY", API_KEY)
+    async with OpenRouterProvider(MODEL, OpenRouterOptions(base_url=openrouter_url)) as p:
+        assert (await p.chat(chat_request())).choices[0].message.content == REPLY
+    monkeypatch.delenv("OPENROUTER_API_KEY")
+    with pytest.raises(AuthenticationError, match="OPENROUTER_API_KEY"):
+        await OpenRouterProvider(MODEL, OpenRouterOptions(base_url=openrouter_url)).start()
+
+
+async def test_legacy_completion(provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter) -> None:
+    request = decode_completion_request({"model": "x", "prompt": "Once upon", "max_tokens": 2})
+    response = await provider.complete(request)
+    assert response.choices[0].text == "Hello from "
+    assert response.choices[0].finish_reason == "length"
+    assert response.usage is not None and response.usage.cost is not None
+    chunks = [c async for c in provider.stream_complete(decode_completion_request({"model": "x", "prompt": "Once"}))]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == REPLY
+    assert chunks[-1].usage is not None and chunks[-1].usage.cost is not None
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type", "retryable"),
+    [
+        (402, InsufficientCreditsError, False),
+        (429, RateLimitError, True),
+        (502, UpstreamError, True),
+        (503, UpstreamUnavailableError, True),
+        (400, InvalidRequestError, False),
+    ],
+)
+async def test_error_statuses(
+    provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter, status: int, error_type: type, retryable: bool
+) -> None:
+    fake_openrouter.fail_status = status
+    fake_openrouter.fail_message = f"fake {status}"
+    fake_openrouter.fail_headers = {"Retry-After": "12"}
+    fake_openrouter.fail_metadata = {"limit_source": "openrouter_credits"} if status == 402 else None
+    with pytest.raises(error_type) as info:
+        await provider.chat(chat_request())
+    assert info.value.retryable is retryable
+    assert info.value.retry_after == 12.0
+    assert info.value.message == f"fake {status}"
+    assert info.value.http_status == status if status != 502 else info.value.http_status == 502
+    with pytest.raises(error_type):
+        await collect(provider.stream(chat_request()))
+
+
+async def test_bad_key_is_401(openrouter_url: str) -> None:
+    async with OpenRouterProvider(MODEL, OpenRouterOptions(base_url=openrouter_url, api_key="sk-or-v1-wrong")) as p:
+        with pytest.raises(AuthenticationError, match="User not found"):
+            await p.chat(chat_request())
+        health = await p.health()
+        assert health.ok is False and "User not found" in health.detail
+
+
+async def test_error_in_a_200_body(provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter) -> None:
+    fake_openrouter.error_in_body = True
+    with pytest.raises(UpstreamError) as info:
+        await provider.chat(chat_request())
+    assert info.value.retryable is True
+
+
+async def test_error_event_mid_stream(provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter) -> None:
+    fake_openrouter.error_after = 2
+    seen: list[ChatChunk] = []
+    with pytest.raises(UpstreamError) as info:
+        async for chunk in provider.stream(chat_request()):
+            seen.append(chunk)
+    assert len(seen) == 2
+    assert "Provider disconnected unexpectedly" in info.value.message
+    assert info.value.retryable is True
+
+
+async def test_broken_stream(provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter) -> None:
+    fake_openrouter.break_after = 1
+    with pytest.raises(UpstreamConnectionError):
+        await collect(provider.stream(chat_request()))
+
+
+# --- cancellation ----------------------------------------------------------------------
+
+
+async def wait_for_disconnect(fake: FakeOpenRouter, bound: float = 1.0) -> None:
+    started = time.monotonic()
+    while not fake.disconnected.is_set() and time.monotonic() - started < bound:
+        await anyio.sleep(0.01)
+
+
+async def test_closing_a_stream_closes_the_upstream_connection(
+    provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter
+) -> None:
+    fake_openrouter.token_delay = 0.2
+    fake_openrouter.reply = " ".join(["word"] * 50)
+    stream = provider.stream(chat_request())
+    await stream.__anext__()
+    await stream.aclose()
+    await wait_for_disconnect(fake_openrouter)
+    assert fake_openrouter.disconnects == ["/api/v1/chat/completions"]
+
+
+async def test_cancelling_a_chat_closes_the_upstream_connection(
+    provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter
+) -> None:
+    fake_openrouter.token_delay = 0.2
+    with anyio.move_on_after(0.3):
+        await provider.chat(chat_request())
+    await wait_for_disconnect(fake_openrouter)
+    assert fake_openrouter.disconnects == ["/api/v1/chat/completions"]
+
+
+# --- models, health, zero-config, router ---------------------------------------------------
+
+
+async def test_list_models_and_health(provider: OpenRouterProvider) -> None:
+    ids = [card.id for card in await provider.list_models()]
+    assert "openai/gpt-4o-mini" in ids and "openrouter/auto" in ids
+    health = await provider.health()
+    assert health.ok is True and "$4.50 left" in health.detail
+
+
+async def test_discover_needs_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENROUTER_API_KEY", raising=False)
+    assert await OpenRouterProvider.discover() == []
+    assert "OPENROUTER_API_KEY not set" in OpenRouterProvider.discovery_note()
+    monkeypatch.setenv("OPENROUTER_API_KEY", API_KEY)
+    monkeypatch.setenv("LLMROUTER_OPENROUTER_MODELS", "openai/gpt-4o-mini, anthropic/claude-3.5-haiku")
+    groups = await OpenRouterProvider.discover()
+    assert [g.name for g in groups] == ["openrouter/auto", "openrouter/openai/gpt-4o-mini",
+                                        "openrouter/anthropic/claude-3.5-haiku"]
+    assert groups[1].aliases == ["openai/gpt-4o-mini"]
+    assert groups[1].deployments[0].model == "openai/gpt-4o-mini"
+    assert "openrouter/auto" in OpenRouterProvider.discovery_note()
+
+
+async def test_router_records_the_provider_reported_cost(openrouter_url: str, fake_openrouter: FakeOpenRouter) -> None:
+    router = Router()
+    router.add_deployment("cheap", OpenRouterProvider(MODEL, options(openrouter_url)),
+                          Deployment(provider="openrouter", model=MODEL))
+    expected = 4 * 0.00000015 + 5 * 0.0000006
+    async with router:
+        ctx = RequestContext()
+        await router.chat({"model": "cheap", "messages": [{"role": "user", "content": "Say hello please"}]}, context=ctx)
+        assert (ctx.cost, ctx.cost_source) == (pytest.approx(expected), "provider")
+        ctx = RequestContext()
+        chunks = [c async for c in router.stream({"model": "cheap", "stream": True,
+                                                   "messages": [{"role": "user", "content": "Say hello please"}]},
+                                                  context=ctx)]
+        assert chunks and all(c.usage is None for c in chunks)  # the client did not ask for usage
+        assert (ctx.cost, ctx.cost_source) == (pytest.approx(expected), "provider")
