@@ -1,0 +1,166 @@
+"""Budgets are exact under concurrency: many requests racing for a small budget never
+overspend it, on every backend (memory, Redis, the database on SQLite and PostgreSQL),
+and across replicas that share Redis or the database."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from sqlalchemy import text
+
+from llmrouter.accounting import Accounting
+from llmrouter.accounting.budgets import UNITS_PER_USD, to_units
+from llmrouter.accounting.config import BudgetRule
+from llmrouter.errors import BudgetExceededError
+
+from .conftest import chat_context, finish, make_config, needs_pg, needs_redis, redis_config
+
+pytestmark = pytest.mark.anyio
+
+MAX_COST = 0.00005  # 10 prompt tokens + 20 max output tokens at $1 / $2 per million
+FITS = 7
+REQUESTS = 100
+
+
+async def _race(replicas: list[Accounting], *, actual_cost: Any = lambda: MAX_COST) -> tuple[int, int, list[float]]:
+    """Fire REQUESTS concurrent requests spread over the replicas; returns (admitted,
+    refused, costs billed). Admitted requests stay in flight a little so they overlap."""
+    admitted = refused = 0
+    billed: list[float] = []
+
+    async def one(i: int) -> None:
+        nonlocal admitted, refused
+        acct = replicas[i % len(replicas)]
+        ctx = chat_context(max_cost=MAX_COST)
+        try:
+            await acct.hooks.before_request(ctx)
+        except BudgetExceededError as exc:
+            assert exc.http_status == 429 and exc.code == "insufficient_quota" and not exc.retryable
+            assert exc.retry_after is not None and exc.retry_after > 0
+            refused += 1
+            return
+        admitted += 1
+        await anyio.sleep(random.random() * 0.02)
+        cost = actual_cost()
+        billed.append(cost)
+        await acct.hooks.after_request(finish(ctx, cost=cost))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(REQUESTS):
+            tg.start_soon(one, i)
+    return admitted, refused, billed
+
+
+async def _ledger_total(acct: Accounting) -> float:
+    await acct.ledger.flush()
+    async with acct.engine.connect() as conn:
+        return (await conn.execute(text("SELECT COALESCE(SUM(cost), 0) FROM llmr_ledger WHERE status = 'ok'"))).scalar_one()
+
+
+def _rule() -> list[BudgetRule]:
+    return [BudgetRule(key="*", period="day", limit=FITS * MAX_COST)]
+
+
+async def _check_exact(replicas: list[Accounting]) -> None:
+    admitted, refused, billed = await _race(replicas)
+    assert admitted == FITS and refused == REQUESTS - FITS
+    window = replicas[0].budgets.windows_for(None, "gpt-4o")[0]
+    spent, reserved = await replicas[0].budgets.store.usage(window)
+    assert reserved == 0
+    assert spent == FITS * to_units(MAX_COST) == window.limit
+    assert abs(await _ledger_total(replicas[0]) - FITS * MAX_COST) < 1e-12
+
+
+async def test_memory_backend_exact(sqlite_url: str, tmp_path: Path) -> None:
+    config = make_config(sqlite_url, tmp_path, budgets=_rule(), budget_backend="memory")
+    async with Accounting(config) as acct:
+        await _check_exact([acct])
+
+
+@pytest.mark.parametrize("backend", ["database"])
+async def test_database_backend_exact_across_two_replicas(db_url: str, tmp_path: Path, backend: str) -> None:
+    config = make_config(db_url, tmp_path, budgets=_rule(), budget_backend=backend)
+    async with Accounting(config) as one, Accounting(config) as two:
+        await _check_exact([one, two])
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
+async def test_redis_backend_exact_across_two_replicas(sqlite_url: str, tmp_path: Path, redis_client: Any, _: int) -> None:
+    config = make_config(sqlite_url, tmp_path, budgets=_rule(), budget_backend="redis", redis=redis_config(redis_client))
+    async with Accounting(config, redis=redis_client) as one, Accounting(config, redis=redis_client) as two:
+        await _check_exact([one, two])
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_pg + needs_redis)])
+async def test_redis_backend_with_postgres_ledger(pg_url: str, tmp_path: Path, redis_client: Any, _: int) -> None:
+    config = make_config(pg_url, tmp_path, budgets=_rule(), budget_backend="redis", redis=redis_config(redis_client))
+    async with Accounting(config, redis=redis_client) as one, Accounting(config, redis=redis_client) as two:
+        await _check_exact([one, two])
+
+
+async def test_cheaper_than_reserved_requests_never_overspend(
+    sqlite_url: str, tmp_path: Path, shared_backend: tuple[str, Any]
+) -> None:
+    backend, redis = shared_backend
+    extra = {"redis": redis_config(redis)} if redis is not None else {}
+    config = make_config(sqlite_url, tmp_path, budgets=_rule(), budget_backend=backend, **extra)
+    async with Accounting(config, redis=redis) as acct:
+        for _ in range(3):  # waves: later ones fit in what cheaper earlier ones left
+            admitted, _refused, billed = await _race([acct], actual_cost=lambda: random.choice([0.0, MAX_COST / 3, MAX_COST]))
+        window = acct.budgets.windows_for(None, "gpt-4o")[0]
+        spent, reserved = await acct.budgets.store.usage(window)
+        assert reserved == 0 and 0 < spent <= window.limit
+        # each settlement rounds to the nearest nano-dollar
+        assert abs(await _ledger_total(acct) - spent / UNITS_PER_USD) <= 3 * REQUESTS / UNITS_PER_USD
+
+
+async def test_spend_survives_restart_through_the_ledger(sqlite_url: str, tmp_path: Path) -> None:
+    config = make_config(sqlite_url, tmp_path, budgets=_rule(), budget_backend="memory")
+    async with Accounting(config) as acct:
+        admitted, _, _ = await _race([acct])
+        assert admitted == FITS
+    async with Accounting(config) as again:  # a restarted process: counters seeded from the ledger
+        with pytest.raises(BudgetExceededError):
+            await again.hooks.before_request(chat_context(max_cost=MAX_COST))
+
+
+async def test_per_key_per_model_and_soft_limits(acct: Accounting, caplog: pytest.LogCaptureFixture) -> None:
+    acct.budgets.rules = [
+        BudgetRule(key="team", model="gpt-4o", period="month", limit=2 * MAX_COST, soft_limit=MAX_COST),
+    ]
+    key, _ = await acct.keys.create("team", budget=10 * MAX_COST, budget_period="total")
+    other, _ = await acct.keys.create("other")
+    for _ in range(2):
+        ctx = chat_context(key, max_cost=MAX_COST)
+        await acct.hooks.before_request(ctx)
+        await acct.hooks.after_request(finish(ctx, cost=MAX_COST))
+    assert ctx.metadata.get("budget") == "soft_limit_reached"
+    assert "soft limit crossed" in caplog.text
+    with pytest.raises(BudgetExceededError, match="for model gpt-4o"):
+        await acct.hooks.before_request(chat_context(key, max_cost=MAX_COST))
+    # another model still fits the key's own (total) budget; another key is not limited
+    ctx = chat_context(key, model="gpt-4o-mini", max_cost=MAX_COST)
+    await acct.hooks.before_request(ctx)
+    await acct.hooks.after_request(finish(ctx, cost=MAX_COST))
+    ctx = chat_context(other, max_cost=MAX_COST)
+    await acct.hooks.before_request(ctx)
+    await acct.hooks.after_request(finish(ctx, cost=MAX_COST))
+    status = {(b["model"], b["period"]): b for b in await acct.budgets.status(key, ["gpt-4o", "gpt-4o-mini"])}
+    assert status[("gpt-4o", "month")]["spent"] == pytest.approx(2 * MAX_COST)
+    assert status[(None, "total")]["spent"] == pytest.approx(3 * MAX_COST)
+
+
+async def test_refused_request_gives_back_what_it_took(acct: Accounting) -> None:
+    """A budget refusal after the limiter admitted must free the concurrency slot."""
+    acct.budgets.rules = [BudgetRule(limit=MAX_COST / 2)]
+    acct.hooks.limits = type(acct.hooks.limits)(concurrency=1)
+    for _ in range(3):
+        with pytest.raises(BudgetExceededError):
+            await acct.hooks.before_request(chat_context(max_cost=MAX_COST))
+    ctx = chat_context(max_cost=MAX_COST / 4)  # fits: the slot must be free
+    await acct.hooks.before_request(ctx)
+    await acct.hooks.after_request(finish(ctx, cost=MAX_COST / 4))

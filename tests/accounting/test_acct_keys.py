@@ -1,0 +1,116 @@
+"""API key lifecycle: create (secret once, hash stored), verify, scopes, models, expiry, revoke."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from llmrouter.accounting import Accounting
+from llmrouter.accounting.keys import KeyStore, parse_secret
+from llmrouter.errors import AuthenticationError, InvalidRequestError, NotFoundError, PermissionDeniedError
+
+from .conftest import chat_context, finish, make_config
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_secret_is_shown_once_and_stored_only_as_hash(db_url: str, tmp_path: Path) -> None:
+    async with Accounting(make_config(db_url, tmp_path)) as acct:
+        key, secret = await acct.keys.create("alice", scopes=["user"])
+        assert secret.startswith(f"sk-llmr-{key.prefix}-") and len(secret) > 50
+        assert parse_secret(secret) == key.prefix
+        async with acct.engine.connect() as conn:
+            row = (await conn.execute(text("SELECT * FROM llmr_api_keys"))).mappings().one()
+        assert secret not in {str(v) for v in row.values()}
+        assert row["secret_hash"] == hashlib.sha256(secret.encode()).hexdigest()
+        assert (await acct.authenticate(secret)).id == key.id
+        listed = await acct.keys.list()
+        assert [k.id for k in listed] == [key.id]
+        assert "secret" not in type(listed[0]).__struct_fields__
+
+
+async def test_wrong_malformed_and_unknown_secrets_are_refused(acct: Accounting) -> None:
+    key, secret = await acct.keys.create("bob")
+    tampered = secret[:-1] + ("A" if secret[-1] != "A" else "B")
+    for bad in (tampered, "sk-llmr-zzzzzzzz-" + "x" * 43, "sk-other", ""):
+        with pytest.raises(AuthenticationError) as info:
+            await acct.authenticate(bad)
+        assert secret not in info.value.message and tampered not in info.value.message
+
+
+async def test_revoke_takes_effect_at_once_and_keeps_auth_on(acct: Accounting) -> None:
+    assert not await acct.auth_required()
+    key, secret = await acct.keys.create("carol")
+    assert await acct.auth_required()
+    await acct.authenticate(secret)  # now cached
+    revoked = await acct.keys.revoke("carol")
+    assert revoked.state() == "revoked"
+    with pytest.raises(AuthenticationError, match="revoked"):
+        await acct.authenticate(secret)
+    assert await acct.auth_required()  # revoking the last key must not open the service
+    with pytest.raises(NotFoundError):
+        await acct.keys.revoke("nobody")
+
+
+async def test_revocation_seen_by_another_replica_after_cache_expiry(sqlite_url: str, tmp_path: Path) -> None:
+    async with Accounting(make_config(sqlite_url, tmp_path)) as one:
+        other = KeyStore(one.engine, cache_seconds=0.0)  # a second replica's view of the same database
+        _, secret = await one.keys.create("dave")
+        assert (await other.verify(secret)).name == "dave"
+        await one.keys.revoke("dave")
+        with pytest.raises(AuthenticationError):
+            await other.verify(secret)
+
+
+async def test_expired_key_is_refused(acct: Accounting) -> None:
+    _, secret = await acct.keys.create("eve", expires_at=time.time() - 1)
+    with pytest.raises(AuthenticationError, match="expired"):
+        await acct.authenticate(secret)
+
+
+async def test_key_that_expires_after_authentication_is_refused_by_the_hook(acct: Accounting) -> None:
+    key, secret = await acct.keys.create("frank", expires_at=time.time() + 0.2)
+    principal = await acct.authenticate(secret)
+    await acct.hooks.before_request(ctx := chat_context(principal))
+    await acct.hooks.after_request(finish(ctx))
+    time.sleep(0.25)
+    with pytest.raises(AuthenticationError, match="expired"):
+        await acct.hooks.before_request(chat_context(principal))
+
+
+async def test_allowed_models_with_globs(acct: Accounting) -> None:
+    key, secret = await acct.keys.create("gina", allowed_models=["gpt-4o-mini", "local-*"])
+    principal = await acct.authenticate(secret)
+    for model in ("gpt-4o-mini", "local-smol"):
+        ctx = chat_context(principal, model=model)
+        await acct.hooks.before_request(ctx)
+        await acct.hooks.after_request(finish(ctx))
+    with pytest.raises(PermissionDeniedError) as info:
+        await acct.hooks.before_request(chat_context(principal, model="gpt-4o"))
+    assert info.value.http_status == 403 and info.value.code == "model_not_allowed"
+
+
+async def test_scopes(acct: Accounting) -> None:
+    admin, _ = await acct.keys.create("root", scopes=["admin"])
+    user, _ = await acct.keys.create("user")
+    assert admin.has_scope("admin") and admin.has_scope("user")
+    assert user.has_scope("user") and not user.has_scope("admin")
+    with pytest.raises(InvalidRequestError):
+        await acct.keys.create("bad", scopes=["superuser"])
+
+
+async def test_library_user_can_pass_only_the_key_id(acct: Accounting) -> None:
+    key, _ = await acct.keys.create("lib", allowed_models=["gpt-4o-mini"])
+    ctx = chat_context(model="gpt-4o-mini")
+    ctx.api_key_id = key.id
+    await acct.hooks.before_request(ctx)
+    assert ctx.principal.name == "lib"
+    await acct.hooks.after_request(finish(ctx))
+    stranger = chat_context(model="gpt-4o-mini")
+    stranger.api_key_id = "key_doesnotexist"
+    with pytest.raises(AuthenticationError):
+        await acct.hooks.before_request(stranger)
