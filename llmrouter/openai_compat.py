@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -348,7 +348,7 @@ class OpenAICompatClient:
             response = msgspec.structs.replace(response, usage=_estimate(request, text, model))
         return response
 
-    async def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncIterator[ChatChunk]:
+    async def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncGenerator[ChatChunk, None]:
         """Stream ``/chat/completions``; the last chunk carries ``usage``.
 
         Closing the generator (``aclose`` or cancellation) closes the upstream response,
@@ -378,7 +378,7 @@ class OpenAICompatClient:
 
     async def stream_complete(
         self, request: CompletionRequest, *, model: str | None = None
-    ) -> AsyncIterator[CompletionChunk]:
+    ) -> AsyncGenerator[CompletionChunk, None]:
         """Stream ``/completions``; the last chunk carries ``usage``."""
         body = self._encode(request, model=model, stream=True)
         texts: list[str] = []
@@ -396,7 +396,7 @@ class OpenAICompatClient:
             usage = reported or _estimate(request, "".join(texts), model)
             yield CompletionChunk(id=last.id, created=last.created, model=last.model, choices=[], usage=usage)
 
-    async def _events(self, path: str, body: bytes, kind: type[T]) -> AsyncIterator[T]:
+    async def _events(self, path: str, body: bytes, kind: type[T]) -> AsyncGenerator[T, None]:
         """POST ``body`` and yield each SSE data event decoded as ``kind`` until ``[DONE]``."""
         decoder = msgspec.json.Decoder(kind)
         sse = SSEDecoder()

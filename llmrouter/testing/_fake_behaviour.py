@@ -113,7 +113,7 @@ class RecordedRequest:
     def disconnected(self) -> bool:
         return self.disconnected_at is not None
 
-    async def wait_disconnected(self, timeout: float = 5.0) -> bool:
+    async def wait_disconnected(self, timeout: float = 5.0) -> bool:  # noqa: ASYNC109 - polls another thread
         """Wait (from any event loop) until the client went away or the response ended."""
         deadline = time.monotonic() + timeout
         while self.disconnected_at is None and self.completed_at is None:

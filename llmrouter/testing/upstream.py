@@ -224,12 +224,13 @@ class FakeUpstream:
         with self.state.lock:
             self.state.queue.clear()
 
-    async def wait_for_requests(self, count: int, timeout: float = 5.0) -> list[RecordedRequest]:
+    async def wait_for_requests(self, count: int, timeout: float = 5.0) -> list[RecordedRequest]:  # noqa: ASYNC109
         """Wait until at least ``count`` generation requests arrived; returns them."""
         import anyio
 
         with anyio.fail_after(timeout):
-            while len(self.generation_requests()) < count:
+            # The server runs on another thread's loop: poll rather than share an event.
+            while len(self.generation_requests()) < count:  # noqa: ASYNC110
                 await anyio.sleep(0.002)
         return self.generation_requests()
 

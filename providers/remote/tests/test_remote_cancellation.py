@@ -34,7 +34,7 @@ async def remote(slow_upstream: FakeUpstream) -> AsyncIterator[RemoteProvider]:
         yield provider
 
 
-def chat(stream: bool = False):  # noqa: ANN201 - a ChatRequest
+def chat(stream: bool = False):
     return decode_chat_request(
         {"model": "fake-model", "messages": [{"role": "user", "content": "go"}], "stream": stream, "max_tokens": 1000}
     )

@@ -127,7 +127,7 @@ def test_registered_under_entry_point_and_config_errors() -> None:
 # --- odd upstreams, through an injected MockTransport ------------------------------------------
 
 
-def mock_provider(handler) -> RemoteProvider:  # noqa: ANN001 - an httpx handler
+def mock_provider(handler) -> RemoteProvider:
     return RemoteProvider("m", base_url="http://upstream.test/v1", transport=httpx.MockTransport(handler))
 
 

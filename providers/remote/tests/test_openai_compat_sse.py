@@ -1,0 +1,78 @@
+"""Unit tests of the pieces of llmrouter.openai_compat that need no server."""
+
+import email.utils
+import time
+
+import pytest
+
+from llmrouter.errors import RateLimitError, UpstreamError
+from llmrouter.openai_compat import SSEDecoder, error_from_body, normalise_base_url, parse_retry_after
+
+STREAM = (
+    b": comment\n\n"
+    b"data: {\"a\":1}\n\n"
+    b"event: error\r\ndata: {\"error\":{\"message\":\"x\"}}\r\n\r\n"
+    b"data: first line\ndata: second line\n\n"
+    b"id: 7\nretry: 100\ndata:no-space\n\n"
+    b"data: [DONE]\n\n"
+)
+EXPECTED = [
+    (b"", b'{"a":1}'),
+    (b"error", b'{"error":{"message":"x"}}'),
+    (b"", b"first line\nsecond line"),
+    (b"", b"no-space"),
+    (b"", b"[DONE]"),
+]
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, len(STREAM)])
+def test_sse_decoder_is_independent_of_read_boundaries(step: int) -> None:
+    decoder = SSEDecoder()
+    events = []
+    for start in range(0, len(STREAM), step):
+        events += decoder.feed(STREAM[start : start + step])
+    events += decoder.finish()
+    assert events == EXPECTED
+
+
+def test_sse_decoder_flushes_a_last_event_without_blank_line() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: {}\n") == []
+    assert decoder.finish() == [(b"", b"{}")]
+    assert decoder.finish() == []
+
+
+def test_retry_after_forms() -> None:
+    assert parse_retry_after({"retry-after": "3"}) == 3.0
+    assert parse_retry_after({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after({}) is None
+    past = email.utils.formatdate(time.time() - 60, usegmt=True)
+    assert parse_retry_after({"retry-after": past}) == 0.0
+
+
+def test_error_from_body_keeps_the_upstream_fields() -> None:
+    error = error_from_body(
+        429,
+        b'{"error":{"message":"quota","type":"rate_limit_error","code":"rate_limit_exceeded","param":null}}',
+        {"retry-after": "4"},
+        provider="remote",
+    )
+    assert isinstance(error, RateLimitError)
+    assert (error.message, error.code, error.retry_after, error.provider, error.retryable) == (
+        "quota", "rate_limit_exceeded", 4.0, "remote", True)
+    server = error_from_body(500, b"oops", provider="remote")
+    assert isinstance(server, UpstreamError) and server.message == "oops" and server.retryable
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("http://gpu-1:8000", "http://gpu-1:8000/v1"),
+        ("http://gpu-1:8000/", "http://gpu-1:8000/v1"),
+        ("http://gpu-1:8000/v1/", "http://gpu-1:8000/v1"),
+        ("https://openrouter.ai/api/v1", "https://openrouter.ai/api/v1"),
+    ],
+)
+def test_base_url_normalisation(given: str, expected: str) -> None:
+    assert normalise_base_url(given) == expected
