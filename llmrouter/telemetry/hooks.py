@@ -106,6 +106,8 @@ class TelemetryHooks(RouterHooks):
         # Requests between before_request and after_request/on_rejected, by request id.
         self._active: dict[str, RequestContext] = {}
         self._spans: dict[str, Span] = {}
+        # Deployments seen so far: they report 0 when idle rather than no series at all.
+        self._known_deployments: set[str] = set()
         self._attempt_started: dict[str, int] = {}
         self._last_chunk: dict[str, float] = {}
         # Requests already recorded: a hook rejecting a request gets after_request on the
@@ -169,6 +171,7 @@ class TelemetryHooks(RouterHooks):
         if error is not None:
             attributes["error.type"] = type(error).__name__
         self.metrics.attempts.add(1, attributes)
+        self._known_deployments.add(deployment)
         now = time.time_ns()
         started = self._attempt_started.get(ctx.request_id)
         self._attempt_started[ctx.request_id] = now
@@ -275,7 +278,8 @@ class TelemetryHooks(RouterHooks):
     def in_flight(self) -> dict[str, int]:
         """Admitted requests by the deployment now serving them (an in-flight gauge source)."""
         contexts = list(self._active.values())
-        return dict(Counter(c.deployment for c in contexts if c.deployment and c.finished_at is None))
+        busy = Counter(c.deployment for c in contexts if c.deployment and c.finished_at is None)
+        return {name: busy.get(name, 0) for name in sorted(self._known_deployments | set(busy))}
 
     def _forget(self, request_id: str) -> None:
         self._active.pop(request_id, None)
