@@ -1,0 +1,207 @@
+"""The ledger: written behind the response, batched, flushed on shutdown, never losing an
+acknowledged row (database outages, ambiguous failures, a process killed outright)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from sqlalchemy import text
+
+from llmrouter.accounting import Accounting
+from llmrouter.accounting.config import LedgerConfig
+from llmrouter.accounting.ledger import insert_rows
+
+from .conftest import chat_context, finish, make_config, needs_pg
+
+pytestmark = pytest.mark.anyio
+
+
+async def _rows(acct: Accounting) -> list[dict[str, Any]]:
+    async with acct.engine.connect() as conn:
+        result = await conn.execute(text("SELECT * FROM llmr_ledger ORDER BY created_at"))
+        return [dict(r) for r in result.mappings().all()]
+
+
+async def _serve(acct: Accounting, n: int, **finish_kwargs: Any) -> list[str]:
+    ids = []
+    for _ in range(n):
+        ctx = chat_context(max_cost=0.001)
+        await acct.hooks.before_request(ctx)
+        await acct.hooks.after_request(finish(ctx, cost=0.0001, **finish_kwargs))
+        ids.append(ctx.request_id)
+    return ids
+
+
+async def test_row_fields_and_write_behind(db_url: str, tmp_path: Path) -> None:
+    gate = anyio.Event()
+    calls: list[int] = []
+
+    async def slow_sink(rows: Sequence[dict[str, Any]]) -> None:
+        calls.append(len(rows))
+        await gate.wait()  # the database is slow: responses must not wait for it
+        await insert_rows(acct.engine, rows)
+
+    acct = Accounting(make_config(db_url, tmp_path), ledger_sink=slow_sink)
+    async with acct:
+        with anyio.fail_after(5):  # after_request returns while the writer is stuck
+            ids = await _serve(acct, 5, prompt=11, completion=22, estimated=True)
+            while not calls:
+                await anyio.sleep(0.01)
+            ids += await _serve(acct, 3)
+        assert acct.ledger.pending == 8
+        gate.set()
+        await acct.ledger.flush()
+        rows = await _rows(acct)
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)
+    first = next(r for r in rows if r["request_id"] == ids[0])
+    assert first["prompt_tokens"] == 11 and first["completion_tokens"] == 22
+    assert first["usage_estimated"] in (True, 1) and first["cost"] == pytest.approx(0.0001)
+    assert first["provider"] == "openai" and first["deployment"] == "openai/gpt-4o"
+    assert first["model_group"] == "gpt-4o" and first["status"] == "ok"
+    assert first["latency_ms"] is not None and first["day"] == first["day"][:10]
+
+
+async def test_flush_on_shutdown_writes_everything(db_url: str, tmp_path: Path) -> None:
+    config = make_config(db_url, tmp_path, ledger=LedgerConfig(
+        journal_dir=str(tmp_path / "journal"), flush_interval=60, batch_size=1000))
+    async with Accounting(config) as acct:
+        ids = await _serve(acct, 250)
+        assert acct.ledger.pending == 250  # nothing written yet: the interval is a minute
+    async with Accounting(config) as again:
+        assert len(await _rows(again)) == 250
+    assert not any((tmp_path / "journal").iterdir())  # every journal folder was cleaned up
+    assert ids
+
+
+async def test_database_outage_rows_kept_and_retried_without_duplicates(sqlite_url: str, tmp_path: Path) -> None:
+    failures = {"left": 3}
+
+    async def flaky(rows: Sequence[dict[str, Any]]) -> None:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            if failures["left"] == 0:
+                # ambiguous: the rows were committed, but the acknowledgement was lost
+                await insert_rows(acct.engine, rows)
+            raise ConnectionError("database went away")
+        await insert_rows(acct.engine, rows)
+
+    acct = Accounting(make_config(sqlite_url, tmp_path), ledger_sink=flaky)
+    async with acct:
+        ids = await _serve(acct, 40)
+        with anyio.fail_after(20):
+            while acct.ledger.pending:
+                await anyio.sleep(0.05)
+        assert acct.ledger.failures == 3 and "database went away" in acct.ledger.last_error
+        rows = await _rows(acct)
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)  # each exactly once
+
+
+async def test_shutdown_during_outage_leaves_rows_for_the_next_start(sqlite_url: str, tmp_path: Path) -> None:
+    async def down(rows: Sequence[dict[str, Any]]) -> None:
+        raise ConnectionError("database is down")
+
+    ledger = LedgerConfig(journal_dir=str(tmp_path / "journal"), flush_interval=0.02, shutdown_timeout=0.3)
+    config = make_config(sqlite_url, tmp_path, ledger=ledger)
+    async with Accounting(config, ledger_sink=down) as acct:
+        ids = await _serve(acct, 25)
+    async with Accounting(config) as restarted:  # the database is back
+        rows = await _rows(restarted)
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)
+
+
+_CRASH = textwrap.dedent(
+    """
+    import os, sys, anyio
+    sys.path.insert(0, {tests!r})
+    from llmrouter.accounting import Accounting
+    from conftest import chat_context, finish, make_config
+    from pathlib import Path
+
+    async def main():
+        acct = Accounting(make_config({url!r}, Path({tmp!r}), ledger=__import__(
+            "llmrouter.accounting.config", fromlist=["LedgerConfig"]).LedgerConfig(
+            journal_dir={journal!r}, flush_interval=3600, batch_size=10_000)))
+        await acct.start()
+        for i in range(30):
+            ctx = chat_context(max_cost=0.001)
+            ctx.request_id = f"crash-{{i}}"
+            await acct.hooks.before_request(ctx)
+            await acct.hooks.after_request(finish(ctx, cost=0.0001))
+        print("acknowledged", acct.ledger.pending, flush=True)
+        os._exit(9)  # killed: no shutdown, no flush
+
+    anyio.run(main)
+    """
+)
+
+
+async def test_rows_of_a_killed_process_are_replayed(sqlite_url: str, tmp_path: Path) -> None:
+    journal = str(tmp_path / "journal")
+    script = _CRASH.format(tests=str(Path(__file__).parent), url=sqlite_url, tmp=str(tmp_path), journal=journal)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert result.returncode == 9, result.stderr
+    assert "acknowledged 30" in result.stdout
+    config = make_config(sqlite_url, tmp_path, ledger=LedgerConfig(journal_dir=journal))
+    async with Accounting(config) as restarted:
+        rows = await _rows(restarted)
+    assert sorted(r["request_id"] for r in rows) == sorted(f"crash-{i}" for i in range(30))
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_pg)])
+async def test_postgres_connections_killed_mid_run(pg_url: str, tmp_path: Path, _: int) -> None:
+    """A database restart drops every connection: the writer reconnects and loses nothing."""
+    async with Accounting(make_config(pg_url, tmp_path)) as acct:
+        ids = await _serve(acct, 10)
+        await acct.ledger.flush()
+        name = pg_url.rsplit("/", 1)[1]
+        async with acct.engine.connect() as conn:  # a separate session does the killing
+            await conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :name AND pid <> pg_backend_pid()"), {"name": name})
+        ids += await _serve(acct, 10)
+        with anyio.fail_after(20):
+            while acct.ledger.pending:
+                await anyio.sleep(0.05)
+        rows = await _rows(acct)
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)
+
+
+async def test_partial_streams_are_billed_for_what_was_generated(acct: Accounting) -> None:
+    ctx = chat_context(max_cost=0.001)
+    ctx.stream = True
+    await acct.hooks.before_request(ctx)
+    # the client went away after 7 tokens; the router counted them and priced them
+    await acct.hooks.after_request(finish(ctx, prompt=12, completion=7, cost=0.000026, status="cancelled", estimated=True))
+    errored = chat_context(max_cost=0.001)
+    await acct.hooks.before_request(errored)
+    await acct.hooks.after_request(finish(errored, prompt=12, completion=3, cost=0.000018, status="error"))
+    await acct.ledger.flush()
+    rows = {r["request_id"]: r for r in await _rows(acct)}
+    cancelled = rows[ctx.request_id]
+    assert cancelled["status"] == "cancelled" and cancelled["completion_tokens"] == 7
+    assert cancelled["cost"] == pytest.approx(0.000026) and cancelled["stream"] in (True, 1)
+    assert rows[errored.request_id]["cost"] == pytest.approx(0.000018)
+    report = await acct.usage(by=["status"])
+    assert {r["status"]: r["cost"] for r in report} == pytest.approx({"cancelled": 0.000026, "error": 0.000018})
+
+
+async def test_rejected_requests_are_recorded_unbilled(acct: Accounting) -> None:
+    from llmrouter.accounting.config import BudgetRule
+    from llmrouter.errors import BudgetExceededError
+
+    acct.budgets.rules = [BudgetRule(limit=0.0)]
+    ctx = chat_context(max_cost=0.001)
+    with pytest.raises(BudgetExceededError):
+        await acct.hooks.before_request(ctx)
+    await acct.ledger.flush()
+    (row,) = await _rows(acct)
+    assert row["status"] == "rejected" and row["error_code"] == "insufficient_quota" and row["cost"] == 0

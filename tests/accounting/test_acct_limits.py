@@ -1,0 +1,158 @@
+"""Rate limits: RPM, TPM, concurrency; 429 with Retry-After and an OpenAI body; shared by
+replicas through Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from llmrouter.accounting import Accounting
+from llmrouter.accounting.config import LimitsConfig
+from llmrouter.accounting.limits import EffectiveLimits, MemoryLimiter, RedisLimiter, seconds_until_fits
+from llmrouter.errors import RateLimitError
+
+from .conftest import _redis_client, chat_context, finish, needs_redis
+
+pytestmark = pytest.mark.anyio
+
+
+class Clock:
+    def __init__(self, now: float = 6_000.0) -> None:  # 6000 = the start of a minute
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
+async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    if request.param == "memory":
+        yield MemoryLimiter()
+        return
+    async with _redis_client() as client:
+        yield RedisLimiter(client, prefix=client.test_prefix)
+
+
+async def test_rpm_refuses_with_retry_after_and_openai_body(limiter: Any) -> None:
+    limits = EffectiveLimits(rpm=5)
+    for _ in range(5):
+        await limiter.release(await limiter.acquire("k1", limits, 0), 0)
+    with pytest.raises(RateLimitError) as info:
+        await limiter.acquire("k1", limits, 0)
+    error = info.value
+    assert error.http_status == 429 and not error.retryable
+    assert 1 <= error.retry_after <= 120
+    assert error.headers()["Retry-After"].isdigit()
+    assert error.to_body()["error"]["type"] == "rate_limit_error"
+    assert error.to_body()["error"]["code"] == "rate_limit_exceeded"
+    await limiter.release(await limiter.acquire("k2", limits, 0), 0)  # another key is not affected
+
+
+def test_seconds_until_fits() -> None:
+    assert seconds_until_fits(10, 1, prev=0, curr=5, elapsed=30) == 0.0
+    # 10 last minute, none now, 30 s in: 5 still count, so one more fits at once
+    assert seconds_until_fits(10, 1, prev=10, curr=0, elapsed=30) == 0.0
+    assert seconds_until_fits(10, 1, prev=10, curr=0, elapsed=0) == pytest.approx(6.0)
+    # this minute is full: wait for the next one, then until enough of this one has slid out
+    assert seconds_until_fits(10, 1, prev=0, curr=10, elapsed=20) == pytest.approx(40 + 6.0)
+
+
+async def test_sliding_window_in_memory() -> None:
+    clock = Clock()
+    limiter = MemoryLimiter(clock=clock)
+    limits = EffectiveLimits(rpm=10)
+    for _ in range(10):
+        await limiter.acquire("k", limits, 0)
+    with pytest.raises(RateLimitError) as info:
+        await limiter.acquire("k", limits, 0)
+    # the next minute starts in 60 s; then 6 s more until a tenth of this full one has slid out
+    assert info.value.retry_after == pytest.approx(66.0)
+    clock.now += 60  # a new minute: the previous one still weighs fully at its start
+    with pytest.raises(RateLimitError):
+        await limiter.acquire("k", limits, 0)
+    clock.now += 30  # half the previous minute is left: 5 of its 10 still count
+    for _ in range(5):
+        await limiter.acquire("k", limits, 0)
+    with pytest.raises(RateLimitError):
+        await limiter.acquire("k", limits, 0)
+
+
+async def test_tpm_charges_estimate_and_trues_up() -> None:
+    clock = Clock()
+    limiter = MemoryLimiter(clock=clock)
+    limits = EffectiveLimits(tpm=1000)
+    ticket = await limiter.acquire("k", limits, 100)
+    await limiter.release(ticket, 900)  # the answer was long: 900 tokens in all
+    await limiter.release(await limiter.acquire("k", limits, 100), 100)
+    with pytest.raises(RateLimitError, match="tokens per minute"):
+        await limiter.acquire("k", limits, 1)
+    # a refused TPM check did not eat an RPM slot
+    both = EffectiveLimits(rpm=1, tpm=1000)
+    with pytest.raises(RateLimitError, match="tokens per minute"):
+        await limiter.acquire("j", both, 5000)
+    await limiter.acquire("j", both, 10)
+
+
+async def test_concurrency_limit(limiter: Any) -> None:
+    limits = EffectiveLimits(concurrency=3)
+    tickets = [await limiter.acquire("k", limits, 0) for _ in range(3)]
+    with pytest.raises(RateLimitError, match="concurrent requests") as info:
+        await limiter.acquire("k", limits, 0)
+    assert info.value.retry_after >= 1
+    await limiter.release(tickets.pop(), 0)
+    tickets.append(await limiter.acquire("k", limits, 0))
+
+
+async def test_redis_concurrency_slots_of_a_dead_replica_expire(redis_client: Any) -> None:
+    limiter = RedisLimiter(redis_client, prefix=redis_client.test_prefix, lease_seconds=0.3)
+    limits = EffectiveLimits(concurrency=1)
+    await limiter.acquire("k", limits, 0)  # never released: its replica "died"
+    with pytest.raises(RateLimitError):
+        await limiter.acquire("k", limits, 0)
+    await anyio.sleep(0.4)
+    await limiter.acquire("k", limits, 0)
+
+
+async def test_redis_windows_are_shared_by_replicas(redis_client: Any) -> None:
+    one = RedisLimiter(redis_client, prefix=redis_client.test_prefix)
+    two = RedisLimiter(redis_client, prefix=redis_client.test_prefix)
+    limits = EffectiveLimits(rpm=20, tpm=10_000)
+    admitted = 0
+
+    async def hit(limiter: RedisLimiter) -> None:
+        nonlocal admitted
+        try:
+            await limiter.acquire("shared", limits, 10)
+            admitted += 1
+        except RateLimitError:
+            pass
+
+    async with anyio.create_task_group() as tg:
+        for i in range(60):
+            tg.start_soon(hit, one if i % 2 else two)
+    assert admitted == 20
+
+
+async def test_hooks_apply_key_limits_over_defaults(acct: Accounting, tmp_path: Path) -> None:
+    acct.hooks.limits = LimitsConfig(rpm=100, concurrency=1)
+    key, _ = await acct.keys.create("burst", concurrency=2)
+    first, second = chat_context(key), chat_context(key)
+    await acct.hooks.before_request(first)
+    await acct.hooks.before_request(second)
+    with pytest.raises(RateLimitError):
+        await acct.hooks.before_request(chat_context(key))
+    await acct.hooks.after_request(finish(first))
+    third = chat_context(key)
+    await acct.hooks.before_request(third)
+    await acct.hooks.after_request(finish(second))
+    await acct.hooks.after_request(finish(third))
+    # the unauthenticated local user gets the defaults (concurrency 1)
+    anon = chat_context()
+    await acct.hooks.before_request(anon)
+    with pytest.raises(RateLimitError):
+        await acct.hooks.before_request(chat_context())
+    await acct.hooks.after_request(finish(anon))
