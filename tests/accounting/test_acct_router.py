@@ -1,0 +1,103 @@
+"""Accounting through the real Router with an in-process scripted provider."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+from llmrouter.accounting import Accounting
+from llmrouter.accounting.budgets import to_units
+from llmrouter.accounting.config import BudgetRule
+from llmrouter.config import Deployment, Price
+from llmrouter.context import RequestContext
+from llmrouter.errors import BudgetExceededError, PermissionDeniedError, RateLimitError
+from llmrouter.router import Router
+from llmrouter.testing.scripted import ScriptedProvider, Step
+from llmrouter.types import Usage
+
+from .conftest import make_config
+
+pytestmark = pytest.mark.anyio
+
+PRICE = Price(input=1.0, output=2.0)
+REQUEST = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 20}
+
+
+def _router(acct: Accounting, step: Step) -> tuple[Router, ScriptedProvider]:
+    provider = ScriptedProvider("gpt-4o-mini", default=step)
+    router = Router(hooks=[acct.hooks])
+    router.add_deployment("gpt-4o-mini", provider, Deployment(provider="scripted", model="gpt-4o-mini", price=PRICE))
+    return router, provider
+
+
+async def _probe() -> RequestContext:
+    """What the router estimates and reserves for REQUEST (no accounting involved)."""
+    probe = RequestContext()
+    router = Router()
+    router.add_deployment("gpt-4o-mini", ScriptedProvider("gpt-4o-mini"),
+                          Deployment(provider="scripted", model="gpt-4o-mini", price=PRICE))
+    async with router:
+        await router.chat(REQUEST, context=probe)
+    return probe
+
+
+async def test_concurrent_requests_through_the_router_never_overspend(sqlite_url: str, tmp_path: Path) -> None:
+    probe = await _probe()
+    per_request = probe.max_cost
+    assert per_request and per_request > 0
+    # The answer uses the whole output limit and as many prompt tokens as the router
+    # estimated, so each request costs exactly what it reserved: exactly 5 fit.
+    usage = Usage(prompt_tokens=probe.prompt_tokens_estimate, completion_tokens=20,
+                  total_tokens=probe.prompt_tokens_estimate + 20)
+    config = make_config(sqlite_url, tmp_path, budgets=[BudgetRule(key="*", period="day", limit=5 * per_request)])
+    async with Accounting(config) as acct:
+        router, provider = _router(acct, Step(usage=usage, delay=0.01))
+        ok = refused = 0
+
+        async def one() -> None:
+            nonlocal ok, refused
+            try:
+                await router.chat(REQUEST)
+                ok += 1
+            except BudgetExceededError:
+                refused += 1
+
+        async with router, anyio.create_task_group() as tg:
+            for _ in range(60):
+                tg.start_soon(one)
+        assert ok == 5 and refused == 55
+        assert provider.record.calls == 5  # refused requests never reached the provider
+        window = acct.budgets.windows_for(None, "gpt-4o-mini")[0]
+        assert await acct.budgets.store.usage(window) == (5 * to_units(per_request), 0)
+        report = await acct.usage(by=["model", "status"])
+    by_status = {r["status"]: r for r in report}
+    assert by_status["ok"]["requests"] == 5
+    assert by_status["ok"]["cost"] == pytest.approx(5 * per_request)
+    assert by_status["rejected"]["requests"] == 55
+
+
+async def test_streams_cut_short_are_billed_and_keys_restricted(sqlite_url: str, tmp_path: Path) -> None:
+    async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
+        key, secret = await acct.keys.create("streamer", allowed_models=["gpt-4o-mini"], rpm=2)
+        router, provider = _router(acct, Step(text="one two three four five six seven eight", chunk_delay=0.01))
+        async with router:
+            ctx = RequestContext(principal=await acct.authenticate(secret))
+            stream = router.stream({**REQUEST, "stream": True}, context=ctx)
+            chunks = 0
+            async for _chunk in stream:
+                chunks += 1
+                if chunks == 3:
+                    break  # the client went away
+            await stream.aclose()
+            router.add_deployment("gpt-4o", ScriptedProvider("gpt-4o"), Deployment(provider="scripted", model="gpt-4o"))
+            with pytest.raises(PermissionDeniedError):
+                await router.chat({**REQUEST, "model": "gpt-4o"}, context=RequestContext(principal=ctx.principal))
+            await router.chat(REQUEST, context=RequestContext(principal=ctx.principal))
+            with pytest.raises(RateLimitError):
+                await router.chat(REQUEST, context=RequestContext(principal=ctx.principal))
+        rows = await acct.usage(by=["key", "status"])
+    cancelled = next(r for r in rows if r["status"] == "cancelled")
+    assert cancelled["key_name"] == "streamer" and cancelled["completion_tokens"] > 0 and cancelled["cost"] > 0
+
