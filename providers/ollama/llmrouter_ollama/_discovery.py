@@ -62,11 +62,11 @@ class DiscoveryResult:
         return f"ollama: {len(self.models)} model(s) at {self.host}: {shown}"
 
 
-async def probe(host: str | None = None, *, timeout: float = PROBE_TIMEOUT, transport: httpx.AsyncBaseTransport | None = None) -> DiscoveryResult:
+async def probe(host: str | None = None, *, probe_timeout: float = PROBE_TIMEOUT, transport: httpx.AsyncBaseTransport | None = None) -> DiscoveryResult:
     """Ask the daemon for its models (``GET /api/tags``); never raises."""
     base = resolve_host(host)
     kwargs = {"transport": transport} if transport is not None else {}
-    client = ollama.AsyncClient(host=base, timeout=timeout, **kwargs)
+    client = ollama.AsyncClient(host=base, timeout=probe_timeout, **kwargs)
     try:
         listing = await client.list()
     except (ollama.ResponseError, ConnectionError, httpx.HTTPError, ValueError) as exc:

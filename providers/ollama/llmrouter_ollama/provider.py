@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, ClassVar, cast
 
 import anyio
 import httpx
@@ -32,7 +32,6 @@ from llmrouter.types import (
     new_id,
     now,
 )
-
 from llmrouter_ollama import _discovery, _translate
 from llmrouter_ollama._errors import PROVIDER, record_retry_after, translate_errors
 
@@ -180,7 +179,8 @@ class OllamaProvider(Provider[OllamaOptions]):
         text: list[str] = []
         done = False
         async with translate_errors(self.model, self.host):
-            parts = await self.client.generate(**body, stream=True)
+            # The client returns its async generator, typed as a plain iterator.
+            parts = cast(AsyncGenerator[Any, None], await self.client.generate(**body, stream=True))
             async with contextlib.aclosing(parts):
                 async for part in parts:
                     for chunk in _translate.completion_chunk(part, request, stream_id, created, "".join(text)):

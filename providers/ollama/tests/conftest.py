@@ -12,7 +12,7 @@ import pytest
 # --import-mode=importlib does not put test folders on sys.path; the fake lives here.
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_ollama import FakeOllama, ServerThread  # noqa: E402
+from fake_ollama import FakeOllama, ServerThread
 
 
 @pytest.fixture(scope="session")

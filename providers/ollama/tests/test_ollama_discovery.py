@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 from fake_ollama import FakeOllama
+from llmrouter_ollama import OllamaProvider, resolve_host
 
 from llmrouter.config import Config
 from llmrouter.discovery import discover_models
-from llmrouter_ollama import OllamaProvider, resolve_host
 
 pytestmark = pytest.mark.anyio
 
@@ -84,3 +84,14 @@ async def test_core_discovery_reports_the_daemon(ollama_url: str, monkeypatch: p
 def test_ollama_host_forms(value: str | None, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OLLAMA_HOST", raising=False)
     assert resolve_host(value) == expected
+
+
+async def test_zero_config_router_serves_discovered_models(ollama_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmrouter.router import Router
+
+    monkeypatch.setenv("OLLAMA_HOST", ollama_url)
+    report = await discover_models(["ollama"])  # only this provider: no other probes in this test
+    async with Router.from_config(Config(models=report.groups, discover=False)) as router:
+        for name in ("llama3.2", "ollama/llama3.2", "qwen2.5:0.5b"):
+            response = await router.chat({"model": name, "messages": [{"role": "user", "content": "hi"}]})
+            assert response.choices[0].message.content

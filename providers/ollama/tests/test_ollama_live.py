@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 
 import anyio
 import pytest
+from llmrouter_ollama import OllamaProvider, probe
 
 from llmrouter.errors import ModelNotFoundError
 from llmrouter.types import decode_chat_request
-from llmrouter_ollama import OllamaProvider, probe
 
 pytestmark = [
     pytest.mark.anyio,
@@ -26,7 +26,7 @@ pytestmark = [
 
 @pytest.fixture
 async def live() -> AsyncIterator[OllamaProvider]:
-    found = await probe(timeout=3.0)
+    found = await probe(probe_timeout=3.0)
     if found.error is not None:
         pytest.fail(found.note)
     model = os.environ.get("LLMROUTER_OLLAMA_MODEL") or (found.models[0] if found.models else None)
@@ -62,7 +62,7 @@ async def test_live_length_limit(live: OllamaProvider) -> None:
 async def test_live_cancel_mid_stream(live: OllamaProvider) -> None:
     received = 0
     with anyio.move_on_after(5):
-        async for chunk in live.stream(ask("Write a very long essay about rivers.", max_tokens=2000)):
+        async for _chunk in live.stream(ask("Write a very long essay about rivers.", max_tokens=2000)):
             received += 1
             if received == 3:
                 break

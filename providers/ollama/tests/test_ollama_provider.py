@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import pytest
 from fake_ollama import FakeOllama
+from llmrouter_ollama import OllamaOptions, OllamaProvider
 
 from llmrouter.errors import (
     InvalidRequestError,
@@ -22,7 +23,6 @@ from llmrouter.errors import (
     UpstreamUnavailableError,
 )
 from llmrouter.types import ChatChunk, decode_chat_request, decode_completion_request
-from llmrouter_ollama import OllamaOptions, OllamaProvider
 
 pytestmark = pytest.mark.anyio
 

@@ -4,7 +4,13 @@ Install with ``pip install 'llmrouter[openrouter]'``; the provider registers its
 the entry point ``openrouter``. See docs/providers/openrouter.md.
 """
 
-from llmrouter_openrouter.pricing import OpenRouterModel, fetch_models, fetch_prices, prices_from_models, write_pricing
+from llmrouter_openrouter.pricing import (
+    OpenRouterModel,
+    fetch_models,
+    fetch_prices,
+    prices_from_models,
+    write_pricing,
+)
 from llmrouter_openrouter.provider import API_KEY_ENV, DEFAULT_BASE_URL, OpenRouterOptions, OpenRouterProvider
 
 __all__ = [

@@ -62,14 +62,14 @@ async def fetch_models(
     base_url: str = "https://openrouter.ai/api/v1",
     api_key: str | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
-    timeout: float = 30.0,
+    http_timeout: float = 30.0,
 ) -> list[OpenRouterModel]:
     """``GET {base_url}/models`` (the key is optional for this endpoint)."""
     key = api_key or os.environ.get("OPENROUTER_API_KEY")
     headers = {"accept": "application/json"}
     if key:
         headers["authorization"] = f"Bearer {key}"
-    async with httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False) as client:
+    async with httpx.AsyncClient(transport=transport, timeout=http_timeout, trust_env=False) as client:
         try:
             response = await client.get(f"{base_url.rstrip('/')}/models", headers=headers)
         except httpx.TimeoutException as exc:

@@ -11,7 +11,7 @@ import pytest
 # --import-mode=importlib does not put test folders on sys.path; the fake lives here.
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_openrouter import FakeOpenRouter, ServerThread  # noqa: E402
+from fake_openrouter import FakeOpenRouter, ServerThread
 
 
 @pytest.fixture(scope="session")

@@ -155,6 +155,11 @@ class FakeOpenRouter:
         reason = "stop"
         if isinstance(limit, int) and limit < len(tokens):
             tokens, reason = tokens[:limit], "length"
+        stops = data.get("stop") or []
+        for stop in [stops] if isinstance(stops, str) else stops:
+            text = "".join(tokens)
+            if stop in text:
+                tokens, reason = re.findall(r"\S+\s*|\s+", text[: text.index(stop)]), "stop"
         if chat:
             prompt = sum(len(str(m.get("content") or "").split()) + 1 for m in data.get("messages") or [])
         else:

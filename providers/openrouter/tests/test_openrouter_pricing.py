@@ -9,13 +9,19 @@ from pathlib import Path
 
 import pytest
 from fake_openrouter import MODELS
+from llmrouter_openrouter import (
+    OpenRouterModel,
+    fetch_models,
+    fetch_prices,
+    prices_from_models,
+    write_pricing,
+)
+from llmrouter_openrouter.cli import cmd_models
+from llmrouter_openrouter.pricing import ModelPricing
 
 from llmrouter.config import Price, load_config
 from llmrouter.cost import PriceTable
 from llmrouter.errors import UpstreamConnectionError
-from llmrouter_openrouter import OpenRouterModel, fetch_models, fetch_prices, prices_from_models, write_pricing
-from llmrouter_openrouter.cli import cmd_models
-from llmrouter_openrouter.pricing import ModelPricing
 
 pytestmark = pytest.mark.anyio
 
@@ -41,7 +47,7 @@ def test_unparseable_prices_are_skipped() -> None:
 
 async def test_models_endpoint_down_is_a_clear_error(openrouter_url: str) -> None:
     with pytest.raises(UpstreamConnectionError):
-        await fetch_models(base_url="http://127.0.0.1:9/api/v1", timeout=2)
+        await fetch_models(base_url="http://127.0.0.1:9/api/v1", http_timeout=2)
     models = await fetch_models(base_url=openrouter_url)
     assert [m.id for m in models] == [m["id"] for m in MODELS]
     assert models[0].context_length == 128000

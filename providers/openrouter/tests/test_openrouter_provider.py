@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import pytest
 from fake_openrouter import API_KEY, FakeOpenRouter
+from llmrouter_openrouter import OpenRouterOptions, OpenRouterProvider
 
 from llmrouter.config import Deployment
 from llmrouter.context import RequestContext
@@ -23,7 +24,6 @@ from llmrouter.errors import (
 )
 from llmrouter.router import Router
 from llmrouter.types import ChatChunk, decode_chat_request, decode_completion_request
-from llmrouter_openrouter import OpenRouterOptions, OpenRouterProvider
 
 pytestmark = pytest.mark.anyio
 
@@ -209,7 +209,8 @@ async def test_broken_stream(provider: OpenRouterProvider, fake_openrouter: Fake
 
 async def wait_for_disconnect(fake: FakeOpenRouter, bound: float = 1.0) -> None:
     started = time.monotonic()
-    while not fake.disconnected.is_set() and time.monotonic() - started < bound:
+    # The server thread sets a threading.Event, which an anyio.Event cannot wait on.
+    while not fake.disconnected.is_set() and time.monotonic() - started < bound:  # noqa: ASYNC110
         await anyio.sleep(0.01)
 
 
