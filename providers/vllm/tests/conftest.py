@@ -25,7 +25,7 @@ if VLLM_MISSING and os.environ.get("LLMROUTER_REQUIRE_VLLM") == "1":
     # The CI's vLLM stage must not pass by skipping everything.
     raise RuntimeError(f"LLMROUTER_REQUIRE_VLLM=1 but {SKIP_REASON}")
 
-TINY_MAX_MODEL_LEN = 256
+TINY_MAX_MODEL_LEN = 512
 
 
 @pytest.fixture(scope="session")

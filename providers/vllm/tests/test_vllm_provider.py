@@ -17,7 +17,7 @@ pytestmark = [
     pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed here (scripts/setup-vllm-env)"),
 ]
 
-TINY_MAX_MODEL_LEN = 256  # the tiny_vllm fixture's max_model_len
+TINY_MAX_MODEL_LEN = 512  # the tiny_vllm fixture's max_model_len
 
 QUESTION = [{"role": "user", "content": "The quick brown fox"}]
 
