@@ -28,11 +28,11 @@ from llmrouter.discovery import resolve_config
 from llmrouter.extension import Extension
 from llmrouter.server.chat import chat_handlers
 from llmrouter.server.completions import completion_handlers
+from llmrouter.server.disconnect import ClientDisconnected
 from llmrouter.server.errors import exception_handlers
 from llmrouter.server.health import liveness, readiness
 from llmrouter.server.middleware import RequestIdMiddleware, ensure_request_id
 from llmrouter.server.models import model_handlers
-from llmrouter.server.sse import ClientDisconnected
 from llmrouter.server.state import STATE_KEY, Service, provide_service
 
 if TYPE_CHECKING:

@@ -12,7 +12,8 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.response.base import ASGIResponse
 
-from llmrouter.server.sse import call_until_disconnect, open_stream
+from llmrouter.server.disconnect import call_until_disconnect
+from llmrouter.server.sse import open_stream
 from llmrouter.server.state import Service, response_headers
 from llmrouter.types import ChatResponse, decode_chat_request
 

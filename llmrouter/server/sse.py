@@ -1,33 +1,30 @@
-"""Server-sent events for streamed completions, and client-disconnect handling.
+"""Server-sent events for streamed completions.
 
 A stream is answered as ``data: <chunk JSON>\\n\\n`` events ending with
 ``data: [DONE]``. An error after the first event cannot change the status any more,
 so it is sent as a final ``data: {"error": ...}`` event before ``[DONE]``.
 
-When the HTTP client goes away the work it asked for is cancelled: Litestar's streaming
-response cancels the body iteration on ``http.disconnect``, :class:`SSEResponse` then
-closes the chunk generator (and through it the router's and provider's), and
-:func:`call_until_disconnect` does the same for non-streamed calls by watching
-``receive()`` while the router works.
+When the client disconnects mid-stream, the body loop is cancelled (see
+:mod:`llmrouter.server.disconnect`) and the chunk generator is closed at once, and with
+it the router's and the provider's, which closes the upstream connection.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
 from litestar.response.streaming import ASGIStreamingResponse
 
+from llmrouter.server.disconnect import ClientDisconnected, DisconnectWatch, call_until_disconnect, on_asyncio
 from llmrouter.server.errors import error_event
 
 if TYPE_CHECKING:
     from litestar.types import Receive, Send
 
-__all__ = ["ClientDisconnected", "SSEResponse", "call_until_disconnect", "open_stream", "sse_events"]
-
-T = TypeVar("T")
+__all__ = ["SSEResponse", "open_stream", "sse_events"]
 
 DONE = b"data: [DONE]\n\n"
 _encode = msgspec.json.Encoder().encode
@@ -35,56 +32,23 @@ _encode = msgspec.json.Encoder().encode
 _CLOSE_TIMEOUT_S = 5.0
 
 
-class ClientDisconnected(Exception):
-    """The HTTP client disconnected before the answer was ready."""
-
-
-async def call_until_disconnect(receive: Receive, call: Callable[[], Awaitable[T]]) -> T:
-    """Await ``call()``, cancelling it if the client disconnects meanwhile.
-
-    The request body must already have been read: after it, the next ASGI message a
-    server delivers is ``http.disconnect``.
-
-    Raises:
-        ClientDisconnected: the client went away; ``call()`` was cancelled.
-    """
-    result: list[T] = []
-    error: list[Exception] = []
-
-    async def watch_disconnect(scope: anyio.CancelScope) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                scope.cancel()
-                return
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(watch_disconnect, group.cancel_scope)
-        try:
-            result.append(await call())
-        except Exception as exc:  # noqa: BLE001 - re-raised below, bare rather than in an ExceptionGroup
-            error.append(exc)
-        group.cancel_scope.cancel()
-    if error:
-        raise error[0]
-    if not result:
-        raise ClientDisconnected
-    return result[0]
-
-
 async def sse_events(
     first: Any, rest: AsyncIterator[Any], request_id: str | None = None
 ) -> AsyncIterator[bytes]:
     """Encode ``first`` and then ``rest`` as SSE events, ending with ``[DONE]``."""
+    finished = False
     try:
         if first is not None:
             yield b"data: " + _encode(first) + b"\n\n"
         async for chunk in rest:
             yield b"data: " + _encode(chunk) + b"\n\n"
+        finished = True
     except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band
+        finished = True
         yield error_event(exc, request_id)
     finally:
-        await _aclose(rest)
+        if not finished:
+            await _aclose(rest)
     yield DONE
 
 
@@ -97,11 +61,11 @@ async def _aclose(iterator: Any) -> None:
 
 
 class SSEResponse(ASGIStreamingResponse):
-    """A ``text/event-stream`` response that always closes its iterator.
+    """A ``text/event-stream`` response that closes its iterator when the client leaves.
 
-    Litestar cancels the iteration when the client disconnects, but a generator parked
-    at ``yield`` (waiting for ``send``) would otherwise stay open until garbage
-    collection, and with it the upstream connection.
+    Litestar's own loop cancels the iteration on a disconnect, but a generator parked at
+    ``yield`` (waiting for ``send``) would stay open until garbage collection, and with
+    it the upstream connection; this one closes it deterministically.
     """
 
     def __init__(self, iterator: AsyncIterator[bytes], headers: dict[str, str]) -> None:
@@ -113,10 +77,22 @@ class SSEResponse(ASGIStreamingResponse):
         )
 
     async def send_body(self, send: Send, receive: Receive) -> None:
+        finished = False
         try:
-            await super().send_body(send, receive)
+            if on_asyncio():
+                try:
+                    async with DisconnectWatch(receive):
+                        async for event in self.iterator:
+                            await send({"type": "http.response.body", "body": event, "more_body": True})  # type: ignore[arg-type]
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                except ClientDisconnected:
+                    return
+            else:
+                await super().send_body(send, receive)
+            finished = True
         finally:
-            await _aclose(self.iterator)
+            if not finished:
+                await _aclose(self.iterator)
 
 
 async def open_stream(

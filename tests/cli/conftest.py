@@ -46,11 +46,12 @@ class ServeProcess:
 
 @contextmanager
 def llmrouter_serve(config: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[ServeProcess]:
-    """``llmrouter serve --config CONFIG`` on a free port; waits for ``/health``."""
+    """``llmrouter serve --config CONFIG`` on a free port, run in the config's folder; waits for ``/health``."""
     port = free_port()
     process = subprocess.Popen(
         llmrouter_command("serve", "--config", str(config), "--port", str(port), "--no-access-log", *extra),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=config.parent,  # the default SQLite ledger and cache files land next to the config
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     served = ServeProcess(process, f"http://127.0.0.1:{port}")
