@@ -35,6 +35,11 @@ __all__ = ["LedgerWriter", "insert_rows", "row_from_context"]
 log = logging.getLogger("llmrouter.accounting.ledger")
 _TABLE: Any = LedgerRow.__table__  # type: ignore[attr-defined]
 _COLUMNS = frozenset(c.name for c in _TABLE.columns) - {"id"}
+_DEFAULTS = {
+    c.name: (c.default.arg if c.default is not None and not callable(c.default.arg) else None)
+    for c in _TABLE.columns
+    if c.name != "id"
+}
 Sink = Callable[[Sequence[dict[str, Any]]], Awaitable[None]]
 
 
@@ -78,7 +83,8 @@ async def insert_rows(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> No
     if not rows:
         return
     insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
-    clean = [{k: v for k, v in row.items() if k in _COLUMNS} for row in rows]
+    # executemany takes its column list from the first row: give every row every column.
+    clean = [{**_DEFAULTS, **{k: v for k, v in row.items() if k in _COLUMNS}} for row in rows]
     statement = insert(_TABLE).on_conflict_do_nothing(index_elements=["entry_id"])
     async with engine.begin() as conn:
         await conn.execute(statement, clean)

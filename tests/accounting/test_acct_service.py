@@ -1,0 +1,100 @@
+"""Accounting in the service: auth headers, admin key API, 401/403/429 bodies, usage endpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from llmrouter.accounting import Accounting, extension_from_config
+from llmrouter.accounting.extension import AccountingExtension, secret_from_headers
+from llmrouter.config import Config, Deployment, Price, parse_config
+from llmrouter.router import Router
+from llmrouter.server import create_app
+from llmrouter.testing.scripted import ScriptedProvider, Step
+
+from .conftest import make_config
+
+pytestmark = pytest.mark.anyio
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+
+
+def _app(sqlite_url: str, tmp_path: Path) -> tuple[object, Accounting]:
+    router = Router()
+    router.add_deployment("gpt-4o-mini", ScriptedProvider("gpt-4o-mini", default=Step(text="hello there")),
+                          Deployment(provider="scripted", model="gpt-4o-mini", price=Price(input=0.15, output=0.6)))
+    acct = Accounting(make_config(sqlite_url, tmp_path))
+    return create_app(Config(), router=router, extensions=[AccountingExtension(acct)]), acct
+
+
+def test_secret_from_headers() -> None:
+    assert secret_from_headers({"authorization": "Bearer sk-llmr-a"}) == "sk-llmr-a"
+    assert secret_from_headers({"x-api-key": " sk-llmr-b "}) == "sk-llmr-b"
+    assert secret_from_headers({"authorization": "Basic abc"}) is None
+    assert secret_from_headers({}) is None
+
+
+def test_extension_from_config() -> None:
+    assert isinstance(extension_from_config(Config()), AccountingExtension)
+    assert extension_from_config(parse_config({"accounting": {"enabled": False}}, env={})) is None
+
+
+async def test_service_keys_auth_limits_and_usage(sqlite_url: str, tmp_path: Path) -> None:
+    app, acct = _app(sqlite_url, tmp_path)
+    async with AsyncTestClient(app) as client:
+        # no key exists yet: a local single-user setup, SDK placeholder keys are ignored
+        response = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-no-key"})
+        assert response.status_code == 200, response.text
+        created = await client.post("/v1/admin/keys", json={"name": "root", "scopes": ["admin"]})
+        assert created.status_code == 201, created.text
+        admin = {"Authorization": f"Bearer {created.json()['secret']}"}
+
+        # a key exists: auth is on
+        denied = await client.post("/v1/chat/completions", json=CHAT)
+        assert denied.status_code == 401
+        assert denied.json()["error"]["type"] == "authentication_error"
+        bad = await client.post("/v1/chat/completions", json=CHAT, headers={"X-API-Key": "sk-llmr-abcdefgh-nope"})
+        assert bad.status_code == 401 and "nope" not in bad.text
+
+        user = await client.post("/v1/admin/keys", headers=admin, json={
+            "name": "app", "rpm": 2, "allowed_models": ["gpt-4o-mini"], "budget": 1.0, "budget_period": "day"})
+        user_info = user.json()
+        user_headers = {"X-API-Key": user_info["secret"]}
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=user_headers)).status_code == 200
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=user_headers)).status_code == 200
+        limited = await client.post("/v1/chat/completions", json=CHAT, headers=user_headers)
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 1
+        assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+
+        # the user sees only their own usage, and may not use admin endpoints
+        own = await client.get("/v1/usage", headers=user_headers)
+        assert own.status_code == 200, own.text
+        body = own.json()
+        assert body["key"]["name"] == "app" and "secret" not in body["key"]
+        ok_rows = [r for r in body["data"] if r["model"] == "gpt-4o-mini"]
+        assert sum(r["requests"] for r in ok_rows) == 3  # 2 served + 1 rejected (not billed)
+        assert sum(r["cost"] for r in ok_rows) > 0
+        assert body["budgets"][0]["limit"] == 1.0 and body["budgets"][0]["spent"] > 0
+        forbidden = await client.get("/v1/admin/usage", headers=user_headers)
+        assert forbidden.status_code == 403 and forbidden.json()["error"]["type"] == "permission_error"
+
+        everyone = await client.get("/v1/admin/usage?by=key,model&since=7d", headers=admin)
+        assert everyone.status_code == 200
+        names = {r["key_name"] for r in everyone.json()["data"]}
+        assert names == {None, "app"}  # the anonymous request before auth, and the app key
+        bad_by = await client.get("/v1/admin/usage?by=colour", headers=admin)
+        assert bad_by.status_code == 400
+
+        listed = await client.get("/v1/admin/keys", headers=admin)
+        assert {k["name"] for k in listed.json()["data"]} == {"root", "app"}
+        assert all("secret" not in k and "secret_hash" not in k for k in listed.json()["data"])
+        revoked = await client.delete(f"/v1/admin/keys/{user_info['id']}", headers=admin)
+        assert revoked.status_code == 200 and revoked.json()["state"] == "revoked"
+        gone = await client.post("/v1/chat/completions", json=CHAT, headers=user_headers)
+        assert gone.status_code == 401
+        invalid = await client.post("/v1/admin/keys", headers=admin, json={"name": "x", "scopes": ["root"]})
+        assert invalid.status_code == 400
+    assert acct.ledger.pending == 0  # flushed on shutdown
