@@ -70,6 +70,9 @@ class Flight:
         self.ended = anyio.Event()
         """Set when the producer task has finished, storing included."""
         self.task: asyncio.Task[None] | None = None
+        self.reusable = False
+        """Set by the after-flight step when the answer is being stored: until the store
+        lands, a new identical request is served from the flight as if it were a hit."""
         self._changed = anyio.Event()
 
     def push(self, chunk: ChatChunk) -> None:
@@ -165,21 +168,29 @@ class Coalescer:
 
     def _landed(self, flight: Flight) -> None:
         flight.finish(error=FlightCancelledError("the shared upstream call was cancelled"))
-        if self._flights.get(flight.key) is flight:
-            del self._flights[flight.key]
+        self._forget(flight)
         flight.ended.set()
 
     async def _fly(self, flight: Flight, produce: Producer, after: AfterFlight) -> None:
         try:
-            response = await produce(flight)
-        except Exception as exc:  # noqa: BLE001 - published to every attendee, who re-raise it
-            flight.finish(error=exc)
-            return
-        flight.finish(response=response)
-        try:
-            await after(flight)
-        except Exception:  # a failing store must never fail the answer
-            log.exception("cache: after-flight step failed for %s", flight.key)
+            try:
+                response = await produce(flight)
+            except Exception as exc:  # noqa: BLE001 - published to every attendee, who re-raise it
+                flight.finish(error=exc)
+                return
+            flight.finish(response=response)
+            try:
+                await after(flight)
+            except Exception:  # a failing store must never fail the answer
+                log.exception("cache: after-flight step failed for %s", flight.key)
+        finally:
+            # Now, not in the done callback: that runs a loop iteration later, and a
+            # request arriving in between must not be served this flight's answer.
+            self._forget(flight)
+
+    def _forget(self, flight: Flight) -> None:
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
 
     @asynccontextmanager
     async def attend(self, flight: Flight, ctx: RequestContext) -> AsyncIterator[Flight]:
@@ -204,18 +215,18 @@ class Coalescer:
             flight.payer = flight.attendees[0] if flight.attendees else None
         if flight.attendees:
             return False
-        if self._flights.get(flight.key) is flight:
-            del self._flights[flight.key]  # a new identical request must start afresh
+        self._forget(flight)  # a new identical request must start afresh
         if flight.task is not None:
             flight.task.cancel()
         return True
 
     async def aclose(self) -> None:
-        """Cancel every flight in progress and wait for the producers to stop."""
+        """Cancel every unanswered flight, let answered ones finish storing, and wait
+        (bounded by ``cancel_grace``) for all producers to stop."""
         flights = list(self._flights.values())
         self._flights.clear()
         for flight in flights:
-            if flight.task is not None:
+            if flight.task is not None and not flight.done:
                 flight.task.cancel()
         with anyio.move_on_after(self.cancel_grace):
             for flight in flights:

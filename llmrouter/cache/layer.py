@@ -242,22 +242,32 @@ class ResponseCache:
     async def _find_or_lookup(self, ctx: RequestContext, plan: _Plan) -> Flight | CacheEntry | None:
         """A flight to attend, a stored entry (the context is marked as a hit), or None."""
         coalescing = self._can_coalesce()
-        flight = self.coalescer.find(plan.key) if coalescing else None
-        if flight is None:
-            entry = await self._lookup(plan.key)
-            if entry is not None:
-                self._mark(ctx, "hit")
-                ctx.usage = entry.usage
-                ctx.cost = 0.0
-                ctx.cost_source = "cache"
-                return entry
-            # Someone may have launched the same request while we were looking.
-            flight = self.coalescer.find(plan.key) if coalescing else None
-        if flight is not None:
+        found = self._joinable(plan.key) if coalescing else None
+        if found is None:
+            found = await self._lookup(plan.key)
+            if found is None and coalescing:
+                # Someone may have launched the same request while we were looking.
+                found = self._joinable(plan.key)
+        if isinstance(found, CacheEntry):
+            self._mark(ctx, "hit")
+            ctx.usage = found.usage
+        elif found is not None:
             self._mark(ctx, "coalesced")
-            ctx.cost = 0.0
-            ctx.cost_source = "cache"
-        return flight
+        else:
+            return None
+        ctx.cost = 0.0
+        ctx.cost_source = "cache"
+        return found
+
+    def _joinable(self, key: str) -> Flight | CacheEntry | None:
+        """The flight in progress for ``key``; a finished one only while its answer is
+        being stored (served as a hit), never one that failed."""
+        flight = self.coalescer.find(key)
+        if flight is None:
+            return None
+        if not flight.done:
+            return flight
+        return _entry_of(flight) if flight.reusable and flight.error is None else None
 
     def _settle(self, ctx: RequestContext, flight: Flight, response: ChatResponse | None) -> None:
         """Fill an attendee's context once the flight answered."""
@@ -308,12 +318,14 @@ class ResponseCache:
 
     def _after_flight(self, plan: _Plan, *, store: bool) -> Callable[[Flight], Awaitable[None]]:
         async def store_answer(flight: Flight) -> None:
+            # Decided before the first await: attendees woken by the finish run after it.
             if not store:
                 self.stats.skipped += 1
-            elif flight.streaming:
-                await self._store(plan, chunks=list(flight.chunks))
-            elif flight.response is not None:
-                await self._store(plan, response=flight.response)
+                return
+            chunks = list(flight.chunks) if flight.streaming else None
+            whole = flight.response if chunks is None else response_from_chunks(chunks)
+            flight.reusable = whole is not None and is_storable(whole, store_truncated=self.store_truncated)
+            await self._store(plan, response=flight.response, chunks=chunks)
 
         return store_answer
 
@@ -348,6 +360,12 @@ class ResponseCache:
             return asyncio.current_task() is not None
         except RuntimeError:  # not running on asyncio (e.g. trio)
             return False
+
+
+def _entry_of(flight: Flight) -> CacheEntry:
+    if flight.streaming:
+        return CacheEntry(chunks=list(flight.chunks))
+    return CacheEntry(response=flight.response)
 
 
 def _stream_producer(call: Callable[[], AsyncIterator[ChatChunk]]) -> Callable[[Flight], Awaitable[None]]:

@@ -1,0 +1,203 @@
+"""Each backend for real: memory, SQLite (a temporary file) and Redis on 127.0.0.1:6379."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from llmrouter.cache import CacheBackend, CacheConfig, MemoryBackend, build_backend
+from llmrouter.cache.redis import RedisBackend
+from llmrouter.cache.sqlite import SQLiteBackend
+from llmrouter.errors import ConfigError
+
+pytestmark = pytest.mark.anyio
+
+KINDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+@pytest.fixture(params=KINDS)
+async def backend(request: Any, sqlite_path: Path, redis_prefix: str, clock: Any) -> AsyncIterator[CacheBackend]:
+    kind = request.param
+    made: CacheBackend
+    if kind == "memory":
+        made = MemoryBackend(max_bytes=0, clock=clock)
+    elif kind == "sqlite":
+        made = SQLiteBackend(sqlite_path, max_bytes=0, clock=clock)
+    else:
+        made = RedisBackend("redis://127.0.0.1:6379/0", prefix=redis_prefix)
+    await made.start()
+    try:
+        yield made
+    finally:
+        await made.clear()
+        await made.aclose()
+
+
+async def test_set_get_overwrite_delete(backend: CacheBackend) -> None:
+    assert await backend.get("k1") is None
+    await backend.set("k1", b"one", 60)
+    await backend.set("k2", b"\x00\xffbinary", None)
+    assert await backend.get("k1") == b"one"
+    assert await backend.get("k2") == b"\x00\xffbinary"
+    await backend.set("k1", b"uno", 60)
+    assert await backend.get("k1") == b"uno"
+    await backend.delete("k1")
+    await backend.delete("absent")
+    assert await backend.get("k1") is None
+    assert await backend.get("k2") == b"\x00\xffbinary"
+    stats = backend.stats()
+    if stats.entries is not None:  # Redis does not count
+        assert stats.entries == 1
+        assert stats.bytes == len("k2") + len(b"\x00\xffbinary")
+
+
+async def test_clear_drops_everything_of_this_cache(backend: CacheBackend) -> None:
+    for i in range(5):
+        await backend.set(f"key{i}", b"v" * i, 60)
+    assert await backend.clear() == 5
+    for i in range(5):
+        assert await backend.get(f"key{i}") is None
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_ttl_expires_on_the_clock(kind: str, sqlite_path: Path, clock: Any) -> None:
+    made: CacheBackend = MemoryBackend(clock=clock) if kind == "memory" else SQLiteBackend(sqlite_path, clock=clock)
+    await made.start()
+    await made.set("short", b"s", 10)
+    await made.set("forever", b"f", None)
+    clock.advance(9.9)
+    assert await made.get("short") == b"s"
+    clock.advance(0.2)
+    assert await made.get("short") is None
+    assert await made.get("forever") == b"f"
+    stats = made.stats()
+    assert stats.expirations == 1
+    assert stats.entries == 1
+    await made.aclose()
+
+
+async def test_memory_lru_eviction_by_bytes(clock: Any) -> None:
+    # Each entry is 2 (key) + 10 (value) = 12 bytes; three fit in 40.
+    made = MemoryBackend(max_bytes=40, clock=clock)
+    for name in ("k1", "k2", "k3"):
+        await made.set(name, b"x" * 10, 60)
+    assert await made.get("k1") is not None  # k1 is now the most recently used
+    await made.set("k4", b"x" * 10, 60)
+    assert await made.get("k2") is None  # the least recently used went
+    assert all([await made.get(k) for k in ("k1", "k3", "k4")])
+    stats = made.stats()
+    assert (stats.entries, stats.bytes, stats.evictions) == (3, 36, 1)
+
+
+async def test_memory_refuses_an_entry_larger_than_the_bound() -> None:
+    made = MemoryBackend(max_bytes=20)
+    await made.set("small", b"x", None)
+    await made.set("huge", b"x" * 100, None)
+    assert await made.get("huge") is None
+    assert await made.get("small") == b"x"  # and nothing was evicted for it
+    assert made.stats().evictions == 0
+
+
+async def test_sqlite_lru_eviction_by_bytes_and_persistence(sqlite_path: Path, clock: Any) -> None:
+    made = SQLiteBackend(sqlite_path, max_bytes=40, clock=clock)
+    for name in ("k1", "k2", "k3"):
+        await made.set(name, b"x" * 10, 60)
+        clock.advance(1)
+    assert await made.get("k1") is not None
+    clock.advance(1)
+    await made.set("k4", b"x" * 10, 60)
+    assert await made.get("k2") is None
+    assert made.stats().evictions == 1
+    await made.aclose()
+    # A new process (another worker) sees the same entries and totals.
+    again = SQLiteBackend(sqlite_path, max_bytes=40, clock=clock)
+    await again.start()
+    assert await again.get("k4") == b"x" * 10
+    assert (again.stats().entries, again.stats().bytes) == (3, 36)
+    await again.aclose()
+
+
+async def test_sqlite_shares_a_file_with_other_tables(sqlite_path: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(sqlite_path) as db:
+        db.execute("CREATE TABLE ledger (id INTEGER PRIMARY KEY, cost REAL)")
+        db.execute("INSERT INTO ledger (cost) VALUES (1.5)")
+    made = SQLiteBackend(sqlite_path, table="answers")
+    await made.set("k", b"v", None)
+    assert await made.clear() == 1
+    await made.aclose()
+    with sqlite3.connect(sqlite_path) as db:
+        assert db.execute("SELECT cost FROM ledger").fetchall() == [(1.5,)]
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+def test_sqlite_table_name_must_be_an_identifier(sqlite_path: Path) -> None:
+    with pytest.raises(ConfigError, match="sqlite_table"):
+        SQLiteBackend(sqlite_path, table="x; DROP TABLE ledger")
+
+
+@pytest.mark.redis
+async def test_redis_sets_ttl_and_keeps_to_its_prefix(redis_prefix: str) -> None:
+    from redis.asyncio import Redis
+
+    client = Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        made = RedisBackend(prefix=redis_prefix, client=client)
+        await made.set("a", b"1", 30)
+        await made.set("b", b"2", None)
+        pttl = await client.pttl(redis_prefix + "a")
+        assert 0 < pttl <= 30_000
+        assert await client.pttl(redis_prefix + "b") == -1  # no expiry
+        other = redis_prefix[:-1] + "-other:a"
+        await client.set(other, b"not ours")
+        assert await made.clear() == 2
+        assert await client.get(other) == b"not ours"
+        await client.delete(other)
+        await made.aclose()  # an injected client stays open
+        assert await client.ping()
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_entry_really_expires(redis_prefix: str) -> None:
+    made = RedisBackend(prefix=redis_prefix)
+    await made.set("brief", b"x", 0.05)
+    for _ in range(200):  # bounded wait for Redis to expire it
+        if await made.get("brief") is None:
+            break
+        await anyio.sleep(0.02)
+    assert await made.get("brief") is None
+    await made.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_replicas_share_entries(redis_prefix: str) -> None:
+    first, second = RedisBackend(prefix=redis_prefix), RedisBackend(prefix=redis_prefix)
+    await first.set("shared", b"answer", 60)
+    assert await second.get("shared") == b"answer"
+    await first.clear()
+    await first.aclose()
+    await second.aclose()
+
+
+async def test_unreachable_redis_raises_quickly_instead_of_hanging() -> None:
+    made = RedisBackend("redis://127.0.0.1:1/0", timeout=0.5)
+    with anyio.fail_after(10):  # generous bound: the point is that it does not hang
+        with pytest.raises(Exception):  # noqa: B017 - redis' ConnectionError
+            await made.get("k")
+    await made.aclose()
+
+
+def test_build_backend_from_config(sqlite_path: Path) -> None:
+    assert build_backend(CacheConfig(backend="none")) is None
+    assert isinstance(build_backend(CacheConfig()), MemoryBackend)
+    made = build_backend(CacheConfig(backend="sqlite", sqlite_path=str(sqlite_path)))
+    assert isinstance(made, SQLiteBackend) and made.path == str(sqlite_path)
+    made = build_backend(CacheConfig(backend="redis", redis_prefix="p:"))
+    assert isinstance(made, RedisBackend) and made.prefix == "p:"

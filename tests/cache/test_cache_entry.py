@@ -1,0 +1,114 @@
+"""Stored answers: encoding, and moving between the response and chunk shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from llmrouter.cache.entry import (
+    chunks_from_response,
+    decode_entry,
+    encode_entry,
+    is_storable,
+    response_from_chunks,
+)
+from llmrouter.types import (
+    ChatChoice,
+    ChatChunk,
+    ChatMessage,
+    ChatResponse,
+    ChunkChoice,
+    Delta,
+    FunctionCall,
+    FunctionCallDelta,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+
+
+def test_roundtrip_keeps_chunks_exactly(helpers: Any) -> None:
+    chunks = helpers.Upstream().chunks()
+    entry = decode_entry(encode_entry(chunks=chunks))
+    assert entry.chunks == chunks
+    assert entry.usage == chunks[-1].usage
+    assert entry.stored_at > 0
+
+
+def test_assembled_stream_equals_the_response(helpers: Any) -> None:
+    upstream = helpers.Upstream()
+    assert response_from_chunks(upstream.chunks()) == upstream.response()
+
+
+def test_rechunked_response_reassembles_to_itself(helpers: Any) -> None:
+    response = helpers.Upstream().response()
+    chunks = chunks_from_response(response)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage == response.usage
+    assert all(c.object == "chat.completion.chunk" and c.id == response.id for c in chunks)
+    assert response_from_chunks(chunks) == response
+
+
+def test_tool_calls_assemble_from_deltas() -> None:
+    def chunk(delta: Delta, finish: str | None = None) -> ChatChunk:
+        return ChatChunk(id="c", model="m", choices=[ChunkChoice(delta=delta, finish_reason=finish)])
+
+    chunks = [
+        chunk(Delta(role="assistant", tool_calls=[ToolCallDelta(index=0, id="call_1", type="function", function=FunctionCallDelta(name="get", arguments='{"ci'))])),
+        chunk(Delta(tool_calls=[ToolCallDelta(index=0, function=FunctionCallDelta(arguments='ty":"Paris"}'))])),
+        chunk(Delta(tool_calls=[ToolCallDelta(index=1, id="call_2", function=FunctionCallDelta(name="now", arguments="{}"))])),
+        chunk(Delta(), "tool_calls"),
+        ChatChunk(id="c", model="m", usage=Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7)),
+    ]
+    response = response_from_chunks(chunks)
+    message = response.choices[0].message
+    assert message.content is None
+    assert message.tool_calls == [
+        ToolCall(id="call_1", function=FunctionCall(name="get", arguments='{"city":"Paris"}')),
+        ToolCall(id="call_2", function=FunctionCall(name="now", arguments="{}")),
+    ]
+    assert response.choices[0].finish_reason == "tool_calls"
+    assert response_from_chunks(chunks_from_response(response)) == response
+
+
+def test_several_choices_keep_their_index() -> None:
+    response = ChatResponse(
+        id="r",
+        model="m",
+        choices=[
+            ChatChoice(index=0, message=ChatMessage(role="assistant", content="a"), finish_reason="stop"),
+            ChatChoice(index=1, message=ChatMessage(role="assistant", content="b"), finish_reason="stop"),
+        ],
+        usage=Usage(total_tokens=2),
+    )
+    assert response_from_chunks(chunks_from_response(response)) == response
+
+
+@pytest.mark.parametrize(
+    ("reasons", "truncated_ok", "storable"),
+    [
+        (["stop"], False, True),
+        (["tool_calls"], False, True),
+        (["stop", "stop"], False, True),
+        ([None], False, False),  # the stream never finished
+        (["cancelled"], False, False),
+        (["abort"], False, False),
+        (["error"], False, False),
+        (["stop", None], False, False),
+        (["length"], False, False),
+        (["length"], True, True),
+        ([], False, False),
+    ],
+)
+def test_storable_only_when_every_choice_finished(reasons: list[str | None], truncated_ok: bool, storable: bool) -> None:
+    response = ChatResponse(choices=[ChatChoice(index=i, finish_reason=r) for i, r in enumerate(reasons)])
+    assert is_storable(response, store_truncated=truncated_ok) is storable
+
+
+def test_foreign_bytes_do_not_decode() -> None:
+    with pytest.raises(msgspec.DecodeError):
+        decode_entry(b"not msgpack at all")
+    with pytest.raises(msgspec.DecodeError):
+        decode_entry(msgspec.msgpack.encode({"stored_at": 1.0}))
