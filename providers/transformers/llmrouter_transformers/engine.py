@@ -115,6 +115,8 @@ class GenerationEngine:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.steps = 0
         """Forward passes run so far (prefills and decoding steps)."""
+        self.peak_batch = 0
+        """The most rows one decoding step has carried (shows that requests were batched)."""
         self.finished: collections.deque[GenerationJob] = collections.deque(maxlen=64)
         """The most recent jobs that left the engine (for health checks and tests)."""
         self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -233,6 +235,7 @@ class GenerationEngine:
             self._accept(job, token)
 
     def _decode(self) -> None:
+        self.peak_batch = max(self.peak_batch, len(self._rows))
         inputs = self._batch.decode_inputs(self._next_tokens)
         logits = self.model(**inputs).logits[:, -1, :]
         self.steps += 1
@@ -275,6 +278,9 @@ class GenerationEngine:
         if error is None and reason != "cancelled" and job.decoder is not None:
             tail = job.stops.feed(job.decoder.flush()) + job.stops.flush()
         job.finish_reason = reason
+        # Record the job before telling its consumer, which may look it up at once.
+        self.finished.append(job)
+        job.done.set()
         job.on_event(
             JobEvent(
                 text=tail,
@@ -284,8 +290,6 @@ class GenerationEngine:
                 error=error,
             )
         )
-        job.done.set()
-        self.finished.append(job)
 
     def _drop_cancelled(self) -> None:
         for job in self._rows:

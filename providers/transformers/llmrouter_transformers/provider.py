@@ -78,6 +78,8 @@ class TransformersOptions(ProviderOptions):
     """Temperature for requests that give none; default: the model's generation config (greedy unless it samples)."""
     max_context: int | None = None
     """Longest prompt + answer; default: the model's ``max_position_embeddings``."""
+    torch_threads: int | None = None
+    """Set torch's intra-op thread count (process-wide) on CPU; default: torch's choice."""
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = None
@@ -135,6 +137,10 @@ class TransformersProvider(Provider[TransformersOptions]):
 
     def _load_blocking(self) -> LoadedModel:
         opts = self.options
+        if opts.torch_threads:
+            import torch
+
+            torch.set_num_threads(opts.torch_threads)
         return load_model(
             self._source(),
             device=opts.device,
