@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from llmrouter_transformers import TransformersOptions, TransformersProvider
 
 from llmrouter.testing.tiny_models import build_tiny_gpt2, build_tiny_llama
-from llmrouter_transformers import TransformersOptions, TransformersProvider
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,11 +8,11 @@ from typing import Any
 
 import anyio
 import pytest
+from llmrouter_transformers import TransformersOptions, TransformersProvider
+from llmrouter_transformers.engine import GenerationJob
 
 from llmrouter.testing.conformance import collect_stream
 from llmrouter.types import ChatResponse, decode_chat_request, decode_completion_request
-from llmrouter_transformers import TransformersOptions, TransformersProvider
-from llmrouter_transformers.engine import GenerationJob
 
 pytestmark = pytest.mark.anyio
 
@@ -114,7 +114,7 @@ async def test_closing_a_stream_stops_generation_within_one_step(tiny_provider: 
     assert len(job.generated) < 1500
     # The worker is free again: a new request runs to completion.
     with anyio.fail_after(30):
-        text, finish, _, completion = answer(await tiny_provider.chat(greedy("again", 4)))
+        _, finish, _, completion = answer(await tiny_provider.chat(greedy("again", 4)))
     assert (finish, completion) == ("length", 4)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from llmrouter_transformers import TransformersProvider
 
 from llmrouter.testing.conformance import ProviderConformance
-from llmrouter_transformers import TransformersProvider
 
 
 class TestTransformersConformance(ProviderConformance):
