@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import AsyncGenerator, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
 import msgspec
 
@@ -62,6 +63,8 @@ _R = TypeVar("_R", ChatRequest, CompletionRequest)
 _USAGE_ON = StreamOptions(include_usage=True)
 _JSON = "application/json"
 _generic = msgspec.json.Decoder()
+_DRAIN_S = 1.0
+_DRAIN_MAX_BYTES = 65536
 
 
 # --- SSE --------------------------------------------------------------------------------------
@@ -411,9 +414,11 @@ class OpenAICompatClient:
                     content = await response.aread()
                 raise error_from_body(response.status_code, content, response.headers, provider=self.provider)
             with _translate(self.provider, f"streaming POST {path}"):
-                async for raw in response.aiter_bytes():
+                body_pieces = response.aiter_bytes()
+                async for raw in body_pieces:
                     for event, data in sse.feed(raw):
                         if data == b"[DONE]":
+                            await _drain(body_pieces)
                             return
                         yield self._chunk(decoder, event, data, kind)
                 for event, data in sse.finish():
@@ -473,6 +478,18 @@ class OpenAICompatClient:
             return Health(ok=False, detail=exc.message, latency_ms=(time.perf_counter() - started) * 1000)
         latency = (time.perf_counter() - started) * 1000
         return Health(ok=True, detail=f"{len(models)} model(s) at {self.base_url}", latency_ms=latency)
+
+
+async def _drain(body_pieces: AsyncIterator[bytes]) -> None:
+    """Read what follows ``[DONE]`` (normally just the end of the chunked body), so that the
+    connection goes back to the pool instead of being closed: a new TCP connection per
+    stream halves throughput. A server that keeps talking is cut off after a moment."""
+    with anyio.move_on_after(_DRAIN_S):
+        received = 0
+        async for piece in body_pieces:
+            received += len(piece)
+            if received > _DRAIN_MAX_BYTES:
+                return
 
 
 def _message_text(message: Any) -> str:

@@ -103,6 +103,9 @@ class FakeOpenAIApp:
                 break
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         record = RecordedRequest(scope["method"], scope["path"], headers, bytes(body), time.monotonic())
+        if scope.get("client"):
+            host, port = scope["client"]
+            record.client = f"{host}:{port}"
         if self.state.record and not scope["path"].startswith("/_fake/"):
             self.state.requests.append(record)
         conn = _Connection(send, record)

@@ -104,6 +104,8 @@ class RecordedRequest:
     completed_at: float | None = None
     """``time.monotonic()`` when the whole response had been sent."""
     chunks_sent: int = 0
+    client: str = ""
+    """The client's ``host:port``: equal for requests that reused one pooled connection."""
 
     @property
     def json(self) -> Any:

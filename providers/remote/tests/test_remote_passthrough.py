@@ -61,6 +61,19 @@ async def test_stream_always_asks_for_usage(remote: RemoteProvider, echo_upstrea
     assert "".join(c.delta.content or "" for ch in chunks for c in ch.choices) == "You said: a b"
 
 
+async def test_finished_streams_reuse_the_pooled_connection(
+    remote: RemoteProvider, echo_upstream: FakeUpstream
+) -> None:
+    # Reading past [DONE] to the end of the body lets httpx pool the connection; stopping
+    # at [DONE] would close it and cost a new TCP connection per stream.
+    request = decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True})
+    for _ in range(3):
+        await collect_stream(remote.stream(request))
+    await remote.chat(request)
+    clients = {r.client for r in echo_upstream.generation_requests()}
+    assert len(clients) == 1, clients
+
+
 async def test_completion_sends_max_tokens_explicitly(remote: RemoteProvider, echo_upstream: FakeUpstream) -> None:
     # 16 is the wire default (so omitted by msgspec), but llama.cpp's default is unlimited.
     await remote.complete(decode_completion_request({"model": "x", "prompt": "p"}))
