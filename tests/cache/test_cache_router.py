@@ -1,0 +1,181 @@
+"""The cache through the Router: hits bill zero, streams replay, coalescing and cancellation
+with the real dispatch path (an in-test provider that can be held at a gate)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from llmrouter.cache import MemoryBackend, ResponseCache
+from llmrouter.config import Deployment, Price
+from llmrouter.context import RequestContext
+from llmrouter.hooks import RouterHooks
+from llmrouter.router import Router
+from llmrouter.testing.scripted import ScriptedProvider, Step
+from llmrouter.types import ChatChunk, ChatRequest, ChatResponse, Usage
+
+pytestmark = pytest.mark.anyio
+
+USAGE = Usage(prompt_tokens=1000, completion_tokens=500, total_tokens=1500)
+
+
+class GatedProvider(ScriptedProvider):
+    """Answers only once ``gate`` is set (when one is)."""
+
+    gate: anyio.Event | None = None
+
+    async def _held(self) -> None:
+        if self.gate is not None:
+            try:
+                await self.gate.wait()
+            except anyio.get_cancelled_exc_class():
+                self.record.cancelled += 1
+                raise
+
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        await self._held()
+        return await super().chat(request)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        await self._held()
+        async for chunk in super().stream(request):
+            yield chunk
+
+
+class Ledger(RouterHooks):
+    """Records what accounting would see, once per request."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str | None, str | None, float | None, str | None]] = []
+
+    async def after_request(self, ctx: RequestContext) -> None:
+        self.rows.append((ctx.status, ctx.cache_status, ctx.cost, ctx.cost_source))
+
+
+@pytest.fixture
+def provider() -> GatedProvider:
+    return GatedProvider("tiny", default=Step(text="Paris is the capital of France.", usage=USAGE))
+
+
+@pytest.fixture
+async def routed(provider: GatedProvider) -> AsyncIterator[tuple[Router, ResponseCache, Ledger]]:
+    cache = ResponseCache(MemoryBackend(), ttl=60)
+    ledger = Ledger()
+    router = Router(hooks=[ledger], cache=cache)
+    router.add_deployment("g", provider, Deployment(provider="scripted", model="tiny", price=Price(input=1.0, output=2.0)))
+    async with router:
+        yield router, cache, ledger
+    await cache.aclose()
+
+
+def body(**fields: Any) -> dict[str, Any]:
+    return {"model": "g", "messages": [{"role": "user", "content": "Capital of France?"}], "temperature": 0, **fields}
+
+
+async def test_hit_through_the_router_bills_zero(routed: Any, provider: GatedProvider) -> None:
+    router, _, ledger = routed
+    first = await router.chat(body())
+    ctx = RequestContext()
+    second = await router.chat(body(user="bob"), context=ctx)
+    assert provider.record.calls == 1
+    assert second.choices == first.choices
+    assert ctx.cache_status == "hit" and ctx.usage == USAGE
+    assert ledger.rows == [("ok", "miss", pytest.approx(0.002), "price_table"), ("ok", "hit", 0.0, "cache")]
+
+
+async def test_uncacheable_requests_bypass(routed: Any, provider: GatedProvider) -> None:
+    router, _, ledger = routed
+    for _ in range(2):
+        await router.chat(body(temperature=0.8))
+    assert provider.record.calls == 2
+    assert [row[1] for row in ledger.rows] == ["bypass", "bypass"]
+
+
+async def test_stream_replay_through_the_router(routed: Any, provider: GatedProvider) -> None:
+    router, _, ledger = routed
+    first = [c async for c in router.stream(body(stream=True, stream_options={"include_usage": True}))]
+    again = [c async for c in router.stream(body(stream=True, stream_options={"include_usage": True}))]
+    plain = [c async for c in router.stream(body(stream=True))]
+    assert provider.record.calls == 1
+    assert again == first and first[-1].usage == USAGE
+    assert plain == first[:-1]  # the router strips the usage chunk the client did not ask for
+    assert [row[1] for row in ledger.rows] == ["miss", "hit", "hit"]
+    assert ledger.rows[1][2:] == (0.0, "cache")
+    non_streamed = await router.chat(body())
+    assert non_streamed.choices[0].message.content == "Paris is the capital of France."
+
+
+async def test_twenty_concurrent_requests_one_provider_call(routed: Any, provider: GatedProvider) -> None:
+    router, cache, ledger = routed
+    provider.gate = anyio.Event()
+    answers: list[ChatResponse] = []
+
+    async def one() -> None:
+        answers.append(await router.chat(body()))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(one)
+        for _ in range(1000):  # bounded wait for every request to join the flight
+            if cache.stats.coalesced == 19:
+                break
+            await anyio.sleep(0.01)
+        provider.gate.set()
+    assert provider.record.calls == 1 and len(answers) == 20
+    assert len({a.choices[0].message.content for a in answers}) == 1
+    costs = sorted(row[2] for row in ledger.rows)
+    assert costs == [0.0] * 19 + [pytest.approx(0.002)]
+
+
+async def test_leader_cancelled_through_the_router(routed: Any, provider: GatedProvider) -> None:
+    router, cache, ledger = routed
+    provider.gate = anyio.Event()
+    answers: list[ChatResponse] = []
+    leader_scope = anyio.CancelScope()
+
+    async def lead() -> None:
+        with leader_scope:
+            await router.chat(body())
+
+    async def follow() -> None:
+        answers.append(await router.chat(body()))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lead)
+        for _ in range(1000):  # the leader's flight is up (held at the provider's gate)
+            if len(cache.coalescer) == 1:
+                break
+            await anyio.sleep(0.01)
+        for _ in range(3):
+            tg.start_soon(follow)
+        for _ in range(1000):
+            if cache.stats.coalesced == 3:
+                break
+            await anyio.sleep(0.01)
+        leader_scope.cancel()
+        for _ in range(1000):
+            if ledger.rows:
+                break
+            await anyio.sleep(0.01)
+        assert ledger.rows[0][0] == "cancelled" and provider.record.cancelled == 0
+        provider.gate.set()
+    assert len(answers) == 3 and provider.record.calls == 1 and provider.record.completed == 1
+    followers = ledger.rows[1:]
+    # Billed once, to the first follower, at the price-table cost of the whole answer.
+    assert sorted(row[2] for row in followers) == [0.0, 0.0, pytest.approx(0.002)]
+
+
+async def test_every_stream_closed_stops_the_provider(routed: Any, provider: GatedProvider) -> None:
+    router, cache, _ = routed
+    provider.default = Step(text="one two three four", usage=USAGE, chunk_delay=30)
+    streams = [router.stream(body(stream=True)) for _ in range(3)]
+    for stream in streams:
+        await stream.__anext__()
+    assert provider.record.calls == 1 and cache.stats.coalesced == 2
+    with anyio.fail_after(20):  # generous: closing must not wait out the 30 s chunk delay
+        for stream in streams:
+            await stream.aclose()
+    assert provider.record.cancelled == 1 and len(cache.coalescer) == 0
