@@ -68,7 +68,7 @@ class TelemetryExtension(Extension):
 
         return (
             DefineMiddleware(
-                TelemetryMiddleware,
+                TelemetryMiddleware,  # type: ignore[arg-type]  # plain ASGI typing, not Litestar's
                 metrics=self.metrics,
                 tracer=self.tracer,
                 access_log=self.config.access_log,
@@ -79,11 +79,14 @@ class TelemetryExtension(Extension):
     def route_handlers(self) -> Sequence[Any]:
         if self.prometheus is None:
             return ()
-        return (_metrics_handler(self.prometheus, self.config.metrics_path),)
+        return (_metrics_handler(self.prometheus, self.hooks, self.config.metrics_path),)
 
     async def startup(self) -> None:
         if self.config.json_logs:
             configure_logging(self.config.log_level)
+        if self.config.access_log:
+            # The access line written by TelemetryMiddleware supersedes uvicorn's.
+            logging.getLogger("uvicorn.access").disabled = True
         log_event(
             logger,
             "telemetry started",
@@ -105,11 +108,10 @@ class TelemetryExtension(Extension):
         return {
             "metrics": self.prometheus is not None,
             "tracing": self.tracer_provider is not None,
-            "in_flight": self.hooks.in_flight(),
         }
 
 
-def _metrics_handler(prometheus: PrometheusMetrics, path: str) -> Any:
+def _metrics_handler(prometheus: PrometheusMetrics, hooks: TelemetryHooks, path: str) -> Any:
     from litestar import Request, get
     from litestar.response.base import ASGIResponse
 
@@ -122,10 +124,22 @@ def _metrics_handler(prometheus: PrometheusMetrics, path: str) -> Any:
         signature_namespace={"Request": Request, "ASGIResponse": ASGIResponse, "Any": Any},
     )
     def metrics(request: Request[Any, Any, Any]) -> ASGIResponse:
+        router = _service_router(request.app.state)
+        if router is not None:
+            hooks.watch_router(router)  # idempotent; the router exists only after the lifespan began
         body, content_type = prometheus.render(request.headers.get("accept"))
         return ASGIResponse(body=body, media_type=content_type)
 
     return metrics
+
+
+def _service_router(state: Any) -> Any:
+    try:
+        from llmrouter.server.state import STATE_KEY
+    except ImportError:  # served by another application
+        return None
+    service = state.get(STATE_KEY) if hasattr(state, "get") else None
+    return getattr(service, "router", None)
 
 
 def build_telemetry_extension(config: Config) -> TelemetryExtension:

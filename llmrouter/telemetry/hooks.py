@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, OrderedDict
+import weakref
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from llmrouter.errors import (
@@ -103,11 +104,8 @@ class TelemetryHooks(RouterHooks):
         self.tracer = RequestTracer(tracer_provider)
         self.log_requests = log_requests
         self._access_log = logging.getLogger(ACCESS_LOGGER)
-        # Requests between before_request and after_request/on_rejected, by request id.
-        self._active: dict[str, RequestContext] = {}
         self._spans: dict[str, Span] = {}
-        # Deployments seen so far: they report 0 when idle rather than no series at all.
-        self._known_deployments: set[str] = set()
+        self._routers: list[weakref.ref[Any]] = []
         self._attempt_started: dict[str, int] = {}
         self._last_chunk: dict[str, float] = {}
         # Requests already recorded: a hook rejecting a request gets after_request on the
@@ -125,7 +123,6 @@ class TelemetryHooks(RouterHooks):
                 ctx.traceparent = record.traceparent
         if parse_traceparent(ctx.traceparent) is None:
             ctx.traceparent = new_traceparent().header()
-        self._active[ctx.request_id] = ctx
         try:
             span = self.tracer.start_request_span(
                 f"{_OPERATION_NAMES.get(ctx.operation, ctx.operation)} {_model(ctx)}",
@@ -171,19 +168,19 @@ class TelemetryHooks(RouterHooks):
         if error is not None:
             attributes["error.type"] = type(error).__name__
         self.metrics.attempts.add(1, attributes)
-        self._known_deployments.add(deployment)
         now = time.time_ns()
         started = self._attempt_started.get(ctx.request_id)
         self._attempt_started[ctx.request_id] = now
         span = self._spans.get(ctx.request_id)
         if span is not None and started is not None:
-            call_attributes = {
-                **attributes,
-                "gen_ai.operation.name": _OPERATION_NAMES.get(ctx.operation, ctx.operation),
-                "gen_ai.provider.name": ctx.provider or UNKNOWN,
-                "gen_ai.request.model": ctx.upstream_model or _model(ctx),
-            }
-            name = f"{call_attributes['gen_ai.operation.name']} {call_attributes['gen_ai.request.model']}"
+            operation = _OPERATION_NAMES.get(ctx.operation, ctx.operation)
+            call_attributes = {**attributes, "gen_ai.operation.name": operation}
+            # The router fills ctx.provider/upstream_model only after an attempt succeeded:
+            # ask the watched routers what this deployment is.
+            described = self._describe(deployment)
+            if described is not None:
+                call_attributes["gen_ai.provider.name"], call_attributes["gen_ai.request.model"] = described
+            name = f"{operation} {deployment}"
             self.tracer.record_call_span(span, name, call_attributes, start_ns=started, error=error)
 
     def on_fallback(self, ctx: RequestContext, from_group: str, to_group: str) -> None:
@@ -275,14 +272,36 @@ class TelemetryHooks(RouterHooks):
 
     # --- state ----------------------------------------------------------------------
 
+    def watch_router(self, router: Any) -> None:
+        """Report ``router``'s requests in flight per deployment (``llmrouter.deployment.in_flight``).
+
+        The router's own counts are the truth (a deployment is busy from dispatch to the
+        end of the answer, retries included) and every deployment reports, idle ones at 0.
+        The service calls this itself; a library user calls it once per router.
+        """
+        if not any(ref() is router for ref in self._routers):
+            self._routers.append(weakref.ref(router))
+
+    def _describe(self, deployment_id: str) -> tuple[str, str] | None:
+        for ref in list(self._routers):
+            router = ref()
+            for deployment in router.deployments if router is not None else ():
+                if deployment.id == deployment_id:
+                    return deployment.config.provider, deployment.config.model
+        return None
+
     def in_flight(self) -> dict[str, int]:
-        """Admitted requests by the deployment now serving them (an in-flight gauge source)."""
-        contexts = list(self._active.values())
-        busy = Counter(c.deployment for c in contexts if c.deployment and c.finished_at is None)
-        return {name: busy.get(name, 0) for name in sorted(self._known_deployments | set(busy))}
+        """Requests in flight by deployment id, over the watched routers."""
+        counts: dict[str, int] = {}
+        for ref in list(self._routers):
+            router = ref()
+            if router is None:
+                continue
+            for deployment in router.deployments:
+                counts[deployment.id] = counts.get(deployment.id, 0) + deployment.in_flight
+        return counts
 
     def _forget(self, request_id: str) -> None:
-        self._active.pop(request_id, None)
         self._attempt_started.pop(request_id, None)
         self._last_chunk.pop(request_id, None)
 

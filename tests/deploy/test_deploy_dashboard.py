@@ -120,8 +120,13 @@ def service_config(base_url: str) -> Any:
                 {
                     "name": "chat-model",
                     "deployments": [
-                        {"provider": "remote", "model": "good-model", "base_url": base_url, "id": "fake-good",
-                         "price": {"input": 1.0, "output": 2.0}},
+                        {
+                            "provider": "remote",
+                            "model": "good-model",
+                            "base_url": base_url,
+                            "id": "fake-good",
+                            "price": {"input": 1.0, "output": 2.0},
+                        },
                     ],
                 },
                 {
@@ -130,7 +135,12 @@ def service_config(base_url: str) -> Any:
                     "retry": {"attempts": 1, "backoff_base": 0.001, "backoff_max": 0.002},
                     "cooldown": {"failures": 2, "seconds": 60},
                     "deployments": [
-                        {"provider": "remote", "model": "broken-model", "base_url": base_url, "id": "fake-broken"},
+                        {
+                            "provider": "remote",
+                            "model": "broken-model",
+                            "base_url": base_url,
+                            "id": "fake-broken",
+                        },
                     ],
                 },
             ],
@@ -187,13 +197,19 @@ def test_every_dashboard_metric_and_label_is_exported(scrape: str) -> None:
 def test_the_traffic_reached_the_interesting_series(scrape: str) -> None:
     series = scrape_series(scrape)
     assert "llmrouter_cache_requests_total" in series, "the cache layer did not report"
-    for name in ("llmrouter_fallbacks_total", "llmrouter_retries_total", "llmrouter_deployment_cooldowns_total",
-                 "llmrouter_requests_rejected_total", "llmrouter_cost_total"):
+    for name in (
+        "llmrouter_fallbacks_total",
+        "llmrouter_retries_total",
+        "llmrouter_deployment_cooldowns_total",
+        "llmrouter_requests_rejected_total",
+        "llmrouter_cost_total",
+    ):
         assert name in series, name
     assert 'llmrouter_cache_status="hit"' in scrape
-    assert re.search(r'gen_ai_client_operation_duration_seconds_count\{[^}]*error_type="UpstreamError"', scrape) is None, (
-        "the flaky request recovered through the fallback: no failed operation"
-    )
+    assert (
+        re.search(r'gen_ai_client_operation_duration_seconds_count\{[^}]*error_type="UpstreamError"', scrape)
+        is None
+    ), "the flaky request recovered through the fallback: no failed operation"
     assert re.search(r'llmrouter_deployment_attempts_total\{[^}]*error_type="UpstreamError"', scrape)
 
 
@@ -204,7 +220,9 @@ def test_metric_name_extraction() -> None:
     assert metric_names("label_values(up_count, model)") == {"up_count"}
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
+)
 def test_dashboard_promql_parses(tmp_path: Path) -> None:
     rules = [
         {"record": f"llmrouter:dashboard_query_{i}", "expr": with_variables(expr)}
@@ -213,5 +231,7 @@ def test_dashboard_promql_parses(tmp_path: Path) -> None:
     ]
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -30,7 +30,10 @@ def compose_data() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed (apt-get install docker-compose)")
+@pytest.mark.skipif(
+    shutil.which("docker-compose") is None,
+    reason="docker-compose not installed (apt-get install docker-compose)",
+)
 @pytest.mark.parametrize("profiles", [(), PROFILES])
 def test_compose_file_is_valid(profiles: tuple[str, ...]) -> None:
     args = ["docker-compose", "--project-directory", str(ROOT), "-f", str(COMPOSE)]
@@ -38,7 +41,9 @@ def test_compose_file_is_valid(profiles: tuple[str, ...]) -> None:
         args += ["--profile", profile]
     result = subprocess.run([*args, "config", "-q"], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    listed = subprocess.run([*args, "config", "--services"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    listed = subprocess.run(
+        [*args, "config", "--services"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert {"llmrouter", "prometheus", "grafana"} <= set(listed.stdout.split())
 
 
@@ -61,10 +66,14 @@ def test_compose_stack_shape() -> None:
                 assert (ROOT / source).exists(), source
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
+)
 def test_prometheus_config_is_valid() -> None:
     path = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-    result = subprocess.run(["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -83,11 +92,22 @@ def test_grafana_provisioning_points_at_the_dashboard() -> None:
     providers = yaml.safe_load((provisioning / "dashboards" / "llmrouter.yaml").read_text())
     path = providers["providers"][0]["options"]["path"]
     grafana = compose_data()["services"]["grafana"]
-    assert any(v.endswith(":" + path + ":ro") and v.startswith("./deploy/grafana/dashboards") for v in grafana["volumes"])
+    assert any(
+        v.endswith(":" + path + ":ro") and v.startswith("./deploy/grafana/dashboards")
+        for v in grafana["volumes"]
+    )
     board = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "llmrouter.json").read_text())
     titles = " ".join(p["title"].lower() for p in board["panels"])
-    for topic in ("requests per second", "p50 / p90 / p99", "first chunk", "tokens per second", "cost",
-                  "cache hit ratio", "errors", "fallbacks"):
+    for topic in (
+        "requests per second",
+        "p50 / p90 / p99",
+        "first chunk",
+        "tokens per second",
+        "cost",
+        "cache hit ratio",
+        "errors",
+        "fallbacks",
+    ):
         assert topic in titles, topic
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"

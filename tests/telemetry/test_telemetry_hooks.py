@@ -70,7 +70,9 @@ def hooks(reader: Reader) -> TelemetryHooks:
 def make_router(*providers: ScriptedProvider, hooks: list[RouterHooks], group: str = "g", **config_kwargs):
     router = Router(Config(router=RouterConfig(retry=FAST_RETRY), **config_kwargs), hooks=hooks)
     for i, provider in enumerate(providers):
-        router.add_deployment(group, provider, Deployment(provider="scripted", model=provider.model, id=f"d{i}"))
+        router.add_deployment(
+            group, provider, Deployment(provider="scripted", model=provider.model, id=f"d{i}")
+        )
     return router
 
 
@@ -82,7 +84,11 @@ async def test_chat_records_semconv_token_usage_and_duration(hooks, reader):
     router = make_router(ScriptedProvider(default=Step(text="a b c d e")), hooks=[hooks])
     await router.chat(chat())
     reader.collect()
-    base = {"gen_ai__operation__name": "chat", "gen_ai__provider__name": "scripted", "gen_ai__request__model": "g"}
+    base = {
+        "gen_ai__operation__name": "chat",
+        "gen_ai__provider__name": "scripted",
+        "gen_ai__request__model": "g",
+    }
     (inp,) = reader.points("gen_ai.client.token.usage", gen_ai__token__type="input", **base)
     (out,) = reader.points("gen_ai.client.token.usage", gen_ai__token__type="output", **base)
     assert (inp.sum, out.sum) == (3, 5)
@@ -113,10 +119,18 @@ async def test_upstream_error_sets_error_type_and_counts_retries(hooks, reader):
     await router.chat(chat())
     reader.collect()
     assert reader.total("llmrouter.retries", gen_ai__request__model="g") == 1
-    assert reader.total("llmrouter.deployment.attempts", llmrouter__deployment="d0", error__type="UpstreamError") == 1
-    assert reader.total("llmrouter.deployment.attempts", llmrouter__deployment="d1", llmrouter__outcome="ok") == 1
+    assert (
+        reader.total("llmrouter.deployment.attempts", llmrouter__deployment="d0", error__type="UpstreamError")
+        == 1
+    )
+    assert (
+        reader.total("llmrouter.deployment.attempts", llmrouter__deployment="d1", llmrouter__outcome="ok")
+        == 1
+    )
 
-    broken = make_router(ScriptedProvider(default=Step(error=UpstreamError("down"))), hooks=[hooks], group="h")
+    broken = make_router(
+        ScriptedProvider(default=Step(error=UpstreamError("down"))), hooks=[hooks], group="h"
+    )
     with pytest.raises(UpstreamError):
         await broken.chat(chat("h"))
     reader.collect()
@@ -138,7 +152,12 @@ async def test_fallback_and_cooldown_counted(hooks, reader):
     router.groups["main"].cooldown = Cooldown(failures=1, seconds=30)
     await router.chat(chat("main"))
     reader.collect()
-    assert reader.total("llmrouter.fallbacks", gen_ai__request__model="main", llmrouter__fallback__model="backup") == 1
+    assert (
+        reader.total(
+            "llmrouter.fallbacks", gen_ai__request__model="main", llmrouter__fallback__model="backup"
+        )
+        == 1
+    )
     assert reader.total("llmrouter.deployment.cooldowns", llmrouter__deployment="main-d") == 1
 
 
@@ -165,7 +184,7 @@ async def test_rejections_counted_once_whatever_the_hook_order(hooks, reader, er
     # One duration observation per request, never two, whichever order the hooks run in.
     (point,) = reader.points("gen_ai.client.operation.duration")
     assert point.count == 1 and point.attributes["error.type"] == type(error).__name__
-    assert hooks.in_flight() == {} and hooks._active == {}
+    assert hooks._spans == {} and hooks._attempt_started == {}
 
 
 async def test_unknown_model_never_becomes_a_label(hooks, reader):
@@ -174,26 +193,33 @@ async def test_unknown_model_never_becomes_a_label(hooks, reader):
         await router.chat(chat("attacker-chosen-name-123"))
     reader.collect()
     models = {
-        p.attributes.get("gen_ai.request.model")
-        for name in reader.metrics
-        for p in reader.points(name)
+        p.attributes.get("gen_ai.request.model") for name in reader.metrics for p in reader.points(name)
     }
     assert "attacker-chosen-name-123" not in models
     assert reader.total("llmrouter.requests.rejected", llmrouter__rejection__reason="model_not_found") == 1
 
 
 async def test_cost_by_key_and_model_and_cache_status(hooks, reader):
-    provider = ScriptedProvider(default=Step(text="x", usage=Usage(prompt_tokens=1000, completion_tokens=500, total_tokens=1500)))
+    provider = ScriptedProvider(
+        default=Step(text="x", usage=Usage(prompt_tokens=1000, completion_tokens=500, total_tokens=1500))
+    )
     router = make_router(provider, hooks=[hooks])
     router.groups["g"].deployments[0].price = Price(input=2.0, output=4.0)
     await router.chat(chat(), context=RequestContext(api_key_id="key-1"))
     reader.collect()
-    assert reader.total("llmrouter.cost", llmrouter__api_key__id="key-1", gen_ai__request__model="g") == pytest.approx(0.004)
+    assert reader.total(
+        "llmrouter.cost", llmrouter__api_key__id="key-1", gen_ai__request__model="g"
+    ) == pytest.approx(0.004)
     assert reader.metrics["llmrouter.cost"].unit == "{USD}"
 
     # A cache hit: counted by status, no upstream tokens.
-    ctx = RequestContext(model_group="g", provider="scripted", cache_status="hit", status="ok",
-                         usage=Usage(prompt_tokens=7, completion_tokens=7, total_tokens=14))
+    ctx = RequestContext(
+        model_group="g",
+        provider="scripted",
+        cache_status="hit",
+        status="ok",
+        usage=Usage(prompt_tokens=7, completion_tokens=7, total_tokens=14),
+    )
     ctx.finished_at = ctx.started_at + 0.01
     await hooks.before_request(ctx)
     await hooks.after_request(ctx)
@@ -203,24 +229,38 @@ async def test_cost_by_key_and_model_and_cache_status(hooks, reader):
 
 
 async def test_in_flight_per_deployment_gauge(hooks, reader):
+    """The router's own counts, read at collection: busy while the provider works (before
+    any answer exists), 0 when idle, every deployment present."""
     import anyio
 
-    gate = anyio.Event()
     seen: dict[str, int] = {}
+    observed, release = anyio.Event(), anyio.Event()
 
-    class Probe(RouterHooks):
-        def on_first_token(self, ctx: RequestContext) -> None:
+    class Blocking(ScriptedProvider):
+        async def chat(self, request):
             reader.collect()
-            for point in reader.points("llmrouter.deployment.in_flight"):
-                seen[point.attributes["llmrouter.deployment"]] = point.value
-            gate.set()
+            seen.update(
+                {
+                    p.attributes["llmrouter.deployment"]: p.value
+                    for p in reader.points("llmrouter.deployment.in_flight")
+                }
+            )
+            observed.set()
+            await release.wait()
+            return await super().chat(request)
 
-    router = make_router(ScriptedProvider(default=Step(text="a b c")), hooks=[hooks, Probe()])
-    await router.chat(chat())
-    assert gate.is_set() and seen == {"d0": 1}
+    router = make_router(Blocking("m0"), ScriptedProvider("m1"), hooks=[hooks])
+    hooks.watch_router(router)
+    hooks.watch_router(router)  # idempotent
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(router.chat, chat())
+        with anyio.fail_after(5):
+            await observed.wait()
+        release.set()
+    assert seen == {"d0": 1, "d1": 0}
     reader.collect()
-    # Idle deployments stay visible at 0 instead of vanishing.
-    assert [p.value for p in reader.points("llmrouter.deployment.in_flight", llmrouter__deployment="d0")] == [0]
+    idle = {p.attributes["llmrouter.deployment"]: p.value for p in reader.points("llmrouter.deployment.in_flight")}
+    assert idle == {"d0": 0, "d1": 0}
 
 
 def test_a_users_global_meter_provider_is_honoured(tmp_path):

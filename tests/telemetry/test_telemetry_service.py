@@ -79,16 +79,27 @@ def test_metrics_endpoint_after_traffic(client: TestClient[Any]) -> None:
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
-    assert metric_value(
-        text,
-        "http_server_request_duration_seconds_count",
-        http_route="/v1/chat/completions",
-        http_request_method="POST",
-        http_response_status_code="200",
-    ) == 2
-    assert metric_value(text, "gen_ai_client_token_usage_sum", gen_ai_token_type="output", gen_ai_request_model="m") == 10
+    assert (
+        metric_value(
+            text,
+            "http_server_request_duration_seconds_count",
+            http_route="/v1/chat/completions",
+            http_request_method="POST",
+            http_response_status_code="200",
+        )
+        == 2
+    )
+    assert (
+        metric_value(
+            text, "gen_ai_client_token_usage_sum", gen_ai_token_type="output", gen_ai_request_model="m"
+        )
+        == 10
+    )
     assert metric_value(text, "gen_ai_client_operation_time_to_first_chunk_seconds_count") == 1
-    assert metric_value(text, "gen_ai_client_operation_duration_seconds_count", gen_ai_operation_name="chat") == 2
+    assert (
+        metric_value(text, "gen_ai_client_operation_duration_seconds_count", gen_ai_operation_name="chat")
+        == 2
+    )
     assert 'service_name="llmrouter"' in text  # target_info
     assert "process_cpu_seconds_total" in text
     # No request ids or prompt text among the label values.
@@ -105,7 +116,9 @@ def test_incoming_traceparent_reaches_the_provider_and_the_log(
     client: TestClient[Any], provider: TraceRecordingProvider, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="llmrouter.access")
-    client.post("/v1/chat/completions", json=CHAT, headers={"traceparent": TRACEPARENT, "x-request-id": "req-42"})
+    client.post(
+        "/v1/chat/completions", json=CHAT, headers={"traceparent": TRACEPARENT, "x-request-id": "req-42"}
+    )
     assert provider.traceparents == [TRACEPARENT]
     (line,) = [entry for entry in access_lines(caplog) if entry["path"] == "/v1/chat/completions"]
     assert line["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
@@ -133,7 +146,10 @@ def test_rate_limited_request_is_counted_and_logged(
     response = client.post("/v1/chat/completions", json={**CHAT, "user": "over-limit"})
     assert response.status_code == 429
     text = client.get("/metrics").text
-    assert metric_value(text, "llmrouter_requests_rejected_total", llmrouter_rejection_reason="rate_limited") == 1
+    assert (
+        metric_value(text, "llmrouter_requests_rejected_total", llmrouter_rejection_reason="rate_limited")
+        == 1
+    )
     (line,) = [entry for entry in access_lines(caplog) if entry["path"] == "/v1/chat/completions"]
     assert line["status"] == 429 and line["error"]["type"] == "RateLimitError"
 
