@@ -239,3 +239,22 @@ def test_bad_cache_config_names_the_field() -> None:
         parse_config({"cache": {"tll": 5}}, env={})
     config = parse_config({}, env={"LLMROUTER__CACHE__BACKEND": "redis", "LLMROUTER__CACHE__TTL": "30"})
     assert (config.cache.backend, config.cache.ttl) == ("redis", 30.0)
+
+
+@pytest.mark.redis
+async def test_replicas_share_answers_through_redis(redis_prefix: str, upstream: Any, helpers: Any) -> None:
+    from llmrouter.cache.redis import RedisBackend
+
+    replica_a = ResponseCache(RedisBackend(prefix=redis_prefix), ttl=30)
+    replica_b = ResponseCache(RedisBackend(prefix=redis_prefix), ttl=30)
+    try:
+        ctx, chunks = await ask_stream(replica_a, upstream, helpers)
+        assert ctx.cache_status == "miss"
+        ctx, replayed = await ask_stream(replica_b, upstream, helpers)
+        assert ctx.cache_status == "hit" and replayed == chunks and upstream.calls == 1
+        ctx, _ = await ask(replica_b, upstream, helpers)
+        assert ctx.cache_status == "hit"
+    finally:
+        await replica_a.clear()
+        await replica_a.aclose()
+        await replica_b.aclose()
