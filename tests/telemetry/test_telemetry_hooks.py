@@ -259,7 +259,9 @@ async def test_in_flight_per_deployment_gauge(hooks, reader):
         release.set()
     assert seen == {"d0": 1, "d1": 0}
     reader.collect()
-    idle = {p.attributes["llmrouter.deployment"]: p.value for p in reader.points("llmrouter.deployment.in_flight")}
+    idle = {
+        p.attributes["llmrouter.deployment"]: p.value for p in reader.points("llmrouter.deployment.in_flight")
+    }
     assert idle == {"d0": 0, "d1": 0}
 
 

@@ -160,3 +160,58 @@ def test_probe_and_scrape_lines_are_debug(client: TestClient[Any], caplog: pytes
     client.get("/v1/models")
     levels = {entry["path"]: entry["level"] for entry in access_lines(caplog)}
     assert levels == {"/health": "DEBUG", "/v1/models": "INFO"}
+
+
+def test_traceparent_propagates_to_an_http_upstream() -> None:
+    """Through the remote provider and the fake OpenAI upstream, with the app's own
+    extension discovery (``default_extensions``), as ``llmrouter serve`` builds it."""
+    from llmrouter.config import parse_config
+    from llmrouter.server.app import default_extensions
+    from llmrouter.testing.upstream import FakeUpstream
+
+    with FakeUpstream(models=["up"], reply="pong") as fake:
+        config = parse_config(
+            {
+                "models": [
+                    {
+                        "name": "m",
+                        "deployments": [{"provider": "remote", "model": "up", "base_url": fake.base_url}],
+                    }
+                ],
+                "discover": False,
+                "accounting": {"enabled": False},
+                "cache": {"backend": "none"},
+                "telemetry": {"json_logs": False},
+            },
+            env={},
+        )
+        extensions = default_extensions(config)
+        assert "telemetry" in [ext.name for ext in extensions]
+        with TestClient(create_app(config, extensions=extensions)) as client:
+            assert (
+                client.post(
+                    "/v1/chat/completions", json=CHAT, headers={"traceparent": TRACEPARENT}
+                ).status_code
+                == 200
+            )
+            assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+            scrape = client.get("/metrics").text
+        first, second = (parse_traceparent(r.headers.get("traceparent")) for r in fake.requests)
+    assert first is not None and first.trace_id == "0af7651916cd43dd8448eb211c80319c"
+    assert second is not None and second.trace_id != first.trace_id, "a new trace for a request without one"
+    assert metric_value(scrape, "llmrouter_deployment_in_flight", llmrouter_deployment="remote/up") == 0
+
+
+def test_importing_config_and_telemetry_loads_no_opentelemetry() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llmrouter.config, llmrouter.telemetry; "
+        "from llmrouter.telemetry import TelemetryConfig; "
+        "print(','.join(m for m in ('opentelemetry', 'prometheus_client', 'litestar') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == ""
