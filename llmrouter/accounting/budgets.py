@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
+import anyio
+
 from llmrouter.accounting.config import BudgetRule
 from llmrouter.errors import BudgetExceededError
 
@@ -131,13 +133,18 @@ class MemoryBudgetStore:
     def __init__(self, seed: SeedFn) -> None:
         self._seed = seed
         self._counters: dict[str, list[int]] = {}
+        self._seeding: dict[str, anyio.Lock] = {}
 
     async def _state(self, window: BudgetWindow) -> list[int]:
         state = self._counters.get(window.counter)
         if state is None:
-            spent = await self._seed(window)
-            # Another task may have seeded it while we awaited: keep the first.
-            state = self._counters.setdefault(window.counter, [spent, 0])
+            # One ledger query per window, however many requests arrive together.
+            lock = self._seeding.setdefault(window.counter, anyio.Lock())
+            async with lock:
+                state = self._counters.get(window.counter)
+                if state is None:
+                    state = self._counters[window.counter] = [await self._seed(window), 0]
+            self._seeding.pop(window.counter, None)
         return state
 
     async def reserve(self, window: BudgetWindow, amount: int, request_id: str) -> tuple[bool, int, int]:

@@ -45,7 +45,7 @@ def create_engine(config: DatabaseConfig | str) -> AsyncEngine:
         config = DatabaseConfig(url=config)
     try:
         url = make_url(config.url)
-    except Exception as exc:  # noqa: BLE001 - sqlalchemy raises ArgumentError and ValueError
+    except Exception as exc:
         raise ConfigError(f"config: accounting.database.url is not a database URL: {exc}") from exc
     backend = url.get_backend_name()
     if backend == "sqlite":

@@ -57,8 +57,8 @@ def secret_from_headers(headers: Mapping[str, str]) -> str | None:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    value = headers.get("x-api-key") or headers.get("X-API-Key")
-    return value.strip() if value and value.strip() else None
+    api_key = headers.get("x-api-key") or headers.get("X-API-Key")
+    return api_key.strip() if api_key and api_key.strip() else None
 
 
 def key_to_json(key: ApiKey) -> dict[str, Any]:

@@ -117,7 +117,7 @@ class Accounting:
                 log.info("accounting: applied schema migrations %s", applied)
         elif await current_version(self.engine) < latest_version():
             raise ConfigError("accounting database schema is behind: run `llmrouter db upgrade`")
-        if self._own_redis:
+        if self._own_redis and self.config.redis.url is not None:
             import redis.asyncio as aioredis
 
             self.redis = aioredis.Redis.from_url(self.config.redis.url)

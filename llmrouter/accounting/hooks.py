@@ -137,12 +137,12 @@ class AccountingHooks(RouterHooks):
         if admission is not None:
             try:
                 await self._settle(ctx, admission)
-            except Exception:  # noqa: BLE001 - after_request must not raise
+            except Exception:
                 log.exception("accounting: settling request %s failed", ctx.request_id)
         if self.ledger is not None:
             try:
                 self.ledger.record(row_from_context(ctx))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("accounting: recording request %s failed", ctx.request_id)
 
     async def _settle(self, ctx: RequestContext, admission: _Admission) -> None:

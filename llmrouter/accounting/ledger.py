@@ -121,6 +121,7 @@ class LedgerWriter:
         self._sink: Sink = sink or (lambda rows: insert_rows(engine, rows))
         self._queue: deque[tuple[int, dict[str, Any]]] = deque()
         self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
         self._write_lock = anyio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -173,8 +174,9 @@ class LedgerWriter:
             self._wake.clear()
             if await self._write_available():
                 backoff = 0.1
-            else:
-                await anyio.sleep(backoff)
+            elif not self._closing:
+                with anyio.move_on_after(backoff):
+                    await self._stop.wait()  # back off, but wake at once for shutdown
                 backoff = min(backoff * 2, 5.0)
 
     async def _write_available(self) -> bool:
@@ -218,9 +220,10 @@ class LedgerWriter:
             return
         self._closing = True
         self._wake.set()
+        self._stop.set()
         if self._task is not None:
-            # A batch interrupted mid-insert stays queued; the retry below is idempotent.
-            self._task.cancel()
+            # Let a batch in flight finish rather than cancel it: a SQLite connection
+            # abandoned mid-insert can keep the write lock and block the final flush.
             with anyio.CancelScope(shield=True):
                 await asyncio.gather(self._task, return_exceptions=True)
         deadline = time.monotonic() + self._shutdown_timeout

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from llmrouter.errors import RateLimitError
 
-__all__ = ["EffectiveLimits", "Limiter", "LimitTicket", "MemoryLimiter", "RedisLimiter", "seconds_until_fits"]
+__all__ = ["EffectiveLimits", "LimitTicket", "Limiter", "MemoryLimiter", "RedisLimiter", "seconds_until_fits"]
 
 WINDOW = 60.0
 

@@ -6,10 +6,12 @@ PostgreSQL; the ledger also keeps the UTC ``day`` as text for portable grouping.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import BigInteger, Column, Double, Index, Integer, String, Text
 from sqlmodel import Field, SQLModel
 
-__all__ = ["ApiKeyRow", "BudgetCounterRow", "LedgerRow", "SchemaVersionRow", "TABLES"]
+__all__ = ["TABLES", "ApiKeyRow", "BudgetCounterRow", "LedgerRow", "SchemaVersionRow"]
 
 
 class ApiKeyRow(SQLModel, table=True):
@@ -93,4 +95,9 @@ class SchemaVersionRow(SQLModel, table=True):
     applied_at: float
 
 
-TABLES = [t.__table__ for t in (ApiKeyRow, LedgerRow, BudgetCounterRow, SchemaVersionRow)]  # type: ignore[attr-defined]
+TABLES: list[Any] = [
+    ApiKeyRow.__table__,  # type: ignore[attr-defined]
+    LedgerRow.__table__,  # type: ignore[attr-defined]
+    BudgetCounterRow.__table__,  # type: ignore[attr-defined]
+    SchemaVersionRow.__table__,  # type: ignore[attr-defined]
+]

@@ -118,6 +118,7 @@ async def usage_report(
         query = query.group_by(*[DIMENSIONS[d] for d in dims]).order_by(*[DIMENSIONS[d] for d in dims])
     async with engine.connect() as conn:
         rows = [dict(r) for r in (await conn.execute(query)).mappings().all()]
+        names: dict[str, str] = {}
         if "key" in dims:
             names = dict((await conn.execute(select(_KEYS.c.id, _KEYS.c.name))).all())
     result = []

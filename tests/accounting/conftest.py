@@ -8,9 +8,9 @@ the server is not reachable (``.ci/run`` makes such skips fail).
 from __future__ import annotations
 
 import socket
-from contextlib import asynccontextmanager
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 

@@ -66,7 +66,7 @@ def _rule() -> list[BudgetRule]:
 
 
 async def _check_exact(replicas: list[Accounting]) -> None:
-    admitted, refused, billed = await _race(replicas)
+    admitted, refused, _billed = await _race(replicas)
     assert admitted == FITS and refused == REQUESTS - FITS
     window = replicas[0].budgets.windows_for(None, "gpt-4o")[0]
     spent, reserved = await replicas[0].budgets.store.usage(window)
@@ -110,7 +110,7 @@ async def test_cheaper_than_reserved_requests_never_overspend(
     config = make_config(sqlite_url, tmp_path, budgets=_rule(), budget_backend=backend, **extra)
     async with Accounting(config, redis=redis) as acct:
         for _ in range(3):  # waves: later ones fit in what cheaper earlier ones left
-            admitted, _refused, billed = await _race([acct], actual_cost=lambda: random.choice([0.0, MAX_COST / 3, MAX_COST]))
+            _admitted, _refused, _billed = await _race([acct], actual_cost=lambda: random.choice([0.0, MAX_COST / 3, MAX_COST]))
         window = acct.budgets.windows_for(None, "gpt-4o")[0]
         spent, reserved = await acct.budgets.store.usage(window)
         assert reserved == 0 and 0 < spent <= window.limit

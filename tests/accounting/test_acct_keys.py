@@ -6,6 +6,7 @@ import hashlib
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 from sqlalchemy import text
 
@@ -34,7 +35,7 @@ async def test_secret_is_shown_once_and_stored_only_as_hash(db_url: str, tmp_pat
 
 
 async def test_wrong_malformed_and_unknown_secrets_are_refused(acct: Accounting) -> None:
-    key, secret = await acct.keys.create("bob")
+    _key, secret = await acct.keys.create("bob")
     tampered = secret[:-1] + ("A" if secret[-1] != "A" else "B")
     for bad in (tampered, "sk-llmr-zzzzzzzz-" + "x" * 43, "sk-other", ""):
         with pytest.raises(AuthenticationError) as info:
@@ -44,7 +45,7 @@ async def test_wrong_malformed_and_unknown_secrets_are_refused(acct: Accounting)
 
 async def test_revoke_takes_effect_at_once_and_keeps_auth_on(acct: Accounting) -> None:
     assert not await acct.auth_required()
-    key, secret = await acct.keys.create("carol")
+    _key, secret = await acct.keys.create("carol")
     assert await acct.auth_required()
     await acct.authenticate(secret)  # now cached
     revoked = await acct.keys.revoke("carol")
@@ -73,17 +74,17 @@ async def test_expired_key_is_refused(acct: Accounting) -> None:
 
 
 async def test_key_that_expires_after_authentication_is_refused_by_the_hook(acct: Accounting) -> None:
-    key, secret = await acct.keys.create("frank", expires_at=time.time() + 0.2)
+    _key, secret = await acct.keys.create("frank", expires_at=time.time() + 0.2)
     principal = await acct.authenticate(secret)
     await acct.hooks.before_request(ctx := chat_context(principal))
     await acct.hooks.after_request(finish(ctx))
-    time.sleep(0.25)
+    await anyio.sleep(0.25)
     with pytest.raises(AuthenticationError, match="expired"):
         await acct.hooks.before_request(chat_context(principal))
 
 
 async def test_allowed_models_with_globs(acct: Accounting) -> None:
-    key, secret = await acct.keys.create("gina", allowed_models=["gpt-4o-mini", "local-*"])
+    _key, secret = await acct.keys.create("gina", allowed_models=["gpt-4o-mini", "local-*"])
     principal = await acct.authenticate(secret)
     for model in ("gpt-4o-mini", "local-smol"):
         ctx = chat_context(principal, model=model)

@@ -80,8 +80,8 @@ async def test_concurrent_requests_through_the_router_never_overspend(sqlite_url
 
 async def test_streams_cut_short_are_billed_and_keys_restricted(sqlite_url: str, tmp_path: Path) -> None:
     async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
-        key, secret = await acct.keys.create("streamer", allowed_models=["gpt-4o-mini"], rpm=2)
-        router, provider = _router(acct, Step(text="one two three four five six seven eight", chunk_delay=0.01))
+        _key, secret = await acct.keys.create("streamer", allowed_models=["gpt-4o-mini"], rpm=2)
+        router, _provider = _router(acct, Step(text="one two three four five six seven eight", chunk_delay=0.01))
         async with router:
             ctx = RequestContext(principal=await acct.authenticate(secret))
             stream = router.stream({**REQUEST, "stream": True}, context=ctx)
