@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import anyio
+
 from llmrouter.cache.base import BackendStats
 from llmrouter.errors import ConfigError
 
@@ -52,14 +54,18 @@ class SQLiteBackend:
         self.max_bytes = max_bytes
         self._clock = clock
         self._db: aiosqlite.Connection | None = None
+        self._opening = anyio.Lock()
         self._entries = 0
         self._bytes = 0
         self._evictions = 0
         self._expirations = 0
 
     async def start(self) -> None:
-        if self._db is not None:
-            return
+        async with self._opening:  # concurrent first requests must not open twice
+            if self._db is None:
+                await self._open()
+
+    async def _open(self) -> None:
         import aiosqlite
 
         if self.path != ":memory:":

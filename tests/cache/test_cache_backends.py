@@ -201,3 +201,30 @@ def test_build_backend_from_config(sqlite_path: Path) -> None:
     assert isinstance(made, SQLiteBackend) and made.path == str(sqlite_path)
     made = build_backend(CacheConfig(backend="redis", redis_prefix="p:"))
     assert isinstance(made, RedisBackend) and made.prefix == "p:"
+
+
+async def test_sqlite_concurrent_first_use_opens_once(sqlite_path: Path) -> None:
+    made = SQLiteBackend(sqlite_path)
+    opened: list[Any] = []
+
+    async def first_use() -> None:
+        await made.get("k")
+        opened.append(made._db)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(first_use)
+    assert len({id(db) for db in opened}) == 1
+    await made.aclose()
+
+
+def test_importing_the_cache_pulls_no_backend_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llmrouter, llmrouter.cache, llmrouter.cache.extension;"
+        "print(sorted(m for m in ('redis', 'aiosqlite', 'litestar', 'sqlalchemy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
