@@ -22,6 +22,7 @@ anyway, tokens are counted with :mod:`llmrouter.tokens` and ``usage.estimated`` 
 from __future__ import annotations
 
 import email.utils
+import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
@@ -217,6 +218,29 @@ def normalise_base_url(base_url: str) -> str:
     return base
 
 
+TRANSPORT_ENV = "LLMROUTER_HTTP_TRANSPORT"
+"""``aiohttp`` (default when installed) or ``httpx``: the connection pool under the httpx API."""
+
+
+def default_transport(limits: httpx.Limits, verify: bool | str) -> httpx.AsyncBaseTransport | None:
+    """aiohttp's connection pool behind the httpx interface, when installed.
+
+    httpcore's pool scans every connection for each request (``is_idle``/``has_expired``),
+    which took about half of the gateway's CPU at 64 concurrent requests; aiohttp's
+    connector does not (see docs/benchmarks.md). ``LLMROUTER_HTTP_TRANSPORT=httpx``
+    keeps httpx's own pool. None means httpx's default.
+    """
+    if os.environ.get(TRANSPORT_ENV, "aiohttp") == "httpx":
+        return None
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        return None
+    from llmrouter.transport import AiohttpTransport
+
+    return AiohttpTransport(limits=limits, verify=verify)
+
+
 class OpenAICompatClient:
     """An async client for one OpenAI-compatible upstream.
 
@@ -260,10 +284,11 @@ class OpenAICompatClient:
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._owns_client = http_client is None
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive)
         self._client = http_client or httpx.AsyncClient(
-            transport=transport,
+            transport=transport or default_transport(limits, verify),
             timeout=self.timeout,
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive),
+            limits=limits,
             verify=verify,
             trust_env=False,
         )
