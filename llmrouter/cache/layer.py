@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -189,7 +189,7 @@ class ResponseCache:
 
     async def stream(
         self, ctx: RequestContext, request: ChatRequest, call: Callable[[], AsyncIterator[ChatChunk]]
-    ) -> AsyncIterator[ChatChunk]:
+    ) -> AsyncGenerator[ChatChunk, None]:
         """Stream from the cache (replayed chunks), from an identical request in flight
         (the same chunks as they arrive), or through ``call``."""
         plan = self._plan(ctx, request)

@@ -220,7 +220,7 @@ async def test_an_upstream_error_reaches_every_attendee_and_is_not_stored(cache:
 
 async def test_closing_the_cache_releases_attendees(cache: ResponseCache, upstream: Any, helpers: Any) -> None:
     upstream.hold()
-    failures: list[BaseException] = []
+    failures: list[FlightCancelledError] = []
 
     async def one() -> None:
         ctx = helpers.new_ctx()
