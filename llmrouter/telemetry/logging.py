@@ -40,8 +40,16 @@ __all__ = [
 
 ACCESS_LOGGER = "llmrouter.access"
 
-# Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+# Attributes every LogRecord has; anything else on a record came from ``extra=``
+# (``color_message`` is uvicorn's ANSI-coloured copy of the message).
+_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
+# Libraries that log every upstream call at INFO: the request line already says it all.
+_CHATTY_LOGGERS = ("httpx", "httpcore")
 
 
 class JsonFormatter(logging.Formatter):
@@ -67,25 +75,33 @@ class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def configure_logging(level: str = "INFO", *, json_lines: bool = True, stream: IO[str] | None = None) -> None:
-    """Send every log record to ``stream`` (stderr) as JSON lines at ``level``.
+    """Make every log record a JSON line at ``level``.
 
-    Replaces a handler installed by an earlier call and leaves other handlers alone.
-    With ``json_lines=False`` only the level is set (the application formats logs).
-    Uvicorn's own access log should be off (``access_log=False``): the access line
-    written here carries more.
+    Plain stream handlers already on the root logger (a CLI's ``basicConfig``) keep their
+    stream and get the JSON formatter, so nothing is logged twice; without one, a JSON
+    handler on ``stream`` (stderr) is added. A second call replaces the handler this
+    function added. Other handlers (files, pytest's capture) are left alone. With
+    ``json_lines=False`` only the levels are set.
     """
     root = logging.getLogger()
     root.setLevel(level)
     logging.getLogger("llmrouter").setLevel(level)
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     if not json_lines:
         return
     for handler in [h for h in root.handlers if isinstance(h, _JsonHandler)]:
         root.removeHandler(handler)
-    handler = _JsonHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root.addHandler(handler)
+    plain = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    if plain and stream is None:
+        for handler in plain:
+            handler.setFormatter(JsonFormatter())
+    else:
+        handler = _JsonHandler(stream or sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        root.addHandler(handler)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar"):
-        # Route the servers' own lines through the JSON handler instead of theirs.
+        # Route the servers' own lines through the root's JSON handler instead of theirs.
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
