@@ -108,6 +108,7 @@ class TelemetryHooks(RouterHooks):
         self._routers: list[weakref.ref[Any]] = []
         self._attempt_started: dict[str, int] = {}
         self._last_chunk: dict[str, float] = {}
+        self._chunk_attributes: dict[str, dict[str, Any]] = {}
         # Requests already recorded: a hook rejecting a request gets after_request on the
         # hooks admitted before it *and* on_rejected on all; record each request once.
         self._recorded: OrderedDict[str, None] = OrderedDict()
@@ -123,6 +124,8 @@ class TelemetryHooks(RouterHooks):
                 ctx.traceparent = record.traceparent
         if parse_traceparent(ctx.traceparent) is None:
             ctx.traceparent = new_traceparent().header()
+        if not self.tracer.enabled:
+            return
         try:
             span = self.tracer.start_request_span(
                 f"{_OPERATION_NAMES.get(ctx.operation, ctx.operation)} {_model(ctx)}",
@@ -195,8 +198,11 @@ class TelemetryHooks(RouterHooks):
         now = time.perf_counter()
         previous = self._last_chunk.get(ctx.request_id)
         self._last_chunk[ctx.request_id] = now
-        if previous is not None:
-            self.metrics.time_per_output_chunk.record(now - previous, self._base_attributes(ctx))
+        if previous is None:
+            # Built once per stream: this runs for every chunk.
+            self._chunk_attributes[ctx.request_id] = self._base_attributes(ctx)
+        else:
+            self.metrics.time_per_output_chunk.record(now - previous, self._chunk_attributes[ctx.request_id])
 
     # --- settlement -----------------------------------------------------------------
 
@@ -304,6 +310,7 @@ class TelemetryHooks(RouterHooks):
     def _forget(self, request_id: str) -> None:
         self._attempt_started.pop(request_id, None)
         self._last_chunk.pop(request_id, None)
+        self._chunk_attributes.pop(request_id, None)
 
     def _first_record(self, request_id: str) -> bool:
         """True the first time a request is settled (after_request or on_rejected)."""

@@ -134,7 +134,17 @@ class RequestTracer:
         from opentelemetry import trace
 
         self._trace = trace
+        self._explicit = tracer_provider is not None
         self.tracer: Tracer = trace.get_tracer("llmrouter", tracer_provider=tracer_provider)
+
+    @property
+    def enabled(self) -> bool:
+        """False while spans would go nowhere (no provider given, no SDK one installed
+        globally): callers then skip span work on the hot path."""
+        if self._explicit:
+            return True
+        provider = self._trace.get_tracer_provider()
+        return not isinstance(provider, (self._trace.ProxyTracerProvider, self._trace.NoOpTracerProvider))
 
     def start_server_span(self, name: str, traceparent: str | None, attributes: dict[str, Any]) -> Span:
         """The HTTP server span (kind SERVER), child of the caller's ``traceparent``."""
