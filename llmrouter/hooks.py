@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from llmrouter.config import GroupCache
     from llmrouter.context import RequestContext
     from llmrouter.errors import LLMRouterError
     from llmrouter.types import ChatChunk, ChatRequest, ChatResponse
@@ -68,8 +69,11 @@ class CacheLayer(Protocol):
     """Wraps dispatch with lookup, in-flight coalescing and store (see ``llmrouter.cache``).
 
     ``call`` performs the real dispatch; the layer decides whether to call it, and sets
-    ``ctx.cache_status``.
+    ``ctx.cache_status``. The router tells it each group's settings (``ModelGroup.cache``)
+    through ``configure_group``, also for groups added after the layer was attached.
     """
+
+    def configure_group(self, name: str, settings: GroupCache | None) -> None: ...
 
     async def chat(
         self,

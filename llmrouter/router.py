@@ -73,7 +73,7 @@ class Router:
     ) -> None:
         self.config = config or Config()
         self.hooks: list[RouterHooks] = list(hooks)
-        self.cache: CacheLayer | None = cache
+        self._cache: CacheLayer | None = None
         self.prices = PriceTable(self.config.pricing)
         self._groups: dict[str, GroupState] = {}
         self._names: dict[str, str] = {}
@@ -81,6 +81,7 @@ class Router:
         self._start_lock: anyio.Lock | None = None
         for group in self.config.models:
             self.add_group(group)
+        self.cache = cache
 
     @classmethod
     def from_config(
@@ -89,6 +90,18 @@ class Router:
         return cls(config, hooks=hooks, cache=cache)
 
     # --- building ----------------------------------------------------------------------
+
+    @property
+    def cache(self) -> CacheLayer | None:
+        """The cache layer around chat dispatch (None: no caching)."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, layer: CacheLayer | None) -> None:
+        self._cache = layer
+        if layer is not None:
+            for group in self._groups.values():
+                layer.configure_group(group.name, group.config.cache)
 
     @property
     def groups(self) -> dict[str, GroupState]:
@@ -130,6 +143,8 @@ class Router:
         self._groups[group.name] = state
         for name in (group.name, *group.aliases):
             self._names[name] = group.name
+        if self._cache is not None:
+            self._cache.configure_group(group.name, group.cache)
         return state
 
     def _add_state(self, group: GroupState, provider: Provider[Any], deployment: Deployment) -> DeploymentState:
