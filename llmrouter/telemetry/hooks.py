@@ -47,7 +47,7 @@ _log = logging.getLogger(__name__)
 _OPERATION_NAMES = {"chat": "chat", "completion": "text_completion"}
 _NO_UPSTREAM_TOKENS = frozenset({"hit", "coalesced"})
 UNKNOWN = "unknown"
-_RECORDED_MEMORY = 4096
+_RECORDED_MEMORY = 1024
 
 
 def error_type(ctx: RequestContext) -> str | None:
@@ -104,14 +104,15 @@ class TelemetryHooks(RouterHooks):
         self.tracer = RequestTracer(tracer_provider)
         self.log_requests = log_requests
         self._access_log = logging.getLogger(ACCESS_LOGGER)
-        self._spans: dict[str, Span] = {}
+        self._spans: dict[int, Span] = {}
         self._routers: list[weakref.ref[Any]] = []
-        self._attempt_started: dict[str, int] = {}
-        self._last_chunk: dict[str, float] = {}
-        self._chunk_attributes: dict[str, dict[str, Any]] = {}
-        # Requests already recorded: a hook rejecting a request gets after_request on the
-        # hooks admitted before it *and* on_rejected on all; record each request once.
-        self._recorded: OrderedDict[str, None] = OrderedDict()
+        self._attempt_started: dict[int, int] = {}
+        self._last_chunk: dict[int, float] = {}
+        self._chunk_attributes: dict[int, dict[str, Any]] = {}
+        # State is keyed by id(ctx), not request_id: clients choose X-Request-ID and may
+        # reuse it. A hook rejecting a request gets after_request on the hooks admitted
+        # before it *and* on_rejected on all: _recorded makes each request count once.
+        self._recorded: OrderedDict[int, RequestContext] = OrderedDict()
         self.metrics.add_in_flight_source(self.in_flight)
 
     # --- admission ----------------------------------------------------------------
@@ -137,10 +138,10 @@ class TelemetryHooks(RouterHooks):
             return
         own = span_traceparent(span)
         if own is not None:
-            self._spans[ctx.request_id] = span
+            self._spans[id(ctx)] = span
             # Upstreams see the router's span as their parent.
             ctx.traceparent = own
-        self._attempt_started[ctx.request_id] = time.time_ns()
+        self._attempt_started[id(ctx)] = time.time_ns()
 
     def on_rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
         self.metrics.rejected.add(
@@ -150,8 +151,8 @@ class TelemetryHooks(RouterHooks):
                 "gen_ai.request.model": _model(ctx, error),
             },
         )
-        self._forget(ctx.request_id)
-        if not self._first_record(ctx.request_id):
+        self._forget(ctx)
+        if not self._first_record(ctx):
             return
         if ctx.error is None:
             ctx.error = error
@@ -172,9 +173,9 @@ class TelemetryHooks(RouterHooks):
             attributes["error.type"] = type(error).__name__
         self.metrics.attempts.add(1, attributes)
         now = time.time_ns()
-        started = self._attempt_started.get(ctx.request_id)
-        self._attempt_started[ctx.request_id] = now
-        span = self._spans.get(ctx.request_id)
+        started = self._attempt_started.get(id(ctx))
+        self._attempt_started[id(ctx)] = now
+        span = self._spans.get(id(ctx))
         if span is not None and started is not None:
             operation = _OPERATION_NAMES.get(ctx.operation, ctx.operation)
             call_attributes = {**attributes, "gen_ai.operation.name": operation}
@@ -196,19 +197,19 @@ class TelemetryHooks(RouterHooks):
 
     def on_chunk(self, ctx: RequestContext) -> None:
         now = time.perf_counter()
-        previous = self._last_chunk.get(ctx.request_id)
-        self._last_chunk[ctx.request_id] = now
+        previous = self._last_chunk.get(id(ctx))
+        self._last_chunk[id(ctx)] = now
         if previous is None:
             # Built once per stream: this runs for every chunk.
-            self._chunk_attributes[ctx.request_id] = self._base_attributes(ctx)
+            self._chunk_attributes[id(ctx)] = self._base_attributes(ctx)
         else:
-            self.metrics.time_per_output_chunk.record(now - previous, self._chunk_attributes[ctx.request_id])
+            self.metrics.time_per_output_chunk.record(now - previous, self._chunk_attributes[id(ctx)])
 
     # --- settlement -----------------------------------------------------------------
 
     async def after_request(self, ctx: RequestContext) -> None:
-        self._forget(ctx.request_id)
-        if not self._first_record(ctx.request_id):
+        self._forget(ctx)
+        if not self._first_record(ctx):
             return
         try:
             self._record(ctx)
@@ -253,7 +254,7 @@ class TelemetryHooks(RouterHooks):
             self._access_log.info("request", extra=fields)
 
     def _end_span(self, ctx: RequestContext) -> None:
-        span = self._spans.pop(ctx.request_id, None)
+        span = self._spans.pop(id(ctx), None)
         if span is None:
             return
         from opentelemetry.trace import Status, StatusCode
@@ -307,18 +308,24 @@ class TelemetryHooks(RouterHooks):
                 counts[deployment.id] = counts.get(deployment.id, 0) + deployment.in_flight
         return counts
 
-    def _forget(self, request_id: str) -> None:
-        self._attempt_started.pop(request_id, None)
-        self._last_chunk.pop(request_id, None)
-        self._chunk_attributes.pop(request_id, None)
+    def _forget(self, ctx: RequestContext) -> None:
+        key = id(ctx)
+        self._attempt_started.pop(key, None)
+        self._last_chunk.pop(key, None)
+        self._chunk_attributes.pop(key, None)
 
-    def _first_record(self, request_id: str) -> bool:
+    def _first_record(self, ctx: RequestContext) -> bool:
         """True the first time a request is settled (after_request or on_rejected)."""
-        if request_id in self._recorded:
+        key = id(ctx)
+        remembered = self._recorded.get(key)
+        if remembered is ctx:
             return False
-        self._recorded[request_id] = None
-        while len(self._recorded) > _RECORDED_MEMORY:
-            self._recorded.popitem(last=False)
+        # Only a request that failed before any attempt can still see on_rejected; holding
+        # the context keeps its id unique while it is remembered.
+        if ctx.status == "error" and ctx.attempts == 0:
+            self._recorded[key] = ctx
+            while len(self._recorded) > _RECORDED_MEMORY:
+                self._recorded.popitem(last=False)
         return True
 
     @staticmethod

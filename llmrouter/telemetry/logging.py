@@ -90,16 +90,16 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = True, stream: I
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     if not json_lines:
         return
-    for handler in [h for h in root.handlers if isinstance(h, _JsonHandler)]:
-        root.removeHandler(handler)
+    for ours in [h for h in root.handlers if isinstance(h, _JsonHandler)]:
+        root.removeHandler(ours)
     plain = [h for h in root.handlers if type(h) is logging.StreamHandler]
     if plain and stream is None:
-        for handler in plain:
-            handler.setFormatter(JsonFormatter())
+        for existing in plain:
+            existing.setFormatter(JsonFormatter())
     else:
-        handler = _JsonHandler(stream or sys.stderr)
-        handler.setFormatter(JsonFormatter())
-        root.addHandler(handler)
+        added = _JsonHandler(stream or sys.stderr)
+        added.setFormatter(JsonFormatter())
+        root.addHandler(added)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar"):
         # Route the servers' own lines through the root's JSON handler instead of theirs.
         logger = logging.getLogger(name)

@@ -301,3 +301,14 @@ def test_a_users_global_meter_provider_is_honoured(tmp_path):
     assert result.returncode == 0, result.stderr
     names = result.stdout.strip().split(",")
     assert "gen_ai.client.token.usage" in names and "gen_ai.client.operation.duration" in names
+
+
+async def test_a_reused_client_request_id_does_not_hide_requests(hooks, reader):
+    # X-Request-ID comes from the client; the same one twice is two requests.
+    router = make_router(ScriptedProvider(default=Step(text="a b")), hooks=[hooks])
+    for _ in range(2):
+        await router.chat(chat(), context=RequestContext(request_id="same-id"))
+    with pytest.raises(ModelNotFoundError):
+        await router.chat(chat("nope"), context=RequestContext(request_id="same-id"))
+    reader.collect()
+    assert reader.count("gen_ai.client.operation.duration") == 3
