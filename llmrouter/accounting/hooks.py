@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["AccountingHooks"]
 
 log = logging.getLogger("llmrouter.accounting")
+_RECORDED = "_llmrouter_ledger"
 
 
 @dataclass
@@ -126,8 +127,7 @@ class AccountingHooks(RouterHooks):
         except LLMRouterError as exc:
             if ticket is not None and self.limiter is not None:
                 await self.limiter.release(ticket, 0)
-            if self.ledger is not None:
-                self.ledger.record(row_from_context(ctx, status="rejected", error_code=exc.code))
+            self._record(ctx, status="rejected", error_code=exc.code)
             raise
         self._admitted[id(ctx)] = _Admission(ctx, ticket, reservation)
 
@@ -139,11 +139,23 @@ class AccountingHooks(RouterHooks):
                 await self._settle(ctx, admission)
             except Exception:
                 log.exception("accounting: settling request %s failed", ctx.request_id)
-        if self.ledger is not None:
-            try:
-                self.ledger.record(row_from_context(ctx))
-            except Exception:
-                log.exception("accounting: recording request %s failed", ctx.request_id)
+        self._record(ctx)
+
+    def on_rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
+        """Refused elsewhere (unknown model, another hook): still worth a ``rejected`` row."""
+        if ctx.metadata.get(_RECORDED) is None:
+            self._record(ctx, status="rejected", error_code=error.code)
+
+    def _record(self, ctx: RequestContext, *, status: str | None = None, error_code: str | None = None) -> None:
+        if self.ledger is None or ctx.metadata.get(_RECORDED) is not None:
+            return  # one row per request, whichever path saw it first
+        ctx.metadata[_RECORDED] = "1"
+        if ctx.api_key_id is None and isinstance(ctx.principal, ApiKey):
+            ctx.api_key_id = ctx.principal.id  # refused before before_request resolved it
+        try:
+            self.ledger.record(row_from_context(ctx, status=status, error_code=error_code))
+        except Exception:  # after_request must not raise
+            log.exception("accounting: recording request %s failed", ctx.request_id)
 
     async def _settle(self, ctx: RequestContext, admission: _Admission) -> None:
         if admission.reservation is not None and self.budgets is not None:

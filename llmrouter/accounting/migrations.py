@@ -3,8 +3,8 @@
 The applied versions live in ``llmr_schema_version``. :func:`upgrade` is idempotent
 and safe while other replicas run: on PostgreSQL the whole upgrade is one transaction
 under an advisory lock (DDL is transactional there), so two replicas starting together
-apply each step once; on SQLite the file's write lock serialises writers and a racing
-second process simply re-reads the version and finds nothing left to do.
+apply each step once; on SQLite an ``flock`` on ``<database>.lock`` serialises upgrades
+(its DDL is autocommitted, so a transaction alone would not).
 
 Rules for new migrations, so that a running deployment keeps working while they apply:
 only additive changes (new tables, new nullable columns, new indexes); never rename or
@@ -14,13 +14,17 @@ drop in the same release that stops using a column. Migration 1 creates the tabl
 
 from __future__ import annotations
 
+import fcntl
+import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from sqlalchemy import Connection, inspect, select
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.models import TABLES, SchemaVersionRow
@@ -75,18 +79,28 @@ def _upgrade_sync(conn: Connection) -> list[int]:
     return applied
 
 
+@asynccontextmanager
+async def _sqlite_lock(engine: AsyncEngine) -> AsyncIterator[None]:
+    """Serialise upgrades of one SQLite file: its DDL runs outside transactions (the
+    driver autocommits it), so the database alone cannot make an upgrade atomic. An
+    ``flock`` on a file beside it can (SQLite files are local to one host anyway)."""
+    path = engine.url.database
+    if engine.dialect.name != "sqlite" or not path or path == ":memory:":
+        yield
+        return
+    fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        await anyio.to_thread.run_sync(fcntl.flock, fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 async def upgrade(engine: AsyncEngine) -> list[int]:
     """Apply pending migrations; returns the versions applied (empty when up to date)."""
-    for attempt in range(3):
-        try:
-            async with engine.begin() as conn:
-                return await conn.run_sync(_upgrade_sync)
-        except DBAPIError:
-            # Another process created the same objects between our check and our DDL
-            # (SQLite has no advisory lock): re-read the version and carry on.
-            if attempt == 2:
-                raise
-    return []
+    async with _sqlite_lock(engine), engine.begin() as conn:
+        return await conn.run_sync(_upgrade_sync)
 
 
 async def current_version(engine: AsyncEngine) -> int:

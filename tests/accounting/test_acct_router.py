@@ -101,3 +101,17 @@ async def test_streams_cut_short_are_billed_and_keys_restricted(sqlite_url: str,
     cancelled = next(r for r in rows if r["status"] == "cancelled")
     assert cancelled["key_name"] == "streamer" and cancelled["completion_tokens"] > 0 and cancelled["cost"] > 0
 
+
+
+async def test_requests_refused_by_the_router_get_one_rejected_row(sqlite_url: str, tmp_path: Path) -> None:
+    from llmrouter.errors import ModelNotFoundError
+
+    async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
+        key, secret = await acct.keys.create("typo")
+        router, _ = _router(acct, Step())
+        async with router:
+            with pytest.raises(ModelNotFoundError):
+                await router.chat({**REQUEST, "model": "gtp-4o"}, context=RequestContext(principal=key))
+        rows = await acct.usage(by=["key", "model", "status"])
+    assert [(r["key_name"], r["model"], r["status"], r["requests"]) for r in rows] == [
+        ("typo", "gtp-4o", "rejected", 1)]
