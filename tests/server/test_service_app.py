@@ -305,6 +305,12 @@ def test_ready_is_503_when_an_extension_is_not_ready() -> None:
 
 def test_cache_layer_from_extension_is_installed() -> None:
     class Layer:
+        def __init__(self) -> None:
+            self.groups: list[str] = []
+
+        def configure_group(self, name: str, settings: Any) -> None:
+            self.groups.append(name)
+
         async def chat(self, ctx: RequestContext, request: Any, call: Any) -> Any:
             ctx.cache_status = "miss"
             return await call()
@@ -313,13 +319,16 @@ def test_cache_layer_from_extension_is_installed() -> None:
             ctx.cache_status = "bypass"
             return call()
 
+    layer = Layer()
+
     class CacheExt(Extension):
         name = "cache"
 
         def cache_layer(self) -> Any:
-            return Layer()
+            return layer
 
     router, _ = make_router()
     with TestClient(create_app(router=router, extensions=[CacheExt()])) as client:
         response = client.post("/v1/chat/completions", json=CHAT)
     assert response.headers["x-llmrouter-cache"] == "miss"
+    assert router.cache is layer and layer.groups == ["m"]

@@ -13,7 +13,7 @@ import pytest
 
 from llmrouter.config import parse_config
 from llmrouter.server import create_app
-from llmrouter.testing.upstream import FakeUpstream
+from llmrouter.testing.upstream import Behaviour, FakeUpstream
 
 
 def issue_config(base_url: str, **server: Any) -> Any:
@@ -123,7 +123,8 @@ async def test_client_disconnect_closes_the_upstream_connection(
 ) -> None:
     # The upstream answers slowly; the client goes away mid-request and the router must
     # close its upstream connection promptly instead of waiting for the answer.
-    fake.enqueue("slow_stream" if stream else "hang")
+    # A long, slow answer: it cannot finish before the disconnect reaches the upstream.
+    fake.enqueue(Behaviour(reply="word " * 200, chunks=200, delay_ms=50) if stream else "hang")
     body = (b'{"model": "mock-gpt", "stream": %s, "messages": [{"role": "user", "content": "hi"}]}'
             % (b"true" if stream else b"false"))
     sock = _post_raw(service, body)
