@@ -73,4 +73,4 @@ def extension_from_config(config: Any) -> AccountingExtension | None:
             "accounting disabled: %s (install `llmrouter[accounting]`)", exc
         )
         return None
-    return AccountingExtension(Accounting.from_config(section))
+    return AccountingExtension(Accounting.from_config(config if hasattr(config, "accounting") else section))

@@ -110,5 +110,6 @@ class AccountingConfig(_Section):
     budgets: list[BudgetRule] = msgspec.field(default_factory=list)
     budget_backend: BudgetBackend = "auto"
     """Where reservations are made atomic: ``memory`` (one process), ``redis`` (Lua, shared),
-    ``database`` (conditional UPDATE, shared). ``auto``: redis when configured, else memory."""
+    ``database`` (conditional UPDATE, shared). ``auto``: redis when configured, else
+    database on PostgreSQL or with ``server.workers > 1``, else memory."""
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)

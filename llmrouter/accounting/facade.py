@@ -78,6 +78,10 @@ class Accounting:
             section = config
         elif hasattr(config, "accounting"):
             section = config.accounting
+            workers = getattr(getattr(config, "server", None), "workers", 1)
+            if workers > 1 and section.budget_backend == "auto" and section.redis.url is None:
+                # Worker processes share nothing in memory: reserve in the database.
+                section = msgspec.structs.replace(section, budget_backend="database")
         else:
             try:
                 section = msgspec.convert(dict(config), AccountingConfig)
@@ -95,7 +99,8 @@ class Accounting:
     def _budget_store(self) -> BudgetStore:
         backend = self.config.budget_backend
         if backend == "auto":
-            backend = "redis" if self.redis is not None else "memory"
+            # PostgreSQL means replicas are likely: keep budgets exact across them.
+            backend = "redis" if self.redis is not None else "database" if self.engine.dialect.name == "postgresql" else "memory"
         if backend == "redis":
             if self.redis is None:
                 raise ConfigError("config: accounting.budget_backend is redis but accounting.redis.url is not set")

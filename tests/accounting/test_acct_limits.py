@@ -156,3 +156,46 @@ async def test_hooks_apply_key_limits_over_defaults(acct: Accounting, tmp_path: 
     with pytest.raises(RateLimitError):
         await acct.hooks.before_request(chat_context())
     await acct.hooks.after_request(finish(anon))
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
+async def test_replicas_configured_with_a_redis_url_share_limits(sqlite_url: str, tmp_path: Path, _: int) -> None:
+    import uuid
+
+    from llmrouter.accounting.config import RedisConfig
+
+    from .conftest import REDIS_URL, make_config
+
+    prefix = f"llmr-test-{uuid.uuid4().hex[:10]}:"
+    config = make_config(sqlite_url, tmp_path, redis=RedisConfig(url=REDIS_URL, prefix=prefix),
+                         limits=LimitsConfig(rpm=3))
+    try:
+        async with Accounting(config) as one, Accounting(config) as two:
+            assert isinstance(one.limiter, RedisLimiter) and one.budgets is not None
+            assert type(one.budgets.store).__name__ == "RedisBudgetStore"
+            admitted = 0
+            for i in range(8):
+                acct = (one, two)[i % 2]
+                ctx = chat_context()
+                try:
+                    await acct.hooks.before_request(ctx)
+                except RateLimitError:
+                    continue
+                admitted += 1
+                await acct.hooks.after_request(finish(ctx))
+            assert admitted == 3
+    finally:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(REDIS_URL)
+        async for key in client.scan_iter(match=f"{prefix}*"):
+            await client.delete(key)
+        await client.aclose()
+
+
+def test_budget_backend_follows_the_deployment_shape() -> None:
+    from llmrouter.config import parse_config
+
+    many = parse_config({"server": {"workers": 4}}, env={})
+    assert Accounting.from_config(many).config.budget_backend == "database"
+    assert Accounting.from_config(parse_config({}, env={})).config.budget_backend == "auto"

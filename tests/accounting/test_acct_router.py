@@ -107,7 +107,7 @@ async def test_requests_refused_by_the_router_get_one_rejected_row(sqlite_url: s
     from llmrouter.errors import ModelNotFoundError
 
     async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
-        key, secret = await acct.keys.create("typo")
+        key, _secret = await acct.keys.create("typo")
         router, _ = _router(acct, Step())
         async with router:
             with pytest.raises(ModelNotFoundError):
