@@ -103,7 +103,7 @@ def error_event(exc: BaseException, request_id: str | None = None) -> bytes:
     return b"data: " + _encode(body) + b"\n\n"
 
 
-exception_handlers: dict[type[Exception], Any] = {
+exception_handlers: dict[int | type[Exception], Any] = {
     LLMRouterError: handle_llmrouter_error,
     HTTPException: handle_http_exception,
     Exception: handle_unexpected,

@@ -29,7 +29,7 @@ def request_id_of(scope: Scope) -> str:
     """The request id for this connection: already assigned, sent by the client, or new."""
     existing = scope.get(REQUEST_ID_KEY)  # type: ignore[misc]
     if existing:
-        return existing  # type: ignore[no-any-return]
+        return str(existing)
     request_id = ""
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":

@@ -22,7 +22,7 @@ from llmrouter.server.disconnect import ClientDisconnected, DisconnectWatch, cal
 from llmrouter.server.errors import error_event
 
 if TYPE_CHECKING:
-    from litestar.types import Receive, Send
+    from litestar.types import HTTPResponseBodyEvent, Receive, Send
 
 __all__ = ["SSEResponse", "open_stream", "sse_events"]
 
@@ -75,6 +75,7 @@ class SSEResponse(ASGIStreamingResponse):
             media_type="text/event-stream",
             status_code=200,
         )
+        self._events = iterator
 
     async def send_body(self, send: Send, receive: Receive) -> None:
         finished = False
@@ -82,9 +83,12 @@ class SSEResponse(ASGIStreamingResponse):
             if on_asyncio():
                 try:
                     async with DisconnectWatch(receive):
-                        async for event in self.iterator:
-                            await send({"type": "http.response.body", "body": event, "more_body": True})  # type: ignore[arg-type]
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                        async for event in self._events:
+                            body: HTTPResponseBodyEvent = {
+                                "type": "http.response.body", "body": event, "more_body": True}
+                            await send(body)
+                        end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": b"", "more_body": False}
+                        await send(end)
                 except ClientDisconnected:
                     return
             else:
