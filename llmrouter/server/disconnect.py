@@ -18,7 +18,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
-import sniffio
 
 if TYPE_CHECKING:
     from litestar.types import Receive
@@ -33,10 +32,12 @@ class ClientDisconnected(Exception):
 
 
 def on_asyncio() -> bool:
+    """Whether the caller runs on an asyncio event loop (not trio)."""
     try:
-        return sniffio.current_async_library() == "asyncio"
-    except sniffio.AsyncLibraryNotFoundError:
+        asyncio.get_running_loop()
+    except RuntimeError:
         return False
+    return True
 
 
 class DisconnectWatch:
