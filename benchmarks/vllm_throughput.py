@@ -36,7 +36,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-async def run_provider(provider: Any, body: dict[str, Any], count: int, concurrency: int) -> tuple[int, float]:
+async def run_provider(
+    provider: Any, body: dict[str, Any], count: int, concurrency: int
+) -> tuple[int, float]:
     from llmrouter.types import decode_chat_request
 
     tokens = 0
@@ -52,7 +54,9 @@ async def run_provider(provider: Any, body: dict[str, Any], count: int, concurre
     return tokens, elapsed
 
 
-async def run_raw(engine: Any, prompt_ids: list[int], max_tokens: int, count: int, concurrency: int) -> tuple[int, float]:
+async def run_raw(
+    engine: Any, prompt_ids: list[int], max_tokens: int, count: int, concurrency: int
+) -> tuple[int, float]:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -92,7 +96,11 @@ async def main(args: argparse.Namespace) -> None:
             model = str(build_tiny_llama(Path(scratch) / "tiny-llama"))
         multiprocessing = None if args.multiprocessing is None else args.multiprocessing == "on"
         options = VLLMOptions(
-            dtype="float32", max_model_len=512, enforce_eager=True, kv_cache_space_gib=1, multiprocessing=multiprocessing
+            dtype="float32",
+            max_model_len=512,
+            enforce_eager=True,
+            kv_cache_space_gib=1,
+            multiprocessing=multiprocessing,
         )
         started = time.perf_counter()
         async with VLLMProvider(model, options) as provider:
@@ -107,10 +115,14 @@ async def main(args: argparse.Namespace) -> None:
             }
             prompt_ids = provider._render_chat(body["messages"])  # the same ids the provider sends
             await run_raw(provider._engine, prompt_ids, args.max_tokens, 2, 1)  # warm-up
-            print(f"engine start (import + build): {start_s:.1f} s; prompt {len(prompt_ids)} tokens; "
-                  f"{args.max_tokens} tokens x {args.requests} requests, best of {args.rounds} rounds per row; "
-                  f"VLLM_ENABLE_V1_MULTIPROCESSING={os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING', '1 (default)')}")
-            print(f"{'concurrency':>11} | {'raw AsyncLLM tok/s':>18} | {'provider tok/s':>14} | {'overhead':>8}")
+            print(
+                f"engine start (import + build): {start_s:.1f} s; prompt {len(prompt_ids)} tokens; "
+                f"{args.max_tokens} tokens x {args.requests} requests, best of {args.rounds} rounds per row; "
+                f"VLLM_ENABLE_V1_MULTIPROCESSING={os.environ.get('VLLM_ENABLE_V1_MULTIPROCESSING', '1 (default)')}"
+            )
+            print(
+                f"{'concurrency':>11} | {'raw AsyncLLM tok/s':>18} | {'provider tok/s':>14} | {'overhead':>8}"
+            )
             print(f"{'-' * 11}-+-{'-' * 18}-+-{'-' * 14}-+-{'-' * 8}")
             for concurrency in (int(c) for c in args.concurrency.split(",")):
                 raw_rate = prov_rate = 0.0
@@ -121,8 +133,14 @@ async def main(args: argparse.Namespace) -> None:
                         provider._engine, prompt_ids, args.max_tokens, args.requests, concurrency
                     )
                     prov_tokens, prov_s = await run_provider(provider, body, args.requests, concurrency)
-                    assert raw_tokens == prov_tokens == args.requests * args.max_tokens, (raw_tokens, prov_tokens)
-                    raw_rate, prov_rate = max(raw_rate, raw_tokens / raw_s), max(prov_rate, prov_tokens / prov_s)
+                    assert raw_tokens == prov_tokens == args.requests * args.max_tokens, (
+                        raw_tokens,
+                        prov_tokens,
+                    )
+                    raw_rate, prov_rate = (
+                        max(raw_rate, raw_tokens / raw_s),
+                        max(prov_rate, prov_tokens / prov_s),
+                    )
                 overhead = (raw_rate - prov_rate) / raw_rate * 100
                 print(f"{concurrency:>11} | {raw_rate:>18.0f} | {prov_rate:>14.0f} | {overhead:>7.1f}%")
 

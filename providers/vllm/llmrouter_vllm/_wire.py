@@ -9,7 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from llmrouter.errors import InvalidRequestError, UnsupportedFeatureError, UpstreamError
+from llmrouter.errors import (
+    ContextWindowExceededError,
+    InvalidRequestError,
+    UnsupportedFeatureError,
+    UpstreamError,
+)
 from llmrouter.types import ChatMessage, ChatRequest, PromptTokensDetails, TextPart, Usage
 
 PROVIDER = "vllm"
@@ -84,8 +89,6 @@ def output_limit(requested: int | None, prompt_len: int, max_model_len: int) -> 
     Raises:
         ContextWindowExceededError: the prompt (plus the requested tokens) does not fit.
     """
-    from llmrouter.errors import ContextWindowExceededError
-
     room = max_model_len - prompt_len
     if room <= 0 or (requested is not None and requested > room):
         asked = f" + {requested} output tokens" if requested is not None else ""

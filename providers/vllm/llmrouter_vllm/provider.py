@@ -17,16 +17,15 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
-import msgspec
 
 from llmrouter.errors import InvalidRequestError, UnsupportedFeatureError, UpstreamUnavailableError
-from llmrouter.provider import Capabilities, Health, Provider, ProviderOptions
+from llmrouter.provider import Capabilities, Health, Provider
 from llmrouter.types import (
     ChatChoice,
     ChatChunk,
@@ -43,6 +42,7 @@ from llmrouter.types import (
     now,
 )
 from llmrouter_vllm import _wire
+from llmrouter_vllm.options import VLLMOptions
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -52,54 +52,6 @@ __all__ = ["VLLMOptions", "VLLMProvider"]
 logger = logging.getLogger("llmrouter.providers.vllm")
 
 _PROGRESS_EVERY_S = 10.0
-
-
-class VLLMOptions(ProviderOptions):
-    """Deployment keys of the ``vllm`` provider (the deployment's ``model`` is the model path).
-
-    Attributes:
-        dtype: weights/activations dtype (``auto``, ``float32``, ``bfloat16``, ``float16``).
-        max_model_len: context length; default the model's own.
-        gpu_memory_utilization: share of GPU memory vLLM may take (GPU only).
-        tensor_parallel_size: number of GPUs to shard the model over.
-        enforce_eager: skip CUDA-graph capture (faster start, slower decode).
-        kv_cache_space_gib: KV-cache size on CPU; sets ``VLLM_CPU_KVCACHE_SPACE`` when unset.
-        multiprocessing: run the engine core in its own process (vLLM's default); False sets
-            ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` for the whole process. None leaves it alone.
-        tokenizer: tokenizer path when it is not beside the model.
-        trust_remote_code: let the model directory run its own Python code.
-        seed: the engine's global seed.
-        engine_args: any other ``vllm.AsyncEngineArgs`` field; wins over the keys above.
-    """
-
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    tensor_parallel_size: int = 1
-    enforce_eager: bool = False
-    kv_cache_space_gib: int | None = None
-    multiprocessing: bool | None = None
-    tokenizer: str | None = None
-    trust_remote_code: bool = False
-    seed: int | None = None
-    engine_args: dict[str, Any] = msgspec.field(default_factory=dict)
-
-    def named_engine_args(self) -> dict[str, Any]:
-        """The named options as ``AsyncEngineArgs`` keywords (unset ones left to vLLM)."""
-        args: dict[str, Any] = {
-            "dtype": self.dtype,
-            "tensor_parallel_size": self.tensor_parallel_size,
-            "enforce_eager": self.enforce_eager,
-            "trust_remote_code": self.trust_remote_code,
-        }
-        optional = {
-            "max_model_len": self.max_model_len,
-            "gpu_memory_utilization": self.gpu_memory_utilization,
-            "tokenizer": self.tokenizer,
-            "seed": self.seed,
-        }
-        args.update({key: value for key, value in optional.items() if value is not None})
-        return args
 
 
 @dataclass
@@ -199,7 +151,11 @@ class VLLMProvider(Provider[VLLMOptions]):
         # so that aclose() can shut its worker processes down.
         with anyio.CancelScope(shield=True):
             engine = await anyio.to_thread.run_sync(
-                backend.build_engine, self.model, self.options.named_engine_args(), self.options.engine_args, sink
+                backend.build_engine,
+                self.model,
+                self.options.named_engine_args(),
+                self.options.engine_args,
+                sink,
             )
             self._backend, self._engine, self._sink = backend, engine, sink
             self._tokenizer = engine.get_tokenizer()
@@ -232,6 +188,11 @@ class VLLMProvider(Provider[VLLMOptions]):
             with anyio.CancelScope(shield=True):
                 if self._active:
                     await _quietly_abort(engine, list(self._active))
+                # Stop vLLM's output handler first: otherwise it sees the engine core go
+                # away during shutdown and logs a spurious EngineDeadError traceback.
+                handler = getattr(engine, "output_handler", None)
+                if handler is not None:
+                    handler.cancel()
                 await anyio.to_thread.run_sync(engine.shutdown)
             logger.info("vllm: engine for %s shut down", self.model)
 
@@ -311,14 +272,16 @@ class VLLMProvider(Provider[VLLMOptions]):
                         continue
                     # The role rides on each choice's first delta, so that no chunk is sent
                     # before the engine accepted the request (errors stay retryable).
-                    role = None if output.index in started else "assistant"
+                    role: Literal["assistant"] | None = None if output.index in started else "assistant"
                     started.add(output.index)
                     delta = Delta(role=role, content=output.text or (None if role is None else ""))
                     choices.append(
                         ChunkChoice(index=output.index, delta=delta, finish_reason=reason, logprobs=logprobs)
                     )
                 if choices:
-                    yield ChatChunk(id=prepared.request_id, created=created, model=self.model, choices=choices)
+                    yield ChatChunk(
+                        id=prepared.request_id, created=created, model=self.model, choices=choices
+                    )
         yield ChatChunk(
             id=prepared.request_id,
             created=created,
@@ -422,7 +385,9 @@ class VLLMProvider(Provider[VLLMOptions]):
                         )
                     )
                 if choices:
-                    yield CompletionChunk(id=prepared.request_id, created=created, model=self.model, choices=choices)
+                    yield CompletionChunk(
+                        id=prepared.request_id, created=created, model=self.model, choices=choices
+                    )
         yield CompletionChunk(
             id=prepared.request_id,
             created=created,
@@ -484,7 +449,7 @@ class VLLMProvider(Provider[VLLMOptions]):
             raise UpstreamUnavailableError("vllm returned no output", provider=self.name)
         return final
 
-    async def _generate(self, prepared: _Prepared) -> AsyncIterator[Any]:
+    async def _generate(self, prepared: _Prepared) -> AsyncGenerator[Any, None]:
         """The engine's outputs for one request; aborts it in the engine unless it finished."""
         engine = self._engine
         backend = self._backend
@@ -514,7 +479,9 @@ class VLLMProvider(Provider[VLLMOptions]):
         state = self.state
         if state != "running" or self._backend is None:
             detail = f": {self._start_error}" if state == "failed" else ""
-            raise UpstreamUnavailableError(f"vllm engine for {self.model} is {state}{detail}", provider=self.name)
+            raise UpstreamUnavailableError(
+                f"vllm engine for {self.model} is {state}{detail}", provider=self.name
+            )
         return self._backend
 
 

@@ -19,7 +19,9 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 VLLM_MISSING = find_spec("vllm") is None
-SKIP_REASON = "vLLM is not installed in this environment: run scripts/setup-vllm-env and use .venv-vllm (nox -s vllm)"
+SKIP_REASON = (
+    "vLLM is not installed in this environment: run scripts/setup-vllm-env and use .venv-vllm (nox -s vllm)"
+)
 
 if VLLM_MISSING and os.environ.get("LLMROUTER_REQUIRE_VLLM") == "1":
     # The CI's vLLM stage must not pass by skipping everything.

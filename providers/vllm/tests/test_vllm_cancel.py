@@ -13,7 +13,9 @@ from llmrouter.types import decode_chat_request
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.anyio,
-    pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed here (scripts/setup-vllm-env)"),
+    pytest.mark.skipif(
+        find_spec("vllm") is None, reason="vLLM is not installed here (scripts/setup-vllm-env)"
+    ),
 ]
 
 # Long enough that, were it not aborted, the request would still be decoding in the
@@ -38,7 +40,8 @@ def request(provider: Any, max_tokens: int, **fields: Any) -> Any:
 async def engine_idle(provider: Any) -> dict[str, Any]:
     """Wait (bounded) until the engine's front end has no unfinished request."""
     with anyio.fail_after(10):
-        while (stats := provider.engine_stats())["unfinished_requests"] or stats["in_flight"]:
+        # Polling: the engine's counters have no event to wait on.
+        while (stats := provider.engine_stats())["unfinished_requests"] or stats["in_flight"]:  # noqa: ASYNC110
             await anyio.sleep(0.05)
     return stats
 
@@ -88,7 +91,7 @@ async def test_cancel_scope_aborts_chat_and_stream(tiny_vllm: Any) -> None:
     async with anyio.create_task_group() as group:
         group.start_soon(tiny_vllm.chat, request(tiny_vllm, LONG, stream=False))
         with anyio.fail_after(10):
-            while not tiny_vllm.engine_stats()["in_flight"]:
+            while not tiny_vllm.engine_stats()["in_flight"]:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
         await anyio.sleep(0.1)
         group.cancel_scope.cancel()

@@ -14,7 +14,9 @@ from llmrouter.types import ChatRequest
 
 pytestmark = [
     pytest.mark.vllm,
-    pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed here (scripts/setup-vllm-env)"),
+    pytest.mark.skipif(
+        find_spec("vllm") is None, reason="vLLM is not installed here (scripts/setup-vllm-env)"
+    ),
 ]
 
 

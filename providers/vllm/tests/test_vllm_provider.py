@@ -14,7 +14,9 @@ from llmrouter.types import ChatChunk, ChatRequest, decode_chat_request, decode_
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.anyio,
-    pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed here (scripts/setup-vllm-env)"),
+    pytest.mark.skipif(
+        find_spec("vllm") is None, reason="vLLM is not installed here (scripts/setup-vllm-env)"
+    ),
 ]
 
 TINY_MAX_MODEL_LEN = 512  # the tiny_vllm fixture's max_model_len
@@ -59,7 +61,9 @@ async def test_health_and_engine_stats(tiny_vllm: Any) -> None:
 
 
 async def test_chat_usage_and_length_finish(tiny_vllm: Any, tiny_llama_dir: Path) -> None:
-    response = await tiny_vllm.chat(chat_request(tiny_vllm, max_tokens=8, extra_body_ignored=1, ignore_eos=True))
+    response = await tiny_vllm.chat(
+        chat_request(tiny_vllm, max_tokens=8, extra_body_ignored=1, ignore_eos=True)
+    )
     choice = response.choices[0]
     assert choice.finish_reason == "length"
     assert choice.message.role == "assistant" and choice.message.content
@@ -73,7 +77,9 @@ async def test_chat_usage_and_length_finish(tiny_vllm: Any, tiny_llama_dir: Path
 async def test_stream_matches_chat_and_ends_with_usage(tiny_vllm: Any) -> None:
     request = chat_request(tiny_vllm, max_tokens=12, ignore_eos=True)
     whole = await tiny_vllm.chat(request)
-    chunks = await collect(tiny_vllm.stream(chat_request(tiny_vllm, max_tokens=12, ignore_eos=True, stream=True)))
+    chunks = await collect(
+        tiny_vllm.stream(chat_request(tiny_vllm, max_tokens=12, ignore_eos=True, stream=True))
+    )
     assert stream_text(chunks) == whole.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(choice.delta.role is None for chunk in chunks[1:] for choice in chunk.choices)
@@ -90,7 +96,9 @@ async def test_stop_string_ends_with_stop(tiny_vllm: Any) -> None:
     free = await tiny_vllm.chat(chat_request(tiny_vllm, max_tokens=24, ignore_eos=True))
     text = free.choices[0].message.content
     # A stop string from the middle of the greedy answer: the answer must end just before it.
-    candidates = [i for i in range(4, len(text) - 3) if text[i : i + 3].strip() and text[i : i + 3].isprintable()]
+    candidates = [
+        i for i in range(4, len(text) - 3) if text[i : i + 3].strip() and text[i : i + 3].isprintable()
+    ]
     assert candidates, f"no usable stop string in {text!r}"
     stop = text[candidates[0] : candidates[0] + 3]
     stopped = await tiny_vllm.chat(chat_request(tiny_vllm, max_tokens=24, ignore_eos=True, stop=[stop]))
@@ -113,18 +121,24 @@ async def test_seed_makes_sampling_reproducible(tiny_vllm: Any) -> None:
 
 
 async def test_n_choices_and_usage(tiny_vllm: Any) -> None:
-    response = await tiny_vllm.chat(chat_request(tiny_vllm, n=2, temperature=1.0, seed=7, max_tokens=5, ignore_eos=True))
+    response = await tiny_vllm.chat(
+        chat_request(tiny_vllm, n=2, temperature=1.0, seed=7, max_tokens=5, ignore_eos=True)
+    )
     assert [choice.index for choice in response.choices] == [0, 1]
     assert response.usage.completion_tokens == 10
     chunks = await collect(
-        tiny_vllm.stream(chat_request(tiny_vllm, n=2, temperature=1.0, seed=7, max_tokens=5, ignore_eos=True, stream=True))
+        tiny_vllm.stream(
+            chat_request(tiny_vllm, n=2, temperature=1.0, seed=7, max_tokens=5, ignore_eos=True, stream=True)
+        )
     )
     assert stream_text(chunks, 0) and stream_text(chunks, 1)
     assert chunks[-1].usage.completion_tokens == 10
 
 
 async def test_logprobs(tiny_vllm: Any) -> None:
-    response = await tiny_vllm.chat(chat_request(tiny_vllm, max_tokens=6, ignore_eos=True, logprobs=True, top_logprobs=3))
+    response = await tiny_vllm.chat(
+        chat_request(tiny_vllm, max_tokens=6, ignore_eos=True, logprobs=True, top_logprobs=3)
+    )
     content = response.choices[0].logprobs["content"]
     assert len(content) == 6
     for entry in content:
@@ -175,18 +189,38 @@ async def test_no_default_max_tokens_runs_to_context_or_eos(tiny_vllm: Any) -> N
 
 async def test_completions(tiny_vllm: Any) -> None:
     request = decode_completion_request(
-        {"model": tiny_vllm.model, "prompt": "The quick brown", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+        {
+            "model": tiny_vllm.model,
+            "prompt": "The quick brown",
+            "max_tokens": 5,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
     )
     response = await tiny_vllm.complete(request)
     assert response.choices[0].finish_reason == "length"
     assert response.usage.completion_tokens == 5
     echoed = decode_completion_request(
-        {"model": tiny_vllm.model, "prompt": "The quick brown", "max_tokens": 5, "temperature": 0,
-         "ignore_eos": True, "echo": True, "stream": True, "logprobs": 2}
+        {
+            "model": tiny_vllm.model,
+            "prompt": "The quick brown",
+            "max_tokens": 5,
+            "temperature": 0,
+            "ignore_eos": True,
+            "echo": True,
+            "stream": True,
+            "logprobs": 2,
+        }
     )
     chunks = [chunk async for chunk in tiny_vllm.stream_complete(echoed)]
     text = "".join(choice.text for chunk in chunks for choice in chunk.choices)
     assert text == "The quick brown" + response.choices[0].text
     assert chunks[-1].usage.prompt_tokens == response.usage.prompt_tokens
-    tokens = [t for chunk in chunks for choice in chunk.choices if choice.logprobs for t in choice.logprobs["tokens"]]
+    tokens = [
+        t
+        for chunk in chunks
+        for choice in chunk.choices
+        if choice.logprobs
+        for t in choice.logprobs["tokens"]
+    ]
     assert len(tokens) == 5

