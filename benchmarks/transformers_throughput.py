@@ -115,7 +115,7 @@ async def run(args: argparse.Namespace) -> None:
         import torch
 
         print(
-            f"\nmodel: {name}  device: {engine.device}  dtype: {engine.model.dtype}  torch threads: {torch.get_num_threads()}"
+            f"\nmodel: {name}  device: {engine.device}  dtype: {engine.model.dtype}  torch threads: {args.threads or torch.get_num_threads()}"
         )
         prompt = PROMPTS[0]
         await provider_once(provider, prompt, 8)  # warm-up (allocations, first-call paths)
@@ -158,6 +158,9 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (1 is steadier on a shared CPU)"
+    )
     anyio.run(run, parser.parse_args())
 
 

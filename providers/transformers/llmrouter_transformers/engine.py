@@ -94,6 +94,7 @@ class GenerationEngine:
         eos_token_ids: token ids that end a sequence with ``finish_reason="stop"``.
         max_batch_size: most rows decoded at once; later requests wait their turn.
         max_context: longest sequence (prompt + generated) a row may reach.
+        torch_threads: intra-op threads for this engine's thread (OpenMP settings are per thread).
     """
 
     def __init__(
@@ -105,8 +106,10 @@ class GenerationEngine:
         eos_token_ids: set[int],
         max_batch_size: int = 8,
         max_context: int | None = None,
+        torch_threads: int | None = None,
     ) -> None:
         self.model = model
+        self.torch_threads = torch_threads
         self.tokenizer = tokenizer
         self.device = device
         self.eos_token_ids = eos_token_ids
@@ -177,6 +180,8 @@ class GenerationEngine:
     def _run(self) -> None:
         import torch
 
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
         with torch.inference_mode():
             while True:
                 with self._wakeup:

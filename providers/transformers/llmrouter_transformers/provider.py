@@ -79,7 +79,7 @@ class TransformersOptions(ProviderOptions):
     max_context: int | None = None
     """Longest prompt + answer; default: the model's ``max_position_embeddings``."""
     torch_threads: int | None = None
-    """Set torch's intra-op thread count (process-wide) on CPU; default: torch's choice."""
+    """torch intra-op threads for the generation thread on CPU; default: torch's choice."""
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = None
@@ -137,10 +137,6 @@ class TransformersProvider(Provider[TransformersOptions]):
 
     def _load_blocking(self) -> LoadedModel:
         opts = self.options
-        if opts.torch_threads:
-            import torch
-
-            torch.set_num_threads(opts.torch_threads)
         return load_model(
             self._source(),
             device=opts.device,
@@ -174,6 +170,7 @@ class TransformersProvider(Provider[TransformersOptions]):
                 eos_token_ids=eos_ids,
                 max_batch_size=self.options.max_batch_size,
                 max_context=max_context,
+                torch_threads=self.options.torch_threads,
             )
             engine.start()
             self._loaded, self._engine = loaded, engine

@@ -43,6 +43,8 @@ def tiny_model(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture
 async def tiny_provider(tiny_model: Path) -> AsyncIterator[TransformersProvider]:
-    provider = TransformersProvider("tiny", TransformersOptions(path=str(tiny_model), device="cpu"))
+    provider = TransformersProvider(
+        "tiny", TransformersOptions(path=str(tiny_model), device="cpu", torch_threads=1)
+    )
     async with provider:
         yield provider
