@@ -51,6 +51,7 @@ return {1, spent, reserved + amount}
 
 # ARGV = request id, actual
 _SETTLE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local held = tonumber(redis.call('HGET', KEYS[1], 'r:' .. ARGV[1]) or '0')
 if held > 0 then
   redis.call('HINCRBY', KEYS[1], 'reserved', -held)
@@ -109,9 +110,11 @@ class RedisBudgetStore:
 
     async def settle(self, window: BudgetWindow, reserved: int, actual: int, request_id: str) -> int:
         keys = self._keys(window)
-        if not await self._redis.exists(keys[0]):
+        spent = int(await self._settle(keys=keys, args=[request_id, actual]))
+        if spent == -1:  # Redis lost the window (restart): re-seed from the ledger, then settle
             await self._ensure(window)
-        return int(await self._settle(keys=keys, args=[request_id, actual]))
+            spent = int(await self._settle(keys=keys, args=[request_id, actual]))
+        return spent
 
     async def usage(self, window: BudgetWindow) -> tuple[int, int]:
         spent, reserved = await self._redis.hmget(self._keys(window)[0], ["spent", "reserved"])

@@ -155,7 +155,8 @@ def render(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
         if value is None:
             return "-"
         if name == "cost":
-            return f"${value:,.6f}"
+            # sub-cent totals are common (small models): show them to the micro-cent
+            return f"${value:,.6f}" if value >= 0.01 or value == 0 else f"${value:.8f}"
         return f"{value:,}" if isinstance(value, int) else str(value)
 
     total = {h: (sum(r[h] for r in rows) if isinstance(rows[0][h], (int, float)) else "") for h in headers}

@@ -166,3 +166,24 @@ async def test_refused_request_gives_back_what_it_took(acct: Accounting) -> None
     ctx = chat_context(max_cost=MAX_COST / 4)  # fits: the slot must be free
     await acct.hooks.before_request(ctx)
     await acct.hooks.after_request(finish(ctx, cost=MAX_COST / 4))
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
+async def test_redis_losing_its_data_reseeds_spend_from_the_ledger(
+    sqlite_url: str, tmp_path: Path, redis_client: Any, _: int
+) -> None:
+    config = make_config(sqlite_url, tmp_path, budgets=_rule(), budget_backend="redis", redis=redis_config(redis_client))
+    async with Accounting(config, redis=redis_client) as acct:
+        for _i in range(FITS - 1):
+            ctx = chat_context(max_cost=MAX_COST)
+            await acct.hooks.before_request(ctx)
+            await acct.hooks.after_request(finish(ctx, cost=MAX_COST))
+        held = chat_context(max_cost=MAX_COST)
+        await acct.hooks.before_request(held)  # in flight while Redis restarts empty
+        async for key in redis_client.scan_iter(match=f"{redis_client.test_prefix}*"):
+            await redis_client.delete(key)
+        await acct.hooks.after_request(finish(held, cost=MAX_COST))  # settles into a re-seeded window
+        with pytest.raises(BudgetExceededError):
+            await acct.hooks.before_request(chat_context(max_cost=MAX_COST))
+        window = acct.budgets.windows_for(None, "gpt-4o")[0]
+        assert (await acct.budgets.store.usage(window))[0] == window.limit
