@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 import anyio
@@ -28,7 +29,7 @@ from llmrouter.hooks import CacheLayer, RouterHooks
 from llmrouter.provider import Provider
 from llmrouter.registry import available_providers, create_provider
 from llmrouter.strategies import get_strategy
-from llmrouter.tokens import count_messages, count_text
+from llmrouter.tokens import count_messages, count_text, preload_encodings
 from llmrouter.types import (
     ChatChunk,
     ChatRequest,
@@ -178,6 +179,8 @@ class Router:
             async with anyio.create_task_group() as tg:
                 for deployment in self.deployments:
                     tg.start_soon(self._start_deployment, deployment)
+                models = [d.config.model for d in self.deployments]
+                tg.start_soon(partial(anyio.to_thread.run_sync, preload_encodings, models, abandon_on_cancel=True))
             self._started = True
 
     async def _start_deployment(self, deployment: DeploymentState) -> None:
@@ -348,9 +351,9 @@ class Router:
         try:
             groups = self.resolve(request.model)
             ctx.model_group = groups[0].name
-            request = self._bound_cost(ctx, groups, request)
             if not self._started:
                 await self.start()
+            request = self._bound_cost(ctx, groups, request)
         except LLMRouterError as exc:
             _record_failure(ctx, exc)
             self._rejected(ctx, exc)
@@ -396,7 +399,7 @@ class Router:
         for hook in self.hooks:
             try:
                 hook.on_rejected(ctx, error)
-            except Exception:  # noqa: BLE001 - observers must not break the request path
+            except Exception:
                 logger.exception("hook %r failed in on_rejected", hook)
 
     async def _finish(self, ctx: RequestContext) -> None:
@@ -409,7 +412,7 @@ class Router:
             for hook in reversed(hooks):
                 try:
                     await hook.after_request(ctx)
-                except Exception:  # noqa: BLE001 - a failing hook must not lose the answer
+                except Exception:
                     logger.exception("hook %r failed in after_request", hook)
 
     def _settle_cost(self, ctx: RequestContext) -> None:

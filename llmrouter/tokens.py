@@ -21,7 +21,7 @@ from typing import Any
 
 from llmrouter.types import ChatMessage, message_text
 
-__all__ = ["count_messages", "count_text", "encoding_name_for"]
+__all__ = ["count_messages", "count_text", "encoding_name_for", "preload_encodings"]
 
 _BLOB = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4", "chatgpt-4o", "gpt-oss")
@@ -92,3 +92,13 @@ def count_messages(messages: Sequence[ChatMessage], model: str = "") -> int:
         for call in message.tool_calls or ():
             total += count_text(call.function.name, model) + count_text(call.function.arguments, model)
     return total
+
+
+def preload_encodings(models: Sequence[str] = ("gpt-4o", "gpt-3.5-turbo")) -> None:
+    """Load the encodings these models use (0.3-1 s each the first time).
+
+    Blocking: call it in a worker thread (the router does at start), so the first
+    request does not stall the event loop while tiktoken reads its BPE file.
+    """
+    for name in {encoding_name_for(model) for model in models}:
+        _encoding(name)
