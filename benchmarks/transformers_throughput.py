@@ -114,6 +114,9 @@ async def run(args: argparse.Namespace) -> None:
         engine = provider.engine
         import torch
 
+        if args.threads:  # the same for generate (main thread) as for the engine's thread
+            torch.set_num_threads(args.threads)
+
         print(
             f"\nmodel: {name}  device: {engine.device}  dtype: {engine.model.dtype}  torch threads: {args.threads or torch.get_num_threads()}"
         )
