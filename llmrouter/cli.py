@@ -95,6 +95,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config, path = _load(args)
     config, notes = _resolve(config)
+    if not args.access_log:
+        config = msgspec.structs.replace(config, telemetry=msgspec.structs.replace(config.telemetry, access_log=False))
+    if config.telemetry.json_logs:
+        from llmrouter.telemetry.logging import configure_logging
+
+        # Before uvicorn starts, so that its own start-up lines are JSON too.
+        configure_logging(config.telemetry.log_level)
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     workers = args.workers or config.server.workers
@@ -122,6 +129,14 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.provider == "openrouter":
+        from llmrouter_openrouter.cli import cmd_models as openrouter_models
+
+        args.base_url = getattr(args, "base_url", None) or "https://openrouter.ai/api/v1"
+        return int(openrouter_models(args) or 0)
+    if args.provider is not None:
+        print(f"llmrouter: error: --provider supports only 'openrouter' (got {args.provider!r})", file=sys.stderr)
+        return 2
     config, _ = _load(args)
     config, notes = _resolve(config)
     rows = [["MODEL", "ALIASES", "STRATEGY", "DEPLOYMENT", "PROVIDER", "UPSTREAM MODEL"]]
@@ -306,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list model groups and their deployments")
     models.add_argument("--config", "-c", help="config file")
+    models.add_argument("--provider", help="list what a provider offers instead (openrouter: models with prices)")
+    models.add_argument("--write-pricing", metavar="FILE", help="with --provider openrouter: merge its prices into FILE")
+    models.add_argument("--json", action="store_true", help="with --provider openrouter: the price table as JSON")
     models.set_defaults(func=cmd_models)
 
     chat = sub.add_parser("chat", help="talk to a model (one prompt, or interactive without one)")
