@@ -93,6 +93,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from llmrouter.server.app import RESOLVED_CONFIG_ENV, create_app, default_extensions
 
+    if args.model:
+        # Read by the transformers provider's discovery (zero-config start).
+        os.environ["LLMROUTER_TRANSFORMERS_MODEL"] = args.model
     config, path = _load(args)
     config, notes = _resolve(config)
     if not args.access_log:
@@ -315,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default: server.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: server.port, 8000)")
     serve.add_argument("--workers", type=int, help="worker processes (default: server.workers, 1)")
+    serve.add_argument("--model", metavar="DIR_OR_HUB_ID",
+                       help="also serve this Hugging Face model in-process (sets $LLMROUTER_TRANSFORMERS_MODEL)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
     serve.set_defaults(func=cmd_serve)
