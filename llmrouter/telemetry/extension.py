@@ -142,6 +142,10 @@ def _service_router(state: Any) -> Any:
     return getattr(service, "router", None)
 
 
-def build_telemetry_extension(config: Config) -> TelemetryExtension:
-    """The telemetry extension for a service ``config`` (its ``telemetry:`` section)."""
-    return TelemetryExtension(config.telemetry)
+def build_telemetry_extension(config: Config) -> TelemetryExtension | None:
+    """The telemetry extension for a service ``config`` (its ``telemetry:`` section);
+    None when metrics, logs and traces are all off, so that nothing runs per request."""
+    settings = config.telemetry
+    if not (settings.metrics or settings.json_logs or settings.access_log or settings.otlp_endpoint):
+        return None
+    return TelemetryExtension(settings)
