@@ -224,3 +224,13 @@ async def test_completions(tiny_vllm: Any) -> None:
         for t in choice.logprobs["tokens"]
     ]
     assert len(tokens) == 5
+
+
+async def test_prefix_cache_hits_are_reported_as_cached_tokens(tiny_vllm: Any) -> None:
+    messages = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 12}]
+    first = await tiny_vllm.chat(chat_request(tiny_vllm, messages=messages, max_tokens=2))
+    second = await tiny_vllm.chat(chat_request(tiny_vllm, messages=messages, max_tokens=2))
+    assert second.usage.prompt_tokens == first.usage.prompt_tokens
+    # The second request reuses the first one's KV-cache blocks (whole blocks only).
+    assert 0 < second.usage.cached_tokens < second.usage.prompt_tokens
+    assert tiny_vllm.engine_stats()["prefix_cache_hits"] > 0
