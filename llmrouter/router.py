@@ -29,7 +29,7 @@ from llmrouter.hooks import CacheLayer, RouterHooks
 from llmrouter.provider import Provider
 from llmrouter.registry import available_providers, create_provider
 from llmrouter.strategies import get_strategy
-from llmrouter.tokens import count_messages, count_text, preload_encodings
+from llmrouter.tokens import count_messages, count_text, encoding_loaded, preload_encodings
 from llmrouter.types import (
     ChatChunk,
     ChatRequest,
@@ -179,8 +179,10 @@ class Router:
             async with anyio.create_task_group() as tg:
                 for deployment in self.deployments:
                     tg.start_soon(self._start_deployment, deployment)
-                models = [d.config.model for d in self.deployments]
-                tg.start_soon(partial(anyio.to_thread.run_sync, preload_encodings, models, abandon_on_cancel=True))
+                # Priced deployments count every prompt (for the budget reservation).
+                priced = [d.config.model for d in self.deployments if d.price is not None]
+                if priced:
+                    tg.start_soon(partial(anyio.to_thread.run_sync, preload_encodings, priced, abandon_on_cancel=True))
             self._started = True
 
     async def _start_deployment(self, deployment: DeploymentState) -> None:
@@ -256,7 +258,7 @@ class Router:
             else:
                 response = await call()
             if ctx.usage is None:
-                ctx.usage = response.usage or _count_usage(ctx, _response_text(response))
+                ctx.usage = response.usage or await _count_usage(ctx, _response_text(response))
             ctx.status = "ok"
             return response
         except BaseException as exc:
@@ -292,7 +294,7 @@ class Router:
         ctx, groups, request = await self._admit(request, context, operation="completion", stream=False)
         try:
             response = await dispatch_call(ctx, groups, self.hooks, request, _provider_complete)
-            ctx.usage = response.usage or _count_usage(ctx, "".join(c.text for c in response.choices))
+            ctx.usage = response.usage or await _count_usage(ctx, "".join(c.text for c in response.choices))
             ctx.status = "ok"
             return response
         except BaseException as exc:
@@ -339,7 +341,8 @@ class Router:
             raise
         finally:
             if ctx.usage is None and (pieces or ctx.deployment is not None):
-                ctx.usage = _count_usage(ctx, "".join(pieces))
+                with anyio.CancelScope(shield=True):
+                    ctx.usage = await _count_usage(ctx, "".join(pieces))
             await self._finish(ctx)
 
     async def _admit(self, request: Any, context: RequestContext | None, *, operation: str, stream: bool) -> Any:
@@ -353,7 +356,7 @@ class Router:
             ctx.model_group = groups[0].name
             if not self._started:
                 await self.start()
-            request = self._bound_cost(ctx, groups, request)
+            request = await self._bound_cost(ctx, groups, request)
         except LLMRouterError as exc:
             _record_failure(ctx, exc)
             self._rejected(ctx, exc)
@@ -372,7 +375,7 @@ class Router:
             raise
         return ctx, groups, request
 
-    def _bound_cost(self, ctx: RequestContext, groups: list[GroupState], request: Any) -> Any:
+    async def _bound_cost(self, ctx: RequestContext, groups: list[GroupState], request: Any) -> Any:
         """Estimate prompt tokens and the most the request can cost (0 when unpriced).
 
         A priced request without an output limit gets ``router.default_max_tokens``, so
@@ -383,6 +386,7 @@ class Router:
             ctx.max_cost = 0.0
             return request
         model = groups[0].deployments[0].config.model if groups[0].deployments else request.model
+        await _tokenizer_ready(model)
         if isinstance(request, ChatRequest):
             ctx.prompt_tokens_estimate = count_messages(request.messages, model)
         else:
@@ -485,10 +489,16 @@ def _record_failure(ctx: RequestContext, exc: BaseException) -> None:
             ctx.error = exc
 
 
-def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:
+async def _tokenizer_ready(model: str) -> None:
+    if not encoding_loaded(model):
+        await anyio.to_thread.run_sync(preload_encodings, [model])
+
+
+async def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:
     """Usage counted by llmrouter (estimated) for a provider that reported none."""
     request = ctx.request
     model = ctx.upstream_model or (request.model if request is not None else "")
+    await _tokenizer_ready(model)
     prompt = ctx.prompt_tokens_estimate
     if not prompt and request is not None:
         if isinstance(request, ChatRequest):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,12 +79,14 @@ def _config(upstream_port: int, extra: dict[str, Any]) -> dict[str, Any]:
 
 def _body_factory(stream: bool) -> Callable[[int], bytes]:
     tail = ',"stream":true' if stream else ""
+    run = uuid.uuid4().hex[:12]
 
     def body(i: int) -> bytes:
-        # A different message each time: with the cache on, each request is a miss and a store.
+        # A different message each time (and each run): with the cache on, every request
+        # is a miss and a store, never a hit.
         return (
             f'{{"model":"{MODEL}","temperature":0,"max_tokens":64,'
-            f'"messages":[{{"role":"user","content":"Say hello, request {i}."}}]{tail}}}'
+            f'"messages":[{{"role":"user","content":"Say hello, request {run}-{i}."}}]{tail}}}'
         ).encode()
 
     return body
@@ -127,8 +130,10 @@ def _start_gateway(config: dict[str, Any], workdir: Path, name: str) -> Child:
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()
-    child = Child(python_argv("-m", "llmrouter.cli", "serve", "--config", str(path), "--port", str(port)),
-                  port, log=workdir / f"{name}.log")
+    argv = python_argv("-m", "llmrouter.cli", "serve", "--config", str(path), "--port", str(port))
+    if not config["telemetry"]["access_log"]:
+        argv.append("--no-access-log")
+    child = Child(argv, port, log=workdir / f"{name}.log")
     child.wait_listening()
     return child
 

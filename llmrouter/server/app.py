@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-import anyio.to_thread
 import msgspec
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
@@ -29,13 +28,13 @@ from llmrouter.discovery import resolve_config
 from llmrouter.extension import Extension
 from llmrouter.server.chat import chat_handlers
 from llmrouter.server.completions import completion_handlers
+from llmrouter.server.dashboard import dashboard_handlers
 from llmrouter.server.disconnect import ClientDisconnected
 from llmrouter.server.errors import exception_handlers
 from llmrouter.server.health import liveness, readiness
 from llmrouter.server.middleware import RequestIdMiddleware, ensure_request_id
 from llmrouter.server.models import model_handlers
 from llmrouter.server.state import STATE_KEY, Service, provide_service
-from llmrouter.tokens import count_text, encoding_name_for
 
 if TYPE_CHECKING:
     from litestar import Request, Response
@@ -96,14 +95,6 @@ def _attach_extensions(router: Router, extensions: Sequence[Extension]) -> None:
             router.cache = cache
 
 
-def _warm_token_counting(models: list[str]) -> None:
-    # The router counts prompt tokens on every request, and tiktoken loads its encoding
-    # on first use (0.3-1 s of CPU holding the event loop). Load it now, off the loop,
-    # rather than stall the first requests, or the upstream close of a cancelled one.
-    for name in sorted({encoding_name_for(model) for model in models} or {"cl100k_base"}):
-        count_text("warm-up", "gpt-4o" if name == "o200k_base" else "")
-
-
 def _make_lifespan(service: Service, owns_router: bool) -> Any:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -123,9 +114,6 @@ def _make_lifespan(service: Service, owns_router: bool) -> Any:
             if owns_router:
                 stack.push_async_callback(router.aclose)
             await router.start()
-            await anyio.to_thread.run_sync(
-                _warm_token_counting, [deployment.config.model for deployment in router.deployments]
-            )
             yield
 
     return lifespan
@@ -160,6 +148,7 @@ def create_app(
     config = config or Config()
     service = Service(config=config, router=router, extensions=tuple(extensions))
     handlers: list[Any] = [*chat_handlers, *completion_handlers, *model_handlers, liveness, readiness]
+    handlers.extend(dashboard_handlers)  # the usage page (static; it calls the accounting API)
     middleware: list[Any] = [RequestIdMiddleware()]
     for ext in service.extensions:
         handlers.extend(ext.route_handlers())
