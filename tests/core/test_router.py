@@ -413,3 +413,14 @@ async def test_calls_are_counted_per_deployment():
         await router.chat(chat_body())
     counts = Counter(d.requests for d in router.deployments)
     assert sum(d.requests for d in router.deployments) == 50 and len(counts) >= 1
+
+
+async def test_stream_total_timeout_ends_a_stream_that_keeps_producing():
+    slow = ScriptedProvider(default=Step(text=" ".join(["w"] * 50), chunk_delay=0.02))
+    router = make_router(slow, timeouts=Timeouts(first_token=1, total=0.2), retry=Retry(attempts=0))
+    got = []
+    with anyio.fail_after(3):
+        with pytest.raises(UpstreamTimeoutError, match="total timeout"):
+            async for chunk in router.stream(chat_body()):
+                got.append(chunk)
+    assert 3 <= len(got) < 50
