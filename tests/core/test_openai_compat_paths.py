@@ -43,5 +43,5 @@ async def test_an_injected_transport_gets_the_request_directly():
 
     upstream = OpenAICompatClient("http://upstream.test", transport=httpx.MockTransport(handler))
     await upstream.chat(request())
-    assert b'"stream":false' in bodies[0] and b'"model":"m"' in bodies[0]
+    assert b'"model":"m"' in bodies[0] and b'"stream":true' not in bodies[0]
     await upstream.aclose()
