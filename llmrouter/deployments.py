@@ -127,25 +127,33 @@ class GroupState:
             NoDeploymentAvailableError: every deployment is cooling down, failed to start,
                 or stayed full for the whole wait.
         """
+        picked = self._pick(tried, exhausted)
+        if picked is not None:
+            return picked
+        # Only a full deployment is worth waiting for; the cancel scope is kept off the
+        # common path above, where it would cost more than the pick itself.
         with anyio.move_on_after(self.timeouts.first_token):
-            while True:
-                fresh = self.ordered(exclude=[*tried, *exhausted])
-                if fresh:
-                    return fresh[0]
-                again = self.ordered(exclude=exhausted)
-                if again:
-                    return again[0]
-                now = time.monotonic()
-                waiting_for_slot = any(
-                    d.full() and d.start_error is None and not d.cooling(now) and d not in exhausted
-                    for d in self.deployments
-                )
-                if not waiting_for_slot:
-                    break
+            while self._waiting_for_slot(exhausted):
                 if self._slot_freed is None:
                     self._slot_freed = anyio.Event()
                 await self._slot_freed.wait()
+                picked = self._pick(tried, exhausted)
+                if picked is not None:
+                    return picked
         raise self._unavailable()
+
+    def _pick(self, tried: Sequence[DeploymentState], exhausted: Sequence[DeploymentState]) -> DeploymentState | None:
+        fresh = self.ordered(exclude=[*tried, *exhausted])
+        if fresh:
+            return fresh[0]
+        again = self.ordered(exclude=exhausted)
+        return again[0] if again else None
+
+    def _waiting_for_slot(self, exhausted: Sequence[DeploymentState]) -> bool:
+        now = time.monotonic()
+        return any(
+            d.full() and d.start_error is None and not d.cooling(now) and d not in exhausted for d in self.deployments
+        )
 
     def _unavailable(self) -> NoDeploymentAvailableError:
         now = time.monotonic()
