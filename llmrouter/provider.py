@@ -88,7 +88,9 @@ class Provider(abc.ABC, Generic[OptionsT]):
     def from_config(cls, model: str, options: Mapping[str, Any] | None = None, *, path: str = "") -> Provider[Any]:
         """Build a provider from raw config keys, failing with the bad field's path."""
         try:
-            parsed = msgspec.convert(dict(options or {}), cls.Options, strict=False)
+            # Any: ``Options`` cannot be typed ``type[OptionsT]`` (a ClassVar may not hold a type
+            # variable), but by construction it is this subclass's OptionsT.
+            parsed: Any = msgspec.convert(dict(options or {}), cls.Options, strict=False)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"{path or cls.name}: {exc}") from exc
         return cls(model, parsed)

@@ -15,7 +15,14 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from llmrouter.config import Config
 from llmrouter.context import RequestContext
 from llmrouter.router import Router
-from llmrouter.types import ChatChunk, ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, ModelList
+from llmrouter.types import (
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+)
 
 __all__ = ["SyncRouter"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
@@ -107,7 +107,7 @@ class FilePart(Wire, tag="file", tag_field="type"):
     file: FileRef
 
 
-ContentPart = Union[TextPart, ImagePart, AudioPart, FilePart]
+ContentPart = TextPart | ImagePart | AudioPart | FilePart
 
 
 # --- tools -----------------------------------------------------------------------------
@@ -196,7 +196,7 @@ Temperature = Annotated[float, Meta(ge=0, le=2)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
 PositiveInt = Annotated[int, Meta(ge=1)]
-Stop = Union[str, Annotated[list[str], Meta(max_length=4)], None]
+Stop = str | Annotated[list[str], Meta(max_length=4)] | None
 
 
 class ChatRequest(Wire):

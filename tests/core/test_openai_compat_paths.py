@@ -4,7 +4,7 @@ import httpx
 import pytest
 
 from llmrouter.openai_compat import OpenAICompatClient
-from llmrouter.types import ChatRequest, ChatMessage
+from llmrouter.types import ChatMessage, ChatRequest
 
 pytestmark = pytest.mark.anyio
 

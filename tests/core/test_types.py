@@ -94,7 +94,7 @@ def test_completion_request_defaults_and_prompt_forms():
     assert request.max_tokens == 16 and request.prompt_text == "Once upon"
     tokens = decode_completion_request({"model": "m", "prompt": [1, 2, 3]})
     with pytest.raises(InvalidRequestError):
-        tokens.prompt_text
+        _ = tokens.prompt_text  # the property raises for token-id prompts
     with pytest.raises(InvalidRequestError, match="prompt"):
         decode_completion_request({"model": "m", "prompt": ["a", 1]})
 
