@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, ClassVar
@@ -95,7 +95,7 @@ class _Prepared:
 
 def _thread_safe_sender(send: Any) -> Callable[[JobEvent], None]:
     """A callback the engine thread can call to hand events to this event loop."""
-    native = anyio.lowlevel.current_token().native_token
+    native: Any = anyio.lowlevel.current_token().native_token  # asyncio loop or trio token
     schedule = getattr(native, "call_soon_threadsafe", None) or native.run_sync_soon
 
     def deliver_here(event: JobEvent) -> None:
@@ -202,7 +202,7 @@ class TransformersProvider(Provider[TransformersOptions]):
             await self.start()
         return self.engine
 
-    async def _run(self, job: GenerationJob, engine: GenerationEngine) -> AsyncIterator[JobEvent]:
+    async def _run(self, job: GenerationJob, engine: GenerationEngine) -> AsyncGenerator[JobEvent, None]:
         """Submit ``job`` and yield its events; cancels it when the consumer stops early."""
         send, receive = anyio.create_memory_object_stream[JobEvent](math.inf)
         job.on_event = _thread_safe_sender(send)

@@ -86,7 +86,8 @@ def _convert(gguf: Path, target: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         # The weights are dequantized on load; drop the GGUF quantizer so that
         # save_pretrained writes a plain checkpoint.
-        model.hf_quantizer = None
+        # nn.Module's __setattr__ typing only allows Tensor | Module; the attribute is a plain one.
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(staging)
