@@ -99,7 +99,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config, path = _load(args)
     config, notes = _resolve(config)
     if not args.access_log:
-        config = msgspec.structs.replace(config, telemetry=msgspec.structs.replace(config.telemetry, access_log=False))
+        config = msgspec.structs.replace(
+            config, telemetry=msgspec.structs.replace(config.telemetry, access_log=False)
+        )
     if config.telemetry.json_logs:
         from llmrouter.telemetry.logging import configure_logging
 
@@ -112,7 +114,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for line in _startup_summary(config, path, notes, [ext.name for ext in extensions]):
         print(line)
     print(f"listening on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)", flush=True)
-    common: dict[str, Any] = {"host": host, "port": port, "log_level": args.log_level, "access_log": args.access_log}
+    common: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": args.log_level,
+        "access_log": args.access_log,
+    }
     if workers > 1:
         # Each worker process builds its own app from the config resolved here, so that
         # discovery runs once and every worker serves the same models.
@@ -128,7 +135,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -138,7 +147,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         args.base_url = getattr(args, "base_url", None) or "https://openrouter.ai/api/v1"
         return int(openrouter_models(args) or 0)
     if args.provider is not None:
-        print(f"llmrouter: error: --provider supports only 'openrouter' (got {args.provider!r})", file=sys.stderr)
+        print(
+            f"llmrouter: error: --provider supports only 'openrouter' (got {args.provider!r})",
+            file=sys.stderr,
+        )
         return 2
     config, _ = _load(args)
     config, notes = _resolve(config)
@@ -146,14 +158,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     for group in config.models:
         for index, deployment in enumerate(group.deployments):
             first = index == 0
-            rows.append([
-                group.name if first else "",
-                ", ".join(group.aliases) if first else "",
-                (group.strategy or config.router.strategy) if first else "",
-                deployment.id or f"{deployment.provider}/{deployment.model}",
-                deployment.provider,
-                deployment.model,
-            ])
+            rows.append(
+                [
+                    group.name if first else "",
+                    ", ".join(group.aliases) if first else "",
+                    (group.strategy or config.router.strategy) if first else "",
+                    deployment.id or f"{deployment.provider}/{deployment.model}",
+                    deployment.provider,
+                    deployment.model,
+                ]
+            )
     if len(rows) > 1:
         print(_table(rows))
     else:
@@ -243,7 +257,9 @@ class _HTTPBackend:
             raise _ChatError(f"cannot reach {self.client.base_url}: {exc}") from exc
 
 
-async def _chat_turn(backend: Any, args: argparse.Namespace, model: str, messages: list[dict[str, str]]) -> str:
+async def _chat_turn(
+    backend: Any, args: argparse.Namespace, model: str, messages: list[dict[str, str]]
+) -> str:
     pieces = []
     async for piece in backend.reply(_chat_request(args, model, messages)):
         pieces.append(piece)
@@ -314,21 +330,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP service")
-    serve.add_argument("--config", "-c", help=f"config file (default: ${CONFIG_ENV} or ./{DEFAULT_CONFIG_FILE})")
+    serve.add_argument(
+        "--config", "-c", help=f"config file (default: ${CONFIG_ENV} or ./{DEFAULT_CONFIG_FILE})"
+    )
     serve.add_argument("--host", help="bind address (default: server.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: server.port, 8000)")
     serve.add_argument("--workers", type=int, help="worker processes (default: server.workers, 1)")
-    serve.add_argument("--model", metavar="DIR_OR_HUB_ID",
-                       help="also serve this Hugging Face model in-process (sets $LLMROUTER_TRANSFORMERS_MODEL)")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    serve.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
+    serve.add_argument(
+        "--model",
+        metavar="DIR_OR_HUB_ID",
+        help="also serve this Hugging Face model in-process (sets $LLMROUTER_TRANSFORMERS_MODEL)",
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.add_argument(
+        "--no-access-log", dest="access_log", action="store_false", help="no per-request log lines"
+    )
     serve.set_defaults(func=cmd_serve)
 
     models = sub.add_parser("models", help="list model groups and their deployments")
     models.add_argument("--config", "-c", help="config file")
-    models.add_argument("--provider", help="list what a provider offers instead (openrouter: models with prices)")
-    models.add_argument("--write-pricing", metavar="FILE", help="with --provider openrouter: merge its prices into FILE")
-    models.add_argument("--json", action="store_true", help="with --provider openrouter: the price table as JSON")
+    models.add_argument(
+        "--provider", help="list what a provider offers instead (openrouter: models with prices)"
+    )
+    models.add_argument(
+        "--write-pricing", metavar="FILE", help="with --provider openrouter: merge its prices into FILE"
+    )
+    models.add_argument(
+        "--json", action="store_true", help="with --provider openrouter: the price table as JSON"
+    )
     models.set_defaults(func=cmd_models)
 
     chat = sub.add_parser("chat", help="talk to a model (one prompt, or interactive without one)")

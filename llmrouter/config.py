@@ -162,6 +162,7 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 def _interpolate(value: Any, env: Mapping[str, str], path: str) -> Any:
     if isinstance(value, str):
+
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
             if name in env:
@@ -235,7 +236,9 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"config: {path} is not valid YAML: {exc}") from exc
 
 
-def parse_config(data: Mapping[str, Any] | None, env: Mapping[str, str] | None = None, *, base_dir: Path | None = None) -> Config:
+def parse_config(
+    data: Mapping[str, Any] | None, env: Mapping[str, str] | None = None, *, base_dir: Path | None = None
+) -> Config:
     """Decode a config mapping (as read from YAML), with interpolation and env overrides."""
     env = os.environ if env is None else env
     if data is not None and not isinstance(data, Mapping):
@@ -265,11 +268,15 @@ def _check_references(config: Config) -> None:
                 raise ConfigError(f"config: model name {name!r} is defined twice - at `$.models[{i}]`")
             names.add(name)
         if not group.deployments:
-            raise ConfigError(f"config: model group {group.name!r} has no deployments - at `$.models[{i}].deployments`")
+            raise ConfigError(
+                f"config: model group {group.name!r} has no deployments - at `$.models[{i}].deployments`"
+            )
     for i, group in enumerate(config.models):
         for j, fallback in enumerate(group.fallbacks):
             if fallback not in names:
-                raise ConfigError(f"config: unknown fallback model {fallback!r} - at `$.models[{i}].fallbacks[{j}]`")
+                raise ConfigError(
+                    f"config: unknown fallback model {fallback!r} - at `$.models[{i}].fallbacks[{j}]`"
+                )
 
 
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:

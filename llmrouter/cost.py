@@ -36,7 +36,9 @@ class PriceTable:
     def update(self, prices: Mapping[str, Price]) -> None:
         self._prices.update(prices)
 
-    def lookup(self, *, provider: str, model: str, group: str | None = None, own: Price | None = None) -> Price | None:
+    def lookup(
+        self, *, provider: str, model: str, group: str | None = None, own: Price | None = None
+    ) -> Price | None:
         if own is not None:
             return own
         for name in (model, f"{provider}/{model}", group):

@@ -99,7 +99,9 @@ async def discover_models(
     return report
 
 
-async def resolve_config(config: Config, *, deadline_s: float = DEFAULT_TIMEOUT_S) -> tuple[Config, list[str]]:
+async def resolve_config(
+    config: Config, *, deadline_s: float = DEFAULT_TIMEOUT_S
+) -> tuple[Config, list[str]]:
     """The config to serve: ``config`` itself, or with discovered models when it has none.
 
     The returned config has ``discover`` switched off, so that resolving it again (in a

@@ -85,7 +85,9 @@ class Provider(abc.ABC, Generic[OptionsT]):
         self.options: OptionsT = options if options is not None else self.Options()  # type: ignore[assignment]
 
     @classmethod
-    def from_config(cls, model: str, options: Mapping[str, Any] | None = None, *, path: str = "") -> Provider[Any]:
+    def from_config(
+        cls, model: str, options: Mapping[str, Any] | None = None, *, path: str = ""
+    ) -> Provider[Any]:
         """Build a provider from raw config keys, failing with the bad field's path."""
         try:
             # Any: ``Options`` cannot be typed ``type[OptionsT]`` (a ClassVar may not hold a type

@@ -72,6 +72,8 @@ def load_provider_class(name: str) -> type[Provider[Any]]:
     return cls
 
 
-def create_provider(name: str, model: str, options: Mapping[str, Any] | None = None, *, path: str = "") -> Provider[Any]:
+def create_provider(
+    name: str, model: str, options: Mapping[str, Any] | None = None, *, path: str = ""
+) -> Provider[Any]:
     """Build a provider instance for one deployment from its config keys."""
     return load_provider_class(name).from_config(model, options, path=path)

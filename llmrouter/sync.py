@@ -42,18 +42,26 @@ class SyncRouter:
         self.router = config if isinstance(config, Router) else Router(config, **router_kwargs)
         self._portal.call(self.router.start)
 
-    def chat(self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None) -> ChatResponse:
+    def chat(
+        self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None
+    ) -> ChatResponse:
         return self._portal.call(lambda: self.router.chat(request, context=context))
 
-    def stream(self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None) -> Iterator[ChatChunk]:
-        with self._portal.wrap_async_context_manager(_AsyncIterContext(self.router.stream(request, context=context))) as iterator:
+    def stream(
+        self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None
+    ) -> Iterator[ChatChunk]:
+        with self._portal.wrap_async_context_manager(
+            _AsyncIterContext(self.router.stream(request, context=context))
+        ) as iterator:
             while True:
                 try:
                     yield self._portal.call(iterator.__anext__)
                 except StopAsyncIteration:
                     return
 
-    def complete(self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None) -> CompletionResponse:
+    def complete(
+        self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None
+    ) -> CompletionResponse:
         return self._portal.call(lambda: self.router.complete(request, context=context))
 
     def list_models(self) -> ModelList:

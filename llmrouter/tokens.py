@@ -40,7 +40,9 @@ def _prepare_cache_dir() -> str | None:
         data = resources.files("bpe_openai") / "data"
     except ModuleNotFoundError:
         return None
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "llmrouter-tiktoken")
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), "llmrouter-tiktoken"
+    )
     os.makedirs(cache_dir, exist_ok=True)
     for name in ("cl100k_base", "o200k_base"):
         target = os.path.join(cache_dir, hashlib.sha1(_BLOB.format(name).encode()).hexdigest())

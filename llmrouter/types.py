@@ -291,9 +291,7 @@ class CompletionRequest(Wire):
             return self.prompt
         if len(self.prompt) == 1 and isinstance(self.prompt[0], str):
             return self.prompt[0]
-        raise InvalidRequestError(
-            "only a single text prompt is supported by this deployment", param="prompt"
-        )
+        raise InvalidRequestError("only a single text prompt is supported by this deployment", param="prompt")
 
 
 # --- usage -----------------------------------------------------------------------------

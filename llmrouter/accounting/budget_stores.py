@@ -81,7 +81,9 @@ class RedisBudgetStore:
             is presumed dead); keep it above the longest request.
     """
 
-    def __init__(self, client: Any, seed: SeedFn, *, prefix: str = "llmrouter:", lease_seconds: float = 900.0) -> None:
+    def __init__(
+        self, client: Any, seed: SeedFn, *, prefix: str = "llmrouter:", lease_seconds: float = 900.0
+    ) -> None:
         self._redis = client
         self._seed = seed
         self._prefix = f"{prefix}budget:"
@@ -147,7 +149,9 @@ class DatabaseBudgetStore:
         if window.counter in self._known:
             return
         async with self._engine.connect() as conn:
-            exists = (await conn.execute(select(_COUNTERS.c.counter).where(_COUNTERS.c.counter == window.counter))).first()
+            exists = (
+                await conn.execute(select(_COUNTERS.c.counter).where(_COUNTERS.c.counter == window.counter))
+            ).first()
         if exists is None:
             spent = await self._seed(window)
             insert = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
@@ -189,7 +193,9 @@ class DatabaseBudgetStore:
 
     async def usage(self, window: BudgetWindow) -> tuple[int, int]:
         await self._ensure(window)
-        query = select(_COUNTERS.c.spent_nanos, _COUNTERS.c.reserved_nanos).where(_COUNTERS.c.counter == window.counter)
+        query = select(_COUNTERS.c.spent_nanos, _COUNTERS.c.reserved_nanos).where(
+            _COUNTERS.c.counter == window.counter
+        )
         async with self._engine.connect() as conn:
             row = (await conn.execute(query)).first()
         return (int(row[0]), int(row[1])) if row else (0, 0)

@@ -81,7 +81,11 @@ def period_bounds(period: str, now: float) -> tuple[str, float, float | None]:
         return start.strftime("d%Y-%m-%d"), start.timestamp(), start.timestamp() + 86400
     if period == "month":
         start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        nxt = start.replace(year=start.year + 1, month=1) if start.month == 12 else start.replace(month=start.month + 1)
+        nxt = (
+            start.replace(year=start.year + 1, month=1)
+            if start.month == 12
+            else start.replace(month=start.month + 1)
+        )
         return start.strftime("m%Y-%m"), start.timestamp(), nxt.timestamp()
     return "total", 0.0, None
 
@@ -183,7 +187,9 @@ class BudgetManager:
         self.store = store
         self._soft_warned: set[str] = set()
 
-    def windows_for(self, key: ApiKey | None, model_group: str | None, now: float | None = None) -> list[BudgetWindow]:
+    def windows_for(
+        self, key: ApiKey | None, model_group: str | None, now: float | None = None
+    ) -> list[BudgetWindow]:
         """The budget windows a request by ``key`` for ``model_group`` counts against."""
         now = time.time() if now is None else now
         key_id = key.id if key is not None else None
@@ -238,7 +244,9 @@ class BudgetManager:
                     self._soft_warned.add(window.counter)
                     log.warning(
                         "budget: soft limit crossed for %s (spent $%.6f of soft $%.6f, hard $%.6f)",
-                        window.counter, spent / UNITS_PER_USD, window.soft_limit / UNITS_PER_USD,
+                        window.counter,
+                        spent / UNITS_PER_USD,
+                        window.soft_limit / UNITS_PER_USD,
                         window.limit / UNITS_PER_USD,
                     )
         reservation.windows = []
@@ -250,7 +258,9 @@ class BudgetManager:
             await self.store.settle(window, amount, 0, reservation.request_id)
         reservation.windows = []
 
-    async def status(self, key: ApiKey | None, model_groups: Sequence[str | None] = (None,)) -> list[dict[str, object]]:
+    async def status(
+        self, key: ApiKey | None, model_groups: Sequence[str | None] = (None,)
+    ) -> list[dict[str, object]]:
         """Every budget window of ``key`` with its spend, for ``/v1/usage``."""
         seen: dict[str, dict[str, object]] = {}
         for model in model_groups:

@@ -91,7 +91,17 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             note=args.note,
         )
         if args.format == "json":
-            print(json.dumps({"id": key.id, "name": key.name, "prefix": key.prefix, "scopes": list(key.scopes), "secret": secret}))
+            print(
+                json.dumps(
+                    {
+                        "id": key.id,
+                        "name": key.name,
+                        "prefix": key.prefix,
+                        "scopes": list(key.scopes),
+                        "secret": secret,
+                    }
+                )
+            )
         else:
             print(f"created key {key.id} ({key.name}), scopes: {','.join(key.scopes)}")
             print(f"secret (shown once, store it now): {secret}")
@@ -112,9 +122,14 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
             return 0
         rows = [
             {
-                "id": k.id, "name": k.name, "prefix": f"sk-llmr-{k.prefix}-", "scopes": ",".join(k.scopes),
+                "id": k.id,
+                "name": k.name,
+                "prefix": f"sk-llmr-{k.prefix}-",
+                "scopes": ",".join(k.scopes),
                 "models": ",".join(k.allowed_models) if k.allowed_models is not None else "*",
-                "state": k.state(), "created": _when(k.created_at), "expires": _when(k.expires_at),
+                "state": k.state(),
+                "created": _when(k.created_at),
+                "expires": _when(k.expires_at),
                 "budget": f"{k.budget}/{k.budget_period}" if k.budget is not None else "-",
             }
             for k in keys
@@ -173,7 +188,11 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     async def body(engine: Any) -> int:
         applied = await upgrade(engine)
         version = await current_version(engine)
-        print(f"applied migrations {applied}; schema version {version}" if applied else f"up to date (schema version {version})")
+        print(
+            f"applied migrations {applied}; schema version {version}"
+            if applied
+            else f"up to date (schema version {version})"
+        )
         return 0
 
     return _with_db(args, body, migrate=False)
@@ -184,7 +203,10 @@ def cmd_db_status(args: argparse.Namespace) -> int:
 
     async def body(engine: Any) -> int:
         version, latest = await current_version(engine), latest_version()
-        print(f"schema version {version} of {latest}" + ("" if version >= latest else " - run `llmrouter db upgrade`"))
+        print(
+            f"schema version {version} of {latest}"
+            + ("" if version >= latest else " - run `llmrouter db upgrade`")
+        )
         return 0 if version >= latest else 3
 
     return _with_db(args, body, migrate=False)
@@ -193,15 +215,21 @@ def cmd_db_status(args: argparse.Namespace) -> int:
 def _common(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: don't overwrite a --config given to a parent parser with None.
     parser.add_argument("--config", "-c", default=argparse.SUPPRESS, help="config file")
-    parser.add_argument("--database-url", default=argparse.SUPPRESS, help="accounting database URL (wins over the config)")
+    parser.add_argument(
+        "--database-url", default=argparse.SUPPRESS, help="accounting database URL (wins over the config)"
+    )
 
 
 def register(subparsers: Any) -> None:
     """Add ``keys``, ``usage`` and ``db`` to the ``llmrouter`` command line."""
-    keys = subparsers.add_parser("keys", help="create, list and revoke API keys").add_subparsers(metavar="ACTION")
+    keys = subparsers.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
+        metavar="ACTION"
+    )
     create = keys.add_parser("create", help="create a key and print its secret (once)")
     create.add_argument("name")
-    create.add_argument("--scope", action="append", choices=["admin", "user"], help="repeatable (default: user)")
+    create.add_argument(
+        "--scope", action="append", choices=["admin", "user"], help="repeatable (default: user)"
+    )
     create.add_argument("--models", help="comma-separated allowed model names or globs (default: all)")
     create.add_argument("--expires", help="30d, 12h, or a date/time (UTC)")
     create.add_argument("--budget", type=float, help="spend cap in USD")

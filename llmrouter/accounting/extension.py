@@ -125,7 +125,9 @@ class AccountingExtension(Extension):
         await self.authenticate(ctx, request.headers)
         key = ctx.principal if isinstance(ctx.principal, ApiKey) else None
         if admin and key is not None and not key.has_scope("admin"):
-            raise PermissionDeniedError("this endpoint needs an API key with the admin scope", code="admin_required")
+            raise PermissionDeniedError(
+                "this endpoint needs an API key with the admin scope", code="admin_required"
+            )
         if admin and key is None and await self.accounting.auth_required():
             raise AuthenticationError("missing API key", code="missing_api_key")
         return key
@@ -146,16 +148,20 @@ class AccountingExtension(Extension):
             key = await ext._caller(request, admin=False)
             since, until = time_range(request)
             by = [d for d in dimensions(request, "day,model") if d != "key"]
-            rows = await acct.usage(by=by, since=since, until=until, key_id=key.id if key else None, anonymous=key is None)
+            rows = await acct.usage(
+                by=by, since=since, until=until, key_id=key.id if key else None, anonymous=key is None
+            )
             budgets = await acct.budgets.status(key) if acct.budgets is not None else []
-            return _json({
-                "object": "usage",
-                "key": key_to_json(key) if key else None,
-                "since": since,
-                "until": until,
-                "data": rows,
-                "budgets": budgets,
-            })
+            return _json(
+                {
+                    "object": "usage",
+                    "key": key_to_json(key) if key else None,
+                    "since": since,
+                    "until": until,
+                    "data": rows,
+                    "budgets": budgets,
+                }
+            )
 
         @get("/v1/admin/usage", summary="Everyone's usage, grouped (admin)")
         async def admin_usage(request: Request[Any, Any, Any]) -> Response[bytes]:
@@ -168,7 +174,9 @@ class AccountingExtension(Extension):
                 if found is None:
                     raise InvalidRequestError(f"no API key {key_filter!r}", param="key")
                 key_id = found.id
-            rows = await acct.usage(by=dimensions(request, "key,model"), since=since, until=until, key_id=key_id)
+            rows = await acct.usage(
+                by=dimensions(request, "key,model"), since=since, until=until, key_id=key_id
+            )
             return _json({"object": "usage", "since": since, "until": until, "data": rows})
 
         @post("/v1/admin/keys", summary="Create an API key (the secret is shown once)", status_code=201)
@@ -182,9 +190,16 @@ class AccountingExtension(Extension):
             if body.expires_in_days is not None:
                 expires_at = time.time() + body.expires_in_days * 86400
             key, secret = await acct.keys.create(
-                body.name, scopes=body.scopes, allowed_models=body.allowed_models, expires_at=expires_at,
-                budget=body.budget, budget_period=body.budget_period, rpm=body.rpm, tpm=body.tpm,
-                concurrency=body.concurrency, note=body.note,
+                body.name,
+                scopes=body.scopes,
+                allowed_models=body.allowed_models,
+                expires_at=expires_at,
+                budget=body.budget,
+                budget_period=body.budget_period,
+                rpm=body.rpm,
+                tpm=body.tpm,
+                concurrency=body.concurrency,
+                note=body.note,
             )
             return _json({**key_to_json(key), "secret": secret}, status=201)
 

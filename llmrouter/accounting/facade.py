@@ -100,12 +100,22 @@ class Accounting:
         backend = self.config.budget_backend
         if backend == "auto":
             # PostgreSQL means replicas are likely: keep budgets exact across them.
-            backend = "redis" if self.redis is not None else "database" if self.engine.dialect.name == "postgresql" else "memory"
+            backend = (
+                "redis"
+                if self.redis is not None
+                else "database"
+                if self.engine.dialect.name == "postgresql"
+                else "memory"
+            )
         if backend == "redis":
             if self.redis is None:
-                raise ConfigError("config: accounting.budget_backend is redis but accounting.redis.url is not set")
+                raise ConfigError(
+                    "config: accounting.budget_backend is redis but accounting.redis.url is not set"
+                )
             return RedisBudgetStore(
-                self.redis, self.spent_in_ledger, prefix=self.config.redis.prefix,
+                self.redis,
+                self.spent_in_ledger,
+                prefix=self.config.redis.prefix,
                 lease_seconds=self.config.limits.lease_seconds,
             )
         if backend == "database":
@@ -127,12 +137,20 @@ class Accounting:
 
             self.redis = aioredis.Redis.from_url(self.config.redis.url)
         await self.ledger.start()
-        self.limiter = RedisLimiter(
-            self.redis, prefix=self.config.redis.prefix, lease_seconds=self.config.limits.lease_seconds
-        ) if self.redis is not None else MemoryLimiter()
+        self.limiter = (
+            RedisLimiter(
+                self.redis, prefix=self.config.redis.prefix, lease_seconds=self.config.limits.lease_seconds
+            )
+            if self.redis is not None
+            else MemoryLimiter()
+        )
         self.budgets = BudgetManager(self.config.budgets, self._budget_store())
         self._hooks = AccountingHooks(
-            keys=self.keys, ledger=self.ledger, budgets=self.budgets, limiter=self.limiter, limits=self.config.limits
+            keys=self.keys,
+            ledger=self.ledger,
+            budgets=self.budgets,
+            limiter=self.limiter,
+            limits=self.config.limits,
         )
         self._started = True
 
@@ -175,7 +193,9 @@ class Accounting:
             await self.ledger.flush()  # rows of this process first, so the sum is current
         except RuntimeError:
             log.warning("accounting: ledger not flushed before reading spend: %s", self.ledger.last_error)
-        query = select(func.coalesce(func.sum(_LEDGER.c.cost), 0.0)).where(_LEDGER.c.created_at >= window.start)
+        query = select(func.coalesce(func.sum(_LEDGER.c.cost), 0.0)).where(
+            _LEDGER.c.created_at >= window.start
+        )
         if window.key_id is None:
             query = query.where(_LEDGER.c.api_key_id.is_(None))
         else:

@@ -121,7 +121,9 @@ class AccountingHooks(RouterHooks):
             self._check_access(ctx, key)
             limits = self.effective_limits(key)
             if self.limiter is not None and not limits.empty:
-                ticket = await self.limiter.acquire(key.id if key else "-", limits, ctx.prompt_tokens_estimate)
+                ticket = await self.limiter.acquire(
+                    key.id if key else "-", limits, ctx.prompt_tokens_estimate
+                )
             if self.budgets is not None:
                 reservation = await self.budgets.reserve(key, ctx.model_group, ctx.max_cost, uuid.uuid4().hex)
         except LLMRouterError as exc:
@@ -146,7 +148,9 @@ class AccountingHooks(RouterHooks):
         if ctx.metadata.get(_RECORDED) is None:
             self._record(ctx, status="rejected", error_code=error.code)
 
-    def _record(self, ctx: RequestContext, *, status: str | None = None, error_code: str | None = None) -> None:
+    def _record(
+        self, ctx: RequestContext, *, status: str | None = None, error_code: str | None = None
+    ) -> None:
         if self.ledger is None or ctx.metadata.get(_RECORDED) is not None:
             return  # one row per request, whichever path saw it first
         ctx.metadata[_RECORDED] = "1"

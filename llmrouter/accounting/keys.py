@@ -104,7 +104,9 @@ def _to_key(row: ApiKeyRow) -> ApiKey:
         name=row.name,
         prefix=row.prefix,
         scopes=tuple(s for s in row.scopes.split(",") if s),
-        allowed_models=tuple(m for m in row.allowed_models.split(",") if m) if row.allowed_models is not None else None,
+        allowed_models=tuple(m for m in row.allowed_models.split(",") if m)
+        if row.allowed_models is not None
+        else None,
         created_at=row.created_at,
         expires_at=row.expires_at,
         revoked_at=row.revoked_at,
@@ -149,7 +151,9 @@ class KeyStore:
         """Create a key; returns it and its secret (the only time the secret is seen)."""
         bad = set(scopes) - SCOPES
         if bad or not scopes:
-            raise InvalidRequestError(f"scopes must be a non-empty subset of {sorted(SCOPES)}", param="scopes")
+            raise InvalidRequestError(
+                f"scopes must be a non-empty subset of {sorted(SCOPES)}", param="scopes"
+            )
         if budget_period not in (None, "day", "month", "total"):
             raise InvalidRequestError("budget_period must be day, month or total", param="budget_period")
         if budget is not None and budget < 0:

@@ -47,7 +47,9 @@ def utc_day(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
 
 
-def row_from_context(ctx: RequestContext, *, status: str | None = None, error_code: str | None = None) -> dict[str, Any]:
+def row_from_context(
+    ctx: RequestContext, *, status: str | None = None, error_code: str | None = None
+) -> dict[str, Any]:
     """The ledger row for a finished (or rejected) request."""
     usage = ctx.usage
     error = ctx.error
@@ -189,7 +191,9 @@ class LedgerWriter:
                 except Exception as exc:  # noqa: BLE001 - any failure: keep the rows, retry later
                     self.failures += 1
                     self.last_error = f"{type(exc).__name__}: {exc}"
-                    log.warning("ledger: write of %d rows failed, will retry: %s", len(batch), self.last_error)
+                    log.warning(
+                        "ledger: write of %d rows failed, will retry: %s", len(batch), self.last_error
+                    )
                     return False
                 for _ in batch:
                     self._queue.popleft()

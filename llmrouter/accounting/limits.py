@@ -121,7 +121,9 @@ class MemoryLimiter:
                 continue
             window, elapsed = self._window(subject, kind, now)
             if window.estimate(elapsed) + need > limit:
-                raise _refusal(kind, limit, seconds_until_fits(limit, need, window.prev, window.curr, elapsed))
+                raise _refusal(
+                    kind, limit, seconds_until_fits(limit, need, window.prev, window.curr, elapsed)
+                )
             admitted.append((window, need))
         if limits.concurrency is not None and self._in_flight.get(subject, 0) >= limits.concurrency:
             raise _refusal("concurrency", limits.concurrency, 1.0)
@@ -247,7 +249,9 @@ class RedisLimiter:
 
     async def release(self, ticket: LimitTicket, actual_tokens: int) -> None:
         track = "1" if ticket.limits.tpm is not None else "0"
-        await self._release(keys=self._keys(ticket.subject), args=[ticket.slot, actual_tokens - ticket.tokens, track])
+        await self._release(
+            keys=self._keys(ticket.subject), args=[ticket.slot, actual_tokens - ticket.tokens, track]
+        )
 
     async def aclose(self) -> None:
         """The client belongs to the caller."""

@@ -46,9 +46,7 @@ def _create_v1(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(1, "api keys, usage ledger, budget counters", _create_v1),
-)
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "api keys, usage ledger, budget counters", _create_v1),)
 
 _VERSION_TABLE: Any = SchemaVersionRow.__table__  # type: ignore[attr-defined]
 

@@ -46,8 +46,12 @@ class LedgerRow(SQLModel, table=True):
     )
 
     # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
-    id: int | None = Field(default=None, sa_column=Column(
-        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True))
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+        ),
+    )
     entry_id: str = Field(sa_column=Column(String(40), unique=True, nullable=False))
     """Made when the row is recorded; unique, so that a batch retried after an ambiguous
     failure, or a journal replayed, cannot bill twice."""

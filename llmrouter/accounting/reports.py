@@ -128,7 +128,15 @@ async def usage_report(
             out[d] = row[d]
             if d == "key":
                 out["key_name"] = names.get(row[d]) if row[d] else None
-        for name in ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "estimated", "errors", "cache_hits"):
+        for name in (
+            "requests",
+            "prompt_tokens",
+            "completion_tokens",
+            "cached_tokens",
+            "estimated",
+            "errors",
+            "cache_hits",
+        ):
             out[name] = int(row[name] or 0)
         out["cost"] = round(float(row["cost"] or 0.0), 9)
         result.append(out)
@@ -167,7 +175,9 @@ def render(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
     numeric = [isinstance(rows[0][h], (int, float)) for h in headers]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric, strict=True)
+        ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(headers), rule, *map(line, body), rule, line(foot)]) + "\n"

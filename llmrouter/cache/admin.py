@@ -47,7 +47,13 @@ async def cache_stats(request: Request[Any, Any, Any], service: NamedDependency[
     return _cache_of(service).snapshot()
 
 
-@delete(ADMIN_PATH, summary="Drop every cached answer", tags=["admin"], operation_id="cache_clear", status_code=200)
+@delete(
+    ADMIN_PATH,
+    summary="Drop every cached answer",
+    tags=["admin"],
+    operation_id="cache_clear",
+    status_code=200,
+)
 async def cache_clear(request: Request[Any, Any, Any], service: NamedDependency[Service]) -> dict[str, Any]:
     _require_admin(await service.new_context(request))
     return {"cleared": await _cache_of(service).clear()}

@@ -150,7 +150,9 @@ class Coalescer:
         """The flight in progress for ``key``, if any (it may be finishing its store)."""
         return self._flights.get(key)
 
-    def launch(self, key: str, origin: RequestContext, produce: Producer, after: AfterFlight, *, streaming: bool) -> Flight:
+    def launch(
+        self, key: str, origin: RequestContext, produce: Producer, after: AfterFlight, *, streaming: bool
+    ) -> Flight:
         """Start the producer for ``key`` in a task of its own.
 
         Args:
@@ -160,7 +162,9 @@ class Coalescer:
         """
         flight = Flight(key, origin, streaming=streaming)
         self._flights[key] = flight
-        flight.task = asyncio.create_task(self._fly(flight, produce, after), name=f"llmrouter-cache-flight-{key[-12:]}")
+        flight.task = asyncio.create_task(
+            self._fly(flight, produce, after), name=f"llmrouter-cache-flight-{key[-12:]}"
+        )
         # A done callback, not a finally: a task cancelled before its first step never
         # runs its body, and attendees must still be released.
         flight.task.add_done_callback(lambda _task: self._landed(flight))

@@ -144,7 +144,10 @@ class _ChoiceBuilder:
 
     def build(self) -> ChatChoice:
         tool_calls = [
-            ToolCall(id=slot["id"] or f"call_{index}", function=FunctionCall(name=slot["name"], arguments="".join(slot["arguments"])))
+            ToolCall(
+                id=slot["id"] or f"call_{index}",
+                function=FunctionCall(name=slot["name"], arguments="".join(slot["arguments"])),
+            )
             for index, slot in sorted(self.tool_calls.items())
         ]
         message = ChatMessage(
@@ -154,7 +157,9 @@ class _ChoiceBuilder:
             refusal="".join(self.refusal) or None,
             reasoning_content="".join(self.reasoning) or None,
         )
-        return ChatChoice(index=self.index, message=message, finish_reason=self.finish_reason, logprobs=self.logprobs)
+        return ChatChoice(
+            index=self.index, message=message, finish_reason=self.finish_reason, logprobs=self.logprobs
+        )
 
 
 def response_from_chunks(chunks: list[ChatChunk]) -> ChatResponse:
@@ -200,7 +205,12 @@ def chunks_from_response(response: ChatResponse) -> list[ChatChunk]:
     for choice in response.choices:
         message = choice.message
         calls = [
-            ToolCallDelta(index=i, id=call.id, type="function", function=FunctionCallDelta(name=call.function.name, arguments=call.function.arguments))
+            ToolCallDelta(
+                index=i,
+                id=call.id,
+                type="function",
+                function=FunctionCallDelta(name=call.function.name, arguments=call.function.arguments),
+            )
             for i, call in enumerate(message.tool_calls or ())
         ]
         content = message.content if isinstance(message.content, str) else None
@@ -215,6 +225,8 @@ def chunks_from_response(response: ChatResponse) -> list[ChatChunk]:
         )
         out.append(chunk([ChunkChoice(index=choice.index, delta=delta, logprobs=choice.logprobs)]))
     for choice in response.choices:
-        out.append(chunk([ChunkChoice(index=choice.index, delta=Delta(), finish_reason=choice.finish_reason)]))
+        out.append(
+            chunk([ChunkChoice(index=choice.index, delta=Delta(), finish_reason=choice.finish_reason)])
+        )
     out.append(chunk([], usage=response.usage or Usage()))
     return out

@@ -157,7 +157,9 @@ class ResponseCache:
 
     # --- the CacheLayer protocol ------------------------------------------------------
 
-    async def chat(self, ctx: RequestContext, request: ChatRequest, call: Callable[[], Awaitable[ChatResponse]]) -> ChatResponse:
+    async def chat(
+        self, ctx: RequestContext, request: ChatRequest, call: Callable[[], Awaitable[ChatResponse]]
+    ) -> ChatResponse:
         """Answer from the cache, from an identical request in flight, or through ``call``."""
         plan = self._plan(ctx, request)
         if plan is None or ctx.no_cache:
@@ -178,7 +180,11 @@ class ResponseCache:
                     await self._store(plan, response=response)
                 return response
             flight = self.coalescer.launch(
-                plan.key, ctx, lambda _flight: call(), self._after_flight(plan, store=not ctx.no_store), streaming=False
+                plan.key,
+                ctx,
+                lambda _flight: call(),
+                self._after_flight(plan, store=not ctx.no_store),
+                streaming=False,
             )
         async with self.coalescer.attend(flight, ctx):
             response = await flight.result()
@@ -211,7 +217,11 @@ class ResponseCache:
                     yield chunk
                 return
             flight = self.coalescer.launch(
-                plan.key, ctx, _stream_producer(call), self._after_flight(plan, store=not ctx.no_store), streaming=True
+                plan.key,
+                ctx,
+                _stream_producer(call),
+                self._after_flight(plan, store=not ctx.no_store),
+                streaming=True,
             )
         async with self.coalescer.attend(flight, ctx):
             async for chunk in flight.iter_chunks():
@@ -274,7 +284,11 @@ class ResponseCache:
         if ctx is flight.origin:
             return  # the router filled it while calling upstream
         origin = flight.origin
-        ctx.deployment, ctx.provider, ctx.upstream_model = origin.deployment, origin.provider, origin.upstream_model
+        ctx.deployment, ctx.provider, ctx.upstream_model = (
+            origin.deployment,
+            origin.provider,
+            origin.upstream_model,
+        )
         if ctx is flight.payer:
             # The launching client left early: this request inherits the bill, priced by
             # the router from the usage and deployment like any miss.
@@ -298,7 +312,9 @@ class ResponseCache:
             log.warning("cache: lookup failed (%s: %s); treating as a miss", type(exc).__name__, exc)
             return None
 
-    async def _store(self, plan: _Plan, *, response: ChatResponse | None = None, chunks: list[ChatChunk] | None = None) -> None:
+    async def _store(
+        self, plan: _Plan, *, response: ChatResponse | None = None, chunks: list[ChatChunk] | None = None
+    ) -> None:
         whole = response if response is not None else response_from_chunks(chunks or [])
         if not is_storable(whole, store_truncated=self.store_truncated):
             self.stats.skipped += 1
@@ -329,7 +345,9 @@ class ResponseCache:
 
         return store_answer
 
-    async def _pass_through(self, plan: _Plan | None, call: Callable[[], AsyncIterator[ChatChunk]]) -> AsyncIterator[ChatChunk]:
+    async def _pass_through(
+        self, plan: _Plan | None, call: Callable[[], AsyncIterator[ChatChunk]]
+    ) -> AsyncIterator[ChatChunk]:
         """Stream from upstream in the caller's own task; store a complete stream when
         ``plan`` is given."""
         chunks: list[ChatChunk] = []
@@ -390,7 +408,12 @@ def build_backend(settings: CacheConfig, *, clock: Callable[[], float] | None = 
     if settings.backend == "sqlite":
         from llmrouter.cache.sqlite import SQLiteBackend
 
-        return SQLiteBackend(settings.sqlite_path, table=settings.sqlite_table, max_bytes=settings.max_bytes, clock=clock or time.time)
+        return SQLiteBackend(
+            settings.sqlite_path,
+            table=settings.sqlite_table,
+            max_bytes=settings.max_bytes,
+            clock=clock or time.time,
+        )
     from llmrouter.cache.redis import RedisBackend
 
     return RedisBackend(settings.redis_url, prefix=settings.redis_prefix)

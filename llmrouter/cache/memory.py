@@ -22,7 +22,9 @@ class MemoryBackend:
 
     name = "memory"
 
-    def __init__(self, *, max_bytes: int = 128 * 1024 * 1024, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, max_bytes: int = 128 * 1024 * 1024, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.max_bytes = max_bytes
         self._clock = clock
         self._items: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()

@@ -97,7 +97,9 @@ class RedisBackend:
         if self._client is None:
             from redis.asyncio import Redis
 
-            self._client = Redis.from_url(self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout)
+            self._client = Redis.from_url(
+                self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
+            )
         return self._client
 
 

@@ -81,7 +81,9 @@ class SQLiteBackend:
                 " key TEXT PRIMARY KEY, value BLOB NOT NULL, size INTEGER NOT NULL,"
                 " expires_at REAL, accessed_at REAL NOT NULL)"
             )
-            await db.execute(f"CREATE INDEX IF NOT EXISTS {self.table}_accessed ON {self.table} (accessed_at)")
+            await db.execute(
+                f"CREATE INDEX IF NOT EXISTS {self.table}_accessed ON {self.table} (accessed_at)"
+            )
             await db.commit()
         except BaseException:
             await db.close()
@@ -171,7 +173,9 @@ class SQLiteBackend:
 
     async def _evict_to_bound(self) -> None:
         db = await self._conn()
-        cursor = await db.execute(f"DELETE FROM {self.table} WHERE expires_at IS NOT NULL AND expires_at <= ?", (self._clock(),))
+        cursor = await db.execute(
+            f"DELETE FROM {self.table} WHERE expires_at IS NOT NULL AND expires_at <= ?", (self._clock(),)
+        )
         self._expirations += max(cursor.rowcount, 0)
         await db.commit()
         await self._count()

@@ -67,7 +67,9 @@ class _Connection:
             self.record.completed_at = time.monotonic()
         await self.send({"type": "http.response.body", "body": data, "more_body": more})
 
-    async def respond(self, status: int, data: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    async def respond(
+        self, status: int, data: bytes, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
         await self.start(status, [*(headers or _JSON_HEADERS), (b"content-length", str(len(data)).encode())])
         await self.body(data, more=False)
 
@@ -125,9 +127,19 @@ class FakeOpenAIApp:
             return
         if path.startswith("/v1/"):
             path = path[3:]
-        if state.api_key is not None and conn.record.headers.get("authorization") != f"Bearer {state.api_key}":
-            await _error(conn, Behaviour(status=401, error_type="authentication_error",
-                                         error_code="invalid_api_key", error_message="invalid API key"))
+        if (
+            state.api_key is not None
+            and conn.record.headers.get("authorization") != f"Bearer {state.api_key}"
+        ):
+            await _error(
+                conn,
+                Behaviour(
+                    status=401,
+                    error_type="authentication_error",
+                    error_code="invalid_api_key",
+                    error_message="invalid API key",
+                ),
+            )
             return
         if method == "GET" and path == "/models":
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in state.models]
@@ -135,8 +147,12 @@ class FakeOpenAIApp:
         elif method == "POST" and path in ("/chat/completions", "/completions"):
             await self._generate(conn, chat=path == "/chat/completions")
         else:
-            await _error(conn, Behaviour(status=404, error_type="not_found_error",
-                                         error_message=f"no route for {method} {path}"))
+            await _error(
+                conn,
+                Behaviour(
+                    status=404, error_type="not_found_error", error_message=f"no route for {method} {path}"
+                ),
+            )
 
     async def _control(self, conn: _Connection, method: str, path: str) -> None:
         state = self.state
@@ -150,7 +166,9 @@ class FakeOpenAIApp:
         elif path == "/_fake/script" and method == "POST":
             raw = _json_decoder.decode(conn.record.body or b"[]")
             items = raw if isinstance(raw, list) else [raw]
-            scripts = [_parse_behaviour(i) if isinstance(i, str) else msgspec.convert(i, Behaviour) for i in items]
+            scripts = [
+                _parse_behaviour(i) if isinstance(i, str) else msgspec.convert(i, Behaviour) for i in items
+            ]
             with state.lock:
                 state.queue.extend(scripts)
         else:
@@ -166,14 +184,22 @@ class FakeOpenAIApp:
                 raise ValueError("body must be a JSON object")
             behaviour = state.pick(conn.record.headers.get("x-fake-behaviour"), str(body.get("model", "")))
         except (ValueError, msgspec.DecodeError) as exc:
-            await _error(conn, Behaviour(status=400, error_type="invalid_request_error", error_message=str(exc)))
+            await _error(
+                conn, Behaviour(status=400, error_type="invalid_request_error", error_message=str(exc))
+            )
             return
         conn.record.behaviour = behaviour.name or ("custom" if behaviour != Behaviour() else "")
         model = str(body.get("model", ""))
         if state.strict_models and model not in state.models:
-            await _error(conn, Behaviour(status=404, error_type="invalid_request_error",
-                                         error_code="model_not_found",
-                                         error_message=f"The model `{model}` does not exist."))
+            await _error(
+                conn,
+                Behaviour(
+                    status=404,
+                    error_type="invalid_request_error",
+                    error_code="model_not_found",
+                    error_message=f"The model `{model}` does not exist.",
+                ),
+            )
             return
         first = behaviour.first_byte_delay_ms
         first = state.first_byte_delay_ms if first is None else first
@@ -218,8 +244,9 @@ def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
     return {"id": new_id("call"), "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-async def _complete(conn: _Connection, behaviour: Behaviour, body: dict[str, Any], plan: Plan,
-                    delay: float, *, chat: bool) -> None:
+async def _complete(
+    conn: _Connection, behaviour: Behaviour, body: dict[str, Any], plan: Plan, delay: float, *, chat: bool
+) -> None:
     # A real server takes time per token before answering; the client may give up meanwhile.
     if delay and await conn.sleep(delay * max(1, len(plan.pieces))):
         return
@@ -236,12 +263,22 @@ async def _complete(conn: _Connection, behaviour: Behaviour, body: dict[str, Any
         if call is not None:
             message, finish = {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
         choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
-        data = {"id": new_id("chatcmpl"), "object": "chat.completion", "created": created, "model": model,
-                "choices": [choice]}
+        data = {
+            "id": new_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
     else:
         choice = {"index": 0, "text": text, "finish_reason": plan.finish_reason, "logprobs": None}
-        data = {"id": new_id("cmpl"), "object": "text_completion", "created": created, "model": model,
-                "choices": [choice]}
+        data = {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+        }
     if not behaviour.omit_usage:
         data["usage"] = usage_dict(plan)
     payload = _json_encode(data)
@@ -253,8 +290,9 @@ async def _complete(conn: _Connection, behaviour: Behaviour, body: dict[str, Any
     await conn.respond(200, payload)
 
 
-async def _stream(conn: _Connection, behaviour: Behaviour, body: dict[str, Any], plan: Plan,
-                  delay: float, *, chat: bool) -> None:
+async def _stream(
+    conn: _Connection, behaviour: Behaviour, body: dict[str, Any], plan: Plan, delay: float, *, chat: bool
+) -> None:
     model = body.get("model", "")
     created = int(time.time())
     kind = b"chat.completion.chunk" if chat else b"text_completion"
@@ -269,7 +307,9 @@ async def _stream(conn: _Connection, behaviour: Behaviour, body: dict[str, Any],
         await conn.body(b"data: this is not json {\n\n" + _DONE, more=False)
         return
     if chat:
-        await conn.body(head + b'{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n')
+        await conn.body(
+            head + b'{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}\n\n'
+        )
     call = _tool_call(body) if chat and behaviour.tool_call else None
     pieces = plan.pieces if call is None else []
     for index, piece in enumerate(pieces):
@@ -286,8 +326,13 @@ async def _stream(conn: _Connection, behaviour: Behaviour, body: dict[str, Any],
     finish = plan.finish_reason
     if call is not None:
         finish = "tool_calls"
-        await conn.body(head + _json_encode({"index": 0, "delta": {"tool_calls": [{"index": 0, **call}]},
-                                             "finish_reason": None}) + b"]}\n\n")
+        await conn.body(
+            head
+            + _json_encode(
+                {"index": 0, "delta": {"tool_calls": [{"index": 0, **call}]}, "finish_reason": None}
+            )
+            + b"]}\n\n"
+        )
     end = b'{"index":0,"delta":{},"finish_reason":' if chat else b'{"index":0,"text":"","finish_reason":'
     tail = head + end + _json_encode(finish) + b"}]}\n\n"
     options = body.get("stream_options") or {}

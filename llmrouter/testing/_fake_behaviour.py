@@ -62,17 +62,33 @@ class Behaviour(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 PRESETS: dict[str, Behaviour] = {
-    "rate_limit": Behaviour(status=429, error_type="rate_limit_error", error_code="rate_limit_exceeded",
-                            error_message="slow down", retry_after="2"),
+    "rate_limit": Behaviour(
+        status=429,
+        error_type="rate_limit_error",
+        error_code="rate_limit_exceeded",
+        error_message="slow down",
+        retry_after="2",
+    ),
     "server_error": Behaviour(status=500, error_type="server_error", error_message="boom"),
-    "unavailable": Behaviour(status=503, error_type="server_error", error_message="overloaded", retry_after="1"),
+    "unavailable": Behaviour(
+        status=503, error_type="server_error", error_message="overloaded", retry_after="1"
+    ),
     "bad_request": Behaviour(status=400, error_type="invalid_request_error", error_message="bad field"),
-    "context_length": Behaviour(status=400, error_type="invalid_request_error",
-                                error_code="context_length_exceeded", error_message="prompt too long"),
-    "unauthorized": Behaviour(status=401, error_type="authentication_error", error_code="invalid_api_key",
-                              error_message="bad key"),
-    "not_found": Behaviour(status=404, error_type="invalid_request_error", error_code="model_not_found",
-                           error_message="no such model"),
+    "context_length": Behaviour(
+        status=400,
+        error_type="invalid_request_error",
+        error_code="context_length_exceeded",
+        error_message="prompt too long",
+    ),
+    "unauthorized": Behaviour(
+        status=401, error_type="authentication_error", error_code="invalid_api_key", error_message="bad key"
+    ),
+    "not_found": Behaviour(
+        status=404,
+        error_type="invalid_request_error",
+        error_code="model_not_found",
+        error_message="no such model",
+    ),
     "break_stream": Behaviour(break_after=2),
     "error_event": Behaviour(error_after=2, error_message="engine died", error_type="server_error"),
     "no_usage": Behaviour(omit_usage=True),
@@ -126,7 +142,9 @@ class RecordedRequest:
 
     def to_dict(self) -> dict[str, Any]:
         data = {k: v for k, v in self.__dict__.items() if k != "body"}
-        data["json"] = self.json if self.headers.get("content-type", "").startswith("application/json") else None
+        data["json"] = (
+            self.json if self.headers.get("content-type", "").startswith("application/json") else None
+        )
         return data
 
 
@@ -234,7 +252,9 @@ def plan_reply(state: UpstreamState, behaviour: Behaviour, body: dict[str, Any])
             words = _TOKEN.findall(DEFAULT_REPLY)
             text = "".join(words[i % len(words)] for i in range(max(n_chunks, len(words)))).strip()
     else:
-        text = template.replace("{last_user}", _last_user_text(body)).replace("{model}", str(body.get("model")))
+        text = template.replace("{last_user}", _last_user_text(body)).replace(
+            "{model}", str(body.get("model"))
+        )
     tokens = _TOKEN.findall(text) or ([text] if text else [])
     finish = "stop"
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -270,10 +290,17 @@ def usage_dict(plan: Plan) -> dict[str, int]:
 
 
 def error_body(behaviour: Behaviour) -> bytes:
-    return _json_encode({"error": {"message": behaviour.error_message, "type": behaviour.error_type or "error",
-                                   "code": behaviour.error_code, "param": None}})
+    return _json_encode(
+        {
+            "error": {
+                "message": behaviour.error_message,
+                "type": behaviour.error_type or "error",
+                "code": behaviour.error_code,
+                "param": None,
+            }
+        }
+    )
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
-

@@ -74,7 +74,9 @@ def _check_chat_stream(chunks: list[ChatChunk]) -> tuple[str, str | None, Usage]
     assert chunks, "the stream yielded no chunk"
     assert all(isinstance(c, ChatChunk) for c in chunks), "stream items must be ChatChunk"
     usage = _check_usage(chunks[-1].usage, "last stream chunk")
-    finishes = [(i, c.finish_reason) for i, chunk in enumerate(chunks) for c in chunk.choices if c.finish_reason]
+    finishes = [
+        (i, c.finish_reason) for i, chunk in enumerate(chunks) for c in chunk.choices if c.finish_reason
+    ]
     assert len(finishes) == 1, f"exactly one finish_reason expected for one choice, got {finishes}"
     finish_at, finish = finishes[0]
     after = _stream_text(chunks[finish_at + 1 :])
@@ -179,7 +181,9 @@ class ProviderConformance:
             assert response.choices and response.choices[0].message.content
             _check_usage(response.usage, "concurrent chat")
         if self.deterministic:
-            assert len({r.choices[0].message.content for r in results}) == 1, "same request, different answers"
+            assert len({r.choices[0].message.content for r in results}) == 1, (
+                "same request, different answers"
+            )
 
     # --- streaming ----------------------------------------------------------------------
 
@@ -216,7 +220,9 @@ class ProviderConformance:
         assert response.choices[0].finish_reason == "length", response.choices[0]
         usage = _check_usage(response.usage, "chat with max_tokens")
         assert 1 <= usage.completion_tokens <= limit, usage
-        chunks = await collect_stream(provider.stream(self.chat_request(provider, max_tokens=limit, stream=True)))
+        chunks = await collect_stream(
+            provider.stream(self.chat_request(provider, max_tokens=limit, stream=True))
+        )
         _, finish, stream_usage = _check_chat_stream(chunks)
         assert finish == "length"
         assert 1 <= stream_usage.completion_tokens <= limit, stream_usage
@@ -332,7 +338,9 @@ class ProviderConformance:
     async def test_stream_completions(self, provider: Provider[Any]) -> None:
         if not self.supports_completions:
             pytest.skip("completions are not supported by this provider")
-        chunks = await collect_stream(provider.stream_complete(self.completion_request(provider, stream=True)))
+        chunks = await collect_stream(
+            provider.stream_complete(self.completion_request(provider, stream=True))
+        )
         assert chunks and all(isinstance(c, CompletionChunk) for c in chunks)
         text = "".join(c.text for chunk in chunks for c in chunk.choices)
         assert text, "the streamed completion is empty"

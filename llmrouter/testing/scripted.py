@@ -74,8 +74,15 @@ class ScriptedProvider(Provider):
 
     name = "scripted"
 
-    def __init__(self, model: str = "scripted-model", options: Any = None, *, steps: Iterable[Step] = (),
-                 default: Step | None = None, capabilities: Capabilities | None = None) -> None:
+    def __init__(
+        self,
+        model: str = "scripted-model",
+        options: Any = None,
+        *,
+        steps: Iterable[Step] = (),
+        default: Step | None = None,
+        capabilities: Capabilities | None = None,
+    ) -> None:
         super().__init__(model, options)
         self.steps: deque[Step] = deque(steps)
         self.default = default or Step()
@@ -162,9 +169,15 @@ class ScriptedProvider(Provider):
                 piece = word if i == 0 else " " + word
                 delta = Delta(role="assistant", content=piece) if i == 0 else Delta(content=piece)
                 self.record.chunks_sent += 1
-                yield ChatChunk(id=chunk_id, created=created, model=request.model, choices=[ChunkChoice(delta=delta)])
-            yield ChatChunk(id=chunk_id, created=created, model=request.model,
-                            choices=[ChunkChoice(delta=Delta(), finish_reason="stop")])
+                yield ChatChunk(
+                    id=chunk_id, created=created, model=request.model, choices=[ChunkChoice(delta=delta)]
+                )
+            yield ChatChunk(
+                id=chunk_id,
+                created=created,
+                model=request.model,
+                choices=[ChunkChoice(delta=Delta(), finish_reason="stop")],
+            )
             usage = self._usage(step, request, text)
             if usage is not None:
                 yield ChatChunk(id=chunk_id, created=created, model=request.model, choices=[], usage=usage)
@@ -180,9 +193,13 @@ class ScriptedProvider(Provider):
             raise step.error
         text = self._text(step, request)
         self.record.completed += 1
-        return CompletionResponse(id=new_id("cmpl"), created=now(), model=request.model,
-                                  choices=[CompletionChoice(text=text, finish_reason="stop")],
-                                  usage=self._usage(step, request, text))
+        return CompletionResponse(
+            id=new_id("cmpl"),
+            created=now(),
+            model=request.model,
+            choices=[CompletionChoice(text=text, finish_reason="stop")],
+            usage=self._usage(step, request, text),
+        )
 
     async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
         step = self._next_step(request)
@@ -192,10 +209,18 @@ class ScriptedProvider(Provider):
         text = self._text(step, request)
         chunk_id, created = new_id("cmpl"), now()
         for i, word in enumerate(text.split(" ")):
-            yield CompletionChunk(id=chunk_id, created=created, model=request.model,
-                                  choices=[CompletionChoice(text=word if i == 0 else " " + word)])
-        yield CompletionChunk(id=chunk_id, created=created, model=request.model,
-                              choices=[CompletionChoice(text="", finish_reason="stop")])
+            yield CompletionChunk(
+                id=chunk_id,
+                created=created,
+                model=request.model,
+                choices=[CompletionChoice(text=word if i == 0 else " " + word)],
+            )
+        yield CompletionChunk(
+            id=chunk_id,
+            created=created,
+            model=request.model,
+            choices=[CompletionChoice(text="", finish_reason="stop")],
+        )
         usage = self._usage(step, request, text)
         if usage is not None:
             yield CompletionChunk(id=chunk_id, created=created, model=request.model, choices=[], usage=usage)

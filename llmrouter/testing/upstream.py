@@ -122,9 +122,15 @@ class FakeUpstream:
         log_level: str = "warning",
     ) -> None:
         self.app = build_app(
-            reply=reply, chunks=chunks, delay_ms=delay_ms, first_byte_delay_ms=first_byte_delay_ms,
-            models=models, model_behaviours=model_behaviours, api_key=api_key,
-            strict_models=strict_models, record=record,
+            reply=reply,
+            chunks=chunks,
+            delay_ms=delay_ms,
+            first_byte_delay_ms=first_byte_delay_ms,
+            models=models,
+            model_behaviours=model_behaviours,
+            api_key=api_key,
+            strict_models=strict_models,
+            record=record,
         )
         self.state = self.app.state
         self._host, self._port, self._log_level = host, port, log_level
@@ -143,10 +149,15 @@ class FakeUpstream:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self._host, self._port))
         self._port = sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn_config(self.app, host=self._host, port=self._port,
-                                                     log_level=self._log_level))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name=f"fake-upstream-{self._port}", daemon=True)
+        self._server = uvicorn.Server(
+            uvicorn_config(self.app, host=self._host, port=self._port, log_level=self._log_level)
+        )
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [sock]},
+            name=f"fake-upstream-{self._port}",
+            daemon=True,
+        )
         self._thread.start()
         deadline = time.monotonic() + 15
         while not self._server.started:
@@ -237,7 +248,9 @@ class FakeUpstream:
 
 def main(argv: list[str] | None = None) -> None:
     """Serve the fake upstream in the foreground (``python -m llmrouter.testing.upstream``)."""
-    parser = argparse.ArgumentParser(prog="python -m llmrouter.testing.upstream", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m llmrouter.testing.upstream", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--reply", default=None, help="reply template ({last_user}, {model})")
@@ -253,9 +266,14 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     app = build_app(
-        reply=args.reply, chunks=args.chunks, delay_ms=args.delay_ms,
-        first_byte_delay_ms=args.first_byte_delay_ms, models=args.models or ["fake-model"],
-        api_key=args.api_key, strict_models=args.strict_models, record=not args.no_record,
+        reply=args.reply,
+        chunks=args.chunks,
+        delay_ms=args.delay_ms,
+        first_byte_delay_ms=args.first_byte_delay_ms,
+        models=args.models or ["fake-model"],
+        api_key=args.api_key,
+        strict_models=args.strict_models,
+        record=not args.no_record,
     )
     config = uvicorn_config(app, host=args.host, port=args.port, log_level=args.log_level)
     print(f"fake upstream listening on http://{args.host}:{args.port}/v1", flush=True)

@@ -35,8 +35,14 @@ def _reachable(port: int) -> bool:
 
 PG_UP = _reachable(5432)
 REDIS_UP = _reachable(6379)
-needs_pg = [pytest.mark.postgres, pytest.mark.skipif(not PG_UP, reason="PostgreSQL is not running on 127.0.0.1:5432")]
-needs_redis = [pytest.mark.redis, pytest.mark.skipif(not REDIS_UP, reason="Redis is not running on 127.0.0.1:6379")]
+needs_pg = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(not PG_UP, reason="PostgreSQL is not running on 127.0.0.1:5432"),
+]
+needs_redis = [
+    pytest.mark.redis,
+    pytest.mark.skipif(not REDIS_UP, reason="Redis is not running on 127.0.0.1:6379"),
+]
 
 
 @pytest.fixture
@@ -130,7 +136,9 @@ async def _redis_client() -> AsyncIterator[Any]:
 
 def make_config(db_url: str, tmp_path: Path, **kwargs: Any) -> AccountingConfig:
     """An accounting config on ``db_url`` with a journal in ``tmp_path`` and fast flushes."""
-    ledger = kwargs.pop("ledger", None) or LedgerConfig(journal_dir=str(tmp_path / "journal"), flush_interval=0.02)
+    ledger = kwargs.pop("ledger", None) or LedgerConfig(
+        journal_dir=str(tmp_path / "journal"), flush_interval=0.02
+    )
     return AccountingConfig(database=DatabaseConfig(url=db_url), ledger=ledger, **kwargs)
 
 
@@ -144,18 +152,32 @@ def chat_context(
     """A context as the router hands it to ``before_request``."""
     request = ChatRequest(model=model, messages=[{"role": "user", "content": "hi"}])  # type: ignore[list-item]
     return RequestContext(
-        principal=principal, request=request, model_group=model, max_cost=max_cost,
+        principal=principal,
+        request=request,
+        model_group=model,
+        max_cost=max_cost,
         prompt_tokens_estimate=prompt_tokens,
     )
 
 
-def finish(ctx: RequestContext, *, prompt: int = 10, completion: int = 20, cost: float | None = None,
-           status: str = "ok", estimated: bool = False) -> RequestContext:
+def finish(
+    ctx: RequestContext,
+    *,
+    prompt: int = 10,
+    completion: int = 20,
+    cost: float | None = None,
+    status: str = "ok",
+    estimated: bool = False,
+) -> RequestContext:
     """Fill ``ctx`` as the router does after the call."""
     import time
 
-    ctx.usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                      estimated=estimated)
+    ctx.usage = Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        estimated=estimated,
+    )
     ctx.cost = cost
     ctx.cost_source = "price_table" if cost else "unpriced"
     ctx.status = status  # type: ignore[assignment]

@@ -26,7 +26,9 @@ FITS = 7
 REQUESTS = 100
 
 
-async def _race(replicas: list[Accounting], *, actual_cost: Any = lambda: MAX_COST) -> tuple[int, int, list[float]]:
+async def _race(
+    replicas: list[Accounting], *, actual_cost: Any = lambda: MAX_COST
+) -> tuple[int, int, list[float]]:
     """Fire REQUESTS concurrent requests spread over the replicas; returns (admitted,
     refused, costs billed). Admitted requests stay in flight a little so they overlap."""
     admitted = refused = 0
@@ -58,7 +60,9 @@ async def _race(replicas: list[Accounting], *, actual_cost: Any = lambda: MAX_CO
 async def _ledger_total(acct: Accounting) -> float:
     await acct.ledger.flush()
     async with acct.engine.connect() as conn:
-        return (await conn.execute(text("SELECT COALESCE(SUM(cost), 0) FROM llmr_ledger WHERE status = 'ok'"))).scalar_one()
+        return (
+            await conn.execute(text("SELECT COALESCE(SUM(cost), 0) FROM llmr_ledger WHERE status = 'ok'"))
+        ).scalar_one()
 
 
 def _rule() -> list[BudgetRule]:
@@ -91,15 +95,23 @@ async def test_database_backend_exact_across_two_replicas(db_url: str, tmp_path:
 
 
 @pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
-async def test_redis_backend_exact_across_two_replicas(sqlite_url: str, tmp_path: Path, redis_client: Any, _: int) -> None:
-    config = make_config(sqlite_url, tmp_path, budgets=_rule(), budget_backend="redis", redis=redis_config(redis_client))
+async def test_redis_backend_exact_across_two_replicas(
+    sqlite_url: str, tmp_path: Path, redis_client: Any, _: int
+) -> None:
+    config = make_config(
+        sqlite_url, tmp_path, budgets=_rule(), budget_backend="redis", redis=redis_config(redis_client)
+    )
     async with Accounting(config, redis=redis_client) as one, Accounting(config, redis=redis_client) as two:
         await _check_exact([one, two])
 
 
 @pytest.mark.parametrize("_", [pytest.param(0, marks=needs_pg + needs_redis)])
-async def test_redis_backend_with_postgres_ledger(pg_url: str, tmp_path: Path, redis_client: Any, _: int) -> None:
-    config = make_config(pg_url, tmp_path, budgets=_rule(), budget_backend="redis", redis=redis_config(redis_client))
+async def test_redis_backend_with_postgres_ledger(
+    pg_url: str, tmp_path: Path, redis_client: Any, _: int
+) -> None:
+    config = make_config(
+        pg_url, tmp_path, budgets=_rule(), budget_backend="redis", redis=redis_config(redis_client)
+    )
     async with Accounting(config, redis=redis_client) as one, Accounting(config, redis=redis_client) as two:
         await _check_exact([one, two])
 
@@ -112,7 +124,9 @@ async def test_cheaper_than_reserved_requests_never_overspend(
     config = make_config(sqlite_url, tmp_path, budgets=_rule(), budget_backend=backend, **extra)
     async with Accounting(config, redis=redis) as acct:
         for _ in range(3):  # waves: later ones fit in what cheaper earlier ones left
-            _admitted, _refused, _billed = await _race([acct], actual_cost=lambda: random.choice([0.0, MAX_COST / 3, MAX_COST]))
+            _admitted, _refused, _billed = await _race(
+                [acct], actual_cost=lambda: random.choice([0.0, MAX_COST / 3, MAX_COST])
+            )
         window = acct.budgets.windows_for(None, "gpt-4o")[0]
         spent, reserved = await acct.budgets.store.usage(window)
         assert reserved == 0 and 0 < spent <= window.limit
@@ -172,7 +186,9 @@ async def test_refused_request_gives_back_what_it_took(acct: Accounting) -> None
 async def test_redis_losing_its_data_reseeds_spend_from_the_ledger(
     sqlite_url: str, tmp_path: Path, redis_client: Any, _: int
 ) -> None:
-    config = make_config(sqlite_url, tmp_path, budgets=_rule(), budget_backend="redis", redis=redis_config(redis_client))
+    config = make_config(
+        sqlite_url, tmp_path, budgets=_rule(), budget_backend="redis", redis=redis_config(redis_client)
+    )
     async with Accounting(config, redis=redis_client) as acct:
         for _i in range(FITS - 1):
             ctx = chat_context(max_cost=MAX_COST)

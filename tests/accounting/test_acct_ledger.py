@@ -69,8 +69,11 @@ async def test_row_fields_and_write_behind(db_url: str, tmp_path: Path) -> None:
 
 
 async def test_flush_on_shutdown_writes_everything(db_url: str, tmp_path: Path) -> None:
-    config = make_config(db_url, tmp_path, ledger=LedgerConfig(
-        journal_dir=str(tmp_path / "journal"), flush_interval=60, batch_size=1000))
+    config = make_config(
+        db_url,
+        tmp_path,
+        ledger=LedgerConfig(journal_dir=str(tmp_path / "journal"), flush_interval=60, batch_size=1000),
+    )
     async with Accounting(config) as acct:
         ids = await _serve(acct, 250)
         assert acct.ledger.pending == 250  # nothing written yet: the interval is a minute
@@ -80,7 +83,9 @@ async def test_flush_on_shutdown_writes_everything(db_url: str, tmp_path: Path) 
     assert ids
 
 
-async def test_database_outage_rows_kept_and_retried_without_duplicates(sqlite_url: str, tmp_path: Path) -> None:
+async def test_database_outage_rows_kept_and_retried_without_duplicates(
+    sqlite_url: str, tmp_path: Path
+) -> None:
     failures = {"left": 3}
 
     async def flaky(rows: Sequence[dict[str, Any]]) -> None:
@@ -144,10 +149,16 @@ _CRASH = textwrap.dedent(
 
 async def test_rows_of_a_killed_process_are_replayed(sqlite_url: str, tmp_path: Path) -> None:
     journal = str(tmp_path / "journal")
-    script = _CRASH.format(tests=str(Path(__file__).parent), url=sqlite_url, tmp=str(tmp_path), journal=journal)
+    script = _CRASH.format(
+        tests=str(Path(__file__).parent), url=sqlite_url, tmp=str(tmp_path), journal=journal
+    )
     with anyio.fail_after(120):
-        result = await anyio.run_process([sys.executable, "-c", script], cwd=str(tmp_path), check=False,
-                                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+        result = await anyio.run_process(
+            [sys.executable, "-c", script],
+            cwd=str(tmp_path),
+            check=False,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
     result_stdout, result_stderr = result.stdout.decode(), result.stderr.decode()
     assert result.returncode == 9, result_stderr
     assert "acknowledged 30" in result_stdout
@@ -165,9 +176,13 @@ async def test_postgres_connections_killed_mid_run(pg_url: str, tmp_path: Path, 
         await acct.ledger.flush()
         name = pg_url.rsplit("/", 1)[1]
         async with acct.engine.connect() as conn:  # a separate session does the killing
-            await conn.execute(text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = :name AND pid <> pg_backend_pid()"), {"name": name})
+            await conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": name},
+            )
         ids += await _serve(acct, 10)
         with anyio.fail_after(20):
             while acct.ledger.pending:  # noqa: ASYNC110 - the writer exposes a count, not an event
@@ -181,7 +196,9 @@ async def test_partial_streams_are_billed_for_what_was_generated(acct: Accountin
     ctx.stream = True
     await acct.hooks.before_request(ctx)
     # the client went away after 7 tokens; the router counted them and priced them
-    await acct.hooks.after_request(finish(ctx, prompt=12, completion=7, cost=0.000026, status="cancelled", estimated=True))
+    await acct.hooks.after_request(
+        finish(ctx, prompt=12, completion=7, cost=0.000026, status="cancelled", estimated=True)
+    )
     errored = chat_context(max_cost=0.001)
     await acct.hooks.before_request(errored)
     await acct.hooks.after_request(finish(errored, prompt=12, completion=3, cost=0.000018, status="error"))
@@ -192,7 +209,9 @@ async def test_partial_streams_are_billed_for_what_was_generated(acct: Accountin
     assert cancelled["cost"] == pytest.approx(0.000026) and cancelled["stream"] in (True, 1)
     assert rows[errored.request_id]["cost"] == pytest.approx(0.000018)
     report = await acct.usage(by=["status"])
-    assert {r["status"]: r["cost"] for r in report} == pytest.approx({"cancelled": 0.000026, "error": 0.000018})
+    assert {r["status"]: r["cost"] for r in report} == pytest.approx(
+        {"cancelled": 0.000026, "error": 0.000018}
+    )
 
 
 async def test_rejected_requests_are_recorded_unbilled(acct: Accounting) -> None:

@@ -159,7 +159,9 @@ async def test_hooks_apply_key_limits_over_defaults(acct: Accounting, tmp_path: 
 
 
 @pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
-async def test_replicas_configured_with_a_redis_url_share_limits(sqlite_url: str, tmp_path: Path, _: int) -> None:
+async def test_replicas_configured_with_a_redis_url_share_limits(
+    sqlite_url: str, tmp_path: Path, _: int
+) -> None:
     import uuid
 
     from llmrouter.accounting.config import RedisConfig
@@ -167,8 +169,9 @@ async def test_replicas_configured_with_a_redis_url_share_limits(sqlite_url: str
     from .conftest import REDIS_URL, make_config
 
     prefix = f"llmr-test-{uuid.uuid4().hex[:10]}:"
-    config = make_config(sqlite_url, tmp_path, redis=RedisConfig(url=REDIS_URL, prefix=prefix),
-                         limits=LimitsConfig(rpm=3))
+    config = make_config(
+        sqlite_url, tmp_path, redis=RedisConfig(url=REDIS_URL, prefix=prefix), limits=LimitsConfig(rpm=3)
+    )
     try:
         async with Accounting(config) as one, Accounting(config) as two:
             assert isinstance(one.limiter, RedisLimiter) and one.budgets is not None

@@ -29,22 +29,40 @@ DAY1 = datetime(2026, 11, 1, 12, tzinfo=UTC).timestamp()
 DAY2 = datetime(2026, 11, 2, 12, tzinfo=UTC).timestamp()
 
 
-def _row(i: int, ts: float, key: str | None, model: str, provider: str, cost: float, **extra: object) -> dict[str, object]:
-    return {"entry_id": f"e{i}", "request_id": f"r{i}", "created_at": ts, "day": utc_day(ts), "api_key_id": key,
-            "model_group": model, "provider": provider, "deployment": f"{provider}/{model}", "prompt_tokens": 10,
-            "completion_tokens": 5, "cached_tokens": 2, "cost": cost, "status": "ok", **extra}
+def _row(
+    i: int, ts: float, key: str | None, model: str, provider: str, cost: float, **extra: object
+) -> dict[str, object]:
+    return {
+        "entry_id": f"e{i}",
+        "request_id": f"r{i}",
+        "created_at": ts,
+        "day": utc_day(ts),
+        "api_key_id": key,
+        "model_group": model,
+        "provider": provider,
+        "deployment": f"{provider}/{model}",
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cached_tokens": 2,
+        "cost": cost,
+        "status": "ok",
+        **extra,
+    }
 
 
 async def _seed(acct: Accounting) -> tuple[str, str]:
     alice, _ = await acct.keys.create("alice")
     bob, _ = await acct.keys.create("bob")
-    await insert_rows(acct.engine, [
-        _row(1, DAY1, alice.id, "gpt-4o", "openai", 0.01),
-        _row(2, DAY1, alice.id, "gpt-4o", "openai", 0.02, usage_estimated=True),
-        _row(3, DAY1, bob.id, "smol", "transformers", 0.0, cache_status="hit"),
-        _row(4, DAY2, alice.id, "smol", "transformers", 0.0, status="cancelled"),
-        _row(5, DAY2, None, "gpt-4o", "openai", 0.5),
-    ])
+    await insert_rows(
+        acct.engine,
+        [
+            _row(1, DAY1, alice.id, "gpt-4o", "openai", 0.01),
+            _row(2, DAY1, alice.id, "gpt-4o", "openai", 0.02, usage_estimated=True),
+            _row(3, DAY1, bob.id, "smol", "transformers", 0.0, cache_status="hit"),
+            _row(4, DAY2, alice.id, "smol", "transformers", 0.0, status="cancelled"),
+            _row(5, DAY2, None, "gpt-4o", "openai", 0.5),
+        ],
+    )
     return alice.id, bob.id
 
 
@@ -53,19 +71,42 @@ async def test_grouping_and_ranges(db_url: str, tmp_path: Path) -> None:
         alice, bob = await _seed(acct)
         rows = await usage_report(acct.engine, by=["key", "model"])
         assert {(r["key_name"], r["model"]): (r["requests"], r["cost"]) for r in rows} == {
-            ("alice", "gpt-4o"): (2, 0.03), ("alice", "smol"): (1, 0.0), ("bob", "smol"): (1, 0.0), (None, "gpt-4o"): (1, 0.5),
+            ("alice", "gpt-4o"): (2, 0.03),
+            ("alice", "smol"): (1, 0.0),
+            ("bob", "smol"): (1, 0.0),
+            (None, "gpt-4o"): (1, 0.5),
         }
         alice_gpt = next(r for r in rows if r["key"] == alice and r["model"] == "gpt-4o")
-        assert alice_gpt["prompt_tokens"] == 20 and alice_gpt["cached_tokens"] == 4 and alice_gpt["estimated"] == 1
-        by_day = await usage_report(acct.engine, by=["day", "provider"], since=parse_time("2026-11-02"),
-                                    until=parse_time("2026-11-02", end=True))
+        assert (
+            alice_gpt["prompt_tokens"] == 20
+            and alice_gpt["cached_tokens"] == 4
+            and alice_gpt["estimated"] == 1
+        )
+        by_day = await usage_report(
+            acct.engine,
+            by=["day", "provider"],
+            since=parse_time("2026-11-02"),
+            until=parse_time("2026-11-02", end=True),
+        )
         assert [(r["day"], r["provider"], r["requests"], r["errors"]) for r in by_day] == [
-            ("2026-11-02", "openai", 1, 0), ("2026-11-02", "transformers", 1, 1)]
+            ("2026-11-02", "openai", 1, 0),
+            ("2026-11-02", "transformers", 1, 1),
+        ]
         own = await usage_report(acct.engine, by=["day", "model"], key_id=alice)
         assert sum(r["requests"] for r in own) == 3
         bobs = await usage_report(acct.engine, by=[], key_id=bob)
-        assert bobs == [{"requests": 1, "prompt_tokens": 10, "completion_tokens": 5, "cached_tokens": 2,
-                         "estimated": 0, "errors": 0, "cache_hits": 1, "cost": 0.0}]
+        assert bobs == [
+            {
+                "requests": 1,
+                "prompt_tokens": 10,
+                "completion_tokens": 5,
+                "cached_tokens": 2,
+                "estimated": 0,
+                "errors": 0,
+                "cache_hits": 1,
+                "cost": 0.0,
+            }
+        ]
         with pytest.raises(InvalidRequestError):
             await usage_report(acct.engine, by=["colour"])
 
@@ -114,9 +155,21 @@ async def test_migrations_are_idempotent_and_safe_to_race(db_url: str) -> None:
 
 
 def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "llmrouter.cli", *args, "--database-url",
-                           f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path.cwd())})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmrouter.cli",
+            *args,
+            "--database-url",
+            f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path.cwd())},
+    )
 
 
 def test_cli_db_keys_and_usage_report(tmp_path: Path) -> None:
@@ -124,8 +177,22 @@ def test_cli_db_keys_and_usage_report(tmp_path: Path) -> None:
     assert up.returncode == 0, up.stderr
     assert "applied migrations [1]" in up.stdout
     assert "up to date" in _cli(tmp_path, "db", "upgrade").stdout
-    created = _cli(tmp_path, "keys", "create", "ci-bot", "--scope", "admin", "--models", "gpt-4o,local-*",
-                   "--expires", "30d", "--budget", "5", "--format", "json")
+    created = _cli(
+        tmp_path,
+        "keys",
+        "create",
+        "ci-bot",
+        "--scope",
+        "admin",
+        "--models",
+        "gpt-4o,local-*",
+        "--expires",
+        "30d",
+        "--budget",
+        "5",
+        "--format",
+        "json",
+    )
     assert created.returncode == 0, created.stderr
     info = json.loads(created.stdout)
     assert info["secret"].startswith(f"sk-llmr-{info['prefix']}-")
@@ -139,13 +206,29 @@ def test_cli_db_keys_and_usage_report(tmp_path: Path) -> None:
 
     async def seed() -> None:
         engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
-        await insert_rows(engine, [_row(1, DAY1, info["id"], "gpt-4o", "openai", 0.25),
-                                   _row(2, DAY2, info["id"], "gpt-4o", "openai", 0.5)])
+        await insert_rows(
+            engine,
+            [
+                _row(1, DAY1, info["id"], "gpt-4o", "openai", 0.25),
+                _row(2, DAY2, info["id"], "gpt-4o", "openai", 0.5),
+            ],
+        )
         await engine.dispose()
 
     anyio.run(seed)
-    report = _cli(tmp_path, "usage", "report", "--by", "key,model", "--since", "2026-11-01", "--until",
-                  "2026-11-01", "--format", "csv")
+    report = _cli(
+        tmp_path,
+        "usage",
+        "report",
+        "--by",
+        "key,model",
+        "--since",
+        "2026-11-01",
+        "--until",
+        "2026-11-01",
+        "--format",
+        "csv",
+    )
     assert report.returncode == 0, report.stderr
     (row,) = list(csv.DictReader(io.StringIO(report.stdout)))
     assert row["key_name"] == "ci-bot" and float(row["cost"]) == 0.25

@@ -28,7 +28,9 @@ REQUEST = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say
 def _router(acct: Accounting, step: Step) -> tuple[Router, ScriptedProvider]:
     provider = ScriptedProvider("gpt-4o-mini", default=step)
     router = Router(hooks=[acct.hooks])
-    router.add_deployment("gpt-4o-mini", provider, Deployment(provider="scripted", model="gpt-4o-mini", price=PRICE))
+    router.add_deployment(
+        "gpt-4o-mini", provider, Deployment(provider="scripted", model="gpt-4o-mini", price=PRICE)
+    )
     return router, provider
 
 
@@ -36,22 +38,32 @@ async def _probe() -> RequestContext:
     """What the router estimates and reserves for REQUEST (no accounting involved)."""
     probe = RequestContext()
     router = Router()
-    router.add_deployment("gpt-4o-mini", ScriptedProvider("gpt-4o-mini"),
-                          Deployment(provider="scripted", model="gpt-4o-mini", price=PRICE))
+    router.add_deployment(
+        "gpt-4o-mini",
+        ScriptedProvider("gpt-4o-mini"),
+        Deployment(provider="scripted", model="gpt-4o-mini", price=PRICE),
+    )
     async with router:
         await router.chat(REQUEST, context=probe)
     return probe
 
 
-async def test_concurrent_requests_through_the_router_never_overspend(sqlite_url: str, tmp_path: Path) -> None:
+async def test_concurrent_requests_through_the_router_never_overspend(
+    sqlite_url: str, tmp_path: Path
+) -> None:
     probe = await _probe()
     per_request = probe.max_cost
     assert per_request and per_request > 0
     # The answer uses the whole output limit and as many prompt tokens as the router
     # estimated, so each request costs exactly what it reserved: exactly 5 fit.
-    usage = Usage(prompt_tokens=probe.prompt_tokens_estimate, completion_tokens=20,
-                  total_tokens=probe.prompt_tokens_estimate + 20)
-    config = make_config(sqlite_url, tmp_path, budgets=[BudgetRule(key="*", period="day", limit=5 * per_request)])
+    usage = Usage(
+        prompt_tokens=probe.prompt_tokens_estimate,
+        completion_tokens=20,
+        total_tokens=probe.prompt_tokens_estimate + 20,
+    )
+    config = make_config(
+        sqlite_url, tmp_path, budgets=[BudgetRule(key="*", period="day", limit=5 * per_request)]
+    )
     async with Accounting(config) as acct:
         router, provider = _router(acct, Step(usage=usage, delay=0.01))
         ok = refused = 0
@@ -81,7 +93,9 @@ async def test_concurrent_requests_through_the_router_never_overspend(sqlite_url
 async def test_streams_cut_short_are_billed_and_keys_restricted(sqlite_url: str, tmp_path: Path) -> None:
     async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
         _key, secret = await acct.keys.create("streamer", allowed_models=["gpt-4o-mini"], rpm=2)
-        router, _provider = _router(acct, Step(text="one two three four five six seven eight", chunk_delay=0.01))
+        router, _provider = _router(
+            acct, Step(text="one two three four five six seven eight", chunk_delay=0.01)
+        )
         async with router:
             ctx = RequestContext(principal=await acct.authenticate(secret))
             stream = router.stream({**REQUEST, "stream": True}, context=ctx)
@@ -91,16 +105,21 @@ async def test_streams_cut_short_are_billed_and_keys_restricted(sqlite_url: str,
                 if chunks == 3:
                     break  # the client went away
             await stream.aclose()
-            router.add_deployment("gpt-4o", ScriptedProvider("gpt-4o"), Deployment(provider="scripted", model="gpt-4o"))
+            router.add_deployment(
+                "gpt-4o", ScriptedProvider("gpt-4o"), Deployment(provider="scripted", model="gpt-4o")
+            )
             with pytest.raises(PermissionDeniedError):
-                await router.chat({**REQUEST, "model": "gpt-4o"}, context=RequestContext(principal=ctx.principal))
+                await router.chat(
+                    {**REQUEST, "model": "gpt-4o"}, context=RequestContext(principal=ctx.principal)
+                )
             await router.chat(REQUEST, context=RequestContext(principal=ctx.principal))
             with pytest.raises(RateLimitError):
                 await router.chat(REQUEST, context=RequestContext(principal=ctx.principal))
         rows = await acct.usage(by=["key", "status"])
     cancelled = next(r for r in rows if r["status"] == "cancelled")
-    assert cancelled["key_name"] == "streamer" and cancelled["completion_tokens"] > 0 and cancelled["cost"] > 0
-
+    assert (
+        cancelled["key_name"] == "streamer" and cancelled["completion_tokens"] > 0 and cancelled["cost"] > 0
+    )
 
 
 async def test_requests_refused_by_the_router_get_one_rejected_row(sqlite_url: str, tmp_path: Path) -> None:
@@ -114,4 +133,5 @@ async def test_requests_refused_by_the_router_get_one_rejected_row(sqlite_url: s
                 await router.chat({**REQUEST, "model": "gtp-4o"}, context=RequestContext(principal=key))
         rows = await acct.usage(by=["key", "model", "status"])
     assert [(r["key_name"], r["model"], r["status"], r["requests"]) for r in rows] == [
-        ("typo", "gtp-4o", "rejected", 1)]
+        ("typo", "gtp-4o", "rejected", 1)
+    ]

@@ -23,8 +23,11 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
 
 def _app(sqlite_url: str, tmp_path: Path) -> tuple[object, Accounting]:
     router = Router()
-    router.add_deployment("gpt-4o-mini", ScriptedProvider("gpt-4o-mini", default=Step(text="hello there")),
-                          Deployment(provider="scripted", model="gpt-4o-mini", price=Price(input=0.15, output=0.6)))
+    router.add_deployment(
+        "gpt-4o-mini",
+        ScriptedProvider("gpt-4o-mini", default=Step(text="hello there")),
+        Deployment(provider="scripted", model="gpt-4o-mini", price=Price(input=0.15, output=0.6)),
+    )
     acct = Accounting(make_config(sqlite_url, tmp_path))
     return create_app(Config(), router=router, extensions=[AccountingExtension(acct)]), acct
 
@@ -45,7 +48,9 @@ async def test_service_keys_auth_limits_and_usage(sqlite_url: str, tmp_path: Pat
     app, acct = _app(sqlite_url, tmp_path)
     async with AsyncTestClient(app) as client:
         # no key exists yet: a local single-user setup, SDK placeholder keys are ignored
-        response = await client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-no-key"})
+        response = await client.post(
+            "/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer sk-no-key"}
+        )
         assert response.status_code == 200, response.text
         created = await client.post("/v1/admin/keys", json={"name": "root", "scopes": ["admin"]})
         assert created.status_code == 201, created.text
@@ -55,11 +60,22 @@ async def test_service_keys_auth_limits_and_usage(sqlite_url: str, tmp_path: Pat
         denied = await client.post("/v1/chat/completions", json=CHAT)
         assert denied.status_code == 401
         assert denied.json()["error"]["type"] == "authentication_error"
-        bad = await client.post("/v1/chat/completions", json=CHAT, headers={"X-API-Key": "sk-llmr-abcdefgh-nope"})
+        bad = await client.post(
+            "/v1/chat/completions", json=CHAT, headers={"X-API-Key": "sk-llmr-abcdefgh-nope"}
+        )
         assert bad.status_code == 401 and "nope" not in bad.text
 
-        user = await client.post("/v1/admin/keys", headers=admin, json={
-            "name": "app", "rpm": 2, "allowed_models": ["gpt-4o-mini"], "budget": 1.0, "budget_period": "day"})
+        user = await client.post(
+            "/v1/admin/keys",
+            headers=admin,
+            json={
+                "name": "app",
+                "rpm": 2,
+                "allowed_models": ["gpt-4o-mini"],
+                "budget": 1.0,
+                "budget_period": "day",
+            },
+        )
         user_info = user.json()
         user_headers = {"X-API-Key": user_info["secret"]}
         assert (await client.post("/v1/chat/completions", json=CHAT, headers=user_headers)).status_code == 200

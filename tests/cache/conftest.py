@@ -51,7 +51,9 @@ class Upstream:
             chunk after the first (stream).
     """
 
-    def __init__(self, words: tuple[str, ...] = ("Paris", " is", " the", " capital."), *, finish_reason: str = "stop") -> None:
+    def __init__(
+        self, words: tuple[str, ...] = ("Paris", " is", " the", " capital."), *, finish_reason: str = "stop"
+    ) -> None:
         self.words = words
         self.finish_reason = finish_reason
         self.calls = 0
@@ -70,7 +72,12 @@ class Upstream:
             id="chatcmpl-fixed",
             created=1_700_000_000,
             model="upstream-model",
-            choices=[ChatChoice(message=ChatMessage(role="assistant", content="".join(self.words)), finish_reason=self.finish_reason)],
+            choices=[
+                ChatChoice(
+                    message=ChatMessage(role="assistant", content="".join(self.words)),
+                    finish_reason=self.finish_reason,
+                )
+            ],
             usage=self.usage,
         )
 

@@ -20,7 +20,9 @@ KINDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
 
 
 @pytest.fixture(params=KINDS)
-async def backend(request: Any, sqlite_path: Path, redis_prefix: str, clock: Any) -> AsyncIterator[CacheBackend]:
+async def backend(
+    request: Any, sqlite_path: Path, redis_prefix: str, clock: Any
+) -> AsyncIterator[CacheBackend]:
     kind = request.param
     made: CacheBackend
     if kind == "memory":
@@ -65,7 +67,9 @@ async def test_clear_drops_everything_of_this_cache(backend: CacheBackend) -> No
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 async def test_ttl_expires_on_the_clock(kind: str, sqlite_path: Path, clock: Any) -> None:
-    made: CacheBackend = MemoryBackend(clock=clock) if kind == "memory" else SQLiteBackend(sqlite_path, clock=clock)
+    made: CacheBackend = (
+        MemoryBackend(clock=clock) if kind == "memory" else SQLiteBackend(sqlite_path, clock=clock)
+    )
     await made.start()
     await made.set("short", b"s", 10)
     await made.set("forever", b"f", None)

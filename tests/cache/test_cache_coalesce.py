@@ -15,7 +15,9 @@ pytestmark = pytest.mark.anyio
 N = 20
 
 
-async def test_identical_concurrent_requests_make_one_upstream_call(cache: ResponseCache, upstream: Any, helpers: Any) -> None:
+async def test_identical_concurrent_requests_make_one_upstream_call(
+    cache: ResponseCache, upstream: Any, helpers: Any
+) -> None:
     gate = upstream.hold()
     ctxs = [helpers.new_ctx() for _ in range(N)]
     answers: list[Any] = []
@@ -55,7 +57,9 @@ async def test_without_coalescing_each_request_calls_upstream(upstream: Any, hel
     assert upstream.calls == 5
 
 
-async def test_streaming_followers_get_the_same_chunks_as_they_come(cache: ResponseCache, upstream: Any, helpers: Any) -> None:
+async def test_streaming_followers_get_the_same_chunks_as_they_come(
+    cache: ResponseCache, upstream: Any, helpers: Any
+) -> None:
     gate = upstream.hold()  # upstream sends its first chunk, then waits
     received: list[list[Any]] = [[] for _ in range(N)]
     ctxs = [helpers.new_ctx() for _ in range(N)]
@@ -76,16 +80,22 @@ async def test_streaming_followers_get_the_same_chunks_as_they_come(cache: Respo
     assert all(chunks == upstream.chunks() for chunks in received)
     followers = [c for c in ctxs if c.cache_status == "coalesced"]
     assert len(followers) == N - 1
-    assert all(c.usage == upstream.usage and c.cost == 0.0 and c.first_token_at is not None for c in followers)
+    assert all(
+        c.usage == upstream.usage and c.cost == 0.0 and c.first_token_at is not None for c in followers
+    )
 
 
-async def test_stream_and_non_stream_requests_coalesce(cache: ResponseCache, upstream: Any, helpers: Any) -> None:
+async def test_stream_and_non_stream_requests_coalesce(
+    cache: ResponseCache, upstream: Any, helpers: Any
+) -> None:
     gate = upstream.hold()
     leader, follower = helpers.new_ctx(), helpers.new_ctx()
     got: dict[str, Any] = {}
 
     async def stream_leader() -> None:
-        got["chunks"] = [c async for c in cache.stream(leader, helpers.chat_request(stream=True), upstream.stream(leader))]
+        got["chunks"] = [
+            c async for c in cache.stream(leader, helpers.chat_request(stream=True), upstream.stream(leader))
+        ]
 
     async def chat_follower() -> None:
         got["response"] = await cache.chat(follower, helpers.chat_request(), upstream.call(follower))
@@ -100,7 +110,9 @@ async def test_stream_and_non_stream_requests_coalesce(cache: ResponseCache, ups
     assert got["chunks"] == upstream.chunks() and got["response"] == upstream.response()
 
 
-async def test_leader_cancelled_followers_still_answered_and_one_pays(cache: ResponseCache, upstream: Any, helpers: Any) -> None:
+async def test_leader_cancelled_followers_still_answered_and_one_pays(
+    cache: ResponseCache, upstream: Any, helpers: Any
+) -> None:
     gate = upstream.hold()
     leader = helpers.new_ctx()
     followers = [helpers.new_ctx() for _ in range(5)]
@@ -135,7 +147,9 @@ async def test_leader_cancelled_followers_still_answered_and_one_pays(cache: Res
     assert cache.snapshot()["entries"] == 1  # the answer was still stored
 
 
-async def test_streaming_leader_closed_mid_stream_followers_get_everything(cache: ResponseCache, upstream: Any, helpers: Any) -> None:
+async def test_streaming_leader_closed_mid_stream_followers_get_everything(
+    cache: ResponseCache, upstream: Any, helpers: Any
+) -> None:
     gate = upstream.hold()
     leader = helpers.new_ctx()
     leader_stream = cache.stream(leader, helpers.chat_request(stream=True), upstream.stream(leader))
@@ -159,7 +173,9 @@ async def test_streaming_leader_closed_mid_stream_followers_get_everything(cache
     assert upstream.calls == 1 and upstream.completed == 1
 
 
-async def test_all_attendees_cancelled_stops_upstream(cache: ResponseCache, upstream: Any, helpers: Any) -> None:
+async def test_all_attendees_cancelled_stops_upstream(
+    cache: ResponseCache, upstream: Any, helpers: Any
+) -> None:
     upstream.hold()
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
@@ -193,7 +209,9 @@ async def test_all_streams_closed_closes_upstream(cache: ResponseCache, upstream
     assert upstream.cancelled == 1 and len(cache.coalescer) == 0
 
 
-async def test_an_upstream_error_reaches_every_attendee_and_is_not_stored(cache: ResponseCache, upstream: Any, helpers: Any) -> None:
+async def test_an_upstream_error_reaches_every_attendee_and_is_not_stored(
+    cache: ResponseCache, upstream: Any, helpers: Any
+) -> None:
     gate = upstream.hold()
     upstream.error = UpstreamError("upstream exploded")
     errors: list[BaseException] = []
@@ -218,7 +236,9 @@ async def test_an_upstream_error_reaches_every_attendee_and_is_not_stored(cache:
     assert ctx.cache_status == "miss" and upstream.calls == 2
 
 
-async def test_closing_the_cache_releases_attendees(cache: ResponseCache, upstream: Any, helpers: Any) -> None:
+async def test_closing_the_cache_releases_attendees(
+    cache: ResponseCache, upstream: Any, helpers: Any
+) -> None:
     upstream.hold()
     failures: list[FlightCancelledError] = []
 

@@ -56,9 +56,31 @@ def test_tool_calls_assemble_from_deltas() -> None:
         return ChatChunk(id="c", model="m", choices=[ChunkChoice(delta=delta, finish_reason=finish)])
 
     chunks = [
-        chunk(Delta(role="assistant", tool_calls=[ToolCallDelta(index=0, id="call_1", type="function", function=FunctionCallDelta(name="get", arguments='{"ci'))])),
-        chunk(Delta(tool_calls=[ToolCallDelta(index=0, function=FunctionCallDelta(arguments='ty":"Paris"}'))])),
-        chunk(Delta(tool_calls=[ToolCallDelta(index=1, id="call_2", function=FunctionCallDelta(name="now", arguments="{}"))])),
+        chunk(
+            Delta(
+                role="assistant",
+                tool_calls=[
+                    ToolCallDelta(
+                        index=0,
+                        id="call_1",
+                        type="function",
+                        function=FunctionCallDelta(name="get", arguments='{"ci'),
+                    )
+                ],
+            )
+        ),
+        chunk(
+            Delta(tool_calls=[ToolCallDelta(index=0, function=FunctionCallDelta(arguments='ty":"Paris"}'))])
+        ),
+        chunk(
+            Delta(
+                tool_calls=[
+                    ToolCallDelta(
+                        index=1, id="call_2", function=FunctionCallDelta(name="now", arguments="{}")
+                    )
+                ]
+            )
+        ),
         chunk(Delta(), "tool_calls"),
         ChatChunk(id="c", model="m", usage=Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7)),
     ]
@@ -102,7 +124,9 @@ def test_several_choices_keep_their_index() -> None:
         ([], False, False),
     ],
 )
-def test_storable_only_when_every_choice_finished(reasons: list[str | None], truncated_ok: bool, storable: bool) -> None:
+def test_storable_only_when_every_choice_finished(
+    reasons: list[str | None], truncated_ok: bool, storable: bool
+) -> None:
     response = ChatResponse(choices=[ChatChoice(index=i, finish_reason=r) for i, r in enumerate(reasons)])
     assert is_storable(response, store_truncated=truncated_ok) is storable
 

@@ -13,7 +13,12 @@ BASE: dict[str, Any] = {
     "model": "gpt",
     "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
     "temperature": 0,
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {}, "b": {}}}}}],
+    "tools": [
+        {
+            "type": "function",
+            "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {}, "b": {}}}},
+        }
+    ],
 }
 
 
@@ -43,7 +48,12 @@ def test_fields_that_do_not_change_the_answer_are_ignored(noise: dict[str, Any])
 def test_dict_order_does_not_matter() -> None:
     reordered = {
         **BASE,
-        "tools": [{"function": {"parameters": {"properties": {"b": {}, "a": {}}, "type": "object"}, "name": "f"}, "type": "function"}],
+        "tools": [
+            {
+                "function": {"parameters": {"properties": {"b": {}, "a": {}}, "type": "object"}, "name": "f"},
+                "type": "function",
+            }
+        ],
     }
     assert key_of(reordered) == key_of(BASE)
     assert key_of({"temperature": 0, **{k: v for k, v in BASE.items() if k != "temperature"}}) == key_of(BASE)
@@ -59,7 +69,12 @@ def test_equivalent_spellings_share_a_key() -> None:
     "change",
     [
         {"messages": [{"role": "user", "content": "Hi!"}]},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi", "name": "bob"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi", "name": "bob"},
+            ]
+        },
         {"tools": None},
         {"tool_choice": "required"},
         {"temperature": 0.5},
@@ -96,5 +111,10 @@ def test_namespace_separates_keys_without_revealing_them() -> None:
 
 
 def test_request_struct_and_dict_agree() -> None:
-    request = ChatRequest(model="gpt", messages=decode_chat_request(BASE).messages, temperature=0.0, tools=decode_chat_request(BASE).tools)
+    request = ChatRequest(
+        model="gpt",
+        messages=decode_chat_request(BASE).messages,
+        temperature=0.0,
+        tools=decode_chat_request(BASE).tools,
+    )
     assert cache_key(request, "g") == key_of(BASE)

@@ -15,15 +15,21 @@ from llmrouter.errors import UpstreamError
 pytestmark = pytest.mark.anyio
 
 
-async def ask(cache: ResponseCache, upstream: Any, helpers: Any, request: Any = None, **ctx_fields: Any) -> tuple[Any, Any]:
+async def ask(
+    cache: ResponseCache, upstream: Any, helpers: Any, request: Any = None, **ctx_fields: Any
+) -> tuple[Any, Any]:
     ctx = helpers.new_ctx(**ctx_fields)
     response = await cache.chat(ctx, request or helpers.chat_request(), upstream.call(ctx))
     return ctx, response
 
 
-async def ask_stream(cache: ResponseCache, upstream: Any, helpers: Any, request: Any = None, **ctx_fields: Any) -> tuple[Any, list[Any]]:
+async def ask_stream(
+    cache: ResponseCache, upstream: Any, helpers: Any, request: Any = None, **ctx_fields: Any
+) -> tuple[Any, list[Any]]:
     ctx = helpers.new_ctx(**ctx_fields)
-    chunks = [c async for c in cache.stream(ctx, request or helpers.chat_request(stream=True), upstream.stream(ctx))]
+    chunks = [
+        c async for c in cache.stream(ctx, request or helpers.chat_request(stream=True), upstream.stream(ctx))
+    ]
     return ctx, chunks
 
 
@@ -54,7 +60,9 @@ async def test_miss_then_hit_billed_at_zero(cache: ResponseCache, upstream: Any,
         ({"temperature": 0}, GroupCache(enabled=False), False),
     ],
 )
-async def test_cacheability(fields: dict[str, Any], group: GroupCache | None, cached: bool, upstream: Any, helpers: Any) -> None:
+async def test_cacheability(
+    fields: dict[str, Any], group: GroupCache | None, cached: bool, upstream: Any, helpers: Any
+) -> None:
     cache = ResponseCache(MemoryBackend(), groups={"g": group} if group else None)
     request = helpers.chat_request(**fields)
     ctx, _ = await ask(cache, upstream, helpers, request)
@@ -124,7 +132,9 @@ async def test_namespace_by_key_keeps_keys_apart(helpers: Any, upstream: Any) ->
     assert (await ask(shared, upstream, helpers, api_key_id="bob"))[0].cache_status == "hit"
 
 
-async def test_stream_cached_then_replayed_identically(cache: ResponseCache, upstream: Any, helpers: Any) -> None:
+async def test_stream_cached_then_replayed_identically(
+    cache: ResponseCache, upstream: Any, helpers: Any
+) -> None:
     first, chunks = await ask_stream(cache, upstream, helpers)
     assert first.cache_status == "miss" and chunks == upstream.chunks()
     second, replayed = await ask_stream(cache, upstream, helpers)
@@ -139,10 +149,14 @@ async def test_stream_and_non_stream_share_entries(cache: ResponseCache, upstrea
     assert ctx.cache_status == "hit" and response == upstream.response()
     other = helpers.Upstream()
     await ask(cache, other, helpers, helpers.chat_request("another question"))
-    ctx, rechunked = await ask_stream(cache, other, helpers, helpers.chat_request("another question", stream=True))
+    ctx, rechunked = await ask_stream(
+        cache, other, helpers, helpers.chat_request("another question", stream=True)
+    )
     assert ctx.cache_status == "hit" and other.calls == 1
     assert rechunked[-1].usage == other.usage and rechunked[-1].choices == []
-    assert "".join(c.choices[0].delta.content or "" for c in rechunked if c.choices) == "Paris is the capital."
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in rechunked if c.choices) == "Paris is the capital."
+    )
 
 
 async def test_incomplete_stream_is_not_stored(cache: ResponseCache, helpers: Any) -> None:
@@ -162,7 +176,9 @@ async def test_incomplete_stream_is_not_stored(cache: ResponseCache, helpers: An
 
 
 async def test_uncacheable_stream_passes_through(cache: ResponseCache, upstream: Any, helpers: Any) -> None:
-    ctx, chunks = await ask_stream(cache, upstream, helpers, helpers.chat_request(temperature=1.0, stream=True))
+    ctx, chunks = await ask_stream(
+        cache, upstream, helpers, helpers.chat_request(temperature=1.0, stream=True)
+    )
     assert ctx.cache_status == "bypass" and chunks == upstream.chunks()
     assert cache.coalescer.find("anything") is None and len(cache.coalescer) == 0
 
@@ -218,7 +234,12 @@ def test_from_config_reads_groups_and_aliases(tmp_path: Path) -> None:
         {
             "cache": {"backend": "memory", "ttl": 10, "namespace_by_key": True, "coalesce": False},
             "models": [
-                {"name": "g", "aliases": ["a"], "deployments": [{"provider": "p", "model": "m"}], "cache": {"ttl": 99, "cache_all": True}}
+                {
+                    "name": "g",
+                    "aliases": ["a"],
+                    "deployments": [{"provider": "p", "model": "m"}],
+                    "cache": {"ttl": 99, "cache_all": True},
+                }
             ],
         },
         env={},

@@ -65,14 +65,21 @@ async def routed(provider: GatedProvider) -> AsyncIterator[tuple[Router, Respons
     cache = ResponseCache(MemoryBackend(), ttl=60)
     ledger = Ledger()
     router = Router(hooks=[ledger], cache=cache)
-    router.add_deployment("g", provider, Deployment(provider="scripted", model="tiny", price=Price(input=1.0, output=2.0)))
+    router.add_deployment(
+        "g", provider, Deployment(provider="scripted", model="tiny", price=Price(input=1.0, output=2.0))
+    )
     async with router:
         yield router, cache, ledger
     await cache.aclose()
 
 
 def body(**fields: Any) -> dict[str, Any]:
-    return {"model": "g", "messages": [{"role": "user", "content": "Capital of France?"}], "temperature": 0, **fields}
+    return {
+        "model": "g",
+        "messages": [{"role": "user", "content": "Capital of France?"}],
+        "temperature": 0,
+        **fields,
+    }
 
 
 async def test_hit_through_the_router_bills_zero(routed: Any, provider: GatedProvider) -> None:

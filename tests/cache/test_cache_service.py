@@ -63,7 +63,9 @@ def test_cache_control_no_cache_and_no_store(client: TestClient[Any], provider: 
     assert response.headers["x-llmrouter-cache"] == "bypass"
 
 
-def test_streamed_hit_is_replayed_as_the_same_sse(client: TestClient[Any], provider: ScriptedProvider) -> None:
+def test_streamed_hit_is_replayed_as_the_same_sse(
+    client: TestClient[Any], provider: ScriptedProvider
+) -> None:
     body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
     first = client.post("/v1/chat/completions", json=body)
     second = client.post("/v1/chat/completions", json=body)
@@ -112,7 +114,9 @@ def test_admin_route_needs_an_admin_key(provider: ScriptedProvider, cache: Respo
     with TestClient(create_app(router=router, extensions=[KeyAuth(), CacheExtension(cache)])) as client:
         denied = client.get("/v1/admin/cache", headers={"Authorization": "Bearer user-key"})
         assert denied.status_code == 403 and denied.json()["error"]["code"] == "admin_required"
-        assert client.delete("/v1/admin/cache", headers={"Authorization": "Bearer user-key"}).status_code == 403
+        assert (
+            client.delete("/v1/admin/cache", headers={"Authorization": "Bearer user-key"}).status_code == 403
+        )
         assert client.get("/v1/admin/cache", headers={"Authorization": "Bearer admin-key"}).status_code == 200
 
 

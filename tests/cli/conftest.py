@@ -27,8 +27,15 @@ def free_port() -> int:
 
 def write_config(path: Path, base_url: str, model: str = "mock-gpt", **extra: Any) -> Path:
     """The minimal config of issue 2 (one remote deployment), plus ``extra`` sections."""
-    data = {"models": [{"name": model, "deployments": [
-        {"provider": "remote", "model": "mock-gpt", "base_url": base_url}]}], **extra}
+    data = {
+        "models": [
+            {
+                "name": model,
+                "deployments": [{"provider": "remote", "model": "mock-gpt", "base_url": base_url}],
+            }
+        ],
+        **extra,
+    }
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -50,7 +57,9 @@ def llmrouter_serve(config: Path, *extra: str, env: dict[str, str] | None = None
     port = free_port()
     process = subprocess.Popen(
         llmrouter_command("serve", "--config", str(config), "--port", str(port), "--no-access-log", *extra),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         cwd=config.parent,  # the default SQLite ledger and cache files land next to the config
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
@@ -59,7 +68,9 @@ def llmrouter_serve(config: Path, *extra: str, env: dict[str, str] | None = None
     try:
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"llmrouter serve exited: {process.stdout.read() if process.stdout else ''}")
+                raise RuntimeError(
+                    f"llmrouter serve exited: {process.stdout.read() if process.stdout else ''}"
+                )
             try:
                 if httpx.get(f"{served.url}/health", timeout=1).status_code == 200:
                     break

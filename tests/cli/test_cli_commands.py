@@ -14,7 +14,9 @@ from llmrouter import cli
 from llmrouter.testing.upstream import FakeUpstream
 
 
-def test_models_table(tmp_path: Path, fake: FakeUpstream, make_config: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_models_table(
+    tmp_path: Path, fake: FakeUpstream, make_config: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = make_config(tmp_path / "c.yaml", fake.base_url)
     assert cli.main(["models", "--config", str(config)]) == 0
     header, row = capsys.readouterr().out.strip().splitlines()
@@ -44,12 +46,17 @@ def test_chat_error_is_one_line_and_exit_1(
 
 
 def test_chat_repl_keeps_history(
-    tmp_path: Path, fake: FakeUpstream, make_config: Any, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    fake: FakeUpstream,
+    make_config: Any,
+    capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     config = make_config(tmp_path / "c.yaml", fake.base_url)
     monkeypatch.setattr(sys, "stdin", io.StringIO("first\n\nsecond\n/exit\n"))
-    assert cli.main(["chat", "--config", str(config), "--system", "be brief"]) == 0  # default model: the only one
+    assert (
+        cli.main(["chat", "--config", str(config), "--system", "be brief"]) == 0
+    )  # default model: the only one
     out = capsys.readouterr().out
     assert "Echo: first" in out and "Echo: second" in out
     messages = fake.generation_requests()[-1].json["messages"]
@@ -86,7 +93,9 @@ def test_bad_config_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "has no deployments" in capsys.readouterr().err
 
 
-def test_plugin_subcommands_are_registered(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plugin_subcommands_are_registered(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     plugin = types.ModuleType("llmrouter.bench.cli")
 
     def register(subparsers: Any) -> None:

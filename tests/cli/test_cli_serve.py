@@ -46,11 +46,13 @@ def test_chain_of_two_routers(tmp_path: Path, fake: FakeUpstream, serve: Any, ma
         with serve(config_a) as node_a:
             sdk = openai.OpenAI(base_url=f"{node_a.url}/v1", api_key="unused", max_retries=0)
             raw = sdk.chat.completions.with_raw_response.create(
-                model="chained", messages=MESSAGES, extra_headers={"x-request-id": "chain-1"})
+                model="chained", messages=MESSAGES, extra_headers={"x-request-id": "chain-1"}
+            )
             assert raw.parse().choices[0].message.content == "Echo: ping"
             assert raw.headers["x-request-id"] == "chain-1"
             stream = sdk.chat.completions.create(
-                model="chained", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
+                model="chained", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+            )
             chunks = list(stream)
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Echo: ping"
             assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0

@@ -12,7 +12,9 @@ from llmrouter.testing.scripted import ScriptedProvider
 
 
 def group(name: str, provider: str, *aliases: str) -> ModelGroup:
-    return ModelGroup(name=name, aliases=list(aliases), deployments=[Deployment(provider=provider, model=name)])
+    return ModelGroup(
+        name=name, aliases=list(aliases), deployments=[Deployment(provider=provider, model=name)]
+    )
 
 
 class FindsTwo(ScriptedProvider):
@@ -64,7 +66,9 @@ FAKES = ["test-finds-two", "test-duplicate", "test-raises", "test-hangs", "test-
 
 @pytest.mark.anyio
 async def test_discovery_collects_groups_and_explains_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(KNOWN_PROVIDERS, "imaginary", "llmrouter-imaginary (pip install 'llmrouter[imaginary]')")
+    monkeypatch.setitem(
+        KNOWN_PROVIDERS, "imaginary", "llmrouter-imaginary (pip install 'llmrouter[imaginary]')"
+    )
     with anyio.fail_after(5):  # the hanging provider is cut off by the deadline, not awaited
         report = await discover_models(FAKES, deadline_s=0.3)
     assert [g.name for g in report.groups] == ["alpha", "beta", "gamma"]
@@ -74,7 +78,9 @@ async def test_discovery_collects_groups_and_explains_the_rest(monkeypatch: pyte
     assert "test-raises: discovery failed (OSError: probe exploded)" in lines
     assert "test-hangs: discovery timed out after 0.3s" in lines
     assert "test-nothing: nothing found" in lines
-    assert "imaginary: not installed (install llmrouter-imaginary (pip install 'llmrouter[imaginary]'))" in lines
+    assert (
+        "imaginary: not installed (install llmrouter-imaginary (pip install 'llmrouter[imaginary]'))" in lines
+    )
 
 
 @pytest.mark.anyio
@@ -105,8 +111,19 @@ async def test_discovery_runs_concurrently() -> None:
 
 @pytest.mark.anyio
 async def test_resolve_config_keeps_configured_models_and_turns_discovery_off() -> None:
-    configured = parse_config({"models": [{"name": "x", "deployments": [{"provider": "remote", "model": "x",
-                                                                         "base_url": "http://127.0.0.1:1/v1"}]}]}, env={})
+    configured = parse_config(
+        {
+            "models": [
+                {
+                    "name": "x",
+                    "deployments": [
+                        {"provider": "remote", "model": "x", "base_url": "http://127.0.0.1:1/v1"}
+                    ],
+                }
+            ]
+        },
+        env={},
+    )
     same, notes = await resolve_config(configured)
     assert same is configured and notes == []
     off, notes = await resolve_config(Config(discover=False))
@@ -120,6 +137,16 @@ async def test_unknown_provider_name_is_reported() -> None:
 
 
 def test_describe_config() -> None:
-    config = Config(models=[group("alpha", "p", "a1"), ModelGroup(
-        name="pair", deployments=[Deployment(provider="p", model="m1"), Deployment(provider="q", model="m2", id="q-main")])])
+    config = Config(
+        models=[
+            group("alpha", "p", "a1"),
+            ModelGroup(
+                name="pair",
+                deployments=[
+                    Deployment(provider="p", model="m1"),
+                    Deployment(provider="q", model="m2", id="q-main"),
+                ],
+            ),
+        ]
+    )
     assert describe_config(config) == ["alpha (aliases: a1) -> p/alpha", "pair -> p/m1, q-main"]

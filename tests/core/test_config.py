@@ -24,8 +24,21 @@ def test_minimal_config_puts_provider_keys_into_options(tmp_path):
 
 
 def test_env_interpolation_with_default_and_missing():
-    data = {"models": [{"name": "g", "deployments": [{"provider": "remote", "model": "m", "api_key": "${KEY}",
-                                                      "base_url": "${URL:-http://x/v1}"}]}]}
+    data = {
+        "models": [
+            {
+                "name": "g",
+                "deployments": [
+                    {
+                        "provider": "remote",
+                        "model": "m",
+                        "api_key": "${KEY}",
+                        "base_url": "${URL:-http://x/v1}",
+                    }
+                ],
+            }
+        ]
+    }
     config = parse_config(data, env={"KEY": "sk-1"})
     assert config.models[0].deployments[0].options == {"api_key": "sk-1", "base_url": "http://x/v1"}
     with pytest.raises(ConfigError, match=r"KEY is not set - at `\$.models\[0\].deployments\[0\].api_key`"):
@@ -50,11 +63,23 @@ def test_environment_overrides_sections_and_list_items():
     [
         ({"server": {"port": "eighty"}}, "$.server.port"),
         ({"server": {"prot": 1}}, "prot"),
-        ({"models": [{"name": "g", "deployments": [{"provider": "remote", "model": "m", "weight": "heavy"}]}]},
-         "$.models[0].deployments[0].weight"),
+        (
+            {
+                "models": [
+                    {"name": "g", "deployments": [{"provider": "remote", "model": "m", "weight": "heavy"}]}
+                ]
+            },
+            "$.models[0].deployments[0].weight",
+        ),
         ({"models": [{"name": "g", "deployments": []}]}, "$.models[0].deployments"),
-        ({"models": [{"name": "g", "deployments": [{"provider": "p", "model": "m"}], "fallbacks": ["nope"]}]},
-         "$.models[0].fallbacks[0]"),
+        (
+            {
+                "models": [
+                    {"name": "g", "deployments": [{"provider": "p", "model": "m"}], "fallbacks": ["nope"]}
+                ]
+            },
+            "$.models[0].fallbacks[0]",
+        ),
         ({"router": {"strategy": "fastest"}}, "$.router.strategy"),
     ],
 )

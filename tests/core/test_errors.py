@@ -33,7 +33,12 @@ def test_body_shape_and_context_window_code():
     error = errors.error_for_status(400, "too long", code="context_length_exceeded", param="messages")
     assert isinstance(error, errors.ContextWindowExceededError)
     assert error.to_body() == {
-        "error": {"message": "too long", "type": "invalid_request_error", "code": "context_length_exceeded", "param": "messages"}
+        "error": {
+            "message": "too long",
+            "type": "invalid_request_error",
+            "code": "context_length_exceeded",
+            "param": "messages",
+        }
     }
 
 

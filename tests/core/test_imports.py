@@ -3,7 +3,17 @@ import sys
 
 import llmrouter
 
-HEAVY = ("torch", "vllm", "transformers", "litestar", "sqlalchemy", "sqlmodel", "opentelemetry", "redis", "uvicorn")
+HEAVY = (
+    "torch",
+    "vllm",
+    "transformers",
+    "litestar",
+    "sqlalchemy",
+    "sqlmodel",
+    "opentelemetry",
+    "redis",
+    "uvicorn",
+)
 
 
 def test_import_llmrouter_loads_nothing_heavy():

@@ -8,9 +8,11 @@ from llmrouter.types import ChatMessage, ChatRequest
 
 pytestmark = pytest.mark.anyio
 
-ANSWER = (b'{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
-          b'"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
-          b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}')
+ANSWER = (
+    b'{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,'
+    b'"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+)
 
 
 def request() -> ChatRequest:
@@ -23,8 +25,10 @@ async def test_an_injected_client_is_used_with_its_hooks():
     async def hook(req: httpx.Request) -> None:
         seen.append((req.method, str(req.url), req.headers["authorization"]))
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, content=ANSWER)),
-                               event_hooks={"request": [hook]})
+    client = httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=ANSWER)),
+        event_hooks={"request": [hook]},
+    )
     upstream = OpenAICompatClient("http://upstream.test/v1", api_key="sk-1", http_client=client)
     response = await upstream.chat(request())
     assert response.choices[0].message.content == "hi"

@@ -36,7 +36,9 @@ def make_router(*providers, strategy="priority", hooks=(), config=None, group="g
     router = Router(config, hooks=hooks)
     deployments = []
     for i, provider in enumerate(providers):
-        deployment = Deployment(provider="scripted", model=provider.model, id=f"d{i}", **group_kwargs.pop(f"d{i}", {}))
+        deployment = Deployment(
+            provider="scripted", model=provider.model, id=f"d{i}", **group_kwargs.pop(f"d{i}", {})
+        )
         deployments.append(router.add_deployment(group, provider, deployment))
     router.groups[group].strategy = __import__("llmrouter.strategies", fromlist=["x"]).get_strategy(strategy)
     for key, value in group_kwargs.items():
@@ -65,7 +67,11 @@ async def test_unknown_model_is_404_with_param():
 
 async def test_aliases_and_direct_provider_addressing():
     register_provider("scripted", ScriptedProvider)
-    config = Config(models=[ModelGroup(name="big", aliases=["gpt"], deployments=[Deployment(provider="scripted", model="m1")])])
+    config = Config(
+        models=[
+            ModelGroup(name="big", aliases=["gpt"], deployments=[Deployment(provider="scripted", model="m1")])
+        ]
+    )
     router = Router(config)
     ctx = RequestContext()
     await router.chat(chat_body(model="gpt"), context=ctx)
@@ -154,8 +160,9 @@ async def test_fallback_to_other_group():
 async def test_cooldown_after_consecutive_failures_then_recovery():
     flaky = ScriptedProvider(steps=[Step(error=UpstreamError("x"))] * 2)
     steady = ScriptedProvider()
-    router = make_router(flaky, steady, d1={"priority": 1}, cooldown=Cooldown(failures=2, seconds=0.2),
-                         retry=Retry(attempts=0))
+    router = make_router(
+        flaky, steady, d1={"priority": 1}, cooldown=Cooldown(failures=2, seconds=0.2), retry=Retry(attempts=0)
+    )
     cooled = []
 
     class Events(RouterHooks):
@@ -272,7 +279,9 @@ async def test_cancelling_the_caller_cancels_the_provider():
 
 
 async def test_closing_a_stream_closes_the_provider_stream_and_bills_partial_output():
-    provider = ScriptedProvider(default=Step(text="one two three four five six", chunk_delay=0.01, usage=False))
+    provider = ScriptedProvider(
+        default=Step(text="one two three four five six", chunk_delay=0.01, usage=False)
+    )
     router = make_router(provider)
     ctx = RequestContext()
     stream = router.stream(chat_body(), context=ctx)
@@ -295,7 +304,9 @@ async def test_stream_usage_chunk_only_when_asked():
 
 
 async def test_mid_stream_failure_raises_after_content():
-    provider = ScriptedProvider(default=Step(text="a b c d", fail_after_chunks=2, error=UpstreamError("reset")))
+    provider = ScriptedProvider(
+        default=Step(text="a b c d", fail_after_chunks=2, error=UpstreamError("reset"))
+    )
     router = make_router(provider)
     ctx = RequestContext()
     got = []
@@ -333,7 +344,9 @@ async def test_hooks_order_and_exactly_once_after():
 async def test_rejection_releases_admitted_hooks_and_reports():
     log = []
     provider = ScriptedProvider()
-    router = make_router(provider, hooks=[Recorder("a", log), Recorder("b", log, reject=BudgetExceededError("no money"))])
+    router = make_router(
+        provider, hooks=[Recorder("a", log), Recorder("b", log, reject=BudgetExceededError("no money"))]
+    )
     with pytest.raises(BudgetExceededError):
         await router.chat(chat_body())
     assert provider.record.calls == 0
@@ -342,7 +355,9 @@ async def test_rejection_releases_admitted_hooks_and_reports():
 
 
 async def test_cost_from_price_table_and_max_cost_bound():
-    provider = ScriptedProvider(default=Step(usage=Usage(prompt_tokens=1000, completion_tokens=500, total_tokens=1500)))
+    provider = ScriptedProvider(
+        default=Step(usage=Usage(prompt_tokens=1000, completion_tokens=500, total_tokens=1500))
+    )
     router = make_router(provider)
     router.groups["g"].deployments[0].price = Price(input=2.0, output=8.0)
     ctx = RequestContext()

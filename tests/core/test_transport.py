@@ -28,8 +28,10 @@ async def test_keep_alive_reuses_one_connection_and_posts_bodies():
     with FakeUpstream() as up:
         async with httpx.AsyncClient(transport=AiohttpTransport()) as client:
             for _ in range(3):
-                response = await client.post(f"{up.base_url}/chat/completions",
-                                             json={"model": "fake-model", "messages": [{"role": "user", "content": "x"}]})
+                response = await client.post(
+                    f"{up.base_url}/chat/completions",
+                    json={"model": "fake-model", "messages": [{"role": "user", "content": "x"}]},
+                )
                 assert response.status_code == 200 and response.json()["object"] == "chat.completion"
         ports = {record.client[1] for record in up.generation_requests()}
         assert len(ports) == 1, "three requests on one pooled connection"
@@ -48,7 +50,10 @@ async def test_read_timeout_is_read_timeout():
         writer.close()
 
     server, port = await raw_server(silent)
-    async with server, httpx.AsyncClient(transport=AiohttpTransport(), timeout=httpx.Timeout(5, read=0.1)) as client:
+    async with (
+        server,
+        httpx.AsyncClient(transport=AiohttpTransport(), timeout=httpx.Timeout(5, read=0.1)) as client,
+    ):
         with pytest.raises(httpx.ReadTimeout):
             await client.get(f"http://127.0.0.1:{port}/")
 

@@ -51,7 +51,10 @@ def test_tools_response_format_stop_seed_n_user_round_trip():
         "messages": [{"role": "user", "content": "x"}],
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
         "tool_choice": "auto",
-        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}},
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "s", "schema": {"type": "object"}},
+        },
         "stop": ["\n", "END"],
         "seed": 7,
         "n": 2,
@@ -70,7 +73,10 @@ def test_tools_response_format_stop_seed_n_user_round_trip():
         (b'{"model":"m","messages":[]}', "messages"),
         (b'{"model":"m","messages":[{"role":"wizard","content":"x"}]}', "messages[0].role"),
         (b'{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}', "temperature"),
-        (b'{"model":"m","messages":[{"role":"user","content":[{"type":"video","url":"x"}]}]}', "messages[0].content[0].type"),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":[{"type":"video","url":"x"}]}]}',
+            "messages[0].content[0].type",
+        ),
         (b'{"messages":[{"role":"user","content":"x"}]}', None),
     ],
 )

@@ -28,27 +28,37 @@ def blocks(language: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def upstream():
-    with FakeUpstream(models=["mock-gpt", "smollm2-135m-instruct"], reply="Paris. You said: {last_user}", chunks=3) as up:
+    with FakeUpstream(
+        models=["mock-gpt", "smollm2-135m-instruct"], reply="Paris. You said: {last_user}", chunks=3
+    ) as up:
         yield up
 
 
 @pytest.fixture(scope="module")
 def service(upstream, tmp_path_factory):
     deployment = {"provider": "remote", "base_url": upstream.base_url}
-    config = parse_config({
-        "discover": False,
-        "models": [
-            {"name": "smollm2-135m-instruct", "deployments": [{**deployment, "model": "smollm2-135m-instruct"}]},
-            {"name": "mock-gpt", "deployments": [{**deployment, "model": "mock-gpt"}]},
-        ],
-        "accounting": {"enabled": False},
-    }, env={})
+    config = parse_config(
+        {
+            "discover": False,
+            "models": [
+                {
+                    "name": "smollm2-135m-instruct",
+                    "deployments": [{**deployment, "model": "smollm2-135m-instruct"}],
+                },
+                {"name": "mock-gpt", "deployments": [{**deployment, "model": "mock-gpt"}]},
+            ],
+            "accounting": {"enabled": False},
+        },
+        env={},
+    )
     with serve_app(create_app(config)) as url:
         yield url
 
 
 def rewrite(code: str, upstream: FakeUpstream, service: str) -> str:
-    return code.replace("http://127.0.0.1:18000/v1", upstream.base_url).replace("http://127.0.0.1:8000", service)
+    return code.replace("http://127.0.0.1:18000/v1", upstream.base_url).replace(
+        "http://127.0.0.1:8000", service
+    )
 
 
 def test_python_examples_run(upstream, service, capsys):
@@ -65,7 +75,9 @@ def test_curl_example_runs(upstream, service):
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     curl = next(code for code in blocks("bash") if code.lstrip().startswith("curl"))
-    result = subprocess.run(["bash", "-c", rewrite(curl, upstream, service)], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        ["bash", "-c", rewrite(curl, upstream, service)], capture_output=True, text=True, check=True
+    )
     assert '"object":"chat.completion"' in result.stdout.replace(" ", "") and "Paris" in result.stdout
 
 

@@ -11,7 +11,10 @@ import pytest
 from llmrouter.errors import UpstreamError
 from llmrouter.server.disconnect import ClientDisconnected, _call_in_task_group, call_until_disconnect
 
-PATHS = [pytest.param(call_until_disconnect, id="asyncio"), pytest.param(_call_in_task_group, id="task-group")]
+PATHS = [
+    pytest.param(call_until_disconnect, id="asyncio"),
+    pytest.param(_call_in_task_group, id="task-group"),
+]
 
 
 def receive_after(event: anyio.Event) -> Any:

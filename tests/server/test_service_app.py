@@ -39,7 +39,7 @@ def client() -> Iterator[TestClient[Any]]:
 
 
 def sse_payloads(text: str) -> list[Any]:
-    events = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in text.split("\n") if line.startswith("data: ")]
     return [event if event == "[DONE]" else msgspec.json.decode(event) for event in events]
 
 
@@ -70,16 +70,23 @@ def test_stream_ends_with_done_and_usage_only_when_asked(client: TestClient[Any]
     events = sse_payloads(response.text)
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "hello there"
+    assert (
+        "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        == "hello there"
+    )
     assert all(c.get("usage") is None for c in chunks)
 
-    asked = client.post("/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    asked = client.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    )
     last_chunk = sse_payloads(asked.text)[-2]
     assert last_chunk["choices"] == [] and last_chunk["usage"]["completion_tokens"] == 2
 
 
 def test_error_after_stream_started_is_a_final_event() -> None:
-    router, _ = make_router(Step(text="one two three", fail_after_chunks=1, error=UpstreamError("engine died")))
+    router, _ = make_router(
+        Step(text="one two three", fail_after_chunks=1, error=UpstreamError("engine died"))
+    )
     router.groups["m"].retry = msgspec.structs.replace(router.groups["m"].retry, attempts=0)
     with TestClient(create_app(router=router)) as client:
         response = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
@@ -101,11 +108,23 @@ def test_request_id_cache_control_and_traceparent_reach_the_context() -> None:
     router.hooks.append(Recorder())
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     with TestClient(create_app(router=router)) as client:
-        response = client.post("/v1/chat/completions", json=CHAT, headers={
-            "x-request-id": "req-123", "cache-control": "no-cache, no-store", "traceparent": traceparent})
+        response = client.post(
+            "/v1/chat/completions",
+            json=CHAT,
+            headers={
+                "x-request-id": "req-123",
+                "cache-control": "no-cache, no-store",
+                "traceparent": traceparent,
+            },
+        )
     assert response.headers["x-request-id"] == "req-123"
     (ctx,) = seen
-    assert (ctx.request_id, ctx.no_cache, ctx.no_store, ctx.traceparent) == ("req-123", True, True, traceparent)
+    assert (ctx.request_id, ctx.no_cache, ctx.no_store, ctx.traceparent) == (
+        "req-123",
+        True,
+        True,
+        traceparent,
+    )
 
 
 @pytest.mark.parametrize(
@@ -114,12 +133,18 @@ def test_request_id_cache_control_and_traceparent_reach_the_context() -> None:
         (b"{not json", None, "not valid JSON"),
         (b"[1, 2]", None, "JSON object"),
         (b'{"model": "m", "messages": []}', "messages", "length >= 1"),
-        (b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}', "messages[0].role", "Invalid enum"),
+        (
+            b'{"model": "m", "messages": [{"role": "robot", "content": "x"}]}',
+            "messages[0].role",
+            "Invalid enum",
+        ),
         (b'{"model": "m", "messages": [{"role": "user"}], "temperature": 5}', "temperature", "<= 2"),
         (b'{"messages": [{"role": "user", "content": "x"}]}', None, "model"),
     ],
 )
-def test_bad_requests_are_400_with_param(client: TestClient[Any], body: bytes, param: str | None, fragment: str) -> None:
+def test_bad_requests_are_400_with_param(
+    client: TestClient[Any], body: bytes, param: str | None, fragment: str
+) -> None:
     response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 400
     error = response.json()["error"]
@@ -176,7 +201,11 @@ def test_unexpected_exception_is_a_generic_500(caplog: pytest.LogCaptureFixture)
         response = client.post("/v1/chat/completions", json=CHAT)
     assert response.status_code == 500
     assert response.json()["error"] == {
-        "message": "internal server error", "type": "server_error", "code": "internal_error", "param": None}
+        "message": "internal server error",
+        "type": "server_error",
+        "code": "internal_error",
+        "param": None,
+    }
     assert "secret" not in response.text and "Traceback" not in response.text
     assert "secret internal detail" in caplog.text
 
@@ -214,7 +243,9 @@ def test_create_app_emits_no_litestar_deprecation_warnings() -> None:
 
 
 def test_cors_from_config() -> None:
-    app = create_app(Config(server=ServerConfig(cors_origins=["https://app.example"])), router=make_router()[0])
+    app = create_app(
+        Config(server=ServerConfig(cors_origins=["https://app.example"])), router=make_router()[0]
+    )
     with TestClient(app) as client:
         response = client.post("/v1/chat/completions", json=CHAT, headers={"origin": "https://app.example"})
         assert response.headers["access-control-allow-origin"] == "https://app.example"

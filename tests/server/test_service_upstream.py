@@ -20,8 +20,12 @@ def issue_config(base_url: str, **server: Any) -> Any:
     """The minimal config from issue 2, pointed at the fake upstream."""
     return parse_config(
         {
-            "models": [{"name": "mock-gpt", "deployments": [
-                {"provider": "remote", "model": "mock-gpt", "base_url": base_url}]}],
+            "models": [
+                {
+                    "name": "mock-gpt",
+                    "deployments": [{"provider": "remote", "model": "mock-gpt", "base_url": base_url}],
+                }
+            ],
             "router": {"retry": {"attempts": 0}},
             "server": server,
         },
@@ -54,7 +58,8 @@ def test_sync_chat_and_stream(client: openai.OpenAI, fake: FakeUpstream) -> None
     assert fake.last_request.json["model"] == "mock-gpt"
 
     stream = client.chat.completions.create(
-        model="mock-gpt", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
+        model="mock-gpt", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Echo: ping"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
@@ -110,8 +115,10 @@ def test_legacy_completions(client: openai.OpenAI) -> None:
 def _post_raw(url: str, body: bytes) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=5)
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     sock.sendall(head + body)
     return sock
 
@@ -125,8 +132,9 @@ async def test_client_disconnect_closes_the_upstream_connection(
     # close its upstream connection promptly instead of waiting for the answer.
     # A long, slow answer: it cannot finish before the disconnect reaches the upstream.
     fake.enqueue(Behaviour(reply="word " * 200, chunks=200, delay_ms=50) if stream else "hang")
-    body = (b'{"model": "mock-gpt", "stream": %s, "messages": [{"role": "user", "content": "hi"}]}'
-            % (b"true" if stream else b"false"))
+    body = b'{"model": "mock-gpt", "stream": %s, "messages": [{"role": "user", "content": "hi"}]}' % (
+        b"true" if stream else b"false"
+    )
     sock = _post_raw(service, body)
     (upstream_request,) = await fake.wait_for_requests(1)
     if stream:

@@ -6,7 +6,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-BROKEN = '''
+BROKEN = """
 import msgspec
 import pytest
 from llmrouter_remote import RemoteProvider
@@ -62,7 +62,7 @@ class TestNoUsageChunk(Base):
 
 class TestIgnoresStop(Base):
     provider_class = IgnoresStop
-'''
+"""
 
 
 def test_conformance_catches_broken_providers(pytester: pytest.Pytester) -> None:

@@ -23,8 +23,9 @@ def test_chat_json_and_stream_with_usage() -> None:
             assert answer["choices"][0]["message"]["content"] == "Echo ping pong via fake-model"
             usage = answer["usage"]
             assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-            streamed = client.post("/chat/completions", json={**CHAT, "stream": True,
-                                                               "stream_options": {"include_usage": True}})
+            streamed = client.post(
+                "/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+            )
             events = sse_data(streamed.text)
     assert streamed.headers["content-type"].startswith("text/event-stream")
     assert events[-1] == "[DONE]"
@@ -50,8 +51,11 @@ def test_max_tokens_and_stop() -> None:
         stopped = client.post("/chat/completions", json={**CHAT, "stop": ["gam"]}).json()
         completion = client.post("/completions", json={"model": "m", "prompt": "x", "max_tokens": 1}).json()
     assert limited["choices"][0] | {"logprobs": None} == {
-        "index": 0, "message": {"role": "assistant", "content": "alpha beta"}, "finish_reason": "length",
-        "logprobs": None}
+        "index": 0,
+        "message": {"role": "assistant", "content": "alpha beta"},
+        "finish_reason": "length",
+        "logprobs": None,
+    }
     assert limited["usage"]["completion_tokens"] == 2
     assert stopped["choices"][0]["message"]["content"] == "alpha beta "
     assert stopped["choices"][0]["finish_reason"] == "stop"
@@ -59,10 +63,16 @@ def test_max_tokens_and_stop() -> None:
 
 
 def test_behaviour_by_header_queue_and_model() -> None:
-    with FakeUpstream(model_behaviours={"busy-model": "rate_limit"}) as up, httpx.Client(base_url=up.base_url) as client:
+    with (
+        FakeUpstream(model_behaviours={"busy-model": "rate_limit"}) as up,
+        httpx.Client(base_url=up.base_url) as client,
+    ):
         by_header = client.post("/chat/completions", json=CHAT, headers={"x-fake-behaviour": "unavailable"})
-        custom = client.post("/chat/completions", json=CHAT,
-                             headers={"x-fake-behaviour": '{"status": 418, "error_message": "teapot"}'})
+        custom = client.post(
+            "/chat/completions",
+            json=CHAT,
+            headers={"x-fake-behaviour": '{"status": 418, "error_message": "teapot"}'},
+        )
         up.enqueue("not_found", Behaviour(reply="scripted"))
         queued = [client.post("/chat/completions", json=CHAT) for _ in range(3)]
         by_model = client.post("/chat/completions", json={**CHAT, "model": "busy-model"})
@@ -85,14 +95,20 @@ def test_models_auth_and_strict_models() -> None:
             assert [m["id"] for m in client.get("/models", headers=auth).json()["data"]] == ["a", "b"]
             missing = client.post("/chat/completions", json=CHAT, headers=auth)
             assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
-            assert client.post("/chat/completions", json={**CHAT, "model": "a"}, headers=auth).status_code == 200
+            assert (
+                client.post("/chat/completions", json={**CHAT, "model": "a"}, headers=auth).status_code == 200
+            )
         assert httpx.get(f"{up.url}/health").status_code == 200
 
 
 def test_break_stream_drops_the_connection() -> None:
     with FakeUpstream() as up, httpx.Client(base_url=up.base_url) as client:
         with pytest.raises(httpx.RemoteProtocolError):
-            client.post("/chat/completions", json={**CHAT, "stream": True}, headers={"x-fake-behaviour": "break_stream"})
+            client.post(
+                "/chat/completions",
+                json={**CHAT, "stream": True},
+                headers={"x-fake-behaviour": "break_stream"},
+            )
         assert up.last_request.chunks_sent == 2
 
 
@@ -118,8 +134,19 @@ def test_subprocess_with_control_endpoints() -> None:
     with FakeUpstream() as probe:  # borrow a free port
         port = probe.port
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmrouter.testing.upstream", "--port", str(port), "--chunks", "4", "--model", "sub"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "llmrouter.testing.upstream",
+            "--port",
+            str(port),
+            "--chunks",
+            "4",
+            "--model",
+            "sub",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -130,7 +157,9 @@ def test_subprocess_with_control_endpoints() -> None:
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline and proc.poll() is None, "the subprocess upstream did not start"
+            assert time.monotonic() < deadline and proc.poll() is None, (
+                "the subprocess upstream did not start"
+            )
             time.sleep(0.05)
         assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == "sub"
         assert httpx.post(f"{base}/_fake/script", json=["rate_limit"]).status_code == 200

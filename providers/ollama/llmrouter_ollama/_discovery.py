@@ -62,7 +62,12 @@ class DiscoveryResult:
         return f"ollama: {len(self.models)} model(s) at {self.host}: {shown}"
 
 
-async def probe(host: str | None = None, *, probe_timeout: float = PROBE_TIMEOUT, transport: httpx.AsyncBaseTransport | None = None) -> DiscoveryResult:
+async def probe(
+    host: str | None = None,
+    *,
+    probe_timeout: float = PROBE_TIMEOUT,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> DiscoveryResult:
     """Ask the daemon for its models (``GET /api/tags``); never raises."""
     base = resolve_host(host)
     kwargs = {"transport": transport} if transport is not None else {}
@@ -104,6 +109,8 @@ def groups_for(result: DiscoveryResult) -> list[ModelGroup]:
         if name in seen:
             continue
         seen.add(name)
-        deployment = Deployment(provider="ollama", model=model, id=f"ollama/{model}", options={"host": result.host})
+        deployment = Deployment(
+            provider="ollama", model=model, id=f"ollama/{model}", options={"host": result.host}
+        )
         groups.append(ModelGroup(name=name, deployments=[deployment], aliases=aliases))
     return groups

@@ -70,7 +70,9 @@ def translate(exc: BaseException, model: str, host: str) -> LLMRouterError | Non
     if isinstance(exc, ConnectionError | httpx.ConnectError):
         return UpstreamConnectionError(f"ollama: no daemon answering at {host}", provider=PROVIDER)
     if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeoutError(f"ollama: timed out talking to {host}: {type(exc).__name__}", provider=PROVIDER)
+        return UpstreamTimeoutError(
+            f"ollama: timed out talking to {host}: {type(exc).__name__}", provider=PROVIDER
+        )
     if isinstance(exc, httpx.TransportError):
         return UpstreamConnectionError(f"ollama: connection to {host} broke: {exc}", provider=PROVIDER)
     if isinstance(exc, json.JSONDecodeError | pydantic.ValidationError):

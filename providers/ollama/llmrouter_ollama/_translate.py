@@ -66,8 +66,19 @@ PROVIDER = "ollama"
 # Request fields a client may add for Ollama; they go into ``options``.
 _PASSTHROUGH_OPTIONS = frozenset(
     {
-        "top_k", "min_p", "typical_p", "repeat_penalty", "repeat_last_n", "num_ctx", "num_keep",
-        "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline", "num_batch", "num_gpu",
+        "top_k",
+        "min_p",
+        "typical_p",
+        "repeat_penalty",
+        "repeat_last_n",
+        "num_ctx",
+        "num_keep",
+        "mirostat",
+        "mirostat_tau",
+        "mirostat_eta",
+        "penalize_newline",
+        "num_batch",
+        "num_gpu",
         "num_thread",
     }
 )
@@ -101,9 +112,13 @@ def _sampling_options(request: ChatRequest | CompletionRequest, defaults: dict[s
 
 def _reject_unsupported(request: ChatRequest | CompletionRequest) -> None:
     if request.n not in (None, 1):
-        raise UnsupportedFeatureError("ollama returns one choice per request: n must be 1", param="n", provider=PROVIDER)
+        raise UnsupportedFeatureError(
+            "ollama returns one choice per request: n must be 1", param="n", provider=PROVIDER
+        )
     if request.logit_bias:
-        raise UnsupportedFeatureError("ollama does not support logit_bias", param="logit_bias", provider=PROVIDER)
+        raise UnsupportedFeatureError(
+            "ollama does not support logit_bias", param="logit_bias", provider=PROVIDER
+        )
 
 
 def _image_bytes(part: ImagePart, where: str) -> bytes:
@@ -113,7 +128,8 @@ def _image_bytes(part: ImagePart, where: str) -> bytes:
         # arbitrary hosts; Ollama itself only takes inline images.
         raise UnsupportedFeatureError(
             "ollama takes inline images only: send the image as a data: URL (base64)",
-            param=where, provider=PROVIDER,
+            param=where,
+            provider=PROVIDER,
         )
     header, _, payload = url.partition(",")
     if not header.endswith(";base64"):
@@ -140,7 +156,8 @@ def _content_and_images(message: ChatMessage, where: str) -> tuple[str, list[str
         elif isinstance(part, AudioPart | FilePart):
             raise UnsupportedFeatureError(
                 f"ollama does not accept {part.__struct_config__.tag} content parts",
-                param=f"{where}.content[{j}]", provider=PROVIDER,
+                param=f"{where}.content[{j}]",
+                provider=PROVIDER,
             )
     return "\n".join(texts), images
 
@@ -213,12 +230,19 @@ def _response_format(request: ChatRequest) -> str | dict[str, Any] | None:
     if fmt.type == "json_object":
         return "json"
     if fmt.json_schema is None or fmt.json_schema.schema is None:
-        raise InvalidRequestError("response_format json_schema needs a schema", param="response_format.json_schema")
+        raise InvalidRequestError(
+            "response_format json_schema needs a schema", param="response_format.json_schema"
+        )
     return fmt.json_schema.schema
 
 
 def build_chat_body(
-    request: ChatRequest, model: str, *, stream: bool, default_options: dict[str, Any], keep_alive: str | float | None
+    request: ChatRequest,
+    model: str,
+    *,
+    stream: bool,
+    default_options: dict[str, Any],
+    keep_alive: str | float | None,
 ) -> dict[str, Any]:
     """The JSON body of ``POST /api/chat`` for ``request``."""
     _reject_unsupported(request)
@@ -279,14 +303,21 @@ def _usage(part: Any, *, prompt_tokens_fallback: int, completion_text: str, mode
         prompt = prompt_tokens_fallback
     if completion is None:
         completion = count_text(completion_text, model)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=estimated)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        estimated=estimated,
+    )
 
 
 def _tool_calls(message: Any) -> list[ToolCall]:
     return [
         ToolCall(
             id=f"call_{uuid.uuid4().hex[:24]}",
-            function=FunctionCall(name=call.function.name, arguments=json.dumps(dict(call.function.arguments))),
+            function=FunctionCall(
+                name=call.function.name, arguments=json.dumps(dict(call.function.arguments))
+            ),
         )
         for call in message.tool_calls or ()
     ]
@@ -348,8 +379,14 @@ class ChatStreamTranslator:
         self._tool_index = 0
         self._text: list[str] = []
 
-    def _chunk(self, delta: Delta | None, finish_reason: str | None = None, logprobs: Any = None) -> ChatChunk:
-        choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=logprobs)]
+    def _chunk(
+        self, delta: Delta | None, finish_reason: str | None = None, logprobs: Any = None
+    ) -> ChatChunk:
+        choices = (
+            []
+            if delta is None
+            else [ChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=logprobs)]
+        )
         return ChatChunk(id=self.id, created=self.created, model=self.model, choices=choices)
 
     def _role(self) -> str | None:
@@ -366,7 +403,9 @@ class ChatStreamTranslator:
         content = message.content or ""
         if content or message.thinking:
             self._text.append(content)
-            delta = Delta(role=self._role(), content=content or None, reasoning_content=message.thinking or None)  # type: ignore[arg-type]
+            delta = Delta(
+                role=self._role(), content=content or None, reasoning_content=message.thinking or None
+            )  # type: ignore[arg-type]
             chunks.append(self._chunk(delta, logprobs=_logprobs(part)))
         calls = _tool_calls(message)
         if calls:
@@ -374,8 +413,12 @@ class ChatStreamTranslator:
             for call in calls:
                 deltas.append(
                     ToolCallDelta(
-                        index=self._tool_index, id=call.id, type="function",
-                        function=FunctionCallDelta(name=call.function.name, arguments=call.function.arguments),
+                        index=self._tool_index,
+                        id=call.id,
+                        type="function",
+                        function=FunctionCallDelta(
+                            name=call.function.name, arguments=call.function.arguments
+                        ),
                     )
                 )
                 self._tool_index += 1
@@ -402,7 +445,9 @@ def completion_response(part: Any, request: CompletionRequest) -> CompletionResp
         id=new_id("cmpl"),
         created=now(),
         model=part.model or request.model,
-        choices=[CompletionChoice(text=text, finish_reason=finish_reason_for(part.done_reason, called_tools=False))],
+        choices=[
+            CompletionChoice(text=text, finish_reason=finish_reason_for(part.done_reason, called_tools=False))
+        ],
         usage=_usage(
             part,
             prompt_tokens_fallback=count_text(request.prompt_text, request.model),
@@ -412,18 +457,24 @@ def completion_response(part: Any, request: CompletionRequest) -> CompletionResp
     )
 
 
-def completion_chunk(part: Any, request: CompletionRequest, stream_id: str, created: int, text_so_far: str) -> list[CompletionChunk]:
+def completion_chunk(
+    part: Any, request: CompletionRequest, stream_id: str, created: int, text_so_far: str
+) -> list[CompletionChunk]:
     """The legacy-completion chunks for one ``/api/generate`` stream part."""
     chunks: list[CompletionChunk] = []
     model = part.model or request.model
     if part.response:
         chunks.append(
-            CompletionChunk(id=stream_id, created=created, model=model, choices=[CompletionChoice(text=part.response)])
+            CompletionChunk(
+                id=stream_id, created=created, model=model, choices=[CompletionChoice(text=part.response)]
+            )
         )
     if part.done:
         reason = finish_reason_for(part.done_reason, called_tools=False)
         chunks.append(
-            CompletionChunk(id=stream_id, created=created, model=model, choices=[CompletionChoice(finish_reason=reason)])
+            CompletionChunk(
+                id=stream_id, created=created, model=model, choices=[CompletionChoice(finish_reason=reason)]
+            )
         )
         usage = _usage(
             part,

@@ -94,7 +94,9 @@ class OllamaProvider(Provider[OllamaOptions]):
         kwargs: dict[str, Any] = {"event_hooks": {"response": [record_retry_after]}}
         if self._transport is not None:
             kwargs["transport"] = self._transport
-        return ollama.AsyncClient(host=self.host, timeout=timeout, headers=self.options.headers or None, **kwargs)
+        return ollama.AsyncClient(
+            host=self.host, timeout=timeout, headers=self.options.headers or None, **kwargs
+        )
 
     @property
     def client(self) -> ollama.AsyncClient:
@@ -127,8 +129,11 @@ class OllamaProvider(Provider[OllamaOptions]):
 
     def _chat_body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
         return _translate.build_chat_body(
-            request, self.model, stream=stream,
-            default_options=self.options.model_options, keep_alive=self.options.keep_alive,
+            request,
+            self.model,
+            stream=stream,
+            default_options=self.options.model_options,
+            keep_alive=self.options.keep_alive,
         )
 
     async def _post_chat(self, body: dict[str, Any], *, stream: bool) -> Any:
@@ -164,7 +169,10 @@ class OllamaProvider(Provider[OllamaOptions]):
 
     def _generate_body(self, request: CompletionRequest) -> dict[str, Any]:
         return _translate.build_generate_body(
-            request, self.model, default_options=self.options.model_options, keep_alive=self.options.keep_alive
+            request,
+            self.model,
+            default_options=self.options.model_options,
+            keep_alive=self.options.keep_alive,
         )
 
     async def complete(self, request: CompletionRequest) -> CompletionResponse:
@@ -183,7 +191,9 @@ class OllamaProvider(Provider[OllamaOptions]):
             parts = cast(AsyncGenerator[Any, None], await self.client.generate(**body, stream=True))
             async with contextlib.aclosing(parts):
                 async for part in parts:
-                    for chunk in _translate.completion_chunk(part, request, stream_id, created, "".join(text)):
+                    for chunk in _translate.completion_chunk(
+                        part, request, stream_id, created, "".join(text)
+                    ):
                         yield chunk
                     text.append(part.response or "")
                     if part.done:
@@ -218,7 +228,9 @@ class OllamaProvider(Provider[OllamaOptions]):
         latency = (time.perf_counter() - started) * 1000
         if self.model in names or f"{self.model}:latest" in names:
             return Health(ok=True, latency_ms=latency)
-        error = ModelNotFoundError(f"model {self.model!r} is not pulled on {self.host} (ollama pull {self.model})")
+        error = ModelNotFoundError(
+            f"model {self.model!r} is not pulled on {self.host} (ollama pull {self.model})"
+        )
         return Health(ok=False, detail=error.message, latency_ms=latency)
 
     # --- zero-config ------------------------------------------------------------------

@@ -130,8 +130,12 @@ class FakeOllama:
             "size": 2019393189,
             "digest": "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
             "details": {
-                "parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
-                "parameter_size": "3.2B", "quantization_level": "Q4_K_M",
+                "parent_model": "",
+                "format": "gguf",
+                "family": "llama",
+                "families": ["llama"],
+                "parameter_size": "3.2B",
+                "quantization_level": "Q4_K_M",
             },
         }
 
@@ -147,10 +151,11 @@ class FakeOllama:
             await _send_json(send, 404, {"error": f"model '{data.get('model')}' not found"})
             return
         await _send_json(
-            send, 200,
+            send,
+            200,
             {
                 "modelfile": f"FROM {name}",
-                "parameters": "stop \"<|eot_id|>\"",
+                "parameters": 'stop "<|eot_id|>"',
                 "template": "{{ .Prompt }}",
                 "details": self._tag(name)["details"],
                 "model_info": {"general.architecture": "llama", "llama.context_length": 8192},
@@ -183,7 +188,9 @@ class FakeOllama:
             prompt = _words(str(data.get("prompt") or "")) + 1
         return tokens, reason, prompt
 
-    def _part(self, path: str, model: str, text: str, *, done: bool, thinking: str | None = None) -> dict[str, Any]:
+    def _part(
+        self, path: str, model: str, text: str, *, done: bool, thinking: str | None = None
+    ) -> dict[str, Any]:
         part: dict[str, Any] = {"model": model, "created_at": _timestamp()}
         if path == "/api/chat":
             message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -195,7 +202,9 @@ class FakeOllama:
         part["done"] = done
         return part
 
-    def _final(self, path: str, model: str, text: str, reason: str, prompt: int, count: int) -> dict[str, Any]:
+    def _final(
+        self, path: str, model: str, text: str, reason: str, prompt: int, count: int
+    ) -> dict[str, Any]:
         part = self._part(path, model, text, done=True)
         part["done_reason"] = reason
         if path == "/api/generate":
@@ -216,7 +225,9 @@ class FakeOllama:
             await _send_json(send, 404, {"error": f'model "{model}" not found, try pulling it first'})
             return
         if self.fail_status is not None:
-            await _send_json(send, self.fail_status, self.fail_body or {"error": "fake failure"}, self.fail_headers)
+            await _send_json(
+                send, self.fail_status, self.fail_body or {"error": "fake failure"}, self.fail_headers
+            )
             return
         tokens, reason, prompt = self._plan(path, data)
         call = self.tool_call if (self.tool_call and data.get("tools")) else None
@@ -249,15 +260,28 @@ class FakeOllama:
             group.cancel_scope.cancel()
 
     async def _stream(
-        self, path: str, model: str, data: dict[str, Any], tokens: list[str], reason: str, prompt: int,
-        call: dict[str, Any] | None, send: Any,
+        self,
+        path: str,
+        model: str,
+        data: dict[str, Any],
+        tokens: list[str],
+        reason: str,
+        prompt: int,
+        call: dict[str, Any] | None,
+        send: Any,
     ) -> None:
         await send(
-            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/x-ndjson")]}
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/x-ndjson")],
+            }
         )
 
         async def line(obj: dict[str, Any]) -> None:
-            await send({"type": "http.response.body", "body": json.dumps(obj).encode() + b"\n", "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": json.dumps(obj).encode() + b"\n", "more_body": True}
+            )
 
         if data.get("think") and path == "/api/chat":
             await line(self._part(path, model, "", done=False, thinking="Let me think."))
@@ -286,5 +310,11 @@ async def _send_json(send: Any, status: int, obj: Any, headers: dict[str, str] |
 
 
 async def _send_text(send: Any, status: int, text: str) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+        }
+    )
     await send({"type": "http.response.body", "body": text.encode()})

@@ -22,7 +22,11 @@ async def test_discover_registers_every_pulled_model(
     llama = by_name["ollama/llama3.2"]
     assert llama.aliases == ["llama3.2", "llama3.2:latest", "ollama/llama3.2:latest"]
     (deployment,) = llama.deployments
-    assert (deployment.provider, deployment.model, deployment.options) == ("ollama", "llama3.2:latest", {"host": ollama_url})
+    assert (deployment.provider, deployment.model, deployment.options) == (
+        "ollama",
+        "llama3.2:latest",
+        {"host": ollama_url},
+    )
     assert by_name["ollama/qwen2.5:0.5b"].aliases == ["qwen2.5:0.5b"]
     note = OllamaProvider.discovery_note()
     assert note.startswith(f"ollama: 2 model(s) at {ollama_url}") and "llama3.2:latest" in note
@@ -37,7 +41,9 @@ async def test_discovered_deployment_serves_chat(ollama_url: str, monkeypatch: p
     async with OllamaProvider.from_config(deployment.model, deployment.options) as provider:
         from llmrouter.types import decode_chat_request
 
-        response = await provider.chat(decode_chat_request({"model": group.name, "messages": [{"role": "user", "content": "hi"}]}))
+        response = await provider.chat(
+            decode_chat_request({"model": group.name, "messages": [{"role": "user", "content": "hi"}]})
+        )
     assert response.choices[0].message.content
 
 
@@ -86,7 +92,9 @@ def test_ollama_host_forms(value: str | None, expected: str, monkeypatch: pytest
     assert resolve_host(value) == expected
 
 
-async def test_zero_config_router_serves_discovered_models(ollama_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_zero_config_router_serves_discovered_models(
+    ollama_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from llmrouter.router import Router
 
     monkeypatch.setenv("OLLAMA_HOST", ollama_url)

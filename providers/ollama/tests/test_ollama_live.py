@@ -20,7 +20,10 @@ from llmrouter.types import decode_chat_request
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.live_ollama,
-    pytest.mark.skipif(os.environ.get("LLMROUTER_LIVE_OLLAMA") != "1", reason="set LLMROUTER_LIVE_OLLAMA=1 to talk to a real daemon"),
+    pytest.mark.skipif(
+        os.environ.get("LLMROUTER_LIVE_OLLAMA") != "1",
+        reason="set LLMROUTER_LIVE_OLLAMA=1 to talk to a real daemon",
+    ),
 ]
 
 

@@ -51,7 +51,9 @@ def sent_body(fake: FakeOllama, path: str = "/api/chat") -> dict[str, Any]:
 # --- chat -----------------------------------------------------------------------------
 
 
-async def test_chat_returns_text_usage_and_finish_reason(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
+async def test_chat_returns_text_usage_and_finish_reason(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
     response = await provider.chat(chat_request())
     choice = response.choices[0]
     assert choice.message.role == "assistant"
@@ -68,17 +70,28 @@ async def test_chat_returns_text_usage_and_finish_reason(provider: OllamaProvide
 
 async def test_sampling_options_are_mapped(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
     await provider.chat(
-        chat_request(temperature=0.2, top_p=0.9, max_tokens=50, stop=["\n\n"], seed=7, top_k=20, keep_alive="1m")
+        chat_request(
+            temperature=0.2, top_p=0.9, max_tokens=50, stop=["\n\n"], seed=7, top_k=20, keep_alive="1m"
+        )
     )
     body = sent_body(fake_ollama)
     assert body["options"] == {
-        "temperature": 0.2, "top_p": 0.9, "num_predict": 50, "stop": ["\n\n"], "seed": 7, "top_k": 20,
+        "temperature": 0.2,
+        "top_p": 0.9,
+        "num_predict": 50,
+        "stop": ["\n\n"],
+        "seed": 7,
+        "top_k": 20,
     }
     assert body["keep_alive"] == "1m"
 
 
-async def test_deployment_model_options_are_defaults_the_request_overrides(ollama_url: str, fake_ollama: FakeOllama) -> None:
-    options = OllamaOptions(host=ollama_url, model_options={"num_ctx": 8192, "temperature": 1.0}, keep_alive="10m")
+async def test_deployment_model_options_are_defaults_the_request_overrides(
+    ollama_url: str, fake_ollama: FakeOllama
+) -> None:
+    options = OllamaOptions(
+        host=ollama_url, model_options={"num_ctx": 8192, "temperature": 1.0}, keep_alive="10m"
+    )
     async with OllamaProvider("llama3.2", options) as p:
         await p.chat(chat_request(temperature=0.0))
     body = sent_body(fake_ollama)
@@ -104,7 +117,9 @@ async def test_json_mode_sets_format(provider: OllamaProvider, fake_ollama: Fake
     assert json.loads(response.choices[0].message.content or "") == {"answer": "fake"}
     assert sent_body(fake_ollama)["format"] == "json"
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
-    await provider.chat(chat_request(response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}))
+    await provider.chat(
+        chat_request(response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    )
     assert sent_body(fake_ollama)["format"] == schema
 
 
@@ -120,7 +135,9 @@ async def test_uncounted_prompt_is_estimated(provider: OllamaProvider, fake_olla
 # --- streaming ------------------------------------------------------------------------
 
 
-async def test_stream_yields_deltas_then_finish_then_usage(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
+async def test_stream_yields_deltas_then_finish_then_usage(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
     chunks = await collect(provider.stream(chat_request(stream=True)))
     content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert "".join(c.choices[0].delta.content or "" for c in content_chunks) == REPLY
@@ -141,7 +158,9 @@ async def test_stream_length_limit(provider: OllamaProvider) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
 
 
-async def test_stream_thinking_becomes_reasoning_content(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
+async def test_stream_thinking_becomes_reasoning_content(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
     chunks = await collect(provider.stream(chat_request(think=True)))
     assert sent_body(fake_ollama)["think"] is True
     assert chunks[0].choices[0].delta.reasoning_content == "Let me think."
@@ -171,7 +190,9 @@ WEATHER_TOOL = {
 }
 
 
-async def test_tool_schema_reaches_the_daemon_unchanged(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
+async def test_tool_schema_reaches_the_daemon_unchanged(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
     await provider.chat(chat_request(tools=[WEATHER_TOOL]))
     assert sent_body(fake_ollama)["tools"] == [WEATHER_TOOL]
 
@@ -201,7 +222,9 @@ async def test_tool_choice_none_offers_no_tools(provider: OllamaProvider, fake_o
     assert "tools" not in sent_body(fake_ollama)
 
 
-async def test_conversation_with_images_and_tool_results(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
+async def test_conversation_with_images_and_tool_results(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
     png = b"\x89PNG\r\n\x1a\nfake"
     data_url = "data:image/png;base64," + base64.b64encode(png).decode()
     request = decode_chat_request(
@@ -209,14 +232,24 @@ async def test_conversation_with_images_and_tool_results(provider: OllamaProvide
             "model": "llama3.2",
             "messages": [
                 {"role": "developer", "content": "Be brief."},
-                {"role": "user", "content": [
-                    {"type": "text", "text": "What is this?"},
-                    {"type": "image_url", "image_url": {"url": data_url}},
-                ]},
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "call_1", "type": "function",
-                     "function": {"name": "get_weather", "arguments": "{\"place\": {\"city\": \"Paris\"}}"}},
-                ]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": data_url}},
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"place": {"city": "Paris"}}'},
+                        },
+                    ],
+                },
                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
             ],
         }
@@ -226,13 +259,21 @@ async def test_conversation_with_images_and_tool_results(provider: OllamaProvide
     assert messages[0] == {"role": "system", "content": "Be brief."}
     assert messages[1]["content"] == "What is this?"
     assert base64.b64decode(messages[1]["images"][0]) == png
-    assert messages[2]["tool_calls"] == [{"function": {"name": "get_weather", "arguments": {"place": {"city": "Paris"}}}}]
+    assert messages[2]["tool_calls"] == [
+        {"function": {"name": "get_weather", "arguments": {"place": {"city": "Paris"}}}}
+    ]
     assert messages[3] == {"role": "tool", "content": "sunny", "tool_name": "get_weather"}
 
 
 async def test_remote_image_urls_are_refused(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
-    request = chat_request(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}}]}])
+    request = chat_request(
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}}],
+            }
+        ]
+    )
     with pytest.raises(UnsupportedFeatureError) as info:
         await provider.chat(request)
     assert info.value.param == "messages[0].content[0]"
@@ -241,10 +282,17 @@ async def test_remote_image_urls_are_refused(provider: OllamaProvider, fake_olla
 
 
 async def test_bad_tool_arguments_are_a_400(provider: OllamaProvider) -> None:
-    request = chat_request(messages=[
-        {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]},
-        {"role": "user", "content": "hi"},
-    ])
+    request = chat_request(
+        messages=[
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}
+                ],
+            },
+            {"role": "user", "content": "hi"},
+        ]
+    )
     with pytest.raises(InvalidRequestError) as info:
         await provider.chat(request)
     assert info.value.param == "messages[0].tool_calls[0].function.arguments"
@@ -272,7 +320,12 @@ async def test_model_not_pulled_is_a_clear_404(ollama_url: str) -> None:
 
 @pytest.mark.parametrize(
     ("status", "error_type", "retryable"),
-    [(503, UpstreamUnavailableError, True), (500, UpstreamError, True), (429, RateLimitError, True), (400, InvalidRequestError, False)],
+    [
+        (503, UpstreamUnavailableError, True),
+        (500, UpstreamError, True),
+        (429, RateLimitError, True),
+        (400, InvalidRequestError, False),
+    ],
 )
 async def test_error_statuses_map_to_the_tree(
     provider: OllamaProvider, fake_ollama: FakeOllama, status: int, error_type: type, retryable: bool
@@ -289,7 +342,9 @@ async def test_error_statuses_map_to_the_tree(
         await collect(provider.stream(chat_request()))
 
 
-async def test_broken_stream_is_a_retryable_connection_error(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
+async def test_broken_stream_is_a_retryable_connection_error(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
     fake_ollama.break_after = 2
     seen: list[ChatChunk] = []
     with pytest.raises(UpstreamConnectionError) as info:
@@ -328,7 +383,9 @@ async def wait_for_disconnect(fake: FakeOllama, bound: float = 1.0) -> float:
     return time.monotonic() - started
 
 
-async def test_closing_the_stream_closes_the_daemon_connection(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
+async def test_closing_the_stream_closes_the_daemon_connection(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
     fake_ollama.token_delay = 0.2
     fake_ollama.reply = " ".join(["word"] * 50)
     stream = provider.stream(chat_request())
@@ -339,7 +396,9 @@ async def test_closing_the_stream_closes_the_daemon_connection(provider: OllamaP
     assert fake_ollama.disconnects == ["/api/chat"], f"no disconnect seen after {waited:.2f}s"
 
 
-async def test_cancelling_a_streaming_task_closes_the_connection(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
+async def test_cancelling_a_streaming_task_closes_the_connection(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
     fake_ollama.token_delay = 0.2
     fake_ollama.reply = " ".join(["word"] * 50)
     received: list[ChatChunk] = []
@@ -351,7 +410,9 @@ async def test_cancelling_a_streaming_task_closes_the_connection(provider: Ollam
     assert fake_ollama.disconnects == ["/api/chat"]
 
 
-async def test_cancelling_a_chat_closes_the_connection(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
+async def test_cancelling_a_chat_closes_the_connection(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
     fake_ollama.token_delay = 0.2
     with anyio.move_on_after(0.3) as scope:
         await provider.chat(chat_request())
@@ -364,11 +425,16 @@ async def test_cancelling_a_chat_closes_the_connection(provider: OllamaProvider,
 
 
 async def test_complete_uses_generate_in_raw_mode(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
-    request = decode_completion_request({"model": "llama3.2", "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0})
+    request = decode_completion_request(
+        {"model": "llama3.2", "prompt": "Once upon a time", "max_tokens": 3, "temperature": 0}
+    )
     response = await provider.complete(request)
     assert response.choices[0].text == "Hello from the "
     assert response.choices[0].finish_reason == "length"
-    assert response.usage is not None and (response.usage.prompt_tokens, response.usage.completion_tokens) == (5, 3)
+    assert response.usage is not None and (
+        response.usage.prompt_tokens,
+        response.usage.completion_tokens,
+    ) == (5, 3)
     body = sent_body(fake_ollama, "/api/generate")
     assert body["raw"] is True and body["prompt"] == "Once upon a time"
     assert body["options"] == {"temperature": 0.0, "num_predict": 3}
@@ -401,7 +467,9 @@ async def test_health_and_capabilities(provider: OllamaProvider, fake_ollama: Fa
 
 
 async def test_provider_builds_from_config_keys(ollama_url: str) -> None:
-    p = OllamaProvider.from_config("llama3.2", {"host": ollama_url, "keep_alive": "5m", "model_options": {"num_ctx": 4096}})
+    p = OllamaProvider.from_config(
+        "llama3.2", {"host": ollama_url, "keep_alive": "5m", "model_options": {"num_ctx": 4096}}
+    )
     assert isinstance(p, OllamaProvider) and p.host == ollama_url
     from llmrouter.errors import ConfigError
 

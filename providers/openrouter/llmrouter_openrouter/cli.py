@@ -28,15 +28,20 @@ __all__ = ["add_arguments", "cmd_models", "main", "register"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The OpenRouter options of ``llmrouter models`` (``--write-pricing``, ``--json``, ``--base-url``)."""
-    parser.add_argument("--write-pricing", metavar="FILE",
-                        help="merge OpenRouter's prices into this pricing YAML file (see pricing_file: in the config)")
+    parser.add_argument(
+        "--write-pricing",
+        metavar="FILE",
+        help="merge OpenRouter's prices into this pricing YAML file (see pricing_file: in the config)",
+    )
     parser.add_argument("--json", action="store_true", help="print the price table as JSON")
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help=argparse.SUPPRESS)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``openrouter-models`` to a CLI's sub-commands (sets ``func``)."""
-    parser = subparsers.add_parser("openrouter-models", help="OpenRouter's models with prices; import them as a price table")
+    parser = subparsers.add_parser(
+        "openrouter-models", help="OpenRouter's models with prices; import them as a price table"
+    )
     add_arguments(parser)
     parser.set_defaults(func=cmd_models)
 
@@ -54,10 +59,14 @@ def _print_table(models: list[OpenRouterModel], out: TextIO) -> None:
         if price is None:
             rows.append([model.id, context, "variable", "variable", "-"])
         else:
-            rows.append([model.id, context, _price(price.input), _price(price.output), _price(price.cached_input)])
+            rows.append(
+                [model.id, context, _price(price.input), _price(price.output), _price(price.cached_input)]
+            )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
+        out.write(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n"
+        )
 
 
 def cmd_models(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -71,7 +80,10 @@ def cmd_models(args: argparse.Namespace, out: TextIO | None = None) -> int:
     prices = prices_from_models(models)
     if getattr(args, "write_pricing", None):
         total = write_pricing(args.write_pricing, prices)
-        print(f"wrote {len(prices)} OpenRouter prices to {args.write_pricing} ({total} entries in the file)", file=out)
+        print(
+            f"wrote {len(prices)} OpenRouter prices to {args.write_pricing} ({total} entries in the file)",
+            file=out,
+        )
         return 0
     if getattr(args, "json", False):
         json.dump({name: msgspec.to_builtins(price) for name, price in prices.items()}, out, indent=2)
@@ -82,7 +94,9 @@ def cmd_models(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmrouter_openrouter.cli", description=cmd_models.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m llmrouter_openrouter.cli", description=cmd_models.__doc__
+    )
     add_arguments(parser)
     return cmd_models(parser.parse_args(argv))
 

@@ -25,7 +25,14 @@ from llmrouter.config import Price
 from llmrouter.errors import UpstreamConnectionError, UpstreamTimeoutError
 from llmrouter.openai_compat import error_from_body
 
-__all__ = ["ModelPricing", "OpenRouterModel", "fetch_models", "fetch_prices", "prices_from_models", "write_pricing"]
+__all__ = [
+    "ModelPricing",
+    "OpenRouterModel",
+    "fetch_models",
+    "fetch_prices",
+    "prices_from_models",
+    "write_pricing",
+]
 
 _MILLION = Decimal(1_000_000)
 
@@ -73,16 +80,21 @@ async def fetch_models(
         try:
             response = await client.get(f"{base_url.rstrip('/')}/models", headers=headers)
         except httpx.TimeoutException as exc:
-            raise UpstreamTimeoutError(f"openrouter: GET /models timed out: {exc}", provider="openrouter") from exc
+            raise UpstreamTimeoutError(
+                f"openrouter: GET /models timed out: {exc}", provider="openrouter"
+            ) from exc
         except httpx.HTTPError as exc:
-            raise UpstreamConnectionError(f"openrouter: GET /models failed: {exc}", provider="openrouter") from exc
+            raise UpstreamConnectionError(
+                f"openrouter: GET /models failed: {exc}", provider="openrouter"
+            ) from exc
     if response.status_code >= 400:
         raise error_from_body(response.status_code, response.content, response.headers, provider="openrouter")
     try:
         return msgspec.json.decode(response.content, type=_ModelsPage, strict=False).data
     except msgspec.DecodeError as exc:
-        raise UpstreamConnectionError(f"openrouter: GET /models answered an unexpected body: {exc}",
-                                      provider="openrouter") from exc
+        raise UpstreamConnectionError(
+            f"openrouter: GET /models answered an unexpected body: {exc}", provider="openrouter"
+        ) from exc
 
 
 def _per_million(value: str | None) -> float | None:
@@ -132,7 +144,9 @@ def write_pricing(path: str | Path, prices: Mapping[str, Price], *, merge: bool 
         if isinstance(loaded, dict):
             existing = dict(loaded.get("pricing", loaded))
     for name, price in prices.items():
-        existing[name] = {key: value for key, value in msgspec.to_builtins(price).items() if value is not None}
+        existing[name] = {
+            key: value for key, value in msgspec.to_builtins(price).items() if value is not None
+        }
     header = (
         "# Model prices in USD per million tokens (llmrouter pricing file).\n"
         "# Entries named openrouter/<id> come from OpenRouter's /api/v1/models\n"

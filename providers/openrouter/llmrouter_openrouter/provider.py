@@ -108,7 +108,11 @@ class OpenRouterProvider(Provider[OpenRouterOptions]):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(
-            streaming=True, tools=True, json_mode=True, vision=True, completions=True,
+            streaming=True,
+            tools=True,
+            json_mode=True,
+            vision=True,
+            completions=True,
             max_context=self.options.max_context,
         )
 
@@ -186,8 +190,9 @@ class OpenRouterProvider(Provider[OpenRouterOptions]):
         response = await client.chat(self._prepare(request), model=self.model)
         if not response.choices or any(choice.finish_reason == "error" for choice in response.choices):
             # OpenRouter reports a failure after the model started with HTTP 200.
-            raise UpstreamError("openrouter: the model failed while answering (finish_reason=error)",
-                                provider=self.name)
+            raise UpstreamError(
+                "openrouter: the model failed while answering (finish_reason=error)", provider=self.name
+            )
         return response
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
@@ -225,7 +230,9 @@ class OpenRouterProvider(Provider[OpenRouterOptions]):
         try:
             client = await self._ready()
             response = await client.http_client.get(
-                f"{client.base_url}/key", headers={"authorization": f"Bearer {self.api_key()}"}, timeout=client.timeout
+                f"{client.base_url}/key",
+                headers={"authorization": f"Bearer {self.api_key()}"},
+                timeout=client.timeout,
             )
         except LLMRouterError as exc:
             return Health(ok=False, detail=exc.message)
@@ -233,7 +240,9 @@ class OpenRouterProvider(Provider[OpenRouterOptions]):
             return Health(ok=False, detail=f"openrouter: {type(exc).__name__}: {exc}")
         latency = (time.perf_counter() - started) * 1000
         if response.status_code >= 400:
-            error = error_from_body(response.status_code, response.content, response.headers, provider=self.name)
+            error = error_from_body(
+                response.status_code, response.content, response.headers, provider=self.name
+            )
             return Health(ok=False, detail=error.message, latency_ms=latency)
         return _key_health(response, latency)
 

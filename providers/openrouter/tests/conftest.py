@@ -31,6 +31,8 @@ def fake_openrouter(_fake_openrouter_server: tuple[FakeOpenRouter, str]) -> Fake
 
 
 @pytest.fixture
-def openrouter_url(_fake_openrouter_server: tuple[FakeOpenRouter, str], fake_openrouter: FakeOpenRouter) -> str:
+def openrouter_url(
+    _fake_openrouter_server: tuple[FakeOpenRouter, str], fake_openrouter: FakeOpenRouter
+) -> str:
     """The fake's API root (what ``base_url`` points at)."""
     return f"{_fake_openrouter_server[1]}/api/v1"

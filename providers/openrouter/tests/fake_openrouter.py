@@ -34,29 +34,51 @@ __all__ = ["API_KEY", "MODELS", "FakeOpenRouter", "ServerThread"]
 API_KEY = "sk-or-v1-fake-test-key"
 MODELS: list[dict[str, Any]] = [
     {
-        "id": "openai/gpt-4o-mini", "canonical_slug": "openai/gpt-4o-mini", "name": "OpenAI: GPT-4o-mini",
-        "created": 1721260800, "context_length": 128000,
-        "architecture": {"modality": "text+image->text", "input_modalities": ["text", "image"],
-                         "output_modalities": ["text"], "tokenizer": "GPT", "instruct_type": None},
-        "pricing": {"prompt": "0.00000015", "completion": "0.0000006", "request": "0", "image": "0.000217",
-                    "web_search": "0", "internal_reasoning": "0", "input_cache_read": "0.000000075"},
+        "id": "openai/gpt-4o-mini",
+        "canonical_slug": "openai/gpt-4o-mini",
+        "name": "OpenAI: GPT-4o-mini",
+        "created": 1721260800,
+        "context_length": 128000,
+        "architecture": {
+            "modality": "text+image->text",
+            "input_modalities": ["text", "image"],
+            "output_modalities": ["text"],
+            "tokenizer": "GPT",
+            "instruct_type": None,
+        },
+        "pricing": {
+            "prompt": "0.00000015",
+            "completion": "0.0000006",
+            "request": "0",
+            "image": "0.000217",
+            "web_search": "0",
+            "internal_reasoning": "0",
+            "input_cache_read": "0.000000075",
+        },
         "top_provider": {"context_length": 128000, "max_completion_tokens": 16384, "is_moderated": True},
         "per_request_limits": None,
         "supported_parameters": ["max_tokens", "temperature", "tools", "response_format", "seed"],
     },
     {
-        "id": "anthropic/claude-3.5-haiku", "name": "Anthropic: Claude 3.5 Haiku", "created": 1730678400,
+        "id": "anthropic/claude-3.5-haiku",
+        "name": "Anthropic: Claude 3.5 Haiku",
+        "created": 1730678400,
         "context_length": 200000,
         "pricing": {"prompt": "0.0000008", "completion": "0.000004", "request": "0", "image": "0"},
         "top_provider": {"context_length": 200000, "max_completion_tokens": 8192, "is_moderated": False},
     },
     {
-        "id": "meta-llama/llama-3.2-3b-instruct:free", "name": "Meta: Llama 3.2 3B Instruct (free)",
-        "created": 1727222400, "context_length": 131072,
+        "id": "meta-llama/llama-3.2-3b-instruct:free",
+        "name": "Meta: Llama 3.2 3B Instruct (free)",
+        "created": 1727222400,
+        "context_length": 131072,
         "pricing": {"prompt": "0", "completion": "0", "request": "0", "image": "0"},
     },
     {
-        "id": "openrouter/auto", "name": "Auto Router", "created": 1699401600, "context_length": 2000000,
+        "id": "openrouter/auto",
+        "name": "Auto Router",
+        "created": 1699401600,
+        "context_length": 2000000,
         "pricing": {"prompt": "-1", "completion": "-1"},
     },
 ]
@@ -66,8 +88,9 @@ class ServerThread:
     """Run an ASGI app under uvicorn on an ephemeral 127.0.0.1 port, in a daemon thread."""
 
     def __init__(self, app: Any) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off",
-                                timeout_graceful_shutdown=1)
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", timeout_graceful_shutdown=1
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="fake-openrouter", daemon=True)
 
@@ -129,11 +152,26 @@ class FakeOpenRouter:
             await _json(send, 200, {"data": MODELS})
             return
         if headers.get("authorization") != f"Bearer {API_KEY}":
-            await _error(send, 401, "No cookie auth credentials found" if "authorization" not in headers else "User not found.")
+            await _error(
+                send,
+                401,
+                "No cookie auth credentials found" if "authorization" not in headers else "User not found.",
+            )
             return
         if path == "/api/v1/key":
-            await _json(send, 200, {"data": {"label": "sk-or-v1-fak...key", "limit": 10, "usage": 5.5,
-                                             "limit_remaining": 4.5, "is_free_tier": False}})
+            await _json(
+                send,
+                200,
+                {
+                    "data": {
+                        "label": "sk-or-v1-fak...key",
+                        "limit": 10,
+                        "usage": 5.5,
+                        "limit_remaining": 4.5,
+                        "is_free_tier": False,
+                    }
+                },
+            )
         elif path in ("/api/v1/chat/completions", "/api/v1/completions"):
             await self._completion(path, data, receive, send)
         else:
@@ -188,8 +226,11 @@ class FakeOpenRouter:
 
     def _usage(self, prompt: int, completion: int) -> dict[str, Any]:
         return {
-            "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "cost": prompt * self.price_in + completion * self.price_out, "is_byok": False,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "cost": prompt * self.price_in + completion * self.price_out,
+            "is_byok": False,
             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
             "cost_details": {"upstream_inference_cost": None},
             "completion_tokens_details": {"reasoning_tokens": 0, "image_tokens": 0},
@@ -197,25 +238,46 @@ class FakeOpenRouter:
 
     def _head(self, model: str, chat: bool, *, chunk: bool) -> dict[str, Any]:
         kind = "chat.completion" if chat else "text_completion"
-        return {"id": f"gen-{int(time.time())}-{uuid.uuid4().hex[:20]}", "provider": "OpenAI", "model": model,
-                "object": f"{kind}.chunk" if chunk and chat else kind, "created": int(time.time())}
+        return {
+            "id": f"gen-{int(time.time())}-{uuid.uuid4().hex[:20]}",
+            "provider": "OpenAI",
+            "model": model,
+            "object": f"{kind}.chunk" if chunk and chat else kind,
+            "created": int(time.time()),
+        }
 
     def _whole(self, model: str, chat: bool, text: str, reason: str, usage: dict[str, Any]) -> dict[str, Any]:
         out = self._head(model, chat, chunk=False)
         if chat:
-            choice: dict[str, Any] = {"logprobs": None, "finish_reason": reason, "native_finish_reason": reason,
-                                      "index": 0, "message": {"role": "assistant", "content": text,
-                                                              "refusal": None, "reasoning": None}}
+            choice: dict[str, Any] = {
+                "logprobs": None,
+                "finish_reason": reason,
+                "native_finish_reason": reason,
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None, "reasoning": None},
+            }
         else:
-            choice = {"logprobs": None, "finish_reason": reason, "native_finish_reason": reason, "index": 0, "text": text}
+            choice = {
+                "logprobs": None,
+                "finish_reason": reason,
+                "native_finish_reason": reason,
+                "index": 0,
+                "text": text,
+            }
         if self.error_in_body:
-            out["error"] = {"code": 502, "message": "Provider returned error", "metadata": {"provider_name": "OpenAI"}}
+            out["error"] = {
+                "code": 502,
+                "message": "Provider returned error",
+                "metadata": {"provider_name": "OpenAI"},
+            }
             choice["finish_reason"] = "error"
         out["choices"] = [choice]
         out["usage"] = usage
         return out
 
-    def _piece(self, head: dict[str, Any], chat: bool, text: str, reason: str | None, *, first: bool) -> dict[str, Any]:
+    def _piece(
+        self, head: dict[str, Any], chat: bool, text: str, reason: str | None, *, first: bool
+    ) -> dict[str, Any]:
         if chat:
             delta = {"role": "assistant", "content": text} if first else {"content": text}
             choice: dict[str, Any] = {"index": 0, "delta": delta}
@@ -224,9 +286,16 @@ class FakeOpenRouter:
         choice.update({"finish_reason": reason, "native_finish_reason": reason, "logprobs": None})
         return {**head, "choices": [choice]}
 
-    async def _stream(self, model: str, chat: bool, tokens: list[str], reason: str, usage: dict[str, Any], send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+    async def _stream(
+        self, model: str, chat: bool, tokens: list[str], reason: str, usage: dict[str, Any], send: Any
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+            }
+        )
 
         async def emit(raw: bytes) -> None:
             await send({"type": "http.response.body", "body": raw, "more_body": True})
@@ -258,8 +327,13 @@ async def _json(send: Any, status: int, obj: Any, headers: dict[str, str] | None
     await send({"type": "http.response.body", "body": json.dumps(obj).encode()})
 
 
-async def _error(send: Any, status: int, message: str, headers: dict[str, str] | None = None,
-                 metadata: dict[str, Any] | None = None) -> None:
+async def _error(
+    send: Any,
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> None:
     error: dict[str, Any] = {"code": status, "message": message}
     if metadata is not None:
         error["metadata"] = metadata

@@ -18,7 +18,9 @@ class TestOpenRouterConformance(ProviderConformance):
     deterministic = True
 
     @pytest.fixture
-    async def provider(self, openrouter_url: str, fake_openrouter: FakeOpenRouter) -> AsyncIterator[OpenRouterProvider]:
+    async def provider(
+        self, openrouter_url: str, fake_openrouter: FakeOpenRouter
+    ) -> AsyncIterator[OpenRouterProvider]:
         # 5 ms a token: the 256-token request of the cancellation tests takes over a second.
         fake_openrouter.reply = STORY
         fake_openrouter.token_delay = 0.005

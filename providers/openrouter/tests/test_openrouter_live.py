@@ -19,7 +19,9 @@ from llmrouter.types import decode_chat_request
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.live_openrouter,
-    pytest.mark.skipif(not os.environ.get("OPENROUTER_API_KEY"), reason="set OPENROUTER_API_KEY to talk to OpenRouter"),
+    pytest.mark.skipif(
+        not os.environ.get("OPENROUTER_API_KEY"), reason="set OPENROUTER_API_KEY to talk to OpenRouter"
+    ),
 ]
 
 MODEL = os.environ.get("LLMROUTER_OPENROUTER_LIVE_MODEL", "meta-llama/llama-3.2-1b-instruct")

@@ -55,18 +55,26 @@ async def test_models_endpoint_down_is_a_clear_error(openrouter_url: str) -> Non
 
 def test_write_pricing_merges_and_loads_as_config(tmp_path: Path) -> None:
     path = tmp_path / "pricing.yaml"
-    path.write_text("my-local-model:\n  input: 0.0\n  output: 0.0\nopenrouter/old/model:\n  input: 9\n  output: 9\n")
-    prices = {"openrouter/openai/gpt-4o-mini": Price(input=0.15, output=0.6, cached_input=0.075),
-              "openrouter/old/model": Price(input=1.0, output=2.0)}
+    path.write_text(
+        "my-local-model:\n  input: 0.0\n  output: 0.0\nopenrouter/old/model:\n  input: 9\n  output: 9\n"
+    )
+    prices = {
+        "openrouter/openai/gpt-4o-mini": Price(input=0.15, output=0.6, cached_input=0.075),
+        "openrouter/old/model": Price(input=1.0, output=2.0),
+    }
     assert write_pricing(path, prices) == 3
     config_path = tmp_path / "llmrouter.yaml"
     config_path.write_text("pricing_file: pricing.yaml\n")
     config = load_config(config_path, env={})
-    assert config.pricing["openrouter/openai/gpt-4o-mini"] == Price(input=0.15, output=0.6, cached_input=0.075)
+    assert config.pricing["openrouter/openai/gpt-4o-mini"] == Price(
+        input=0.15, output=0.6, cached_input=0.075
+    )
     assert config.pricing["openrouter/old/model"] == Price(input=1.0, output=2.0)
     assert "my-local-model" in config.pricing
     table = PriceTable(config.pricing)
-    assert table.lookup(provider="openrouter", model="openai/gpt-4o-mini") == Price(input=0.15, output=0.6, cached_input=0.075)
+    assert table.lookup(provider="openrouter", model="openai/gpt-4o-mini") == Price(
+        input=0.15, output=0.6, cached_input=0.075
+    )
 
 
 def test_cli_table_json_and_write(openrouter_url: str, tmp_path: Path) -> None:
@@ -80,10 +88,16 @@ def test_cli_table_json_and_write(openrouter_url: str, tmp_path: Path) -> None:
 
     out = io.StringIO()
     assert cmd_models(argparse.Namespace(base_url=openrouter_url, write_pricing=None, json=True), out) == 0
-    assert json.loads(out.getvalue())["openrouter/anthropic/claude-3.5-haiku"] == {"input": 0.8, "output": 4.0,
-                                                                                   "cached_input": None}
+    assert json.loads(out.getvalue())["openrouter/anthropic/claude-3.5-haiku"] == {
+        "input": 0.8,
+        "output": 4.0,
+        "cached_input": None,
+    }
     target = tmp_path / "pricing.yaml"
     out = io.StringIO()
-    assert cmd_models(argparse.Namespace(base_url=openrouter_url, write_pricing=str(target), json=False), out) == 0
+    assert (
+        cmd_models(argparse.Namespace(base_url=openrouter_url, write_pricing=str(target), json=False), out)
+        == 0
+    )
     assert "wrote 3 OpenRouter prices" in out.getvalue()
     assert "openrouter/openai/gpt-4o-mini:" in target.read_text()

@@ -32,7 +32,9 @@ REPLY = "Hello from the fake OpenRouter."
 
 
 def chat_request(**fields: Any):
-    return decode_chat_request({"model": "x", "messages": [{"role": "user", "content": "Say hello please"}], **fields})
+    return decode_chat_request(
+        {"model": "x", "messages": [{"role": "user", "content": "Say hello please"}], **fields}
+    )
 
 
 def options(url: str, **fields: Any) -> OpenRouterOptions:
@@ -45,7 +47,9 @@ async def provider(openrouter_url: str) -> AsyncIterator[OpenRouterProvider]:
         yield p
 
 
-def last(fake: FakeOpenRouter, path: str = "/api/v1/chat/completions") -> tuple[dict[str, str], dict[str, Any]]:
+def last(
+    fake: FakeOpenRouter, path: str = "/api/v1/chat/completions"
+) -> tuple[dict[str, str], dict[str, Any]]:
     headers, body = [(h, b) for p, h, b in fake.requests if p == path][-1]
     return headers, body
 
@@ -57,7 +61,9 @@ async def collect(stream: AsyncIterator[ChatChunk]) -> list[ChatChunk]:
 # --- requests ---------------------------------------------------------------------------
 
 
-async def test_chat_reports_openrouters_cost(provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter) -> None:
+async def test_chat_reports_openrouters_cost(
+    provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter
+) -> None:
     response = await provider.chat(chat_request())
     assert response.choices[0].message.content == REPLY
     usage = response.usage
@@ -92,20 +98,32 @@ async def test_attribution_headers(openrouter_url: str, fake_openrouter: FakeOpe
     assert headers["x-title"] == "Example App"
 
 
-async def test_routing_preferences_and_fallbacks_are_sent(openrouter_url: str, fake_openrouter: FakeOpenRouter) -> None:
+async def test_routing_preferences_and_fallbacks_are_sent(
+    openrouter_url: str, fake_openrouter: FakeOpenRouter
+) -> None:
     opts = options(
         openrouter_url,
-        provider_preferences={"order": ["openai", "azure"], "allow_fallbacks": False, "data_collection": "deny"},
+        provider_preferences={
+            "order": ["openai", "azure"],
+            "allow_fallbacks": False,
+            "data_collection": "deny",
+        },
         fallback_models=["anthropic/claude-3.5-haiku"],
         route="fallback",
         transforms=["middle-out"],
     )
     async with OpenRouterProvider(MODEL, opts) as p:
         # The client's own preferences merge under the deployment's; its model list is dropped.
-        await p.chat(chat_request(provider={"sort": "price", "data_collection": "allow"}, models=["openai/o1-pro"]))
+        await p.chat(
+            chat_request(provider={"sort": "price", "data_collection": "allow"}, models=["openai/o1-pro"])
+        )
     _, body = last(fake_openrouter)
-    assert body["provider"] == {"sort": "price", "order": ["openai", "azure"], "allow_fallbacks": False,
-                                "data_collection": "deny"}
+    assert body["provider"] == {
+        "sort": "price",
+        "order": ["openai", "azure"],
+        "allow_fallbacks": False,
+        "data_collection": "deny",
+    }
     assert body["models"] == ["anthropic/claude-3.5-haiku"]
     assert body["route"] == "fallback"
     assert body["transforms"] == ["middle-out"]
@@ -113,7 +131,9 @@ async def test_routing_preferences_and_fallbacks_are_sent(openrouter_url: str, f
 
 async def test_client_routing_is_opt_in(openrouter_url: str, fake_openrouter: FakeOpenRouter) -> None:
     async with OpenRouterProvider(MODEL, options(openrouter_url)) as p:
-        await p.chat(chat_request(models=["openai/o1-pro"], route="fallback", provider={"sort": "throughput"}))
+        await p.chat(
+            chat_request(models=["openai/o1-pro"], route="fallback", provider={"sort": "throughput"})
+        )
     _, body = last(fake_openrouter)
     assert "models" not in body and "route" not in body
     assert body["provider"] == {"sort": "throughput"}
@@ -137,7 +157,9 @@ async def test_legacy_completion(provider: OpenRouterProvider, fake_openrouter: 
     assert response.choices[0].text == "Hello from "
     assert response.choices[0].finish_reason == "length"
     assert response.usage is not None and response.usage.cost is not None
-    chunks = [c async for c in provider.stream_complete(decode_completion_request({"model": "x", "prompt": "Once"}))]
+    chunks = [
+        c async for c in provider.stream_complete(decode_completion_request({"model": "x", "prompt": "Once"}))
+    ]
     assert "".join(c.choices[0].text for c in chunks if c.choices) == REPLY
     assert chunks[-1].usage is not None and chunks[-1].usage.cost is not None
 
@@ -156,7 +178,11 @@ async def test_legacy_completion(provider: OpenRouterProvider, fake_openrouter: 
     ],
 )
 async def test_error_statuses(
-    provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter, status: int, error_type: type, retryable: bool
+    provider: OpenRouterProvider,
+    fake_openrouter: FakeOpenRouter,
+    status: int,
+    error_type: type,
+    retryable: bool,
 ) -> None:
     fake_openrouter.fail_status = status
     fake_openrouter.fail_message = f"fake {status}"
@@ -173,7 +199,9 @@ async def test_error_statuses(
 
 
 async def test_bad_key_is_401(openrouter_url: str) -> None:
-    async with OpenRouterProvider(MODEL, OpenRouterOptions(base_url=openrouter_url, api_key="sk-or-v1-wrong")) as p:
+    async with OpenRouterProvider(
+        MODEL, OpenRouterOptions(base_url=openrouter_url, api_key="sk-or-v1-wrong")
+    ) as p:
         with pytest.raises(AuthenticationError, match="User not found"):
             await p.chat(chat_request())
         health = await p.health()
@@ -253,25 +281,43 @@ async def test_discover_needs_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENROUTER_API_KEY", API_KEY)
     monkeypatch.setenv("LLMROUTER_OPENROUTER_MODELS", "openai/gpt-4o-mini, anthropic/claude-3.5-haiku")
     groups = await OpenRouterProvider.discover()
-    assert [g.name for g in groups] == ["openrouter/auto", "openrouter/openai/gpt-4o-mini",
-                                        "openrouter/anthropic/claude-3.5-haiku"]
+    assert [g.name for g in groups] == [
+        "openrouter/auto",
+        "openrouter/openai/gpt-4o-mini",
+        "openrouter/anthropic/claude-3.5-haiku",
+    ]
     assert groups[1].aliases == ["openai/gpt-4o-mini"]
     assert groups[1].deployments[0].model == "openai/gpt-4o-mini"
     assert "openrouter/auto" in OpenRouterProvider.discovery_note()
 
 
-async def test_router_records_the_provider_reported_cost(openrouter_url: str, fake_openrouter: FakeOpenRouter) -> None:
+async def test_router_records_the_provider_reported_cost(
+    openrouter_url: str, fake_openrouter: FakeOpenRouter
+) -> None:
     router = Router()
-    router.add_deployment("cheap", OpenRouterProvider(MODEL, options(openrouter_url)),
-                          Deployment(provider="openrouter", model=MODEL))
+    router.add_deployment(
+        "cheap",
+        OpenRouterProvider(MODEL, options(openrouter_url)),
+        Deployment(provider="openrouter", model=MODEL),
+    )
     expected = 4 * 0.00000015 + 5 * 0.0000006
     async with router:
         ctx = RequestContext()
-        await router.chat({"model": "cheap", "messages": [{"role": "user", "content": "Say hello please"}]}, context=ctx)
+        await router.chat(
+            {"model": "cheap", "messages": [{"role": "user", "content": "Say hello please"}]}, context=ctx
+        )
         assert (ctx.cost, ctx.cost_source) == (pytest.approx(expected), "provider")
         ctx = RequestContext()
-        chunks = [c async for c in router.stream({"model": "cheap", "stream": True,
-                                                   "messages": [{"role": "user", "content": "Say hello please"}]},
-                                                  context=ctx)]
+        chunks = [
+            c
+            async for c in router.stream(
+                {
+                    "model": "cheap",
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "Say hello please"}],
+                },
+                context=ctx,
+            )
+        ]
         assert chunks and all(c.usage is None for c in chunks)  # the client did not ask for usage
         assert (ctx.cost, ctx.cost_source) == (pytest.approx(expected), "provider")

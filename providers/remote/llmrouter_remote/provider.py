@@ -105,8 +105,14 @@ class RemoteProvider(Provider[RemoteOptions]):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(streaming=True, tools=True, json_mode=True, vision=True, completions=True,
-                            max_context=self.options.max_context)
+        return Capabilities(
+            streaming=True,
+            tools=True,
+            json_mode=True,
+            vision=True,
+            completions=True,
+            max_context=self.options.max_context,
+        )
 
     def _api_key(self) -> str | None:
         opts = self.options
@@ -178,7 +184,9 @@ class RemoteProvider(Provider[RemoteOptions]):
             return self._client.stream_complete(request, model=self.model)
         return self._stream_complete_after_start(request)
 
-    async def _stream_complete_after_start(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
+    async def _stream_complete_after_start(
+        self, request: CompletionRequest
+    ) -> AsyncIterator[CompletionChunk]:
         client = await self._ready()
         stream = client.stream_complete(request, model=self.model)
         try:
@@ -202,8 +210,9 @@ class RemoteProvider(Provider[RemoteOptions]):
             return Health(ok=False, detail=exc.message, latency_ms=(time.perf_counter() - started) * 1000)
         latency = (time.perf_counter() - started) * 1000
         if self.options.check_model and ids and self.model not in ids:
-            return Health(ok=False, latency_ms=latency,
-                          detail=f"{client.base_url} does not list model {self.model!r}")
+            return Health(
+                ok=False, latency_ms=latency, detail=f"{client.base_url} does not list model {self.model!r}"
+            )
         return Health(ok=True, latency_ms=latency, detail=f"{client.base_url} serves {self.model!r}")
 
     @classmethod

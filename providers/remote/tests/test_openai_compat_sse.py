@@ -10,8 +10,8 @@ from llmrouter.openai_compat import SSEDecoder, error_from_body, normalise_base_
 
 STREAM = (
     b": comment\n\n"
-    b"data: {\"a\":1}\n\n"
-    b"event: error\r\ndata: {\"error\":{\"message\":\"x\"}}\r\n\r\n"
+    b'data: {"a":1}\n\n'
+    b'event: error\r\ndata: {"error":{"message":"x"}}\r\n\r\n'
     b"data: first line\ndata: second line\n\n"
     b"id: 7\nretry: 100\ndata:no-space\n\n"
     b"data: [DONE]\n\n"
@@ -60,7 +60,12 @@ def test_error_from_body_keeps_the_upstream_fields() -> None:
     )
     assert isinstance(error, RateLimitError)
     assert (error.message, error.code, error.retry_after, error.provider, error.retryable) == (
-        "quota", "rate_limit_exceeded", 4.0, "remote", True)
+        "quota",
+        "rate_limit_exceeded",
+        4.0,
+        "remote",
+        True,
+    )
     server = error_from_body(500, b"oops", provider="remote")
     assert isinstance(server, UpstreamError) and server.message == "oops" and server.retryable
 

@@ -36,7 +36,12 @@ async def remote(slow_upstream: FakeUpstream) -> AsyncIterator[RemoteProvider]:
 
 def chat(stream: bool = False):
     return decode_chat_request(
-        {"model": "fake-model", "messages": [{"role": "user", "content": "go"}], "stream": stream, "max_tokens": 1000}
+        {
+            "model": "fake-model",
+            "messages": [{"role": "user", "content": "go"}],
+            "stream": stream,
+            "max_tokens": 1000,
+        }
     )
 
 
@@ -48,7 +53,9 @@ async def assert_closed_within_bound(record: RecordedRequest, left_at: float) ->
     assert lag < BOUND_S, f"the upstream saw the connection close {lag * 1000:.0f} ms after the client left"
 
 
-async def test_stream_aclose_closes_the_upstream_connection(remote: RemoteProvider, slow_upstream: FakeUpstream) -> None:
+async def test_stream_aclose_closes_the_upstream_connection(
+    remote: RemoteProvider, slow_upstream: FakeUpstream
+) -> None:
     stream = remote.stream(chat(stream=True))
     await stream.__anext__()
     await stream.__anext__()
@@ -99,6 +106,7 @@ async def test_task_group_cancellation_while_waiting_for_first_byte(slow_upstrea
     slow_upstream.enqueue("hang")
     async with RemoteProvider("fake-model", base_url=slow_upstream.base_url) as provider:
         async with anyio.create_task_group() as tg:
+
             async def consume() -> None:
                 async for _ in provider.stream(chat(stream=True)):
                     pass
@@ -111,6 +119,8 @@ async def test_task_group_cancellation_while_waiting_for_first_byte(slow_upstrea
         # The pool is still good for the next request.
         slow_upstream.enqueue("no_usage")
         response = await provider.chat(
-            decode_chat_request({"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
+            decode_chat_request(
+                {"model": "fake-model", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+            )
         )
         assert response.choices[0].finish_reason == "length"

@@ -41,7 +41,9 @@ async def remote(errors_upstream: FakeUpstream) -> AsyncIterator[RemoteProvider]
 
 
 def chat(**fields: object) -> ChatRequest:
-    return decode_chat_request({"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], **fields})
+    return decode_chat_request(
+        {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], **fields}
+    )
 
 
 async def call(provider: RemoteProvider, streaming: bool) -> object:
@@ -85,7 +87,9 @@ async def test_http_errors_are_translated(
     assert "fake" not in type(error).__name__.lower()
 
 
-async def test_upstream_message_and_code_are_kept(remote: RemoteProvider, errors_upstream: FakeUpstream) -> None:
+async def test_upstream_message_and_code_are_kept(
+    remote: RemoteProvider, errors_upstream: FakeUpstream
+) -> None:
     errors_upstream.enqueue("not_found")
     with pytest.raises(NotFoundError) as caught:
         await remote.chat(chat())
@@ -209,7 +213,9 @@ async def test_api_key_option_and_env(errors_upstream: FakeUpstream, monkeypatch
         async with RemoteProvider("fake-model", base_url=guarded.base_url, api_key="s3cret") as keyed:
             assert (await keyed.chat(chat())).choices
         monkeypatch.setenv("REMOTE_TEST_KEY", "s3cret")
-        async with RemoteProvider("fake-model", base_url=guarded.base_url, api_key_env="REMOTE_TEST_KEY") as env:
+        async with RemoteProvider(
+            "fake-model", base_url=guarded.base_url, api_key_env="REMOTE_TEST_KEY"
+        ) as env:
             assert (await env.health()).ok
         assert guarded.last_request.headers["authorization"] == "Bearer s3cret"
     monkeypatch.delenv("REMOTE_TEST_KEY")

@@ -31,14 +31,18 @@ async def remote(echo_upstream: FakeUpstream) -> AsyncIterator[RemoteProvider]:
         yield provider
 
 
-async def test_unknown_request_fields_reach_the_upstream(remote: RemoteProvider, echo_upstream: FakeUpstream) -> None:
-    request = decode_chat_request({
-        "model": "my-group",
-        "messages": [{"role": "user", "content": "hello"}],
-        "top_k": 5,
-        "repetition_penalty": 1.1,
-        "chat_template_kwargs": {"enable_thinking": False},
-    })
+async def test_unknown_request_fields_reach_the_upstream(
+    remote: RemoteProvider, echo_upstream: FakeUpstream
+) -> None:
+    request = decode_chat_request(
+        {
+            "model": "my-group",
+            "messages": [{"role": "user", "content": "hello"}],
+            "top_k": 5,
+            "repetition_penalty": 1.1,
+            "chat_template_kwargs": {"enable_thinking": False},
+        }
+    )
     response = await remote.chat(request)
     assert response.choices[0].message.content == "You said: hello"
     sent = echo_upstream.last_request.json
@@ -50,9 +54,14 @@ async def test_unknown_request_fields_reach_the_upstream(remote: RemoteProvider,
 
 
 async def test_stream_always_asks_for_usage(remote: RemoteProvider, echo_upstream: FakeUpstream) -> None:
-    request = decode_chat_request({
-        "model": "served-model", "messages": [{"role": "user", "content": "a b"}], "stream": True, "top_k": 3,
-    })
+    request = decode_chat_request(
+        {
+            "model": "served-model",
+            "messages": [{"role": "user", "content": "a b"}],
+            "stream": True,
+            "top_k": 3,
+        }
+    )
     chunks = await collect_stream(remote.stream(request))
     sent = echo_upstream.last_request.json
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
@@ -66,7 +75,9 @@ async def test_finished_streams_reuse_the_pooled_connection(
 ) -> None:
     # Reading past [DONE] to the end of the body lets httpx pool the connection; stopping
     # at [DONE] would close it and cost a new TCP connection per stream.
-    request = decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True})
+    request = decode_chat_request(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    )
     for _ in range(3):
         await collect_stream(remote.stream(request))
     await remote.chat(request)
@@ -74,18 +85,29 @@ async def test_finished_streams_reuse_the_pooled_connection(
     assert len(clients) == 1, clients
 
 
-async def test_completion_sends_max_tokens_explicitly(remote: RemoteProvider, echo_upstream: FakeUpstream) -> None:
+async def test_completion_sends_max_tokens_explicitly(
+    remote: RemoteProvider, echo_upstream: FakeUpstream
+) -> None:
     # 16 is the wire default (so omitted by msgspec), but llama.cpp's default is unlimited.
     await remote.complete(decode_completion_request({"model": "x", "prompt": "p"}))
     assert echo_upstream.last_request.json["max_tokens"] == 16
 
 
-async def test_context_and_option_headers_are_forwarded(remote: RemoteProvider, echo_upstream: FakeUpstream) -> None:
-    ctx = RequestContext(request_id="req-123", traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+async def test_context_and_option_headers_are_forwarded(
+    remote: RemoteProvider, echo_upstream: FakeUpstream
+) -> None:
+    ctx = RequestContext(
+        request_id="req-123", traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    )
     token = current_context.set(ctx)
     try:
-        await collect_stream(remote.stream(decode_chat_request(
-            {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True})))
+        await collect_stream(
+            remote.stream(
+                decode_chat_request(
+                    {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+                )
+            )
+        )
     finally:
         current_context.reset(token)
     headers = echo_upstream.last_request.headers
@@ -101,7 +123,9 @@ async def test_tool_calls_round_trip(remote: RemoteProvider, echo_upstream: Fake
     body = {
         "model": "m",
         "messages": [{"role": "user", "content": "weather?"}],
-        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        "tools": [
+            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+        ],
     }
     echo_upstream.enqueue("tool_call", "tool_call")
     response = await remote.chat(decode_chat_request(body))
@@ -147,20 +171,32 @@ def mock_provider(handler) -> RemoteProvider:
 async def test_lenient_decoding_of_bent_schemas() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         # created as a string, usage numbers as strings: seen from home-grown servers.
-        body = {"id": "x", "created": "1700000000", "model": "m",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": "3", "completion_tokens": 1, "total_tokens": 4}}
+        body = {
+            "id": "x",
+            "created": "1700000000",
+            "model": "m",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": "3", "completion_tokens": 1, "total_tokens": 4},
+        }
         return httpx.Response(200, json=body)
 
     async with mock_provider(handler) as provider:
-        response = await provider.chat(decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]}))
+        response = await provider.chat(
+            decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]})
+        )
     assert response.created == 1700000000 and response.usage is not None and response.usage.prompt_tokens == 3
 
 
 @pytest.mark.parametrize(
     ("status", "body", "message"),
     [
-        (400, {"object": "error", "message": "vllm says no", "type": "BadRequestError", "code": 400}, "vllm says no"),
+        (
+            400,
+            {"object": "error", "message": "vllm says no", "type": "BadRequestError", "code": 400},
+            "vllm says no",
+        ),
         (400, {"error": "llama.cpp says no"}, "llama.cpp says no"),
         (400, {"detail": "fastapi says no"}, "fastapi says no"),
         (400, b"<html>plain text</html>", "<html>plain text</html>"),
@@ -175,31 +211,51 @@ async def test_error_body_shapes(status: int, body: object, message: str) -> Non
 
     async with mock_provider(handler) as provider:
         with pytest.raises((InvalidRequestError, UpstreamError)) as caught:
-            await provider.chat(decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]}))
+            await provider.chat(
+                decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]})
+            )
     assert caught.value.message == message
     assert caught.value.retryable is (status >= 500)
 
 
 async def test_sse_without_done_or_final_blank_line_and_with_comments() -> None:
-    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
-             "choices": [{"index": 0, "delta": {"content": "hé"}, "finish_reason": None}]}
+    chunk = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "hé"}, "finish_reason": None}],
+    }
     last = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
-    payload = (b": keep-alive\r\n\r\n" + b"data: " + msgspec.json.encode(chunk) + b"\r\n\r\n"
-               + b"event: message\ndata: " + msgspec.json.encode(last))
+    payload = (
+        b": keep-alive\r\n\r\n"
+        + b"data: "
+        + msgspec.json.encode(chunk)
+        + b"\r\n\r\n"
+        + b"event: message\ndata: "
+        + msgspec.json.encode(last)
+    )
 
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=payload, headers={"content-type": "text/event-stream"})
 
     async with mock_provider(handler) as provider:
-        chunks = await collect_stream(provider.stream(
-            decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True})))
+        chunks = await collect_stream(
+            provider.stream(
+                decode_chat_request(
+                    {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+                )
+            )
+        )
     assert [c.choices[0].delta.content for c in chunks[:1]] == ["hé"]
     assert chunks[1].choices[0].finish_reason == "stop"
     assert chunks[-1].usage is not None and chunks[-1].usage.estimated and chunks[-1].choices == []
 
 
 async def test_injected_http_client_is_left_open() -> None:
-    client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"data": []})))
+    client = httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, json={"data": []}))
+    )
     async with RemoteProvider("m", base_url="http://u.test", http_client=client) as provider:
         assert await provider.list_models() == []
     assert not client.is_closed

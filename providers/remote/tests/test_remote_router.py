@@ -16,15 +16,27 @@ pytestmark = pytest.mark.anyio
 def two_node_config(first: FakeUpstream, second: FakeUpstream) -> dict:
     return {
         "router": {"strategy": "priority", "retry": {"attempts": 2, "backoff_base": 0.001}},
-        "models": [{
-            "name": "chat",
-            "deployments": [
-                {"provider": "remote", "model": "fake-model", "id": "node-1", "priority": 0,
-                 "base_url": first.base_url},
-                {"provider": "remote", "model": "fake-model", "id": "node-2", "priority": 1,
-                 "base_url": second.base_url},
-            ],
-        }],
+        "models": [
+            {
+                "name": "chat",
+                "deployments": [
+                    {
+                        "provider": "remote",
+                        "model": "fake-model",
+                        "id": "node-1",
+                        "priority": 0,
+                        "base_url": first.base_url,
+                    },
+                    {
+                        "provider": "remote",
+                        "model": "fake-model",
+                        "id": "node-2",
+                        "priority": 1,
+                        "base_url": second.base_url,
+                    },
+                ],
+            }
+        ],
     }
 
 
@@ -35,15 +47,20 @@ async def test_router_fails_over_to_the_next_node_and_forwards_the_request_id() 
             one.enqueue("unavailable")
             ctx = RequestContext(request_id="rid-42")
             response = await router.chat(
-                {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}, context=ctx)
+                {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}, context=ctx
+            )
             assert response.choices[0].message.content == "from node two"
             assert ctx.deployment == "node-2" and ctx.usage is not None and not ctx.usage.estimated
             assert one.last_request.headers["x-request-id"] == "rid-42"
             assert two.last_request.headers["x-request-id"] == "rid-42"
             assert two.last_request.json["model"] == "fake-model"
 
-            chunks = [c async for c in router.stream(
-                {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True})]
+            chunks = [
+                c
+                async for c in router.stream(
+                    {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+                )
+            ]
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "from node one"
             assert all(c.usage is None for c in chunks)  # the client did not ask for usage
 
@@ -54,8 +71,13 @@ async def test_router_stream_cancellation_reaches_the_upstream() -> None:
         async with router:
             with anyio.move_on_after(0.3):
                 async for _ in router.stream(
-                    {"model": "chat", "messages": [{"role": "user", "content": "go"}], "stream": True,
-                     "max_tokens": 1000}):
+                    {
+                        "model": "chat",
+                        "messages": [{"role": "user", "content": "go"}],
+                        "stream": True,
+                        "max_tokens": 1000,
+                    }
+                ):
                     pass
             left_at = time.monotonic()
             record = slow.last_request
