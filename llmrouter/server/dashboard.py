@@ -1,7 +1,8 @@
 """The usage dashboard: a static page over ``GET /v1/usage`` and ``GET /v1/admin/usage``.
 
 ``GET /dashboard`` serves ``static/dashboard.html``; its script and stylesheet come from
-``GET /dashboard/{asset}``. The page holds no data of its own: it asks for an API key
+``GET /dashboard/{asset}`` (referenced relative to the page, so a reverse proxy may add a
+path prefix). The page holds no data of its own: it asks for an API key
 (kept in the tab's ``sessionStorage``) and calls the accounting endpoints from the
 browser, so the usual key checks apply. Every response carries a strict same-origin
 Content-Security-Policy (no inline script or style, no third-party origin, no framing).
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
+from typing import Any
 
-from litestar import Response, get
+from litestar import Request, Response, get
 
 from llmrouter.errors import NotFoundError
 
@@ -56,8 +58,13 @@ def _respond(name: str, media_type: str) -> Response[bytes]:
 
 
 @get("/dashboard", include_in_schema=False)
-async def dashboard_page() -> Response[bytes]:
-    """The dashboard HTML page."""
+async def dashboard_page(request: Request[Any, Any, Any]) -> Response[bytes]:
+    """The dashboard HTML page (``/dashboard/`` redirects to ``/dashboard``)."""
+    if request.scope.get("raw_path", b"").endswith(b"/"):
+        # The page loads its assets relative to its own URL, so that it also works under
+        # a reverse proxy's path prefix; that needs the URL without the trailing slash.
+        # A relative Location keeps the prefix the browser sees.
+        return Response(content=b"", status_code=308, headers={**_HEADERS, "Location": "../dashboard"})
     return _respond("dashboard.html", "text/html; charset=utf-8")
 
 

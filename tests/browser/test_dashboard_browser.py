@@ -114,8 +114,22 @@ def wait_for_ledger(db: Path, count: int) -> None:
         time.sleep(0.05)
 
 
+def behind_prefix(app: Any, prefix: str) -> Any:
+    """The app as a reverse proxy that strips ``prefix`` from the path would present it."""
+
+    async def proxied(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            assert scope["path"].startswith(prefix), scope["path"]
+            path = scope["path"][len(prefix):]
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        await app(scope, receive, send)
+
+    return proxied
+
+
 @asynccontextmanager
-async def running_service(tmp_path: Path, *, keys: dict[str, list[str]], accounting: bool = True) -> AsyncIterator[Service]:
+async def running_service(tmp_path: Path, *, keys: dict[str, list[str]], accounting: bool = True,
+                          prefix: str = "") -> AsyncIterator[Service]:
     with FakeUpstream(models=["fake-model"], reply="Noted: {last_user}", chunks=3) as upstream:
         config = service_config(upstream, tmp_path, accounting=accounting)
         secrets, ids = await create_keys(config, keys) if keys else ({}, {})
@@ -126,8 +140,9 @@ async def running_service(tmp_path: Path, *, keys: dict[str, list[str]], account
 
         if (cache := cache_extension(config)) is not None:
             extensions.append(cache)
-        with serve_app(create_app(config, extensions=extensions)) as url:
-            yield Service(url=url, db=tmp_path / "ledger.db", secrets=secrets, key_ids=ids)
+        app = create_app(config, extensions=extensions)
+        with serve_app(behind_prefix(app, prefix) if prefix else app) as url:
+            yield Service(url=url + prefix, db=tmp_path / "ledger.db", secrets=secrets, key_ids=ids)
 
 
 def run_in_thread(func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -295,8 +310,9 @@ async def wait_for_download(folder: Path, within: float = 15.0) -> Path:
 
 async def test_dashboard_without_keys_and_without_accounting(browser: Any, tmp_path: Path) -> None:
     # No key exists: auth is off, the page needs no key and shows everyone's usage.
+    # Behind a path prefix (a reverse proxy's): assets and API calls follow the page's URL.
     (tmp_path / "open").mkdir()
-    async with running_service(tmp_path / "open", keys={}) as service:
+    async with running_service(tmp_path / "open", keys={}, prefix="/team-a") as service:
         await run_in_thread(send_traffic, service.url, None, "chat-model", ["one", "two"])
         await run_in_thread(wait_for_ledger, service.db, 2)
         page = await browser.new_page()
