@@ -22,7 +22,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds per cell; the table shows medians")
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per streamed answer")
     parser.add_argument("--modes", default="bare,full",
-                        help="gateway configurations: bare (accounting, cache, metrics off), full (on)")
+                        help="gateway configurations: bare (accounting, cache, metrics off), full (all on), "
+                        "or accounting / cache / metrics alone")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON here")
     parser.set_defaults(func=_run)
 

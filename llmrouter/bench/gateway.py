@@ -38,16 +38,24 @@ BARE = {
 }
 
 
-def _full(workdir: Path) -> dict[str, Any]:
-    """Subsystems on: SQLite ledger, memory cache (every request a miss + store), metrics."""
+def _mode_config(mode: str, workdir: Path) -> dict[str, Any]:
+    """Subsystem settings for a mode: ``bare``, ``full`` (all on), or one of
+    ``accounting``, ``cache``, ``metrics`` on alone, so each one's cost shows."""
+    accounting = {
+        "enabled": True,
+        "database": {"url": f"sqlite+aiosqlite:///{workdir / f'{mode}.db'}"},
+        "ledger": {"journal_dir": str(workdir / f"{mode}-journal")},
+    }
+    cache = {"backend": "memory"}  # every request a miss and a store (unique prompts)
+    telemetry = {"metrics": True, "json_logs": True, "access_log": False, "log_level": "WARNING"}
+    on = {"full": {"accounting", "cache", "metrics"}, "bare": set()}.get(mode, {mode})
+    unknown = on - {"accounting", "cache", "metrics"}
+    if unknown:
+        raise ValueError(f"unknown bench mode {mode!r} (bare, full, accounting, cache, metrics)")
     return {
-        "accounting": {
-            "enabled": True,
-            "database": {"url": f"sqlite+aiosqlite:///{workdir / 'bench.db'}"},
-            "ledger": {"journal_dir": str(workdir / "journal")},
-        },
-        "cache": {"backend": "memory"},
-        "telemetry": {"metrics": True, "json_logs": True, "access_log": False, "log_level": "WARNING"},
+        "accounting": accounting if "accounting" in on else BARE["accounting"],
+        "cache": cache if "cache" in on else BARE["cache"],
+        "telemetry": telemetry if "metrics" in on else BARE["telemetry"],
     }
 
 
@@ -167,7 +175,7 @@ def run_gateway_bench(
                     direct[(stream, c)] = row.p50_ms
                     rows.append(row)
             for mode in modes:
-                extra = BARE if mode == "bare" else _full(workdir)
+                extra = _mode_config(mode, workdir)
                 gateway = _start_gateway(_config(upstream_port, extra), workdir, mode)
                 try:
                     idle_rss = gateway.rss_mb()
