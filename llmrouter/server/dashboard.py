@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 from litestar import Request, Response, get
+from litestar.params import FromPath
 
 from llmrouter.errors import NotFoundError
 
@@ -69,7 +70,7 @@ async def dashboard_page(request: Request[Any, Any, Any]) -> Response[bytes]:
 
 
 @get("/dashboard/{asset:str}", include_in_schema=False)
-async def dashboard_asset(asset: str) -> Response[bytes]:
+async def dashboard_asset(asset: FromPath[str]) -> Response[bytes]:
     """The page's script and stylesheet; anything else is a 404."""
     media_type = _ASSETS.get(asset)
     if media_type is None:

@@ -24,7 +24,7 @@
     { id: "cached_tokens", label: "Cached tokens" },
     { id: "cost", label: "Cost (USD)" },
     { id: "cache_hits", label: "Cache hits" },
-    { id: "errors", label: "Not ok" },
+    { id: "errors", label: "Errors" },
     { id: "estimated", label: "Estimated usage" },
   ];
   const DEFAULT_DIMS = { admin: ["key", "model"], user: ["day", "model"] };
