@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -47,6 +47,8 @@ from llmrouter.types import (
 __all__ = ["Router"]
 
 logger = logging.getLogger("llmrouter.router")
+
+R = TypeVar("R", ChatResponse, CompletionResponse)
 
 _HEALTH_TIMEOUT_S = 2.0
 
@@ -249,23 +251,12 @@ class Router:
             request = decode_chat_request(request)
         ctx, groups, request = await self._admit(request, context, operation="chat", stream=False)
 
-        async def call() -> ChatResponse:
-            return await dispatch_call(ctx, groups, self.hooks, request, _provider_chat)
+        def dispatch() -> Awaitable[ChatResponse]:
+            return dispatch_call(ctx, groups, self.hooks, request, _provider_chat)
 
-        try:
-            if self.cache is not None:
-                response = await self.cache.chat(ctx, request, call)
-            else:
-                response = await call()
-            if ctx.usage is None:
-                ctx.usage = response.usage or await _count_usage(ctx, _response_text(response))
-            ctx.status = "ok"
-            return response
-        except BaseException as exc:
-            _record_failure(ctx, exc)
-            raise
-        finally:
-            await self._finish(ctx)
+        cache = self.cache
+        call = dispatch if cache is None else partial(cache.chat, ctx, request, dispatch)
+        return await self._settled(ctx, call, _response_text)
 
     async def stream(
         self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None
@@ -276,12 +267,11 @@ class Router:
             request = decode_chat_request(request)
         ctx, groups, request = await self._admit(request, context, operation="chat", stream=True)
 
-        def call() -> AsyncIterator[ChatChunk]:
+        def dispatch() -> AsyncIterator[ChatChunk]:
             return dispatch_stream(ctx, groups, self.hooks, request, _provider_stream)
 
-        source = self.cache.stream(ctx, request, call) if self.cache is not None else call()
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        async with aclosing(self._relay(ctx, source, include_usage)) as relay:
+        source = dispatch() if self.cache is None else self.cache.stream(ctx, request, dispatch)
+        async with aclosing(self._relay(ctx, source, _wants_usage(request))) as relay:
             async for chunk in relay:
                 yield chunk
 
@@ -292,16 +282,8 @@ class Router:
         if not isinstance(request, CompletionRequest):
             request = decode_completion_request(request)
         ctx, groups, request = await self._admit(request, context, operation="completion", stream=False)
-        try:
-            response = await dispatch_call(ctx, groups, self.hooks, request, _provider_complete)
-            ctx.usage = response.usage or await _count_usage(ctx, "".join(c.text for c in response.choices))
-            ctx.status = "ok"
-            return response
-        except BaseException as exc:
-            _record_failure(ctx, exc)
-            raise
-        finally:
-            await self._finish(ctx)
+        call = partial(dispatch_call, ctx, groups, self.hooks, request, _provider_complete)
+        return await self._settled(ctx, call, lambda response: "".join(c.text for c in response.choices))
 
     async def stream_complete(
         self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None
@@ -311,10 +293,23 @@ class Router:
             request = decode_completion_request(request)
         ctx, groups, request = await self._admit(request, context, operation="completion", stream=True)
         source = dispatch_stream(ctx, groups, self.hooks, request, _provider_stream_complete)
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        async with aclosing(self._relay(ctx, source, include_usage)) as relay:
+        async with aclosing(self._relay(ctx, source, _wants_usage(request))) as relay:
             async for chunk in relay:
                 yield chunk
+
+    async def _settled(self, ctx: RequestContext, call: Callable[[], Awaitable[R]], text_of: Callable[[R], str]) -> R:
+        """Run a non-streaming call, then fill usage (counted if the answer had none) and settle."""
+        try:
+            response = await call()
+            if ctx.usage is None:
+                ctx.usage = response.usage or await _count_usage(ctx, text_of(response))
+            ctx.status = "ok"
+            return response
+        except BaseException as exc:
+            _record_failure(ctx, exc)
+            raise
+        finally:
+            await self._finish(ctx)
 
     async def _relay(self, ctx: RequestContext, source: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[Any]:
         """Pass chunks on, keep usage for billing, and remember the text for partial billing."""
@@ -507,6 +502,10 @@ async def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:
             prompt = count_text(request.prompt, model)
     completion = count_text(completion_text, model)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True)
+
+
+def _wants_usage(request: ChatRequest | CompletionRequest) -> bool:
+    return bool(request.stream_options and request.stream_options.include_usage)
 
 
 def _response_text(response: ChatResponse) -> str:
