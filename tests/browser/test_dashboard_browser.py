@@ -215,6 +215,7 @@ async def test_dashboard_admin_and_user_views(browser: Any, tmp_path: Path) -> N
         await page.wait_for("document.getElementById('alert').textContent.includes('refused this API key')")
         assert await page.eval("!document.getElementById('login').hidden && document.getElementById('report').hidden")
         assert await page.eval("sessionStorage.getItem('llmrouter.dashboard.key')") is None
+        await page.screenshot(tmp_path / "dashboard-401.png")
 
         # The user key: only its own usage, by day and model; no key dimension.
         await sign_in(page, user)

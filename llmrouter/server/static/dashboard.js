@@ -106,26 +106,32 @@
     return body;
   }
 
+  // The server's message as a sentence: one full stop, whatever it ended with.
+  function sentence(text) {
+    const trimmed = String(text || "").trim();
+    return /[.!?…]$/.test(trimmed) ? trimmed : trimmed + ".";
+  }
+
   function explain(err) {
     switch (err.status) {
       case 0:
         return err.message;
       case 401:
         return state.key
-          ? "The server refused this API key: " + err.message + ". Check it, or enter another key."
+          ? "The server refused this API key: " + sentence(err.message) + " Check it, or enter another key."
           : "This server needs an API key to show usage.";
       case 403:
-        return "This key may not see this report: " + err.message + ".";
+        return "This key may not see this report: " + sentence(err.message);
       case 429: {
         const wait = err.retryAfter ? " Try again in " + err.retryAfter + " s." : " Try again shortly.";
-        return "Too many requests or budget used up: " + err.message + "." + wait;
+        return "Too many requests or budget used up: " + sentence(err.message) + wait;
       }
       case 404:
         return "This server has no usage API: accounting is disabled on it (accounting.enabled: false).";
       case 400:
-        return "The server did not accept this query: " + err.message;
+        return "The server did not accept this query: " + sentence(err.message);
       default:
-        return "The server answered " + err.status + ": " + err.message;
+        return "The server answered " + err.status + ": " + sentence(err.message);
     }
   }
 
