@@ -17,6 +17,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextvars import Token
 from typing import Any, TypeVar
 
 import anyio
@@ -233,7 +234,7 @@ async def dispatch_stream(
         started = time.perf_counter()
         deadline = None if timeouts.total is None else time.monotonic() + timeouts.total
         group.acquire(deployment)
-        token = current_context.set(ctx)
+        token: Token[RequestContext | None] | None = current_context.set(ctx)
         stream = method(deployment.provider, _for_deployment(request, deployment))
         try:
             try:
@@ -254,8 +255,9 @@ async def dispatch_stream(
             _commit(ctx, group, deployment)
             _first_token(ctx, hooks)
             ttft = time.perf_counter() - started
-            current_context.reset(token)
-            token = None
+            if token is not None:  # the provider call has started; the context var is done
+                current_context.reset(token)
+                token = None
             yield first
             while True:
                 try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from functools import partial
 from typing import Any, TypeVar
@@ -49,6 +49,7 @@ __all__ = ["Router"]
 logger = logging.getLogger("llmrouter.router")
 
 R = TypeVar("R", ChatResponse, CompletionResponse)
+Q = TypeVar("Q", ChatRequest, CompletionRequest)
 
 _HEALTH_TIMEOUT_S = 2.0
 
@@ -247,15 +248,14 @@ class Router:
 
     async def chat(self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None) -> ChatResponse:
         """One chat completion (``stream`` in the request is ignored; use :meth:`stream`)."""
-        if not isinstance(request, ChatRequest):
-            request = decode_chat_request(request)
-        ctx, groups, request = await self._admit(request, context, operation="chat", stream=False)
+        decoded = request if isinstance(request, ChatRequest) else decode_chat_request(request)
+        ctx, groups, decoded = await self._admit(decoded, context, operation="chat", stream=False)
 
         def dispatch() -> Awaitable[ChatResponse]:
-            return dispatch_call(ctx, groups, self.hooks, request, _provider_chat)
+            return dispatch_call(ctx, groups, self.hooks, decoded, _provider_chat)
 
         cache = self.cache
-        call = dispatch if cache is None else partial(cache.chat, ctx, request, dispatch)
+        call = dispatch if cache is None else partial(cache.chat, ctx, decoded, dispatch)
         return await self._settled(ctx, call, _response_text)
 
     async def stream(
@@ -263,15 +263,14 @@ class Router:
     ) -> AsyncIterator[ChatChunk]:
         """Stream a chat completion as chunks; a final usage chunk only when the request
         asks for ``stream_options.include_usage``."""
-        if not isinstance(request, ChatRequest):
-            request = decode_chat_request(request)
-        ctx, groups, request = await self._admit(request, context, operation="chat", stream=True)
+        decoded = request if isinstance(request, ChatRequest) else decode_chat_request(request)
+        ctx, groups, decoded = await self._admit(decoded, context, operation="chat", stream=True)
 
         def dispatch() -> AsyncIterator[ChatChunk]:
-            return dispatch_stream(ctx, groups, self.hooks, request, _provider_stream)
+            return dispatch_stream(ctx, groups, self.hooks, decoded, _provider_stream)
 
-        source = dispatch() if self.cache is None else self.cache.stream(ctx, request, dispatch)
-        async with aclosing(self._relay(ctx, source, _wants_usage(request))) as relay:
+        source = dispatch() if self.cache is None else self.cache.stream(ctx, decoded, dispatch)
+        async with aclosing(self._relay(ctx, source, _wants_usage(decoded))) as relay:
             async for chunk in relay:
                 yield chunk
 
@@ -279,21 +278,19 @@ class Router:
         self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None
     ) -> CompletionResponse:
         """One legacy prompt completion (``/v1/completions``)."""
-        if not isinstance(request, CompletionRequest):
-            request = decode_completion_request(request)
-        ctx, groups, request = await self._admit(request, context, operation="completion", stream=False)
-        call = partial(dispatch_call, ctx, groups, self.hooks, request, _provider_complete)
+        decoded = request if isinstance(request, CompletionRequest) else decode_completion_request(request)
+        ctx, groups, decoded = await self._admit(decoded, context, operation="completion", stream=False)
+        call = partial(dispatch_call, ctx, groups, self.hooks, decoded, _provider_complete)
         return await self._settled(ctx, call, lambda response: "".join(c.text for c in response.choices))
 
     async def stream_complete(
         self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None
     ) -> AsyncIterator[CompletionChunk]:
         """Stream a legacy prompt completion."""
-        if not isinstance(request, CompletionRequest):
-            request = decode_completion_request(request)
-        ctx, groups, request = await self._admit(request, context, operation="completion", stream=True)
-        source = dispatch_stream(ctx, groups, self.hooks, request, _provider_stream_complete)
-        async with aclosing(self._relay(ctx, source, _wants_usage(request))) as relay:
+        decoded = request if isinstance(request, CompletionRequest) else decode_completion_request(request)
+        ctx, groups, decoded = await self._admit(decoded, context, operation="completion", stream=True)
+        source = dispatch_stream(ctx, groups, self.hooks, decoded, _provider_stream_complete)
+        async with aclosing(self._relay(ctx, source, _wants_usage(decoded))) as relay:
             async for chunk in relay:
                 yield chunk
 
@@ -311,7 +308,7 @@ class Router:
         finally:
             await self._finish(ctx)
 
-    async def _relay(self, ctx: RequestContext, source: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[Any]:
+    async def _relay(self, ctx: RequestContext, source: AsyncIterator[Any], include_usage: bool) -> AsyncGenerator[Any, None]:
         """Pass chunks on, keep usage for billing, and remember the text for partial billing."""
         pieces: list[str] = []
         try:
@@ -340,7 +337,9 @@ class Router:
                     ctx.usage = await _count_usage(ctx, "".join(pieces))
             await self._finish(ctx)
 
-    async def _admit(self, request: Any, context: RequestContext | None, *, operation: str, stream: bool) -> Any:
+    async def _admit(
+        self, request: Q, context: RequestContext | None, *, operation: str, stream: bool
+    ) -> tuple[RequestContext, list[GroupState], Q]:
         ctx = context or RequestContext()
         ctx.operation = operation  # type: ignore[assignment]
         ctx.stream = stream

@@ -134,6 +134,12 @@ def _row(target: str, stream: bool, concurrency: int, results: list[LoadResult],
     )
 
 
+def _idle_row(target: str, rss: float) -> GatewayRow:
+    nan = float("nan")
+    return GatewayRow(target=target, stream=False, concurrency=0, rps=nan, p50_ms=nan, p90_ms=nan, p99_ms=nan,
+                      ttfb_p50_ms=nan, added_p50_ms=None, cpu_ms_per_req=None, rss_mb=rss, errors=0)
+
+
 def _start_gateway(config: dict[str, Any], workdir: Path, name: str) -> Child:
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -185,8 +191,7 @@ def run_gateway_bench(
                             results, cpu = _measure(gateway.port, stream, c, duration, rounds, {}, gateway)
                             rows.append(_row(f"gateway[{mode}]", stream, c, results, cpu, gateway.rss_mb(),
                                              direct[(stream, c)]))
-                    rows.append(GatewayRow(f"gateway[{mode}] idle", False, 0, *([float("nan")] * 5), None,
-                                           None, idle_rss, 0))
+                    rows.append(_idle_row(f"gateway[{mode}] idle", idle_rss))
                 finally:
                     gateway.stop()
         finally:

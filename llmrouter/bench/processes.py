@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 __all__ = ["Child", "free_port", "pin_self"]
 
@@ -40,11 +41,11 @@ class Child:
         self.argv, self.port = list(argv), port
         cores = _cores()
         core = {cores[0]} if len(cores) > 1 else set(cores)
-        self._log = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
+        self._log: IO[bytes] | None = open(log, "wb") if log else None  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             self.argv,
             env={**os.environ, **(env or {})},
-            stdout=self._log,
+            stdout=self._log if self._log is not None else subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             preexec_fn=lambda: os.sched_setaffinity(0, core),  # noqa: PLW1509 - set before exec, inherited by threads
         )
@@ -80,7 +81,7 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self._log is not subprocess.DEVNULL:
+        if self._log is not None:
             self._log.close()
 
 
