@@ -14,7 +14,6 @@ cancelled stream reaches the upstream.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ def _translated(request: httpx.Request) -> Iterator[None]:
         raise httpx.RemoteProtocolError(str(exc), request=request) from exc
     except (aiohttp.ClientOSError, ConnectionError) as exc:
         raise httpx.ReadError(str(exc), request=request) from exc
-    except asyncio.TimeoutError as exc:
+    except TimeoutError as exc:
         raise httpx.TimeoutException(str(exc) or "timed out", request=request) from exc
 
 
