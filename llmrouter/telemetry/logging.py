@@ -70,7 +70,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str, ensure_ascii=False, separators=(",", ":"))
 
 
-class _JsonHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _JsonHandler(logging.StreamHandler):
     """Marks the handler ``configure_logging`` installed, so a second call replaces it."""
 
 

@@ -21,7 +21,7 @@ import base64
 import binascii
 import json
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from llmrouter.errors import InvalidRequestError, UnsupportedFeatureError
 from llmrouter.tokens import count_messages, count_text
@@ -389,7 +389,7 @@ class ChatStreamTranslator:
         )
         return ChatChunk(id=self.id, created=self.created, model=self.model, choices=choices)
 
-    def _role(self) -> str | None:
+    def _role(self) -> Literal["assistant"] | None:
         if self._role_sent:
             return None
         self._role_sent = True
@@ -405,7 +405,7 @@ class ChatStreamTranslator:
             self._text.append(content)
             delta = Delta(
                 role=self._role(), content=content or None, reasoning_content=message.thinking or None
-            )  # type: ignore[arg-type]
+            )
             chunks.append(self._chunk(delta, logprobs=_logprobs(part)))
         calls = _tool_calls(message)
         if calls:
@@ -422,7 +422,7 @@ class ChatStreamTranslator:
                     )
                 )
                 self._tool_index += 1
-            chunks.append(self._chunk(Delta(role=self._role(), tool_calls=deltas)))  # type: ignore[arg-type]
+            chunks.append(self._chunk(Delta(role=self._role(), tool_calls=deltas)))
         if part.done:
             self.done = True
             reason = finish_reason_for(part.done_reason, called_tools=self._tool_index > 0)

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default=DEFAULT_BASE_URL, help=argparse.SUPPRESS)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``openrouter-models`` to a CLI's sub-commands (sets ``func``)."""
     parser = subparsers.add_parser(
         "openrouter-models", help="OpenRouter's models with prices; import them as a price table"

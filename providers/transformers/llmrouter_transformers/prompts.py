@@ -81,7 +81,7 @@ def completion_prompt_ids(tokenizer: Any, request: CompletionRequest) -> list[in
         raise UnsupportedFeatureError("`best_of` > 1 is not supported", param="best_of", provider=_PROVIDER)
     prompt = request.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        return list(prompt)  # type: ignore[arg-type]
+        return list(prompt)
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], list):
         return list(prompt[0])
     return list(tokenizer(request.prompt_text)["input_ids"])
