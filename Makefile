@@ -33,7 +33,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check llmrouter providers tests
 
 types: $(VENV)/.installed-test
-	$(BIN)/mypy llmrouter
+	$(BIN)/mypy llmrouter $(filter-out %.egg-info,$(wildcard providers/*/llmrouter_*))
 
 vllm:
 	bash scripts/setup-vllm-env

@@ -116,7 +116,9 @@ class GroupState:
         now = time.monotonic()
         return self.strategy([d for d in self.deployments if d.usable(now) and d not in exclude])
 
-    async def select(self, tried: Sequence[DeploymentState], exhausted: Sequence[DeploymentState]) -> DeploymentState:
+    async def select(
+        self, tried: Sequence[DeploymentState], exhausted: Sequence[DeploymentState]
+    ) -> DeploymentState:
         """The deployment for the next attempt.
 
         Untried deployments come first; a deployment already tried may be used again
@@ -142,7 +144,9 @@ class GroupState:
                     return picked
         raise self._unavailable()
 
-    def _pick(self, tried: Sequence[DeploymentState], exhausted: Sequence[DeploymentState]) -> DeploymentState | None:
+    def _pick(
+        self, tried: Sequence[DeploymentState], exhausted: Sequence[DeploymentState]
+    ) -> DeploymentState | None:
         fresh = self.ordered(exclude=[*tried, *exhausted])
         if fresh:
             return fresh[0]
@@ -152,7 +156,8 @@ class GroupState:
     def _waiting_for_slot(self, exhausted: Sequence[DeploymentState]) -> bool:
         now = time.monotonic()
         return any(
-            d.full() and d.start_error is None and not d.cooling(now) and d not in exhausted for d in self.deployments
+            d.full() and d.start_error is None and not d.cooling(now) and d not in exhausted
+            for d in self.deployments
         )
 
     def _unavailable(self) -> NoDeploymentAvailableError:

@@ -77,7 +77,9 @@ def as_router_error(exc: Exception, deployment: DeploymentState) -> LLMRouterErr
 class AttemptPlan:
     """Decides which deployment each attempt goes to, and what a failure means."""
 
-    def __init__(self, ctx: RequestContext, groups: Sequence[GroupState], hooks: Sequence[RouterHooks]) -> None:
+    def __init__(
+        self, ctx: RequestContext, groups: Sequence[GroupState], hooks: Sequence[RouterHooks]
+    ) -> None:
         self.ctx = ctx
         self._groups = list(groups)
         self._hooks = hooks
@@ -127,7 +129,11 @@ class AttemptPlan:
         if is_request_fault(error):
             raise error
         if deployment.record_failure(group.cooldown):
-            logger.warning("deployment %s cooling down for %.0fs after repeated failures", deployment.id, group.cooldown.seconds)
+            logger.warning(
+                "deployment %s cooling down for %.0fs after repeated failures",
+                deployment.id,
+                group.cooldown.seconds,
+            )
             for hook in self._hooks:
                 hook.on_cooldown(deployment.id, group.cooldown.seconds)
         self._tried.append(deployment)
@@ -149,7 +155,7 @@ class AttemptPlan:
 def _for_deployment(request: Req, deployment: DeploymentState) -> Req:
     if getattr(request, "model", None) == deployment.config.model:
         return request
-    return msgspec.structs.replace(request, model=deployment.config.model)  # type: ignore[type-var]
+    return msgspec.structs.replace(request, model=deployment.config.model)
 
 
 def _commit(ctx: RequestContext, group: GroupState, deployment: DeploymentState) -> None:
@@ -245,7 +251,8 @@ async def dispatch_stream(
                     first = await stream.__anext__()
             except StopAsyncIteration:
                 error: LLMRouterError = UpstreamError(
-                    f"deployment {deployment.id!r} returned an empty stream", provider=deployment.config.provider
+                    f"deployment {deployment.id!r} returned an empty stream",
+                    provider=deployment.config.provider,
                 )
                 plan.failed(group, deployment, error)
                 continue
@@ -265,7 +272,7 @@ async def dispatch_stream(
                     _check_deadline(deadline, deployment)
                 except StopAsyncIteration:
                     break
-                except Exception as exc:  # noqa: BLE001 - mid-stream: no retry, report and end
+                except Exception as exc:  # mid-stream: no retry, report and end
                     error = as_router_error(exc, deployment)
                     deployment.record_failure(group.cooldown)
                     for hook in hooks:

@@ -182,14 +182,17 @@ def error_from_body(
         text = body.decode("utf-8", "replace").strip()[:500]
         message = text or f"upstream answered HTTP {status}"
     retry_after = parse_retry_after(headers) if headers is not None else None
-    return error_for_status(status, message, provider=provider, retry_after=retry_after, code=code, param=param)
+    return error_for_status(
+        status, message, provider=provider, retry_after=retry_after, code=code, param=param
+    )
 
 
 def _error_from_event(payload: Any, provider: str) -> LLMRouterError:
     message, code, param, hint = _error_fields(payload)
     status = hint if isinstance(hint, int) and 400 <= hint < 600 else 502
-    return error_for_status(status, message or "upstream reported an error mid-stream",
-                            provider=provider, code=code, param=param)
+    return error_for_status(
+        status, message or "upstream reported an error mid-stream", provider=provider, code=code, param=param
+    )
 
 
 @contextmanager
@@ -198,13 +201,17 @@ def _translate(provider: str, action: str) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
-        raise UpstreamTimeoutError(f"{provider}: {action} timed out ({type(exc).__name__})",
-                                   provider=provider) from exc
+        raise UpstreamTimeoutError(
+            f"{provider}: {action} timed out ({type(exc).__name__})", provider=provider
+        ) from exc
     except (httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-        raise UpstreamConnectionError(f"{provider}: {action} failed: {exc or type(exc).__name__}",
-                                      provider=provider) from exc
+        raise UpstreamConnectionError(
+            f"{provider}: {action} failed: {exc or type(exc).__name__}", provider=provider
+        ) from exc
     except httpx.HTTPError as exc:
-        raise UpstreamError(f"{provider}: {action} failed: {exc or type(exc).__name__}", provider=provider) from exc
+        raise UpstreamError(
+            f"{provider}: {action} failed: {exc or type(exc).__name__}", provider=provider
+        ) from exc
 
 
 # --- the client -------------------------------------------------------------------------------
@@ -278,7 +285,10 @@ class OpenAICompatClient:
         self.stream_usage = stream_usage
         timeouts = timeouts or Timeouts()
         self.timeout = httpx.Timeout(
-            connect=timeouts.connect, read=timeouts.first_token, write=timeouts.first_token, pool=timeouts.first_token
+            connect=timeouts.connect,
+            read=timeouts.first_token,
+            write=timeouts.first_token,
+            pool=timeouts.first_token,
         )
         self._headers = {"accept": _JSON, **(headers or {})}
         if api_key:
@@ -296,7 +306,9 @@ class OpenAICompatClient:
                 or default_transport(limits, verify)
                 or httpx.AsyncHTTPTransport(limits=limits, verify=verify, trust_env=False)
             )
-        self._client = http_client or httpx.AsyncClient(transport=self._transport, timeout=self.timeout, trust_env=False)
+        self._client = http_client or httpx.AsyncClient(
+            transport=self._transport, timeout=self.timeout, trust_env=False
+        )
 
     @property
     def http_client(self) -> httpx.AsyncClient:
@@ -340,7 +352,9 @@ class OpenAICompatClient:
             data["max_tokens"] = wire.max_tokens
         return msgspec.json.encode(data)
 
-    async def _send(self, method: str, path: str, *, body: bytes | None = None, stream: bool = False) -> httpx.Response:
+    async def _send(
+        self, method: str, path: str, *, body: bytes | None = None, stream: bool = False
+    ) -> httpx.Response:
         """Send one request and return the response unread; the caller closes it.
 
         ``AsyncClient.send`` costs ~80 µs a request in redirect, auth, cookie and hook
@@ -351,15 +365,22 @@ class OpenAICompatClient:
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(f"{self.base_url}{path}")
-        request = httpx.Request(method, url, headers=self._request_headers(stream), content=body,
-                                extensions={"timeout": self._timeout_extension})
+        request = httpx.Request(
+            method,
+            url,
+            headers=self._request_headers(stream),
+            content=body,
+            extensions={"timeout": self._timeout_extension},
+        )
         if self._transport is None:
             return await self._client.send(request, stream=True)
         response = await self._transport.handle_async_request(request)
         response.request = request
         return response
 
-    async def _read(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes, httpx.Headers]:
+    async def _read(
+        self, method: str, path: str, body: bytes | None = None
+    ) -> tuple[int, bytes, httpx.Headers]:
         with _translate(self.provider, f"{method} {path}"):
             response = await self._send(method, path, body=body)
             try:
@@ -380,18 +401,21 @@ class OpenAICompatClient:
         except msgspec.ValidationError:
             pass  # schema bent (e.g. a number as a string): try the lenient route below
         except msgspec.DecodeError as exc:
-            raise UpstreamError(f"{self.provider}: {what} answered invalid JSON: {exc}",
-                                provider=self.provider) from exc
+            raise UpstreamError(
+                f"{self.provider}: {what} answered invalid JSON: {exc}", provider=self.provider
+            ) from exc
         try:
             return msgspec.convert(_generic.decode(data), kind, strict=False)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise UpstreamError(f"{self.provider}: {what} answered an unexpected shape: {exc}",
-                                provider=self.provider) from exc
+            raise UpstreamError(
+                f"{self.provider}: {what} answered an unexpected shape: {exc}", provider=self.provider
+            ) from exc
 
     async def chat(self, request: ChatRequest, *, model: str | None = None) -> ChatResponse:
         """``POST /chat/completions``; ``usage`` is always filled (estimated when not reported)."""
-        response = await self._post_json("/chat/completions", self._encode(request, model=model, stream=False),
-                                         ChatResponse)
+        response = await self._post_json(
+            "/chat/completions", self._encode(request, model=model, stream=False), ChatResponse
+        )
         if response.usage is None:
             text = "".join(_message_text(c.message) for c in response.choices)
             response = msgspec.structs.replace(response, usage=_estimate(request, text, model))
@@ -399,14 +423,17 @@ class OpenAICompatClient:
 
     async def complete(self, request: CompletionRequest, *, model: str | None = None) -> CompletionResponse:
         """``POST /completions`` (legacy prompt API); ``usage`` always filled."""
-        response = await self._post_json("/completions", self._encode(request, model=model, stream=False),
-                                         CompletionResponse)
+        response = await self._post_json(
+            "/completions", self._encode(request, model=model, stream=False), CompletionResponse
+        )
         if response.usage is None:
             text = "".join(c.text for c in response.choices)
             response = msgspec.structs.replace(response, usage=_estimate(request, text, model))
         return response
 
-    async def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncGenerator[ChatChunk, None]:
+    async def stream(
+        self, request: ChatRequest, *, model: str | None = None
+    ) -> AsyncGenerator[ChatChunk, None]:
         """Stream ``/chat/completions``; the last chunk carries ``usage``.
 
         Closing the generator (``aclose`` or cancellation) closes the upstream response,
@@ -429,7 +456,9 @@ class OpenAICompatClient:
             last = chunk
             yield chunk
         if last is None:
-            raise UpstreamError(f"{self.provider}: the upstream stream ended without a chunk", provider=self.provider)
+            raise UpstreamError(
+                f"{self.provider}: the upstream stream ended without a chunk", provider=self.provider
+            )
         if last.usage is None:
             usage = reported or _estimate(request, "".join(texts), model)
             yield ChatChunk(id=last.id, created=last.created, model=last.model, choices=[], usage=usage)
@@ -449,7 +478,9 @@ class OpenAICompatClient:
             last = chunk
             yield chunk
         if last is None:
-            raise UpstreamError(f"{self.provider}: the upstream stream ended without a chunk", provider=self.provider)
+            raise UpstreamError(
+                f"{self.provider}: the upstream stream ended without a chunk", provider=self.provider
+            )
         if last.usage is None:
             usage = reported or _estimate(request, "".join(texts), model)
             yield CompletionChunk(id=last.id, created=last.created, model=last.model, choices=[], usage=usage)
@@ -495,8 +526,9 @@ class OpenAICompatClient:
         except msgspec.ValidationError:
             return self._decode(data, kind, "a stream chunk")
         except msgspec.DecodeError as exc:
-            raise UpstreamError(f"{self.provider}: the upstream sent an invalid stream chunk: {exc}",
-                                provider=self.provider) from exc
+            raise UpstreamError(
+                f"{self.provider}: the upstream sent an invalid stream chunk: {exc}", provider=self.provider
+            ) from exc
 
     # --- models and health --------------------------------------------------------------
 
@@ -508,14 +540,21 @@ class OpenAICompatClient:
         try:
             payload = _generic.decode(content)
         except msgspec.DecodeError as exc:
-            raise UpstreamError(f"{self.provider}: GET /models answered invalid JSON", provider=self.provider) from exc
+            raise UpstreamError(
+                f"{self.provider}: GET /models answered invalid JSON", provider=self.provider
+            ) from exc
         items = payload.get("data") if isinstance(payload, dict) else payload
         cards = []
         for item in items if isinstance(items, list) else []:
             if isinstance(item, dict) and isinstance(item.get("id"), str):
                 created = item.get("created")
-                cards.append(ModelCard(id=item["id"], created=created if isinstance(created, int) else 0,
-                                       owned_by=str(item.get("owned_by") or self.provider)))
+                cards.append(
+                    ModelCard(
+                        id=item["id"],
+                        created=created if isinstance(created, int) else 0,
+                        owned_by=str(item.get("owned_by") or self.provider),
+                    )
+                )
         return cards
 
     async def health(self) -> Health:
@@ -558,8 +597,11 @@ def _estimate(request: ChatRequest | CompletionRequest, text: str, model: str | 
         prompt = count_text(request.prompt, name)
     else:
         # A list of strings, one list of token ids, or a list of them.
-        prompt = sum(count_text(p, name) if isinstance(p, str) else len(p) if isinstance(p, list) else 1
-                     for p in request.prompt)
+        prompt = sum(
+            count_text(p, name) if isinstance(p, str) else len(p) if isinstance(p, list) else 1
+            for p in request.prompt
+        )
     completion = count_text(text, name)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 estimated=True)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True
+    )

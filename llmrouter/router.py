@@ -125,9 +125,13 @@ class Router:
             self._add_state(state, provider, deployment)
         return state
 
-    def add_deployment(self, group_name: str, provider: Provider[Any], deployment: Deployment | None = None) -> DeploymentState:
+    def add_deployment(
+        self, group_name: str, provider: Provider[Any], deployment: Deployment | None = None
+    ) -> DeploymentState:
         """Serve ``group_name`` with an existing provider instance (created if new)."""
-        deployment = deployment or Deployment(provider=provider.name or type(provider).__name__, model=provider.model)
+        deployment = deployment or Deployment(
+            provider=provider.name or type(provider).__name__, model=provider.model
+        )
         state = self._groups.get(group_name) or self._new_group(ModelGroup(name=group_name, deployments=[]))
         return self._add_state(state, provider, deployment)
 
@@ -151,7 +155,9 @@ class Router:
             self._cache.configure_group(group.name, group.cache)
         return state
 
-    def _add_state(self, group: GroupState, provider: Provider[Any], deployment: Deployment) -> DeploymentState:
+    def _add_state(
+        self, group: GroupState, provider: Provider[Any], deployment: Deployment
+    ) -> DeploymentState:
         base_id = deployment.id or f"{deployment.provider}/{deployment.model}"
         taken = {d.id for d in self.deployments}
         dep_id, n = base_id, 1
@@ -162,7 +168,12 @@ class Router:
             provider=deployment.provider, model=deployment.model, group=group.name, own=deployment.price
         )
         state = DeploymentState(
-            id=dep_id, group=group.name, index=len(group.deployments), config=deployment, provider=provider, price=price
+            id=dep_id,
+            group=group.name,
+            index=len(group.deployments),
+            config=deployment,
+            provider=provider,
+            price=price,
         )
         group.deployments.append(state)
         return state
@@ -185,7 +196,9 @@ class Router:
                 # Priced deployments count every prompt (for the budget reservation).
                 priced = [d.config.model for d in self.deployments if d.price is not None]
                 if priced:
-                    tg.start_soon(partial(anyio.to_thread.run_sync, preload_encodings, priced, abandon_on_cancel=True))
+                    tg.start_soon(
+                        partial(anyio.to_thread.run_sync, preload_encodings, priced, abandon_on_cancel=True)
+                    )
             self._started = True
 
     async def _start_deployment(self, deployment: DeploymentState) -> None:
@@ -236,17 +249,25 @@ class Router:
     def _direct_group(self, model: str) -> GroupState:
         provider, _, upstream = model.partition("/")
         if not (self.config.router.allow_direct and upstream and provider in available_providers()):
-            raise ModelNotFoundError(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+            raise ModelNotFoundError(
+                f"The model `{model}` does not exist or you do not have access to it.", param="model"
+            )
         try:
-            group = self.add_group(ModelGroup(name=model, deployments=[Deployment(provider=provider, model=upstream)]))
+            group = self.add_group(
+                ModelGroup(name=model, deployments=[Deployment(provider=provider, model=upstream)])
+            )
         except LLMRouterError as exc:
-            raise ModelNotFoundError(f"The model `{model}` cannot be served: {exc.message}", param="model") from exc
+            raise ModelNotFoundError(
+                f"The model `{model}` cannot be served: {exc.message}", param="model"
+            ) from exc
         self._started = False  # the new deployment starts on first use
         return group
 
     # --- requests ----------------------------------------------------------------------
 
-    async def chat(self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None) -> ChatResponse:
+    async def chat(
+        self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None
+    ) -> ChatResponse:
         """One chat completion (``stream`` in the request is ignored; use :meth:`stream`)."""
         decoded = request if isinstance(request, ChatRequest) else decode_chat_request(request)
         ctx, groups, decoded = await self._admit(decoded, context, operation="chat", stream=False)
@@ -294,7 +315,9 @@ class Router:
             async for chunk in relay:
                 yield chunk
 
-    async def _settled(self, ctx: RequestContext, call: Callable[[], Awaitable[R]], text_of: Callable[[R], str]) -> R:
+    async def _settled(
+        self, ctx: RequestContext, call: Callable[[], Awaitable[R]], text_of: Callable[[R], str]
+    ) -> R:
         """Run a non-streaming call, then fill usage (counted if the answer had none) and settle."""
         try:
             response = await call()
@@ -308,7 +331,9 @@ class Router:
         finally:
             await self._finish(ctx)
 
-    async def _relay(self, ctx: RequestContext, source: AsyncIterator[Any], include_usage: bool) -> AsyncGenerator[Any, None]:
+    async def _relay(
+        self, ctx: RequestContext, source: AsyncIterator[Any], include_usage: bool
+    ) -> AsyncGenerator[Any, None]:
         """Pass chunks on, keep usage for billing, and remember the text for partial billing."""
         pieces: list[str] = []
         try:
@@ -500,7 +525,9 @@ async def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:
         elif isinstance(request.prompt, str):
             prompt = count_text(request.prompt, model)
     completion = count_text(completion_text, model)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True
+    )
 
 
 def _wants_usage(request: ChatRequest | CompletionRequest) -> bool:
@@ -528,5 +555,7 @@ def _provider_complete(provider: Provider[Any], request: CompletionRequest) -> A
     return provider.complete(request)
 
 
-def _provider_stream_complete(provider: Provider[Any], request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
+def _provider_stream_complete(
+    provider: Provider[Any], request: CompletionRequest
+) -> AsyncIterator[CompletionChunk]:
     return provider.stream_complete(request)

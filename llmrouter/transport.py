@@ -103,7 +103,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         import aiohttp
 
         timeout = request.extensions.get("timeout", {})
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw if k.lower() not in _DROPPED_HEADERS]
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in request.headers.raw
+            if k.lower() not in _DROPPED_HEADERS
+        ]
         with _translated(request):
             response = await self._client().request(
                 request.method,

@@ -21,9 +21,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measured round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per cell; the table shows medians")
     parser.add_argument("--chunks", type=int, default=20, help="content chunks per streamed answer")
-    parser.add_argument("--modes", default="bare,full",
-                        help="gateway configurations: bare (accounting, cache, metrics off), full (all on), "
-                        "or accounting / cache / metrics alone")
+    parser.add_argument(
+        "--modes",
+        default="bare,full",
+        help="gateway configurations: bare (accounting, cache, metrics off), full (all on), "
+        "or accounting / cache / metrics alone",
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON here")
     parser.set_defaults(func=_run)
 
@@ -46,8 +49,14 @@ def _run(args: argparse.Namespace) -> int:
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     modes = [m for m in args.modes.split(",") if m]
     cells = 2 * len(concurrencies) * (1 + len(modes))
-    rows = run_gateway_bench(concurrencies=concurrencies, duration=args.duration, rounds=args.rounds,
-                             chunks=args.chunks, modes=modes, progress=_progress(cells))
+    rows = run_gateway_bench(
+        concurrencies=concurrencies,
+        duration=args.duration,
+        rounds=args.rounds,
+        chunks=args.chunks,
+        modes=modes,
+        progress=_progress(cells),
+    )
     sys.stderr.write("\n")
     imports = import_time_ms()
     print(format_rows(rows))

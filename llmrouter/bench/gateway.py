@@ -78,9 +78,14 @@ class GatewayRow:
 def _config(upstream_port: int, extra: dict[str, Any]) -> dict[str, Any]:
     return {
         "discover": False,
-        "models": [{"name": MODEL, "deployments": [
-            {"provider": "remote", "model": MODEL, "base_url": f"http://127.0.0.1:{upstream_port}/v1"}
-        ]}],
+        "models": [
+            {
+                "name": MODEL,
+                "deployments": [
+                    {"provider": "remote", "model": MODEL, "base_url": f"http://127.0.0.1:{upstream_port}/v1"}
+                ],
+            }
+        ],
         **extra,
     }
 
@@ -100,8 +105,15 @@ def _body_factory(stream: bool) -> Callable[[int], bytes]:
     return body
 
 
-def _measure(port: int, stream: bool, concurrency: int, duration: float, rounds: int,
-             headers: dict[str, str], child: Child | None) -> tuple[list[LoadResult], float | None]:
+def _measure(
+    port: int,
+    stream: bool,
+    concurrency: int,
+    duration: float,
+    rounds: int,
+    headers: dict[str, str],
+    child: Child | None,
+) -> tuple[list[LoadResult], float | None]:
     make_body = _body_factory(stream)
     path = "/v1/chat/completions"
 
@@ -111,33 +123,64 @@ def _measure(port: int, stream: bool, concurrency: int, duration: float, rounds:
     results, cpu = [], []
     for _ in range(rounds):
         before = child.cpu_seconds() if child else 0.0
-        result = asyncio.run(run_load("127.0.0.1", port, make_request, concurrency=concurrency,
-                                      duration=duration, warmup=min(0.5, duration / 4)))
+        result = asyncio.run(
+            run_load(
+                "127.0.0.1",
+                port,
+                make_request,
+                concurrency=concurrency,
+                duration=duration,
+                warmup=min(0.5, duration / 4),
+            )
+        )
         if child and result.total:
             cpu.append((child.cpu_seconds() - before) * 1000 / result.total)
         results.append(result)
     return results, (median(cpu) if cpu else None)
 
 
-def _row(target: str, stream: bool, concurrency: int, results: list[LoadResult], cpu: float | None,
-         rss: float | None, direct_p50: float | None) -> GatewayRow:
+def _row(
+    target: str,
+    stream: bool,
+    concurrency: int,
+    results: list[LoadResult],
+    cpu: float | None,
+    rss: float | None,
+    direct_p50: float | None,
+) -> GatewayRow:
     p50 = median([percentile(r.latencies, 50) for r in results]) * 1000
     return GatewayRow(
-        target=target, stream=stream, concurrency=concurrency,
+        target=target,
+        stream=stream,
+        concurrency=concurrency,
         rps=median([r.completed / r.elapsed for r in results]),
         p50_ms=p50,
         p90_ms=median([percentile(r.latencies, 90) for r in results]) * 1000,
         p99_ms=median([percentile(r.latencies, 99) for r in results]) * 1000,
         ttfb_p50_ms=median([percentile(r.first_bytes, 50) for r in results]) * 1000,
         added_p50_ms=None if direct_p50 is None else p50 - direct_p50,
-        cpu_ms_per_req=cpu, rss_mb=rss, errors=sum(r.errors for r in results),
+        cpu_ms_per_req=cpu,
+        rss_mb=rss,
+        errors=sum(r.errors for r in results),
     )
 
 
 def _idle_row(target: str, rss: float) -> GatewayRow:
     nan = float("nan")
-    return GatewayRow(target=target, stream=False, concurrency=0, rps=nan, p50_ms=nan, p90_ms=nan, p99_ms=nan,
-                      ttfb_p50_ms=nan, added_p50_ms=None, cpu_ms_per_req=None, rss_mb=rss, errors=0)
+    return GatewayRow(
+        target=target,
+        stream=False,
+        concurrency=0,
+        rps=nan,
+        p50_ms=nan,
+        p90_ms=nan,
+        p99_ms=nan,
+        ttfb_p50_ms=nan,
+        added_p50_ms=None,
+        cpu_ms_per_req=None,
+        rss_mb=rss,
+        errors=0,
+    )
 
 
 def _start_gateway(config: dict[str, Any], workdir: Path, name: str) -> Child:
@@ -167,9 +210,21 @@ def run_gateway_bench(
     with tempfile.TemporaryDirectory(prefix="llmrouter-bench-") as tmp:
         workdir = Path(tmp)
         upstream_port = free_port()
-        upstream = Child(python_argv("-m", "llmrouter.testing.upstream", "--port", str(upstream_port),
-                                     "--chunks", str(chunks), "--no-record", "--model", MODEL),
-                         upstream_port, log=workdir / "upstream.log")
+        upstream = Child(
+            python_argv(
+                "-m",
+                "llmrouter.testing.upstream",
+                "--port",
+                str(upstream_port),
+                "--chunks",
+                str(chunks),
+                "--no-record",
+                "--model",
+                MODEL,
+            ),
+            upstream_port,
+            log=workdir / "upstream.log",
+        )
         try:
             upstream.wait_listening()
             direct: dict[tuple[bool, int], float] = {}
@@ -189,8 +244,17 @@ def run_gateway_bench(
                         for c in concurrencies:
                             progress(f"gateway[{mode}] stream={stream} c={c}")
                             results, cpu = _measure(gateway.port, stream, c, duration, rounds, {}, gateway)
-                            rows.append(_row(f"gateway[{mode}]", stream, c, results, cpu, gateway.rss_mb(),
-                                             direct[(stream, c)]))
+                            rows.append(
+                                _row(
+                                    f"gateway[{mode}]",
+                                    stream,
+                                    c,
+                                    results,
+                                    cpu,
+                                    gateway.rss_mb(),
+                                    direct[(stream, c)],
+                                )
+                            )
                     rows.append(_idle_row(f"gateway[{mode}] idle", idle_rss))
                 finally:
                     gateway.stop()
@@ -201,6 +265,7 @@ def run_gateway_bench(
 
 def import_time_ms(samples: int = 5) -> float:
     """Median wall time of ``import llmrouter`` in a fresh interpreter, minus bare start-up."""
+
     def run(code: str) -> float:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], check=True)
@@ -212,13 +277,35 @@ def import_time_ms(samples: int = 5) -> float:
 
 
 def format_rows(rows: Sequence[GatewayRow]) -> str:
-    headers = ["target", "stream", "conc", "req/s", "p50 ms", "p90 ms", "p99 ms", "ttfb p50", "added p50",
-               "cpu ms/req", "rss MB", "errors"]
+    headers = [
+        "target",
+        "stream",
+        "conc",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "ttfb p50",
+        "added p50",
+        "cpu ms/req",
+        "rss MB",
+        "errors",
+    ]
     table = [
-        [r.target, "yes" if r.stream else "no", r.concurrency or "-", r.rps, r.p50_ms, r.p90_ms, r.p99_ms,
-         r.ttfb_p50_ms, r.added_p50_ms if r.added_p50_ms is not None else float("nan"),
-         r.cpu_ms_per_req if r.cpu_ms_per_req is not None else float("nan"),
-         r.rss_mb if r.rss_mb is not None else float("nan"), r.errors]
+        [
+            r.target,
+            "yes" if r.stream else "no",
+            r.concurrency or "-",
+            r.rps,
+            r.p50_ms,
+            r.p90_ms,
+            r.p99_ms,
+            r.ttfb_p50_ms,
+            r.added_p50_ms if r.added_p50_ms is not None else float("nan"),
+            r.cpu_ms_per_req if r.cpu_ms_per_req is not None else float("nan"),
+            r.rss_mb if r.rss_mb is not None else float("nan"),
+            r.errors,
+        ]
         for r in rows
     ]
     return render_table(headers, table)

@@ -97,7 +97,9 @@ async def _worker(
         writer.close()
 
 
-def http_request(host: str, port: int, path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+def http_request(
+    host: str, port: int, path: str, body: bytes, headers: dict[str, str] | None = None
+) -> bytes:
     """An encoded keep-alive ``POST`` request."""
     lines = [
         f"POST {path} HTTP/1.1",
@@ -125,7 +127,10 @@ async def run_load(
     deadline = measure_from + duration
     counter = [0]
     await asyncio.gather(
-        *(_worker(host, port, make_request, deadline, measure_from, result, counter) for _ in range(concurrency))
+        *(
+            _worker(host, port, make_request, deadline, measure_from, result, counter)
+            for _ in range(concurrency)
+        )
     )
     result.elapsed = duration
     return result

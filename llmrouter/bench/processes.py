@@ -37,17 +37,19 @@ def pin_self(core_index: int) -> None:
 class Child:
     """A server process pinned (before exec) to the first core, waited for until it listens."""
 
-    def __init__(self, argv: Sequence[str], port: int, *, env: dict[str, str] | None = None, log: Path | None = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], port: int, *, env: dict[str, str] | None = None, log: Path | None = None
+    ) -> None:
         self.argv, self.port = list(argv), port
         cores = _cores()
         core = {cores[0]} if len(cores) > 1 else set(cores)
-        self._log: IO[bytes] | None = open(log, "wb") if log else None  # noqa: SIM115 - closed in stop()
+        self._log: IO[bytes] | None = open(log, "wb") if log else None  # closed in stop()
         self.process = subprocess.Popen(
             self.argv,
             env={**os.environ, **(env or {})},
             stdout=self._log if self._log is not None else subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
-            preexec_fn=lambda: os.sched_setaffinity(0, core),  # noqa: PLW1509 - set before exec, inherited by threads
+            preexec_fn=lambda: os.sched_setaffinity(0, core),  # before exec: inherited by every thread
         )
 
     def wait_listening(self, timeout: float = 60.0) -> None:

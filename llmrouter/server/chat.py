@@ -24,7 +24,9 @@ _encode = msgspec.json.Encoder().encode
 
 def json_response(body: Any, headers: dict[str, str], status: int = 200) -> ASGIResponse:
     """A JSON response encoded by msgspec straight to bytes."""
-    return ASGIResponse(body=_encode(body), media_type="application/json", headers=headers, status_code=status)
+    return ASGIResponse(
+        body=_encode(body), media_type="application/json", headers=headers, status_code=status
+    )
 
 
 _OPENAPI: dict[str, Any] = dict(
@@ -40,7 +42,9 @@ _OPENAPI: dict[str, Any] = dict(
 )
 
 
-async def create_chat_completion(request: Request[Any, Any, Any], service: NamedDependency[Service]) -> ASGIResponse:
+async def create_chat_completion(
+    request: Request[Any, Any, Any], service: NamedDependency[Service]
+) -> ASGIResponse:
     ctx = await service.new_context(request)
     chat_request = decode_chat_request(await request.body())
     router = service.active_router

@@ -28,7 +28,9 @@ _OPENAPI: dict[str, Any] = dict(
 )
 
 
-async def create_completion(request: Request[Any, Any, Any], service: NamedDependency[Service]) -> ASGIResponse:
+async def create_completion(
+    request: Request[Any, Any, Any], service: NamedDependency[Service]
+) -> ASGIResponse:
     ctx = await service.new_context(request)
     completion_request = decode_completion_request(await request.body())
     router = service.active_router

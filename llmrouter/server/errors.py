@@ -58,15 +58,15 @@ def _request_id(request: Request[Any, Any, Any]) -> str | None:
 def handle_llmrouter_error(request: Request[Any, Any, Any], exc: LLMRouterError) -> Response[bytes]:
     if exc.http_status >= 500:
         # Upstream/server failures are worth a log line; client mistakes are not.
-        logger.warning(
-            "request %s failed: %s (%s)", _request_id(request), exc.message, type(exc).__name__
-        )
+        logger.warning("request %s failed: %s (%s)", _request_id(request), exc.message, type(exc).__name__)
     return openai_error_response(exc.http_status, exc.to_body(), exc.headers())
 
 
 def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     status = exc.status_code
-    type_, code = _HTTP_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    type_, code = _HTTP_TYPES.get(
+        status, ("server_error" if status >= 500 else "invalid_request_error", None)
+    )
     message = exc.detail or "error"
     param = None
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:

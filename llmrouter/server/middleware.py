@@ -27,7 +27,7 @@ _MAX_ID_LENGTH = 128
 
 def request_id_of(scope: Scope) -> str:
     """The request id for this connection: already assigned, sent by the client, or new."""
-    existing = scope.get(REQUEST_ID_KEY)  # type: ignore[misc]
+    existing = scope.get(REQUEST_ID_KEY)
     if existing:
         return str(existing)
     request_id = ""

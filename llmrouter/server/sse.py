@@ -85,9 +85,16 @@ class SSEResponse(ASGIStreamingResponse):
                     async with DisconnectWatch(receive):
                         async for event in self._events:
                             body: HTTPResponseBodyEvent = {
-                                "type": "http.response.body", "body": event, "more_body": True}
+                                "type": "http.response.body",
+                                "body": event,
+                                "more_body": True,
+                            }
                             await send(body)
-                        end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": b"", "more_body": False}
+                        end: HTTPResponseBodyEvent = {
+                            "type": "http.response.body",
+                            "body": b"",
+                            "more_body": False,
+                        }
                         await send(end)
                 except ClientDisconnected:
                     return

@@ -86,4 +86,4 @@ def response_headers(ctx: RequestContext, *, with_cost: bool = True) -> dict[str
 
 def provide_service(state: State) -> Service:
     """Dependency provider: the :class:`Service` the lifespan stored in ``app.state``."""
-    return state[STATE_KEY]  # type: ignore[no-any-return]
+    return state[STATE_KEY]

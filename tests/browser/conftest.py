@@ -91,8 +91,14 @@ class CDP:
             if not future.done():
                 future.set_exception(CDPError("the DevTools connection closed"))
 
-    async def send(self, method: str, params: dict[str, Any] | None = None, *, session: str | None = None,
-                   wait: float = COMMAND_TIMEOUT) -> dict[str, Any]:
+    async def send(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        *,
+        session: str | None = None,
+        wait: float = COMMAND_TIMEOUT,
+    ) -> dict[str, Any]:
         self._next_id += 1
         message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
         if session is not None:
@@ -113,11 +119,16 @@ class CDP:
         for domain in ("Page", "Runtime", "Log"):
             await page.send(f"{domain}.enable")
         # Collected before any page script runs; CDP-injected code is not subject to the CSP.
-        await page.send("Page.addScriptToEvaluateOnNewDocument", {"source": (
-            "window.__cspViolations = [];"
-            "document.addEventListener('securitypolicyviolation', e =>"
-            " window.__cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));"
-        )})
+        await page.send(
+            "Page.addScriptToEvaluateOnNewDocument",
+            {
+                "source": (
+                    "window.__cspViolations = [];"
+                    "document.addEventListener('securitypolicyviolation', e =>"
+                    " window.__cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));"
+                )
+            },
+        )
         return page
 
     async def aclose(self) -> None:
@@ -140,9 +151,14 @@ class Page:
 
     async def eval(self, expression: str) -> Any:
         """The JSON value of ``expression`` (awaited when it is a promise)."""
-        result = await self.send("Runtime.evaluate", {
-            "expression": expression, "returnByValue": True, "awaitPromise": True,
-        })
+        result = await self.send(
+            "Runtime.evaluate",
+            {
+                "expression": expression,
+                "returnByValue": True,
+                "awaitPromise": True,
+            },
+        )
         if "exceptionDetails" in result:
             details = result["exceptionDetails"]
             raise AssertionError(f"page error in {expression!r}: {details.get('exception', details)}")
@@ -183,9 +199,16 @@ class Page:
         )
         assert box and box["w"] > 0, f"{selector} is not on the page or not visible"
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            await self.send("Input.dispatchMouseEvent", {
-                "type": kind, "x": box["x"], "y": box["y"], "button": "left", "clickCount": 1,
-            })
+            await self.send(
+                "Input.dispatchMouseEvent",
+                {
+                    "type": kind,
+                    "x": box["x"],
+                    "y": box["y"],
+                    "button": "left",
+                    "clickCount": 1,
+                },
+            )
 
     async def type(self, selector: str, text: str) -> None:
         """Focus the field, clear it and type ``text`` as keyboard input."""
@@ -199,18 +222,28 @@ class Page:
         return str(value)
 
     async def set_viewport(self, width: int, height: int) -> None:
-        await self.send("Emulation.setDeviceMetricsOverride", {
-            "width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600,
-        })
+        await self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {
+                "width": width,
+                "height": height,
+                "deviceScaleFactor": 1,
+                "mobile": width < 600,
+            },
+        )
 
     async def screenshot(self, path: Path) -> Path:
         """The whole page (not just the viewport) as a PNG."""
         metrics = await self.send("Page.getLayoutMetrics")
         size = metrics["cssContentSize"]
-        shot = await self.send("Page.captureScreenshot", {
-            "format": "png", "captureBeyondViewport": True,
-            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
-        })
+        shot = await self.send(
+            "Page.captureScreenshot",
+            {
+                "format": "png",
+                "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+            },
+        )
         await asyncio.to_thread(path.write_bytes, base64.b64decode(shot["data"]))
         return path
 
@@ -250,8 +283,14 @@ async def browser(chromium_path: str, tmp_path: Path) -> AsyncIterator[CDP]:
     profile.mkdir()
     log = (tmp_path / "chromium.log").open("wb")
     process = await asyncio.create_subprocess_exec(
-        chromium_path, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank",
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        chromium_path,
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={profile}",
+        "about:blank",
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     cdp: CDP | None = None
     try:
@@ -260,7 +299,9 @@ async def browser(chromium_path: str, tmp_path: Path) -> AsyncIterator[CDP]:
         while not (port_file.exists() and len(port_file.read_text().splitlines()) >= 2):
             if process.returncode is not None or time.monotonic() > deadline:
                 log.flush()
-                raise RuntimeError(f"Chromium did not start: {(tmp_path / 'chromium.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"Chromium did not start: {(tmp_path / 'chromium.log').read_text()[-2000:]}"
+                )
             await asyncio.sleep(0.05)
         port, path = port_file.read_text().splitlines()[:2]
         ws = await connect(f"ws://127.0.0.1:{port}{path}", max_size=None, open_timeout=START_TIMEOUT)

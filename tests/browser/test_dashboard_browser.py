@@ -45,22 +45,29 @@ class Service:
 
 def service_config(upstream: FakeUpstream, tmp_path: Path, *, accounting: bool = True) -> Config:
     def deployment(price_in: float, price_out: float) -> dict[str, Any]:
-        return {"provider": "remote", "model": "fake-model", "base_url": upstream.base_url,
-                "price": {"input": price_in, "output": price_out}}
+        return {
+            "provider": "remote",
+            "model": "fake-model",
+            "base_url": upstream.base_url,
+            "price": {"input": price_in, "output": price_out},
+        }
 
-    return parse_config({
-        "models": [
-            {"name": "chat-model", "deployments": [deployment(1.0, 2.0)]},
-            {"name": "summary-model", "deployments": [deployment(5.0, 15.0)]},
-        ],
-        "discover": False,
-        "accounting": {
-            "enabled": accounting,
-            "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"},
-            "ledger": {"journal_dir": str(tmp_path / "journal"), "flush_interval": 0.02},
+    return parse_config(
+        {
+            "models": [
+                {"name": "chat-model", "deployments": [deployment(1.0, 2.0)]},
+                {"name": "summary-model", "deployments": [deployment(5.0, 15.0)]},
+            ],
+            "discover": False,
+            "accounting": {
+                "enabled": accounting,
+                "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"},
+                "ledger": {"journal_dir": str(tmp_path / "journal"), "flush_interval": 0.02},
+            },
+            "cache": {"backend": "memory"},
         },
-        "cache": {"backend": "memory"},
-    }, env={})
+        env={},
+    )
 
 
 async def create_keys(config: Config, specs: dict[str, list[str]]) -> tuple[dict[str, str], dict[str, str]]:
@@ -88,19 +95,23 @@ def ledger_totals(db: Path, key_id: str | None = None) -> dict[str, Any]:
         row = conn.execute(
             "SELECT count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),"
             " coalesce(sum(cost), 0), coalesce(sum(cache_status = 'hit'), 0)"
-            f" FROM llmr_ledger {where}", args,
+            f" FROM llmr_ledger {where}",
+            args,
         ).fetchone()
     requests, prompt, completion, cost, hits = row
     return {"requests": requests, "tokens": prompt + completion, "cost": cost, "hits": hits}
 
 
-def send_traffic(url: str, secret: str | None, model: str, prompts: list[str], *, stream: bool = False) -> None:
+def send_traffic(
+    url: str, secret: str | None, model: str, prompts: list[str], *, stream: bool = False
+) -> None:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=secret or "sk-no-key", max_retries=0, timeout=30)
     for prompt in prompts:
         messages = [{"role": "user", "content": prompt}]
         if stream:
-            chunks = client.chat.completions.create(model=model, messages=messages, stream=True,
-                                                    stream_options={"include_usage": True})
+            chunks = client.chat.completions.create(
+                model=model, messages=messages, stream=True, stream_options={"include_usage": True}
+            )
             assert [c for c in chunks if c.usage is not None]
         else:
             reply = client.chat.completions.create(model=model, messages=messages, temperature=0)
@@ -120,7 +131,7 @@ def behind_prefix(app: Any, prefix: str) -> Any:
     async def proxied(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             assert scope["path"].startswith(prefix), scope["path"]
-            path = scope["path"][len(prefix):]
+            path = scope["path"][len(prefix) :]
             scope = {**scope, "path": path, "raw_path": path.encode()}
         await app(scope, receive, send)
 
@@ -128,8 +139,9 @@ def behind_prefix(app: Any, prefix: str) -> Any:
 
 
 @asynccontextmanager
-async def running_service(tmp_path: Path, *, keys: dict[str, list[str]], accounting: bool = True,
-                          prefix: str = "") -> AsyncIterator[Service]:
+async def running_service(
+    tmp_path: Path, *, keys: dict[str, list[str]], accounting: bool = True, prefix: str = ""
+) -> AsyncIterator[Service]:
     with FakeUpstream(models=["fake-model"], reply="Noted: {last_user}", chunks=3) as upstream:
         config = service_config(upstream, tmp_path, accounting=accounting)
         secrets, ids = await create_keys(config, keys) if keys else ({}, {})
@@ -182,9 +194,11 @@ async def table(page: Any) -> dict[str, Any]:
 
 
 async def report_ready(page: Any) -> None:
-    await page.wait_for("!document.getElementById('report').hidden"
-                        " && document.getElementById('report').getAttribute('aria-busy') === 'false'"
-                        " && document.getElementById('total-requests').dataset.value !== undefined")
+    await page.wait_for(
+        "!document.getElementById('report').hidden"
+        " && document.getElementById('report').getAttribute('aria-busy') === 'false'"
+        " && document.getElementById('total-requests').dataset.value !== undefined"
+    )
 
 
 async def sign_in(page: Any, secret: str) -> None:
@@ -213,7 +227,9 @@ async def test_dashboard_admin_and_user_views(browser: Any, tmp_path: Path) -> N
         # A wrong key: a clear 401 message, and the page asks again.
         await sign_in(page, "sk-llmr-abcdefgh-not-a-real-key")
         await page.wait_for("document.getElementById('alert').textContent.includes('refused this API key')")
-        assert await page.eval("!document.getElementById('login').hidden && document.getElementById('report').hidden")
+        assert await page.eval(
+            "!document.getElementById('login').hidden && document.getElementById('report').hidden"
+        )
         assert await page.eval("sessionStorage.getItem('llmrouter.dashboard.key')") is None
         await page.screenshot(tmp_path / "dashboard-401.png")
 
@@ -251,12 +267,16 @@ async def test_dashboard_admin_and_user_views(browser: Any, tmp_path: Path) -> N
         shown = await table(page)
         assert shown["head"][:2] == ["Key", "Model"]
         assert {(row[0], row[1]) for row in shown["rows"]} == {
-            ("finance-admin", "summary-model"), ("team-app", "chat-model")}
+            ("finance-admin", "summary-model"),
+            ("team-app", "chat-model"),
+        }
         assert shown["foot"][0] == "Total" and shown["foot"][2] == "6"
 
         # The chart: one bar per day, whose costs add up to the total.
-        bars = await page.eval("Array.from(document.querySelectorAll('#chart rect.bar'))"
-                               ".map(b => [b.dataset.day, Number(b.dataset.cost)])")
+        bars = await page.eval(
+            "Array.from(document.querySelectorAll('#chart rect.bar'))"
+            ".map(b => [b.dataset.day, Number(b.dataset.cost)])"
+        )
         today = time.strftime("%Y-%m-%d", time.gmtime())
         assert len(bars) == 30 and bars[-1][0] == today
         assert sum(cost for _, cost in bars) == pytest.approx(everyone["cost"])
@@ -267,7 +287,9 @@ async def test_dashboard_admin_and_user_views(browser: Any, tmp_path: Path) -> N
         # CSV download of the current table.
         downloads = tmp_path / "downloads"
         downloads.mkdir()
-        await browser.send("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        await browser.send(
+            "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+        )
         await page.click("#csv")
         csv_file = await wait_for_download(downloads)
         rows = list(csv.DictReader(io.StringIO(csv_file.read_text())))
@@ -277,13 +299,17 @@ async def test_dashboard_admin_and_user_views(browser: Any, tmp_path: Path) -> N
         assert set(rows[0]) >= {"key", "key_name", "model", "requests", "prompt_tokens", "cost", "cache_hits"}
 
         # A range with no usage, then a preset back to the recent days.
-        await page.eval("document.getElementById('since').value = '2001-01-01';"
-                        "document.getElementById('until').value = '2001-01-31'")
+        await page.eval(
+            "document.getElementById('since').value = '2001-01-01';"
+            "document.getElementById('until').value = '2001-01-31'"
+        )
         await page.click("#apply")
         await page.wait_for("document.getElementById('total-requests').dataset.value === '0'")
         assert "No usage in this range." in await page.text("#chart")
         await page.click("[data-preset='7']")
-        await page.wait_for(f"document.getElementById('total-requests').dataset.value === '{everyone['requests']}'")
+        await page.wait_for(
+            f"document.getElementById('total-requests').dataset.value === '{everyone['requests']}'"
+        )
 
         # Narrow screens: nothing wider than the viewport (the table scrolls in its own box).
         await page.set_viewport(390, 844)

@@ -49,7 +49,9 @@ def test_page_and_assets_are_served_with_a_csp(client: TestClient) -> None:
     assert policy["frame-ancestors"] == "'none'" and policy["default-src"] == "'none'"
 
 
-@pytest.mark.parametrize("path", ["/dashboard/secret.txt", "/dashboard/..%2Fapp.py", "/dashboard/dashboard.html.bak"])
+@pytest.mark.parametrize(
+    "path", ["/dashboard/secret.txt", "/dashboard/..%2Fapp.py", "/dashboard/dashboard.html.bak"]
+)
 def test_other_names_are_not_found(client: TestClient, path: str) -> None:
     response = client.get(path)
     assert response.status_code == 404
@@ -63,7 +65,10 @@ def test_the_page_needs_nothing_from_other_origins() -> None:
     # The CSP forbids inline script and style: all of it lives in the two files.
     assert not re.search(r"<script(?![^>]*\bsrc=)", html)
     assert "<style" not in html and " style=" not in html
-    assert set(re.findall(r'(?:src|href)="([^"#]+)"', html)) == {"dashboard/dashboard.css", "dashboard/dashboard.js"}
+    assert set(re.findall(r'(?:src|href)="([^"#]+)"', html)) == {
+        "dashboard/dashboard.css",
+        "dashboard/dashboard.js",
+    }
     for text in (html, script, css):
         assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", text)
     # Data reaches the page through textContent only.
