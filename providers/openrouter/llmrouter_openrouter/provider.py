@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
 from typing import Any, ClassVar, Literal
 
 import httpx
@@ -27,15 +26,11 @@ import msgspec
 from llmrouter.config import Deployment, ModelGroup, Timeouts
 from llmrouter.errors import AuthenticationError, LLMRouterError, UpstreamError, error_for_status
 from llmrouter.openai_compat import OpenAICompatClient, error_from_body
-from llmrouter.provider import Capabilities, Health, Provider, ProviderOptions
+from llmrouter.openai_provider import OpenAICompatProvider
+from llmrouter.provider import Health, ProviderOptions
 from llmrouter.types import (
-    ChatChunk,
     ChatRequest,
     ChatResponse,
-    CompletionChunk,
-    CompletionRequest,
-    CompletionResponse,
-    ModelCard,
 )
 
 __all__ = ["API_KEY_ENV", "DEFAULT_BASE_URL", "OpenRouterOptions", "OpenRouterProvider"]
@@ -79,7 +74,7 @@ class OpenRouterOptions(ProviderOptions):
     max_context: int | None = None
 
 
-class OpenRouterProvider(Provider[OpenRouterOptions]):
+class OpenRouterProvider(OpenAICompatProvider[OpenRouterOptions]):
     """One model on OpenRouter (``model`` is OpenRouter's id, e.g. ``openai/gpt-4o-mini``).
 
     Args:
@@ -91,30 +86,6 @@ class OpenRouterProvider(Provider[OpenRouterOptions]):
 
     name: ClassVar[str] = "openrouter"
     Options: ClassVar[type[ProviderOptions]] = OpenRouterOptions
-
-    def __init__(
-        self,
-        model: str,
-        options: OpenRouterOptions | None = None,
-        *,
-        http_client: httpx.AsyncClient | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        super().__init__(model, options)
-        self._http_client = http_client
-        self._transport = transport
-        self._client: OpenAICompatClient | None = None
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(
-            streaming=True,
-            tools=True,
-            json_mode=True,
-            vision=True,
-            completions=True,
-            max_context=self.options.max_context,
-        )
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -129,10 +100,8 @@ class OpenRouterProvider(Provider[OpenRouterOptions]):
             headers["X-Title"] = self.options.x_title
         return headers
 
-    async def start(self) -> None:
-        """Open the connection pool. A missing key fails here, with what to set."""
-        if self._client is not None:
-            return
+    def _make_client(self) -> OpenAICompatClient:
+        """The client; a missing key fails here (at start), saying what to set."""
         key = self.api_key()
         if not key:
             raise AuthenticationError(
@@ -140,7 +109,7 @@ class OpenRouterProvider(Provider[OpenRouterOptions]):
                 provider=self.name,
             )
         opts = self.options
-        self._client = OpenAICompatClient(
+        return OpenAICompatClient(
             opts.base_url,
             provider=self.name,
             api_key=key,
@@ -150,17 +119,6 @@ class OpenRouterProvider(Provider[OpenRouterOptions]):
             transport=self._transport,
             max_connections=opts.max_connections,
         )
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
-
-    async def _ready(self) -> OpenAICompatClient:
-        if self._client is None:
-            await self.start()
-        assert self._client is not None
-        return self._client
 
     # --- requests -------------------------------------------------------------------
 
@@ -186,8 +144,7 @@ class OpenRouterProvider(Provider[OpenRouterOptions]):
         return msgspec.structs.replace(request, extra=extra)
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
-        client = await self._ready()
-        response = await client.chat(self._prepare(request), model=self.model)
+        response = await super().chat(request)
         if not response.choices or any(choice.finish_reason == "error" for choice in response.choices):
             # OpenRouter reports a failure after the model started with HTTP 200.
             raise UpstreamError(
@@ -195,34 +152,7 @@ class OpenRouterProvider(Provider[OpenRouterOptions]):
             )
         return response
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
-        client = await self._ready()
-        chunks = client.stream(self._prepare(request), model=self.model)
-        try:
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            await chunks.aclose()
-
-    async def complete(self, request: CompletionRequest) -> CompletionResponse:
-        client = await self._ready()
-        return await client.complete(self._prepare(request), model=self.model)
-
-    async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
-        client = await self._ready()
-        chunks = client.stream_complete(self._prepare(request), model=self.model)
-        try:
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            await chunks.aclose()
-
     # --- models and health -----------------------------------------------------------
-
-    async def list_models(self) -> list[ModelCard]:
-        """Every model OpenRouter offers (``GET /models``)."""
-        client = await self._ready()
-        return await client.list_models()
 
     async def health(self) -> Health:
         """``GET /key``: ok when the key is accepted and has credit left."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import httpx
@@ -20,16 +19,8 @@ import msgspec
 from llmrouter.config import Timeouts
 from llmrouter.errors import ConfigError, LLMRouterError
 from llmrouter.openai_compat import OpenAICompatClient
-from llmrouter.provider import Capabilities, Health, Provider, ProviderOptions
-from llmrouter.types import (
-    ChatChunk,
-    ChatRequest,
-    ChatResponse,
-    CompletionChunk,
-    CompletionRequest,
-    CompletionResponse,
-    ModelCard,
-)
+from llmrouter.openai_provider import OpenAICompatProvider
+from llmrouter.provider import Health, ProviderOptions
 
 __all__ = ["RemoteOptions", "RemoteProvider"]
 
@@ -64,7 +55,7 @@ class RemoteOptions(ProviderOptions):
     for any model name (llama.cpp without ``--alias``)."""
 
 
-class RemoteProvider(Provider[RemoteOptions]):
+class RemoteProvider(OpenAICompatProvider[RemoteOptions]):
     """A deployment on an OpenAI-compatible server.
 
     Args:
@@ -98,21 +89,7 @@ class RemoteProvider(Provider[RemoteOptions]):
                 raise ConfigError(f"remote: {exc}") from exc
         elif option_fields:
             raise TypeError("pass either options or option keyword arguments, not both")
-        super().__init__(model, options)
-        self._http_client = http_client
-        self._transport = transport
-        self._client: OpenAICompatClient | None = None
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(
-            streaming=True,
-            tools=True,
-            json_mode=True,
-            vision=True,
-            completions=True,
-            max_context=self.options.max_context,
-        )
+        super().__init__(model, options, http_client=http_client, transport=transport)
 
     def _api_key(self) -> str | None:
         opts = self.options
@@ -125,12 +102,9 @@ class RemoteProvider(Provider[RemoteOptions]):
             return value
         return None
 
-    async def start(self) -> None:
-        """Open the connection pool (connections themselves open on first use)."""
-        if self._client is not None:
-            return
+    def _make_client(self) -> OpenAICompatClient:
         opts = self.options
-        self._client = OpenAICompatClient(
+        return OpenAICompatClient(
             opts.base_url,
             provider=self.name,
             api_key=self._api_key(),
@@ -143,62 +117,6 @@ class RemoteProvider(Provider[RemoteOptions]):
             verify=opts.verify,
             stream_usage=opts.stream_usage,
         )
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
-
-    async def _ready(self) -> OpenAICompatClient:
-        # Library users may call without start(); open the pool on first use.
-        if self._client is None:
-            await self.start()
-        assert self._client is not None
-        return self._client
-
-    async def chat(self, request: ChatRequest) -> ChatResponse:
-        client = await self._ready()
-        return await client.chat(request, model=self.model)
-
-    def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
-        if self._client is not None:
-            # The client's own generator: no extra async layer per chunk.
-            return self._client.stream(request, model=self.model)
-        return self._stream_after_start(request)
-
-    async def _stream_after_start(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
-        client = await self._ready()
-        stream = client.stream(request, model=self.model)
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            await stream.aclose()
-
-    async def complete(self, request: CompletionRequest) -> CompletionResponse:
-        client = await self._ready()
-        return await client.complete(request, model=self.model)
-
-    def stream_complete(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
-        if self._client is not None:
-            return self._client.stream_complete(request, model=self.model)
-        return self._stream_complete_after_start(request)
-
-    async def _stream_complete_after_start(
-        self, request: CompletionRequest
-    ) -> AsyncIterator[CompletionChunk]:
-        client = await self._ready()
-        stream = client.stream_complete(request, model=self.model)
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            await stream.aclose()
-
-    async def list_models(self) -> list[ModelCard]:
-        """The models the server lists (not only this deployment's)."""
-        client = await self._ready()
-        return await client.list_models()
 
     async def health(self) -> Health:
         """``GET /v1/models``: ok when it answers and lists this deployment's model."""
