@@ -16,8 +16,6 @@ import httpx
 import pytest
 import yaml
 
-from llmrouter.testing.upstream import FakeUpstream
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -88,18 +86,6 @@ def llmrouter_serve(config: Path, *extra: str, env: dict[str, str] | None = None
             process.kill()
             out, _ = process.communicate()
         served.output = out
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream(models=["mock-gpt"], reply="Echo: {last_user}", chunks=4) as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(upstream: FakeUpstream) -> FakeUpstream:
-    upstream.reset()
-    return upstream
 
 
 @pytest.fixture
