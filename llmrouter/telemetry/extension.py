@@ -84,9 +84,10 @@ class TelemetryExtension(Extension):
     async def startup(self) -> None:
         if self.config.json_logs:
             configure_logging(self.config.log_level)
-        if self.config.access_log:
-            # The access line written by TelemetryMiddleware supersedes uvicorn's.
-            logging.getLogger("uvicorn.access").disabled = True
+        # uvicorn's own access line is either superseded by TelemetryMiddleware's
+        # (access_log on) or unwanted (off); configure_logging routes it to the root, so
+        # it must be switched off here, or it comes back on every request.
+        logging.getLogger("uvicorn.access").disabled = True
         log_event(
             logger,
             "telemetry started",
