@@ -13,8 +13,11 @@ __all__ = ["serve_app"]
 
 
 @contextmanager
-def serve_app(app: Any, *, startup_timeout: float = 15.0) -> Iterator[str]:
-    """Serve ``app`` (lifespan on) on a free loopback port; yields its base URL."""
+def serve_app(app: Any, *, startup_timeout: float = 15.0, log_level: str = "warning") -> Iterator[str]:
+    """Serve ``app`` (lifespan on) on a free loopback port; yields its base URL.
+
+    ``log_level`` is uvicorn's (``llmrouter serve`` runs at ``info``).
+    """
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
