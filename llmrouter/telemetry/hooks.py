@@ -114,6 +114,7 @@ class TelemetryHooks(RouterHooks):
         # before it *and* on_rejected on all: _recorded makes each request count once.
         self._recorded: OrderedDict[int, RequestContext] = OrderedDict()
         self.metrics.add_in_flight_source(self.in_flight)
+        self.metrics.add_engine_source(self.engine_stats)
 
     # --- admission ----------------------------------------------------------------
 
@@ -307,6 +308,21 @@ class TelemetryHooks(RouterHooks):
             for deployment in router.deployments:
                 counts[deployment.id] = counts.get(deployment.id, 0) + deployment.in_flight
         return counts
+
+    def engine_stats(self) -> dict[str, dict[str, Any]]:
+        """``engine_stats()`` of every watched deployment whose provider has one (vLLM)."""
+        stats: dict[str, dict[str, Any]] = {}
+        for ref in list(self._routers):
+            router = ref()
+            for deployment in router.deployments if router is not None else ():
+                read = getattr(deployment.provider, "engine_stats", None)
+                if read is None:
+                    continue
+                try:
+                    stats[deployment.id] = read()
+                except Exception:  # noqa: BLE001 - a scrape must not fail on one engine
+                    _log.exception("telemetry: engine_stats of %s failed", deployment.id)
+        return stats
 
     def _forget(self, ctx: RequestContext) -> None:
         key = id(ctx)

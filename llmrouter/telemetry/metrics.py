@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
@@ -56,6 +57,7 @@ HTTP_DURATION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 """The HTTP conventions' advice stops at 10 s; LLM answers and streams run for minutes."""
 
 InFlightSource = Callable[[], Mapping[str, int]]
+EngineSource = Callable[[], Mapping[str, dict[str, Any]]]
 
 
 class RouterMetrics:
@@ -137,6 +139,48 @@ class RouterMetrics:
             unit="{request}",
             description="Requests being served by each deployment.",
         )
+        self._engine_sources: list[EngineSource] = []
+        meter.create_observable_gauge(
+            "llmrouter.engine.requests",
+            callbacks=[self._observe_engine_requests],
+            unit="{request}",
+            description="Requests in an in-process engine's scheduler (vLLM), by state.",
+        )
+        meter.create_observable_gauge(
+            "llmrouter.engine.kv_cache.usage",
+            callbacks=[self._observe_kv_cache],
+            unit="1",
+            description="Fraction of an in-process engine's KV cache in use (vLLM).",
+        )
+
+    def add_engine_source(self, source: EngineSource) -> None:
+        """Register a callable returning ``{deployment: engine_stats()}`` of in-process
+        engines (vLLM): scheduler queue and KV-cache use, read at collection."""
+        with self._lock:
+            self._engine_sources.append(source)
+
+    def _engine_stats(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            sources = list(self._engine_sources)
+        stats: dict[str, dict[str, Any]] = {}
+        for source in sources:
+            stats.update(source())
+        return stats
+
+    def _observe_engine_requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(value, {"llmrouter.deployment": deployment, "llmrouter.engine.state": state})
+            for deployment, stats in self._engine_stats().items()
+            for state in ("running", "waiting")
+            if isinstance(value := stats.get(f"requests_{state}"), int | float)
+        ]
+
+    def _observe_kv_cache(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [
+            Observation(value, {"llmrouter.deployment": deployment})
+            for deployment, stats in self._engine_stats().items()
+            if isinstance(value := stats.get("kv_cache_usage"), int | float)
+        ]
 
     def add_in_flight_source(self, source: InFlightSource) -> None:
         """Register a callable returning ``{deployment: in_flight}``; summed at collection."""

@@ -312,3 +312,25 @@ async def test_a_reused_client_request_id_does_not_hide_requests(hooks, reader):
         await router.chat(chat("nope"), context=RequestContext(request_id="same-id"))
     reader.collect()
     assert reader.count("gen_ai.client.operation.duration") == 3
+
+
+class EngineProvider(ScriptedProvider):
+    """A provider with an in-process engine, reporting like the vLLM provider."""
+
+    def engine_stats(self) -> dict:
+        return {"state": "running", "requests_running": 3, "requests_waiting": 2, "kv_cache_usage": 0.25}
+
+
+async def test_engine_queue_and_kv_cache_gauges(hooks, reader):
+    router = make_router(EngineProvider(), ScriptedProvider(), hooks=[hooks])
+    hooks.watch_router(router)
+    reader.collect()
+    (running,) = reader.points(
+        "llmrouter.engine.requests", llmrouter__deployment="d0", llmrouter__engine__state="running"
+    )
+    (waiting,) = reader.points(
+        "llmrouter.engine.requests", llmrouter__deployment="d0", llmrouter__engine__state="waiting"
+    )
+    (kv,) = reader.points("llmrouter.engine.kv_cache.usage", llmrouter__deployment="d0")
+    assert (running.value, waiting.value, kv.value) == (3, 2, 0.25)
+    assert reader.points("llmrouter.engine.requests", llmrouter__deployment="d1") == []
