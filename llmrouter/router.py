@@ -27,7 +27,7 @@ from llmrouter.dispatch import dispatch_call, dispatch_stream
 from llmrouter.errors import ConfigError, LLMRouterError, ModelNotFoundError
 from llmrouter.hooks import CacheLayer, RouterHooks
 from llmrouter.provider import Provider
-from llmrouter.registry import available_providers, create_provider
+from llmrouter.registry import available_providers, load_provider_class
 from llmrouter.strategies import get_strategy
 from llmrouter.tokens import count_messages, count_text, encoding_loaded, preload_encodings
 from llmrouter.types import (
@@ -120,8 +120,16 @@ class Router:
         state = self._new_group(group)
         for index, deployment in enumerate(group.deployments):
             options = {**self.config.providers.get(deployment.provider, {}), **deployment.options}
+            provider_class = load_provider_class(deployment.provider)
+            if (
+                "connect_timeout" in provider_class.Options.__struct_fields__
+                and "connect_timeout" not in options
+            ):
+                # timeouts.connect (deployment, group or router) reaches HTTP providers as their
+                # connect timeout, unless the deployment sets the provider's own option.
+                options["connect_timeout"] = state.timeouts_for_config(deployment).connect
             path = f"models[{group.name}].deployments[{index}]"
-            provider = create_provider(deployment.provider, deployment.model, options, path=path)
+            provider = provider_class.from_config(deployment.model, options, path=path)
             self._add_state(state, provider, deployment)
         return state
 

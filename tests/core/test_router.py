@@ -439,3 +439,36 @@ async def test_stream_total_timeout_ends_a_stream_that_keeps_producing():
             async for chunk in router.stream(chat_body()):
                 got.append(chunk)
     assert 3 <= len(got) < 50
+
+
+def test_timeouts_connect_reaches_http_providers_unless_set():
+    from llmrouter.config import parse_config
+
+    config = parse_config(
+        {
+            "router": {"timeouts": {"connect": 2.5}},
+            "models": [
+                {
+                    "name": "a",
+                    "deployments": [{"provider": "remote", "model": "m", "base_url": "http://x/v1"}],
+                },
+                {
+                    "name": "b",
+                    "timeouts": {"connect": 4},
+                    "deployments": [{"provider": "remote", "model": "m", "base_url": "http://x/v1"}],
+                },
+                {
+                    "name": "c",
+                    "deployments": [
+                        {"provider": "remote", "model": "m", "base_url": "http://x/v1", "connect_timeout": 7}
+                    ],
+                },
+            ],
+        },
+        env={},
+    )
+    router = Router(config)
+    timeouts = {
+        name: group.deployments[0].provider.options.connect_timeout for name, group in router.groups.items()
+    }
+    assert timeouts == {"a": 2.5, "b": 4, "c": 7}
