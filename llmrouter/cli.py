@@ -120,6 +120,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "access_log": args.access_log,
     }
+    if config.telemetry.json_logs:
+        # uvicorn's own logging config would give its start-up lines plain-text handlers;
+        # without it they reach the root logger's JSON handler like every other line.
+        common["log_config"] = None
     if workers > 1:
         # Each worker process builds its own app from the config resolved here, so that
         # discovery runs once and every worker serves the same models.
