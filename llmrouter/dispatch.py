@@ -241,9 +241,13 @@ async def dispatch_stream(
         deadline = None if timeouts.total is None else time.monotonic() + timeouts.total
         group.acquire(deployment)
         token: Token[RequestContext | None] | None = current_context.set(ctx)
-        stream = method(deployment.provider, _for_deployment(request, deployment))
+        stream: AsyncIterator[C] | None = None
         try:
             try:
+                # Inside the try: a provider whose ``stream`` is a plain method may raise on
+                # call (the base class's ``stream_complete`` does), and the slot and the
+                # context variable must still be given back.
+                stream = method(deployment.provider, _for_deployment(request, deployment))
                 first_wait = timeouts.first_token
                 if timeouts.total is not None:
                     first_wait = timeouts.total if first_wait is None else min(first_wait, timeouts.total)
@@ -285,5 +289,6 @@ async def dispatch_stream(
         finally:
             if token is not None:
                 current_context.reset(token)
-            await _close_quietly(stream)
+            if stream is not None:
+                await _close_quietly(stream)
             group.release(deployment)
