@@ -102,6 +102,11 @@ class AttemptPlan:
                 else:
                     if deployment in self._tried and self._backoff_s > 0:
                         await anyio.sleep(self._backoff_s)
+                        self._backoff_s = 0.0
+                        # Pick again: during the back-off another request may have taken
+                        # the slot this pick saw free (max_concurrency), or a better
+                        # deployment may have come back from its cooldown.
+                        continue
                     self._backoff_s = 0.0
                     self._attempts_left -= 1
                     self.ctx.attempts += 1
