@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
+from sqlalchemy import BigInteger, Integer, String
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -41,6 +42,21 @@ _DEFAULTS = {
     if c.name != "id"
 }
 Sink = Callable[[Sequence[dict[str, Any]]], Awaitable[None]]
+# What each column can hold. Some values come from clients (the model name asked for,
+# kept even when unknown) or upstreams (model, error code, token counts); PostgreSQL
+# refuses a string over its VARCHAR length, a NUL byte or an INTEGER past int32, and one
+# refused row would fail its whole batch on every retry, stalling the ledger for good.
+_STR_LENGTHS = {
+    c.name: getattr(c.type, "length", None)
+    for c in _TABLE.columns
+    # SQLModel's AutoString wraps String (a TypeDecorator); Text has no length.
+    if isinstance(c.type, String) or isinstance(getattr(c.type, "impl", None), String)
+}
+_INT_MAX = {
+    c.name: 2**63 - 1 if isinstance(c.type, BigInteger) else 2**31 - 1
+    for c in _TABLE.columns
+    if isinstance(c.type, Integer) and c.name != "id"
+}
 
 
 def utc_day(ts: float) -> str:
@@ -86,10 +102,25 @@ async def insert_rows(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> No
         return
     insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
     # executemany takes its column list from the first row: give every row every column.
-    clean = [{**_DEFAULTS, **{k: v for k, v in row.items() if k in _COLUMNS}} for row in rows]
+    clean = [_fit({**_DEFAULTS, **{k: v for k, v in row.items() if k in _COLUMNS}}) for row in rows]
     statement = insert(_TABLE).on_conflict_do_nothing(index_elements=["entry_id"])
     async with engine.begin() as conn:
         await conn.execute(statement, clean)
+
+
+def _fit(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with every value made storable: strings without NUL and cut to their
+    column's length, integers within their column's range (counts are never negative)."""
+    for name, length in _STR_LENGTHS.items():
+        value = row.get(name)
+        if isinstance(value, str):
+            value = value.replace("\x00", "")
+            row[name] = value[:length] if length else value
+    for name, most in _INT_MAX.items():
+        value = row.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            row[name] = min(max(value, 0), most)
+    return row
 
 
 class LedgerWriter:
