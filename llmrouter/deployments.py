@@ -127,7 +127,8 @@ class GroupState:
 
         Untried deployments come first; a deployment already tried may be used again
         (retryable failures) unless it is in ``exhausted``. When every candidate is at its
-        concurrency limit, waits for a slot (bounded by the first-token timeout).
+        concurrency limit, waits for a slot (bounded by the first-token timeout, else
+        by the total one).
 
         Raises:
             NoDeploymentAvailableError: every deployment is cooling down, failed to start,
@@ -137,8 +138,10 @@ class GroupState:
         if picked is not None:
             return picked
         # Only a full deployment is worth waiting for; the cancel scope is kept off the
-        # common path above, where it would cost more than the pick itself.
-        with anyio.move_on_after(self.timeouts.first_token):
+        # common path above, where it would cost more than the pick itself. Without a
+        # first-token timeout, the total one still bounds the wait.
+        wait = self.timeouts.first_token
+        with anyio.move_on_after(self.timeouts.total if wait is None else wait):
             while self._waiting_for_slot(exhausted):
                 if self._slot_freed is None:
                     self._slot_freed = anyio.Event()
