@@ -133,14 +133,7 @@ class AttemptPlan:
             hook.on_attempt(self.ctx, deployment.id, error)
         if is_request_fault(error):
             raise error
-        if deployment.record_failure(group.cooldown):
-            logger.warning(
-                "deployment %s cooling down for %.0fs after repeated failures",
-                deployment.id,
-                group.cooldown.seconds,
-            )
-            for hook in self._hooks:
-                hook.on_cooldown(deployment.id, group.cooldown.seconds)
+        _record_failure(group, deployment, self._hooks)
         self._tried.append(deployment)
         if not error.retryable:
             self._exhausted.append(deployment)
@@ -155,6 +148,18 @@ class AttemptPlan:
     def succeeded(self, deployment: DeploymentState) -> None:
         for hook in self._hooks:
             hook.on_attempt(self.ctx, deployment.id, None)
+
+
+def _record_failure(group: GroupState, deployment: DeploymentState, hooks: Sequence[RouterHooks]) -> None:
+    """Count a failure of ``deployment``; report the cooldown it may start."""
+    if deployment.record_failure(group.cooldown):
+        logger.warning(
+            "deployment %s cooling down for %.0fs after repeated failures",
+            deployment.id,
+            group.cooldown.seconds,
+        )
+        for hook in hooks:
+            hook.on_cooldown(deployment.id, group.cooldown.seconds)
 
 
 def _for_deployment(request: Req, deployment: DeploymentState) -> Req:
@@ -283,7 +288,7 @@ async def dispatch_stream(
                     break
                 except Exception as exc:  # mid-stream: no retry, report and end
                     error = as_router_error(exc, deployment)
-                    deployment.record_failure(group.cooldown)
+                    _record_failure(group, deployment, hooks)
                     for hook in hooks:
                         hook.on_attempt(ctx, deployment.id, error)
                     raise error from exc
