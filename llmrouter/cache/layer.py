@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from llmrouter.cache.config import CacheConfig
     from llmrouter.config import Config, GroupCache
     from llmrouter.context import CacheStatus, RequestContext
-    from llmrouter.types import ChatChunk, ChatRequest, ChatResponse
+    from llmrouter.types import ChatChunk, ChatRequest, ChatResponse, Usage
 
 __all__ = ["CacheStats", "ResponseCache", "build_backend"]
 
@@ -186,8 +186,12 @@ class ResponseCache:
                 self._after_flight(plan, store=not ctx.no_store),
                 streaming=False,
             )
-        async with self.coalescer.attend(flight, ctx):
-            response = await flight.result()
+        try:
+            async with self.coalescer.attend(flight, ctx):
+                response = await flight.result()
+        except BaseException:
+            self._settle_leaver(ctx, flight)
+            raise
         if ctx is not flight.origin:
             ctx.first_token_at = time.perf_counter()
         self._settle(ctx, flight, response)
@@ -223,15 +227,19 @@ class ResponseCache:
                 self._after_flight(plan, store=not ctx.no_store),
                 streaming=True,
             )
-        async with self.coalescer.attend(flight, ctx):
-            async for chunk in flight.iter_chunks():
-                if ctx is not flight.origin:
-                    # The router times and bills the origin; attendees are ours to fill.
-                    if ctx.first_token_at is None:
-                        ctx.first_token_at = time.perf_counter()
-                    if chunk.usage is not None:
-                        ctx.usage = chunk.usage
-                yield chunk
+        try:
+            async with self.coalescer.attend(flight, ctx), aclosing(flight.iter_chunks()) as chunks:
+                async for chunk in chunks:
+                    if ctx is not flight.origin:
+                        # The router times and bills the origin; attendees are ours to fill.
+                        if ctx.first_token_at is None:
+                            ctx.first_token_at = time.perf_counter()
+                        if chunk.usage is not None:
+                            ctx.usage = chunk.usage
+                    yield chunk
+        except BaseException:
+            self._settle_leaver(ctx, flight)
+            raise
         self._settle(ctx, flight, None)
 
     # --- steps --------------------------------------------------------------------------
@@ -281,8 +289,15 @@ class ResponseCache:
 
     def _settle(self, ctx: RequestContext, flight: Flight, response: ChatResponse | None) -> None:
         """Fill an attendee's context once the flight answered."""
+        if ctx is flight.payer:
+            # The whole call, read from the flight: not the origin's usage (when it left
+            # early, the router counted only what it had received), and also for a payer
+            # that stopped reading after the call had completed.
+            usage = response.usage if response is not None else _flight_usage(flight)
+            if usage is not None:
+                ctx.usage = usage
         if ctx is flight.origin:
-            return  # the router filled it while calling upstream
+            return  # the router filled the rest while calling upstream
         origin = flight.origin
         ctx.deployment, ctx.provider, ctx.upstream_model = (
             origin.deployment,
@@ -293,13 +308,20 @@ class ResponseCache:
             # The launching client left early: this request inherits the bill, priced by
             # the router from the usage and deployment like any miss.
             ctx.cache_status = "miss"
-            ctx.usage, ctx.cost, ctx.cost_source = origin.usage, None, None
+            ctx.cost, ctx.cost_source = None, None
             ctx.attempts, ctx.fallbacks = origin.attempts, origin.fallbacks
             return
         if response is not None:
             ctx.usage = response.usage
         elif ctx.usage is None:
             ctx.usage = origin.usage
+
+    def _settle_leaver(self, ctx: RequestContext, flight: Flight) -> None:
+        """An attendee left (cancelled, stream closed) or failed: when the flight had
+        answered and this attendee holds its bill, it still pays for the whole call (the
+        answer was produced, and stored for everyone)."""
+        if ctx is flight.payer and flight.done and flight.error is None:
+            self._settle(ctx, flight, None)
 
     async def _lookup(self, key: str) -> CacheEntry | None:
         try:
@@ -384,6 +406,16 @@ def _entry_of(flight: Flight) -> CacheEntry:
     if flight.streaming:
         return CacheEntry(chunks=list(flight.chunks))
     return CacheEntry(response=flight.response)
+
+
+def _flight_usage(flight: Flight) -> Usage | None:
+    """The usage upstream reported for the whole call (None when it reported none)."""
+    if flight.response is not None:
+        return flight.response.usage
+    for chunk in reversed(flight.chunks):
+        if chunk.usage is not None:
+            return chunk.usage
+    return None
 
 
 def _stream_producer(call: Callable[[], AsyncIterator[ChatChunk]]) -> Callable[[Flight], Awaitable[None]]:
