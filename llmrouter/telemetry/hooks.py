@@ -173,11 +173,16 @@ class TelemetryHooks(RouterHooks):
         if error is not None:
             attributes["error.type"] = type(error).__name__
         self.metrics.attempts.add(1, attributes)
+        span = self._spans.get(id(ctx))
+        if span is None:
+            # No span, no call spans to time. Also: a coalesced flight goes on calling
+            # upstream for a launching request that already left and was settled; a
+            # start time stored for it now would never be removed.
+            return
         now = time.time_ns()
         started = self._attempt_started.get(id(ctx))
         self._attempt_started[id(ctx)] = now
-        span = self._spans.get(id(ctx))
-        if span is not None and started is not None:
+        if started is not None:
             operation = _OPERATION_NAMES.get(ctx.operation, ctx.operation)
             call_attributes = {**attributes, "gen_ai.operation.name": operation}
             # The router fills ctx.provider/upstream_model only after an attempt succeeded:
