@@ -195,7 +195,10 @@ class ResponseFormat(Wire):
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
-PositiveInt = Annotated[int, Meta(ge=1)]
+# Integer fields are bounded: Python ints are unbounded, and a 400-digit max_tokens would
+# overflow float arithmetic (the cost bound) downstream; upstreams take int32 / int64.
+PositiveInt = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Stop = str | Annotated[list[str], Meta(max_length=4)] | None
 
 
@@ -212,7 +215,7 @@ class ChatRequest(Wire):
     max_completion_tokens: PositiveInt | None = None
     n: Annotated[int, Meta(ge=1, le=128)] | None = None
     stop: Stop = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, float] | None = None
@@ -251,7 +254,7 @@ class CompletionRequest(Wire):
     top_p: Probability | None = None
     n: Annotated[int, Meta(ge=1, le=128)] | None = None
     stop: Stop = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, float] | None = None
@@ -430,6 +433,10 @@ def _decode_request(body: bytes | str | dict[str, Any], kind: type[_R], known: f
             raw = _json_decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
+        except UnicodeDecodeError as exc:  # msgspec's, for a string that is not UTF-8
+            raise InvalidRequestError("request body is not valid JSON: it is not UTF-8") from exc
+        except RecursionError as exc:
+            raise InvalidRequestError("request body is not valid JSON: nested too deeply") from exc
     if not isinstance(raw, dict):
         raise InvalidRequestError("request body must be a JSON object")
     raw.pop("__extra__", None)
