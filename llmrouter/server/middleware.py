@@ -33,10 +33,11 @@ def request_id_of(scope: Scope) -> str:
     request_id = ""
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
-            # Only a sane printable id is echoed back; anything else is replaced.
-            candidate = value.decode("latin-1")
-            if len(candidate) <= _MAX_ID_LENGTH and candidate.isprintable():
-                request_id = candidate
+            # Only a sane id is echoed back and forwarded upstream: visible ASCII. Latin-1
+            # letters are "printable" but no HTTP client sends them on (httpx refuses
+            # them: the upstream call failed), and spaces split log fields.
+            if len(value) <= _MAX_ID_LENGTH and all(0x21 <= byte <= 0x7E for byte in value):
+                request_id = value.decode("ascii")
             break
     if not request_id:
         request_id = uuid.uuid4().hex
