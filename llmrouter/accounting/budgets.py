@@ -54,14 +54,20 @@ __all__ = [
 
 log = logging.getLogger("llmrouter.accounting.budgets")
 UNITS_PER_USD = 1_000_000_000
+MAX_UNITS = 2**60
+"""The most any amount or limit counts (~$1.15e9): ``spent + reserved + amount`` of three
+such values still fits a signed 64-bit integer (PostgreSQL BIGINT, Redis)."""
 
 
 def to_units(usd: float | None, *, round_up: bool = False) -> int:
     """USD as integer nano-dollars; ``round_up`` (with a tolerance for float noise) for
-    reservations, so that a reservation is never below the cost it covers."""
-    if not usd or usd <= 0:
+    reservations, so that a reservation is never below the cost it covers. Saturates at
+    :data:`MAX_UNITS` (an absurd price times ``max_tokens`` must not overflow)."""
+    if not usd or not usd > 0:  # also NaN
         return 0
     scaled = usd * UNITS_PER_USD
+    if scaled >= MAX_UNITS:
+        return MAX_UNITS
     return math.ceil(scaled - 1e-3) if round_up else round(scaled)
 
 
