@@ -186,6 +186,8 @@ class AccountingExtension(Extension):
                 body = msgspec.json.decode(await request.body(), type=CreateKeyRequest)
             except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
                 raise InvalidRequestError(f"invalid key request: {exc}") from exc
+            except UnicodeDecodeError as exc:  # msgspec's, for a string that is not UTF-8
+                raise InvalidRequestError("invalid key request: the body is not valid UTF-8") from exc
             expires_at = body.expires_at
             if body.expires_in_days is not None:
                 expires_at = time.time() + body.expires_in_days * 86400

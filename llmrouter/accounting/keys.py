@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import math
 import secrets
 import string
 import time
@@ -119,6 +120,34 @@ def _to_key(row: ApiKeyRow) -> ApiKey:
     )
 
 
+_MAX_NAME = 200  # the column's length
+_MAX_LIMIT = 2**31 - 1  # INTEGER columns
+MAX_BUDGET_USD = 1e9  # in nano-dollars still far inside 64 bits (see budgets.MAX_UNITS)
+
+
+def _check_fields(
+    name: str,
+    allowed_models: Sequence[str] | None,
+    expires_at: float | None,
+    budget: float | None,
+    limits: dict[str, int | None],
+) -> None:
+    if not name or len(name) > _MAX_NAME or not name.isprintable():
+        raise InvalidRequestError(f"name must be 1 to {_MAX_NAME} printable characters", param="name")
+    if allowed_models is not None and any(not m or "," in m for m in allowed_models):
+        # Stored comma-separated: a comma would silently split one pattern into two.
+        raise InvalidRequestError(
+            "allowed_models entries must be non-empty, without commas", param="allowed_models"
+        )
+    if expires_at is not None and not math.isfinite(expires_at):
+        raise InvalidRequestError("expires_at must be a finite time", param="expires_at")
+    if budget is not None and not 0 <= budget <= MAX_BUDGET_USD:  # NaN fails too
+        raise InvalidRequestError(f"budget must be between 0 and {MAX_BUDGET_USD:.0f}", param="budget")
+    for field, value in limits.items():
+        if value is not None and not 1 <= value <= _MAX_LIMIT:
+            raise InvalidRequestError(f"{field} must be between 1 and {_MAX_LIMIT}", param=field)
+
+
 class KeyStore:
     """Create, list, revoke and verify keys.
 
@@ -148,7 +177,12 @@ class KeyStore:
         concurrency: int | None = None,
         note: str | None = None,
     ) -> tuple[ApiKey, str]:
-        """Create a key; returns it and its secret (the only time the secret is seen)."""
+        """Create a key; returns it and its secret (the only time the secret is seen).
+
+        Raises:
+            InvalidRequestError: a field the database or the budget arithmetic cannot
+                hold (``param`` names it).
+        """
         bad = set(scopes) - SCOPES
         if bad or not scopes:
             raise InvalidRequestError(
@@ -156,8 +190,9 @@ class KeyStore:
             )
         if budget_period not in (None, "day", "month", "total"):
             raise InvalidRequestError("budget_period must be day, month or total", param="budget_period")
-        if budget is not None and budget < 0:
-            raise InvalidRequestError("budget must be >= 0", param="budget")
+        _check_fields(
+            name, allowed_models, expires_at, budget, {"rpm": rpm, "tpm": tpm, "concurrency": concurrency}
+        )
         prefix = "".join(secrets.choice(_ALPHABET) for _ in range(_PREFIX_LEN))
         secret = f"{SECRET_PREFIX}{prefix}-{secrets.token_urlsafe(32)}"
         row = ApiKeyRow(
