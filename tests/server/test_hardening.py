@@ -1,0 +1,227 @@
+"""The service boundary under hostile and odd input: every refusal is an OpenAI-style
+4xx body, never a 500, a stack trace or a header the client smuggled in.
+
+One service for the module (accounting on a temporary SQLite, the memory cache, metrics)
+over the remote provider and the fake upstream; an admin key exists, so auth is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from llmrouter.config import parse_config
+from llmrouter.server import create_app
+from llmrouter.server.app import default_extensions
+from llmrouter.testing.serve import serve_app
+from llmrouter.testing.upstream import FakeUpstream
+
+CHAT = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
+JSON = {"content-type": "application/json"}
+
+
+def _config(base_url: str, tmp: Path) -> Any:
+    return parse_config(
+        {
+            "models": [
+                {
+                    "name": "mock-gpt",
+                    "deployments": [
+                        {
+                            "provider": "remote",
+                            "model": "mock-gpt",
+                            "base_url": base_url,
+                            "price": {"input": 0.15, "output": 0.6},
+                        }
+                    ],
+                }
+            ],
+            "router": {"retry": {"attempts": 0}},
+            "accounting": {
+                "database": {"url": f"sqlite+aiosqlite:///{tmp / 'acct.db'}"},
+                "ledger": {"journal_dir": str(tmp / "journal"), "flush_interval": 0.02},
+            },
+            "cache": {"backend": "memory"},
+            "telemetry": {"metrics": True, "json_logs": False, "access_log": False},
+        },
+        env={},
+    )
+
+
+@pytest.fixture(scope="module")
+def client(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    config = _config(upstream.base_url, tmp_path_factory.mktemp("hardening"))
+    with serve_app(create_app(config, extensions=default_extensions(config))) as url:
+        with httpx.Client(base_url=url, timeout=20) as plain:
+            created = plain.post("/v1/admin/keys", json={"name": "root", "scopes": ["admin"]})
+            assert created.status_code == 201, created.text
+            secret = created.json()["secret"]
+        with httpx.Client(base_url=url, timeout=20, headers={"Authorization": f"Bearer {secret}"}) as authed:
+            yield authed
+
+
+def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["type"] and "Traceback" not in response.text
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "mock-gpt", "messages": [{"role": "user", "content": "\xff\xfe"}], "prompt": "\xff"}',
+        b'{"model": "\xc3\x28", "messages": [], "prompt": ""}',
+    ],
+    ids=["content", "model"],
+)
+def test_a_body_that_is_not_utf8_is_400(client: httpx.Client, path: str, body: bytes) -> None:
+    error = assert_openai_error(client.post(path, content=body, headers=JSON), 400)
+    assert "UTF-8" in error["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize(
+    "nested",
+    ["[" * 2000 + "]" * 2000, '{"a":' * 5000 + "1" + "}" * 5000, "[" * 100_000],
+    ids=["arrays", "objects", "unclosed"],
+)
+def test_deeply_nested_json_is_400(client: httpx.Client, path: str, nested: str) -> None:
+    body = (
+        '{"model": "mock-gpt", "prompt": "a", "messages": [{"role": "user", "content": "a"}], "x": '
+        + nested
+        + "}"
+    )
+    error = assert_openai_error(client.post(path, content=body.encode(), headers=JSON), 400)
+    assert "nested" in error["message"] or "JSON" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/chat/completions", "max_tokens", 10**400),  # overflowed the cost bound: a 500
+        ("/v1/chat/completions", "max_tokens", 10**30),
+        ("/v1/chat/completions", "max_tokens", 2**31),
+        ("/v1/chat/completions", "max_completion_tokens", 2**40),
+        ("/v1/chat/completions", "seed", 2**64),
+        ("/v1/chat/completions", "seed", -(2**63) - 1),
+        ("/v1/completions", "max_tokens", 10**400),
+        ("/v1/completions", "best_of", 10**30),
+        ("/v1/completions", "seed", 10**30),
+    ],
+    ids=lambda v: f"{str(v)[:12]}" if isinstance(v, int) else str(v),
+)
+def test_integers_out_of_range_are_400(client: httpx.Client, path: str, field: str, value: int) -> None:
+    body = f'{{"model": "mock-gpt", "prompt": "a", "messages": [{{"role": "user", "content": "a"}}], "{field}": {value}}}'
+    assert_openai_error(client.post(path, content=body.encode(), headers=JSON), 400, param=field)
+
+
+def test_largest_integers_are_served(client: httpx.Client, fake: FakeUpstream) -> None:
+    body = {**CHAT, "max_tokens": 2**31 - 1, "seed": 2**63 - 1}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert fake.last_request.json["max_tokens"] == 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"caf\xe9", b"a" * 10_240, b"id with space", b"tab\there", b"\xc3\xa9t\xc3\xa9"],
+    ids=["latin1", "10KB", "space", "tab", "utf8"],
+)
+def test_an_odd_request_id_is_replaced_not_echoed(
+    client: httpx.Client, fake: FakeUpstream, sent: bytes
+) -> None:
+    # 'café' used to be echoed and forwarded upstream, where httpx refused the header: a 502.
+    response = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-ID": sent})
+    assert response.status_code == 200, response.text
+    echoed = response.headers["x-request-id"]
+    assert echoed.encode("latin-1") != sent and echoed.isascii() and echoed.isalnum()
+    assert fake.last_request.headers["x-request-id"] == echoed
+
+
+def test_a_sane_request_id_is_kept(client: httpx.Client, fake: FakeUpstream) -> None:
+    sent = "req-2026.11_abc:DEF/1+2=3"
+    response = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-ID": sent})
+    assert response.status_code == 200 and response.headers["x-request-id"] == sent
+    assert fake.last_request.headers["x-request-id"] == sent
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"name": "k", "rpm": 10**30}, "rpm"),  # was a 500 (SQLite integer overflow)
+        ({"name": "k", "rpm": 2**63}, "rpm"),
+        ({"name": "k", "rpm": -1}, "rpm"),
+        ({"name": "k", "concurrency": 0}, "concurrency"),
+        ({"name": "k", "budget": 1e300}, "budget"),  # was created, then every use a 500
+        ({"name": "k", "expires_in_days": 1e308}, "expires_at"),
+        ({"name": ""}, "name"),
+        ({"name": "x" * 201}, "name"),
+        ({"name": "a\u0000b\r\n"}, "name"),
+    ],
+)
+def test_admin_key_fields_out_of_range_are_400(
+    client: httpx.Client, body: dict[str, Any], param: str
+) -> None:
+    assert_openai_error(client.post("/v1/admin/keys", json=body), 400, param=param)
+
+
+def test_admin_key_body_not_utf8_is_400(client: httpx.Client) -> None:
+    assert_openai_error(client.post("/v1/admin/keys", content=b'{"name": "\xff"}', headers=JSON), 400)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status"),
+    [
+        ("POST", "/v1/chat/completions", {"content": b"", "headers": JSON}, 400),
+        ("POST", "/v1/chat/completions", {"content": b"[]", "headers": JSON}, 400),
+        ("POST", "/v1/chat/completions", {"content": b'{"temperature": NaN}', "headers": JSON}, 400),
+        ("POST", "/v1/chat/completions", {"content": b'{"temperature": 1e999}', "headers": JSON}, 400),
+        ("POST", "/v1/chat/completions", {"json": {**CHAT, "n": 129}}, 400),
+        ("POST", "/v1/chat/completions", {"json": {**CHAT, "max_tokens": -1}}, 400),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"json": {**CHAT, "messages": [{"role": "user", "content": [{"type": "hologram"}]}]}},
+            400,
+        ),
+        ("POST", "/v1/chat/completions", {"json": {**CHAT, "model": "m" * 100_000}}, 404),
+        ("POST", "/v1/chat/completions", {"json": {**CHAT, "model": "a\r\nX-Evil: 1"}}, 404),
+        ("GET", "/v1/chat/completions", {}, 405),
+        ("GET", "/v1/models/" + "a" * 5000, {}, 404),
+        ("GET", "/v1/usage?since=garbage", {}, 400),
+        ("GET", "/v1/admin/usage?by=model;drop", {}, 400),
+        ("DELETE", "/v1/admin/keys/" + "x" * 5000, {}, 404),
+    ],
+)
+def test_odd_requests_get_their_4xx(
+    client: httpx.Client, method: str, path: str, kwargs: dict[str, Any], status: int
+) -> None:
+    response = client.request(method, path, **kwargs)
+    assert_openai_error(response, status)
+    assert "x-evil" not in response.headers
+
+
+def test_user_keys_cannot_reach_admin_endpoints(client: httpx.Client) -> None:
+    created = client.post("/v1/admin/keys", json={"name": "plain-user"})
+    user = {"Authorization": f"Bearer {created.json()['secret']}"}
+    for method, path in [
+        ("GET", "/v1/admin/keys"),
+        ("POST", "/v1/admin/keys"),
+        ("DELETE", "/v1/admin/keys/root"),
+        ("GET", "/v1/admin/usage"),
+        ("GET", "/v1/admin/cache"),
+        ("DELETE", "/v1/admin/cache"),
+    ]:
+        kwargs: dict[str, Any] = {"json": {"name": "evil", "scopes": ["admin"]}} if method == "POST" else {}
+        response = httpx.request(method, f"{client.base_url}{path}", headers=user, **kwargs)
+        assert_openai_error(response, 403)
