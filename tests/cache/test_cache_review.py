@@ -161,3 +161,23 @@ async def test_telemetry_keeps_no_state_for_a_launcher_that_left(traced: bool) -
     assert provider.record.completed == 1
     assert telemetry._attempt_started == {}
     assert telemetry._last_chunk == {} and telemetry._chunk_attributes == {} and telemetry._spans == {}
+
+
+async def test_a_cancelled_follower_leaves_the_launcher_alone() -> None:
+    provider = HeldAfterFirstChunk("tiny", default=Step(text="Paris is the capital of France.", usage=USAGE))
+    router, cache = make(provider)
+    origin, follower = RequestContext(), RequestContext()
+    async with router:
+        first = router.stream(body(), context=origin)
+        await first.__anext__()
+        with anyio.fail_after(5), anyio.CancelScope() as scope:
+            async for _chunk in router.stream(body(), context=follower):
+                scope.cancel()  # the follower's client goes away after its first chunk
+        provider.gate.set()
+        with anyio.fail_after(5):
+            async for _chunk in first:
+                pass
+    await cache.aclose()
+    assert provider.record.calls == 1 and provider.record.cancelled == 0 and provider.record.completed == 1
+    assert follower.status == "cancelled" and follower.cost == 0.0 and follower.cost_source == "cache"
+    assert origin.status == "ok" and origin.usage == USAGE and origin.cost == pytest.approx(FULL_COST)
