@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -107,7 +107,7 @@ class Flight:
             return self.response
         return response_from_chunks(self.chunks)
 
-    async def iter_chunks(self) -> AsyncIterator[ChatChunk]:
+    async def iter_chunks(self) -> AsyncGenerator[ChatChunk, None]:
         """Every chunk from the first, then live ones as they arrive (a non-streamed
         flight is re-chunked once it completes)."""
         sent = 0
