@@ -55,7 +55,8 @@ class Timeouts(Section):
     first_token: float | None = 60.0
     """Seconds until the first chunk of a stream (and the longest wait for a free slot)."""
     total: float | None = 600.0
-    """Seconds for the whole request, stream included."""
+    """Seconds for one attempt (one deployment's call, stream included); retries and
+    fallbacks each get their own."""
 
 
 class Retry(Section):

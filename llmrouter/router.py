@@ -330,7 +330,10 @@ class Router:
         try:
             response = await call()
             if ctx.usage is None:
-                ctx.usage = response.usage or await _count_usage(ctx, text_of(response))
+                # The answer exists: counting it must finish even if the caller is cancelled
+                # now, or a completed call would be billed nothing.
+                with anyio.CancelScope(shield=True):
+                    ctx.usage = response.usage or await _count_usage(ctx, text_of(response))
             ctx.status = "ok"
             return response
         except BaseException as exc:
@@ -365,10 +368,12 @@ class Router:
             _record_failure(ctx, exc)
             raise
         finally:
-            if ctx.usage is None and (pieces or ctx.deployment is not None):
-                with anyio.CancelScope(shield=True):
-                    ctx.usage = await _count_usage(ctx, "".join(pieces))
-            await self._finish(ctx)
+            try:
+                if ctx.usage is None and (pieces or ctx.deployment is not None):
+                    with anyio.CancelScope(shield=True):
+                        ctx.usage = await _count_usage(ctx, "".join(pieces))
+            finally:
+                await self._finish(ctx)
 
     async def _admit(
         self, request: Q, context: RequestContext | None, *, operation: str, stream: bool
