@@ -109,11 +109,8 @@ class GroupState:
     _slot_freed: anyio.Event | None = None
 
     def timeouts_for(self, deployment: DeploymentState) -> Timeouts:
-        return self.timeouts_for_config(deployment.config)
-
-    def timeouts_for_config(self, deployment: Deployment) -> Timeouts:
         """The deployment's own timeouts, else the group's (which default to the router's)."""
-        return deployment.timeouts or self.timeouts
+        return deployment.config.timeouts or self.timeouts
 
     def ordered(self, exclude: Sequence[DeploymentState] = ()) -> list[DeploymentState]:
         """Usable deployments, most preferred first, not counting ``exclude``."""

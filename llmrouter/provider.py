@@ -79,6 +79,10 @@ class Provider(abc.ABC, Generic[OptionsT]):
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[ProviderOptions]] = NoOptions
+    direct: ClassVar[bool] = False
+    """Clients may name ``<provider>/<model>`` without configuration (``router.allow_direct``).
+    Only for providers where naming a model is cheap and bounded (a daemon's or an API's
+    models), never for ones that load weights or need per-deployment settings."""
 
     def __init__(self, model: str, options: OptionsT | None = None) -> None:
         self.model = model

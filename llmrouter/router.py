@@ -116,8 +116,13 @@ class Router:
         return [d for group in self._groups.values() for d in group.deployments]
 
     def add_group(self, group: ModelGroup) -> GroupState:
-        """Add a model group from config, building a provider for each deployment."""
-        state = self._new_group(group)
+        """Add a model group from config, building a provider for each deployment.
+
+        The providers are built first: a group whose deployment cannot be built is not
+        registered at all (no name without a way to serve it).
+        """
+        timeouts = group.timeouts or self.config.router.timeouts
+        providers = []
         for index, deployment in enumerate(group.deployments):
             options = {**self.config.providers.get(deployment.provider, {}), **deployment.options}
             provider_class = load_provider_class(deployment.provider)
@@ -127,9 +132,11 @@ class Router:
             ):
                 # timeouts.connect (deployment, group or router) reaches HTTP providers as their
                 # connect timeout, unless the deployment sets the provider's own option.
-                options["connect_timeout"] = state.timeouts_for_config(deployment).connect
+                options["connect_timeout"] = (deployment.timeouts or timeouts).connect
             path = f"models[{group.name}].deployments[{index}]"
-            provider = provider_class.from_config(deployment.model, options, path=path)
+            providers.append(provider_class.from_config(deployment.model, options, path=path))
+        state = self._new_group(group)
+        for provider, deployment in zip(providers, group.deployments, strict=True):
             self._add_state(state, provider, deployment)
         return state
 
@@ -255,19 +262,24 @@ class Router:
         return chain
 
     def _direct_group(self, model: str) -> GroupState:
+        not_found = ModelNotFoundError(
+            f"The model `{model}` does not exist or you do not have access to it.", param="model"
+        )
         provider, _, upstream = model.partition("/")
         if not (self.config.router.allow_direct and upstream and provider in available_providers()):
-            raise ModelNotFoundError(
-                f"The model `{model}` does not exist or you do not have access to it.", param="model"
-            )
+            raise not_found
+        # Only providers whose models are cheap to name (a daemon's or an API's) may be
+        # addressed directly: a client must not make the server load a local model or
+        # start an engine (transformers, vllm), or reach a server nobody configured.
+        if not load_provider_class(provider).direct:
+            raise not_found
         try:
             group = self.add_group(
                 ModelGroup(name=model, deployments=[Deployment(provider=provider, model=upstream)])
             )
         except LLMRouterError as exc:
-            raise ModelNotFoundError(
-                f"The model `{model}` cannot be served: {exc.message}", param="model"
-            ) from exc
+            logger.info("direct model %r cannot be served: %s", model, exc.message)
+            raise not_found from exc
         self._started = False  # the new deployment starts on first use
         return group
 

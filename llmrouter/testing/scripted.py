@@ -73,6 +73,7 @@ class ScriptedProvider(Provider):
     """A provider whose answers, errors and delays come from a script."""
 
     name = "scripted"
+    direct = True
 
     def __init__(
         self,

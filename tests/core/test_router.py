@@ -472,3 +472,27 @@ def test_timeouts_connect_reaches_http_providers_unless_set():
         name: group.deployments[0].provider.options.connect_timeout for name, group in router.groups.items()
     }
     assert timeouts == {"a": 2.5, "b": 4, "c": 7}
+
+
+async def test_direct_addressing_only_for_providers_that_allow_it():
+    class LoadsWeights(ScriptedProvider):
+        direct = False
+
+    register_provider("weights", LoadsWeights)
+    router = Router(Config())
+    for name in ("weights/some-model", "remote/anything", "nosuch/model"):
+        with pytest.raises(ModelNotFoundError) as info:
+            await router.chat(chat_body(model=name))
+        assert info.value.message == f"The model `{name}` does not exist or you do not have access to it."
+    assert "weights/some-model" not in router.groups
+
+
+async def test_a_group_that_cannot_be_built_is_not_registered():
+    from llmrouter.config import ModelGroup
+    from llmrouter.errors import ConfigError
+
+    router = Router(Config())
+    with pytest.raises(ConfigError):
+        router.add_group(ModelGroup(name="broken", deployments=[Deployment(provider="remote", model="m")]))
+    assert "broken" not in router.groups
+    assert [m.id for m in (await router.list_models()).data] == []

@@ -68,6 +68,7 @@ class OllamaProvider(Provider[OllamaOptions]):
     """
 
     name: ClassVar[str] = "ollama"
+    direct: ClassVar[bool] = True
     Options: ClassVar[type[ProviderOptions]] = OllamaOptions
 
     _last_discovery: ClassVar[_discovery.DiscoveryResult | None] = None

@@ -85,6 +85,7 @@ class OpenRouterProvider(OpenAICompatProvider[OpenRouterOptions]):
     """
 
     name: ClassVar[str] = "openrouter"
+    direct: ClassVar[bool] = True
     Options: ClassVar[type[ProviderOptions]] = OpenRouterOptions
 
     # --- lifecycle ------------------------------------------------------------------
