@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+
+import anyio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -126,10 +128,14 @@ class AccountingHooks(RouterHooks):
                 )
             if self.budgets is not None:
                 reservation = await self.budgets.reserve(key, ctx.model_group, ctx.max_cost, uuid.uuid4().hex)
-        except LLMRouterError as exc:
+        except BaseException as exc:
+            # Refused, failed or cancelled half-way: the rate-limit slot goes back (shielded,
+            # so that a cancelled request does not keep a concurrency slot forever).
             if ticket is not None and self.limiter is not None:
-                await self.limiter.release(ticket, 0)
-            self._record(ctx, status="rejected", error_code=exc.code)
+                with anyio.CancelScope(shield=True):
+                    await self.limiter.release(ticket, 0)
+            if isinstance(exc, LLMRouterError):
+                self._record(ctx, status="rejected", error_code=exc.code)
             raise
         self._admitted[id(ctx)] = _Admission(ctx, ticket, reservation)
 
