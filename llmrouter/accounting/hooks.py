@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-
-import anyio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import anyio
 
 from llmrouter.accounting.budgets import BudgetManager, Reservation
 from llmrouter.accounting.config import LimitsConfig
