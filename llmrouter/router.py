@@ -42,6 +42,7 @@ from llmrouter.types import (
     Usage,
     decode_chat_request,
     decode_completion_request,
+    message_text,
 )
 
 __all__ = ["Router"]
@@ -430,11 +431,10 @@ class Router:
             ctx.max_cost = 0.0
             return request
         model = groups[0].deployments[0].config.model if groups[0].deployments else request.model
-        await _tokenizer_ready(model)
         if isinstance(request, ChatRequest):
-            ctx.prompt_tokens_estimate = count_messages(request.messages, model)
+            ctx.prompt_tokens_estimate = await _count_prompt(request, model)
         else:
-            ctx.prompt_tokens_estimate = count_text(request.prompt_text, model)
+            ctx.prompt_tokens_estimate = await _count(count_text, request.prompt_text, model)
         limit = request.output_limit
         if limit is None:
             limit = self.config.router.default_max_tokens
@@ -533,23 +533,37 @@ def _record_failure(ctx: RequestContext, exc: BaseException) -> None:
             ctx.error = exc
 
 
-async def _tokenizer_ready(model: str) -> None:
+# Texts longer than this are counted in a worker thread: tiktoken takes ~0.1 s a
+# megabyte, which would stall every other request on the event loop.
+_INLINE_COUNT_CHARS = 64_000
+
+
+async def _count(count: Callable[[Any, str], int], text: Any, model: str, size: int | None = None) -> int:
+    """Tokens of ``text`` (a string, or messages with ``size`` characters) for ``model``,
+    never blocking the event loop on a file load or a very long text."""
     if not encoding_loaded(model):
         await anyio.to_thread.run_sync(preload_encodings, [model])
+    if (len(text) if size is None else size) < _INLINE_COUNT_CHARS:
+        return count(text, model)
+    return await anyio.to_thread.run_sync(count, text, model)
+
+
+async def _count_prompt(request: ChatRequest, model: str) -> int:
+    size = sum(len(message_text(message)) for message in request.messages)
+    return await _count(count_messages, request.messages, model, size)
 
 
 async def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:
     """Usage counted by llmrouter (estimated) for a provider that reported none."""
     request = ctx.request
     model = ctx.upstream_model or (request.model if request is not None else "")
-    await _tokenizer_ready(model)
     prompt = ctx.prompt_tokens_estimate
     if not prompt and request is not None:
         if isinstance(request, ChatRequest):
-            prompt = count_messages(request.messages, model)
+            prompt = await _count_prompt(request, model)
         elif isinstance(request.prompt, str):
-            prompt = count_text(request.prompt, model)
-    completion = count_text(completion_text, model)
+            prompt = await _count(count_text, request.prompt, model)
+    completion = await _count(count_text, completion_text, model)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True
     )

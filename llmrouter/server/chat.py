@@ -60,7 +60,7 @@ async def create_chat_completion(
 
 
 chat_handlers = [
-    post("/v1/chat/completions", **_OPENAPI)(create_chat_completion),
+    post("/v1/chat/completions", status_code=200, **_OPENAPI)(create_chat_completion),
     # The same API without the /v1 prefix, for clients configured with a bare base URL.
-    post("/chat/completions", include_in_schema=False)(create_chat_completion),
+    post("/chat/completions", status_code=200, include_in_schema=False)(create_chat_completion),
 ]

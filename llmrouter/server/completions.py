@@ -48,6 +48,6 @@ async def create_completion(
 
 
 completion_handlers = [
-    post("/v1/completions", **_OPENAPI)(create_completion),
-    post("/completions", include_in_schema=False)(create_completion),
+    post("/v1/completions", status_code=200, **_OPENAPI)(create_completion),
+    post("/completions", status_code=200, include_in_schema=False)(create_completion),
 ]

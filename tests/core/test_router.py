@@ -496,3 +496,19 @@ async def test_a_group_that_cannot_be_built_is_not_registered():
         router.add_group(ModelGroup(name="broken", deployments=[Deployment(provider="remote", model="m")]))
     assert "broken" not in router.groups
     assert [m.id for m in (await router.list_models()).data] == []
+
+
+async def test_long_texts_are_counted_off_the_event_loop():
+    import threading
+
+    from llmrouter.router import _count
+
+    threads = []
+
+    def count(text, model):
+        threads.append(threading.get_ident())
+        return len(text)
+
+    assert await _count(count, "short", "gpt-4o") == 5
+    assert await _count(count, "x" * 100_000, "gpt-4o") == 100_000
+    assert threads[0] == threading.get_ident() and threads[1] != threading.get_ident()
