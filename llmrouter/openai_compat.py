@@ -24,8 +24,8 @@ from __future__ import annotations
 import email.utils
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import aclosing, contextmanager
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -223,6 +223,24 @@ def normalise_base_url(base_url: str) -> str:
     if urlsplit(base).path in ("", "/"):
         base += "/v1"
     return base
+
+
+_C = TypeVar("_C", ChatChunk, CompletionChunk)
+
+
+def _chat_texts(chunk: ChatChunk) -> Iterator[str]:
+    """The text a chat chunk adds (content and tool-call pieces), for counting usage."""
+    for choice in chunk.choices:
+        delta = choice.delta
+        if delta.content:
+            yield delta.content
+        for call in delta.tool_calls or ():
+            if call.function is not None:
+                yield (call.function.name or "") + (call.function.arguments or "")
+
+
+def _completion_texts(chunk: CompletionChunk) -> Iterator[str]:
+    return (choice.text for choice in chunk.choices if choice.text)
 
 
 TRANSPORT_ENV = "LLMROUTER_HTTP_TRANSPORT"
@@ -431,59 +449,52 @@ class OpenAICompatClient:
             response = msgspec.structs.replace(response, usage=_estimate(request, text, model))
         return response
 
-    async def stream(
-        self, request: ChatRequest, *, model: str | None = None
-    ) -> AsyncGenerator[ChatChunk, None]:
+    def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncGenerator[ChatChunk, None]:
         """Stream ``/chat/completions``; the last chunk carries ``usage``.
 
         Closing the generator (``aclose`` or cancellation) closes the upstream response,
         so the upstream sees its connection go away.
         """
         body = self._encode(request, model=model, stream=True)
-        texts: list[str] = []
-        last: ChatChunk | None = None
-        reported: Usage | None = None
-        async for chunk in self._events("/chat/completions", body, ChatChunk):
-            for choice in chunk.choices:
-                delta = choice.delta
-                if delta.content:
-                    texts.append(delta.content)
-                for call in delta.tool_calls or ():
-                    if call.function is not None:
-                        texts.append((call.function.name or "") + (call.function.arguments or ""))
-            if chunk.usage is not None:
-                reported = chunk.usage
-            last = chunk
-            yield chunk
-        if last is None:
-            raise UpstreamError(
-                f"{self.provider}: the upstream stream ended without a chunk", provider=self.provider
-            )
-        if last.usage is None:
-            usage = reported or _estimate(request, "".join(texts), model)
-            yield ChatChunk(id=last.id, created=last.created, model=last.model, choices=[], usage=usage)
+        return self._stream_with_usage("/chat/completions", body, request, model, ChatChunk, _chat_texts)
 
-    async def stream_complete(
+    def stream_complete(
         self, request: CompletionRequest, *, model: str | None = None
     ) -> AsyncGenerator[CompletionChunk, None]:
         """Stream ``/completions``; the last chunk carries ``usage``."""
         body = self._encode(request, model=model, stream=True)
+        return self._stream_with_usage(
+            "/completions", body, request, model, CompletionChunk, _completion_texts
+        )
+
+    async def _stream_with_usage(
+        self,
+        path: str,
+        body: bytes,
+        request: ChatRequest | CompletionRequest,
+        model: str | None,
+        kind: type[_C],
+        texts_of: Callable[[_C], Iterable[str]],
+    ) -> AsyncGenerator[_C, None]:
+        """The upstream's chunks, then a usage chunk when the upstream sent none at the end
+        (its own figure if it reported one earlier, else counted and marked estimated)."""
         texts: list[str] = []
-        last: CompletionChunk | None = None
+        last: _C | None = None
         reported: Usage | None = None
-        async for chunk in self._events("/completions", body, CompletionChunk):
-            texts.extend(c.text for c in chunk.choices if c.text)
-            if chunk.usage is not None:
-                reported = chunk.usage
-            last = chunk
-            yield chunk
+        async with aclosing(self._events(path, body, kind)) as events:
+            async for chunk in events:
+                texts.extend(texts_of(chunk))
+                if chunk.usage is not None:
+                    reported = chunk.usage
+                last = chunk
+                yield chunk
         if last is None:
             raise UpstreamError(
                 f"{self.provider}: the upstream stream ended without a chunk", provider=self.provider
             )
         if last.usage is None:
             usage = reported or _estimate(request, "".join(texts), model)
-            yield CompletionChunk(id=last.id, created=last.created, model=last.model, choices=[], usage=usage)
+            yield kind(id=last.id, created=last.created, model=last.model, choices=[], usage=usage)
 
     async def _events(self, path: str, body: bytes, kind: type[T]) -> AsyncGenerator[T, None]:
         """POST ``body`` and yield each SSE data event decoded as ``kind`` until ``[DONE]``."""

@@ -295,7 +295,23 @@ class VLLMProvider(Provider[VLLMOptions]):
         messages = _wire.template_messages(request)
         prompt_ids = await anyio.to_thread.run_sync(self._render_chat, messages)
         top = _wire.chat_logprobs_count(request)
-        params = backend.make_sampling_params(
+        params = self._sampling_params(
+            backend, request, prompt_ids, logprobs=top, response_format=request.response_format, stream=stream
+        )
+        return _Prepared(new_id("chatcmpl"), prompt_ids, params, top)
+
+    def _sampling_params(
+        self,
+        backend: Any,
+        request: ChatRequest | CompletionRequest,
+        prompt_ids: list[int],
+        *,
+        logprobs: int | None,
+        response_format: Any,
+        stream: bool,
+    ) -> Any:
+        """vLLM's SamplingParams for a request: OpenAI's fields mapped one to one."""
+        return backend.make_sampling_params(
             max_tokens=_wire.output_limit(request.output_limit, len(prompt_ids), self._max_model_len),
             n=request.n,
             temperature=request.temperature,
@@ -305,12 +321,11 @@ class VLLMProvider(Provider[VLLMOptions]):
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             logit_bias=request.logit_bias,
-            logprobs=top,
-            response_format=request.response_format,
+            logprobs=logprobs,
+            response_format=response_format,
             extra=request.extra,
             stream=stream,
         )
-        return _Prepared(new_id("chatcmpl"), prompt_ids, params, top)
 
     def _render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         tokenizer = self._tokenizer
@@ -402,20 +417,8 @@ class VLLMProvider(Provider[VLLMOptions]):
         if request.best_of is not None and request.best_of != (request.n or 1):
             raise UnsupportedFeatureError("best_of is not supported by the vllm provider", param="best_of")
         prompt_ids, prompt_text = await anyio.to_thread.run_sync(self._render_prompt, request.prompt)
-        params = backend.make_sampling_params(
-            max_tokens=_wire.output_limit(request.output_limit, len(prompt_ids), self._max_model_len),
-            n=request.n,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            stop=request.stop_list,
-            seed=request.seed,
-            presence_penalty=request.presence_penalty,
-            frequency_penalty=request.frequency_penalty,
-            logit_bias=request.logit_bias,
-            logprobs=request.logprobs,
-            response_format=None,
-            extra=request.extra,
-            stream=stream,
+        params = self._sampling_params(
+            backend, request, prompt_ids, logprobs=request.logprobs, response_format=None, stream=stream
         )
         return _Prepared(new_id("cmpl"), prompt_ids, params, request.logprobs), prompt_text
 
