@@ -11,18 +11,21 @@ bills twice. :meth:`LedgerWriter.aclose` flushes what is left.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from sqlalchemy import BigInteger, Integer, String
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.journal import Journal, orphaned_rows, release_orphan
@@ -123,6 +126,18 @@ def _fit(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+REJECTED_FILE = "rejected.jsonl"
+
+
+def refused_data(exc: BaseException) -> bool:
+    """True when the database refused the rows themselves (a value out of range, a
+    constraint), which retrying cannot fix; False for a lost connection or a timeout."""
+    if isinstance(exc, (DataError, IntegrityError)):
+        return True
+    # Raised before the database saw the statement (a value the driver cannot bind).
+    return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
+
+
 class LedgerWriter:
     """Batches ledger rows into the database without ever blocking a response.
 
@@ -159,6 +174,8 @@ class LedgerWriter:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.written = 0
+        self.rejected = 0
+        """Rows the database refused on their own, set aside in ``journal_dir/rejected.jsonl``."""
         self.failures = 0
         self.last_error: str | None = None
 
@@ -178,7 +195,7 @@ class LedgerWriter:
             for folder, rows, fd in orphaned_rows(self._journal_dir):
                 try:
                     for i in range(0, len(rows), self._batch_size):
-                        await self._sink(rows[i : i + self._batch_size])
+                        await self._write(rows[i : i + self._batch_size])
                 except Exception:
                     release_orphan(folder, fd, replayed=False)
                     raise
@@ -218,7 +235,7 @@ class LedgerWriter:
             while self._queue:
                 batch = [row for _, row in list(self._queue)[: self._batch_size]]
                 try:
-                    await self._sink(batch)
+                    await self._write(batch)
                 except Exception as exc:  # noqa: BLE001 - any failure: keep the rows, retry later
                     self.failures += 1
                     self.last_error = f"{type(exc).__name__}: {exc}"
@@ -231,6 +248,35 @@ class LedgerWriter:
                 self.written += len(batch)
                 self._trim_journal()
             return True
+
+    async def _write(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert ``rows``. When the database refuses the data itself (not a lost
+        connection), insert them one by one and set aside those it refuses alone, so
+        that one bad row cannot stall every row behind it. Transient failures raise."""
+        try:
+            await self._sink(rows)
+        except Exception as exc:
+            if not refused_data(exc) or len(rows) == 0:
+                raise
+            for row in rows:
+                try:
+                    await self._sink([row])
+                except Exception as row_exc:
+                    if not refused_data(row_exc):
+                        raise
+                    self._set_aside(row, row_exc)
+
+    def _set_aside(self, row: dict[str, Any], exc: Exception) -> None:
+        # Kept, not dropped: an operator can fix and re-insert it (docs/accounting.md).
+        self.rejected += 1
+        line = json.dumps({"row": row, "error": f"{type(exc).__name__}: {exc}"}, default=str)
+        if self._journal_dir is None:
+            log.error("ledger: the database refused a row (set aside): %s", line)
+            return
+        path = Path(self._journal_dir) / REJECTED_FILE
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(line + "\n")
+        log.error("ledger: the database refused a row; set aside in %s: %s", path, exc)
 
     def _trim_journal(self) -> None:
         if self._journal is None:

@@ -225,3 +225,29 @@ async def test_rejected_requests_are_recorded_unbilled(acct: Accounting) -> None
     await acct.ledger.flush()
     (row,) = await _rows(acct)
     assert row["status"] == "rejected" and row["error_code"] == "insufficient_quota" and row["cost"] == 0
+
+
+async def test_a_row_the_database_refuses_is_set_aside_and_the_rest_are_written(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from sqlalchemy.exc import DataError
+
+    async def picky(rows: Sequence[dict[str, Any]]) -> None:
+        # Like PostgreSQL refusing one value: the whole statement fails, nothing is written.
+        if any(row.get("completion_tokens") == 21 for row in rows):
+            raise DataError("INSERT INTO llmr_ledger ...", {}, Exception("value out of range"))
+        await insert_rows(acct.engine, rows)
+
+    acct = Accounting(make_config(sqlite_url, tmp_path), ledger_sink=picky)
+    async with acct:
+        good = await _serve(acct, 3)
+        (bad,) = await _serve(acct, 1, completion=21)
+        good += await _serve(acct, 3)
+        with anyio.fail_after(20):
+            while acct.ledger.pending:  # noqa: ASYNC110 - the writer exposes a count, not an event
+                await anyio.sleep(0.05)
+        rows = await _rows(acct)
+    assert sorted(r["request_id"] for r in rows) == sorted(good)
+    assert acct.ledger.rejected == 1
+    (line,) = (tmp_path / "journal" / "rejected.jsonl").read_text().splitlines()
+    assert bad in line and "value out of range" in line
