@@ -31,7 +31,7 @@ from llmrouter.server.completions import completion_handlers
 from llmrouter.server.dashboard import dashboard_handlers
 from llmrouter.server.disconnect import ClientDisconnected
 from llmrouter.server.errors import exception_handlers
-from llmrouter.server.health import liveness, readiness
+from llmrouter.server.health import liveness, liveness_head, readiness
 from llmrouter.server.middleware import RequestIdMiddleware, ensure_request_id
 from llmrouter.server.models import model_handlers
 from llmrouter.server.state import STATE_KEY, Service, provide_service
@@ -147,7 +147,14 @@ def create_app(
     """
     config = config or Config()
     service = Service(config=config, router=router, extensions=tuple(extensions))
-    handlers: list[Any] = [*chat_handlers, *completion_handlers, *model_handlers, liveness, readiness]
+    handlers: list[Any] = [
+        *chat_handlers,
+        *completion_handlers,
+        *model_handlers,
+        liveness,
+        liveness_head,
+        readiness,
+    ]
     handlers.extend(dashboard_handlers)  # the usage page (static; it calls the accounting API)
     middleware: list[Any] = [RequestIdMiddleware()]
     for ext in service.extensions:

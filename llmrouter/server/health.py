@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import get
+from litestar import get, head
 from litestar.di import NamedDependency
 from litestar.response.base import ASGIResponse
 
 from llmrouter.server.chat import json_response
 from llmrouter.server.state import Service
 
-__all__ = ["liveness", "readiness"]
+__all__ = ["liveness", "liveness_head", "readiness"]
 
 _ALIVE = b'{"status":"ok"}'
 
@@ -19,6 +19,11 @@ _ALIVE = b'{"status":"ok"}'
 @get("/health", summary="Liveness: the process answers", tags=["health"], operation_id="health")
 async def liveness() -> ASGIResponse:
     return ASGIResponse(body=_ALIVE, media_type="application/json")
+
+
+@head("/health", include_in_schema=False)
+async def liveness_head() -> None:
+    """``HEAD /health``: for load balancers and probes that check liveness with HEAD."""
 
 
 @get(

@@ -247,6 +247,7 @@ async def test_a_row_the_database_refuses_is_set_aside_and_the_rest_are_written(
             while acct.ledger.pending:  # noqa: ASYNC110 - the writer exposes a count, not an event
                 await anyio.sleep(0.05)
         rows = await _rows(acct)
+        assert acct.readiness()["ledger_rejected"] == 1
     assert sorted(r["request_id"] for r in rows) == sorted(good)
     assert acct.ledger.rejected == 1
     (line,) = (tmp_path / "journal" / "rejected.jsonl").read_text().splitlines()

@@ -225,3 +225,14 @@ def test_user_keys_cannot_reach_admin_endpoints(client: httpx.Client) -> None:
         kwargs: dict[str, Any] = {"json": {"name": "evil", "scopes": ["admin"]}} if method == "POST" else {}
         response = httpx.request(method, f"{client.base_url}{path}", headers=user, **kwargs)
         assert_openai_error(response, 403)
+
+
+def test_head_on_health_for_probes():
+    from litestar.testing import TestClient
+
+    from llmrouter.config import Config
+    from llmrouter.server import create_app
+
+    with TestClient(create_app(Config(discover=False))) as client:
+        response = client.head("/health")
+        assert response.status_code == 200 and response.content == b""
