@@ -82,6 +82,7 @@ class Router:
         self.prices = PriceTable(self.config.pricing)
         self._groups: dict[str, GroupState] = {}
         self._names: dict[str, str] = {}
+        self._by_id: dict[str, DeploymentState] = {}
         self._started = False
         self._start_lock: anyio.Lock | None = None
         for group in self.config.models:
@@ -175,9 +176,8 @@ class Router:
         self, group: GroupState, provider: Provider[Any], deployment: Deployment
     ) -> DeploymentState:
         base_id = deployment.id or f"{deployment.provider}/{deployment.model}"
-        taken = {d.id for d in self.deployments}
         dep_id, n = base_id, 1
-        while dep_id in taken:
+        while dep_id in self._by_id:
             n += 1
             dep_id = f"{base_id}#{n}"
         price = self.prices.lookup(
@@ -192,6 +192,7 @@ class Router:
             price=price,
         )
         group.deployments.append(state)
+        self._by_id[dep_id] = state
         return state
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -471,20 +472,12 @@ class Router:
         if ctx.usage.cost is not None:
             ctx.cost, ctx.cost_source = ctx.usage.cost, "provider"
             return
-        deployment = self._deployment(ctx.deployment)
+        deployment = self._by_id.get(ctx.deployment) if ctx.deployment is not None else None
         price = deployment.price if deployment is not None else None
         if price is None:
             ctx.cost, ctx.cost_source = 0.0, "unpriced"
         else:
             ctx.cost, ctx.cost_source = usage_cost(ctx.usage, price), "price_table"
-
-    def _deployment(self, deployment_id: str | None) -> DeploymentState | None:
-        if deployment_id is None:
-            return None
-        for deployment in self.deployments:
-            if deployment.id == deployment_id:
-                return deployment
-        return None
 
     # --- introspection -----------------------------------------------------------------
 
