@@ -9,12 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, delete, get
-from litestar.di import NamedDependency
 
 from llmrouter.cache.layer import ResponseCache
 from llmrouter.context import RequestContext
 from llmrouter.errors import NotFoundError, PermissionDeniedError
-from llmrouter.server.state import Service
+from llmrouter.server.state import Service, service_of
 
 __all__ = ["ADMIN_PATH", "cache_clear", "cache_handlers", "cache_stats"]
 
@@ -42,7 +41,8 @@ def _cache_of(service: Service) -> ResponseCache:
 
 
 @get(ADMIN_PATH, summary="Response cache counters", tags=["admin"], operation_id="cache_stats")
-async def cache_stats(request: Request[Any, Any, Any], service: NamedDependency[Service]) -> dict[str, Any]:
+async def cache_stats(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    service = service_of(request)
     _require_admin(await service.new_context(request))
     return _cache_of(service).snapshot()
 
@@ -54,7 +54,8 @@ async def cache_stats(request: Request[Any, Any, Any], service: NamedDependency[
     operation_id="cache_clear",
     status_code=200,
 )
-async def cache_clear(request: Request[Any, Any, Any], service: NamedDependency[Service]) -> dict[str, Any]:
+async def cache_clear(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    service = service_of(request)
     _require_admin(await service.new_context(request))
     return {"cleared": await _cache_of(service).clear()}
 

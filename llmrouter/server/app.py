@@ -4,7 +4,7 @@
 :class:`~llmrouter.router.Router`. The router and the extensions are long-lived: the
 lifespan starts them (extensions first, so that their hooks and cache are ready when the
 router starts) and closes them in reverse order; handlers reach them through the
-``service`` dependency.
+app's state (:func:`~llmrouter.server.state.service_of`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import msgspec
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
-from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 
 from llmrouter.config import Config, load_config
@@ -34,7 +33,7 @@ from llmrouter.server.errors import exception_handlers
 from llmrouter.server.health import liveness, liveness_head, readiness
 from llmrouter.server.middleware import RequestIdMiddleware, ensure_request_id
 from llmrouter.server.models import model_handlers
-from llmrouter.server.state import STATE_KEY, Service, provide_service
+from llmrouter.server.state import STATE_KEY, Service
 
 if TYPE_CHECKING:
     from litestar import Request, Response
@@ -163,7 +162,6 @@ def create_app(
     origins = config.server.cors_origins
     return Litestar(
         route_handlers=handlers,
-        dependencies={"service": Provide(provide_service, sync_to_thread=False)},
         exception_handlers={**exception_handlers, ClientDisconnected: _handle_disconnect},
         middleware=middleware,
         before_send=[ensure_request_id],

@@ -7,14 +7,13 @@ from typing import Any
 
 import msgspec
 from litestar import Request, post
-from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.response.base import ASGIResponse
 
 from llmrouter.server.disconnect import call_until_disconnect
 from llmrouter.server.sse import open_stream
-from llmrouter.server.state import Service, response_headers
+from llmrouter.server.state import response_headers, service_of
 from llmrouter.types import ChatResponse, decode_chat_request
 
 __all__ = ["chat_handlers", "create_chat_completion", "json_response"]
@@ -42,9 +41,8 @@ _OPENAPI: dict[str, Any] = dict(
 )
 
 
-async def create_chat_completion(
-    request: Request[Any, Any, Any], service: NamedDependency[Service]
-) -> ASGIResponse:
+async def create_chat_completion(request: Request[Any, Any, Any]) -> ASGIResponse:
+    service = service_of(request)
     ctx = await service.new_context(request)
     chat_request = decode_chat_request(await request.body())
     router = service.active_router

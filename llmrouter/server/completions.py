@@ -6,14 +6,13 @@ from functools import partial
 from typing import Any
 
 from litestar import Request, post
-from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.response.base import ASGIResponse
 
 from llmrouter.server.chat import json_response
 from llmrouter.server.disconnect import call_until_disconnect
 from llmrouter.server.sse import open_stream
-from llmrouter.server.state import Service, response_headers
+from llmrouter.server.state import response_headers, service_of
 from llmrouter.types import CompletionResponse, decode_completion_request
 
 __all__ = ["completion_handlers", "create_completion"]
@@ -28,9 +27,8 @@ _OPENAPI: dict[str, Any] = dict(
 )
 
 
-async def create_completion(
-    request: Request[Any, Any, Any], service: NamedDependency[Service]
-) -> ASGIResponse:
+async def create_completion(request: Request[Any, Any, Any]) -> ASGIResponse:
+    service = service_of(request)
     ctx = await service.new_context(request)
     completion_request = decode_completion_request(await request.body())
     router = service.active_router

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import get, head
-from litestar.di import NamedDependency
+from litestar import Request, get, head
 from litestar.response.base import ASGIResponse
 
 from llmrouter.server.chat import json_response
-from llmrouter.server.state import Service
+from llmrouter.server.state import service_of
 
 __all__ = ["liveness", "liveness_head", "readiness"]
 
@@ -32,7 +31,8 @@ async def liveness_head() -> None:
     tags=["health"],
     operation_id="ready",
 )
-async def readiness(service: NamedDependency[Service]) -> ASGIResponse:
+async def readiness(request: Request[Any, Any, Any]) -> ASGIResponse:
+    service = service_of(request)
     report: dict[str, Any] = dict(await service.active_router.readiness())
     extensions: dict[str, Any] = {}
     for ext in service.extensions:

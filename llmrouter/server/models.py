@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, get
-from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 
 from llmrouter.errors import ModelNotFoundError
 from llmrouter.server.chat import json_response
-from llmrouter.server.state import Service
+from llmrouter.server.state import service_of
 from llmrouter.types import ModelCard, ModelList
 
 __all__ = ["list_models", "model_handlers", "retrieve_model"]
@@ -26,7 +25,8 @@ _LIST_OPENAPI: dict[str, Any] = dict(
 )
 
 
-async def list_models(request: Request[Any, Any, Any], service: NamedDependency[Service]) -> ASGIResponse:
+async def list_models(request: Request[Any, Any, Any]) -> ASGIResponse:
+    service = service_of(request)
     await service.new_context(request)  # authenticates, like every /v1 call
     return json_response(await service.active_router.list_models(), {})
 
@@ -39,9 +39,8 @@ _RETRIEVE_OPENAPI: dict[str, Any] = dict(
 )
 
 
-async def retrieve_model(
-    request: Request[Any, Any, Any], service: NamedDependency[Service], model: FromPath[str]
-) -> ASGIResponse:
+async def retrieve_model(request: Request[Any, Any, Any], model: FromPath[str]) -> ASGIResponse:
+    service = service_of(request)
     await service.new_context(request)
     model_id = model.lstrip("/")
     models = await service.active_router.list_models()
