@@ -1,7 +1,8 @@
 """The shared HTTP client for OpenAI-compatible upstreams (vLLM, llama.cpp, TGI, llmrouter, OpenRouter).
 
-One :class:`OpenAICompatClient` per upstream, holding a pooled ``httpx.AsyncClient``
-(injectable: ``http_client=`` or ``transport=``). Requests are encoded once with msgspec;
+One :class:`OpenAICompatClient` per upstream, holding a keep-alive pool: by default the
+lean HTTP/1.1 pool of :mod:`llmrouter.http1`, or httpx (``http_client=`` or
+``transport=`` injected, or ``LLMROUTER_HTTP_TRANSPORT=httpx``). Requests are encoded once with msgspec;
 responses and SSE chunks are decoded straight into :mod:`llmrouter.types` Structs, with a
 lenient fallback for servers that bend the schema. Every error leaves this module as a
 member of :mod:`llmrouter.errors`, with the provider's name on it::
@@ -42,6 +43,7 @@ from llmrouter.errors import (
     UpstreamTimeoutError,
     error_for_status,
 )
+from llmrouter.http1 import HTTP1Pool, HTTP1Response
 from llmrouter.provider import Health
 from llmrouter.tokens import count_messages, count_text
 from llmrouter.types import (
@@ -244,26 +246,10 @@ def _completion_texts(chunk: CompletionChunk) -> Iterator[str]:
 
 
 TRANSPORT_ENV = "LLMROUTER_HTTP_TRANSPORT"
-"""``aiohttp`` (default when installed) or ``httpx``: the connection pool under the httpx API."""
+"""``http1`` (default: :mod:`llmrouter.http1`, asyncio only) or ``httpx`` (httpx's own pool,
+for trio or when its proxies or HTTP/2 are wanted)."""
 
-
-def default_transport(limits: httpx.Limits, verify: bool | str) -> httpx.AsyncBaseTransport | None:
-    """aiohttp's connection pool behind the httpx interface, when installed.
-
-    httpcore's pool scans every connection for each request (``is_idle``/``has_expired``),
-    which took about half of the gateway's CPU at 64 concurrent requests; aiohttp's
-    connector does not (see docs/benchmarks.md). ``LLMROUTER_HTTP_TRANSPORT=httpx``
-    keeps httpx's own pool. None means httpx's default.
-    """
-    if os.environ.get(TRANSPORT_ENV, "aiohttp") == "httpx":
-        return None
-    try:
-        import aiohttp  # noqa: F401
-    except ImportError:
-        return None
-    from llmrouter.transport import AiohttpTransport
-
-    return AiohttpTransport(limits=limits, verify=verify)
+_Response = httpx.Response | HTTP1Response
 
 
 class OpenAICompatClient:
@@ -311,30 +297,47 @@ class OpenAICompatClient:
         self._headers = {"accept": _JSON, **(headers or {})}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
+        self._read_timeout = timeouts.first_token
         self._owns_client = http_client is None
         self._timeout_extension = self.timeout.as_dict()
         self._urls: dict[str, httpx.URL] = {}
-        # With a pool of our own (or an injected transport), requests go straight to the
-        # transport (see _send); an injected http_client is used through its own send().
-        self._transport: httpx.AsyncBaseTransport | None = None
-        if http_client is None:
-            limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive)
-            self._transport = (
-                transport
-                or default_transport(limits, verify)
-                or httpx.AsyncHTTPTransport(limits=limits, verify=verify, trust_env=False)
+        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive)
+        self._verify = verify
+        self._pool: HTTP1Pool | None = None
+        if http_client is None and transport is None and os.environ.get(TRANSPORT_ENV) != "httpx":
+            self._pool = HTTP1Pool(
+                self.base_url,
+                max_connections=max_connections,
+                max_keepalive=max_keepalive,
+                connect_timeout=timeouts.connect,
+                pool_timeout=timeouts.first_token,
+                verify=verify,
             )
-        self._client = http_client or httpx.AsyncClient(
-            transport=self._transport, timeout=self.timeout, trust_env=False
-        )
+        # With httpx's pool of our own (or an injected transport), requests go straight
+        # to the transport (see _send); an injected http_client goes through its send().
+        self._transport: httpx.AsyncBaseTransport | None = None
+        if http_client is None and self._pool is None:
+            self._transport = transport or httpx.AsyncHTTPTransport(
+                limits=self._limits, verify=verify, trust_env=False
+            )
+        self._client = http_client
+        if self._transport is not None:
+            self._client = httpx.AsyncClient(transport=self._transport, timeout=self.timeout, trust_env=False)
 
     @property
     def http_client(self) -> httpx.AsyncClient:
+        """An httpx client for calls beyond the OpenAI API (built on first use)."""
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                timeout=self.timeout, limits=self._limits, verify=self._verify, trust_env=False
+            )
         return self._client
 
     async def aclose(self) -> None:
         """Close the pool (only when this object created it). Safe to call twice."""
-        if self._owns_client:
+        if self._pool is not None:
+            await self._pool.aclose()
+        if self._owns_client and self._client is not None:
             await self._client.aclose()
 
     # --- requests ---------------------------------------------------------------------
@@ -372,14 +375,18 @@ class OpenAICompatClient:
 
     async def _send(
         self, method: str, path: str, *, body: bytes | None = None, stream: bool = False
-    ) -> httpx.Response:
+    ) -> _Response:
         """Send one request and return the response unread; the caller closes it.
 
         ``AsyncClient.send`` costs ~80 µs a request in redirect, auth, cookie and hook
-        handling that an upstream API call never needs, so with our own pool the request
+        handling that an upstream API call never needs, so with httpx's pool the request
         goes to the transport directly. An injected ``http_client`` goes through its own
         ``send()``, so that its auth, hooks and proxies apply.
         """
+        if self._pool is not None:
+            return await self._pool.request(
+                method, path, self._request_headers(stream), body, read_timeout=self._read_timeout
+            )
         url = self._urls.get(path)
         if url is None:
             url = self._urls[path] = httpx.URL(f"{self.base_url}{path}")
@@ -391,14 +398,14 @@ class OpenAICompatClient:
             extensions={"timeout": self._timeout_extension},
         )
         if self._transport is None:
-            return await self._client.send(request, stream=True)
+            return await self.http_client.send(request, stream=True)
         response = await self._transport.handle_async_request(request)
         response.request = request
         return response
 
     async def _read(
         self, method: str, path: str, body: bytes | None = None
-    ) -> tuple[int, bytes, httpx.Headers]:
+    ) -> tuple[int, bytes, Mapping[str, str]]:
         with _translate(self.provider, f"{method} {path}"):
             response = await self._send(method, path, body=body)
             try:
