@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from array import array
 from collections import OrderedDict
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 from llmrouter.errors import (
@@ -107,8 +109,9 @@ class TelemetryHooks(RouterHooks):
         self._spans: dict[int, Span] = {}
         self._routers: list[weakref.ref[Any]] = []
         self._attempt_started: dict[int, int] = {}
-        self._last_chunk: dict[int, float] = {}
-        self._chunk_attributes: dict[int, dict[str, Any]] = {}
+        # perf_counter() of each delivered chunk, per stream; the gaps are recorded as
+        # time_per_output_chunk when the request settles, in one call.
+        self._chunk_times: dict[int, array[float]] = {}
         # State is keyed by id(ctx), not request_id: clients choose X-Request-ID and may
         # reuse it. A hook rejecting a request gets after_request on the hooks admitted
         # before it *and* on_rejected on all: _recorded makes each request count once.
@@ -202,29 +205,33 @@ class TelemetryHooks(RouterHooks):
         self.metrics.cooldowns.add(1, {"llmrouter.deployment": deployment})
 
     def on_chunk(self, ctx: RequestContext) -> None:
-        now = time.perf_counter()
-        previous = self._last_chunk.get(id(ctx))
-        self._last_chunk[id(ctx)] = now
-        if previous is None:
-            # Built once per stream: this runs for every chunk.
-            self._chunk_attributes[id(ctx)] = self._base_attributes(ctx)
+        # Runs for every chunk: only note the time.
+        times = self._chunk_times.get(id(ctx))
+        if times is None:
+            self._chunk_times[id(ctx)] = array("d", (time.perf_counter(),))
         else:
-            self.metrics.time_per_output_chunk.record(now - previous, self._chunk_attributes[id(ctx)])
+            times.append(time.perf_counter())
 
     # --- settlement -----------------------------------------------------------------
 
     async def after_request(self, ctx: RequestContext) -> None:
+        chunk_times = self._chunk_times.pop(id(ctx), None)
         self._forget(ctx)
         if not self._first_record(ctx):
             return
         try:
-            self._record(ctx)
+            self._record(ctx, chunk_times)
         finally:
             self._end_span(ctx)
             self._log(ctx)
 
-    def _record(self, ctx: RequestContext) -> None:
+    def _record(self, ctx: RequestContext, chunk_times: array[float] | None = None) -> None:
         attributes = self._base_attributes(ctx)
+        if chunk_times is not None and len(chunk_times) > 1:
+            # One observation per chunk after the first: the time since the previous one.
+            self.metrics.record_chunk_times(
+                [later - earlier for earlier, later in pairwise(chunk_times)], attributes
+            )
         finished = ctx.finished_at if ctx.finished_at is not None else time.perf_counter()
         failure = error_type(ctx)
         duration_attributes = {**attributes, "error.type": failure} if failure else attributes
@@ -332,8 +339,7 @@ class TelemetryHooks(RouterHooks):
     def _forget(self, ctx: RequestContext) -> None:
         key = id(ctx)
         self._attempt_started.pop(key, None)
-        self._last_chunk.pop(key, None)
-        self._chunk_attributes.pop(key, None)
+        self._chunk_times.pop(key, None)
 
     def _first_record(self, ctx: RequestContext) -> bool:
         """True the first time a request is settled (after_request or on_rejected)."""

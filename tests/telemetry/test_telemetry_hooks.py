@@ -3,6 +3,8 @@ own MeterProvider (an InMemoryMetricReader): names, attributes, buckets and valu
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -103,12 +105,21 @@ async def test_chat_records_semconv_token_usage_and_duration(hooks, reader):
 
 async def test_stream_records_time_to_first_chunk_and_per_chunk(hooks, reader):
     router = make_router(ScriptedProvider(default=Step(text="w1 w2 w3 w4 w5 w6")), hooks=[hooks])
+    started = time.perf_counter()
     chunks = [c async for c in router.stream(chat(stream=True))]
-    assert chunks
+    elapsed = time.perf_counter() - started
+    assert len(chunks) > 2
     reader.collect()
     assert reader.count("gen_ai.client.operation.time_to_first_chunk", gen_ai__request__model="g") == 1
-    # One observation per chunk after the first (six words, plus the usage chunk).
-    assert reader.count("gen_ai.client.operation.time_per_output_chunk") >= 5
+    # One observation per delivered chunk after the first: the gap since the previous one.
+    base = {
+        "gen_ai__operation__name": "chat",
+        "gen_ai__provider__name": "scripted",
+        "gen_ai__request__model": "g",
+    }
+    (per_chunk,) = reader.points("gen_ai.client.operation.time_per_output_chunk", **base)
+    assert per_chunk.count == len(chunks) - 1
+    assert 0 < per_chunk.sum <= elapsed
     assert reader.total("gen_ai.client.token.usage", gen_ai__token__type="output") == 6
 
 

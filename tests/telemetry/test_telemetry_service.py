@@ -96,6 +96,12 @@ def test_metrics_endpoint_after_traffic(client: TestClient[Any]) -> None:
         == 10
     )
     assert metric_value(text, "gen_ai_client_operation_time_to_first_chunk_seconds_count") == 1
+    # The stream's chunks after the first, one observation each (ChunkTimeHistogram).
+    stream_body = client.post("/v1/chat/completions", json={**CHAT, "stream": True}).text
+    chunks = sum(1 for line in stream_body.splitlines() if line.startswith("data: {"))
+    per_chunk = "gen_ai_client_operation_time_per_output_chunk_seconds_count"
+    assert chunks > 2
+    assert metric_value(client.get("/metrics").text, per_chunk, gen_ai_request_model="m") == 2 * (chunks - 1)
     assert (
         metric_value(text, "gen_ai_client_operation_duration_seconds_count", gen_ai_operation_name="chat")
         == 2
