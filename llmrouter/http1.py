@@ -283,7 +283,8 @@ class HTTP1Pool:
         self._pool_timeout = pool_timeout
         self._idle: deque[_Connection] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._slots = asyncio.Semaphore(max_connections)
+        self._in_use = 0  # requests holding a slot (at most max_connections)
+        self._queue: deque[asyncio.Future[None]] = deque()  # waiting for a slot, first come first served
 
     async def request(
         self,
@@ -315,7 +316,7 @@ class HTTP1Pool:
                 return HTTP1Response(self, conn, read_timeout)
             raise AssertionError("unreachable")  # pragma: no cover
         except BaseException:
-            self._slots.release()
+            self._free_slot()
             raise
 
     async def aclose(self) -> None:
@@ -349,18 +350,38 @@ class HTTP1Pool:
                     with contextlib.suppress(RuntimeError):  # their loop may be closed
                         conn.close()
                 self._idle.clear()
-                self._slots = asyncio.Semaphore(self._max_connections)
+                self._in_use, self._queue = 0, deque()
             self._loop = loop
 
     async def _acquire(self) -> None:
-        if not self._slots.locked():
-            await self._slots.acquire()
+        """Take a slot, waiting (up to ``pool_timeout``) when all are in use.
+
+        A counter and a queue rather than ``asyncio.Semaphore``, whose ``locked()``
+        walks its waiters on every call."""
+        if self._in_use < self._max_connections:
+            self._in_use += 1
             return
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        self._queue.append(waiter)
         try:
             async with asyncio.timeout(self._pool_timeout):
-                await self._slots.acquire()
-        except TimeoutError as exc:
-            raise httpx.PoolTimeout(f"no free connection within {self._pool_timeout:g}s") from exc
+                await waiter  # _free_slot hands its slot over: _in_use stays as it is
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._free_slot()  # handed over just as we gave up: pass it on
+            waiter.cancel()  # (a no-op when done) _free_slot skips it in the queue
+            if isinstance(exc, TimeoutError):
+                raise httpx.PoolTimeout(f"no free connection within {self._pool_timeout:g}s") from exc
+            raise
+
+    def _free_slot(self) -> None:
+        while self._queue:
+            waiter = self._queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._in_use -= 1
 
     def _take_idle(self) -> _Connection | None:
         assert self._loop is not None
@@ -402,7 +423,7 @@ class HTTP1Pool:
         return self._ssl
 
     def _release(self, conn: _Connection) -> None:
-        self._slots.release()
+        self._free_slot()
         conn.done()
         if conn.reusable and len(self._idle) < self._max_keepalive and self._loop is not None:
             conn.idle_since = self._loop.time()

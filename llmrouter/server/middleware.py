@@ -9,8 +9,8 @@ time to the first event).
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from litestar.enums import ScopeType
@@ -40,7 +40,7 @@ def request_id_of(scope: Scope) -> str:
                 request_id = value.decode("ascii")
             break
     if not request_id:
-        request_id = uuid.uuid4().hex
+        request_id = os.urandom(16).hex()  # 32 hex digits, like uuid4().hex without the object
     scope[REQUEST_ID_KEY] = request_id  # type: ignore[literal-required]
     return request_id
 

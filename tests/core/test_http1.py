@@ -324,3 +324,39 @@ async def test_tls_verifies_against_the_given_bundle(tls_files):
             await pool.aclose()
         with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
             await HTTP1Pool(f"https://127.0.0.1:{port}").request("GET", "/", {})
+
+
+async def test_requests_over_the_limit_wait_their_turn():
+    async with FakeUpstream(delay_ms=5) as up:
+        pool = HTTP1Pool(up.base_url, max_connections=2)
+
+        async def call() -> int:
+            response = await pool.request("POST", "/chat/completions", JSON, CHAT)
+            await response.aread()
+            await response.aclose()
+            return response.status_code
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(call)
+        await pool.aclose()
+        assert len(up.generation_requests()) == 10
+        assert len({record.client for record in up.generation_requests()}) == 2, (
+            "never more than two connections"
+        )
+        assert pool._in_use == 0 and not pool._queue
+
+
+async def test_a_cancelled_waiter_gives_up_its_turn():
+    with FakeUpstream() as up:
+        pool = HTTP1Pool(up.base_url, max_connections=1)
+        held = await pool.request("POST", "/chat/completions", JSON, CHAT)
+        with anyio.move_on_after(0.05):
+            await pool.request("POST", "/chat/completions", JSON, CHAT)
+        await held.aread()
+        await held.aclose()
+        assert pool._in_use == 0
+        response = await pool.request("POST", "/chat/completions", JSON, CHAT)
+        assert response.status_code == 200
+        await response.aclose()
+        await pool.aclose()
