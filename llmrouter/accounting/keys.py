@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Literal
 
+import anyio
 import msgspec
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -162,6 +163,7 @@ class KeyStore:
         self._by_prefix: dict[str, tuple[float, ApiKey, str]] = {}
         self._any_key: bool | None = None
         self._any_key_checked = 0.0
+        self._any_key_lock = anyio.Lock()
 
     async def create(
         self,
@@ -249,15 +251,21 @@ class KeyStore:
     async def any_exist(self) -> bool:
         """Whether any key was ever created (revoked keys count: revoking the last key
         must not open the service)."""
-        if self._any_key:
-            return True
-        now = time.monotonic()
-        if self._any_key is False and now - self._any_key_checked < self._cache_seconds:
-            return False
-        async with self._engine.connect() as conn:
-            count = (await conn.execute(select(func.count()).select_from(_TABLE))).scalar_one()
-        self._any_key, self._any_key_checked = count > 0, now
-        return self._any_key
+        if self._any_key or self._any_key_fresh():
+            return bool(self._any_key)
+        # Requests that find the answer stale together share one query (every request in
+        # flight used to send its own each time the cached answer expired).
+        async with self._any_key_lock:
+            if self._any_key or self._any_key_fresh():
+                return bool(self._any_key)
+            now = time.monotonic()
+            async with self._engine.connect() as conn:
+                count = (await conn.execute(select(func.count()).select_from(_TABLE))).scalar_one()
+            self._any_key, self._any_key_checked = self._any_key or count > 0, now
+            return self._any_key
+
+    def _any_key_fresh(self) -> bool:
+        return self._any_key is False and time.monotonic() - self._any_key_checked < self._cache_seconds
 
     async def verify(self, secret: str) -> ApiKey:
         """The active key for ``secret``.

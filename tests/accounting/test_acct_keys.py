@@ -8,7 +8,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.keys import KeyStore, parse_secret
@@ -65,6 +65,39 @@ async def test_revocation_seen_by_another_replica_after_cache_expiry(sqlite_url:
         await one.keys.revoke("dave")
         with pytest.raises(AuthenticationError):
             await other.verify(secret)
+
+
+async def test_concurrent_auth_checks_share_one_query(sqlite_url: str, tmp_path: Path) -> None:
+    """With auth ``auto`` and no key yet, the requests in flight when the cached "no key"
+    answer expires send one COUNT query between them, not one each."""
+    async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
+        store = KeyStore(acct.engine, cache_seconds=0.2)
+        queries: list[str] = []
+
+        def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+            if "count(" in statement.lower() and "llmr_api_keys" in statement:
+                queries.append(statement)
+
+        event.listen(acct.engine.sync_engine, "before_cursor_execute", count)
+        results: list[bool] = []
+
+        async def check() -> None:
+            results.append(await store.any_exist())
+
+        try:
+            for _ in range(2):  # the first answer, then again once it went stale
+                results.clear()
+                async with anyio.create_task_group() as tg:
+                    for _ in range(50):
+                        tg.start_soon(check)
+                assert results == [False] * 50
+                await anyio.sleep(0.25)
+            assert len(queries) == 2
+            await acct.keys.create("erin")
+            await anyio.sleep(0.25)
+            assert await store.any_exist() and len(queries) == 3
+        finally:
+            event.remove(acct.engine.sync_engine, "before_cursor_execute", count)
 
 
 async def test_expired_key_is_refused(acct: Accounting) -> None:
