@@ -261,8 +261,10 @@ class OpenAICompatClient:
         api_key: sent as ``Authorization: Bearer``.
         headers: extra headers on every request.
         timeouts: connect and first-token (read) timeouts; ``total`` is the caller's.
-        http_client: an ``httpx.AsyncClient`` to use (not closed by :meth:`aclose`).
-        transport: a transport for the client built here (tests: ``httpx.MockTransport``).
+        http_client: an ``httpx.AsyncClient`` to use instead of the built-in pool (not
+            closed by :meth:`aclose`).
+        transport: an httpx transport to use instead of the built-in pool (tests:
+            ``httpx.MockTransport``).
         max_connections: pool size.
         max_keepalive: idle connections kept open.
         verify: TLS verification (bool or CA bundle path).
