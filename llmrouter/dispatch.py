@@ -13,18 +13,17 @@ caller, a failure ends the stream with the error.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import Token
 from typing import Any, TypeVar
 
 import anyio
 import msgspec
 
+from llmrouter.aio import time_limit
 from llmrouter.context import RequestContext, current_context
 from llmrouter.deployments import DeploymentState, GroupState
 from llmrouter.errors import (
@@ -199,7 +198,7 @@ async def dispatch_call(
         token = current_context.set(ctx)
         started = time.perf_counter()
         try:
-            async with _deadline(timeout):
+            async with time_limit(timeout):
                 result = await method(deployment.provider, _for_deployment(request, deployment))
         except Exception as exc:  # noqa: BLE001 - translated and judged by the plan
             plan.failed(group, deployment, as_router_error(exc, deployment))
@@ -224,23 +223,6 @@ async def _close_quietly(stream: AsyncIterator[Any]) -> None:
             await aclose()
         except Exception as exc:  # noqa: BLE001 - the stream is being abandoned anyway
             logger.debug("closing an upstream stream raised %r", exc)
-
-
-def _deadline(seconds: float | None) -> AbstractAsyncContextManager[Any]:
-    """``TimeoutError`` after ``seconds``: ``asyncio.timeout`` on asyncio (half the CPU of
-    ``anyio.fail_after``, which looks up the event loop backend and enters two generator
-    context managers on every call), anyio's scope elsewhere (trio)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return _anyio_deadline(seconds)
-    return asyncio.timeout(seconds)
-
-
-@asynccontextmanager
-async def _anyio_deadline(seconds: float | None) -> AsyncIterator[None]:
-    with anyio.fail_after(seconds):
-        yield
 
 
 def _check_deadline(deadline: float | None, deployment: DeploymentState) -> None:
@@ -280,7 +262,7 @@ async def dispatch_stream(
                 first_wait = timeouts.first_token
                 if timeouts.total is not None:
                     first_wait = timeouts.total if first_wait is None else min(first_wait, timeouts.total)
-                async with _deadline(first_wait):
+                async with time_limit(first_wait):
                     first = await stream.__anext__()
             except StopAsyncIteration:
                 error: LLMRouterError = UpstreamError(

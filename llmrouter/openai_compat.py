@@ -34,6 +34,7 @@ import anyio
 import httpx
 import msgspec
 
+from llmrouter.aio import on_asyncio
 from llmrouter.config import Timeouts
 from llmrouter.context import current_context
 from llmrouter.errors import (
@@ -246,8 +247,8 @@ def _completion_texts(chunk: CompletionChunk) -> Iterator[str]:
 
 
 TRANSPORT_ENV = "LLMROUTER_HTTP_TRANSPORT"
-"""``http1`` (default: :mod:`llmrouter.http1`, asyncio only) or ``httpx`` (httpx's own pool,
-for trio or when its proxies or HTTP/2 are wanted)."""
+"""``http1`` (default: :mod:`llmrouter.http1` on asyncio, httpx's pool on trio) or
+``httpx`` (httpx's own pool always, e.g. to go through an HTTP proxy)."""
 
 _Response = httpx.Response | HTTP1Response
 
@@ -385,7 +386,7 @@ class OpenAICompatClient:
         goes to the transport directly. An injected ``http_client`` goes through its own
         ``send()``, so that its auth, hooks and proxies apply.
         """
-        if self._pool is not None:
+        if self._pool is not None and on_asyncio():  # elsewhere (trio): httpx's pool
             return await self._pool.request(
                 method, path, self._request_headers(stream), body, read_timeout=self._read_timeout
             )

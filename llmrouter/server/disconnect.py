@@ -19,25 +19,18 @@ from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
+from llmrouter.aio import on_asyncio
+
 if TYPE_CHECKING:
     from litestar.types import Receive
 
-__all__ = ["ClientDisconnected", "DisconnectWatch", "call_until_disconnect", "on_asyncio"]
+__all__ = ["ClientDisconnected", "DisconnectWatch", "call_until_disconnect"]
 
 T = TypeVar("T")
 
 
 class ClientDisconnected(Exception):
     """The HTTP client disconnected before the answer was complete."""
-
-
-def on_asyncio() -> bool:
-    """Whether the caller runs on an asyncio event loop (not trio)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
 
 
 class DisconnectWatch:

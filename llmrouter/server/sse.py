@@ -18,7 +18,8 @@ import anyio
 import msgspec
 from litestar.response.streaming import ASGIStreamingResponse
 
-from llmrouter.server.disconnect import ClientDisconnected, DisconnectWatch, call_until_disconnect, on_asyncio
+from llmrouter.aio import on_asyncio
+from llmrouter.server.disconnect import ClientDisconnected, DisconnectWatch, call_until_disconnect
 from llmrouter.server.errors import error_event
 
 if TYPE_CHECKING:
