@@ -360,4 +360,3 @@ async def test_a_cancelled_waiter_gives_up_its_turn():
         assert response.status_code == 200
         await response.aclose()
         await pool.aclose()
-
