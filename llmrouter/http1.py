@@ -135,9 +135,9 @@ class _Connection(asyncio.Protocol):
     # --- used by the pool and the response --------------------------------------------
 
     def send(self, data: bytes) -> None:
+        self._reset()
         if self.closed or self.transport is None or self.transport.is_closing():
             raise httpx.RemoteProtocolError("the connection was closed")
-        self._reset()
         self._in_flight = True
         self.transport.write(data)
 
@@ -388,7 +388,12 @@ class HTTP1Pool:
         now = self._loop.time()
         while self._idle:
             conn = self._idle.pop()
-            if conn.closed or now - conn.idle_since > self._keepalive_expiry:
+            if (
+                conn.closed
+                or conn.transport is None
+                or conn.transport.is_closing()
+                or (now - conn.idle_since > self._keepalive_expiry)
+            ):
                 conn.close()
                 continue
             conn.reused = True

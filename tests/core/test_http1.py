@@ -360,3 +360,17 @@ async def test_a_cancelled_waiter_gives_up_its_turn():
         assert response.status_code == 200
         await response.aclose()
         await pool.aclose()
+
+
+async def test_a_pooled_connection_seen_closed_is_not_reused():
+    with FakeUpstream() as up:
+        pool = HTTP1Pool(up.base_url)
+        response = await pool.request("POST", "/chat/completions", JSON, CHAT)
+        await response.aread()
+        await response.aclose()
+        idle = pool._idle[0]
+        idle.transport.close()  # as if the server had closed it while idle
+        response = await pool.request("POST", "/chat/completions", JSON, CHAT)
+        assert response.status_code == 200 and idle not in pool._idle
+        await response.aclose()
+        await pool.aclose()
