@@ -67,13 +67,15 @@ class Flight:
         self.response: ChatResponse | None = None
         self.error: BaseException | None = None
         self.done = False
-        self.ended = anyio.Event()
+        self.ended = asyncio.Event()
         """Set when the producer task has finished, storing included."""
         self.task: asyncio.Task[None] | None = None
         self.reusable = False
         """Set by the after-flight step when the answer is being stored: until the store
         lands, a new identical request is served from the flight as if it were a hit."""
-        self._changed = anyio.Event()
+        # Set (and dropped) on the next chunk or outcome; made only when someone waits,
+        # so a chunk nobody is waiting for costs no event. Flights run on asyncio only.
+        self._changed: asyncio.Event | None = None
 
     def push(self, chunk: ChatChunk) -> None:
         """Publish one streamed chunk to every attendee."""
@@ -90,8 +92,15 @@ class Flight:
         self._signal()
 
     def _signal(self) -> None:
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
+
+    async def _wait_change(self) -> None:
+        """Until the next chunk or the outcome is published."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        await self._changed.wait()
 
     async def result(self) -> ChatResponse:
         """The whole answer (assembled from the chunks for a streamed flight).
@@ -100,7 +109,7 @@ class Flight:
             Exception: what the upstream call raised.
         """
         while not self.done:
-            await self._changed.wait()
+            await self._wait_change()
         if self.error is not None:
             raise self.error
         if self.response is not None:
@@ -118,7 +127,7 @@ class Flight:
                 continue
             if self.done:
                 break
-            await self._changed.wait()
+            await self._wait_change()
         if self.error is not None:
             raise self.error
         if self.response is not None and not self.chunks:

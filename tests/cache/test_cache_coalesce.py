@@ -8,7 +8,10 @@ import anyio
 import pytest
 
 from llmrouter.cache import FlightCancelledError, MemoryBackend, ResponseCache
+from llmrouter.cache.coalesce import Flight
+from llmrouter.context import RequestContext
 from llmrouter.errors import UpstreamError
+from llmrouter.types import ChatChunk
 
 pytestmark = pytest.mark.anyio
 
@@ -256,3 +259,27 @@ async def test_closing_the_cache_releases_attendees(
         await cache.aclose()
     assert len(failures) == 2 and failures[0].http_status == 503
     assert upstream.cancelled == 1
+
+
+async def test_a_flight_wakes_its_waiters_and_allocates_nothing_per_unwatched_chunk() -> None:
+    flight = Flight("k", RequestContext(), streaming=True)
+    chunk = ChatChunk(id="c", created=0, model="m", choices=[])
+    for _ in range(3):
+        flight.push(chunk)  # nobody waits: no event is made for these
+    assert flight._changed is None
+    seen: list[ChatChunk] = []
+
+    async def read() -> None:
+        async for got in flight.iter_chunks():
+            seen.append(got)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await anyio.wait_all_tasks_blocked()
+            assert len(seen) == 3 and flight._changed is not None  # the reader waits for more
+            flight.push(chunk)
+            await anyio.wait_all_tasks_blocked()
+            assert len(seen) == 4
+            flight.finish()
+    assert len(seen) == 4 and flight.done
