@@ -54,9 +54,7 @@ class TelemetryExtension(Extension):
         if meter_provider is None and self.config.metrics:
             self.prometheus = PrometheusMetrics(self.config.service_name)
             meter_provider = self.prometheus.meter_provider
-        self.metrics = RouterMetrics(
-            meter_provider, chunk_times=self.prometheus.chunk_times if self.prometheus else None
-        )
+        self.metrics = RouterMetrics(meter_provider, local=self.prometheus.local if self.prometheus else None)
         self._owns_tracer_provider = tracer_provider is None
         self.tracer_provider = tracer_provider or build_tracer_provider(self.config)
         self.tracer = RequestTracer(self.tracer_provider) if self.tracer_provider is not None else None

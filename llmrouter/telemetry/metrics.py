@@ -25,12 +25,13 @@ Prometheus names, as the OpenTelemetry Prometheus exporter writes them::
 from __future__ import annotations
 
 import threading
-from bisect import bisect_left
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
+
+from llmrouter.telemetry.local import LocalHistogram, LocalMetrics
 
 __all__ = [
     "CHUNK_BUCKETS",
@@ -38,7 +39,6 @@ __all__ = [
     "HTTP_DURATION_BUCKETS",
     "TOKEN_BUCKETS",
     "TTFT_BUCKETS",
-    "ChunkTimeHistogram",
     "RouterMetrics",
 ]
 
@@ -62,126 +62,77 @@ InFlightSource = Callable[[], Mapping[str, int]]
 EngineSource = Callable[[], Mapping[str, dict[str, Any]]]
 
 
-CHUNK_TIME_NAME = "gen_ai.client.operation.time_per_output_chunk"
-CHUNK_TIME_DESCRIPTION = "Time per output chunk, for each chunk after the first one."
-
-
-class ChunkTimeHistogram:
-    """``gen_ai.client.operation.time_per_output_chunk`` aggregated in process.
-
-    The same explicit-bucket aggregation the OpenTelemetry SDK does (a value ``v`` goes
-    into the first bucket whose upper bound is ``>= v``; sum and count are exact), for
-    one attribute set at a time, so that a stream's chunk times cost one call instead of
-    one SDK ``record()`` (~9 us) per chunk. The service's Prometheus registry exports
-    it (:class:`~llmrouter.telemetry.prometheus.PrometheusMetrics`).
-    """
-
-    def __init__(self, boundaries: tuple[float, ...] = CHUNK_BUCKETS) -> None:
-        self.boundaries = boundaries
-        self._lock = threading.Lock()
-        # attribute items -> [per-bucket counts (len(boundaries) + 1), sum]
-        self._series: dict[tuple[tuple[str, Any], ...], tuple[list[int], list[float]]] = {}
-
-    def record_many(self, values: Iterable[float], attributes: Mapping[str, Any]) -> None:
-        """Add each of ``values`` (seconds) as one observation with ``attributes``."""
-        key = tuple(sorted(attributes.items()))
-        boundaries = self.boundaries
-        with self._lock:
-            series = self._series.get(key)
-            if series is None:
-                series = self._series[key] = ([0] * (len(boundaries) + 1), [0.0])
-            counts, total = series
-            for value in values:
-                counts[bisect_left(boundaries, value)] += 1
-                total[0] += value
-
-    def collect(self) -> list[tuple[dict[str, Any], list[int], float]]:
-        """Every attribute set: ``(attributes, per-bucket counts, sum)``; the last count
-        is the ``+Inf`` bucket (values above the highest boundary)."""
-        with self._lock:
-            return [(dict(key), list(counts), total[0]) for key, (counts, total) in self._series.items()]
-
-
 class RouterMetrics:
     """Creates and holds llmrouter's instruments on one meter.
 
     Args:
         meter_provider: where to create them; None uses the global MeterProvider.
-        chunk_times: aggregate ``gen_ai.client.operation.time_per_output_chunk`` here
-            instead of through the meter (the service's Prometheus registry exports it);
-            None records it on the meter like every other instrument.
+        local: create the histograms and counters here instead (aggregated in process,
+            exported by the service's Prometheus registry, see
+            :mod:`llmrouter.telemetry.local`); the observable gauges stay on the meter.
     """
 
     def __init__(
         self,
         meter_provider: metrics.MeterProvider | None = None,
         *,
-        chunk_times: ChunkTimeHistogram | None = None,
+        local: LocalMetrics | None = None,
     ) -> None:
         meter = metrics.get_meter("llmrouter", _version(), meter_provider=meter_provider)
-        self.token_usage = meter.create_histogram(
-            "gen_ai.client.token.usage",
-            unit="{token}",
-            description="Number of input and output tokens used.",
-            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
-        )
-        self.operation_duration = meter.create_histogram(
-            "gen_ai.client.operation.duration",
-            unit="s",
-            description="GenAI operation duration.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self.time_to_first_chunk = meter.create_histogram(
-            "gen_ai.client.operation.time_to_first_chunk",
-            unit="s",
-            description="Time to receive the first chunk of a streamed response.",
-            explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
-        )
-        self.chunk_times = chunk_times
-        self.time_per_output_chunk: metrics.Histogram | None = None
-        if chunk_times is None:
-            self.time_per_output_chunk = meter.create_histogram(
-                CHUNK_TIME_NAME,
-                unit="s",
-                description=CHUNK_TIME_DESCRIPTION,
-                explicit_bucket_boundaries_advisory=CHUNK_BUCKETS,
+
+        def histogram(name: str, unit: str, description: str, buckets: Sequence[float]) -> Any:
+            if local is not None:
+                return local.histogram(name, unit, description, buckets)
+            return meter.create_histogram(
+                name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
             )
-        self.http_server_duration = meter.create_histogram(
-            "http.server.request.duration",
-            unit="s",
-            description="Duration of HTTP server requests.",
-            explicit_bucket_boundaries_advisory=HTTP_DURATION_BUCKETS,
+
+        def counter(name: str, unit: str, description: str) -> Any:
+            if local is not None:
+                return local.counter(name, unit, description)
+            return meter.create_counter(name, unit=unit, description=description)
+
+        self.token_usage = histogram(
+            "gen_ai.client.token.usage", "{token}", "Number of input and output tokens used.", TOKEN_BUCKETS
         )
-        self.cost = meter.create_counter(
-            "llmrouter.cost",
-            unit="{USD}",
-            description="Cost of requests in US dollars, by API key and model.",
+        self.operation_duration = histogram(
+            "gen_ai.client.operation.duration", "s", "GenAI operation duration.", DURATION_BUCKETS
         )
-        self.cache_requests = meter.create_counter(
-            "llmrouter.cache.requests",
-            unit="{request}",
-            description="Cache lookups by result (hit, miss, coalesced, bypass).",
+        self.time_to_first_chunk = histogram(
+            "gen_ai.client.operation.time_to_first_chunk",
+            "s",
+            "Time to receive the first chunk of a streamed response.",
+            TTFT_BUCKETS,
         )
-        self.retries = meter.create_counter(
-            "llmrouter.retries", unit="{attempt}", description="Attempts after the first one of a request."
+        self.time_per_output_chunk = histogram(
+            "gen_ai.client.operation.time_per_output_chunk",
+            "s",
+            "Time per output chunk, for each chunk after the first one.",
+            CHUNK_BUCKETS,
         )
-        self.fallbacks = meter.create_counter(
-            "llmrouter.fallbacks", unit="{fallback}", description="Moves to a fallback model group."
+        self.http_server_duration = histogram(
+            "http.server.request.duration", "s", "Duration of HTTP server requests.", HTTP_DURATION_BUCKETS
         )
-        self.attempts = meter.create_counter(
+        self.cost = counter(
+            "llmrouter.cost", "{USD}", "Cost of requests in US dollars, by API key and model."
+        )
+        self.cache_requests = counter(
+            "llmrouter.cache.requests", "{request}", "Cache lookups by result (hit, miss, coalesced, bypass)."
+        )
+        self.retries = counter("llmrouter.retries", "{attempt}", "Attempts after the first one of a request.")
+        self.fallbacks = counter("llmrouter.fallbacks", "{fallback}", "Moves to a fallback model group.")
+        self.attempts = counter(
             "llmrouter.deployment.attempts",
-            unit="{attempt}",
-            description="Attempts on a deployment, by outcome (ok, error) and error type.",
+            "{attempt}",
+            "Attempts on a deployment, by outcome (ok, error) and error type.",
         )
-        self.cooldowns = meter.create_counter(
-            "llmrouter.deployment.cooldowns",
-            unit="{cooldown}",
-            description="Times a deployment was taken out of rotation.",
+        self.cooldowns = counter(
+            "llmrouter.deployment.cooldowns", "{cooldown}", "Times a deployment was taken out of rotation."
         )
-        self.rejected = meter.create_counter(
+        self.rejected = counter(
             "llmrouter.requests.rejected",
-            unit="{request}",
-            description="Requests refused before dispatch (rate limits, budgets, auth).",
+            "{request}",
+            "Requests refused before dispatch (rate limits, budgets, auth).",
         )
         self._sources: list[InFlightSource] = []
         self._seen_deployments: set[str] = set()
@@ -208,10 +159,9 @@ class RouterMetrics:
 
     def record_chunk_times(self, values: Iterable[float], attributes: Mapping[str, Any]) -> None:
         """One ``time_per_output_chunk`` observation per value (a stream's chunk gaps)."""
-        if self.chunk_times is not None:
-            self.chunk_times.record_many(values, attributes)
+        if isinstance(self.time_per_output_chunk, LocalHistogram):
+            self.time_per_output_chunk.record_many(values, attributes)
             return
-        assert self.time_per_output_chunk is not None
         record = self.time_per_output_chunk.record
         for value in values:
             record(value, attributes)

@@ -8,20 +8,21 @@ stays the application's to set.
 
 from __future__ import annotations
 
-import re
+import json
 from collections.abc import Iterator
+from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.exporter.prometheus._mapping import map_unit, sanitize_attribute, sanitize_full_name
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
-from prometheus_client.utils import floatToGoString
 
-from llmrouter.telemetry.metrics import CHUNK_TIME_DESCRIPTION, CHUNK_TIME_NAME, ChunkTimeHistogram, _version
+from llmrouter.telemetry.local import LocalCounter, LocalHistogram, LocalMetrics
+from llmrouter.telemetry.metrics import _version
 
 __all__ = ["PrometheusMetrics"]
 
@@ -37,10 +38,10 @@ class PrometheusMetrics:
     def __init__(self, service_name: str = "llmrouter", *, process_metrics: bool = True) -> None:
         self.registry = CollectorRegistry()
         self.reader = PrometheusMetricReader(registry=self.registry)
-        # Per-chunk observations bypass the SDK (see ChunkTimeHistogram); pass this to
-        # RouterMetrics(chunk_times=...). Exported as the SDK's exporter would write it.
-        self.chunk_times = ChunkTimeHistogram()
-        self.registry.register(_ChunkTimeCollector(self.chunk_times))
+        # Histograms and counters recorded on the request path skip the SDK (see
+        # llmrouter.telemetry.local): pass this to RouterMetrics(local=...).
+        self.local = LocalMetrics()
+        self.registry.register(_LocalCollector(self.local))
         # No exemplars: the Prometheus exporter drops them anyway, and sampling them costs a
         # quarter of every record() (a current-span lookup), which runs per stream chunk.
         self.meter_provider = MeterProvider(
@@ -62,37 +63,50 @@ class PrometheusMetrics:
         self.meter_provider.shutdown()
 
 
-def _label(name: str) -> str:
-    """An attribute key as the OpenTelemetry Prometheus exporter writes it."""
-    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+class _LocalCollector(Collector):
+    """Exports :class:`LocalMetrics` as the OpenTelemetry Prometheus exporter exports the
+    same instruments (its naming helpers; scope labels; label sets backfilled with "")."""
 
-
-class _ChunkTimeCollector(Collector):
-    """Exports a :class:`ChunkTimeHistogram` with the series the OpenTelemetry exporter
-    writes for the same histogram (name, unit suffix, labels, ``otel_scope_*``)."""
-
-    def __init__(self, histogram: ChunkTimeHistogram) -> None:
-        self.histogram = histogram
+    def __init__(self, local: LocalMetrics) -> None:
+        self.local = local
         self.scope = {
             "otel_scope_name": "llmrouter",
-            "otel_scope_schema_url": "",
             "otel_scope_version": _version(),
+            "otel_scope_schema_url": "",
         }
-        self.bounds = [floatToGoString(b) for b in histogram.boundaries] + ["+Inf"]
 
-    def collect(self) -> Iterator[HistogramMetricFamily]:
-        series = self.histogram.collect()
-        if not series:
-            return
-        family = HistogramMetricFamily(_label(CHUNK_TIME_NAME), CHUNK_TIME_DESCRIPTION, unit="seconds")
-        for attributes, counts, total in series:
-            labels = {_label(k): str(v) for k, v in attributes.items()} | self.scope
-            cumulative = 0
-            for bound, count in zip(self.bounds, counts, strict=True):
-                cumulative += count
-                family.samples.append(
-                    Sample(f"{family.name}_bucket", {**labels, "le": bound}, float(cumulative))
-                )
-            family.samples.append(Sample(f"{family.name}_count", labels, float(cumulative)))
-            family.samples.append(Sample(f"{family.name}_sum", labels, total))
-        yield family
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        for instrument in self.local.instruments:
+            points: list[tuple[dict[str, Any], Any]]
+            if isinstance(instrument, LocalHistogram):
+                points = [(attributes, (counts, total)) for attributes, counts, total in instrument.collect()]
+            else:
+                points = instrument.collect()
+            if not points:
+                continue  # nothing recorded yet: no family, as with the SDK
+            rows = [self._labels(attributes) for attributes, _ in points]
+            label_keys = sorted({key for row in rows for key in row})
+            name, unit = sanitize_full_name(instrument.name), map_unit(instrument.unit)
+            family: CounterMetricFamily | HistogramMetricFamily
+            if isinstance(instrument, LocalCounter):
+                family = CounterMetricFamily(name, instrument.description, labels=label_keys, unit=unit)
+                for row, (_, value) in zip(rows, points, strict=True):
+                    family.add_metric([row.get(k, "") for k in label_keys], value)
+            else:
+                family = HistogramMetricFamily(name, instrument.description, labels=label_keys, unit=unit)
+                bounds = [f"{bound}" for bound in instrument.boundaries] + ["+Inf"]
+                for row, (_, (counts, total)) in zip(rows, points, strict=True):
+                    cumulative, buckets = 0, []
+                    for bound, count in zip(bounds, counts, strict=True):
+                        cumulative += count
+                        buckets.append((bound, cumulative))
+                    family.add_metric([row.get(k, "") for k in label_keys], buckets, total)
+            yield family
+
+    def _labels(self, attributes: dict[str, Any]) -> dict[str, str]:
+        labels = {sanitize_attribute(k): v for k, v in self.scope.items()}
+        for key, value in attributes.items():
+            labels[sanitize_attribute(key)] = (
+                value if isinstance(value, str) else json.dumps(value, default=str)
+            )
+        return labels

@@ -1,0 +1,119 @@
+"""The service's histograms and counters are aggregated in process (llmrouter.telemetry.local,
+no SDK call per observation) and exported exactly as the OpenTelemetry Prometheus exporter
+exports the same observations recorded through the SDK."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from llmrouter.telemetry.local import LocalCounter, LocalHistogram
+from llmrouter.telemetry.metrics import CHUNK_BUCKETS, RouterMetrics
+from llmrouter.telemetry.prometheus import PrometheusMetrics
+
+ATTRIBUTES = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "remote", "gen_ai.request.model": "m"}
+OTHER = {**ATTRIBUTES, "gen_ai.request.model": "n"}
+# Values on the boundaries too: a value equal to a bound belongs to that bucket.
+VALUES = [0.0, 0.0004, 0.001, 0.0011, 0.0025, 0.003, 0.05, 0.1, 0.75, 2.5, 2.6, 30.0]
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+TARGET_INFO = re.compile(r"^(# (HELP|TYPE|UNIT) target(_info)? |target_info\{)")
+
+
+def test_histogram_buckets_sum_and_count() -> None:
+    histogram = LocalHistogram("h", "s", "", CHUNK_BUCKETS)
+    histogram.record_many(VALUES, ATTRIBUTES)
+    histogram.record(0.002, OTHER)
+    histogram.record_many([-1.0, math.nan, math.inf], ATTRIBUTES)  # dropped, as the SDK drops them
+    series = {
+        attributes["gen_ai.request.model"]: (counts, total)
+        for attributes, counts, total in histogram.collect()
+    }
+    counts, total = series["m"]
+    assert len(counts) == len(CHUNK_BUCKETS) + 1
+    assert sum(counts) == len(VALUES) and total == pytest.approx(sum(VALUES))
+    assert counts[0] == 3  # 0.0, 0.0004 and 0.001 are <= 0.001
+    assert counts[1] == 2  # 0.0011, 0.0025
+    assert counts[-2] == 1 and counts[-1] == 2  # 2.5 in the last bound; 2.6 and 30 above it
+    assert series["n"] == ([0, 1] + [0] * (len(CHUNK_BUCKETS) - 1), 0.002)
+
+
+def test_counter_sums_per_attribute_set() -> None:
+    counter = LocalCounter("c", "{request}", "")
+    for amount, attributes in ((1, {"a": "x", "b": "y"}), (2, {"b": "y", "a": "x"}), (0.5, None), (-3, None)):
+        counter.add(amount, attributes)
+    assert sorted(counter.collect(), key=repr) == sorted([({"a": "x", "b": "y"}, 3), ({}, 0.5)], key=repr)
+
+
+def _record_everything(metrics: RouterMetrics) -> None:
+    failed = {**ATTRIBUTES, "error.type": "UpstreamError"}
+    metrics.record_chunk_times(VALUES, ATTRIBUTES)
+    metrics.record_chunk_times([0.02, 0.03], OTHER)
+    for value, attributes in ((0.3, ATTRIBUTES), (2.0, failed), (100.0, OTHER)):
+        metrics.operation_duration.record(value, attributes)
+    metrics.time_to_first_chunk.record(0.004, ATTRIBUTES)
+    metrics.token_usage.record(12, {**ATTRIBUTES, "gen_ai.token.type": "input"})
+    metrics.token_usage.record(70_000_000, {**ATTRIBUTES, "gen_ai.token.type": "output"})
+    metrics.http_server_duration.record(
+        0.01, {"http.request.method": "POST", "http.response.status_code": 200}
+    )
+    metrics.http_server_duration.record(
+        0.5,
+        {
+            "http.request.method": "GET",
+            "http.route": "/v1/models",
+            "http.response.status_code": 503,
+            "error.type": "503",
+        },
+    )
+    metrics.cost.add(0.25, {"llmrouter.api_key.id": "none", "gen_ai.request.model": "m"})
+    metrics.cost.add(1.5e-7, {"llmrouter.api_key.id": "k1", "gen_ai.request.model": "m"})
+    metrics.cache_requests.add(1, {"llmrouter.cache.status": "miss", "gen_ai.request.model": "m"})
+    metrics.retries.add(2, {"gen_ai.request.model": "m"})
+    metrics.fallbacks.add(1, {"gen_ai.request.model": "m", "llmrouter.fallback.model": "n"})
+    metrics.attempts.add(1, {"llmrouter.deployment": "d", "llmrouter.outcome": "ok"})
+    metrics.attempts.add(1, {"llmrouter.deployment": "d", "llmrouter.outcome": "error", "error.type": "X"})
+    metrics.cooldowns.add(1, {"llmrouter.deployment": "d"})
+    metrics.rejected.add(1, {"llmrouter.rejection.reason": "rate_limited", "gen_ai.request.model": "m"})
+
+
+def _lines(prometheus: PrometheusMetrics, accept: str | None) -> list[str]:
+    body, _ = prometheus.render(accept)
+    # target_info carries a random service.instance.id (and is there only while the SDK
+    # has data); everything else must match.
+    return sorted(_normalized(line) for line in body.decode().splitlines() if not TARGET_INFO.match(line))
+
+
+def _normalized(line: str) -> str:
+    """Label order within a series is not significant."""
+    if "{" not in line or line.startswith("#"):
+        return line
+    name, rest = line.split("{", 1)
+    labels, value = rest.rsplit("} ", 1)
+    return f"{name}{{{','.join(sorted(labels.split(',')))}}} {value}"
+
+
+@pytest.mark.parametrize("accept", [None, OPENMETRICS])
+def test_export_matches_the_opentelemetry_exporter(accept: str | None) -> None:
+    through_sdk = PrometheusMetrics(process_metrics=False)
+    sdk_metrics = RouterMetrics(through_sdk.meter_provider)
+    local = PrometheusMetrics(process_metrics=False)
+    local_metrics = RouterMetrics(local.meter_provider, local=local.local)
+    assert isinstance(local_metrics.operation_duration, LocalHistogram)
+    assert isinstance(local_metrics.attempts, LocalCounter)
+    assert not isinstance(sdk_metrics.operation_duration, LocalHistogram)
+    assert not [
+        line for line in _lines(local, accept) if not line.startswith("# EOF")
+    ]  # nothing recorded yet
+    _record_everything(sdk_metrics)
+    _record_everything(local_metrics)
+    expected = _lines(through_sdk, accept)
+    assert len(expected) > 100
+    for family in (
+        "gen_ai_client_operation_time_per_output_chunk_seconds",
+        "llmrouter_cost",
+        "llmrouter_retries",
+    ):
+        assert any(line.startswith(family) for line in expected)
+    assert _lines(local, accept) == expected
