@@ -24,6 +24,9 @@ from typing import Any
 
 __all__ = ["Journal", "orphaned_rows"]
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+"""``json.dumps(row, separators=...)`` without building an encoder per row."""
+
 
 class Journal:
     """This process's journal folder: numbered segment files of JSON lines."""
@@ -43,7 +46,7 @@ class Journal:
 
     def append(self, row: dict[str, Any]) -> int:
         """Write one row; returns the segment it went to."""
-        os.write(self._fd, json.dumps(row, separators=(",", ":")).encode() + b"\n")
+        os.write(self._fd, _encode(row).encode() + b"\n")
         return self.segment
 
     def rotate(self) -> None:

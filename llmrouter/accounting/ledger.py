@@ -62,8 +62,17 @@ _INT_MAX = {
 }
 
 
+_SECONDS_PER_DAY = 86400  # Unix time has no leap seconds: every UTC day is this long
+_last_day: tuple[int, str] = (-1, "")
+
+
 def utc_day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+    """``YYYY-MM-DD`` of ``ts`` in UTC (formatted once per day: this runs per request)."""
+    global _last_day
+    number = int(ts // _SECONDS_PER_DAY)
+    if number != _last_day[0]:
+        _last_day = (number, datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d"))
+    return _last_day[1]
 
 
 def row_from_context(

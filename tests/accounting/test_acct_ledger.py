@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.config import LedgerConfig
-from llmrouter.accounting.ledger import insert_rows
+from llmrouter.accounting.ledger import insert_rows, utc_day
 
 from .conftest import chat_context, finish, make_config, needs_pg
 
@@ -252,3 +252,19 @@ async def test_a_row_the_database_refuses_is_set_aside_and_the_rest_are_written(
     assert acct.ledger.rejected == 1
     (line,) = (tmp_path / "journal" / "rejected.jsonl").read_text().splitlines()
     assert bad in line and "value out of range" in line
+
+
+def test_utc_day_at_day_boundaries_and_back_and_forth() -> None:
+    # The day is formatted once and reused: moving between days must still be right.
+    midnight = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+    expected = [
+        (midnight - 0.001, "2025-12-31"),
+        (midnight, "2026-01-01"),
+        (midnight - 86_400.5, "2025-12-30"),
+        (midnight + 86_399.999, "2026-01-01"),
+        (midnight + 86_400, "2026-01-02"),
+        (midnight - 0.001, "2025-12-31"),
+        (0.0, "1970-01-01"),
+        (-1.0, "1969-12-31"),
+    ]
+    assert [utc_day(ts) for ts, _ in expected] == [day for _, day in expected]
