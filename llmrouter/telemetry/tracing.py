@@ -122,6 +122,9 @@ def perf_to_ns(perf: float) -> int:
     return time.time_ns() - int((time.perf_counter() - perf) * 1e9)
 
 
+_GLOBAL_PROVIDER_CHECK_S = 1.0
+
+
 class RequestTracer:
     """Creates llmrouter's spans on an OpenTelemetry tracer.
 
@@ -134,17 +137,28 @@ class RequestTracer:
         from opentelemetry import trace
 
         self._trace = trace
-        self._explicit = tracer_provider is not None
+        self._enabled = tracer_provider is not None
+        self._next_check = 0.0
         self.tracer: Tracer = trace.get_tracer("llmrouter", tracer_provider=tracer_provider)
 
     @property
     def enabled(self) -> bool:
         """False while spans would go nowhere (no provider given, no SDK one installed
-        globally): callers then skip span work on the hot path."""
-        if self._explicit:
+        globally): callers then skip span work on the hot path.
+
+        The global provider is looked up at most once a second (each lookup reads an
+        environment variable, ~2% of the gateway's CPU when done per request); it can be
+        installed only once, so once found it stays."""
+        if self._enabled:
             return True
-        provider = self._trace.get_tracer_provider()
-        return not isinstance(provider, (self._trace.ProxyTracerProvider, self._trace.NoOpTracerProvider))
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + _GLOBAL_PROVIDER_CHECK_S
+            provider = self._trace.get_tracer_provider()
+            self._enabled = not isinstance(
+                provider, (self._trace.ProxyTracerProvider, self._trace.NoOpTracerProvider)
+            )
+        return self._enabled
 
     def start_server_span(self, name: str, traceparent: str | None, attributes: dict[str, Any]) -> Span:
         """The HTTP server span (kind SERVER), child of the caller's ``traceparent``."""

@@ -263,3 +263,18 @@ def test_configure_logging_replaces_its_own_handler() -> None:
         for handler in [h for h in root.handlers if h not in before]:
             root.removeHandler(handler)
         root.setLevel(level)
+
+
+def test_a_global_provider_installed_later_is_picked_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry import trace
+
+    from llmrouter.telemetry.tracing import RequestTracer
+
+    tracer = RequestTracer()
+    assert not tracer.enabled  # the default global provider is a proxy: spans go nowhere
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: TracerProvider())
+    assert not tracer.enabled, "looked up at most once a second"
+    tracer._next_check = 0.0  # a second later
+    assert tracer.enabled
+    monkeypatch.undo()
+    assert tracer.enabled, "a global provider cannot be uninstalled: found once, kept"
