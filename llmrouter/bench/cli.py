@@ -37,7 +37,7 @@ def _progress(total: int) -> Any:
     def step(label: str) -> None:
         done[0] += 1
         filled = int(30 * done[0] / total)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done[0]}/{total} {label:<40}")
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {done[0]}/{total} {label:<48}")
         sys.stderr.flush()
 
     return step
@@ -48,14 +48,14 @@ def _run(args: argparse.Namespace) -> int:
 
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
     modes = [m for m in args.modes.split(",") if m]
-    cells = 2 * len(concurrencies) * (1 + len(modes))
+    windows = 2 * len(concurrencies) * (1 + len(modes)) * args.rounds
     rows = run_gateway_bench(
         concurrencies=concurrencies,
         duration=args.duration,
         rounds=args.rounds,
         chunks=args.chunks,
         modes=modes,
-        progress=_progress(cells),
+        progress=_progress(windows),
     )
     sys.stderr.write("\n")
     imports = import_time_ms()

@@ -105,38 +105,28 @@ def _body_factory(stream: bool) -> Callable[[int], bytes]:
     return body
 
 
-def _measure(
-    port: int,
-    stream: bool,
-    concurrency: int,
-    duration: float,
-    rounds: int,
-    headers: dict[str, str],
-    child: Child | None,
-) -> tuple[list[LoadResult], float | None]:
+def _round(
+    port: int, stream: bool, concurrency: int, duration: float, child: Child | None
+) -> tuple[LoadResult, float | None]:
+    """One measured window: the load's result, and the server's CPU ms per request."""
     make_body = _body_factory(stream)
-    path = "/v1/chat/completions"
 
     def make_request(i: int) -> bytes:
-        return http_request("127.0.0.1", port, path, make_body(i), headers)
+        return http_request("127.0.0.1", port, "/v1/chat/completions", make_body(i))
 
-    results, cpu = [], []
-    for _ in range(rounds):
-        before = child.cpu_seconds() if child else 0.0
-        result = asyncio.run(
-            run_load(
-                "127.0.0.1",
-                port,
-                make_request,
-                concurrency=concurrency,
-                duration=duration,
-                warmup=min(0.5, duration / 4),
-            )
+    before = child.cpu_seconds() if child else 0.0
+    result = asyncio.run(
+        run_load(
+            "127.0.0.1",
+            port,
+            make_request,
+            concurrency=concurrency,
+            duration=duration,
+            warmup=min(0.5, duration / 4),
         )
-        if child and result.total:
-            cpu.append((child.cpu_seconds() - before) * 1000 / result.total)
-        results.append(result)
-    return results, (median(cpu) if cpu else None)
+    )
+    cpu = (child.cpu_seconds() - before) * 1000 / result.total if child and result.total else None
+    return result, cpu
 
 
 def _row(
@@ -148,7 +138,7 @@ def _row(
     rss: float | None,
     direct_p50: float | None,
 ) -> GatewayRow:
-    p50 = median([percentile(r.latencies, 50) for r in results]) * 1000
+    p50 = rows_p50(results)
     return GatewayRow(
         target=target,
         stream=stream,
@@ -204,63 +194,81 @@ def run_gateway_bench(
     modes: Sequence[str] = ("bare", "full"),
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[GatewayRow]:
-    """Measure direct vs gateway (bare and with accounting + cache + metrics)."""
+    """Measure direct vs gateway (bare and with accounting + cache + metrics).
+
+    Every target is measured once per round, in turn, before the next round begins:
+    a machine that slows down for a while slows every target alike, so the ratios
+    between them hold even when the absolute figures drift.
+    """
     pin_self(1)
-    rows: list[GatewayRow] = []
     with tempfile.TemporaryDirectory(prefix="llmrouter-bench-") as tmp:
         workdir = Path(tmp)
         upstream_port = free_port()
-        upstream = Child(
-            python_argv(
-                "-m",
-                "llmrouter.testing.upstream",
-                "--port",
-                str(upstream_port),
-                "--chunks",
-                str(chunks),
-                "--no-record",
-                "--model",
-                MODEL,
-            ),
-            upstream_port,
-            log=workdir / "upstream.log",
-        )
+        children: dict[str, Child] = {}
         try:
-            upstream.wait_listening()
-            direct: dict[tuple[bool, int], float] = {}
-            for stream in (False, True):
-                for c in concurrencies:
-                    progress(f"direct stream={stream} c={c}")
-                    results, _ = _measure(upstream_port, stream, c, duration, rounds, {}, None)
-                    row = _row("direct", stream, c, results, None, None, None)
-                    direct[(stream, c)] = row.p50_ms
-                    rows.append(row)
+            children["direct"] = Child(
+                python_argv(
+                    "-m",
+                    "llmrouter.testing.upstream",
+                    "--port",
+                    str(upstream_port),
+                    "--chunks",
+                    str(chunks),
+                    "--no-record",
+                    "--model",
+                    MODEL,
+                ),
+                upstream_port,
+                log=workdir / "upstream.log",
+            )
+            children["direct"].wait_listening()
             for mode in modes:
                 extra = _mode_config(mode, workdir)
-                gateway = _start_gateway(_config(upstream_port, extra), workdir, mode)
-                try:
-                    idle_rss = gateway.rss_mb()
-                    for stream in (False, True):
-                        for c in concurrencies:
-                            progress(f"gateway[{mode}] stream={stream} c={c}")
-                            results, cpu = _measure(gateway.port, stream, c, duration, rounds, {}, gateway)
-                            rows.append(
-                                _row(
-                                    f"gateway[{mode}]",
-                                    stream,
-                                    c,
-                                    results,
-                                    cpu,
-                                    gateway.rss_mb(),
-                                    direct[(stream, c)],
-                                )
-                            )
-                    rows.append(_idle_row(f"gateway[{mode}] idle", idle_rss))
-                finally:
-                    gateway.stop()
+                children[f"gateway[{mode}]"] = _start_gateway(_config(upstream_port, extra), workdir, mode)
+            idle_rss = {target: child.rss_mb() for target, child in children.items()}
+            return _measure_all(children, concurrencies, duration, rounds, idle_rss, progress)
         finally:
-            upstream.stop()
+            for child in children.values():
+                child.stop()
+
+
+def _measure_all(
+    children: dict[str, Child],
+    concurrencies: Sequence[int],
+    duration: float,
+    rounds: int,
+    idle_rss: dict[str, float],
+    progress: Callable[[str], None],
+) -> list[GatewayRow]:
+    cells: dict[tuple[str, bool, int], tuple[list[LoadResult], list[float]]] = {}
+    for stream in (False, True):
+        for c in concurrencies:
+            for n in range(rounds):
+                for target, child in children.items():
+                    progress(f"{target} stream={stream} c={c} round {n + 1}/{rounds}")
+                    direct = target == "direct"
+                    result, cpu = _round(child.port, stream, c, duration, None if direct else child)
+                    results, cpus = cells.setdefault((target, stream, c), ([], []))
+                    results.append(result)
+                    if cpu is not None:
+                        cpus.append(cpu)
+    rows: list[GatewayRow] = []
+    for target, child in children.items():
+        direct = target == "direct"
+        for stream in (False, True):
+            for c in concurrencies:
+                results, cpus = cells[(target, stream, c)]
+                direct_p50 = None if direct else rows_p50(cells[("direct", stream, c)][0])
+                rss = None if direct else child.rss_mb()
+                rows.append(_row(target, stream, c, results, median(cpus) if cpus else None, rss, direct_p50))
+        if not direct:
+            rows.append(_idle_row(f"{target} idle", idle_rss[target]))
     return rows
+
+
+def rows_p50(results: list[LoadResult]) -> float:
+    """The median over rounds of each round's p50 latency, in ms."""
+    return median([percentile(r.latencies, 50) for r in results]) * 1000
 
 
 def import_time_ms(samples: int = 5) -> float:
