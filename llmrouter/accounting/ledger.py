@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.journal import Journal, orphaned_rows, release_orphan
 from llmrouter.accounting.models import LedgerRow
+from llmrouter.accounting.sqlite_ledger import SQLiteInserter, is_refused
 
 if TYPE_CHECKING:
     from llmrouter.context import RequestContext
@@ -113,11 +114,34 @@ async def insert_rows(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> No
     if not rows:
         return
     insert = pg_insert if engine.dialect.name == "postgresql" else sqlite_insert
-    # executemany takes its column list from the first row: give every row every column.
-    clean = [_fit({**_DEFAULTS, **{k: v for k, v in row.items() if k in _COLUMNS}}) for row in rows]
     statement = insert(_TABLE).on_conflict_do_nothing(index_elements=["entry_id"])
     async with engine.begin() as conn:
-        await conn.execute(statement, clean)
+        await conn.execute(statement, clean_rows(rows))
+
+
+def clean_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every row with every column (executemany takes its column list from the first
+    row), and every value storable."""
+    return [_fit({**_DEFAULTS, **{k: v for k, v in row.items() if k in _COLUMNS}}) for row in rows]
+
+
+def default_sink(engine: AsyncEngine) -> tuple[Sink, Callable[[], None]]:
+    """The insert for ``engine``, and what closes it: plain sqlite3 in a thread for a
+    SQLite file (see :mod:`llmrouter.accounting.sqlite_ledger`), else :func:`insert_rows`."""
+    database = engine.url.database
+    if (
+        engine.dialect.name == "sqlite"
+        and database
+        and database != ":memory:"
+        and "mode=memory" not in str(engine.url)
+    ):
+        inserter = SQLiteInserter(database, _TABLE.name, sorted(_COLUMNS))
+
+        async def sqlite_sink(rows: Sequence[dict[str, Any]]) -> None:
+            await inserter(clean_rows(rows))
+
+        return sqlite_sink, inserter.close
+    return (lambda rows: insert_rows(engine, rows)), lambda: None
 
 
 def _fit(row: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +165,7 @@ REJECTED_FILE = "rejected.jsonl"
 def refused_data(exc: BaseException) -> bool:
     """True when the database refused the rows themselves (a value out of range, a
     constraint), which retrying cannot fix; False for a lost connection or a timeout."""
-    if isinstance(exc, (DataError, IntegrityError)):
+    if isinstance(exc, (DataError, IntegrityError)) or is_refused(exc):
         return True
     # Raised before the database saw the statement (a value the driver cannot bind).
     return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
@@ -175,7 +199,10 @@ class LedgerWriter:
         self._journal_dir = journal_dir
         self._journal: Journal | None = None
         self._shutdown_timeout = shutdown_timeout
-        self._sink: Sink = sink or (lambda rows: insert_rows(engine, rows))
+        self._close_sink: Callable[[], None] = lambda: None
+        if sink is None:
+            sink, self._close_sink = default_sink(engine)
+        self._sink: Sink = sink
         self._queue: deque[tuple[int, dict[str, Any]]] = deque()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -327,4 +354,5 @@ class LedgerWriter:
             log.error("ledger: %d rows not written at shutdown: %s", len(self._queue), where)
         if self._journal is not None:
             self._journal.close(committed=not self._queue)
+        self._close_sink()
         self._task = None

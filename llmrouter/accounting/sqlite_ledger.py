@@ -1,0 +1,74 @@
+"""Ledger inserts into a SQLite file with the standard library's ``sqlite3``, in a worker thread.
+
+Through SQLAlchemy's async engine on aiosqlite, a batch insert runs SQLAlchemy's
+statement execution in greenlets on the event loop's thread and hands every DBAPI
+call to aiosqlite's thread and back: measured in the gateway at concurrency 1, that
+cost ~0.3 ms of the event loop's CPU per ledger row, as much as routing the request.
+Here one prepared ``INSERT`` runs with ``executemany`` off the loop, a single
+connection used by one thread at a time, with the pragmas the engine sets (WAL,
+``synchronous=NORMAL``, a 10 s busy timeout). The statement is the engine's:
+``ON CONFLICT (entry_id) DO NOTHING``, so replays and retried batches never bill twice.
+
+PostgreSQL, and SQLite in memory (a second connection would see another database),
+keep :func:`~llmrouter.accounting.ledger.insert_rows`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+__all__ = ["SQLiteInserter", "is_refused"]
+
+
+def is_refused(exc: BaseException) -> bool:
+    """The rows themselves were refused (a constraint, a value sqlite3 cannot bind)."""
+    return isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError, OverflowError))
+
+
+class SQLiteInserter:
+    """An async callable that inserts ledger rows (every column present) into ``path``.
+
+    Args:
+        path: the database file (the tables exist: ``llmrouter db upgrade`` made them).
+        table: the ledger table's name.
+        columns: the columns every row carries, in the order values are bound.
+    """
+
+    def __init__(self, path: str, table: str, columns: Sequence[str]) -> None:
+        self._path = path
+        self._columns = tuple(columns)
+        placeholders = ", ".join("?" * len(self._columns))
+        self._sql = (
+            f"INSERT INTO {table} ({', '.join(self._columns)}) VALUES ({placeholders}) "
+            "ON CONFLICT (entry_id) DO NOTHING"
+        )
+        self._connection: sqlite3.Connection | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    async def __call__(self, rows: Sequence[dict[str, Any]]) -> None:
+        values = [tuple(row[name] for name in self._columns) for row in rows]
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(1)  # one connection: one thread at a time
+        await anyio.to_thread.run_sync(self._insert, values, limiter=self._limiter)
+
+    def _insert(self, values: list[tuple[Any, ...]]) -> None:
+        connection = self._connection or self._connect()
+        with connection:  # one transaction: committed, or rolled back on any error
+            connection.executemany(self._sql, values)
+
+    def _connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self._path, timeout=10.0, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        self._connection = connection
+        return connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
