@@ -7,8 +7,8 @@ cost, and how it ended. Hooks (accounting, telemetry, logs) read it.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -17,18 +17,25 @@ if TYPE_CHECKING:
     from llmrouter.errors import LLMRouterError
     from llmrouter.types import ChatRequest, CompletionRequest, Usage
 
-__all__ = ["CacheStatus", "CostSource", "RequestContext", "RequestStatus", "current_context"]
+__all__ = ["CacheStatus", "CostSource", "RequestContext", "RequestStatus", "current_context", "new_id"]
 
 CacheStatus = Literal["hit", "miss", "bypass", "coalesced"]
 CostSource = Literal["provider", "price_table", "unpriced", "cache"]
 RequestStatus = Literal["ok", "error", "cancelled"]
 
 
+def new_id() -> str:
+    """A unique id in 32 hex digits that sorts by creation time: nanoseconds since the
+    epoch, then 64 random bits. Index inserts of such ids land at the end of the
+    B-tree (a ledger of random ids got twice as slow to insert into by 100k rows)."""
+    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
+
+
 @dataclass(slots=True, kw_only=True)
 class RequestContext:
     """Who asked, and (after the call) what the router did with the request."""
 
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=new_id)
     api_key_id: str | None = None
     """The id of the API key that pays (None for a local, unauthenticated user)."""
     principal: Any = None

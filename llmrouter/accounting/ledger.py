@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
@@ -31,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmrouter.accounting.journal import Journal, orphaned_rows, release_orphan
 from llmrouter.accounting.models import LedgerRow
 from llmrouter.accounting.sqlite_ledger import SQLiteInserter, is_refused
+from llmrouter.context import new_id
 
 if TYPE_CHECKING:
     from llmrouter.context import RequestContext
@@ -83,7 +83,7 @@ def row_from_context(
     usage = ctx.usage
     error = ctx.error
     return {
-        "entry_id": uuid.uuid4().hex,
+        "entry_id": new_id(),
         "request_id": ctx.request_id,
         "created_at": ctx.created,
         "day": utc_day(ctx.created),

@@ -9,12 +9,13 @@ time to the first event).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
+
+from llmrouter.context import new_id
 
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,7 +41,7 @@ def request_id_of(scope: Scope) -> str:
                 request_id = value.decode("ascii")
             break
     if not request_id:
-        request_id = os.urandom(16).hex()  # 32 hex digits, like uuid4().hex without the object
+        request_id = new_id()
     scope[REQUEST_ID_KEY] = request_id  # type: ignore[literal-required]
     return request_id
 
