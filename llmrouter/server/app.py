@@ -9,6 +9,7 @@ app's state (:func:`~llmrouter.server.state.service_of`).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -113,9 +114,30 @@ def _make_lifespan(service: Service, owns_router: bool) -> Any:
             if owns_router:
                 stack.push_async_callback(router.aclose)
             await router.start()
+            if service.config.server.gc_tuning:
+                tune_gc()
             yield
 
     return lifespan
+
+
+GC_YOUNG_THRESHOLD = 10_000
+"""Allocations between collections of the youngest generation (CPython's default: 700)."""
+
+
+def tune_gc() -> None:
+    """Garbage-collector settings for a long-running service, applied once it started.
+
+    Everything alive after start-up (modules, the router, loaded models) goes to the
+    permanent generation, so full collections stop walking it again and again; young
+    collections run every 10,000 allocations instead of 700. Together ~20% less CPU per
+    request with accounting, cache and metrics on (docs/benchmarks.md). Objects of a
+    request are freed by reference counting either way; only cycles wait longer.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def _handle_disconnect(request: Request[Any, Any, Any], exc: ClientDisconnected) -> Response[bytes]:
