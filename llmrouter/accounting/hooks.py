@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,6 +20,7 @@ from llmrouter.accounting.config import LimitsConfig
 from llmrouter.accounting.keys import ApiKey
 from llmrouter.accounting.ledger import LedgerWriter, row_from_context
 from llmrouter.accounting.limits import EffectiveLimits, Limiter, LimitTicket
+from llmrouter.context import new_id
 from llmrouter.errors import AuthenticationError, LLMRouterError, PermissionDeniedError
 from llmrouter.hooks import RouterHooks
 
@@ -127,7 +127,7 @@ class AccountingHooks(RouterHooks):
                     key.id if key else "-", limits, ctx.prompt_tokens_estimate
                 )
             if self.budgets is not None:
-                reservation = await self.budgets.reserve(key, ctx.model_group, ctx.max_cost, uuid.uuid4().hex)
+                reservation = await self.budgets.reserve(key, ctx.model_group, ctx.max_cost, new_id())
         except BaseException as exc:
             # Refused, failed or cancelled half-way: the rate-limit slot goes back (shielded,
             # so that a cancelled request does not keep a concurrency slot forever).

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import math
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from llmrouter.context import new_id
 from llmrouter.errors import RateLimitError
 
 __all__ = ["EffectiveLimits", "LimitTicket", "Limiter", "MemoryLimiter", "RedisLimiter", "seconds_until_fits"]
@@ -231,7 +231,7 @@ class RedisLimiter:
         return [base, f"{base}:slots"]
 
     async def acquire(self, subject: str, limits: EffectiveLimits, tokens: int) -> LimitTicket:
-        slot = uuid.uuid4().hex
+        slot = new_id()
         args = [
             -1 if limits.rpm is None else limits.rpm,
             -1 if limits.tpm is None else limits.tpm,
