@@ -7,7 +7,8 @@ through aiohttp alone ~125 µs; this pool, with httptools' parser (uvicorn's), ~
 (``python benchmarks/http_clients.py``; docs/benchmarks.md).
 
 What it does: plain TCP or TLS (``verify``: True, False or a CA bundle), one request per
-connection at a time, idle connections reused most-recent-first and dropped after
+connection at a time, informational (1xx) answers skipped, idle connections reused
+most-recent-first and dropped after
 ``keepalive_expiry`` or when the server closed them, ``Content-Length``, chunked and
 close-delimited bodies, back-pressure (reading pauses while 256 KiB are unread), a
 connect timeout, and a read timeout for the response head and for each pause between
@@ -112,6 +113,9 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
+        if 100 <= self.status < 200:  # informational (103 Early Hints...): the answer follows
+            self.raw_headers = []
+            return
         self._head_done = True
         for name, value in self.raw_headers:
             lower = name.lower()
@@ -128,6 +132,8 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
+        if not self._head_done:  # the end of an informational response
+            return
         self._complete = True
         self._keep_alive = self._parser.should_keep_alive()
         self._wake()

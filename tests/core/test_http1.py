@@ -374,3 +374,21 @@ async def test_a_pooled_connection_seen_closed_is_not_reused():
         assert response.status_code == 200 and idle not in pool._idle
         await response.aclose()
         await pool.aclose()
+
+
+async def test_informational_responses_are_skipped():
+    async def hints(reader, writer):
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Final: yes\r\n\r\nok")
+        await writer.drain()
+        await asyncio.sleep(1)
+
+    server, port = await raw_server(hints)
+    async with server:
+        pool = HTTP1Pool(f"http://127.0.0.1:{port}")
+        response = await pool.request("GET", "/", {})
+        assert response.status_code == 200 and response.headers == {"content-length": "2", "x-final": "yes"}
+        assert await response.aread() == b"ok"
+        await response.aclose()
+        await pool.aclose()
