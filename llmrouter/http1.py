@@ -7,14 +7,14 @@ through aiohttp alone ~125 µs; this pool, with httptools' parser (uvicorn's), ~
 (``python benchmarks/http_clients.py``; docs/benchmarks.md).
 
 What it does: plain TCP or TLS (``verify``: True, False or a CA bundle), one request per
-connection at a time, informational (1xx) answers skipped, idle connections reused
-most-recent-first and dropped after ``keepalive_expiry`` or when the server closed them,
+connection at a time, informational (1xx) answers skipped, idle connections reused most-
+recent-first and dropped after ``keepalive_expiry`` or when the server closed them,
 ``Content-Length``, chunked and close-delimited bodies, back-pressure (reading pauses
 while 256 KiB are unread), a connect timeout, and a read timeout for the response head
-and for each pause between body pieces. A request that finds its reused connection closed by the server before any
-byte of an answer is sent again once on a new connection (the server never saw it).
-Closing a response before its end closes the connection: that is how a cancelled
-stream reaches the upstream.
+and for each pause between body pieces. A request that finds its reused connection
+closed by the server before any byte of an answer is sent again once on a new connection
+(the server never saw it). Closing a response before its end closes the connection: that
+is how a cancelled stream reaches the upstream.
 
 Errors are httpx's classes (``ConnectError``, ``ConnectTimeout``, ``ReadTimeout``,
 ``PoolTimeout``, ``RemoteProtocolError``, ``ReadError``, ``LocalProtocolError``), so that
