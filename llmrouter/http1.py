@@ -3,7 +3,7 @@
 An upstream API call needs little of a general HTTP client: one origin, ``GET`` or a
 ``POST`` with a byte body, no redirects, cookies, proxies or compression. On the
 gateway benchmark a request through httpx on aiohttp's pool cost ~180 µs of CPU, and
-through aiohttp alone ~125 µs; this pool, with httptools' parser (uvicorn's), ~30 µs
+through aiohttp alone ~100 µs; this pool, with httptools' parser (uvicorn's), ~35 µs
 (``python benchmarks/http_clients.py``; docs/benchmarks.md).
 
 What it does: plain TCP or TLS (``verify``: True, False or a CA bundle), one request per
