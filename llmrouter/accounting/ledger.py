@@ -11,6 +11,7 @@ bills twice. :meth:`LedgerWriter.aclose` flushes what is left.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -269,7 +270,7 @@ class LedgerWriter:
         """Write everything queued now, batch by batch; False on a database failure."""
         async with self._write_lock:
             while self._queue:
-                batch = [row for _, row in list(self._queue)[: self._batch_size]]
+                batch = [row for _, row in itertools.islice(self._queue, self._batch_size)]
                 try:
                     await self._write(batch)
                 except Exception as exc:  # noqa: BLE001 - any failure: keep the rows, retry later
