@@ -13,6 +13,7 @@ ever logged or put in an error message.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import hashlib
 import hmac
@@ -161,6 +162,7 @@ class KeyStore:
         self._engine = engine
         self._cache_seconds = cache_seconds
         self._by_prefix: dict[str, tuple[float, ApiKey, str]] = {}
+        self._lookups: dict[str, asyncio.Future[tuple[float, ApiKey, str] | None]] = {}
         self._any_key: bool | None = None
         self._any_key_checked = 0.0
         self._any_key_lock = anyio.Lock()
@@ -276,16 +278,11 @@ class KeyStore:
         prefix = parse_secret(secret)
         if prefix is None:
             raise AuthenticationError("invalid API key format (expected sk-llmr-...)")
-        now = time.monotonic()
         cached = self._by_prefix.get(prefix)
-        if cached is None or now - cached[0] > self._cache_seconds:
-            async with self._engine.connect() as conn:
-                row = (await conn.execute(select(_TABLE).where(_TABLE.c.prefix == prefix))).mappings().first()
-            if row is None:
-                self._by_prefix.pop(prefix, None)
-                raise AuthenticationError(f"unknown API key sk-llmr-{prefix}-...")
-            cached = (now, _to_key(ApiKeyRow(**row)), row["secret_hash"])
-            self._by_prefix[prefix] = cached
+        if cached is None or time.monotonic() - cached[0] > self._cache_seconds:
+            cached = await self._lookup(prefix)
+        if cached is None:
+            raise AuthenticationError(f"unknown API key sk-llmr-{prefix}-...")
         _, key, expected = cached
         if not hmac.compare_digest(hash_secret(secret), expected):
             raise AuthenticationError(f"unknown API key sk-llmr-{prefix}-...")
@@ -293,6 +290,28 @@ class KeyStore:
         if state != "active":
             raise AuthenticationError(f"API key sk-llmr-{prefix}-... is {state}", code=f"key_{state}")
         return key
+
+    async def _lookup(self, prefix: str) -> tuple[float, ApiKey, str] | None:
+        """Read the key for ``prefix`` into the cache. Requests that find the same entry
+        stale together share one query (each used to send its own), and a waiter that is
+        cancelled does not cancel it for the others."""
+        pending = self._lookups.get(prefix)
+        if pending is None:
+            pending = asyncio.ensure_future(self._query_prefix(prefix))
+            self._lookups[prefix] = pending
+            pending.add_done_callback(lambda _: self._lookups.pop(prefix, None))
+        return await asyncio.shield(pending)
+
+    async def _query_prefix(self, prefix: str) -> tuple[float, ApiKey, str] | None:
+        now = time.monotonic()
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(_TABLE).where(_TABLE.c.prefix == prefix))).mappings().first()
+        if row is None:
+            self._by_prefix.pop(prefix, None)
+            return None
+        cached = (now, _to_key(ApiKeyRow(**row)), row["secret_hash"])
+        self._by_prefix[prefix] = cached
+        return cached
 
     async def load(self, key_id: str) -> ApiKey | None:
         """A key by id (for library users who put ``api_key_id`` in the context)."""

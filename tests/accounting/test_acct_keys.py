@@ -148,3 +148,38 @@ async def test_library_user_can_pass_only_the_key_id(acct: Accounting) -> None:
     stranger.api_key_id = "key_doesnotexist"
     with pytest.raises(AuthenticationError):
         await acct.hooks.before_request(stranger)
+
+
+async def test_concurrent_verifies_of_one_key_share_one_query(sqlite_url: str, tmp_path: Path) -> None:
+    """When a key's cached entry goes stale, the requests in flight with that key send one
+    lookup between them; a cancelled one does not cancel it for the rest."""
+    async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
+        key, secret = await acct.keys.create("frank")
+        store = KeyStore(acct.engine, cache_seconds=0.2)
+        queries: list[str] = []
+
+        def lookup(conn: object, cursor: object, statement: str, *args: object) -> None:
+            if "from llmr_api_keys" in statement.lower() and "prefix" in statement.lower():
+                queries.append(statement)
+
+        event.listen(acct.engine.sync_engine, "before_cursor_execute", lookup)
+        found: list[str] = []
+
+        async def check() -> None:
+            found.append((await store.verify(secret)).id)
+
+        try:
+            for _ in range(2):  # the first lookup, then again once the entry went stale
+                found.clear()
+                async with anyio.create_task_group() as tg:
+                    for _ in range(50):
+                        tg.start_soon(check)
+                    with anyio.move_on_after(0):  # one waiter gives up at once
+                        await store.verify(secret)
+                assert found == [key.id] * 50
+                await anyio.sleep(0.25)
+            assert len(queries) == 2
+            with pytest.raises(AuthenticationError):
+                await store.verify(secret[:-1] + ("A" if secret[-1] != "A" else "B"))
+        finally:
+            event.remove(acct.engine.sync_engine, "before_cursor_execute", lookup)
