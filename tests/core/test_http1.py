@@ -39,14 +39,21 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return head + await reader.readexactly(length)
 
 
+async def chat(pool: HTTP1Pool) -> tuple[int, bytes]:
+    """POST the chat request, read the whole answer, give the connection back."""
+    response = await pool.request("POST", "/chat/completions", JSON, CHAT)
+    try:
+        return response.status_code, await response.aread()
+    finally:
+        await response.aclose()
+
+
 async def test_keep_alive_reuses_one_connection_and_posts_bodies():
     with FakeUpstream() as up:
         pool = HTTP1Pool(up.base_url)
         for _ in range(3):
-            response = await pool.request("POST", "/chat/completions", JSON, CHAT)
-            body = await response.aread()
-            await response.aclose()
-            assert response.status_code == 200 and b'"chat.completion"' in body
+            status, body = await chat(pool)
+            assert status == 200 and b'"chat.completion"' in body
         await pool.aclose()
         records = up.generation_requests()
         assert len(records) == 3 and records[0].path == "/v1/chat/completions"
@@ -222,9 +229,7 @@ async def test_idle_connections_expire():
     with FakeUpstream() as up:
         pool = HTTP1Pool(up.base_url, keepalive_expiry=0.05)
         for _ in range(2):
-            response = await pool.request("POST", "/chat/completions", JSON, CHAT)
-            await response.aread()
-            await response.aclose()
+            await chat(pool)
             await anyio.sleep(0.1)
         await pool.aclose()
         assert len({record.client for record in up.generation_requests()}) == 2
@@ -279,14 +284,8 @@ def test_one_pool_serves_successive_event_loops():
     with FakeUpstream() as up:
         pool = HTTP1Pool(up.base_url)
 
-        async def call() -> int:
-            response = await pool.request("POST", "/chat/completions", JSON, CHAT)
-            await response.aread()
-            await response.aclose()
-            return response.status_code
-
-        assert asyncio.run(call()) == 200
-        assert asyncio.run(call()) == 200
+        assert asyncio.run(chat(pool))[0] == 200
+        assert asyncio.run(chat(pool))[0] == 200
 
 
 @pytest.fixture(scope="module")
@@ -330,15 +329,9 @@ async def test_requests_over_the_limit_wait_their_turn():
     async with FakeUpstream(delay_ms=5) as up:
         pool = HTTP1Pool(up.base_url, max_connections=2)
 
-        async def call() -> int:
-            response = await pool.request("POST", "/chat/completions", JSON, CHAT)
-            await response.aread()
-            await response.aclose()
-            return response.status_code
-
         async with anyio.create_task_group() as tg:
             for _ in range(10):
-                tg.start_soon(call)
+                tg.start_soon(chat, pool)
         await pool.aclose()
         assert len(up.generation_requests()) == 10
         assert len({record.client for record in up.generation_requests()}) == 2, (
@@ -365,9 +358,7 @@ async def test_a_cancelled_waiter_gives_up_its_turn():
 async def test_a_pooled_connection_seen_closed_is_not_reused():
     with FakeUpstream() as up:
         pool = HTTP1Pool(up.base_url)
-        response = await pool.request("POST", "/chat/completions", JSON, CHAT)
-        await response.aread()
-        await response.aclose()
+        await chat(pool)
         idle = pool._idle[0]
         idle.transport.close()  # as if the server had closed it while idle
         response = await pool.request("POST", "/chat/completions", JSON, CHAT)
