@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from llmrouter.accounting.config import DatabaseConfig
 from llmrouter.errors import ConfigError
 
-__all__ = ["create_engine", "is_postgres", "is_sqlite"]
+__all__ = ["create_engine", "is_postgres", "is_sqlite", "set_sqlite_pragmas"]
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:
@@ -23,9 +23,12 @@ def is_postgres(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "postgresql"
 
 
-def _enable_wal(dbapi_connection: Any, _record: Any) -> None:
-    # WAL lets readers (reports) run beside the ledger writer; busy_timeout makes a
-    # second process wait for the write lock instead of failing at once.
+def set_sqlite_pragmas(dbapi_connection: Any, _record: Any = None) -> None:
+    """The settings of every SQLite connection (the engine's, and the ledger inserter's).
+
+    WAL lets readers (reports) run beside the ledger writer; busy_timeout makes a second
+    process wait for the write lock instead of failing at once.
+    """
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
@@ -54,7 +57,7 @@ def create_engine(config: DatabaseConfig | str) -> AsyncEngine:
         if url.database and url.database != ":memory:":
             Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, echo=config.echo)
-        event.listen(engine.sync_engine, "connect", _enable_wal)
+        event.listen(engine.sync_engine, "connect", set_sqlite_pragmas)
         return engine
     if backend == "postgresql":
         if url.drivername != "postgresql+asyncpg":

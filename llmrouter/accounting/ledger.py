@@ -28,6 +28,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmrouter.accounting.db import is_sqlite
 from llmrouter.accounting.journal import Journal, orphaned_rows, release_orphan
 from llmrouter.accounting.models import LedgerRow
 from llmrouter.accounting.sqlite_ledger import SQLiteInserter, is_refused
@@ -130,12 +131,7 @@ def default_sink(engine: AsyncEngine) -> tuple[Sink, Callable[[], None]]:
     """The insert for ``engine``, and what closes it: plain sqlite3 in a thread for a
     SQLite file (see :mod:`llmrouter.accounting.sqlite_ledger`), else :func:`insert_rows`."""
     database = engine.url.database
-    if (
-        engine.dialect.name == "sqlite"
-        and database
-        and database != ":memory:"
-        and "mode=memory" not in str(engine.url)
-    ):
+    if is_sqlite(engine) and database and database != ":memory:" and "mode=memory" not in str(engine.url):
         inserter = SQLiteInserter(database, _TABLE.name, sorted(_COLUMNS))
 
         async def sqlite_sink(rows: Sequence[dict[str, Any]]) -> None:

@@ -4,10 +4,11 @@ Through SQLAlchemy's async engine on aiosqlite, a batch insert runs SQLAlchemy's
 statement execution in greenlets on the event loop's thread and hands every DBAPI
 call to aiosqlite's thread and back: measured in the gateway at concurrency 1, that
 cost ~0.3 ms of the event loop's CPU per ledger row, as much as routing the request.
-Here one prepared ``INSERT`` runs with ``executemany`` off the loop, a single
-connection used by one thread at a time, with the pragmas the engine sets (WAL,
-``synchronous=NORMAL``, a 10 s busy timeout). The statement is the engine's:
-``ON CONFLICT (entry_id) DO NOTHING``, so replays and retried batches never bill twice.
+Here one prepared ``INSERT`` runs with ``executemany`` off the loop, on a single
+connection used by one thread at a time and set up like the engine's
+(:func:`~llmrouter.accounting.db.set_sqlite_pragmas`: WAL, a 10 s busy timeout). The
+statement is the engine's too: ``ON CONFLICT (entry_id) DO NOTHING``, so replays and
+retried batches never bill twice.
 
 PostgreSQL, and SQLite in memory (a second connection would see another database),
 keep :func:`~llmrouter.accounting.ledger.insert_rows`.
@@ -21,6 +22,8 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+
+from llmrouter.accounting.db import set_sqlite_pragmas
 
 __all__ = ["SQLiteInserter", "is_refused"]
 
@@ -62,9 +65,8 @@ class SQLiteInserter:
             connection.executemany(self._sql, values)
 
     def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self._path, timeout=10.0, check_same_thread=False)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
+        connection = sqlite3.connect(self._path, check_same_thread=False)
+        set_sqlite_pragmas(connection)
         self._connection = connection
         return connection
 
