@@ -22,10 +22,9 @@ import secrets
 import string
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal, TypeVar
 
-import anyio
 import msgspec
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -34,6 +33,8 @@ from llmrouter.accounting.models import ApiKeyRow
 from llmrouter.errors import AuthenticationError, InvalidRequestError, NotFoundError
 
 __all__ = ["SECRET_PREFIX", "ApiKey", "KeyStore", "Principal", "hash_secret", "parse_secret"]
+
+T = TypeVar("T")
 
 SECRET_PREFIX = "sk-llmr-"
 _PREFIX_LEN = 8
@@ -162,10 +163,9 @@ class KeyStore:
         self._engine = engine
         self._cache_seconds = cache_seconds
         self._by_prefix: dict[str, tuple[float, ApiKey, str]] = {}
-        self._lookups: dict[str, asyncio.Future[tuple[float, ApiKey, str] | None]] = {}
+        self._queries: dict[str, asyncio.Future[Any]] = {}  # in flight, shared (see _shared)
         self._any_key: bool | None = None
         self._any_key_checked = 0.0
-        self._any_key_lock = anyio.Lock()
 
     async def create(
         self,
@@ -253,21 +253,18 @@ class KeyStore:
     async def any_exist(self) -> bool:
         """Whether any key was ever created (revoked keys count: revoking the last key
         must not open the service)."""
-        if self._any_key or self._any_key_fresh():
-            return bool(self._any_key)
-        # Requests that find the answer stale together share one query (every request in
-        # flight used to send its own each time the cached answer expired).
-        async with self._any_key_lock:
-            if self._any_key or self._any_key_fresh():
-                return bool(self._any_key)
-            now = time.monotonic()
-            async with self._engine.connect() as conn:
-                count = (await conn.execute(select(func.count()).select_from(_TABLE))).scalar_one()
-            self._any_key, self._any_key_checked = self._any_key or count > 0, now
-            return self._any_key
+        if self._any_key:
+            return True
+        if self._any_key is False and time.monotonic() - self._any_key_checked < self._cache_seconds:
+            return False
+        return bool(await self._shared("*", self._count_keys))
 
-    def _any_key_fresh(self) -> bool:
-        return self._any_key is False and time.monotonic() - self._any_key_checked < self._cache_seconds
+    async def _count_keys(self) -> bool:
+        now = time.monotonic()
+        async with self._engine.connect() as conn:
+            count = (await conn.execute(select(func.count()).select_from(_TABLE))).scalar_one()
+        self._any_key, self._any_key_checked = self._any_key or count > 0, now
+        return self._any_key
 
     async def verify(self, secret: str) -> ApiKey:
         """The active key for ``secret``.
@@ -280,7 +277,7 @@ class KeyStore:
             raise AuthenticationError("invalid API key format (expected sk-llmr-...)")
         cached = self._by_prefix.get(prefix)
         if cached is None or time.monotonic() - cached[0] > self._cache_seconds:
-            cached = await self._lookup(prefix)
+            cached = await self._shared(prefix, lambda: self._query_prefix(prefix))
         if cached is None:
             raise AuthenticationError(f"unknown API key sk-llmr-{prefix}-...")
         _, key, expected = cached
@@ -291,18 +288,21 @@ class KeyStore:
             raise AuthenticationError(f"API key sk-llmr-{prefix}-... is {state}", code=f"key_{state}")
         return key
 
-    async def _lookup(self, prefix: str) -> tuple[float, ApiKey, str] | None:
-        """Read the key for ``prefix`` into the cache. Requests that find the same entry
-        stale together share one query (each used to send its own), and a waiter that is
-        cancelled does not cancel it for the others."""
-        pending = self._lookups.get(prefix)
+    async def _shared(self, name: str, query: Callable[[], Awaitable[T]]) -> T:
+        """``await query()``, once for every caller that asks under ``name`` while it
+        runs: requests that find the same cached answer stale share one database read
+        (each used to send its own), and a caller that is cancelled does not cancel it
+        for the others. Names: a key prefix, or ``*`` for the count of keys."""
+        pending = self._queries.get(name)
         if pending is None:
-            pending = asyncio.ensure_future(self._query_prefix(prefix))
-            self._lookups[prefix] = pending
-            pending.add_done_callback(lambda _: self._lookups.pop(prefix, None))
-        return await asyncio.shield(pending)
+            pending = asyncio.ensure_future(query())
+            self._queries[name] = pending
+            pending.add_done_callback(lambda _: self._queries.pop(name, None))
+        result: T = await asyncio.shield(pending)
+        return result
 
     async def _query_prefix(self, prefix: str) -> tuple[float, ApiKey, str] | None:
+        """Read the key for ``prefix`` into the cache (None: no such key)."""
         now = time.monotonic()
         async with self._engine.connect() as conn:
             row = (await conn.execute(select(_TABLE).where(_TABLE.c.prefix == prefix))).mappings().first()
