@@ -17,7 +17,6 @@ incomplete answers are never stored.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
@@ -25,6 +24,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from llmrouter.aio import on_asyncio
 from llmrouter.cache.base import CacheBackend
 from llmrouter.cache.coalesce import Coalescer, Flight
 from llmrouter.cache.entry import CacheEntry, decode_entry, encode_entry, is_storable, response_from_chunks
@@ -394,12 +394,7 @@ class ResponseCache:
 
     def _can_coalesce(self) -> bool:
         # Flights run as asyncio tasks detached from any client's cancel scope.
-        if not self.coalesce:
-            return False
-        try:
-            return asyncio.current_task() is not None
-        except RuntimeError:  # not running on asyncio (e.g. trio)
-            return False
+        return self.coalesce and on_asyncio()
 
 
 def _entry_of(flight: Flight) -> CacheEntry:
