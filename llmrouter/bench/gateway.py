@@ -138,7 +138,7 @@ def _row(
     rss: float | None,
     direct_p50: float | None,
 ) -> GatewayRow:
-    p50 = rows_p50(results)
+    p50 = _p50_ms(results)
     return GatewayRow(
         target=target,
         stream=stream,
@@ -258,7 +258,7 @@ def _measure_all(
         for stream in (False, True):
             for c in concurrencies:
                 results, cpus = cells[(target, stream, c)]
-                direct_p50 = None if direct else rows_p50(cells[("direct", stream, c)][0])
+                direct_p50 = None if direct else _p50_ms(cells[("direct", stream, c)][0])
                 rss = None if direct else child.rss_mb()
                 rows.append(_row(target, stream, c, results, median(cpus) if cpus else None, rss, direct_p50))
         if not direct:
@@ -266,7 +266,7 @@ def _measure_all(
     return rows
 
 
-def rows_p50(results: list[LoadResult]) -> float:
+def _p50_ms(results: list[LoadResult]) -> float:
     """The median over rounds of each round's p50 latency, in ms."""
     return median([percentile(r.latencies, 50) for r in results]) * 1000
 
