@@ -7,11 +7,12 @@ cost, and how it ended. Hooks (accounting, telemetry, logs) read it.
 
 from __future__ import annotations
 
-import os
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
+
+from llmrouter.ids import new_id
 
 if TYPE_CHECKING:
     from llmrouter.errors import LLMRouterError
@@ -22,13 +23,6 @@ __all__ = ["CacheStatus", "CostSource", "RequestContext", "RequestStatus", "curr
 CacheStatus = Literal["hit", "miss", "bypass", "coalesced"]
 CostSource = Literal["provider", "price_table", "unpriced", "cache"]
 RequestStatus = Literal["ok", "error", "cancelled"]
-
-
-def new_id() -> str:
-    """A unique id in 32 hex digits that sorts by creation time: nanoseconds since the
-    epoch, then 64 random bits. Index inserts of such ids land at the end of the
-    B-tree (a ledger of random ids got twice as slow to insert into by 100k rows)."""
-    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
 
 
 @dataclass(slots=True, kw_only=True)

@@ -13,13 +13,13 @@ keeps them in ``extra`` and :func:`request_to_wire` puts them back for upstreams
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta
 
 from llmrouter.errors import InvalidRequestError
+from llmrouter.ids import random_hex
 
 __all__ = [
     "AudioPart",
@@ -412,7 +412,7 @@ class ModelList(WireOut):
 
 def new_id(prefix: str = "chatcmpl") -> str:
     """A fresh OpenAI-style object id, e.g. ``chatcmpl-3f2a...``."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{random_hex(32)}"
 
 
 def now() -> int:

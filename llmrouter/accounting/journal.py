@@ -1,10 +1,15 @@
 """A crash-safe local journal for ledger rows not yet in the database.
 
-Each ledger row is appended (one ``write`` call, JSON line) to the current segment file
-of this process before :meth:`~llmrouter.accounting.ledger.LedgerWriter.record`
-returns — that is what *acknowledged* means. The OS keeps the bytes when the process
-dies (even ``kill -9``); only a machine crash within the kernel's write-back delay can
-lose them. Segments whose rows are all in the database are deleted.
+Each ledger row is copied (one JSON line) into the current segment of this process
+before :meth:`~llmrouter.accounting.ledger.LedgerWriter.record` returns - that is what
+*acknowledged* means. A segment is a file of preallocated blocks mapped into memory
+(``MAP_SHARED``), so an append is a memory copy, not a system call: the bytes are in
+the kernel's page cache as soon as they are copied, exactly as after a ``write()``, so
+the OS keeps them when the process dies (even ``kill -9``); only a machine crash within
+the kernel's write-back delay can lose them. Preallocating (``posix_fallocate``) makes a
+full disk fail the opening of a segment, with an error, instead of a write into the
+mapping, which would kill the process. Segments whose rows are all in the database are
+deleted.
 
 Every process writes in its own folder under the journal directory and holds an
 exclusive ``flock`` on it; at start-up, folders whose lock can be taken belong to dead
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import mmap
 import os
 import shutil
 import uuid
@@ -24,38 +30,61 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["Journal", "orphaned_rows"]
+__all__ = ["SEGMENT_BYTES", "Journal", "orphaned_rows"]
 
 _encode = msgspec.json.Encoder().encode
 """A row as one line of compact JSON (UTF-8 bytes; msgspec: a quarter of ``json.dumps``)."""
 
+SEGMENT_BYTES = 1 << 20
+"""The size of a segment file (a bigger row gets a segment of its own size)."""
+
 
 class Journal:
-    """This process's journal folder: numbered segment files of JSON lines."""
+    """This process's journal folder: numbered segment files of JSON lines, each padded
+    with zero bytes after its last line."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.folder = self.root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.folder.mkdir()
         self._lock_fd = os.open(self.folder / "lock", os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._segment_bytes = segment_bytes
         self.segment = 0
-        self._fd = self._open(self.segment)
+        self._map = self._open(self.segment, segment_bytes)
+        self._used = 0
 
-    def _open(self, segment: int) -> int:
-        return os.open(self.folder / f"{segment:08d}.jsonl", os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+    def _open(self, segment: int, size: int) -> mmap.mmap:
+        fd = os.open(self.folder / f"{segment:08d}.jsonl", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return mmap.mmap(fd, size)  # shared: what is copied in is the file's content
+        finally:
+            os.close(fd)  # the mapping keeps the file open
 
     def append(self, row: dict[str, Any]) -> int:
-        """Write one row; returns the segment it went to."""
-        os.write(self._fd, _encode(row) + b"\n")
+        """Copy one row in; returns the segment it went to."""
+        line = _encode(row) + b"\n"
+        end = self._used + len(line)
+        if end > len(self._map):
+            self._next_segment(len(line))
+            end = len(line)
+        self._map[self._used : end] = line
+        self._used = end
         return self.segment
 
     def rotate(self) -> None:
-        """Start a new segment, so that older ones can be dropped once committed."""
-        os.close(self._fd)
+        """Start a new segment, so that older ones can be dropped once committed (an
+        empty segment is kept: it holds nothing to drop)."""
+        if self._used:
+            self._next_segment(0)
+
+    def _next_segment(self, at_least: int) -> None:
+        self._map.close()
         self.segment += 1
-        self._fd = self._open(self.segment)
+        self._map = self._open(self.segment, max(self._segment_bytes, at_least))
+        self._used = 0
 
     def drop_before(self, segment: int) -> None:
         """Delete the segments numbered below ``segment`` (all their rows are committed)."""
@@ -66,7 +95,7 @@ class Journal:
     def close(self, *, committed: bool) -> None:
         """Release the folder; delete it when every row is committed, else leave it for
         the next start to replay."""
-        os.close(self._fd)
+        self._map.close()
         if committed:
             shutil.rmtree(self.folder, ignore_errors=True)
         os.close(self._lock_fd)
@@ -74,7 +103,7 @@ class Journal:
 
 def _read_rows(folder: Path) -> Iterator[dict[str, Any]]:
     for path in sorted(folder.glob("*.jsonl")):
-        for line in path.read_bytes().splitlines():
+        for line in path.read_bytes().rstrip(b"\x00").splitlines():
             try:
                 yield json.loads(line)
             except ValueError:

@@ -52,17 +52,17 @@ Sink = Callable[[Sequence[dict[str, Any]]], Awaitable[None]]
 # kept even when unknown) or upstreams (model, error code, token counts); PostgreSQL
 # refuses a string over its VARCHAR length, a NUL byte or an INTEGER past int32, and one
 # refused row would fail its whole batch on every retry, stalling the ledger for good.
-_STR_LENGTHS = {
-    c.name: getattr(c.type, "length", None)
+_STR_LIMITS: tuple[tuple[str, int | None], ...] = tuple(
+    (c.name, getattr(c.type, "length", None))
     for c in _TABLE.columns
     # SQLModel's AutoString wraps String (a TypeDecorator); Text has no length.
     if isinstance(c.type, String) or isinstance(getattr(c.type, "impl", None), String)
-}
-_INT_MAX = {
-    c.name: 2**63 - 1 if isinstance(c.type, BigInteger) else 2**31 - 1
+)
+_INT_LIMITS: tuple[tuple[str, int], ...] = tuple(
+    (c.name, 2**63 - 1 if isinstance(c.type, BigInteger) else 2**31 - 1)
     for c in _TABLE.columns
     if isinstance(c.type, Integer) and c.name != "id"
-}
+)
 
 
 _SECONDS_PER_DAY = 86400  # Unix time has no leap seconds: every UTC day is this long
@@ -124,7 +124,12 @@ async def insert_rows(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> No
 def clean_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every row with every column (executemany takes its column list from the first
     row), and every value storable."""
-    return [_fit({**_DEFAULTS, **{k: v for k, v in row.items() if k in _COLUMNS}}) for row in rows]
+    return [_fit(dict(row) if row.keys() == _COLUMNS else _complete(row)) for row in rows]
+
+
+def _complete(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with the ledger's columns only, a default for each one it lacks."""
+    return {**_DEFAULTS, **{k: v for k, v in row.items() if k in _COLUMNS}}
 
 
 def default_sink(engine: AsyncEngine) -> tuple[Sink, Callable[[], None]]:
@@ -142,16 +147,17 @@ def default_sink(engine: AsyncEngine) -> tuple[Sink, Callable[[], None]]:
 
 
 def _fit(row: dict[str, Any]) -> dict[str, Any]:
-    """``row`` with every value made storable: strings without NUL and cut to their
-    column's length, integers within their column's range (counts are never negative)."""
-    for name, length in _STR_LENGTHS.items():
-        value = row.get(name)
-        if isinstance(value, str):
+    """``row`` (every column present) with every value made storable: strings without
+    NUL and cut to their column's length, integers within their column's range (counts
+    are never negative). Runs for every row: values that fit are only looked at."""
+    for name, length in _STR_LIMITS:
+        value = row[name]
+        if isinstance(value, str) and ("\x00" in value or (length is not None and len(value) > length)):
             value = value.replace("\x00", "")
             row[name] = value[:length] if length else value
-    for name, most in _INT_MAX.items():
-        value = row.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
+    for name, most in _INT_LIMITS:
+        value = row[name]
+        if isinstance(value, int) and not 0 <= value <= most:  # bools are 0 or 1: always fit
             row[name] = min(max(value, 0), most)
     return row
 

@@ -15,35 +15,12 @@ from typing import TYPE_CHECKING, Any
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 
-from llmrouter.context import new_id
+from llmrouter.ids import request_id_of
 
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["REQUEST_ID_KEY", "RequestIdMiddleware", "ensure_request_id", "request_id_of"]
-
-REQUEST_ID_KEY = "llmrouter.request_id"
-_MAX_ID_LENGTH = 128
-
-
-def request_id_of(scope: Scope) -> str:
-    """The request id for this connection: already assigned, sent by the client, or new."""
-    existing = scope.get(REQUEST_ID_KEY)
-    if existing:
-        return str(existing)
-    request_id = ""
-    for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
-            # Only a sane id is echoed back and forwarded upstream: visible ASCII. Latin-1
-            # letters are "printable" but no HTTP client sends them on (httpx refuses
-            # them: the upstream call failed), and spaces split log fields.
-            if len(value) <= _MAX_ID_LENGTH and all(0x21 <= byte <= 0x7E for byte in value):
-                request_id = value.decode("ascii")
-            break
-    if not request_id:
-        request_id = new_id()
-    scope[REQUEST_ID_KEY] = request_id  # type: ignore[literal-required]
-    return request_id
+__all__ = ["RequestIdMiddleware", "ensure_request_id"]
 
 
 class RequestIdMiddleware(ASGIMiddleware):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmrouter.context import RequestContext
 from llmrouter.extension import Extension
-from llmrouter.server.middleware import request_id_of
+from llmrouter.ids import request_id_of
 
 if TYPE_CHECKING:
     from litestar import Request

@@ -260,7 +260,7 @@ class TelemetryHooks(RouterHooks):
             # The HTTP middleware writes the line once the status is known.
             record.ctx = ctx
             return
-        if self.log_requests:
+        if self.log_requests and self._access_log.isEnabledFor(logging.INFO):
             fields = context_fields(ctx)
             if outcome is not None:
                 fields["outcome"] = outcome

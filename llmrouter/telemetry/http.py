@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
+from llmrouter.ids import request_id_of
 from llmrouter.telemetry.logging import ACCESS_LOGGER, AccessRecord, context_fields, current_access_record
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.tracing import (
@@ -42,7 +42,6 @@ ASGIApp = Callable[
 ]
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
-_REQUEST_ID_SCOPE_KEY = "llmrouter.request_id"  # the key llmrouter.server's request-id middleware uses
 
 
 class TelemetryMiddleware:
@@ -96,8 +95,8 @@ class TelemetryMiddleware:
             parent.header() if parent else new_traceparent().header()
         )
         if traceparent != incoming:
-            _set_header(scope, b"traceparent", traceparent)
-        record = AccessRecord(method, scope["path"], _request_id(scope), traceparent)
+            _set_header(scope, b"traceparent", traceparent, replace=incoming is not None)
+        record = AccessRecord(method, scope["path"], request_id_of(scope), traceparent)
         status: list[int] = []
 
         async def send_and_watch(message: Message) -> None:
@@ -115,7 +114,9 @@ class TelemetryMiddleware:
             elapsed = time.perf_counter() - started
             self._record(method, route, code, elapsed, span)
             if self.access_log:
-                self._log(record, code, elapsed)
+                level = logging.DEBUG if record.path in self.quiet_paths else logging.INFO
+                if self._logger.isEnabledFor(level):
+                    self._log(record, code, elapsed, level)
 
     def _record(self, method: str, route: str | None, code: int, elapsed: float, span: Any) -> None:
         attributes: dict[str, Any] = {
@@ -136,7 +137,7 @@ class TelemetryMiddleware:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
 
-    def _log(self, record: AccessRecord, code: int, elapsed: float) -> None:
+    def _log(self, record: AccessRecord, code: int, elapsed: float, level: int) -> None:
         fields: dict[str, Any] = {
             "request_id": record.request_id,
             "trace_id": trace_id_of(record.traceparent),
@@ -146,7 +147,6 @@ class TelemetryMiddleware:
         fields.update(
             method=record.method, path=record.path, status=code, latency_ms=round(elapsed * 1000, 2)
         )
-        level = logging.DEBUG if record.path in self.quiet_paths else logging.INFO
         self._logger.log(level, "request", extra=fields)
 
 
@@ -155,23 +155,15 @@ def _method(method: str) -> str:
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
+    # ASGI servers send header names lowercased (the specification requires it).
     for key, value in scope.get("headers", ()):
-        if key.lower() == name:
+        if key == name:
             return bytes(value).decode("latin-1")
     return None
 
 
-def _set_header(scope: Scope, name: bytes, value: str) -> None:
-    headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() != name]
-    headers.append((name, value.encode("latin-1")))
-    scope["headers"] = headers
-
-
-def _request_id(scope: Scope) -> str:
-    existing = scope.get(_REQUEST_ID_SCOPE_KEY)
-    if existing:
-        return str(existing)
-    sent = _header(scope, b"x-request-id")
-    if sent and len(sent) <= 128 and sent.isprintable():
-        return sent
-    return uuid.uuid4().hex
+def _set_header(scope: Scope, name: bytes, value: str, *, replace: bool) -> None:
+    headers = scope.get("headers", ())
+    if replace:
+        headers = [(k, v) for k, v in headers if k != name]
+    scope["headers"] = [*headers, (name, value.encode("latin-1"))]

@@ -19,12 +19,12 @@ one started), so logs and upstreams still share one trace id.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmrouter.errors import ConfigError
+from llmrouter.ids import random_hex
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -61,7 +61,7 @@ class TraceParent:
 
     def child(self) -> TraceParent:
         """The same trace, a new span id (what a participant sends on)."""
-        return TraceParent(self.trace_id, secrets.token_hex(8), self.flags)
+        return TraceParent(self.trace_id, random_hex(16), self.flags)
 
 
 def _is_hex(value: str, length: int) -> bool:
@@ -92,7 +92,7 @@ def parse_traceparent(value: str | None) -> TraceParent | None:
 
 def new_traceparent() -> TraceParent:
     """Start a new, sampled trace."""
-    return TraceParent(secrets.token_hex(16), secrets.token_hex(8), "01")
+    return TraceParent(random_hex(32), random_hex(16), "01")
 
 
 def trace_id_of(value: str | None) -> str | None:
