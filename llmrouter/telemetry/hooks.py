@@ -127,7 +127,9 @@ class TelemetryHooks(RouterHooks):
             record.ctx = ctx
             if ctx.traceparent is None:
                 ctx.traceparent = record.traceparent
-        if parse_traceparent(ctx.traceparent) is None:
+        # The HTTP middleware made or checked the header the service copied into the context.
+        checked = record is not None and ctx.traceparent == record.traceparent
+        if not checked and parse_traceparent(ctx.traceparent) is None:
             ctx.traceparent = new_traceparent().header()
         if not self.tracer.enabled:
             return

@@ -29,7 +29,17 @@ AttributeKey = tuple[tuple[str, Any], ...]
 
 
 def _key(attributes: Mapping[str, Any] | None) -> AttributeKey:
-    return tuple(sorted(attributes.items())) if attributes else ()
+    # In the caller's order: sorting for every observation cost more than the rest of
+    # recording it. collect() merges the series that differ only in order.
+    return tuple(attributes.items()) if attributes else ()
+
+
+def _canonical(key: AttributeKey) -> AttributeKey:
+    return tuple(sorted(key))
+
+
+def _valid(amount: float) -> bool:
+    return 0 <= amount < math.inf  # False for negatives, infinity and NaN
 
 
 class LocalHistogram:
@@ -45,26 +55,41 @@ class LocalHistogram:
         self._series: dict[AttributeKey, tuple[list[int], list[float]]] = {}
 
     def record(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
-        self.record_many((amount,), attributes)
+        if not _valid(amount):
+            return
+        key = _key(attributes)
+        with self._lock:
+            series = self._series.get(key) or self._new_series(key)
+            series[0][bisect_left(self.boundaries, amount)] += 1
+            series[1][0] += amount
 
     def record_many(self, amounts: Iterable[float], attributes: Mapping[str, Any] | None = None) -> None:
         """Each of ``amounts`` is one observation with ``attributes``."""
         key = _key(attributes)
         boundaries = self.boundaries
         with self._lock:
-            series = self._series.get(key)
-            if series is None:
-                series = self._series[key] = ([0] * (len(boundaries) + 1), [0.0])
-            counts, total = series
+            counts, total = self._series.get(key) or self._new_series(key)
             for amount in amounts:
-                if amount >= 0 and math.isfinite(amount):
+                if _valid(amount):
                     counts[bisect_left(boundaries, amount)] += 1
                     total[0] += amount
 
+    def _new_series(self, key: AttributeKey) -> tuple[list[int], list[float]]:
+        series = self._series[key] = ([0] * (len(self.boundaries) + 1), [0.0])
+        return series
+
     def collect(self) -> list[tuple[dict[str, Any], list[int], float]]:
         """``(attributes, per-bucket counts, sum)`` for every attribute set recorded."""
+        merged: dict[AttributeKey, tuple[list[int], float]] = {}
         with self._lock:
-            return [(dict(key), list(counts), total[0]) for key, (counts, total) in self._series.items()]
+            for key, (counts, total) in self._series.items():
+                canonical = _canonical(key)
+                seen = merged.get(canonical)
+                if seen is None:
+                    merged[canonical] = (list(counts), total[0])
+                else:
+                    merged[canonical] = ([a + b for a, b in zip(seen[0], counts, strict=True)], seen[1] + total[0])
+        return [(dict(key), counts, total) for key, (counts, total) in merged.items()]
 
 
 class LocalCounter:
@@ -78,15 +103,19 @@ class LocalCounter:
         self._values: dict[AttributeKey, float] = {}
 
     def add(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
-        if not (amount >= 0 and math.isfinite(amount)):
+        if not _valid(amount):
             return
         key = _key(attributes)
         with self._lock:
             self._values[key] = self._values.get(key, 0) + amount
 
     def collect(self) -> list[tuple[dict[str, Any], float]]:
+        merged: dict[AttributeKey, float] = {}
         with self._lock:
-            return [(dict(key), value) for key, value in self._values.items()]
+            for key, value in self._values.items():
+                canonical = _canonical(key)
+                merged[canonical] = merged.get(canonical, 0) + value
+        return [(dict(key), value) for key, value in merged.items()]
 
 
 class LocalMetrics:

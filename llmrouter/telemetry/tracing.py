@@ -19,6 +19,7 @@ one started), so logs and upstreams still share one trace id.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,6 @@ __all__ = [
     "trace_id_of",
 ]
 
-_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,28 +64,23 @@ class TraceParent:
         return TraceParent(self.trace_id, random_hex(16), self.flags)
 
 
-def _is_hex(value: str, length: int) -> bool:
-    return len(value) == length and set(value) <= _HEX
+# version-traceid-spanid-flags, lowercase hex; versions after 00 may append "-" fields.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.DOTALL)
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
 
 
 def parse_traceparent(value: str | None) -> TraceParent | None:
     """Parse a ``traceparent`` header; None when absent or invalid (per W3C Trace Context)."""
     if not value:
         return None
-    parts = value.strip().split("-")
-    if len(parts) < 4:
+    match = _TRACEPARENT.fullmatch(value.strip())
+    if match is None:
         return None
-    version, trace_id, span_id, flags = parts[:4]
-    if not _is_hex(version, 2) or version == "ff":
+    version, trace_id, span_id, flags, rest = match.groups()
+    # Version ff is forbidden; version 00 has exactly four fields.
+    if version == "ff" or (version == "00" and rest is not None):
         return None
-    # Version 00 has exactly four fields; later versions may append more, which we ignore.
-    if version == "00" and len(parts) != 4:
-        return None
-    if not _is_hex(trace_id, 32) or trace_id == "0" * 32:
-        return None
-    if not _is_hex(span_id, 16) or span_id == "0" * 16:
-        return None
-    if not _is_hex(flags, 2):
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
     return TraceParent(trace_id, span_id, flags)
 

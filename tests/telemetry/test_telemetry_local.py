@@ -39,6 +39,16 @@ def test_histogram_buckets_sum_and_count() -> None:
     assert series["n"] == ([0, 1] + [0] * (len(CHUNK_BUCKETS) - 1), 0.002)
 
 
+def test_histogram_series_that_differ_only_in_attribute_order_are_one() -> None:
+    histogram = LocalHistogram("h", "s", "", CHUNK_BUCKETS)
+    histogram.record(0.002, {"a": "x", "b": "y"})
+    histogram.record_many([0.003, 5.0], {"b": "y", "a": "x"})
+    ((attributes, counts, total),) = histogram.collect()
+    assert attributes == {"a": "x", "b": "y"}
+    assert counts[1:3] == [1, 1] and counts[-1] == 1 and sum(counts) == 3
+    assert total == pytest.approx(5.005)
+
+
 def test_counter_sums_per_attribute_set() -> None:
     counter = LocalCounter("c", "{request}", "")
     for amount, attributes in ((1, {"a": "x", "b": "y"}), (2, {"b": "y", "a": "x"}), (0.5, None), (-3, None)):
