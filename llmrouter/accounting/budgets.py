@@ -193,6 +193,11 @@ class BudgetManager:
         self.store = store
         self._soft_warned: set[str] = set()
 
+    def may_apply(self, key: ApiKey | None) -> bool:
+        """False when no budget can apply to a request by ``key`` (no rules, no budget
+        of its own): the request reserves nothing."""
+        return bool(self.rules) or (key is not None and key.budget is not None)
+
     def windows_for(
         self, key: ApiKey | None, model_group: str | None, now: float | None = None
     ) -> list[BudgetWindow]:

@@ -73,16 +73,27 @@ class AccountingHooks(RouterHooks):
         self._key_cache: dict[str, tuple[float, ApiKey | None]] = {}
 
     @property
+    def limits(self) -> LimitsConfig:
+        """The limits of requests without a key, or of a key without limits of its own."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: LimitsConfig) -> None:
+        self._limits = limits
+        self._default_limits = EffectiveLimits(rpm=limits.rpm, tpm=limits.tpm, concurrency=limits.concurrency)
+
+    @property
     def in_flight(self) -> int:
         return len(self._admitted)
 
     def effective_limits(self, key: ApiKey | None) -> EffectiveLimits:
         """The key's own limits, else the configured defaults."""
-        own = key or ApiKey(id="", name="", prefix="")
+        if key is None or (key.rpm is None and key.tpm is None and key.concurrency is None):
+            return self._default_limits
         return EffectiveLimits(
-            rpm=own.rpm if own.rpm is not None else self.limits.rpm,
-            tpm=own.tpm if own.tpm is not None else self.limits.tpm,
-            concurrency=own.concurrency if own.concurrency is not None else self.limits.concurrency,
+            rpm=key.rpm if key.rpm is not None else self.limits.rpm,
+            tpm=key.tpm if key.tpm is not None else self.limits.tpm,
+            concurrency=key.concurrency if key.concurrency is not None else self.limits.concurrency,
         )
 
     async def _principal(self, ctx: RequestContext) -> ApiKey | None:
@@ -126,7 +137,7 @@ class AccountingHooks(RouterHooks):
                 ticket = await self.limiter.acquire(
                     key.id if key else "-", limits, ctx.prompt_tokens_estimate
                 )
-            if self.budgets is not None:
+            if self.budgets is not None and self.budgets.may_apply(key):
                 reservation = await self.budgets.reserve(key, ctx.model_group, ctx.max_cost, new_id())
         except BaseException as exc:
             # Refused, failed or cancelled half-way: the rate-limit slot goes back (shielded,

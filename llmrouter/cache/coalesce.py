@@ -180,7 +180,8 @@ class Coalescer:
         return flight
 
     def _landed(self, flight: Flight) -> None:
-        flight.finish(error=FlightCancelledError("the shared upstream call was cancelled"))
+        if not flight.done:  # cancelled before it answered
+            flight.finish(error=FlightCancelledError("the shared upstream call was cancelled"))
         self._forget(flight)
         flight.ended.set()
 

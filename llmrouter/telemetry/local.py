@@ -38,10 +38,6 @@ def _canonical(key: AttributeKey) -> AttributeKey:
     return tuple(sorted(key))
 
 
-def _valid(amount: float) -> bool:
-    return 0 <= amount < math.inf  # False for negatives, infinity and NaN
-
-
 class LocalHistogram:
     """An explicit-bucket histogram (the OpenTelemetry ``Histogram`` calls used here)."""
 
@@ -55,7 +51,7 @@ class LocalHistogram:
         self._series: dict[AttributeKey, tuple[list[int], list[float]]] = {}
 
     def record(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
-        if not _valid(amount):
+        if not 0 <= amount < math.inf:  # negative, infinite or NaN: dropped
             return
         key = _key(attributes)
         with self._lock:
@@ -70,7 +66,7 @@ class LocalHistogram:
         with self._lock:
             counts, total = self._series.get(key) or self._new_series(key)
             for amount in amounts:
-                if _valid(amount):
+                if 0 <= amount < math.inf:
                     counts[bisect_left(boundaries, amount)] += 1
                     total[0] += amount
 
@@ -88,7 +84,10 @@ class LocalHistogram:
                 if seen is None:
                     merged[canonical] = (list(counts), total[0])
                 else:
-                    merged[canonical] = ([a + b for a, b in zip(seen[0], counts, strict=True)], seen[1] + total[0])
+                    merged[canonical] = (
+                        [a + b for a, b in zip(seen[0], counts, strict=True)],
+                        seen[1] + total[0],
+                    )
         return [(dict(key), counts, total) for key, (counts, total) in merged.items()]
 
 
@@ -103,7 +102,7 @@ class LocalCounter:
         self._values: dict[AttributeKey, float] = {}
 
     def add(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
-        if not _valid(amount):
+        if not 0 <= amount < math.inf:
             return
         key = _key(attributes)
         with self._lock:

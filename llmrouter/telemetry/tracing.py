@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True, slots=True)
 class TraceParent:
     """A parsed ``traceparent`` header (version 00 fields)."""

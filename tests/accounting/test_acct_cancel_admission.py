@@ -16,6 +16,9 @@ pytestmark = pytest.mark.anyio
 class StuckBudgets:
     """A budget store that never answers (a slow database), standing in for BudgetManager."""
 
+    def may_apply(self, key: object) -> bool:
+        return True
+
     async def reserve(self, *args: object) -> None:
         await anyio.sleep_forever()
 
