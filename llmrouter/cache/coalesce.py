@@ -73,9 +73,10 @@ class Flight:
         self.reusable = False
         """Set by the after-flight step when the answer is being stored: until the store
         lands, a new identical request is served from the flight as if it were a hit."""
-        # Set (and dropped) on the next chunk or outcome; made only when someone waits,
-        # so a chunk nobody is waiting for costs no event. Flights run on asyncio only.
-        self._changed: asyncio.Event | None = None
+        # One future per attendee waiting for the next chunk or the outcome, resolved
+        # (and dropped) by it: a chunk nobody waits for costs nothing. A waiter that is
+        # cancelled cancels only its own future. Flights run on asyncio only.
+        self._waiters: list[asyncio.Future[None]] = []
 
     def push(self, chunk: ChatChunk) -> None:
         """Publish one streamed chunk to every attendee."""
@@ -92,15 +93,17 @@ class Flight:
         self._signal()
 
     def _signal(self) -> None:
-        changed, self._changed = self._changed, None
-        if changed is not None:
-            changed.set()
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _wait_change(self) -> None:
         """Until the next chunk or the outcome is published."""
-        if self._changed is None:
-            self._changed = asyncio.Event()
-        await self._changed.wait()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
 
     async def result(self) -> ChatResponse:
         """The whole answer (assembled from the chunks for a streamed flight).

@@ -86,12 +86,24 @@ def decode_entry(data: bytes) -> CacheEntry:
     return entry
 
 
-def is_storable(response: ChatResponse, *, store_truncated: bool = False) -> bool:
-    """True when every choice finished normally (never errors, cancels or cut-offs)."""
-    if not response.choices:
+def is_storable(answer: ChatResponse | list[ChatChunk], *, store_truncated: bool = False) -> bool:
+    """True when every choice finished normally (never errors, cancels or cut-offs).
+
+    ``answer`` is a response, or the chunks of a streamed one: their finish reasons are
+    read without assembling the answer (that costs ten times more).
+    """
+    if isinstance(answer, ChatResponse):
+        reasons = [choice.finish_reason for choice in answer.choices]
+    else:
+        last: dict[int, str | None] = {}  # per choice: its last finish reason, as assembled
+        for chunk in answer:
+            for choice in chunk.choices:
+                if choice.finish_reason is not None or choice.index not in last:
+                    last[choice.index] = choice.finish_reason
+        reasons = list(last.values())
+    if not reasons:
         return False
-    for choice in response.choices:
-        reason = choice.finish_reason
+    for reason in reasons:
         if reason is None or reason in _INCOMPLETE_REASONS:
             return False
         if reason == "length" and not store_truncated:
@@ -175,7 +187,10 @@ def response_from_chunks(chunks: list[ChatChunk]) -> ChatResponse:
         if chunk.usage is not None:
             usage = chunk.usage
         for choice in chunk.choices:
-            builders.setdefault(choice.index, _ChoiceBuilder(choice.index)).add(choice)
+            builder = builders.get(choice.index)
+            if builder is None:
+                builder = builders[choice.index] = _ChoiceBuilder(choice.index)
+            builder.add(choice)
     head = head or (chunks[0] if chunks else ChatChunk())
     return ChatResponse(
         id=head.id,

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from llmrouter.aio import on_asyncio
 from llmrouter.cache.base import CacheBackend
 from llmrouter.cache.coalesce import Coalescer, Flight
-from llmrouter.cache.entry import CacheEntry, decode_entry, encode_entry, is_storable, response_from_chunks
+from llmrouter.cache.entry import CacheEntry, decode_entry, encode_entry, is_storable
 from llmrouter.cache.key import cache_key
 
 if TYPE_CHECKING:
@@ -335,10 +335,18 @@ class ResponseCache:
             return None
 
     async def _store(
-        self, plan: _Plan, *, response: ChatResponse | None = None, chunks: list[ChatChunk] | None = None
+        self,
+        plan: _Plan,
+        *,
+        response: ChatResponse | None = None,
+        chunks: list[ChatChunk] | None = None,
+        storable: bool | None = None,
     ) -> None:
-        whole = response if response is not None else response_from_chunks(chunks or [])
-        if not is_storable(whole, store_truncated=self.store_truncated):
+        """Store an answer (``storable``: already checked with :func:`is_storable`)."""
+        if storable is None:
+            answer = response if response is not None else (chunks or [])
+            storable = is_storable(answer, store_truncated=self.store_truncated)
+        if not storable:
             self.stats.skipped += 1
             return
         data = encode_entry(response=response, chunks=chunks)
@@ -361,9 +369,9 @@ class ResponseCache:
                 self.stats.skipped += 1
                 return
             chunks = list(flight.chunks) if flight.streaming else None
-            whole = flight.response if chunks is None else response_from_chunks(chunks)
-            flight.reusable = whole is not None and is_storable(whole, store_truncated=self.store_truncated)
-            await self._store(plan, response=flight.response, chunks=chunks)
+            answer = flight.response if chunks is None else chunks
+            flight.reusable = answer is not None and is_storable(answer, store_truncated=self.store_truncated)
+            await self._store(plan, response=flight.response, chunks=chunks, storable=flight.reusable)
 
         return store_answer
 

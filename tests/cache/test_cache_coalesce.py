@@ -265,8 +265,8 @@ async def test_a_flight_wakes_its_waiters_and_allocates_nothing_per_unwatched_ch
     flight = Flight("k", RequestContext(), streaming=True)
     chunk = ChatChunk(id="c", created=0, model="m", choices=[])
     for _ in range(3):
-        flight.push(chunk)  # nobody waits: no event is made for these
-    assert flight._changed is None
+        flight.push(chunk)  # nobody waits: nothing is made for these
+    assert flight._waiters == []
     seen: list[ChatChunk] = []
 
     async def read() -> None:
@@ -277,9 +277,9 @@ async def test_a_flight_wakes_its_waiters_and_allocates_nothing_per_unwatched_ch
         async with anyio.create_task_group() as tg:
             tg.start_soon(read)
             await anyio.wait_all_tasks_blocked()
-            assert len(seen) == 3 and flight._changed is not None  # the reader waits for more
+            assert len(seen) == 3 and len(flight._waiters) == 1  # the reader waits for more
             flight.push(chunk)
             await anyio.wait_all_tasks_blocked()
-            assert len(seen) == 4
+            assert len(seen) == 4 and len(flight._waiters) == 1
             flight.finish()
     assert len(seen) == 4 and flight.done

@@ -129,6 +129,8 @@ def test_storable_only_when_every_choice_finished(
 ) -> None:
     response = ChatResponse(choices=[ChatChoice(index=i, finish_reason=r) for i, r in enumerate(reasons)])
     assert is_storable(response, store_truncated=truncated_ok) is storable
+    # the same answer streamed: read from its chunks, as assembling them would
+    assert is_storable(chunks_from_response(response), store_truncated=truncated_ok) is storable
 
 
 def test_foreign_bytes_do_not_decode() -> None:
