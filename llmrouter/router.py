@@ -361,6 +361,7 @@ class Router:
     ) -> AsyncGenerator[Any, None]:
         """Pass chunks on, keep usage for billing, and remember the text for partial billing."""
         pieces: list[str] = []
+        chunk_hooks = [hook for hook in self.hooks if _overrides(hook, "on_chunk")]
         try:
             async with aclosing(source):  # type: ignore[type-var]
                 async for chunk in source:
@@ -374,7 +375,9 @@ class Router:
                         text = choice.delta.content if isinstance(chunk, ChatChunk) else choice.text
                         if text:
                             pieces.append(text)
-                    for hook in self.hooks:
+                    if ctx.chunk_times is not None:
+                        ctx.chunk_times.append(time.perf_counter())
+                    for hook in chunk_hooks:
                         hook.on_chunk(ctx)
                     yield chunk
             ctx.status = "ok"
@@ -515,6 +518,11 @@ async def _probe(deployment: DeploymentState, snapshot: dict[str, Any]) -> None:
     snapshot["reachable"] = health.ok
     snapshot["detail"] = health.detail
     snapshot["latency_ms"] = health.latency_ms or round((time.perf_counter() - started) * 1000, 2)
+
+
+def _overrides(hook: RouterHooks, event: str) -> bool:
+    """Whether ``hook`` does something on ``event`` (a per-chunk call to a no-op costs)."""
+    return getattr(type(hook), event, None) is not getattr(RouterHooks, event)
 
 
 def _record_failure(ctx: RequestContext, exc: BaseException) -> None:

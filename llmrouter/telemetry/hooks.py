@@ -109,9 +109,6 @@ class TelemetryHooks(RouterHooks):
         self._spans: dict[int, Span] = {}
         self._routers: list[weakref.ref[Any]] = []
         self._attempt_started: dict[int, int] = {}
-        # perf_counter() of each delivered chunk, per stream; the gaps are recorded as
-        # time_per_output_chunk when the request settles, in one call.
-        self._chunk_times: dict[int, array[float]] = {}
         # State is keyed by id(ctx), not request_id: clients choose X-Request-ID and may
         # reuse it. A hook rejecting a request gets after_request on the hooks admitted
         # before it *and* on_rejected on all: _recorded makes each request count once.
@@ -122,6 +119,10 @@ class TelemetryHooks(RouterHooks):
     # --- admission ----------------------------------------------------------------
 
     async def before_request(self, ctx: RequestContext) -> None:
+        if ctx.stream and ctx.chunk_times is None:
+            # The router notes when each chunk goes out; the gaps are recorded as
+            # time_per_output_chunk when the request settles, in one call.
+            ctx.chunk_times = array("d")
         record = current_access_record.get()
         if record is not None:
             record.ctx = ctx
@@ -206,23 +207,14 @@ class TelemetryHooks(RouterHooks):
     def on_cooldown(self, deployment: str, seconds: float) -> None:
         self.metrics.cooldowns.add(1, {"llmrouter.deployment": deployment})
 
-    def on_chunk(self, ctx: RequestContext) -> None:
-        # Runs for every chunk: only note the time.
-        times = self._chunk_times.get(id(ctx))
-        if times is None:
-            self._chunk_times[id(ctx)] = array("d", (time.perf_counter(),))
-        else:
-            times.append(time.perf_counter())
-
     # --- settlement -----------------------------------------------------------------
 
     async def after_request(self, ctx: RequestContext) -> None:
-        chunk_times = self._chunk_times.pop(id(ctx), None)
         self._forget(ctx)
         if not self._first_record(ctx):
             return
         try:
-            self._record(ctx, chunk_times)
+            self._record(ctx, ctx.chunk_times)
         finally:
             self._end_span(ctx)
             self._log(ctx)
@@ -341,7 +333,6 @@ class TelemetryHooks(RouterHooks):
     def _forget(self, ctx: RequestContext) -> None:
         key = id(ctx)
         self._attempt_started.pop(key, None)
-        self._chunk_times.pop(key, None)
 
     def _first_record(self, ctx: RequestContext) -> bool:
         """True the first time a request is settled (after_request or on_rejected)."""
