@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -67,8 +66,9 @@ class Flight:
         self.response: ChatResponse | None = None
         self.error: BaseException | None = None
         self.done = False
-        self.ended = asyncio.Event()
-        """Set when the producer task has finished, storing included."""
+        self.ended = False
+        """True once the producer task has finished, storing included."""
+        self._ended_event: asyncio.Event | None = None  # made only when someone waits
         self.task: asyncio.Task[None] | None = None
         self.reusable = False
         """Set by the after-flight step when the answer is being stored: until the store
@@ -98,6 +98,19 @@ class Flight:
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
+
+    async def wait_ended(self) -> None:
+        """Until the producer task has finished, storing included."""
+        if self.ended:
+            return
+        if self._ended_event is None:
+            self._ended_event = asyncio.Event()
+        await self._ended_event.wait()
+
+    def _end(self) -> None:
+        self.ended = True
+        if self._ended_event is not None:
+            self._ended_event.set()
 
     async def _wait_change(self) -> None:
         """Until the next chunk or the outcome is published."""
@@ -186,7 +199,7 @@ class Coalescer:
         if not flight.done:  # cancelled before it answered
             flight.finish(error=FlightCancelledError("the shared upstream call was cancelled"))
         self._forget(flight)
-        flight.ended.set()
+        flight._end()
 
     async def _fly(self, flight: Flight, produce: Producer, after: AfterFlight) -> None:
         try:
@@ -209,19 +222,10 @@ class Coalescer:
         if self._flights.get(flight.key) is flight:
             del self._flights[flight.key]
 
-    @asynccontextmanager
-    async def attend(self, flight: Flight, ctx: RequestContext) -> AsyncIterator[Flight]:
-        """Attend ``flight`` for the duration of the block (see the module docstring
-        for what leaving early does)."""
-        flight.attendees.append(ctx)
-        try:
-            yield flight
-        finally:
-            if self._leave(flight, ctx):
-                # Nobody is listening any more: stop generation and wait for the
-                # provider to close upstream before this request's teardown goes on.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(self.cancel_grace):
-                    await flight.ended.wait()
+    def attend(self, flight: Flight, ctx: RequestContext) -> _Attendance:
+        """Attend ``flight`` for the duration of an ``async with`` block (see the module
+        docstring for what leaving early does)."""
+        return _Attendance(self, flight, ctx)
 
     def _leave(self, flight: Flight, ctx: RequestContext) -> bool:
         """Remove ``ctx``; True when that abandoned the flight (its producer is cancelled)."""
@@ -247,4 +251,25 @@ class Coalescer:
                 flight.task.cancel()
         with anyio.move_on_after(self.cancel_grace):
             for flight in flights:
-                await flight.ended.wait()
+                await flight.wait_ended()
+
+
+class _Attendance:
+    """One request attending a flight (a class, not a generator-based context manager:
+    every cache miss enters one)."""
+
+    __slots__ = ("coalescer", "ctx", "flight")
+
+    def __init__(self, coalescer: Coalescer, flight: Flight, ctx: RequestContext) -> None:
+        self.coalescer, self.flight, self.ctx = coalescer, flight, ctx
+
+    async def __aenter__(self) -> Flight:
+        self.flight.attendees.append(self.ctx)
+        return self.flight
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.coalescer._leave(self.flight, self.ctx):
+            # Nobody is listening any more: stop generation and wait for the provider to
+            # close upstream before this request's teardown goes on.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.coalescer.cancel_grace):
+                await self.flight.wait_ended()

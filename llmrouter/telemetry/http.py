@@ -99,10 +99,12 @@ class TelemetryMiddleware:
         record = AccessRecord(method, scope["path"], request_id_of(scope), traceparent)
         status: list[int] = []
 
-        async def send_and_watch(message: Message) -> None:
+        def send_and_watch(message: Message) -> Awaitable[None]:
+            # Returns the server's awaitable instead of awaiting it: no coroutine of its
+            # own for every message (a stream sends one per chunk).
             if message["type"] == "http.response.start":
                 status.append(int(message["status"]))
-            await send(message)
+            return send(message)  # type: ignore[no-any-return]
 
         token = current_access_record.set(record)
         try:
