@@ -10,7 +10,6 @@ unguessable use :mod:`secrets` instead.
 from __future__ import annotations
 
 import time
-from collections.abc import MutableMapping
 from random import getrandbits
 from typing import Any
 
@@ -33,8 +32,9 @@ def new_id() -> str:
     return f"{time.time_ns():016x}{getrandbits(64):016x}"
 
 
-def request_id_of(scope: MutableMapping[str, Any]) -> str:
-    """The request id of an ASGI request: the one already assigned, else the client's
+def request_id_of(scope: Any) -> str:
+    """The request id of an ASGI request (``scope``: its scope mapping, any ASGI
+    framework's type): the one already assigned, else the client's
     ``X-Request-ID``, else a new one; kept in the scope, so that the access log, the
     response header and the ledger all name the same id."""
     existing = scope.get(REQUEST_ID_KEY)

@@ -43,7 +43,7 @@ class RequestIdMiddleware(ASGIMiddleware):
                 message["headers"] = headers
             return send(message)
 
-        await next_app(scope, receive, send_with_headers)  # type: ignore[arg-type]
+        await next_app(scope, receive, send_with_headers)
 
 
 async def ensure_request_id(message: Message, scope: Scope) -> None:

@@ -104,7 +104,7 @@ class TelemetryMiddleware:
             # own for every message (a stream sends one per chunk).
             if message["type"] == "http.response.start":
                 status.append(int(message["status"]))
-            return send(message)  # type: ignore[no-any-return]
+            return send(message)
 
         token = current_access_record.set(record)
         try:

@@ -160,6 +160,17 @@ def test_rate_limited_request_is_counted_and_logged(
     assert line["status"] == 429 and line["error"]["type"] == "RateLimitError"
 
 
+def test_the_access_line_names_the_request_id_the_client_got(
+    client: TestClient[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmrouter.access")
+    answered = client.post("/v1/chat/completions", json=CHAT)
+    refused = client.post("/v1/chat/completions", content=b"{not json")  # before any router context
+    assert (answered.status_code, refused.status_code) == (200, 400)
+    lines = [entry for entry in access_lines(caplog) if entry["path"] == "/v1/chat/completions"]
+    assert [line["request_id"] for line in lines] == [r.headers["x-request-id"] for r in (answered, refused)]
+
+
 def test_probe_and_scrape_lines_are_debug(client: TestClient[Any], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="llmrouter.access")
     client.get("/health")
