@@ -16,6 +16,7 @@ keep :func:`~llmrouter.accounting.ledger.insert_rows`.
 
 from __future__ import annotations
 
+import operator
 import sqlite3
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +46,9 @@ class SQLiteInserter:
     def __init__(self, path: str, table: str, columns: Sequence[str]) -> None:
         self._path = path
         self._columns = tuple(columns)
+        # A row's values as a tuple, in bind order (itemgetter of one name returns it bare).
+        getter = operator.itemgetter(*self._columns)
+        self._values_of = getter if len(self._columns) > 1 else lambda row: (getter(row),)
         placeholders = ", ".join("?" * len(self._columns))
         self._sql = (
             f"INSERT INTO {table} ({', '.join(self._columns)}) VALUES ({placeholders}) "
@@ -54,7 +58,7 @@ class SQLiteInserter:
         self._limiter: anyio.CapacityLimiter | None = None
 
     async def __call__(self, rows: Sequence[dict[str, Any]]) -> None:
-        values = [tuple(row[name] for name in self._columns) for row in rows]
+        values = list(map(self._values_of, rows))
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(1)  # one connection: one thread at a time
         await anyio.to_thread.run_sync(self._insert, values, limiter=self._limiter)
