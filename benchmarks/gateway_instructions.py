@@ -1,0 +1,227 @@
+"""What accounting, cache and metrics cost the gateway, in CPU instructions per request.
+
+Usage::
+
+    .venv/bin/python benchmarks/gateway_instructions.py [--modes bare,accounting,cache,metrics,full]
+        [--requests 640] [--jobs 2]
+
+Needs valgrind (``apt-get install valgrind``). ``llmrouter bench`` measures CPU time,
+which on a shared virtual machine drifts by a third over minutes; instruction counts do
+not drift, so a change of a few percent shows. Each gateway configuration of ``llmrouter
+bench`` (``--modes``) runs in a child process under ``valgrind --tool=cachegrind``:
+the service's ASGI app is called in process (no client sockets, so the figure is the
+app's own work plus the upstream call, without uvicorn), 16 requests at a time, against
+the fake upstream (20 chunks per stream) in a process of its own. The child runs twice,
+with ``--warmup`` requests and with ``--warmup`` + ``--requests``; the difference over
+``--requests`` is the instructions one request costs, start-up excluded. Work in the
+kernel (system calls, the socket writes) is not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from llmrouter.bench.gateway import MODEL, _config, _mode_config
+from llmrouter.bench.processes import Child, free_port, python_argv
+from llmrouter.bench.stats import render_table
+
+CONCURRENCY = 16
+_REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
+
+
+# --- the child: the app in process ------------------------------------------------------
+
+
+def _scope(body: bytes) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "root_path": "",
+        "query_string": b"",
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "headers": [
+            (b"host", b"127.0.0.1:8000"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "state": {},
+    }
+
+
+async def _request(app: Any, body: bytes) -> None:
+    """One request as an ASGI server makes it; the client stays until the answer ends."""
+    answered = asyncio.Event()
+    sent_body = False
+    status: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await answered.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+        elif message["type"] == "http.response.body" and not message.get("more_body"):
+            answered.set()
+
+    await app(_scope(body), receive, send)
+    if status != [200]:
+        raise RuntimeError(f"the gateway answered {status}")
+
+
+async def _lifespan(app: Any) -> Any:
+    """Start the app's lifespan; returns what shuts it down."""
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await inbox.put({"type": "lifespan.startup"})
+    task = asyncio.create_task(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, outbox.put)
+    )
+    started = await outbox.get()
+    if started["type"] != "lifespan.startup.complete":
+        raise RuntimeError(f"the app did not start: {started}")
+
+    async def shutdown() -> None:
+        await inbox.put({"type": "lifespan.shutdown"})
+        await outbox.get()
+        await task
+
+    return shutdown
+
+
+async def _child(mode: str, stream: bool, requests: int, upstream_port: int) -> None:
+    from llmrouter.config import parse_config
+    from llmrouter.server.app import create_app, default_extensions
+    from llmrouter.telemetry.logging import configure_logging
+
+    with tempfile.TemporaryDirectory(prefix="llmrouter-instructions-") as tmp:
+        raw = _config(upstream_port, _mode_config(mode, Path(tmp)))
+        raw["telemetry"]["access_log"] = False
+        config = parse_config(raw)
+        if config.telemetry.json_logs:
+            configure_logging(config.telemetry.log_level)  # as `llmrouter serve` does
+        app = create_app(config, extensions=default_extensions(config))
+        shutdown = await _lifespan(app)
+        numbers = itertools.count()
+        tail = ',"stream":true' if stream else ""
+
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                # A different prompt every time: with the cache on, a miss and a store.
+                body = (
+                    f'{{"model":"{MODEL}","temperature":0,"max_tokens":64,"messages":'
+                    f'[{{"role":"user","content":"Say hello, request {os.getpid()}-{next(numbers)}."}}]{tail}}}'
+                )
+                await _request(app, body.encode())
+
+        await asyncio.gather(*(worker(requests // CONCURRENCY) for _ in range(CONCURRENCY)))
+        await asyncio.sleep(0.3)  # let the ledger writer and the cache's stores finish
+        await shutdown()
+
+
+# --- the parent: valgrind runs and the table ----------------------------------------------
+
+
+def _instructions(mode: str, stream: bool, requests: int, upstream_port: int) -> int:
+    argv = [
+        "valgrind",
+        "--tool=cachegrind",
+        "--cache-sim=no",
+        "--cachegrind-out-file=/dev/null",
+        *python_argv(
+            __file__, "--child", mode, "stream" if stream else "json", str(requests), str(upstream_port)
+        ),
+    ]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    found = _REFS.search(result.stderr)
+    if result.returncode != 0 or found is None:
+        raise RuntimeError(f"{mode} under valgrind failed:\n{result.stderr[-2000:]}")
+    return int(found.group(1).replace(",", ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", default="bare,accounting,cache,metrics,full")
+    parser.add_argument("--requests", type=int, default=640, help="measured requests per run")
+    parser.add_argument("--warmup", type=int, default=160, help="requests before them")
+    parser.add_argument("--jobs", type=int, default=2, help="valgrind runs at once")
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        mode, kind, requests, port = args.child
+        import uvloop
+
+        uvloop.run(_child(mode, kind == "stream", int(requests), int(port)))
+        return
+
+    if args.requests % CONCURRENCY or args.warmup % CONCURRENCY:
+        parser.error(f"--requests and --warmup must be multiples of {CONCURRENCY}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    port = free_port()
+    upstream = Child(
+        python_argv(
+            "-m",
+            "llmrouter.testing.upstream",
+            "--port",
+            str(port),
+            "--chunks",
+            "20",
+            "--no-record",
+            "--model",
+            MODEL,
+        ),
+        port,
+    )
+    try:
+        upstream.wait_listening()
+        runs = [
+            (m, s, n)
+            for m in modes
+            for s in (False, True)
+            for n in (args.warmup, args.warmup + args.requests)
+        ]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            counts = dict(zip(runs, pool.map(lambda run: _instructions(*run, port), runs), strict=True))
+    finally:
+        upstream.stop()
+    per_request = {
+        (m, s): (counts[(m, s, args.warmup + args.requests)] - counts[(m, s, args.warmup)])
+        / args.requests
+        / 1000
+        for m in modes
+        for s in (False, True)
+    }
+    rows: list[list[object]] = []
+    for mode in modes:
+        row: list[object] = [mode]
+        for stream in (False, True):
+            value = per_request[(mode, stream)]
+            base = per_request.get(("bare", stream))
+            row += [value, f"{100 * (value / base - 1):+.1f}%" if base else "-"]
+        rows.append(row)
+    headers = ["mode", "JSON k instr/req", "vs bare", "stream k instr/req", "vs bare"]
+    print(render_table(headers, rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
