@@ -18,6 +18,7 @@ processes, and their rows are replayed (inserts are idempotent on ``entry_id``).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import mmap
@@ -58,7 +59,7 @@ class Journal:
     def _open(self, segment: int, size: int) -> mmap.mmap:
         fd = os.open(self.folder / f"{segment:08d}.jsonl", os.O_CREAT | os.O_RDWR, 0o600)
         try:
-            os.posix_fallocate(fd, 0, size)
+            _preallocate(fd, size)
             return mmap.mmap(fd, size)  # shared: what is copied in is the file's content
         finally:
             os.close(fd)  # the mapping keeps the file open
@@ -99,6 +100,19 @@ class Journal:
         if committed:
             shutil.rmtree(self.folder, ignore_errors=True)
         os.close(self._lock_fd)
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve the blocks of ``size`` bytes now (an error here, not a crash later)."""
+    allocate = getattr(os, "posix_fallocate", None)  # not on macOS
+    if allocate is not None:
+        try:
+            allocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+    os.pwrite(fd, bytes(size), 0)  # writing zeros allocates them everywhere
 
 
 def _read_rows(folder: Path) -> Iterator[dict[str, Any]]:

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from llmrouter.accounting.journal import Journal, orphaned_rows, release_orphan
 
 
@@ -56,3 +58,15 @@ def test_a_row_copied_in_survives_kill_9_and_a_torn_one_is_skipped(tmp_path: Pat
     release_orphan(folder, fd, replayed=True)
     assert rows == [{"i": 0}, {"i": 1}, {"i": 2}]
     assert not folder.exists()
+
+
+def test_without_fallocate_segments_are_allocated_by_writing_zeros(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(os, "posix_fallocate", raising=False)  # as on macOS
+    journal = Journal(tmp_path, segment_bytes=4096)
+    journal.append({"i": 0})
+    journal.close(committed=False)
+    ((folder, rows, fd),) = orphaned_rows(tmp_path)
+    release_orphan(folder, fd, replayed=False)
+    assert rows == [{"i": 0}] and (folder / "00000000.jsonl").stat().st_size == 4096
