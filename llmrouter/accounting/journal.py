@@ -53,6 +53,7 @@ class Journal:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._segment_bytes = segment_bytes
         self.segment = 0
+        self._oldest = 0  # the lowest segment not yet dropped
         self._map = self._open(self.segment, segment_bytes)
         self._used = 0
 
@@ -75,12 +76,6 @@ class Journal:
         self._used = end
         return self.segment
 
-    def rotate(self) -> None:
-        """Start a new segment, so that older ones can be dropped once committed (an
-        empty segment is kept: it holds nothing to drop)."""
-        if self._used:
-            self._next_segment(0)
-
     def _next_segment(self, at_least: int) -> None:
         self._map.close()
         self.segment += 1
@@ -88,10 +83,15 @@ class Journal:
         self._used = 0
 
     def drop_before(self, segment: int) -> None:
-        """Delete the segments numbered below ``segment`` (all their rows are committed)."""
-        for path in self.folder.glob("*.jsonl"):
-            if int(path.stem) < segment:
-                path.unlink(missing_ok=True)
+        """Delete the segments numbered below ``segment`` (all their rows are committed).
+
+        Only full segments are ever dropped: starting a segment for every batch written
+        cost a file's creation, preallocation and deletion per batch. After a crash, the
+        rows of the last segments that were already written are replayed again, which
+        inserts nothing twice (``entry_id`` is unique)."""
+        for number in range(self._oldest, min(segment, self.segment)):
+            (self.folder / f"{number:08d}.jsonl").unlink(missing_ok=True)
+        self._oldest = max(self._oldest, min(segment, self.segment))
 
     def close(self, *, committed: bool) -> None:
         """Release the folder; delete it when every row is committed, else leave it for

@@ -320,8 +320,7 @@ class LedgerWriter:
     def _trim_journal(self) -> None:
         if self._journal is None:
             return
-        # New rows go to a fresh segment; every older segment without a queued row is done.
-        self._journal.rotate()
+        # Every segment older than the oldest queued row's is done.
         self._journal.drop_before(self._queue[0][0] if self._queue else self._journal.segment)
 
     async def flush(self) -> None:

@@ -26,15 +26,14 @@ def test_rows_fill_segments_and_a_new_one_starts_when_one_is_full(tmp_path: Path
     assert all(path.stat().st_size >= 256 for path in folder.glob("*.jsonl"))  # preallocated
 
 
-def test_rotate_and_drop_keep_only_uncommitted_segments(tmp_path: Path) -> None:
-    journal = Journal(tmp_path)
-    first = journal.append({"i": 0})
-    journal.rotate()
-    journal.rotate()  # nothing written since: no new segment
-    second = journal.append({"i": 1})
-    assert second == first + 1
-    journal.drop_before(second)
-    assert sorted(p.name for p in journal.folder.glob("*.jsonl")) == [f"{second:08d}.jsonl"]
+def test_only_segments_before_the_given_one_are_dropped_never_the_current(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, segment_bytes=64)
+    segments = [journal.append({"i": i, "pad": "x" * 30}) for i in range(4)]  # one row each
+    assert segments == [0, 1, 2, 3]
+    journal.drop_before(2)
+    assert sorted(p.name for p in journal.folder.glob("*.jsonl")) == ["00000002.jsonl", "00000003.jsonl"]
+    journal.drop_before(99)  # everything committed: the segment in use stays
+    assert [p.name for p in journal.folder.glob("*.jsonl")] == ["00000003.jsonl"]
     journal.close(committed=True)
     assert not journal.folder.exists()
 
