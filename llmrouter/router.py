@@ -522,7 +522,7 @@ async def _probe(deployment: DeploymentState, snapshot: dict[str, Any]) -> None:
 
 def _overrides(hook: RouterHooks, event: str) -> bool:
     """Whether ``hook`` does something on ``event`` (a per-chunk call to a no-op costs)."""
-    return getattr(type(hook), event, None) is not getattr(RouterHooks, event)
+    return getattr(type(hook), event, None) not in (None, getattr(RouterHooks, event))
 
 
 def _record_failure(ctx: RequestContext, exc: BaseException) -> None:

@@ -1,5 +1,6 @@
 """Router behaviour with in-process scripted providers."""
 
+from array import array
 from collections import Counter
 
 import anyio
@@ -301,6 +302,23 @@ async def test_stream_usage_chunk_only_when_asked():
     asked = [c async for c in router.stream(chat_body(stream_options={"include_usage": True}), context=ctx)]
     assert asked[-1].usage is not None and asked[-1].choices == []
     assert ctx.usage == asked[-1].usage
+
+
+async def test_each_delivered_chunk_reaches_on_chunk_hooks_and_the_chunk_times():
+    seen: list[str] = []
+
+    class Chunks(RouterHooks):
+        def on_chunk(self, ctx: RequestContext) -> None:
+            seen.append(ctx.request_id)
+
+    router = make_router(ScriptedProvider(default=Step(text="a b c")), hooks=[RouterHooks(), Chunks()])
+    ctx = RequestContext(chunk_times=array("d"))
+    chunks = [c async for c in router.stream(chat_body(), context=ctx)]
+    assert len(seen) == len(chunks) == len(ctx.chunk_times) > 1
+    assert list(ctx.chunk_times) == sorted(ctx.chunk_times)  # perf_counter() as each went out
+    untimed = RequestContext()
+    [c async for c in router.stream(chat_body(), context=untimed)]
+    assert untimed.chunk_times is None  # nothing asked for them: nothing noted
 
 
 async def test_mid_stream_failure_raises_after_content():
