@@ -220,6 +220,7 @@ class Accounting:
             "ledger_written": self.ledger.written,
             "ledger_failures": self.ledger.failures,
             "ledger_rejected": self.ledger.rejected,
+            "ledger_unjournaled": self.ledger.unjournaled,
             "ledger_last_error": self.ledger.last_error,
             "in_flight": self._hooks.in_flight if self._hooks else 0,
         }

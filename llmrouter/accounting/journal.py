@@ -77,10 +77,12 @@ class Journal:
         return self.segment
 
     def _next_segment(self, at_least: int) -> None:
+        # The new segment first: when it cannot be made (a full disk), the journal stays
+        # as it was, and the next append tries again.
+        new_map = self._open(self.segment + 1, max(self._segment_bytes, at_least))
         self._map.close()
+        self._map, self._used = new_map, 0
         self.segment += 1
-        self._map = self._open(self.segment, max(self._segment_bytes, at_least))
-        self._used = 0
 
     def drop_before(self, segment: int) -> None:
         """Delete the segments numbered below ``segment`` (all their rows are committed).

@@ -216,6 +216,9 @@ class LedgerWriter:
         self.rejected = 0
         """Rows the database refused on their own, set aside in ``journal_dir/rejected.jsonl``."""
         self.failures = 0
+        self.unjournaled = 0
+        """Rows queued without a journal line (the journal's disk failed): lost if the
+        process dies before they are written."""
         self.last_error: str | None = None
 
     @property
@@ -250,7 +253,18 @@ class LedgerWriter:
         """Acknowledge a row: journal it, queue it; it will reach the database."""
         if self._closing and self._task is None:
             raise RuntimeError("ledger writer is closed")
-        segment = self._journal.append(row) if self._journal is not None else 0
+        segment = 0
+        if self._journal is not None:
+            try:
+                segment = self._journal.append(row)
+            except OSError as exc:
+                # A full disk, say: the row still goes to the database, only unjournaled
+                # (tagged with the current segment, so no older segment is dropped early).
+                segment = self._journal.segment
+                self.unjournaled += 1
+                log.error(
+                    "ledger: journaling row %s failed (%s); it is queued in memory", row.get("entry_id"), exc
+                )
         self._queue.append((segment, row))
         if len(self._queue) >= self._batch_size:
             self._wake.set()

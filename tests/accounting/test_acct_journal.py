@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -69,3 +70,23 @@ def test_without_fallocate_segments_are_allocated_by_writing_zeros(
     ((folder, rows, fd),) = orphaned_rows(tmp_path)
     release_orphan(folder, fd, replayed=False)
     assert rows == [{"i": 0}] and (folder / "00000000.jsonl").stat().st_size == 4096
+
+
+def test_a_segment_that_cannot_be_made_leaves_the_journal_usable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = Journal(tmp_path, segment_bytes=64)
+    journal.append({"i": 0, "pad": "x" * 30})
+
+    def disk_full(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "posix_fallocate", disk_full)
+        with pytest.raises(OSError):
+            journal.append({"i": 1, "pad": "x" * 30})  # needs a new segment: none can be made
+    assert journal.append({"i": 2, "pad": "x" * 30}) == 1  # space again: the next one works
+    journal.close(committed=False)
+    ((folder, rows, fd),) = orphaned_rows(tmp_path)
+    release_orphan(folder, fd, replayed=False)
+    assert [row["i"] for row in rows] == [0, 2]

@@ -3,6 +3,7 @@ acknowledged row (database outages, ambiguous failures, a process killed outrigh
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import textwrap
@@ -272,3 +273,19 @@ def test_utc_day_at_day_boundaries_and_back_and_forth() -> None:
         (-1.0, "1969-12-31"),
     ]
     assert [utc_day(ts) for ts, _ in expected] == [day for _, day in expected]
+
+
+async def test_a_row_the_journal_cannot_take_still_reaches_the_database(
+    acct: Accounting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = acct.ledger._journal
+    assert journal is not None
+
+    def disk_full(row: dict[str, Any]) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal, "append", disk_full)
+    ids = await _serve(acct, 3)
+    await acct.ledger.flush()
+    assert sorted(r["request_id"] for r in await _rows(acct)) == sorted(ids)
+    assert acct.readiness()["ledger_unjournaled"] == 3
