@@ -107,7 +107,8 @@ class Flight:
             self._ended_event = asyncio.Event()
         await self._ended_event.wait()
 
-    def _end(self) -> None:
+    def mark_ended(self) -> None:
+        """The producer task has finished: wake whoever waits in :meth:`wait_ended`."""
         self.ended = True
         if self._ended_event is not None:
             self._ended_event.set()
@@ -199,7 +200,7 @@ class Coalescer:
         if not flight.done:  # cancelled before it answered
             flight.finish(error=FlightCancelledError("the shared upstream call was cancelled"))
         self._forget(flight)
-        flight._end()
+        flight.mark_ended()
 
     async def _fly(self, flight: Flight, produce: Producer, after: AfterFlight) -> None:
         try:
