@@ -29,6 +29,7 @@ from llmrouter.bench.stats import median, percentile, render_table
 __all__ = ["GatewayRow", "run_gateway_bench"]
 
 MODEL = "mock-gpt"
+BARE_TARGET = "gateway[bare]"
 
 # Subsystems switched off: what the bare routing path costs.
 BARE = {
@@ -73,6 +74,9 @@ class GatewayRow:
     cpu_ms_per_req: float | None
     rss_mb: float | None
     errors: int
+    cpu_vs_bare: float | None = None
+    """CPU per request over bare's at the same stream and concurrency, minus 1 (0.2: 20%
+    more): what the subsystems a mode turns on cost. None for direct and bare."""
 
 
 def _config(upstream_port: int, extra: dict[str, Any]) -> dict[str, Any]:
@@ -263,7 +267,17 @@ def _measure_all(
                 rows.append(_row(target, stream, c, results, median(cpus) if cpus else None, rss, direct_p50))
         if not direct:
             rows.append(_idle_row(f"{target} idle", idle_rss[target]))
+    _compare_with_bare(rows)
     return rows
+
+
+def _compare_with_bare(rows: list[GatewayRow]) -> None:
+    """Fill ``cpu_vs_bare`` of every measured gateway row but bare's own."""
+    bare = {(r.stream, r.concurrency): r.cpu_ms_per_req for r in rows if r.target == BARE_TARGET}
+    for row in rows:
+        base = bare.get((row.stream, row.concurrency))
+        if row.target.startswith("gateway[") and row.target != BARE_TARGET and row.cpu_ms_per_req and base:
+            row.cpu_vs_bare = row.cpu_ms_per_req / base - 1
 
 
 def _p50_ms(results: list[LoadResult]) -> float:
@@ -296,6 +310,7 @@ def format_rows(rows: Sequence[GatewayRow]) -> str:
         "ttfb p50",
         "added p50",
         "cpu ms/req",
+        "cpu vs bare",
         "rss MB",
         "errors",
     ]
@@ -311,6 +326,7 @@ def format_rows(rows: Sequence[GatewayRow]) -> str:
             r.ttfb_p50_ms,
             r.added_p50_ms if r.added_p50_ms is not None else float("nan"),
             r.cpu_ms_per_req if r.cpu_ms_per_req is not None else float("nan"),
+            f"{r.cpu_vs_bare:+.0%}" if r.cpu_vs_bare is not None else "-",
             r.rss_mb if r.rss_mb is not None else float("nan"),
             r.errors,
         ]

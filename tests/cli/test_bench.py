@@ -5,18 +5,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_bench_measures_direct_and_gateway_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     run = subprocess.run(
         [sys.executable, "-m", "llmrouter.cli", "bench", "--concurrency", "2", "--rounds", "2",
-         "--duration", "0.4", "--chunks", "3", "--modes", "bare", "--json", str(out)],
+         "--duration", "0.4", "--chunks", "3", "--modes", "bare,cache", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=180,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "gateway[bare]" in run.stdout and "import llmrouter:" in run.stdout
+    assert (
+        "gateway[cache]" in run.stdout and "cpu vs bare" in run.stdout and "import llmrouter:" in run.stdout
+    )
     rows = json.loads(out.read_text())["gateway"]
     measured = [row for row in rows if row["concurrency"]]
     assert [(row["target"], row["stream"]) for row in measured] == [
@@ -24,10 +28,17 @@ def test_bench_measures_direct_and_gateway_and_writes_json(tmp_path: Path) -> No
         ("direct", True),
         ("gateway[bare]", False),
         ("gateway[bare]", True),
+        ("gateway[cache]", False),
+        ("gateway[cache]", True),
     ]
     for row in measured:
         assert row["errors"] == 0 and row["rps"] > 0 and row["p50_ms"] > 0, row
     for row in measured[2:]:
         assert row["cpu_ms_per_req"] > 0 and row["rss_mb"] > 10 and row["added_p50_ms"] is not None
-    idle = [row for row in rows if row["target"] == "gateway[bare] idle"]
-    assert len(idle) == 1 and idle[0]["rss_mb"] > 10
+    bare = {row["stream"]: row["cpu_ms_per_req"] for row in measured[2:4]}
+    for row in measured[:4]:
+        assert row["cpu_vs_bare"] is None
+    for row in measured[4:]:  # the cache's cost, against bare at the same stream and concurrency
+        assert row["cpu_vs_bare"] == pytest.approx(row["cpu_ms_per_req"] / bare[row["stream"]] - 1)
+    idle = [row for row in rows if row["target"].endswith(" idle")]
+    assert len(idle) == 2 and all(row["rss_mb"] > 10 for row in idle)
