@@ -17,6 +17,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from llmrouter.errors import LLMRouterError
+from llmrouter.ids import REQUEST_ID_KEY
 
 __all__ = ["error_body", "error_event", "exception_handlers", "openai_error_response"]
 
@@ -52,7 +53,7 @@ def openai_error_response(
 
 
 def _request_id(request: Request[Any, Any, Any]) -> str | None:
-    return request.scope.get("llmrouter.request_id")  # type: ignore[return-value]
+    return request.scope.get(REQUEST_ID_KEY)  # type: ignore[return-value]
 
 
 def handle_llmrouter_error(request: Request[Any, Any, Any], exc: LLMRouterError) -> Response[bytes]:

@@ -29,7 +29,7 @@ from llmrouter.telemetry.logging import ACCESS_LOGGER, context_fields, current_a
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.tracing import (
     RequestTracer,
-    new_trace_header,
+    new_traceparent,
     parse_traceparent,
     perf_to_ns,
     span_traceparent,
@@ -50,8 +50,6 @@ _OPERATION_NAMES = {"chat": "chat", "completion": "text_completion"}
 _NO_UPSTREAM_TOKENS = frozenset({"hit", "coalesced"})
 UNKNOWN = "unknown"
 _RECORDED_MEMORY = 1024
-_ATTRIBUTE_MEMORY = 4096  # attribute sets kept (bounded by configured models and providers)
-_AttributeSets = tuple[dict[str, Any], dict[str, Any], dict[str, Any]]
 
 
 def error_type(ctx: RequestContext) -> str | None:
@@ -115,7 +113,6 @@ class TelemetryHooks(RouterHooks):
         # reuse it. A hook rejecting a request gets after_request on the hooks admitted
         # before it *and* on_rejected on all: _recorded makes each request count once.
         self._recorded: OrderedDict[int, RequestContext] = OrderedDict()
-        self._attribute_memo: dict[tuple[str, ...], _AttributeSets] = {}
         self.metrics.add_in_flight_source(self.in_flight)
         self.metrics.add_engine_source(self.engine_stats)
 
@@ -134,7 +131,7 @@ class TelemetryHooks(RouterHooks):
         # The HTTP middleware made or checked the header the service copied into the context.
         checked = record is not None and ctx.traceparent == record.traceparent
         if not checked and parse_traceparent(ctx.traceparent) is None:
-            ctx.traceparent = new_trace_header()
+            ctx.traceparent = new_traceparent().header()
         if not self.tracer.enabled:
             return
         try:
@@ -223,7 +220,7 @@ class TelemetryHooks(RouterHooks):
             self._log(ctx)
 
     def _record(self, ctx: RequestContext, chunk_times: array[float] | None = None) -> None:
-        attributes, input_tokens, output_tokens = self._attribute_sets(ctx)
+        attributes = self._base_attributes(ctx)
         if chunk_times is not None and len(chunk_times) > 1:
             # One observation per chunk after the first: the time since the previous one.
             self.metrics.record_chunk_times(
@@ -235,8 +232,8 @@ class TelemetryHooks(RouterHooks):
         self.metrics.operation_duration.record(max(0.0, finished - ctx.started_at), duration_attributes)
         if ctx.usage is not None and ctx.cache_status not in _NO_UPSTREAM_TOKENS:
             usage = self.metrics.token_usage
-            usage.record(ctx.usage.prompt_tokens, input_tokens)
-            usage.record(ctx.usage.completion_tokens, output_tokens)
+            usage.record(ctx.usage.prompt_tokens, {**attributes, "gen_ai.token.type": "input"})
+            usage.record(ctx.usage.completion_tokens, {**attributes, "gen_ai.token.type": "output"})
         if ctx.stream and ctx.first_token_at is not None:
             self.metrics.time_to_first_chunk.record(ctx.first_token_at - ctx.started_at, attributes)
         if ctx.cost:
@@ -350,23 +347,6 @@ class TelemetryHooks(RouterHooks):
             while len(self._recorded) > _RECORDED_MEMORY:
                 self._recorded.popitem(last=False)
         return True
-
-    def _attribute_sets(self, ctx: RequestContext) -> _AttributeSets:
-        """The request's base attributes, and those of its input and output token counts:
-        made once per operation, provider and model (they are recorded on every request;
-        nothing changes them afterwards)."""
-        base = self._base_attributes(ctx)
-        key = tuple(base.values())
-        sets = self._attribute_memo.get(key)
-        if sets is None:
-            if len(self._attribute_memo) >= _ATTRIBUTE_MEMORY:
-                self._attribute_memo.clear()
-            sets = self._attribute_memo[key] = (
-                base,
-                {**base, "gen_ai.token.type": "input"},
-                {**base, "gen_ai.token.type": "output"},
-            )
-        return sets
 
     @staticmethod
     def _base_attributes(ctx: RequestContext) -> dict[str, Any]:

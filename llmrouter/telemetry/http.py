@@ -27,7 +27,7 @@ from llmrouter.telemetry.logging import ACCESS_LOGGER, AccessRecord, context_fie
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.tracing import (
     RequestTracer,
-    new_trace_header,
+    new_traceparent,
     parse_traceparent,
     span_traceparent,
     trace_id_of,
@@ -41,7 +41,6 @@ ASGIApp = Callable[
     [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
 ]
 
-_ATTRIBUTE_MEMORY = 1024
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
@@ -71,7 +70,6 @@ class TelemetryMiddleware:
         self.access_log = access_log
         self.quiet_paths = frozenset(quiet_paths)
         self._logger = logging.getLogger(ACCESS_LOGGER)
-        self._attribute_memo: dict[tuple[str, str | None, int], dict[str, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -94,7 +92,7 @@ class TelemetryMiddleware:
                 },
             )
         traceparent = (span_traceparent(span) if span is not None else None) or (
-            parent.header() if parent else new_trace_header()
+            parent.header() if parent else new_traceparent().header()
         )
         if traceparent != incoming:
             _set_header(scope, b"traceparent", traceparent, replace=incoming is not None)
@@ -123,8 +121,16 @@ class TelemetryMiddleware:
                     self._log(record, code, elapsed, level)
 
     def _record(self, method: str, route: str | None, code: int, elapsed: float, span: Any) -> None:
+        attributes: dict[str, Any] = {
+            "http.request.method": _method(method),
+            "http.response.status_code": code,
+        }
+        if route:
+            attributes["http.route"] = route
+        if code >= 500:
+            attributes["error.type"] = str(code)
         if self.metrics is not None:
-            self.metrics.http_server_duration.record(elapsed, self._attributes(method, route, code))
+            self.metrics.http_server_duration.record(elapsed, attributes)
         if span is not None:
             from opentelemetry.trace import Status, StatusCode
 
@@ -132,20 +138,6 @@ class TelemetryMiddleware:
             if code >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
-
-    def _attributes(self, method: str, route: str | None, code: int) -> dict[str, Any]:
-        """The duration's attributes, made once per method, route template and status."""
-        key = (method, route, code)
-        attributes = self._attribute_memo.get(key)
-        if attributes is None:
-            attributes = {"http.request.method": _method(method), "http.response.status_code": code}
-            if route:
-                attributes["http.route"] = route
-            if code >= 500:
-                attributes["error.type"] = str(code)
-            if len(self._attribute_memo) < _ATTRIBUTE_MEMORY:  # methods can be anything
-                self._attribute_memo[key] = attributes
-        return attributes
 
     def _log(self, record: AccessRecord, code: int, elapsed: float, level: int) -> None:
         fields: dict[str, Any] = {

@@ -37,7 +37,6 @@ __all__ = [
     "RequestTracer",
     "TraceParent",
     "build_tracer_provider",
-    "new_trace_header",
     "new_traceparent",
     "parse_traceparent",
     "trace_id_of",
@@ -88,11 +87,6 @@ def parse_traceparent(value: str | None) -> TraceParent | None:
 def new_traceparent() -> TraceParent:
     """Start a new, sampled trace."""
     return TraceParent(random_hex(32), random_hex(16), "01")
-
-
-def new_trace_header() -> str:
-    """``new_traceparent().header()``, without the object (once per request)."""
-    return f"00-{random_hex(32)}-{random_hex(16)}-01"
 
 
 def trace_id_of(value: str | None) -> str | None:
