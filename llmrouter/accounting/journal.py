@@ -91,9 +91,10 @@ class Journal:
         cost a file's creation, preallocation and deletion per batch. After a crash, the
         rows of the last segments that were already written are replayed again, which
         inserts nothing twice (``entry_id`` is unique)."""
-        for number in range(self._oldest, min(segment, self.segment)):
+        end = min(segment, self.segment)  # never the segment in use
+        for number in range(self._oldest, end):
             (self.folder / f"{number:08d}.jsonl").unlink(missing_ok=True)
-        self._oldest = max(self._oldest, min(segment, self.segment))
+        self._oldest = max(self._oldest, end)
 
     def close(self, *, committed: bool) -> None:
         """Release the folder; delete it when every row is committed, else leave it for

@@ -29,7 +29,14 @@ from llmrouter.bench.stats import median, percentile, render_table
 __all__ = ["GatewayRow", "run_gateway_bench"]
 
 MODEL = "mock-gpt"
-BARE_TARGET = "gateway[bare]"
+
+
+def _target(mode: str) -> str:
+    """The table's name for the gateway in ``mode``."""
+    return f"gateway[{mode}]"
+
+
+BARE_TARGET = _target("bare")
 
 # Subsystems switched off: what the bare routing path costs.
 BARE = {
@@ -228,7 +235,7 @@ def run_gateway_bench(
             children["direct"].wait_listening()
             for mode in modes:
                 extra = _mode_config(mode, workdir)
-                children[f"gateway[{mode}]"] = _start_gateway(_config(upstream_port, extra), workdir, mode)
+                children[_target(mode)] = _start_gateway(_config(upstream_port, extra), workdir, mode)
             idle_rss = {target: child.rss_mb() for target, child in children.items()}
             return _measure_all(children, concurrencies, duration, rounds, idle_rss, progress)
         finally:
@@ -276,7 +283,7 @@ def _compare_with_bare(rows: list[GatewayRow]) -> None:
     bare = {(r.stream, r.concurrency): r.cpu_ms_per_req for r in rows if r.target == BARE_TARGET}
     for row in rows:
         base = bare.get((row.stream, row.concurrency))
-        if row.target.startswith("gateway[") and row.target != BARE_TARGET and row.cpu_ms_per_req and base:
+        if row.target != BARE_TARGET and row.cpu_ms_per_req and base:
             row.cpu_vs_bare = row.cpu_ms_per_req / base - 1
 
 
