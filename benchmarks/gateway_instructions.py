@@ -117,6 +117,10 @@ async def _child(mode: str, stream: bool, requests: int, upstream_port: int) -> 
     with tempfile.TemporaryDirectory(prefix="llmrouter-instructions-") as tmp:
         raw = _config(upstream_port, _mode_config(mode, Path(tmp)))
         raw["telemetry"]["access_log"] = False
+        if "ledger" in raw["accounting"]:
+            # Under valgrind the default 0.25 s between ledger writes holds ~10 requests;
+            # a loaded gateway writes full batches (200 rows), as the child now does.
+            raw["accounting"]["ledger"]["flush_interval"] = 3600.0
         config = parse_config(raw)
         if config.telemetry.json_logs:
             configure_logging(config.telemetry.log_level)  # as `llmrouter serve` does

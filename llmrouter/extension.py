@@ -46,8 +46,9 @@ class Extension:
         """Flush and close; called once, even after a failed startup of a later extension."""
 
     async def authenticate(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
-        """Fill ``ctx.api_key_id`` / ``ctx.principal`` from the request headers, or raise
-        :class:`~llmrouter.errors.AuthenticationError`. Only the key owner overrides this."""
+        """Fill ``ctx.api_key_id`` / ``ctx.principal`` from the request headers (a plain
+        dict, names lowercased), or raise :class:`~llmrouter.errors.AuthenticationError`.
+        Only the key owner overrides this."""
 
     def readiness(self) -> Mapping[str, Any]:
         """Extra entries for ``GET /ready`` (e.g. cache stats, ledger queue depth)."""

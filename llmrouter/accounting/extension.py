@@ -27,6 +27,7 @@ from llmrouter.context import RequestContext
 from llmrouter.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from llmrouter.extension import Extension
 from llmrouter.hooks import RouterHooks
+from llmrouter.server.state import header_dict
 
 __all__ = ["AccountingExtension", "CreateKeyRequest", "secret_from_headers"]
 
@@ -122,7 +123,7 @@ class AccountingExtension(Extension):
 
     async def _caller(self, request: Request[Any, Any, Any], *, admin: bool) -> ApiKey | None:
         ctx = RequestContext()
-        await self.authenticate(ctx, request.headers)
+        await self.authenticate(ctx, header_dict(request.scope["headers"]))
         key = ctx.principal if isinstance(ctx.principal, ApiKey) else None
         if admin and key is not None and not key.has_scope("admin"):
             raise PermissionDeniedError(

@@ -14,6 +14,8 @@ import asyncio
 import itertools
 import json
 import logging
+import operator
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -123,8 +125,11 @@ async def insert_rows(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> No
 
 def clean_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every row with every column (executemany takes its column list from the first
-    row), and every value storable."""
-    return [_fit(dict(row) if row.keys() == _COLUMNS else _complete(row)) for row in rows]
+    row), and every value storable. Rows that already are come back as they are."""
+    return [
+        row if row.keys() == _COLUMNS and _fits(row) else _fit(dict(row) if row.keys() == _COLUMNS else _complete(row))
+        for row in rows
+    ]
 
 
 def _complete(row: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +149,29 @@ def default_sink(engine: AsyncEngine) -> tuple[Sink, Callable[[], None]]:
 
         return sqlite_sink, inserter.close
     return (lambda rows: insert_rows(engine, rows)), lambda: None
+
+
+_text_values = operator.itemgetter(*(name for name, _ in _STR_LIMITS))
+_text_limits = tuple(length or sys.maxsize for _, length in _STR_LIMITS)
+_int_values = operator.itemgetter(*(name for name, _ in _INT_LIMITS))
+_int_limits = tuple(most for _, most in _INT_LIMITS)
+
+
+def _fits(row: dict[str, Any]) -> bool:
+    """True when :func:`_fit` would change nothing: the common case, checked without a
+    Python loop over the columns (this runs for every row). None reads as ``"None"``,
+    which fits every column."""
+    try:
+        texts = tuple(map(str, _text_values(row)))
+        numbers = _int_values(row)
+        return (
+            "\x00" not in "".join(texts)
+            and all(map(operator.le, map(len, texts), _text_limits))
+            and min(numbers) >= 0
+            and all(map(operator.le, numbers, _int_limits))
+        )
+    except TypeError:  # a value of another type: let _fit look at each
+        return False
 
 
 def _fit(row: dict[str, Any]) -> dict[str, Any]:

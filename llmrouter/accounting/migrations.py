@@ -8,8 +8,9 @@ apply each step once; on SQLite an ``flock`` on ``<database>.lock`` serialises u
 
 Rules for new migrations, so that a running deployment keeps working while they apply:
 only additive changes (new tables, new nullable columns, new indexes); never rename or
-drop in the same release that stops using a column. Migration 1 creates the tables as
-``models.py`` defines them today; later migrations must spell out their DDL.
+drop in the same release that stops using a column (an index no release reads may go).
+Migration 1 creates the tables as ``models.py`` defines them today; later migrations
+must spell out their DDL and leave a database that migration 1 made today unchanged.
 """
 
 from __future__ import annotations
@@ -46,7 +47,17 @@ def _create_v1(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "api keys, usage ledger, budget counters", _create_v1),)
+def _drop_unused_ledger_indexes(conn: Connection) -> None:
+    # No query reads them, and each one cost every ledger insert ~8k CPU instructions
+    # (~13% of a SQLite row). Reports filter on (api_key_id, created_at).
+    for name in ("ix_llmr_ledger_request_id", "ix_llmr_ledger_day"):
+        conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "api keys, usage ledger, budget counters", _create_v1),
+    Migration(2, "drop the ledger's unused request_id and day indexes", _drop_unused_ledger_indexes),
+)
 
 _VERSION_TABLE: Any = SchemaVersionRow.__table__  # type: ignore[attr-defined]
 

@@ -28,6 +28,16 @@ from llmrouter.accounting.db import set_sqlite_pragmas
 
 __all__ = ["SQLiteInserter", "is_refused"]
 
+# sqlite3 binds int, float, str and bytes as they are; any other value (None and bool, in
+# every ledger row) first goes through its adapter protocol, which looks up and fails to
+# find ``__adapt__`` and ``__conform__``, raising and clearing an AttributeError each time:
+# ~3k CPU instructions per value, a sixth of what inserting a row costs. Registered
+# adapters are found first. Both bind exactly what sqlite3 binds without them (NULL; 0
+# or 1), and registering them does not slow other values (only adapters for int, float,
+# str or bytearray do).
+sqlite3.register_adapter(bool, int)
+sqlite3.register_adapter(type(None), {}.get)  # a C function that returns None for None
+
 
 def is_refused(exc: BaseException) -> bool:
     """The rows themselves were refused (a constraint, a value sqlite3 cannot bind)."""

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from llmrouter.config import Config
     from llmrouter.router import Router
 
-__all__ = ["STATE_KEY", "Service", "response_headers", "service_of"]
+__all__ = ["STATE_KEY", "Service", "header_dict", "response_headers", "service_of"]
 
 STATE_KEY = "llmrouter"
 
@@ -54,7 +54,7 @@ class Service:
         Raises:
             AuthenticationError: an extension refused the credentials.
         """
-        headers = request.headers
+        headers = header_dict(request.scope["headers"])
         cache_control = headers.get("cache-control", "").lower()
         ctx = RequestContext(
             request_id=request_id_of(request.scope),
@@ -65,6 +65,13 @@ class Service:
         for ext in self._authenticators:
             await ext.authenticate(ctx, headers)
         return ctx
+
+
+def header_dict(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """An ASGI scope's headers as a plain dict (names lowercased, as ASGI sends them; the
+    first of repeated names wins). Built once per request: each lookup in Litestar's
+    ``Headers`` scans the whole list again, and a request makes several."""
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(raw)}
 
 
 def response_headers(ctx: RequestContext, *, with_cost: bool = True) -> dict[str, str]:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.budgets import to_units
-from llmrouter.accounting.ledger import LedgerWriter, insert_rows
+from llmrouter.accounting.ledger import LedgerWriter, _complete, _fit, clean_rows, insert_rows
 from llmrouter.accounting.models import LedgerRow
 from llmrouter.errors import BudgetExceededError, InvalidRequestError
 
@@ -123,3 +123,27 @@ def test_to_units_saturates_instead_of_overflowing() -> None:
     assert 0 < to_units(1e300) < 2**62
     assert to_units(math.nan) == 0
     assert to_units(1.5) == 1_500_000_000
+
+
+@pytest.mark.parametrize(
+    ("fields", "fits"),
+    [
+        ({}, True),
+        ({"model_group": "m" * 200, "prompt_tokens": 2**31 - 1}, True),
+        ({"prompt_tokens": 3.0, "error_code": 7}, True),
+        ({"model_group": "m" * 201}, False),
+        ({"upstream_model": "up\x00stream"}, False),
+        ({"completion_tokens": -1}, False),
+        ({"prompt_tokens": 2**31}, False),
+        ({"attempts": None}, False),  # not an int: looked at value by value (and kept)
+    ],
+)
+def test_rows_that_fit_are_passed_through_and_others_fitted(fields: dict[str, Any], fits: bool) -> None:
+    # clean_rows checks the common case without a loop over the columns: it must agree
+    # with fitting each value, and never change the row it was given.
+    row = _complete(_row(**fields))
+    original = dict(row)
+    [cleaned] = clean_rows([row])
+    assert cleaned == _fit(dict(original))
+    assert row == original
+    assert (cleaned is row) == fits

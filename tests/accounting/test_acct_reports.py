@@ -12,12 +12,12 @@ from pathlib import Path
 
 import anyio
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.db import create_engine
 from llmrouter.accounting.ledger import insert_rows, utc_day
-from llmrouter.accounting.migrations import current_version, latest_version, upgrade
+from llmrouter.accounting.migrations import MIGRATIONS, current_version, latest_version, upgrade
 from llmrouter.accounting.reports import parse_time, render, usage_report
 from llmrouter.errors import InvalidRequestError
 
@@ -144,12 +144,29 @@ async def test_migrations_are_idempotent_and_safe_to_race(db_url: str) -> None:
         async with anyio.create_task_group() as tg:  # three replicas starting at once
             for _ in range(3):
                 tg.start_soon(run)
-        assert sorted(map(tuple, results)) == [(), (), (1,)]
+        assert sorted(map(tuple, results)) == [(), (), (1, 2)]
         assert await upgrade(engine) == []
         assert await current_version(engine) == latest_version()
         async with engine.connect() as conn:
             versions = (await conn.execute(text("SELECT version FROM llmr_schema_version"))).scalars().all()
-        assert versions == [1]
+        assert sorted(versions) == [1, 2]
+    finally:
+        await engine.dispose()
+
+
+async def test_migration_2_drops_the_ledgers_unused_indexes(db_url: str) -> None:
+    engine = create_engine(db_url)
+    try:
+        async with engine.begin() as conn:  # a database as migration 1 made it before
+            await conn.run_sync(MIGRATIONS[0].apply)
+            await conn.execute(text("CREATE INDEX ix_llmr_ledger_request_id ON llmr_ledger (request_id)"))
+            await conn.execute(text("CREATE INDEX ix_llmr_ledger_day ON llmr_ledger (day)"))
+            await conn.execute(text("INSERT INTO llmr_schema_version VALUES (1, 'v1', 0)"))
+        assert await upgrade(engine) == [2]
+        async with engine.connect() as conn:
+            indexes = await conn.run_sync(lambda c: {i["name"] for i in inspect(c).get_indexes("llmr_ledger")})
+        assert "ix_llmr_ledger_key_created" in indexes
+        assert not indexes & {"ix_llmr_ledger_request_id", "ix_llmr_ledger_day"}
     finally:
         await engine.dispose()
 
@@ -175,7 +192,7 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_db_keys_and_usage_report(tmp_path: Path) -> None:
     up = _cli(tmp_path, "db", "upgrade")
     assert up.returncode == 0, up.stderr
-    assert "applied migrations [1]" in up.stdout
+    assert "applied migrations [1, 2]" in up.stdout
     assert "up to date" in _cli(tmp_path, "db", "upgrade").stdout
     created = _cli(
         tmp_path,

@@ -106,3 +106,22 @@ async def test_a_write_waits_for_another_writers_lock_and_is_not_set_aside(
     # Had the lock outlived the busy timeout, the batch would have been retried later:
     assert not is_refused(sqlite3.OperationalError("database is locked"))
     assert is_refused(sqlite3.IntegrityError("NOT NULL constraint failed"))
+
+
+async def test_none_and_bool_are_stored_as_sqlite_would_store_them(sqlite_url: str, tmp_path: Path) -> None:
+    # The module registers adapters for None and bool (a shortcut past sqlite3's adapter
+    # protocol): the stored values must be what sqlite3 stores without them.
+    async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
+        writer: LedgerWriter = acct.ledger
+        writer.record(ledger_row(stream=True, usage_estimated=False, api_key_id=None, ttft_ms=None))
+        await writer.flush()
+        async with acct.engine.connect() as conn:
+            stored = (
+                await conn.execute(
+                    text(
+                        "SELECT stream, typeof(stream), usage_estimated, typeof(usage_estimated),"
+                        " typeof(api_key_id), typeof(ttft_ms) FROM llmr_ledger"
+                    )
+                )
+            ).one()
+    assert tuple(stored) == (1, "integer", 0, "integer", "null", "null")
