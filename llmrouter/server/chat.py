@@ -13,7 +13,7 @@ from litestar.response.base import ASGIResponse
 
 from llmrouter.server.disconnect import call_until_disconnect
 from llmrouter.server.sse import open_stream
-from llmrouter.server.state import response_headers, service_of
+from llmrouter.server.state import append_headers, response_headers, service_of
 from llmrouter.types import ChatResponse, decode_chat_request
 
 __all__ = ["chat_handlers", "create_chat_completion", "json_response"]
@@ -23,9 +23,9 @@ _encode = msgspec.json.Encoder().encode
 
 def json_response(body: Any, headers: dict[str, str], status: int = 200) -> ASGIResponse:
     """A JSON response encoded by msgspec straight to bytes."""
-    return ASGIResponse(
-        body=_encode(body), media_type="application/json", headers=headers, status_code=status
-    )
+    response = ASGIResponse(body=_encode(body), media_type="application/json", status_code=status)
+    append_headers(response, headers)
+    return response
 
 
 _OPENAPI: dict[str, Any] = dict(
