@@ -28,10 +28,11 @@ __all__ = ["LocalCounter", "LocalHistogram", "LocalMetrics"]
 AttributeKey = tuple[tuple[str, Any], ...]
 
 
-def _key(attributes: Mapping[str, Any] | None) -> AttributeKey:
-    # In the caller's order: sorting for every observation cost more than the rest of
-    # recording it. collect() merges the series that differ only in order.
-    return tuple(attributes.items()) if attributes else ()
+_INF = math.inf
+
+# A series is keyed by its attributes in the caller's order (sorting them for every
+# observation cost more than the rest of recording it); collect() merges the series
+# that differ only in order. Recording inlines the key: a function call costs as much.
 
 
 def _canonical(key: AttributeKey) -> AttributeKey:
@@ -47,48 +48,43 @@ class LocalHistogram:
         self.description = description
         self.boundaries = tuple(boundaries)
         self._lock = threading.Lock()
-        # attributes -> per-bucket counts (the last one: above every boundary), and [sum]
-        self._series: dict[AttributeKey, tuple[list[int], list[float]]] = {}
+        self._sum_at = len(self.boundaries) + 1
+        # attributes -> per-bucket counts (the last bucket: above every boundary), then the sum
+        self._series: dict[AttributeKey, list[float]] = {}
 
     def record(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
-        if not 0 <= amount < math.inf:  # negative, infinite or NaN: dropped
+        if not 0 <= amount < _INF:  # negative, infinite or NaN: dropped
             return
-        key = _key(attributes)
+        key = tuple(attributes.items()) if attributes else ()
         with self._lock:
             series = self._series.get(key) or self._new_series(key)
-            series[0][bisect_left(self.boundaries, amount)] += 1
-            series[1][0] += amount
+            series[bisect_left(self.boundaries, amount)] += 1
+            series[-1] += amount
 
     def record_many(self, amounts: Iterable[float], attributes: Mapping[str, Any] | None = None) -> None:
         """Each of ``amounts`` is one observation with ``attributes``."""
-        key = _key(attributes)
+        key = tuple(attributes.items()) if attributes else ()
         boundaries = self.boundaries
         with self._lock:
-            counts, total = self._series.get(key) or self._new_series(key)
+            series = self._series.get(key) or self._new_series(key)
             for amount in amounts:
-                if 0 <= amount < math.inf:
-                    counts[bisect_left(boundaries, amount)] += 1
-                    total[0] += amount
+                if 0 <= amount < _INF:
+                    series[bisect_left(boundaries, amount)] += 1
+                    series[-1] += amount
 
-    def _new_series(self, key: AttributeKey) -> tuple[list[int], list[float]]:
-        series = self._series[key] = ([0] * (len(self.boundaries) + 1), [0.0])
+    def _new_series(self, key: AttributeKey) -> list[float]:
+        series = self._series[key] = [0] * self._sum_at + [0.0]
         return series
 
     def collect(self) -> list[tuple[dict[str, Any], list[int], float]]:
         """``(attributes, per-bucket counts, sum)`` for every attribute set recorded."""
-        merged: dict[AttributeKey, tuple[list[int], float]] = {}
+        merged: dict[AttributeKey, list[float]] = {}
         with self._lock:
-            for key, (counts, total) in self._series.items():
+            for key, series in self._series.items():
                 canonical = _canonical(key)
                 seen = merged.get(canonical)
-                if seen is None:
-                    merged[canonical] = (list(counts), total[0])
-                else:
-                    merged[canonical] = (
-                        [a + b for a, b in zip(seen[0], counts, strict=True)],
-                        seen[1] + total[0],
-                    )
-        return [(dict(key), counts, total) for key, (counts, total) in merged.items()]
+                merged[canonical] = list(series) if seen is None else [a + b for a, b in zip(seen, series, strict=True)]
+        return [(dict(key), [int(n) for n in series[:-1]], series[-1]) for key, series in merged.items()]
 
 
 class LocalCounter:
@@ -102,9 +98,9 @@ class LocalCounter:
         self._values: dict[AttributeKey, float] = {}
 
     def add(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
-        if not 0 <= amount < math.inf:
+        if not 0 <= amount < _INF:
             return
-        key = _key(attributes)
+        key = tuple(attributes.items()) if attributes else ()
         with self._lock:
             self._values[key] = self._values.get(key, 0) + amount
 
