@@ -21,7 +21,6 @@ from litestar.response.streaming import ASGIStreamingResponse
 from llmrouter.aio import on_asyncio
 from llmrouter.server.disconnect import ClientDisconnected, DisconnectWatch, call_until_disconnect
 from llmrouter.server.errors import error_event
-from llmrouter.server.state import append_headers
 
 if TYPE_CHECKING:
     from litestar.types import HTTPResponseBodyEvent, Receive, Send
@@ -71,8 +70,12 @@ class SSEResponse(ASGIStreamingResponse):
     """
 
     def __init__(self, iterator: AsyncIterator[bytes], headers: dict[str, str]) -> None:
-        super().__init__(iterator=iterator, media_type="text/event-stream", status_code=200)
-        append_headers(self, {"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
+        super().__init__(
+            iterator=iterator,
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
+            media_type="text/event-stream",
+            status_code=200,
+        )
         self._events = iterator
 
     async def send_body(self, send: Send, receive: Receive) -> None:

@@ -80,7 +80,7 @@ def append_headers(response: ASGIResponse, headers: Mapping[str, str]) -> None:
 
     Litestar's own ``headers=`` adds them one at a time, each a scan of the list so far
     and a ``KeyError`` raised and caught when the name is absent (~1.5k CPU instructions
-    a header).
+    a header). Used for JSON answers; a stream's headers are paid once per 20+ events.
     """
     response.headers.headers.extend(
         (name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()
