@@ -127,7 +127,9 @@ def clean_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every row with every column (executemany takes its column list from the first
     row), and every value storable. Rows that already are come back as they are."""
     return [
-        row if row.keys() == _COLUMNS and _fits(row) else _fit(dict(row) if row.keys() == _COLUMNS else _complete(row))
+        row
+        if row.keys() == _COLUMNS and _fits(row)
+        else _fit(dict(row) if row.keys() == _COLUMNS else _complete(row))
         for row in rows
     ]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import operator
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.to_thread
@@ -36,7 +36,7 @@ __all__ = ["SQLiteInserter", "is_refused"]
 # or 1), and registering them does not slow other values (only adapters for int, float,
 # str or bytearray do).
 sqlite3.register_adapter(bool, int)
-sqlite3.register_adapter(type(None), {}.get)  # a C function that returns None for None
+sqlite3.register_adapter(type(None), cast(Any, {}.get))  # a C function: None for None
 
 
 def is_refused(exc: BaseException) -> bool:

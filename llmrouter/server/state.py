@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmrouter.context import RequestContext
@@ -68,11 +68,11 @@ class Service:
         return ctx
 
 
-def header_dict(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+def header_dict(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """An ASGI scope's headers as a plain dict (names lowercased, as ASGI sends them; the
     first of repeated names wins). Built once per request: each lookup in Litestar's
     ``Headers`` scans the whole list again, and a request makes several."""
-    return {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(raw)}
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(list(raw))}
 
 
 def append_headers(response: ASGIResponse, headers: Mapping[str, str]) -> None:

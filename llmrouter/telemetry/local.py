@@ -83,7 +83,9 @@ class LocalHistogram:
             for key, series in self._series.items():
                 canonical = _canonical(key)
                 seen = merged.get(canonical)
-                merged[canonical] = list(series) if seen is None else [a + b for a, b in zip(seen, series, strict=True)]
+                merged[canonical] = (
+                    list(series) if seen is None else [a + b for a, b in zip(seen, series, strict=True)]
+                )
         return [(dict(key), [int(n) for n in series[:-1]], series[-1]) for key, series in merged.items()]
 
 

@@ -164,7 +164,9 @@ async def test_migration_2_drops_the_ledgers_unused_indexes(db_url: str) -> None
             await conn.execute(text("INSERT INTO llmr_schema_version VALUES (1, 'v1', 0)"))
         assert await upgrade(engine) == [2]
         async with engine.connect() as conn:
-            indexes = await conn.run_sync(lambda c: {i["name"] for i in inspect(c).get_indexes("llmr_ledger")})
+            indexes = await conn.run_sync(
+                lambda c: {i["name"] for i in inspect(c).get_indexes("llmr_ledger")}
+            )
         assert "ix_llmr_ledger_key_created" in indexes
         assert not indexes & {"ix_llmr_ledger_request_id", "ix_llmr_ledger_day"}
     finally:
