@@ -290,6 +290,7 @@ async def test_dashboard_admin_and_user_views(browser: Any, tmp_path: Path) -> N
         await browser.send(
             "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
         )
+        await page.wait_for("!document.getElementById('csv').disabled")
         await page.click("#csv")
         csv_file = await wait_for_download(downloads)
         rows = list(csv.DictReader(io.StringIO(csv_file.read_text())))
