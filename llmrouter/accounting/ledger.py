@@ -65,6 +65,11 @@ _INT_LIMITS: tuple[tuple[str, int], ...] = tuple(
     for c in _TABLE.columns
     if isinstance(c.type, Integer) and c.name != "id"
 )
+# The same, as getters and bounds in one order, for the check of a whole row at once.
+_text_values = operator.itemgetter(*(name for name, _ in _STR_LIMITS))
+_text_limits = tuple(length or sys.maxsize for _, length in _STR_LIMITS)
+_int_values = operator.itemgetter(*(name for name, _ in _INT_LIMITS))
+_int_limits = tuple(most for _, most in _INT_LIMITS)
 
 
 _SECONDS_PER_DAY = 86400  # Unix time has no leap seconds: every UTC day is this long
@@ -126,12 +131,13 @@ async def insert_rows(engine: AsyncEngine, rows: Sequence[dict[str, Any]]) -> No
 def clean_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every row with every column (executemany takes its column list from the first
     row), and every value storable. Rows that already are come back as they are."""
-    return [
-        row
-        if row.keys() == _COLUMNS and _fits(row)
-        else _fit(dict(row) if row.keys() == _COLUMNS else _complete(row))
-        for row in rows
-    ]
+    return [_clean(row) for row in rows]
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    if row.keys() != _COLUMNS:
+        return _fit(_complete(row))
+    return row if _fits(row) else _fit(dict(row))  # a copy: the caller's row stays as it was
 
 
 def _complete(row: dict[str, Any]) -> dict[str, Any]:
@@ -151,12 +157,6 @@ def default_sink(engine: AsyncEngine) -> tuple[Sink, Callable[[], None]]:
 
         return sqlite_sink, inserter.close
     return (lambda rows: insert_rows(engine, rows)), lambda: None
-
-
-_text_values = operator.itemgetter(*(name for name, _ in _STR_LIMITS))
-_text_limits = tuple(length or sys.maxsize for _, length in _STR_LIMITS)
-_int_values = operator.itemgetter(*(name for name, _ in _INT_LIMITS))
-_int_limits = tuple(most for _, most in _INT_LIMITS)
 
 
 def _fits(row: dict[str, Any]) -> bool:
@@ -179,7 +179,7 @@ def _fits(row: dict[str, Any]) -> bool:
 def _fit(row: dict[str, Any]) -> dict[str, Any]:
     """``row`` (every column present) with every value made storable: strings without
     NUL and cut to their column's length, integers within their column's range (counts
-    are never negative). Runs for every row: values that fit are only looked at."""
+    are never negative). Only for rows that :func:`_fits` did not pass."""
     for name, length in _STR_LIMITS:
         value = row[name]
         if isinstance(value, str) and ("\x00" in value or (length is not None and len(value) > length)):

@@ -30,11 +30,10 @@ AttributeKey = tuple[tuple[str, Any], ...]
 
 _INF = math.inf
 
+
 # A series is keyed by its attributes in the caller's order (sorting them for every
 # observation cost more than the rest of recording it); collect() merges the series
-# that differ only in order. Recording inlines the key: a function call costs as much.
-
-
+# that differ only in order. Recording builds the key inline: a call costs as much.
 def _canonical(key: AttributeKey) -> AttributeKey:
     return tuple(sorted(key))
 
@@ -48,7 +47,6 @@ class LocalHistogram:
         self.description = description
         self.boundaries = tuple(boundaries)
         self._lock = threading.Lock()
-        self._sum_at = len(self.boundaries) + 1
         # attributes -> per-bucket counts (the last bucket: above every boundary), then the sum
         self._series: dict[AttributeKey, list[float]] = {}
 
@@ -73,7 +71,7 @@ class LocalHistogram:
                     series[-1] += amount
 
     def _new_series(self, key: AttributeKey) -> list[float]:
-        series = self._series[key] = [0] * self._sum_at + [0.0]
+        series = self._series[key] = [0] * (len(self.boundaries) + 1) + [0.0]
         return series
 
     def collect(self) -> list[tuple[dict[str, Any], list[int], float]]:

@@ -236,3 +236,16 @@ def test_head_on_health_for_probes():
     with TestClient(create_app(Config(discover=False))) as client:
         response = client.head("/health")
         assert response.status_code == 200 and response.content == b""
+
+
+def test_header_dict_takes_the_first_of_repeated_names() -> None:
+    # What the service authenticates with: the first of repeated names wins, as it did
+    # with Litestar's Headers, and values are read as Latin-1.
+    from llmrouter.server.state import header_dict
+
+    raw = [
+        (b"authorization", b"Bearer first"),
+        (b"x-api-key", b"k\xe9"),
+        (b"authorization", b"Bearer second"),
+    ]
+    assert header_dict(raw) == {"authorization": "Bearer first", "x-api-key": "k\u00e9"}
