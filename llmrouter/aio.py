@@ -8,13 +8,15 @@ asyncio, the native ones cost about half as much.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
-__all__ = ["on_asyncio", "time_limit"]
+__all__ = ["on_asyncio", "time_limit", "to_completion"]
+
+T = TypeVar("T")
 
 
 def on_asyncio() -> bool:
@@ -38,3 +40,49 @@ def time_limit(seconds: float | None) -> AbstractAsyncContextManager[Any]:
 async def _anyio_deadline(seconds: float | None) -> AsyncIterator[None]:
     with anyio.fail_after(seconds):
         yield
+
+
+async def to_completion(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` to its end even if the caller is cancelled meanwhile; a cancellation
+    then goes on once ``work`` has finished.
+
+    For settlement that must not be cut short: after-request hooks (the ledger row,
+    releasing a rate-limit slot, settling a budget), counting the usage of an answer
+    that exists. anyio's shielded cancel scope holds off only anyio's own cancellation;
+    on asyncio a plain ``Task.cancel()`` (``asyncio.timeout``, ``wait_for``, the
+    service's disconnect watch) goes straight through it. Here ``work`` runs as a task
+    of its own, which the caller's cancellation does not reach, and the caller waits for
+    it either way. Other event loops (trio) get anyio's shield.
+    """
+    if not on_asyncio():
+        with anyio.CancelScope(shield=True):
+            return await work
+    task = asyncio.get_running_loop().create_task(work)
+    try:
+        await _finished(task)
+    except asyncio.CancelledError:
+        # anyio delivers its cancellation again and again until the scope is left: a
+        # shield keeps it off while waiting; a native cancel comes once per call.
+        with anyio.CancelScope(shield=True):
+            while not task.done():
+                try:
+                    await _finished(task)
+                except asyncio.CancelledError:
+                    continue
+        if not task.cancelled():
+            task.exception()  # the caller's cancellation wins; mark the error as seen
+        raise
+    return task.result()
+
+
+def _finished(task: asyncio.Task[Any]) -> asyncio.Future[None]:
+    """A future done when ``task`` is; cancelling it leaves ``task`` alone (unlike
+    awaiting the task itself, which would cancel it)."""
+    waiter: asyncio.Future[None] = task.get_loop().create_future()
+
+    def wake(_task: asyncio.Task[Any]) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    task.add_done_callback(wake)
+    return waiter

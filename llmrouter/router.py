@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import anyio
 import msgspec
 
+from llmrouter.aio import to_completion
 from llmrouter.config import Config, Deployment, ModelGroup
 from llmrouter.context import RequestContext
 from llmrouter.cost import PriceTable, max_cost, usage_cost
@@ -346,8 +347,7 @@ class Router:
             if ctx.usage is None:
                 # The answer exists: counting it must finish even if the caller is cancelled
                 # now, or a completed call would be billed nothing.
-                with anyio.CancelScope(shield=True):
-                    ctx.usage = response.usage or await _count_usage(ctx, text_of(response))
+                ctx.usage = response.usage or await to_completion(_count_usage(ctx, text_of(response)))
             ctx.status = "ok"
             return response
         except BaseException as exc:
@@ -387,8 +387,7 @@ class Router:
         finally:
             try:
                 if ctx.usage is None and (pieces or ctx.deployment is not None):
-                    with anyio.CancelScope(shield=True):
-                        ctx.usage = await _count_usage(ctx, "".join(pieces))
+                    ctx.usage = await to_completion(_count_usage(ctx, "".join(pieces)))
             finally:
                 await self._finish(ctx)
 
@@ -460,12 +459,10 @@ class Router:
         await self._after(ctx, self.hooks)
 
     async def _after(self, ctx: RequestContext, hooks: Sequence[RouterHooks]) -> None:
-        with anyio.CancelScope(shield=True):
-            for hook in reversed(hooks):
-                try:
-                    await hook.after_request(ctx)
-                except Exception:
-                    logger.exception("hook %r failed in after_request", hook)
+        if hooks:
+            # Settlement (ledger rows, limits, budgets) must finish even for a caller
+            # that is being cancelled.
+            await to_completion(_run_after_hooks(ctx, hooks))
 
     def _settle_cost(self, ctx: RequestContext) -> None:
         if ctx.cost_source == "cache" or ctx.usage is None:
@@ -518,6 +515,14 @@ async def _probe(deployment: DeploymentState, snapshot: dict[str, Any]) -> None:
     snapshot["reachable"] = health.ok
     snapshot["detail"] = health.detail
     snapshot["latency_ms"] = health.latency_ms or round((time.perf_counter() - started) * 1000, 2)
+
+
+async def _run_after_hooks(ctx: RequestContext, hooks: Sequence[RouterHooks]) -> None:
+    for hook in reversed(hooks):
+        try:
+            await hook.after_request(ctx)
+        except Exception:
+            logger.exception("hook %r failed in after_request", hook)
 
 
 def _overrides(hook: RouterHooks, event: str) -> bool:

@@ -135,3 +135,45 @@ async def test_requests_refused_by_the_router_get_one_rejected_row(sqlite_url: s
     assert [(r["key_name"], r["model"], r["status"], r["requests"]) for r in rows] == [
         ("typo", "gtp-4o", "rejected", 1)
     ]
+
+
+async def test_a_request_cancelled_during_settlement_is_still_billed_and_released(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """asyncio.timeout (or a client leaving) while the budget store settles - a Redis or
+    database round trip - used to skip the ledger row and keep the concurrency slot."""
+    import asyncio
+
+    from llmrouter.accounting.config import LimitsConfig
+
+    config = make_config(
+        sqlite_url,
+        tmp_path,
+        budgets=[BudgetRule(key="*", period="day", limit=100.0)],
+        limits=LimitsConfig(concurrency=1),
+    )
+    async with Accounting(config) as acct:
+        store = acct.budgets.store
+        settling = asyncio.Event()
+        real_settle = store.settle
+
+        async def slow_settle(*args: object) -> int:
+            settling.set()
+            await asyncio.sleep(0.05)  # a store on the network
+            return await real_settle(*args)
+
+        store.settle = slow_settle  # type: ignore[method-assign]
+        router, _provider = _router(acct, Step(text="hello there"))
+        async with router:
+            task = asyncio.create_task(router.chat(REQUEST))
+            await settling.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # The one concurrency slot is free again, and the budget holds no reservation.
+            await router.chat(REQUEST)
+        window = acct.budgets.windows_for(None, "gpt-4o-mini")[0]
+        spent, reserved = await store.usage(window)
+        assert spent > 0 and reserved == 0
+        rows = await acct.usage(by=["status"])
+    assert {r["status"]: r["requests"] for r in rows} == {"ok": 2}
