@@ -29,7 +29,7 @@ from llmrouter.telemetry.logging import ACCESS_LOGGER, context_fields, current_a
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.tracing import (
     RequestTracer,
-    new_traceparent,
+    new_traceparent_header,
     parse_traceparent,
     perf_to_ns,
     span_traceparent,
@@ -48,6 +48,8 @@ _log = logging.getLogger(__name__)
 
 _OPERATION_NAMES = {"chat": "chat", "completion": "text_completion"}
 _NO_UPSTREAM_TOKENS = frozenset({"hit", "coalesced"})
+_INPUT = (("gen_ai.token.type", "input"),)
+_OUTPUT = (("gen_ai.token.type", "output"),)
 UNKNOWN = "unknown"
 _RECORDED_MEMORY = 1024
 
@@ -131,7 +133,7 @@ class TelemetryHooks(RouterHooks):
         # The HTTP middleware made or checked the header the service copied into the context.
         checked = record is not None and ctx.traceparent == record.traceparent
         if not checked and parse_traceparent(ctx.traceparent) is None:
-            ctx.traceparent = new_traceparent().header()
+            ctx.traceparent = new_traceparent_header()
         if not self.tracer.enabled:
             return
         try:
@@ -153,10 +155,10 @@ class TelemetryHooks(RouterHooks):
     def on_rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
         self.metrics.rejected.add(
             1,
-            {
-                "llmrouter.rejection.reason": rejection_reason(error),
-                "gen_ai.request.model": _model(ctx, error),
-            },
+            (
+                ("llmrouter.rejection.reason", rejection_reason(error)),
+                ("gen_ai.request.model", _model(ctx, error)),
+            ),
         )
         self._forget(ctx)
         if not self._first_record(ctx):
@@ -172,14 +174,19 @@ class TelemetryHooks(RouterHooks):
     # --- events on the hot path --------------------------------------------------
 
     def on_attempt(self, ctx: RequestContext, deployment: str, error: LLMRouterError | None) -> None:
-        attributes: dict[str, Any] = {
-            "llmrouter.deployment": deployment,
-            "llmrouter.outcome": "ok" if error is None else "error",
-        }
-        if error is not None:
-            attributes["error.type"] = type(error).__name__
+        if error is None:
+            attributes: tuple[tuple[str, Any], ...] = (
+                ("llmrouter.deployment", deployment),
+                ("llmrouter.outcome", "ok"),
+            )
+        else:
+            attributes = (
+                ("llmrouter.deployment", deployment),
+                ("llmrouter.outcome", "error"),
+                ("error.type", type(error).__name__),
+            )
         self.metrics.attempts.add(1, attributes)
-        span = self._spans.get(id(ctx))
+        span = self._spans.get(id(ctx)) if self._spans else None
         if span is None:
             # No span, no call spans to time. Also: a coalesced flight goes on calling
             # upstream for a launching request that already left and was settled; a
@@ -190,7 +197,7 @@ class TelemetryHooks(RouterHooks):
         self._attempt_started[id(ctx)] = now
         if started is not None:
             operation = _OPERATION_NAMES.get(ctx.operation, ctx.operation)
-            call_attributes = {**attributes, "gen_ai.operation.name": operation}
+            call_attributes = {**dict(attributes), "gen_ai.operation.name": operation}
             # The router fills ctx.provider/upstream_model only after an attempt succeeded:
             # ask the watched routers what this deployment is.
             described = self._describe(deployment)
@@ -201,11 +208,11 @@ class TelemetryHooks(RouterHooks):
 
     def on_fallback(self, ctx: RequestContext, from_group: str, to_group: str) -> None:
         self.metrics.fallbacks.add(
-            1, {"gen_ai.request.model": from_group, "llmrouter.fallback.model": to_group}
+            1, (("gen_ai.request.model", from_group), ("llmrouter.fallback.model", to_group))
         )
 
     def on_cooldown(self, deployment: str, seconds: float) -> None:
-        self.metrics.cooldowns.add(1, {"llmrouter.deployment": deployment})
+        self.metrics.cooldowns.add(1, (("llmrouter.deployment", deployment),))
 
     # --- settlement -----------------------------------------------------------------
 
@@ -220,33 +227,43 @@ class TelemetryHooks(RouterHooks):
             self._log(ctx)
 
     def _record(self, ctx: RequestContext, chunk_times: array[float] | None = None) -> None:
-        attributes = self._base_attributes(ctx)
+        # Attributes as (name, value) pairs: the key local instruments store series under,
+        # extended by concatenation (see llmrouter.telemetry.local).
+        metrics = self.metrics
+        model = _model(ctx)
+        attributes = (
+            ("gen_ai.operation.name", _OPERATION_NAMES.get(ctx.operation, ctx.operation)),
+            ("gen_ai.provider.name", ctx.provider or UNKNOWN),
+            ("gen_ai.request.model", model),
+        )
         if chunk_times is not None and len(chunk_times) > 1:
             # One observation per chunk after the first: the time since the previous one.
-            self.metrics.record_chunk_times(
+            metrics.record_chunk_times(
                 [later - earlier for earlier, later in pairwise(chunk_times)], attributes
             )
         finished = ctx.finished_at if ctx.finished_at is not None else time.perf_counter()
         failure = error_type(ctx)
-        duration_attributes = {**attributes, "error.type": failure} if failure else attributes
-        self.metrics.operation_duration.record(max(0.0, finished - ctx.started_at), duration_attributes)
-        if ctx.usage is not None and ctx.cache_status not in _NO_UPSTREAM_TOKENS:
-            usage = self.metrics.token_usage
-            usage.record(ctx.usage.prompt_tokens, {**attributes, "gen_ai.token.type": "input"})
-            usage.record(ctx.usage.completion_tokens, {**attributes, "gen_ai.token.type": "output"})
+        metrics.operation_duration.record(
+            max(0.0, finished - ctx.started_at),
+            (*attributes, ("error.type", failure)) if failure else attributes,
+        )
+        usage = ctx.usage
+        if usage is not None and ctx.cache_status not in _NO_UPSTREAM_TOKENS:
+            metrics.token_usage.record(usage.prompt_tokens, attributes + _INPUT)
+            metrics.token_usage.record(usage.completion_tokens, attributes + _OUTPUT)
         if ctx.stream and ctx.first_token_at is not None:
-            self.metrics.time_to_first_chunk.record(ctx.first_token_at - ctx.started_at, attributes)
+            metrics.time_to_first_chunk.record(ctx.first_token_at - ctx.started_at, attributes)
         if ctx.cost:
-            self.metrics.cost.add(
+            metrics.cost.add(
                 ctx.cost,
-                {"llmrouter.api_key.id": ctx.api_key_id or "none", "gen_ai.request.model": _model(ctx)},
+                (("llmrouter.api_key.id", ctx.api_key_id or "none"), ("gen_ai.request.model", model)),
             )
         if ctx.cache_status is not None:
-            self.metrics.cache_requests.add(
-                1, {"llmrouter.cache.status": ctx.cache_status, "gen_ai.request.model": _model(ctx)}
+            metrics.cache_requests.add(
+                1, (("llmrouter.cache.status", ctx.cache_status), ("gen_ai.request.model", model))
             )
         if ctx.attempts > 1:
-            self.metrics.retries.add(ctx.attempts - 1, {"gen_ai.request.model": _model(ctx)})
+            metrics.retries.add(ctx.attempts - 1, (("gen_ai.request.model", model),))
 
     def _log(self, ctx: RequestContext, outcome: str | None = None) -> None:
         record = current_access_record.get()
@@ -261,7 +278,7 @@ class TelemetryHooks(RouterHooks):
             self._access_log.info("request", extra=fields)
 
     def _end_span(self, ctx: RequestContext) -> None:
-        span = self._spans.pop(id(ctx), None)
+        span = self._spans.pop(id(ctx), None) if self._spans else None
         if span is None:
             return
         from opentelemetry.trace import Status, StatusCode
@@ -331,8 +348,8 @@ class TelemetryHooks(RouterHooks):
         return stats
 
     def _forget(self, ctx: RequestContext) -> None:
-        key = id(ctx)
-        self._attempt_started.pop(key, None)
+        if self._attempt_started:
+            self._attempt_started.pop(id(ctx), None)
 
     def _first_record(self, ctx: RequestContext) -> bool:
         """True the first time a request is settled (after_request or on_rejected)."""

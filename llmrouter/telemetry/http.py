@@ -27,7 +27,7 @@ from llmrouter.telemetry.logging import ACCESS_LOGGER, AccessRecord, context_fie
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.tracing import (
     RequestTracer,
-    new_traceparent,
+    new_traceparent_header,
     parse_traceparent,
     span_traceparent,
     trace_id_of,
@@ -92,7 +92,7 @@ class TelemetryMiddleware:
                 },
             )
         traceparent = (span_traceparent(span) if span is not None else None) or (
-            parent.header() if parent else new_traceparent().header()
+            parent.header() if parent else new_traceparent_header()
         )
         if traceparent != incoming:
             _set_header(scope, b"traceparent", traceparent, replace=incoming is not None)
@@ -121,15 +121,16 @@ class TelemetryMiddleware:
                     self._log(record, code, elapsed, level)
 
     def _record(self, method: str, route: str | None, code: int, elapsed: float, span: Any) -> None:
-        attributes: dict[str, Any] = {
-            "http.request.method": _method(method),
-            "http.response.status_code": code,
-        }
-        if route:
-            attributes["http.route"] = route
-        if code >= 500:
-            attributes["error.type"] = str(code)
         if self.metrics is not None:
+            # (name, value) pairs: the series key of the local histogram.
+            attributes: tuple[tuple[str, Any], ...] = (
+                ("http.request.method", method if method in _KNOWN_METHODS else "_OTHER"),
+                ("http.response.status_code", code),
+            )
+            if route:
+                attributes += (("http.route", route),)
+            if code >= 500:
+                attributes += (("error.type", str(code)),)
             self.metrics.http_server_duration.record(elapsed, attributes)
         if span is not None:
             from opentelemetry.trace import Status, StatusCode

@@ -13,19 +13,25 @@ series the OpenTelemetry Prometheus exporter writes for the same data
 They only serve the service's Prometheus registry: with a ``MeterProvider`` of your own
 (library use, OTLP metrics), :class:`~llmrouter.telemetry.metrics.RouterMetrics` creates
 SDK instruments as usual.
+
+Attributes are a mapping or, cheaper, a tuple of ``(name, value)`` pairs (the key a
+series is stored under). Instruments are recorded from one thread - the service's
+event loop, where the router's hooks and the HTTP middleware run - and take no lock;
+:meth:`LocalHistogram.collect` copies each series with one C-level call, so a scrape
+never sees half an observation's buckets.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["LocalCounter", "LocalHistogram", "LocalMetrics"]
+__all__ = ["AttributeKey", "Attributes", "LocalCounter", "LocalHistogram", "LocalMetrics"]
 
 AttributeKey = tuple[tuple[str, Any], ...]
+Attributes = Mapping[str, Any] | AttributeKey
 
 
 _INF = math.inf
@@ -38,6 +44,12 @@ def _canonical(key: AttributeKey) -> AttributeKey:
     return tuple(sorted(key))
 
 
+def _key(attributes: Attributes | None) -> AttributeKey:
+    if attributes.__class__ is tuple:
+        return attributes
+    return tuple(attributes.items()) if attributes else ()  # type: ignore[union-attr]
+
+
 class LocalHistogram:
     """An explicit-bucket histogram (the OpenTelemetry ``Histogram`` calls used here)."""
 
@@ -46,29 +58,25 @@ class LocalHistogram:
         self.unit = unit
         self.description = description
         self.boundaries = tuple(boundaries)
-        self._lock = threading.Lock()
         # attributes -> per-bucket counts (the last bucket: above every boundary), then the sum
         self._series: dict[AttributeKey, list[float]] = {}
 
-    def record(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
-        if not 0 <= amount < _INF:  # negative, infinite or NaN: dropped
-            return
-        key = tuple(attributes.items()) if attributes else ()
-        with self._lock:
+    def record(self, amount: float, attributes: Attributes | None = None) -> None:
+        if 0 <= amount < _INF:  # negative, infinite or NaN: dropped
+            key = attributes if attributes.__class__ is tuple else _key(attributes)
             series = self._series.get(key) or self._new_series(key)
             series[bisect_left(self.boundaries, amount)] += 1
             series[-1] += amount
 
-    def record_many(self, amounts: Iterable[float], attributes: Mapping[str, Any] | None = None) -> None:
+    def record_many(self, amounts: Iterable[float], attributes: Attributes | None = None) -> None:
         """Each of ``amounts`` is one observation with ``attributes``."""
-        key = tuple(attributes.items()) if attributes else ()
+        key = _key(attributes)
         boundaries = self.boundaries
-        with self._lock:
-            series = self._series.get(key) or self._new_series(key)
-            for amount in amounts:
-                if 0 <= amount < _INF:
-                    series[bisect_left(boundaries, amount)] += 1
-                    series[-1] += amount
+        series = self._series.get(key) or self._new_series(key)
+        for amount in amounts:
+            if 0 <= amount < _INF:
+                series[bisect_left(boundaries, amount)] += 1
+                series[-1] += amount
 
     def _new_series(self, key: AttributeKey) -> list[float]:
         series = self._series[key] = [0] * (len(self.boundaries) + 1) + [0.0]
@@ -77,13 +85,12 @@ class LocalHistogram:
     def collect(self) -> list[tuple[dict[str, Any], list[int], float]]:
         """``(attributes, per-bucket counts, sum)`` for every attribute set recorded."""
         merged: dict[AttributeKey, list[float]] = {}
-        with self._lock:
-            for key, series in self._series.items():
-                canonical = _canonical(key)
-                seen = merged.get(canonical)
-                merged[canonical] = (
-                    list(series) if seen is None else [a + b for a, b in zip(seen, series, strict=True)]
-                )
+        for key, series in list(self._series.items()):
+            canonical = _canonical(key)
+            seen = merged.get(canonical)
+            merged[canonical] = (
+                list(series) if seen is None else [a + b for a, b in zip(seen, series, strict=True)]
+            )
         return [(dict(key), [int(n) for n in series[:-1]], series[-1]) for key, series in merged.items()]
 
 
@@ -94,22 +101,18 @@ class LocalCounter:
         self.name = name
         self.unit = unit
         self.description = description
-        self._lock = threading.Lock()
         self._values: dict[AttributeKey, float] = {}
 
-    def add(self, amount: float, attributes: Mapping[str, Any] | None = None) -> None:
-        if not 0 <= amount < _INF:
-            return
-        key = tuple(attributes.items()) if attributes else ()
-        with self._lock:
+    def add(self, amount: float, attributes: Attributes | None = None) -> None:
+        if 0 <= amount < _INF:
+            key = attributes if attributes.__class__ is tuple else _key(attributes)
             self._values[key] = self._values.get(key, 0) + amount
 
     def collect(self) -> list[tuple[dict[str, Any], float]]:
         merged: dict[AttributeKey, float] = {}
-        with self._lock:
-            for key, value in self._values.items():
-                canonical = _canonical(key)
-                merged[canonical] = merged.get(canonical, 0) + value
+        for key, value in list(self._values.items()):
+            canonical = _canonical(key)
+            merged[canonical] = merged.get(canonical, 0) + value
         return [(dict(key), value) for key, value in merged.items()]
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from llmrouter.telemetry.local import LocalHistogram, LocalMetrics
+from llmrouter.telemetry.local import Attributes, LocalHistogram, LocalMetrics
 
 __all__ = [
     "CHUNK_BUCKETS",
@@ -62,8 +62,32 @@ InFlightSource = Callable[[], Mapping[str, int]]
 EngineSource = Callable[[], Mapping[str, dict[str, Any]]]
 
 
+class _SDKInstrument:
+    """An OpenTelemetry SDK histogram or counter that also takes its attributes as a
+    tuple of ``(name, value)`` pairs, as local instruments do (see
+    :mod:`llmrouter.telemetry.local`): the hooks build them that way."""
+
+    __slots__ = ("instrument",)
+
+    def __init__(self, instrument: Any) -> None:
+        self.instrument = instrument
+
+    def record(self, amount: float, attributes: Attributes | None = None) -> None:
+        self.instrument.record(amount, _mapping(attributes))
+
+    def add(self, amount: float, attributes: Attributes | None = None) -> None:
+        self.instrument.add(amount, _mapping(attributes))
+
+
+def _mapping(attributes: Attributes | None) -> Mapping[str, Any] | None:
+    return dict(attributes) if isinstance(attributes, tuple) else attributes
+
+
 class RouterMetrics:
     """Creates and holds llmrouter's instruments on one meter.
+
+    Histograms and counters take attributes as a mapping or as a tuple of
+    ``(name, value)`` pairs (cheaper for the in-process ones).
 
     Args:
         meter_provider: where to create them; None uses the global MeterProvider.
@@ -83,14 +107,16 @@ class RouterMetrics:
         def histogram(name: str, unit: str, description: str, buckets: Sequence[float]) -> Any:
             if local is not None:
                 return local.histogram(name, unit, description, buckets)
-            return meter.create_histogram(
-                name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
+            return _SDKInstrument(
+                meter.create_histogram(
+                    name, unit=unit, description=description, explicit_bucket_boundaries_advisory=buckets
+                )
             )
 
         def counter(name: str, unit: str, description: str) -> Any:
             if local is not None:
                 return local.counter(name, unit, description)
-            return meter.create_counter(name, unit=unit, description=description)
+            return _SDKInstrument(meter.create_counter(name, unit=unit, description=description))
 
         self.token_usage = histogram(
             "gen_ai.client.token.usage", "{token}", "Number of input and output tokens used.", TOKEN_BUCKETS
@@ -157,14 +183,14 @@ class RouterMetrics:
             description="Fraction of an in-process engine's KV cache in use (vLLM).",
         )
 
-    def record_chunk_times(self, values: Iterable[float], attributes: Mapping[str, Any]) -> None:
+    def record_chunk_times(self, values: Iterable[float], attributes: Attributes) -> None:
         """One ``time_per_output_chunk`` observation per value (a stream's chunk gaps)."""
         if isinstance(self.time_per_output_chunk, LocalHistogram):
             self.time_per_output_chunk.record_many(values, attributes)
             return
-        record = self.time_per_output_chunk.record
+        record, mapping = self.time_per_output_chunk.instrument.record, _mapping(attributes)
         for value in values:
-            record(value, attributes)
+            record(value, mapping)
 
     def add_engine_source(self, source: EngineSource) -> None:
         """Register a callable returning ``{deployment: engine_stats()}`` of in-process

@@ -38,6 +38,7 @@ __all__ = [
     "TraceParent",
     "build_tracer_provider",
     "new_traceparent",
+    "new_traceparent_header",
     "parse_traceparent",
     "trace_id_of",
 ]
@@ -87,6 +88,11 @@ def parse_traceparent(value: str | None) -> TraceParent | None:
 def new_traceparent() -> TraceParent:
     """Start a new, sampled trace."""
     return TraceParent(random_hex(32), random_hex(16), "01")
+
+
+def new_traceparent_header() -> str:
+    """The header of a new, sampled trace (``new_traceparent().header()``, per request)."""
+    return f"00-{random_hex(32)}-{random_hex(16)}-01"
 
 
 def trace_id_of(value: str | None) -> str | None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -56,7 +59,32 @@ def test_counter_sums_per_attribute_set() -> None:
     assert sorted(counter.collect(), key=repr) == sorted([({"a": "x", "b": "y"}, 3), ({}, 0.5)], key=repr)
 
 
-def _record_everything(metrics: RouterMetrics) -> None:
+class _AsPairs:
+    """RouterMetrics whose instruments get their attributes as (name, value) pairs, the
+    way the hooks and the HTTP middleware pass them."""
+
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self._metrics = metrics
+
+    def record_chunk_times(self, values: Any, attributes: dict[str, Any]) -> None:
+        self._metrics.record_chunk_times(values, tuple(attributes.items()))
+
+    def __getattr__(self, name: str) -> Any:
+        instrument = getattr(self._metrics, name)
+        return SimpleNamespace(
+            **{
+                method: partial(_with_pairs, getattr(instrument, method))
+                for method in ("record", "add")
+                if hasattr(type(instrument), method)
+            }
+        )
+
+
+def _with_pairs(call: Any, amount: float, attributes: dict[str, Any]) -> None:
+    call(amount, tuple(attributes.items()))
+
+
+def _record_everything(metrics: Any) -> None:
     failed = {**ATTRIBUTES, "error.type": "UpstreamError"}
     metrics.record_chunk_times(VALUES, ATTRIBUTES)
     metrics.record_chunk_times([0.02, 0.03], OTHER)
@@ -127,3 +155,14 @@ def test_export_matches_the_opentelemetry_exporter(accept: str | None) -> None:
     ):
         assert any(line.startswith(family) for line in expected)
     assert _lines(local, accept) == expected
+
+
+@pytest.mark.parametrize("pairs_through", ["local", "sdk", "both"])
+def test_attributes_as_pairs_make_the_same_series_as_mappings(pairs_through: str) -> None:
+    through_sdk = PrometheusMetrics(process_metrics=False)
+    sdk_metrics = RouterMetrics(through_sdk.meter_provider)
+    local = PrometheusMetrics(process_metrics=False)
+    local_metrics = RouterMetrics(local.meter_provider, local=local.local)
+    _record_everything(_AsPairs(sdk_metrics) if pairs_through in ("sdk", "both") else sdk_metrics)
+    _record_everything(_AsPairs(local_metrics) if pairs_through in ("local", "both") else local_metrics)
+    assert _lines(local, None) == _lines(through_sdk, None)
