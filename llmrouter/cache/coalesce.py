@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import anyio
@@ -81,7 +81,17 @@ class Flight:
     def push(self, chunk: ChatChunk) -> None:
         """Publish one streamed chunk to every attendee."""
         self.chunks.append(chunk)
-        self._signal()
+        if self._waiters:
+            self._signal()
+
+    async def relay(self, upstream: AsyncIterator[ChatChunk]) -> None:
+        """Publish every chunk of ``upstream`` as it arrives (:meth:`push`, inlined: this
+        runs once per streamed chunk)."""
+        chunks = self.chunks
+        async for chunk in upstream:
+            chunks.append(chunk)
+            if self._waiters:
+                self._signal()
 
     def finish(self, *, response: ChatResponse | None = None, error: BaseException | None = None) -> None:
         """Publish the outcome; attendees waiting for the whole answer wake up."""
@@ -113,7 +123,7 @@ class Flight:
         if self._ended_event is not None:
             self._ended_event.set()
 
-    async def _wait_change(self) -> None:
+    async def wait_change(self) -> None:
         """Until the next chunk or the outcome is published."""
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -126,30 +136,36 @@ class Flight:
             Exception: what the upstream call raised.
         """
         while not self.done:
-            await self._wait_change()
+            await self.wait_change()
         if self.error is not None:
             raise self.error
         if self.response is not None:
             return self.response
         return response_from_chunks(self.chunks)
 
-    async def iter_chunks(self) -> AsyncGenerator[ChatChunk, None]:
-        """Every chunk from the first, then live ones as they arrive (a non-streamed
-        flight is re-chunked once it completes)."""
+    async def batches(self) -> AsyncGenerator[list[ChatChunk], None]:
+        """Every chunk from the first, in lists: those published so far, then each time
+        more are, until the outcome (a non-streamed flight is re-chunked once it completes).
+        Chunks that arrive together cost one step of the reader, not one each.
+
+        Raises:
+            Exception: what the upstream call raised, after the chunks it published.
+        """
+        chunks = self.chunks
         sent = 0
         while True:
-            if sent < len(self.chunks):
-                sent += 1
-                yield self.chunks[sent - 1]
-                continue
-            if self.done:
+            if sent < len(chunks):
+                ready = len(chunks)
+                yield chunks[sent:ready]
+                sent = ready
+            elif self.done:
                 break
-            await self._wait_change()
+            else:
+                await self.wait_change()
         if self.error is not None:
             raise self.error
-        if self.response is not None and not self.chunks:
-            for chunk in chunks_from_response(self.response):
-                yield chunk
+        if self.response is not None and not chunks:
+            yield chunks_from_response(self.response)
 
 
 Producer = Callable[[Flight], Awaitable["ChatResponse | None"]]

@@ -9,7 +9,9 @@ for a non-streaming hit, and a response is re-chunked for a streaming hit.
 
 from __future__ import annotations
 
+import operator
 import time
+from itertools import chain
 from typing import Any
 
 import msgspec
@@ -95,12 +97,7 @@ def is_storable(answer: ChatResponse | list[ChatChunk], *, store_truncated: bool
     if isinstance(answer, ChatResponse):
         reasons = [choice.finish_reason for choice in answer.choices]
     else:
-        last: dict[int, str | None] = {}  # per choice: its last finish reason, as assembled
-        for chunk in answer:
-            for choice in chunk.choices:
-                if choice.finish_reason is not None or choice.index not in last:
-                    last[choice.index] = choice.finish_reason
-        reasons = list(last.values())
+        reasons = _last_finish_reasons(answer)
     if not reasons:
         return False
     for reason in reasons:
@@ -109,6 +106,25 @@ def is_storable(answer: ChatResponse | list[ChatChunk], *, store_truncated: bool
         if reason == "length" and not store_truncated:
             return False
     return True
+
+
+_choices_of = operator.attrgetter("choices")
+_index_of = operator.attrgetter("index")
+
+
+def _last_finish_reasons(chunks: list[ChatChunk]) -> list[str | None]:
+    """Per choice, its last finish reason (as the assembled answer would carry it), or
+    None when it never got one. The choices are listed in C; the reasons are read from
+    the end, where they are (this runs at the end of every stream that may be stored)."""
+    indexes = set(map(_index_of, chain.from_iterable(map(_choices_of, chunks))))
+    found: dict[int, str] = {}
+    for chunk in reversed(chunks):
+        for choice in chunk.choices:
+            if choice.finish_reason is not None and choice.index not in found:
+                found[choice.index] = choice.finish_reason
+        if len(found) == len(indexes):
+            break
+    return [found.get(index) for index in indexes]
 
 
 class _ChoiceBuilder:

@@ -228,15 +228,15 @@ class ResponseCache:
                 streaming=True,
             )
         try:
-            async with self.coalescer.attend(flight, ctx), aclosing(flight.iter_chunks()) as chunks:
-                async for chunk in chunks:
+            async with self.coalescer.attend(flight, ctx), aclosing(flight.batches()) as batches:
+                async for batch in batches:
                     if ctx is not flight.origin:
                         # The router times and bills the origin; attendees are ours to fill.
                         if ctx.first_token_at is None:
                             ctx.first_token_at = time.perf_counter()
-                        if chunk.usage is not None:
-                            ctx.usage = chunk.usage
-                    yield chunk
+                        ctx.usage = _last_usage(batch) or ctx.usage
+                    for chunk in batch:
+                        yield chunk
         except BaseException:
             self._settle_leaver(ctx, flight)
             raise
@@ -415,7 +415,11 @@ def _flight_usage(flight: Flight) -> Usage | None:
     """The usage upstream reported for the whole call (None when it reported none)."""
     if flight.response is not None:
         return flight.response.usage
-    for chunk in reversed(flight.chunks):
+    return _last_usage(flight.chunks)
+
+
+def _last_usage(chunks: list[ChatChunk]) -> Usage | None:
+    for chunk in reversed(chunks):
         if chunk.usage is not None:
             return chunk.usage
     return None
@@ -426,8 +430,7 @@ def _stream_producer(call: Callable[[], AsyncIterator[ChatChunk]]) -> Callable[[
         # aclosing: when the flight is cancelled, the provider's generator closes
         # upstream in this same task.
         async with aclosing(call()) as upstream:  # type: ignore[type-var]
-            async for chunk in upstream:
-                flight.push(chunk)
+            await flight.relay(upstream)
 
     return produce
 

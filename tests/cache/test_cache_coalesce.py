@@ -270,8 +270,8 @@ async def test_a_flight_wakes_its_waiters_and_allocates_nothing_per_unwatched_ch
     seen: list[ChatChunk] = []
 
     async def read() -> None:
-        async for got in flight.iter_chunks():
-            seen.append(got)
+        async for batch in flight.batches():
+            seen.extend(batch)
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:

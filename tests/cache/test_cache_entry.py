@@ -133,6 +133,45 @@ def test_storable_only_when_every_choice_finished(
     assert is_storable(chunks_from_response(response), store_truncated=truncated_ok) is storable
 
 
+def _interleaved(*steps: tuple[int, str | None]) -> list[ChatChunk]:
+    """A stream whose chunks carry one choice each, (index, finish_reason) in order."""
+    return [
+        ChatChunk(
+            id="c", model="m", choices=[ChunkChoice(index=i, delta=Delta(content="x"), finish_reason=r)]
+        )
+        for i, r in steps
+    ]
+
+
+@pytest.mark.parametrize(
+    ("chunks", "storable"),
+    [
+        # choices finish at different points; a usage chunk without choices at the end
+        (
+            [
+                *_interleaved((0, None), (1, None), (1, "stop"), (0, None), (0, "stop")),
+                ChatChunk(usage=Usage()),
+            ],
+            True,
+        ),
+        # choice 1 only ever appears early, and never finishes
+        (_interleaved((1, None), (0, None), (0, "stop")), False),
+        # a finish reason followed by empty deltas of the same choice still counts
+        (_interleaved((0, "stop"), (0, None)), True),
+        # the last finish reason wins, as assembling the answer keeps it
+        (_interleaved((0, "stop"), (0, "length")), False),
+        (_interleaved((0, "length"), (0, "stop")), True),
+        ([ChatChunk(usage=Usage())], False),
+    ],
+)
+def test_storable_streams_read_each_choices_last_finish_reason(
+    chunks: list[ChatChunk], storable: bool
+) -> None:
+    assert is_storable(chunks) is storable
+    # the same verdict as for the assembled answer
+    assert is_storable(response_from_chunks(chunks)) is storable
+
+
 def test_foreign_bytes_do_not_decode() -> None:
     with pytest.raises(msgspec.DecodeError):
         decode_entry(b"not msgpack at all")
