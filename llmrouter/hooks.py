@@ -7,8 +7,8 @@ The router calls, for each request::
     ... cache layer -> select -> provider, with on_attempt / on_fallback / on_cooldown /
         on_first_token events ...
     hook.after_request(ctx)         # exactly once for every hook whose before_request returned,
-                                    # in reverse order, shielded from cancellation, even on
-                                    # error, cancel or rejection by a later hook
+                                    # in reverse order, to the end even when the caller is
+                                    # cancelled, also on error, cancel or rejection by a later hook
     hook.on_rejected(ctx, error)    # on every hook, when the request was refused before
                                     # dispatch (unknown model, auth, rate limit, budget)
 
@@ -32,6 +32,13 @@ __all__ = ["CacheLayer", "RouterHooks"]
 
 class RouterHooks:
     """Base class for request hooks; every method is a no-op by default."""
+
+    settles_inline: bool = False
+    """True when ``after_request`` never waits (no I/O, no lock another request may
+    hold), so no cancellation can reach it. When every hook of a request says so, the
+    router runs them in the caller's task; otherwise in a task of their own that the
+    caller's cancellation does not reach (``llmrouter.aio.to_completion``), which costs a
+    task per request."""
 
     async def before_request(self, ctx: RequestContext) -> None:
         """Admit the request (``ctx.request``, ``ctx.model_group``, ``ctx.max_cost`` are set)."""

@@ -10,6 +10,7 @@ lets the hooks settle and record it. Cancelling the caller cancels the provider 
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
@@ -459,7 +460,11 @@ class Router:
         await self._after(ctx, self.hooks)
 
     async def _after(self, ctx: RequestContext, hooks: Sequence[RouterHooks]) -> None:
-        if hooks:
+        if not hooks:
+            return
+        if all(map(_settles_inline, hooks)):
+            await _run_after_hooks(ctx, hooks)  # nothing in them waits: no cancellation reaches them
+        else:
             # Settlement (ledger rows, limits, budgets) must finish even for a caller
             # that is being cancelled.
             await to_completion(_run_after_hooks(ctx, hooks))
@@ -515,6 +520,9 @@ async def _probe(deployment: DeploymentState, snapshot: dict[str, Any]) -> None:
     snapshot["reachable"] = health.ok
     snapshot["detail"] = health.detail
     snapshot["latency_ms"] = health.latency_ms or round((time.perf_counter() - started) * 1000, 2)
+
+
+_settles_inline = operator.attrgetter("settles_inline")
 
 
 async def _run_after_hooks(ctx: RequestContext, hooks: Sequence[RouterHooks]) -> None:

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from llmrouter.accounting.budgets import BudgetManager, Reservation
+from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore, Reservation
 from llmrouter.accounting.config import LimitsConfig
 from llmrouter.accounting.keys import ApiKey
 from llmrouter.accounting.ledger import LedgerWriter, row_from_context
-from llmrouter.accounting.limits import EffectiveLimits, Limiter, LimitTicket
+from llmrouter.accounting.limits import EffectiveLimits, Limiter, LimitTicket, MemoryLimiter
 from llmrouter.context import new_id
 from llmrouter.errors import AuthenticationError, LLMRouterError, PermissionDeniedError
 from llmrouter.hooks import RouterHooks
@@ -85,6 +85,14 @@ class AccountingHooks(RouterHooks):
     @property
     def in_flight(self) -> int:
         return len(self._admitted)
+
+    @property
+    def settles_inline(self) -> bool:  # type: ignore[override]
+        """True when settling waits on nothing: budgets and limits in this process (the
+        ledger row is queued without waiting); a Redis or database store waits on I/O."""
+        return (self.budgets is None or isinstance(self.budgets.store, MemoryBudgetStore)) and (
+            self.limiter is None or isinstance(self.limiter, MemoryLimiter)
+        )
 
     def effective_limits(self, key: ApiKey | None) -> EffectiveLimits:
         """The key's own limits, else the configured defaults."""
@@ -153,12 +161,13 @@ class AccountingHooks(RouterHooks):
     async def after_request(self, ctx: RequestContext) -> None:
         """Settle, release, record. Never raises (a failure is logged; the row is still queued)."""
         admission = self._admitted.pop(id(ctx), None)
-        if admission is not None:
-            try:
+        try:
+            if admission is not None:
                 await self._settle(ctx, admission)
-            except Exception:
-                log.exception("accounting: settling request %s failed", ctx.request_id)
-        self._record(ctx)
+        except Exception:
+            log.exception("accounting: settling request %s failed", ctx.request_id)
+        finally:
+            self._record(ctx)  # the row, whatever happened to the settling
 
     def on_rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
         """Refused elsewhere (unknown model, another hook): still worth a ``rejected`` row."""

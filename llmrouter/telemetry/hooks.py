@@ -96,6 +96,8 @@ class TelemetryHooks(RouterHooks):
         log_requests: write the request log line when no HTTP middleware will (library use).
     """
 
+    settles_inline = True  # after_request records, ends the span and logs: it never waits
+
     def __init__(
         self,
         *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -153,16 +154,24 @@ async def test_a_request_cancelled_during_settlement_is_still_billed_and_release
         limits=LimitsConfig(concurrency=1),
     )
     async with Accounting(config) as acct:
-        store = acct.budgets.store
         settling = asyncio.Event()
-        real_settle = store.settle
 
-        async def slow_settle(*args: object) -> int:
-            settling.set()
-            await asyncio.sleep(0.05)  # a store on the network
-            return await real_settle(*args)
+        class NetworkStore:
+            """The budget store on the network: every settle waits on a round trip."""
 
-        store.settle = slow_settle  # type: ignore[method-assign]
+            def __init__(self, inner: Any) -> None:
+                self.inner = inner
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.inner, name)
+
+            async def settle(self, *args: Any) -> int:
+                settling.set()
+                await asyncio.sleep(0.05)
+                return await self.inner.settle(*args)
+
+        store = acct.budgets.store = NetworkStore(acct.budgets.store)
+        assert not acct.hooks.settles_inline
         router, _provider = _router(acct, Step(text="hello there"))
         async with router:
             task = asyncio.create_task(router.chat(REQUEST))
@@ -177,3 +186,13 @@ async def test_a_request_cancelled_during_settlement_is_still_billed_and_release
         assert spent > 0 and reserved == 0
         rows = await acct.usage(by=["status"])
     assert {r["status"]: r["requests"] for r in rows} == {"ok": 2}
+
+
+async def test_accounting_settles_inline_only_with_stores_in_this_process(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    config = make_config(sqlite_url, tmp_path, budgets=[BudgetRule(key="*", period="day", limit=1.0)])
+    async with Accounting(config) as acct:
+        assert acct.hooks.settles_inline  # memory budgets and limits, a queued ledger row
+        acct.hooks.limiter = object()  # type: ignore[assignment] # e.g. the Redis limiter
+        assert not acct.hooks.settles_inline

@@ -104,3 +104,19 @@ async def test_to_completion_under_repeated_cancels_still_waits_for_the_work():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert finished == [True]
+
+
+async def test_hooks_run_in_the_callers_task_only_when_none_of_them_waits():
+    tasks: list[asyncio.Task | None] = []
+
+    class Inline(RouterHooks):
+        settles_inline = True
+
+        async def after_request(self, ctx):
+            tasks.append(asyncio.current_task())
+
+    await make_router([Inline()]).chat(BODY)
+    assert tasks == [asyncio.current_task()]
+    tasks.clear()
+    await make_router([Inline(), SlowSettlement()]).chat(BODY)
+    assert len(tasks) == 1 and tasks[0] is not asyncio.current_task()
