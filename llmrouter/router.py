@@ -363,6 +363,9 @@ class Router:
         """Pass chunks on, keep usage for billing, and remember the text for partial billing."""
         pieces: list[str] = []
         chunk_hooks = [hook for hook in self.hooks if _overrides(hook, "on_chunk")]
+        # Telemetry made ctx.chunk_times in before_request when it wants the chunks timed.
+        note_time = ctx.chunk_times.append if ctx.chunk_times is not None else None
+        now = time.perf_counter
         try:
             async with aclosing(source):  # type: ignore[type-var]
                 async for chunk in source:
@@ -376,8 +379,8 @@ class Router:
                         text = choice.delta.content if isinstance(chunk, ChatChunk) else choice.text
                         if text:
                             pieces.append(text)
-                    if ctx.chunk_times is not None:
-                        ctx.chunk_times.append(time.perf_counter())
+                    if note_time is not None:
+                        note_time(now())
                     for hook in chunk_hooks:
                         hook.on_chunk(ctx)
                     yield chunk

@@ -13,7 +13,7 @@ import time
 import weakref
 from array import array
 from collections import OrderedDict
-from itertools import pairwise
+from operator import sub
 from typing import TYPE_CHECKING, Any
 
 from llmrouter.errors import (
@@ -240,9 +240,7 @@ class TelemetryHooks(RouterHooks):
         )
         if chunk_times is not None and len(chunk_times) > 1:
             # One observation per chunk after the first: the time since the previous one.
-            metrics.record_chunk_times(
-                [later - earlier for earlier, later in pairwise(chunk_times)], attributes
-            )
+            metrics.record_chunk_times(list(map(sub, chunk_times[1:], chunk_times)), attributes)
         finished = ctx.finished_at if ctx.finished_at is not None else time.perf_counter()
         failure = error_type(ctx)
         metrics.operation_duration.record(

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterable, Mapping
+from itertools import repeat
 from typing import Any
 
 __all__ = ["AttributeKey", "Attributes", "LocalCounter", "LocalHistogram", "LocalMetrics"]
@@ -69,10 +71,21 @@ class LocalHistogram:
             series[-1] += amount
 
     def record_many(self, amounts: Iterable[float], attributes: Attributes | None = None) -> None:
-        """Each of ``amounts`` is one observation with ``attributes``."""
+        """Each of ``amounts`` is one observation with ``attributes`` (a stream's chunk
+        gaps: bucketed and counted in C when all of them are valid)."""
+        amounts = list(amounts)
+        if not amounts:
+            return
         key = _key(attributes)
         boundaries = self.boundaries
         series = self._series.get(key) or self._new_series(key)
+        total = sum(amounts)
+        # NaN fails the min/max tests or makes the sum NaN; infinity fails max.
+        if min(amounts) >= 0 and max(amounts) < _INF and total == total:
+            for bucket, count in Counter(map(bisect_left, repeat(boundaries), amounts)).items():
+                series[bucket] += count
+            series[-1] += total
+            return
         for amount in amounts:
             if 0 <= amount < _INF:
                 series[bisect_left(boundaries, amount)] += 1

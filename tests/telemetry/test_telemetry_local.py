@@ -29,6 +29,8 @@ def test_histogram_buckets_sum_and_count() -> None:
     histogram.record_many(VALUES, ATTRIBUTES)
     histogram.record(0.002, OTHER)
     histogram.record_many([-1.0, math.nan, math.inf], ATTRIBUTES)  # dropped, as the SDK drops them
+    histogram.record_many([0.0, math.nan], OTHER)  # a NaN after a valid value: only it is dropped
+    histogram.record_many([], OTHER)
     series = {
         attributes["gen_ai.request.model"]: (counts, total)
         for attributes, counts, total in histogram.collect()
@@ -39,7 +41,7 @@ def test_histogram_buckets_sum_and_count() -> None:
     assert counts[0] == 3  # 0.0, 0.0004 and 0.001 are <= 0.001
     assert counts[1] == 2  # 0.0011, 0.0025
     assert counts[-2] == 1 and counts[-1] == 2  # 2.5 in the last bound; 2.6 and 30 above it
-    assert series["n"] == ([0, 1] + [0] * (len(CHUNK_BUCKETS) - 1), 0.002)
+    assert series["n"] == ([1, 1] + [0] * (len(CHUNK_BUCKETS) - 1), 0.002)
 
 
 def test_histogram_series_that_differ_only_in_attribute_order_are_one() -> None:
