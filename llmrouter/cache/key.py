@@ -18,46 +18,73 @@ import msgspec
 if TYPE_CHECKING:
     from llmrouter.types import ChatRequest
 
-__all__ = ["KEY_VERSION", "cache_key", "canonical_request"]
+__all__ = ["KEY_VERSION", "CanonicalRequest", "cache_key", "canonical_request"]
 
-KEY_VERSION = 1
-"""Bumped when the canonical form changes, so old entries are simply never found."""
+KEY_VERSION = 2
+"""Bumped when the canonical form changes, so old entries are simply never found
+(2: encoded as a JSON array, in the field order of :class:`CanonicalRequest`)."""
 
 # Sorted keys make dicts (tool schemas, logit_bias, extra fields) order-independent.
 _encoder = msgspec.json.Encoder(order="sorted")
 
 
-def canonical_request(request: ChatRequest, model_group: str | None = None) -> dict[str, Any]:
-    """The answer-changing part of a chat request, as plain data.
+class CanonicalRequest(msgspec.Struct, array_like=True, frozen=True):
+    """The answer-changing part of a chat request. Encoded as an array: no field names
+    to write and none to sort (a third of the cost of the same data as a sorted dict)."""
+
+    v: int
+    op: str
+    model: str
+    messages: Any
+    tools: Any
+    tool_choice: Any
+    parallel_tool_calls: Any
+    response_format: Any
+    temperature: Any
+    top_p: Any
+    output_limit: Any
+    """``max_tokens`` and ``max_completion_tokens`` mean the same limit for the answer."""
+    n: Any
+    stop: Any
+    seed: Any
+    presence_penalty: Any
+    frequency_penalty: Any
+    logit_bias: Any
+    logprobs: Any
+    top_logprobs: Any
+    extra: Any
+
+
+def canonical_request(request: ChatRequest, model_group: str | None = None) -> CanonicalRequest:
+    """The answer-changing part of a chat request.
 
     Args:
         request: the decoded chat request.
         model_group: the resolved model group (aliases of one group share entries);
             defaults to the requested model name.
     """
-    return {
-        "v": KEY_VERSION,
-        "op": "chat",
-        "model": model_group or request.model,
-        "messages": request.messages,
-        "tools": request.tools,
-        "tool_choice": request.tool_choice,
-        "parallel_tool_calls": request.parallel_tool_calls,
-        "response_format": request.response_format,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        # max_tokens and max_completion_tokens mean the same limit for the answer.
-        "output_limit": request.output_limit,
-        "n": request.n if request.n != 1 else None,
-        "stop": request.stop_list or None,
-        "seed": request.seed,
-        "presence_penalty": request.presence_penalty,
-        "frequency_penalty": request.frequency_penalty,
-        "logit_bias": request.logit_bias,
-        "logprobs": request.logprobs,
-        "top_logprobs": request.top_logprobs,
-        "extra": request.extra or None,
-    }
+    return CanonicalRequest(
+        KEY_VERSION,
+        "chat",
+        model_group or request.model,
+        request.messages,
+        request.tools,
+        request.tool_choice,
+        request.parallel_tool_calls,
+        request.response_format,
+        request.temperature,
+        request.top_p,
+        request.output_limit,
+        request.n if request.n != 1 else None,
+        request.stop_list or None,
+        request.seed,
+        request.presence_penalty,
+        request.frequency_penalty,
+        request.logit_bias,
+        request.logprobs,
+        request.top_logprobs,
+        request.extra or None,
+    )
 
 
 def cache_key(request: ChatRequest, model_group: str | None = None, *, namespace: str | None = None) -> str:
