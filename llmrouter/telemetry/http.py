@@ -101,8 +101,9 @@ class TelemetryMiddleware:
 
         def send_and_watch(message: Message) -> Awaitable[None]:
             # Returns the server's awaitable instead of awaiting it: no coroutine of its
-            # own for every message (a stream sends one per chunk).
-            if message["type"] == "http.response.start":
+            # own for every message (a stream sends one per chunk). Once the status is
+            # known, a message is only passed on.
+            if not status and message["type"] == "http.response.start":
                 status.append(int(message["status"]))
             return send(message)
 
