@@ -36,6 +36,7 @@ __all__ = [
     "decode_entry",
     "encode_entry",
     "is_storable",
+    "last_usage",
     "response_from_chunks",
 ]
 
@@ -65,10 +66,15 @@ class CacheEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     def usage(self) -> Usage | None:
         if self.response is not None:
             return self.response.usage
-        for chunk in reversed(self.chunks or []):
-            if chunk.usage is not None:
-                return chunk.usage
-        return None
+        return last_usage(self.chunks or [])
+
+
+def last_usage(chunks: list[ChatChunk]) -> Usage | None:
+    """The usage of the last chunk that carries one (a stream reports it at its end)."""
+    for chunk in reversed(chunks):
+        if chunk.usage is not None:
+            return chunk.usage
+    return None
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from llmrouter.aio import on_asyncio
 from llmrouter.cache.base import CacheBackend
 from llmrouter.cache.coalesce import Coalescer, Flight
-from llmrouter.cache.entry import CacheEntry, decode_entry, encode_entry, is_storable
+from llmrouter.cache.entry import CacheEntry, decode_entry, encode_entry, is_storable, last_usage
 from llmrouter.cache.key import cache_key
 
 if TYPE_CHECKING:
@@ -234,7 +234,7 @@ class ResponseCache:
                         # The router times and bills the origin; attendees are ours to fill.
                         if ctx.first_token_at is None:
                             ctx.first_token_at = time.perf_counter()
-                        ctx.usage = _last_usage(batch) or ctx.usage
+                        ctx.usage = last_usage(batch) or ctx.usage
                     for chunk in batch:
                         yield chunk
         except BaseException:
@@ -415,14 +415,7 @@ def _flight_usage(flight: Flight) -> Usage | None:
     """The usage upstream reported for the whole call (None when it reported none)."""
     if flight.response is not None:
         return flight.response.usage
-    return _last_usage(flight.chunks)
-
-
-def _last_usage(chunks: list[ChatChunk]) -> Usage | None:
-    for chunk in reversed(chunks):
-        if chunk.usage is not None:
-            return chunk.usage
-    return None
+    return last_usage(flight.chunks)
 
 
 def _stream_producer(call: Callable[[], AsyncIterator[ChatChunk]]) -> Callable[[Flight], Awaitable[None]]:

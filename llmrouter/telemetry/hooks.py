@@ -138,11 +138,12 @@ class TelemetryHooks(RouterHooks):
             ctx.traceparent = new_traceparent_header()
         if not self.tracer.enabled:
             return
+        model = _model(ctx)
         try:
             span = self.tracer.start_request_span(
-                f"{_OPERATION_NAMES.get(ctx.operation, ctx.operation)} {_model(ctx)}",
+                f"{_OPERATION_NAMES.get(ctx.operation, ctx.operation)} {model}",
                 ctx.traceparent,
-                self._base_attributes(ctx),
+                dict(_base_attributes(ctx, model)),
             )
         except Exception:  # noqa: BLE001 - tracing must never reject a request
             _log.exception("telemetry: could not start the request span")
@@ -233,11 +234,7 @@ class TelemetryHooks(RouterHooks):
         # extended by concatenation (see llmrouter.telemetry.local).
         metrics = self.metrics
         model = _model(ctx)
-        attributes = (
-            ("gen_ai.operation.name", _OPERATION_NAMES.get(ctx.operation, ctx.operation)),
-            ("gen_ai.provider.name", ctx.provider or UNKNOWN),
-            ("gen_ai.request.model", model),
-        )
+        attributes = _base_attributes(ctx, model)
         if chunk_times is not None and len(chunk_times) > 1:
             # One observation per chunk after the first: the time since the previous one.
             metrics.record_chunk_times(list(map(sub, chunk_times[1:], chunk_times)), attributes)
@@ -365,10 +362,12 @@ class TelemetryHooks(RouterHooks):
                 self._recorded.popitem(last=False)
         return True
 
-    @staticmethod
-    def _base_attributes(ctx: RequestContext) -> dict[str, Any]:
-        return {
-            "gen_ai.operation.name": _OPERATION_NAMES.get(ctx.operation, ctx.operation),
-            "gen_ai.provider.name": ctx.provider or UNKNOWN,
-            "gen_ai.request.model": _model(ctx),
-        }
+
+def _base_attributes(ctx: RequestContext, model: str) -> tuple[tuple[str, Any], ...]:
+    """A request's operation, provider and model as (name, value) pairs: the series key
+    of its metrics (extended by concatenation), and the request span's attributes."""
+    return (
+        ("gen_ai.operation.name", _OPERATION_NAMES.get(ctx.operation, ctx.operation)),
+        ("gen_ai.provider.name", ctx.provider or UNKNOWN),
+        ("gen_ai.request.model", model),
+    )

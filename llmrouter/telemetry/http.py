@@ -125,7 +125,7 @@ class TelemetryMiddleware:
         if self.metrics is not None:
             # (name, value) pairs: the series key of the local histogram.
             attributes: tuple[tuple[str, Any], ...] = (
-                ("http.request.method", method if method in _KNOWN_METHODS else "_OTHER"),
+                ("http.request.method", _method(method)),
                 ("http.response.status_code", code),
             )
             if route:
