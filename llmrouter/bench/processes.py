@@ -23,15 +23,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _cores() -> list[int]:
-    return sorted(os.sched_getaffinity(0))
+# The cores this process may use, read once at import: pin_self() narrows the process's
+# own affinity to the load generator's core, and the children must still go on the first.
+_CORES: tuple[int, ...] = tuple(sorted(os.sched_getaffinity(0)))
 
 
 def pin_self(core_index: int) -> None:
     """Pin this process to one core (the load generator's), when there are two or more."""
-    cores = _cores()
-    if len(cores) > 1:
-        os.sched_setaffinity(0, {cores[core_index % len(cores)]})
+    if len(_CORES) > 1:
+        os.sched_setaffinity(0, {_CORES[core_index % len(_CORES)]})
+
+
+def server_core() -> int:
+    """The core the children are pinned to: the first, never the load generator's."""
+    return _CORES[0]
 
 
 class Child:
@@ -41,8 +46,7 @@ class Child:
         self, argv: Sequence[str], port: int, *, env: dict[str, str] | None = None, log: Path | None = None
     ) -> None:
         self.argv, self.port = list(argv), port
-        cores = _cores()
-        core = {cores[0]} if len(cores) > 1 else set(cores)
+        core = {server_core()}
         self._log: IO[bytes] | None = open(log, "wb") if log else None  # closed in stop()
         self.process = subprocess.Popen(
             self.argv,

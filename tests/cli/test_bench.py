@@ -1,6 +1,7 @@
 """``llmrouter bench`` end to end, on the smallest settings (a smoke test, not a timing)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,22 @@ def test_bench_measures_direct_and_gateway_and_writes_json(tmp_path: Path) -> No
         assert row["cpu_vs_bare"] == pytest.approx(row["cpu_ms_per_req"] / bare[row["stream"]] - 1)
     idle = [row for row in rows if row["target"].endswith(" idle")]
     assert len(idle) == 2 and all(row["rss_mb"] > 10 for row in idle)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_children_run_on_another_core_than_the_load_generator() -> None:
+    # The bench pins itself (the load generator) first, then starts the upstream and the
+    # gateway: they must still go on the first core, not follow it onto the second.
+    code = (
+        "import json, os, sys\n"
+        "from llmrouter.bench.processes import Child, pin_self\n"
+        "pin_self(1)\n"
+        "child = Child([sys.executable, '-c', 'import time; time.sleep(30)'], 0)\n"
+        "print(json.dumps([sorted(os.sched_getaffinity(0)), sorted(os.sched_getaffinity(child.process.pid))]))\n"
+        "child.stop()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    load_generator, child = json.loads(run.stdout)
+    cores = sorted(os.sched_getaffinity(0))
+    assert load_generator == [cores[1]] and child == [cores[0]]
