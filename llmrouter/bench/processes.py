@@ -34,11 +34,6 @@ def pin_self(core_index: int) -> None:
         os.sched_setaffinity(0, {_CORES[core_index % len(_CORES)]})
 
 
-def server_core() -> int:
-    """The core the children are pinned to: the first, never the load generator's."""
-    return _CORES[0]
-
-
 class Child:
     """A server process pinned (before exec) to the first core, waited for until it listens."""
 
@@ -46,7 +41,7 @@ class Child:
         self, argv: Sequence[str], port: int, *, env: dict[str, str] | None = None, log: Path | None = None
     ) -> None:
         self.argv, self.port = list(argv), port
-        core = {server_core()}
+        core = {_CORES[0]}  # the first: never the load generator's
         self._log: IO[bytes] | None = open(log, "wb") if log else None  # closed in stop()
         self.process = subprocess.Popen(
             self.argv,
