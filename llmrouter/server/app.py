@@ -32,7 +32,7 @@ from llmrouter.server.dashboard import dashboard_handlers
 from llmrouter.server.disconnect import ClientDisconnected
 from llmrouter.server.errors import exception_handlers
 from llmrouter.server.health import liveness, liveness_head, readiness
-from llmrouter.server.middleware import RequestIdMiddleware, ensure_request_id
+from llmrouter.server.middleware import RequestIdMiddleware
 from llmrouter.server.models import model_handlers
 from llmrouter.server.state import STATE_KEY, Service
 
@@ -186,7 +186,6 @@ def create_app(
         route_handlers=handlers,
         exception_handlers={**exception_handlers, ClientDisconnected: _handle_disconnect},
         middleware=middleware,
-        before_send=[ensure_request_id],
         cors_config=CORSConfig(allow_origins=origins, expose_headers=_EXPOSED_HEADERS) if origins else None,
         request_max_body_size=config.server.max_request_bytes,
         lifespan=[_make_lifespan(service, owns_router=router is None)],

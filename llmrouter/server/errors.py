@@ -17,7 +17,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from llmrouter.errors import LLMRouterError
-from llmrouter.ids import REQUEST_ID_KEY
+from llmrouter.ids import REQUEST_ID_KEY, request_id_of
 
 __all__ = ["error_body", "error_event", "exception_handlers", "openai_error_response"]
 
@@ -56,6 +56,14 @@ def _request_id(request: Request[Any, Any, Any]) -> str | None:
     return request.scope.get(REQUEST_ID_KEY)  # type: ignore[return-value]
 
 
+def _unrouted_id(request: Request[Any, Any, Any]) -> dict[str, str]:
+    """``X-Request-ID`` for an error no route's middleware saw (404 and 405 from the
+    router: ``RequestIdMiddleware`` runs per route, and gives every routed answer its id)."""
+    if REQUEST_ID_KEY in request.scope:
+        return {}
+    return {"x-request-id": request_id_of(request.scope)}
+
+
 def handle_llmrouter_error(request: Request[Any, Any, Any], exc: LLMRouterError) -> Response[bytes]:
     if exc.http_status >= 500:
         # Upstream/server failures are worth a log line; client mistakes are not.
@@ -81,7 +89,8 @@ def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -
         message = f"method {request.method} is not allowed on {request.url.path}"
     elif status == 413:
         message = "request body is too large"
-    return openai_error_response(status, error_body(message, type_, code, param), dict(exc.headers or {}))
+    headers = {**(exc.headers or {}), **_unrouted_id(request)}
+    return openai_error_response(status, error_body(message, type_, code, param), headers)
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -89,6 +98,7 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return openai_error_response(
         HTTP_500_INTERNAL_SERVER_ERROR,
         error_body("internal server error", "server_error", "internal_error"),
+        _unrouted_id(request),
     )
 
 

@@ -5,13 +5,17 @@ services), else a fresh one; the handler reads it from the scope to put it into 
 :class:`~llmrouter.context.RequestContext`. ``X-Process-Time`` is the seconds from the
 request reaching this middleware to the response headers leaving it (for a stream, the
 time to the first event).
+
+It runs per route: errors the router answers itself (404, 405) get their id from the
+exception handlers in :mod:`llmrouter.server.errors` instead of a ``before_send`` hook,
+which would be called for every message sent, each streamed chunk included.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
@@ -21,7 +25,7 @@ from llmrouter.ids import request_id_of
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RequestIdMiddleware", "ensure_request_id"]
+__all__ = ["RequestIdMiddleware"]
 
 
 class RequestIdMiddleware(ASGIMiddleware):
@@ -44,13 +48,3 @@ class RequestIdMiddleware(ASGIMiddleware):
             return send(message)
 
         await next_app(scope, receive, send_with_headers)
-
-
-async def ensure_request_id(message: Message, scope: Scope) -> None:
-    """``before_send`` hook: responses that never reached a route (404, 405) get an id too."""
-    if message["type"] != "http.response.start":
-        return
-    headers: Any = message.get("headers", ())
-    if any(name.lower() == b"x-request-id" for name, _ in headers):
-        return
-    message["headers"] = [*headers, (b"x-request-id", request_id_of(scope).encode("latin-1"))]

@@ -163,6 +163,19 @@ def test_http_level_errors_have_openai_bodies(client: TestClient[Any]) -> None:
     assert route.headers["x-request-id"]
     method = client.get("/v1/chat/completions")
     assert method.status_code == 405 and method.json()["error"]["code"] == "method_not_allowed"
+    assert method.headers["x-request-id"]
+
+
+def test_every_answer_has_one_request_id(client: TestClient[Any]) -> None:
+    sent = {"x-request-id": "req-7"}
+    answers = [
+        client.get("/v1/does-not-exist", headers=sent),  # no route: the exception handler
+        client.get("/v1/chat/completions", headers=sent),  # 405, also before any route
+        client.post("/v1/chat/completions", json={**CHAT, "messages": 3}, headers=sent),  # routed 400
+        client.post("/v1/chat/completions", json=CHAT, headers=sent),  # routed 200
+    ]
+    for answer in answers:
+        assert answer.headers.get_list("x-request-id") == ["req-7"], answer.status_code
 
 
 def test_body_over_the_limit_is_413() -> None:
