@@ -25,7 +25,11 @@ from llmrouter.ids import request_id_of
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["RequestIdMiddleware"]
+__all__ = ["STATUS_KEY", "RequestIdMiddleware"]
+
+STATUS_KEY = "llmrouter.response_status"
+"""Where :class:`RequestIdMiddleware` keeps the response's status in the ASGI scope,
+for the middleware inside it (telemetry) to read instead of watching every message."""
 
 
 class RequestIdMiddleware(ASGIMiddleware):
@@ -40,6 +44,7 @@ class RequestIdMiddleware(ASGIMiddleware):
         def send_with_headers(message: Message) -> Awaitable[None]:
             # Returns the server's awaitable: no coroutine of its own per message.
             if message["type"] == "http.response.start":
+                scope[STATUS_KEY] = message["status"]  # type: ignore[literal-required]
                 elapsed = f"{time.perf_counter() - started:.6f}".encode()
                 headers = list(message.get("headers", ()))
                 headers.append((b"x-request-id", request_id))

@@ -66,6 +66,8 @@ class TelemetryExtension(Extension):
     def middleware(self) -> Sequence[Any]:
         from litestar.middleware import DefineMiddleware
 
+        from llmrouter.server.middleware import STATUS_KEY
+
         return (
             DefineMiddleware(
                 TelemetryMiddleware,  # type: ignore[arg-type]  # plain ASGI typing, not Litestar's
@@ -73,6 +75,8 @@ class TelemetryExtension(Extension):
                 tracer=self.tracer,
                 access_log=self.config.access_log,
                 quiet_paths=self.config.quiet_paths,
+                # The service's RequestIdMiddleware (around every route's middleware) records it.
+                status_key=STATUS_KEY,
             ),
         )
 

@@ -53,6 +53,10 @@ class TelemetryMiddleware:
         tracer: creates the server span when spans are exported; None creates none.
         access_log: write the access line (logger ``llmrouter.access``).
         quiet_paths: paths whose access lines go out at DEBUG (probes, scrapes).
+        status_key: the scope key under which a middleware around this one records the
+            response status (the service's ``RequestIdMiddleware`` does). Given, the
+            status is read there once the app returns, instead of through a wrapper of
+            ``send``: a call per message, that is per streamed chunk.
     """
 
     def __init__(
@@ -63,12 +67,14 @@ class TelemetryMiddleware:
         tracer: RequestTracer | None = None,
         access_log: bool = True,
         quiet_paths: Sequence[str] = (),
+        status_key: str | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.tracer = tracer
         self.access_log = access_log
         self.quiet_paths = frozenset(quiet_paths)
+        self.status_key = status_key
         self._logger = logging.getLogger(ACCESS_LOGGER)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -109,11 +115,11 @@ class TelemetryMiddleware:
 
         token = current_access_record.set(record)
         try:
-            await self.app(scope, receive, send_and_watch)
+            await self.app(scope, receive, send if self.status_key else send_and_watch)
         finally:
             current_access_record.reset(token)
             # No response started means the app raised: the server answers 500.
-            code = status[0] if status else 500
+            code = scope.get(self.status_key, 500) if self.status_key else status[0] if status else 500
             elapsed = time.perf_counter() - started
             self._record(method, route, code, elapsed, span)
             if self.access_log:

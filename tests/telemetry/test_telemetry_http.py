@@ -1,0 +1,79 @@
+"""TelemetryMiddleware as plain ASGI: the status it records, watched from ``send`` or
+read from the scope key a middleware around it fills (as the service's does)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from llmrouter.telemetry.http import TelemetryMiddleware
+from llmrouter.telemetry.local import LocalMetrics
+from llmrouter.telemetry.metrics import RouterMetrics
+
+pytestmark = pytest.mark.anyio
+
+STATUS_KEY = "test.status"
+
+
+async def answer_204(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def fail(scope: Any, receive: Any, send: Any) -> None:
+    raise RuntimeError("boom")
+
+
+def recording_status(app: Any) -> Any:
+    """What the service's RequestIdMiddleware does: the status into the scope."""
+
+    async def outer(scope: Any, receive: Any, send: Any) -> None:
+        async def watch(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                scope[STATUS_KEY] = message["status"]
+            await send(message)
+
+        await app(scope, receive, watch)
+
+    return outer
+
+
+async def call(app: Any) -> list[dict[str, Any]]:
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": [], "path_template": "/x"}
+    try:
+        await app(scope, receive, send)
+    except RuntimeError:
+        pass
+    return sent
+
+
+def statuses(metrics: RouterMetrics) -> list[int]:
+    return sorted(
+        attributes["http.response.status_code"]
+        for attributes, counts, _ in metrics.http_server_duration.collect()
+        for _ in range(sum(counts))
+    )
+
+
+@pytest.mark.parametrize("from_scope", [False, True], ids=["watching send", "from the scope"])
+async def test_the_recorded_status(from_scope: bool) -> None:
+    metrics = RouterMetrics(local=LocalMetrics())
+    options: dict[str, Any] = {"metrics": metrics, "access_log": False}
+    if from_scope:
+        options["status_key"] = STATUS_KEY
+    for app in (answer_204, fail):
+        middleware = TelemetryMiddleware(app, **options)
+        sent = await call(recording_status(middleware) if from_scope else middleware)
+        assert [m["type"] for m in sent] == (
+            ["http.response.start", "http.response.body"] if app is answer_204 else []
+        )
+    assert statuses(metrics) == [204, 500]  # an app that raised: the server answers 500
