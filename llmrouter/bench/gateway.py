@@ -16,7 +16,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,11 @@ class GatewayRow:
     errors: int
     cpu_vs_bare: float | None = None
     """CPU per request over bare's at the same stream and concurrency, minus 1 (0.2: 20%
-    more): what the subsystems a mode turns on cost. None for direct and bare."""
+    more): what the subsystems a mode turns on cost. The median of the rounds' ratios,
+    each against bare in the same round, so that a machine slowing down between rounds
+    does not show as a cost. None for direct and bare."""
+    cpu_ms_rounds: list[float] = field(default_factory=list)
+    """CPU ms per request in each round, in order (the gateways only)."""
 
 
 def _config(upstream_port: int, extra: dict[str, Any]) -> dict[str, Any]:
@@ -271,7 +275,9 @@ def _measure_all(
                 results, cpus = cells[(target, stream, c)]
                 direct_p50 = None if direct else _p50_ms(cells[("direct", stream, c)][0])
                 rss = None if direct else child.rss_mb()
-                rows.append(_row(target, stream, c, results, median(cpus) if cpus else None, rss, direct_p50))
+                row = _row(target, stream, c, results, median(cpus) if cpus else None, rss, direct_p50)
+                row.cpu_ms_rounds = cpus
+                rows.append(row)
         if not direct:
             rows.append(_idle_row(f"{target} idle", idle_rss[target]))
     _compare_with_bare(rows)
@@ -279,12 +285,12 @@ def _measure_all(
 
 
 def _compare_with_bare(rows: list[GatewayRow]) -> None:
-    """Fill ``cpu_vs_bare`` of every measured gateway row but bare's own."""
-    bare = {(r.stream, r.concurrency): r.cpu_ms_per_req for r in rows if r.target == BARE_TARGET}
+    """Fill ``cpu_vs_bare`` of every measured gateway row but bare's own: round by round."""
+    bare = {(r.stream, r.concurrency): r.cpu_ms_rounds for r in rows if r.target == BARE_TARGET}
     for row in rows:
         base = bare.get((row.stream, row.concurrency))
-        if row.target != BARE_TARGET and row.cpu_ms_per_req and base:
-            row.cpu_vs_bare = row.cpu_ms_per_req / base - 1
+        if row.target != BARE_TARGET and row.cpu_ms_rounds and base and all(base):
+            row.cpu_vs_bare = median([cpu / b for cpu, b in zip(row.cpu_ms_rounds, base, strict=True)]) - 1
 
 
 def _p50_ms(results: list[LoadResult]) -> float:
