@@ -149,7 +149,7 @@ def _row(
     stream: bool,
     concurrency: int,
     results: list[LoadResult],
-    cpu: float | None,
+    cpus: list[float],
     rss: float | None,
     direct_p50: float | None,
 ) -> GatewayRow:
@@ -164,9 +164,10 @@ def _row(
         p99_ms=median([percentile(r.latencies, 99) for r in results]) * 1000,
         ttfb_p50_ms=median([percentile(r.first_bytes, 50) for r in results]) * 1000,
         added_p50_ms=None if direct_p50 is None else p50 - direct_p50,
-        cpu_ms_per_req=cpu,
+        cpu_ms_per_req=median(cpus) if cpus else None,
         rss_mb=rss,
         errors=sum(r.errors for r in results),
+        cpu_ms_rounds=cpus,
     )
 
 
@@ -275,9 +276,7 @@ def _measure_all(
                 results, cpus = cells[(target, stream, c)]
                 direct_p50 = None if direct else _p50_ms(cells[("direct", stream, c)][0])
                 rss = None if direct else child.rss_mb()
-                row = _row(target, stream, c, results, median(cpus) if cpus else None, rss, direct_p50)
-                row.cpu_ms_rounds = cpus
-                rows.append(row)
+                rows.append(_row(target, stream, c, results, cpus, rss, direct_p50))
         if not direct:
             rows.append(_idle_row(f"{target} idle", idle_rss[target]))
     _compare_with_bare(rows)

@@ -119,7 +119,10 @@ class TelemetryMiddleware:
         finally:
             current_access_record.reset(token)
             # No response started means the app raised: the server answers 500.
-            code = scope.get(self.status_key, 500) if self.status_key else status[0] if status else 500
+            if self.status_key:
+                code = scope.get(self.status_key, 500)
+            else:
+                code = status[0] if status else 500
             elapsed = time.perf_counter() - started
             self._record(method, route, code, elapsed, span)
             if self.access_log:
