@@ -21,15 +21,16 @@ _MAX_REQUEST_ID_LENGTH = 128
 
 
 def random_hex(digits: int) -> str:
-    """``digits`` random lowercase hex digits, never all zeros (W3C trace and span ids)."""
-    return f"{getrandbits(digits * 4) or 1:0{digits}x}"
+    """``digits`` (an even number) random lowercase hex digits, never all zeros (W3C
+    trace and span ids). Through bytes: ``bytes.hex`` costs half of a ``:032x`` format."""
+    return (getrandbits(digits * 4) or 1).to_bytes(digits // 2, "big").hex()
 
 
 def new_id() -> str:
     """A unique id in 32 hex digits that sorts by creation time: nanoseconds since the
     epoch, then 64 random bits. Index inserts of such ids land at the end of the
     B-tree (a ledger of random ids got twice as slow to insert into by 100k rows)."""
-    return f"{time.time_ns():016x}{getrandbits(64):016x}"
+    return (time.time_ns() << 64 | getrandbits(64)).to_bytes(16, "big").hex()
 
 
 def request_id_of(scope: Any) -> str:
