@@ -130,7 +130,7 @@ def test_to_units_saturates_instead_of_overflowing() -> None:
     [
         ({}, True),
         ({"model_group": "m" * 200, "prompt_tokens": 2**31 - 1}, True),
-        ({"prompt_tokens": 3.0, "error_code": 7}, True),
+        ({"prompt_tokens": 3.0, "error_code": 7}, False),  # other types: value by value, kept
         ({"model_group": "m" * 201}, False),
         ({"upstream_model": "up\x00stream"}, False),
         ({"completion_tokens": -1}, False),
@@ -139,8 +139,8 @@ def test_to_units_saturates_instead_of_overflowing() -> None:
     ],
 )
 def test_rows_that_fit_are_passed_through_and_others_fitted(fields: dict[str, Any], fits: bool) -> None:
-    # clean_rows checks the common case without a loop over the columns: it must agree
-    # with fitting each value, and never change the row it was given.
+    # clean_rows passes a row that fits as it is, without fitting each value: it must
+    # agree with fitting each value, and never change the row it was given.
     row = _complete(_row(**fields))
     original = dict(row)
     [cleaned] = clean_rows([row])
