@@ -237,7 +237,7 @@ class TelemetryHooks(RouterHooks):
         attributes = _base_attributes(ctx, model)
         if chunk_times is not None and len(chunk_times) > 1:
             # One observation per chunk after the first: the time since the previous one.
-            metrics.record_chunk_times(list(map(sub, chunk_times[1:], chunk_times)), attributes)
+            metrics.record_chunk_times(map(sub, chunk_times[1:], chunk_times), attributes)
         finished = ctx.finished_at if ctx.finished_at is not None else time.perf_counter()
         failure = error_type(ctx)
         metrics.operation_duration.record(

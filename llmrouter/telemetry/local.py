@@ -24,10 +24,8 @@ never sees half an observation's buckets.
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
-from collections import Counter
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping
-from itertools import repeat
 from typing import Any
 
 __all__ = ["AttributeKey", "Attributes", "LocalCounter", "LocalHistogram", "LocalMetrics"]
@@ -72,23 +70,30 @@ class LocalHistogram:
 
     def record_many(self, amounts: Iterable[float], attributes: Attributes | None = None) -> None:
         """Each of ``amounts`` is one observation with ``attributes`` (a stream's chunk
-        gaps: bucketed and counted in C when all of them are valid)."""
-        amounts = list(amounts)
+        gaps). When all are valid they are sorted, and each bucket takes the ones up to
+        its bound with one bisection; most gaps fall in the first bucket or two, so this
+        usually stops there (a bisection per value cost three times as much)."""
+        amounts = sorted(amounts)
         if not amounts:
             return
-        key = _key(attributes)
-        boundaries = self.boundaries
-        series = self._series.get(key) or self._new_series(key)
+        series = self._series.get(key := _key(attributes)) or self._new_series(key)
         total = sum(amounts)
-        # NaN fails the min/max tests or makes the sum NaN; infinity fails max.
-        if min(amounts) >= 0 and max(amounts) < _INF and total == total:
-            for bucket, count in Counter(map(bisect_left, repeat(boundaries), amounts)).items():
-                series[bucket] += count
+        # NaN makes the sum NaN; the sorted ends give the smallest and largest.
+        if total == total and amounts[0] >= 0 and amounts[-1] < _INF:
+            counted, count = 0, len(amounts)
+            for bucket, bound in enumerate(self.boundaries):
+                upto = bisect_right(amounts, bound)
+                series[bucket] += upto - counted
+                counted = upto
+                if counted == count:
+                    break
+            else:
+                series[-2] += count - counted  # above every bound
             series[-1] += total
             return
         for amount in amounts:
             if 0 <= amount < _INF:
-                series[bisect_left(boundaries, amount)] += 1
+                series[bisect_left(self.boundaries, amount)] += 1
                 series[-1] += amount
 
     def _new_series(self, key: AttributeKey) -> list[float]:

@@ -5,6 +5,7 @@ exports the same observations recorded through the SDK."""
 from __future__ import annotations
 
 import math
+import random
 import re
 from functools import partial
 from types import SimpleNamespace
@@ -42,6 +43,21 @@ def test_histogram_buckets_sum_and_count() -> None:
     assert counts[1] == 2  # 0.0011, 0.0025
     assert counts[-2] == 1 and counts[-1] == 2  # 2.5 in the last bound; 2.6 and 30 above it
     assert series["n"] == ([1, 1] + [0] * (len(CHUNK_BUCKETS) - 1), 0.002)
+
+
+def test_record_many_counts_as_recording_each_value() -> None:
+    # Unsorted, with repeats, values on the bounds and above them: the bucketing by
+    # bisection of sorted values must agree with bucketing each value.
+    rng = random.Random(7)
+    values = [rng.choice([*CHUNK_BUCKETS, rng.uniform(0, 3), rng.expovariate(200)]) for _ in range(500)]
+    together, one_by_one = (LocalHistogram("h", "s", "", CHUNK_BUCKETS) for _ in range(2))
+    for start in range(0, len(values), 20):
+        together.record_many(values[start : start + 20], ATTRIBUTES)
+    for value in values:
+        one_by_one.record(value, ATTRIBUTES)
+    [(_, counts, total)], [(_, expected_counts, expected_total)] = together.collect(), one_by_one.collect()
+    assert counts == expected_counts
+    assert total == pytest.approx(expected_total)
 
 
 def test_histogram_series_that_differ_only_in_attribute_order_are_one() -> None:
