@@ -65,7 +65,8 @@ _INT_LIMITS: tuple[tuple[str, int], ...] = tuple(
     if isinstance(c.type, Integer) and c.name != "id"
 )
 _TEXT_BOUNDS = tuple((name, length or sys.maxsize) for name, length in _STR_LIMITS)
-"""The same, with a number for every column, for the check of a whole row."""
+"""``_STR_LIMITS`` with a bound for every column (text without a length: ``sys.maxsize``),
+for :func:`_fits`."""
 
 
 _SECONDS_PER_DAY = 86400  # Unix time has no leap seconds: every UTC day is this long

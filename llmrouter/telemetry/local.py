@@ -76,7 +76,8 @@ class LocalHistogram:
         amounts = sorted(amounts)
         if not amounts:
             return
-        series = self._series.get(key := _key(attributes)) or self._new_series(key)
+        key = _key(attributes)
+        series = self._series.get(key) or self._new_series(key)
         total = sum(amounts)
         # NaN makes the sum NaN; the sorted ends give the smallest and largest.
         if total == total and amounts[0] >= 0 and amounts[-1] < _INF:
