@@ -41,6 +41,9 @@ ASGIApp = Callable[
     [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
 ]
 
+_WATCHED_STATUS_KEY = "llmrouter.telemetry.status"
+"""Where the middleware notes the response status itself when no ``status_key`` is given."""
+
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
@@ -103,26 +106,13 @@ class TelemetryMiddleware:
         if traceparent != incoming:
             _set_header(scope, b"traceparent", traceparent, replace=incoming is not None)
         record = AccessRecord(method, scope["path"], request_id_of(scope), traceparent)
-        status: list[int] = []
-
-        def send_and_watch(message: Message) -> Awaitable[None]:
-            # Returns the server's awaitable instead of awaiting it: no coroutine of its
-            # own for every message (a stream sends one per chunk). Once the status is
-            # known, a message is only passed on.
-            if not status and message["type"] == "http.response.start":
-                status.append(int(message["status"]))
-            return send(message)
-
         token = current_access_record.set(record)
         try:
-            await self.app(scope, receive, send if self.status_key else send_and_watch)
+            await self.app(scope, receive, send if self.status_key else _watching_status(scope, send))
         finally:
             current_access_record.reset(token)
             # No response started means the app raised: the server answers 500.
-            if self.status_key:
-                code = scope.get(self.status_key, 500)
-            else:
-                code = status[0] if status else 500
+            code = scope.get(self.status_key or _WATCHED_STATUS_KEY, 500)
             elapsed = time.perf_counter() - started
             self._record(method, route, code, elapsed, span)
             if self.access_log:
@@ -161,6 +151,20 @@ class TelemetryMiddleware:
             method=record.method, path=record.path, status=code, latency_ms=round(elapsed * 1000, 2)
         )
         self._logger.log(level, "request", extra=fields)
+
+
+def _watching_status(scope: Scope, send: Any) -> Callable[[Message], Awaitable[None]]:
+    """``send``, noting the response status in ``scope`` under :data:`_WATCHED_STATUS_KEY`
+    (for use without a middleware around this one that records it)."""
+
+    def send_and_watch(message: Message) -> Awaitable[None]:
+        # Returns the server's awaitable instead of awaiting it: no coroutine of its own
+        # for every message (a stream sends one per chunk).
+        if message["type"] == "http.response.start":
+            scope[_WATCHED_STATUS_KEY] = int(message["status"])
+        return send(message)
+
+    return send_and_watch
 
 
 def _method(method: str) -> str:
