@@ -168,13 +168,14 @@ class ResponseCache:
             if plan is not None and not ctx.no_store:
                 await self._store(plan, response=response)
             return response
-        flight = await self._find_or_lookup(ctx, plan)
+        coalescing = self._can_coalesce()
+        flight = await self._find_or_lookup(ctx, plan, coalescing)
         if isinstance(flight, CacheEntry):
             ctx.first_token_at = time.perf_counter()
             return flight.as_response()
         if flight is None:
             self._mark(ctx, "miss")
-            if not self._can_coalesce():
+            if not coalescing:
                 response = await call()
                 if not ctx.no_store:
                     await self._store(plan, response=response)
@@ -208,7 +209,8 @@ class ResponseCache:
             async for chunk in self._pass_through(plan if not ctx.no_store else None, call):
                 yield chunk
             return
-        flight = await self._find_or_lookup(ctx, plan)
+        coalescing = self._can_coalesce()
+        flight = await self._find_or_lookup(ctx, plan, coalescing)
         if isinstance(flight, CacheEntry):
             ctx.first_token_at = time.perf_counter()
             for chunk in flight.as_chunks():
@@ -216,7 +218,7 @@ class ResponseCache:
             return
         if flight is None:
             self._mark(ctx, "miss")
-            if not self._can_coalesce():
+            if not coalescing:
                 async for chunk in self._pass_through(plan if not ctx.no_store else None, call):
                     yield chunk
                 return
@@ -257,9 +259,11 @@ class ResponseCache:
         ttl = settings.ttl if settings is not None and settings.ttl is not None else self.ttl
         return _Plan(key=cache_key(request, group, namespace=namespace), ttl=ttl)
 
-    async def _find_or_lookup(self, ctx: RequestContext, plan: _Plan) -> Flight | CacheEntry | None:
-        """A flight to attend, a stored entry (the context is marked as a hit), or None."""
-        coalescing = self._can_coalesce()
+    async def _find_or_lookup(
+        self, ctx: RequestContext, plan: _Plan, coalescing: bool
+    ) -> Flight | CacheEntry | None:
+        """A flight to attend (only when ``coalescing``), a stored entry (the context is
+        marked as a hit), or None."""
         found = self._joinable(plan.key) if coalescing else None
         if found is None:
             found = await self._lookup(plan.key)
