@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import cache
-from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmrouter.errors import ConfigError, ProviderNotInstalledError
 from llmrouter.provider import Provider
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 __all__ = [
     "KNOWN_PROVIDERS",
@@ -40,6 +42,10 @@ _registered: dict[str, type[Provider[Any]]] = {}
 
 @cache
 def _entry_points() -> dict[str, EntryPoint]:
+    # Imported here: importlib.metadata (and the email and zipfile modules it pulls in)
+    # was a fifth of what ``import llmrouter`` cost, and only a router being built needs it.
+    from importlib.metadata import entry_points
+
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 
