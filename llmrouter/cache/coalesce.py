@@ -56,18 +56,6 @@ class Flight:
         streaming: True when upstream is streamed (chunks are published live).
     """
 
-    # What every flight starts with, at class level: a flight is made for every cache miss.
-    response: ChatResponse | None = None
-    error: BaseException | None = None
-    done = False
-    ended = False
-    """True once the producer task has finished, storing included."""
-    reusable = False
-    """Set by the after-flight step when the answer is being stored: until the store
-    lands, a new identical request is served from the flight as if it were a hit."""
-    task: asyncio.Task[None] | None = None
-    _ended_event: asyncio.Event | None = None  # made only when someone waits
-
     def __init__(self, key: str, origin: RequestContext, *, streaming: bool) -> None:
         self.key = key
         self.origin = origin
@@ -75,6 +63,16 @@ class Flight:
         self.streaming = streaming
         self.attendees: list[RequestContext] = []
         self.chunks: list[ChatChunk] = []
+        self.response: ChatResponse | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.ended = False
+        """True once the producer task has finished, storing included."""
+        self._ended_event: asyncio.Event | None = None  # made only when someone waits
+        self.task: asyncio.Task[None] | None = None
+        self.reusable = False
+        """Set by the after-flight step when the answer is being stored: until the store
+        lands, a new identical request is served from the flight as if it were a hit."""
         # One future per attendee waiting for the next chunk or the outcome, resolved
         # (and dropped) by it: a chunk nobody waits for costs nothing. A waiter that is
         # cancelled cancels only its own future. Flights run on asyncio only.
@@ -206,8 +204,7 @@ class Coalescer:
         """
         flight = Flight(key, origin, streaming=streaming)
         self._flights[key] = flight
-        # The loop's own create_task: asyncio.create_task wraps it in two Python calls.
-        flight.task = asyncio.get_running_loop().create_task(
+        flight.task = asyncio.create_task(
             self._fly(flight, produce, after), name=f"llmrouter-cache-flight-{key[-12:]}"
         )
         # A done callback, not a finally: a task cancelled before its first step never
