@@ -189,15 +189,25 @@ class Page:
                 raise AssertionError(f"timed out waiting for {expression!r}; page shows {shown}")
             await asyncio.sleep(0.05)
 
-    async def click(self, selector: str) -> None:
-        """A real mouse click in the middle of the element."""
-        box = await self.eval(
-            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
-            " if (!e) return null; e.scrollIntoView({block: 'center'});"
-            " const r = e.getBoundingClientRect();"
-            " return {x: r.left + r.width / 2, y: r.top + r.height / 2, w: r.width}; })()"
-        )
-        assert box and box["w"] > 0, f"{selector} is not on the page or not visible"
+    async def click(self, selector: str, within: float = 5.0) -> None:
+        """A real mouse click in the middle of the element, once the element is what the
+        page hit-tests there (a layout still settling, after a resize or a full-page
+        screenshot, would otherwise send the click elsewhere)."""
+        deadline = time.monotonic() + within
+        while True:
+            box = await self.eval(
+                f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+                " if (!e) return null; e.scrollIntoView({block: 'center'});"
+                " const r = e.getBoundingClientRect();"
+                " const x = r.left + r.width / 2, y = r.top + r.height / 2;"
+                " const hit = document.elementFromPoint(x, y);"
+                " return {x, y, w: r.width, hit: hit !== null && e.contains(hit)}; })()"
+            )
+            assert box and box["w"] > 0, f"{selector} is not on the page or not visible"
+            if box["hit"]:
+                break
+            assert time.monotonic() < deadline, f"{selector} stays covered by another element"
+            await asyncio.sleep(0.05)
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
             await self.send(
                 "Input.dispatchMouseEvent",

@@ -292,6 +292,8 @@ async def test_dashboard_admin_and_user_views(browser: Any, tmp_path: Path) -> N
         )
         await page.wait_for("!document.getElementById('csv').disabled")
         await page.click("#csv")
+        # The page says it made the file: a click that missed fails here, not as a lost download.
+        await page.wait_for("document.getElementById('status').textContent.includes('downloaded')")
         csv_file = await wait_for_download(downloads)
         rows = list(csv.DictReader(io.StringIO(csv_file.read_text())))
         assert sorted(r["key_name"] for r in rows) == ["finance-admin", "team-app"]
