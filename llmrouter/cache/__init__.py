@@ -14,18 +14,18 @@ last two are imported only when used. See docs/cache.md.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from llmrouter.cache.base import BackendStats, CacheBackend
-from llmrouter.cache.coalesce import Coalescer, Flight, FlightCancelledError
 from llmrouter.cache.config import CacheConfig
-from llmrouter.cache.entry import CacheEntry, chunks_from_response, response_from_chunks
-from llmrouter.cache.key import cache_key, canonical_request
-from llmrouter.cache.layer import CacheStats, ResponseCache, build_backend
-from llmrouter.cache.memory import MemoryBackend
 
 if TYPE_CHECKING:
+    from llmrouter.cache.base import BackendStats, CacheBackend
+    from llmrouter.cache.coalesce import Coalescer, Flight, FlightCancelledError
+    from llmrouter.cache.entry import CacheEntry, chunks_from_response, response_from_chunks
     from llmrouter.cache.extension import CacheExtension
+    from llmrouter.cache.key import cache_key, canonical_request
+    from llmrouter.cache.layer import CacheStats, ResponseCache, build_backend
+    from llmrouter.cache.memory import MemoryBackend
     from llmrouter.config import Config
 
 __all__ = [
@@ -46,6 +46,34 @@ __all__ = [
     "extension_from_config",
     "response_from_chunks",
 ]
+
+# Imported on first use: ``llmrouter.config`` imports ``llmrouter.cache.config``, and with
+# it this package, on every ``import llmrouter``; the cache itself loads when used.
+_LAZY = {
+    "BackendStats": "llmrouter.cache.base",
+    "CacheBackend": "llmrouter.cache.base",
+    "CacheEntry": "llmrouter.cache.entry",
+    "CacheStats": "llmrouter.cache.layer",
+    "Coalescer": "llmrouter.cache.coalesce",
+    "Flight": "llmrouter.cache.coalesce",
+    "FlightCancelledError": "llmrouter.cache.coalesce",
+    "MemoryBackend": "llmrouter.cache.memory",
+    "ResponseCache": "llmrouter.cache.layer",
+    "build_backend": "llmrouter.cache.layer",
+    "cache_key": "llmrouter.cache.key",
+    "canonical_request": "llmrouter.cache.key",
+    "chunks_from_response": "llmrouter.cache.entry",
+    "response_from_chunks": "llmrouter.cache.entry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'llmrouter.cache' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 
 def extension_from_config(config: Config) -> CacheExtension | None:

@@ -14,6 +14,7 @@ HEAVY = (
     "redis",
     "uvicorn",
     "importlib.metadata",  # entry points are read when a router is built (~25 ms to import)
+    "llmrouter.cache.layer",  # the cache loads when used; config needs only its settings
 )
 
 
