@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack
-from typing import Any
-
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+from typing import TYPE_CHECKING, Any
 
 from llmrouter.config import Config
 from llmrouter.context import RequestContext
@@ -23,6 +21,9 @@ from llmrouter.types import (
     CompletionResponse,
     ModelList,
 )
+
+if TYPE_CHECKING:
+    from anyio.from_thread import BlockingPortal
 
 __all__ = ["SyncRouter"]
 
@@ -37,6 +38,8 @@ class SyncRouter:
     """
 
     def __init__(self, config: Config | Router | None = None, **router_kwargs: Any) -> None:
+        from anyio.from_thread import start_blocking_portal  # ~15 ms: not for every import llmrouter
+
         self._stack = ExitStack()
         self._portal: BlockingPortal = self._stack.enter_context(start_blocking_portal())
         self.router = config if isinstance(config, Router) else Router(config, **router_kwargs)

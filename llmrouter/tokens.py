@@ -10,11 +10,8 @@ Local providers count with their own tokenizer and never come here.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import importlib.util
 import os
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +43,12 @@ def _bpe_data_dir() -> Path | None:
 
 
 def _prepare_cache_dir() -> str | None:
+    # Imported here, once per encoding loaded: with tempfile come shutil, bz2 and lzma,
+    # ~8 ms that ``import llmrouter`` need not pay.
+    import gzip
+    import hashlib
+    import tempfile
+
     data = _bpe_data_dir()
     if data is None:
         return None

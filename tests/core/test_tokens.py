@@ -1,0 +1,34 @@
+import subprocess
+import sys
+from pathlib import Path
+
+from llmrouter.tokens import count_text, encoding_name_for
+
+
+def test_encoding_family_by_model_name():
+    assert encoding_name_for("openai/gpt-4o-mini") == "o200k_base"
+    assert encoding_name_for("o3") == "o200k_base"
+    assert encoding_name_for("gpt-3.5-turbo") == "cl100k_base"
+    assert encoding_name_for("llama-3") == "cl100k_base"
+
+
+def test_counts_with_tiktoken_offline_from_a_fresh_cache_dir(tmp_path: Path):
+    # A process of its own: encodings are loaded once per process. The BPE files come
+    # from the bpe-openai package, unpacked under the names tiktoken looks for.
+    code = (
+        "from llmrouter.tokens import count_text\n"
+        "print(count_text('hello there world', 'gpt-4o'), count_text('hello there world', 'gpt-4'))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"TIKTOKEN_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.split() == ["3", "3"]  # the 4-characters estimate would say 5
+    assert len([p for p in tmp_path.iterdir() if not p.name.endswith(".tmp")]) == 2
+
+
+def test_empty_text_is_no_tokens():
+    assert count_text("") == 0
