@@ -63,6 +63,38 @@ def find_chromium() -> str | None:
     return None
 
 
+# Page.click's watch on the mouse events (see there). _ARM_CLICK scrolls the element
+# into view and answers where its centre is and whether the page hit-tests it there.
+_ARM_CLICK = """(() => {
+  const target = document.querySelector(%s);
+  if (!target) return null;
+  target.scrollIntoView({block: "center"});
+  const r = target.getBoundingClientRect();
+  const x = r.left + r.width / 2, y = r.top + r.height / 2;
+  const hit = document.elementFromPoint(x, y);
+  const outcome = {landed: false, missed: false};
+  const watch = (event) => {
+    // Only the mouse's own events: the page's script may click too (a download link).
+    if (!event.isTrusted) return;
+    if (target.contains(event.target)) {
+      if (event.type === "click") outcome.landed = true;
+      return;
+    }
+    outcome.missed = true;
+    event.stopImmediatePropagation();
+    event.preventDefault();
+  };
+  for (const type of ["mousedown", "mouseup", "click"]) window.addEventListener(type, watch, true);
+  window.__clickWatch = {watch, outcome};
+  return {x, y, w: r.width, hit: hit !== null && target.contains(hit)};
+})()"""
+_DISARM_CLICK = """(() => {
+  const {watch, outcome} = window.__clickWatch;
+  for (const type of ["mousedown", "mouseup", "click"]) window.removeEventListener(type, watch, true);
+  return outcome;
+})()"""
+
+
 class CDPError(RuntimeError):
     """A DevTools command answered with an error."""
 
@@ -190,35 +222,29 @@ class Page:
             await asyncio.sleep(0.05)
 
     async def click(self, selector: str, within: float = 5.0) -> None:
-        """A real mouse click in the middle of the element, once the element is what the
-        page hit-tests there (a layout still settling, after a resize or a full-page
-        screenshot, would otherwise send the click elsewhere)."""
+        """A real mouse click in the middle of the element.
+
+        The layout can move between finding the element and the click: after a full-page
+        screenshot the viewport is restored, and the page re-renders its chart on the
+        resize. So the mouse events are watched from the window's capture phase: one
+        that lands outside the element is stopped before the page sees it, and the
+        click is made again (as it is when the element is covered or disabled).
+        """
         deadline = time.monotonic() + within
         while True:
-            box = await self.eval(
-                f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
-                " if (!e) return null; e.scrollIntoView({block: 'center'});"
-                " const r = e.getBoundingClientRect();"
-                " const x = r.left + r.width / 2, y = r.top + r.height / 2;"
-                " const hit = document.elementFromPoint(x, y);"
-                " return {x, y, w: r.width, hit: hit !== null && e.contains(hit)}; })()"
-            )
+            box = await self.eval(_ARM_CLICK % json.dumps(selector))
             assert box and box["w"] > 0, f"{selector} is not on the page or not visible"
             if box["hit"]:
-                break
-            assert time.monotonic() < deadline, f"{selector} stays covered by another element"
+                for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+                    await self.send(
+                        "Input.dispatchMouseEvent",
+                        {"type": kind, "x": box["x"], "y": box["y"], "button": "left", "clickCount": 1},
+                    )
+            outcome = await self.eval(_DISARM_CLICK)
+            if outcome["landed"] and not outcome["missed"]:
+                return
+            assert time.monotonic() < deadline, f"a click on {selector} did not reach it: {outcome}"
             await asyncio.sleep(0.05)
-        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
-            await self.send(
-                "Input.dispatchMouseEvent",
-                {
-                    "type": kind,
-                    "x": box["x"],
-                    "y": box["y"],
-                    "button": "left",
-                    "clickCount": 1,
-                },
-            )
 
     async def type(self, selector: str, text: str) -> None:
         """Focus the field, clear it and type ``text`` as keyboard input."""
