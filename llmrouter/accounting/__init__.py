@@ -22,6 +22,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from llmrouter.accounting.config import AccountingConfig
+from llmrouter.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from llmrouter.accounting.extension import AccountingExtension
@@ -50,13 +51,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'llmrouter.accounting' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 def extension_from_config(config: Any) -> AccountingExtension | None:

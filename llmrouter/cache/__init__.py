@@ -14,9 +14,10 @@ last two are imported only when used. See docs/cache.md.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from llmrouter.cache.config import CacheConfig
+from llmrouter.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from llmrouter.cache.base import BackendStats, CacheBackend
@@ -67,13 +68,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'llmrouter.cache' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 def extension_from_config(config: Config) -> CacheExtension | None:

@@ -18,8 +18,9 @@ that need it (``llmrouter.telemetry.config`` is imported by ``llmrouter.config``
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from llmrouter.lazy import lazy_exports
 from llmrouter.telemetry.config import TelemetryConfig
 
 if TYPE_CHECKING:
@@ -51,13 +52,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'llmrouter.telemetry' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 def extension_from_config(config: Config) -> Extension | None:

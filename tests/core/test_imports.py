@@ -1,5 +1,8 @@
+import importlib
 import subprocess
 import sys
+
+import pytest
 
 import llmrouter
 
@@ -27,3 +30,12 @@ def test_import_llmrouter_loads_nothing_heavy():
 def test_all_is_exported():
     for name in llmrouter.__all__:
         assert hasattr(llmrouter, name), name
+
+
+@pytest.mark.parametrize("package", ["llmrouter.accounting", "llmrouter.cache", "llmrouter.telemetry"])
+def test_lazy_packages_export_everything_they_list(package: str) -> None:
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+    with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'nothing_here'"):
+        module.nothing_here  # noqa: B018
