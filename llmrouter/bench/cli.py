@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from typing import Any
 
 __all__ = ["register"]
@@ -28,6 +29,25 @@ def register(subparsers: Any) -> None:
         "or accounting / cache / metrics alone",
     )
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON here")
+    parser.add_argument("--no-gateway", action="store_true", help="skip the gateway overhead benchmark")
+    local = parser.add_argument_group(
+        "local providers",
+        "tokens/s and time to first token through the provider and through the library alone",
+    )
+    local.add_argument(
+        "--providers", default="", help="comma-separated local providers to measure: transformers, vllm"
+    )
+    local.add_argument(
+        "--provider-model",
+        default=None,
+        help="model directory or hub id (default: SmolLM2 for transformers, a tiny Llama for vllm; "
+        "'tiny' for transformers: a tiny random Llama)",
+    )
+    local.add_argument("--provider-concurrency", default="1,4,8", help="comma-separated (default 1,4,8)")
+    local.add_argument("--provider-tokens", type=int, default=32, help="tokens generated per request")
+    local.add_argument(
+        "--provider-requests", type=int, default=8, help="requests per run (in waves of the concurrency)"
+    )
     parser.set_defaults(func=_run)
 
 
@@ -46,22 +66,59 @@ def _progress(total: int) -> Any:
 def _run(args: argparse.Namespace) -> int:
     from llmrouter.bench.gateway import format_rows, import_time_ms, rows_as_dicts, run_gateway_bench
 
-    concurrencies = [int(c) for c in args.concurrency.split(",") if c]
+    concurrencies = _numbers(args.concurrency)
     modes = [m for m in args.modes.split(",") if m]
-    windows = 2 * len(concurrencies) * (1 + len(modes)) * args.rounds
-    rows = run_gateway_bench(
-        concurrencies=concurrencies,
-        duration=args.duration,
-        rounds=args.rounds,
-        chunks=args.chunks,
-        modes=modes,
-        progress=_progress(windows),
-    )
+    providers = [p for p in args.providers.split(",") if p]
+    provider_concurrencies = _numbers(args.provider_concurrency)
+    windows = 0 if args.no_gateway else 2 * len(concurrencies) * (1 + len(modes)) * args.rounds
+    windows += 2 * len(providers) * len(provider_concurrencies) * args.rounds
+    if providers:
+        from llmrouter.bench.providers import load_bench
+
+        for name in providers:  # before anything runs: a typo fails now, not after the gateway
+            load_bench(name)
+    progress = _progress(max(1, windows))
+    results: dict[str, Any] = {}
+    if not args.no_gateway:
+        rows = run_gateway_bench(
+            concurrencies=concurrencies,
+            duration=args.duration,
+            rounds=args.rounds,
+            chunks=args.chunks,
+            modes=modes,
+            progress=progress,
+        )
+        results["gateway"] = rows_as_dicts(rows)
+        results["import_ms"] = import_time_ms()
+    if providers:
+        import anyio
+
+        from llmrouter.bench.providers import format_provider_rows, provider_rows_as_dicts, run_provider_bench
+
+        provider_rows = anyio.run(
+            partial(
+                run_provider_bench,
+                providers,
+                model=args.provider_model,
+                concurrencies=provider_concurrencies,
+                tokens=args.provider_tokens,
+                requests=args.provider_requests,
+                rounds=args.rounds,
+                progress=progress,
+            )
+        )
+        results["providers"] = provider_rows_as_dicts(provider_rows)
     sys.stderr.write("\n")
-    imports = import_time_ms()
-    print(format_rows(rows))
-    print(f"\nimport llmrouter: {imports:.0f} ms")
+    if not args.no_gateway:
+        print(format_rows(rows))
+        print(f"\nimport llmrouter: {results['import_ms']:.0f} ms")
+    if providers:
+        print(("\n" if not args.no_gateway else "") + format_provider_rows(provider_rows))
     if args.json_path:
         with open(args.json_path, "w") as out:
-            json.dump({"gateway": rows_as_dicts(rows), "import_ms": imports}, out, indent=2, default=str)
+            json.dump(results, out, indent=2, default=str)
     return 0
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(n) for n in text.split(",") if n]

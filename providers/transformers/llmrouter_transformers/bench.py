@@ -1,0 +1,125 @@
+"""The transformers provider in ``llmrouter bench --providers transformers``.
+
+*raw* is ``model.generate`` on the provider's own model: ``c`` requests at once are one
+batch of ``c`` copies of the prompt (greedy, so the rows are the same answer), which is
+how a program using transformers alone serves them together. *provider* streams the
+same chat through :class:`~llmrouter_transformers.TransformersProvider`, whose engine
+batches concurrent requests itself. Both count the tokens they generated and time the
+first one (``generate`` through a streamer).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+
+from llmrouter.bench.providers import PROMPT, Sample, stream_sample, together
+from llmrouter.types import ChatRequest, decode_chat_request
+from llmrouter_transformers.prompts import chat_prompt_ids, load_template
+from llmrouter_transformers.provider import TransformersOptions, TransformersProvider
+from llmrouter_transformers.smollm2 import MODEL_NAME as SMOLLM2_MODEL_NAME
+
+__all__ = ["TransformersBench", "open_bench"]
+
+TINY = "tiny"
+"""``--provider-model tiny``: a tiny random-weight Llama built on the fly (seconds; for
+trying the benchmark, not for figures)."""
+
+
+@asynccontextmanager
+async def open_bench(model: str | None) -> AsyncIterator[TransformersBench]:
+    """Load ``model`` (a directory or hub id; None: the embedded SmolLM2; ``tiny``)."""
+    with tempfile.TemporaryDirectory(prefix="llmrouter-bench-") as scratch:
+        path = model
+        if model == TINY:
+            from llmrouter.testing.tiny_models import build_tiny_llama
+
+            path = str(build_tiny_llama(Path(scratch) / "tiny-llama", max_position_embeddings=4096))
+        provider = TransformersProvider(path or SMOLLM2_MODEL_NAME, TransformersOptions(path=path))
+        async with provider:
+            yield TransformersBench(provider, "tiny random Llama" if model == TINY else provider.model)
+
+
+class _FirstToken:
+    """A ``generate`` streamer that notes when the first generated tokens arrive (the
+    first ``put`` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.at: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class TransformersBench:
+    """:class:`~llmrouter.bench.providers.BenchSubject` for a started provider."""
+
+    def __init__(self, provider: TransformersProvider, name: str) -> None:
+        self._provider = provider
+        engine = provider.engine
+        self.label = f"{name} ({engine.device}, {str(engine.model.dtype).removeprefix('torch.')})"
+
+    def _request(self, tokens: int) -> ChatRequest:
+        return decode_chat_request(
+            {
+                "model": self._provider.model,
+                "messages": [{"role": "user", "content": PROMPT}],
+                "max_tokens": tokens,
+                "temperature": 0,
+                "stream": True,
+            }
+        )
+
+    async def provider(self, concurrency: int, tokens: int) -> list[Sample]:
+        request = self._request(tokens)
+        return await together(lambda: stream_sample(self._provider.stream(request)), concurrency)
+
+    async def raw(self, concurrency: int, tokens: int) -> list[Sample]:
+        return await anyio.to_thread.run_sync(self._generate, concurrency, tokens)
+
+    def _generate(self, concurrency: int, tokens: int) -> list[Sample]:
+        import torch
+
+        engine = self._provider.engine
+        template = load_template(self._provider.options.chat_template)
+        prompt = chat_prompt_ids(engine.tokenizer, self._request(tokens), template=template, model="")
+        ids = torch.tensor([prompt] * concurrency, device=engine.device)
+        streamer = _FirstToken()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = engine.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=engine.pad_token_id,
+                streamer=streamer,
+            )
+        # Rows stop together (they are the same answer); padding after an end is not counted.
+        generated = out[:, len(prompt) :]
+        ends = set(engine.eos_token_ids)
+        counts = [_until_end(row.tolist(), ends) for row in generated]
+        return [Sample(count, (streamer.at or time.perf_counter()) - started) for count in counts]
+
+
+def _until_end(tokens: list[int], ends: set[int]) -> int:
+    """Tokens up to and including the first end-of-sequence one (as the engine counts)."""
+    for index, token in enumerate(tokens):
+        if token in ends:
+            return index + 1
+    return len(tokens)
