@@ -87,9 +87,13 @@ class TransformersBench:
         return await together(lambda: stream_sample(self._provider.stream(request)), concurrency)
 
     async def raw(self, concurrency: int, tokens: int) -> list[Sample]:
-        return await anyio.to_thread.run_sync(self._generate, concurrency, tokens)
+        rows, ttft = await anyio.to_thread.run_sync(self.generate, concurrency, tokens)
+        return [Sample(len(row), ttft) for row in rows]
 
-    def _generate(self, concurrency: int, tokens: int) -> list[Sample]:
+    def generate(self, concurrency: int, tokens: int) -> tuple[list[list[int]], float]:
+        """``model.generate`` on ``concurrency`` copies of the provider's prompt ids: each
+        row's new token ids (up to and including an end token, as the engine counts
+        them), and the seconds until the first ones."""
         import torch
 
         engine = self._provider.engine
@@ -110,16 +114,15 @@ class TransformersBench:
                 pad_token_id=engine.pad_token_id,
                 streamer=streamer,
             )
-        # Rows stop together (they are the same answer); padding after an end is not counted.
-        generated = out[:, len(prompt) :]
         ends = set(engine.eos_token_ids)
-        counts = [_until_end(row.tolist(), ends) for row in generated]
-        return [Sample(count, (streamer.at or time.perf_counter()) - started) for count in counts]
+        rows = [_until_end(row.tolist(), ends) for row in out[:, len(prompt) :]]
+        return rows, (streamer.at or time.perf_counter()) - started
 
 
-def _until_end(tokens: list[int], ends: set[int]) -> int:
-    """Tokens up to and including the first end-of-sequence one (as the engine counts)."""
+def _until_end(tokens: list[int], ends: set[int]) -> list[int]:
+    """``tokens`` up to and including the first end-of-sequence one (the padding after it
+    is not generated)."""
     for index, token in enumerate(tokens):
         if token in ends:
-            return index + 1
-    return len(tokens)
+            return tokens[: index + 1]
+    return tokens

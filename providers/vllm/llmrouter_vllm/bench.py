@@ -11,6 +11,7 @@ request generates exactly the tokens asked for. Run it in the vLLM environment
 from __future__ import annotations
 
 import itertools
+import os
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,9 @@ __all__ = ["VLLMBench", "open_bench"]
 async def open_bench(model: str | None) -> AsyncIterator[VLLMBench]:
     """Start an engine for ``model`` (a directory or hub id; None: a tiny random-weight
     Llama built on the fly, which measures the serving path rather than the model)."""
+    # vLLM's own log handler writes to standard output, between the table's lines;
+    # unconfigured, its records go where the command's logging goes (standard error).
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     with tempfile.TemporaryDirectory(prefix="llmrouter-bench-") as scratch:
         path = model
         if path is None:
