@@ -8,15 +8,18 @@ import sys
 from functools import partial
 from typing import Any
 
+from llmrouter.errors import ConfigError
+
 __all__ = ["register"]
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="measure gateway overhead (direct vs through llmrouter serve)",
+        help="measure gateway overhead (direct vs through llmrouter serve) and local providers",
         description="Gateway overhead against a fast fake upstream on loopback: req/s, p50/p90/p99, "
-        "time to first chunk, added latency, gateway CPU per request and RSS.",
+        "time to first chunk, added latency, gateway CPU per request and RSS. With --providers, "
+        "also local providers against their libraries: tokens/s and time to first token.",
     )
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated (default 1,16,64)")
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per measured round")
@@ -44,9 +47,14 @@ def register(subparsers: Any) -> None:
         "'tiny' for transformers: a tiny random Llama)",
     )
     local.add_argument("--provider-concurrency", default="1,4,8", help="comma-separated (default 1,4,8)")
-    local.add_argument("--provider-tokens", type=int, default=32, help="tokens generated per request")
     local.add_argument(
-        "--provider-requests", type=int, default=8, help="requests per run (in waves of the concurrency)"
+        "--provider-tokens", type=int, default=32, help="tokens generated per request (default 32)"
+    )
+    local.add_argument(
+        "--provider-requests",
+        type=int,
+        default=8,
+        help="requests per run, in waves of the concurrency (default 8)",
     )
     parser.set_defaults(func=_run)
 
@@ -72,6 +80,8 @@ def _run(args: argparse.Namespace) -> int:
     provider_concurrencies = _numbers(args.provider_concurrency)
     windows = 0 if args.no_gateway else 2 * len(concurrencies) * (1 + len(modes)) * args.rounds
     windows += 2 * len(providers) * len(provider_concurrencies) * args.rounds
+    if args.no_gateway and not providers:
+        raise ConfigError("nothing to measure: --no-gateway without --providers")
     if providers:
         from llmrouter.bench.providers import load_bench
 

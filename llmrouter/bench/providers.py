@@ -29,6 +29,7 @@ from llmrouter.types import ChatChunk
 
 __all__ = [
     "PATHS",
+    "PROMPT",
     "BenchSubject",
     "ProviderRow",
     "Sample",

@@ -66,3 +66,20 @@ async def test_a_run_that_generates_nothing_is_an_error() -> None:
 def test_an_unknown_provider_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="no benchmark for provider 'nope'"):
         load_bench("nope")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--no-gateway"], "nothing to measure: --no-gateway without --providers"),
+        (["--providers", "transformers,nope"], "no benchmark for provider 'nope'"),
+    ],
+)
+def test_the_command_refuses_before_measuring(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llmrouter.cli import main
+
+    assert main(["bench", *argv]) == 1
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""

@@ -47,7 +47,8 @@ async def open_bench(model: str | None) -> AsyncIterator[VLLMBench]:
             kv_cache_space_gib=1 if tiny else None,  # on CPU; plenty for the tiny model
             seed=0,
         )
-        async with VLLMProvider(path, options) as provider:
+        provider = VLLMProvider(path, options)
+        async with provider:
             yield VLLMBench(provider, model or "tiny random Llama")
 
 
