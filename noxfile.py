@@ -51,6 +51,7 @@ def vllm(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Gateway overhead benchmark (prints a table; see docs/benchmarks.md)."""
+    """Gateway overhead benchmark (prints a table; see docs/benchmarks.md). Arguments after
+    ``--`` go to ``llmrouter bench``: ``nox -s bench -- --providers transformers``."""
     install_project(session)
     session.run("llmrouter", "bench", *session.posargs)
