@@ -181,7 +181,7 @@ async def measure_subject(
     rows: list[ProviderRow] = []
     for concurrency in concurrencies:
         waves = max(1, requests // concurrency)
-        measured: dict[str, list[tuple[float, float, float]]] = {path: [] for path in PATHS}
+        measured: dict[str, list[_Run]] = {path: [] for path in PATHS}
         for path in PATHS:
             await _run(subject, path, concurrency, tokens, 1)  # warm-up
         for _ in range(rounds):
@@ -189,8 +189,8 @@ async def measure_subject(
                 measured[path].append(await _run(subject, path, concurrency, tokens, waves))
                 if progress is not None:
                     progress(f"{name} {path} c={concurrency}")
-        for path in PATHS:
-            rates = [rate for rate, _, _ in measured[path]]
+        for path, runs in measured.items():
+            rates = [run.tokens_per_s for run in runs]
             rows.append(
                 ProviderRow(
                     provider=name,
@@ -198,8 +198,8 @@ async def measure_subject(
                     path=path,
                     concurrency=concurrency,
                     tokens_per_s=median(rates),
-                    ttft_p50_ms=median([ttft for _, ttft, _ in measured[path]]) * 1000,
-                    tokens_per_request=median([per for _, _, per in measured[path]]),
+                    ttft_p50_ms=median([run.ttft_p50 for run in runs]) * 1000,
+                    tokens_per_request=median([run.tokens_per_request for run in runs]),
                     rounds_tokens_per_s=rates,
                 )
             )
@@ -207,10 +207,15 @@ async def measure_subject(
     return rows
 
 
-async def _run(
-    subject: BenchSubject, path: str, concurrency: int, tokens: int, waves: int
-) -> tuple[float, float, float]:
-    """``(tokens/s, median time to first token, tokens per request)`` of one run."""
+class _Run(NamedTuple):
+    tokens_per_s: float
+    ttft_p50: float
+    """Seconds."""
+    tokens_per_request: float
+
+
+async def _run(subject: BenchSubject, path: str, concurrency: int, tokens: int, waves: int) -> _Run:
+    """One run: ``waves`` waves of ``concurrency`` requests on ``path``."""
     generate = subject.raw if path == "raw" else subject.provider
     samples: list[Sample] = []
     elapsed = 0.0
@@ -222,7 +227,7 @@ async def _run(
             raise RuntimeError(f"{path} run at concurrency {concurrency} returned {wave}")
         samples += wave
     generated = sum(sample.tokens for sample in samples)
-    return generated / elapsed, median([sample.ttft for sample in samples]), generated / len(samples)
+    return _Run(generated / elapsed, median([sample.ttft for sample in samples]), generated / len(samples))
 
 
 def _compare(rows: list[ProviderRow]) -> None:
