@@ -21,10 +21,12 @@ def register(subparsers: Any) -> None:
         "time to first chunk, added latency, gateway CPU per request and RSS. With --providers, "
         "also local providers against their libraries: tokens/s and time to first token.",
     )
-    parser.add_argument("--concurrency", default="1,16,64", help="comma-separated (default 1,16,64)")
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds per measured round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per cell; the table shows medians")
-    parser.add_argument("--chunks", type=int, default=20, help="content chunks per streamed answer")
+    parser.add_argument(
+        "--concurrency", type=_counts, default="1,16,64", help="comma-separated (default 1,16,64)"
+    )
+    parser.add_argument("--duration", type=_seconds, default=3.0, help="seconds per measured round")
+    parser.add_argument("--rounds", type=_count, default=3, help="rounds per cell; the table shows medians")
+    parser.add_argument("--chunks", type=_count, default=20, help="content chunks per streamed answer")
     parser.add_argument(
         "--modes",
         default="bare,full",
@@ -46,17 +48,48 @@ def register(subparsers: Any) -> None:
         help="model directory or hub id (default: SmolLM2 for transformers, a tiny Llama for vllm; "
         "'tiny' for transformers: a tiny random Llama)",
     )
-    local.add_argument("--provider-concurrency", default="1,4,8", help="comma-separated (default 1,4,8)")
     local.add_argument(
-        "--provider-tokens", type=int, default=32, help="tokens generated per request (default 32)"
+        "--provider-concurrency", type=_counts, default="1,4,8", help="comma-separated (default 1,4,8)"
+    )
+    local.add_argument(
+        "--provider-tokens", type=_count, default=32, help="tokens generated per request (default 32)"
     )
     local.add_argument(
         "--provider-requests",
-        type=int,
+        type=_count,
         default=8,
         help="requests per run, in waves of the concurrency (default 8)",
     )
     parser.set_defaults(func=_run)
+
+
+def _count(text: str) -> int:
+    """A whole number of at least 1 (argparse reports the error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return value
+
+
+def _counts(text: str) -> list[int]:
+    """Comma-separated whole numbers of at least 1, at least one of them."""
+    values = [_count(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, not {text!r}")
+    return value
 
 
 def _progress(total: int) -> Any:
@@ -74,10 +107,10 @@ def _progress(total: int) -> Any:
 def _run(args: argparse.Namespace) -> int:
     from llmrouter.bench.gateway import format_rows, import_time_ms, rows_as_dicts, run_gateway_bench
 
-    concurrencies = _numbers(args.concurrency)
+    concurrencies: list[int] = args.concurrency
     modes = [m for m in args.modes.split(",") if m]
     providers = [p for p in args.providers.split(",") if p]
-    provider_concurrencies = _numbers(args.provider_concurrency)
+    provider_concurrencies: list[int] = args.provider_concurrency
     windows = 0 if args.no_gateway else 2 * len(concurrencies) * (1 + len(modes)) * args.rounds
     windows += 2 * len(providers) * len(provider_concurrencies) * args.rounds
     if args.no_gateway and not providers:
@@ -128,7 +161,3 @@ def _run(args: argparse.Namespace) -> int:
         with open(args.json_path, "w") as out:
             json.dump(results, out, indent=2, default=str)
     return 0
-
-
-def _numbers(text: str) -> list[int]:
-    return [int(n) for n in text.split(",") if n]

@@ -83,3 +83,23 @@ def test_the_command_refuses_before_measuring(
     assert main(["bench", *argv]) == 1
     captured = capsys.readouterr()
     assert message in captured.err and captured.out == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--concurrency", "0"], "argument --concurrency: expected a whole number of at least 1, not '0'"),
+        (["--provider-concurrency", "1,x"], "argument --provider-concurrency: expected a whole number"),
+        (["--provider-requests", "-2"], "argument --provider-requests: expected a whole number"),
+        (["--duration", "nan"], "argument --duration: expected a positive number of seconds"),
+        (["--concurrency", ","], "argument --concurrency: expected at least one number"),
+    ],
+)
+def test_numbers_out_of_range_are_usage_errors(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llmrouter.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", *argv])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
