@@ -303,8 +303,11 @@ async def _chat_session(backend: Any, args: argparse.Namespace) -> int:
 
 async def _chat_main(args: argparse.Namespace) -> int:
     if args.url:
-        backend: Any = _HTTPBackend(args.url, args.api_key)
-        return await _chat_session(backend, args)
+        backend = _HTTPBackend(args.url, args.api_key)
+        # Closed here, in this event loop: left to the garbage collector, the openai client
+        # schedules its closing on whatever loop is running then, with sockets of this one.
+        async with backend.client:
+            return await _chat_session(backend, args)
     from llmrouter.discovery import resolve_config
     from llmrouter.router import Router
 

@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from llmrouter import cli
@@ -65,14 +66,30 @@ def test_chat_repl_keeps_history(
 
 
 def test_chat_over_http_with_the_openai_client(
-    tmp_path: Path, fake: FakeUpstream, make_config: Any, serve: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    fake: FakeUpstream,
+    make_config: Any,
+    serve: Any,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     config = make_config(tmp_path / "c.yaml", fake.base_url)
+    clients: list[openai.AsyncOpenAI] = []
+
+    class Recorded(openai.AsyncOpenAI):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            clients.append(self)
+
+    monkeypatch.setattr(openai, "AsyncOpenAI", Recorded)
     with serve(config) as server:
         assert cli.main(["chat", "--url", server.url, "hello"]) == 0
         assert capsys.readouterr().out == "Echo: hello\n"
         assert cli.main(["chat", "--url", f"{server.url}/v1", "-m", "missing", "hello"]) == 1
         assert "404" in capsys.readouterr().err
+    # Closed by the command, not left to the garbage collector, which would close them
+    # in some later event loop (a later test's, where their sockets fail to close).
+    assert len(clients) == 2 and all(client.is_closed() for client in clients)
 
 
 def test_config_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
