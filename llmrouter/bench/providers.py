@@ -25,14 +25,16 @@ import anyio
 
 from llmrouter.bench.stats import median, render_table
 from llmrouter.errors import ConfigError
-from llmrouter.types import ChatChunk
+from llmrouter.types import ChatChunk, ChatRequest, decode_chat_request
 
 __all__ = [
+    "MESSAGES",
     "PATHS",
     "PROMPT",
     "BenchSubject",
     "ProviderRow",
     "Sample",
+    "chat_request",
     "format_provider_rows",
     "load_bench",
     "measure_subject",
@@ -48,6 +50,8 @@ PATHS = ("raw", "provider")
 llmrouter's provider streaming the same request (chat template, chunks, usage)."""
 
 PROMPT = "Write a long story about a fox and a dog."
+MESSAGES = [{"role": "user", "content": PROMPT}]
+"""The chat both paths answer."""
 
 
 class Sample(NamedTuple):
@@ -72,6 +76,20 @@ class BenchSubject(Protocol):
     async def provider(self, concurrency: int, tokens: int) -> list[Sample]:
         """The same through llmrouter's provider."""
         ...
+
+
+def chat_request(model: str, tokens: int, **extra: Any) -> ChatRequest:
+    """The streamed, greedy chat of :data:`MESSAGES` that the provider path sends."""
+    return decode_chat_request(
+        {
+            "model": model,
+            "messages": MESSAGES,
+            "max_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+            **extra,
+        }
+    )
 
 
 async def stream_sample(chunks: AsyncIterator[ChatChunk]) -> Sample:

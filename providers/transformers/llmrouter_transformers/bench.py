@@ -19,8 +19,7 @@ from typing import Any
 
 import anyio.to_thread
 
-from llmrouter.bench.providers import PROMPT, Sample, stream_sample, together
-from llmrouter.types import ChatRequest, decode_chat_request
+from llmrouter.bench.providers import Sample, chat_request, stream_sample, together
 from llmrouter_transformers.prompts import chat_prompt_ids, load_template
 from llmrouter_transformers.provider import TransformersOptions, TransformersProvider
 from llmrouter_transformers.smollm2 import MODEL_NAME as SMOLLM2_MODEL_NAME
@@ -70,20 +69,16 @@ class TransformersBench:
         self._provider = provider
         engine = provider.engine
         self.label = f"{name} ({engine.device}, {str(engine.model.dtype).removeprefix('torch.')})"
-
-    def _request(self, tokens: int) -> ChatRequest:
-        return decode_chat_request(
-            {
-                "model": self._provider.model,
-                "messages": [{"role": "user", "content": PROMPT}],
-                "max_tokens": tokens,
-                "temperature": 0,
-                "stream": True,
-            }
+        # The provider's own prompt ids for the chat, for generate.
+        self._prompt = chat_prompt_ids(
+            engine.tokenizer,
+            chat_request(provider.model, 1),
+            template=load_template(provider.options.chat_template),
+            model=provider.model,
         )
 
     async def provider(self, concurrency: int, tokens: int) -> list[Sample]:
-        request = self._request(tokens)
+        request = chat_request(self._provider.model, tokens)
         return await together(lambda: stream_sample(self._provider.stream(request)), concurrency)
 
     async def raw(self, concurrency: int, tokens: int) -> list[Sample]:
@@ -97,8 +92,7 @@ class TransformersBench:
         import torch
 
         engine = self._provider.engine
-        template = load_template(self._provider.options.chat_template)
-        prompt = chat_prompt_ids(engine.tokenizer, self._request(tokens), template=template, model="")
+        prompt = self._prompt
         ids = torch.tensor([prompt] * concurrency, device=engine.device)
         streamer = _FirstToken()
         started = time.perf_counter()

@@ -19,8 +19,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from llmrouter.bench.providers import PROMPT, Sample, stream_sample, together
-from llmrouter.types import decode_chat_request
+from llmrouter.bench.providers import MESSAGES, Sample, chat_request, stream_sample, together
 from llmrouter_vllm.options import VLLMOptions
 from llmrouter_vllm.provider import VLLMProvider
 
@@ -58,20 +57,11 @@ class VLLMBench:
     def __init__(self, provider: VLLMProvider, name: str) -> None:
         self._provider = provider
         self._serial = itertools.count()
-        self._prompt = [{"role": "user", "content": PROMPT}]
+        self._prompt = {"prompt_token_ids": provider._render_chat(MESSAGES)}  # the provider's own ids
         self.label = f"{name} (vLLM)"
 
     async def provider(self, concurrency: int, tokens: int) -> list[Sample]:
-        request = decode_chat_request(
-            {
-                "model": self._provider.model,
-                "messages": self._prompt,
-                "max_tokens": tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": True,
-            }
-        )
+        request = chat_request(self._provider.model, tokens, ignore_eos=True)
         return await together(lambda: stream_sample(self._provider.stream(request)), concurrency)
 
     async def raw(self, concurrency: int, tokens: int) -> list[Sample]:
@@ -79,7 +69,7 @@ class VLLMBench:
         from vllm.sampling_params import RequestOutputKind
 
         engine: Any = self._provider._engine
-        prompt = {"prompt_token_ids": self._provider._render_chat(self._prompt)}  # the provider's own ids
+        prompt = self._prompt
 
         async def one() -> Sample:
             params = SamplingParams(
