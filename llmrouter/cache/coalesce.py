@@ -1,23 +1,28 @@
 """In-flight coalescing: identical requests share one upstream call.
 
-The first request for a key launches a *flight*: a producer task that calls upstream
-once and publishes the answer (or each streamed chunk as it arrives) to everyone
-attending. Requests for the same key that arrive while it runs attend the same
-flight instead of calling upstream again.
+The first request for a key opens a *flight*, one upstream call whose answer (or each
+streamed chunk, as it arrives) is published to everyone attending. Requests for the
+same key that arrive while it runs attend the same flight instead of calling upstream
+again.
 
-Who owns the producer matters for cancellation:
+Who runs the call, and so what cancelling a client stops, depends on the answer's form:
 
-* The producer is a task of its own, not a child of any one client's cancel scope,
-  so the first client disconnecting does not take the answer away from the others.
-* When the *last* attendee leaves before the answer is complete, the producer is
-  cancelled and awaited (shielded, bounded), so cancellation still stops generation
-  upstream when nobody is listening.
-* Whoever is left holding the flight when it completes pays for it: if the client
-  that launched it has gone, the next attendee in line becomes the *payer*
-  (see :class:`Flight`), so the call is billed once, to someone who got the answer.
+* **Non-streaming** (:meth:`Coalescer.open`): the first request calls upstream in its
+  own task, as it would without a cache: no task, no hand-off, for the usual answer
+  that nobody else waits for. If that request leaves before the answer, its call is
+  cancelled with it (generation stops) and the next attendee in line calls upstream
+  itself, for everyone still waiting. Each call is billed to the request that made it.
+* **Streaming** (:meth:`Coalescer.launch`): a producer task of its own, not a child of
+  any one client's cancel scope, relays the chunks, so the first client disconnecting
+  does not take a stream away from the others. When the *last* attendee leaves before
+  the answer is complete, the producer is cancelled and awaited (shielded, bounded),
+  so cancellation still stops generation upstream when nobody is listening. Whoever is
+  left holding the flight when it completes pays for it: if the client that launched
+  it has gone, the next attendee in line becomes the *payer* (see :class:`Flight`), so
+  the call is billed once, to someone who got the answer.
 
-The producer runs on asyncio (``asyncio.create_task``); under another event loop
-the cache layer does not coalesce.
+Flights wait on asyncio futures (and streams run as ``asyncio`` tasks); under another
+event loop the cache layer does not coalesce.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class Flight:
             fills it (deployment, usage, cost).
         payer: the attendee billed for the call: ``origin`` unless it left early.
         streaming: True when upstream is streamed (chunks are published live).
+        calling: False while a non-streaming flight waits for an attendee to take over
+            the call its origin left (see :meth:`result`).
     """
 
     def __init__(self, key: str, origin: RequestContext, *, streaming: bool) -> None:
@@ -61,6 +68,7 @@ class Flight:
         self.origin = origin
         self.payer: RequestContext | None = origin
         self.streaming = streaming
+        self.calling = True
         self.attendees: list[RequestContext] = []
         self.chunks: list[ChatChunk] = []
         self.response: ChatResponse | None = None
@@ -129,13 +137,22 @@ class Flight:
         self._waiters.append(waiter)
         await waiter
 
-    async def result(self) -> ChatResponse:
+    async def result(self, taker: RequestContext | None = None) -> ChatResponse | None:
         """The whole answer (assembled from the chunks for a streamed flight).
+
+        Args:
+            taker: an attendee that may take over the call when the request calling
+                for a non-streaming flight leaves before the answer. It returns None
+                when it has: ``taker`` is now the flight's origin and payer, and calls.
 
         Raises:
             Exception: what the upstream call raised.
         """
         while not self.done:
+            if not self.calling and taker is not None:
+                self.origin = self.payer = taker
+                self.calling = True
+                return None
             await self.wait_change()
         if self.error is not None:
             raise self.error
@@ -168,8 +185,8 @@ class Flight:
             yield chunks_from_response(self.response)
 
 
-Producer = Callable[[Flight], Awaitable["ChatResponse | None"]]
-"""Calls upstream for a flight: returns the response, or pushes chunks and returns None."""
+Producer = Callable[[Flight], Awaitable[None]]
+"""Streams upstream for a flight, pushing each chunk (:meth:`Flight.relay`)."""
 AfterFlight = Callable[[Flight], Awaitable[None]]
 
 
@@ -192,17 +209,38 @@ class Coalescer:
         """The flight in progress for ``key``, if any (it may be finishing its store)."""
         return self._flights.get(key)
 
-    def launch(
-        self, key: str, origin: RequestContext, produce: Producer, after: AfterFlight, *, streaming: bool
-    ) -> Flight:
-        """Start the producer for ``key`` in a task of its own.
+    def open(self, key: str, origin: RequestContext) -> Flight:
+        """A non-streaming flight for ``key`` whose ``origin`` calls upstream in its own
+        task, then publishes the outcome (:meth:`Flight.finish`) and closes the flight
+        (:meth:`close`), or abandons it (:meth:`abandon`) if it leaves first."""
+        flight = Flight(key, origin, streaming=False)
+        self._flights[key] = flight
+        return flight
+
+    def close(self, flight: Flight) -> None:
+        """A flight :meth:`open` made has published its outcome (and stored it)."""
+        self._forget(flight)
+        flight.mark_ended()
+
+    def abandon(self, flight: Flight) -> None:
+        """The request calling for a flight :meth:`open` made left before the answer:
+        the next attendee to wake takes the call over (:meth:`Flight.result`); with
+        none attending, the flight is dropped."""
+        if flight.attendees and not flight.done:
+            flight.calling = False
+            flight._signal()
+        else:
+            self.close(flight)
+
+    def launch(self, key: str, origin: RequestContext, produce: Producer, after: AfterFlight) -> Flight:
+        """Start a streaming flight's producer for ``key`` in a task of its own.
 
         Args:
             produce: calls upstream (see :data:`Producer`).
             after: runs once the answer is published, while the flight still
                 takes new attendees (the layer stores the answer here).
         """
-        flight = Flight(key, origin, streaming=streaming)
+        flight = Flight(key, origin, streaming=True)
         self._flights[key] = flight
         flight.task = asyncio.create_task(
             self._fly(flight, produce, after), name=f"llmrouter-cache-flight-{key[-12:]}"
@@ -221,11 +259,11 @@ class Coalescer:
     async def _fly(self, flight: Flight, produce: Producer, after: AfterFlight) -> None:
         try:
             try:
-                response = await produce(flight)
+                await produce(flight)
             except Exception as exc:  # noqa: BLE001 - published to every attendee, who re-raise it
                 flight.finish(error=exc)
                 return
-            flight.finish(response=response)
+            flight.finish()
             try:
                 await after(flight)
             except Exception:  # a failing store must never fail the answer
@@ -249,6 +287,10 @@ class Coalescer:
         flight.attendees.remove(ctx)
         if flight.done:
             return False
+        if flight.task is None:  # opened: its origin calls, and is not an attendee
+            if not flight.calling and not flight.attendees:
+                self.close(flight)  # the caller left, and now everyone who waited
+            return False
         if flight.payer is ctx:
             flight.payer = flight.attendees[0] if flight.attendees else None
         if flight.attendees:
@@ -259,16 +301,23 @@ class Coalescer:
         return True
 
     async def aclose(self) -> None:
-        """Cancel every unanswered flight, let answered ones finish storing, and wait
-        (bounded by ``cancel_grace``) for all producers to stop."""
+        """End every unanswered flight, let answered ones finish storing, and wait
+        (bounded by ``cancel_grace``) for all producers to stop. Attendees of a flight
+        that had not answered get :class:`FlightCancelledError`. The call of a flight
+        :meth:`open` made is its origin's own request and goes on, as without a cache."""
         flights = list(self._flights.values())
         self._flights.clear()
         for flight in flights:
-            if flight.task is not None and not flight.done:
+            if flight.done:
+                continue
+            if flight.task is not None:
                 flight.task.cancel()
+            else:
+                flight.finish(error=FlightCancelledError("the cache closed before the shared call answered"))
         with anyio.move_on_after(self.cancel_grace):
             for flight in flights:
-                await flight.wait_ended()
+                if flight.task is not None:
+                    await flight.wait_ended()
 
 
 class _Attendance:

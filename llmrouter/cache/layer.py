@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from llmrouter.aio import on_asyncio
@@ -169,7 +170,7 @@ class ResponseCache:
                 await self._store(plan, response=response)
             return response
         coalescing = self._can_coalesce()
-        flight = await self._find_or_lookup(ctx, plan, coalescing)
+        flight = await self._find_or_lookup(ctx, plan, coalescing, streaming=False)
         if isinstance(flight, CacheEntry):
             ctx.first_token_at = time.perf_counter()
             return flight.as_response()
@@ -180,23 +181,20 @@ class ResponseCache:
                 if not ctx.no_store:
                     await self._store(plan, response=response)
                 return response
-            flight = self.coalescer.launch(
-                plan.key,
-                ctx,
-                lambda _flight: call(),
-                self._after_flight(plan, store=not ctx.no_store),
-                streaming=False,
-            )
+            return await self._call_for(self.coalescer.open(plan.key, ctx), plan, call)
         try:
             async with self.coalescer.attend(flight, ctx):
-                response = await flight.result()
+                answer = await flight.result(taker=ctx)
         except BaseException:
             self._settle_leaver(ctx, flight)
             raise
-        if ctx is not flight.origin:
-            ctx.first_token_at = time.perf_counter()
-        self._settle(ctx, flight, response)
-        return response
+        if answer is None:
+            # The request calling for this flight left before the answer: this one calls.
+            self._take_over(ctx)
+            return await self._call_for(flight, plan, call)
+        ctx.first_token_at = time.perf_counter()
+        self._settle(ctx, flight, answer)
+        return answer
 
     async def stream(
         self, ctx: RequestContext, request: ChatRequest, call: Callable[[], AsyncIterator[ChatChunk]]
@@ -210,7 +208,7 @@ class ResponseCache:
                 yield chunk
             return
         coalescing = self._can_coalesce()
-        flight = await self._find_or_lookup(ctx, plan, coalescing)
+        flight = await self._find_or_lookup(ctx, plan, coalescing, streaming=True)
         if isinstance(flight, CacheEntry):
             ctx.first_token_at = time.perf_counter()
             for chunk in flight.as_chunks():
@@ -226,8 +224,7 @@ class ResponseCache:
                 plan.key,
                 ctx,
                 _stream_producer(call),
-                self._after_flight(plan, store=not ctx.no_store),
-                streaming=True,
+                partial(self._store_flight, plan, store=not ctx.no_store),
             )
         try:
             async with self.coalescer.attend(flight, ctx), aclosing(flight.batches()) as batches:
@@ -260,16 +257,16 @@ class ResponseCache:
         return _Plan(key=cache_key(request, group, namespace=namespace), ttl=ttl)
 
     async def _find_or_lookup(
-        self, ctx: RequestContext, plan: _Plan, coalescing: bool
+        self, ctx: RequestContext, plan: _Plan, coalescing: bool, *, streaming: bool
     ) -> Flight | CacheEntry | None:
         """A flight to attend (only when ``coalescing``), a stored entry (the context is
         marked as a hit), or None."""
-        found = self._joinable(plan.key) if coalescing else None
+        found = self._joinable(plan.key, streaming) if coalescing else None
         if found is None:
             found = await self._lookup(plan.key)
             if found is None and coalescing:
                 # Someone may have launched the same request while we were looking.
-                found = self._joinable(plan.key)
+                found = self._joinable(plan.key, streaming)
         if isinstance(found, CacheEntry):
             self._mark(ctx, "hit")
             ctx.usage = found.usage
@@ -281,15 +278,45 @@ class ResponseCache:
         ctx.cost_source = "cache"
         return found
 
-    def _joinable(self, key: str) -> Flight | CacheEntry | None:
+    def _joinable(self, key: str, streaming: bool) -> Flight | CacheEntry | None:
         """The flight in progress for ``key``; a finished one only while its answer is
-        being stored (served as a hit), never one that failed."""
+        being stored (served as a hit), never one that failed. A streaming request does
+        not attend a non-streaming flight in progress: it could not take its call over."""
         flight = self.coalescer.find(key)
         if flight is None:
             return None
         if not flight.done:
-            return flight
+            return flight if flight.task is not None or not streaming else None
         return _entry_of(flight) if flight.reusable and flight.error is None else None
+
+    async def _call_for(
+        self, flight: Flight, plan: _Plan, call: Callable[[], Awaitable[ChatResponse]]
+    ) -> ChatResponse:
+        """Call upstream for a non-streaming flight in this request's own task, publish
+        the answer to its attendees, and store it."""
+        try:
+            response = await call()
+        except Exception as exc:
+            flight.finish(error=exc)  # every attendee re-raises it
+            self.coalescer.close(flight)
+            raise
+        except BaseException:
+            self.coalescer.abandon(flight)  # cancelled: an attendee calls again
+            raise
+        flight.finish(response=response)
+        try:
+            await self._store_flight(plan, flight, store=not flight.origin.no_store)
+        except Exception:  # a failing store must never fail the answer
+            log.exception("cache: storing the answer failed for %s", flight.key)
+        finally:
+            self.coalescer.close(flight)
+        return response
+
+    def _take_over(self, ctx: RequestContext) -> None:
+        """An attendee that now calls upstream itself is a miss, priced by the router."""
+        self.stats.coalesced -= 1
+        self._mark(ctx, "miss")
+        ctx.cost, ctx.cost_source = None, None
 
     def _settle(self, ctx: RequestContext, flight: Flight, response: ChatResponse | None) -> None:
         """Fill an attendee's context once the flight answered."""
@@ -366,18 +393,16 @@ class ResponseCache:
             return
         self.stats.stores += 1
 
-    def _after_flight(self, plan: _Plan, *, store: bool) -> Callable[[Flight], Awaitable[None]]:
-        async def store_answer(flight: Flight) -> None:
-            # Decided before the first await: attendees woken by the finish run after it.
-            if not store:
-                self.stats.skipped += 1
-                return
-            chunks = list(flight.chunks) if flight.streaming else None
-            answer = flight.response if chunks is None else chunks
-            flight.reusable = answer is not None and is_storable(answer, store_truncated=self.store_truncated)
-            await self._store(plan, response=flight.response, chunks=chunks, storable=flight.reusable)
-
-        return store_answer
+    async def _store_flight(self, plan: _Plan, flight: Flight, *, store: bool) -> None:
+        """Store a flight's answer; until that lands, identical requests are served it."""
+        # Decided before the first await: attendees woken by the finish run after it.
+        if not store:
+            self.stats.skipped += 1
+            return
+        chunks = list(flight.chunks) if flight.streaming else None
+        answer = flight.response if chunks is None else chunks
+        flight.reusable = answer is not None and is_storable(answer, store_truncated=self.store_truncated)
+        await self._store(plan, response=flight.response, chunks=chunks, storable=flight.reusable)
 
     async def _pass_through(
         self, plan: _Plan | None, call: Callable[[], AsyncIterator[ChatChunk]]

@@ -113,7 +113,7 @@ async def test_stream_and_non_stream_requests_coalesce(
     assert got["chunks"] == upstream.chunks() and got["response"] == upstream.response()
 
 
-async def test_leader_cancelled_followers_still_answered_and_one_pays(
+async def test_leader_cancelled_its_call_stops_and_the_next_in_line_calls_for_the_rest(
     cache: ResponseCache, upstream: Any, helpers: Any
 ) -> None:
     gate = upstream.hold()
@@ -136,18 +136,63 @@ async def test_leader_cancelled_followers_still_answered_and_one_pays(
         for ctx in followers:
             tg.start_soon(follow, ctx)
         await helpers.wait_until(lambda: cache.stats.coalesced == 5)
-        leader_scope.cancel()  # the leader's client disconnects
+        leader_scope.cancel()  # the leader's client disconnects: its own call stops
         await helpers.wait_until(lambda: leader_scope.cancelled_caught)
-        assert upstream.cancelled == 0  # generation goes on for the others
+        assert upstream.cancelled == 1
+        await helpers.wait_until(lambda: upstream.calls == 2)  # the next in line calls again
+        assert len(cache.coalescer) == 1  # for the four still waiting, and new arrivals
         gate.set()
-    assert upstream.calls == 1 and upstream.completed == 1
+    assert upstream.completed == 1 and upstream.calls == 2
     assert len(answers) == 5 and all(a == upstream.response() for a in answers)
-    payer, *others = followers
-    # The upstream call is billed to the first follower (priced by the router), once.
-    assert payer.cache_status == "miss" and payer.usage == upstream.usage
-    assert payer.cost is None and payer.cost_source is None and payer.deployment == "fake/upstream-model"
-    assert all(c.cache_status == "coalesced" and c.cost == 0.0 for c in others)
-    assert cache.snapshot()["entries"] == 1  # the answer was still stored
+    caller, *others = followers
+    # The second call is the first follower's own: a miss, priced by the router.
+    assert caller.cache_status == "miss" and caller.usage == upstream.usage
+    assert caller.cost is None and caller.cost_source is None and caller.deployment == "fake/upstream-model"
+    assert all(c.cache_status == "coalesced" and c.cost == 0.0 and c.usage == upstream.usage for c in others)
+    assert all(c.deployment == "fake/upstream-model" for c in others)
+    assert cache.stats.coalesced == 4 and cache.stats.misses == 2
+    assert cache.snapshot()["entries"] == 1 and len(cache.coalescer) == 0
+
+
+async def test_a_follower_cancelled_as_it_takes_over_hands_the_call_on(
+    cache: ResponseCache, upstream: Any, helpers: Any
+) -> None:
+    gate = upstream.hold()
+    scopes = [anyio.CancelScope() for _ in range(3)]
+    contexts = [helpers.new_ctx() for _ in range(3)]
+    answers: list[Any] = []
+
+    async def one(i: int) -> None:
+        with scopes[i]:
+            answers.append(await cache.chat(contexts[i], helpers.chat_request(), upstream.call(contexts[i])))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, 0)
+        await helpers.wait_until(lambda: upstream.calls == 1)
+        tg.start_soon(one, 1)
+        tg.start_soon(one, 2)
+        await helpers.wait_until(lambda: cache.stats.coalesced == 2)
+        # The leader and the first follower leave at once: the follower never calls.
+        scopes[0].cancel()
+        scopes[1].cancel()
+        await helpers.wait_until(lambda: upstream.calls == 2)
+        gate.set()
+    assert answers == [upstream.response()] and contexts[2].cache_status == "miss"
+    assert upstream.cancelled == 1 and upstream.completed == 1 and len(cache.coalescer) == 0
+
+
+async def test_everyone_gone_before_the_answer_leaves_no_flight(
+    cache: ResponseCache, upstream: Any, helpers: Any
+) -> None:
+    upstream.hold()
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                ctx = helpers.new_ctx()
+                tg.start_soon(cache.chat, ctx, helpers.chat_request(), upstream.call(ctx))
+            await helpers.wait_until(lambda: cache.stats.coalesced == 2)
+            scope.cancel()
+    assert upstream.calls == 1 and upstream.cancelled == 1 and len(cache.coalescer) == 0
 
 
 async def test_streaming_leader_closed_mid_stream_followers_get_everything(
@@ -244,11 +289,40 @@ async def test_closing_the_cache_releases_attendees(
 ) -> None:
     upstream.hold()
     failures: list[FlightCancelledError] = []
+    leader = helpers.new_ctx()
+
+    async def follow() -> None:
+        ctx = helpers.new_ctx()
+        try:
+            await cache.chat(ctx, helpers.chat_request(), upstream.call(ctx))
+        except FlightCancelledError as exc:
+            failures.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.chat, leader, helpers.chat_request(), upstream.call(leader))
+        await helpers.wait_until(lambda: upstream.calls == 1)
+        tg.start_soon(follow)
+        await helpers.wait_until(lambda: cache.stats.coalesced == 1)
+        await cache.aclose()
+        await helpers.wait_until(lambda: failures)
+        assert len(failures) == 1 and failures[0].http_status == 503
+        # The leader's call is its own request's, as without a cache: it ends with it.
+        assert upstream.cancelled == 0
+        tg.cancel_scope.cancel()
+    assert upstream.cancelled == 1 and len(cache.coalescer) == 0
+
+
+async def test_closing_the_cache_cancels_a_stream_flight(
+    cache: ResponseCache, upstream: Any, helpers: Any
+) -> None:
+    upstream.hold()
+    failures: list[FlightCancelledError] = []
 
     async def one() -> None:
         ctx = helpers.new_ctx()
         try:
-            await cache.chat(ctx, helpers.chat_request(), upstream.call(ctx))
+            async for _chunk in cache.stream(ctx, helpers.chat_request(stream=True), upstream.stream(ctx)):
+                pass
         except FlightCancelledError as exc:
             failures.append(exc)
 

@@ -167,11 +167,13 @@ async def test_leader_cancelled_through_the_router(routed: Any, provider: GatedP
             if ledger.rows:
                 break
             await anyio.sleep(0.01)
-        assert ledger.rows[0][0] == "cancelled" and provider.record.cancelled == 0
+        # The leader's own call stopped with it; the first follower calls again.
+        assert ledger.rows[0][0] == "cancelled" and provider.record.cancelled == 1
         provider.gate.set()
     assert len(answers) == 3 and provider.record.calls == 1 and provider.record.completed == 1
+    assert ledger.rows[0][2] == 0.0  # the cancelled call answered nothing
     followers = ledger.rows[1:]
-    # Billed once, to the first follower, at the price-table cost of the whole answer.
+    # Billed once, to the follower that called, at the price-table cost of the whole answer.
     assert sorted(row[2] for row in followers) == [0.0, 0.0, pytest.approx(0.002)]
 
 
