@@ -63,6 +63,24 @@ class Flight:
             the call its origin left (see :meth:`result`).
     """
 
+    __slots__ = (
+        "_ended_event",
+        "_waiters",
+        "attendees",
+        "calling",
+        "chunks",
+        "done",
+        "ended",
+        "error",
+        "key",
+        "origin",
+        "payer",
+        "response",
+        "reusable",
+        "streaming",
+        "task",
+    )
+
     def __init__(self, key: str, origin: RequestContext, *, streaming: bool) -> None:
         self.key = key
         self.origin = origin
@@ -75,7 +93,7 @@ class Flight:
         self.error: BaseException | None = None
         self.done = False
         self.ended = False
-        """True once the producer task has finished, storing included."""
+        """True once the flight is over, storing included (a stream's producer task has ended)."""
         self._ended_event: asyncio.Event | None = None  # made only when someone waits
         self.task: asyncio.Task[None] | None = None
         self.reusable = False
