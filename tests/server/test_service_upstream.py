@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 
 from llmrouter.config import parse_config
 from llmrouter.server import create_app
+from llmrouter.server.app import default_extensions
 from llmrouter.testing.upstream import Behaviour, FakeUpstream
 
 
@@ -150,3 +152,46 @@ def test_ready_reports_the_upstream(service: str) -> None:
     ready = httpx.get(f"{service}/ready", timeout=5).json()
     assert ready["ready"] is True
     assert ready["deployments"][0]["id"] == "remote/mock-gpt"
+
+
+@pytest.mark.anyio
+async def test_a_coalesced_request_outlives_the_first_client_leaving(
+    fake: FakeUpstream, serve_app: Any
+) -> None:
+    # Two identical deterministic requests: the second attends the first one's call. The
+    # first client goes away; its upstream call stops, and the second calls again itself.
+    config = parse_config(
+        {
+            "models": [
+                {
+                    "name": "mock-gpt",
+                    "deployments": [{"provider": "remote", "model": "mock-gpt", "base_url": fake.base_url}],
+                }
+            ],
+            "router": {"retry": {"attempts": 0}},
+            "cache": {"backend": "memory"},
+            "accounting": {"enabled": False},
+            "telemetry": {"metrics": False},
+        },
+        env={},
+    )
+    fake.enqueue("hang")  # the first call never answers; the second is the echo
+    body = b'{"model": "mock-gpt", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}'
+    with serve_app(create_app(config, extensions=default_extensions(config))) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            sock = _post_raw(url, body)
+            (first,) = await fake.wait_for_requests(1)
+            second = asyncio.ensure_future(
+                http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+            )
+            for _ in range(500):
+                if (await http.get("/ready?probe=false")).json()["extensions"]["cache"]["coalesced"] == 1:
+                    break
+                await asyncio.sleep(0.01)
+            sock.close()
+            assert await first.wait_disconnected(timeout=5)
+            answer = await asyncio.wait_for(second, 10)
+    assert answer.status_code == 200 and answer.headers["x-llmrouter-cache"] == "miss"
+    assert answer.json()["choices"][0]["message"]["content"] == "Echo: hi"
+    calls = [r for r in fake.requests if r.path == "/v1/chat/completions"]
+    assert len(calls) == 2 and calls[0].disconnected_at is not None and calls[1].completed_at is not None
