@@ -8,7 +8,11 @@ dispatch); the cache decides whether ``call`` runs at all::
     Cache-Control: no-cache ──────────────────────────► call(), store       bypass
     identical request in flight ──────────────────────► wait for it         coalesced
     stored answer ────────────────────────────────────► replay it           hit (cost 0)
-    otherwise ───────────► launch a flight: call(), publish, store          miss
+    otherwise ─────────────► open a flight: call(), publish, store          miss
+
+A non-streaming miss calls in the request's own task and stores the answer before
+returning it (as without coalescing); a streaming miss relays from a producer task (see
+:mod:`llmrouter.cache.coalesce` for what either does when its client leaves).
 
 A request is cacheable when it is deterministic (``temperature: 0`` or a ``seed``)
 or its model group opts in with ``cache.cache_all``. Errors, cancelled and
