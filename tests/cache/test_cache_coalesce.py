@@ -113,6 +113,36 @@ async def test_stream_and_non_stream_requests_coalesce(
     assert got["chunks"] == upstream.chunks() and got["response"] == upstream.response()
 
 
+async def test_a_stream_does_not_attend_a_non_streaming_call_in_progress(
+    cache: ResponseCache, upstream: Any, helpers: Any
+) -> None:
+    # It could not take that call over if its first client left: it makes its own.
+    gate = upstream.hold()
+    leader, streamer = helpers.new_ctx(), helpers.new_ctx()
+    got: dict[str, Any] = {}
+
+    async def chat_leader() -> None:
+        got["response"] = await cache.chat(leader, helpers.chat_request(), upstream.call(leader))
+
+    async def stream_follower() -> None:
+        got["chunks"] = [
+            c
+            async for c in cache.stream(
+                streamer, helpers.chat_request(stream=True), upstream.stream(streamer)
+            )
+        ]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(chat_leader)
+        await helpers.wait_until(lambda: upstream.calls == 1)
+        tg.start_soon(stream_follower)
+        await helpers.wait_until(lambda: upstream.calls == 2)
+        gate.set()
+    assert leader.cache_status == "miss" and streamer.cache_status == "miss" and cache.stats.coalesced == 0
+    assert got["response"] == upstream.response() and got["chunks"] == upstream.chunks()
+    assert len(cache.coalescer) == 0
+
+
 async def test_leader_cancelled_its_call_stops_and_the_next_in_line_calls_for_the_rest(
     cache: ResponseCache, upstream: Any, helpers: Any
 ) -> None:
