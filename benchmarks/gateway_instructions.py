@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/gateway_instructions.py [--modes bare,accounting,cache,metrics,full]
-        [--requests 640] [--jobs 2]
+        [--kinds json,stream] [--requests 640] [--jobs 2]
 
 Needs valgrind (``apt-get install valgrind``). ``llmrouter bench`` measures CPU time,
 which on a shared virtual machine drifts by a third over minutes; instruction counts do
@@ -170,6 +170,7 @@ def _instructions(mode: str, stream: bool, requests: int, upstream_port: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default="bare,accounting,cache,metrics,full")
+    parser.add_argument("--kinds", default="json,stream", help="json, stream or both")
     parser.add_argument("--requests", type=int, default=640, help="measured requests per run")
     parser.add_argument("--warmup", type=int, default=160, help="requests before them")
     parser.add_argument("--jobs", type=int, default=2, help="valgrind runs at once")
@@ -185,6 +186,10 @@ def main() -> None:
     if args.requests % CONCURRENCY or args.warmup % CONCURRENCY:
         parser.error(f"--requests and --warmup must be multiples of {CONCURRENCY}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    kinds = {k.strip() for k in args.kinds.split(",") if k.strip()}
+    if not kinds or not kinds <= {"json", "stream"}:
+        parser.error("--kinds takes json, stream or both")
+    streams = [s for s, kind in ((False, "json"), (True, "stream")) if kind in kinds]
     port = free_port()
     upstream = Child(
         python_argv(
@@ -205,7 +210,7 @@ def main() -> None:
         runs = [
             (m, s, n)
             for m in modes
-            for s in (False, True)
+            for s in streams
             for n in (args.warmup, args.warmup + args.requests)
         ]
         with ThreadPoolExecutor(args.jobs) as pool:
@@ -217,17 +222,19 @@ def main() -> None:
         / args.requests
         / 1000
         for m in modes
-        for s in (False, True)
+        for s in streams
     }
     rows: list[list[object]] = []
     for mode in modes:
         row: list[object] = [mode]
-        for stream in (False, True):
+        for stream in streams:
             value = per_request[(mode, stream)]
             base = per_request.get(("bare", stream))
             row += [value, f"{100 * (value / base - 1):+.1f}%" if base else "-"]
         rows.append(row)
-    headers = ["mode", "JSON k instr/req", "vs bare", "stream k instr/req", "vs bare"]
+    headers = ["mode"]
+    for stream in streams:
+        headers += ["stream k instr/req" if stream else "JSON k instr/req", "vs bare"]
     print(render_table(headers, rows))
 
 

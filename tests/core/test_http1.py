@@ -239,6 +239,9 @@ async def test_header_injection_is_refused():
     pool = HTTP1Pool("http://127.0.0.1:1")
     with pytest.raises(httpx.LocalProtocolError):
         await pool.request("GET", "/", {"x-request-id": "a\r\nx-admin: 1"})
+    for value in ("a\nb", "a\rb", "a\x00b"):
+        with pytest.raises(httpx.LocalProtocolError):
+            await pool.request("GET", "/", {"x-request-id": value})
     with pytest.raises(httpx.LocalProtocolError):
         await pool.request("GET", "/", {"bad name": "v"})
 
