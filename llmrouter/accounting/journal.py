@@ -65,8 +65,8 @@ class Journal:
         finally:
             os.close(fd)  # the mapping keeps the file open
 
-    def append(self, row: dict[str, Any]) -> int:
-        """Copy one row in; returns the segment it went to."""
+    def append(self, row: object) -> int:
+        """Copy one row in (a dict, or a Struct: one JSON object); returns the segment it went to."""
         line = _encode(row) + b"\n"
         end = self._used + len(line)
         if end > len(self._map):

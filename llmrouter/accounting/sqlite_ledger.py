@@ -16,7 +16,6 @@ keep :func:`~llmrouter.accounting.ledger.insert_rows`.
 
 from __future__ import annotations
 
-import operator
 import sqlite3
 from collections.abc import Sequence
 from typing import Any, cast
@@ -45,20 +44,17 @@ def is_refused(exc: BaseException) -> bool:
 
 
 class SQLiteInserter:
-    """An async callable that inserts ledger rows (every column present) into ``path``.
+    """An async callable that inserts ledger rows, given as tuples of values, into ``path``.
 
     Args:
         path: the database file (the tables exist: ``llmrouter db upgrade`` made them).
         table: the ledger table's name.
-        columns: the columns every row carries, in the order values are bound.
+        columns: the columns of every row, in the order of its values.
     """
 
     def __init__(self, path: str, table: str, columns: Sequence[str]) -> None:
         self._path = path
         self._columns = tuple(columns)
-        # A row's values as a tuple, in bind order (itemgetter of one name returns it bare).
-        getter = operator.itemgetter(*self._columns)
-        self._values_of = getter if len(self._columns) > 1 else lambda row: (getter(row),)
         placeholders = ", ".join("?" * len(self._columns))
         self._sql = (
             f"INSERT INTO {table} ({', '.join(self._columns)}) VALUES ({placeholders}) "
@@ -67,8 +63,7 @@ class SQLiteInserter:
         self._connection: sqlite3.Connection | None = None
         self._limiter: anyio.CapacityLimiter | None = None
 
-    async def __call__(self, rows: Sequence[dict[str, Any]]) -> None:
-        values = list(map(self._values_of, rows))
+    async def __call__(self, values: list[tuple[Any, ...]]) -> None:
         if self._limiter is None:
             self._limiter = anyio.CapacityLimiter(1)  # one connection: one thread at a time
         await anyio.to_thread.run_sync(self._insert, values, limiter=self._limiter)

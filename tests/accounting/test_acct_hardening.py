@@ -10,12 +10,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from sqlalchemy import select
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.budgets import to_units
-from llmrouter.accounting.ledger import LedgerWriter, _complete, _fit, clean_rows, insert_rows
+from llmrouter.accounting.entry import _fit, as_entry, storable, storable_values
+from llmrouter.accounting.ledger import LedgerWriter, insert_rows
 from llmrouter.accounting.models import LedgerRow
 from llmrouter.errors import BudgetExceededError, InvalidRequestError
 
@@ -139,11 +141,13 @@ def test_to_units_saturates_instead_of_overflowing() -> None:
     ],
 )
 def test_rows_that_fit_are_passed_through_and_others_fitted(fields: dict[str, Any], fits: bool) -> None:
-    # clean_rows passes a row that fits as it is, without fitting each value: it must
+    # storable passes a row that fits as it is, without fitting each value: it must
     # agree with fitting each value, and never change the row it was given.
-    row = _complete(_row(**fields))
-    original = dict(row)
-    [cleaned] = clean_rows([row])
-    assert cleaned == _fit(dict(original))
+    row = as_entry(_row(**fields))
+    original = msgspec.structs.replace(row)
+    [cleaned] = storable([row])
+    assert cleaned == _fit(original)
     assert row == original
     assert (cleaned is row) == fits
+    # The SQLite insert's values: the same, in column order.
+    assert storable_values([row]) == [msgspec.structs.astuple(cleaned)]

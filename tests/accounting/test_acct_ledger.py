@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.config import LedgerConfig
+from llmrouter.accounting.entry import LedgerEntry
 from llmrouter.accounting.ledger import insert_rows, utc_day
 
 from .conftest import chat_context, finish, make_config, needs_pg
@@ -44,7 +45,7 @@ async def test_row_fields_and_write_behind(db_url: str, tmp_path: Path) -> None:
     gate = anyio.Event()
     calls: list[int] = []
 
-    async def slow_sink(rows: Sequence[dict[str, Any]]) -> None:
+    async def slow_sink(rows: Sequence[LedgerEntry]) -> None:
         calls.append(len(rows))
         await gate.wait()  # the database is slow: responses must not wait for it
         await insert_rows(acct.engine, rows)
@@ -89,7 +90,7 @@ async def test_database_outage_rows_kept_and_retried_without_duplicates(
 ) -> None:
     failures = {"left": 3}
 
-    async def flaky(rows: Sequence[dict[str, Any]]) -> None:
+    async def flaky(rows: Sequence[LedgerEntry]) -> None:
         if failures["left"] > 0:
             failures["left"] -= 1
             if failures["left"] == 0:
@@ -110,7 +111,7 @@ async def test_database_outage_rows_kept_and_retried_without_duplicates(
 
 
 async def test_shutdown_during_outage_leaves_rows_for_the_next_start(sqlite_url: str, tmp_path: Path) -> None:
-    async def down(rows: Sequence[dict[str, Any]]) -> None:
+    async def down(rows: Sequence[LedgerEntry]) -> None:
         raise ConnectionError("database is down")
 
     ledger = LedgerConfig(journal_dir=str(tmp_path / "journal"), flush_interval=0.02, shutdown_timeout=0.3)
@@ -237,9 +238,9 @@ async def test_a_row_the_database_refuses_is_set_aside_and_the_rest_are_written(
 ) -> None:
     from sqlalchemy.exc import DataError
 
-    async def picky(rows: Sequence[dict[str, Any]]) -> None:
+    async def picky(rows: Sequence[LedgerEntry]) -> None:
         # Like PostgreSQL refusing one value: the whole statement fails, nothing is written.
-        if any(row.get("completion_tokens") == 21 for row in rows):
+        if any(row.completion_tokens == 21 for row in rows):
             raise DataError("INSERT INTO llmr_ledger ...", {}, Exception("value out of range"))
         await insert_rows(acct.engine, rows)
 
@@ -289,3 +290,69 @@ async def test_a_row_the_journal_cannot_take_still_reaches_the_database(
     await acct.ledger.flush()
     assert sorted(r["request_id"] for r in await _rows(acct)) == sorted(ids)
     assert acct.readiness()["ledger_unjournaled"] == 3
+
+
+def test_row_from_context_fills_every_field_from_the_context() -> None:
+    # The row is built positionally (keywords cost msgspec five times as much): each
+    # field must still get its own value. Every value here is distinct.
+    from llmrouter.accounting.ledger import row_from_context
+    from llmrouter.context import RequestContext
+    from llmrouter.errors import UpstreamError
+    from llmrouter.types import PromptTokensDetails, Usage
+
+    ctx = RequestContext(
+        request_id="req-7",
+        api_key_id="key-1",
+        operation="completion",
+        stream=True,
+        model_group="group",
+        deployment="dep",
+        provider="prov",
+        upstream_model="up-model",
+        attempts=3,
+        usage=Usage(
+            prompt_tokens=11,
+            completion_tokens=22,
+            total_tokens=33,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=5),
+            estimated=True,
+        ),
+        cost=0.25,
+        cost_source="price_table",
+        cache_status="miss",
+        status="error",
+        error=UpstreamError("boom", code="upstream_failed"),
+        started_at=100.0,
+        first_token_at=100.5,
+        finished_at=101.0,
+        created=1_767_225_600.5,
+    )
+    row = row_from_context(ctx)
+    assert len(row.entry_id) == 32
+    assert row == LedgerEntry(
+        entry_id=row.entry_id,
+        request_id="req-7",
+        created_at=1_767_225_600.5,
+        day="2026-01-01",
+        api_key_id="key-1",
+        operation="completion",
+        stream=True,
+        model_group="group",
+        deployment="dep",
+        provider="prov",
+        upstream_model="up-model",
+        prompt_tokens=11,
+        completion_tokens=22,
+        cached_tokens=5,
+        cost=0.25,
+        cost_source="price_table",
+        usage_estimated=True,
+        cache_status="miss",
+        latency_ms=1000.0,
+        ttft_ms=500.0,
+        status="error",
+        error_code="upstream_failed",
+        attempts=3,
+    )
+    rejected = row_from_context(ctx, status="rejected", error_code="rate_limit_exceeded")
+    assert (rejected.status, rejected.error_code) == ("rejected", "rate_limit_exceeded")

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from llmrouter.accounting import Accounting
+from llmrouter.accounting.entry import as_entry
 from llmrouter.accounting.ledger import LedgerWriter
 from llmrouter.accounting.sqlite_ledger import is_refused
 
@@ -55,7 +56,7 @@ async def test_rows_round_trip_and_a_replayed_batch_is_not_billed_twice(
         for row in rows:
             writer.record(dict(row))
         await writer.flush()
-        await writer._sink([dict(row) for row in rows])  # the same entry ids again (a replay)
+        await writer._sink([as_entry(row) for row in rows])  # the same entry ids again (a replay)
         stored = await read_rows(acct)
     assert [r["request_id"] for r in stored] == ["r0", "r1", "r2"]
     first = stored[0]

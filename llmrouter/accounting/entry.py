@@ -1,0 +1,139 @@
+"""A ledger row as the writer holds it, and making it storable.
+
+:class:`LedgerEntry` has the ledger table's columns (``id`` aside), in the table's
+order, which is the order the SQLite insert binds them in. It is a ``msgspec`` Struct,
+not a dict: made for every request, a dict of 23 keys cost ~10k CPU instructions to
+build and ~5k to check for completeness before each insert; the Struct is complete by
+construction and costs ~3k. Journal lines stay JSON objects, keyed by column name.
+
+Some values come from clients (the model name asked for, kept even when unknown) or
+upstreams (model, error code, token counts). PostgreSQL refuses a string over its
+VARCHAR length, a NUL byte or an INTEGER past int32, and one refused row would fail its
+whole batch on every retry, stalling the ledger for good: :func:`storable` fits them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+from sqlalchemy import BigInteger, Integer, String
+
+from llmrouter.accounting.models import LedgerRow
+
+__all__ = ["FIELDS", "LedgerEntry", "as_entry", "storable", "storable_values"]
+
+
+class LedgerEntry(msgspec.Struct, gc=False):
+    """One ledger row (the columns of :class:`~llmrouter.accounting.models.LedgerRow`)."""
+
+    entry_id: str
+    request_id: str
+    created_at: float
+    day: str
+    api_key_id: str | None = None
+    operation: str = "chat"
+    stream: bool = False
+    model_group: str | None = None
+    deployment: str | None = None
+    provider: str | None = None
+    upstream_model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost: float = 0.0
+    cost_source: str | None = None
+    usage_estimated: bool = False
+    cache_status: str | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    status: str = "ok"
+    error_code: str | None = None
+    attempts: int = 0
+
+
+FIELDS: tuple[str, ...] = LedgerEntry.__struct_fields__
+"""The columns, in the order :func:`storable_values` gives their values."""
+
+_TABLE: Any = LedgerRow.__table__  # type: ignore[attr-defined]
+_COLUMNS = {c.name: c for c in _TABLE.columns if c.name != "id"}
+if tuple(_COLUMNS) != FIELDS:  # pragma: no cover - a schema change must change both
+    raise RuntimeError(f"LedgerEntry's fields {FIELDS} are not the ledger's columns {tuple(_COLUMNS)}")
+
+_REQUIRED = {name: None for name in FIELDS[: len(FIELDS) - len(LedgerEntry.__struct_defaults__)]}
+"""The fields without a default: a row that lacks one gets NULL, which the database refuses
+(the row is then set aside, see :mod:`llmrouter.accounting.ledger`)."""
+
+# (position, most characters or None) of each string column; (position, largest value)
+# of each integer column (counts are never negative).
+_STR_LIMITS: tuple[tuple[int, int | None], ...] = tuple(
+    (i, getattr(c.type, "length", None))
+    for i, c in enumerate(_COLUMNS.values())
+    # SQLModel's AutoString wraps String (a TypeDecorator); Text has no length.
+    if isinstance(c.type, String) or isinstance(getattr(c.type, "impl", None), String)
+)
+_INT_LIMITS: tuple[tuple[int, int], ...] = tuple(
+    (i, 2**63 - 1 if isinstance(c.type, BigInteger) else 2**31 - 1)
+    for i, c in enumerate(_COLUMNS.values())
+    if isinstance(c.type, Integer)
+)
+
+_astuple = msgspec.structs.astuple
+
+
+def as_entry(row: LedgerEntry | Mapping[str, Any]) -> LedgerEntry:
+    """``row`` as an entry: a mapping's unknown keys are dropped, missing ones defaulted."""
+    if isinstance(row, LedgerEntry):
+        return row
+    return LedgerEntry(**{**_REQUIRED, **{k: v for k, v in row.items() if k in _COLUMNS}})
+
+
+def storable_values(entries: Iterable[LedgerEntry]) -> list[tuple[Any, ...]]:
+    """Each entry's values in :data:`FIELDS` order, every one storable."""
+    values = []
+    for entry in entries:
+        row = _astuple(entry)
+        values.append(row if _fits(row) else _astuple(_fit(entry)))
+    return values
+
+
+def storable(entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
+    """The entries with every value storable; those that already are come back as they are."""
+    return [entry if _fits(_astuple(entry)) else _fit(entry) for entry in entries]
+
+
+def _fits(values: tuple[Any, ...]) -> bool:
+    """True when :func:`_fit` would change nothing: the common case (this runs for every
+    row). A value of another type than its column's is left to :func:`_fit`. A plain
+    loop over the columns: C-level ``map(str, ...)`` and ``map(len, ...)`` over the
+    values, or ``zip``, cost more."""
+    for index, length in _STR_LIMITS:
+        value = values[index]
+        if value is not None and (
+            value.__class__ is not str or "\x00" in value or (length is not None and len(value) > length)
+        ):
+            return False
+    for index, most in _INT_LIMITS:
+        value = values[index]
+        if value.__class__ is not int or not 0 <= value <= most:
+            return False
+    return True
+
+
+def _fit(entry: LedgerEntry) -> LedgerEntry:
+    """A copy of ``entry`` with every value made storable: strings without NUL and cut to
+    their column's length, integers within their column's range. Values of another type
+    are left as they are (the database refuses them, and the row is set aside)."""
+    values = _astuple(entry)
+    changes: dict[str, Any] = {}
+    for index, length in _STR_LIMITS:
+        value = values[index]
+        if isinstance(value, str) and ("\x00" in value or (length is not None and len(value) > length)):
+            value = value.replace("\x00", "")
+            changes[FIELDS[index]] = value[:length] if length else value
+    for index, most in _INT_LIMITS:
+        value = values[index]
+        if isinstance(value, int) and not 0 <= value <= most:  # bools are 0 or 1: always fit
+            changes[FIELDS[index]] = min(max(value, 0), most)
+    return msgspec.structs.replace(entry, **changes)
