@@ -2,8 +2,9 @@
 
 :meth:`LedgerWriter.record` is synchronous and cheap: it journals the row (see
 :mod:`llmrouter.accounting.journal`) and queues it. A background task writes queued
-rows in batches; when the database fails, the rows stay queued (and journaled) and the
-batch is retried with backoff. Inserts ignore an ``entry_id`` already present, so a
+rows in batches (when a batch is full, or every ``flush_interval``); when the
+database fails, the rows stay queued (and journaled) and the batch is retried with
+backoff. Inserts ignore an ``entry_id`` already present, so a
 batch retried after an ambiguous failure, or a journal replayed at start-up, never
 bills twice. :meth:`LedgerWriter.aclose` flushes what is left.
 """
@@ -228,20 +229,25 @@ class LedgerWriter:
     async def _run(self) -> None:
         backoff = 0.1
         while not self._closing:
-            with anyio.move_on_after(self._flush_interval):
+            with anyio.move_on_after(self._flush_interval) as interval:
                 await self._wake.wait()
             self._wake.clear()
-            if await self._write_available():
+            # Woken by a full batch, write full batches only: the rows that came in
+            # meanwhile go with the next batch, or at the end of the interval. Chasing
+            # them, a few rows per write, cost a thread hop and a commit every few requests.
+            if await self._write_available(whole_batches=not interval.cancelled_caught):
                 backoff = 0.1
             elif not self._closing:
                 with anyio.move_on_after(backoff):
                     await self._stop.wait()  # back off, but wake at once for shutdown
                 backoff = min(backoff * 2, 5.0)
 
-    async def _write_available(self) -> bool:
-        """Write everything queued now, batch by batch; False on a database failure."""
+    async def _write_available(self, *, whole_batches: bool = False) -> bool:
+        """Write everything queued now (or only full batches), batch by batch; False on
+        a database failure."""
+        least = self._batch_size if whole_batches else 1
         async with self._write_lock:
-            while self._queue:
+            while len(self._queue) >= least:
                 batch = [row for _, row in itertools.islice(self._queue, self._batch_size)]
                 try:
                     await self._write(batch)

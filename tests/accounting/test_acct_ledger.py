@@ -85,6 +85,43 @@ async def test_flush_on_shutdown_writes_everything(db_url: str, tmp_path: Path) 
     assert ids
 
 
+async def test_a_full_batch_is_written_alone_and_the_rows_behind_it_wait(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    # Rows that arrive while a full batch is being written wait for the next full batch
+    # (or the interval, or a flush): written as they trickle in, each handful cost a
+    # thread hop and a commit.
+    gate = anyio.Event()
+    sizes: list[int] = []
+
+    async def sink(rows: Sequence[LedgerEntry]) -> None:
+        sizes.append(len(rows))
+        await gate.wait()
+        await insert_rows(acct.engine, rows)
+
+    ledger = LedgerConfig(journal_dir=str(tmp_path / "journal"), flush_interval=60, batch_size=4)
+    acct = Accounting(make_config(sqlite_url, tmp_path, ledger=ledger), ledger_sink=sink)
+    async with acct:
+        with anyio.fail_after(10):
+            ids = await _serve(acct, 4)
+            while not sizes:  # noqa: ASYNC110 - polling a plain list the sink appends to
+                await anyio.sleep(0.01)
+            ids += await _serve(acct, 2)  # during the write
+            gate.set()
+            while acct.ledger.pending > 2:  # noqa: ASYNC110 - the writer exposes a count, not an event
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.2)
+            assert sizes == [4] and acct.ledger.pending == 2
+            ids += await _serve(acct, 2)  # a full batch again
+            while acct.ledger.pending:  # noqa: ASYNC110 - the writer exposes a count, not an event
+                await anyio.sleep(0.01)
+            assert sizes == [4, 4]
+            ids += await _serve(acct, 1)
+            await acct.ledger.flush()  # writes what is queued, full batch or not
+        assert sizes == [4, 4, 1]
+        assert sorted(r["request_id"] for r in await _rows(acct)) == sorted(ids)
+
+
 async def test_database_outage_rows_kept_and_retried_without_duplicates(
     sqlite_url: str, tmp_path: Path
 ) -> None:
