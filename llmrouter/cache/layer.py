@@ -200,17 +200,26 @@ class ResponseCache:
         self._settle(ctx, flight, answer)
         return answer
 
-    async def stream(
+    def stream(
         self, ctx: RequestContext, request: ChatRequest, call: Callable[[], AsyncIterator[ChatChunk]]
-    ) -> AsyncGenerator[ChatChunk, None]:
+    ) -> AsyncIterator[ChatChunk]:
         """Stream from the cache (replayed chunks), from an identical request in flight
-        (the same chunks as they arrive), or through ``call``."""
+        (the same chunks as they arrive), or through ``call``.
+
+        Decided here, before the first chunk is asked for: a request that is not
+        cacheable gets ``call()``'s own iterator, with no generator of the cache's
+        around it (each layer costs every chunk ~2k CPU instructions)."""
         plan = self._plan(ctx, request)
         if plan is None or ctx.no_cache:
             self._mark(ctx, "bypass")
-            async for chunk in self._pass_through(plan if not ctx.no_store else None, call):
-                yield chunk
-            return
+            if plan is None or ctx.no_store:
+                return call()
+            return self._pass_through(plan, call)
+        return self._stream_cacheable(ctx, plan, call)
+
+    async def _stream_cacheable(
+        self, ctx: RequestContext, plan: _Plan, call: Callable[[], AsyncIterator[ChatChunk]]
+    ) -> AsyncGenerator[ChatChunk, None]:
         coalescing = self._can_coalesce()
         flight = await self._find_or_lookup(ctx, plan, coalescing, streaming=True)
         if isinstance(flight, CacheEntry):
@@ -221,8 +230,10 @@ class ResponseCache:
         if flight is None:
             self._mark(ctx, "miss")
             if not coalescing:
-                async for chunk in self._pass_through(plan if not ctx.no_store else None, call):
-                    yield chunk
+                upstream = call() if ctx.no_store else self._pass_through(plan, call)
+                async with aclosing(upstream) as chunks:  # type: ignore[type-var]
+                    async for chunk in chunks:
+                        yield chunk
                 return
             flight = self.coalescer.launch(
                 plan.key,
@@ -258,7 +269,16 @@ class ResponseCache:
             return None
         namespace = (ctx.api_key_id or "-") if self.namespace_by_key else None
         ttl = settings.ttl if settings is not None and settings.ttl is not None else self.ttl
-        return _Plan(key=cache_key(request, group, namespace=namespace), ttl=ttl)
+        try:
+            key = cache_key(request, group, namespace=namespace)
+        except Exception:
+            # A value the key's encoder refuses (a library caller's object in ``extra``):
+            # a broken cache must never break a request. Raised from stream(), it would
+            # also escape the router's settlement of the request.
+            self.stats.errors += 1
+            log.exception("cache: could not key the request; passing it through")
+            return None
+        return _Plan(key=key, ttl=ttl)
 
     async def _find_or_lookup(
         self, ctx: RequestContext, plan: _Plan, coalescing: bool, *, streaming: bool
@@ -409,18 +429,15 @@ class ResponseCache:
         await self._store(plan, response=flight.response, chunks=chunks, storable=flight.reusable)
 
     async def _pass_through(
-        self, plan: _Plan | None, call: Callable[[], AsyncIterator[ChatChunk]]
+        self, plan: _Plan, call: Callable[[], AsyncIterator[ChatChunk]]
     ) -> AsyncIterator[ChatChunk]:
-        """Stream from upstream in the caller's own task; store a complete stream when
-        ``plan`` is given."""
+        """Stream from upstream in the caller's own task, and store the stream once complete."""
         chunks: list[ChatChunk] = []
         async with aclosing(call()) as upstream:  # type: ignore[type-var]
             async for chunk in upstream:
-                if plan is not None:
-                    chunks.append(chunk)
+                chunks.append(chunk)
                 yield chunk
-        if plan is not None:
-            await self._store(plan, chunks=chunks)
+        await self._store(plan, chunks=chunks)
 
     def _mark(self, ctx: RequestContext, status: CacheStatus) -> None:
         ctx.cache_status = status

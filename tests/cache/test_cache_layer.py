@@ -181,6 +181,15 @@ async def test_uncacheable_stream_passes_through(cache: ResponseCache, upstream:
     )
     assert ctx.cache_status == "bypass" and chunks == upstream.chunks()
     assert cache.coalescer.find("anything") is None and len(cache.coalescer) == 0
+    # Upstream's own iterator: no generator of the cache's around it (a layer per chunk).
+    ctx = helpers.new_ctx()
+    made: list[Any] = []
+
+    def call() -> Any:
+        made.append(upstream.stream(ctx)())
+        return made[-1]
+
+    assert cache.stream(ctx, helpers.chat_request(temperature=1.0, stream=True), call) is made[0]
 
 
 class BrokenBackend(MemoryBackend):

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from llmrouter.cache import MemoryBackend, ResponseCache
@@ -15,7 +16,7 @@ from llmrouter.context import RequestContext
 from llmrouter.hooks import RouterHooks
 from llmrouter.router import Router
 from llmrouter.testing.scripted import ScriptedProvider, Step
-from llmrouter.types import ChatChunk, ChatRequest, ChatResponse, Usage
+from llmrouter.types import ChatChunk, ChatRequest, ChatResponse, Usage, decode_chat_request
 
 pytestmark = pytest.mark.anyio
 
@@ -99,6 +100,22 @@ async def test_uncacheable_requests_bypass(routed: Any, provider: GatedProvider)
         await router.chat(body(temperature=0.8))
     assert provider.record.calls == 2
     assert [row[1] for row in ledger.rows] == ["bypass", "bypass"]
+
+
+async def test_a_request_the_cache_cannot_key_is_passed_through_and_settled(
+    routed: Any, provider: GatedProvider
+) -> None:
+    # A library caller's request with a value msgspec cannot encode: the key fails
+    # before the stream starts, which must neither fail the request nor skip its settlement.
+    router, cache, ledger = routed
+    request = msgspec.structs.replace(decode_chat_request(body(stream=True)), extra={"tag": object()})
+    chunks = [c async for c in router.stream(request)]
+    answer = await router.chat(request)
+    text = "Paris is the capital of France."
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert answer.choices[0].message.content == text
+    assert ledger.rows == [("ok", "bypass", pytest.approx(0.002), "price_table")] * 2
+    assert cache.stats.errors == 2 and provider.record.calls == 2
 
 
 async def test_stream_replay_through_the_router(routed: Any, provider: GatedProvider) -> None:
