@@ -120,3 +120,41 @@ async def test_hooks_run_in_the_callers_task_only_when_none_of_them_waits():
     tasks.clear()
     await make_router([Inline(), SlowSettlement()]).chat(BODY)
     assert len(tasks) == 1 and tasks[0] is not asyncio.current_task()
+
+
+class Recorder(RouterHooks):
+    def __init__(self) -> None:
+        self.admitted = 0
+        self.settled: list[str | None] = []
+
+    async def before_request(self, ctx):
+        self.admitted += 1
+
+    async def after_request(self, ctx):
+        self.settled.append(ctx.status)
+
+
+class BrokenCacheLayer:
+    """A cache layer whose ``stream`` raises as it is called, before any chunk."""
+
+    def configure_group(self, name, settings):
+        pass
+
+    async def chat(self, ctx, request, call):
+        return await call()
+
+    def stream(self, ctx, request, call):
+        raise RuntimeError("the cache layer broke")
+
+
+async def test_a_stream_is_admitted_when_first_read_and_settled_when_its_source_fails_to_open():
+    hook = Recorder()
+    router = make_router([hook])
+    stream = router.stream(BODY)
+    assert hook.admitted == 0  # nothing happens until the first chunk is asked for
+    assert [chunk async for chunk in stream]
+    assert hook.admitted == 1 and hook.settled == ["ok"]
+    router.cache = BrokenCacheLayer()
+    with pytest.raises(RuntimeError, match="the cache layer broke"):
+        [chunk async for chunk in router.stream(BODY)]
+    assert hook.admitted == 2 and hook.settled == ["ok", "error"]  # admitted, so settled
