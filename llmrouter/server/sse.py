@@ -23,7 +23,7 @@ from llmrouter.server.disconnect import ClientDisconnected, DisconnectWatch, cal
 from llmrouter.server.errors import error_event
 
 if TYPE_CHECKING:
-    from litestar.types import HTTPResponseBodyEvent, Receive, Send
+    from litestar.types import Receive, Send
 
 __all__ = ["SSEResponse", "open_stream", "sse_events"]
 
@@ -62,21 +62,29 @@ async def _aclose(iterator: Any) -> None:
 
 
 class SSEResponse(ASGIStreamingResponse):
-    """A ``text/event-stream`` response that closes its iterator when the client leaves.
+    """A ``text/event-stream`` response that closes its chunks when the client leaves.
 
     Litestar's own loop cancels the iteration on a disconnect, but a generator parked at
     ``yield`` (waiting for ``send``) would stay open until garbage collection, and with
     it the upstream connection; this one closes it deterministically.
+
+    On asyncio the chunks are encoded in the send loop itself: a generator of events
+    between the chunks and the loop cost every chunk another generator step (~1.5k
+    CPU instructions). Elsewhere, Litestar's loop sends :func:`sse_events`.
     """
 
-    def __init__(self, iterator: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+    def __init__(
+        self, first: Any, chunks: AsyncIterator[Any], request_id: str | None, headers: dict[str, str]
+    ) -> None:
         super().__init__(
-            iterator=iterator,
+            iterator=chunks,  # replaced by their events when Litestar's loop sends them
             headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
             media_type="text/event-stream",
             status_code=200,
         )
-        self._events = iterator
+        self._first = first
+        self._chunks = chunks
+        self._request_id = request_id
 
     async def send_body(self, send: Send, receive: Receive) -> None:
         finished = False
@@ -84,27 +92,50 @@ class SSEResponse(ASGIStreamingResponse):
             if on_asyncio():
                 try:
                     async with DisconnectWatch(receive):
-                        async for event in self._events:
-                            body: HTTPResponseBodyEvent = {
-                                "type": "http.response.body",
-                                "body": event,
-                                "more_body": True,
-                            }
-                            await send(body)
-                        end: HTTPResponseBodyEvent = {
-                            "type": "http.response.body",
-                            "body": b"",
-                            "more_body": False,
-                        }
-                        await send(end)
+                        await self._send_events(send)
                 except ClientDisconnected:
                     return
             else:
+                self.iterator = sse_events(self._first, self._chunks, self._request_id)
                 await super().send_body(send, receive)
             finished = True
         finally:
             if not finished:
-                await _aclose(self.iterator)
+                await _aclose(self.iterator)  # the events close the chunks
+
+    async def _send_events(self, send: Send) -> None:
+        """The events of :func:`sse_events`, each sent as it is encoded."""
+        if self._first is not None:
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + _encode(self._first) + b"\n\n",
+                    "more_body": True,
+                }
+            )
+        next_chunk = self._chunks.__anext__
+        while True:
+            try:
+                chunk = await next_chunk()
+            except StopAsyncIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 - the status line is gone: report in-band
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": error_event(exc, self._request_id),
+                        "more_body": True,
+                    }
+                )
+                break
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"data: " + _encode(chunk) + b"\n\n",
+                    "more_body": True,
+                }
+            )
+        await send({"type": "http.response.body", "body": DONE, "more_body": False})
 
 
 async def open_stream(
@@ -123,4 +154,4 @@ async def open_stream(
     except BaseException:
         await _aclose(chunks)
         raise
-    return SSEResponse(sse_events(first, chunks, request_id), headers())
+    return SSEResponse(first, chunks, request_id, headers())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -95,6 +96,30 @@ def test_error_after_stream_started_is_a_final_event() -> None:
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["message"] == "engine died"
     assert events[0]["choices"][0]["delta"]["content"] == "one"
+
+
+def test_litestars_loop_sends_the_same_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Off asyncio (trio), SSEResponse leaves the sending to Litestar's loop over
+    # sse_events(); on asyncio it encodes in its own loop. Both must send the same bytes.
+    import llmrouter.server.sse as sse
+
+    def bodies() -> list[str]:
+        router, _ = make_router(
+            Step(text="one two three"),
+            Step(text="one two three", fail_after_chunks=1, error=UpstreamError("engine died")),
+        )
+        router.groups["m"].retry = msgspec.structs.replace(router.groups["m"].retry, attempts=0)
+        with TestClient(create_app(router=router)) as client:
+            texts = [
+                client.post("/v1/chat/completions", json={**CHAT, "stream": True}).text for _ in range(2)
+            ]
+        # Chunk ids and timestamps differ run to run; the events' shape and content must not.
+        return [re.sub(r'"(id|created|request_id)":("[^"]*"|\d+)', r'"\1":0', text) for text in texts]
+
+    on_asyncio = bodies()
+    monkeypatch.setattr(sse, "on_asyncio", lambda: False)
+    assert bodies() == on_asyncio
+    assert on_asyncio[0].endswith("data: [DONE]\n\n") and "engine died" in on_asyncio[1]
 
 
 def test_request_id_cache_control_and_traceparent_reach_the_context() -> None:
