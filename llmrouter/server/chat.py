@@ -11,6 +11,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
 from litestar.response.base import ASGIResponse
 
+from llmrouter.server.body import read_body
 from llmrouter.server.disconnect import call_until_disconnect
 from llmrouter.server.sse import open_stream
 from llmrouter.server.state import append_headers, response_headers, service_of
@@ -44,7 +45,7 @@ _OPENAPI: dict[str, Any] = dict(
 async def create_chat_completion(request: Request[Any, Any, Any]) -> ASGIResponse:
     service = service_of(request)
     ctx = await service.new_context(request)
-    chat_request = decode_chat_request(await request.body())
+    chat_request = decode_chat_request(await read_body(request))
     router = service.active_router
     if chat_request.stream:
         return await open_stream(

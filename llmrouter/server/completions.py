@@ -9,6 +9,7 @@ from litestar import Request, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.response.base import ASGIResponse
 
+from llmrouter.server.body import read_body
 from llmrouter.server.chat import json_response
 from llmrouter.server.disconnect import call_until_disconnect
 from llmrouter.server.sse import open_stream
@@ -30,7 +31,7 @@ _OPENAPI: dict[str, Any] = dict(
 async def create_completion(request: Request[Any, Any, Any]) -> ASGIResponse:
     service = service_of(request)
     ctx = await service.new_context(request)
-    completion_request = decode_completion_request(await request.body())
+    completion_request = decode_completion_request(await read_body(request))
     router = service.active_router
     if completion_request.stream:
         return await open_stream(
