@@ -5,7 +5,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-import msgspec
 from litestar import Request, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.openapi.spec import Example
@@ -13,21 +12,12 @@ from litestar.response.base import ASGIResponse
 
 from llmrouter.server.body import read_body
 from llmrouter.server.disconnect import call_until_disconnect
+from llmrouter.server.responses import json_response
 from llmrouter.server.sse import open_stream
-from llmrouter.server.state import append_headers, response_headers, service_of
+from llmrouter.server.state import response_headers, service_of
 from llmrouter.types import ChatResponse, decode_chat_request
 
-__all__ = ["chat_handlers", "create_chat_completion", "json_response"]
-
-_encode = msgspec.json.Encoder().encode
-
-
-def json_response(body: Any, headers: dict[str, str], status: int = 200) -> ASGIResponse:
-    """A JSON response encoded by msgspec straight to bytes."""
-    response = ASGIResponse(body=_encode(body), media_type="application/json", status_code=status)
-    append_headers(response, headers)
-    return response
-
+__all__ = ["chat_handlers", "create_chat_completion"]
 
 _OPENAPI: dict[str, Any] = dict(
     summary="Create a chat completion (OpenAI-compatible)",

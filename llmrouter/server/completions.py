@@ -10,8 +10,8 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.response.base import ASGIResponse
 
 from llmrouter.server.body import read_body
-from llmrouter.server.chat import json_response
 from llmrouter.server.disconnect import call_until_disconnect
+from llmrouter.server.responses import json_response
 from llmrouter.server.sse import open_stream
 from llmrouter.server.state import response_headers, service_of
 from llmrouter.types import CompletionResponse, decode_completion_request

@@ -7,7 +7,7 @@ from typing import Any
 from litestar import Request, get, head
 from litestar.response.base import ASGIResponse
 
-from llmrouter.server.chat import json_response
+from llmrouter.server.responses import json_response
 from llmrouter.server.state import service_of
 
 __all__ = ["liveness", "liveness_head", "readiness"]

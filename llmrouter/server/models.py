@@ -10,7 +10,7 @@ from litestar.params import FromPath
 from litestar.response.base import ASGIResponse
 
 from llmrouter.errors import ModelNotFoundError
-from llmrouter.server.chat import json_response
+from llmrouter.server.responses import json_response
 from llmrouter.server.state import service_of
 from llmrouter.types import ModelCard, ModelList
 
