@@ -11,11 +11,12 @@ it the router's and the provider's, which closes the upstream connection.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
+from litestar.datastructures.headers import MutableScopeHeaders
 from litestar.response.streaming import ASGIStreamingResponse
 
 from llmrouter.aio import on_asyncio
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["SSEResponse", "open_stream", "sse_events"]
 
 DONE = b"data: [DONE]\n\n"
+_STREAM_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
+_CONTENT_TYPE = (b"content-type", b"text/event-stream; charset=utf-8")
 _encode = msgspec.json.Encoder().encode
 # Closing the generator after a disconnect must not hang the worker on a stuck upstream.
 _CLOSE_TIMEOUT_S = 5.0
@@ -74,14 +77,25 @@ class SSEResponse(ASGIStreamingResponse):
     """
 
     def __init__(
-        self, first: Any, chunks: AsyncIterator[Any], request_id: str | None, headers: dict[str, str]
+        self, first: Any, chunks: AsyncIterator[Any], request_id: str | None, headers: Mapping[str, str]
     ) -> None:
-        super().__init__(
-            iterator=chunks,  # replaced by their events when Litestar's loop sends them
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers},
-            media_type="text/event-stream",
-            status_code=200,
-        )
+        # The slots ASGIStreamingResponse.__init__ fills, as it fills them for this answer,
+        # without its header map (see llmrouter.server.responses; compared in
+        # tests/server/test_responses.py).
+        self.headers = MutableScopeHeaders()
+        self.headers.headers = [
+            *_STREAM_HEADERS,
+            *[(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()],
+            _CONTENT_TYPE,
+        ]
+        self.background = None
+        self.body = b""
+        self.content_length = 0
+        self._encoded_cookies = ()
+        self.encoding = "utf-8"
+        self.is_head_response = False
+        self.status_code = 200
+        self.iterator = chunks  # replaced by their events when Litestar's loop sends them
         self._first = first
         self._chunks = chunks
         self._request_id = request_id
