@@ -3,8 +3,9 @@
 Litestar's ``Request.body()`` reads the same bytes, but first builds its
 case-insensitive header multidict to find ``Content-Length``, checks the header mapping
 through ``typing``'s slow generic ``isinstance``, and streams through an async
-generator: ~44k CPU instructions a request, 7% of what the gateway spends on a JSON
-chat request (docs/benchmarks.md, item 44). :func:`read_body` keeps its behaviour: a
+generator. Read here, with the same checks, a request costs 37k fewer CPU
+instructions, 7% of what the gateway spent on a JSON chat request (docs/benchmarks.md,
+item 45). :func:`read_body` keeps its behaviour: a
 ``Content-Length`` over the limit is refused before anything is read, the bytes
 received are counted against the limit as they arrive (``413``, see
 :mod:`llmrouter.server.errors`), and a client gone mid-body raises as in Litestar.

@@ -5,7 +5,7 @@ case-insensitive ``MutableScopeHeaders`` (each a scan of the list and a ``KeyErr
 caught when the name is absent, and a header given by name costs the same), and checks
 status and body rules that a JSON answer always passes: 3.8 µs per answer. A
 :class:`JSONResponse` sets the same attributes to the same values, with its headers
-encoded in one list: 0.4 µs (docs/benchmarks.md, item 45).
+encoded in one list: 0.4 µs (docs/benchmarks.md, item 46).
 """
 
 from __future__ import annotations
