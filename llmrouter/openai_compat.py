@@ -507,18 +507,17 @@ class OpenAICompatClient:
                 raise error_from_body(response.status_code, content, response.headers, provider=self.provider)
             with _translate(self.provider, f"streaming POST {path}"):
                 body_pieces = response.aiter_bytes()
-                next_piece = body_pieces.__anext__
-                done = False
-                while not done:
+                ended = False
+                while not ended:
                     try:
-                        raw = await next_piece()
+                        events = sse.feed(await body_pieces.__anext__())
                     except StopAsyncIteration:
-                        raw = None
-                    for event, data in sse.feed(raw) if raw is not None else sse.finish():
+                        events, ended = sse.finish(), True
+                    for event, data in events:
                         if data == b"[DONE]":
-                            if raw is not None:
+                            if not ended:
                                 await _drain(body_pieces)
-                            done = True
+                            ended = True
                             break
                         chunk = self._chunk(decoder, event, data, kind)
                         add_texts(chunk, texts)
@@ -526,7 +525,6 @@ class OpenAICompatClient:
                             reported = chunk.usage
                         last = chunk
                         yield chunk
-                    done = done or raw is None
         finally:
             # Runs on normal end, error, aclose() and cancellation alike: an unread body
             # means httpx drops the connection instead of pooling it, so the upstream stops.
