@@ -4,8 +4,9 @@
 case-insensitive ``MutableScopeHeaders`` (each a scan of the list and a ``KeyError``
 caught when the name is absent, and a header given by name costs the same), and checks
 status and body rules that a JSON answer always passes: 3.8 µs per answer. A
-:class:`JSONResponse` sets the same attributes to the same values, with its headers
-encoded in one list: 0.4 µs (docs/benchmarks.md, item 46).
+:class:`JSONResponse` (and the SSE response, :mod:`llmrouter.server.sse`) set the same
+attributes to the same values, with the headers encoded in one list
+(:func:`fill_response`): 0.4 µs (docs/benchmarks.md, item 46).
 """
 
 from __future__ import annotations
@@ -17,10 +18,32 @@ import msgspec
 from litestar.datastructures.headers import MutableScopeHeaders
 from litestar.response.base import ASGIResponse
 
-__all__ = ["JSONResponse", "json_response"]
+__all__ = ["JSONResponse", "encoded", "fill_response", "json_response"]
 
 _encode = msgspec.json.Encoder().encode
 _CONTENT_TYPE = (b"content-type", b"application/json")
+
+
+def fill_response(
+    response: ASGIResponse, headers: list[tuple[bytes, bytes]], *, body: bytes = b"", status: int = 200
+) -> None:
+    """Fill every slot ``ASGIResponse.__init__`` fills, as it fills them for an answer
+    with these (encoded, complete) ``headers``, ``body`` and ``status`` (one that allows
+    a body). tests/server/test_responses.py compares the two."""
+    response.headers = MutableScopeHeaders()
+    response.headers.headers = headers
+    response.background = None
+    response.body = body
+    response.content_length = len(body)
+    response._encoded_cookies = ()
+    response.encoding = "utf-8"
+    response.is_head_response = False
+    response.status_code = status
+
+
+def encoded(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    """``headers`` as an ASGI header list."""
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
 
 
 class JSONResponse(ASGIResponse):
@@ -30,21 +53,12 @@ class JSONResponse(ASGIResponse):
     __slots__ = ()
 
     def __init__(self, body: bytes, headers: Mapping[str, str], status: int = 200) -> None:
-        # Every slot ASGIResponse.__init__ fills, as it fills them for such an answer
-        # (tests/server/test_responses.py compares the two).
-        self.headers = MutableScopeHeaders()
-        self.headers.headers = [
-            _CONTENT_TYPE,
-            (b"content-length", str(len(body)).encode()),
-            *[(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()],
-        ]
-        self.background = None
-        self.body = body
-        self.content_length = len(body)
-        self._encoded_cookies = ()
-        self.encoding = "utf-8"
-        self.is_head_response = False
-        self.status_code = status
+        fill_response(
+            self,
+            [_CONTENT_TYPE, (b"content-length", str(len(body)).encode()), *encoded(headers)],
+            body=body,
+            status=status,
+        )
 
 
 def json_response(body: Any, headers: Mapping[str, str], status: int = 200) -> JSONResponse:

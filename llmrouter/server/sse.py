@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
-from litestar.datastructures.headers import MutableScopeHeaders
 from litestar.response.streaming import ASGIStreamingResponse
 
 from llmrouter.aio import on_asyncio
 from llmrouter.server.disconnect import ClientDisconnected, DisconnectWatch, call_until_disconnect
 from llmrouter.server.errors import error_event
+from llmrouter.server.responses import encoded, fill_response
 
 if TYPE_CHECKING:
     from litestar.types import Receive, Send
@@ -79,22 +79,7 @@ class SSEResponse(ASGIStreamingResponse):
     def __init__(
         self, first: Any, chunks: AsyncIterator[Any], request_id: str | None, headers: Mapping[str, str]
     ) -> None:
-        # The slots ASGIStreamingResponse.__init__ fills, as it fills them for this answer,
-        # without its header map (see llmrouter.server.responses; compared in
-        # tests/server/test_responses.py).
-        self.headers = MutableScopeHeaders()
-        self.headers.headers = [
-            *_STREAM_HEADERS,
-            *[(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()],
-            _CONTENT_TYPE,
-        ]
-        self.background = None
-        self.body = b""
-        self.content_length = 0
-        self._encoded_cookies = ()
-        self.encoding = "utf-8"
-        self.is_head_response = False
-        self.status_code = 200
+        fill_response(self, [*_STREAM_HEADERS, *encoded(headers), _CONTENT_TYPE])
         self.iterator = chunks  # replaced by their events when Litestar's loop sends them
         self._first = first
         self._chunks = chunks
