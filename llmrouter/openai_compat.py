@@ -95,33 +95,32 @@ class SSEDecoder:
         lines = (self._buffer + chunk).split(b"\n")
         self._buffer = lines.pop()
         events: list[tuple[bytes, bytes]] = []
-        for line in lines:
-            self._line(line, events)
+        self._read(lines, events)
         return events
 
     def finish(self) -> list[tuple[bytes, bytes]]:
         """Flush the last event when the stream ended without a trailing blank line."""
         events: list[tuple[bytes, bytes]] = []
-        if self._buffer:
-            self._line(self._buffer, events)
-            self._buffer = b""
-        self._line(b"", events)
+        self._read([self._buffer, b""] if self._buffer else [b""], events)
+        self._buffer = b""
         return events
 
-    def _line(self, line: bytes, events: list[tuple[bytes, bytes]]) -> None:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if not line:
-            if self._data:
-                events.append((self._event, b"\n".join(self._data)))
-                self._data = []
-            self._event = b""
-        elif line.startswith(b"data:"):
-            value = line[5:]
-            self._data.append(value[1:] if value.startswith(b" ") else value)
-        elif line.startswith(b"event:"):
-            self._event = line[6:].strip()
-        # comments (":") and id:/retry: fields carry nothing we use
+    def _read(self, lines: list[bytes], events: list[tuple[bytes, bytes]]) -> None:
+        # One call per network read, not per line: a stream has two lines an event.
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    events.append((self._event, b"\n".join(self._data)))
+                    self._data = []
+                self._event = b""
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+            elif line.startswith(b"event:"):
+                self._event = line[6:].strip()
+            # comments (":") and id:/retry: fields carry nothing we use
 
 
 # --- errors -----------------------------------------------------------------------------------
