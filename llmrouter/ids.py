@@ -13,6 +13,8 @@ import time
 from random import getrandbits
 from typing import Any
 
+from llmrouter.asgi import scope_header
+
 __all__ = ["REQUEST_ID_KEY", "new_id", "random_hex", "request_id_of"]
 
 REQUEST_ID_KEY = "llmrouter.request_id"
@@ -41,16 +43,13 @@ def request_id_of(scope: Any) -> str:
     existing = scope.get(REQUEST_ID_KEY)
     if existing:
         return str(existing)
-    request_id = ""
-    for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
-            # Only a sane id is echoed back and forwarded upstream: visible ASCII. Latin-1
-            # letters are "printable" but no HTTP client sends them on (httpx refuses
-            # them: the upstream call failed), and spaces split log fields.
-            if len(value) <= _MAX_REQUEST_ID_LENGTH and all(0x21 <= byte <= 0x7E for byte in value):
-                request_id = value.decode("ascii")
-            break
-    if not request_id:
+    sent = scope_header(scope, b"x-request-id")
+    # Only a sane id is echoed back and forwarded upstream: visible ASCII. Latin-1 letters
+    # are "printable" but no HTTP client sends them on (httpx refuses them: the upstream
+    # call failed), and spaces split log fields.
+    if sent and len(sent) <= _MAX_REQUEST_ID_LENGTH and all(0x21 <= byte <= 0x7E for byte in sent):
+        request_id = sent.decode("ascii")
+    else:
         request_id = new_id()
     scope[REQUEST_ID_KEY] = request_id
     return request_id

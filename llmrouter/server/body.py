@@ -21,6 +21,8 @@ from litestar.exceptions import ClientException, InternalServerException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.utils.scope.state import ScopeState
 
+from llmrouter.asgi import scope_header
+
 __all__ = ["read_body"]
 
 
@@ -33,15 +35,14 @@ async def read_body(request: Request[Any, Any, Any]) -> bytes:
         InternalServerException: the client disconnected before the body ended.
     """
     limit = request.route_handler.resolve_request_max_body_size() or math.inf
-    for name, value in request.scope["headers"]:
-        if name == b"content-length":
-            try:
-                announced = int(value)
-            except ValueError:
-                raise ClientException(f"Invalid content-length: {value.decode('latin-1')!r}") from None
-            if announced > limit:
-                raise RequestEntityTooLarge
-            break
+    length = scope_header(request.scope, b"content-length")
+    if length is not None:
+        try:
+            announced = int(length)
+        except ValueError:
+            raise ClientException(f"Invalid content-length: {length.decode('latin-1')!r}") from None
+        if announced > limit:
+            raise RequestEntityTooLarge
     receive = request.receive
     parts: list[bytes] = []
     received = 0

@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
+from llmrouter.asgi import scope_header
 from llmrouter.ids import request_id_of
 from llmrouter.telemetry.logging import ACCESS_LOGGER, AccessRecord, context_fields, current_access_record
 from llmrouter.telemetry.metrics import RouterMetrics
@@ -172,12 +173,8 @@ def _method(method: str) -> str:
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
-    # ASGI servers send header names lowercased (the specification requires it); the
-    # first of repeated names wins. A loop: a dict of all the headers cost twice as much.
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return bytes(value).decode("latin-1")
-    return None
+    value = scope_header(scope, name)
+    return None if value is None else bytes(value).decode("latin-1")
 
 
 def _set_header(scope: Scope, name: bytes, value: str, *, replace: bool) -> None:
