@@ -21,7 +21,7 @@ def test_bench_measures_direct_and_gateway_and_writes_json(tmp_path: Path) -> No
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert (
-        "gateway[cache]" in run.stdout and "cpu vs bare" in run.stdout and "import llmrouter:" in run.stdout
+        "gateway[cache]" in run.stdout and "cpu vs bare" in run.stdout and "cpu +ms" in run.stdout and "import llmrouter:" in run.stdout
     )
     rows = json.loads(out.read_text())["gateway"]
     measured = [row for row in rows if row["concurrency"]]
@@ -39,7 +39,7 @@ def test_bench_measures_direct_and_gateway_and_writes_json(tmp_path: Path) -> No
         assert row["cpu_ms_per_req"] > 0 and row["rss_mb"] > 10 and row["added_p50_ms"] is not None
     bare = {row["stream"]: row["cpu_ms_rounds"] for row in measured[2:4]}
     for row in measured[:4]:
-        assert row["cpu_vs_bare"] is None
+        assert row["cpu_vs_bare"] is None and row["cpu_ms_over_bare"] is None
     for row in measured[4:]:
         # The cache's cost: each round against bare's in the same round, then the median.
         assert len(row["cpu_ms_rounds"]) == 2 and row["cpu_ms_per_req"] == pytest.approx(
@@ -47,6 +47,8 @@ def test_bench_measures_direct_and_gateway_and_writes_json(tmp_path: Path) -> No
         )
         ratios = [cpu / base for cpu, base in zip(row["cpu_ms_rounds"], bare[row["stream"]], strict=True)]
         assert row["cpu_vs_bare"] == pytest.approx(median(ratios) - 1)
+        differences = [cpu - base for cpu, base in zip(row["cpu_ms_rounds"], bare[row["stream"]], strict=True)]
+        assert row["cpu_ms_over_bare"] == pytest.approx(median(differences))
     idle = [row for row in rows if row["target"].endswith(" idle")]
     assert len(idle) == 2 and all(row["rss_mb"] > 10 for row in idle)
 
