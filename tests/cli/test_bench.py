@@ -21,7 +21,10 @@ def test_bench_measures_direct_and_gateway_and_writes_json(tmp_path: Path) -> No
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert (
-        "gateway[cache]" in run.stdout and "cpu vs bare" in run.stdout and "cpu +ms" in run.stdout and "import llmrouter:" in run.stdout
+        "gateway[cache]" in run.stdout
+        and "cpu vs bare" in run.stdout
+        and "cpu +ms" in run.stdout
+        and "import llmrouter:" in run.stdout
     )
     rows = json.loads(out.read_text())["gateway"]
     measured = [row for row in rows if row["concurrency"]]
@@ -47,7 +50,9 @@ def test_bench_measures_direct_and_gateway_and_writes_json(tmp_path: Path) -> No
         )
         ratios = [cpu / base for cpu, base in zip(row["cpu_ms_rounds"], bare[row["stream"]], strict=True)]
         assert row["cpu_vs_bare"] == pytest.approx(median(ratios) - 1)
-        differences = [cpu - base for cpu, base in zip(row["cpu_ms_rounds"], bare[row["stream"]], strict=True)]
+        differences = [
+            cpu - base for cpu, base in zip(row["cpu_ms_rounds"], bare[row["stream"]], strict=True)
+        ]
         assert row["cpu_ms_over_bare"] == pytest.approx(median(differences))
     idle = [row for row in rows if row["target"].endswith(" idle")]
     assert len(idle) == 2 and all(row["rss_mb"] > 10 for row in idle)
