@@ -18,7 +18,8 @@ class BackendStats:
     """What a backend knows about its own contents.
 
     ``entries`` and ``bytes`` are None where the backend cannot tell cheaply (Redis,
-    shared by many replicas and expiring keys on its own).
+    shared by many replicas and expiring keys on its own). ``bytes`` is what counts
+    against the backend's ``max_bytes``.
     """
 
     entries: int | None = 0

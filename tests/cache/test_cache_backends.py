@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import anyio
 import pytest
 
 from llmrouter.cache import CacheBackend, CacheConfig, MemoryBackend, build_backend
+from llmrouter.cache.memory import ENTRY_OVERHEAD
 from llmrouter.cache.redis import RedisBackend
 from llmrouter.cache.sqlite import SQLiteBackend
 from llmrouter.errors import ConfigError
@@ -54,7 +56,8 @@ async def test_set_get_overwrite_delete(backend: CacheBackend) -> None:
     stats = backend.stats()
     if stats.entries is not None:  # Redis does not count
         assert stats.entries == 1
-        assert stats.bytes == len("k2") + len(b"\x00\xffbinary")
+        overhead = ENTRY_OVERHEAD if isinstance(backend, MemoryBackend) else 0
+        assert stats.bytes == len("k2") + len(b"\x00\xffbinary") + overhead
 
 
 async def test_clear_drops_everything_of_this_cache(backend: CacheBackend) -> None:
@@ -85,8 +88,9 @@ async def test_ttl_expires_on_the_clock(kind: str, sqlite_path: Path, clock: Any
 
 
 async def test_memory_lru_eviction_by_bytes(clock: Any) -> None:
-    # Each entry is 2 (key) + 10 (value) = 12 bytes; three fit in 40.
-    made = MemoryBackend(max_bytes=40, clock=clock)
+    # Each entry is 2 (key) + 10 (value) + ENTRY_OVERHEAD bytes; three fit, not four.
+    entry = 12 + ENTRY_OVERHEAD
+    made = MemoryBackend(max_bytes=3 * entry + 10, clock=clock)
     for name in ("k1", "k2", "k3"):
         await made.set(name, b"x" * 10, 60)
     assert await made.get("k1") is not None  # k1 is now the most recently used
@@ -94,11 +98,28 @@ async def test_memory_lru_eviction_by_bytes(clock: Any) -> None:
     assert await made.get("k2") is None  # the least recently used went
     assert all([await made.get(k) for k in ("k1", "k3", "k4")])
     stats = made.stats()
-    assert (stats.entries, stats.bytes, stats.evictions) == (3, 36, 1)
+    assert (stats.entries, stats.bytes, stats.evictions) == (3, 3 * entry, 1)
+
+
+async def test_memory_bound_holds_the_memory_the_entries_take() -> None:
+    # Small answers, where the per-entry bookkeeping weighs most: counting only keys and
+    # values let the entries take nearly twice the bound.
+    bound = 1 << 20
+    made = MemoryBackend(max_bytes=bound)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000):
+            await made.set(f"chat:{i:064x}", bytes(200), None)
+        taken = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert made.stats().evictions > 0
+    assert taken <= bound * 1.1, f"{taken} bytes held under a bound of {bound}"
 
 
 async def test_memory_refuses_an_entry_larger_than_the_bound() -> None:
-    made = MemoryBackend(max_bytes=20)
+    made = MemoryBackend(max_bytes=20 + ENTRY_OVERHEAD)
     await made.set("small", b"x", None)
     await made.set("huge", b"x" * 100, None)
     assert await made.get("huge") is None
