@@ -92,8 +92,8 @@ class MemoryBackend:
         # No expiry sweep here: it would make every insert at the bound O(n); expired
         # entries age to the LRU end on their own, since nothing reads them.
         while self._bytes > self.max_bytes and self._items:
-            oldest = next(iter(self._items))
-            self._drop(oldest)
+            key, (value, _) = self._items.popitem(last=False)  # the least recently used
+            self._bytes -= _size(key, value)
             self._evictions += 1
 
     def _drop(self, key: str) -> None:
