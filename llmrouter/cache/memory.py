@@ -19,7 +19,7 @@ counted 27 MB and took 52."""
 
 
 class MemoryBackend:
-    """Least-recently-used bytes cache bounded by total value size.
+    """Least-recently-used bytes cache bounded by the memory its entries take.
 
     Args:
         max_bytes: evict least recently used entries while the memory they take
