@@ -62,12 +62,17 @@ class DisconnectWatch:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> bool:
-        if self._watcher is not None:
-            self._watcher.cancel()
-        if self.disconnected and self._task is not None:
+        # Both tasks are let go of: the cancelled watcher keeps its CancelledError, whose
+        # traceback holds the watcher's frame and so this object; a reference back from
+        # here would make a cycle, left for the garbage collector, on every request.
+        watcher, self._watcher = self._watcher, None
+        task, self._task = self._task, None
+        if watcher is not None:
+            watcher.cancel()
+        if self.disconnected and task is not None:
             # Our own cancellation: take it back so that enclosing scopes don't see a
             # pending cancel, and say what happened instead.
-            self._task.uncancel()
+            task.uncancel()
             if exc_type is None or issubclass(exc_type, asyncio.CancelledError):
                 raise ClientDisconnected
         return False

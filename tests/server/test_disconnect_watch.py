@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import anyio
@@ -76,3 +77,25 @@ async def test_outer_cancellation_is_not_mistaken_for_a_disconnect() -> None:
     with anyio.move_on_after(0.05) as scope:
         await call_until_disconnect(receive_after(never), slow_call)
     assert scope.cancelled_caught
+
+
+@pytest.mark.anyio
+async def test_a_finished_watch_leaves_nothing_for_the_garbage_collector() -> None:
+    # The cancelled watcher keeps its CancelledError, whose traceback holds the watch; a
+    # watch still holding the watcher made a cycle of ~20 objects on every request.
+    never = anyio.Event()
+
+    async def answer() -> str:
+        await anyio.lowlevel.checkpoint()
+        return "ok"
+
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(50):
+            assert await call_until_disconnect(receive_after(never), answer) == "ok"
+        await anyio.sleep(0.01)  # the cancelled watchers finish
+        collected = gc.collect()
+    finally:
+        gc.enable()
+    assert collected < 50, f"{collected} objects in cycles after 50 requests"
