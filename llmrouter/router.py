@@ -269,24 +269,21 @@ class Router:
         return chain
 
     def _direct_group(self, model: str) -> GroupState:
-        not_found = ModelNotFoundError(
-            f"The model `{model}` does not exist or you do not have access to it.", param="model"
-        )
         provider, _, upstream = model.partition("/")
         if not (self.config.router.allow_direct and upstream and provider in available_providers()):
-            raise not_found
+            raise _model_not_found(model)
         # Only providers whose models are cheap to name (a daemon's or an API's) may be
         # addressed directly: a client must not make the server load a local model or
         # start an engine (transformers, vllm), or reach a server nobody configured.
         if not load_provider_class(provider).direct:
-            raise not_found
+            raise _model_not_found(model)
         try:
             group = self.add_group(
                 ModelGroup(name=model, deployments=[Deployment(provider=provider, model=upstream)])
             )
         except LLMRouterError as exc:
             logger.info("direct model %r cannot be served: %s", model, exc.message)
-            raise not_found from exc
+            raise _model_not_found(model) from exc
         self._started = False  # the new deployment starts on first use
         return group
 
@@ -541,6 +538,14 @@ async def _probe(deployment: DeploymentState, snapshot: dict[str, Any]) -> None:
 
 
 _settles_inline = operator.attrgetter("settles_inline")
+
+
+def _model_not_found(model: str) -> ModelNotFoundError:
+    # Made where it is raised: an exception kept in a local of the raising frame would
+    # hold that frame through its own traceback, a cycle for the garbage collector.
+    return ModelNotFoundError(
+        f"The model `{model}` does not exist or you do not have access to it.", param="model"
+    )
 
 
 async def _run_after_hooks(ctx: RequestContext, hooks: Sequence[RouterHooks]) -> None:
