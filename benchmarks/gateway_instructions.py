@@ -33,8 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from llmrouter.bench.gateway import MODEL, _config, _mode_config
-from llmrouter.bench.processes import Child, free_port, python_argv
+from llmrouter.bench.gateway import MODEL, _config, _mode_config, start_upstream
+from llmrouter.bench.processes import free_port, python_argv
 from llmrouter.bench.stats import render_table
 
 CONCURRENCY = 16
@@ -191,22 +191,8 @@ def main() -> None:
         parser.error("--kinds takes json, stream or both")
     streams = [s for s, kind in ((False, "json"), (True, "stream")) if kind in kinds]
     port = free_port()
-    upstream = Child(
-        python_argv(
-            "-m",
-            "llmrouter.testing.upstream",
-            "--port",
-            str(port),
-            "--chunks",
-            "20",
-            "--no-record",
-            "--model",
-            MODEL,
-        ),
-        port,
-    )
+    upstream = start_upstream(port, chunks=20)
     try:
-        upstream.wait_listening()
         runs = [
             (m, s, n)
             for m in modes

@@ -25,8 +25,8 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from llmrouter.bench.gateway import MODEL, _config, _mode_config, _round, _start_gateway
-from llmrouter.bench.processes import Child, free_port, pin_self, python_argv
+from llmrouter.bench.gateway import _config, _mode_config, _round, _start_gateway, start_upstream
+from llmrouter.bench.processes import Child, free_port, pin_self
 from llmrouter.bench.stats import render_table
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -73,11 +73,9 @@ def main() -> None:
     requests = dict.fromkeys(modes, 0)
     with tempfile.TemporaryDirectory(prefix="llmrouter-threads-") as tmp:
         workdir, port = Path(tmp), free_port()
-        argv = python_argv("-m", "llmrouter.testing.upstream", "--port", str(port), "--chunks", "20")
-        upstream = Child([*argv, "--no-record", "--model", MODEL], port)
+        upstream = start_upstream(port, chunks=20)
         gateways: dict[str, Child] = {}
         try:
-            upstream.wait_listening()
             for mode in modes:
                 gateways[mode] = _start_gateway(_config(port, _mode_config(mode, workdir)), workdir, mode)
             for n in range(args.rounds):

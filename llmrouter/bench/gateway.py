@@ -194,6 +194,19 @@ def _idle_row(target: str, rss: float) -> GatewayRow:
     )
 
 
+def start_upstream(port: int, chunks: int, *, log: Path | None = None) -> Child:
+    """The fake OpenAI-compatible upstream on ``port`` (``chunks`` per stream, nothing
+    recorded, model :data:`MODEL`), once it listens."""
+    argv = python_argv("-m", "llmrouter.testing.upstream", "--port", str(port), "--chunks", str(chunks))
+    child = Child([*argv, "--no-record", "--model", MODEL], port, log=log)
+    try:
+        child.wait_listening()
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
 def _start_gateway(config: dict[str, Any], workdir: Path, name: str) -> Child:
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -227,22 +240,7 @@ def run_gateway_bench(
         upstream_port = free_port()
         children: dict[str, Child] = {}
         try:
-            children["direct"] = Child(
-                python_argv(
-                    "-m",
-                    "llmrouter.testing.upstream",
-                    "--port",
-                    str(upstream_port),
-                    "--chunks",
-                    str(chunks),
-                    "--no-record",
-                    "--model",
-                    MODEL,
-                ),
-                upstream_port,
-                log=workdir / "upstream.log",
-            )
-            children["direct"].wait_listening()
+            children["direct"] = start_upstream(upstream_port, chunks, log=workdir / "upstream.log")
             for mode in modes:
                 extra = _mode_config(mode, workdir)
                 children[_target(mode)] = _start_gateway(_config(upstream_port, extra), workdir, mode)
