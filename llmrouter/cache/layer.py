@@ -212,9 +212,7 @@ class ResponseCache:
         plan = self._plan(ctx, request)
         if plan is None or ctx.no_cache:
             self._mark(ctx, "bypass")
-            if plan is None or ctx.no_store:
-                return call()
-            return self._pass_through(plan, call)
+            return call() if plan is None else self._upstream(ctx, plan, call)
         return self._stream_cacheable(ctx, plan, call)
 
     async def _stream_cacheable(
@@ -230,8 +228,7 @@ class ResponseCache:
         if flight is None:
             self._mark(ctx, "miss")
             if not coalescing:
-                upstream = call() if ctx.no_store else self._pass_through(plan, call)
-                async with aclosing(upstream) as chunks:  # type: ignore[type-var]
+                async with aclosing(self._upstream(ctx, plan, call)) as chunks:  # type: ignore[type-var]
                     async for chunk in chunks:
                         yield chunk
                 return
@@ -427,6 +424,13 @@ class ResponseCache:
         answer = flight.response if chunks is None else chunks
         flight.reusable = answer is not None and is_storable(answer, store_truncated=self.store_truncated)
         await self._store(plan, response=flight.response, chunks=chunks, storable=flight.reusable)
+
+    def _upstream(
+        self, ctx: RequestContext, plan: _Plan, call: Callable[[], AsyncIterator[ChatChunk]]
+    ) -> AsyncIterator[ChatChunk]:
+        """The stream from upstream in the caller's own task: ``call()``'s own iterator
+        when the request says not to store it, else stored once complete."""
+        return call() if ctx.no_store else self._pass_through(plan, call)
 
     async def _pass_through(
         self, plan: _Plan, call: Callable[[], AsyncIterator[ChatChunk]]
