@@ -13,7 +13,7 @@ from sqlalchemy import text
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.entry import as_entry
 from llmrouter.accounting.ledger import LedgerWriter
-from llmrouter.accounting.sqlite_ledger import is_refused
+from llmrouter.accounting.sqlite_ledger import ROWS_PER_STATEMENT, is_refused
 
 from .conftest import make_config
 
@@ -65,6 +65,39 @@ async def test_rows_round_trip_and_a_replayed_batch_is_not_billed_twice(
     )
     assert first["stream"] == 1 and first["usage_estimated"] == 1 and first["cached_tokens"] == 0
     assert first["api_key_id"] is None and first["ttft_ms"] is None
+
+
+async def test_a_batch_of_several_statements_round_trips_and_skips_repeated_entries(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    # Two statements of ROWS_PER_STATEMENT rows each, then three rows one by one; an
+    # entry id repeated inside the first statement is stored once.
+    rows = [ledger_row(request_id=f"r{i:03d}", prompt_tokens=i) for i in range(2 * ROWS_PER_STATEMENT + 3)]
+    rows[7]["entry_id"] = rows[3]["entry_id"]
+    async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
+        await acct.ledger._sink([as_entry(row) for row in rows])
+        stored = await read_rows(acct)
+    expected = [row for i, row in enumerate(rows) if i != 7]
+    assert [r["request_id"] for r in stored] == [row["request_id"] for row in expected]
+    assert [(r["entry_id"], r["prompt_tokens"]) for r in stored] == [
+        (row["entry_id"], row["prompt_tokens"]) for row in expected
+    ]
+    assert all(r["cost"] == 0.000125 and r["api_key_id"] is None for r in stored)
+
+
+async def test_a_row_refused_inside_a_statement_of_many_rows_is_set_aside(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
+        for i in range(ROWS_PER_STATEMENT + 1):
+            acct.ledger.record(ledger_row(request_id=None if i == 5 else f"r{i:03d}"))
+        await acct.ledger.flush()
+        with anyio.fail_after(20):
+            while acct.ledger.pending:  # noqa: ASYNC110 - the writer exposes a count, not an event
+                await anyio.sleep(0.02)
+        stored = await read_rows(acct)
+        assert acct.ledger.rejected == 1
+    assert [r["request_id"] for r in stored] == [f"r{i:03d}" for i in range(ROWS_PER_STATEMENT + 1) if i != 5]
 
 
 async def test_a_row_sqlite_refuses_is_set_aside_and_the_rest_are_written(
