@@ -58,7 +58,10 @@ class TelemetryExtension(Extension):
         self._owns_tracer_provider = tracer_provider is None
         self.tracer_provider = tracer_provider or build_tracer_provider(self.config)
         self.tracer = RequestTracer(self.tracer_provider) if self.tracer_provider is not None else None
-        self.hooks = TelemetryHooks(metrics=self.metrics, tracer_provider=self.tracer_provider)
+        # The middleware writes the access line; the hooks make sure of the traceparent.
+        self.hooks = TelemetryHooks(
+            metrics=self.metrics, tracer_provider=self.tracer_provider, log_requests=False
+        )
 
     def router_hooks(self) -> Sequence[RouterHooks]:
         return (self.hooks,)
@@ -77,6 +80,7 @@ class TelemetryExtension(Extension):
                 quiet_paths=self.config.quiet_paths,
                 # The service's RequestIdMiddleware (around every route's middleware) records it.
                 status_key=STATUS_KEY,
+                trace_header=False,
             ),
         )
 

@@ -4,10 +4,11 @@ For each HTTP request it
 
 1. makes sure the request carries a valid W3C ``traceparent`` (the client's, else a new
    trace; with span export on, its own server span) by rewriting the scope's header,
-   so that the controller puts it into ``ctx.traceparent`` and providers forward it;
-2. publishes an :class:`~llmrouter.telemetry.logging.AccessRecord` in a context
-   variable, which :class:`~llmrouter.telemetry.TelemetryHooks` fill with the router's
-   context;
+   so that the controller puts it into ``ctx.traceparent`` and providers forward it
+   (``trace_header``; the service leaves this to its router hooks);
+2. with the access line on, publishes an
+   :class:`~llmrouter.telemetry.logging.AccessRecord` in a context variable, which
+   :class:`~llmrouter.telemetry.TelemetryHooks` fill with the router's context;
 3. once the response is sent, records ``http.server.request.duration`` (attributes
    ``http.request.method``, ``http.route`` - the route template, never the raw path -,
    ``http.response.status_code``, ``error.type`` for 5xx) and writes the access line.
@@ -61,6 +62,11 @@ class TelemetryMiddleware:
             response status (the service's ``RequestIdMiddleware`` does). Given, the
             status is read there once the app returns, instead of through a wrapper of
             ``send``: a call per message, that is per streamed chunk.
+        trace_header: make sure every request carries a valid ``traceparent`` (step 1
+            above; always done with a ``tracer``). The service turns it off: its
+            :class:`~llmrouter.telemetry.TelemetryHooks` do the same for every request
+            that reaches the router, the only ones that call upstream, and the header
+            is not rewritten for the rest (~3k CPU instructions a request).
     """
 
     def __init__(
@@ -72,8 +78,10 @@ class TelemetryMiddleware:
         access_log: bool = True,
         quiet_paths: Sequence[str] = (),
         status_key: str | None = None,
+        trace_header: bool = True,
     ) -> None:
         self.app = app
+        self.trace_header = trace_header
         self.metrics = metrics
         self.tracer = tracer
         self.access_log = access_log
@@ -88,6 +96,33 @@ class TelemetryMiddleware:
         started = time.perf_counter()
         method = scope.get("method", "GET")
         route = scope.get("path_template")
+        span = None
+        traceparent = None
+        if self.trace_header or self.tracer is not None:
+            span, traceparent = self._trace(scope, method, route)
+        record = token = None
+        if self.access_log:
+            if traceparent is None:
+                traceparent = _valid_traceparent(_header(scope, b"traceparent"))
+            record = AccessRecord(method, scope["path"], request_id_of(scope), traceparent)
+            token = current_access_record.set(record)
+        try:
+            await self.app(scope, receive, send if self.status_key else _watching_status(scope, send))
+        finally:
+            if token is not None:
+                current_access_record.reset(token)
+            # No response started means the app raised: the server answers 500.
+            code = scope.get(self.status_key or _WATCHED_STATUS_KEY, 500)
+            elapsed = time.perf_counter() - started
+            self._record(method, route, code, elapsed, span)
+            if record is not None:
+                level = logging.DEBUG if record.path in self.quiet_paths else logging.INFO
+                if self._logger.isEnabledFor(level):
+                    self._log(record, code, elapsed, level)
+
+    def _trace(self, scope: Scope, method: str, route: str | None) -> tuple[Any, str]:
+        """Start the server span (with a tracer) and make the scope's ``traceparent``
+        valid: the client's, else the span's or a new trace's. Returns both."""
         incoming = _header(scope, b"traceparent")
         parent = parse_traceparent(incoming)
         span = None
@@ -106,20 +141,7 @@ class TelemetryMiddleware:
         )
         if traceparent != incoming:
             _set_header(scope, b"traceparent", traceparent, replace=incoming is not None)
-        record = AccessRecord(method, scope["path"], request_id_of(scope), traceparent)
-        token = current_access_record.set(record)
-        try:
-            await self.app(scope, receive, send if self.status_key else _watching_status(scope, send))
-        finally:
-            current_access_record.reset(token)
-            # No response started means the app raised: the server answers 500.
-            code = scope.get(self.status_key or _WATCHED_STATUS_KEY, 500)
-            elapsed = time.perf_counter() - started
-            self._record(method, route, code, elapsed, span)
-            if self.access_log:
-                level = logging.DEBUG if record.path in self.quiet_paths else logging.INFO
-                if self._logger.isEnabledFor(level):
-                    self._log(record, code, elapsed, level)
+        return span, traceparent
 
     def _record(self, method: str, route: str | None, code: int, elapsed: float, span: Any) -> None:
         if self.metrics is not None:
@@ -170,6 +192,12 @@ def _watching_status(scope: Scope, send: Any) -> Callable[[Message], Awaitable[N
 
 def _method(method: str) -> str:
     return method if method in _KNOWN_METHODS else "_OTHER"
+
+
+def _valid_traceparent(header: str | None) -> str:
+    """The client's ``traceparent`` when valid, else a new trace's (the access line's trace id)."""
+    parent = parse_traceparent(header)
+    return parent.header() if parent else new_traceparent_header()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -10,6 +10,7 @@ import pytest
 from llmrouter.telemetry.http import TelemetryMiddleware
 from llmrouter.telemetry.local import LocalMetrics
 from llmrouter.telemetry.metrics import RouterMetrics
+from llmrouter.telemetry.tracing import parse_traceparent
 
 pytestmark = pytest.mark.anyio
 
@@ -77,3 +78,20 @@ async def test_the_recorded_status(from_scope: bool) -> None:
             ["http.response.start", "http.response.body"] if app is answer_204 else []
         )
     assert statuses(metrics) == [204, 500]  # an app that raised: the server answers 500
+
+
+@pytest.mark.parametrize("trace_header", [True, False])
+async def test_the_trace_header_is_made_valid_only_when_asked(trace_header: bool) -> None:
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(dict(scope["headers"]).get(b"traceparent"))
+        await answer_204(scope, receive, send)
+
+    middleware = TelemetryMiddleware(app, access_log=False, trace_header=trace_header)
+    await call(middleware)
+    (header,) = seen
+    if trace_header:
+        assert parse_traceparent(header.decode()) is not None
+    else:
+        assert header is None  # left to the router's TelemetryHooks

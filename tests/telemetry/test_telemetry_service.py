@@ -145,6 +145,36 @@ def test_missing_or_invalid_traceparent_starts_a_trace(
     assert parsed is not None and sent != header
 
 
+def test_the_access_line_names_the_trace_sent_upstream(
+    client: TestClient[Any], provider: TraceRecordingProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmrouter.access")
+    client.post("/v1/chat/completions", json=CHAT, headers={"traceparent": "garbage"})
+    (sent,) = provider.traceparents
+    (line,) = [entry for entry in access_lines(caplog) if entry["path"] == "/v1/chat/completions"]
+    parsed = parse_traceparent(sent)
+    assert parsed is not None and line["trace_id"] == parsed.trace_id
+
+
+@pytest.mark.parametrize("header", [None, "garbage", TRACEPARENT])
+def test_without_the_access_line_the_trace_still_reaches_upstream(
+    provider: TraceRecordingProvider, caplog: pytest.LogCaptureFixture, header: str | None
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmrouter.access")
+    router = Router()
+    router.add_deployment("m", provider)
+    extension = TelemetryExtension(TelemetryConfig(json_logs=False, access_log=False))
+    with TestClient(create_app(router=router, extensions=[extension])) as client:
+        headers = {"traceparent": header} if header else {}
+        assert client.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 200
+        scrape = client.get("/metrics").text
+    (sent,) = provider.traceparents
+    parsed = parse_traceparent(sent)
+    assert parsed is not None and (sent == TRACEPARENT) == (header == TRACEPARENT)
+    assert access_lines(caplog) == []  # neither the middleware nor the hooks wrote one
+    assert metric_value(scrape, "http_server_request_duration_seconds_count", http_response_status_code="200") >= 1
+
+
 def test_rate_limited_request_is_counted_and_logged(
     client: TestClient[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
