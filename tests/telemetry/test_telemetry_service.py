@@ -172,7 +172,10 @@ def test_without_the_access_line_the_trace_still_reaches_upstream(
     parsed = parse_traceparent(sent)
     assert parsed is not None and (sent == TRACEPARENT) == (header == TRACEPARENT)
     assert access_lines(caplog) == []  # neither the middleware nor the hooks wrote one
-    assert metric_value(scrape, "http_server_request_duration_seconds_count", http_response_status_code="200") >= 1
+    assert (
+        metric_value(scrape, "http_server_request_duration_seconds_count", http_response_status_code="200")
+        >= 1
+    )
 
 
 def test_rate_limited_request_is_counted_and_logged(
