@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
 
@@ -34,8 +33,10 @@ log = logging.getLogger("llmrouter.accounting")
 _RECORDED = "_llmrouter_ledger"
 
 
-@dataclass
-class _Admission:
+class _Admission(NamedTuple):
+    """What an admitted request took, given back when it settles (the context is held so
+    that its id stays unique while admitted)."""
+
     ctx: RequestContext
     ticket: LimitTicket | None
     reservation: Reservation | None
@@ -104,18 +105,14 @@ class AccountingHooks(RouterHooks):
             concurrency=key.concurrency if key.concurrency is not None else self.limits.concurrency,
         )
 
-    async def _principal(self, ctx: RequestContext) -> ApiKey | None:
-        if isinstance(ctx.principal, ApiKey):
-            ctx.api_key_id = ctx.principal.id
-            return ctx.principal
-        if ctx.api_key_id is None or self.keys is None:
-            return None
-        cached = self._key_cache.get(ctx.api_key_id)
+    async def _load_principal(self, ctx: RequestContext, key_id: str, keys: KeyStore) -> ApiKey:
+        """The key a library caller named by ``ctx.api_key_id``, from the store (cached 5 s)."""
+        cached = self._key_cache.get(key_id)
         if cached is None or time.monotonic() - cached[0] > 5.0:
-            cached = (time.monotonic(), await self.keys.load(ctx.api_key_id))
-            self._key_cache[ctx.api_key_id] = cached
+            cached = (time.monotonic(), await keys.load(key_id))
+            self._key_cache[key_id] = cached
         if cached[1] is None:
-            raise AuthenticationError(f"unknown API key id {ctx.api_key_id}")
+            raise AuthenticationError(f"unknown API key id {key_id}")
         ctx.principal = cached[1]
         return cached[1]
 
@@ -138,7 +135,12 @@ class AccountingHooks(RouterHooks):
         ticket: LimitTicket | None = None
         reservation: Reservation | None = None
         try:
-            key = await self._principal(ctx)
+            # The key the service authenticated, else one a library caller named by id.
+            key = ctx.principal if isinstance(ctx.principal, ApiKey) else None
+            if key is not None:
+                ctx.api_key_id = key.id
+            elif ctx.api_key_id is not None and self.keys is not None:
+                key = await self._load_principal(ctx, ctx.api_key_id, self.keys)
             self._check_access(ctx, key)
             limits = self.effective_limits(key)
             if self.limiter is not None and not limits.empty:
@@ -162,7 +164,7 @@ class AccountingHooks(RouterHooks):
         """Settle, release, record. Never raises (a failure is logged; the row is still queued)."""
         admission = self._admitted.pop(id(ctx), None)
         try:
-            if admission is not None:
+            if admission is not None and (admission.ticket or admission.reservation):
                 await self._settle(ctx, admission)
         except Exception:
             log.exception("accounting: settling request %s failed", ctx.request_id)
