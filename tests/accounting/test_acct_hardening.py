@@ -14,7 +14,7 @@ import msgspec
 import pytest
 from sqlalchemy import select
 
-from llmrouter.accounting import Accounting
+from llmrouter.accounting import Accounting, entry
 from llmrouter.accounting.budgets import to_units
 from llmrouter.accounting.entry import _fit, as_entry, storable, storable_values
 from llmrouter.accounting.ledger import LedgerWriter, insert_rows
@@ -151,3 +151,23 @@ def test_rows_that_fit_are_passed_through_and_others_fitted(fields: dict[str, An
     assert (cleaned is row) == fits
     # The SQLite insert's values: the same, in column order.
     assert storable_values([row]) == [msgspec.structs.astuple(cleaned)]
+
+
+def test_a_remembered_combination_still_checks_each_rows_own_values() -> None:
+    # The strings that repeat from row to row (model, deployment, status...) are
+    # remembered once they fit; the request's own ids and the counts are checked every time.
+    fitting = as_entry(_row(model_group="g"))
+    assert storable([fitting])[0] is fitting
+    for fields in ({"request_id": "r" * 201}, {"entry_id": "e\x00"}, {"prompt_tokens": -5}):
+        row = as_entry(_row(model_group="g", **fields))
+        [cleaned] = storable([row])
+        assert cleaned is not row and cleaned == _fit(row)
+
+
+def test_unhashable_values_are_left_to_the_database_and_memory_is_bounded() -> None:
+    row = as_entry(_row(model_group=["not", "a", "string"]))
+    [cleaned] = storable([row])
+    assert cleaned == _fit(row) == row  # refused by the database, then set aside
+    for n in range(entry._FITTING_MEMORY + 100):
+        storable([as_entry(_row(model_group=f"group-{n}"))])
+    assert 0 < len(entry._fitting) <= entry._FITTING_MEMORY
