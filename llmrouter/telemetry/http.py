@@ -66,7 +66,8 @@ class TelemetryMiddleware:
             above; always done with a ``tracer``). The service turns it off: its
             :class:`~llmrouter.telemetry.TelemetryHooks` do the same for every request
             that reaches the router, the only ones that call upstream, and the header
-            is not rewritten for the rest (~3k CPU instructions a request).
+            is not rewritten for the rest. (With the access line off, the header and
+            the access record cost the service ~12k CPU instructions a request.)
     """
 
     def __init__(
