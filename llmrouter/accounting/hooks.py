@@ -164,7 +164,7 @@ class AccountingHooks(RouterHooks):
         """Settle, release, record. Never raises (a failure is logged; the row is still queued)."""
         admission = self._admitted.pop(id(ctx), None)
         try:
-            if admission is not None and (admission.ticket or admission.reservation):
+            if admission is not None and (admission.ticket is not None or admission.reservation is not None):
                 await self._settle(ctx, admission)
         except Exception:
             log.exception("accounting: settling request %s failed", ctx.request_id)

@@ -29,6 +29,7 @@ from llmrouter.telemetry.logging import ACCESS_LOGGER, AccessRecord, context_fie
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.tracing import (
     RequestTracer,
+    TraceParent,
     new_traceparent_header,
     parse_traceparent,
     span_traceparent,
@@ -104,7 +105,7 @@ class TelemetryMiddleware:
         record = token = None
         if self.access_log:
             if traceparent is None:
-                traceparent = _valid_traceparent(_header(scope, b"traceparent"))
+                traceparent = _header_or_new(parse_traceparent(_header(scope, b"traceparent")))
             record = AccessRecord(method, scope["path"], request_id_of(scope), traceparent)
             token = current_access_record.set(record)
         try:
@@ -137,9 +138,7 @@ class TelemetryMiddleware:
                     "url.path": scope["path"],
                 },
             )
-        traceparent = (span_traceparent(span) if span is not None else None) or (
-            parent.header() if parent else new_traceparent_header()
-        )
+        traceparent = (span_traceparent(span) if span is not None else None) or _header_or_new(parent)
         if traceparent != incoming:
             _set_header(scope, b"traceparent", traceparent, replace=incoming is not None)
         return span, traceparent
@@ -195,9 +194,8 @@ def _method(method: str) -> str:
     return method if method in _KNOWN_METHODS else "_OTHER"
 
 
-def _valid_traceparent(header: str | None) -> str:
-    """The client's ``traceparent`` when valid, else a new trace's (the access line's trace id)."""
-    parent = parse_traceparent(header)
+def _header_or_new(parent: TraceParent | None) -> str:
+    """The header of the client's valid ``traceparent``, else of a new trace."""
     return parent.header() if parent else new_traceparent_header()
 
 
