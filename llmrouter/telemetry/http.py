@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 from llmrouter.asgi import scope_header
@@ -145,16 +146,7 @@ class TelemetryMiddleware:
 
     def _record(self, method: str, route: str | None, code: int, elapsed: float, span: Any) -> None:
         if self.metrics is not None:
-            # (name, value) pairs: the series key of the local histogram.
-            attributes: tuple[tuple[str, Any], ...] = (
-                ("http.request.method", _method(method)),
-                ("http.response.status_code", code),
-            )
-            if route:
-                attributes += (("http.route", route),)
-            if code >= 500:
-                attributes += (("error.type", str(code)),)
-            self.metrics.http_server_duration.record(elapsed, attributes)
+            self.metrics.http_server_duration.record(elapsed, _duration_attributes(method, route, code))
         if span is not None:
             from opentelemetry.trace import Status, StatusCode
 
@@ -192,6 +184,23 @@ def _watching_status(scope: Scope, send: Any) -> Callable[[Message], Awaitable[N
 
 def _method(method: str) -> str:
     return method if method in _KNOWN_METHODS else "_OTHER"
+
+
+# Made once per method, route and status, not per request: the (name, value) pairs are
+# the local histogram's series key. A method the client made up is cached too: the
+# cache is bounded, and its entries stay correct when evicted and made again.
+@lru_cache(maxsize=1024)
+def _duration_attributes(method: str, route: str | None, code: int) -> tuple[tuple[str, Any], ...]:
+    """The attributes of ``http.server.request.duration`` for one response."""
+    attributes: tuple[tuple[str, Any], ...] = (
+        ("http.request.method", _method(method)),
+        ("http.response.status_code", code),
+    )
+    if route:
+        attributes += (("http.route", route),)
+    if code >= 500:
+        attributes += (("error.type", str(code)),)
+    return attributes
 
 
 def _header_or_new(parent: TraceParent | None) -> str:

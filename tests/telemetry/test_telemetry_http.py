@@ -40,7 +40,7 @@ def recording_status(app: Any) -> Any:
     return outer
 
 
-async def call(app: Any) -> list[dict[str, Any]]:
+async def call(app: Any, method: str = "GET") -> list[dict[str, Any]]:
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -49,7 +49,7 @@ async def call(app: Any) -> list[dict[str, Any]]:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "GET", "path": "/x", "headers": [], "path_template": "/x"}
+    scope = {"type": "http", "method": method, "path": "/x", "headers": [], "path_template": "/x"}
     try:
         await app(scope, receive, send)
     except RuntimeError:
@@ -78,6 +78,30 @@ async def test_the_recorded_status(from_scope: bool) -> None:
             ["http.response.start", "http.response.body"] if app is answer_204 else []
         )
     assert statuses(metrics) == [204, 500]  # an app that raised: the server answers 500
+
+
+async def test_the_duration_attributes() -> None:
+    metrics = RouterMetrics(local=LocalMetrics())
+    for app, method in ((answer_204, "GET"), (answer_204, "BREW"), (fail, "POST"), (answer_204, "GET")):
+        await call(TelemetryMiddleware(app, metrics=metrics, access_log=False), method)
+    series = sorted(
+        (sorted(attributes.items()), sum(counts))
+        for attributes, counts, _ in metrics.http_server_duration.collect()
+    )
+    route = ("http.route", "/x")
+    assert series == [
+        (
+            [
+                ("error.type", "500"),
+                ("http.request.method", "POST"),
+                ("http.response.status_code", 500),
+                route,
+            ],
+            1,
+        ),
+        ([("http.request.method", "GET"), ("http.response.status_code", 204), route], 2),
+        ([("http.request.method", "_OTHER"), ("http.response.status_code", 204), route], 1),  # not a method
+    ]
 
 
 @pytest.mark.parametrize("trace_header", [True, False])
