@@ -27,7 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from llmrouter.aio import on_asyncio
 from llmrouter.cache.base import CacheBackend
@@ -62,8 +62,10 @@ class CacheStats:
     """Backend failures (a failed lookup counts as a miss, a failed store as skipped)."""
 
 
-@dataclass(slots=True, frozen=True)
-class _Plan:
+class _Plan(NamedTuple):
+    """Where a cacheable request's answer is stored, and for how long. (A NamedTuple: a
+    frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``.)"""
+
     key: str
     ttl: float | None
 
@@ -275,7 +277,7 @@ class ResponseCache:
             self.stats.errors += 1
             log.exception("cache: could not key the request; passing it through")
             return None
-        return _Plan(key=key, ttl=ttl)
+        return _Plan(key, ttl)
 
     async def _find_or_lookup(
         self, ctx: RequestContext, plan: _Plan, coalescing: bool, *, streaming: bool
