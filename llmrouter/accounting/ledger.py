@@ -29,7 +29,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from llmrouter.accounting.db import is_sqlite
+from llmrouter.accounting.db import is_postgres, is_sqlite
 from llmrouter.accounting.entry import FIELDS, LedgerEntry, as_entry, storable, storable_values
 from llmrouter.accounting.journal import Journal, orphaned_rows, release_orphan
 from llmrouter.accounting.models import LedgerRow
@@ -107,15 +107,26 @@ async def insert_rows(engine: AsyncEngine, rows: Sequence[LedgerEntry | Mapping[
 
 def default_sink(engine: AsyncEngine) -> tuple[Sink, Callable[[], None]]:
     """The insert for ``engine``, and what closes it: plain sqlite3 in a thread for a
-    SQLite file (see :mod:`llmrouter.accounting.sqlite_ledger`), else :func:`insert_rows`."""
+    SQLite file (see :mod:`llmrouter.accounting.sqlite_ledger`), asyncpg's
+    ``executemany`` for PostgreSQL (:mod:`llmrouter.accounting.pg_ledger`), else
+    :func:`insert_rows`."""
     database = engine.url.database
     if is_sqlite(engine) and database and database != ":memory:" and "mode=memory" not in str(engine.url):
-        inserter = SQLiteInserter(database, _TABLE.name, FIELDS)
+        sqlite_inserter = SQLiteInserter(database, _TABLE.name, FIELDS)
 
         async def sqlite_sink(rows: Sequence[LedgerEntry]) -> None:
-            await inserter(storable_values(rows))
+            await sqlite_inserter(storable_values(rows))
 
-        return sqlite_sink, inserter.close
+        return sqlite_sink, sqlite_inserter.close
+    if is_postgres(engine):
+        from llmrouter.accounting.pg_ledger import PostgresInserter  # imports asyncpg
+
+        pg_inserter = PostgresInserter(engine, _TABLE.name, FIELDS)
+
+        async def postgres_sink(rows: Sequence[LedgerEntry]) -> None:
+            await pg_inserter(storable_values(rows))
+
+        return postgres_sink, lambda: None
     return (lambda rows: insert_rows(engine, rows)), lambda: None
 
 
