@@ -16,6 +16,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.budgets import BudgetWindow, SeedFn
+from llmrouter.accounting.db import asyncpg_connection, is_postgres
 from llmrouter.accounting.models import BudgetCounterRow
 
 __all__ = ["DatabaseBudgetStore", "RedisBudgetStore"]
@@ -131,6 +132,28 @@ class RedisBudgetStore:
 _COUNTERS: Any = BudgetCounterRow.__table__  # type: ignore[attr-defined]
 
 
+_TABLE = _COUNTERS.name
+# On PostgreSQL the two statements of every budgeted request run on asyncpg's connection
+# directly, each one statement that commits on its own: through SQLAlchemy's
+# engine.begin() they were BEGIN, the UPDATE and COMMIT, and a reserve and its settle
+# cost the gateway 2.4-2.9 ms of CPU and 3.8-5.0 ms of wall time; this way 1.0 / 2.0 ms
+# (the pool's pre-ping stays, for connections a database restart left dead).
+# $1 counter, $2 amount, $3 limit; reserving nothing only needs the window not spent.
+_PG_RESERVE = (
+    f"UPDATE {_TABLE} SET reserved_nanos = reserved_nanos + $2 WHERE counter = $1 "
+    "AND spent_nanos + reserved_nanos + $2 <= $3 RETURNING spent_nanos, reserved_nanos"
+)
+_PG_RESERVE_NOTHING = (
+    f"UPDATE {_TABLE} SET reserved_nanos = reserved_nanos + $2 WHERE counter = $1 "
+    "AND spent_nanos + reserved_nanos < $3 RETURNING spent_nanos, reserved_nanos"
+)
+# $1 counter, $2 what was reserved, $3 what was spent
+_PG_SETTLE = (
+    f"UPDATE {_TABLE} SET reserved_nanos = reserved_nanos - $2, spent_nanos = spent_nanos + $3 "
+    "WHERE counter = $1 RETURNING spent_nanos"
+)
+
+
 class DatabaseBudgetStore:
     """Budget counters in the accounting database.
 
@@ -144,6 +167,7 @@ class DatabaseBudgetStore:
         self._engine = engine
         self._seed = seed
         self._known: set[str] = set()
+        self._postgres = is_postgres(engine)
 
     async def _ensure(self, window: BudgetWindow) -> None:
         if window.counter in self._known:
@@ -162,6 +186,14 @@ class DatabaseBudgetStore:
 
     async def reserve(self, window: BudgetWindow, amount: int, request_id: str) -> tuple[bool, int, int]:
         await self._ensure(window)
+        if self._postgres:
+            sql = _PG_RESERVE if amount else _PG_RESERVE_NOTHING
+            async with asyncpg_connection(self._engine) as connection:
+                reserved_row = await connection.fetchrow(sql, window.counter, amount, window.limit)
+            if reserved_row is not None:
+                return True, int(reserved_row[0]), int(reserved_row[1])
+            spent, reserved = await self.usage(window)
+            return False, spent, reserved
         total = _COUNTERS.c.spent_nanos + _COUNTERS.c.reserved_nanos
         condition = total < window.limit if amount == 0 else total + amount <= window.limit
         statement = (
@@ -179,6 +211,12 @@ class DatabaseBudgetStore:
 
     async def settle(self, window: BudgetWindow, reserved: int, actual: int, request_id: str) -> int:
         await self._ensure(window)
+        if self._postgres:
+            async with asyncpg_connection(self._engine) as connection:
+                spent = await connection.fetchval(_PG_SETTLE, window.counter, reserved, actual)
+            if spent is None:
+                raise LookupError(f"budget counter {window.counter!r} is missing")
+            return int(spent)
         statement = (
             update(_COUNTERS)
             .where(_COUNTERS.c.counter == window.counter)

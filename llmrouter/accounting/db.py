@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from llmrouter.accounting.config import DatabaseConfig
 from llmrouter.errors import ConfigError
 
-__all__ = ["create_engine", "is_postgres", "is_sqlite", "set_sqlite_pragmas"]
+__all__ = ["asyncpg_connection", "create_engine", "is_postgres", "is_sqlite", "set_sqlite_pragmas"]
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:
@@ -21,6 +23,18 @@ def is_sqlite(engine: AsyncEngine) -> bool:
 
 def is_postgres(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+@asynccontextmanager
+async def asyncpg_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """asyncpg's own connection under a connection checked out of ``engine``'s pool (so
+    with its URL, TLS settings and pre-ping), for statements run without SQLAlchemy.
+
+    No transaction is open on it (the check-out begins none): a single statement commits
+    on its own, as does an ``executemany``. Returned to the pool on exit.
+    """
+    async with engine.connect() as conn:
+        yield (await conn.get_raw_connection()).driver_connection
 
 
 def set_sqlite_pragmas(dbapi_connection: Any, _record: Any = None) -> None:

@@ -20,6 +20,8 @@ from asyncpg import exceptions as pg
 from sqlalchemy import exc as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmrouter.accounting.db import asyncpg_connection
+
 __all__ = ["PostgresInserter"]
 
 
@@ -47,12 +49,9 @@ class PostgresInserter:
         )
 
     async def __call__(self, values: list[tuple[Any, ...]]) -> None:
-        async with self._engine.connect() as conn:
-            # The asyncpg connection under SQLAlchemy's adapter, which has no transaction
-            # open on it: the check-out began none, and executemany commits its own.
-            driver: Any = (await conn.get_raw_connection()).driver_connection  # asyncpg's
+        async with asyncpg_connection(self._engine) as connection:
             try:
-                await driver.executemany(self._sql, values)
+                await connection.executemany(self._sql, values)
             except pg.IntegrityConstraintViolationError as exc:
                 raise sa.IntegrityError(self._sql, None, exc) from exc
             except pg.DataError as exc:
