@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "AccountingUnavailableError",
     "AuthenticationError",
     "BudgetExceededError",
     "ConfigError",
@@ -206,6 +207,15 @@ class NoDeploymentAvailableError(LLMRouterError):
     status = 503
     type = "service_unavailable"
     default_code = "no_deployment_available"
+
+
+class AccountingUnavailableError(LLMRouterError):
+    """The store of limits or budgets (Redis, the database) failed: the request cannot be
+    admitted safely now, and may be retried."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "accounting_unavailable"
 
 
 def error_for_status(

@@ -13,6 +13,7 @@ Litestar is imported only here.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -21,16 +22,18 @@ import msgspec
 from litestar import Request, Response, delete, get, post
 
 from llmrouter.accounting.facade import Accounting
+from llmrouter.accounting.hooks import unavailable
 from llmrouter.accounting.keys import ApiKey
 from llmrouter.accounting.reports import parse_time
 from llmrouter.context import RequestContext
-from llmrouter.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+from llmrouter.errors import AuthenticationError, InvalidRequestError, LLMRouterError, PermissionDeniedError
 from llmrouter.extension import Extension
 from llmrouter.hooks import RouterHooks
 from llmrouter.server.state import header_dict
 
 __all__ = ["AccountingExtension", "CreateKeyRequest", "secret_from_headers"]
 
+log = logging.getLogger("llmrouter.accounting")
 _encode = msgspec.json.Encoder().encode
 
 
@@ -104,7 +107,10 @@ class AccountingExtension(Extension):
         and anything else (``Bearer sk-no-key``, as SDKs send) is ignored.
         """
         secret = secret_from_headers(headers)
-        required = await self.accounting.auth_required()
+        try:
+            required = await self.accounting.auth_required()
+        except Exception as exc:  # the key store's database is down: 503, not 500
+            raise _unavailable(exc) from exc
         if secret is None:
             if required:
                 raise AuthenticationError(
@@ -118,6 +124,10 @@ class AccountingExtension(Extension):
             if required:
                 raise
             return
+        except LLMRouterError:
+            raise
+        except Exception as exc:
+            raise _unavailable(exc) from exc
         ctx.principal = key
         ctx.api_key_id = key.id
 
@@ -218,3 +228,8 @@ class AccountingExtension(Extension):
             return _json(key_to_json(await acct.keys.revoke(key_ref)))
 
         return [own_usage, admin_usage, create_key, list_keys, revoke_key]
+
+
+def _unavailable(exc: Exception) -> LLMRouterError:
+    log.warning("accounting: authenticating a request failed: %s: %s", type(exc).__name__, exc)
+    return unavailable()

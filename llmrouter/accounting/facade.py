@@ -13,14 +13,14 @@ from llmrouter.accounting.budget_stores import DatabaseBudgetStore, RedisBudgetS
 from llmrouter.accounting.budgets import BudgetManager, BudgetStore, BudgetWindow, MemoryBudgetStore, to_units
 from llmrouter.accounting.config import AccountingConfig
 from llmrouter.accounting.db import create_engine
-from llmrouter.accounting.hooks import AccountingHooks
+from llmrouter.accounting.hooks import AccountingHooks, unavailable
 from llmrouter.accounting.keys import ApiKey, KeyStore
 from llmrouter.accounting.ledger import LedgerWriter, Sink
 from llmrouter.accounting.limits import Limiter, MemoryLimiter, RedisLimiter
 from llmrouter.accounting.migrations import current_version, latest_version, upgrade
 from llmrouter.accounting.models import LedgerRow
 from llmrouter.accounting.reports import usage_report
-from llmrouter.errors import ConfigError, LLMRouterError
+from llmrouter.errors import ConfigError
 
 __all__ = ["Accounting"]
 
@@ -206,7 +206,7 @@ class Accounting:
             async with self.engine.connect() as conn:
                 total = (await conn.execute(query)).scalar_one()
         except Exception as exc:
-            raise LLMRouterError("accounting database unavailable: cannot check the budget") from exc
+            raise unavailable() from exc
         return to_units(float(total or 0.0))
 
     async def usage(self, **kwargs: Any) -> list[dict[str, Any]]:

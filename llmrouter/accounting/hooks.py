@@ -20,7 +20,12 @@ from llmrouter.accounting.keys import ApiKey
 from llmrouter.accounting.ledger import LedgerWriter, row_from_context
 from llmrouter.accounting.limits import EffectiveLimits, Limiter, LimitTicket, MemoryLimiter
 from llmrouter.context import new_id
-from llmrouter.errors import AuthenticationError, LLMRouterError, PermissionDeniedError
+from llmrouter.errors import (
+    AccountingUnavailableError,
+    AuthenticationError,
+    LLMRouterError,
+    PermissionDeniedError,
+)
 from llmrouter.hooks import RouterHooks
 
 if TYPE_CHECKING:
@@ -154,9 +159,15 @@ class AccountingHooks(RouterHooks):
             # so that a cancelled request does not keep a concurrency slot forever).
             if ticket is not None and self.limiter is not None:
                 with anyio.CancelScope(shield=True):
-                    await self.limiter.release(ticket, 0)
+                    await self._release_ticket(ctx, ticket)
             if isinstance(exc, LLMRouterError):
                 self._record(ctx, status="rejected", error_code=exc.code)
+            elif isinstance(exc, Exception):
+                # A store failed (Redis or the database down): a 503 the client may retry.
+                log.warning("accounting: admitting request %s failed: %s", ctx.request_id, _describe(exc))
+                error = unavailable()
+                self._record(ctx, status="rejected", error_code=error.code)
+                raise error from exc
             raise
         self._admitted[id(ctx)] = _Admission(ctx, ticket, reservation)
 
@@ -170,6 +181,15 @@ class AccountingHooks(RouterHooks):
             log.exception("accounting: settling request %s failed", ctx.request_id)
         finally:
             self._record(ctx)  # the row, whatever happened to the settling
+
+    async def _release_ticket(self, ctx: RequestContext, ticket: LimitTicket) -> None:
+        assert self.limiter is not None
+        try:
+            await self.limiter.release(ticket, 0)
+        except Exception as exc:  # noqa: BLE001 - the refusal at hand is what the client gets
+            log.warning(
+                "accounting: releasing request %s's limits failed: %s", ctx.request_id, _describe(exc)
+            )
 
     def on_rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
         """Refused elsewhere (unknown model, another hook): still worth a ``rejected`` row."""
@@ -197,3 +217,15 @@ class AccountingHooks(RouterHooks):
             usage = ctx.usage
             tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
             await self.limiter.release(admission.ticket, tokens)
+
+
+def unavailable() -> AccountingUnavailableError:
+    """The 503 for a request whose keys, limits or budgets cannot be checked now."""
+    return AccountingUnavailableError(
+        "accounting is unavailable: the request's key, limits or budgets cannot be checked now",
+        retry_after=1,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -1,4 +1,4 @@
-"""A request cancelled while its budget is being reserved gives its rate-limit slot back."""
+"""Admission that fails half-way (cancelled, or a store down) gives its rate-limit slot back."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from llmrouter.accounting.config import LimitsConfig
 from llmrouter.accounting.hooks import AccountingHooks
 from llmrouter.accounting.limits import EffectiveLimits, MemoryLimiter
 from llmrouter.context import RequestContext
+from llmrouter.errors import AccountingUnavailableError
 
 pytestmark = pytest.mark.anyio
 
@@ -32,3 +33,35 @@ async def test_cancel_during_budget_reservation_releases_the_concurrency_slot():
     # The one slot is free again: a fresh request can take it.
     ticket = await limiter.acquire("-", EffectiveLimits(concurrency=1), 0)
     await limiter.release(ticket, 0)
+
+
+class FailingBudgets(StuckBudgets):
+    """A budget store whose database is down."""
+
+    async def reserve(self, *args: object) -> None:
+        raise ConnectionError("connection refused")
+
+
+class FailingRelease(MemoryLimiter):
+    """A limiter that takes a slot, then cannot give it back (its Redis went away)."""
+
+    async def release(self, *args: object) -> None:
+        raise ConnectionError("connection reset")
+
+
+async def test_a_store_failure_is_a_503_and_the_slot_goes_back():
+    limiter = MemoryLimiter()
+    hooks = AccountingHooks(budgets=FailingBudgets(), limiter=limiter, limits=LimitsConfig(concurrency=1))  # type: ignore[arg-type]
+    with pytest.raises(AccountingUnavailableError) as info:
+        await hooks.before_request(RequestContext(model_group="g", max_cost=0.0))
+    assert info.value.http_status == 503 and info.value.headers() == {"Retry-After": "1"}
+    assert isinstance(info.value.__cause__, ConnectionError)
+    ticket = await limiter.acquire("-", EffectiveLimits(concurrency=1), 0)  # the slot is free
+    await limiter.release(ticket, 0)
+
+    # A release that fails too does not hide the 503.
+    hooks = AccountingHooks(
+        budgets=FailingBudgets(), limiter=FailingRelease(), limits=LimitsConfig(concurrency=1)
+    )  # type: ignore[arg-type]
+    with pytest.raises(AccountingUnavailableError):
+        await hooks.before_request(RequestContext(model_group="g", max_cost=0.0))

@@ -114,3 +114,39 @@ async def test_service_keys_auth_limits_and_usage(sqlite_url: str, tmp_path: Pat
         invalid = await client.post("/v1/admin/keys", headers=admin, json={"name": "x", "scopes": ["root"]})
         assert invalid.status_code == 400
     assert acct.ledger.pending == 0  # flushed on shutdown
+
+
+async def test_a_failing_store_answers_503_not_500(sqlite_url: str, tmp_path: Path) -> None:
+    """Redis or the database down: a retryable 503 in OpenAI's shape, and a rejected row."""
+    from llmrouter.accounting.config import BudgetRule
+
+    router = Router()
+    router.add_deployment(
+        "gpt-4o-mini",
+        ScriptedProvider("gpt-4o-mini", default=Step(text="hello there")),
+        Deployment(provider="scripted", model="gpt-4o-mini", price=Price(input=0.15, output=0.6)),
+    )
+    acct = Accounting(
+        make_config(sqlite_url, tmp_path, budgets=[BudgetRule(limit=10.0)], budget_backend="memory")
+    )
+    app = create_app(Config(), router=router, extensions=[AccountingExtension(acct)])
+
+    async def down(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("connection refused")
+
+    async with AsyncTestClient(app) as client:
+        assert acct.budgets is not None
+        acct.budgets.store.reserve = down  # type: ignore[method-assign]
+        refused = await client.post("/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["type"] == "service_unavailable"
+        assert refused.json()["error"]["code"] == "accounting_unavailable"
+        assert refused.headers["retry-after"] == "1" and "connection refused" not in refused.text
+
+        acct.keys.any_exist = down  # type: ignore[method-assign]  # the key store's database
+        refused = await client.post("/v1/chat/completions", json=CHAT)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "accounting_unavailable"
+
+        await acct.ledger.flush()
+        rows = await acct.usage(by=["status"])
+    assert {r["status"]: r["requests"] for r in rows} == {"rejected": 1}  # the one that reached the hooks
