@@ -235,12 +235,26 @@ class BudgetManager:
         """
         amount = to_units(max_cost, round_up=True)
         reservation = Reservation(request_id=request_id)
-        for window in self.windows_for(key, model_group):
-            ok, spent, reserved = await self.store.reserve(window, amount, request_id)
-            if not ok:
-                await self.release(reservation)
-                raise _exceeded(window, spent, reserved, amount)
-            reservation.windows.append((window, amount))
+        try:
+            for window in self.windows_for(key, model_group):
+                ok, spent, reserved = await self.store.reserve(window, amount, request_id)
+                if not ok:
+                    raise _exceeded(window, spent, reserved, amount)
+                reservation.windows.append((window, amount))
+        except BaseException:
+            # Refused, failed (the store is down) or cancelled half-way: the windows
+            # already reserved go back (shielded: a cancelled request must not keep them).
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.release(reservation)
+                except Exception as exc:  # noqa: BLE001 - the refusal at hand is what counts
+                    log.warning(
+                        "budget: releasing %s's reservation failed: %s: %s",
+                        request_id,
+                        type(exc).__name__,
+                        exc,
+                    )
+            raise
         return reservation
 
     async def settle(self, reservation: Reservation, cost: float | None) -> bool:

@@ -203,3 +203,26 @@ async def test_redis_losing_its_data_reseeds_spend_from_the_ledger(
             await acct.hooks.before_request(chat_context(max_cost=MAX_COST))
         window = acct.budgets.windows_for(None, "gpt-4o")[0]
         assert (await acct.budgets.store.usage(window))[0] == window.limit
+
+
+async def test_a_store_failing_half_way_gives_back_what_was_reserved() -> None:
+    from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore
+
+    async def nothing_spent(_: object) -> int:
+        return 0
+
+    class SecondWindowDown(MemoryBudgetStore):
+        async def reserve(self, window: Any, amount: int, request_id: str) -> tuple[bool, int, int]:
+            if window.period == "month":
+                raise ConnectionError("connection refused")
+            return await super().reserve(window, amount, request_id)
+
+    store = SecondWindowDown(nothing_spent)
+    budgets = BudgetManager(
+        [BudgetRule(key="*", period="day", limit=1.0), BudgetRule(key="*", period="month", limit=1.0)], store
+    )
+    day = budgets.windows_for(None, "gpt-4o")[0]
+    assert day.period == "day"
+    with pytest.raises(ConnectionError):
+        await budgets.reserve(None, "gpt-4o", 0.5, "req-1")
+    assert await store.usage(day) == (0, 0)  # the day's reservation went back
