@@ -159,7 +159,7 @@ class AccountingHooks(RouterHooks):
             # so that a cancelled request does not keep a concurrency slot forever).
             if ticket is not None and self.limiter is not None:
                 with anyio.CancelScope(shield=True):
-                    await self._release_ticket(ctx, ticket)
+                    await _give_back(self.limiter, ticket, ctx.request_id)
             if isinstance(exc, LLMRouterError):
                 self._record(ctx, status="rejected", error_code=exc.code)
             elif isinstance(exc, Exception):
@@ -181,15 +181,6 @@ class AccountingHooks(RouterHooks):
             log.exception("accounting: settling request %s failed", ctx.request_id)
         finally:
             self._record(ctx)  # the row, whatever happened to the settling
-
-    async def _release_ticket(self, ctx: RequestContext, ticket: LimitTicket) -> None:
-        assert self.limiter is not None
-        try:
-            await self.limiter.release(ticket, 0)
-        except Exception as exc:  # noqa: BLE001 - the refusal at hand is what the client gets
-            log.warning(
-                "accounting: releasing request %s's limits failed: %s", ctx.request_id, _describe(exc)
-            )
 
     def on_rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
         """Refused elsewhere (unknown model, another hook): still worth a ``rejected`` row."""
@@ -225,6 +216,15 @@ def unavailable() -> AccountingUnavailableError:
         "accounting is unavailable: the request's key, limits or budgets cannot be checked now",
         retry_after=1,
     )
+
+
+async def _give_back(limiter: Limiter, ticket: LimitTicket, request_id: str) -> None:
+    """Release an admission's limits unused; a failure is logged (the refusal at hand is
+    what the client gets)."""
+    try:
+        await limiter.release(ticket, 0)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("accounting: releasing request %s's limits failed: %s", request_id, _describe(exc))
 
 
 def _describe(exc: BaseException) -> str:
