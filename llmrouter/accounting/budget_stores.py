@@ -186,14 +186,19 @@ class DatabaseBudgetStore:
 
     async def reserve(self, window: BudgetWindow, amount: int, request_id: str) -> tuple[bool, int, int]:
         await self._ensure(window)
+        row = await self._take(window, amount)
+        if row is not None:
+            return True, int(row[0]), int(row[1])
+        spent, reserved = await self.usage(window)
+        return False, spent, reserved
+
+    async def _take(self, window: BudgetWindow, amount: int) -> Any:
+        """The conditional ``UPDATE``: the counter's (spent, reserved) after it, or None
+        when the window cannot take ``amount``."""
         if self._postgres:
             sql = _PG_RESERVE if amount else _PG_RESERVE_NOTHING
             async with asyncpg_connection(self._engine) as connection:
-                reserved_row = await connection.fetchrow(sql, window.counter, amount, window.limit)
-            if reserved_row is not None:
-                return True, int(reserved_row[0]), int(reserved_row[1])
-            spent, reserved = await self.usage(window)
-            return False, spent, reserved
+                return await connection.fetchrow(sql, window.counter, amount, window.limit)
         total = _COUNTERS.c.spent_nanos + _COUNTERS.c.reserved_nanos
         condition = total < window.limit if amount == 0 else total + amount <= window.limit
         statement = (
@@ -203,11 +208,7 @@ class DatabaseBudgetStore:
             .returning(_COUNTERS.c.spent_nanos, _COUNTERS.c.reserved_nanos)
         )
         async with self._engine.begin() as conn:
-            row = (await conn.execute(statement)).first()
-        if row is not None:
-            return True, int(row[0]), int(row[1])
-        spent, reserved = await self.usage(window)
-        return False, spent, reserved
+            return (await conn.execute(statement)).first()
 
     async def settle(self, window: BudgetWindow, reserved: int, actual: int, request_id: str) -> int:
         await self._ensure(window)

@@ -13,7 +13,6 @@ Litestar is imported only here.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -33,7 +32,6 @@ from llmrouter.server.state import header_dict
 
 __all__ = ["AccountingExtension", "CreateKeyRequest", "secret_from_headers"]
 
-log = logging.getLogger("llmrouter.accounting")
 _encode = msgspec.json.Encoder().encode
 
 
@@ -110,7 +108,7 @@ class AccountingExtension(Extension):
         try:
             required = await self.accounting.auth_required()
         except Exception as exc:  # the key store's database is down: 503, not 500
-            raise _unavailable(exc) from exc
+            raise unavailable(exc, "authenticating a request") from exc
         if secret is None:
             if required:
                 raise AuthenticationError(
@@ -127,7 +125,7 @@ class AccountingExtension(Extension):
         except LLMRouterError:
             raise
         except Exception as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc, "authenticating a request") from exc
         ctx.principal = key
         ctx.api_key_id = key.id
 
@@ -228,8 +226,3 @@ class AccountingExtension(Extension):
             return _json(key_to_json(await acct.keys.revoke(key_ref)))
 
         return [own_usage, admin_usage, create_key, list_keys, revoke_key]
-
-
-def _unavailable(exc: Exception) -> LLMRouterError:
-    log.warning("accounting: authenticating a request failed: %s: %s", type(exc).__name__, exc)
-    return unavailable()

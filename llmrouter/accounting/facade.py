@@ -206,7 +206,7 @@ class Accounting:
             async with self.engine.connect() as conn:
                 total = (await conn.execute(query)).scalar_one()
         except Exception as exc:
-            raise unavailable() from exc
+            raise unavailable(exc, "reading a budget's spend from the ledger") from exc
         return to_units(float(total or 0.0))
 
     async def usage(self, **kwargs: Any) -> list[dict[str, Any]]:

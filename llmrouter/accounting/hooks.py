@@ -164,8 +164,7 @@ class AccountingHooks(RouterHooks):
                 self._record(ctx, status="rejected", error_code=exc.code)
             elif isinstance(exc, Exception):
                 # A store failed (Redis or the database down): a 503 the client may retry.
-                log.warning("accounting: admitting request %s failed: %s", ctx.request_id, _describe(exc))
-                error = unavailable()
+                error = unavailable(exc, f"admitting request {ctx.request_id}")
                 self._record(ctx, status="rejected", error_code=error.code)
                 raise error from exc
             raise
@@ -210,8 +209,10 @@ class AccountingHooks(RouterHooks):
             await self.limiter.release(admission.ticket, tokens)
 
 
-def unavailable() -> AccountingUnavailableError:
-    """The 503 for a request whose keys, limits or budgets cannot be checked now."""
+def unavailable(cause: Exception, doing: str) -> AccountingUnavailableError:
+    """The 503 for a request whose keys, limits or budgets cannot be checked now, because
+    ``doing`` failed with ``cause`` (logged; the client sees neither)."""
+    log.warning("accounting: %s failed: %s", doing, _describe(cause))
     return AccountingUnavailableError(
         "accounting is unavailable: the request's key, limits or budgets cannot be checked now",
         retry_after=1,
