@@ -465,7 +465,16 @@ def decode_chat_request(body: bytes | str | dict[str, Any]) -> ChatRequest:
         InvalidRequestError: the body is not JSON or does not fit the schema; ``param``
             names the offending field.
     """
-    return _decode_request(body, ChatRequest, _CHAT_FIELDS)
+    request = _decode_request(body, ChatRequest, _CHAT_FIELDS)
+    for index, message in enumerate(request.messages):
+        # OpenAI's schema requires it (the field is optional here only because the other
+        # roles have none), and an upstream cannot tie an answer without it to its call.
+        if message.role == "tool" and not message.tool_call_id:
+            param = f"messages[{index}].tool_call_id"
+            raise InvalidRequestError(
+                f"Missing required parameter: '{param}'.", code="missing_required_parameter", param=param
+            )
+    return request
 
 
 def decode_completion_request(body: bytes | str | dict[str, Any]) -> CompletionRequest:

@@ -78,6 +78,14 @@ def test_tools_response_format_stop_seed_n_user_round_trip():
             "messages[0].content[0].type",
         ),
         (b'{"messages":[{"role":"user","content":"x"}]}', None),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"x"},{"role":"tool","content":"42"}]}',
+            "messages[1].tool_call_id",
+        ),
+        (
+            b'{"model":"m","messages":[{"role":"tool","content":"42","tool_call_id":""}]}',
+            "messages[0].tool_call_id",
+        ),
     ],
 )
 def test_invalid_requests_name_the_field(body, param):

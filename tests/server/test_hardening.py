@@ -125,6 +125,18 @@ def test_integers_out_of_range_are_400(client: httpx.Client, path: str, field: s
     assert_openai_error(client.post(path, content=body.encode(), headers=JSON), 400, param=field)
 
 
+def test_a_tool_message_without_its_call_id_is_400(client: httpx.Client, fake: FakeUpstream) -> None:
+    calls = len(fake.requests)
+    messages = [{"role": "user", "content": "a"}, {"role": "tool", "content": "42"}]
+    error = assert_openai_error(
+        client.post("/v1/chat/completions", json={**CHAT, "messages": messages}),
+        400,
+        param="messages[1].tool_call_id",
+    )
+    assert error["code"] == "missing_required_parameter"
+    assert len(fake.requests) == calls  # refused before any upstream call
+
+
 def test_largest_integers_are_served(client: httpx.Client, fake: FakeUpstream) -> None:
     body = {**CHAT, "max_tokens": 2**31 - 1, "seed": 2**63 - 1}
     response = client.post("/v1/chat/completions", json=body)
