@@ -42,27 +42,35 @@ def parse_time(text: str | None, *, end: bool = False) -> float | None:
     if text is None or text == "":
         return None
     text = text.strip()
+    try:
+        return _parse_time(text, end)
+    except ValueError as exc:
+        raise InvalidRequestError(
+            f"not a date or time: {text[:100]!r} (use 2026-11-01, ISO 8601, or 7d)"
+        ) from exc
+    except OverflowError as exc:  # the end of 9999-12-31, or 10**400 days ago
+        raise InvalidRequestError(f"date or time out of range: {text[:100]!r}") from exc
+
+
+def _parse_time(text: str, end: bool) -> float:
     match = _RELATIVE.match(text)
     if match:
         hours = {"h": 1, "d": 24, "w": 168}[match.group(2)] * int(match.group(1))
         return time.time() - hours * 3600
     if text == "today":
         text = datetime.now(UTC).date().isoformat()
-    try:
-        if len(text) == 10:
-            day = date.fromisoformat(text)
-            start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-            return (start + timedelta(days=1)).timestamp() if end else start.timestamp()
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise InvalidRequestError(f"not a date or time: {text!r} (use 2026-11-01, ISO 8601, or 7d)") from exc
+    if len(text) == 10:
+        day = date.fromisoformat(text)
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        return (start + timedelta(days=1)).timestamp() if end else start.timestamp()
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 
 def _check_dimensions(by: Sequence[str]) -> list[str]:
-    dims = [d.strip() for d in by if d.strip()]
+    dims = list(dict.fromkeys(d.strip() for d in by if d.strip()))  # day,day: one column
     unknown = [d for d in dims if d not in DIMENSIONS]
     if unknown:
         raise InvalidRequestError(f"cannot group by {unknown}; choose from {sorted(DIMENSIONS)}", param="by")

@@ -109,6 +109,10 @@ async def test_grouping_and_ranges(db_url: str, tmp_path: Path) -> None:
         ]
         with pytest.raises(InvalidRequestError):
             await usage_report(acct.engine, by=["colour"])
+        # A dimension named twice is grouped by once (it was an ambiguous column: a 500).
+        assert await usage_report(acct.engine, by=["day", " day", "provider"]) == await usage_report(
+            acct.engine, by=["day", "provider"]
+        )
 
 
 async def test_render_formats(acct: Accounting) -> None:
@@ -128,8 +132,13 @@ def test_parse_time() -> None:
     assert parse_time("2026-11-01", end=True) == datetime(2026, 11, 2, tzinfo=UTC).timestamp()
     assert parse_time("2026-11-01T10:00:00Z") == datetime(2026, 11, 1, 10, tzinfo=UTC).timestamp()
     assert parse_time(None) is None
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(InvalidRequestError, match="not a date"):
         parse_time("last tuesday")
+    # These overflowed into 500s.
+    for text, end in [("9999-12-31", True), ("9" * 400 + "d", False)]:
+        with pytest.raises(InvalidRequestError, match="out of range"):
+            parse_time(text, end=end)
+    assert parse_time("9999-12-31") == datetime(9999, 12, 31, tzinfo=UTC).timestamp()
 
 
 async def test_migrations_are_idempotent_and_safe_to_race(db_url: str) -> None:
