@@ -63,6 +63,10 @@ def as_router_error(exc: Exception, deployment: DeploymentState) -> LLMRouterErr
         if exc.provider is None:
             exc.provider = deployment.config.provider
         return exc
+    if isinstance(exc, RecursionError):
+        # JSON nested just under the decoder's limit, which the provider's encoder, deeper
+        # in the stack, cannot take: the request's fault, not the deployment's.
+        return InvalidRequestError("request body is nested too deeply")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeoutError(
             f"deployment {deployment.id!r} timed out", provider=deployment.config.provider
