@@ -135,9 +135,9 @@ def test_parse_time() -> None:
     with pytest.raises(InvalidRequestError, match="not a date"):
         parse_time("last tuesday")
     # These overflowed into 500s.
-    for text, end in [("9999-12-31", True), ("9" * 400 + "d", False)]:
+    for moment, end in [("9999-12-31", True), ("9" * 400 + "d", False)]:
         with pytest.raises(InvalidRequestError, match="out of range"):
-            parse_time(text, end=end)
+            parse_time(moment, end=end)
     assert parse_time("9999-12-31") == datetime(9999, 12, 31, tzinfo=UTC).timestamp()
 
 

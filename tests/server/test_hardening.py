@@ -7,11 +7,10 @@ over the remote provider and the fake upstream; an admin key exists, so auth is 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import json
 
 import httpx
 import pytest
