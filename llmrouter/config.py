@@ -124,6 +124,9 @@ class RouterConfig(Section):
     cooldown: Cooldown = msgspec.field(default_factory=Cooldown)
     allow_direct: bool = True
     """Accept ``provider/model`` names that are not configured groups."""
+    max_direct_models: int = 100
+    """At most this many ``provider/model`` names become groups; clients choose them, so
+    the rest get 404 rather than growing the model list and the metrics without bound."""
     default_max_tokens: int = 4096
     """Output bound for priced requests that set none, so a budget reservation is a true maximum."""
 

@@ -58,6 +58,8 @@ _OpenStream = tuple[RequestContext, Callable[[], AsyncIterator[Any]], bool]
 client asked for the usage chunk."""
 
 _HEALTH_TIMEOUT_S = 2.0
+_MAX_DIRECT_NAME = 256
+"""The longest ``provider/model`` name served directly (model ids run to ~100 characters)."""
 
 
 class Router:
@@ -88,6 +90,7 @@ class Router:
         self._groups: dict[str, GroupState] = {}
         self._names: dict[str, str] = {}
         self._by_id: dict[str, DeploymentState] = {}
+        self._direct_models = 0
         self._started = False
         self._start_lock: anyio.Lock | None = None
         for group in self.config.models:
@@ -275,7 +278,14 @@ class Router:
         # Only providers whose models are cheap to name (a daemon's or an API's) may be
         # addressed directly: a client must not make the server load a local model or
         # start an engine (transformers, vllm), or reach a server nobody configured.
-        if not load_provider_class(provider).direct:
+        if not load_provider_class(provider).direct or len(model) > _MAX_DIRECT_NAME:
+            raise _model_not_found(model)
+        if self._direct_models >= self.config.router.max_direct_models:
+            logger.warning(
+                "direct model %r refused: router.max_direct_models (%d) are in use; configure it as a group",
+                model[:100],
+                self.config.router.max_direct_models,
+            )
             raise _model_not_found(model)
         try:
             group = self.add_group(
@@ -284,6 +294,7 @@ class Router:
         except LLMRouterError as exc:
             logger.info("direct model %r cannot be served: %s", model, exc.message)
             raise _model_not_found(model) from exc
+        self._direct_models += 1
         self._started = False  # the new deployment starts on first use
         return group
 

@@ -505,6 +505,20 @@ async def test_direct_addressing_only_for_providers_that_allow_it():
     assert "weights/some-model" not in router.groups
 
 
+async def test_direct_names_are_bounded_in_number_and_length():
+    from llmrouter.config import RouterConfig
+
+    register_provider("scripted", ScriptedProvider)
+    router = Router(Config(router=RouterConfig(max_direct_models=2)))
+    for name in ("scripted/a", "scripted/b", "scripted/a"):
+        await router.chat(chat_body(model=name))
+    for name in ("scripted/c", "scripted/" + "x" * 300):
+        with pytest.raises(ModelNotFoundError):
+            await router.chat(chat_body(model=name))
+    assert sorted(router.groups) == ["scripted/a", "scripted/b"]
+    assert sorted(m.id for m in (await router.list_models()).data) == ["scripted/a", "scripted/b"]
+
+
 async def test_a_group_that_cannot_be_built_is_not_registered():
     from llmrouter.config import ModelGroup
     from llmrouter.errors import ConfigError
