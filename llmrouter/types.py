@@ -57,6 +57,7 @@ __all__ = [
     "WireOut",
     "decode_chat_request",
     "decode_completion_request",
+    "error_param",
     "message_text",
     "new_id",
     "request_to_wire",
@@ -446,11 +447,13 @@ def _decode_request(body: bytes | str | dict[str, Any], kind: type[_R], known: f
     try:
         return msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
-        raise InvalidRequestError(str(exc), param=_error_path(str(exc))) from exc
+        raise InvalidRequestError(str(exc), param=error_param(exc)) from exc
 
 
-def _error_path(message: str) -> str | None:
+def error_param(exc: msgspec.ValidationError) -> str | None:
+    """The field a msgspec validation error names, as OpenAI's ``param``."""
     # msgspec says "... - at `$.messages[0].role`"; OpenAI's param is "messages[0].role".
+    message = str(exc)
     marker = "at `$."
     start = message.rfind(marker)
     if start == -1:

@@ -29,6 +29,7 @@ from llmrouter.errors import AuthenticationError, InvalidRequestError, LLMRouter
 from llmrouter.extension import Extension
 from llmrouter.hooks import RouterHooks
 from llmrouter.server.state import header_dict
+from llmrouter.types import error_param
 
 __all__ = ["AccountingExtension", "CreateKeyRequest", "secret_from_headers"]
 
@@ -193,7 +194,9 @@ class AccountingExtension(Extension):
             await ext._caller(request, admin=True)
             try:
                 body = msgspec.json.decode(await request.body(), type=CreateKeyRequest)
-            except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+            except msgspec.ValidationError as exc:
+                raise InvalidRequestError(f"invalid key request: {exc}", param=error_param(exc)) from exc
+            except msgspec.DecodeError as exc:
                 raise InvalidRequestError(f"invalid key request: {exc}") from exc
             except UnicodeDecodeError as exc:  # msgspec's, for a string that is not UTF-8
                 raise InvalidRequestError("invalid key request: the body is not valid UTF-8") from exc

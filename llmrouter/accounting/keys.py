@@ -125,6 +125,9 @@ def _to_key(row: ApiKeyRow) -> ApiKey:
 
 _MAX_NAME = 200  # the column's length
 _MAX_LIMIT = 2**31 - 1  # INTEGER columns
+_MAX_PATTERNS = 1000
+_MAX_PATTERN = 200  # a model name's longest
+_MAX_NOTE = 10_000
 MAX_BUDGET_USD = 1e9  # in nano-dollars still far inside 64 bits (see budgets.MAX_UNITS)
 
 
@@ -134,14 +137,22 @@ def _check_fields(
     expires_at: float | None,
     budget: float | None,
     limits: dict[str, int | None],
+    note: str | None,
 ) -> None:
     if not name or len(name) > _MAX_NAME or not name.isprintable():
         raise InvalidRequestError(f"name must be 1 to {_MAX_NAME} printable characters", param="name")
-    if allowed_models is not None and any(not m or "," in m for m in allowed_models):
+    if allowed_models is not None and (
+        len(allowed_models) > _MAX_PATTERNS
         # Stored comma-separated: a comma would silently split one pattern into two.
+        or any(not 0 < len(m) <= _MAX_PATTERN or "," in m or not m.isprintable() for m in allowed_models)
+    ):
         raise InvalidRequestError(
-            "allowed_models entries must be non-empty, without commas", param="allowed_models"
+            f"allowed_models: at most {_MAX_PATTERNS} patterns of 1 to {_MAX_PATTERN} printable "
+            "characters, without commas",
+            param="allowed_models",
         )
+    if note is not None and (len(note) > _MAX_NOTE or "\x00" in note):  # PostgreSQL text has no NUL
+        raise InvalidRequestError(f"note must be at most {_MAX_NOTE} characters, without NUL", param="note")
     if expires_at is not None and not math.isfinite(expires_at):
         raise InvalidRequestError("expires_at must be a finite time", param="expires_at")
     if budget is not None and not 0 <= budget <= MAX_BUDGET_USD:  # NaN fails too
@@ -195,7 +206,12 @@ class KeyStore:
         if budget_period not in (None, "day", "month", "total"):
             raise InvalidRequestError("budget_period must be day, month or total", param="budget_period")
         _check_fields(
-            name, allowed_models, expires_at, budget, {"rpm": rpm, "tpm": tpm, "concurrency": concurrency}
+            name,
+            allowed_models,
+            expires_at,
+            budget,
+            {"rpm": rpm, "tpm": tpm, "concurrency": concurrency},
+            note,
         )
         prefix = "".join(secrets.choice(_ALPHABET) for _ in range(_PREFIX_LEN))
         secret = f"{SECRET_PREFIX}{prefix}-{secrets.token_urlsafe(32)}"

@@ -91,6 +91,11 @@ async def test_writer_keeps_flowing_after_a_hostile_row(db_url: str, tmp_path: P
         ({"expires_at": math.inf}, "expires_at"),
         ({"expires_at": math.nan}, "expires_at"),
         ({"allowed_models": ["a,b"]}, "allowed_models"),
+        ({"allowed_models": ["a\x00b"]}, "allowed_models"),
+        ({"allowed_models": ["m" * 201]}, "allowed_models"),
+        ({"allowed_models": [f"m{i}" for i in range(1001)]}, "allowed_models"),
+        ({"note": "a\x00b"}, "note"),
+        ({"note": "n" * 10_001}, "note"),
     ],
 )
 async def test_key_creation_refuses_what_cannot_be_stored_or_used(

@@ -200,6 +200,9 @@ def test_a_sane_request_id_is_kept(client: httpx.Client, fake: FakeUpstream) -> 
         ({"name": ""}, "name"),
         ({"name": "x" * 201}, "name"),
         ({"name": "a\u0000b\r\n"}, "name"),
+        ({"name": "k", "note": "a\u0000b"}, "note"),  # a 500 on PostgreSQL
+        ({"name": "k", "rpm": "ten"}, "rpm"),  # msgspec's own check names the field too
+        ({"name": "k", "scopes": ["root"]}, "scopes[0]"),
     ],
 )
 def test_admin_key_fields_out_of_range_are_400(
