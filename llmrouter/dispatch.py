@@ -66,6 +66,7 @@ def as_router_error(exc: Exception, deployment: DeploymentState) -> LLMRouterErr
     if isinstance(exc, RecursionError):
         # JSON nested just under the decoder's limit, which the provider's encoder, deeper
         # in the stack, cannot take: the request's fault, not the deployment's.
+        logger.warning("provider %s: the request is nested too deeply (%s)", deployment.id, exc)
         return InvalidRequestError("request body is nested too deeply")
     if isinstance(exc, TimeoutError):
         return UpstreamTimeoutError(
