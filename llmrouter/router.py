@@ -31,7 +31,7 @@ from llmrouter.hooks import CacheLayer, RouterHooks
 from llmrouter.provider import Provider
 from llmrouter.registry import available_providers, load_provider_class
 from llmrouter.strategies import get_strategy
-from llmrouter.tokens import count_messages, count_text, encoding_loaded, preload_encodings
+from llmrouter.tokens import count_messages, count_text, encoding_loaded, preload_encodings, tools_text
 from llmrouter.types import (
     ChatChunk,
     ChatRequest,
@@ -470,7 +470,8 @@ class Router:
             limit = self.config.router.default_max_tokens
             request = msgspec.structs.replace(request, max_tokens=limit)
             ctx.request = request
-        ctx.max_cost = max(max_cost(ctx.prompt_tokens_estimate, limit, price) for price in prices)
+        output = limit * _choices(request)  # each of n answers may use the whole limit
+        ctx.max_cost = max(max_cost(ctx.prompt_tokens_estimate, output, price) for price in prices)
         return request
 
     def _rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
@@ -598,7 +599,15 @@ async def _count(count: Callable[[Any, str], int], text: Any, model: str, size: 
 
 async def _count_prompt(request: ChatRequest, model: str) -> int:
     size = sum(len(message_text(message)) for message in request.messages)
-    return await _count(count_messages, request.messages, model, size)
+    prompt = await _count(count_messages, request.messages, model, size)
+    if request.tools:  # upstreams bill tool definitions as prompt
+        prompt += await _count(count_text, tools_text(request.tools), model)
+    return prompt
+
+
+def _choices(request: ChatRequest | CompletionRequest) -> int:
+    """How many answers the upstream generates (and bills) for ``request``."""
+    return max(request.n or 1, getattr(request, "best_of", None) or 1)
 
 
 async def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:
@@ -612,6 +621,10 @@ async def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:
         elif isinstance(request.prompt, str):
             prompt = await _count(count_text, request.prompt, model)
     completion = await _count(count_text, completion_text, model)
+    if request is not None and request.output_limit is not None:
+        # tiktoken is not the upstream's tokenizer: its count of an answer cut at the
+        # limit may exceed the limit, which the budget reservation was made for.
+        completion = min(completion, request.output_limit * _choices(request))
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True
     )

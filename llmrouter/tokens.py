@@ -17,7 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llmrouter.types import ChatMessage, message_text
+import msgspec
+
+from llmrouter.types import ChatMessage, Tool, message_text
 
 __all__ = ["count_messages", "count_text", "encoding_loaded", "encoding_name_for", "preload_encodings"]
 
@@ -120,6 +122,12 @@ def count_messages(messages: Sequence[ChatMessage], model: str = "") -> int:
         for call in message.tool_calls or ():
             total += count_text(call.function.name, model) + count_text(call.function.arguments, model)
     return total
+
+
+def tools_text(tools: Sequence[Tool] | None) -> str:
+    """A request's tool definitions as the text their prompt tokens are counted in: their
+    JSON (upstreams render them more compactly, so the count bounds theirs from above)."""
+    return msgspec.json.encode(tools).decode() if tools else ""
 
 
 def encoding_loaded(model: str) -> bool:

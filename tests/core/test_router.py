@@ -387,6 +387,38 @@ async def test_cost_from_price_table_and_max_cost_bound():
     assert provider.record.requests[-1].max_tokens == 4096, "priced requests get a bounded output"
 
 
+async def test_the_cost_bound_covers_every_choice_and_the_tool_definitions():
+    provider = ScriptedProvider()
+    router = make_router(provider)
+    router.groups["g"].deployments[0].price = Price(input=2.0, output=8.0)
+    plain = RequestContext()
+    await router.chat(chat_body(max_tokens=100), context=plain)
+    four = RequestContext()
+    await router.chat(chat_body(max_tokens=100, n=4), context=four)
+    assert four.max_cost == pytest.approx(plain.max_cost + 3 * 100 * 8 / 1e6)  # n answers of 100
+    tool = {
+        "type": "function",
+        "function": {"name": "lookup", "description": "word " * 200, "parameters": {"type": "object"}},
+    }
+    tooled = RequestContext()
+    await router.chat(chat_body(max_tokens=100, tools=[tool]), context=tooled)
+    assert tooled.prompt_tokens_estimate > plain.prompt_tokens_estimate + 200  # tools are billed as prompt
+
+
+async def test_an_estimated_answer_is_not_counted_past_the_output_limit():
+    # tiktoken's count of an answer the upstream cut at max_tokens can exceed it; the
+    # budget reservation covered max_tokens, so the estimate must not bill more.
+    router = make_router(ScriptedProvider(default=Step(text="word " * 60, usage=False)))
+    router.groups["g"].deployments[0].price = Price(input=2.0, output=8.0)
+    ctx = RequestContext()
+    await router.chat(chat_body(max_tokens=50), context=ctx)
+    assert ctx.usage.estimated and ctx.usage.completion_tokens == 50
+    assert ctx.cost <= ctx.max_cost
+    ctx = RequestContext()
+    await router.chat(chat_body(max_tokens=100), context=ctx)
+    assert 50 < ctx.usage.completion_tokens <= 100  # under the limit: counted as it is
+
+
 async def test_provider_reported_cost_wins():
     usage = Usage(prompt_tokens=10, completion_tokens=10, total_tokens=20, cost=0.0123)
     router = make_router(ScriptedProvider(default=Step(usage=usage)))
