@@ -8,7 +8,9 @@ instructions, 7% of what the gateway spent on a JSON chat request (docs/benchmar
 item 45). :func:`read_body` keeps its behaviour: a
 ``Content-Length`` over the limit is refused before anything is read, the bytes
 received are counted against the limit as they arrive (``413``, see
-:mod:`llmrouter.server.errors`), and a client gone mid-body raises as in Litestar.
+:mod:`llmrouter.server.errors`). A client gone mid-body is not a server error (Litestar
+raises a 500 there): it raises :class:`~llmrouter.server.disconnect.ClientDisconnected`,
+which the service logs as 499 and answers with nothing.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import math
 from typing import Any
 
 from litestar import Request
-from litestar.exceptions import ClientException, InternalServerException
+from litestar.exceptions import ClientException
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.utils.scope.state import ScopeState
 
 from llmrouter.asgi import scope_header
+from llmrouter.server.disconnect import ClientDisconnected
 
 __all__ = ["read_body"]
 
@@ -32,7 +35,7 @@ async def read_body(request: Request[Any, Any, Any]) -> bytes:
     Raises:
         RequestEntityTooLarge: announced or received bytes over the limit (413).
         ClientException: a ``Content-Length`` that is not a number (400).
-        InternalServerException: the client disconnected before the body ended.
+        ClientDisconnected: the client disconnected before the body ended.
     """
     limit = request.route_handler.resolve_request_max_body_size() or math.inf
     length = scope_header(request.scope, b"content-length")
@@ -58,7 +61,7 @@ async def read_body(request: Request[Any, Any, Any]) -> bytes:
             if not message.get("more_body", False):
                 break
         elif message["type"] == "http.disconnect":
-            raise InternalServerException("client disconnected prematurely")
+            raise ClientDisconnected
     body = parts[0] if len(parts) == 1 else b"".join(parts)
     # Where Request.body() keeps it, should anything ask for the body again.
     ScopeState.from_scope(request.scope).body = body

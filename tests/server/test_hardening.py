@@ -8,6 +8,8 @@ over the remote provider and the fake upstream; an admin key exists, so auth is 
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -156,6 +158,22 @@ def test_a_tool_message_without_its_call_id_is_400(client: httpx.Client, fake: F
     )
     assert error["code"] == "missing_required_parameter"
     assert len(fake.requests) == calls  # refused before any upstream call
+
+
+def test_a_client_gone_before_its_body_ended_is_not_a_server_error(client: httpx.Client) -> None:
+    url = httpx.URL(str(client.base_url))
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {url.host}\r\n"
+        f"Authorization: {client.headers['authorization']}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
+    for _ in range(3):
+        with socket.create_connection((url.host, url.port)) as raw:
+            raw.sendall(head.encode() + b'{"model": "mock-gpt", ')
+    time.sleep(0.3)
+    metrics = client.get("/metrics").text
+    assert 'http_response_status_code="499"' in metrics
+    assert 'http_response_status_code="500"' not in metrics  # it was a 500
 
 
 def test_largest_integers_are_served(client: httpx.Client, fake: FakeUpstream) -> None:
