@@ -21,7 +21,14 @@ import msgspec
 
 from llmrouter.types import ChatMessage, Tool, message_text
 
-__all__ = ["count_messages", "count_text", "encoding_loaded", "encoding_name_for", "preload_encodings"]
+__all__ = [
+    "count_messages",
+    "count_text",
+    "encoding_loaded",
+    "encoding_name_for",
+    "preload_encodings",
+    "tools_text",
+]
 
 _BLOB = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4", "chatgpt-4o", "gpt-oss")
