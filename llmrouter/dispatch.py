@@ -30,6 +30,7 @@ from llmrouter.errors import (
     ContextWindowExceededError,
     InvalidRequestError,
     LLMRouterError,
+    NestedTooDeeplyError,
     NoDeploymentAvailableError,
     UnsupportedFeatureError,
     UpstreamError,
@@ -67,7 +68,7 @@ def as_router_error(exc: Exception, deployment: DeploymentState) -> LLMRouterErr
         # JSON nested just under the decoder's limit, which the provider's encoder, deeper
         # in the stack, cannot take: the request's fault, not the deployment's.
         logger.warning("provider %s: the request is nested too deeply (%s)", deployment.id, exc)
-        return InvalidRequestError("request body is nested too deeply")
+        return NestedTooDeeplyError()
     if isinstance(exc, TimeoutError):
         return UpstreamTimeoutError(
             f"deployment {deployment.id!r} timed out", provider=deployment.config.provider

@@ -42,6 +42,7 @@ __all__ = [
     "InvalidRequestError",
     "LLMRouterError",
     "ModelNotFoundError",
+    "NestedTooDeeplyError",
     "NoDeploymentAvailableError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -124,6 +125,14 @@ class ProviderNotInstalledError(LLMRouterError):
 class InvalidRequestError(LLMRouterError):
     status = 400
     type = "invalid_request_error"
+
+
+class NestedTooDeeplyError(InvalidRequestError):
+    """JSON the decoder took but an encoder on the request's path could not: nested just
+    under the decoder's limit, it runs out of stack deeper down (``RecursionError``)."""
+
+    def __init__(self) -> None:
+        super().__init__("request body is nested too deeply")
 
 
 class ContextWindowExceededError(InvalidRequestError):

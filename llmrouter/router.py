@@ -26,7 +26,7 @@ from llmrouter.context import RequestContext
 from llmrouter.cost import PriceTable, max_cost, usage_cost
 from llmrouter.deployments import DeploymentState, GroupState
 from llmrouter.dispatch import dispatch_call, dispatch_stream
-from llmrouter.errors import ConfigError, LLMRouterError, ModelNotFoundError
+from llmrouter.errors import ConfigError, LLMRouterError, ModelNotFoundError, NestedTooDeeplyError
 from llmrouter.hooks import CacheLayer, RouterHooks
 from llmrouter.provider import Provider
 from llmrouter.registry import available_providers, load_provider_class
@@ -601,7 +601,11 @@ async def _count_prompt(request: ChatRequest, model: str) -> int:
     size = sum(len(message_text(message)) for message in request.messages)
     prompt = await _count(count_messages, request.messages, model, size)
     if request.tools:  # upstreams bill tool definitions as prompt
-        prompt += await _count(count_text, tools_text(request.tools), model)
+        try:
+            text = tools_text(request.tools)
+        except RecursionError as exc:
+            raise NestedTooDeeplyError from exc
+        prompt += await _count(count_text, text, model)
     return prompt
 
 

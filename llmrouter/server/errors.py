@@ -16,7 +16,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from llmrouter.errors import LLMRouterError
+from llmrouter.errors import LLMRouterError, NestedTooDeeplyError
 from llmrouter.ids import REQUEST_ID_KEY, request_id_of
 
 __all__ = ["error_body", "error_event", "exception_handlers", "openai_error_response"]
@@ -102,6 +102,12 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     )
 
 
+def handle_recursion(request: Request[Any, Any, Any], exc: RecursionError) -> Response[bytes]:
+    # JSON the decoder took, nested too deeply for an encoder further down (the cache
+    # key's, say): the request's fault wherever it surfaced.
+    return handle_llmrouter_error(request, NestedTooDeeplyError())
+
+
 def error_event(exc: BaseException, request_id: str | None = None) -> bytes:
     """The SSE event that reports a failure after a stream has started."""
     if isinstance(exc, LLMRouterError):
@@ -117,5 +123,6 @@ def error_event(exc: BaseException, request_id: str | None = None) -> bytes:
 exception_handlers: dict[int | type[Exception], Any] = {
     LLMRouterError: handle_llmrouter_error,
     HTTPException: handle_http_exception,
+    RecursionError: handle_recursion,
     Exception: handle_unexpected,
 }

@@ -128,6 +128,21 @@ def test_json_nested_just_under_the_decoders_limit_is_never_an_upstream_failure(
     assert client.post(path, json={**CHAT, "prompt": "a"}).status_code == 200
 
 
+def test_tool_parameters_nested_just_under_the_decoders_limit_are_400(client: httpx.Client) -> None:
+    # A priced model counts the tools' JSON for the budget bound: that encoder raised
+    # RecursionError, a 500.
+    statuses = set()
+    for depth in range(900, 1001):
+        nested = '{"type": "object", "x": ' + "[" * depth + "]" * depth + "}"
+        tool = '{"type": "function", "function": {"name": "f", "parameters": ' + nested + "}}"
+        text = json.dumps(CHAT)[:-1] + ', "tools": [' + tool + "]}"
+        response = client.post("/v1/chat/completions", content=text.encode(), headers=JSON)
+        statuses.add(response.status_code)
+        if response.status_code != 200:
+            assert_openai_error(response, 400)
+    assert 400 in statuses
+
+
 @pytest.mark.parametrize(
     ("path", "field", "value"),
     [
