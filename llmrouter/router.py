@@ -501,6 +501,8 @@ class Router:
             if ctx.cost is None and ctx.usage is None:
                 ctx.cost = 0.0
             return
+        if ctx.usage.estimated:  # counted here or by the provider
+            ctx.usage = _within_limit(ctx.usage, ctx.request)
         if ctx.usage.cost is not None:
             ctx.cost, ctx.cost_source = ctx.usage.cost, "provider"
             return
@@ -614,6 +616,20 @@ def _choices(request: ChatRequest | CompletionRequest) -> int:
     return max(request.n or 1, getattr(request, "best_of", None) or 1)
 
 
+def _within_limit(usage: Usage, request: ChatRequest | CompletionRequest | None) -> Usage:
+    """Estimated usage with the answer counted at most at the output limit (times ``n``).
+
+    tiktoken is rarely the upstream's tokenizer: its count of an answer cut at the limit
+    may exceed the limit, which is all the budget reservation covered.
+    """
+    if request is None or request.output_limit is None:
+        return usage
+    most = request.output_limit * _choices(request)
+    if usage.completion_tokens <= most:
+        return usage
+    return msgspec.structs.replace(usage, completion_tokens=most, total_tokens=usage.prompt_tokens + most)
+
+
 async def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:
     """Usage counted by llmrouter (estimated) for a provider that reported none."""
     request = ctx.request
@@ -625,10 +641,6 @@ async def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:
         elif isinstance(request.prompt, str):
             prompt = await _count(count_text, request.prompt, model)
     completion = await _count(count_text, completion_text, model)
-    if request is not None and request.output_limit is not None:
-        # tiktoken is not the upstream's tokenizer: its count of an answer cut at the
-        # limit may exceed the limit, which the budget reservation was made for.
-        completion = min(completion, request.output_limit * _choices(request))
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True
     )

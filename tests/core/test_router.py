@@ -417,6 +417,15 @@ async def test_an_estimated_answer_is_not_counted_past_the_output_limit():
     ctx = RequestContext()
     await router.chat(chat_body(max_tokens=100), context=ctx)
     assert 50 < ctx.usage.completion_tokens <= 100  # under the limit: counted as it is
+    # The same for usage a provider estimated (the remote provider, when the upstream
+    # reports none); reported usage is billed as reported.
+    for estimated, billed in [(True, 50), (False, 65)]:
+        usage = Usage(prompt_tokens=7, completion_tokens=65, total_tokens=72, estimated=estimated)
+        router = make_router(ScriptedProvider(default=Step(usage=usage)))
+        router.groups["g"].deployments[0].price = Price(input=2.0, output=8.0)
+        ctx = RequestContext()
+        await router.chat(chat_body(max_tokens=50), context=ctx)
+        assert ctx.usage.completion_tokens == billed and ctx.usage.total_tokens == 7 + billed
 
 
 async def test_provider_reported_cost_wins():
