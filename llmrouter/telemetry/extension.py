@@ -6,6 +6,7 @@ this is the only telemetry module that imports Litestar.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
 __all__ = ["TelemetryExtension", "build_telemetry_extension"]
 
 logger = logging.getLogger("llmrouter.telemetry")
+
+FOLD_SECONDS = 1.0
+"""How often what bound instruments recorded is folded into the metrics' series (it is
+also folded at every scrape); bounds what waits to about a second of requests."""
 
 
 class TelemetryExtension(Extension):
@@ -62,6 +67,7 @@ class TelemetryExtension(Extension):
         self.hooks = TelemetryHooks(
             metrics=self.metrics, tracer_provider=self.tracer_provider, log_requests=False
         )
+        self._folding: asyncio.Task[None] | None = None
 
     def router_hooks(self) -> Sequence[RouterHooks]:
         return (self.hooks,)
@@ -96,6 +102,10 @@ class TelemetryExtension(Extension):
         # (access_log on) or unwanted (off); configure_logging routes it to the root, so
         # it must be switched off here, or it comes back on every request.
         logging.getLogger("uvicorn.access").disabled = True
+        if self.prometheus is not None:
+            self._folding = asyncio.get_running_loop().create_task(
+                self._fold_every(FOLD_SECONDS), name="llmrouter-metrics-fold"
+            )
         log_event(
             logger,
             "telemetry started",
@@ -105,8 +115,19 @@ class TelemetryExtension(Extension):
             json_logs=self.config.json_logs,
         )
 
+    async def _fold_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                self.metrics.fold()
+            except Exception:  # keep folding; the scrape folds too
+                logger.exception("telemetry: folding metrics failed")
+
     async def shutdown(self) -> None:
         log_event(logger, "telemetry stopping")
+        if self._folding is not None:
+            self._folding.cancel()
+            self._folding = None
         if self.tracer_provider is not None and self._owns_tracer_provider:
             # Flushes the spans still queued for export.
             self.tracer_provider.shutdown()

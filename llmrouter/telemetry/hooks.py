@@ -26,6 +26,7 @@ from llmrouter.errors import (
     RateLimitError,
 )
 from llmrouter.hooks import RouterHooks
+from llmrouter.telemetry.local import Recorder
 from llmrouter.telemetry.logging import ACCESS_LOGGER, context_fields, current_access_record
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.tracing import (
@@ -53,6 +54,7 @@ _INPUT = (("gen_ai.token.type", "input"),)
 _OUTPUT = (("gen_ai.token.type", "output"),)
 UNKNOWN = "unknown"
 _RECORDED_MEMORY = 1024
+_BOUND_MEMORY = 1024  # label sets are bounded by configuration; this bounds the rest
 
 
 def error_type(ctx: RequestContext) -> str | None:
@@ -118,6 +120,10 @@ class TelemetryHooks(RouterHooks):
         # reuse it. A hook rejecting a request gets after_request on the hooks admitted
         # before it *and* on_rejected on all: _recorded makes each request count once.
         self._recorded: OrderedDict[int, RequestContext] = OrderedDict()
+        # Bound instruments (see llmrouter.telemetry.local), made once per label set.
+        self._bound: dict[tuple[str, str | None, str], _Bound] = {}
+        self._ok_attempts: dict[str, Recorder] = {}  # by deployment
+        self._cache_requests: dict[tuple[str, str], Recorder] = {}  # by cache status and model
         self.metrics.add_in_flight_source(self.in_flight)
         self.metrics.add_engine_source(self.engine_stats)
 
@@ -179,17 +185,12 @@ class TelemetryHooks(RouterHooks):
 
     def on_attempt(self, ctx: RequestContext, deployment: str, error: LLMRouterError | None) -> None:
         if error is None:
-            attributes: tuple[tuple[str, Any], ...] = (
-                ("llmrouter.deployment", deployment),
-                ("llmrouter.outcome", "ok"),
+            ok = self._ok_attempts.get(deployment) or _bind_counter(
+                self._ok_attempts, deployment, self.metrics.attempts, _attempt_attributes(deployment, None)
             )
+            ok(1)
         else:
-            attributes = (
-                ("llmrouter.deployment", deployment),
-                ("llmrouter.outcome", "error"),
-                ("error.type", type(error).__name__),
-            )
-        self.metrics.attempts.add(1, attributes)
+            self.metrics.attempts.add(1, _attempt_attributes(deployment, error))
         span = self._spans.get(id(ctx)) if self._spans else None
         if span is None:
             # No span, no call spans to time. Also: a coalesced flight goes on calling
@@ -201,7 +202,10 @@ class TelemetryHooks(RouterHooks):
         self._attempt_started[id(ctx)] = now
         if started is not None:
             operation = _OPERATION_NAMES.get(ctx.operation, ctx.operation)
-            call_attributes = {**dict(attributes), "gen_ai.operation.name": operation}
+            call_attributes = {
+                **dict(_attempt_attributes(deployment, error)),
+                "gen_ai.operation.name": operation,
+            }
             # The router fills ctx.provider/upstream_model only after an attempt succeeded:
             # ask the watched routers what this deployment is.
             described = self._describe(deployment)
@@ -231,36 +235,58 @@ class TelemetryHooks(RouterHooks):
             self._log(ctx)
 
     def _record(self, ctx: RequestContext, chunk_times: array[float] | None = None) -> None:
-        # Attributes as (name, value) pairs: the key local instruments store series under
-        # (see llmrouter.telemetry.local), made once per label set (_series_keys).
         metrics = self.metrics
         model = _model(ctx)
-        keys = _series_keys(ctx.operation, ctx.provider, model)
-        attributes = keys.base
+        label_set = (ctx.operation, ctx.provider, model)
+        bound = self._bound.get(label_set) or self._bind(label_set)
         if chunk_times is not None and len(chunk_times) > 1:
             # One observation per chunk after the first: the time since the previous one.
-            metrics.record_chunk_times(map(sub, chunk_times[1:], chunk_times), attributes)
+            metrics.record_chunk_times(map(sub, chunk_times[1:], chunk_times), bound.attributes)
         finished = ctx.finished_at if ctx.finished_at is not None else time.perf_counter()
         failure = error_type(ctx)
-        metrics.operation_duration.record(
-            max(0.0, finished - ctx.started_at),
-            (*attributes, ("error.type", failure)) if failure else attributes,
-        )
+        if failure is None:
+            bound.duration(max(0.0, finished - ctx.started_at))
+        else:
+            metrics.operation_duration.record(
+                max(0.0, finished - ctx.started_at), (*bound.attributes, ("error.type", failure))
+            )
         usage = ctx.usage
         if usage is not None and ctx.cache_status not in _NO_UPSTREAM_TOKENS:
-            metrics.token_usage.record(usage.prompt_tokens, keys.input_tokens)
-            metrics.token_usage.record(usage.completion_tokens, keys.output_tokens)
+            bound.input_tokens(usage.prompt_tokens)
+            bound.output_tokens(usage.completion_tokens)
         if ctx.stream and ctx.first_token_at is not None:
-            metrics.time_to_first_chunk.record(ctx.first_token_at - ctx.started_at, attributes)
+            bound.time_to_first_chunk(ctx.first_token_at - ctx.started_at)
         if ctx.cost:
             metrics.cost.add(
                 ctx.cost,
                 (("llmrouter.api_key.id", ctx.api_key_id or "none"), ("gen_ai.request.model", model)),
             )
-        if ctx.cache_status is not None:
-            metrics.cache_requests.add(1, _cache_series_key(ctx.cache_status, model))
+        status = ctx.cache_status
+        if status is not None:
+            cached = self._cache_requests.get((status, model)) or _bind_counter(
+                self._cache_requests,
+                (status, model),
+                metrics.cache_requests,
+                _cache_series_key(status, model),
+            )
+            cached(1)
         if ctx.attempts > 1:
             metrics.retries.add(ctx.attempts - 1, (("gen_ai.request.model", model),))
+
+    def _bind(self, label_set: tuple[str, str | None, str]) -> _Bound:
+        """The bound instruments of a request's operation, provider and model."""
+        if len(self._bound) >= _BOUND_MEMORY:
+            self._bound.clear()
+        keys = _series_keys(*label_set)
+        metrics = self.metrics
+        bound = self._bound[label_set] = _Bound(
+            keys.base,
+            metrics.operation_duration.bind(keys.base),
+            metrics.token_usage.bind(keys.input_tokens),
+            metrics.token_usage.bind(keys.output_tokens),
+            metrics.time_to_first_chunk.bind(keys.base),
+        )
+        return bound
 
     def _log(self, ctx: RequestContext, outcome: str | None = None) -> None:
         record = current_access_record.get()
@@ -367,6 +393,35 @@ def _base_attributes(ctx: RequestContext, model: str) -> tuple[tuple[str, Any], 
     """A request's operation, provider and model as (name, value) pairs: the series key
     of its metrics, and the request span's attributes."""
     return _series_keys(ctx.operation, ctx.provider, model).base
+
+
+def _attempt_attributes(deployment: str, error: LLMRouterError | None) -> tuple[tuple[str, Any], ...]:
+    if error is None:
+        return (("llmrouter.deployment", deployment), ("llmrouter.outcome", "ok"))
+    return (
+        ("llmrouter.deployment", deployment),
+        ("llmrouter.outcome", "error"),
+        ("error.type", type(error).__name__),
+    )
+
+
+def _bind_counter(bound: dict[Any, Recorder], key: Any, counter: Any, attributes: Any) -> Recorder:
+    """``counter`` bound to ``attributes``, kept in ``bound`` under ``key``."""
+    if len(bound) >= _BOUND_MEMORY:
+        bound.clear()
+    recorder = bound[key] = counter.bind(attributes)
+    return recorder
+
+
+class _Bound(NamedTuple):
+    """A label set's bound instruments: what a request that did not fail records, each
+    a C call."""
+
+    attributes: tuple[tuple[str, Any], ...]
+    duration: Recorder
+    input_tokens: Recorder
+    output_tokens: Recorder
+    time_to_first_chunk: Recorder
 
 
 class _SeriesKeys(NamedTuple):

@@ -26,6 +26,7 @@ from typing import Any
 
 from llmrouter.asgi import scope_header
 from llmrouter.ids import request_id_of
+from llmrouter.telemetry.local import Recorder
 from llmrouter.telemetry.logging import ACCESS_LOGGER, AccessRecord, context_fields, current_access_record
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.tracing import (
@@ -48,6 +49,7 @@ ASGIApp = Callable[
 _WATCHED_STATUS_KEY = "llmrouter.telemetry.status"
 """Where the middleware notes the response status itself when no ``status_key`` is given."""
 
+_BOUND_MEMORY = 1024
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
@@ -91,6 +93,7 @@ class TelemetryMiddleware:
         self.quiet_paths = frozenset(quiet_paths)
         self.status_key = status_key
         self._logger = logging.getLogger(ACCESS_LOGGER)
+        self._durations: dict[tuple[str, str | None, int], Recorder] = {}
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -145,8 +148,11 @@ class TelemetryMiddleware:
         return span, traceparent
 
     def _record(self, method: str, route: str | None, code: int, elapsed: float, span: Any) -> None:
-        if self.metrics is not None:
-            self.metrics.http_server_duration.record(elapsed, _duration_attributes(method, route, code))
+        metrics = self.metrics
+        if metrics is not None:
+            key = (method, route, code)
+            record = self._durations.get(key) or self._bind_duration(metrics, key)
+            record(elapsed)
         if span is not None:
             from opentelemetry.trace import Status, StatusCode
 
@@ -154,6 +160,14 @@ class TelemetryMiddleware:
             if code >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
+
+    def _bind_duration(self, metrics: RouterMetrics, key: tuple[str, str | None, int]) -> Recorder:
+        """The duration histogram bound to a method, route and status (a C call to record
+        with, see :mod:`llmrouter.telemetry.local`)."""
+        if len(self._durations) >= _BOUND_MEMORY:
+            self._durations.clear()  # methods are the client's to make up
+        record = self._durations[key] = metrics.http_server_duration.bind(_duration_attributes(*key))
+        return record
 
     def _log(self, record: AccessRecord, code: int, elapsed: float, level: int) -> None:
         fields: dict[str, Any] = {

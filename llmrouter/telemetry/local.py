@@ -16,22 +16,31 @@ SDK instruments as usual.
 
 Attributes are a mapping or, cheaper, a tuple of ``(name, value)`` pairs (the key a
 series is stored under). Instruments are recorded from one thread - the service's
-event loop, where the router's hooks and the HTTP middleware run - and take no lock;
-:meth:`LocalHistogram.collect` copies each series with one C-level call, so a scrape
-never sees half an observation's buckets.
+event loop, where the router's hooks, the HTTP middleware and the scrape run - and take
+no lock.
+
+The request path records through *bound* instruments: ``bind(attributes)`` returns the
+``append`` of a list of observations waiting for that series, a C call (~0.1 us, against
+~0.7 us for ``record``: a Python call, a hash of the attributes, a bisection). What is
+waiting is added to the series by :meth:`LocalHistogram.fold` - sorted, a bisection per
+bucket, see :meth:`LocalHistogram.record_many` - at every collection, and every second
+from the service (``TelemetryExtension``), which bounds what waits.
 """
 
 from __future__ import annotations
 
 import math
+from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["AttributeKey", "Attributes", "LocalCounter", "LocalHistogram", "LocalMetrics"]
+__all__ = ["AttributeKey", "Attributes", "LocalCounter", "LocalHistogram", "LocalMetrics", "Recorder"]
 
 AttributeKey = tuple[tuple[str, Any], ...]
 Attributes = Mapping[str, Any] | AttributeKey
+Recorder = Callable[[float], None]
+"""A bound instrument: records (or adds) one amount under the attributes it was bound to."""
 
 
 _INF = math.inf
@@ -60,6 +69,8 @@ class LocalHistogram:
         self.boundaries = tuple(boundaries)
         # attributes -> per-bucket counts (the last bucket: above every boundary), then the sum
         self._series: dict[AttributeKey, list[float]] = {}
+        # attributes -> observations of bound instruments not yet in the series
+        self._waiting: dict[AttributeKey, array[float]] = {}
 
     def record(self, amount: float, attributes: Attributes | None = None) -> None:
         if 0 <= amount < _INF:  # negative, infinite or NaN: dropped
@@ -97,12 +108,29 @@ class LocalHistogram:
                 series[bisect_left(self.boundaries, amount)] += 1
                 series[-1] += amount
 
+    def bind(self, attributes: Attributes | None = None) -> Recorder:
+        """``record`` with these attributes, as a C call (see the module's notes)."""
+        key = _key(attributes)
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            waiting = self._waiting[key] = array("d")
+        return waiting.append
+
+    def fold(self) -> None:
+        """Add what bound instruments recorded to the series."""
+        for key, waiting in self._waiting.items():
+            if waiting:
+                amounts = waiting.tolist()
+                del waiting[:]
+                self.record_many(amounts, key)
+
     def _new_series(self, key: AttributeKey) -> list[float]:
         series = self._series[key] = [0] * (len(self.boundaries) + 1) + [0.0]
         return series
 
     def collect(self) -> list[tuple[dict[str, Any], list[int], float]]:
         """``(attributes, per-bucket counts, sum)`` for every attribute set recorded."""
+        self.fold()
         merged: dict[AttributeKey, list[float]] = {}
         for key, series in list(self._series.items()):
             canonical = _canonical(key)
@@ -121,13 +149,38 @@ class LocalCounter:
         self.unit = unit
         self.description = description
         self._values: dict[AttributeKey, float] = {}
+        # attributes -> amounts of bound instruments not yet in the sums (a list, not an
+        # array of floats: a sum of ints stays an int, as the SDK exports it)
+        self._waiting: dict[AttributeKey, list[float]] = {}
 
     def add(self, amount: float, attributes: Attributes | None = None) -> None:
         if 0 <= amount < _INF:
             key = attributes if attributes.__class__ is tuple else _key(attributes)
             self._values[key] = self._values.get(key, 0) + amount
 
+    def bind(self, attributes: Attributes | None = None) -> Recorder:
+        """``add`` with these attributes, as a C call (see the module's notes)."""
+        key = _key(attributes)
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            waiting = self._waiting[key] = []
+        return waiting.append
+
+    def fold(self) -> None:
+        """Add what bound instruments added to the sums."""
+        for key, waiting in self._waiting.items():
+            if waiting:
+                amounts = waiting[:]
+                del waiting[:]
+                total = sum(amounts)
+                if total < _INF and min(amounts) >= 0:  # every amount valid (a NaN makes the sum NaN)
+                    self._values[key] = self._values.get(key, 0) + total
+                else:
+                    for amount in amounts:
+                        self.add(amount, key)
+
     def collect(self) -> list[tuple[dict[str, Any], float]]:
+        self.fold()
         merged: dict[AttributeKey, float] = {}
         for key, value in list(self._values.items()):
             canonical = _canonical(key)
@@ -152,3 +205,8 @@ class LocalMetrics:
         counter = LocalCounter(name, unit, description)
         self.instruments.append(counter)
         return counter
+
+    def fold(self) -> None:
+        """Fold every instrument's bound observations into its series (see the module's notes)."""
+        for instrument in self.instruments:
+            instrument.fold()

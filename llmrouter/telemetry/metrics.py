@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from llmrouter.telemetry.local import Attributes, LocalHistogram, LocalMetrics
+from llmrouter.telemetry.local import Attributes, LocalHistogram, LocalMetrics, Recorder
 
 __all__ = [
     "CHUNK_BUCKETS",
@@ -78,6 +79,11 @@ class _SDKInstrument:
     def add(self, amount: float, attributes: Attributes | None = None) -> None:
         self.instrument.add(amount, _mapping(attributes))
 
+    def bind(self, attributes: Attributes | None = None) -> Recorder:
+        """``record`` or ``add`` (whichever the instrument has) with these attributes."""
+        method = getattr(self.instrument, "record", None) or self.instrument.add
+        return partial(method, attributes=_mapping(attributes))
+
 
 def _mapping(attributes: Attributes | None) -> Mapping[str, Any] | None:
     return dict(attributes) if isinstance(attributes, tuple) else attributes
@@ -103,6 +109,7 @@ class RouterMetrics:
         local: LocalMetrics | None = None,
     ) -> None:
         meter = metrics.get_meter("llmrouter", _version(), meter_provider=meter_provider)
+        self.local = local
 
         def histogram(name: str, unit: str, description: str, buckets: Sequence[float]) -> Any:
             if local is not None:
@@ -182,6 +189,12 @@ class RouterMetrics:
             unit="1",
             description="Fraction of an in-process engine's KV cache in use (vLLM).",
         )
+
+    def fold(self) -> None:
+        """Fold what bound local instruments recorded into their series (see
+        :mod:`llmrouter.telemetry.local`); nothing to do for SDK instruments."""
+        if self.local is not None:
+            self.local.fold()
 
     def record_chunk_times(self, values: Iterable[float], attributes: Attributes) -> None:
         """One ``time_per_output_chunk`` observation per value (a stream's chunk gaps)."""

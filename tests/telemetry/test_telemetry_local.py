@@ -4,9 +4,11 @@ exports the same observations recorded through the SDK."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import re
+from array import array
 from functools import partial
 from types import SimpleNamespace
 from typing import Any
@@ -102,6 +104,25 @@ def _with_pairs(call: Any, amount: float, attributes: dict[str, Any]) -> None:
     call(amount, tuple(attributes.items()))
 
 
+class _Bound:
+    """RouterMetrics recorded through bound instruments, as the request path records:
+    ``instrument.bind(attributes)(amount)``."""
+
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self._metrics = metrics
+
+    def record_chunk_times(self, values: Any, attributes: dict[str, Any]) -> None:
+        self._metrics.record_chunk_times(values, attributes)
+
+    def __getattr__(self, name: str) -> Any:
+        instrument = getattr(self._metrics, name)
+
+        def bound(amount: float, attributes: dict[str, Any]) -> None:
+            instrument.bind(tuple(attributes.items()))(amount)
+
+        return SimpleNamespace(record=bound, add=bound)
+
+
 def _record_everything(metrics: Any) -> None:
     failed = {**ATTRIBUTES, "error.type": "UpstreamError"}
     metrics.record_chunk_times(VALUES, ATTRIBUTES)
@@ -184,3 +205,72 @@ def test_attributes_as_pairs_make_the_same_series_as_mappings(pairs_through: str
     _record_everything(_AsPairs(sdk_metrics) if pairs_through in ("sdk", "both") else sdk_metrics)
     _record_everything(_AsPairs(local_metrics) if pairs_through in ("local", "both") else local_metrics)
     assert _lines(local, None) == _lines(through_sdk, None)
+
+
+@pytest.mark.parametrize("bound_through", ["local", "sdk", "both"])
+def test_bound_instruments_make_the_same_series_as_recording(bound_through: str) -> None:
+    through_sdk = PrometheusMetrics(process_metrics=False)
+    sdk_metrics = RouterMetrics(through_sdk.meter_provider)
+    local = PrometheusMetrics(process_metrics=False)
+    local_metrics = RouterMetrics(local.meter_provider, local=local.local)
+    _record_everything(_Bound(sdk_metrics) if bound_through in ("sdk", "both") else sdk_metrics)
+    _record_everything(_Bound(local_metrics) if bound_through in ("local", "both") else local_metrics)
+    assert _lines(local, None) == _lines(through_sdk, None)
+
+
+def test_bound_histogram_folds_into_the_series_and_drops_invalid_values() -> None:
+    histogram = LocalHistogram("h", "s", "", CHUNK_BUCKETS)
+    record = histogram.bind(tuple(ATTRIBUTES.items()))
+    assert histogram.bind(ATTRIBUTES) == record  # a mapping binds the same series
+    for value in [*VALUES, -1.0, math.nan, math.inf]:
+        record(value)
+    histogram.record(0.002, ATTRIBUTES)  # recorded directly too: one series
+    ((_, counts, total),) = histogram.collect()
+    assert sum(counts) == len(VALUES) + 1 and total == pytest.approx(sum(VALUES) + 0.002)
+    # Folded once: collecting again counts nothing twice, and later observations add up.
+    assert histogram.collect() == [(ATTRIBUTES, counts, total)]
+    record(30.0)
+    ((_, counts, _),) = histogram.collect()
+    assert sum(counts) == len(VALUES) + 2 and counts[-1] == 3
+
+
+def test_bound_counter_keeps_integer_sums_and_drops_invalid_amounts() -> None:
+    counter = LocalCounter("c", "{request}", "")
+    add = counter.bind({"a": "x"})
+    for amount in (1, 2, 3):
+        add(amount)
+    counter.add(4, {"a": "x"})
+    [(attributes, value)] = counter.collect()
+    assert attributes == {"a": "x"} and value == 10 and isinstance(value, int)
+    for amount in (0.5, -3, math.nan, math.inf, 0.25):
+        add(amount)
+    assert counter.collect() == [({"a": "x"}, 10.75)]
+
+
+@pytest.mark.anyio
+async def test_the_service_folds_bound_instruments_every_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmrouter.telemetry import extension as telemetry_extension
+    from llmrouter.telemetry.config import TelemetryConfig
+
+    monkeypatch.setattr(telemetry_extension, "FOLD_SECONDS", 0.01)
+    ext = telemetry_extension.TelemetryExtension(TelemetryConfig(json_logs=False))
+    assert ext.prometheus is not None
+    local = ext.prometheus.local
+    record = ext.metrics.operation_duration.bind(tuple(ATTRIBUTES.items()))
+    record(0.5)
+    folds: list[None] = []
+    fold = local.fold
+    monkeypatch.setattr(local, "fold", lambda: (folds.append(None), fold())[1])
+    await ext.startup()
+    try:
+        for _ in range(200):
+            if len(folds) >= 2:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await ext.shutdown()
+    assert len(folds) >= 2
+    assert ext.metrics.operation_duration._waiting[tuple(ATTRIBUTES.items())] == array("d")
+    count = len(folds)
+    await asyncio.sleep(0.05)
+    assert len(folds) == count  # stopped at shutdown
