@@ -177,7 +177,8 @@ def create_app(
         readiness,
     ]
     handlers.extend(dashboard_handlers)  # the usage page (static; it calls the accounting API)
-    middleware: list[Any] = [RequestIdMiddleware()]
+    observers = [observe for ext in service.extensions for observe in ext.response_observers()]
+    middleware: list[Any] = [RequestIdMiddleware(observers)]
     for ext in service.extensions:
         handlers.extend(ext.route_handlers())
         middleware.extend(ext.middleware())

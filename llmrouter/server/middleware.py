@@ -6,6 +6,9 @@ services), else a fresh one; the handler reads it from the scope to put it into 
 request reaching this middleware to the response headers leaving it (for a stream, the
 time to the first event).
 
+Once the response is sent, it calls the extensions' response observers (see
+:meth:`~llmrouter.extension.Extension.response_observers`).
+
 It runs per route: errors the router answers itself (404, 405) get their id from the
 exception handlers in :mod:`llmrouter.server.errors` instead of a ``before_send`` hook,
 which would be called for every message sent, each streamed chunk included.
@@ -13,8 +16,9 @@ which would be called for every message sent, each streamed chunk included.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING
 
 from litestar.enums import ScopeType
@@ -25,7 +29,11 @@ from llmrouter.ids import request_id_of
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+    from llmrouter.extension import ResponseObserver
+
 __all__ = ["STATUS_KEY", "RequestIdMiddleware"]
+
+log = logging.getLogger("llmrouter.server")
 
 STATUS_KEY = "llmrouter.response_status"
 """Where :class:`RequestIdMiddleware` keeps the response's status in the ASGI scope,
@@ -33,9 +41,13 @@ for the middleware inside it (telemetry) to read instead of watching every messa
 
 
 class RequestIdMiddleware(ASGIMiddleware):
-    """Adds ``X-Request-ID`` and ``X-Process-Time`` to every routed HTTP response."""
+    """Adds ``X-Request-ID`` and ``X-Process-Time`` to every routed HTTP response, then
+    tells ``observers`` how it went."""
 
     scopes = (ScopeType.HTTP,)
+
+    def __init__(self, observers: Sequence[ResponseObserver] = ()) -> None:
+        self.observers = tuple(observers)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         started = time.perf_counter()
@@ -52,4 +64,17 @@ class RequestIdMiddleware(ASGIMiddleware):
                 message["headers"] = headers
             return send(message)
 
-        await next_app(scope, receive, send_with_headers)
+        if not self.observers:
+            await next_app(scope, receive, send_with_headers)
+            return
+        try:
+            await next_app(scope, receive, send_with_headers)
+        finally:
+            elapsed = time.perf_counter() - started
+            # No response started means the app raised: the server answers 500.
+            status = scope.get(STATUS_KEY, 500)
+            for observe in self.observers:
+                try:
+                    observe(scope, status, elapsed)  # type: ignore[arg-type]  # Litestar types the scope as a TypedDict
+                except Exception:
+                    log.exception("response observer %r failed", observe)

@@ -11,10 +11,10 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from llmrouter.extension import Extension
+from llmrouter.extension import Extension, ResponseObserver
 from llmrouter.telemetry.config import TelemetryConfig
 from llmrouter.telemetry.hooks import TelemetryHooks
-from llmrouter.telemetry.http import TelemetryMiddleware
+from llmrouter.telemetry.http import HttpDurations, TelemetryMiddleware
 from llmrouter.telemetry.logging import configure_logging, log_event
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.prometheus import PrometheusMetrics
@@ -73,6 +73,8 @@ class TelemetryExtension(Extension):
         return (self.hooks,)
 
     def middleware(self) -> Sequence[Any]:
+        if not self._needs_middleware:
+            return ()  # the HTTP duration is all there is: response_observers() records it
         from litestar.middleware import DefineMiddleware
 
         from llmrouter.server.middleware import STATUS_KEY
@@ -89,6 +91,17 @@ class TelemetryExtension(Extension):
                 trace_header=False,
             ),
         )
+
+    def response_observers(self) -> Sequence[ResponseObserver]:
+        if self._needs_middleware:
+            return ()  # TelemetryMiddleware records the HTTP duration
+        return (HttpDurations(self.metrics).observe,)
+
+    @property
+    def _needs_middleware(self) -> bool:
+        """Whether there is more to do per request than the HTTP duration: the access
+        line, or the server span."""
+        return self.config.access_log or self.tracer is not None
 
     def route_handlers(self) -> Sequence[Any]:
         if self.prometheus is None:

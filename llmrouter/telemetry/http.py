@@ -38,7 +38,7 @@ from llmrouter.telemetry.tracing import (
     trace_id_of,
 )
 
-__all__ = ["TelemetryMiddleware"]
+__all__ = ["HttpDurations", "TelemetryMiddleware"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -93,7 +93,7 @@ class TelemetryMiddleware:
         self.quiet_paths = frozenset(quiet_paths)
         self.status_key = status_key
         self._logger = logging.getLogger(ACCESS_LOGGER)
-        self._durations: dict[tuple[str, str | None, int], Recorder] = {}
+        self._durations = HttpDurations(metrics) if metrics is not None else None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -148,11 +148,8 @@ class TelemetryMiddleware:
         return span, traceparent
 
     def _record(self, method: str, route: str | None, code: int, elapsed: float, span: Any) -> None:
-        metrics = self.metrics
-        if metrics is not None:
-            key = (method, route, code)
-            record = self._durations.get(key) or self._bind_duration(metrics, key)
-            record(elapsed)
+        if self._durations is not None:
+            self._durations.record(method, route, code, elapsed)
         if span is not None:
             from opentelemetry.trace import Status, StatusCode
 
@@ -160,14 +157,6 @@ class TelemetryMiddleware:
             if code >= 500:
                 span.set_status(Status(StatusCode.ERROR))
             span.end()
-
-    def _bind_duration(self, metrics: RouterMetrics, key: tuple[str, str | None, int]) -> Recorder:
-        """The duration histogram bound to a method, route and status (a C call to record
-        with, see :mod:`llmrouter.telemetry.local`)."""
-        if len(self._durations) >= _BOUND_MEMORY:
-            self._durations.clear()  # methods are the client's to make up
-        record = self._durations[key] = metrics.http_server_duration.bind(_duration_attributes(*key))
-        return record
 
     def _log(self, record: AccessRecord, code: int, elapsed: float, level: int) -> None:
         fields: dict[str, Any] = {
@@ -180,6 +169,35 @@ class TelemetryMiddleware:
             method=record.method, path=record.path, status=code, latency_ms=round(elapsed * 1000, 2)
         )
         self._logger.log(level, "request", extra=fields)
+
+
+class HttpDurations:
+    """Records ``http.server.request.duration`` (see the module's notes) through
+    instruments bound once per method, route and status (see
+    :mod:`llmrouter.telemetry.local`). :meth:`observe` is a response observer: the
+    service uses it instead of :class:`TelemetryMiddleware` when the metric is all there
+    is to do (no access line, no spans), which saves an ASGI layer per request."""
+
+    def __init__(self, metrics: RouterMetrics) -> None:
+        self.metrics = metrics
+        self._bound: dict[tuple[str, str | None, int], Recorder] = {}
+
+    def record(self, method: str, route: str | None, code: int, elapsed: float) -> None:
+        key = (method, route, code)
+        record = self._bound.get(key) or self._bind(key)
+        record(elapsed)
+
+    def observe(self, scope: Scope, status: int, elapsed: float) -> None:
+        # record(), inlined: this runs for every request.
+        key = (scope.get("method", "GET"), scope.get("path_template"), status)
+        record = self._bound.get(key) or self._bind(key)
+        record(elapsed)
+
+    def _bind(self, key: tuple[str, str | None, int]) -> Recorder:
+        if len(self._bound) >= _BOUND_MEMORY:
+            self._bound.clear()  # methods are the client's to make up
+        record = self._bound[key] = self.metrics.http_server_duration.bind(_duration_attributes(*key))
+        return record
 
 
 def _watching_status(scope: Scope, send: Any) -> Callable[[Message], Awaitable[None]]:

@@ -1,5 +1,7 @@
 """TelemetryMiddleware as plain ASGI: the status it records, watched from ``send`` or
-read from the scope key a middleware around it fills (as the service's does)."""
+read from the scope key a middleware around it fills (as the service's does); and the
+same HTTP duration recorded without it, by HttpDurations observing the responses of the
+service's RequestIdMiddleware."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from llmrouter.telemetry.http import TelemetryMiddleware
+from llmrouter.server.middleware import RequestIdMiddleware
+from llmrouter.telemetry.http import HttpDurations, TelemetryMiddleware
 from llmrouter.telemetry.local import LocalMetrics
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.tracing import parse_traceparent
@@ -65,25 +68,45 @@ def statuses(metrics: RouterMetrics) -> list[int]:
     )
 
 
-@pytest.mark.parametrize("from_scope", [False, True], ids=["watching send", "from the scope"])
-async def test_the_recorded_status(from_scope: bool) -> None:
+def observed(app: Any, metrics: RouterMetrics) -> Any:
+    """``app`` behind the service's RequestIdMiddleware, HttpDurations observing it."""
+    middleware = RequestIdMiddleware([HttpDurations(metrics).observe])
+
+    async def outer(scope: Any, receive: Any, send: Any) -> None:
+        await middleware.handle(scope, receive, send, app)
+
+    return outer
+
+
+def measured(app: Any, metrics: RouterMetrics, how: str) -> Any:
+    if how == "observer":
+        return observed(app, metrics)
+    if how == "from the scope":
+        return recording_status(
+            TelemetryMiddleware(app, metrics=metrics, access_log=False, status_key=STATUS_KEY)
+        )
+    return TelemetryMiddleware(app, metrics=metrics, access_log=False)
+
+
+HOW = ["watching send", "from the scope", "observer"]
+
+
+@pytest.mark.parametrize("how", HOW)
+async def test_the_recorded_status(how: str) -> None:
     metrics = RouterMetrics(local=LocalMetrics())
-    options: dict[str, Any] = {"metrics": metrics, "access_log": False}
-    if from_scope:
-        options["status_key"] = STATUS_KEY
     for app in (answer_204, fail):
-        middleware = TelemetryMiddleware(app, **options)
-        sent = await call(recording_status(middleware) if from_scope else middleware)
+        sent = await call(measured(app, metrics, how))
         assert [m["type"] for m in sent] == (
             ["http.response.start", "http.response.body"] if app is answer_204 else []
         )
     assert statuses(metrics) == [204, 500]  # an app that raised: the server answers 500
 
 
-async def test_the_duration_attributes() -> None:
+@pytest.mark.parametrize("how", HOW)
+async def test_the_duration_attributes(how: str) -> None:
     metrics = RouterMetrics(local=LocalMetrics())
     for app, method in ((answer_204, "GET"), (answer_204, "BREW"), (fail, "POST"), (answer_204, "GET")):
-        await call(TelemetryMiddleware(app, metrics=metrics, access_log=False), method)
+        await call(measured(app, metrics, how), method)
     series = sorted(
         (sorted(attributes.items()), sum(counts))
         for attributes, counts, _ in metrics.http_server_duration.collect()
@@ -102,6 +125,25 @@ async def test_the_duration_attributes() -> None:
         ([("http.request.method", "GET"), ("http.response.status_code", 204), route], 2),
         ([("http.request.method", "_OTHER"), ("http.response.status_code", 204), route], 1),  # not a method
     ]
+
+
+async def test_a_failing_observer_is_logged_and_the_next_still_called(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[int] = []
+
+    def broken(scope: Any, status: int, elapsed: float) -> None:
+        raise ValueError("observer bug")
+
+    middleware = RequestIdMiddleware([broken, lambda scope, status, elapsed: seen.append(status)])
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await middleware.handle(scope, receive, send, answer_204)
+
+    sent = await call(app)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert seen == [204]
+    assert "observer bug" in caplog.text
 
 
 @pytest.mark.parametrize("trace_header", [True, False])

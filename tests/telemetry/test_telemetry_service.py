@@ -265,3 +265,30 @@ def test_importing_config_and_telemetry_loads_no_opentelemetry() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("access_log", [True, False])
+def test_the_http_duration_with_or_without_the_telemetry_middleware(
+    provider: TraceRecordingProvider, access_log: bool
+) -> None:
+    # Without the access line (and spans) the HTTP duration is all there is to do per
+    # request: a response observer records it, and no middleware of its own is installed.
+    router = Router()
+    router.add_deployment("m", provider)
+    extension = TelemetryExtension(TelemetryConfig(json_logs=False, access_log=access_log))
+    assert bool(extension.middleware()) == access_log
+    assert bool(extension.response_observers()) != access_log
+    with TestClient(create_app(router=router, extensions=[extension])) as client:
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert client.post("/v1/chat/completions", json={"model": "m"}).status_code == 400
+        assert client.post("/v1/chat/completions", json={**CHAT, "model": "nope"}).status_code == 404
+        scrape = client.get("/metrics").text
+    for status in ("200", "400", "404"):
+        count = metric_value(
+            scrape,
+            "http_server_request_duration_seconds_count",
+            http_route="/v1/chat/completions",
+            http_request_method="POST",
+            http_response_status_code=status,
+        )
+        assert count == 1, status
