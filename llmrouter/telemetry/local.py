@@ -30,7 +30,6 @@ from the service (``TelemetryExtension``), which bounds what waits.
 from __future__ import annotations
 
 import math
-from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -59,6 +58,12 @@ def _key(attributes: Attributes | None) -> AttributeKey:
     return tuple(attributes.items()) if attributes else ()  # type: ignore[union-attr]
 
 
+def _numbers(amounts: list[Any]) -> list[float]:
+    """The numbers among ``amounts``: a bound instrument appends whatever it is given,
+    where ``record`` would have raised (the fold then drops what is not a number)."""
+    return [amount for amount in amounts if isinstance(amount, int | float)]
+
+
 class LocalHistogram:
     """An explicit-bucket histogram (the OpenTelemetry ``Histogram`` calls used here)."""
 
@@ -69,8 +74,9 @@ class LocalHistogram:
         self.boundaries = tuple(boundaries)
         # attributes -> per-bucket counts (the last bucket: above every boundary), then the sum
         self._series: dict[AttributeKey, list[float]] = {}
-        # attributes -> observations of bound instruments not yet in the series
-        self._waiting: dict[AttributeKey, array[float]] = {}
+        # attributes -> observations of bound instruments not yet in the series (a list:
+        # array("d").append parses its argument by format string, ~4x the instructions)
+        self._waiting: dict[AttributeKey, list[float]] = {}
 
     def record(self, amount: float, attributes: Attributes | None = None) -> None:
         if 0 <= amount < _INF:  # negative, infinite or NaN: dropped
@@ -87,9 +93,9 @@ class LocalHistogram:
         amounts = sorted(amounts)
         if not amounts:
             return
+        total = sum(amounts)
         key = _key(attributes)
         series = self._series.get(key) or self._new_series(key)
-        total = sum(amounts)
         # NaN makes the sum NaN; the sorted ends give the smallest and largest.
         if total == total and amounts[0] >= 0 and amounts[-1] < _INF:
             counted, count = 0, len(amounts)
@@ -113,16 +119,19 @@ class LocalHistogram:
         key = _key(attributes)
         waiting = self._waiting.get(key)
         if waiting is None:
-            waiting = self._waiting[key] = array("d")
+            waiting = self._waiting[key] = []
         return waiting.append
 
     def fold(self) -> None:
         """Add what bound instruments recorded to the series."""
         for key, waiting in self._waiting.items():
             if waiting:
-                amounts = waiting.tolist()
+                amounts = waiting[:]
                 del waiting[:]
-                self.record_many(amounts, key)
+                try:
+                    self.record_many(amounts, key)
+                except TypeError:  # not all numbers (sorting or summing them failed)
+                    self.record_many(_numbers(amounts), key)
 
     def _new_series(self, key: AttributeKey) -> list[float]:
         series = self._series[key] = [0] * (len(self.boundaries) + 1) + [0.0]
@@ -149,8 +158,7 @@ class LocalCounter:
         self.unit = unit
         self.description = description
         self._values: dict[AttributeKey, float] = {}
-        # attributes -> amounts of bound instruments not yet in the sums (a list, not an
-        # array of floats: a sum of ints stays an int, as the SDK exports it)
+        # attributes -> amounts of bound instruments not yet in the sums
         self._waiting: dict[AttributeKey, list[float]] = {}
 
     def add(self, amount: float, attributes: Attributes | None = None) -> None:
@@ -172,8 +180,12 @@ class LocalCounter:
             if waiting:
                 amounts = waiting[:]
                 del waiting[:]
-                total = sum(amounts)
-                if total < _INF and min(amounts) >= 0:  # every amount valid (a NaN makes the sum NaN)
+                try:
+                    total = sum(amounts)
+                    valid = total < _INF and min(amounts) >= 0  # a NaN makes the sum NaN
+                except TypeError:  # not all numbers
+                    amounts, valid = _numbers(amounts), False
+                if valid:
                     self._values[key] = self._values.get(key, 0) + total
                 else:
                     for amount in amounts:
