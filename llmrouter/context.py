@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from llmrouter.ids import new_id
 
 if TYPE_CHECKING:
-    from array import array
-
     from llmrouter.errors import LLMRouterError
     from llmrouter.types import ChatRequest, CompletionRequest, Usage
 
@@ -64,9 +62,9 @@ class RequestContext:
     error: LLMRouterError | None = None
     started_at: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
-    chunk_times: array[float] | None = None
+    chunk_times: list[float] | None = None
     """``perf_counter()`` of each stream chunk delivered, appended by the router once a
-    hook made it an array (telemetry does, for the time per output chunk)."""
+    hook made it a list (telemetry does, for the time per output chunk)."""
     finished_at: float | None = None
     created: float = field(default_factory=time.time)
     """Wall-clock start (Unix seconds), for ledger rows."""

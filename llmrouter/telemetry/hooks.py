@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from array import array
 from collections import OrderedDict
 from functools import lru_cache
 from operator import sub
@@ -133,7 +132,7 @@ class TelemetryHooks(RouterHooks):
         if ctx.stream and ctx.chunk_times is None:
             # The router notes when each chunk goes out; the gaps are recorded as
             # time_per_output_chunk when the request settles, in one call.
-            ctx.chunk_times = array("d")
+            ctx.chunk_times = []  # a list: array("d").append parses its argument by format string
         record = current_access_record.get()
         if record is not None:
             record.ctx = ctx
@@ -234,7 +233,7 @@ class TelemetryHooks(RouterHooks):
             self._end_span(ctx)
             self._log(ctx)
 
-    def _record(self, ctx: RequestContext, chunk_times: array[float] | None = None) -> None:
+    def _record(self, ctx: RequestContext, chunk_times: list[float] | None = None) -> None:
         metrics = self.metrics
         model = _model(ctx)
         label_set = (ctx.operation, ctx.provider, model)

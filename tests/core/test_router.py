@@ -1,6 +1,5 @@
 """Router behaviour with in-process scripted providers."""
 
-from array import array
 from collections import Counter
 
 import anyio
@@ -312,7 +311,7 @@ async def test_each_delivered_chunk_reaches_on_chunk_hooks_and_the_chunk_times()
             seen.append(ctx.request_id)
 
     router = make_router(ScriptedProvider(default=Step(text="a b c")), hooks=[RouterHooks(), Chunks()])
-    ctx = RequestContext(chunk_times=array("d"))
+    ctx = RequestContext(chunk_times=[])
     chunks = [c async for c in router.stream(chat_body(), context=ctx)]
     assert len(seen) == len(chunks) == len(ctx.chunk_times) > 1
     assert list(ctx.chunk_times) == sorted(ctx.chunk_times)  # perf_counter() as each went out
