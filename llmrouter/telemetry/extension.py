@@ -7,6 +7,7 @@ this is the only telemetry module that imports Litestar.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -140,6 +141,8 @@ class TelemetryExtension(Extension):
         log_event(logger, "telemetry stopping")
         if self._folding is not None:
             self._folding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._folding
             self._folding = None
         if self.tracer_provider is not None and self._owns_tracer_provider:
             # Flushes the spans still queued for export.
