@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 __all__ = ["AttributeKey", "Attributes", "LocalCounter", "LocalHistogram", "LocalMetrics", "Recorder"]
@@ -58,6 +58,30 @@ def _key(attributes: Attributes | None) -> AttributeKey:
     return tuple(attributes.items()) if attributes else ()  # type: ignore[union-attr]
 
 
+class _Waiting:
+    """What bound instruments recorded and their instrument has not yet aggregated: a
+    list per attribute set (a list: ``array("d").append`` parses its argument by format
+    string, ~4x the instructions)."""
+
+    def __init__(self) -> None:
+        self._lists: dict[AttributeKey, list[float]] = {}
+
+    def bind(self, attributes: Attributes | None) -> Recorder:
+        key = _key(attributes)
+        waiting = self._lists.get(key)
+        if waiting is None:
+            waiting = self._lists[key] = []
+        return waiting.append
+
+    def take(self) -> Iterator[tuple[AttributeKey, list[float]]]:
+        """Each attribute set's waiting amounts, emptying its list."""
+        for key, waiting in self._lists.items():
+            if waiting:
+                amounts = waiting[:]
+                del waiting[:]
+                yield key, amounts
+
+
 def _numbers(amounts: list[Any]) -> list[float]:
     """The numbers among ``amounts``: a bound instrument appends whatever it is given,
     where ``record`` would have raised (the fold then drops what is not a number)."""
@@ -74,9 +98,7 @@ class LocalHistogram:
         self.boundaries = tuple(boundaries)
         # attributes -> per-bucket counts (the last bucket: above every boundary), then the sum
         self._series: dict[AttributeKey, list[float]] = {}
-        # attributes -> observations of bound instruments not yet in the series (a list:
-        # array("d").append parses its argument by format string, ~4x the instructions)
-        self._waiting: dict[AttributeKey, list[float]] = {}
+        self._waiting = _Waiting()
 
     def record(self, amount: float, attributes: Attributes | None = None) -> None:
         if 0 <= amount < _INF:  # negative, infinite or NaN: dropped
@@ -116,22 +138,15 @@ class LocalHistogram:
 
     def bind(self, attributes: Attributes | None = None) -> Recorder:
         """``record`` with these attributes, as a C call (see the module's notes)."""
-        key = _key(attributes)
-        waiting = self._waiting.get(key)
-        if waiting is None:
-            waiting = self._waiting[key] = []
-        return waiting.append
+        return self._waiting.bind(attributes)
 
     def fold(self) -> None:
         """Add what bound instruments recorded to the series."""
-        for key, waiting in self._waiting.items():
-            if waiting:
-                amounts = waiting[:]
-                del waiting[:]
-                try:
-                    self.record_many(amounts, key)
-                except TypeError:  # not all numbers (sorting or summing them failed)
-                    self.record_many(_numbers(amounts), key)
+        for key, amounts in self._waiting.take():
+            try:
+                self.record_many(amounts, key)
+            except TypeError:  # not all numbers (sorting or summing them failed)
+                self.record_many(_numbers(amounts), key)
 
     def _new_series(self, key: AttributeKey) -> list[float]:
         series = self._series[key] = [0] * (len(self.boundaries) + 1) + [0.0]
@@ -158,8 +173,7 @@ class LocalCounter:
         self.unit = unit
         self.description = description
         self._values: dict[AttributeKey, float] = {}
-        # attributes -> amounts of bound instruments not yet in the sums
-        self._waiting: dict[AttributeKey, list[float]] = {}
+        self._waiting = _Waiting()
 
     def add(self, amount: float, attributes: Attributes | None = None) -> None:
         if 0 <= amount < _INF:
@@ -168,28 +182,21 @@ class LocalCounter:
 
     def bind(self, attributes: Attributes | None = None) -> Recorder:
         """``add`` with these attributes, as a C call (see the module's notes)."""
-        key = _key(attributes)
-        waiting = self._waiting.get(key)
-        if waiting is None:
-            waiting = self._waiting[key] = []
-        return waiting.append
+        return self._waiting.bind(attributes)
 
     def fold(self) -> None:
         """Add what bound instruments added to the sums."""
-        for key, waiting in self._waiting.items():
-            if waiting:
-                amounts = waiting[:]
-                del waiting[:]
-                try:
-                    total = sum(amounts)
-                    valid = total < _INF and min(amounts) >= 0  # a NaN makes the sum NaN
-                except TypeError:  # not all numbers
-                    amounts, valid = _numbers(amounts), False
-                if valid:
-                    self._values[key] = self._values.get(key, 0) + total
-                else:
-                    for amount in amounts:
-                        self.add(amount, key)
+        for key, amounts in self._waiting.take():
+            try:
+                total = sum(amounts)
+                valid = total < _INF and min(amounts) >= 0  # a NaN makes the sum NaN
+            except TypeError:  # not all numbers
+                amounts, valid = _numbers(amounts), False
+            if valid:
+                self._values[key] = self._values.get(key, 0) + total
+            else:
+                for amount in amounts:
+                    self.add(amount, key)
 
     def collect(self) -> list[tuple[dict[str, Any], float]]:
         self.fold()

@@ -195,25 +195,15 @@ def test_export_matches_the_opentelemetry_exporter(accept: str | None) -> None:
     assert _lines(local, accept) == expected
 
 
-@pytest.mark.parametrize("pairs_through", ["local", "sdk", "both"])
-def test_attributes_as_pairs_make_the_same_series_as_mappings(pairs_through: str) -> None:
+@pytest.mark.parametrize("wrapper", [_AsPairs, _Bound], ids=["attributes as pairs", "bound instruments"])
+@pytest.mark.parametrize("through", ["local", "sdk", "both"])
+def test_pairs_and_bound_instruments_make_the_same_series_as_mappings(wrapper: Any, through: str) -> None:
     through_sdk = PrometheusMetrics(process_metrics=False)
     sdk_metrics = RouterMetrics(through_sdk.meter_provider)
     local = PrometheusMetrics(process_metrics=False)
     local_metrics = RouterMetrics(local.meter_provider, local=local.local)
-    _record_everything(_AsPairs(sdk_metrics) if pairs_through in ("sdk", "both") else sdk_metrics)
-    _record_everything(_AsPairs(local_metrics) if pairs_through in ("local", "both") else local_metrics)
-    assert _lines(local, None) == _lines(through_sdk, None)
-
-
-@pytest.mark.parametrize("bound_through", ["local", "sdk", "both"])
-def test_bound_instruments_make_the_same_series_as_recording(bound_through: str) -> None:
-    through_sdk = PrometheusMetrics(process_metrics=False)
-    sdk_metrics = RouterMetrics(through_sdk.meter_provider)
-    local = PrometheusMetrics(process_metrics=False)
-    local_metrics = RouterMetrics(local.meter_provider, local=local.local)
-    _record_everything(_Bound(sdk_metrics) if bound_through in ("sdk", "both") else sdk_metrics)
-    _record_everything(_Bound(local_metrics) if bound_through in ("local", "both") else local_metrics)
+    _record_everything(wrapper(sdk_metrics) if through in ("sdk", "both") else sdk_metrics)
+    _record_everything(wrapper(local_metrics) if through in ("local", "both") else local_metrics)
     assert _lines(local, None) == _lines(through_sdk, None)
 
 
@@ -269,7 +259,7 @@ async def test_the_service_folds_bound_instruments_every_interval(monkeypatch: p
     finally:
         await ext.shutdown()
     assert len(folds) >= 2
-    assert ext.metrics.operation_duration._waiting[tuple(ATTRIBUTES.items())] == []
+    assert ext.metrics.operation_duration._waiting._lists[tuple(ATTRIBUTES.items())] == []
     count = len(folds)
     await asyncio.sleep(0.05)
     assert len(folds) == count  # stopped at shutdown
