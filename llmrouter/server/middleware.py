@@ -64,17 +64,17 @@ class RequestIdMiddleware(ASGIMiddleware):
                 message["headers"] = headers
             return send(message)
 
-        if not self.observers:
-            await next_app(scope, receive, send_with_headers)
-            return
         try:
             await next_app(scope, receive, send_with_headers)
         finally:
-            elapsed = time.perf_counter() - started
-            # No response started means the app raised: the server answers 500.
-            status = scope.get(STATUS_KEY, 500)
-            for observe in self.observers:
-                try:
-                    observe(scope, status, elapsed)  # type: ignore[arg-type]  # Litestar types the scope as a TypedDict
-                except Exception:
-                    log.exception("response observer %r failed", observe)
+            if self.observers:
+                self._observe(scope, time.perf_counter() - started)
+
+    def _observe(self, scope: Scope, elapsed: float) -> None:
+        # No response started means the app raised: the server answers 500.
+        status = scope.get(STATUS_KEY, 500)
+        for observe in self.observers:
+            try:
+                observe(scope, status, elapsed)  # type: ignore[arg-type]  # Litestar types the scope as a TypedDict
+            except Exception:
+                log.exception("response observer %r failed", observe)

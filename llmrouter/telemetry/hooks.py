@@ -443,6 +443,5 @@ def _series_keys(operation: str, provider: str | None, model: str) -> _SeriesKey
     return _SeriesKeys(base, base + _INPUT, base + _OUTPUT)
 
 
-@lru_cache(maxsize=1024)
 def _cache_series_key(status: str, model: str) -> tuple[tuple[str, Any], ...]:
     return (("llmrouter.cache.status", status), ("gen_ai.request.model", model))

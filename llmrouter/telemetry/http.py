@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
-from functools import lru_cache
 from typing import Any
 
 from llmrouter.asgi import scope_header
@@ -218,10 +217,8 @@ def _method(method: str) -> str:
     return method if method in _KNOWN_METHODS else "_OTHER"
 
 
-# Made once per method, route and status, not per request: the (name, value) pairs are
-# the local histogram's series key. A method the client made up is cached too: the
-# cache is bounded, and its entries stay correct when evicted and made again.
-@lru_cache(maxsize=1024)
+# Called once per method, route and status, when HttpDurations binds the histogram (its
+# bound recorders are the cache): the (name, value) pairs are the series key.
 def _duration_attributes(method: str, route: str | None, code: int) -> tuple[tuple[str, Any], ...]:
     """The attributes of ``http.server.request.duration`` for one response."""
     attributes: tuple[tuple[str, Any], ...] = (
