@@ -101,7 +101,7 @@ class BatchState:
             self.mask = self.mask[:, first:]
 
     def decode_inputs(self, next_tokens: list[int]) -> dict[str, Any]:
-        """Model inputs for one decoding step (one new token per row); grows the mask."""
+        """Model inputs for one decoding step (one new token per row), but the cache; grows the mask."""
         import torch
 
         device = self.mask.device
@@ -111,7 +111,6 @@ class BatchState:
             "input_ids": torch.tensor(next_tokens, device=device).unsqueeze(1),
             "attention_mask": self.mask,
             "position_ids": torch.tensor(self.positions, device=device).unsqueeze(1),
-            "past_key_values": self.cache,
             "use_cache": True,
         }
         self.positions = [p + 1 for p in self.positions]

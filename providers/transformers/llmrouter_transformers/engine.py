@@ -4,9 +4,14 @@ All model work happens in a single thread that owns the model, so requests never
 contend for it through a lock. Each turn of the loop:
 
 1. drops cancelled rows (so a cancelled request leaves within one decoding step);
-2. prefills requests that arrived since the last step, as one left-padded group,
+2. if requests arrived since the last step, prefills them as one left-padded group
    and joins them to the running batch (their first token comes from the prefill);
-3. runs one decoding step for every row and hands each new token to its request.
+3. otherwise runs one decoding step for every row and hands each new token to its
+   request.
+
+Prefills come first, as in vLLM's original scheduler: a request's first token does
+not wait for a decoding step of the rows already running. Those rows wait at most
+``max_batch_size`` prefills in a row, so a stream of arrivals cannot starve them.
 
 Requests talk to the thread through :class:`GenerationJob`: ``on_event`` is called
 from the worker thread (it must not block) and ``cancel()`` may be called from any
@@ -122,13 +127,17 @@ class GenerationEngine:
         """The most rows one decoding step has carried (shows that requests were batched)."""
         self.finished: collections.deque[GenerationJob] = collections.deque(maxlen=64)
         """The most recent jobs that left the engine (for health checks and tests)."""
-        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        forward_parameters = inspect.signature(model.forward).parameters
+        self._accepts_logits_to_keep = "logits_to_keep" in forward_parameters
+        # transformers 5.25 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40).
+        self._cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
         from transformers import DynamicCache
 
         # Sliding-window or other special caches cannot be padded and sliced: one row at a time.
         self.batching = cache_supports_batching(DynamicCache(config=model.config))
         self._pending: collections.deque[GenerationJob] = collections.deque()
         self._rows: list[GenerationJob] = []
+        self._prefills_since_decode = 0
         self._next_tokens: list[int] = []
         self._batch = BatchState()
         self._wakeup = threading.Condition()
@@ -199,6 +208,8 @@ class GenerationEngine:
         )
 
     def _admit(self) -> list[GenerationJob]:
+        if self._rows and self._prefills_since_decode >= self.max_batch_size:
+            return []  # the running rows' turn
         room = self.max_batch_size - len(self._rows) if self.batching else int(not self._rows)
         newcomers: list[GenerationJob] = []
         while self._pending and len(newcomers) < room:
@@ -213,11 +224,11 @@ class GenerationEngine:
         self._drop_cancelled()
         if newcomers:
             self._prefill(newcomers)
-            self._drop_finished()
-        self._drop_cancelled()
-        if self._rows:
+            self._prefills_since_decode += 1
+        elif self._rows:
             self._decode()
-            self._drop_finished()
+            self._prefills_since_decode = 0
+        self._drop_finished()
 
     def _prefill(self, jobs: list[GenerationJob]) -> None:
         from transformers import DynamicCache
@@ -226,7 +237,8 @@ class GenerationEngine:
         cache = DynamicCache(config=self.model.config)
         if self._accepts_logits_to_keep:
             inputs["logits_to_keep"] = 1
-        logits = self.model(**inputs, past_key_values=cache).logits[:, -1, :]
+        inputs[self._cache_argument] = cache
+        logits = self.model(**inputs).logits[:, -1, :]
         self.steps += 1
         for job in jobs:
             job.sampler = TokenSampler(job.params, self.device)
@@ -242,6 +254,7 @@ class GenerationEngine:
     def _decode(self) -> None:
         self.peak_batch = max(self.peak_batch, len(self._rows))
         inputs = self._batch.decode_inputs(self._next_tokens)
+        inputs[self._cache_argument] = self._batch.cache
         logits = self.model(**inputs).logits[:, -1, :]
         self.steps += 1
         tokens = choose_next_tokens(logits, [job.sampler for job in self._rows])  # type: ignore[misc]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import anyio
 import pytest
 from llmrouter_transformers import TransformersOptions, TransformersProvider
 from llmrouter_transformers.engine import GenerationJob
+from llmrouter_transformers.sampling import SamplingParams
 
 from llmrouter.testing.conformance import collect_stream
 from llmrouter.types import ChatResponse, decode_chat_request, decode_completion_request
@@ -88,6 +90,70 @@ async def test_requests_joining_mid_generation_match_solo(tiny_provider: Transfo
             await anyio.sleep(0.002)
     assert [results[i] for i in range(len(requests))] == solo
     assert tiny_provider.engine.peak_batch >= 2
+
+
+def _job(engine: Any, prompt: str, max_new_tokens: int) -> GenerationJob:
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0)
+    return GenerationJob(engine.tokenizer.encode(prompt), params, lambda _event: None)
+
+
+def _record_passes(engine: Any, monkeypatch: pytest.MonkeyPatch, during_pass: Any) -> list[tuple[int, int]]:
+    """(rows, tokens a row) of each forward pass; ``during_pass(passes)`` runs inside each."""
+    passes: list[tuple[int, int]] = []
+    forward = engine.model.forward
+
+    def recording_forward(**inputs: Any) -> Any:
+        passes.append(tuple(inputs["input_ids"].shape))
+        during_pass(passes)
+        return forward(**inputs)
+
+    monkeypatch.setattr(engine.model, "forward", recording_forward)
+    return passes
+
+
+async def _until_done(*jobs: GenerationJob) -> None:
+    for job in jobs:
+        assert await anyio.to_thread.run_sync(job.done.wait, 30)
+
+
+async def test_a_newcomer_is_prefilled_before_the_running_rows_decode_again(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that arrives during a step gets its first token from the next forward
+    pass, not after a decoding step of the rows already running."""
+    options = TransformersOptions(path=str(tiny_llama), device="cpu", torch_threads=1)
+    async with TransformersProvider("tiny", options) as provider:
+        engine = provider.engine
+        first, late = _job(engine, "Hello there", 4), _job(engine, "Numbers: 1 2 3 4 5", 4)
+        passes = _record_passes(engine, monkeypatch, lambda passes: len(passes) == 1 and engine.submit(late))
+        engine.submit(first)
+        await _until_done(first, late)
+        assert passes[:3] == [(1, len(first.prompt_ids)), (1, len(late.prompt_ids)), (2, 1)], passes
+        assert (len(first.generated), len(late.generated)) == (4, 4)
+
+
+async def test_running_rows_decode_after_at_most_max_batch_size_prefills(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests arriving during every step (each done in its prefill) cannot starve the running rows."""
+    options = TransformersOptions(path=str(tiny_llama), device="cpu", torch_threads=1, max_batch_size=2)
+    async with TransformersProvider("tiny", options) as provider:
+        engine = provider.engine
+        running = _job(engine, "Hello there", 12)
+        arrivals = [_job(engine, f"one token please {i}", 1) for i in range(8)]
+        waiting = iter(arrivals)
+
+        def one_arrives(_passes: object) -> None:
+            for job in itertools.islice(waiting, 1):
+                engine.submit(job)
+
+        passes = _record_passes(engine, monkeypatch, one_arrives)
+        engine.submit(running)
+        await _until_done(running, *arrivals)
+        assert min(len(job.prompt_ids) for job in [running, *arrivals]) > 1  # a pass of 1 token is a decode
+        kinds = "".join("p" if length > 1 else "d" for _, length in passes)
+        assert "ppp" not in kinds and kinds.count("p") == 9, kinds
+        assert [len(job.generated) for job in arrivals] == [1] * 8
 
 
 async def _cancelled_job(provider: TransformersProvider) -> GenerationJob:
