@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import msgspec
 from litestar import Request, Response, delete, get, post
+from litestar.params import FromPath
 
 from llmrouter.accounting.facade import Accounting
 from llmrouter.accounting.hooks import unavailable
@@ -224,7 +225,7 @@ class AccountingExtension(Extension):
             return _json({"object": "list", "data": [key_to_json(k) for k in keys]})
 
         @delete("/v1/admin/keys/{key_ref:str}", summary="Revoke an API key (admin)", status_code=200)
-        async def revoke_key(request: Request[Any, Any, Any], key_ref: str) -> Response[bytes]:
+        async def revoke_key(request: Request[Any, Any, Any], key_ref: FromPath[str]) -> Response[bytes]:
             await ext._caller(request, admin=True)
             return _json(key_to_json(await acct.keys.revoke(key_ref)))
 
