@@ -101,7 +101,10 @@ class BatchState:
             self.mask = self.mask[:, first:]
 
     def decode_inputs(self, next_tokens: list[int]) -> dict[str, Any]:
-        """Model inputs for one decoding step (one new token per row), but the cache; grows the mask."""
+        """Model inputs for one decoding step (one new token per row); grows the mask.
+
+        The cache is not among them: the engine passes it under the name its model takes.
+        """
         import torch
 
         device = self.mask.device

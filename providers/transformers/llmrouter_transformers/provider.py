@@ -9,8 +9,8 @@ Requests never block the event loop: loading runs in a worker thread, and every
 request is a job in the :class:`~llmrouter_transformers.engine.GenerationEngine`'s
 thread; tokens come back through a memory stream, fed by an
 :class:`~llmrouter_transformers.relay.EventRelay` that wakes the event loop once per
-engine step for all of that step's tokens. Closing a stream (or cancelling ``chat``) cancels the job,
-and the engine drops it before its next decoding step.
+engine step for all of that step's tokens. Closing a stream (or cancelling
+``chat``) cancels the job, and the engine drops it before its next decoding step.
 """
 
 from __future__ import annotations
