@@ -32,8 +32,9 @@ class EventRelay:
     """
 
     def __init__(self) -> None:
-        self.native: Any = anyio.lowlevel.current_token().native_token  # asyncio loop or trio token
-        self._wake_loop = getattr(self.native, "call_soon_threadsafe", None) or self.native.run_sync_soon
+        native: Any = anyio.lowlevel.current_token().native_token  # asyncio loop or trio token
+        self.native = native
+        self._wake_loop = getattr(native, "call_soon_threadsafe", None) or native.run_sync_soon
         self._queued: collections.deque[tuple[Any, JobEvent]] = collections.deque()
         self._waking = False
 
