@@ -25,7 +25,7 @@ from llmrouter.errors import (
     RateLimitError,
 )
 from llmrouter.hooks import RouterHooks
-from llmrouter.telemetry.local import Recorder
+from llmrouter.telemetry.local import Recorder, keep_bound
 from llmrouter.telemetry.logging import ACCESS_LOGGER, context_fields, current_access_record
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.tracing import (
@@ -53,7 +53,6 @@ _INPUT = (("gen_ai.token.type", "input"),)
 _OUTPUT = (("gen_ai.token.type", "output"),)
 UNKNOWN = "unknown"
 _RECORDED_MEMORY = 1024
-_BOUND_MEMORY = 1024  # label sets are bounded by configuration; this bounds the rest
 
 
 def error_type(ctx: RequestContext) -> str | None:
@@ -184,8 +183,10 @@ class TelemetryHooks(RouterHooks):
 
     def on_attempt(self, ctx: RequestContext, deployment: str, error: LLMRouterError | None) -> None:
         if error is None:
-            ok = self._ok_attempts.get(deployment) or _bind_counter(
-                self._ok_attempts, deployment, self.metrics.attempts, _attempt_attributes(deployment, None)
+            ok = self._ok_attempts.get(deployment) or keep_bound(
+                self._ok_attempts,
+                deployment,
+                self.metrics.attempts.bind(_attempt_attributes(deployment, None)),
             )
             ok(1)
         else:
@@ -262,11 +263,10 @@ class TelemetryHooks(RouterHooks):
             )
         status = ctx.cache_status
         if status is not None:
-            cached = self._cache_requests.get((status, model)) or _bind_counter(
+            cached = self._cache_requests.get((status, model)) or keep_bound(
                 self._cache_requests,
                 (status, model),
-                metrics.cache_requests,
-                _cache_series_key(status, model),
+                metrics.cache_requests.bind(_cache_series_key(status, model)),
             )
             cached(1)
         if ctx.attempts > 1:
@@ -274,18 +274,16 @@ class TelemetryHooks(RouterHooks):
 
     def _bind(self, label_set: tuple[str, str | None, str]) -> _Bound:
         """The bound instruments of a request's operation, provider and model."""
-        if len(self._bound) >= _BOUND_MEMORY:
-            self._bound.clear()
         keys = _series_keys(*label_set)
         metrics = self.metrics
-        bound = self._bound[label_set] = _Bound(
+        bound = _Bound(
             keys.base,
             metrics.operation_duration.bind(keys.base),
             metrics.token_usage.bind(keys.input_tokens),
             metrics.token_usage.bind(keys.output_tokens),
             metrics.time_to_first_chunk.bind(keys.base),
         )
-        return bound
+        return keep_bound(self._bound, label_set, bound)
 
     def _log(self, ctx: RequestContext, outcome: str | None = None) -> None:
         record = current_access_record.get()
@@ -402,14 +400,6 @@ def _attempt_attributes(deployment: str, error: LLMRouterError | None) -> tuple[
         ("llmrouter.outcome", "error"),
         ("error.type", type(error).__name__),
     )
-
-
-def _bind_counter(bound: dict[Any, Recorder], key: Any, counter: Any, attributes: Any) -> Recorder:
-    """``counter`` bound to ``attributes``, kept in ``bound`` under ``key``."""
-    if len(bound) >= _BOUND_MEMORY:
-        bound.clear()
-    recorder = bound[key] = counter.bind(attributes)
-    return recorder
 
 
 class _Bound(NamedTuple):

@@ -25,7 +25,7 @@ from typing import Any
 
 from llmrouter.asgi import scope_header
 from llmrouter.ids import request_id_of
-from llmrouter.telemetry.local import Recorder
+from llmrouter.telemetry.local import Recorder, keep_bound
 from llmrouter.telemetry.logging import ACCESS_LOGGER, AccessRecord, context_fields, current_access_record
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.tracing import (
@@ -48,7 +48,6 @@ ASGIApp = Callable[
 _WATCHED_STATUS_KEY = "llmrouter.telemetry.status"
 """Where the middleware notes the response status itself when no ``status_key`` is given."""
 
-_BOUND_MEMORY = 1024
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
@@ -193,10 +192,8 @@ class HttpDurations:
         record(elapsed)
 
     def _bind(self, key: tuple[str, str | None, int]) -> Recorder:
-        if len(self._bound) >= _BOUND_MEMORY:
-            self._bound.clear()  # methods are the client's to make up
-        record = self._bound[key] = self.metrics.http_server_duration.bind(_duration_attributes(*key))
-        return record
+        recorder = self.metrics.http_server_duration.bind(_duration_attributes(*key))
+        return keep_bound(self._bound, key, recorder)  # methods are the client's to make up
 
 
 def _watching_status(scope: Scope, send: Any) -> Callable[[Message], Awaitable[None]]:

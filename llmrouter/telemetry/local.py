@@ -32,14 +32,40 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["AttributeKey", "Attributes", "LocalCounter", "LocalHistogram", "LocalMetrics", "Recorder"]
+__all__ = [
+    "BOUND_MEMORY",
+    "AttributeKey",
+    "Attributes",
+    "LocalCounter",
+    "LocalHistogram",
+    "LocalMetrics",
+    "Recorder",
+    "keep_bound",
+]
 
 AttributeKey = tuple[tuple[str, Any], ...]
 Attributes = Mapping[str, Any] | AttributeKey
 Recorder = Callable[[float], None]
 """A bound instrument: records (or adds) one amount under the attributes it was bound to."""
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+BOUND_MEMORY = 1024
+"""How many label sets a cache of bound instruments keeps (see :func:`keep_bound`)."""
+
+
+def keep_bound(cache: dict[_K, _V], key: _K, bound: _V) -> _V:
+    """Store ``bound`` (bound instruments) under ``key`` and return it. Label sets are
+    bounded by configuration, but some values are the client's to make up (an HTTP
+    method, a model): past :data:`BOUND_MEMORY` the cache starts again. That loses
+    nothing, since binding the same attributes again gives the same recorder."""
+    if len(cache) >= BOUND_MEMORY:
+        cache.clear()
+    cache[key] = bound
+    return bound
 
 
 _INF = math.inf

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from llmrouter.telemetry.local import LocalCounter, LocalHistogram
+from llmrouter.telemetry.local import BOUND_MEMORY, LocalCounter, LocalHistogram, keep_bound
 from llmrouter.telemetry.metrics import CHUNK_BUCKETS, RouterMetrics
 from llmrouter.telemetry.prometheus import PrometheusMetrics
 
@@ -278,3 +278,16 @@ def test_a_bound_instrument_given_something_else_than_a_number_records_the_numbe
     only_text = LocalHistogram("h", "s", "", CHUNK_BUCKETS)
     only_text.bind(ATTRIBUTES)("x")  # type: ignore[arg-type]
     assert only_text.collect() == []  # no empty series left behind
+
+
+def test_a_cache_of_bound_instruments_starts_again_when_full() -> None:
+    histogram = LocalHistogram("h", "s", "", [1.0])
+    cache: dict[int, Any] = {}
+    for label in range(BOUND_MEMORY):
+        assert keep_bound(cache, label, histogram.bind((("n", label),))) is cache[label]
+    keep_bound(cache, -1, histogram.bind((("n", -1),)))
+    assert list(cache) == [-1]
+    # Binding an evicted label set again records into the same series.
+    keep_bound(cache, 0, histogram.bind((("n", 0),)))(0.5)
+    histogram.bind((("n", 0),))(0.5)
+    assert [(attributes, counts) for attributes, counts, _ in histogram.collect()] == [({"n": 0}, [2, 0])]
