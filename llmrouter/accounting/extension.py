@@ -55,13 +55,14 @@ class CreateKeyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
 
 
 def secret_from_headers(headers: Mapping[str, str]) -> str | None:
-    """The API key from ``Authorization: Bearer …`` or ``X-API-Key``."""
-    auth = headers.get("authorization") or headers.get("Authorization")
+    """The API key from ``Authorization: Bearer …`` or ``X-API-Key`` (``headers``' names
+    lowercased, as :meth:`~llmrouter.extension.Extension.authenticate` gets them)."""
+    auth = headers.get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    api_key = headers.get("x-api-key") or headers.get("X-API-Key")
+    api_key = headers.get("x-api-key")
     return api_key.strip() if api_key and api_key.strip() else None
 
 

@@ -163,7 +163,15 @@ def test_a_remembered_combination_still_checks_each_rows_own_values() -> None:
     # remembered once they fit; the request's own ids and the counts are checked every time.
     fitting = as_entry(_row(model_group="g"))
     assert storable([fitting])[0] is fitting
-    for fields in ({"request_id": "r" * 201}, {"entry_id": "e\x00"}, {"prompt_tokens": -5}):
+    for fields in (
+        {"request_id": "r" * 201},
+        {"request_id": "r\x00"},
+        {"entry_id": "e" * 41},
+        {"entry_id": "e\x00"},
+        {"prompt_tokens": -5},
+        {"cached_tokens": 2**31},
+        {"attempts": 2**40},
+    ):
         row = as_entry(_row(model_group="g", **fields))
         [cleaned] = storable([row])
         assert cleaned is not row and cleaned == _fit(row)
