@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import msgspec
 
 from llmrouter.config import ModelGroup
-from llmrouter.errors import ConfigError, UnsupportedFeatureError
+from llmrouter.errors import ConfigError, InvalidRequestError, UnsupportedFeatureError
 from llmrouter.types import (
     ChatChunk,
     ChatRequest,
@@ -34,7 +34,7 @@ from llmrouter.types import (
     ModelCard,
 )
 
-__all__ = ["Capabilities", "Health", "NoOptions", "Provider", "ProviderOptions"]
+__all__ = ["Capabilities", "Health", "NoOptions", "Provider", "ProviderOptions", "check_prompt_ids"]
 
 
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
@@ -161,3 +161,24 @@ class Provider(abc.ABC, Generic[OptionsT]):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model!r})"
+
+
+def check_prompt_ids(ids: list[int], vocabulary: int, *, param: str, provider: str) -> None:
+    """For local providers: refuse (400) a prompt their model cannot take, with no tokens
+    at all or with a token id outside ``0 .. vocabulary - 1`` (completion requests may
+    give ids). Either fails a forward pass, and with it every request batched beside it;
+    in a vLLM engine process, a negative id can kill the engine.
+
+    Raises:
+        InvalidRequestError: on either, naming ``param``.
+    """
+    if not ids:
+        raise InvalidRequestError("the prompt has no tokens", param=param, provider=provider)
+    lowest, highest = min(ids), max(ids)
+    if lowest < 0 or highest >= vocabulary:
+        raise InvalidRequestError(
+            f"token id {lowest if lowest < 0 else highest} is not in this model's vocabulary "
+            f"(0 to {vocabulary - 1})",
+            param=param,
+            provider=provider,
+        )

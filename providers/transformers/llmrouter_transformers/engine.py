@@ -129,6 +129,9 @@ class GenerationEngine:
         self.max_batch_size = max(1, max_batch_size)
         self.max_context = max_context
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.vocabulary: int = model.get_input_embeddings().num_embeddings
+        """The token ids the model embeds are 0 to ``vocabulary - 1``: any other id in a
+        prompt fails the forward pass (and every row batched with it)."""
         self.steps = 0
         """Forward passes run so far (prefills and decoding steps)."""
         self.peak_batch = 0

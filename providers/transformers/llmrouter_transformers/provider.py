@@ -27,7 +27,7 @@ import anyio.lowlevel
 
 from llmrouter.config import Deployment, ModelGroup
 from llmrouter.errors import UpstreamUnavailableError
-from llmrouter.provider import Capabilities, Health, Provider, ProviderOptions
+from llmrouter.provider import Capabilities, Health, Provider, ProviderOptions, check_prompt_ids
 from llmrouter.types import (
     ChatChoice,
     ChatChunk,
@@ -217,8 +217,10 @@ class TransformersProvider(Provider[TransformersOptions]):
         assert self._defaults is not None
         if isinstance(request, ChatRequest):
             prompt = chat_prompt_ids(engine.tokenizer, request, template=self._template, model=self.model)
+            check_prompt_ids(prompt, engine.vocabulary, param="messages", provider=self.name)
         else:
             prompt = completion_prompt_ids(engine.tokenizer, request)
+            check_prompt_ids(prompt, engine.vocabulary, param="prompt", provider=self.name)
         params = sampling_params(request, len(prompt), self._defaults)
         return engine, GenerationJob(prompt, params, on_event=lambda _event: None)
 

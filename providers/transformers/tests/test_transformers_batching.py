@@ -13,6 +13,7 @@ from llmrouter_transformers import TransformersOptions, TransformersProvider
 from llmrouter_transformers.engine import GenerationJob
 from llmrouter_transformers.sampling import SamplingParams
 
+from llmrouter.errors import InvalidRequestError
 from llmrouter.testing.conformance import collect_stream
 from llmrouter.types import ChatResponse, decode_chat_request, decode_completion_request
 
@@ -317,6 +318,29 @@ async def test_completion_takes_token_ids(tiny_provider: TransformersProvider) -
     assert by_text.choices[0].text == by_ids.choices[0].text
     assert by_text.usage == by_ids.usage
     assert by_ids.usage is not None and by_ids.usage.prompt_tokens == len(ids)
+
+
+@pytest.mark.parametrize("prompt", ["", [""], [[]], [-1], [10**9]])
+async def test_a_prompt_the_model_cannot_take_is_a_400_that_spares_the_batch(
+    tiny_provider: TransformersProvider, prompt: Any
+) -> None:
+    # An empty prompt, or a token id outside the vocabulary, failed the engine's forward
+    # pass: a 502, and the same error for every request batched beside it.
+    keep = greedy(PROMPTS[1], 40)
+    text, finish, _, completion = answer(await tiny_provider.chat(keep))
+    stream = tiny_provider.stream(keep)
+    first = [await stream.__anext__(), await stream.__anext__()]  # generating now
+    bad = decode_completion_request({"model": "tiny", "prompt": prompt, "max_tokens": 2})
+    with pytest.raises(InvalidRequestError) as info:
+        await tiny_provider.complete(bad)
+    assert (info.value.http_status, info.value.param) == (400, "prompt")
+    assert ("no tokens" if prompt in ("", [""], [[]]) else "not in this model's vocabulary") in str(
+        info.value
+    )
+    chunks = first + await collect_stream(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == completion
 
 
 async def test_aclose_stops_the_engine_thread(tiny_llama: Path) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from llmrouter.errors import InvalidRequestError, UnsupportedFeatureError, UpstreamUnavailableError
-from llmrouter.provider import Capabilities, Health, Provider
+from llmrouter.provider import Capabilities, Health, Provider, check_prompt_ids
 from llmrouter.types import (
     ChatChoice,
     ChatChunk,
@@ -80,6 +80,7 @@ class VLLMProvider(Provider[VLLMOptions]):
         self._tokenizer: Any = None
         self._sink: Any = None
         self._max_model_len = 0
+        self._vocabulary = 0
         self._state = "stopped"
         self._start_error = ""
         self._active: set[str] = set()
@@ -160,6 +161,7 @@ class VLLMProvider(Provider[VLLMOptions]):
             self._backend, self._engine, self._sink = backend, engine, sink
             self._tokenizer = engine.get_tokenizer()
             self._max_model_len = int(engine.model_config.max_model_len)
+            self._vocabulary = int(engine.model_config.get_vocab_size())
         await anyio.lowlevel.checkpoint()
 
     def _apply_environment(self, backend: ModuleType) -> None:
@@ -427,14 +429,15 @@ class VLLMProvider(Provider[VLLMOptions]):
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return list(self._tokenizer.encode(prompt)), prompt
-        if isinstance(prompt, list) and all(isinstance(token, int) for token in prompt):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty", param="prompt", provider=self.name)
-            return list(prompt), self._tokenizer.decode(prompt)
-        raise UnsupportedFeatureError(
-            "the vllm provider takes one prompt per request", param="prompt", provider=self.name
-        )
+            ids, text = list(self._tokenizer.encode(prompt)), prompt
+        elif isinstance(prompt, list) and all(isinstance(token, int) for token in prompt):
+            ids, text = list(prompt), None
+        else:
+            raise UnsupportedFeatureError(
+                "the vllm provider takes one prompt per request", param="prompt", provider=self.name
+            )
+        check_prompt_ids(ids, self._vocabulary, param="prompt", provider=self.name)
+        return ids, text if text is not None else self._tokenizer.decode(ids)
 
     def _completion_logprobs(self, output: Any, top: int | None, offset: int) -> dict[str, Any] | None:
         if top is None:

@@ -180,6 +180,16 @@ async def test_unsupported_input_is_rejected(tiny_vllm: Any) -> None:
         await tiny_vllm.chat(chat_request(tiny_vllm, logit_bias={"not-a-token": 1.0}))
 
 
+@pytest.mark.parametrize("prompt", [[], [-1], [10**9]])
+async def test_a_prompt_the_model_cannot_take_is_a_400(tiny_vllm: Any, prompt: list[int]) -> None:
+    # A negative token id reached the engine process's embedding lookup.
+    request = decode_completion_request({"model": tiny_vllm.model, "prompt": prompt, "max_tokens": 2})
+    with pytest.raises(InvalidRequestError) as caught:
+        await tiny_vllm.complete(request)
+    assert (caught.value.http_status, caught.value.param) == (400, "prompt")
+    assert (await tiny_vllm.chat(chat_request(tiny_vllm, max_tokens=2))).usage is not None
+
+
 async def test_no_default_max_tokens_runs_to_context_or_eos(tiny_vllm: Any) -> None:
     response = await tiny_vllm.chat(chat_request(tiny_vllm, ignore_eos=True))
     usage = response.usage
