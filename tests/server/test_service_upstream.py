@@ -109,6 +109,17 @@ def test_sdk_errors(client: openai.OpenAI, fake: FakeUpstream) -> None:
     assert "Traceback" not in upstream_failed.value.response.text
 
 
+def test_an_upstream_401_is_a_502_not_the_clients_401(client: openai.OpenAI, fake: FakeUpstream) -> None:
+    # The upstream refused the deployment's own credentials: the client's key (here, none
+    # is needed) is not at fault, and an SDK must not read it as an AuthenticationError.
+    for stream in (False, True):
+        fake.enqueue("unauthorized")
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="mock-gpt", messages=MESSAGES, stream=stream)
+        assert refused.value.status_code == 502 and refused.value.code == "upstream_authentication_failed"
+        assert "refused the credentials of this model's deployment (remote): bad key" in refused.value.message
+
+
 def test_legacy_completions(client: openai.OpenAI) -> None:
     reply = client.completions.create(model="mock-gpt", prompt="pong")
     assert reply.choices[0].text == "Echo: pong"
