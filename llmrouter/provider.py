@@ -166,8 +166,9 @@ class Provider(abc.ABC, Generic[OptionsT]):
 def check_prompt_ids(ids: list[int], vocabulary: int, *, param: str, provider: str) -> None:
     """For local providers: refuse (400) a prompt their model cannot take, with no tokens
     at all or with a token id outside ``0 .. vocabulary - 1`` (completion requests may
-    give ids). Either fails a forward pass, and with it every request batched beside it;
-    in a vLLM engine process, a negative id can kill the engine.
+    give ids). In the transformers engine either failed the forward pass, and with it
+    every request batched beside it; vLLM's engine client could not serialise a negative
+    id (an ``OverflowError``, not a 400).
 
     Raises:
         InvalidRequestError: on either, naming ``param``.

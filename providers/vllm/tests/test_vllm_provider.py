@@ -182,7 +182,7 @@ async def test_unsupported_input_is_rejected(tiny_vllm: Any) -> None:
 
 @pytest.mark.parametrize("prompt", [[], [-1], [10**9]])
 async def test_a_prompt_the_model_cannot_take_is_a_400(tiny_vllm: Any, prompt: list[int]) -> None:
-    # A negative token id reached the engine process's embedding lookup.
+    # A negative token id failed in vLLM's engine client (OverflowError), not as a 400.
     request = decode_completion_request({"model": tiny_vllm.model, "prompt": prompt, "max_tokens": 2})
     with pytest.raises(InvalidRequestError) as caught:
         await tiny_vllm.complete(request)
