@@ -11,7 +11,12 @@ import pytest
 from llmrouter_transformers import MODEL_ENV, SMOLLM2_MODEL_NAME, TransformersOptions, TransformersProvider
 from llmrouter_transformers.loading import resolve_device, resolve_dtype
 
-from llmrouter.errors import ConfigError, ContextWindowExceededError, UnsupportedFeatureError
+from llmrouter.errors import (
+    ConfigError,
+    ContextWindowExceededError,
+    InvalidRequestError,
+    UnsupportedFeatureError,
+)
 from llmrouter.testing.tiny_models import CHATML_TEMPLATE
 from llmrouter.types import decode_chat_request, decode_completion_request
 
@@ -92,6 +97,20 @@ async def test_no_chat_template_is_a_clear_400(tiny_llama_without_template: Path
     async with TransformersProvider("bare", options) as provider:
         response = await provider.chat(chat())
         assert response.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_a_template_that_renders_nothing_is_a_400(tiny_llama_without_template: Path) -> None:
+    # No prompt tokens would fail the engine's forward pass (and every request beside it).
+    options = TransformersOptions(
+        path=str(tiny_llama_without_template),
+        device="cpu",
+        chat_template="{% for m in messages %}{% endfor %}",
+    )
+    async with TransformersProvider("bare", options) as provider:
+        with pytest.raises(InvalidRequestError) as info:
+            await provider.chat(chat())
+        assert (info.value.http_status, info.value.param) == (400, "messages")
+        assert "no tokens" in info.value.message
 
 
 async def test_chat_template_from_a_file(tiny_llama_without_template: Path, tmp_path: Path) -> None:
