@@ -17,7 +17,7 @@ tokens itself, ``usage.estimated`` is True.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
 import msgspec
@@ -34,7 +34,15 @@ from llmrouter.types import (
     ModelCard,
 )
 
-__all__ = ["Capabilities", "Health", "NoOptions", "Provider", "ProviderOptions", "check_prompt_ids"]
+__all__ = [
+    "Capabilities",
+    "Health",
+    "NoOptions",
+    "Provider",
+    "ProviderOptions",
+    "check_prompt_ids",
+    "check_token_ids",
+]
 
 
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
@@ -163,18 +171,15 @@ class Provider(abc.ABC, Generic[OptionsT]):
         return f"{type(self).__name__}(model={self.model!r})"
 
 
-def check_prompt_ids(ids: list[int], vocabulary: int, *, param: str, provider: str) -> None:
-    """For local providers: refuse (400) a prompt their model cannot take, with no tokens
-    at all or with a token id outside ``0 .. vocabulary - 1`` (completion requests may
-    give ids). In the transformers engine either failed the forward pass, and with it
-    every request batched beside it; vLLM's engine client could not serialise a negative
-    id (an ``OverflowError``, not a 400).
+def check_token_ids(ids: Collection[int], vocabulary: int, *, param: str, provider: str) -> None:
+    """For local providers: refuse (400) token ids their model does not have, outside
+    ``0 .. vocabulary - 1`` (a completion's prompt ids, ``logit_bias`` keys).
 
     Raises:
-        InvalidRequestError: on either, naming ``param``.
+        InvalidRequestError: naming one such id, and ``param``.
     """
     if not ids:
-        raise InvalidRequestError("the prompt has no tokens", param=param, provider=provider)
+        return
     lowest, highest = min(ids), max(ids)
     if lowest < 0 or highest >= vocabulary:
         raise InvalidRequestError(
@@ -183,3 +188,18 @@ def check_prompt_ids(ids: list[int], vocabulary: int, *, param: str, provider: s
             param=param,
             provider=provider,
         )
+
+
+def check_prompt_ids(ids: list[int], vocabulary: int, *, param: str, provider: str) -> None:
+    """For local providers: refuse (400) a prompt their model cannot take, with no tokens
+    at all or with an id outside its vocabulary (:func:`check_token_ids`). In the
+    transformers engine either failed the forward pass, and with it every request
+    batched beside it; vLLM's engine client could not serialise a negative id (an
+    ``OverflowError``, not a 400).
+
+    Raises:
+        InvalidRequestError: on either, naming ``param``.
+    """
+    if not ids:
+        raise InvalidRequestError("the prompt has no tokens", param=param, provider=provider)
+    check_token_ids(ids, vocabulary, param=param, provider=provider)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from llmrouter.errors import ContextWindowExceededError, InvalidRequestError, UnsupportedFeatureError
+from llmrouter.provider import check_token_ids
 from llmrouter.types import ChatMessage, ChatRequest, CompletionRequest, TextPart, message_text
 from llmrouter_transformers.sampling import SamplingParams
 
@@ -106,13 +107,19 @@ class SamplingDefaults:
 
 
 def sampling_params(
-    request: ChatRequest | CompletionRequest, prompt_length: int, defaults: SamplingDefaults
+    request: ChatRequest | CompletionRequest,
+    prompt_length: int,
+    defaults: SamplingDefaults,
+    *,
+    vocabulary: int,
 ) -> SamplingParams:
     """The request's sampling settings, with its output limit checked against the context.
 
     Raises:
         ContextWindowExceededError: the prompt (plus ``max_tokens``) does not fit.
         UnsupportedFeatureError: ``n`` > 1 or ``logprobs``.
+        InvalidRequestError: a ``logit_bias`` key that is not one of the model's
+            ``vocabulary`` token ids.
     """
     if request.n is not None and request.n > 1:
         raise UnsupportedFeatureError(
@@ -139,6 +146,7 @@ def sampling_params(
             raise InvalidRequestError(
                 f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
             ) from exc
+    check_token_ids(bias, vocabulary, param="logit_bias", provider=_PROVIDER)
     return SamplingParams(
         max_new_tokens=limit if limit is not None else (room if room is not None else 2048),
         temperature=request.temperature if request.temperature is not None else defaults.temperature,

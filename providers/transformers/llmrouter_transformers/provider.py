@@ -221,7 +221,7 @@ class TransformersProvider(Provider[TransformersOptions]):
         else:
             prompt = completion_prompt_ids(engine.tokenizer, request)
             check_prompt_ids(prompt, engine.vocabulary, param="prompt", provider=self.name)
-        params = sampling_params(request, len(prompt), self._defaults)
+        params = sampling_params(request, len(prompt), self._defaults, vocabulary=engine.vocabulary)
         return engine, GenerationJob(prompt, params, on_event=lambda _event: None)
 
     @staticmethod

@@ -296,6 +296,17 @@ async def test_logit_bias_forces_a_token(tiny_provider: TransformersProvider) ->
     assert forced.choices[0].message.content == tokenizer.decode([token] * 5)
 
 
+@pytest.mark.parametrize("token", ["-1", "1000000000"])
+async def test_a_logit_bias_outside_the_vocabulary_is_a_400(
+    tiny_provider: TransformersProvider, token: str
+) -> None:
+    # As OpenAI and vLLM answer; it was silently ignored.
+    with pytest.raises(InvalidRequestError) as info:
+        await tiny_provider.chat(greedy("hi", 2, logit_bias={token: 5}))
+    assert (info.value.http_status, info.value.param) == (400, "logit_bias")
+    assert f"token id {token} is not in this model's vocabulary" in info.value.message
+
+
 async def test_stream_deltas_join_to_the_full_decode(tiny_provider: TransformersProvider) -> None:
     """Whatever bytes the model emits, the deltas concatenate to the full decode."""
     request = greedy(PROMPTS[2], 64)

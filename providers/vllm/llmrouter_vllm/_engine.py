@@ -29,6 +29,7 @@ from llmrouter.errors import (
     UpstreamUnavailableError,
     error_for_status,
 )
+from llmrouter.provider import check_token_ids
 
 __all__ = [
     "AsyncLLM",
@@ -167,6 +168,7 @@ def make_sampling_params(
     presence_penalty: float | None,
     frequency_penalty: float | None,
     logit_bias: Mapping[str, float] | None,
+    vocabulary: int,
     logprobs: int | None,
     response_format: Any,
     extra: Mapping[str, Any],
@@ -175,7 +177,8 @@ def make_sampling_params(
     """Map OpenAI sampling fields onto vLLM's SamplingParams (unset fields keep vLLM's defaults).
 
     Raises:
-        InvalidRequestError: a value vLLM rejects (e.g. a logit_bias key that is not a token id).
+        InvalidRequestError: a value vLLM rejects, or a logit_bias key that is not one of
+            the model's ``vocabulary`` token ids.
     """
     kwargs: dict[str, Any] = {
         "max_tokens": max_tokens,
@@ -199,6 +202,7 @@ def make_sampling_params(
             raise InvalidRequestError(
                 "logit_bias keys must be token ids", param="logit_bias", provider=PROVIDER
             ) from exc
+        check_token_ids(kwargs["logit_bias"], vocabulary, param="logit_bias", provider=PROVIDER)
     structured = _structured_outputs(response_format)
     if structured is not None:
         kwargs["structured_outputs"] = structured

@@ -323,6 +323,7 @@ class VLLMProvider(Provider[VLLMOptions]):
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             logit_bias=request.logit_bias,
+            vocabulary=self._vocabulary,
             logprobs=logprobs,
             response_format=response_format,
             extra=request.extra,

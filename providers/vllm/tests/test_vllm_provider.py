@@ -190,6 +190,14 @@ async def test_a_prompt_the_model_cannot_take_is_a_400(tiny_vllm: Any, prompt: l
     assert (await tiny_vllm.chat(chat_request(tiny_vllm, max_tokens=2))).usage is not None
 
 
+@pytest.mark.parametrize("token", ["-1", "1000000000"])
+async def test_a_logit_bias_outside_the_vocabulary_is_a_400(tiny_vllm: Any, token: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        await tiny_vllm.chat(chat_request(tiny_vllm, max_tokens=2, logit_bias={token: 1.0}))
+    assert (caught.value.http_status, caught.value.param) == (400, "logit_bias")
+    assert (await tiny_vllm.chat(chat_request(tiny_vllm, max_tokens=2))).usage is not None
+
+
 async def test_no_default_max_tokens_runs_to_context_or_eos(tiny_vllm: Any) -> None:
     response = await tiny_vllm.chat(chat_request(tiny_vllm, ignore_eos=True))
     usage = response.usage
