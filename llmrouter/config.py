@@ -213,24 +213,32 @@ def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:
                     node[int(key)] = _yaml_scalar(raw)
                 else:
                     node = node[int(key)]
-            else:
+            elif isinstance(node, dict):
                 if last:
                     node[key] = _yaml_scalar(raw)
                 else:
                     node = node.setdefault(key, {})
+            else:
+                where = ".".join(["$", *keys[:i]])
+                raise ConfigError(f"config: {name}: `{where}` is not a mapping or a list")
 
 
 def _split_deployment_options(data: dict[str, Any]) -> None:
-    for group in data.get("models") or []:
-        if not isinstance(group, dict):
-            continue
-        for deployment in group.get("deployments") or []:
-            if not isinstance(deployment, dict):
+    """Move a deployment's provider-specific keys into its ``options``. Values of the
+    wrong shape are left as they are, for the schema's error that names them."""
+    for group in _list_of_dicts(data.get("models")):
+        for deployment in _list_of_dicts(group.get("deployments")):
+            options = deployment.get("options") or {}
+            if not isinstance(options, dict):
                 continue
-            options = dict(deployment.get("options") or {})
+            options = dict(options)
             for key in [k for k in deployment if k not in _DEPLOYMENT_KEYS and k != "options"]:
                 options[key] = deployment.pop(key)
             deployment["options"] = options
+
+
+def _list_of_dicts(value: Any) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
 def _read_yaml(path: Path) -> Any:
@@ -251,15 +259,20 @@ def parse_config(
     env = os.environ if env is None else env
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError("config: the top level must be a mapping")
-    raw = _interpolate(dict(data or {}), env, "$")
+    try:
+        raw = _interpolate(dict(data or {}), env, "$")
+    except RecursionError as exc:  # YAML aliases can make a node contain itself
+        raise ConfigError("config: nested too deeply (or a YAML alias refers to itself)") from exc
     _apply_env_overrides(raw, env)
     _split_deployment_options(raw)
     pricing_file = raw.get("pricing_file")
     if isinstance(pricing_file, str):
         file_prices = _read_yaml((base_dir or Path.cwd()) / pricing_file)
+        file_prices = file_prices.get("pricing", file_prices) if isinstance(file_prices, dict) else None
         if not isinstance(file_prices, dict):
             raise ConfigError(f"config: {pricing_file} must map model names to prices")
-        raw["pricing"] = {**file_prices.get("pricing", file_prices), **(raw.get("pricing") or {})}
+        own = raw.get("pricing") or {}
+        raw["pricing"] = {**file_prices, **own} if isinstance(own, dict) else own  # else: the schema's error
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from llmrouter.config import load_config, parse_config
@@ -81,6 +83,14 @@ def test_environment_overrides_sections_and_list_items():
             "$.models[0].fallbacks[0]",
         ),
         ({"router": {"strategy": "fastest"}}, "$.router.strategy"),
+        # Wrong shapes where the loader looks before the schema does (a TypeError before).
+        ({"models": 5}, "$.models"),
+        ({"models": [{"name": "g", "deployments": True}]}, "$.models[0].deployments"),
+        (
+            {"models": [{"name": "g", "deployments": [{"provider": "p", "model": "m", "options": 3}]}]},
+            "$.models[0].deployments[0].options",
+        ),
+        ({"pricing": ["gpt-4o"]}, "$.pricing"),
     ],
 )
 def test_bad_config_names_the_field(data, where):
@@ -101,3 +111,29 @@ def test_pricing_file_is_merged(tmp_path):
     config = load_config(tmp_path / "c.yaml", env={})
     assert config.pricing["gpt-4o"].output == 10
     assert config.pricing["mine"].input == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "variable", "where"),
+    [
+        ({"router": 5}, "LLMROUTER__ROUTER__RETRY__ATTEMPTS", "`$.router`"),
+        ({"router": {"retry": "x"}}, "LLMROUTER__ROUTER__RETRY__ATTEMPTS", "`$.router.retry`"),
+        ({"models": [5]}, "LLMROUTER__MODELS__0__NAME", "`$.models.0`"),
+    ],
+)
+def test_an_override_through_a_scalar_is_a_config_error(data, variable, where):
+    with pytest.raises(ConfigError, match=re.escape(f"{variable}: {where} is not a mapping or a list")):
+        parse_config(data, env={variable: "1"})
+
+
+def test_a_pricing_file_of_the_wrong_shape_is_a_config_error(tmp_path):
+    for text in ("- gpt-4o\n", "pricing: 5\n"):
+        (tmp_path / "prices.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=re.escape("prices.yaml must map model names to prices")):
+            parse_config({"pricing_file": "prices.yaml"}, env={}, base_dir=tmp_path)
+
+
+def test_a_yaml_alias_that_contains_itself_is_a_config_error(tmp_path):
+    (tmp_path / "c.yaml").write_text("models: &loop [*loop]\n")
+    with pytest.raises(ConfigError, match="refers to itself"):
+        load_config(tmp_path / "c.yaml", env={})
