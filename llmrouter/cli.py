@@ -401,8 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every upstream request at INFO: noise in the service's log, and ~4% of
-    # its CPU on the streaming path.
-    for chatty in ("httpx", "httpcore"):
+    # its CPU on the streaming path. The openai SDK (``llmrouter chat --url``) logs each
+    # of its requests through httpx2, its HTTP client, the same way.
+    for chatty in ("httpx", "httpcore", "httpx2"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         return int(func(args) or 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -90,6 +91,18 @@ def test_chat_over_http_with_the_openai_client(
     # Closed by the command, not left to the garbage collector, which would close them
     # in some later event loop (a later test's, where their sockets fail to close).
     assert len(clients) == 2 and all(client.is_closed() for client in clients)
+
+
+def test_chat_prints_only_the_answer(
+    tmp_path: Path, fake: FakeUpstream, make_config: Any, serve: Any
+) -> None:
+    # The installed command, which sets up logging itself (in process, pytest's handlers
+    # are there first): the SDK's HTTP client logged each request at INFO on stderr.
+    config = make_config(tmp_path / "c.yaml", fake.base_url)
+    command = [str(Path(sys.executable).with_name("llmrouter")), "chat", "hello"]
+    with serve(config) as server:
+        done = subprocess.run([*command, "--url", server.url], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "Echo: hello\n", "")
 
 
 def test_config_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
