@@ -26,7 +26,7 @@ from llmrouter.config import Config, load_config
 from llmrouter.errors import LLMRouterError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 __all__ = ["build_parser", "find_config_path", "main"]
 
@@ -330,6 +330,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
 # --- parser --------------------------------------------------------------------------
 
 
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` to ``high`` (argparse reports the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high}, not {text!r}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with the sub-commands of installed subsystems."""
     parser = argparse.ArgumentParser(prog="llmrouter", description="A pluggable multi-provider LLM router.")
@@ -341,8 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", "-c", help=f"config file (default: ${CONFIG_ENV} or ./{DEFAULT_CONFIG_FILE})"
     )
     serve.add_argument("--host", help="bind address (default: server.host, 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default: server.port, 8000)")
-    serve.add_argument("--workers", type=int, help="worker processes (default: server.workers, 1)")
+    serve.add_argument("--port", type=_whole_number(0, 65535), help="port (default: server.port, 8000)")
+    serve.add_argument(
+        "--workers", type=_whole_number(1, 1024), help="worker processes (default: server.workers, 1)"
+    )
     serve.add_argument(
         "--model",
         metavar="DIR_OR_HUB_ID",

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -133,10 +133,10 @@ class RouterConfig(Section):
 
 class ServerConfig(Section):
     host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    workers: Annotated[int, msgspec.Meta(ge=1)] = 1
     cors_origins: list[str] = msgspec.field(default_factory=list)
-    max_request_bytes: int = 8 * 1024 * 1024
+    max_request_bytes: Annotated[int, msgspec.Meta(ge=1)] = 8 * 1024 * 1024
     """Bodies larger than this get 413."""
     gc_tuning: bool = True
     """Once started, freeze what start-up allocated out of the garbage collector's way

@@ -141,3 +141,13 @@ def test_plugin_subcommands_are_registered(
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main([]) == 2
     assert "serve" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("option", "value"), [("--port", "99999"), ("--port", "http"), ("--workers", "-1")])
+def test_serve_refuses_a_port_or_worker_count_out_of_range(
+    option: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", option, value])
+    assert info.value.code == 2
+    assert f"argument {option}: expected a whole number from" in capsys.readouterr().err

@@ -91,6 +91,10 @@ def test_environment_overrides_sections_and_list_items():
             "$.models[0].deployments[0].options",
         ),
         ({"pricing": ["gpt-4o"]}, "$.pricing"),
+        # `llmrouter serve --port 99999` started and said it listened on port 99999.
+        ({"server": {"port": 70000}}, "$.server.port"),
+        ({"server": {"workers": 0}}, "$.server.workers"),
+        ({"server": {"max_request_bytes": 0}}, "$.server.max_request_bytes"),
     ],
 )
 def test_bad_config_names_the_field(data, where):
