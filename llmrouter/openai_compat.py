@@ -64,6 +64,7 @@ __all__ = ["OpenAICompatClient", "SSEDecoder", "error_from_body", "parse_retry_a
 
 T = TypeVar("T")
 _R = TypeVar("_R", ChatRequest, CompletionRequest)
+_A = TypeVar("_A", ChatResponse, CompletionResponse)
 _USAGE_ON = StreamOptions(include_usage=True)
 _JSON = "application/json"
 _generic = msgspec.json.Decoder()
@@ -417,11 +418,16 @@ class OpenAICompatClient:
                 await response.aclose()
         return response.status_code, content, response.headers
 
-    async def _post_json(self, path: str, body: bytes, kind: type[T]) -> T:
+    async def _post_json(self, path: str, body: bytes, kind: type[_A]) -> _A:
         status, content, headers = await self._read("POST", path, body)
         if status >= 400:
             raise error_from_body(status, content, headers, provider=self.provider)
-        return self._decode(content, kind, path)
+        answer = self._decode(content, kind, path)
+        if not answer.choices:
+            # OpenAI's answers have at least one (n >= 1); passed on, an empty list is an
+            # IndexError in every client that reads choices[0].
+            raise UpstreamError(f"{self.provider}: {path} answered no choices", provider=self.provider)
+        return answer
 
     def _decode(self, data: bytes, kind: type[T], what: str) -> T:
         try:

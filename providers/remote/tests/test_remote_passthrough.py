@@ -218,6 +218,18 @@ async def test_error_body_shapes(status: int, body: object, message: str) -> Non
     assert caught.value.retryable is (status >= 500)
 
 
+@pytest.mark.parametrize("body", [{"foo": 1}, {}, {"id": "x", "object": "chat.completion", "choices": []}])
+async def test_an_answer_without_choices_is_an_upstream_error(body: dict[str, object]) -> None:
+    # It reached clients as a 200 whose choices[0] every SDK user then fails to read.
+    async with mock_provider(lambda request: httpx.Response(200, json=body)) as provider:
+        with pytest.raises(UpstreamError, match="/chat/completions answered no choices"):
+            await provider.chat(
+                decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]})
+            )
+        with pytest.raises(UpstreamError, match="/completions answered no choices"):
+            await provider.complete(decode_completion_request({"model": "m", "prompt": "x"}))
+
+
 async def test_sse_without_done_or_final_blank_line_and_with_comments() -> None:
     chunk = {
         "id": "c",
