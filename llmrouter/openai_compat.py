@@ -23,6 +23,7 @@ anyway, tokens are counted with :mod:`llmrouter.tokens` and ``usage.estimated`` 
 from __future__ import annotations
 
 import email.utils
+import math
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
@@ -60,7 +61,7 @@ from llmrouter.types import (
     request_to_wire,
 )
 
-__all__ = ["OpenAICompatClient", "SSEDecoder", "error_from_body", "parse_retry_after"]
+__all__ = ["MAX_RETRY_AFTER", "OpenAICompatClient", "SSEDecoder", "error_from_body", "parse_retry_after"]
 
 T = TypeVar("T")
 _R = TypeVar("_R", ChatRequest, CompletionRequest)
@@ -127,26 +128,38 @@ class SSEDecoder:
 # --- errors -----------------------------------------------------------------------------------
 
 
+MAX_RETRY_AFTER = 86400.0
+"""The longest wait taken from an upstream (a day); longer ones are cut to it."""
+
+
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from ``retry-after-ms``, or ``Retry-After`` (seconds or an HTTP date)."""
+    """Seconds to wait from ``retry-after-ms``, or ``Retry-After`` (seconds or an HTTP
+    date), from 0 to :data:`MAX_RETRY_AFTER`; None when absent or not a number ("inf" and
+    "nan" parse as floats, and an infinite wait cannot be written back as a header)."""
     millis = headers.get("retry-after-ms")
     if millis:
-        try:
-            return max(0.0, float(millis) / 1000)
-        except ValueError:
-            pass
+        seconds = _seconds(millis, scale=1000)
+        if seconds is not None:
+            return seconds
     value = headers.get("retry-after")
     if not value:
         return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
+    seconds = _seconds(value)
+    if seconds is not None:
+        return seconds
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(max(0.0, when.timestamp() - time.time()), MAX_RETRY_AFTER)
+
+
+def _seconds(text: str, scale: float = 1.0) -> float | None:
+    try:
+        value = float(text) / scale
+    except ValueError:
+        return None
+    return min(max(0.0, value), MAX_RETRY_AFTER) if math.isfinite(value) else None
 
 
 def _error_fields(payload: Any) -> tuple[str | None, str | None, str | None, Any]:

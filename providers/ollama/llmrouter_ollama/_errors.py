@@ -30,6 +30,7 @@ from llmrouter.errors import (
     UpstreamTimeoutError,
     error_for_status,
 )
+from llmrouter.openai_compat import parse_retry_after
 
 __all__ = ["record_retry_after", "translate_errors"]
 
@@ -41,13 +42,9 @@ _retry_after: ContextVar[float | None] = ContextVar("llmrouter_ollama_retry_afte
 
 
 async def record_retry_after(response: httpx.Response) -> None:
-    """httpx response hook: remember ``Retry-After`` (seconds) of an error response."""
-    value = response.headers.get("retry-after") if response.status_code >= 400 else None
-    seconds: float | None = None
-    if value is not None:
-        with contextlib.suppress(ValueError):
-            seconds = float(value)
-    _retry_after.set(seconds)
+    """httpx response hook: remember ``Retry-After`` of an error response (read as from
+    any upstream: seconds or an HTTP date, finite, at most a day)."""
+    _retry_after.set(parse_retry_after(response.headers) if response.status_code >= 400 else None)
 
 
 def _from_response_error(exc: ollama.ResponseError, model: str, host: str) -> LLMRouterError:

@@ -6,7 +6,13 @@ import time
 import pytest
 
 from llmrouter.errors import RateLimitError, UpstreamError
-from llmrouter.openai_compat import SSEDecoder, error_from_body, normalise_base_url, parse_retry_after
+from llmrouter.openai_compat import (
+    MAX_RETRY_AFTER,
+    SSEDecoder,
+    error_from_body,
+    normalise_base_url,
+    parse_retry_after,
+)
 
 STREAM = (
     b": comment\n\n"
@@ -49,6 +55,19 @@ def test_retry_after_forms() -> None:
     assert parse_retry_after({}) is None
     past = email.utils.formatdate(time.time() - 60, usegmt=True)
     assert parse_retry_after({"retry-after": past}) == 0.0
+
+
+def test_retry_after_is_finite_and_at_most_a_day() -> None:
+    # "inf" parsed as a float, and its error then failed to write its own Retry-After
+    # header (round(inf)): a 500 where the upstream's 429 belonged.
+    for value in ("inf", "-inf", "nan", "1e400"):
+        assert parse_retry_after({"retry-after": value}) is None
+        assert parse_retry_after({"retry-after-ms": value, "retry-after": "2"}) == 2.0
+    assert parse_retry_after({"retry-after": "99999999999999999999"}) == MAX_RETRY_AFTER == 86400
+    future = email.utils.formatdate(time.time() + 10 * 86400, usegmt=True)
+    assert parse_retry_after({"retry-after": future}) == MAX_RETRY_AFTER
+    error = error_from_body(429, b'{"error":{"message":"slow"}}', {"retry-after": "inf"}, provider="remote")
+    assert error.http_status == 429 and error.headers() == {}
 
 
 def test_error_from_body_keeps_the_upstream_fields() -> None:
