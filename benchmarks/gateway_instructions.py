@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/gateway_instructions.py [--modes bare,accounting,cache,metrics,full]
-        [--kinds json,stream] [--requests 640] [--jobs 2]
+        [--kinds json,stream] [--requests 640] [--jobs 2] [--without all|PART,...]
 
 Needs valgrind (``apt-get install valgrind``). ``llmrouter bench`` measures CPU time,
 which on a shared virtual machine drifts by a third over minutes; instruction counts do
@@ -17,17 +17,21 @@ with ``--warmup`` requests and with ``--warmup`` + ``--requests``; the differenc
 kernel (system calls, the socket writes) is not counted. Children run with
 ``PYTHONHASHSEED=0``: with random seeds, dict and set layouts moved a mode's figure by
 up to ~15k instructions run to run; with a fixed one, repeated runs agree within ~1k.
+
+``--without`` also runs full mode with each named part of it (:data:`PARTS`) replaced by a
+stand-in that does nothing, and prints what full mode saves without it: what the part
+costs a request, everything it calls included.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import itertools
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +43,99 @@ from llmrouter.bench.stats import render_table
 
 CONCURRENCY = 16
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
+
+
+# --- parts of full mode, each replaced in turn by a stand-in (--without) --------------------
+
+
+async def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+_keys = itertools.count()
+_TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+PARTS: dict[str, tuple[str, str, Any]] = {
+    "ledger-row": (
+        "the ledger row: built, fitted, journaled, queued, inserted",
+        "llmrouter.accounting.hooks:AccountingHooks._record",
+        lambda self, ctx, **kwargs: None,
+    ),
+    "ledger-insert": (
+        "the SQLite insert in its worker thread, with fitting the values",
+        "llmrouter.accounting.ledger:default_sink",
+        lambda engine: (_nothing, lambda: None),
+    ),
+    "fitting": (
+        "fitting a row's values to their columns",
+        "llmrouter.accounting.entry:_fits",
+        lambda values: True,
+    ),
+    "journal": (
+        "the row's journal line",
+        "llmrouter.accounting.journal:Journal.append",
+        lambda self, row: self.segment,
+    ),
+    "cache-key": (
+        "the cache key: canonical request, JSON, SHA-256 (a new key each time, as here)",
+        "llmrouter.cache.layer:cache_key",
+        lambda request, group, namespace=None: f"chat:{next(_keys)}",
+    ),
+    "flight": (
+        "the flight that coalesces identical requests",
+        "llmrouter.cache.layer:ResponseCache._can_coalesce",
+        lambda self: False,
+    ),
+    "cache-store": (
+        "storing the answer in the cache",
+        "llmrouter.cache.layer:ResponseCache._store",
+        _nothing,
+    ),
+    "entry-encoding": (
+        "the msgpack encoding of a cache entry",
+        "llmrouter.cache.layer:encode_entry",
+        lambda response=None, chunks=None: b"x",
+    ),
+    "memory-set": ("the memory backend's set", "llmrouter.cache.memory:MemoryBackend.set", _nothing),
+    "telemetry-admission": (
+        "the telemetry hooks' before_request",
+        "llmrouter.telemetry.hooks:TelemetryHooks.before_request",
+        _nothing,
+    ),
+    "traceparent": (
+        "a new traceparent for a request without one",
+        "llmrouter.telemetry.hooks:new_traceparent_header",
+        lambda: _TRACEPARENT,
+    ),
+    "metrics-record": (
+        "the metrics of a finished request",
+        "llmrouter.telemetry.hooks:TelemetryHooks._record",
+        lambda self, ctx, chunk_times=None: None,
+    ),
+    "admission": (
+        "accounting's admission: key, limits, budget",
+        "llmrouter.accounting.hooks:AccountingHooks.before_request",
+        _nothing,
+    ),
+    "authentication": (
+        "authentication (auth auto, no key sent)",
+        "llmrouter.accounting.extension:AccountingExtension.authenticate",
+        _nothing,
+    ),
+}
+"""What ``--without`` can replace: name -> (what it is, ``module:attribute``, its stand-in)."""
+
+
+def _replace(target: str, stand_in: Any) -> None:
+    """Set ``module:Owner.attribute`` (or ``module:attribute``) to ``stand_in``."""
+    module_name, _, path = target.partition(":")
+    owner: Any = importlib.import_module(module_name)
+    *owners, attribute = path.split(".")
+    for name in owners:
+        owner = getattr(owner, name)
+    if not hasattr(owner, attribute):
+        raise AttributeError(f"{target} is gone: update PARTS")
+    setattr(owner, attribute, stand_in)
 
 
 # --- the child: the app in process ------------------------------------------------------
@@ -148,14 +245,20 @@ async def _child(mode: str, stream: bool, requests: int, upstream_port: int) -> 
 # --- the parent: valgrind runs and the table ----------------------------------------------
 
 
-def _instructions(mode: str, stream: bool, requests: int, upstream_port: int) -> int:
+def _instructions(mode: str, stream: bool, requests: int, upstream_port: int, without: str = "-") -> int:
     argv = [
         "valgrind",
         "--tool=cachegrind",
         "--cache-sim=no",
         "--cachegrind-out-file=/dev/null",
         *python_argv(
-            __file__, "--child", mode, "stream" if stream else "json", str(requests), str(upstream_port)
+            __file__,
+            "--child",
+            mode,
+            "stream" if stream else "json",
+            str(requests),
+            str(upstream_port),
+            without,
         ),
     ]
     # A fixed hash seed: dict and set layouts, and so the instructions, repeat run to run.
@@ -163,7 +266,7 @@ def _instructions(mode: str, stream: bool, requests: int, upstream_port: int) ->
     result = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     found = _REFS.search(result.stderr)
     if result.returncode != 0 or found is None:
-        raise RuntimeError(f"{mode} under valgrind failed:\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"{mode} (without {without}) under valgrind failed:\n{result.stderr[-2000:]}")
     return int(found.group(1).replace(",", ""))
 
 
@@ -174,10 +277,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=640, help="measured requests per run")
     parser.add_argument("--warmup", type=int, default=160, help="requests before them")
     parser.add_argument("--jobs", type=int, default=2, help="valgrind runs at once")
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--without",
+        default="",
+        help=f"parts of full mode to replace in turn: all, or some of {', '.join(PARTS)}",
+    )
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        mode, kind, requests, port = args.child
+        mode, kind, requests, port, without = args.child
+        if without != "-":
+            _replace(*PARTS[without][1:])
         import uvloop
 
         uvloop.run(_child(mode, kind == "stream", int(requests), int(port)))
@@ -189,40 +299,65 @@ def main() -> None:
     kinds = {k.strip() for k in args.kinds.split(",") if k.strip()}
     if not kinds or not kinds <= {"json", "stream"}:
         parser.error("--kinds takes json, stream or both")
+    parts = (
+        list(PARTS) if args.without == "all" else [p.strip() for p in args.without.split(",") if p.strip()]
+    )
+    if unknown := [p for p in parts if p not in PARTS]:
+        parser.error(f"--without: no part {', '.join(unknown)} (known: {', '.join(PARTS)})")
+    if parts and "full" not in modes:
+        modes.append("full")  # what the parts are measured against
     streams = [s for s, kind in ((False, "json"), (True, "stream")) if kind in kinds]
+    configurations = [(m, "-") for m in modes] + [("full", p) for p in parts]
     port = free_port()
     upstream = start_upstream(port, chunks=20)
     try:
         runs = [
-            (m, s, n)
-            for m in modes
-            for s in streams
+            (mode, stream, n, without)
+            for mode, without in configurations
+            for stream in streams
             for n in (args.warmup, args.warmup + args.requests)
         ]
         with ThreadPoolExecutor(args.jobs) as pool:
-            counts = dict(zip(runs, pool.map(lambda run: _instructions(*run, port), runs), strict=True))
+            counts = dict(
+                zip(runs, pool.map(lambda r: _instructions(r[0], r[1], r[2], port, r[3]), runs), strict=True)
+            )
     finally:
         upstream.stop()
     per_request = {
-        (m, s): (counts[(m, s, args.warmup + args.requests)] - counts[(m, s, args.warmup)])
+        (mode, without, s): (
+            counts[(mode, s, args.warmup + args.requests, without)] - counts[(mode, s, args.warmup, without)]
+        )
         / args.requests
         / 1000
-        for m in modes
+        for mode, without in configurations
         for s in streams
     }
     rows: list[list[object]] = []
     for mode in modes:
         row: list[object] = [mode]
         for stream in streams:
-            value = per_request[(mode, stream)]
-            base = per_request.get(("bare", stream))
+            value = per_request[(mode, "-", stream)]
+            base = per_request.get(("bare", "-", stream))
             row += [value, f"{100 * (value / base - 1):+.1f}%" if base else "-"]
         rows.append(row)
     headers = ["mode"]
     for stream in streams:
         headers += ["stream k instr/req" if stream else "JSON k instr/req", "vs bare"]
     print(render_table(headers, rows))
+    if parts:
+        rows = []
+        for part in parts:
+            row = [part, PARTS[part][0]]
+            for stream in streams:
+                value = per_request[("full", part, stream)]
+                row += [value, value - per_request[("full", "-", stream)]]
+            rows.append(row)
+        headers = ["full without", "what"]
+        for stream in streams:
+            headers += ["stream k instr/req" if stream else "JSON k instr/req", "k change"]
+        print()
+        print(render_table(headers, rows))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
