@@ -126,8 +126,9 @@ PARTS: dict[str, tuple[str, str, Any]] = {
 """What ``--without`` can replace: name -> (what it is, ``module:attribute``, its stand-in)."""
 
 
-def _replace(target: str, stand_in: Any) -> None:
-    """Set ``module:Owner.attribute`` (or ``module:attribute``) to ``stand_in``."""
+def resolve(target: str) -> tuple[Any, str]:
+    """The owner of ``module:Owner.attribute`` (or ``module:attribute``) and the
+    attribute's name; AttributeError when the code no longer has it."""
     module_name, _, path = target.partition(":")
     owner: Any = importlib.import_module(module_name)
     *owners, attribute = path.split(".")
@@ -135,7 +136,11 @@ def _replace(target: str, stand_in: Any) -> None:
         owner = getattr(owner, name)
     if not hasattr(owner, attribute):
         raise AttributeError(f"{target} is gone: update PARTS")
-    setattr(owner, attribute, stand_in)
+    return owner, attribute
+
+
+def _replace(target: str, stand_in: Any) -> None:
+    setattr(*resolve(target), stand_in)
 
 
 # --- the child: the app in process ------------------------------------------------------
