@@ -146,7 +146,8 @@ class OpenRouterProvider(OpenAICompatProvider[OpenRouterOptions]):
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
         response = await super().chat(request)
-        if not response.choices or any(choice.finish_reason == "error" for choice in response.choices):
+        # An answer without choices is already an UpstreamError (OpenAICompatClient).
+        if any(choice.finish_reason == "error" for choice in response.choices):
             # OpenRouter reports a failure after the model started with HTTP 200.
             raise UpstreamError(
                 "openrouter: the model failed while answering (finish_reason=error)", provider=self.name
