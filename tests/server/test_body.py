@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from typing import Any
 
 import pytest
@@ -27,11 +29,18 @@ class _Request:
     """What read_body uses of a Litestar request: its scope, receive and route handler."""
 
     def __init__(
-        self, messages: list[dict[str, Any]], *, limit: int | None = 100, length: bytes | None = None
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        limit: int | None = 100,
+        length: bytes | None = None,
+        encoding: bytes | None = None,
     ):
         self.scope: dict[str, Any] = {"type": "http", "headers": [(b"host", b"x")], "state": {}}
         if length is not None:
             self.scope["headers"].append((b"content-length", length))
+        if encoding is not None:
+            self.scope["headers"].append((b"content-encoding", encoding))
         self.route_handler = _Handler(limit)
         self.received = 0
         self._messages = messages
@@ -76,3 +85,75 @@ async def test_a_bad_content_length_and_a_client_gone_mid_body() -> None:
     gone = _Request([_part(b"{", True), {"type": "http.disconnect"}])
     with pytest.raises(ClientDisconnected):  # not a 500: the service logs 499
         await read_body(gone)  # type: ignore[arg-type]
+
+
+BODY = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+async def _read(body: bytes, encoding: bytes | None, limit: int | None = 1000) -> bytes:
+    return await read_body(_Request([_part(body)], limit=limit, encoding=encoding))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("encoded", "encoding"),
+    [
+        (gzip.compress(BODY), b"gzip"),
+        (gzip.compress(BODY), b"X-GZIP"),
+        (gzip.compress(BODY[:20]) + gzip.compress(BODY[20:]), b"gzip"),  # two members
+        (zlib.compress(BODY), b"deflate"),
+        (zlib.compress(BODY)[2:-4], b"deflate"),  # raw deflate, no zlib header
+        (gzip.compress(zlib.compress(BODY)), b"deflate, gzip"),  # undone last first
+        (gzip.compress(BODY), b"identity, gzip"),
+        (b" " + BODY, b"identity"),
+        (b" " + BODY, None),
+    ],
+    ids=[
+        "gzip",
+        "x-gzip",
+        "two-members",
+        "zlib",
+        "raw-deflate",
+        "two-codings",
+        "identity-gzip",
+        "identity",
+        "none",
+    ],
+)
+async def test_compressed_bodies_are_inflated(encoded: bytes, encoding: bytes | None) -> None:
+    assert (await _read(encoded, encoding)).strip() == BODY
+
+
+async def test_other_codings_are_415_naming_the_accepted_ones() -> None:
+    with pytest.raises(ClientException) as refused:
+        await _read(b"\x8b\x02\x80", b"br")
+    assert refused.value.status_code == 415
+    assert refused.value.headers == {"accept-encoding": "gzip, deflate"}
+    assert "'br' is not supported" in refused.value.detail
+
+
+@pytest.mark.parametrize(
+    ("encoded", "encoding", "why"),
+    [
+        (gzip.compress(BODY)[:-3], b"gzip", "ends early"),
+        (gzip.compress(BODY) + b"junk", b"gzip", "incorrect header check"),
+        (zlib.compress(BODY) + b"x", b"deflate", "bytes follow its end"),
+        (b"not gzip", b"gzip", "not valid gzip data"),
+    ],
+    ids=["cut", "trailing-junk", "zlib-then-more", "not-gzip"],
+)
+async def test_bodies_that_do_not_inflate_are_400(encoded: bytes, encoding: bytes, why: str) -> None:
+    with pytest.raises(ClientException) as refused:
+        await _read(encoded, encoding)
+    assert refused.value.status_code == 400
+    assert why in refused.value.detail
+
+
+async def test_the_limit_applies_to_the_inflated_body() -> None:
+    bomb = gzip.compress(b" " * 50_000_000)  # 49 kB that inflate to 50 MB
+    assert len(bomb) < 100_000
+    with pytest.raises(RequestEntityTooLarge):
+        await _read(bomb, b"gzip", limit=100_000)
+    exactly = gzip.compress(b" " * 999 + b"{")
+    assert len(await _read(exactly, b"gzip", limit=1000)) == 1000
+    with pytest.raises(RequestEntityTooLarge):  # one byte more, in a second member
+        await _read(exactly + gzip.compress(b" "), b"gzip", limit=1000)

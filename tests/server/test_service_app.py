@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import re
 import warnings
 from collections.abc import Iterator, Mapping
@@ -212,6 +213,35 @@ def test_body_over_the_limit_is_413() -> None:
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "request_too_large"
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    assert provider.record.calls == 1
+
+
+def test_compressed_bodies_are_read_and_the_limit_applies_inflated() -> None:
+    router, provider = make_router()
+    app = create_app(Config(server=ServerConfig(max_request_bytes=1000)), router=router)
+    with TestClient(app) as client:
+        sent = {"content-type": "application/json", "content-encoding": "gzip"}
+        answer = client.post(
+            "/v1/chat/completions", content=gzip.compress(msgspec.json.encode(CHAT)), headers=sent
+        )
+        assert answer.status_code == 200 and answer.json()["object"] == "chat.completion"
+        big = {**CHAT, "messages": [{"role": "user", "content": "x" * 2000}]}
+        bomb = gzip.compress(msgspec.json.encode(big))
+        assert len(bomb) < 1000  # under the limit as sent, over it inflated
+        too_large = client.post("/v1/chat/completions", content=bomb, headers=sent)
+        assert too_large.status_code == 413 and too_large.json()["error"]["code"] == "request_too_large"
+        brotli = client.post(
+            "/v1/completions", content=b"\x8b\x02\x80", headers={**sent, "content-encoding": "br"}
+        )
+        assert brotli.status_code == 415 and brotli.headers["accept-encoding"] == "gzip, deflate"
+        assert brotli.json()["error"] == {
+            "message": "Content-Encoding 'br' is not supported: send the body as it is, or in gzip, deflate",
+            "type": "invalid_request_error",
+            "code": "unsupported_media_type",
+            "param": None,
+        }
+        broken = client.post("/v1/chat/completions", content=b"\x1f\x8bjunk", headers=sent)
+        assert broken.status_code == 400 and "not valid gzip data" in broken.json()["error"]["message"]
     assert provider.record.calls == 1
 
 
