@@ -438,6 +438,10 @@ def _decode_request(body: bytes | str | dict[str, Any], kind: type[_R], known: f
             raise InvalidRequestError("request body is not valid JSON: it is not UTF-8") from exc
         except RecursionError as exc:
             raise InvalidRequestError("request body is not valid JSON: nested too deeply") from exc
+        except TypeError:  # a caller's mistake (a list, say): msgspec's message names bytes only
+            raise TypeError(
+                f"a request is a dict, JSON text or bytes, or a {kind.__name__}, not {type(body).__name__}"
+            ) from None
     if not isinstance(raw, dict):
         raise InvalidRequestError("request body must be a JSON object")
     raw.pop("__extra__", None)

@@ -103,6 +103,15 @@ def test_not_json_and_not_object():
         decode_chat_request(b"[1, 2]")
 
 
+def test_a_request_of_another_type_is_a_type_error_that_says_what_a_request_is():
+    with pytest.raises(
+        TypeError, match="a request is a dict, JSON text or bytes, or a ChatRequest, not list"
+    ):
+        decode_chat_request([{"role": "user", "content": "hi"}])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="or a CompletionRequest, not int"):
+        decode_completion_request(5)  # type: ignore[arg-type]
+
+
 def test_completion_request_defaults_and_prompt_forms():
     request = decode_completion_request({"model": "m", "prompt": "Once upon"})
     assert request.max_tokens == 16 and request.prompt_text == "Once upon"
