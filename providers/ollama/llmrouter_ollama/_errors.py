@@ -8,7 +8,7 @@
     ConnectionError / httpx.ConnectError             -> UpstreamConnectionError (no daemon)
     httpx.TimeoutException                           -> UpstreamTimeoutError
     httpx.RemoteProtocolError / ReadError / ...      -> UpstreamConnectionError (broken stream)
-    json / pydantic errors on a malformed part       -> UpstreamError
+    json / UTF-8 / pydantic errors on a malformed part -> UpstreamError
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def translate(exc: BaseException, model: str, host: str) -> LLMRouterError | Non
         )
     if isinstance(exc, httpx.TransportError):
         return UpstreamConnectionError(f"ollama: connection to {host} broke: {exc}", provider=PROVIDER)
-    if isinstance(exc, json.JSONDecodeError | pydantic.ValidationError):
+    if isinstance(exc, json.JSONDecodeError | UnicodeDecodeError | pydantic.ValidationError):
         return UpstreamError(f"ollama: malformed response part: {exc}", provider=PROVIDER)
     return None
 

@@ -148,7 +148,7 @@ class OllamaProvider(Provider[OllamaOptions]):
         body = self._chat_body(request, stream=False)
         async with translate_errors(self.model, self.host):
             part = await self._post_chat(body, stream=False)
-        return _translate.to_chat_response(part, request)
+        return _translate.to_chat_response(_final(part), request)
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
         body = self._chat_body(request, stream=True)
@@ -180,7 +180,7 @@ class OllamaProvider(Provider[OllamaOptions]):
         body = self._generate_body(request)
         async with translate_errors(self.model, self.host):
             part = await self.client.generate(**body, stream=False)
-        return _translate.completion_response(part, request)
+        return _translate.completion_response(_final(part), request)
 
     async def stream_complete(self, request: CompletionRequest) -> AsyncIterator[CompletionChunk]:
         body = self._generate_body(request)
@@ -262,6 +262,15 @@ class OllamaProvider(Provider[OllamaOptions]):
         if last is None:
             return f"ollama: not probed yet ({_discovery.resolve_host()})"
         return last.note
+
+
+def _final(part: Any) -> Any:
+    """``part``, the whole answer to a ``stream: false`` request, which Ollama always marks
+    ``done``. One that is not (``{}``, an answer cut short) is the daemon failing, not an
+    empty completion to bill and cache."""
+    if part.done is not True:
+        raise UpstreamError("ollama: the answer is not final (no `done: true`)", provider=PROVIDER)
+    return part
 
 
 def _capabilities_from_show(info: Any, current: Capabilities) -> Capabilities:

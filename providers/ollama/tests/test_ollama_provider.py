@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from fake_ollama import FakeOllama
 from llmrouter_ollama import OllamaOptions, OllamaProvider
@@ -359,6 +360,40 @@ async def test_error_line_mid_stream(provider: OllamaProvider, fake_ollama: Fake
     with pytest.raises(UpstreamError) as info:
         await collect(provider.stream(chat_request()))
     assert "out of memory" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (
+            b'{"model": "llama3.2", "message": {"role": "assistant", "content": "Hi"}, "done": false}',
+            "not final",
+        ),
+        (
+            b'{"model": "llama3.2", "message": {"role": "assistant", "content": "Hi"}, "response": "Hi"}',
+            "not final",
+        ),
+        (
+            b'{"model": "llama3.2", "message": {"role": "assistant", "content": "\xff"}, "done": true}',
+            "malformed",
+        ),
+    ],
+    ids=["not-done", "no-done", "not-utf8"],
+)
+async def test_a_broken_whole_answer_is_an_upstream_error(answer: bytes, why: str) -> None:
+    """An answer to ``stream: false`` that is not marked done, or not UTF-8: a 502 that
+    says so (not an empty completion, not an unexpected error with a traceback)."""
+
+    def daemon(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=answer, headers={"content-type": "application/json"})
+
+    options = OllamaOptions(host="http://ollama.test")
+    async with OllamaProvider("llama3.2", options, transport=httpx.MockTransport(daemon)) as p:
+        with pytest.raises(UpstreamError, match=why) as chat:
+            await p.chat(chat_request())
+        with pytest.raises(UpstreamError, match=why) as complete:
+            await p.complete(decode_completion_request({"model": "llama3.2", "prompt": "Hi"}))
+    assert chat.value.http_status == complete.value.http_status == 502
 
 
 async def test_no_daemon_is_a_connection_error(dead_url: str) -> None:
