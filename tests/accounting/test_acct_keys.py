@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import anyio
 import pytest
@@ -106,12 +107,17 @@ async def test_expired_key_is_refused(acct: Accounting) -> None:
         await acct.authenticate(secret)
 
 
-async def test_key_that_expires_after_authentication_is_refused_by_the_hook(acct: Accounting) -> None:
-    _key, secret = await acct.keys.create("frank", expires_at=time.time() + 0.2)
+async def test_key_that_expires_after_authentication_is_refused_by_the_hook(
+    acct: Accounting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expires_at = time.time() + 60
+    _key, secret = await acct.keys.create("frank", expires_at=expires_at)
     principal = await acct.authenticate(secret)
     await acct.hooks.before_request(ctx := chat_context(principal))
     await acct.hooks.after_request(finish(ctx))
-    await anyio.sleep(0.25)
+    # A minute later, without waiting one (a sleep just past a short expiry failed on a
+    # busy machine, where authenticating took longer than the key lived).
+    monkeypatch.setattr("llmrouter.accounting.keys.time", SimpleNamespace(time=lambda: expires_at + 1))
     with pytest.raises(AuthenticationError, match="expired"):
         await acct.hooks.before_request(chat_context(principal))
 
