@@ -99,7 +99,7 @@ class SQLiteBackend:
             await db.close()
             raise
         self._db = db
-        await self._count()  # one statement: nothing else can run inside it
+        await self._count()
 
     async def get(self, key: str) -> bytes | None:
         now = self._clock()
@@ -195,6 +195,7 @@ class SQLiteBackend:
                     break
                 victims.append(key)
                 freed += size
-            await db.executemany(f"DELETE FROM {self.table} WHERE key = ?", [(k,) for k in victims])
+            marks = ", ".join("?" * len(victims))  # one statement: one transaction
+            await db.execute(f"DELETE FROM {self.table} WHERE key IN ({marks})", victims)
             self._evictions += len(victims)
             await self._count()
