@@ -10,6 +10,7 @@ lets the hooks settle and record it. Cancelling the caller cancels the provider 
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -503,8 +504,11 @@ class Router:
             return
         if ctx.usage.estimated:  # counted here or by the provider
             ctx.usage = _within_limit(ctx.usage, ctx.request)
-        if ctx.usage.cost is not None:
-            ctx.cost, ctx.cost_source = ctx.usage.cost, "provider"
+        reported = ctx.usage.cost
+        # A negative, infinite or NaN figure is no cost: billed from the price table instead
+        # (a negative one would lower the key's spend in every report).
+        if reported is not None and 0 <= reported < math.inf:
+            ctx.cost, ctx.cost_source = reported, "provider"
             return
         deployment = self._by_id.get(ctx.deployment) if ctx.deployment is not None else None
         price = deployment.price if deployment is not None else None

@@ -1,5 +1,6 @@
 """Router behaviour with in-process scripted providers."""
 
+import math
 from collections import Counter
 
 import anyio
@@ -434,6 +435,16 @@ async def test_provider_reported_cost_wins():
     ctx = RequestContext()
     await router.chat(chat_body(), context=ctx)
     assert ctx.cost == 0.0123 and ctx.cost_source == "provider"
+
+
+@pytest.mark.parametrize("reported", [-0.5, math.inf, math.nan])
+async def test_a_reported_cost_that_is_no_cost_is_priced_from_the_table(reported: float):
+    usage = Usage(prompt_tokens=10, completion_tokens=10, total_tokens=20, cost=reported)
+    router = make_router(ScriptedProvider(default=Step(usage=usage)))
+    router.groups["g"].deployments[0].price = Price(input=1, output=3)
+    ctx = RequestContext()
+    await router.chat(chat_body(), context=ctx)
+    assert ctx.cost == pytest.approx(40 / 1e6) and ctx.cost_source == "price_table"
 
 
 async def test_missing_usage_is_counted_and_marked_estimated():
