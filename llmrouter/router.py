@@ -504,6 +504,7 @@ class Router:
             return
         if ctx.usage.estimated:  # counted here or by the provider
             ctx.usage = _within_limit(ctx.usage, ctx.request)
+        ctx.usage = _counts_in_range(ctx.usage)
         reported = ctx.usage.cost
         # A negative, infinite or NaN figure is no cost: billed from the price table instead
         # (a negative one would lower the key's spend in every report).
@@ -618,6 +619,30 @@ async def _count_prompt(request: ChatRequest, model: str) -> int:
 def _choices(request: ChatRequest | CompletionRequest) -> int:
     """How many answers the upstream generates (and bills) for ``request``."""
     return max(request.n or 1, getattr(request, "best_of", None) or 1)
+
+
+_MOST_TOKENS = 2**31 - 1
+"""The most tokens a count may say (the ledger's INTEGER columns hold no more)."""
+
+
+def _counts_in_range(usage: Usage) -> Usage:
+    """``usage`` with each count from 0 to :data:`_MOST_TOKENS`, as the ledger stores it:
+    an upstream's negative count would lower the cost, a 30-digit one make it absurd, and
+    the row would disagree with its cost. Usage in range (every real one) is returned as is."""
+    prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
+    if 0 <= prompt <= _MOST_TOKENS and 0 <= completion <= _MOST_TOKENS and 0 <= cached <= prompt:
+        return usage
+    prompt, completion = min(max(prompt, 0), _MOST_TOKENS), min(max(completion, 0), _MOST_TOKENS)
+    details = usage.prompt_tokens_details
+    if details is not None:
+        details = msgspec.structs.replace(details, cached_tokens=min(max(cached, 0), prompt))
+    return msgspec.structs.replace(
+        usage,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=details,
+    )
 
 
 def _within_limit(usage: Usage, request: ChatRequest | CompletionRequest | None) -> Usage:

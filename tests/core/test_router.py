@@ -21,7 +21,7 @@ from llmrouter.errors import (
 )
 from llmrouter.registry import register_provider
 from llmrouter.testing.scripted import ScriptedProvider, Step
-from llmrouter.types import Usage
+from llmrouter.types import PromptTokensDetails, Usage
 
 pytestmark = pytest.mark.anyio
 
@@ -445,6 +445,37 @@ async def test_a_reported_cost_that_is_no_cost_is_priced_from_the_table(reported
     ctx = RequestContext()
     await router.chat(chat_body(), context=ctx)
     assert ctx.cost == pytest.approx(40 / 1e6) and ctx.cost_source == "price_table"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "completion", "cached", "billed"),
+    [
+        (-5, 10, 0, (0, 10, 0)),  # a negative count would lower the cost
+        (10, 10**30, 0, (10, 2**31 - 1, 0)),  # as many as the ledger's column holds
+        (10, 10, -3, (10, 10, 0)),
+        (10, 10, 50, (10, 10, 10)),  # no more cached than prompt tokens
+        (10, 10, 4, (10, 10, 4)),
+    ],
+)
+async def test_reported_counts_out_of_range_are_billed_within_it(
+    prompt: int, completion: int, cached: int, billed: tuple[int, int, int]
+):
+    details = PromptTokensDetails(cached_tokens=cached)
+    usage = Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=details,
+    )
+    router = make_router(ScriptedProvider(default=Step(usage=usage)))
+    price = Price(input=1, output=3, cached_input=0.5)
+    router.groups["g"].deployments[0].price = price
+    ctx = RequestContext()
+    await router.chat(chat_body(), context=ctx)
+    assert (ctx.usage.prompt_tokens, ctx.usage.completion_tokens, ctx.usage.cached_tokens) == billed
+    assert ctx.usage.total_tokens == billed[0] + billed[1]
+    assert ctx.cost == pytest.approx(((billed[0] - billed[2]) * 1 + billed[2] * 0.5 + billed[1] * 3) / 1e6)
+    assert ctx.cost >= 0
 
 
 async def test_missing_usage_is_counted_and_marked_estimated():
