@@ -25,7 +25,7 @@ CostSource = Literal["provider", "price_table", "unpriced", "cache"]
 RequestStatus = Literal["ok", "error", "cancelled"]
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True, weakref_slot=True)
 class RequestContext:
     """Who asked, and (after the call) what the router did with the request."""
 

@@ -117,7 +117,7 @@ class TelemetryHooks(RouterHooks):
         # State is keyed by id(ctx), not request_id: clients choose X-Request-ID and may
         # reuse it. A hook rejecting a request gets after_request on the hooks admitted
         # before it *and* on_rejected on all: _recorded makes each request count once.
-        self._recorded: OrderedDict[int, RequestContext] = OrderedDict()
+        self._recorded: OrderedDict[int, weakref.ref[RequestContext]] = OrderedDict()
         # Bound instruments (see llmrouter.telemetry.local), made once per label set.
         self._bound: dict[tuple[str, str | None, str], _Bound] = {}
         self._ok_attempts: dict[str, Recorder] = {}  # by deployment
@@ -375,12 +375,14 @@ class TelemetryHooks(RouterHooks):
         """True the first time a request is settled (after_request or on_rejected)."""
         key = id(ctx)
         remembered = self._recorded.get(key)
-        if remembered is ctx:
+        if remembered is not None and remembered() is ctx:
             return False
-        # Only a request that failed before any attempt can still see on_rejected; holding
-        # the context keeps its id unique while it is remembered.
+        # Only a request that failed before any attempt can still see on_rejected. A weak
+        # reference tells a reused id from the same context without keeping it alive: held
+        # here, each context (its error, that error's traceback and frames) outlived the
+        # young collections and waited for a full one, ~9 kB a request of unknown model.
         if ctx.status == "error" and ctx.attempts == 0:
-            self._recorded[key] = ctx
+            self._recorded[key] = weakref.ref(ctx)
             while len(self._recorded) > _RECORDED_MEMORY:
                 self._recorded.popitem(last=False)
         return True

@@ -3,7 +3,9 @@ own MeterProvider (an InMemoryMetricReader): names, attributes, buckets and valu
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
@@ -208,6 +210,24 @@ async def test_unknown_model_never_becomes_a_label(hooks, reader):
     }
     assert "attacker-chosen-name-123" not in models
     assert reader.total("llmrouter.requests.rejected", llmrouter__rejection__reason="model_not_found") == 1
+
+
+async def test_a_rejected_request_is_counted_once_and_not_kept_alive(hooks, reader):
+    """A request refused before any attempt may get after_request and on_rejected: it
+    counts once. The hooks remember it without holding it: a held context (its error, the
+    error's traceback and frames) outlived the young collections, and under the service's
+    tuned collector waited for a full one, ~9 kB a request of unknown model."""
+    router = make_router(ScriptedProvider(), hooks=[hooks])
+    ctx = RequestContext()
+    with pytest.raises(ModelNotFoundError) as refused:
+        await router.chat(chat("no-such-model"), context=ctx)
+    hooks.on_rejected(ctx, refused.value)  # as a later hook's refusal would
+    reader.collect()
+    assert reader.count("gen_ai.client.operation.duration") == 1  # recorded once
+    gone = weakref.ref(ctx)
+    del ctx, refused
+    gc.collect()
+    assert gone() is None
 
 
 async def test_cost_by_key_and_model_and_cache_status(hooks, reader):
