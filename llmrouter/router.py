@@ -629,13 +629,19 @@ def _counts_in_range(usage: Usage) -> Usage:
     """``usage`` with each count from 0 to :data:`_MOST_TOKENS`, as the ledger stores it:
     an upstream's negative count would lower the cost, a 30-digit one make it absurd, and
     the row would disagree with its cost. Usage in range (every real one) is returned as is."""
-    prompt, completion, cached = usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens
-    if 0 <= prompt <= _MOST_TOKENS and 0 <= completion <= _MOST_TOKENS and 0 <= cached <= prompt:
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    details = usage.prompt_tokens_details  # read directly: the cached_tokens property costs a call
+    if (
+        0 <= prompt <= _MOST_TOKENS
+        and 0 <= completion <= _MOST_TOKENS
+        and (details is None or 0 <= (details.cached_tokens or 0) <= prompt)
+    ):
         return usage
     prompt, completion = min(max(prompt, 0), _MOST_TOKENS), min(max(completion, 0), _MOST_TOKENS)
-    details = usage.prompt_tokens_details
     if details is not None:
-        details = msgspec.structs.replace(details, cached_tokens=min(max(cached, 0), prompt))
+        details = msgspec.structs.replace(
+            details, cached_tokens=min(max(details.cached_tokens or 0, 0), prompt)
+        )
     return msgspec.structs.replace(
         usage,
         prompt_tokens=prompt,
