@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import Select, case, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.models import ApiKeyRow, LedgerRow
@@ -77,6 +77,47 @@ def _check_dimensions(by: Sequence[str]) -> list[str]:
     return dims
 
 
+def report_query(
+    dims: Sequence[str],
+    since: float | None = None,
+    until: float | None = None,
+    key_id: str | None = None,
+    anonymous: bool = False,
+    *,
+    sqlite: bool = False,
+) -> Select[Any]:
+    """The grouped sums :func:`usage_report` runs (``dims`` already checked)."""
+    dimensions = DIMENSIONS
+    if sqlite and "key" in dims and key_id is None and not anonymous:
+        # Grouping every key's rows by key, SQLite walks the (api_key_id, created_at)
+        # index and reads each row from the table in that order: 3.0 s for a million
+        # rows, against 1.1 s for a plain scan. An expression is no index column.
+        dimensions = {**DIMENSIONS, "key": DIMENSIONS["key"] + ""}
+    query = select(
+        *[dimensions[d].label(d) for d in dims],
+        func.count().label("requests"),
+        func.coalesce(func.sum(_LEDGER.c.prompt_tokens), 0).label("prompt_tokens"),
+        func.coalesce(func.sum(_LEDGER.c.completion_tokens), 0).label("completion_tokens"),
+        func.coalesce(func.sum(_LEDGER.c.cached_tokens), 0).label("cached_tokens"),
+        func.coalesce(func.sum(_LEDGER.c.cost), 0.0).label("cost"),
+        func.sum(case((_LEDGER.c.usage_estimated.is_(True), 1), else_=0)).label("estimated"),
+        func.sum(case((_LEDGER.c.status.in_(["ok"]), 0), else_=1)).label("errors"),
+        func.sum(case((_LEDGER.c.cache_status == "hit", 1), else_=0)).label("cache_hits"),
+    )
+    if since is not None:
+        query = query.where(_LEDGER.c.created_at >= since)
+    if until is not None:
+        query = query.where(_LEDGER.c.created_at < until)
+    if key_id is not None:
+        query = query.where(_LEDGER.c.api_key_id == key_id)
+    elif anonymous:
+        query = query.where(_LEDGER.c.api_key_id.is_(None))
+    if dims:
+        grouping = [dimensions[d] for d in dims]
+        query = query.group_by(*grouping).order_by(*grouping)
+    return query
+
+
 async def usage_report(
     engine: AsyncEngine,
     *,
@@ -102,28 +143,7 @@ async def usage_report(
         ``cache_hits``, ordered by the dimensions.
     """
     dims = _check_dimensions(by)
-    columns = [DIMENSIONS[d].label(d) for d in dims]
-    query = select(
-        *columns,
-        func.count().label("requests"),
-        func.coalesce(func.sum(_LEDGER.c.prompt_tokens), 0).label("prompt_tokens"),
-        func.coalesce(func.sum(_LEDGER.c.completion_tokens), 0).label("completion_tokens"),
-        func.coalesce(func.sum(_LEDGER.c.cached_tokens), 0).label("cached_tokens"),
-        func.coalesce(func.sum(_LEDGER.c.cost), 0.0).label("cost"),
-        func.sum(case((_LEDGER.c.usage_estimated.is_(True), 1), else_=0)).label("estimated"),
-        func.sum(case((_LEDGER.c.status.in_(["ok"]), 0), else_=1)).label("errors"),
-        func.sum(case((_LEDGER.c.cache_status == "hit", 1), else_=0)).label("cache_hits"),
-    )
-    if since is not None:
-        query = query.where(_LEDGER.c.created_at >= since)
-    if until is not None:
-        query = query.where(_LEDGER.c.created_at < until)
-    if key_id is not None:
-        query = query.where(_LEDGER.c.api_key_id == key_id)
-    elif anonymous:
-        query = query.where(_LEDGER.c.api_key_id.is_(None))
-    if dims:
-        query = query.group_by(*[DIMENSIONS[d] for d in dims]).order_by(*[DIMENSIONS[d] for d in dims])
+    query = report_query(dims, since, until, key_id, anonymous, sqlite=engine.dialect.name == "sqlite")
     async with engine.connect() as conn:
         rows = [dict(r) for r in (await conn.execute(query)).mappings().all()]
         names: dict[str, str] = {}
