@@ -17,6 +17,7 @@ tokens itself, ``usage.estimated`` is True.
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -35,6 +36,7 @@ from llmrouter.types import (
 )
 
 __all__ = [
+    "MODEL_LOADING",
     "Capabilities",
     "Health",
     "NoOptions",
@@ -43,6 +45,14 @@ __all__ = [
     "check_prompt_ids",
     "check_token_ids",
 ]
+
+
+MODEL_LOADING = threading.Lock()
+"""Held while a provider loads a model in a worker thread, so that a process loads one
+model at a time (the transformers and vLLM providers take it). transformers, which vLLM
+uses too, imports its modules lazily on first use, and two threads doing that at once
+fail (``ImportError: cannot import name 'AutoModelForCausalLM'``): with four
+transformers deployments starting together, some failed every time."""
 
 
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):

@@ -27,7 +27,14 @@ import anyio.lowlevel
 
 from llmrouter.config import Deployment, ModelGroup
 from llmrouter.errors import UpstreamUnavailableError
-from llmrouter.provider import Capabilities, Health, Provider, ProviderOptions, check_prompt_ids
+from llmrouter.provider import (
+    MODEL_LOADING,
+    Capabilities,
+    Health,
+    Provider,
+    ProviderOptions,
+    check_prompt_ids,
+)
 from llmrouter.types import (
     ChatChoice,
     ChatChunk,
@@ -120,14 +127,15 @@ class TransformersProvider(Provider[TransformersOptions]):
 
     def _load_blocking(self) -> LoadedModel:
         opts = self.options
-        return load_model(
-            self._source(),
-            device=opts.device,
-            dtype=opts.dtype,
-            revision=opts.revision,
-            trust_remote_code=opts.trust_remote_code,
-            attn_implementation=opts.attn_implementation,
-        )
+        with MODEL_LOADING:  # one model loads at a time (see llmrouter.provider)
+            return load_model(
+                self._source(),
+                device=opts.device,
+                dtype=opts.dtype,
+                revision=opts.revision,
+                trust_remote_code=opts.trust_remote_code,
+                attn_implementation=opts.attn_implementation,
+            )
 
     async def start(self) -> None:
         """Load the model in a worker thread and start the generation thread (once)."""

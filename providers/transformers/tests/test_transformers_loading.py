@@ -42,6 +42,46 @@ def test_import_pulls_in_no_torch() -> None:
     assert out.stdout.strip() == "[]"
 
 
+_START_TOGETHER = """
+import sys, anyio
+from llmrouter_transformers import TransformersOptions, TransformersProvider
+
+async def main(paths):
+    providers = [TransformersProvider(f"m{i}", TransformersOptions(path=p, device="cpu")) for i, p in enumerate(paths)]
+    failures = []
+
+    async def start(provider):
+        try:
+            await provider.start()
+        except Exception as exc:
+            failures.append(f"{type(exc).__name__}: {exc}")
+
+    async with anyio.create_task_group() as tg:
+        for provider in providers:
+            tg.start_soon(start, provider)
+    for provider in providers:
+        await provider.aclose()
+    print(failures)
+
+anyio.run(main, sys.argv[1:])
+"""
+
+
+def test_deployments_starting_together_in_a_fresh_process_all_load(tiny_llama: Path, tiny_gpt2: Path) -> None:
+    """transformers imports its modules lazily; two threads importing one at once fail
+    (``cannot import name 'AutoModelForCausalLM'``). Four deployments started together in
+    a fresh process, as ``llmrouter serve`` starts them: some failed every time."""
+    paths = [str(tiny_llama), str(tiny_gpt2)] * 2
+    out = subprocess.run(
+        [sys.executable, "-c", _START_TOGETHER, *paths],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_auto_device_and_dtype() -> None:
     import torch
 

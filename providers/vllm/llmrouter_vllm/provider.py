@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from llmrouter.errors import InvalidRequestError, UnsupportedFeatureError, UpstreamUnavailableError
-from llmrouter.provider import Capabilities, Health, Provider, check_prompt_ids
+from llmrouter.provider import MODEL_LOADING, Capabilities, Health, Provider, check_prompt_ids
 from llmrouter.types import (
     ChatChoice,
     ChatChunk,
@@ -151,18 +151,18 @@ class VLLMProvider(Provider[VLLMOptions]):
         # Shielded: an engine half-built when start() is cancelled must still be kept
         # so that aclose() can shut its worker processes down.
         with anyio.CancelScope(shield=True):
-            engine = await anyio.to_thread.run_sync(
-                backend.build_engine,
-                self.model,
-                self.options.named_engine_args(),
-                self.options.engine_args,
-                sink,
-            )
+            engine = await anyio.to_thread.run_sync(self._build_engine, backend, sink)
             self._backend, self._engine, self._sink = backend, engine, sink
             self._tokenizer = engine.get_tokenizer()
             self._max_model_len = int(engine.model_config.max_model_len)
             self._vocabulary = int(engine.model_config.get_vocab_size())
         await anyio.lowlevel.checkpoint()
+
+    def _build_engine(self, backend: ModuleType, sink: Any) -> Any:
+        with MODEL_LOADING:  # one model loads at a time (see llmrouter.provider)
+            return backend.build_engine(
+                self.model, self.options.named_engine_args(), self.options.engine_args, sink
+            )
 
     def _apply_environment(self, backend: ModuleType) -> None:
         options = self.options
