@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from llmrouter.accounting.config import DatabaseConfig
 from llmrouter.errors import ConfigError
+from llmrouter.sqlite_wal import enable_wal
 
 __all__ = ["asyncpg_connection", "create_engine", "is_postgres", "is_sqlite", "set_sqlite_pragmas"]
 
@@ -43,10 +44,9 @@ def set_sqlite_pragmas(dbapi_connection: Any, _record: Any = None) -> None:
     WAL lets readers (reports) run beside the ledger writer; busy_timeout makes a second
     process wait for the write lock instead of failing at once.
     """
+    enable_wal(dbapi_connection, busy_timeout_ms=10_000)
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 

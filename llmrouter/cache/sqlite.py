@@ -18,15 +18,18 @@ processes on one file got ``database is locked`` for over half of one's operatio
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.to_thread
 
 from llmrouter.cache.base import BackendStats
 from llmrouter.errors import ConfigError
+from llmrouter.sqlite_wal import enable_wal
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -35,6 +38,14 @@ __all__ = ["SQLiteBackend"]
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _EVICT_BATCH = 64
+
+
+def _use_wal(path: str) -> None:
+    connection = sqlite3.connect(path)
+    try:
+        enable_wal(connection, busy_timeout_ms=5000)
+    finally:
+        connection.close()
 
 
 class SQLiteBackend:
@@ -81,10 +92,12 @@ class SQLiteBackend:
 
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # WAL (kept by the file): readers don't block the writer, and the accounting
+            # engine may share the file. Set once here, where a worker starting beside
+            # another may have to retry it (see llmrouter.sqlite_wal).
+            await anyio.to_thread.run_sync(_use_wal, self.path)
         db = await aiosqlite.connect(self.path, isolation_level=None)  # autocommit
         try:
-            # WAL: readers don't block the writer, and the accounting engine may share the file.
-            await db.execute("PRAGMA journal_mode=WAL")
             await db.execute("PRAGMA busy_timeout=5000")
             await db.execute("PRAGMA synchronous=NORMAL")
             await db.execute(
