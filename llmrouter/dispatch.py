@@ -51,9 +51,15 @@ Req = TypeVar("Req", bound=msgspec.Struct)
 _CLOSE_GRACE_S = 5.0
 
 
+def is_mismatch(exc: LLMRouterError) -> bool:
+    """True when a healthy deployment cannot take this request (its context window, a
+    feature it lacks): another deployment may, and the refusal is not a failure of it."""
+    return isinstance(exc, (ContextWindowExceededError, UnsupportedFeatureError))
+
+
 def is_request_fault(exc: LLMRouterError) -> bool:
     """True when the same request would fail on every deployment."""
-    if isinstance(exc, (ContextWindowExceededError, UnsupportedFeatureError)):
+    if is_mismatch(exc):
         return False
     return isinstance(exc, InvalidRequestError) or exc.http_status in (413, 422)
 
@@ -140,7 +146,10 @@ class AttemptPlan:
             hook.on_attempt(self.ctx, deployment.id, error)
         if is_request_fault(error):
             raise error
-        _record_failure(group, deployment, self._hooks)
+        if not is_mismatch(error):
+            # A refusal must not cool a deployment down: three requests with `n: 2`
+            # would take it from everyone.
+            _record_failure(group, deployment, self._hooks)
         self._tried.append(deployment)
         if not error.retryable:
             self._exhausted.append(deployment)

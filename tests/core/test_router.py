@@ -12,10 +12,12 @@ from llmrouter.context import RequestContext, current_context
 from llmrouter.errors import (
     AuthenticationError,
     BudgetExceededError,
+    ContextWindowExceededError,
     InvalidRequestError,
     ModelNotFoundError,
     NoDeploymentAvailableError,
     RateLimitError,
+    UnsupportedFeatureError,
     UpstreamError,
     UpstreamTimeoutError,
 )
@@ -194,6 +196,34 @@ async def test_all_cooling_is_503_with_retry_after():
     with pytest.raises(NoDeploymentAvailableError) as info:
         await router.chat(chat_body())
     assert info.value.http_status == 503 and 29 < info.value.retry_after <= 30
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        UnsupportedFeatureError("`n` > 1 is not supported", param="n"),
+        ContextWindowExceededError("the prompt is longer than the context window", param="messages"),
+    ],
+)
+async def test_a_deployment_refusing_a_request_is_not_cooled_down(refusal):
+    picky = ScriptedProvider(default=Step(error=refusal))
+    router = make_router(picky, cooldown=Cooldown(failures=1, seconds=30), retry=Retry(attempts=0))
+    for _ in range(3):
+        with pytest.raises(type(refusal)):
+            await router.chat(chat_body())
+    assert picky.record.calls == 3, "every request reaches the deployment: none is refused for a cooldown"
+    readiness = await router.readiness(probe=False)
+    (deployment,) = readiness["deployments"]
+    assert deployment["healthy"] and deployment["failures"] == 0
+
+
+async def test_a_refusal_moves_on_to_a_deployment_that_takes_the_request():
+    picky = ScriptedProvider(default=Step(error=UnsupportedFeatureError("no tools here", param="tools")))
+    able = ScriptedProvider(default=Step(text="with tools"))
+    router = make_router(picky, able, d1={"priority": 1}, retry=Retry(attempts=2))
+    response = await router.chat(chat_body())
+    assert response.choices[0].message.content == "with tools"
+    assert picky.record.calls == 1, "a refusal is not retried on the deployment that refused"
 
 
 async def test_max_concurrency_is_respected():
