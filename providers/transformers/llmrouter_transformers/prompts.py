@@ -42,12 +42,21 @@ def chat_prompt_ids(tokenizer: Any, request: ChatRequest, *, template: str | Non
 
     Raises:
         UnsupportedFeatureError: the model has no chat template and none is configured,
-            or the request asks for what a local model cannot do (tools, images).
+            or the request asks for what a local model cannot do (tools, images, JSON
+            output).
         InvalidRequestError: the template rejected the conversation.
     """
     if request.tools:
         raise UnsupportedFeatureError(
             "tools are not supported by the transformers provider", param="tools", provider=_PROVIDER
+        )
+    if request.response_format is not None and request.response_format.type != "text":
+        # Nothing here would hold the answer to JSON: refuse rather than let the client
+        # parse free text (a deployment that can, vLLM or Ollama, takes it instead).
+        raise UnsupportedFeatureError(
+            f"response_format {request.response_format.type} is not supported by the transformers provider",
+            param="response_format",
+            provider=_PROVIDER,
         )
     template = template or getattr(tokenizer, "chat_template", None)
     if not template:

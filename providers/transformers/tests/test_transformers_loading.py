@@ -169,10 +169,19 @@ async def test_bad_requests_are_400s(tiny_provider: TransformersProvider) -> Non
     with pytest.raises(ContextWindowExceededError):
         await tiny_provider.chat(chat(messages=[{"role": "user", "content": "word " * 5000}]))
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    for fields in ({"tools": [tool]}, {"n": 2}, {"logprobs": True}):
+    schema = {"name": "answer", "schema": {"type": "object"}}
+    refused = (
+        {"tools": [tool]},
+        {"n": 2},
+        {"logprobs": True},
+        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema", "json_schema": schema}},
+    )
+    for fields in refused:
         with pytest.raises(UnsupportedFeatureError) as info:
             await tiny_provider.chat(chat(**fields))
         assert info.value.http_status == 400
+    assert (await tiny_provider.chat(chat(response_format={"type": "text"}))).usage is not None
     image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]
     with pytest.raises(UnsupportedFeatureError):
         await tiny_provider.chat(chat(messages=[{"role": "user", "content": image}]))
