@@ -244,6 +244,8 @@ def error_for_status(
     if status == 400:
         if code == "context_length_exceeded":
             return ContextWindowExceededError(message, **kwargs)
+        if code == "unsupported_feature":  # a remote llmrouter node's refusal: another may take it
+            return UnsupportedFeatureError(message, **kwargs)
         return InvalidRequestError(message, **kwargs)
     if status == 401:
         return AuthenticationError(message, **kwargs)

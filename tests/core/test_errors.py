@@ -42,6 +42,15 @@ def test_body_shape_and_context_window_code():
     }
 
 
+def test_a_remote_nodes_refusal_keeps_its_kind():
+    # A remote llmrouter node lacking a feature says so with this code; the request can
+    # then move on to a deployment that has it instead of failing as the client's fault.
+    error = errors.error_for_status(400, "`n` > 1 is not supported", code="unsupported_feature", param="n")
+    assert isinstance(error, errors.UnsupportedFeatureError)
+    assert error.to_body()["error"]["code"] == "unsupported_feature"
+    assert type(errors.error_for_status(400, "bad", code="invalid_value")) is errors.InvalidRequestError
+
+
 def test_local_rate_limit_is_not_retryable_but_upstream_is():
     assert errors.RateLimitError("slow down").retryable is False
     assert errors.error_for_status(429, "slow down").retryable is True
