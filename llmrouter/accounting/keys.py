@@ -245,16 +245,38 @@ class KeyStore:
         return [_to_key(ApiKeyRow(**row)) for row in rows]
 
     async def get(self, id_or_name: str) -> ApiKey | None:
-        """A key by id, prefix or name (the newest when names repeat)."""
+        """A key by id, else by prefix, else by name.
+
+        Names may repeat (a rotated key keeps its name while clients move to the new
+        one): a name stands for its one key not revoked, or, when all are revoked, the
+        newest.
+
+        Raises:
+            InvalidRequestError: (409 ``ambiguous_key``) more than one key of that name is
+                not revoked; revoking or reporting on "the" key would pick one of them.
+        """
         query = (
             select(_TABLE)
             .where(or_(_TABLE.c.id == id_or_name, _TABLE.c.prefix == id_or_name, _TABLE.c.name == id_or_name))
             .order_by(_TABLE.c.created_at.desc())
-            .limit(1)
         )
         async with self._engine.connect() as conn:
-            row = (await conn.execute(query)).mappings().first()
-        return _to_key(ApiKeyRow(**row)) if row else None
+            rows = [ApiKeyRow(**row) for row in (await conn.execute(query)).mappings().all()]
+        for field in ("id", "prefix"):
+            for row in rows:
+                if getattr(row, field) == id_or_name:
+                    return _to_key(row)
+        if not rows:
+            return None
+        unrevoked = [row for row in rows if row.revoked_at is None]
+        if len(unrevoked) > 1:
+            raise InvalidRequestError(
+                f"{len(unrevoked)} keys named {id_or_name!r} are not revoked: "
+                f"use an id ({', '.join(row.id for row in unrevoked)}) or a prefix",
+                status=409,
+                code="ambiguous_key",
+            )
+        return _to_key(unrevoked[0] if unrevoked else rows[0])
 
     async def revoke(self, id_or_name: str) -> ApiKey:
         key = await self.get(id_or_name)
