@@ -76,6 +76,9 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             expires_at = 2 * time.time() - (parse_time(args.expires) or 0.0)
         else:
             expires_at = parse_time(args.expires)
+        if expires_at is not None and expires_at <= time.time():
+            print(f"llmrouter: error: --expires {args.expires} is in the past", file=sys.stderr)
+            return 2
 
     async def body(engine: Any) -> int:
         key, secret = await KeyStore(engine).create(

@@ -54,6 +54,20 @@ class CreateKeyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     note: str | None = None
 
 
+def _expiry(body: CreateKeyRequest, now: float) -> float | None:
+    """When a new key expires. A time already past is refused: a typo would make a key
+    that fails from its first use."""
+    if body.expires_in_days is not None:
+        if body.expires_at is not None:
+            raise InvalidRequestError("give expires_at or expires_in_days, not both", param="expires_in_days")
+        if not body.expires_in_days > 0:  # NaN fails too
+            raise InvalidRequestError("expires_in_days must be more than 0", param="expires_in_days")
+        return now + body.expires_in_days * 86400
+    if body.expires_at is not None and body.expires_at <= now:
+        raise InvalidRequestError("expires_at (Unix seconds) is in the past", param="expires_at")
+    return body.expires_at
+
+
 def secret_from_headers(headers: Mapping[str, str]) -> str | None:
     """The API key from ``Authorization: Bearer …`` or ``X-API-Key`` (``headers``' names
     lowercased, as :meth:`~llmrouter.extension.Extension.authenticate` gets them)."""
@@ -202,14 +216,11 @@ class AccountingExtension(Extension):
                 raise InvalidRequestError(f"invalid key request: {exc}") from exc
             except UnicodeDecodeError as exc:  # msgspec's, for a string that is not UTF-8
                 raise InvalidRequestError("invalid key request: the body is not valid UTF-8") from exc
-            expires_at = body.expires_at
-            if body.expires_in_days is not None:
-                expires_at = time.time() + body.expires_in_days * 86400
             key, secret = await acct.keys.create(
                 body.name,
                 scopes=body.scopes,
                 allowed_models=body.allowed_models,
-                expires_at=expires_at,
+                expires_at=_expiry(body, time.time()),
                 budget=body.budget,
                 budget_period=body.budget_period,
                 rpm=body.rpm,

@@ -250,6 +250,8 @@ def test_cli_db_keys_and_usage_report(tmp_path: Path) -> None:
     assert _cli(tmp_path, "keys", "revoke", "ci-bot").returncode == 0
     assert "revoked" in _cli(tmp_path, "keys", "list").stdout
     assert _cli(tmp_path, "keys", "revoke", "nobody").returncode == 1
+    past = _cli(tmp_path, "keys", "create", "late", "--expires", "2020-01-01")
+    assert past.returncode == 2 and "in the past" in past.stderr
 
     async def seed() -> None:
         engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}")
