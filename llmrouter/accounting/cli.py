@@ -166,9 +166,9 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 def cmd_usage_report(args: argparse.Namespace) -> int:
     from llmrouter.accounting.keys import KeyStore
-    from llmrouter.accounting.reports import parse_time, render, usage_report
+    from llmrouter.accounting.reports import parse_range, render, usage_report
 
-    since, until = parse_time(args.since), parse_time(args.until, end=True)
+    since, until = parse_range(args.since, args.until)
 
     async def body(engine: Any) -> int:
         key_id = None

@@ -24,7 +24,7 @@ from litestar.params import FromPath
 from llmrouter.accounting.facade import Accounting
 from llmrouter.accounting.hooks import unavailable
 from llmrouter.accounting.keys import ApiKey
-from llmrouter.accounting.reports import parse_time
+from llmrouter.accounting.reports import parse_range
 from llmrouter.context import RequestContext
 from llmrouter.errors import AuthenticationError, InvalidRequestError, LLMRouterError, PermissionDeniedError
 from llmrouter.extension import Extension
@@ -164,7 +164,7 @@ class AccountingExtension(Extension):
 
         def time_range(request: Request[Any, Any, Any]) -> tuple[float | None, float | None]:
             query = request.query_params
-            return parse_time(query.get("since")), parse_time(query.get("until"), end=True)
+            return parse_range(query.get("since"), query.get("until"))
 
         def dimensions(request: Request[Any, Any, Any], default: str) -> list[str]:
             return [d for d in (request.query_params.get("by") or default).split(",") if d.strip()]

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmrouter.accounting.models import ApiKeyRow, LedgerRow
 from llmrouter.errors import InvalidRequestError
 
-__all__ = ["DIMENSIONS", "parse_time", "render", "usage_report"]
+__all__ = ["DIMENSIONS", "parse_range", "parse_time", "render", "usage_report"]
 
 _LEDGER: Any = LedgerRow.__table__  # type: ignore[attr-defined]
 _KEYS: Any = ApiKeyRow.__table__  # type: ignore[attr-defined]
@@ -32,12 +32,12 @@ DIMENSIONS = {
 _RELATIVE = re.compile(r"^(\d+)([hdw])$")
 
 
-def parse_time(text: str | None, *, end: bool = False) -> float | None:
+def parse_time(text: str | None, *, end: bool = False, param: str | None = None) -> float | None:
     """``2026-11-01`` (a whole UTC day: ``end`` means its end), an ISO datetime, ``today``,
     or a relative ``24h`` / ``7d`` / ``2w`` before now; None passes through.
 
     Raises:
-        InvalidRequestError: anything else.
+        InvalidRequestError: anything else (naming ``param``).
     """
     if text is None or text == "":
         return None
@@ -46,10 +46,23 @@ def parse_time(text: str | None, *, end: bool = False) -> float | None:
         return _parse_time(text, end)
     except ValueError as exc:
         raise InvalidRequestError(
-            f"not a date or time: {text[:100]!r} (use 2026-11-01, ISO 8601, or 7d)"
+            f"not a date or time: {text[:100]!r} (use 2026-11-01, ISO 8601, or 7d)", param=param
         ) from exc
     except OverflowError as exc:  # the end of 9999-12-31, or 10**400 days ago
-        raise InvalidRequestError(f"date or time out of range: {text[:100]!r}") from exc
+        raise InvalidRequestError(f"date or time out of range: {text[:100]!r}", param=param) from exc
+
+
+def parse_range(since: str | None, until: str | None) -> tuple[float | None, float | None]:
+    """A report's ``since`` and ``until`` (``until`` includes a whole day it names).
+
+    Raises:
+        InvalidRequestError: either is not a time, or ``until`` comes before ``since``
+            (an empty report would pass for "no usage").
+    """
+    start, stop = parse_time(since, param="since"), parse_time(until, end=True, param="until")
+    if start is not None and stop is not None and stop < start:
+        raise InvalidRequestError(f"until ({until}) is before since ({since})", param="until")
+    return start, stop
 
 
 def _parse_time(text: str, end: bool) -> float:

@@ -19,7 +19,7 @@ from llmrouter.accounting import Accounting
 from llmrouter.accounting.db import create_engine
 from llmrouter.accounting.ledger import insert_rows, utc_day
 from llmrouter.accounting.migrations import MIGRATIONS, current_version, latest_version, upgrade
-from llmrouter.accounting.reports import parse_time, render, report_query, usage_report
+from llmrouter.accounting.reports import parse_range, parse_time, render, report_query, usage_report
 from llmrouter.errors import InvalidRequestError
 
 from .conftest import make_config
@@ -158,6 +158,18 @@ def test_parse_time() -> None:
         with pytest.raises(InvalidRequestError, match="out of range"):
             parse_time(moment, end=end)
     assert parse_time("9999-12-31") == datetime(9999, 12, 31, tzinfo=UTC).timestamp()
+
+
+def test_parse_range() -> None:
+    day = datetime(2026, 11, 1, tzinfo=UTC).timestamp()
+    assert parse_range("2026-11-01", "2026-11-01") == (day, day + 86400), "until takes in its whole day"
+    assert parse_range(None, "2026-11-01") == (None, day + 86400)
+    with pytest.raises(InvalidRequestError, match="before since") as info:
+        parse_range("24h", "7d")  # the other way round: an empty report would read as no usage
+    assert info.value.param == "until"
+    with pytest.raises(InvalidRequestError) as info:
+        parse_range("2026-11-01", "soon")
+    assert info.value.param == "until"
 
 
 async def test_migrations_are_idempotent_and_safe_to_race(db_url: str) -> None:

@@ -272,6 +272,7 @@ def test_admin_key_body_not_utf8_is_400(client: httpx.Client) -> None:
         ("GET", "/v1/chat/completions", {}, 405),
         ("GET", "/v1/models/" + "a" * 5000, {}, 404),
         ("GET", "/v1/usage?since=garbage", {}, 400),
+        ("GET", "/v1/admin/usage?since=24h&until=7d", {}, 400),
         ("GET", "/v1/admin/usage?by=model;drop", {}, 400),
         ("GET", "/v1/usage?until=9999-12-31", {}, 400),
         ("GET", "/v1/admin/usage?since=" + "9" * 400 + "d", {}, 400),
