@@ -60,6 +60,22 @@ def _resolve(config: Config) -> tuple[Config, list[str]]:
     return anyio.run(resolve_config, config)
 
 
+def _check_providers(config: Config) -> None:
+    """A deployment of a provider that is not installed fails here, in one line, rather
+    than as a traceback from the app's start-up (the provider is not imported)."""
+    from llmrouter.registry import available_providers, load_provider_class
+
+    installed = set(available_providers())
+    for i, group in enumerate(config.models):
+        for j, deployment in enumerate(group.deployments):
+            if deployment.provider not in installed:
+                try:
+                    load_provider_class(deployment.provider)
+                except LLMRouterError as exc:
+                    exc.message = f"config: {exc.message} - at `$.models[{i}].deployments[{j}].provider`"
+                    raise
+
+
 def _version() -> str:
     from llmrouter import __version__
 
@@ -92,11 +108,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from llmrouter.server.app import RESOLVED_CONFIG_ENV, create_app, default_extensions
+    from llmrouter.server.startup import OneLineStartupFailure
 
     if args.model:
         # Read by the transformers provider's discovery (zero-config start).
         os.environ["LLMROUTER_TRANSFORMERS_MODEL"] = args.model
     config, path = _load(args)
+    _check_providers(config)
     config, notes = _resolve(config)
     if not args.access_log:
         config = msgspec.structs.replace(
@@ -119,6 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "port": port,
         "log_level": args.log_level,
         "access_log": args.access_log,
+        "interface": "asgi3",  # OneLineStartupFailure's __call__ returns the app's coroutine
     }
     if config.telemetry.json_logs:
         # uvicorn's own logging config would give its start-up lines plain-text handlers;
@@ -128,10 +147,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Each worker process builds its own app from the config resolved here, so that
         # discovery runs once and every worker serves the same models.
         os.environ[RESOLVED_CONFIG_ENV] = msgspec.json.encode(config).decode()
-        uvicorn.run("llmrouter.server.app:create_app_from_env", factory=True, workers=workers, **common)
-    else:
-        uvicorn.run(create_app(config, extensions=extensions), **common)
+        return _serve_workers(workers, common)
+    uvicorn.run(OneLineStartupFailure(create_app(config, extensions=extensions)), **common)
     return 0
+
+
+def _serve_workers(workers: int, options: dict[str, Any]) -> int:
+    """``uvicorn.run`` with ``workers``, except for the exit status: a worker that fails
+    to start makes it 3, as one process's failure does (uvicorn's exits 0, and a
+    supervisor's restart-on-failure would never fire)."""
+    import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(
+        "llmrouter.server.startup:serve_app_from_env", factory=True, workers=workers, **options
+    )
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor.run()
+    return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 
 # --- models --------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from litestar.openapi import OpenAPIConfig
 
 from llmrouter.config import Config, load_config
 from llmrouter.discovery import resolve_config
+from llmrouter.errors import LLMRouterError
 from llmrouter.extension import Extension
 from llmrouter.server.chat import chat_handlers
 from llmrouter.server.completions import completion_handlers
@@ -41,7 +42,14 @@ if TYPE_CHECKING:
 
     from llmrouter.router import Router
 
-__all__ = ["RESOLVED_CONFIG_ENV", "create_app", "create_app_from_env", "default_extensions"]
+__all__ = [
+    "RESOLVED_CONFIG_ENV",
+    "StartupError",
+    "config_from_env",
+    "create_app",
+    "create_app_from_env",
+    "default_extensions",
+]
 
 logger = logging.getLogger("llmrouter.server")
 
@@ -95,30 +103,53 @@ def _attach_extensions(router: Router, extensions: Sequence[Extension]) -> None:
             router.cache = cache
 
 
+class StartupError(Exception):
+    """The service could not start; the message says which part and why, in one line."""
+
+
 def _make_lifespan(service: Service, owns_router: bool) -> Any:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            for ext in service.extensions:
-                # Registered before startup: an extension that half-started still closes.
-                stack.push_async_callback(ext.shutdown)
-                await ext.startup()
-            if service.router is None:
-                config, notes = await resolve_config(service.config)
-                service.config, service.discovery_notes = config, notes
-                for line in notes:
-                    logger.info("discovery: %s", line)
-                service.router = _build_router(config)
-            router = service.router
-            _attach_extensions(router, service.extensions)
-            if owns_router:
-                stack.push_async_callback(router.aclose)
-            await router.start()
+            part = "the router"
+            try:
+                for ext in service.extensions:
+                    part = ext.name
+                    # Registered before startup: an extension that half-started still closes.
+                    stack.push_async_callback(ext.shutdown)
+                    await ext.startup()
+                part = "the router"
+                if service.router is None:
+                    config, notes = await resolve_config(service.config)
+                    service.config, service.discovery_notes = config, notes
+                    for line in notes:
+                        logger.info("discovery: %s", line)
+                    service.router = _build_router(config)
+                router = service.router
+                _attach_extensions(router, service.extensions)
+                if owns_router:
+                    stack.push_async_callback(router.aclose)
+                await router.start()
+            except Exception as exc:
+                raise StartupError(f"{part} failed to start: {_reason(exc)}") from exc
             if service.config.server.gc_tuning:
                 tune_gc()
             yield
 
     return lifespan
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in one line: our own errors' words, else the innermost cause
+    (the ``ConnectionRefusedError`` under SQLAlchemy's and asyncpg's wrappers)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, LLMRouterError):
+        return exc.message
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 GC_YOUNG_THRESHOLD = 10_000
@@ -196,17 +227,18 @@ def create_app(
     )
 
 
-def create_app_from_env() -> Litestar:
-    """App factory for ``uvicorn --factory`` and multi-worker ``llmrouter serve``.
-
-    Reads the resolved config from ``LLMROUTER_RESOLVED_CONFIG`` (JSON), else loads
-    ``LLMROUTER_CONFIG`` (a YAML path), else uses the defaults.
-    """
+def config_from_env() -> Config:
+    """The resolved config from ``LLMROUTER_RESOLVED_CONFIG`` (JSON), else the one
+    ``LLMROUTER_CONFIG`` (a YAML path) names, else the defaults."""
     raw = os.environ.get(RESOLVED_CONFIG_ENV)
     if raw:
-        config = msgspec.json.decode(raw, type=Config)
-    else:
-        config = load_config(os.environ.get("LLMROUTER_CONFIG") or None)
+        return msgspec.json.decode(raw, type=Config)
+    return load_config(os.environ.get("LLMROUTER_CONFIG") or None)
+
+
+def create_app_from_env() -> Litestar:
+    """App factory for ``uvicorn --factory``, from :func:`config_from_env`."""
+    config = config_from_env()
     return create_app(config, extensions=default_extensions(config))
 
 

@@ -114,7 +114,9 @@ async def test_service_keys_auth_limits_and_usage(sqlite_url: str, tmp_path: Pat
         invalid = await client.post("/v1/admin/keys", headers=admin, json={"name": "x", "scopes": ["root"]})
         assert invalid.status_code == 400
         for _ in range(2):
-            assert (await client.post("/v1/admin/keys", headers=admin, json={"name": "twin"})).status_code == 201
+            assert (
+                await client.post("/v1/admin/keys", headers=admin, json={"name": "twin"})
+            ).status_code == 201
         ambiguous = await client.delete("/v1/admin/keys/twin", headers=admin)
         assert ambiguous.status_code == 409 and ambiguous.json()["error"]["code"] == "ambiguous_key"
         unfiltered = await client.get("/v1/admin/usage?key=twin", headers=admin)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+import pytest
 
 from llmrouter.testing.upstream import FakeUpstream
+
+from .conftest import free_port
 
 MESSAGES: list[Any] = [{"role": "user", "content": "ping"}]
 
@@ -66,3 +70,23 @@ def test_chain_of_two_routers(tmp_path: Path, fake: FakeUpstream, serve: Any, ma
                 raise AssertionError("an upstream 429 must reach the client through both routers")
     # Node B saw the upstream model name; the fake saw every generation request.
     assert {r.json["model"] for r in fake.generation_requests()} == {"mock-gpt"}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_start_up_that_fails_says_why_in_one_line_and_exits_3(
+    tmp_path: Path, fake: FakeUpstream, make_config: Any, cli_command: Any, workers: str
+) -> None:
+    # Nothing listens on port 1: the accounting database refuses the connection. Before,
+    # uvicorn logged a hundred-line traceback, and with two workers exited 0.
+    unreachable = {"database": {"url": "postgresql+asyncpg://llmrouter@127.0.0.1:1/llmrouter"}}
+    config = make_config(tmp_path / "llmrouter.yaml", fake.base_url, accounting=unreachable)
+    done = subprocess.run(
+        cli_command("serve", "--config", str(config), "--port", str(free_port()), "--workers", workers),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "accounting failed to start: ConnectionRefusedError" in done.stderr
+    assert "Traceback" not in done.stderr
