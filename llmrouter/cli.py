@@ -19,6 +19,8 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -270,14 +272,13 @@ class _HTTPBackend:
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
 
     async def default_model(self) -> str:
-        async for model in self.client.models.list():
-            return str(model.id)
+        with self._errors():
+            async for model in self.client.models.list():
+                return str(model.id)
         raise _ChatError("the server lists no models")
 
     async def reply(self, request: dict[str, Any]) -> Any:
-        import openai
-
-        try:
+        with self._errors():
             if request["stream"]:
                 stream = await self.client.chat.completions.create(**request)
                 async for chunk in stream:
@@ -287,6 +288,14 @@ class _HTTPBackend:
             else:
                 response = await self.client.chat.completions.create(**request)
                 yield response.choices[0].message.content or ""
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """The server's refusals and connection failures as one-line errors."""
+        import openai
+
+        try:
+            yield
         except openai.APIStatusError as exc:
             body = exc.body if isinstance(exc.body, dict) else {}
             message = body.get("message") or (body.get("error") or {}).get("message") or str(exc)

@@ -47,6 +47,15 @@ def test_chat_error_is_one_line_and_exit_1(
     assert err.startswith("llmrouter: error: The model `nope` does not exist") and "Traceback" not in err
 
 
+def test_chat_over_http_without_a_model_errs_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # Without -m the first listed model is asked for: that listing's errors were tracebacks.
+    from .conftest import free_port
+
+    assert cli.main(["chat", "--url", f"http://127.0.0.1:{free_port()}", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llmrouter: error: cannot reach http://127.0.0.1:") and "Traceback" not in err
+
+
 def test_chat_repl_keeps_history(
     tmp_path: Path,
     fake: FakeUpstream,
