@@ -56,6 +56,7 @@ __all__ = [
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
     "error_for_status",
+    "one_line_cause",
 ]
 
 
@@ -270,3 +271,17 @@ def error_for_status(
     if status >= 500:
         return UpstreamError(message, status=502, **kwargs)
     return InvalidRequestError(message, status=status if 400 <= status < 500 else 400, **kwargs)
+
+
+def one_line_cause(exc: BaseException) -> str:
+    """What went wrong, in one line, for a message without a traceback: our own errors'
+    words, else the innermost cause (the ``ConnectionRefusedError`` or the database's
+    "role does not exist" under SQLAlchemy's and asyncpg's wrappers)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, LLMRouterError):
+        return exc.message
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -26,6 +26,7 @@ from typing import Any
 import anyio
 
 from llmrouter.accounting.config import AccountingConfig, DatabaseConfig
+from llmrouter.errors import AccountingUnavailableError, one_line_cause
 
 __all__ = ["main", "register"]
 
@@ -50,11 +51,15 @@ def _with_db(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *,
     section = _section(args)
 
     async def run() -> int:
+        from sqlalchemy.exc import DBAPIError
+
         engine = create_engine(section.database)
         try:
             if migrate and section.database.create:
                 await upgrade(engine)
             return await body(engine)
+        except (OSError, DBAPIError) as exc:  # unreachable, refused, no such role or database
+            raise AccountingUnavailableError(f"the accounting database: {one_line_cause(exc)}") from exc
         finally:
             await engine.dispose()
 

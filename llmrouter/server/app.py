@@ -25,7 +25,7 @@ from litestar.openapi import OpenAPIConfig
 
 from llmrouter.config import Config, load_config
 from llmrouter.discovery import resolve_config
-from llmrouter.errors import LLMRouterError
+from llmrouter.errors import one_line_cause
 from llmrouter.extension import Extension
 from llmrouter.server.chat import chat_handlers
 from llmrouter.server.completions import completion_handlers
@@ -131,25 +131,12 @@ def _make_lifespan(service: Service, owns_router: bool) -> Any:
                     stack.push_async_callback(router.aclose)
                 await router.start()
             except Exception as exc:
-                raise StartupError(f"{part} failed to start: {_reason(exc)}") from exc
+                raise StartupError(f"{part} failed to start: {one_line_cause(exc)}") from exc
             if service.config.server.gc_tuning:
                 tune_gc()
             yield
 
     return lifespan
-
-
-def _reason(exc: BaseException) -> str:
-    """What went wrong, in one line: our own errors' words, else the innermost cause
-    (the ``ConnectionRefusedError`` under SQLAlchemy's and asyncpg's wrappers)."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    if isinstance(exc, LLMRouterError):
-        return exc.message
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    lines = str(exc).splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 GC_YOUNG_THRESHOLD = 10_000

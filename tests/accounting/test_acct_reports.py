@@ -213,7 +213,7 @@ async def test_migration_2_drops_the_ledgers_unused_indexes(db_url: str) -> None
         await engine.dispose()
 
 
-def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(tmp_path: Path, *args: str, database_url: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             sys.executable,
@@ -221,7 +221,7 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
             "llmrouter.cli",
             *args,
             "--database-url",
-            f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}",
+            database_url or f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}",
         ],
         capture_output=True,
         text=True,
@@ -229,6 +229,21 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path.cwd())},
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "cause"),
+    [
+        ("postgresql+asyncpg://llmrouter@127.0.0.1:1/llmrouter", "ConnectionRefusedError"),
+        ("postgresql+asyncpg://llmrouter@nosuchhost.invalid/llmrouter", "gaierror"),
+    ],
+)
+def test_cli_without_its_database_errs_in_one_line(tmp_path: Path, url: str, cause: str) -> None:
+    for command in (("db", "upgrade"), ("keys", "list"), ("usage", "report")):
+        done = _cli(tmp_path, *command, database_url=url)
+        assert done.returncode == 1
+        assert done.stderr.startswith(f"llmrouter: error: the accounting database: {cause}")
+        assert "Traceback" not in done.stderr
 
 
 def test_cli_db_keys_and_usage_report(tmp_path: Path) -> None:
