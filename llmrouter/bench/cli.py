@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from functools import partial
 from typing import Any
@@ -29,11 +30,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--chunks", type=_count, default=20, help="content chunks per streamed answer")
     parser.add_argument(
         "--modes",
+        type=_modes,
         default="bare,full",
         help="gateway configurations: bare (accounting, cache, metrics off), full (all on), "
         "or accounting / cache / metrics alone",
     )
-    parser.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON here")
+    parser.add_argument(
+        "--json", dest="json_path", type=_writable, default=None, help="also write the results as JSON here"
+    )
     parser.add_argument("--no-gateway", action="store_true", help="skip the gateway overhead benchmark")
     local = parser.add_argument_group(
         "local providers",
@@ -82,6 +86,26 @@ def _counts(text: str) -> list[int]:
     return values
 
 
+def _modes(text: str) -> list[str]:
+    """Comma-separated gateway configurations, checked before anything runs."""
+    from llmrouter.bench.gateway import MODES
+
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(MODES)}, not {text!r}")
+    return modes
+
+
+def _writable(path: str) -> str:
+    """A file the results can be written to once the benchmark is over (checked first, so
+    that a typo in its folder does not throw a run of minutes away)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write a file at {path!r}")
+    return path
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -108,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     from llmrouter.bench.gateway import format_rows, import_time_ms, rows_as_dicts, run_gateway_bench
 
     concurrencies: list[int] = args.concurrency
-    modes = [m for m in args.modes.split(",") if m]
+    modes: list[str] = args.modes
     providers = [p for p in args.providers.split(",") if p]
     provider_concurrencies: list[int] = args.provider_concurrency
     windows = 0 if args.no_gateway else 2 * len(concurrencies) * (1 + len(modes)) * args.rounds

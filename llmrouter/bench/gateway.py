@@ -46,6 +46,10 @@ BARE = {
 }
 
 
+MODES = ("bare", "full", "accounting", "cache", "metrics")
+"""The gateway configurations ``llmrouter bench --modes`` takes."""
+
+
 def _mode_config(mode: str, workdir: Path) -> dict[str, Any]:
     """Subsystem settings for a mode: ``bare``, ``full`` (all on), or one of
     ``accounting``, ``cache``, ``metrics`` on alone, so each one's cost shows."""
@@ -57,9 +61,8 @@ def _mode_config(mode: str, workdir: Path) -> dict[str, Any]:
     cache = {"backend": "memory"}  # every request a miss and a store (unique prompts)
     telemetry = {"metrics": True, "json_logs": True, "access_log": False, "log_level": "WARNING"}
     on = {"full": {"accounting", "cache", "metrics"}, "bare": set()}.get(mode, {mode})
-    unknown = on - {"accounting", "cache", "metrics"}
-    if unknown:
-        raise ValueError(f"unknown bench mode {mode!r} (bare, full, accounting, cache, metrics)")
+    if mode not in MODES:
+        raise ValueError(f"unknown bench mode {mode!r} ({', '.join(MODES)})")
     return {
         "accounting": accounting if "accounting" in on else BARE["accounting"],
         "cache": cache if "cache" in on else BARE["cache"],

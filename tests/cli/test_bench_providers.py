@@ -93,6 +93,9 @@ def test_the_command_refuses_before_measuring(
         (["--provider-requests", "-2"], "argument --provider-requests: expected a whole number"),
         (["--duration", "nan"], "argument --duration: expected a positive number of seconds"),
         (["--concurrency", ","], "argument --concurrency: expected at least one number"),
+        # These two were tracebacks, the second after the whole run.
+        (["--modes", "bare,nope"], "argument --modes: expected some of bare, full, accounting"),
+        (["--json", "/nonexistent/results.json"], "argument --json: cannot write a file at"),
     ],
 )
 def test_numbers_out_of_range_are_usage_errors(
