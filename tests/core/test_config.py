@@ -141,3 +141,9 @@ def test_a_yaml_alias_that_contains_itself_is_a_config_error(tmp_path):
     (tmp_path / "c.yaml").write_text("models: &loop [*loop]\n")
     with pytest.raises(ConfigError, match="refers to itself"):
         load_config(tmp_path / "c.yaml", env={})
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(b"\xff\xfemodels: []\n")  # was a UnicodeDecodeError traceback
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(tmp_path / "c.yaml", env={})
