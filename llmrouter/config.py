@@ -61,7 +61,8 @@ class Timeouts(Section):
 
 class Retry(Section):
     attempts: int = 2
-    """Retries after the first try, on retryable errors only (across the group's deployments)."""
+    """Tries after the first, per group: the next deployment after any error of one, the
+    same deployment again only after a retryable error. 0: one try, then the fallbacks."""
     backoff_base: float = 0.05
     """First backoff in seconds; doubles each retry, with full jitter."""
     backoff_max: float = 2.0
