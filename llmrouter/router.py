@@ -317,7 +317,7 @@ class Router:
 
     def stream(
         self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None
-    ) -> AsyncIterator[ChatChunk]:
+    ) -> AsyncGenerator[ChatChunk, None]:
         """Stream a chat completion as chunks; a final usage chunk only when the request
         asks for ``stream_options.include_usage``. Nothing happens (no admission) until
         the first chunk is asked for."""
@@ -347,7 +347,7 @@ class Router:
 
     def stream_complete(
         self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None
-    ) -> AsyncIterator[CompletionChunk]:
+    ) -> AsyncGenerator[CompletionChunk, None]:
         """Stream a legacy prompt completion."""
         return self._relay(partial(self._open_completion_stream, request, context))
 
