@@ -29,11 +29,11 @@ test-all: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -m "not vllm" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check llmrouter providers tests
-	$(BIN)/ruff format --check llmrouter providers tests
+	$(BIN)/ruff check llmrouter providers tests examples benchmarks
+	$(BIN)/ruff format --check llmrouter providers tests examples benchmarks
 
 types: $(VENV)/.installed-test
-	$(BIN)/mypy llmrouter $(filter-out %.egg-info,$(wildcard providers/*/llmrouter_*))
+	$(BIN)/mypy llmrouter examples $(filter-out %.egg-info,$(wildcard providers/*/llmrouter_*))
 
 vllm:
 	bash scripts/setup-vllm-env

@@ -32,13 +32,15 @@ def slow(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "llmrouter", "providers", "tests")
+    paths = ("llmrouter", "providers", "tests", "examples", "benchmarks")
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session
 def types(session: nox.Session) -> None:
     install_project(session)
-    session.run("mypy", "llmrouter")
+    session.run("mypy", "llmrouter", "examples")
 
 
 @nox.session(venv_backend="none")

@@ -40,7 +40,9 @@ HEADERS = {"content-type": "application/json", "accept": "application/json"}
 Factory = Callable[[str], Awaitable[tuple[Callable[[], Awaitable[object]], Callable[[], Awaitable[None]]]]]
 
 
-async def compat(base_url: str, transport: str) -> tuple[Callable[[], Awaitable[object]], Callable[[], Awaitable[None]]]:
+async def compat(
+    base_url: str, transport: str
+) -> tuple[Callable[[], Awaitable[object]], Callable[[], Awaitable[None]]]:
     os.environ[TRANSPORT_ENV] = transport
     client = OpenAICompatClient(base_url, provider="remote")
     request = msgspec.json.decode(BODY, type=ChatRequest)
@@ -60,7 +62,9 @@ async def http1(base_url: str) -> tuple[Callable[[], Awaitable[object]], Callabl
     return call, pool.aclose
 
 
-async def aiohttp_session(base_url: str) -> tuple[Callable[[], Awaitable[object]], Callable[[], Awaitable[None]]]:
+async def aiohttp_session(
+    base_url: str,
+) -> tuple[Callable[[], Awaitable[object]], Callable[[], Awaitable[None]]]:
     import aiohttp
 
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256), auto_decompress=False)
@@ -73,7 +77,9 @@ async def aiohttp_session(base_url: str) -> tuple[Callable[[], Awaitable[object]
     return call, session.close
 
 
-async def httpx_client(base_url: str) -> tuple[Callable[[], Awaitable[object]], Callable[[], Awaitable[None]]]:
+async def httpx_client(
+    base_url: str,
+) -> tuple[Callable[[], Awaitable[object]], Callable[[], Awaitable[None]]]:
     import httpx
 
     client = httpx.AsyncClient(limits=httpx.Limits(max_connections=256), trust_env=False)
@@ -131,7 +137,9 @@ def main() -> None:
     pin_self(1)
     port = free_port()
     upstream = Child(
-        python_argv("-m", "llmrouter.testing.upstream", "--port", str(port), "--no-record", "--model", "mock-gpt"),
+        python_argv(
+            "-m", "llmrouter.testing.upstream", "--port", str(port), "--no-record", "--model", "mock-gpt"
+        ),
         port,
     )
     rows = []
@@ -140,9 +148,12 @@ def main() -> None:
         base_url = f"http://127.0.0.1:{port}/v1"
         for name, factory in clients:
             results = [
-                uvloop.run(_run(factory, base_url, args.requests, args.concurrency)) for _ in range(args.rounds)
+                uvloop.run(_run(factory, base_url, args.requests, args.concurrency))
+                for _ in range(args.rounds)
             ]
-            rows.append([name, statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)])
+            rows.append(
+                [name, statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)]
+            )
             print(f"{name}: {rows[-1][1]:.1f} µs CPU per request", flush=True)
     finally:
         upstream.stop()
