@@ -29,6 +29,7 @@ from llmrouter.deployments import DeploymentState, GroupState
 from llmrouter.dispatch import dispatch_call, dispatch_stream
 from llmrouter.errors import ConfigError, LLMRouterError, ModelNotFoundError, NestedTooDeeplyError
 from llmrouter.hooks import CacheLayer, RouterHooks
+from llmrouter.probes import SharedProbes
 from llmrouter.provider import Provider
 from llmrouter.registry import available_providers, load_provider_class
 from llmrouter.strategies import get_strategy
@@ -58,7 +59,6 @@ _OpenStream = tuple[RequestContext, Callable[[], AsyncIterator[Any]], bool]
 """An admitted streaming request: its context, what opens its chunks, and whether the
 client asked for the usage chunk."""
 
-_HEALTH_TIMEOUT_S = 2.0
 _MAX_DIRECT_NAME = 256
 """The longest ``provider/model`` name served directly (model ids run to ~100 characters)."""
 
@@ -92,6 +92,7 @@ class Router:
         self._names: dict[str, str] = {}
         self._by_id: dict[str, DeploymentState] = {}
         self._direct_models = 0
+        self._probes = SharedProbes()
         self._started = False
         self._start_lock: anyio.Lock | None = None
         for group in self.config.models:
@@ -526,34 +527,20 @@ class Router:
         return ModelList(data=[ModelCard(id=name, created=created) for name in self._names])
 
     async def readiness(self, *, probe: bool = True) -> dict[str, Any]:
-        """Per-deployment state; with ``probe``, each provider's ``health()`` (2 s bound)."""
+        """Per-deployment state; with ``probe``, each provider's ``health()`` (2 s bound),
+        shared with concurrent callers and reused for a second (:mod:`llmrouter.probes`)."""
         now = time.monotonic()
         snapshots = {d.id: d.snapshot(now) for d in self.deployments}
         if probe:
+
+            async def fill(deployment: DeploymentState) -> None:
+                snapshots[deployment.id].update(await self._probes.result(deployment))
+
             async with anyio.create_task_group() as tg:
                 for deployment in self.deployments:
-                    tg.start_soon(_probe, deployment, snapshots[deployment.id])
+                    tg.start_soon(fill, deployment)
         ready = any(s["healthy"] and s.get("reachable", True) for s in snapshots.values())
         return {"ready": ready, "deployments": list(snapshots.values())}
-
-
-async def _probe(deployment: DeploymentState, snapshot: dict[str, Any]) -> None:
-    if deployment.start_error is not None:
-        snapshot["reachable"] = False
-        return
-    started = time.perf_counter()
-    with anyio.move_on_after(_HEALTH_TIMEOUT_S) as scope:
-        try:
-            health = await deployment.provider.health()
-        except Exception as exc:  # noqa: BLE001 - reported, not raised
-            snapshot["reachable"], snapshot["detail"] = False, f"{type(exc).__name__}: {exc}"
-            return
-    if scope.cancelled_caught:
-        snapshot["reachable"], snapshot["detail"] = False, "health check timed out"
-        return
-    snapshot["reachable"] = health.ok
-    snapshot["detail"] = health.detail
-    snapshot["latency_ms"] = health.latency_ms or round((time.perf_counter() - started) * 1000, 2)
 
 
 _settles_inline = operator.attrgetter("settles_inline")
