@@ -140,6 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "access_log": args.access_log,
         "interface": "asgi3",  # OneLineStartupFailure's __call__ returns the app's coroutine
+        "timeout_graceful_shutdown": config.server.drain_seconds,
     }
     if config.telemetry.json_logs:
         # uvicorn's own logging config would give its start-up lines plain-text handlers;

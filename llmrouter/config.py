@@ -139,6 +139,11 @@ class ServerConfig(Section):
     cors_origins: list[str] = msgspec.field(default_factory=list)
     max_request_bytes: Annotated[int, msgspec.Meta(ge=1)] = 8 * 1024 * 1024
     """Bodies larger than this get 413."""
+    drain_seconds: Annotated[float, msgspec.Meta(ge=0)] | None = 25.0
+    """On SIGTERM or Ctrl-C, how long requests in flight may take to finish; then they are
+    cancelled (billed as cancelled, with their partial output) and the ledger is flushed
+    before the process exits. Below Kubernetes' 30 s grace period by default. None: wait
+    for every request, however long."""
     gc_tuning: bool = True
     """Once started, freeze what start-up allocated out of the garbage collector's way
     and collect young objects less often (~20% of the gateway's CPU with accounting,

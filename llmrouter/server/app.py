@@ -103,6 +103,11 @@ def _attach_extensions(router: Router, extensions: Sequence[Extension]) -> None:
             router.cache = cache
 
 
+SETTLE_SECONDS = 10.0
+"""At shutdown, the longest wait for requests still in flight to finish before the
+extensions close (uvicorn has cancelled them by then, unless told to exit at once)."""
+
+
 class StartupError(Exception):
     """The service could not start; the message says which part and why, in one line."""
 
@@ -129,6 +134,8 @@ def _make_lifespan(service: Service, owns_router: bool) -> Any:
                 _attach_extensions(router, service.extensions)
                 if owns_router:
                     stack.push_async_callback(router.aclose)
+                # Run first at shutdown: requests cancelled there still record their rows.
+                stack.push_async_callback(service.in_flight.wait_idle, SETTLE_SECONDS)
                 await router.start()
             except Exception as exc:
                 raise StartupError(f"{part} failed to start: {one_line_cause(exc)}") from exc
@@ -196,7 +203,7 @@ def create_app(
     ]
     handlers.extend(dashboard_handlers)  # the usage page (static; it calls the accounting API)
     observers = [observe for ext in service.extensions for observe in ext.response_observers()]
-    middleware: list[Any] = [RequestIdMiddleware(observers)]
+    middleware: list[Any] = [RequestIdMiddleware(observers, service.in_flight)]
     for ext in service.extensions:
         handlers.extend(ext.route_handlers())
         middleware.extend(ext.middleware())

@@ -25,6 +25,7 @@ from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 
 from llmrouter.ids import request_id_of
+from llmrouter.server.drain import InFlight
 
 if TYPE_CHECKING:
     from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,8 +47,9 @@ class RequestIdMiddleware(ASGIMiddleware):
 
     scopes = (ScopeType.HTTP,)
 
-    def __init__(self, observers: Sequence[ResponseObserver] = ()) -> None:
+    def __init__(self, observers: Sequence[ResponseObserver] = (), in_flight: InFlight | None = None) -> None:
         self.observers = tuple(observers)
+        self.in_flight = in_flight or InFlight()
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         started = time.perf_counter()
@@ -64,9 +66,11 @@ class RequestIdMiddleware(ASGIMiddleware):
                 message["headers"] = headers
             return send(message)
 
+        self.in_flight.count += 1
         try:
             await next_app(scope, receive, send_with_headers)
         finally:
+            self.in_flight.leave()
             if self.observers:
                 self._observe(scope, time.perf_counter() - started)
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from llmrouter.context import RequestContext
 from llmrouter.extension import Extension
 from llmrouter.ids import request_id_of
+from llmrouter.server.drain import InFlight
 
 if TYPE_CHECKING:
     from litestar import Request
@@ -28,7 +29,7 @@ class Service:
     dataclass would be introspected (and converted) on every request.
     """
 
-    __slots__ = ("_authenticators", "config", "discovery_notes", "extensions", "router")
+    __slots__ = ("_authenticators", "config", "discovery_notes", "extensions", "in_flight", "router")
 
     def __init__(
         self, config: Config, router: Router | None = None, extensions: Sequence[Extension] = ()
@@ -37,6 +38,7 @@ class Service:
         self.router = router
         self.extensions = tuple(extensions)
         self.discovery_notes: list[str] = []
+        self.in_flight = InFlight()
         # Only extensions that override authenticate() cost an await on the hot path.
         self._authenticators = tuple(
             ext for ext in self.extensions if type(ext).authenticate is not Extension.authenticate

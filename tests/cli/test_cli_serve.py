@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -90,3 +92,26 @@ def test_a_start_up_that_fails_says_why_in_one_line_and_exits_3(
     assert done.returncode == 3, done.stderr
     assert "accounting failed to start: ConnectionRefusedError" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_request_cut_by_shutdown_is_billed_and_recorded(tmp_path: Path, serve: Any, make_config: Any) -> None:
+    # SIGTERM with a stream in flight: after server.drain_seconds uvicorn cancels it and
+    # shuts the app down at once; the ledger writer closed while the request was still
+    # being billed, and its row was lost ("ledger writer is closed").
+    with FakeUpstream(models=["mock-gpt"], chunks=100, delay_ms=50) as slow:
+        config = make_config(tmp_path / "llmrouter.yaml", slow.base_url, server={"drain_seconds": 0.5})
+        with serve(config) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+            body = {"model": "mock-gpt", "messages": MESSAGES, "stream": True}
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                lines = response.iter_lines()
+                assert next(line for line in lines if line.startswith("data:"))
+                server.process.terminate()
+                with pytest.raises(httpx.RemoteProtocolError):  # cut before [DONE]
+                    for _ in lines:
+                        pass
+            # uvicorn raises the signal again once it has shut down, as the exit status.
+            assert server.process.wait(timeout=20) == -signal.SIGTERM
+    assert "ledger writer is closed" not in server.output
+    with sqlite3.connect(tmp_path / "llmrouter.db") as db:
+        rows = db.execute("SELECT status, completion_tokens FROM llmr_ledger").fetchall()
+    assert len(rows) == 1 and rows[0][0] == "cancelled" and rows[0][1] > 0, rows

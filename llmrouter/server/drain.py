@@ -1,0 +1,43 @@
+"""Requests in flight, so that shutdown closes nothing they still need.
+
+uvicorn ends a graceful shutdown that ran out of time (``server.drain_seconds``) by
+cancelling the requests left and starting the app's shutdown at once, while those
+requests are still unwinding: billing them as cancelled and recording their ledger rows.
+The ledger writer closed under them, and their rows were lost. The lifespan now waits
+for :class:`InFlight` to reach zero (bounded) before it closes the extensions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+__all__ = ["InFlight"]
+
+log = logging.getLogger("llmrouter.server")
+
+
+class InFlight:
+    """HTTP requests being handled (counted by the request-id middleware)."""
+
+    __slots__ = ("_idle", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: asyncio.Event | None = None  # made only when shutdown waits
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self, at_most_s: float) -> None:
+        """Return once no request is in flight, or after ``at_most_s`` seconds (a second
+        Ctrl-C makes uvicorn shut down without cancelling them)."""
+        if self.count == 0:
+            return
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), at_most_s)
+        except TimeoutError:
+            log.warning("shutting down with %d requests still in flight", self.count)
