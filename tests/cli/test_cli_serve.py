@@ -94,7 +94,9 @@ def test_a_start_up_that_fails_says_why_in_one_line_and_exits_3(
     assert "Traceback" not in done.stderr
 
 
-def test_a_request_cut_by_shutdown_is_billed_and_recorded(tmp_path: Path, serve: Any, make_config: Any) -> None:
+def test_a_request_cut_by_shutdown_is_billed_and_recorded(
+    tmp_path: Path, serve: Any, make_config: Any
+) -> None:
     # SIGTERM with a stream in flight: after server.drain_seconds uvicorn cancels it and
     # shuts the app down at once; the ledger writer closed while the request was still
     # being billed, and its row was lost ("ledger writer is closed").
