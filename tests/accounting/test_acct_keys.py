@@ -58,32 +58,34 @@ async def test_revoke_takes_effect_at_once_and_keeps_auth_on(acct: Accounting) -
         await acct.keys.revoke("nobody")
 
 
-async def test_a_repeated_name_stands_for_its_one_unrevoked_key(acct: Accounting) -> None:
-    old, old_secret = await acct.keys.create("ci-bot")
-    new, new_secret = await acct.keys.create("ci-bot")  # a rotation: both work for a while
-    with pytest.raises(InvalidRequestError) as info:
-        await acct.keys.revoke("ci-bot")
-    assert info.value.http_status == 409 and info.value.code == "ambiguous_key"
-    assert old.id in info.value.message and new.id in info.value.message
-    assert (await acct.authenticate(old_secret)).id == old.id, "nothing was revoked"
-    assert (await acct.authenticate(new_secret)).id == new.id
-    await acct.keys.revoke(old.id)
-    assert (await acct.keys.get("ci-bot")).id == new.id, "the one not revoked, though older ones exist"
-    assert (await acct.keys.revoke("ci-bot")).id == new.id
-    with pytest.raises(AuthenticationError, match="revoked"):
-        await acct.authenticate(new_secret)
-    assert (await acct.keys.get("ci-bot")).id == new.id, "all revoked: the newest"
+async def test_a_repeated_name_stands_for_its_one_unrevoked_key(db_url: str, tmp_path: Path) -> None:
+    async with Accounting(make_config(db_url, tmp_path)) as acct:
+        old, old_secret = await acct.keys.create("ci-bot")
+        new, new_secret = await acct.keys.create("ci-bot")  # a rotation: both work for a while
+        with pytest.raises(InvalidRequestError) as info:
+            await acct.keys.revoke("ci-bot")
+        assert info.value.http_status == 409 and info.value.code == "ambiguous_key"
+        assert old.id in info.value.message and new.id in info.value.message
+        assert (await acct.authenticate(old_secret)).id == old.id, "nothing was revoked"
+        assert (await acct.authenticate(new_secret)).id == new.id
+        await acct.keys.revoke(old.id)
+        assert (await acct.keys.get("ci-bot")).id == new.id, "the one not revoked, though older ones exist"
+        assert (await acct.keys.revoke("ci-bot")).id == new.id
+        with pytest.raises(AuthenticationError, match="revoked"):
+            await acct.authenticate(new_secret)
+        assert (await acct.keys.get("ci-bot")).id == new.id, "all revoked: the newest"
 
 
-async def test_a_key_is_found_by_id_then_prefix_then_name(acct: Accounting) -> None:
-    target, _ = await acct.keys.create("target")
-    # Names that spell another key's id or prefix do not shadow it, older or newer.
-    await acct.keys.create(target.id)
-    await acct.keys.create(target.prefix)
-    assert (await acct.keys.get(target.id)).id == target.id
-    assert (await acct.keys.get(target.prefix)).id == target.id
-    assert (await acct.keys.get("target")).id == target.id
-    assert await acct.keys.get("nobody") is None
+async def test_a_key_is_found_by_id_then_prefix_then_name(db_url: str, tmp_path: Path) -> None:
+    async with Accounting(make_config(db_url, tmp_path)) as acct:
+        target, _ = await acct.keys.create("target")
+        # Names that spell another key's id or prefix do not shadow it, older or newer.
+        await acct.keys.create(target.id)
+        await acct.keys.create(target.prefix)
+        assert (await acct.keys.get(target.id)).id == target.id
+        assert (await acct.keys.get(target.prefix)).id == target.id
+        assert (await acct.keys.get("target")).id == target.id
+        assert await acct.keys.get("nobody") is None
 
 
 async def test_revocation_seen_by_another_replica_after_cache_expiry(sqlite_url: str, tmp_path: Path) -> None:
