@@ -116,34 +116,43 @@ def _make_lifespan(service: Service, owns_router: bool) -> Any:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            part = "the router"
-            try:
-                for ext in service.extensions:
-                    part = ext.name
-                    # Registered before startup: an extension that half-started still closes.
-                    stack.push_async_callback(ext.shutdown)
-                    await ext.startup()
-                part = "the router"
-                if service.router is None:
-                    config, notes = await resolve_config(service.config)
-                    service.config, service.discovery_notes = config, notes
-                    for line in notes:
-                        logger.info("discovery: %s", line)
-                    service.router = _build_router(config)
-                router = service.router
-                _attach_extensions(router, service.extensions)
-                if owns_router:
-                    stack.push_async_callback(router.aclose)
-                # Run first at shutdown: requests cancelled there still record their rows.
-                stack.push_async_callback(service.in_flight.wait_idle, SETTLE_SECONDS)
-                await router.start()
-            except Exception as exc:
-                raise StartupError(f"{part} failed to start: {one_line_cause(exc)}") from exc
+            await _start(service, stack, owns_router)
+            # Closed first at shutdown: requests cancelled there still record their rows.
+            stack.push_async_callback(service.in_flight.wait_idle, SETTLE_SECONDS)
             if service.config.server.gc_tuning:
                 tune_gc()
             yield
 
     return lifespan
+
+
+async def _start(service: Service, stack: AsyncExitStack, owns_router: bool) -> None:
+    """Start the extensions, then the router, registering their closing on ``stack``.
+
+    Raises:
+        StartupError: naming the part that failed and the innermost cause.
+    """
+    part = "the router"
+    try:
+        for ext in service.extensions:
+            part = ext.name
+            # Registered before startup: an extension that half-started still closes.
+            stack.push_async_callback(ext.shutdown)
+            await ext.startup()
+        part = "the router"
+        if service.router is None:
+            config, notes = await resolve_config(service.config)
+            service.config, service.discovery_notes = config, notes
+            for line in notes:
+                logger.info("discovery: %s", line)
+            service.router = _build_router(config)
+        router = service.router
+        _attach_extensions(router, service.extensions)
+        if owns_router:
+            stack.push_async_callback(router.aclose)
+        await router.start()
+    except Exception as exc:
+        raise StartupError(f"{part} failed to start: {one_line_cause(exc)}") from exc
 
 
 GC_YOUNG_THRESHOLD = 10_000
