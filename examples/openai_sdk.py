@@ -39,7 +39,7 @@ def main() -> None:
             f"usage: {reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens"
         )
     for name in ("x-llmrouter-deployment", "x-llmrouter-cost", "x-llmrouter-cache", "x-request-id"):
-        print(f"{name}: {raw.headers.get(name)}")
+        print(f"{name}: {raw.headers.get(name, '-')}")  # no deployment on a cache hit
 
     # A stream; the last chunk carries the usage when asked for.
     print("stream: ", end="")
