@@ -194,6 +194,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         )
         return 2
     config, _ = _load(args)
+    _check_providers(config)  # as serve would: `models` is the quick check of a config
     config, notes = _resolve(config)
     rows = [["MODEL", "ALIASES", "STRATEGY", "DEPLOYMENT", "PROVIDER", "UPSTREAM MODEL"]]
     for group in config.models:

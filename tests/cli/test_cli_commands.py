@@ -132,16 +132,17 @@ def test_bad_config_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "has no deployments" in capsys.readouterr().err
 
 
-def test_serve_with_an_unknown_provider_is_one_line_error(
+def test_serve_or_models_with_an_unknown_provider_is_one_line_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # It was a traceback from the app's start-up, logged by uvicorn, and exit status 3.
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  - name: x\n    deployments:\n      - {provider: nosuch, model: m}\n")
-    assert cli.main(["serve", "--config", str(bad), "--port", "1"]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unknown provider 'nosuch'" in err
-    assert "$.models[0].deployments[0].provider" in err
+    for command in (["serve", "--port", "1"], ["models"]):
+        assert cli.main([*command, "--config", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "unknown provider 'nosuch'" in err
+        assert "$.models[0].deployments[0].provider" in err
 
 
 def test_plugin_subcommands_are_registered(
