@@ -11,6 +11,7 @@ it the router's and the provider's, which closes the upstream connection.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from litestar.response.streaming import ASGIStreamingResponse
 
 from llmrouter.aio import on_asyncio
 from llmrouter.server.disconnect import ClientDisconnected, DisconnectWatch, call_until_disconnect
-from llmrouter.server.errors import error_event
+from llmrouter.server.errors import error_body, error_event
 from llmrouter.server.responses import encoded, fill_response
 
 if TYPE_CHECKING:
@@ -29,6 +30,18 @@ if TYPE_CHECKING:
 __all__ = ["SSEResponse", "open_stream", "sse_events"]
 
 DONE = b"data: [DONE]\n\n"
+SHUTTING_DOWN = (
+    b"data: "
+    + msgspec.json.encode(
+        error_body(
+            "the server is shutting down; send the request again",
+            "service_unavailable",
+            "server_shutting_down",
+        )
+    )
+    + b"\n\n"
+)
+"""The last event of a stream the server cuts at shutdown (after ``server.drain_seconds``)."""
 _STREAM_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
 _CONTENT_TYPE = (b"content-type", b"text/event-stream; charset=utf-8")
 _encode = msgspec.json.Encoder().encode
@@ -94,6 +107,13 @@ class SSEResponse(ASGIStreamingResponse):
                         await self._send_events(send)
                 except ClientDisconnected:
                     return
+                except asyncio.CancelledError:
+                    # Not the client leaving (that is ClientDisconnected): the server
+                    # cut the stream at shutdown. Bill it, then tell the client why.
+                    await _aclose(self.iterator)
+                    finished = True
+                    await _end_quietly(send, SHUTTING_DOWN)
+                    raise
             else:
                 self.iterator = sse_events(self._first, self._chunks, self._request_id)
                 await super().send_body(send, receive)
@@ -135,6 +155,15 @@ class SSEResponse(ASGIStreamingResponse):
                 }
             )
         await send({"type": "http.response.body", "body": DONE, "more_body": False})
+
+
+async def _end_quietly(send: Send, event: bytes) -> None:
+    """Send ``event`` and the end of the stream, if the connection still takes them."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+        try:
+            await send({"type": "http.response.body", "body": event + DONE, "more_body": False})
+        except Exception:  # noqa: BLE001 - the connection is closing anyway
+            return
 
 
 async def open_stream(
