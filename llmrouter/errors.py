@@ -49,6 +49,7 @@ __all__ = [
     "ProviderNotInstalledError",
     "RateLimitError",
     "RequestTooLargeError",
+    "ShuttingDownError",
     "UnprocessableEntityError",
     "UnsupportedFeatureError",
     "UpstreamConnectionError",
@@ -217,6 +218,17 @@ class NoDeploymentAvailableError(LLMRouterError):
     status = 503
     type = "service_unavailable"
     default_code = "no_deployment_available"
+
+
+class ShuttingDownError(LLMRouterError):
+    """The service cut the request short to shut down (``server.drain_seconds`` ran out)."""
+
+    status = 503
+    type = "service_unavailable"
+    default_code = "server_shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; send the request again", retry_after=1.0)
 
 
 class AccountingUnavailableError(LLMRouterError):

@@ -13,6 +13,7 @@ request on this hot path. Other event loops get the task-group version.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 
 from llmrouter.aio import on_asyncio
+from llmrouter.errors import ShuttingDownError
 
 if TYPE_CHECKING:
     from litestar.types import Receive
@@ -85,8 +87,19 @@ async def call_until_disconnect(receive: Receive, call: Callable[[], Awaitable[T
         ClientDisconnected: the client went away; ``call()`` was cancelled.
     """
     if on_asyncio():
-        async with DisconnectWatch(receive):
-            return await call()
+        async with DisconnectWatch(receive) as watch:
+            try:
+                return await call()
+            except asyncio.CancelledError:
+                if watch.disconnected or anyio.current_effective_deadline() == -math.inf:
+                    raise  # the client left, or an enclosing cancel scope was cancelled
+                # The task itself was cancelled: uvicorn's graceful shutdown ran out of
+                # time. The router has billed the request as cancelled; the client gets a
+                # 503 it can retry, not the server's plain-text 500.
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                raise ShuttingDownError from None
     return await _call_in_task_group(receive, call)
 
 

@@ -20,8 +20,9 @@ import msgspec
 from litestar.response.streaming import ASGIStreamingResponse
 
 from llmrouter.aio import on_asyncio
+from llmrouter.errors import ShuttingDownError
 from llmrouter.server.disconnect import ClientDisconnected, DisconnectWatch, call_until_disconnect
-from llmrouter.server.errors import error_body, error_event
+from llmrouter.server.errors import error_event
 from llmrouter.server.responses import encoded, fill_response
 
 if TYPE_CHECKING:
@@ -30,18 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["SSEResponse", "open_stream", "sse_events"]
 
 DONE = b"data: [DONE]\n\n"
-SHUTTING_DOWN = (
-    b"data: "
-    + msgspec.json.encode(
-        error_body(
-            "the server is shutting down; send the request again",
-            "service_unavailable",
-            "server_shutting_down",
-        )
-    )
-    + b"\n\n"
-)
-"""The last event of a stream the server cuts at shutdown (after ``server.drain_seconds``)."""
 _STREAM_HEADERS = ((b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"))
 _CONTENT_TYPE = (b"content-type", b"text/event-stream; charset=utf-8")
 _encode = msgspec.json.Encoder().encode
@@ -112,7 +101,7 @@ class SSEResponse(ASGIStreamingResponse):
                     # cut the stream at shutdown. Bill it, then tell the client why.
                     await _aclose(self.iterator)
                     finished = True
-                    await _end_quietly(send, SHUTTING_DOWN)
+                    await _end_quietly(send, error_event(ShuttingDownError(), self._request_id))
                     raise
             else:
                 self.iterator = sse_events(self._first, self._chunks, self._request_id)

@@ -6,6 +6,7 @@ import json
 import signal
 import sqlite3
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +120,21 @@ def test_a_request_cut_by_shutdown_is_billed_and_recorded(
     with sqlite3.connect(tmp_path / "llmrouter.db") as db:
         rows = db.execute("SELECT status, completion_tokens FROM llmr_ledger").fetchall()
     assert len(rows) == 1 and rows[0][0] == "cancelled" and rows[0][1] > 0, rows
+
+
+def test_a_json_request_cut_by_shutdown_is_a_503_to_retry(
+    tmp_path: Path, serve: Any, make_config: Any
+) -> None:
+    # It was uvicorn's plain-text "500 Internal Server Error".
+    with FakeUpstream(models=["mock-gpt"], chunks=100, delay_ms=50) as slow:  # a 5 s answer
+        config = make_config(tmp_path / "llmrouter.yaml", slow.base_url, server={"drain_seconds": 0.5})
+        with serve(config) as server:
+            threading.Timer(0.5, server.process.terminate).start()
+            body = {"model": "mock-gpt", "messages": MESSAGES}
+            response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+            assert server.process.wait(timeout=20) == -signal.SIGTERM
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "server_shutting_down"
+    assert "Exception in ASGI application" not in server.output
+    with sqlite3.connect(tmp_path / "llmrouter.db") as db:
+        assert db.execute("SELECT status FROM llmr_ledger").fetchall() == [("cancelled",)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from typing import Any
 
@@ -9,7 +10,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from llmrouter.errors import UpstreamError
+from llmrouter.errors import ShuttingDownError, UpstreamError
 from llmrouter.server.disconnect import ClientDisconnected, _call_in_task_group, call_until_disconnect
 
 PATHS = [
@@ -99,3 +100,23 @@ async def test_a_finished_watch_leaves_nothing_for_the_garbage_collector() -> No
     finally:
         gc.enable()
     assert collected < 50, f"{collected} objects in cycles after 50 requests"
+
+
+@pytest.mark.anyio
+async def test_the_server_cancelling_the_task_is_a_503_to_retry() -> None:
+    # uvicorn cancels the requests left when its graceful shutdown runs out of time; the
+    # client then got the server's plain-text 500.
+    never = anyio.Event()
+    started = anyio.Event()
+
+    async def slow_call() -> str:
+        started.set()
+        await anyio.sleep(30)
+        return "never"
+
+    task = asyncio.ensure_future(call_until_disconnect(receive_after(never), slow_call))
+    await started.wait()
+    task.cancel("Task cancelled, timeout graceful shutdown exceeded")
+    with pytest.raises(ShuttingDownError) as info:
+        await task
+    assert info.value.http_status == 503 and info.value.retry_after == 1.0
