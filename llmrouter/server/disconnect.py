@@ -26,7 +26,7 @@ from llmrouter.errors import ShuttingDownError
 if TYPE_CHECKING:
     from litestar.types import Receive
 
-__all__ = ["ClientDisconnected", "DisconnectWatch", "call_until_disconnect"]
+__all__ = ["ClientDisconnected", "DisconnectWatch", "by_the_server", "call_until_disconnect"]
 
 T = TypeVar("T")
 
@@ -80,6 +80,13 @@ class DisconnectWatch:
         return False
 
 
+def by_the_server() -> bool:
+    """While a ``CancelledError`` is handled: True when the task itself was cancelled
+    (what uvicorn does to the requests left when its graceful shutdown runs out of time),
+    False when an enclosing anyio cancel scope was (its deadline reads minus infinity)."""
+    return anyio.current_effective_deadline() != -math.inf
+
+
 async def call_until_disconnect(receive: Receive, call: Callable[[], Awaitable[T]]) -> T:
     """Await ``call()``, cancelling it if the client disconnects meanwhile.
 
@@ -91,7 +98,7 @@ async def call_until_disconnect(receive: Receive, call: Callable[[], Awaitable[T
             try:
                 return await call()
             except asyncio.CancelledError:
-                if watch.disconnected or anyio.current_effective_deadline() == -math.inf:
+                if watch.disconnected or not by_the_server():
                     raise  # the client left, or an enclosing cancel scope was cancelled
                 # The task itself was cancelled: uvicorn's graceful shutdown ran out of
                 # time. The router has billed the request as cancelled; the client gets a

@@ -21,7 +21,12 @@ from litestar.response.streaming import ASGIStreamingResponse
 
 from llmrouter.aio import on_asyncio
 from llmrouter.errors import ShuttingDownError
-from llmrouter.server.disconnect import ClientDisconnected, DisconnectWatch, call_until_disconnect
+from llmrouter.server.disconnect import (
+    ClientDisconnected,
+    DisconnectWatch,
+    by_the_server,
+    call_until_disconnect,
+)
 from llmrouter.server.errors import error_event
 from llmrouter.server.responses import encoded, fill_response
 
@@ -97,11 +102,12 @@ class SSEResponse(ASGIStreamingResponse):
                 except ClientDisconnected:
                     return
                 except asyncio.CancelledError:
-                    # Not the client leaving (that is ClientDisconnected): the server
-                    # cut the stream at shutdown. Bill it, then tell the client why.
+                    # Not the client leaving (that is ClientDisconnected). When the server
+                    # cut the stream at shutdown: bill it, then tell the client why.
                     await _aclose(self.iterator)
                     finished = True
-                    await _end_quietly(send, error_event(ShuttingDownError(), self._request_id))
+                    if by_the_server():
+                        await _end_quietly(send, error_event(ShuttingDownError(), self._request_id))
                     raise
             else:
                 self.iterator = sse_events(self._first, self._chunks, self._request_id)
