@@ -9,8 +9,9 @@ for :class:`InFlight` to reach zero (bounded) before it closes the extensions.
 
 from __future__ import annotations
 
-import asyncio
 import logging
+
+import anyio
 
 __all__ = ["InFlight"]
 
@@ -24,7 +25,7 @@ class InFlight:
 
     def __init__(self) -> None:
         self.count = 0
-        self._idle: asyncio.Event | None = None  # made only when shutdown waits
+        self._idle: anyio.Event | None = None  # made only when shutdown waits
 
     def leave(self) -> None:
         self.count -= 1
@@ -36,8 +37,8 @@ class InFlight:
         Ctrl-C makes uvicorn shut down without cancelling them)."""
         if self.count == 0:
             return
-        self._idle = asyncio.Event()
-        try:
-            await asyncio.wait_for(self._idle.wait(), at_most_s)
-        except TimeoutError:
+        self._idle = anyio.Event()
+        with anyio.move_on_after(at_most_s):
+            await self._idle.wait()
+        if self.count:
             log.warning("shutting down with %d requests still in flight", self.count)
