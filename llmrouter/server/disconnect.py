@@ -92,6 +92,8 @@ async def call_until_disconnect(receive: Receive, call: Callable[[], Awaitable[T
 
     Raises:
         ClientDisconnected: the client went away; ``call()`` was cancelled.
+        ShuttingDownError: (asyncio) the server cancelled the request's task at the end
+            of its shutdown's drain; ``call()`` was cancelled.
     """
     if on_asyncio():
         async with DisconnectWatch(receive) as watch:
