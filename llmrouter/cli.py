@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmrouter.config import Config, load_config
-from llmrouter.errors import LLMRouterError
+from llmrouter.errors import ConfigError, LLMRouterError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -74,8 +74,8 @@ def _check_providers(config: Config) -> None:
                 try:
                     load_provider_class(deployment.provider)
                 except LLMRouterError as exc:
-                    exc.message = f"config: {exc.message} - at `$.models[{i}].deployments[{j}].provider`"
-                    raise
+                    where = f"$.models[{i}].deployments[{j}].provider"
+                    raise ConfigError(f"config: {exc.message} - at `{where}`") from exc
 
 
 def _version() -> str:
