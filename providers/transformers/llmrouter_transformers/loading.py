@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from llmrouter.errors import ConfigError
+from llmrouter_transformers.notices import notice, quiet_progress_bars
 
 __all__ = ["DType", "LoadedModel", "hub_is_offline", "load_model", "resolve_device", "resolve_dtype"]
 
@@ -93,11 +93,6 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
-def _log(message: str) -> None:
-    # A plain line on stderr: the server's start-up output, visible before logging is set up.
-    print(f"llmrouter-transformers: {message}", file=sys.stderr, flush=True)
-
-
 def _locate(source: str, *, revision: str | None) -> tuple[str, bool]:
     """Where to load ``source`` from, and whether only local files may be used.
 
@@ -155,7 +150,8 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     location, local_only = _locate(source, revision=revision)
-    _log(f"loading {source} on {torch_device} ({str(torch_dtype).removeprefix('torch.')}) ...")
+    notice(f"loading {source} on {torch_device} ({str(torch_dtype).removeprefix('torch.')}) ...")
+    quiet_progress_bars()
     started = time.perf_counter()
     kwargs: dict[str, Any] = {
         "revision": revision,
@@ -177,5 +173,5 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
     elapsed = time.perf_counter() - started
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    _log(f"loaded {source} ({params:.1f}M parameters) in {elapsed:.1f} s")
+    notice(f"loaded {source} ({params:.1f}M parameters) in {elapsed:.1f} s")
     return LoadedModel(model, tokenizer, torch_device, torch_dtype, source, elapsed)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
 from llmrouter.errors import ConfigError
+from llmrouter_transformers.notices import notice, quiet_progress_bars
 
 __all__ = ["DISTRIBUTION", "MODEL_NAME", "cache_root", "converted_dir", "ensure_converted", "find_gguf"]
 
@@ -71,11 +71,8 @@ def _convert(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(
-        f"llmrouter-transformers: converting {gguf.name} once into {target} (about 30 s) ...",
-        file=sys.stderr,
-        flush=True,
-    )
+    notice(f"converting {gguf.name} once into {target} (about 30 s) ...")
+    quiet_progress_bars()
     started = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary sibling and rename: a crash or a concurrent start never
@@ -101,7 +98,7 @@ def _convert(gguf: Path, target: Path) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     elapsed = time.perf_counter() - started
-    print(f"llmrouter-transformers: converted in {elapsed:.1f} s", file=sys.stderr, flush=True)
+    notice(f"converted in {elapsed:.1f} s")
 
 
 def ensure_converted() -> Path:
