@@ -284,6 +284,8 @@ class OpenAICompatClient:
         max_keepalive: idle connections kept open.
         verify: TLS verification (bool or CA bundle path).
         stream_usage: send ``stream_options.include_usage`` (off for servers that reject it).
+        refine_error: maps the error of an upstream's error answer to a truer one (an
+            upstream whose 404 means "no model here can do what you asked").
     """
 
     def __init__(
@@ -300,10 +302,12 @@ class OpenAICompatClient:
         max_keepalive: int = 64,
         verify: bool | str = True,
         stream_usage: bool = True,
+        refine_error: Callable[[LLMRouterError], LLMRouterError] | None = None,
     ) -> None:
         self.base_url = normalise_base_url(base_url)
         self.provider = provider
         self.stream_usage = stream_usage
+        self._refine_error = refine_error
         timeouts = timeouts or Timeouts()
         self.timeout = httpx.Timeout(
             connect=timeouts.connect,
@@ -431,10 +435,14 @@ class OpenAICompatClient:
                 await response.aclose()
         return response.status_code, content, response.headers
 
+    def _error(self, status: int, content: bytes, headers: Mapping[str, str]) -> LLMRouterError:
+        error = error_from_body(status, content, headers, provider=self.provider)
+        return error if self._refine_error is None else self._refine_error(error)
+
     async def _post_json(self, path: str, body: bytes, kind: type[_A]) -> _A:
         status, content, headers = await self._read("POST", path, body)
         if status >= 400:
-            raise error_from_body(status, content, headers, provider=self.provider)
+            raise self._error(status, content, headers)
         answer = self._decode(content, kind, path)
         if not answer.choices:
             # OpenAI's answers have at least one (n >= 1); passed on, an empty list is an
@@ -522,7 +530,7 @@ class OpenAICompatClient:
             if response.status_code >= 400:
                 with _translate(self.provider, f"reading the error of POST {path}"):
                     content = await response.aread()
-                raise error_from_body(response.status_code, content, response.headers, provider=self.provider)
+                raise self._error(response.status_code, content, response.headers)
             with _translate(self.provider, f"streaming POST {path}"):
                 body_pieces = response.aiter_bytes()
                 ended = False
@@ -578,7 +586,7 @@ class OpenAICompatClient:
         """``GET /models``, tolerant of missing or null fields."""
         status, content, headers = await self._read("GET", "/models")
         if status >= 400:
-            raise error_from_body(status, content, headers, provider=self.provider)
+            raise self._error(status, content, headers)
         try:
             payload = _generic.decode(content)
         except msgspec.DecodeError as exc:

@@ -11,12 +11,14 @@ OpenRouter speaks the OpenAI API with extras, which this class adds:
 - errors in the body of a 200 response (a model that failed mid-answer).
 
 HTTP statuses map through :func:`llmrouter.errors.error_for_status` (401 authentication,
-402 out of credit, 429 and 5xx retryable, each with ``Retry-After`` when sent).
+402 out of credit, 429 and 5xx retryable, each with ``Retry-After`` when sent); its 404
+"No endpoints found that support …" is a 400 ``unsupported_feature``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any, ClassVar, Literal
 
@@ -24,7 +26,14 @@ import httpx
 import msgspec
 
 from llmrouter.config import Deployment, ModelGroup, Timeouts
-from llmrouter.errors import AuthenticationError, LLMRouterError, UpstreamError, error_for_status
+from llmrouter.errors import (
+    AuthenticationError,
+    LLMRouterError,
+    NotFoundError,
+    UnsupportedFeatureError,
+    UpstreamError,
+    error_for_status,
+)
 from llmrouter.openai_compat import OpenAICompatClient, error_from_body
 from llmrouter.openai_provider import OpenAICompatProvider
 from llmrouter.provider import Health, ProviderOptions
@@ -43,6 +52,22 @@ MODELS_ENV = "LLMROUTER_OPENROUTER_MODELS"
 # Fields a client may send that change which model answers (and so what it costs);
 # dropped unless the deployment sets ``client_routing: true``.
 _CLIENT_ROUTING_FIELDS = ("models", "route")
+
+
+# OpenRouter answers 404 when none of a model's endpoints can take the request as asked
+# ("No endpoints found that support tool use", "... the provided 'tool_choice' value",
+# "... that can handle the requested parameters"). Not its "matching your data policy":
+# that is the account's setting, the deployment's fault.
+_UNSUPPORTED = re.compile(r"No endpoints found that (?:support|can handle)", re.IGNORECASE)
+
+
+def _refusal(error: LLMRouterError) -> LLMRouterError:
+    """OpenRouter's "no endpoint supports that" 404 as what it is: a refusal of this
+    request (400 ``unsupported_feature``), which moves the request on to a deployment that
+    can take it and does not count against this one (a 404 would cool it down)."""
+    if isinstance(error, NotFoundError) and _UNSUPPORTED.search(error.message):
+        return UnsupportedFeatureError(error.message, provider=error.provider)
+    return error
 
 
 class OpenRouterOptions(ProviderOptions):
@@ -119,6 +144,7 @@ class OpenRouterProvider(OpenAICompatProvider[OpenRouterOptions]):
             http_client=self._http_client,
             transport=self._transport,
             max_connections=opts.max_connections,
+            refine_error=_refusal,
         )
 
     # --- requests -------------------------------------------------------------------

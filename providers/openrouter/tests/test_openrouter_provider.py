@@ -17,7 +17,9 @@ from llmrouter.errors import (
     AuthenticationError,
     InsufficientCreditsError,
     InvalidRequestError,
+    NotFoundError,
     RateLimitError,
+    UnsupportedFeatureError,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamUnavailableError,
@@ -196,6 +198,40 @@ async def test_error_statuses(
     assert info.value.http_status == status if status != 502 else info.value.http_status == 502
     with pytest.raises(error_type):
         await collect(provider.stream(chat_request()))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "No endpoints found that support tool use. To learn more about provider routing, visit: "
+        "https://openrouter.ai/docs/provider-routing",
+        "No endpoints found that support the provided 'tool_choice' value.",
+        "No endpoints found that can handle the requested parameters.",
+    ],
+)
+async def test_no_endpoint_for_what_the_request_asks_is_a_refusal(
+    provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter, message: str
+) -> None:
+    # OpenRouter's 404: as a NotFoundError it counted against the deployment, and three
+    # requests with tools to a model without them cooled OpenRouter down for everyone.
+    fake_openrouter.fail_status = 404
+    fake_openrouter.fail_message = message
+    with pytest.raises(UnsupportedFeatureError) as info:
+        await provider.chat(chat_request())
+    assert info.value.http_status == 400 and info.value.code == "unsupported_feature"
+    assert info.value.message == message
+    with pytest.raises(UnsupportedFeatureError):
+        await collect(provider.stream(chat_request()))
+
+
+async def test_a_404_about_the_account_stays_the_deployments_fault(
+    provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter
+) -> None:
+    fake_openrouter.fail_status = 404
+    fake_openrouter.fail_message = "No endpoints found matching your data policy (Free model publication)."
+    with pytest.raises(NotFoundError) as info:
+        await provider.chat(chat_request())
+    assert not isinstance(info.value, UnsupportedFeatureError)
 
 
 async def test_bad_key_is_401(openrouter_url: str) -> None:
