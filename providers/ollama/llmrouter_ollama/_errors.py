@@ -3,6 +3,7 @@
 ::
 
     ollama.ResponseError 404 "model ... not found"  -> ModelNotFoundError (says: ollama pull <model>)
+    ollama.ResponseError 400 "... does not support tools" -> UnsupportedFeatureError
     ollama.ResponseError <status>                   -> error_for_status (429/5xx retryable)
     ollama.ResponseError without status              -> UpstreamError (an {"error": ...} line mid-stream)
     ConnectionError / httpx.ConnectError             -> UpstreamConnectionError (no daemon)
@@ -25,6 +26,7 @@ import pydantic
 from llmrouter.errors import (
     LLMRouterError,
     ModelNotFoundError,
+    UnsupportedFeatureError,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamTimeoutError,
@@ -57,6 +59,10 @@ def _from_response_error(exc: ollama.ResponseError, model: str, host: str) -> LL
             f"ollama: model {model!r} is not available on {host}: pull it first (`ollama pull {model}`)",
             provider=PROVIDER,
         )
+    if status == 400 and "does not support" in message:
+        # "registry.ollama.ai/library/gemma3:4b does not support tools" (or thinking, or
+        # insert): this model cannot do what the request asks, another deployment may.
+        return UnsupportedFeatureError(f"ollama: {message}", provider=PROVIDER)
     return error_for_status(status, f"ollama: {message}", provider=PROVIDER, retry_after=_retry_after.get())
 
 

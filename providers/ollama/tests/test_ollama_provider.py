@@ -343,6 +343,19 @@ async def test_error_statuses_map_to_the_tree(
         await collect(provider.stream(chat_request()))
 
 
+async def test_a_model_without_tools_refuses_them(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
+    # Ollama's 400 for it: as an InvalidRequestError the request failed as the client's
+    # fault instead of moving on to a deployment that has tools.
+    fake_ollama.fail_status = 400
+    fake_ollama.fail_body = {"error": "registry.ollama.ai/library/gemma3:4b does not support tools"}
+    with pytest.raises(UnsupportedFeatureError) as info:
+        await provider.chat(chat_request())
+    assert info.value.http_status == 400 and info.value.code == "unsupported_feature"
+    assert "does not support tools" in info.value.message
+    with pytest.raises(UnsupportedFeatureError):
+        await collect(provider.stream(chat_request()))
+
+
 async def test_broken_stream_is_a_retryable_connection_error(
     provider: OllamaProvider, fake_ollama: FakeOllama
 ) -> None:
