@@ -30,6 +30,7 @@ retryable, a local rate limit is not.
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 __all__ = [
@@ -240,6 +241,12 @@ class AccountingUnavailableError(LLMRouterError):
     default_code = "accounting_unavailable"
 
 
+# Servers that say so only in words: vLLM ("This model's maximum context length is 4096
+# tokens ...", code 400) and llama.cpp ("request (4476 tokens) exceeds the available
+# context size (4096 tokens)").
+_CONTEXT_TOO_SMALL = re.compile(r"maximum context length|exceeds the available context size", re.IGNORECASE)
+
+
 def error_for_status(
     status: int,
     message: str,
@@ -255,8 +262,8 @@ def error_for_status(
     """
     kwargs: dict[str, Any] = {"provider": provider, "retry_after": retry_after, "code": code, "param": param}
     if status == 400:
-        if code == "context_length_exceeded":
-            return ContextWindowExceededError(message, **kwargs)
+        if code == "context_length_exceeded" or _CONTEXT_TOO_SMALL.search(message):
+            return ContextWindowExceededError(message, **{**kwargs, "code": None})  # its own code
         if code == "unsupported_feature":  # a remote llmrouter node's refusal: another may take it
             return UnsupportedFeatureError(message, **kwargs)
         return InvalidRequestError(message, **kwargs)

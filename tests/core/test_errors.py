@@ -51,6 +51,24 @@ def test_a_remote_nodes_refusal_keeps_its_kind():
     assert type(errors.error_for_status(400, "bad", code="invalid_value")) is errors.InvalidRequestError
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        # vLLM's OpenAI server (code 400, no context_length_exceeded)
+        "'max_tokens' or 'max_completion_tokens' is too large: 8000. This model's maximum context "
+        "length is 4096 tokens and your request has 2778 input tokens (8000 > 4096 - 2778).",
+        # llama.cpp's server
+        "request (4476 tokens) exceeds the available context size (4096 tokens)",
+    ],
+)
+def test_a_context_window_said_only_in_words_is_still_one(message):
+    # As a plain 400 it was the request's fault everywhere: no move to a deployment with
+    # a larger context.
+    error = errors.error_for_status(400, message, code="400")
+    assert isinstance(error, errors.ContextWindowExceededError)
+    assert error.to_body()["error"]["code"] == "context_length_exceeded"
+
+
 def test_local_rate_limit_is_not_retryable_but_upstream_is():
     assert errors.RateLimitError("slow down").retryable is False
     assert errors.error_for_status(429, "slow down").retryable is True
