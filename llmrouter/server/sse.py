@@ -103,9 +103,8 @@ class SSEResponse(ASGIStreamingResponse):
                     return
                 except asyncio.CancelledError:
                     # Not the client leaving (that is ClientDisconnected). When the server
-                    # cut the stream at shutdown: bill it, then tell the client why.
-                    await _aclose(self.iterator)
-                    finished = True
+                    # cut the stream at shutdown, tell the client why; the chunks are
+                    # closed (and the request billed) below, as for any other end.
                     if by_the_server():
                         await _end_quietly(send, error_event(ShuttingDownError(), self._request_id))
                     raise
