@@ -17,9 +17,10 @@ SQLAlchemy, Redis and Litestar imports.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 
 __all__ = [
     "AccountingConfig",
@@ -84,6 +85,12 @@ class RedisConfig(_Section):
     """When set, rate-limit windows and budget reservations live in Redis and are shared
     by every replica."""
     prefix: str = "llmrouter:"
+    timeout: Annotated[float, Meta(gt=0)] = 2.0
+    """Seconds a check may wait for a free connection, to connect, and for Redis's reply;
+    past that the request gets 503 ``accounting_unavailable`` (a Redis that stops
+    answering fails requests, it does not hold them)."""
+    max_connections: Annotated[int, Meta(ge=1)] = 100
+    """Connections per process; more concurrent checks wait for one (up to ``timeout``)."""
 
 
 class LedgerConfig(_Section):

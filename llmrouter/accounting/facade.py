@@ -21,6 +21,7 @@ from llmrouter.accounting.migrations import current_version, latest_version, upg
 from llmrouter.accounting.models import LedgerRow
 from llmrouter.accounting.reports import usage_report
 from llmrouter.errors import ConfigError
+from llmrouter.redis_pool import connect
 
 __all__ = ["Accounting"]
 
@@ -132,10 +133,11 @@ class Accounting:
                 log.info("accounting: applied schema migrations %s", applied)
         elif await current_version(self.engine) < latest_version():
             raise ConfigError("accounting database schema is behind: run `llmrouter db upgrade`")
-        if self._own_redis and self.config.redis.url is not None:
-            import redis.asyncio as aioredis
-
-            self.redis = aioredis.Redis.from_url(self.config.redis.url)
+        settings = self.config.redis
+        if self._own_redis and settings.url is not None:
+            self.redis = connect(
+                settings.url, timeout=settings.timeout, max_connections=settings.max_connections
+            )
         await self.ledger.start()
         self.limiter = (
             RedisLimiter(

@@ -11,6 +11,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from llmrouter.cache.base import BackendStats
+from llmrouter.redis_pool import connect
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -28,8 +29,9 @@ class RedisBackend:
         prefix: prepended to every key; ``clear`` deletes only keys under it.
         client: an existing ``redis.asyncio.Redis`` to use instead (not closed by
             :meth:`aclose`).
-        timeout: seconds for connecting and for each command; a stuck Redis turns
-            into misses, not into stuck requests.
+        timeout: seconds a command may wait for a free connection (of
+            :data:`~llmrouter.redis_pool.MAX_CONNECTIONS`), to connect, and for the
+            reply; a stuck Redis turns into misses, not into stuck requests.
     """
 
     name = "redis"
@@ -95,11 +97,7 @@ class RedisBackend:
 
     def _redis(self) -> Redis:
         if self._client is None:
-            from redis.asyncio import Redis
-
-            self._client = Redis.from_url(
-                self.url, socket_timeout=self.timeout, socket_connect_timeout=self.timeout
-            )
+            self._client = connect(self.url, timeout=self.timeout)
         return self._client
 
 

@@ -190,6 +190,25 @@ async def test_redis_sets_ttl_and_keeps_to_its_prefix(redis_prefix: str) -> None
 
 
 @pytest.mark.redis
+async def test_redis_more_concurrent_commands_than_connections_wait_for_one(redis_prefix: str) -> None:
+    made = RedisBackend(prefix=redis_prefix)  # at most MAX_CONNECTIONS (100) connections
+    got: list[bytes | None] = []
+
+    async def one(i: int) -> None:
+        await made.set(f"k{i}", b"v", 30)
+        got.append(await made.get(f"k{i}"))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(300):
+                tg.start_soon(one, i)
+        assert got == [b"v"] * 300
+    finally:
+        await made.clear()
+        await made.aclose()
+
+
+@pytest.mark.redis
 async def test_redis_entry_really_expires(redis_prefix: str) -> None:
     made = RedisBackend(prefix=redis_prefix)
     await made.set("brief", b"x", 0.05)
