@@ -19,6 +19,7 @@ import importlib
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -163,11 +164,16 @@ def _serve_workers(workers: int, options: dict[str, Any]) -> int:
     from uvicorn.config import STARTUP_FAILURE
     from uvicorn.supervisors import Multiprocess
 
+    from llmrouter.telemetry.config import METRICS_DIR_ENV
+
     config = uvicorn.Config(
         "llmrouter.server.startup:serve_app_from_env", factory=True, workers=workers, **options
     )
     supervisor = Multiprocess(config, sockets=[config.bind_socket()])
-    supervisor.run()
+    # Where the workers share their metrics, so that /metrics shows them all.
+    with tempfile.TemporaryDirectory(prefix="llmrouter-metrics-") as metrics_dir:
+        os.environ[METRICS_DIR_ENV] = metrics_dir
+        supervisor.run()
     return STARTUP_FAILURE if any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes) else 0
 
 

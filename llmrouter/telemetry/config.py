@@ -19,7 +19,11 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ["TelemetryConfig"]
+__all__ = ["METRICS_DIR_ENV", "TelemetryConfig"]
+
+METRICS_DIR_ENV = "LLMROUTER_METRICS_DIR"
+"""Where multi-worker ``llmrouter serve`` tells its workers to share their metrics (a
+folder it makes; see :mod:`llmrouter.telemetry.workers`)."""
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmrouter.extension import Extension, ResponseObserver
-from llmrouter.telemetry.config import TelemetryConfig
+from llmrouter.telemetry.config import METRICS_DIR_ENV, TelemetryConfig
 from llmrouter.telemetry.hooks import TelemetryHooks
 from llmrouter.telemetry.http import HttpDurations, TelemetryMiddleware
 from llmrouter.telemetry.logging import configure_logging, log_event
@@ -44,6 +45,8 @@ class TelemetryExtension(Extension):
         meter_provider: record into this provider instead of the service's own
             Prometheus one (``/metrics`` is then not served).
         tracer_provider: send spans there instead of an OTLP exporter built from config.
+        workers_dir: the folder the workers of a multi-worker server share their metrics
+            in, so that ``/metrics`` shows them all (see :mod:`llmrouter.telemetry.workers`).
     """
 
     name = "telemetry"
@@ -54,11 +57,12 @@ class TelemetryExtension(Extension):
         *,
         meter_provider: MeterProvider | None = None,
         tracer_provider: Any = None,
+        workers_dir: str | None = None,
     ) -> None:
         self.config = config or TelemetryConfig()
         self.prometheus: PrometheusMetrics | None = None
         if meter_provider is None and self.config.metrics:
-            self.prometheus = PrometheusMetrics(self.config.service_name)
+            self.prometheus = PrometheusMetrics(self.config.service_name, workers_dir=workers_dir)
             meter_provider = self.prometheus.meter_provider
         self.metrics = RouterMetrics(meter_provider, local=self.prometheus.local if self.prometheus else None)
         self._owns_tracer_provider = tracer_provider is None
@@ -117,6 +121,7 @@ class TelemetryExtension(Extension):
         # it must be switched off here, or it comes back on every request.
         logging.getLogger("uvicorn.access").disabled = True
         if self.prometheus is not None:
+            self.prometheus.publish()  # the other workers' scrapes show this one from now on
             self._folding = asyncio.get_running_loop().create_task(
                 self._fold_every(FOLD_SECONDS), name="llmrouter-metrics-fold"
             )
@@ -134,6 +139,8 @@ class TelemetryExtension(Extension):
             await asyncio.sleep(seconds)
             try:
                 self.metrics.fold()
+                if self.prometheus is not None:
+                    self.prometheus.publish()
             except Exception:  # keep folding; the scrape folds too
                 logger.exception("telemetry: folding metrics failed")
 
@@ -194,4 +201,4 @@ def build_telemetry_extension(config: Config) -> TelemetryExtension | None:
     settings = config.telemetry
     if not (settings.metrics or settings.json_logs or settings.access_log or settings.otlp_endpoint):
         return None
-    return TelemetryExtension(settings)
+    return TelemetryExtension(settings, workers_dir=os.environ.get(METRICS_DIR_ENV))

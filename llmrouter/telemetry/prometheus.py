@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from llmrouter.telemetry.local import LocalCounter, LocalHistogram, LocalMetrics
 from llmrouter.telemetry.metrics import _version
+from llmrouter.telemetry.workers import WorkerMetrics
 
 __all__ = ["PrometheusMetrics"]
 
@@ -33,9 +34,13 @@ class PrometheusMetrics:
     Args:
         service_name: the ``service.name`` resource attribute (``target_info``).
         process_metrics: also export the process' CPU, memory, file descriptors and GC.
+        workers_dir: the folder the workers of a multi-worker server share their
+            metrics in (see :mod:`llmrouter.telemetry.workers`); None for one process.
     """
 
-    def __init__(self, service_name: str = "llmrouter", *, process_metrics: bool = True) -> None:
+    def __init__(
+        self, service_name: str = "llmrouter", *, process_metrics: bool = True, workers_dir: str | None = None
+    ) -> None:
         self.registry = CollectorRegistry()
         self.reader = PrometheusMetricReader(registry=self.registry)
         # Histograms and counters recorded on the request path skip the SDK (see
@@ -53,13 +58,25 @@ class PrometheusMetrics:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
             GCCollector(registry=self.registry)
+        self.workers = WorkerMetrics(workers_dir, self.registry) if workers_dir else None
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
-        """The scrape body and its content type (OpenMetrics when the scraper asks for it)."""
+        """The scrape body and its content type (OpenMetrics when the scraper asks for it);
+        with ``workers_dir``, every worker's series."""
         encoder, content_type = choose_encoder(accept or "")
-        return encoder(self.registry), content_type
+        if self.workers is None:
+            return encoder(self.registry), content_type
+        self.workers.publish()
+        return encoder(self.workers.registry), content_type
+
+    def publish(self) -> None:
+        """Share this worker's series with the others (with ``workers_dir``; else nothing)."""
+        if self.workers is not None:
+            self.workers.publish()
 
     def shutdown(self) -> None:
+        if self.workers is not None:
+            self.workers.remove()
         self.meter_provider.shutdown()
 
 

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,41 @@ def test_serve_minimal_config(tmp_path: Path, fake: FakeUpstream, serve: Any, ma
 def test_serve_with_two_workers(tmp_path: Path, fake: FakeUpstream, serve: Any, make_config: Any) -> None:
     config = make_config(tmp_path / "llmrouter.yaml", fake.base_url)
     with serve(config, "--workers", "2") as server:
-        sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-        for _ in range(4):
+        for _ in range(12):  # a connection each: the workers take turns accepting them
+            sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
             assert sdk.chat.completions.create(model="mock-gpt", messages=MESSAGES).choices[0].message.content
-    assert len(fake.generation_requests()) == 4
+            sdk.close()
+        # Every scrape shows both workers' series, whichever worker answers it (the
+        # other worker's snapshot is at most a second old).
+        deadline = time.monotonic() + 10
+        while sum(_chat_counts(server.url).values()) < 12:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        for _ in range(10):
+            assert sum(_chat_counts(server.url).values()) == 12
+            assert len(_workers(server.url)) == 2
+    assert len(fake.generation_requests()) == 12
+
+
+def _scrape(url: str) -> list[Any]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return list(text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text))
+
+
+def _chat_counts(url: str) -> dict[str, float]:
+    """Chat requests by worker, from one scrape."""
+    return {
+        sample.labels["worker"]: sample.value
+        for family in _scrape(url)
+        for sample in family.samples
+        if sample.name == "http_server_request_duration_seconds_count"
+        and sample.labels["http_route"] == "/v1/chat/completions"
+    }
+
+
+def _workers(url: str) -> set[str]:
+    return {sample.labels["worker"] for family in _scrape(url) for sample in family.samples}
 
 
 def test_chain_of_two_routers(tmp_path: Path, fake: FakeUpstream, serve: Any, make_config: Any) -> None:
