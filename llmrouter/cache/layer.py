@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from llmrouter.aio import on_asyncio
 from llmrouter.cache.base import CacheBackend
+from llmrouter.cache.breaker import Breaker
 from llmrouter.cache.coalesce import Coalescer, Flight
 from llmrouter.cache.entry import CacheEntry, decode_entry, encode_entry, is_storable, last_usage
 from llmrouter.cache.key import cache_key
@@ -102,6 +103,8 @@ class ResponseCache:
         self.max_entry_bytes = max_entry_bytes
         self.stats = CacheStats()
         self.coalescer = Coalescer()
+        self.breaker = Breaker()
+        """Skips a failing backend for a while (see :mod:`llmrouter.cache.breaker`)."""
         self._groups: dict[str, GroupCache | None] = dict(groups or {})
 
     @classmethod
@@ -378,14 +381,28 @@ class ResponseCache:
             self._settle(ctx, flight, None)
 
     async def _lookup(self, key: str) -> CacheEntry | None:
+        breaker = self.breaker
+        if not breaker.allow():
+            return None
         try:
             data = await self.backend.get(key)
-            if data is None:
-                return None
-            return decode_entry(data)
         except Exception as exc:  # noqa: BLE001 - a broken cache must never break a request
             self.stats.errors += 1
-            log.warning("cache: lookup failed (%s: %s); treating as a miss", type(exc).__name__, exc)
+            breaker.failed("lookup", exc)
+            return None
+        except BaseException:
+            breaker.released()
+            raise
+        breaker.succeeded()
+        if data is None:
+            return None
+        try:
+            return decode_entry(data)
+        except Exception as exc:  # noqa: BLE001 - an entry it cannot read is a miss
+            self.stats.errors += 1
+            log.warning(
+                "cache: reading the entry failed (%s: %s); treating as a miss", type(exc).__name__, exc
+            )
             return None
 
     async def _store(
@@ -407,13 +424,21 @@ class ResponseCache:
         if self.max_entry_bytes is not None and len(data) > self.max_entry_bytes:
             self.stats.skipped += 1
             return
+        breaker = self.breaker
+        if not breaker.allow():
+            self.stats.skipped += 1
+            return
         try:
             await self.backend.set(plan.key, data, plan.ttl)
         except Exception as exc:  # noqa: BLE001 - the answer is already on its way; only the store is lost
             self.stats.errors += 1
             self.stats.skipped += 1
-            log.warning("cache: store failed (%s: %s)", type(exc).__name__, exc)
+            breaker.failed("store", exc)
             return
+        except BaseException:
+            breaker.released()
+            raise
+        breaker.succeeded()
         self.stats.stores += 1
 
     async def _store_flight(self, plan: _Plan, flight: Flight, *, store: bool) -> None:

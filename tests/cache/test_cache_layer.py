@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llmrouter.cache import MemoryBackend, ResponseCache
+from llmrouter.cache.breaker import Breaker
 from llmrouter.cache.sqlite import SQLiteBackend
 from llmrouter.config import GroupCache, parse_config
 from llmrouter.errors import UpstreamError
@@ -193,13 +195,26 @@ async def test_uncacheable_stream_passes_through(cache: ResponseCache, upstream:
 
 
 class BrokenBackend(MemoryBackend):
+    """Fails every call while ``down``; counts the calls that reach it."""
+
     name = "broken"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+        self.calls = 0
+
     async def get(self, key: str) -> bytes | None:
-        raise ConnectionError("backend down")
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("backend down")
+        return await super().get(key)
 
     async def set(self, key: str, value: bytes, ttl: float | None) -> None:
-        raise ConnectionError("backend down")
+        self.calls += 1
+        if self.down:
+            raise ConnectionError("backend down")
+        await super().set(key, value, ttl)
 
 
 async def test_a_broken_backend_means_misses_not_errors(upstream: Any, helpers: Any) -> None:
@@ -207,7 +222,46 @@ async def test_a_broken_backend_means_misses_not_errors(upstream: Any, helpers: 
     for _ in range(2):
         ctx, response = await ask(cache, upstream, helpers)
         assert ctx.cache_status == "miss" and response == upstream.response()
-    assert cache.stats.errors == 4 and upstream.calls == 2
+    assert upstream.calls == 2
+
+
+async def test_a_failing_backend_is_left_alone_then_tried_again(
+    upstream: Any, helpers: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    backend = BrokenBackend()
+    cache = ResponseCache(backend)
+    cache.breaker = Breaker(pause=5.0, clock=lambda: now[0])
+    await ask(cache, upstream, helpers)  # the lookup fails: no store tried either
+    for _ in range(3):
+        ctx, _ = await ask(cache, upstream, helpers)
+        assert ctx.cache_status == "miss"
+    assert backend.calls == 1 and cache.stats.errors == 1 and cache.stats.skipped == 4
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "cache: lookup failed (ConnectionError: backend down); not using the backend for 5 s"
+    ]
+    now[0] = 5.0  # one request tries again, and fails: another pause
+    await ask(cache, upstream, helpers)
+    assert backend.calls == 2
+    now[0] = 10.0
+    backend.down = False
+    ctx, _ = await ask(cache, upstream, helpers)  # tried again: it answers, and stores
+    assert ctx.cache_status == "miss" and backend.calls == 4 and not cache.breaker.paused
+    ctx, _ = await ask(cache, upstream, helpers)
+    assert ctx.cache_status == "hit" and upstream.calls == 6
+
+
+async def test_while_one_call_tries_the_backend_again_the_others_skip_it() -> None:
+    now = [0.0]
+    breaker = Breaker(pause=1.0, clock=lambda: now[0])
+    breaker.failed("lookup", ConnectionError("down"))
+    assert not breaker.allow()
+    now[0] = 1.0
+    assert breaker.allow() and not breaker.allow()  # one try at a time
+    breaker.released()  # that one was cancelled: the next may try
+    assert breaker.allow()
+    breaker.succeeded()
+    assert breaker.allow() and breaker.allow() and not breaker.paused
 
 
 async def test_garbage_in_the_backend_is_a_miss(upstream: Any, helpers: Any) -> None:
