@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-__all__ = ["on_asyncio", "time_limit", "to_completion"]
+__all__ = ["on_asyncio", "time_limit", "to_completion", "within"]
 
 T = TypeVar("T")
 
@@ -73,6 +73,52 @@ async def to_completion(work: Coroutine[Any, Any, T]) -> T:
             task.exception()  # the caller's cancellation wins; mark the error as seen
         raise
     return task.result()
+
+
+_abandoned: set[asyncio.Task[Any]] = set()  # cancelled by within(), still cleaning up
+
+
+async def within(seconds: float | None, work: Coroutine[Any, Any, T]) -> T:
+    """``await work``, or ``TimeoutError`` after ``seconds`` (None: no bound), even when
+    ``work`` is slow to stop: a cancelled database call closes its connection, which
+    against a server that stopped answering took 2 s more than the bound. Past the
+    bound ``work`` is cancelled and left to finish that in the background; the caller
+    is free at once. (Other event loops than asyncio wait for it, under anyio's
+    deadline.) Cancelling the caller cancels ``work`` too.
+    """
+    if seconds is None:
+        return await work
+    if not on_asyncio():
+        with anyio.fail_after(seconds):
+            return await work
+    task = asyncio.get_running_loop().create_task(work)
+    try:
+        async with asyncio.timeout(seconds):
+            await _finished(task)
+    except TimeoutError:
+        if task.done():  # it finished as the time ran out
+            return task.result()
+        _abandon(task)
+        raise
+    except BaseException:
+        _abandon(task)
+        raise
+    return task.result()
+
+
+def _abandon(task: asyncio.Task[Any]) -> None:
+    if task.done():
+        _forget(task)
+        return
+    task.cancel()
+    _abandoned.add(task)
+    task.add_done_callback(_forget)
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled():
+        task.exception()  # the caller has gone: mark a late error as seen
 
 
 def _finished(task: asyncio.Task[Any]) -> asyncio.Future[None]:

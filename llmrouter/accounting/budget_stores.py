@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmrouter.accounting.budgets import BudgetWindow, SeedFn
 from llmrouter.accounting.db import asyncpg_connection, is_postgres
 from llmrouter.accounting.models import BudgetCounterRow
+from llmrouter.aio import within
 
 __all__ = ["DatabaseBudgetStore", "RedisBudgetStore"]
 
@@ -163,9 +164,10 @@ class DatabaseBudgetStore:
     its reservation in place until the window ends (use Redis for leases).
     """
 
-    def __init__(self, engine: AsyncEngine, seed: SeedFn) -> None:
+    def __init__(self, engine: AsyncEngine, seed: SeedFn, *, timeout: float | None = None) -> None:
         self._engine = engine
         self._seed = seed
+        self._timeout = timeout  # for each reservation and settling
         self._known: set[str] = set()
         self._postgres = is_postgres(engine)
 
@@ -185,6 +187,9 @@ class DatabaseBudgetStore:
         self._known.add(window.counter)
 
     async def reserve(self, window: BudgetWindow, amount: int, request_id: str) -> tuple[bool, int, int]:
+        return await within(self._timeout, self._reserve(window, amount))
+
+    async def _reserve(self, window: BudgetWindow, amount: int) -> tuple[bool, int, int]:
         await self._ensure(window)
         row = await self._take(window, amount)
         if row is not None:
@@ -211,6 +216,9 @@ class DatabaseBudgetStore:
             return (await conn.execute(statement)).first()
 
     async def settle(self, window: BudgetWindow, reserved: int, actual: int, request_id: str) -> int:
+        return await within(self._timeout, self._settle(window, reserved, actual))
+
+    async def _settle(self, window: BudgetWindow, reserved: int, actual: int) -> int:
         await self._ensure(window)
         if self._postgres:
             async with asyncpg_connection(self._engine) as connection:

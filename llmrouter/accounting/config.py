@@ -46,6 +46,12 @@ class DatabaseConfig(_Section):
     """Apply pending schema migrations at start-up (``llmrouter db upgrade`` does the same)."""
     pool_size: int = 5
     echo: bool = False
+    timeout: Annotated[float, Meta(gt=0)] | None = 5.0
+    """Seconds a request may wait on the database (reading its key, a ``database``
+    budget's reservation and settling, a budget's spend from the ledger); past it the
+    request gets 503 ``accounting_unavailable`` instead of waiting for a database that
+    stopped answering. Reports, key administration and migrations are not bounded.
+    ``null``: no bound."""
 
 
 class AuthConfig(_Section):

@@ -20,6 +20,7 @@ from llmrouter.accounting.limits import Limiter, MemoryLimiter, RedisLimiter
 from llmrouter.accounting.migrations import current_version, latest_version, upgrade
 from llmrouter.accounting.models import LedgerRow
 from llmrouter.accounting.reports import usage_report
+from llmrouter.aio import within
 from llmrouter.errors import ConfigError
 from llmrouter.redis_pool import connect
 
@@ -54,7 +55,9 @@ class Accounting:
         self.engine = engine or create_engine(self.config.database)
         self._own_redis = redis is None and self.config.redis.url is not None
         self.redis = redis
-        self.keys = KeyStore(self.engine, cache_seconds=self.config.auth.cache_seconds)
+        self.keys = KeyStore(
+            self.engine, cache_seconds=self.config.auth.cache_seconds, timeout=self.config.database.timeout
+        )
         ledger = self.config.ledger
         self.ledger = LedgerWriter(
             self.engine,
@@ -120,7 +123,9 @@ class Accounting:
                 lease_seconds=self.config.limits.lease_seconds,
             )
         if backend == "database":
-            return DatabaseBudgetStore(self.engine, self.spent_in_ledger)
+            return DatabaseBudgetStore(
+                self.engine, self.spent_in_ledger, timeout=self.config.database.timeout
+            )
         return MemoryBudgetStore(self.spent_in_ledger)
 
     async def start(self) -> None:
@@ -191,6 +196,12 @@ class Accounting:
 
     async def spent_in_ledger(self, window: BudgetWindow) -> int:
         """What the ledger says a budget window has spent, in nano-dollars."""
+        try:
+            return await within(self.config.database.timeout, self._spent_in_ledger(window))
+        except TimeoutError as exc:
+            raise unavailable(exc, "reading a budget's spend from the ledger") from exc
+
+    async def _spent_in_ledger(self, window: BudgetWindow) -> int:
         try:
             await self.ledger.flush()  # rows of this process first, so the sum is current
         except RuntimeError:

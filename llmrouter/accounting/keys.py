@@ -30,6 +30,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.models import ApiKeyRow
+from llmrouter.aio import within
 from llmrouter.errors import AuthenticationError, InvalidRequestError, NotFoundError
 
 __all__ = ["SECRET_PREFIX", "ApiKey", "KeyStore", "Principal", "hash_secret", "parse_secret"]
@@ -170,9 +171,12 @@ class KeyStore:
         cache_seconds: how long a verified key is trusted without a database read.
     """
 
-    def __init__(self, engine: AsyncEngine, *, cache_seconds: float = 5.0) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, cache_seconds: float = 5.0, timeout: float | None = None
+    ) -> None:
         self._engine = engine
         self._cache_seconds = cache_seconds
+        self._timeout = timeout  # for the reads requests wait on: verify, any_exist, load
         self._by_prefix: dict[str, tuple[float, ApiKey, str]] = {}
         self._queries: dict[str, asyncio.Future[Any]] = {}  # in flight, shared (see _shared)
         self._any_key: bool | None = None
@@ -336,7 +340,8 @@ class KeyStore:
             pending = asyncio.ensure_future(query())
             self._queries[name] = pending
             pending.add_done_callback(lambda _: self._queries.pop(name, None))
-        result: T = await asyncio.shield(pending)
+        async with asyncio.timeout(self._timeout):
+            result: T = await asyncio.shield(pending)
         return result
 
     async def _query_prefix(self, prefix: str) -> tuple[float, ApiKey, str] | None:
@@ -353,6 +358,9 @@ class KeyStore:
 
     async def load(self, key_id: str) -> ApiKey | None:
         """A key by id (for library users who put ``api_key_id`` in the context)."""
+        return await within(self._timeout, self._load(key_id))
+
+    async def _load(self, key_id: str) -> ApiKey | None:
         async with self._engine.connect() as conn:
             row = (await conn.execute(select(_TABLE).where(_TABLE.c.id == key_id))).mappings().first()
         return _to_key(ApiKeyRow(**row)) if row else None

@@ -1,0 +1,108 @@
+"""A PostgreSQL that stops answering mid-run (a network partition, a hung server): a
+request waits at most ``database.timeout`` on it, then gets 503 ``accounting_unavailable``.
+The database is reached through a TCP proxy that the test freezes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import SocketStream
+
+from llmrouter.accounting import Accounting
+from llmrouter.accounting.config import BudgetRule
+from llmrouter.accounting.extension import AccountingExtension
+from llmrouter.context import RequestContext
+from llmrouter.errors import AccountingUnavailableError
+
+from .conftest import chat_context, make_config, needs_pg
+
+pytestmark = [pytest.mark.anyio, *needs_pg]
+
+TIMEOUT = 0.5
+
+
+class FreezableProxy:
+    """Forwards connections to PostgreSQL; while ``frozen``, nothing moves either way."""
+
+    def __init__(self) -> None:
+        self.frozen = False
+        self.port = 0
+
+    async def _pipe(self, source: SocketStream, sink: SocketStream) -> None:
+        try:
+            async for data in source:
+                while self.frozen:
+                    await anyio.sleep(0.02)
+                await sink.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        finally:
+            await sink.aclose()
+
+    async def _handle(self, client: SocketStream) -> None:
+        while self.frozen:
+            await anyio.sleep(0.02)
+        async with await anyio.connect_tcp("127.0.0.1", 5432) as server, anyio.create_task_group() as tg:
+            tg.start_soon(self._pipe, client, server)
+            tg.start_soon(self._pipe, server, client)
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[FreezableProxy]:
+    proxy = FreezableProxy()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    proxy.port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, proxy._handle)
+        yield proxy
+        proxy.frozen = False
+        tg.cancel_scope.cancel()
+
+
+def _through(pg_url: str, proxy: FreezableProxy) -> str:
+    return pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+
+
+async def _refused_within_the_timeout(call: Any) -> None:
+    started = time.monotonic()
+    with anyio.fail_after(10), pytest.raises(AccountingUnavailableError) as raised:
+        await call()
+    assert raised.value.http_status == 503
+    assert time.monotonic() - started < TIMEOUT + 1.5
+
+
+async def test_checking_a_key_on_a_database_that_stopped_answering(
+    pg_url: str, tmp_path: Path, proxy: FreezableProxy
+) -> None:
+    config = make_config(_through(pg_url, proxy), tmp_path)
+    config.database.timeout = TIMEOUT
+    config.auth.cache_seconds = 0.0  # every request reads its key
+    async with Accounting(config) as acct:
+        _, secret = await acct.keys.create("partitioned")
+        extension = AccountingExtension(acct)
+        headers = {"authorization": f"Bearer {secret}"}
+        await extension.authenticate(RequestContext(), headers)
+        proxy.frozen = True
+        await _refused_within_the_timeout(lambda: extension.authenticate(RequestContext(), headers))
+        proxy.frozen = False
+
+
+async def test_a_database_budget_on_a_database_that_stopped_answering(
+    pg_url: str, tmp_path: Path, proxy: FreezableProxy
+) -> None:
+    config = make_config(
+        _through(pg_url, proxy),
+        tmp_path,
+        budgets=[BudgetRule(key="*", period="day", limit=1.0)],
+        budget_backend="database",
+    )
+    config.database.timeout = TIMEOUT
+    async with Accounting(config) as acct:
+        proxy.frozen = True
+        await _refused_within_the_timeout(lambda: acct.hooks.before_request(chat_context(max_cost=0.01)))
+        proxy.frozen = False
