@@ -27,17 +27,24 @@ TIMEOUT = 0.5
 
 
 class FreezableProxy:
-    """Forwards connections to PostgreSQL; while ``frozen``, nothing moves either way."""
+    """Forwards connections to PostgreSQL; between :meth:`freeze` and :meth:`thaw`,
+    nothing moves either way."""
 
     def __init__(self) -> None:
-        self.frozen = False
+        self._thawed = anyio.Event()
+        self._thawed.set()
         self.port = 0
+
+    def freeze(self) -> None:
+        self._thawed = anyio.Event()
+
+    def thaw(self) -> None:
+        self._thawed.set()
 
     async def _pipe(self, source: SocketStream, sink: SocketStream) -> None:
         try:
             async for data in source:
-                while self.frozen:
-                    await anyio.sleep(0.02)
+                await self._thawed.wait()
                 await sink.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass
@@ -45,8 +52,7 @@ class FreezableProxy:
             await sink.aclose()
 
     async def _handle(self, client: SocketStream) -> None:
-        while self.frozen:
-            await anyio.sleep(0.02)
+        await self._thawed.wait()
         async with await anyio.connect_tcp("127.0.0.1", 5432) as server, anyio.create_task_group() as tg:
             tg.start_soon(self._pipe, client, server)
             tg.start_soon(self._pipe, server, client)
@@ -60,7 +66,7 @@ async def proxy() -> AsyncIterator[FreezableProxy]:
     async with anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, proxy._handle)
         yield proxy
-        proxy.frozen = False
+        proxy.thaw()
         tg.cancel_scope.cancel()
 
 
@@ -87,9 +93,9 @@ async def test_checking_a_key_on_a_database_that_stopped_answering(
         extension = AccountingExtension(acct)
         headers = {"authorization": f"Bearer {secret}"}
         await extension.authenticate(RequestContext(), headers)
-        proxy.frozen = True
+        proxy.freeze()
         await _refused_within_the_timeout(lambda: extension.authenticate(RequestContext(), headers))
-        proxy.frozen = False
+        proxy.thaw()
 
 
 async def test_a_database_budget_on_a_database_that_stopped_answering(
@@ -103,6 +109,6 @@ async def test_a_database_budget_on_a_database_that_stopped_answering(
     )
     config.database.timeout = TIMEOUT
     async with Accounting(config) as acct:
-        proxy.frozen = True
+        proxy.freeze()
         await _refused_within_the_timeout(lambda: acct.hooks.before_request(chat_context(max_cost=0.01)))
-        proxy.frozen = False
+        proxy.thaw()
