@@ -78,6 +78,9 @@ class WireOut(msgspec.Struct, kw_only=True):
 
 class TextPart(Wire, tag="text", tag_field="type"):
     text: str
+    cache_control: dict[str, Any] | None = None
+    """A prompt-caching breakpoint (``{"type": "ephemeral"}``), for Anthropic and Gemini
+    models through OpenRouter."""
 
 
 class ImageURL(Wire):
@@ -87,6 +90,7 @@ class ImageURL(Wire):
 
 class ImagePart(Wire, tag="image_url", tag_field="type"):
     image_url: ImageURL
+    cache_control: dict[str, Any] | None = None
 
 
 class InputAudio(Wire):
@@ -106,6 +110,7 @@ class FileRef(Wire):
 
 class FilePart(Wire, tag="file", tag_field="type"):
     file: FileRef
+    cache_control: dict[str, Any] | None = None
 
 
 ContentPart = TextPart | ImagePart | AudioPart | FilePart
@@ -162,6 +167,17 @@ class ChatMessage(Wire):
     tool_call_id: str | None = None
     refusal: str | None = None
     reasoning_content: str | None = None
+    """A reasoning model's thinking, as vLLM (before 0.10), DeepSeek and Ollama's native API name it."""
+    reasoning: str | None = None
+    """The same, as OpenRouter, Ollama's OpenAI API and newer vLLM name it. Each is
+    relayed as the upstream sent it."""
+    reasoning_details: list[dict[str, Any]] | None = None
+    """OpenRouter's structured reasoning (some of it encrypted), which a client sends
+    back in the assistant message of the next turn to keep the reasoning going."""
+    annotations: list[dict[str, Any]] | None = None
+    """Citations (``url_citation``) of answers with web search (OpenAI, OpenRouter)."""
+    cache_control: dict[str, Any] | None = None
+    """A prompt-caching breakpoint on the whole message (OpenRouter)."""
 
 
 def message_text(message: ChatMessage) -> str:
@@ -356,6 +372,10 @@ class Delta(Wire):
     tool_calls: list[ToolCallDelta] | None = None
     refusal: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None
+    reasoning_details: list[dict[str, Any]] | None = None
+    annotations: list[dict[str, Any]] | None = None
+    """As in :class:`ChatMessage`, in pieces."""
 
 
 class ChunkChoice(WireOut):

@@ -140,7 +140,10 @@ class _ChoiceBuilder:
         self.index = index
         self.role: Any = None
         self.content: list[str] = []
+        self.reasoning_content: list[str] = []
         self.reasoning: list[str] = []
+        self.reasoning_details: list[dict[str, Any]] = []
+        self.annotations: list[dict[str, Any]] = []
         self.refusal: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.finish_reason: str | None = None
@@ -152,7 +155,13 @@ class _ChoiceBuilder:
         if delta.content:
             self.content.append(delta.content)
         if delta.reasoning_content:
-            self.reasoning.append(delta.reasoning_content)
+            self.reasoning_content.append(delta.reasoning_content)
+        if delta.reasoning:
+            self.reasoning.append(delta.reasoning)
+        if delta.reasoning_details:
+            self.reasoning_details.extend(delta.reasoning_details)
+        if delta.annotations:
+            self.annotations.extend(delta.annotations)
         if delta.refusal:
             self.refusal.append(delta.refusal)
         for call in delta.tool_calls or ():
@@ -189,7 +198,10 @@ class _ChoiceBuilder:
             content="".join(self.content) if self.content or not tool_calls else None,
             tool_calls=tool_calls or None,
             refusal="".join(self.refusal) or None,
-            reasoning_content="".join(self.reasoning) or None,
+            reasoning_content="".join(self.reasoning_content) or None,
+            reasoning="".join(self.reasoning) or None,
+            reasoning_details=self.reasoning_details or None,
+            annotations=self.annotations or None,
         )
         return ChatChoice(
             index=self.index, message=message, finish_reason=self.finish_reason, logprobs=self.logprobs
@@ -259,6 +271,9 @@ def chunks_from_response(response: ChatResponse) -> list[ChatChunk]:
             tool_calls=calls or None,
             refusal=message.refusal,
             reasoning_content=message.reasoning_content,
+            reasoning=message.reasoning,
+            reasoning_details=message.reasoning_details,
+            annotations=message.annotations,
         )
         out.append(chunk([ChunkChoice(index=choice.index, delta=delta, logprobs=choice.logprobs)]))
     for choice in response.choices:

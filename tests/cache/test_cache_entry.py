@@ -95,6 +95,31 @@ def test_tool_calls_assemble_from_deltas() -> None:
     assert response_from_chunks(chunks_from_response(response)) == response
 
 
+def test_reasoning_and_citations_assemble_from_deltas() -> None:
+    # OpenRouter's spelling (reasoning, reasoning_details, annotations) and vLLM's
+    # (reasoning_content), each kept as sent.
+    def chunk(delta: Delta, finish: str | None = None) -> ChatChunk:
+        return ChatChunk(id="c", model="m", choices=[ChunkChoice(delta=delta, finish_reason=finish)])
+
+    detail = {"type": "reasoning.text", "format": "unknown", "index": 0}
+    citation = {"type": "url_citation", "url_citation": {"url": "https://example.com", "title": "Example"}}
+    chunks = [
+        chunk(Delta(role="assistant", reasoning="Think", reasoning_details=[{**detail, "text": "Think"}])),
+        chunk(
+            Delta(reasoning=" hard", reasoning_details=[{**detail, "text": " hard"}], reasoning_content="r")
+        ),
+        chunk(Delta(content="Paris", annotations=[citation])),
+        chunk(Delta(), "stop"),
+        ChatChunk(id="c", model="m", usage=Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7)),
+    ]
+    message = response_from_chunks(chunks).choices[0].message
+    assert (message.content, message.reasoning, message.reasoning_content) == ("Paris", "Think hard", "r")
+    assert message.reasoning_details == [{**detail, "text": "Think"}, {**detail, "text": " hard"}]
+    assert message.annotations == [citation]
+    response = response_from_chunks(chunks)
+    assert response_from_chunks(chunks_from_response(response)) == response
+
+
 def test_several_choices_keep_their_index() -> None:
     response = ChatResponse(
         id="r",

@@ -120,6 +120,8 @@ class FakeOpenRouter:
 
     def reset(self) -> None:
         self.reply = "Hello from the fake OpenRouter."
+        self.reasoning: str | None = None  # a reasoning model's thinking, sent before the reply
+        self.annotations: list[dict[str, Any]] | None = None  # web search citations
         self.token_delay = 0.0
         self.processing_comments = 2
         self.fail_status: int | None = None
@@ -202,7 +204,8 @@ class FakeOpenRouter:
             prompt = sum(len(str(m.get("content") or "").split()) + 1 for m in data.get("messages") or [])
         else:
             prompt = len(str(data.get("prompt") or "").split()) + 1
-        usage = self._usage(prompt, len(tokens))
+        thoughts = re.findall(r"\S+\s*", self.reasoning or "") if chat else []
+        usage = self._usage(prompt, len(tokens) + len(thoughts), reasoning=len(thoughts))
         completed = False
 
         async def watch(scope: anyio.CancelScope) -> None:
@@ -216,7 +219,7 @@ class FakeOpenRouter:
         async with anyio.create_task_group() as group:
             group.start_soon(watch, group.cancel_scope)
             if data.get("stream"):
-                await self._stream(data["model"], chat, tokens, reason, usage, send)
+                await self._stream(data["model"], chat, tokens, reason, usage, send, thoughts)
             else:
                 for _ in tokens:
                     await anyio.sleep(self.token_delay)
@@ -224,7 +227,7 @@ class FakeOpenRouter:
             completed = True
             group.cancel_scope.cancel()
 
-    def _usage(self, prompt: int, completion: int) -> dict[str, Any]:
+    def _usage(self, prompt: int, completion: int, *, reasoning: int = 0) -> dict[str, Any]:
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -233,7 +236,7 @@ class FakeOpenRouter:
             "is_byok": False,
             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
             "cost_details": {"upstream_inference_cost": None},
-            "completion_tokens_details": {"reasoning_tokens": 0, "image_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": reasoning, "image_tokens": 0},
         }
 
     def _head(self, model: str, chat: bool, *, chunk: bool) -> dict[str, Any]:
@@ -254,8 +257,17 @@ class FakeOpenRouter:
                 "finish_reason": reason,
                 "native_finish_reason": reason,
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None, "reasoning": None},
+                "message": {
+                    "role": "assistant",
+                    "content": text,
+                    "refusal": None,
+                    "reasoning": self.reasoning,
+                },
             }
+            if self.reasoning:
+                choice["message"]["reasoning_details"] = [self._detail(self.reasoning)]
+            if self.annotations:
+                choice["message"]["annotations"] = self.annotations
         else:
             choice = {
                 "logprobs": None,
@@ -275,6 +287,10 @@ class FakeOpenRouter:
         out["usage"] = usage
         return out
 
+    @staticmethod
+    def _detail(text: str) -> dict[str, Any]:
+        return {"type": "reasoning.text", "text": text, "format": "unknown", "index": 0}
+
     def _piece(
         self, head: dict[str, Any], chat: bool, text: str, reason: str | None, *, first: bool
     ) -> dict[str, Any]:
@@ -287,7 +303,14 @@ class FakeOpenRouter:
         return {**head, "choices": [choice]}
 
     async def _stream(
-        self, model: str, chat: bool, tokens: list[str], reason: str, usage: dict[str, Any], send: Any
+        self,
+        model: str,
+        chat: bool,
+        tokens: list[str],
+        reason: str,
+        usage: dict[str, Any],
+        send: Any,
+        thoughts: list[str],
     ) -> None:
         await send(
             {
@@ -303,6 +326,14 @@ class FakeOpenRouter:
         for _ in range(self.processing_comments):
             await emit(b": OPENROUTER PROCESSING\n\n")
         head = self._head(model, chat, chunk=True)
+        for thought in thoughts:  # as OpenRouter streams them: empty content, the reasoning beside it
+            delta = {
+                "role": "assistant",
+                "content": "",
+                "reasoning": thought,
+                "reasoning_details": [self._detail(thought)],
+            }
+            await emit(_sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
         for index, token in enumerate(tokens):
             if self.break_after is not None and index >= self.break_after:
                 raise RuntimeError("fake OpenRouter: connection dropped mid-stream")
@@ -314,7 +345,10 @@ class FakeOpenRouter:
                 return
             await anyio.sleep(self.token_delay)
             await emit(_sse(self._piece(head, chat, token, None, first=index == 0)))
-        await emit(_sse(self._piece(head, chat, "", reason, first=not tokens)))
+        last = self._piece(head, chat, "", reason, first=not tokens)
+        if self.annotations and chat:
+            last["choices"][0]["delta"]["annotations"] = self.annotations
+        await emit(_sse(last))
         await emit(_sse({**head, "choices": [], "usage": usage}))
         await emit(b"data: [DONE]\n\n")
         await send({"type": "http.response.body", "body": b"", "more_body": False})

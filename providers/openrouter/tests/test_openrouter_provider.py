@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from fake_openrouter import API_KEY, FakeOpenRouter
 from llmrouter_openrouter import OpenRouterOptions, OpenRouterProvider
 
+from llmrouter.cache.entry import response_from_chunks
 from llmrouter.config import Deployment
 from llmrouter.context import RequestContext
 from llmrouter.errors import (
@@ -357,3 +359,57 @@ async def test_router_records_the_provider_reported_cost(
         ]
         assert chunks and all(c.usage is None for c in chunks)  # the client did not ask for usage
         assert (ctx.cost, ctx.cost_source) == (pytest.approx(expected), "provider")
+
+
+# --- reasoning, citations, prompt caching ---------------------------------------------------
+
+
+CITATION = {"type": "url_citation", "url_citation": {"url": "https://example.com/paris", "title": "Paris"}}
+
+
+async def test_reasoning_and_citations_reach_the_client(
+    provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter
+) -> None:
+    fake_openrouter.reasoning = "The user greets me. "
+    fake_openrouter.annotations = [CITATION]
+    detail = {"type": "reasoning.text", "text": "The user greets me. ", "format": "unknown", "index": 0}
+
+    response = await provider.chat(chat_request(reasoning={"effort": "low"}))
+    message = response.choices[0].message
+    assert (message.content, message.reasoning) == (REPLY, "The user greets me. ")
+    assert message.reasoning_details == [detail] and message.annotations == [CITATION]
+    assert response.usage is not None and response.usage.completion_tokens_details is not None
+    assert response.usage.completion_tokens_details.reasoning_tokens == 4
+    wire = msgspec.to_builtins(response)["choices"][0]["message"]  # what the service sends
+    assert wire["reasoning"] == "The user greets me. " and wire["annotations"] == [CITATION]
+    assert last(fake_openrouter)[1]["reasoning"] == {"effort": "low"}
+
+    chunks = await collect(provider.stream(chat_request(stream=True)))
+    assert "".join(c.choices[0].delta.reasoning or "" for c in chunks if c.choices) == "The user greets me. "
+    streamed = response_from_chunks(chunks).choices[0].message
+    assert (streamed.content, streamed.reasoning, streamed.annotations) == (
+        REPLY,
+        message.reasoning,
+        [CITATION],
+    )
+    assert [d["text"] for d in streamed.reasoning_details or []] == ["The ", "user ", "greets ", "me. "]
+
+
+async def test_reasoning_details_and_cache_breakpoints_go_upstream_as_sent(
+    provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter
+) -> None:
+    breakpoint_ = {"type": "ephemeral", "ttl": "1h"}
+    details = [
+        {"type": "reasoning.encrypted", "data": "opaque==", "format": "anthropic-claude-v1", "index": 0}
+    ]
+    messages = [
+        {
+            "role": "system",
+            "content": [{"type": "text", "text": "A long manual.", "cache_control": breakpoint_}],
+        },
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", "reasoning_details": details, "cache_control": breakpoint_},
+        {"role": "user", "content": "Again"},
+    ]
+    await provider.chat(decode_chat_request({"model": "x", "messages": messages}))
+    assert last(fake_openrouter)[1]["messages"] == messages
