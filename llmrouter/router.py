@@ -521,10 +521,12 @@ class Router:
 
     # --- introspection -----------------------------------------------------------------
 
-    async def list_models(self) -> ModelList:
-        """Every model name clients can use: group names and aliases."""
-        created = 0
-        return ModelList(data=[ModelCard(id=name, created=created) for name in self._names])
+    async def list_models(self, allows: Callable[[str, str], bool] | None = None) -> ModelList:
+        """Every model name clients can use: group names and aliases; with ``allows``,
+        those for which ``allows(name, group)`` is true."""
+        names = self._names
+        visible = names if allows is None else [name for name, group in names.items() if allows(name, group)]
+        return ModelList(data=[ModelCard(id=name, created=0) for name in visible])
 
     async def readiness(self, *, probe: bool = True) -> dict[str, Any]:
         """Per-deployment state; with ``probe``, each provider's ``health()`` (2 s bound),

@@ -26,9 +26,14 @@ _LIST_OPENAPI: dict[str, Any] = dict(
 
 
 async def list_models(request: Request[Any, Any, Any]) -> ASGIResponse:
+    return json_response(await _models_for(request), {})
+
+
+async def _models_for(request: Request[Any, Any, Any]) -> ModelList:
+    """The models the caller may use: all of them, or those its API key allows."""
     service = service_of(request)
-    await service.new_context(request)  # authenticates, like every /v1 call
-    return json_response(await service.active_router.list_models(), {})
+    ctx = await service.new_context(request)  # authenticates, like every /v1 call
+    return await service.active_router.list_models(getattr(ctx.principal, "allows_model", None))
 
 
 _RETRIEVE_OPENAPI: dict[str, Any] = dict(
@@ -40,10 +45,8 @@ _RETRIEVE_OPENAPI: dict[str, Any] = dict(
 
 
 async def retrieve_model(request: Request[Any, Any, Any], model: FromPath[str]) -> ASGIResponse:
-    service = service_of(request)
-    await service.new_context(request)
     model_id = model.lstrip("/")
-    models = await service.active_router.list_models()
+    models = await _models_for(request)
     for card in models.data:
         if card.id == model_id:
             return json_response(card, {})

@@ -158,3 +158,34 @@ async def test_a_failing_store_answers_503_not_500(sqlite_url: str, tmp_path: Pa
         await acct.ledger.flush()
         rows = await acct.usage(by=["status"])
     assert {r["status"]: r["requests"] for r in rows} == {"rejected": 1}  # the one that reached the hooks
+
+
+async def test_a_key_lists_and_retrieves_only_the_models_it_may_use(sqlite_url: str, tmp_path: Path) -> None:
+    router = Router()
+    for name in ("gpt-4o-mini", "gpt-4o", "internal-llama"):
+        router.add_deployment(
+            name, ScriptedProvider(name, default=Step(text="hi")), Deployment(provider="scripted", model=name)
+        )
+    acct = Accounting(make_config(sqlite_url, tmp_path))
+    app = create_app(Config(), router=router, extensions=[AccountingExtension(acct)])
+    async with AsyncTestClient(app) as client:
+        everything = {"gpt-4o-mini", "gpt-4o", "internal-llama"}
+        assert {m["id"] for m in (await client.get("/v1/models")).json()["data"]} == everything  # no keys yet
+        admin = (await client.post("/v1/admin/keys", json={"name": "root", "scopes": ["admin"]})).json()
+        app_key = (
+            await client.post(
+                "/v1/admin/keys",
+                headers={"X-API-Key": admin["secret"]},
+                json={"name": "app", "allowed_models": ["gpt-*"]},
+            )
+        ).json()
+        as_app = {"X-API-Key": app_key["secret"]}
+        listed = await client.get("/v1/models", headers=as_app)
+        assert {m["id"] for m in listed.json()["data"]} == {"gpt-4o-mini", "gpt-4o"}
+        assert (await client.get("/v1/models/gpt-4o", headers=as_app)).status_code == 200
+        hidden = await client.get("/v1/models/internal-llama", headers=as_app)
+        assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
+        as_admin = {"X-API-Key": admin["secret"]}  # no allow-list: every model
+        assert {
+            m["id"] for m in (await client.get("/v1/models", headers=as_admin)).json()["data"]
+        } == everything
