@@ -106,6 +106,18 @@ def _startup_summary(config: Config, path: Path | None, notes: list[str], extens
     return lines
 
 
+def _announce(lines: list[str], *, as_log: bool) -> None:
+    """What ``serve`` loaded: plain lines on stdout for a person at a terminal; with JSON
+    logs going to a collector, records of the ``llmrouter.serve`` logger, so that every
+    line of the service's output parses as JSON."""
+    if as_log:
+        logger = logging.getLogger("llmrouter.serve")
+        for line in lines:
+            logger.info(line.strip())
+        return
+    print("\n".join(lines), flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import msgspec
     import uvicorn
@@ -132,9 +144,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = config.server.port if args.port is None else args.port
     workers = args.workers or config.server.workers
     extensions = default_extensions(config)
-    for line in _startup_summary(config, path, notes, [ext.name for ext in extensions]):
-        print(line)
-    print(f"listening on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)", flush=True)
+    summary = _startup_summary(config, path, notes, [ext.name for ext in extensions])
+    summary.append(f"listening on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)")
+    _announce(summary, as_log=config.telemetry.json_logs and not sys.stdout.isatty())
     common: dict[str, Any] = {
         "host": host,
         "port": port,

@@ -170,3 +170,18 @@ def test_a_json_request_cut_by_shutdown_is_a_503_to_retry(
     assert "Exception in ASGI application" not in server.output
     with sqlite3.connect(tmp_path / "llmrouter.db") as db:
         assert db.execute("SELECT status FROM llmr_ledger").fetchall() == [("cancelled",)]
+
+
+def test_with_json_logs_every_line_of_the_output_is_json(
+    tmp_path: Path, fake: FakeUpstream, serve: Any, make_config: Any
+) -> None:
+    # stdout is a pipe here, as under a container runtime or a supervisor: the start-up
+    # summary is log records too (at a terminal it stays plain lines).
+    config = make_config(tmp_path / "llmrouter.yaml", fake.base_url, telemetry={"json_logs": True})
+    with serve(config) as server:
+        body = {"model": "mock-gpt", "messages": MESSAGES}
+        assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=10).status_code == 200
+    records = [json.loads(line) for line in server.output.splitlines() if line.strip()]
+    summary = [r["message"] for r in records if r["logger"] == "llmrouter.serve"]
+    assert "mock-gpt -> remote/mock-gpt" in summary
+    assert any(line.startswith("listening on http://") for line in summary)
