@@ -190,8 +190,9 @@ def convert_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                     for k, call in enumerate(message.tool_calls)
                 ]
                 tool_names.update({call.id: call.function.name for call in message.tool_calls})
-            if message.reasoning_content:
-                item["thinking"] = message.reasoning_content
+            thinking = message.reasoning_content or message.reasoning  # either spelling
+            if thinking:
+                item["thinking"] = thinking
         elif message.role in ("tool", "function"):
             # Ollama names a tool result by the tool, OpenAI by the call id.
             item["role"] = "tool"

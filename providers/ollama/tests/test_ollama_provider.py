@@ -167,6 +167,19 @@ async def test_stream_thinking_becomes_reasoning_content(
     assert chunks[0].choices[0].delta.reasoning_content == "Let me think."
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+async def test_earlier_thinking_goes_back_as_ollamas_thinking(
+    provider: OllamaProvider, fake_ollama: FakeOllama, field: str
+) -> None:
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello", field: "They greet me."},
+        {"role": "user", "content": "Again"},
+    ]
+    await provider.chat(chat_request(messages=messages))
+    assert sent_body(fake_ollama)["messages"][1]["thinking"] == "They greet me."
+
+
 # --- tools and messages -----------------------------------------------------------------
 
 WEATHER_TOOL = {
