@@ -40,6 +40,8 @@ class RequestContext:
     """``Cache-Control: no-store``: don't write the answer to the cache."""
     traceparent: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    extra_headers: dict[str, str] | None = None
+    """Headers a hook adds to the client's response (accounting: ``x-ratelimit-*``)."""
 
     # --- filled by the router -------------------------------------------------------
     operation: Literal["chat", "completion"] = "chat"

@@ -152,6 +152,7 @@ class AccountingHooks(RouterHooks):
                 ticket = await self.limiter.acquire(
                     key.id if key else "-", limits, ctx.prompt_tokens_estimate
                 )
+                ctx.extra_headers = ticket.headers()
             if self.budgets is not None and self.budgets.may_apply(key):
                 reservation = await self.budgets.reserve(key, ctx.model_group, ctx.max_cost, new_id())
         except BaseException as exc:

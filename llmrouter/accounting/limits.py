@@ -46,6 +46,21 @@ class LimitTicket:
     limits: EffectiveLimits
     tokens: int
     slot: str
+    requests_left: int | None = None
+    """Requests the RPM window has left after this one (None: no RPM limit)."""
+    tokens_left: int | None = None
+    """Tokens the TPM window has left after this one's prompt (None: no TPM limit)."""
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's ``x-ratelimit-*`` headers for the limits that apply."""
+        headers: dict[str, str] = {}
+        if self.limits.rpm is not None and self.requests_left is not None:
+            headers["x-ratelimit-limit-requests"] = str(self.limits.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(self.requests_left)
+        if self.limits.tpm is not None and self.tokens_left is not None:
+            headers["x-ratelimit-limit-tokens"] = str(self.limits.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(self.tokens_left)
+        return headers
 
 
 def seconds_until_fits(limit: float, need: float, prev: float, curr: float, elapsed: float) -> float:
@@ -124,14 +139,18 @@ class MemoryLimiter:
                 raise _refusal(
                     kind, limit, seconds_until_fits(limit, need, window.prev, window.curr, elapsed)
                 )
-            admitted.append((window, need))
+            admitted.append((kind, limit, window, need, elapsed))
         if limits.concurrency is not None and self._in_flight.get(subject, 0) >= limits.concurrency:
             raise _refusal("concurrency", limits.concurrency, 1.0)
-        for window, need in admitted:
+        left: dict[str, int] = {}
+        for kind, limit, window, need, elapsed in admitted:
             window.curr += need
+            left[kind] = max(0, math.floor(limit - window.estimate(elapsed)))
         if limits.concurrency is not None:
             self._in_flight[subject] = self._in_flight.get(subject, 0) + 1
-        return LimitTicket(subject, limits, tokens, slot="")
+        return LimitTicket(
+            subject, limits, tokens, slot="", requests_left=left.get("rpm"), tokens_left=left.get("tpm")
+        )
 
     async def release(self, ticket: LimitTicket, actual_tokens: int) -> None:
         if ticket.limits.concurrency is not None:
@@ -193,9 +212,16 @@ if conc >= 0 then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[6]), ARGV[5])
   redis.call('EXPIRE', KEYS[2], math.ceil(tonumber(ARGV[6])) + 60)
 end
-if tonumber(ARGV[1]) >= 0 then redis.call('HINCRBYFLOAT', h, 'rc', 1) end
-if tonumber(ARGV[2]) >= 0 then redis.call('HINCRBYFLOAT', h, 'tc', tonumber(ARGV[4])) end
-return {1, '', '0'}
+-- charge, and say what each window has left (-1: no such limit)
+local left = {-1, -1}
+for i, c in ipairs(checks) do
+  if c[2] >= 0 then
+    local curr = tonumber(redis.call('HINCRBYFLOAT', h, c[5], c[3]))
+    local prev = tonumber(redis.call('HGET', h, c[4]) or '0')
+    left[i] = math.max(0, math.floor(c[2] - prev * (1 - elapsed / 60) - curr))
+  end
+end
+return {1, '', '0', left[1], left[2]}
 """
 
 # ARGV = slot id, token delta (actual - charged), track tpm (1/0)
@@ -240,12 +266,15 @@ class RedisLimiter:
             slot,
             self._lease,
         ]
-        ok, kind, wait = await self._acquire(keys=self._keys(subject), args=args)
+        ok, kind, wait, *left = await self._acquire(keys=self._keys(subject), args=args)
         if int(ok) != 1:
             kind = kind.decode() if isinstance(kind, bytes) else str(kind)
             limit = {"rpm": limits.rpm, "tpm": limits.tpm, "concurrency": limits.concurrency}[kind]
             raise _refusal(kind, limit or 0, float(wait))
-        return LimitTicket(subject, limits, tokens, slot=slot)
+        requests_left, tokens_left = (int(n) if int(n) >= 0 else None for n in left)
+        return LimitTicket(
+            subject, limits, tokens, slot=slot, requests_left=requests_left, tokens_left=tokens_left
+        )
 
     async def release(self, ticket: LimitTicket, actual_tokens: int) -> None:
         track = "1" if ticket.limits.tpm is not None else "0"

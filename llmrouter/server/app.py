@@ -68,6 +68,10 @@ _EXPOSED_HEADERS = [
     "x-llmrouter-model-group",
     "x-llmrouter-cache",
     "x-llmrouter-cost",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
     "retry-after",
 ]
 

@@ -89,6 +89,8 @@ def response_headers(ctx: RequestContext, *, with_cost: bool = True) -> dict[str
         headers["x-llmrouter-cost"] = f"{ctx.cost:.8f}"
     if ctx.attempts > 1:
         headers["x-llmrouter-attempts"] = str(ctx.attempts)
+    if ctx.extra_headers:
+        headers.update(ctx.extra_headers)
     return headers
 
 

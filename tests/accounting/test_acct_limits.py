@@ -52,6 +52,23 @@ async def test_rpm_refuses_with_retry_after_and_openai_body(limiter: Any) -> Non
     await limiter.release(await limiter.acquire("k2", limits, 0), 0)  # another key is not affected
 
 
+async def test_a_ticket_says_what_the_windows_have_left(limiter: Any) -> None:
+    limits = EffectiveLimits(rpm=5, tpm=1000)
+    first = await limiter.acquire("left", limits, 100)
+    assert first.headers() == {
+        "x-ratelimit-limit-requests": "5",
+        "x-ratelimit-remaining-requests": "4",
+        "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": "900",
+    }
+    await limiter.release(first, 300)  # the answer took 200 tokens more than the prompt's
+    second = await limiter.acquire("left", limits, 100)
+    assert (second.requests_left, second.tokens_left) == (3, 600)
+    only_rpm = await limiter.acquire("other", EffectiveLimits(rpm=2, concurrency=4), 50)
+    assert only_rpm.headers() == {"x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "1"}
+    assert (await limiter.acquire("none", EffectiveLimits(concurrency=4), 50)).headers() == {}
+
+
 def test_seconds_until_fits() -> None:
     assert seconds_until_fits(10, 1, prev=0, curr=5, elapsed=30) == 0.0
     # 10 last minute, none now, 30 s in: 5 still count, so one more fits at once

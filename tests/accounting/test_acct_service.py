@@ -78,8 +78,15 @@ async def test_service_keys_auth_limits_and_usage(sqlite_url: str, tmp_path: Pat
         )
         user_info = user.json()
         user_headers = {"X-API-Key": user_info["secret"]}
-        assert (await client.post("/v1/chat/completions", json=CHAT, headers=user_headers)).status_code == 200
-        assert (await client.post("/v1/chat/completions", json=CHAT, headers=user_headers)).status_code == 200
+        first = await client.post("/v1/chat/completions", json=CHAT, headers=user_headers)
+        assert first.status_code == 200
+        assert first.headers["x-ratelimit-limit-requests"] == "2"
+        assert first.headers["x-ratelimit-remaining-requests"] == "1"
+        assert "x-ratelimit-limit-tokens" not in first.headers  # no TPM limit
+        streamed = await client.post(
+            "/v1/chat/completions", json={**CHAT, "stream": True}, headers=user_headers
+        )
+        assert streamed.status_code == 200 and streamed.headers["x-ratelimit-remaining-requests"] == "0"
         limited = await client.post("/v1/chat/completions", json=CHAT, headers=user_headers)
         assert limited.status_code == 429
         assert int(limited.headers["retry-after"]) >= 1
