@@ -118,6 +118,14 @@ async def shared_backend(request: pytest.FixtureRequest) -> AsyncIterator[tuple[
         yield "redis", client
 
 
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    """A key prefix of its own on the local Redis, for accountings that connect by URL
+    (``RedisConfig(url=REDIS_URL, prefix=...)``); the keys under it are deleted afterwards."""
+    async with _redis_client() as client:
+        yield client.test_prefix
+
+
 @asynccontextmanager
 async def _redis_client() -> AsyncIterator[Any]:
     if not REDIS_UP:

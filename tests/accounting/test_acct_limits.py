@@ -11,11 +11,11 @@ import anyio
 import pytest
 
 from llmrouter.accounting import Accounting
-from llmrouter.accounting.config import LimitsConfig
+from llmrouter.accounting.config import LimitsConfig, RedisConfig
 from llmrouter.accounting.limits import EffectiveLimits, MemoryLimiter, RedisLimiter, seconds_until_fits
 from llmrouter.errors import RateLimitError
 
-from .conftest import _redis_client, chat_context, finish, needs_redis
+from .conftest import REDIS_URL, _redis_client, chat_context, finish, make_config, needs_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -177,40 +177,24 @@ async def test_hooks_apply_key_limits_over_defaults(acct: Accounting, tmp_path: 
 
 @pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
 async def test_replicas_configured_with_a_redis_url_share_limits(
-    sqlite_url: str, tmp_path: Path, _: int
+    sqlite_url: str, tmp_path: Path, redis_prefix: str, _: int
 ) -> None:
-    import uuid
-
-    from llmrouter.accounting.config import RedisConfig
-
-    from .conftest import REDIS_URL, make_config
-
-    prefix = f"llmr-test-{uuid.uuid4().hex[:10]}:"
-    config = make_config(
-        sqlite_url, tmp_path, redis=RedisConfig(url=REDIS_URL, prefix=prefix), limits=LimitsConfig(rpm=3)
-    )
-    try:
-        async with Accounting(config) as one, Accounting(config) as two:
-            assert isinstance(one.limiter, RedisLimiter) and one.budgets is not None
-            assert type(one.budgets.store).__name__ == "RedisBudgetStore"
-            admitted = 0
-            for i in range(8):
-                acct = (one, two)[i % 2]
-                ctx = chat_context()
-                try:
-                    await acct.hooks.before_request(ctx)
-                except RateLimitError:
-                    continue
-                admitted += 1
-                await acct.hooks.after_request(finish(ctx))
-            assert admitted == 3
-    finally:
-        import redis.asyncio as aioredis
-
-        client = aioredis.Redis.from_url(REDIS_URL)
-        async for key in client.scan_iter(match=f"{prefix}*"):
-            await client.delete(key)
-        await client.aclose()
+    redis = RedisConfig(url=REDIS_URL, prefix=redis_prefix)
+    config = make_config(sqlite_url, tmp_path, redis=redis, limits=LimitsConfig(rpm=3))
+    async with Accounting(config) as one, Accounting(config) as two:
+        assert isinstance(one.limiter, RedisLimiter) and one.budgets is not None
+        assert type(one.budgets.store).__name__ == "RedisBudgetStore"
+        admitted = 0
+        for i in range(8):
+            acct = (one, two)[i % 2]
+            ctx = chat_context()
+            try:
+                await acct.hooks.before_request(ctx)
+            except RateLimitError:
+                continue
+            admitted += 1
+            await acct.hooks.after_request(finish(ctx))
+        assert admitted == 3
 
 
 def test_budget_backend_follows_the_deployment_shape() -> None:

@@ -5,7 +5,6 @@ fails a request within ``redis.timeout`` rather than holding it."""
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 
 import anyio
@@ -25,13 +24,12 @@ REQUESTS = 300  # three times the pool's 100 connections
 
 @pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
 async def test_more_concurrent_requests_than_connections_wait_for_one(
-    sqlite_url: str, tmp_path: Path, _: int
+    sqlite_url: str, tmp_path: Path, redis_prefix: str, _: int
 ) -> None:
-    prefix = f"llmr-test-{uuid.uuid4().hex[:10]}:"
     config = make_config(
         sqlite_url,
         tmp_path,
-        redis=RedisConfig(url=REDIS_URL, prefix=prefix),
+        redis=RedisConfig(url=REDIS_URL, prefix=redis_prefix),
         budget_backend="redis",
         budgets=[BudgetRule(key="*", period="day", limit=1.0)],
         limits=LimitsConfig(rpm=10 * REQUESTS),
@@ -49,17 +47,13 @@ async def test_more_concurrent_requests_than_connections_wait_for_one(
         await acct.hooks.after_request(finish(ctx, cost=0.0001))
 
     async with Accounting(config) as acct:
-        try:
-            async with anyio.create_task_group() as tg:
-                for _i in range(REQUESTS):
-                    tg.start_soon(one)
-            assert failed == []
-            assert acct.budgets is not None
-            window = acct.budgets.windows_for(None, "gpt-4o")[0]
-            assert await acct.budgets.store.usage(window) == (REQUESTS * 100_000, 0)
-        finally:
-            async for key in acct.redis.scan_iter(match=f"{prefix}*"):
-                await acct.redis.delete(key)
+        async with anyio.create_task_group() as tg:
+            for _i in range(REQUESTS):
+                tg.start_soon(one)
+        assert failed == []
+        assert acct.budgets is not None
+        window = acct.budgets.windows_for(None, "gpt-4o")[0]
+        assert await acct.budgets.store.usage(window) == (REQUESTS * 100_000, 0)
 
 
 async def test_a_redis_that_does_not_answer_fails_requests_within_the_timeout(
