@@ -16,6 +16,7 @@ dropped (uvicorn starts a new worker, with a new pid, in their place).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,8 @@ from prometheus_client.registry import Collector
 __all__ = ["WORKER_LABEL", "WorkerMetrics"]
 
 WORKER_LABEL = "worker"
+
+log = logging.getLogger("llmrouter.telemetry")
 
 _SUFFIX = ".msgpack"
 # One family: name, help, type, unit, samples as (name, labels, value, timestamp).
@@ -51,13 +54,30 @@ class WorkerMetrics:
         self.own = registry
         self.pid = os.getpid() if pid is None else pid
         self.path = self.folder / f"{self.pid}{_SUFFIX}"
+        self._failing = False
         self.registry = CollectorRegistry(auto_describe=False)
         """Every worker's series: what the scrape encodes."""
         self.registry.register(_Snapshots(self.folder))
 
     def publish(self) -> None:
         """Write this worker's snapshot (in full, then renamed into place: a reader never
-        sees half of one)."""
+        sees half of one). When it cannot be written (a full disk), the others keep
+        showing the last one; a warning says so once, and another line when it works
+        again."""
+        try:
+            self._write()
+        except OSError as exc:
+            if not self._failing:
+                log.warning(
+                    "telemetry: sharing this worker's metrics failed (%s); scrapes show older ones", exc
+                )
+            self._failing = True
+            return
+        if self._failing:
+            log.info("telemetry: sharing this worker's metrics works again")
+            self._failing = False
+
+    def _write(self) -> None:
         families = [
             (
                 family.name,

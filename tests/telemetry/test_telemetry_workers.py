@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
@@ -72,3 +74,19 @@ def test_the_service_registry_with_a_workers_folder(tmp_path: Path) -> None:
     finally:
         metrics.shutdown()
     assert not (tmp_path / f"{os.getpid()}.msgpack").exists()  # out of the others' scrapes
+
+
+def test_a_snapshot_that_cannot_be_written_leaves_the_last_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker, counter = _worker(tmp_path, os.getpid(), 3)
+    worker.publish()
+    counter.labels("/v1/chat/completions").inc()
+    worker.path.with_suffix(".partial").mkdir()  # the write fails, as on a full disk
+    for _ in range(3):
+        worker.publish()
+        assert _samples(generate_latest(worker.registry))[("requests_total", str(os.getpid()))] == 3
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+    worker.path.with_suffix(".partial").rmdir()
+    worker.publish()
+    assert _samples(generate_latest(worker.registry))[("requests_total", str(os.getpid()))] == 4
