@@ -162,6 +162,12 @@ class DatabaseBudgetStore:
     after taking the row lock, and SQLite has a single writer, so concurrent requests
     on any replica cannot both pass the check. A replica that dies mid-request leaves
     its reservation in place until the window ends (use Redis for leases).
+
+    Args:
+        engine: the accounting database.
+        seed: returns a window's spend from the ledger.
+        timeout: seconds a reservation or a settling may take before ``TimeoutError``
+            (None: no bound); the abandoned statement is cancelled in the background.
     """
 
     def __init__(self, engine: AsyncEngine, seed: SeedFn, *, timeout: float | None = None) -> None:

@@ -169,6 +169,8 @@ class KeyStore:
     Args:
         engine: the accounting database.
         cache_seconds: how long a verified key is trusted without a database read.
+        timeout: seconds a caller of :meth:`verify`, :meth:`any_exist` or :meth:`load`
+            waits on the database before ``TimeoutError`` (None: no bound).
     """
 
     def __init__(
