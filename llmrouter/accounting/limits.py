@@ -24,7 +24,15 @@ from typing import Any, Protocol
 from llmrouter.context import new_id
 from llmrouter.errors import RateLimitError
 
-__all__ = ["EffectiveLimits", "LimitTicket", "Limiter", "MemoryLimiter", "RedisLimiter", "seconds_until_fits"]
+__all__ = [
+    "EffectiveLimits",
+    "KeyLimitError",
+    "LimitTicket",
+    "Limiter",
+    "MemoryLimiter",
+    "RedisLimiter",
+    "seconds_until_fits",
+]
 
 WINDOW = 60.0
 
@@ -73,12 +81,31 @@ def seconds_until_fits(limit: float, need: float, prev: float, curr: float, elap
     return (WINDOW - elapsed) + max(0.0, later)
 
 
-def _refusal(kind: str, limit: int, wait: float) -> RateLimitError:
+class KeyLimitError(RateLimitError):
+    """A key's RPM, TPM or concurrency limit refused the request. Its response carries
+    the ``x-ratelimit-*`` headers of the limit that refused it, remaining 0, beside
+    ``Retry-After``, as OpenAI's 429s do."""
+
+    def __init__(self, message: str, *, retry_after: float, limit_headers: dict[str, str]) -> None:
+        super().__init__(message, retry_after=retry_after, retryable=False)
+        self.limit_headers = limit_headers
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), **self.limit_headers}
+
+
+_HEADER_NAMES = {"rpm": "requests", "tpm": "tokens"}
+
+
+def _refusal(kind: str, limit: int, wait: float) -> KeyLimitError:
     names = {"rpm": "requests per minute", "tpm": "tokens per minute", "concurrency": "concurrent requests"}
-    return RateLimitError(
+    unit = _HEADER_NAMES.get(kind)
+    return KeyLimitError(
         f"rate limit reached: {limit} {names[kind]}; retry after {math.ceil(wait)} s",
         retry_after=max(1.0, wait),
-        retryable=False,
+        limit_headers={f"x-ratelimit-limit-{unit}": str(limit), f"x-ratelimit-remaining-{unit}": "0"}
+        if unit
+        else {},
     )
 
 

@@ -47,6 +47,8 @@ async def test_rpm_refuses_with_retry_after_and_openai_body(limiter: Any) -> Non
     assert error.http_status == 429 and not error.retryable
     assert 1 <= error.retry_after <= 120
     assert error.headers()["Retry-After"].isdigit()
+    assert error.headers()["x-ratelimit-limit-requests"] == "5"
+    assert error.headers()["x-ratelimit-remaining-requests"] == "0"
     assert error.to_body()["error"]["type"] == "rate_limit_error"
     assert error.to_body()["error"]["code"] == "rate_limit_exceeded"
     await limiter.release(await limiter.acquire("k2", limits, 0), 0)  # another key is not affected

@@ -90,6 +90,8 @@ async def test_service_keys_auth_limits_and_usage(sqlite_url: str, tmp_path: Pat
         limited = await client.post("/v1/chat/completions", json=CHAT, headers=user_headers)
         assert limited.status_code == 429
         assert int(limited.headers["retry-after"]) >= 1
+        assert limited.headers["x-ratelimit-limit-requests"] == "2"
+        assert limited.headers["x-ratelimit-remaining-requests"] == "0"
         assert limited.json()["error"]["code"] == "rate_limit_exceeded"
 
         # the user sees only their own usage, and may not use admin endpoints
