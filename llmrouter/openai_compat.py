@@ -25,6 +25,7 @@ from __future__ import annotations
 import email.utils
 import math
 import os
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -195,11 +196,29 @@ def error_from_body(
         payload = None
     message, code, param, _ = _error_fields(payload)
     if not message:
-        text = body.decode("utf-8", "replace").strip()[:500]
-        message = text or f"upstream answered HTTP {status}"
+        message = _text_message(status, body.decode("utf-8", "replace").strip())
     retry_after = parse_retry_after(headers) if headers is not None else None
     return error_for_status(
         status, message, provider=provider, retry_after=retry_after, code=code, param=param
+    )
+
+
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def _text_message(status: int, text: str) -> str:
+    """The message of an error body that is not JSON: its text (500 characters at most),
+    or for an HTML page (a proxy's, a load balancer's) its title, not its markup."""
+    if not text:
+        return f"upstream answered HTTP {status}"
+    if not text.startswith("<"):
+        return text[:500]
+    title = _TITLE.search(text)
+    what = " ".join(title.group(1).split())[:200] if title else ""
+    return (
+        f"upstream answered HTTP {status}: {what}"
+        if what
+        else f"upstream answered HTTP {status} (an HTML page)"
     )
 
 
@@ -533,7 +552,7 @@ class OpenAICompatClient:
                 raise self._error(response.status_code, content, response.headers)
             with _translate(self.provider, f"streaming POST {path}"):
                 body_pieces = response.aiter_bytes()
-                ended = False
+                ended = done = False
                 while not ended:
                     try:
                         events = sse.feed(await body_pieces.__anext__())
@@ -543,7 +562,7 @@ class OpenAICompatClient:
                         if data == b"[DONE]":
                             if not ended:
                                 await _drain(body_pieces)
-                            ended = True
+                            ended = done = True
                             break
                         chunk = self._chunk(decoder, event, data, kind)
                         add_texts(chunk, texts)
@@ -558,6 +577,13 @@ class OpenAICompatClient:
         if last is None:
             raise UpstreamError(
                 f"{self.provider}: the upstream stream ended without a chunk", provider=self.provider
+            )
+        if not done and last.usage is None and not any(choice.finish_reason for choice in last.choices):
+            # Servers that leave out [DONE] still end with a finish_reason (or usage):
+            # without either, the connection closed mid-answer.
+            raise UpstreamConnectionError(
+                f"{self.provider}: the upstream stream ended mid-answer (no finish_reason, no [DONE])",
+                provider=self.provider,
             )
         if last.usage is None:
             usage = reported or _estimate(request, "".join(texts), model)

@@ -8,7 +8,7 @@ import pytest
 from llmrouter_remote import RemoteOptions, RemoteProvider
 
 from llmrouter.context import RequestContext, current_context
-from llmrouter.errors import ConfigError, InvalidRequestError, UpstreamError
+from llmrouter.errors import ConfigError, InvalidRequestError, UpstreamConnectionError, UpstreamError
 from llmrouter.registry import create_provider, load_provider_class
 from llmrouter.testing.conformance import collect_stream
 from llmrouter.testing.upstream import FakeUpstream
@@ -199,7 +199,14 @@ async def test_lenient_decoding_of_bent_schemas() -> None:
         ),
         (400, {"error": "llama.cpp says no"}, "llama.cpp says no"),
         (400, {"detail": "fastapi says no"}, "fastapi says no"),
-        (400, b"<html>plain text</html>", "<html>plain text</html>"),
+        (400, b"plain text", "plain text"),
+        (400, b"<html>no title</html>", "upstream answered HTTP 400 (an HTML page)"),
+        (
+            502,
+            b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body><center><h1>502 Bad "
+            b"Gateway</h1></center><hr><center>nginx</center></body>\r\n</html>",
+            "upstream answered HTTP 502: 502 Bad Gateway",
+        ),
         (502, b"", "upstream answered HTTP 502"),
     ],
 )
@@ -262,6 +269,30 @@ async def test_sse_without_done_or_final_blank_line_and_with_comments() -> None:
     assert [c.choices[0].delta.content for c in chunks[:1]] == ["hé"]
     assert chunks[1].choices[0].finish_reason == "stop"
     assert chunks[-1].usage is not None and chunks[-1].usage.estimated and chunks[-1].choices == []
+
+
+async def test_a_stream_cut_before_any_finish_reason_is_an_upstream_failure() -> None:
+    # The connection closed mid-answer: neither [DONE] nor a finish_reason. Passed on as
+    # a normal end (with [DONE] to the client), the client could not tell it was cut.
+    chunk = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": "The capital"}, "finish_reason": None}],
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        payload = b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+        return httpx.Response(200, content=payload, headers={"content-type": "text/event-stream"})
+
+    async with mock_provider(handler) as provider:
+        request = decode_chat_request(
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+        )
+        received = []
+        with pytest.raises(UpstreamConnectionError, match="ended mid-answer"):
+            async for piece in provider.stream(request):
+                received.append(piece)
+    assert [c.choices[0].delta.content for c in received] == ["The capital"]
 
 
 async def test_injected_http_client_is_left_open() -> None:
