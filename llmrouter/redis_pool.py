@@ -1,7 +1,8 @@
 """The Redis client that accounting and the cache connect with.
 
 ``redis.asyncio.Redis.from_url`` gives a pool that refuses a command at once, with
-``MaxConnectionsError``, when all of its connections (100 by default) are in use: under
+``MaxConnectionsError``, when all of its connections are in use (recent redis-py bounds
+it to 100; 8.2 is what the project installs): under
 more than ~100 concurrent requests a process's budget and limit checks failed (503
 ``accounting_unavailable``) and its cache lookups turned into misses, while Redis itself
 was idle. This pool makes a command wait for a free connection instead, up to
