@@ -1,11 +1,10 @@
 """The Redis client that accounting and the cache connect with.
 
 ``redis.asyncio.Redis.from_url`` gives a pool that refuses a command at once, with
-``MaxConnectionsError``, when all of its connections are in use (recent redis-py bounds
-it to 100; 8.2 is what the project installs): under
-more than ~100 concurrent requests a process's budget and limit checks failed (503
-``accounting_unavailable``) and its cache lookups turned into misses, while Redis itself
-was idle. This pool makes a command wait for a free connection instead, up to
+``MaxConnectionsError``, when all of its connections are in use (redis-py 8.2 bounds it
+to 100): under more than ~100 concurrent requests a process's budget and limit checks
+failed (503 ``accounting_unavailable``) and its cache lookups turned into misses, while
+Redis itself was idle. This pool makes a command wait for a free connection instead, up to
 ``timeout``, which also bounds connecting and each command, so a Redis that stops
 answering fails requests in seconds rather than holding them.
 """
