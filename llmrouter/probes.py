@@ -1,21 +1,23 @@
-"""Health probes of deployments for readiness, shared between callers.
+"""Health probes for readiness, shared between callers.
 
 ``GET /ready`` needs no key, and each call probed every deployment: one request to the
 service became one to each upstream (OpenRouter's ``/key``, Ollama's model list, a
-remote server's ``/models``). :class:`SharedProbes` runs at most one probe per
-deployment at a time, and lets callers within :data:`PROBE_TTL_S` of its end reuse it.
+remote server's ``/models``), and each would check the accounting database and Redis.
+:class:`SharedProbes` runs at most one probe of each thing at a time, and lets callers
+within :data:`PROBE_TTL_S` of its end reuse it.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 
 from llmrouter.deployments import DeploymentState
 
-__all__ = ["PROBE_TTL_S", "SharedProbes", "probe"]
+__all__ = ["PROBE_TTL_S", "SharedProbes", "probe_deployment"]
 
 HEALTH_TIMEOUT_S = 2.0
 PROBE_TTL_S = 1.0
@@ -23,7 +25,7 @@ PROBE_TTL_S = 1.0
 few seconds still gets a fresh one each time)."""
 
 
-async def probe(deployment: DeploymentState) -> dict[str, Any]:
+async def probe_deployment(deployment: DeploymentState) -> dict[str, Any]:
     """The readiness fields of one probe: ``reachable``, ``detail``, ``latency_ms``."""
     if deployment.start_error is not None:
         return {"reachable": False}
@@ -48,31 +50,36 @@ class _Probe:
         self.result: dict[str, Any] = {}
 
 
+Check = Callable[[], Awaitable[dict[str, Any]]]
+
+
 class SharedProbes:
-    """One probe per deployment at a time, reused for :data:`PROBE_TTL_S` after it ends."""
+    """One probe of each name at a time, reused for :data:`PROBE_TTL_S` after it ends."""
 
     def __init__(self) -> None:
         self._probes: dict[str, _Probe] = {}
 
-    async def result(self, deployment: DeploymentState) -> dict[str, Any]:
+    async def result(self, name: str, check: Check) -> dict[str, Any]:
+        """What ``check()`` returns: this caller's own, or one running or just ended
+        under ``name``."""
         while True:
-            current = self._probes.get(deployment.id)
+            current = self._probes.get(name)
             if current is None or (
                 current.ended_at is not None and time.monotonic() - current.ended_at > PROBE_TTL_S
             ):
-                return await self._run(deployment)
+                return await self._run(name, check)
             await current.done.wait()
             if current.ended_at is not None:
                 return current.result
             # Its caller left before it ended: probe again.
 
-    async def _run(self, deployment: DeploymentState) -> dict[str, Any]:
-        mine = self._probes[deployment.id] = _Probe()
+    async def _run(self, name: str, check: Check) -> dict[str, Any]:
+        mine = self._probes[name] = _Probe()
         try:
-            mine.result = await probe(deployment)
+            mine.result = await check()
             mine.ended_at = time.monotonic()
         finally:
-            if mine.ended_at is None and self._probes.get(deployment.id) is mine:
-                del self._probes[deployment.id]
+            if mine.ended_at is None and self._probes.get(name) is mine:
+                del self._probes[name]
             mine.done.set()
         return mine.result

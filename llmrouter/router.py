@@ -29,7 +29,7 @@ from llmrouter.deployments import DeploymentState, GroupState
 from llmrouter.dispatch import dispatch_call, dispatch_stream
 from llmrouter.errors import ConfigError, LLMRouterError, ModelNotFoundError, NestedTooDeeplyError
 from llmrouter.hooks import CacheLayer, RouterHooks
-from llmrouter.probes import SharedProbes
+from llmrouter.probes import SharedProbes, probe_deployment
 from llmrouter.provider import Provider
 from llmrouter.registry import available_providers, load_provider_class
 from llmrouter.strategies import get_strategy
@@ -536,7 +536,8 @@ class Router:
         if probe:
 
             async def fill(deployment: DeploymentState) -> None:
-                snapshots[deployment.id].update(await self._probes.result(deployment))
+                result = await self._probes.result(deployment.id, partial(probe_deployment, deployment))
+                snapshots[deployment.id].update(result)
 
             async with anyio.create_task_group() as tg:
                 for deployment in self.deployments:
