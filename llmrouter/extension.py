@@ -65,3 +65,9 @@ class Extension:
     def readiness(self) -> Mapping[str, Any]:
         """Extra entries for ``GET /ready`` (e.g. cache stats, ledger queue depth)."""
         return {}
+
+    async def check(self) -> Mapping[str, Any]:
+        """What ``GET /ready`` reports: :meth:`readiness`, and what an extension checks
+        on the spot (accounting: do its database and Redis answer?). ``"ready": False``
+        makes ``/ready`` answer 503."""
+        return self.readiness()

@@ -115,6 +115,9 @@ class AccountingExtension(Extension):
     def readiness(self) -> Mapping[str, Any]:
         return self.accounting.readiness()
 
+    async def check(self) -> Mapping[str, Any]:
+        return {**self.accounting.readiness(), **await self.accounting.check_stores()}
+
     async def authenticate(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
         """Attach the caller's key; 401 when auth is on and the key is missing or bad.
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.budget_stores import DatabaseBudgetStore, RedisBudgetStore
@@ -22,6 +23,7 @@ from llmrouter.accounting.models import LedgerRow
 from llmrouter.accounting.reports import usage_report
 from llmrouter.aio import within
 from llmrouter.errors import ConfigError
+from llmrouter.probes import SharedProbes
 from llmrouter.redis_pool import connect
 
 __all__ = ["Accounting"]
@@ -70,6 +72,7 @@ class Accounting:
         self.limiter: Limiter | None = None
         self.budgets: BudgetManager | None = None
         self._hooks: AccountingHooks | None = None
+        self._store_checks = SharedProbes()
         self._started = False
 
     @classmethod
@@ -227,6 +230,22 @@ class Accounting:
         await self.ledger.flush()
         return await usage_report(self.engine, **kwargs)
 
+    async def check_stores(self) -> dict[str, Any]:
+        """Whether the database and Redis answer now (:data:`STORE_CHECK_SECONDS` each),
+        for ``GET /ready``: ``{"database": "ok" | the error, "redis": ..., "ready": ...}``.
+        One check at a time, reused for a second (:mod:`llmrouter.probes`)."""
+        return await self._store_checks.result("stores", self._check_stores)
+
+    async def _check_stores(self) -> dict[str, Any]:
+        report = {"database": await _answer_of(self._ping_database())}
+        if self.redis is not None:
+            report["redis"] = await _answer_of(self.redis.ping())
+        return {**report, "ready": all(answer == "ok" for answer in report.values())}
+
+    async def _ping_database(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
     def readiness(self) -> dict[str, Any]:
         return {
             "ledger_pending": self.ledger.pending,
@@ -237,3 +256,20 @@ class Accounting:
             "ledger_last_error": self.ledger.last_error,
             "in_flight": self._hooks.in_flight if self._hooks else 0,
         }
+
+
+STORE_CHECK_SECONDS = 1.0
+"""How long ``GET /ready`` waits for the database, and for Redis, to answer."""
+
+
+async def _answer_of(check: Awaitable[Any]) -> str:
+    """``ok``, or why not (a store that does not answer within the bound included)."""
+    try:
+        await within(STORE_CHECK_SECONDS, _awaited(check))
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return "ok"
+
+
+async def _awaited(check: Awaitable[Any]) -> Any:
+    return await check

@@ -37,7 +37,7 @@ async def readiness(request: Request[Any, Any, Any]) -> ASGIResponse:
     extensions: dict[str, Any] = {}
     for ext in service.extensions:
         try:
-            extensions[ext.name] = dict(ext.readiness())
+            extensions[ext.name] = dict(await ext.check())
         except Exception as exc:  # noqa: BLE001 - one broken extension must not hide the others
             extensions[ext.name] = {"ready": False, "error": f"{type(exc).__name__}: {exc}"}
     report["extensions"] = extensions

@@ -112,3 +112,21 @@ async def test_a_database_budget_on_a_database_that_stopped_answering(
         proxy.freeze()
         await _refused_within_the_timeout(lambda: acct.hooks.before_request(chat_context(max_cost=0.01)))
         proxy.thaw()
+
+
+async def test_ready_says_whether_the_database_answers(
+    pg_url: str, tmp_path: Path, proxy: FreezableProxy
+) -> None:
+    config = make_config(_through(pg_url, proxy), tmp_path)
+    async with Accounting(config) as acct:
+        extension = AccountingExtension(acct)
+        report = await extension.check()
+        assert (report["database"], report["ready"]) == ("ok", True)
+        assert "ledger_pending" in report  # the ledger's counters too
+        proxy.freeze()
+        await anyio.sleep(1.1)  # past the reuse of the last check
+        started = time.monotonic()
+        report = await extension.check()
+        assert report["ready"] is False and report["database"] == "TimeoutError"
+        assert time.monotonic() - started < 2.5
+        proxy.thaw()

@@ -84,3 +84,14 @@ async def test_a_redis_that_does_not_answer_fails_requests_within_the_timeout(
             assert time.monotonic() - started < 3
             assert accepted  # it did reach the silent server
         tg.cancel_scope.cancel()
+
+
+async def test_ready_says_whether_redis_answers(sqlite_url: str, tmp_path: Path) -> None:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    await listener.aclose()  # nothing listens there now
+    config = make_config(sqlite_url, tmp_path, redis=RedisConfig(url=f"redis://127.0.0.1:{port}/0"))
+    async with Accounting(config) as acct:
+        report = await acct.check_stores()
+    assert report["database"] == "ok" and report["ready"] is False
+    assert report["redis"].startswith("ConnectionError")

@@ -8,6 +8,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from llmrouter.accounting import Accounting, extension_from_config
+from llmrouter.accounting.config import RedisConfig
 from llmrouter.accounting.extension import AccountingExtension, secret_from_headers
 from llmrouter.config import Config, Deployment, Price, parse_config
 from llmrouter.router import Router
@@ -198,3 +199,26 @@ async def test_a_key_lists_and_retrieves_only_the_models_it_may_use(sqlite_url: 
         assert {
             m["id"] for m in (await client.get("/v1/models", headers=as_admin)).json()["data"]
         } == everything
+
+
+async def test_ready_is_503_while_a_store_of_accounting_does_not_answer(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    router = Router()
+    router.add_deployment(
+        "m", ScriptedProvider("m", default=Step(text="hi")), Deployment(provider="scripted", model="m")
+    )
+    closed_port = 9  # discard: nothing listens on it here
+    redis = RedisConfig(url=f"redis://127.0.0.1:{closed_port}/0", timeout=0.5)
+    acct = Accounting(make_config(sqlite_url, tmp_path, redis=redis))
+    app = create_app(Config(), router=router, extensions=[AccountingExtension(acct)])
+    async with AsyncTestClient(app) as client:
+        ready = await client.get("/ready")
+        assert ready.status_code == 503, ready.text
+        report = ready.json()["extensions"]["accounting"]
+        assert (
+            report["ready"] is False
+            and report["database"] == "ok"
+            and report["redis"].startswith("ConnectionError")
+        )
+        assert ready.json()["deployments"][0]["healthy"] is True  # the model is fine; accounting is not
