@@ -191,8 +191,23 @@ class RateLimitError(LLMRouterError):
 
 
 class BudgetExceededError(RateLimitError):
+    """A budget refused the request. ``until_reset``: what is spent already leaves no
+    room for it, so trying again before the budget's period resets cannot succeed; the
+    response then says ``x-should-retry: false``, which the OpenAI SDKs obey (a refusal
+    only for other requests' reservations may pass once they settle)."""
+
     type = "insufficient_quota"
     default_code = "insufficient_quota"
+
+    def __init__(self, message: str, *, until_reset: bool = False, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.until_reset = until_reset
+
+    def headers(self) -> dict[str, str]:
+        headers = super().headers()
+        if self.until_reset:
+            headers["x-should-retry"] = "false"
+        return headers
 
 
 class UpstreamError(LLMRouterError):

@@ -307,11 +307,16 @@ class BudgetManager:
 
 def _exceeded(window: BudgetWindow, spent: int, reserved: int, amount: int) -> BudgetExceededError:
     scope = f" for model {window.model}" if window.model else ""
-    retry = max(1.0, window.end - time.time()) if window.end is not None else None
+    until_reset = spent + amount > window.limit
+    if until_reset:  # only the period's end makes room
+        retry = max(1.0, window.end - time.time()) if window.end is not None else None
+    else:  # other requests' reservations are in the way; they settle within seconds
+        retry = 1.0
     return BudgetExceededError(
         f"budget exceeded{scope}: {window.period} limit ${window.limit / UNITS_PER_USD:.6f}, "
         f"spent ${spent / UNITS_PER_USD:.6f}, reserved ${reserved / UNITS_PER_USD:.6f}, "
         f"this request may cost up to ${amount / UNITS_PER_USD:.6f}",
         retry_after=retry,
         retryable=False,
+        until_reset=until_reset,
     )

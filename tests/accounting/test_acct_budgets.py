@@ -226,3 +226,22 @@ async def test_a_store_failing_half_way_gives_back_what_was_reserved() -> None:
     with pytest.raises(ConnectionError):
         await budgets.reserve(None, "gpt-4o", 0.5, "req-1")
     assert await store.usage(day) == (0, 0)  # the day's reservation went back
+
+
+async def test_a_refusal_says_whether_trying_again_soon_can_pass(sqlite_url: str, tmp_path: Path) -> None:
+    rule = BudgetRule(key="*", period="total", limit=2 * MAX_COST)
+    config = make_config(sqlite_url, tmp_path, budgets=[rule], budget_backend="memory")
+    async with Accounting(config) as acct:
+        first, second = chat_context(max_cost=MAX_COST), chat_context(max_cost=MAX_COST)
+        await acct.hooks.before_request(first)
+        await acct.hooks.before_request(second)
+        # Only the two in flight are in the way: they may settle for less, so soon may pass.
+        with pytest.raises(BudgetExceededError) as reserved:
+            await acct.hooks.before_request(chat_context(max_cost=MAX_COST))
+        assert reserved.value.retry_after == 1.0 and "x-should-retry" not in reserved.value.headers()
+        await acct.hooks.after_request(finish(first, cost=MAX_COST))
+        await acct.hooks.after_request(finish(second, cost=MAX_COST))
+        # Spent to the limit, and a total budget never resets: the OpenAI SDKs must not retry.
+        with pytest.raises(BudgetExceededError) as spent:
+            await acct.hooks.before_request(chat_context(max_cost=MAX_COST))
+        assert spent.value.retry_after is None and spent.value.headers() == {"x-should-retry": "false"}
