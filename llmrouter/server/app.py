@@ -72,6 +72,7 @@ _EXPOSED_HEADERS = [
     "x-ratelimit-remaining-requests",
     "x-ratelimit-limit-tokens",
     "x-ratelimit-remaining-tokens",
+    "x-should-retry",
     "retry-after",
 ]
 
