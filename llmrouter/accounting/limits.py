@@ -63,12 +63,19 @@ class LimitTicket:
         """OpenAI's ``x-ratelimit-*`` headers for the limits that apply."""
         headers: dict[str, str] = {}
         if self.limits.rpm is not None and self.requests_left is not None:
-            headers["x-ratelimit-limit-requests"] = str(self.limits.rpm)
-            headers["x-ratelimit-remaining-requests"] = str(self.requests_left)
+            headers.update(_window_headers("rpm", self.limits.rpm, self.requests_left))
         if self.limits.tpm is not None and self.tokens_left is not None:
-            headers["x-ratelimit-limit-tokens"] = str(self.limits.tpm)
-            headers["x-ratelimit-remaining-tokens"] = str(self.tokens_left)
+            headers.update(_window_headers("tpm", self.limits.tpm, self.tokens_left))
         return headers
+
+
+_HEADER_NAMES = {"rpm": "requests", "tpm": "tokens"}
+
+
+def _window_headers(kind: str, limit: int, left: int) -> dict[str, str]:
+    """``x-ratelimit-limit-*`` and ``x-ratelimit-remaining-*`` of an RPM or TPM window."""
+    unit = _HEADER_NAMES[kind]
+    return {f"x-ratelimit-limit-{unit}": str(limit), f"x-ratelimit-remaining-{unit}": str(left)}
 
 
 def seconds_until_fits(limit: float, need: float, prev: float, curr: float, elapsed: float) -> float:
@@ -94,18 +101,12 @@ class KeyLimitError(RateLimitError):
         return {**super().headers(), **self.limit_headers}
 
 
-_HEADER_NAMES = {"rpm": "requests", "tpm": "tokens"}
-
-
 def _refusal(kind: str, limit: int, wait: float) -> KeyLimitError:
     names = {"rpm": "requests per minute", "tpm": "tokens per minute", "concurrency": "concurrent requests"}
-    unit = _HEADER_NAMES.get(kind)
     return KeyLimitError(
         f"rate limit reached: {limit} {names[kind]}; retry after {math.ceil(wait)} s",
         retry_after=max(1.0, wait),
-        limit_headers={f"x-ratelimit-limit-{unit}": str(limit), f"x-ratelimit-remaining-{unit}": "0"}
-        if unit
-        else {},
+        limit_headers=_window_headers(kind, limit, 0) if kind in _HEADER_NAMES else {},
     )
 
 
