@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from typing import Any
 
 import msgspec
@@ -262,14 +262,10 @@ STORE_CHECK_SECONDS = 1.0
 """How long ``GET /ready`` waits for the database, and for Redis, to answer."""
 
 
-async def _answer_of(check: Awaitable[Any]) -> str:
+async def _answer_of(check: Coroutine[Any, Any, Any]) -> str:
     """``ok``, or why not (a store that does not answer within the bound included)."""
     try:
-        await within(STORE_CHECK_SECONDS, _awaited(check))
+        await within(STORE_CHECK_SECONDS, check)
     except Exception as exc:  # noqa: BLE001 - reported, not raised
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return "ok"
-
-
-async def _awaited(check: Awaitable[Any]) -> Any:
-    return await check
