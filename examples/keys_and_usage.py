@@ -1,8 +1,8 @@
 """A key with a budget, requests made with it, and what they cost, from the service.
 
 An admin key creates a user key with a daily budget over the admin API, the user key
-makes a few requests through the OpenAI SDK, and ``GET /v1/usage`` (with the user key)
-shows its own rows by model and its budget. (Local models cost nothing unless their
+makes a few requests through the OpenAI SDK, ``GET /v1/usage`` (with the user key)
+shows its own rows by model and its budget, and the admin raises that budget in place. (Local models cost nothing unless their
 deployment has a ``price``; OpenRouter reports its own.)
 
 Start the service first (``make serve``) and create an admin key in its folder::
@@ -69,7 +69,13 @@ def main() -> int:
             f"{budget['period']} budget: ${budget['spent']:.6f} spent of ${budget['limit']}, resets {resets}"
         )
 
-    service.delete(f"/v1/admin/keys/{user['id']}", headers={"Authorization": f"Bearer {args.admin_key}"})
+    # Raise the budget in place: same key, same secret, and the day's spend still counts.
+    admin = {"Authorization": f"Bearer {args.admin_key}"}
+    service.patch(f"/v1/admin/keys/{user['id']}", headers=admin, json={"budget": 5.0}).raise_for_status()
+    after = service.get("/v1/usage", headers={"Authorization": f"Bearer {user['secret']}"}).json()["budgets"]
+    print(f"raised the budget: ${after[0]['spent']:.6f} spent of ${after[0]['limit']}")
+
+    service.delete(f"/v1/admin/keys/{user['id']}", headers=admin)
     print(f"revoked {user['id']}")
     return 0
 

@@ -477,12 +477,17 @@ def _decode_request(body: bytes | str | dict[str, Any], kind: type[_R], known: f
 def error_param(exc: msgspec.ValidationError) -> str | None:
     """The field a msgspec validation error names, as OpenAI's ``param``."""
     # msgspec says "... - at `$.messages[0].role`"; OpenAI's param is "messages[0].role".
+    # A field it does not know is named in the message: "Object contains unknown field
+    # `colour`" (then " - at `$.path`" when nested); param is that field's path.
     message = str(exc)
     marker = "at `$."
     start = message.rfind(marker)
-    if start == -1:
-        return None
-    return message[start + len(marker) :].rstrip("`")
+    path = message[start + len(marker) :].rstrip("`") if start != -1 else None
+    unknown = "Object contains unknown field `"
+    if message.startswith(unknown):
+        name = message[len(unknown) : message.index("`", len(unknown))]
+        return f"{path}.{name}" if path else name
+    return path
 
 
 def decode_chat_request(body: bytes | str | dict[str, Any]) -> ChatRequest:

@@ -205,18 +205,20 @@ class BudgetManager:
         now = time.time() if now is None else now
         key_id = key.id if key is not None else None
         found: dict[str, BudgetWindow] = {}
-        candidates: list[tuple[str | None, str, float, float | None]] = []
+        candidates: list[tuple[str | None, str, float, float | None, str]] = []
         for rule in self.rules:
             if rule.key != "*" and (key is None or rule.key not in (key.id, key.name)):
                 continue
             if rule.model is not None and rule.model != model_group:
                 continue
-            candidates.append((rule.model, rule.period, rule.limit, rule.soft_limit))
+            candidates.append((rule.model, rule.period, rule.limit, rule.soft_limit, ""))
         if key is not None and key.budget is not None:
-            candidates.append((None, key.budget_period or "month", key.budget, None))
-        for model, period, limit, soft in candidates:
+            # A budget set again, or given another period, counts afresh: its own counters.
+            version = f"|v{key.budget_version}" if key.budget_version else ""
+            candidates.append((None, key.budget_period or "month", key.budget, None, version))
+        for model, period, limit, soft, version in candidates:
             tag, start, end = period_bounds(period, now)
-            counter = f"{key_id or '-'}|{model or '*'}|{tag}"
+            counter = f"{key_id or '-'}|{model or '*'}|{tag}{version}"
             window = BudgetWindow(
                 counter, key_id, model, period, start, end, to_units(limit), to_units(soft) if soft else None
             )

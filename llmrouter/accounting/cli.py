@@ -5,6 +5,10 @@
     llmrouter keys create NAME [--scope admin] [--models gpt-4o,local-*] [--expires 30d]
                                [--budget 10 --budget-period month] [--rpm N] [--tpm N] [--concurrency N]
     llmrouter keys list [--active] [--format table|json]
+    llmrouter keys update KEY [--name N] [--scope admin] [--models ...] [--expires 30d] [--budget 20]
+                              [--budget-period day] [--rpm N] [--tpm N] [--concurrency N] [--note T]
+                              [--clear models|expires|budget|rpm|tpm|concurrency|note]
+    llmrouter keys rotate KEY [--format json]   # a new secret for the same key, printed once
     llmrouter keys revoke KEY            # id, prefix or name
     llmrouter usage report [--by key,model] [--since 2026-11-01] [--until 2026-11-30] [--key KEY]
                            [--format table|csv|json]
@@ -70,20 +74,50 @@ def _when(ts: float | None) -> str:
     return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
-    from llmrouter.accounting.keys import KeyStore
+class _UsageError(Exception):
+    """A command-line value that cannot be used (exit status 2)."""
+
+
+def _expires_at(text: str) -> float | None:
+    """``--expires``: ``30d``, ``12h``, ``2w`` from now, or a date/time (UTC) in the future."""
     from llmrouter.accounting.reports import parse_time
 
-    expires_at = None
-    if args.expires:
-        # "30d" means 30 days from now (parse_time reads it as 30 days ago).
-        if args.expires[-1] in "hdw" and args.expires[:-1].isdigit():
-            expires_at = 2 * time.time() - (parse_time(args.expires) or 0.0)
-        else:
-            expires_at = parse_time(args.expires)
-        if expires_at is not None and expires_at <= time.time():
-            print(f"llmrouter: error: --expires {args.expires} is in the past", file=sys.stderr)
+    # "30d" means 30 days from now (parse_time reads it as 30 days ago).
+    expires_at: float | None
+    if text[-1:] in ("h", "d", "w") and text[:-1].isdigit():
+        expires_at = 2 * time.time() - (parse_time(text) or 0.0)
+    else:
+        expires_at = parse_time(text)
+    if expires_at is not None and expires_at <= time.time():
+        raise _UsageError(f"--expires {text} is in the past")
+    return expires_at
+
+
+def _usage_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except _UsageError as exc:
+            print(f"llmrouter: error: {exc}", file=sys.stderr)
             return 2
+
+    return run
+
+
+def _print_secret(key: Any, secret: str, args: argparse.Namespace, done: str) -> None:
+    if args.format == "json":
+        fields = {"id": key.id, "name": key.name, "prefix": key.prefix, "scopes": list(key.scopes)}
+        print(json.dumps({**fields, "secret": secret}))
+    else:
+        print(f"{done} key {key.id} ({key.name}), scopes: {','.join(key.scopes)}")
+        print(f"secret (shown once, store it now): {secret}")
+
+
+@_usage_errors
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from llmrouter.accounting.keys import KeyStore
+
+    expires_at = _expires_at(args.expires) if args.expires else None
 
     async def body(engine: Any) -> int:
         key, secret = await KeyStore(engine).create(
@@ -98,21 +132,63 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             note=args.note,
         )
-        if args.format == "json":
-            print(
-                json.dumps(
-                    {
-                        "id": key.id,
-                        "name": key.name,
-                        "prefix": key.prefix,
-                        "scopes": list(key.scopes),
-                        "secret": secret,
-                    }
-                )
-            )
-        else:
-            print(f"created key {key.id} ({key.name}), scopes: {','.join(key.scopes)}")
-            print(f"secret (shown once, store it now): {secret}")
+        _print_secret(key, secret, args, "created")
+        return 0
+
+    return _with_db(args, body)
+
+
+_CLEARABLE = {
+    "models": "allowed_models",
+    "expires": "expires_at",
+    "budget": "budget",
+    "rpm": "rpm",
+    "tpm": "tpm",
+    "concurrency": "concurrency",
+    "note": "note",
+}
+"""``--clear`` choices and the fields they empty."""
+
+
+@_usage_errors
+def cmd_keys_update(args: argparse.Namespace) -> int:
+    from llmrouter.accounting.keys import KeyStore
+
+    given = {
+        "name": args.name,
+        "scopes": args.scope,
+        "allowed_models": [m for m in args.models.split(",") if m] if args.models is not None else None,
+        "expires_at": _expires_at(args.expires) if args.expires else None,
+        "budget": args.budget,
+        "budget_period": args.budget_period,
+        "rpm": args.rpm,
+        "tpm": args.tpm,
+        "concurrency": args.concurrency,
+        "note": args.note,
+    }
+    changes: dict[str, Any] = {field: value for field, value in given.items() if value is not None}
+    for option in args.clear or ():
+        field = _CLEARABLE[option]
+        if field in changes:
+            raise _UsageError(f"--clear {option} and a new value for it")
+        changes[field] = None
+    if not changes:
+        raise _UsageError("nothing to change: give a field's new value or --clear FIELD")
+
+    async def body(engine: Any) -> int:
+        key = await KeyStore(engine).update(args.key, changes)
+        print(f"updated key {key.id} ({key.name}): {', '.join(sorted(changes))}")
+        return 0
+
+    return _with_db(args, body)
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from llmrouter.accounting.keys import KeyStore
+
+    async def body(engine: Any) -> int:
+        key, secret = await KeyStore(engine).rotate(args.key)
+        _print_secret(key, secret, args, "rotated")
         return 0
 
     return _with_db(args, body)
@@ -230,9 +306,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     """Add ``keys``, ``usage`` and ``db`` to the ``llmrouter`` command line."""
-    keys = subparsers.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
-        metavar="ACTION"
-    )
+    keys = subparsers.add_parser(
+        "keys", help="create, list, update, rotate and revoke API keys"
+    ).add_subparsers(metavar="ACTION")
     create = keys.add_parser("create", help="create a key and print its secret (once)")
     create.add_argument("name")
     create.add_argument(
@@ -252,6 +328,33 @@ def register(subparsers: Any) -> None:
     listing.add_argument("--active", action="store_true", help="hide revoked keys")
     listing.add_argument("--format", choices=["table", "json"], default="table")
     listing.set_defaults(func=cmd_keys_list)
+    change = keys.add_parser("update", help="change a key's fields; it keeps its secret and usage")
+    change.add_argument("key", help="id, prefix or name")
+    change.add_argument("--name", help="a new name")
+    change.add_argument(
+        "--scope", action="append", choices=["admin", "user"], help="repeatable: the new scopes"
+    )
+    change.add_argument("--models", help="comma-separated allowed model names or globs")
+    change.add_argument("--expires", help="30d, 12h, or a date/time (UTC)")
+    change.add_argument("--budget", type=float, help="spend cap in USD")
+    change.add_argument("--budget-period", choices=["day", "month", "total"], default=None)
+    change.add_argument("--rpm", type=int)
+    change.add_argument("--tpm", type=int)
+    change.add_argument("--concurrency", type=int)
+    change.add_argument("--note")
+    change.add_argument(
+        "--clear",
+        action="append",
+        choices=sorted(_CLEARABLE),
+        help="repeatable: empty a field (budget: none of its own)",
+    )
+    change.set_defaults(func=cmd_keys_update)
+    rotate = keys.add_parser(
+        "rotate", help="give a key a new secret (printed once); the old one stops working"
+    )
+    rotate.add_argument("key", help="id, prefix or name")
+    rotate.add_argument("--format", choices=["text", "json"], default="text")
+    rotate.set_defaults(func=cmd_keys_rotate)
     revoke = keys.add_parser("revoke", help="revoke a key by id, prefix or name")
     revoke.add_argument("key")
     revoke.set_defaults(func=cmd_keys_revoke)
@@ -270,7 +373,7 @@ def register(subparsers: Any) -> None:
     up.set_defaults(func=cmd_db_upgrade)
     status = db.add_parser("status", help="show the schema version")
     status.set_defaults(func=cmd_db_status)
-    for parser in (create, listing, revoke, report, up, status):
+    for parser in (create, listing, change, rotate, revoke, report, up, status):
         _common(parser)
 
 

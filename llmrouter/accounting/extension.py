@@ -6,6 +6,8 @@ Routes (OpenAI-style error bodies on failure):
 - ``GET /v1/admin/usage?since=&until=&by=key,model,provider,day&key=`` — everyone's (admin).
 - ``POST /v1/admin/keys`` — create a key; the response carries the secret, once (admin).
 - ``GET /v1/admin/keys`` — list keys (admin).
+- ``PATCH /v1/admin/keys/{key}`` — change a key's fields; it keeps its secret (admin).
+- ``POST /v1/admin/keys/{key}/rotate`` — a new secret, shown once, for the same key (admin).
 - ``DELETE /v1/admin/keys/{key}`` — revoke by id, prefix or name (admin).
 
 Litestar is imported only here.
@@ -15,15 +17,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
-from litestar import Request, Response, delete, get, post
+from litestar import Request, Response, delete, get, patch, post
 from litestar.params import FromPath
+from msgspec import UNSET, UnsetType
 
 from llmrouter.accounting.facade import Accounting
 from llmrouter.accounting.hooks import unavailable
-from llmrouter.accounting.keys import ApiKey
+from llmrouter.accounting.keys import UPDATABLE, ApiKey
 from llmrouter.accounting.reports import parse_range
 from llmrouter.context import RequestContext
 from llmrouter.errors import AuthenticationError, InvalidRequestError, LLMRouterError, PermissionDeniedError
@@ -32,9 +35,10 @@ from llmrouter.hooks import RouterHooks
 from llmrouter.server.state import header_dict
 from llmrouter.types import error_param
 
-__all__ = ["AccountingExtension", "CreateKeyRequest", "secret_from_headers"]
+__all__ = ["AccountingExtension", "CreateKeyRequest", "UpdateKeyRequest", "secret_from_headers"]
 
 _encode = msgspec.json.Encoder().encode
+T = TypeVar("T")
 
 
 class CreateKeyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -54,18 +58,61 @@ class CreateKeyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True)
     note: str | None = None
 
 
-def _expiry(body: CreateKeyRequest, now: float) -> float | None:
-    """When a new key expires. A time already past is refused: a typo would make a key
-    that fails from its first use."""
-    if body.expires_in_days is not None:
-        if body.expires_at is not None:
+class UpdateKeyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``PATCH /v1/admin/keys/{key}``: a field left out stays as it is; ``null``
+    clears one that may be empty (``allowed_models``, ``expires_at``, ``budget``, ``rpm``,
+    ``tpm``, ``concurrency``, ``note``)."""
+
+    name: str | UnsetType = UNSET
+    scopes: list[Literal["admin", "user"]] | UnsetType = UNSET
+    allowed_models: list[str] | UnsetType | None = UNSET
+    expires_at: float | UnsetType | None = UNSET
+    expires_in_days: float | UnsetType = UNSET
+    budget: float | UnsetType | None = UNSET
+    budget_period: Literal["day", "month", "total"] | UnsetType = UNSET
+    rpm: int | UnsetType | None = UNSET
+    tpm: int | UnsetType | None = UNSET
+    concurrency: int | UnsetType | None = UNSET
+    note: str | UnsetType | None = UNSET
+
+    def changes(self, now: float) -> dict[str, Any]:
+        """The fields to change, for :meth:`~llmrouter.accounting.keys.KeyStore.update`."""
+        found = {name: value for name in UPDATABLE if (value := getattr(self, name)) is not UNSET}
+        if self.expires_in_days is not UNSET:
+            if "expires_at" in found:
+                raise InvalidRequestError(
+                    "give expires_at or expires_in_days, not both", param="expires_in_days"
+                )
+            found["expires_at"] = _expiry(None, self.expires_in_days, now)
+        elif found.get("expires_at") is not None:
+            found["expires_at"] = _expiry(found["expires_at"], None, now)
+        return found
+
+
+def _decode(body: bytes, kind: type[T], what: str) -> T:
+    """``body`` as ``kind``; any fault is a 400 naming the field where msgspec can."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestError(f"invalid {what}: {exc}", param=error_param(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"invalid {what}: {exc}") from exc
+    except UnicodeDecodeError as exc:  # msgspec's, for a string that is not UTF-8
+        raise InvalidRequestError(f"invalid {what}: the body is not valid UTF-8") from exc
+
+
+def _expiry(expires_at: float | None, expires_in_days: float | None, now: float) -> float | None:
+    """When a key expires. A time already past is refused: a typo would make a key that
+    fails from its next use."""
+    if expires_in_days is not None:
+        if expires_at is not None:
             raise InvalidRequestError("give expires_at or expires_in_days, not both", param="expires_in_days")
-        if not body.expires_in_days > 0:  # NaN fails too
+        if not expires_in_days > 0:  # NaN fails too
             raise InvalidRequestError("expires_in_days must be more than 0", param="expires_in_days")
-        return now + body.expires_in_days * 86400
-    if body.expires_at is not None and body.expires_at <= now:
+        return now + expires_in_days * 86400
+    if expires_at is not None and expires_at <= now:
         raise InvalidRequestError("expires_at (Unix seconds) is in the past", param="expires_at")
-    return body.expires_at
+    return expires_at
 
 
 def secret_from_headers(headers: Mapping[str, str]) -> str | None:
@@ -211,19 +258,12 @@ class AccountingExtension(Extension):
         @post("/v1/admin/keys", summary="Create an API key (the secret is shown once)", status_code=201)
         async def create_key(request: Request[Any, Any, Any]) -> Response[bytes]:
             await ext._caller(request, admin=True)
-            try:
-                body = msgspec.json.decode(await request.body(), type=CreateKeyRequest)
-            except msgspec.ValidationError as exc:
-                raise InvalidRequestError(f"invalid key request: {exc}", param=error_param(exc)) from exc
-            except msgspec.DecodeError as exc:
-                raise InvalidRequestError(f"invalid key request: {exc}") from exc
-            except UnicodeDecodeError as exc:  # msgspec's, for a string that is not UTF-8
-                raise InvalidRequestError("invalid key request: the body is not valid UTF-8") from exc
+            body = _decode(await request.body(), CreateKeyRequest, "key request")
             key, secret = await acct.keys.create(
                 body.name,
                 scopes=body.scopes,
                 allowed_models=body.allowed_models,
-                expires_at=_expiry(body, time.time()),
+                expires_at=_expiry(body.expires_at, body.expires_in_days, time.time()),
                 budget=body.budget,
                 budget_period=body.budget_period,
                 rpm=body.rpm,
@@ -244,4 +284,20 @@ class AccountingExtension(Extension):
             await ext._caller(request, admin=True)
             return _json(key_to_json(await acct.keys.revoke(key_ref)))
 
-        return [own_usage, admin_usage, create_key, list_keys, revoke_key]
+        @patch("/v1/admin/keys/{key_ref:str}", summary="Change an API key's fields (admin)")
+        async def update_key(request: Request[Any, Any, Any], key_ref: FromPath[str]) -> Response[bytes]:
+            await ext._caller(request, admin=True)
+            body = _decode(await request.body(), UpdateKeyRequest, "key update")
+            return _json(key_to_json(await acct.keys.update(key_ref, body.changes(time.time()))))
+
+        @post(
+            "/v1/admin/keys/{key_ref:str}/rotate",
+            summary="Give an API key a new secret (shown once) (admin)",
+            status_code=200,
+        )
+        async def rotate_key(request: Request[Any, Any, Any], key_ref: FromPath[str]) -> Response[bytes]:
+            await ext._caller(request, admin=True)
+            key, secret = await acct.keys.rotate(key_ref)
+            return _json({**key_to_json(key), "secret": secret})
+
+        return [own_usage, admin_usage, create_key, list_keys, update_key, rotate_key, revoke_key]

@@ -22,7 +22,7 @@ import secrets
 import string
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -33,7 +33,7 @@ from llmrouter.accounting.models import ApiKeyRow
 from llmrouter.aio import within
 from llmrouter.errors import AuthenticationError, InvalidRequestError, NotFoundError
 
-__all__ = ["SECRET_PREFIX", "ApiKey", "KeyStore", "Principal", "hash_secret", "parse_secret"]
+__all__ = ["SECRET_PREFIX", "UPDATABLE", "ApiKey", "KeyStore", "Principal", "hash_secret", "parse_secret"]
 
 T = TypeVar("T")
 
@@ -62,6 +62,9 @@ class ApiKey(msgspec.Struct, kw_only=True, frozen=True):
     tpm: int | None = None
     concurrency: int | None = None
     note: str | None = None
+    budget_version: int = 0
+    """Raised when the budget is set again after none, or its period changes (see
+    :meth:`KeyStore.update`): the budget's windows are then counted afresh."""
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
@@ -121,6 +124,7 @@ def _to_key(row: ApiKeyRow) -> ApiKey:
         tpm=row.tpm,
         concurrency=row.concurrency,
         note=row.note,
+        budget_version=row.budget_version or 0,
     )
 
 
@@ -132,14 +136,34 @@ _MAX_NOTE = 10_000
 MAX_BUDGET_USD = 1e9  # in nano-dollars still far inside 64 bits (see budgets.MAX_UNITS)
 
 
-def _check_fields(
-    name: str,
-    allowed_models: Sequence[str] | None,
-    expires_at: float | None,
-    budget: float | None,
-    limits: dict[str, int | None],
-    note: str | None,
-) -> None:
+UPDATABLE: frozenset[str] = frozenset(
+    {
+        "name",
+        "scopes",
+        "allowed_models",
+        "expires_at",
+        "budget",
+        "budget_period",
+        "rpm",
+        "tpm",
+        "concurrency",
+        "note",
+    }
+)
+"""The fields :meth:`KeyStore.update` changes."""
+
+
+def _check_fields(fields: Mapping[str, Any]) -> None:
+    """Refuse what the database or the budget arithmetic cannot hold (``fields``: every
+    name in :data:`UPDATABLE`)."""
+    name, allowed_models, note = fields["name"], fields["allowed_models"], fields["note"]
+    expires_at, budget = fields["expires_at"], fields["budget"]
+    if not fields["scopes"] or not set(fields["scopes"]) <= SCOPES:
+        raise InvalidRequestError(f"scopes must be a non-empty subset of {sorted(SCOPES)}", param="scopes")
+    if fields["budget_period"] not in (None, "day", "month", "total"):
+        raise InvalidRequestError("budget_period must be day, month or total", param="budget_period")
+    if fields["budget_period"] is not None and budget is None:
+        raise InvalidRequestError("budget_period needs a budget", param="budget_period")
     if not name or len(name) > _MAX_NAME or not name.isprintable():
         raise InvalidRequestError(f"name must be 1 to {_MAX_NAME} printable characters", param="name")
     if allowed_models is not None and (
@@ -158,7 +182,8 @@ def _check_fields(
         raise InvalidRequestError("expires_at must be a finite time", param="expires_at")
     if budget is not None and not 0 <= budget <= MAX_BUDGET_USD:  # NaN fails too
         raise InvalidRequestError(f"budget must be between 0 and {MAX_BUDGET_USD:.0f}", param="budget")
-    for field, value in limits.items():
+    for field in ("rpm", "tpm", "concurrency"):
+        value = fields[field]
         if value is not None and not 1 <= value <= _MAX_LIMIT:
             raise InvalidRequestError(f"{field} must be between 1 and {_MAX_LIMIT}", param=field)
 
@@ -204,38 +229,26 @@ class KeyStore:
             InvalidRequestError: a field the database or the budget arithmetic cannot
                 hold (``param`` names it).
         """
-        bad = set(scopes) - SCOPES
-        if bad or not scopes:
-            raise InvalidRequestError(
-                f"scopes must be a non-empty subset of {sorted(SCOPES)}", param="scopes"
-            )
-        if budget_period not in (None, "day", "month", "total"):
-            raise InvalidRequestError("budget_period must be day, month or total", param="budget_period")
-        _check_fields(
-            name,
-            allowed_models,
-            expires_at,
-            budget,
-            {"rpm": rpm, "tpm": tpm, "concurrency": concurrency},
-            note,
-        )
-        prefix = "".join(secrets.choice(_ALPHABET) for _ in range(_PREFIX_LEN))
-        secret = f"{SECRET_PREFIX}{prefix}-{secrets.token_urlsafe(32)}"
+        fields = {
+            "name": name,
+            "scopes": scopes,
+            "allowed_models": allowed_models,
+            "expires_at": expires_at,
+            "budget": budget,
+            "budget_period": budget_period,
+            "rpm": rpm,
+            "tpm": tpm,
+            "concurrency": concurrency,
+            "note": note,
+        }
+        _check_fields(fields)
+        prefix, secret = _new_secret()
         row = ApiKeyRow(
             id=f"key_{uuid.uuid4().hex[:16]}",
-            name=name,
             prefix=prefix,
             secret_hash=hash_secret(secret),
-            scopes=",".join(sorted(set(scopes))),
-            allowed_models=",".join(allowed_models) if allowed_models is not None else None,
             created_at=time.time(),
-            expires_at=expires_at,
-            budget=budget,
-            budget_period=(budget_period or "month") if budget is not None else None,
-            rpm=rpm,
-            tpm=tpm,
-            concurrency=concurrency,
-            note=note,
+            **_stored_fields(fields),
         )
         async with self._engine.begin() as conn:
             await conn.execute(_TABLE.insert().values(**row.model_dump()))
@@ -293,6 +306,74 @@ class KeyStore:
                 await conn.execute(update(_TABLE).where(_TABLE.c.id == key.id).values(revoked_at=time.time()))
         self._by_prefix.pop(key.prefix, None)
         return await self.get(key.id) or key
+
+    async def update(self, id_or_name: str, changes: Mapping[str, Any]) -> ApiKey:
+        """Change fields of a key that is not revoked; returns it as it now is.
+
+        ``changes`` maps names in :data:`UPDATABLE` to new values; a field it leaves out
+        stays, and None clears one that may be empty (``allowed_models``: every model;
+        ``expires_at``: never; ``budget``, ``rpm``, ``tpm``, ``concurrency``: none of its
+        own, the configured defaults apply; ``note``). The key keeps its id, secret and
+        usage. A budget keeps counting what its window has spent when only its amount
+        changes; set again after none, or given another period, it is counted afresh
+        from the ledger (its ``budget_version`` is raised), so that spend in between is
+        not missed. This replica uses the new fields at once; others within
+        ``auth.cache_seconds``, as for revocation.
+
+        Raises:
+            NotFoundError: no such key.
+            InvalidRequestError: a field that cannot be changed or stored (``param`` names
+                it); 409 ``key_revoked`` for a revoked key.
+        """
+        unknown = set(changes) - UPDATABLE
+        if unknown:
+            raise InvalidRequestError(
+                f"these fields cannot be changed: {sorted(unknown)}", param=min(unknown)
+            )
+        key = await self._unrevoked(id_or_name)
+        fields = {name: changes.get(name, getattr(key, name)) for name in UPDATABLE}
+        if fields["budget"] is None and "budget_period" not in changes:
+            fields["budget_period"] = None  # the period goes with the budget it was for
+        _check_fields(fields)
+        values = _stored_fields(fields)
+        restarted = values["budget"] is not None and (
+            key.budget is None or values["budget_period"] != key.budget_period
+        )
+        values["budget_version"] = key.budget_version + 1 if restarted else key.budget_version
+        await self._write_unrevoked(key, values)
+        return await self.get(key.id) or key
+
+    async def rotate(self, id_or_name: str) -> tuple[ApiKey, str]:
+        """Give a key that is not revoked a new secret; returns it and the secret (shown
+        this once). The old secret stops working at once on this replica, on others
+        within ``auth.cache_seconds``; the key keeps its id, name, limits, budget and
+        usage.
+
+        Raises:
+            NotFoundError: no such key.
+            InvalidRequestError: 409 ``key_revoked`` for a revoked key.
+        """
+        key = await self._unrevoked(id_or_name)
+        prefix, secret = _new_secret()
+        await self._write_unrevoked(key, {"prefix": prefix, "secret_hash": hash_secret(secret)})
+        return await self.get(key.id) or key, secret
+
+    async def _unrevoked(self, id_or_name: str) -> ApiKey:
+        key = await self.get(id_or_name)
+        if key is None:
+            raise NotFoundError(f"no API key {id_or_name!r}", code="key_not_found")
+        if key.revoked_at is not None:
+            raise _revoked(key)
+        return key
+
+    async def _write_unrevoked(self, key: ApiKey, values: dict[str, Any]) -> None:
+        """Write ``values`` into ``key``'s row unless it was revoked meanwhile."""
+        query = update(_TABLE).where(_TABLE.c.id == key.id, _TABLE.c.revoked_at.is_(None)).values(**values)
+        async with self._engine.begin() as conn:
+            changed = (await conn.execute(query)).rowcount
+        self._by_prefix.pop(key.prefix, None)
+        if not changed:
+            raise _revoked(key)
 
     async def any_exist(self) -> bool:
         """Whether any key was ever created (revoked keys count: revoking the last key
@@ -366,3 +447,28 @@ class KeyStore:
         async with self._engine.connect() as conn:
             row = (await conn.execute(select(_TABLE).where(_TABLE.c.id == key_id))).mappings().first()
         return _to_key(ApiKeyRow(**row)) if row else None
+
+
+def _new_secret() -> tuple[str, str]:
+    """A new key's public prefix and its secret."""
+    prefix = "".join(secrets.choice(_ALPHABET) for _ in range(_PREFIX_LEN))
+    return prefix, f"{SECRET_PREFIX}{prefix}-{secrets.token_urlsafe(32)}"
+
+
+def _stored_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The row's columns for a key's checked fields."""
+    budget = fields["budget"]
+    return {
+        **fields,
+        "scopes": ",".join(sorted(set(fields["scopes"]))),
+        "allowed_models": ",".join(fields["allowed_models"])
+        if fields["allowed_models"] is not None
+        else None,
+        "budget_period": (fields["budget_period"] or "month") if budget is not None else None,
+    }
+
+
+def _revoked(key: ApiKey) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"API key {key.id} ({key.name}) is revoked: create a new one", status=409, code="key_revoked"
+    )

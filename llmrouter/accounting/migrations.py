@@ -54,9 +54,16 @@ def _drop_unused_ledger_indexes(conn: Connection) -> None:
         conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
 
 
+def _add_budget_version(conn: Connection) -> None:
+    # Migration 1 of this release already made the column; one of an earlier release did not.
+    if "budget_version" not in {column["name"] for column in inspect(conn).get_columns("llmr_api_keys")}:
+        conn.exec_driver_sql("ALTER TABLE llmr_api_keys ADD COLUMN budget_version INTEGER")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "api keys, usage ledger, budget counters", _create_v1),
     Migration(2, "drop the ledger's unused request_id and day indexes", _drop_unused_ledger_indexes),
+    Migration(3, "api keys: budget_version, for budgets changed after creation", _add_budget_version),
 )
 
 _VERSION_TABLE: Any = SchemaVersionRow.__table__  # type: ignore[attr-defined]

@@ -36,6 +36,9 @@ class ApiKeyRow(SQLModel, table=True):
     tpm: int | None = None
     concurrency: int | None = None
     note: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    budget_version: int | None = None
+    """Raised when the key's budget is set again after none, or its period changes: its
+    spend is then counted afresh from the ledger (migration 3; NULL counts as 0)."""
 
 
 class LedgerRow(SQLModel, table=True):

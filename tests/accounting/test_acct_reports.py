@@ -17,6 +17,7 @@ from sqlalchemy import inspect, text
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.db import create_engine
+from llmrouter.accounting.keys import KeyStore, hash_secret
 from llmrouter.accounting.ledger import insert_rows, utc_day
 from llmrouter.accounting.migrations import MIGRATIONS, current_version, latest_version, upgrade
 from llmrouter.accounting.reports import parse_range, parse_time, render, report_query, usage_report
@@ -184,12 +185,12 @@ async def test_migrations_are_idempotent_and_safe_to_race(db_url: str) -> None:
         async with anyio.create_task_group() as tg:  # three replicas starting at once
             for _ in range(3):
                 tg.start_soon(run)
-        assert sorted(map(tuple, results)) == [(), (), (1, 2)]
+        assert sorted(map(tuple, results)) == [(), (), (1, 2, 3)]
         assert await upgrade(engine) == []
         assert await current_version(engine) == latest_version()
         async with engine.connect() as conn:
             versions = (await conn.execute(text("SELECT version FROM llmr_schema_version"))).scalars().all()
-        assert sorted(versions) == [1, 2]
+        assert sorted(versions) == [1, 2, 3]
     finally:
         await engine.dispose()
 
@@ -202,13 +203,37 @@ async def test_migration_2_drops_the_ledgers_unused_indexes(db_url: str) -> None
             await conn.execute(text("CREATE INDEX ix_llmr_ledger_request_id ON llmr_ledger (request_id)"))
             await conn.execute(text("CREATE INDEX ix_llmr_ledger_day ON llmr_ledger (day)"))
             await conn.execute(text("INSERT INTO llmr_schema_version VALUES (1, 'v1', 0)"))
-        assert await upgrade(engine) == [2]
+        assert await upgrade(engine) == [2, 3]
         async with engine.connect() as conn:
             indexes = await conn.run_sync(
                 lambda c: {i["name"] for i in inspect(c).get_indexes("llmr_ledger")}
             )
         assert "ix_llmr_ledger_key_created" in indexes
         assert not indexes & {"ix_llmr_ledger_request_id", "ix_llmr_ledger_day"}
+    finally:
+        await engine.dispose()
+
+
+async def test_migration_3_adds_budget_version_to_existing_keys(db_url: str) -> None:
+    secret = "sk-llmr-abcdefgh-" + "x" * 43
+    engine = create_engine(db_url)
+    try:
+        async with engine.begin() as conn:  # a database of the release before, with a key
+            await conn.run_sync(MIGRATIONS[0].apply)
+            await conn.execute(text("ALTER TABLE llmr_api_keys DROP COLUMN budget_version"))
+            await conn.execute(text("INSERT INTO llmr_schema_version VALUES (1, 'v1', 0), (2, 'v2', 0)"))
+            await conn.execute(
+                text(
+                    "INSERT INTO llmr_api_keys (id, name, prefix, secret_hash, scopes, created_at, budget, "
+                    "budget_period) VALUES ('key_old', 'old', 'abcdefgh', :hash, 'user', 0, 5.0, 'month')"
+                ),
+                {"hash": hash_secret(secret)},
+            )
+        assert await upgrade(engine) == [3]
+        store = KeyStore(engine)
+        assert (await store.verify(secret)).budget_version == 0
+        changed = await store.update("key_old", {"budget_period": "day"})
+        assert (changed.budget_period, changed.budget_version) == ("day", 1)
     finally:
         await engine.dispose()
 
@@ -249,7 +274,7 @@ def test_cli_without_its_database_errs_in_one_line(tmp_path: Path, url: str, cau
 def test_cli_db_keys_and_usage_report(tmp_path: Path) -> None:
     up = _cli(tmp_path, "db", "upgrade")
     assert up.returncode == 0, up.stderr
-    assert "applied migrations [1, 2]" in up.stdout
+    assert "applied migrations [1, 2, 3]" in up.stdout
     assert "up to date" in _cli(tmp_path, "db", "upgrade").stdout
     created = _cli(
         tmp_path,
@@ -311,3 +336,31 @@ def test_cli_db_keys_and_usage_report(tmp_path: Path) -> None:
     day_json = json.loads(_cli(tmp_path, "usage", "report", "--by", "day", "--format", "json").stdout)
     assert [(r["day"], r["cost"]) for r in day_json] == [("2026-11-01", 0.25), ("2026-11-02", 0.5)]
     assert "TOTAL" in _cli(tmp_path, "usage", "report").stdout
+
+
+def test_cli_keys_update_and_rotate(tmp_path: Path) -> None:
+    created = json.loads(_cli(tmp_path, "keys", "create", "app", "--rpm", "5", "--format", "json").stdout)
+    changed = _cli(
+        tmp_path, "keys", "update", "app", "--budget", "20", "--budget-period", "day", "--clear", "rpm"
+    )
+    assert changed.returncode == 0, changed.stderr
+    assert "updated key" in changed.stdout and "budget, budget_period, rpm" in changed.stdout
+    [key] = json.loads(_cli(tmp_path, "keys", "list", "--format", "json").stdout)
+    assert (key["budget"], key["budget_period"], key["rpm"], key["id"]) == (20.0, "day", None, created["id"])
+    for args, says in (
+        ((), "nothing to change"),
+        (("--rpm", "3", "--clear", "rpm"), "--clear rpm and a new value"),
+        (("--expires", "2020-01-01"), "in the past"),
+    ):
+        refused = _cli(tmp_path, "keys", "update", "app", *args)
+        assert refused.returncode == 2 and says in refused.stderr, refused.stderr
+    invalid = _cli(tmp_path, "keys", "update", "app", "--rpm", "0")
+    assert invalid.returncode == 1 and "rpm must be between 1" in invalid.stderr
+    rotated = _cli(tmp_path, "keys", "rotate", "app", "--format", "json")
+    assert rotated.returncode == 0, rotated.stderr
+    new = json.loads(rotated.stdout)
+    assert new["id"] == created["id"] and new["secret"] != created["secret"]
+    assert new["secret"].startswith(f"sk-llmr-{new['prefix']}-")
+    assert _cli(tmp_path, "keys", "revoke", "app").returncode == 0
+    revoked = _cli(tmp_path, "keys", "update", "app", "--rpm", "3")
+    assert revoked.returncode == 1 and "is revoked" in revoked.stderr and "Traceback" not in revoked.stderr

@@ -134,6 +134,75 @@ async def test_service_keys_auth_limits_and_usage(sqlite_url: str, tmp_path: Pat
     assert acct.ledger.pending == 0  # flushed on shutdown
 
 
+async def test_service_changes_and_rotates_keys(sqlite_url: str, tmp_path: Path) -> None:
+    app, _acct = _app(sqlite_url, tmp_path)
+    async with AsyncTestClient(app) as client:
+        root = (await client.post("/v1/admin/keys", json={"name": "root", "scopes": ["admin"]})).json()
+        admin = {"Authorization": f"Bearer {root['secret']}"}
+        app_key = (await client.post("/v1/admin/keys", headers=admin, json={"name": "app", "rpm": 1})).json()
+        user = {"Authorization": f"Bearer {app_key['secret']}"}
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=user)).status_code == 200
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=user)).status_code == 429
+
+        raised = await client.patch(
+            "/v1/admin/keys/app", headers=admin, json={"rpm": 5, "note": "raised", "expires_in_days": 30}
+        )
+        assert raised.status_code == 200, raised.text
+        body = raised.json()
+        assert (body["id"], body["rpm"], body["note"], body["state"]) == (
+            app_key["id"],
+            5,
+            "raised",
+            "active",
+        )
+        assert "secret" not in body and body["expires_at"] > 0
+        served = await client.post("/v1/chat/completions", json=CHAT, headers=user)  # the same secret
+        assert served.status_code == 200 and served.headers["x-ratelimit-limit-requests"] == "5"
+
+        cleared = await client.patch(
+            "/v1/admin/keys/app", headers=admin, json={"rpm": None, "expires_at": None}
+        )
+        assert (cleared.json()["rpm"], cleared.json()["expires_at"]) == (None, None)
+        assert (
+            "x-ratelimit-limit-requests"
+            not in (await client.post("/v1/chat/completions", json=CHAT, headers=user)).headers
+        )
+
+        for change, param in (
+            ({"rpm": 0}, "rpm"),
+            ({"name": None}, "name"),
+            ({"colour": "red"}, "colour"),
+            ({"budget_period": "day"}, "budget_period"),
+            ({"expires_at": 1.0}, "expires_at"),
+            ({"expires_at": 4e9, "expires_in_days": 1}, "expires_in_days"),
+        ):
+            refused = await client.patch("/v1/admin/keys/app", headers=admin, json=change)
+            assert refused.status_code == 400, (change, refused.text)
+            assert refused.json()["error"]["param"] == param, refused.text
+        not_json = await client.patch("/v1/admin/keys/app", headers=admin, content=b"{")
+        assert not_json.status_code == 400
+        assert (await client.patch("/v1/admin/keys/nobody", headers=admin, json={})).status_code == 404
+        assert (await client.patch("/v1/admin/keys/app", headers=user, json={"rpm": 9})).status_code == 403
+        assert (await client.post("/v1/admin/keys/app/rotate", headers=user)).status_code == 403
+
+        rotated = await client.post("/v1/admin/keys/app/rotate", headers=admin)
+        assert rotated.status_code == 200, rotated.text
+        new = rotated.json()
+        assert new["id"] == app_key["id"] and new["secret"] != app_key["secret"]
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=user)).status_code == 401
+        fresh = {"Authorization": f"Bearer {new['secret']}"}
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=fresh)).status_code == 200
+        own = (await client.get("/v1/usage", headers=fresh)).json()
+        assert sum(r["requests"] for r in own["data"]) == 5  # the usage before the rotation stays the key's
+
+        await client.delete("/v1/admin/keys/app", headers=admin)
+        for response in (
+            await client.patch("/v1/admin/keys/app", headers=admin, json={"rpm": 3}),
+            await client.post("/v1/admin/keys/app/rotate", headers=admin),
+        ):
+            assert response.status_code == 409 and response.json()["error"]["code"] == "key_revoked"
+
+
 async def test_a_failing_store_answers_503_not_500(sqlite_url: str, tmp_path: Path) -> None:
     """Redis or the database down: a retryable 503 in OpenAI's shape, and a rejected row."""
     from llmrouter.accounting.config import BudgetRule

@@ -100,6 +100,8 @@ def test_keys_and_usage(server: Any, cli_command: Any) -> None:
     assert re.search(r"^created key example-\w+ \(key_\w+\), budget \$1\.0 a day", out, re.M)
     assert re.search(rf"^{MODEL} ok: 3 requests, \d+ \+ \d+ tokens, 1 cache hits, \$0\.\d*[1-9]", out, re.M)
     assert re.search(r"^day budget: \$0\.\d*[1-9]\d* spent of \$1\.0", out, re.M)
+    spent = re.search(r"^day budget: \$(0\.\d+) spent", out, re.M)
+    assert spent and re.search(rf"^raised the budget: \${spent.group(1)} spent of \$5\.0$", out, re.M)
     assert re.search(r"^revoked key_\w+", out, re.M)
     without = subprocess.run(
         [sys.executable, str(EXAMPLES / "keys_and_usage.py"), "--base-url", f"{server.url}/v1"],

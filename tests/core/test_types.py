@@ -9,6 +9,7 @@ from llmrouter.types import (
     TextPart,
     decode_chat_request,
     decode_completion_request,
+    error_param,
     message_text,
     request_to_wire,
 )
@@ -94,6 +95,23 @@ def test_invalid_requests_name_the_field(body, param):
     assert info.value.http_status == 400
     if param is not None:
         assert info.value.param == param
+
+
+def test_a_field_the_schema_does_not_know_is_named_as_the_param():
+    class Inner(msgspec.Struct, forbid_unknown_fields=True):
+        size: int = 0
+
+    class Outer(msgspec.Struct, forbid_unknown_fields=True):
+        inner: Inner
+
+    for body, param in (
+        (b'{"colour":1,"inner":{}}', "colour"),
+        (b'{"inner":{"colour":1}}', "inner.colour"),
+        (b'{"inner":{"size":"big"}}', "inner.size"),
+    ):
+        with pytest.raises(msgspec.ValidationError) as info:
+            msgspec.json.decode(body, type=Outer)
+        assert error_param(info.value) == param
 
 
 def test_not_json_and_not_object():

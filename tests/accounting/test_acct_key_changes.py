@@ -1,0 +1,155 @@
+"""Changing a key after it was made: its fields (``KeyStore.update``), its secret
+(``rotate``), and what its budget counts when the budget is changed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmrouter.accounting import Accounting
+from llmrouter.accounting.keys import ApiKey, KeyStore
+from llmrouter.errors import AuthenticationError, BudgetExceededError, InvalidRequestError, NotFoundError
+
+from .conftest import chat_context, finish, make_config, redis_config
+
+pytestmark = pytest.mark.anyio
+
+COST = 0.4
+
+
+async def test_update_changes_fields_and_keeps_the_key(acct: Accounting) -> None:
+    key, secret = await acct.keys.create("team", allowed_models=["gpt-4o"], rpm=10, note="first")
+    assert (await acct.authenticate(secret)).rpm == 10  # now cached on this replica
+    changed = await acct.keys.update(
+        "team", {"name": "team-2", "rpm": 20, "tpm": 1000, "allowed_models": None, "scopes": ["admin"]}
+    )
+    assert (changed.id, changed.prefix, changed.name) == (key.id, key.prefix, "team-2")
+    seen = await acct.authenticate(secret)  # the same secret, the new fields at once
+    assert (seen.rpm, seen.tpm, seen.allowed_models, seen.scopes, seen.note) == (
+        20,
+        1000,
+        None,
+        ("admin",),
+        "first",
+    )
+    cleared = await acct.keys.update(key.id, {"rpm": None, "note": None, "expires_at": time.time() + 60})
+    assert (cleared.rpm, cleared.note, cleared.tpm) == (None, None, 1000)
+    assert cleared.expires_at is not None and cleared.state() == "active"
+
+
+@pytest.mark.parametrize(
+    ("changes", "param"),
+    [
+        ({"rpm": 0}, "rpm"),
+        ({"name": ""}, "name"),
+        ({"scopes": []}, "scopes"),
+        ({"scopes": ["root"]}, "scopes"),
+        ({"budget": -1.0}, "budget"),
+        ({"budget_period": "day"}, "budget_period"),  # the key has no budget
+        ({"budget": 1.0, "budget_period": "week"}, "budget_period"),
+        ({"allowed_models": ["a,b"]}, "allowed_models"),
+        ({"expires_at": float("nan")}, "expires_at"),
+        ({"secret_hash": "0" * 64}, "secret_hash"),
+        ({"revoked_at": None}, "revoked_at"),
+    ],
+)
+async def test_update_refuses_what_cannot_be_stored(
+    acct: Accounting, changes: dict[str, Any], param: str
+) -> None:
+    key, secret = await acct.keys.create("strict", rpm=5)
+    with pytest.raises(InvalidRequestError) as info:
+        await acct.keys.update(key.id, changes)
+    assert info.value.param == param and info.value.http_status == 400
+    assert (await acct.authenticate(secret)).rpm == 5  # nothing changed
+
+
+async def test_a_revoked_or_unknown_key_cannot_be_changed(acct: Accounting) -> None:
+    key, _ = await acct.keys.create("gone")
+    await acct.keys.revoke(key.id)
+    for change in (acct.keys.update(key.id, {"rpm": 5}), acct.keys.rotate(key.id)):
+        with pytest.raises(InvalidRequestError) as info:
+            await change
+        assert (info.value.http_status, info.value.code) == (409, "key_revoked")
+    with pytest.raises(NotFoundError):
+        await acct.keys.update("nobody", {"rpm": 5})
+    with pytest.raises(NotFoundError):
+        await acct.keys.rotate("nobody")
+
+
+async def test_rotate_gives_the_same_key_a_new_secret(acct: Accounting) -> None:
+    key, old = await acct.keys.create("rotated", budget=5.0, rpm=7)
+    assert (await acct.authenticate(old)).id == key.id  # cached on this replica
+    rotated, new = await acct.keys.rotate("rotated")
+    assert new != old and rotated.prefix != key.prefix and new.startswith(f"sk-llmr-{rotated.prefix}-")
+    assert (rotated.id, rotated.name, rotated.budget, rotated.rpm) == (key.id, "rotated", 5.0, 7)
+    assert (await acct.authenticate(new)).id == key.id
+    with pytest.raises(AuthenticationError):
+        await acct.authenticate(old)  # at once on this replica
+    assert (await acct.keys.get(key.prefix)) is None  # the old prefix finds nothing
+
+
+async def test_another_replica_sees_changes_after_its_cache(sqlite_url: str, tmp_path: Path) -> None:
+    async with Accounting(make_config(sqlite_url, tmp_path)) as one:
+        other = KeyStore(one.engine, cache_seconds=0.0)  # a second replica's view
+        _, secret = await one.keys.create("shared", rpm=1)
+        assert (await other.verify(secret)).rpm == 1
+        await one.keys.update("shared", {"rpm": 100})
+        assert (await other.verify(secret)).rpm == 100
+        _, new = await one.keys.rotate("shared")
+        with pytest.raises(AuthenticationError):
+            await other.verify(secret)
+        assert (await other.verify(new)).rpm == 100
+
+
+async def _spend(acct: Accounting, key: ApiKey, cost: float) -> None:
+    ctx = chat_context(key, max_cost=cost)
+    await acct.hooks.before_request(ctx)
+    await acct.hooks.after_request(finish(ctx, cost=cost))
+
+
+async def _current(acct: Accounting, key: ApiKey) -> ApiKey:
+    found = await acct.keys.get(key.id)
+    assert found is not None
+    return found
+
+
+async def test_a_budget_set_again_counts_what_was_spent_without_it(
+    sqlite_url: str, tmp_path: Path, shared_backend: tuple[str, Any]
+) -> None:
+    """A month budget of $1 with $0.40 spent, dropped while $0.40 more is spent, then set
+    again: the month has spent $0.80, so a request that may cost $0.40 more is refused.
+    Counting on from the window's old counter ($0.40) let it pass."""
+    backend, redis = shared_backend
+    extra = {"redis": redis_config(redis)} if redis is not None else {}
+    config = make_config(sqlite_url, tmp_path, budget_backend=backend, **extra)
+    async with Accounting(config, redis=redis) as acct:
+        key, _ = await acct.keys.create("team", budget=1.0)
+        await _spend(acct, key, COST)
+        key = await acct.keys.update(key.id, {"budget": None})
+        await _spend(acct, key, COST)
+        key = await acct.keys.update(key.id, {"budget": 1.0})
+        assert key.budget_version == 1
+        with pytest.raises(BudgetExceededError):
+            await acct.hooks.before_request(chat_context(key, max_cost=COST))
+        # Raising the amount keeps counting in the same window: $1.20 of $2 spent after one more.
+        key = await acct.keys.update(key.id, {"budget": 2.0})
+        assert key.budget_version == 1
+        await _spend(acct, key, COST)
+        with pytest.raises(BudgetExceededError):
+            await acct.hooks.before_request(chat_context(key, max_cost=2 * COST + 0.01))
+        [status] = await acct.budgets.status(key)
+        assert status["spent"] == pytest.approx(3 * COST) and status["limit"] == 2.0
+
+
+async def test_a_budget_back_on_an_earlier_period_counts_what_was_spent_meanwhile(acct: Accounting) -> None:
+    key, _ = await acct.keys.create("team", budget=1.0, budget_period="month")
+    await _spend(acct, key, COST)
+    key = await acct.keys.update(key.id, {"budget_period": "day"})
+    await _spend(acct, key, COST)  # counted in the day's window
+    key = await acct.keys.update(key.id, {"budget_period": "month"})
+    assert key.budget_version == 2
+    with pytest.raises(BudgetExceededError):
+        await acct.hooks.before_request(chat_context(await _current(acct, key), max_cost=COST))
