@@ -9,6 +9,7 @@ member of :mod:`llmrouter.errors`, with the provider's name on it::
 
     non-2xx                          -> error_for_status(status, upstream message, code, Retry-After)
     {"error": ...} SSE event         -> error_for_status(its code, or 502)
+    one JSON object for a stream     -> re-chunked as a stream (the server ignored "stream")
     ConnectError / ReadError / ...   -> UpstreamConnectionError
     httpx.TimeoutException           -> UpstreamTimeoutError
     undecodable body or chunk        -> UpstreamError
@@ -29,7 +30,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -37,6 +38,7 @@ import httpx
 import msgspec
 
 from llmrouter.aio import on_asyncio
+from llmrouter.chunking import chunks_from_response
 from llmrouter.config import Timeouts
 from llmrouter.context import current_context
 from llmrouter.errors import (
@@ -84,14 +86,22 @@ class SSEDecoder:
     (``:`` lines), ``event:``/``id:``/``retry:`` fields (ignored, except ``event: error``
     which marks the data as an error), CRLF line ends, and a last event without its
     blank line. The hot path is one ``bytes.split`` per network read.
+
+    Until the first event, lines that are no SSE field are kept (:meth:`body`): an
+    upstream that ignores ``"stream": true`` answers with one JSON object instead.
     """
 
-    __slots__ = ("_buffer", "_data", "_event")
+    __slots__ = ("_buffer", "_data", "_event", "_other")
 
     def __init__(self) -> None:
         self._buffer = b""
         self._data: list[bytes] = []
         self._event = b""
+        self._other: list[bytes] | None = []
+
+    def body(self) -> bytes:
+        """What came before the first event that was not SSE (a JSON answer), else b""."""
+        return b"\n".join(self._other or ())
 
     def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
         """Add bytes; return the completed events as ``(event_name, data)`` pairs."""
@@ -117,12 +127,15 @@ class SSEDecoder:
                 if self._data:
                     events.append((self._event, b"\n".join(self._data)))
                     self._data = []
+                    self._other = None
                 self._event = b""
             elif line.startswith(b"data:"):
                 value = line[5:]
                 self._data.append(value[1:] if value.startswith(b" ") else value)
             elif line.startswith(b"event:"):
                 self._event = line[6:].strip()
+            elif self._other is not None and not line.startswith((b":", b"id:", b"retry:")):
+                self._other.append(line)
             # comments (":") and id:/retry: fields carry nothing we use
 
 
@@ -490,20 +503,32 @@ class OpenAICompatClient:
         response = await self._post_json(
             "/chat/completions", self._encode(request, model=model, stream=False), ChatResponse
         )
-        if response.usage is None:
-            text = "".join(_message_text(c.message) for c in response.choices)
-            response = msgspec.structs.replace(response, usage=_estimate(request, text, model))
-        return response
+        return _with_usage(response, request, model)
 
     async def complete(self, request: CompletionRequest, *, model: str | None = None) -> CompletionResponse:
         """``POST /completions`` (legacy prompt API); ``usage`` always filled."""
         response = await self._post_json(
             "/completions", self._encode(request, model=model, stream=False), CompletionResponse
         )
-        if response.usage is None:
-            text = "".join(c.text for c in response.choices)
-            response = msgspec.structs.replace(response, usage=_estimate(request, text, model))
-        return response
+        return _with_usage(response, request, model)
+
+    def _answer_as_chunks(
+        self, body: bytes, request: ChatRequest | CompletionRequest, model: str | None, kind: type[_C]
+    ) -> list[_C]:
+        """A JSON answer to a stream request as the chunks of a stream (usage last)."""
+        payload = self._decode(body, dict, "a stream request")
+        if payload.get("error") is not None:
+            raise _error_from_event(payload, self.provider)
+        if not payload.get("choices"):
+            raise UpstreamError(
+                f"{self.provider}: a stream request was answered no choices", provider=self.provider
+            )
+        if kind is ChatChunk:
+            chat = _with_usage(self._decode(body, ChatResponse, "a stream request"), request, model)
+            return cast(list[_C], chunks_from_response(chat))
+        completion = _with_usage(self._decode(body, CompletionResponse, "a stream request"), request, model)
+        fields = msgspec.structs.asdict(completion)
+        return [kind(**{**fields, "usage": None}), kind(**{**fields, "choices": []})]
 
     def stream(self, request: ChatRequest, *, model: str | None = None) -> AsyncGenerator[ChatChunk, None]:
         """Stream ``/chat/completions``; the last chunk carries ``usage``.
@@ -575,9 +600,15 @@ class OpenAICompatClient:
             # means httpx drops the connection instead of pooling it, so the upstream stops.
             await response.aclose()
         if last is None:
-            raise UpstreamError(
-                f"{self.provider}: the upstream stream ended without a chunk", provider=self.provider
-            )
+            body = sse.body()
+            if not body.lstrip().startswith(b"{"):
+                raise UpstreamError(
+                    f"{self.provider}: the upstream stream ended without a chunk", provider=self.provider
+                )
+            # It ignored "stream": true and answered one JSON object: sent on as chunks.
+            for chunk in self._answer_as_chunks(body, request, model, kind):
+                yield chunk
+            return
         if not done and last.usage is None and not any(choice.finish_reason for choice in last.choices):
             # Servers that leave out [DONE] still end with a finish_reason (or usage):
             # without either, the connection closed mid-answer.
@@ -654,6 +685,17 @@ async def _drain(body_pieces: AsyncIterator[bytes]) -> None:
             received += len(piece)
             if received > _DRAIN_MAX_BYTES:
                 return
+
+
+def _with_usage(answer: _A, request: ChatRequest | CompletionRequest, model: str | None) -> _A:
+    """``answer`` with its usage, counted (and marked estimated) when it reported none."""
+    if answer.usage is not None:
+        return answer
+    if isinstance(answer, ChatResponse):
+        text = "".join(_message_text(c.message) for c in answer.choices)
+    else:
+        text = "".join(c.text for c in answer.choices)
+    return msgspec.structs.replace(answer, usage=_estimate(request, text, model))
 
 
 def _message_text(message: Any) -> str:

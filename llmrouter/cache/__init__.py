@@ -22,11 +22,12 @@ from llmrouter.lazy import lazy_exports
 if TYPE_CHECKING:
     from llmrouter.cache.base import BackendStats, CacheBackend
     from llmrouter.cache.coalesce import Coalescer, Flight, FlightCancelledError
-    from llmrouter.cache.entry import CacheEntry, chunks_from_response, response_from_chunks
+    from llmrouter.cache.entry import CacheEntry
     from llmrouter.cache.extension import CacheExtension
     from llmrouter.cache.key import cache_key, canonical_request
     from llmrouter.cache.layer import CacheStats, ResponseCache, build_backend
     from llmrouter.cache.memory import MemoryBackend
+    from llmrouter.chunking import chunks_from_response, response_from_chunks
     from llmrouter.config import Config
 
 __all__ = [
@@ -63,8 +64,8 @@ _LAZY = {
     "build_backend": "llmrouter.cache.layer",
     "cache_key": "llmrouter.cache.key",
     "canonical_request": "llmrouter.cache.key",
-    "chunks_from_response": "llmrouter.cache.entry",
-    "response_from_chunks": "llmrouter.cache.entry",
+    "chunks_from_response": "llmrouter.chunking",
+    "response_from_chunks": "llmrouter.chunking",
 }
 
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from llmrouter.cache.entry import chunks_from_response, response_from_chunks
+from llmrouter.chunking import chunks_from_response, response_from_chunks
 from llmrouter.errors import UpstreamUnavailableError
 
 if TYPE_CHECKING:

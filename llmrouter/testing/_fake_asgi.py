@@ -210,7 +210,7 @@ class FakeOpenAIApp:
             return
         plan = plan_reply(state, behaviour, body)
         delay = (behaviour.delay_ms if behaviour.delay_ms is not None else state.delay_ms) / 1000
-        stream = bool(body.get("stream"))
+        stream = bool(body.get("stream")) and not behaviour.ignore_stream
         if stream:
             await _stream(conn, behaviour, body, plan, delay, chat=chat)
         else:

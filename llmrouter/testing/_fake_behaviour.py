@@ -58,6 +58,8 @@ class Behaviour(msgspec.Struct, kw_only=True, omit_defaults=True):
     omit_usage: bool = False
     tool_call: bool = False
     invalid_json: bool = False
+    ignore_stream: bool = False
+    """Answer a stream request with one JSON object, as servers that ignore ``stream`` do."""
     name: str = ""
 
 
@@ -97,6 +99,7 @@ PRESETS: dict[str, Behaviour] = {
     "slow_stream": Behaviour(delay_ms=200, chunks=50),
     "tool_call": Behaviour(tool_call=True),
     "invalid_json": Behaviour(invalid_json=True),
+    "ignore_stream": Behaviour(ignore_stream=True),
 }
 """Named behaviours for the ``x-fake-behaviour`` header and ``model_behaviours``."""
 

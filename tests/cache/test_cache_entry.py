@@ -7,13 +7,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from llmrouter.cache.entry import (
-    chunks_from_response,
-    decode_entry,
-    encode_entry,
-    is_storable,
-    response_from_chunks,
-)
+from llmrouter.cache.entry import decode_entry, encode_entry, is_storable
+from llmrouter.chunking import chunks_from_response, response_from_chunks
 from llmrouter.types import (
     ChatChoice,
     ChatChunk,

@@ -48,6 +48,16 @@ def test_sse_decoder_flushes_a_last_event_without_blank_line() -> None:
     assert decoder.finish() == []
 
 
+def test_sse_decoder_keeps_what_is_not_sse_only_before_the_first_event() -> None:
+    answer = b'{\r\n  "id": "x",\n  "choices": []\n}'
+    decoder = SSEDecoder()
+    assert decoder.feed(answer[:9]) == [] and decoder.feed(answer[9:]) == [] and decoder.finish() == []
+    assert decoder.body() == answer.replace(b"\r", b"")  # a JSON answer, for the caller to read
+    decoder = SSEDecoder()
+    assert decoder.feed(b": ping\nid: 1\nstray\ndata: {}\n\nmore stray\n") == [(b"", b"{}")]
+    assert decoder.body() == b""  # once events come, nothing else is kept
+
+
 def test_retry_after_forms() -> None:
     assert parse_retry_after({"retry-after": "3"}) == 3.0
     assert parse_retry_after({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5

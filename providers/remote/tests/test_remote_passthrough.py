@@ -11,7 +11,7 @@ from llmrouter.context import RequestContext, current_context
 from llmrouter.errors import ConfigError, InvalidRequestError, UpstreamConnectionError, UpstreamError
 from llmrouter.registry import create_provider, load_provider_class
 from llmrouter.testing.conformance import collect_stream
-from llmrouter.testing.upstream import FakeUpstream
+from llmrouter.testing.upstream import Behaviour, FakeUpstream
 from llmrouter.types import decode_chat_request, decode_completion_request
 
 pytestmark = pytest.mark.anyio
@@ -303,3 +303,48 @@ async def test_injected_http_client_is_left_open() -> None:
         assert await provider.list_models() == []
     assert not client.is_closed
     await client.aclose()
+
+
+@pytest.mark.parametrize("reports_usage", [True, False])
+async def test_a_json_answer_to_a_stream_request_is_streamed_on(
+    remote: RemoteProvider, echo_upstream: FakeUpstream, reports_usage: bool
+) -> None:
+    """Some servers ignore ``"stream": true`` and answer one JSON object: the client still
+    gets a stream (it got a 502 "ended without a chunk")."""
+    echo_upstream.enqueue(Behaviour(ignore_stream=True, omit_usage=not reports_usage))
+    request = decode_chat_request(
+        {"model": "served-model", "messages": [{"role": "user", "content": "a b c"}], "stream": True}
+    )
+    chunks = await collect_stream(remote.stream(request))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "You said: a b c"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage is not None and usage.completion_tokens > 0
+    assert usage.estimated is not reports_usage
+    echo_upstream.enqueue("ignore_stream")
+    completion = decode_completion_request({"model": "served-model", "prompt": "say", "stream": True})
+    pieces = await collect_stream(remote.stream_complete(completion))
+    assert pieces[0].choices[0].text and pieces[0].choices[0].finish_reason == "stop"
+    assert pieces[-1].choices == [] and pieces[-1].usage is not None and not pieces[-1].usage.estimated
+
+
+async def test_a_json_error_or_empty_answer_to_a_stream_request_is_an_upstream_error() -> None:
+    bodies = iter(
+        [
+            {"error": {"message": "model is loading", "type": "server_error", "code": 503}},
+            {"id": "x", "object": "chat.completion", "choices": []},
+        ]
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=next(bodies))
+
+    request = decode_chat_request(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    )
+    async with mock_provider(handler) as provider:
+        with pytest.raises(UpstreamError, match="model is loading") as info:
+            await collect_stream(provider.stream(request))
+        assert info.value.http_status == 503 and info.value.retryable
+        with pytest.raises(UpstreamError, match="answered no choices"):
+            await collect_stream(provider.stream(request))
