@@ -304,6 +304,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _key_fields(parser: argparse.ArgumentParser, *, scope: str, models: str) -> None:
+    """The options of a key's fields, for ``keys create`` and ``keys update``."""
+    parser.add_argument("--scope", action="append", choices=["admin", "user"], help=scope)
+    parser.add_argument("--models", help=f"comma-separated allowed model names or globs {models}")
+    parser.add_argument("--expires", help="30d, 12h, or a date/time (UTC)")
+    parser.add_argument("--budget", type=float, help="spend cap in USD")
+    parser.add_argument("--budget-period", choices=["day", "month", "total"], default=None)
+    parser.add_argument("--rpm", type=int)
+    parser.add_argument("--tpm", type=int)
+    parser.add_argument("--concurrency", type=int)
+    parser.add_argument("--note")
+
+
 def register(subparsers: Any) -> None:
     """Add ``keys``, ``usage`` and ``db`` to the ``llmrouter`` command line."""
     keys = subparsers.add_parser(
@@ -311,17 +324,7 @@ def register(subparsers: Any) -> None:
     ).add_subparsers(metavar="ACTION")
     create = keys.add_parser("create", help="create a key and print its secret (once)")
     create.add_argument("name")
-    create.add_argument(
-        "--scope", action="append", choices=["admin", "user"], help="repeatable (default: user)"
-    )
-    create.add_argument("--models", help="comma-separated allowed model names or globs (default: all)")
-    create.add_argument("--expires", help="30d, 12h, or a date/time (UTC)")
-    create.add_argument("--budget", type=float, help="spend cap in USD")
-    create.add_argument("--budget-period", choices=["day", "month", "total"], default=None)
-    create.add_argument("--rpm", type=int)
-    create.add_argument("--tpm", type=int)
-    create.add_argument("--concurrency", type=int)
-    create.add_argument("--note")
+    _key_fields(create, scope="repeatable (default: user)", models="(default: all)")
     create.add_argument("--format", choices=["text", "json"], default="text")
     create.set_defaults(func=cmd_keys_create)
     listing = keys.add_parser("list", help="list keys (never their secrets)")
@@ -331,17 +334,7 @@ def register(subparsers: Any) -> None:
     change = keys.add_parser("update", help="change a key's fields; it keeps its secret and usage")
     change.add_argument("key", help="id, prefix or name")
     change.add_argument("--name", help="a new name")
-    change.add_argument(
-        "--scope", action="append", choices=["admin", "user"], help="repeatable: the new scopes"
-    )
-    change.add_argument("--models", help="comma-separated allowed model names or globs")
-    change.add_argument("--expires", help="30d, 12h, or a date/time (UTC)")
-    change.add_argument("--budget", type=float, help="spend cap in USD")
-    change.add_argument("--budget-period", choices=["day", "month", "total"], default=None)
-    change.add_argument("--rpm", type=int)
-    change.add_argument("--tpm", type=int)
-    change.add_argument("--concurrency", type=int)
-    change.add_argument("--note")
+    _key_fields(change, scope="repeatable: the new scopes", models="(the new list)")
     change.add_argument(
         "--clear",
         action="append",
