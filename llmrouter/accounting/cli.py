@@ -10,8 +10,8 @@
                               [--clear models|expires|budget|rpm|tpm|concurrency|note]
     llmrouter keys rotate KEY [--format json]   # a new secret for the same key, printed once
     llmrouter keys revoke KEY            # id, prefix or name
-    llmrouter usage report [--by key,model] [--since 2026-11-01] [--until 2026-11-30] [--key KEY]
-                           [--format table|csv|json]
+    llmrouter usage report [--by key,model,user] [--since 2026-11-01] [--until 2026-11-30] [--key KEY]
+                           [--user END_USER] [--format table|csv|json]
     llmrouter db upgrade | db status
 
 Every command takes ``--config`` (like ``serve``) and ``--database-url`` (wins over it).
@@ -259,7 +259,9 @@ def cmd_usage_report(args: argparse.Namespace) -> int:
                 print(f"llmrouter: error: no API key {args.key!r}", file=sys.stderr)
                 return 1
             key_id = key.id
-        rows = await usage_report(engine, by=args.by.split(","), since=since, until=until, key_id=key_id)
+        rows = await usage_report(
+            engine, by=args.by.split(","), since=since, until=until, key_id=key_id, end_user=args.user
+        )
         sys.stdout.write(render(rows, args.format))
         return 0
 
@@ -353,11 +355,12 @@ def register(subparsers: Any) -> None:
     revoke.set_defaults(func=cmd_keys_revoke)
 
     usage = subparsers.add_parser("usage", help="usage and cost reports").add_subparsers(metavar="ACTION")
-    report = usage.add_parser("report", help="usage grouped by key/model/provider/deployment/day/status")
+    report = usage.add_parser("report", help="usage grouped by key/model/provider/deployment/day/status/user")
     report.add_argument("--by", default="key,model", help="comma-separated dimensions (default: key,model)")
     report.add_argument("--since", help="2026-11-01, ISO time, today, or 7d/24h ago (inclusive)")
     report.add_argument("--until", help="as --since; a bare date includes that whole day")
     report.add_argument("--key", help="only this key (id, prefix or name)")
+    report.add_argument("--user", help="only requests whose OpenAI `user` field is this")
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
     report.set_defaults(func=cmd_usage_report)
 

@@ -52,6 +52,7 @@ class LedgerEntry(msgspec.Struct, gc=False):
     status: str = "ok"
     error_code: str | None = None
     attempts: int = 0
+    end_user: str | None = None
 
 
 FIELDS: tuple[str, ...] = LedgerEntry.__struct_fields__

@@ -2,8 +2,8 @@
 
 Routes (OpenAI-style error bodies on failure):
 
-- ``GET /v1/usage?since=&until=&by=day,model`` — the caller's own usage and budgets.
-- ``GET /v1/admin/usage?since=&until=&by=key,model,provider,day&key=`` — everyone's (admin).
+- ``GET /v1/usage?since=&until=&by=day,model&user=`` — the caller's own usage and budgets.
+- ``GET /v1/admin/usage?since=&until=&by=key,model,provider,day,user&key=&user=`` — everyone's (admin).
 - ``POST /v1/admin/keys`` — create a key; the response carries the secret, once (admin).
 - ``GET /v1/admin/keys`` — list keys (admin).
 - ``PATCH /v1/admin/keys/{key}`` — change a key's fields; it keeps its secret (admin).
@@ -225,7 +225,12 @@ class AccountingExtension(Extension):
             since, until = time_range(request)
             by = [d for d in dimensions(request, "day,model") if d != "key"]
             rows = await acct.usage(
-                by=by, since=since, until=until, key_id=key.id if key else None, anonymous=key is None
+                by=by,
+                since=since,
+                until=until,
+                key_id=key.id if key else None,
+                anonymous=key is None,
+                end_user=request.query_params.get("user"),
             )
             budgets = await acct.budgets.status(key) if acct.budgets is not None else []
             return _json(
@@ -251,7 +256,11 @@ class AccountingExtension(Extension):
                     raise InvalidRequestError(f"no API key {key_filter!r}", param="key")
                 key_id = found.id
             rows = await acct.usage(
-                by=dimensions(request, "key,model"), since=since, until=until, key_id=key_id
+                by=dimensions(request, "key,model"),
+                since=since,
+                until=until,
+                key_id=key_id,
+                end_user=request.query_params.get("user"),
             )
             return _json({"object": "usage", "since": since, "until": until, "data": rows})
 

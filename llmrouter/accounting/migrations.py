@@ -60,10 +60,16 @@ def _add_budget_version(conn: Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE llmr_api_keys ADD COLUMN budget_version INTEGER")
 
 
+def _add_end_user(conn: Connection) -> None:
+    if "end_user" not in {column["name"] for column in inspect(conn).get_columns("llmr_ledger")}:
+        conn.exec_driver_sql("ALTER TABLE llmr_ledger ADD COLUMN end_user VARCHAR(200)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "api keys, usage ledger, budget counters", _create_v1),
     Migration(2, "drop the ledger's unused request_id and day indexes", _drop_unused_ledger_indexes),
     Migration(3, "api keys: budget_version, for budgets changed after creation", _add_budget_version),
+    Migration(4, "ledger: end_user, the request's OpenAI user field", _add_end_user),
 )
 
 _VERSION_TABLE: Any = SchemaVersionRow.__table__  # type: ignore[attr-defined]

@@ -80,6 +80,8 @@ class LedgerRow(SQLModel, table=True):
     """``ok``, ``error``, ``cancelled`` (billed for what was generated) or ``rejected``."""
     error_code: str | None = Field(default=None, max_length=100)
     attempts: int = 0
+    end_user: str | None = Field(default=None, max_length=200)
+    """The request's OpenAI ``user`` field: the caller's own end user (migration 4)."""
 
 
 class BudgetCounterRow(SQLModel, table=True):

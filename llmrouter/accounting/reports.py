@@ -28,6 +28,7 @@ DIMENSIONS = {
     "deployment": _LEDGER.c.deployment,
     "day": _LEDGER.c.day,
     "status": _LEDGER.c.status,
+    "user": _LEDGER.c.end_user,
 }
 _RELATIVE = re.compile(r"^(\d+)([hdw])$")
 
@@ -97,6 +98,7 @@ def report_query(
     key_id: str | None = None,
     anonymous: bool = False,
     *,
+    end_user: str | None = None,
     sqlite: bool = False,
 ) -> Select[Any]:
     """The grouped sums :func:`usage_report` runs (``dims`` already checked)."""
@@ -125,6 +127,8 @@ def report_query(
         query = query.where(_LEDGER.c.api_key_id == key_id)
     elif anonymous:
         query = query.where(_LEDGER.c.api_key_id.is_(None))
+    if end_user is not None:
+        query = query.where(_LEDGER.c.end_user == end_user)
     if dims:
         grouping = [dimensions[d] for d in dims]
         query = query.group_by(*grouping).order_by(*grouping)
@@ -139,15 +143,18 @@ async def usage_report(
     until: float | None = None,
     key_id: str | None = None,
     anonymous: bool = False,
+    end_user: str | None = None,
 ) -> list[dict[str, Any]]:
     """Sums over the ledger rows in ``[since, until)``, grouped by ``by``.
 
     Args:
-        by: dimensions among ``key``, ``model``, ``provider``, ``deployment``, ``day``, ``status``.
+        by: dimensions among ``key``, ``model``, ``provider``, ``deployment``, ``day``,
+            ``status``, ``user`` (the requests' OpenAI ``user`` field).
         since: Unix seconds, inclusive.
         until: Unix seconds, exclusive.
         key_id: only this key's rows (``/v1/usage``).
         anonymous: only rows without a key (the local user when auth is off).
+        end_user: only the rows of requests with this ``user``.
 
     Returns:
         One dict per group: the dimensions (``key`` also gets ``key_name``), then
@@ -156,7 +163,9 @@ async def usage_report(
         ``cache_hits``, ordered by the dimensions.
     """
     dims = _check_dimensions(by)
-    query = report_query(dims, since, until, key_id, anonymous, sqlite=engine.dialect.name == "sqlite")
+    query = report_query(
+        dims, since, until, key_id, anonymous, end_user=end_user, sqlite=engine.dialect.name == "sqlite"
+    )
     async with engine.connect() as conn:
         rows = [dict(r) for r in (await conn.execute(query)).mappings().all()]
         names: dict[str, str] = {}
@@ -184,6 +193,15 @@ async def usage_report(
     return result
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_safe(value: Any) -> Any:
+    """A string a spreadsheet would run as a formula (model names and end users come
+    from clients: ``=HYPERLINK(...)``) quoted with ``'``, as the dashboard's CSV does."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
+
+
 def render(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
     """``table`` (aligned text with a total line), ``csv`` or ``json``."""
     if fmt == "json":
@@ -195,7 +213,7 @@ def render(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=headers, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({name: _csv_safe(value) for name, value in row.items()} for row in rows)
         return buffer.getvalue()
     if fmt != "table":
         raise InvalidRequestError(f"unknown format {fmt!r}: table, csv or json", param="format")

@@ -147,6 +147,18 @@ async def test_render_formats(acct: Accounting) -> None:
     assert render([], "table").startswith("(no usage")
 
 
+def test_csv_quotes_what_a_spreadsheet_would_run() -> None:
+    rows = [
+        {"user": '=HYPERLINK("http://x.test","click")', "model": "-2+3", "requests": -1, "cost": 0.5},
+        {"user": "@SUM(A1)", "model": "gpt-4o", "requests": 2, "cost": 1.0},
+    ]
+    parsed = list(csv.DictReader(io.StringIO(render(rows, "csv"))))
+    assert [(r["user"], r["model"], r["requests"]) for r in parsed] == [
+        ('\'=HYPERLINK("http://x.test","click")', "'-2+3", "-1"),  # numbers stay numbers
+        ("'@SUM(A1)", "gpt-4o", "2"),
+    ]
+
+
 def test_parse_time() -> None:
     assert parse_time("2026-11-01") == datetime(2026, 11, 1, tzinfo=UTC).timestamp()
     assert parse_time("2026-11-01", end=True) == datetime(2026, 11, 2, tzinfo=UTC).timestamp()
@@ -185,12 +197,12 @@ async def test_migrations_are_idempotent_and_safe_to_race(db_url: str) -> None:
         async with anyio.create_task_group() as tg:  # three replicas starting at once
             for _ in range(3):
                 tg.start_soon(run)
-        assert sorted(map(tuple, results)) == [(), (), (1, 2, 3)]
+        assert sorted(map(tuple, results)) == [(), (), (1, 2, 3, 4)]
         assert await upgrade(engine) == []
         assert await current_version(engine) == latest_version()
         async with engine.connect() as conn:
             versions = (await conn.execute(text("SELECT version FROM llmr_schema_version"))).scalars().all()
-        assert sorted(versions) == [1, 2, 3]
+        assert sorted(versions) == [1, 2, 3, 4]
     finally:
         await engine.dispose()
 
@@ -203,7 +215,7 @@ async def test_migration_2_drops_the_ledgers_unused_indexes(db_url: str) -> None
             await conn.execute(text("CREATE INDEX ix_llmr_ledger_request_id ON llmr_ledger (request_id)"))
             await conn.execute(text("CREATE INDEX ix_llmr_ledger_day ON llmr_ledger (day)"))
             await conn.execute(text("INSERT INTO llmr_schema_version VALUES (1, 'v1', 0)"))
-        assert await upgrade(engine) == [2, 3]
+        assert await upgrade(engine) == [2, 3, 4]
         async with engine.connect() as conn:
             indexes = await conn.run_sync(
                 lambda c: {i["name"] for i in inspect(c).get_indexes("llmr_ledger")}
@@ -229,11 +241,57 @@ async def test_migration_3_adds_budget_version_to_existing_keys(db_url: str) -> 
                 ),
                 {"hash": hash_secret(secret)},
             )
-        assert await upgrade(engine) == [3]
+        assert await upgrade(engine) == [3, 4]
         store = KeyStore(engine)
         assert (await store.verify(secret)).budget_version == 0
         changed = await store.update("key_old", {"budget_period": "day"})
         assert (changed.budget_period, changed.budget_version) == ("day", 1)
+    finally:
+        await engine.dispose()
+
+
+async def test_reports_by_and_for_an_end_user(db_url: str, tmp_path: Path) -> None:
+    async with Accounting(make_config(db_url, tmp_path)) as acct:
+        key, _ = await acct.keys.create("saas")
+        await insert_rows(
+            acct.engine,
+            [
+                _row(1, DAY1, key.id, "gpt-4o", "openai", 0.25, end_user="user-1"),
+                _row(2, DAY1, key.id, "gpt-4o", "openai", 0.5, end_user="user-1"),
+                _row(3, DAY2, key.id, "gpt-4o", "openai", 1.0, end_user="user-2"),
+                _row(4, DAY2, key.id, "gpt-4o", "openai", 2.0),
+            ],
+        )
+        rows = await usage_report(acct.engine, by=["user"])
+        assert [(r["user"], r["requests"], r["cost"]) for r in rows] in (
+            [(None, 1, 2.0), ("user-1", 2, 0.75), ("user-2", 1, 1.0)],  # SQLite: NULL first
+            [("user-1", 2, 0.75), ("user-2", 1, 1.0), (None, 1, 2.0)],  # PostgreSQL: NULL last
+        )
+        one = await usage_report(acct.engine, by=["day"], key_id=key.id, end_user="user-1")
+        assert [(r["day"], r["cost"]) for r in one] == [("2026-11-01", 0.75)]
+
+
+async def test_migration_4_adds_end_user_to_the_ledger(db_url: str) -> None:
+    engine = create_engine(db_url)
+    try:
+        async with engine.begin() as conn:  # a ledger of the release before, with a row
+            await conn.run_sync(MIGRATIONS[0].apply)
+            await conn.execute(text("ALTER TABLE llmr_ledger DROP COLUMN end_user"))
+            await conn.execute(
+                text("INSERT INTO llmr_schema_version VALUES (1, 'v1', 0), (2, 'v2', 0), (3, 'v3', 0)")
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO llmr_ledger (entry_id, request_id, created_at, day, operation, stream, "
+                    "prompt_tokens, completion_tokens, cached_tokens, cost, usage_estimated, status, attempts) "
+                    "VALUES ('old', 'r', :ts, '2026-11-01', 'chat', false, 1, 1, 0, 0.5, false, 'ok', 1)"
+                ),
+                {"ts": DAY1},
+            )
+        assert await upgrade(engine) == [4]
+        await insert_rows(engine, [_row(1, DAY1, None, "gpt-4o", "openai", 0.25, end_user="user-1")])
+        rows = await usage_report(engine, by=["user"])
+        assert {r["user"]: r["cost"] for r in rows} == {None: 0.5, "user-1": 0.25}
     finally:
         await engine.dispose()
 
@@ -274,7 +332,7 @@ def test_cli_without_its_database_errs_in_one_line(tmp_path: Path, url: str, cau
 def test_cli_db_keys_and_usage_report(tmp_path: Path) -> None:
     up = _cli(tmp_path, "db", "upgrade")
     assert up.returncode == 0, up.stderr
-    assert "applied migrations [1, 2, 3]" in up.stdout
+    assert "applied migrations [1, 2, 3, 4]" in up.stdout
     assert "up to date" in _cli(tmp_path, "db", "upgrade").stdout
     created = _cli(
         tmp_path,

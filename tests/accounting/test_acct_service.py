@@ -203,6 +203,21 @@ async def test_service_changes_and_rotates_keys(sqlite_url: str, tmp_path: Path)
             assert response.status_code == 409 and response.json()["error"]["code"] == "key_revoked"
 
 
+async def test_usage_by_end_user(sqlite_url: str, tmp_path: Path) -> None:
+    """The OpenAI ``user`` field of each request is on its ledger row: reports group and
+    filter by it."""
+    app, _acct = _app(sqlite_url, tmp_path)
+    async with AsyncTestClient(app) as client:
+        for user, stream in (("user-1", False), ("user-1", True), ("user-2", False), (None, False)):
+            body = {**CHAT, "stream": stream, **({"user": user} if user else {})}
+            assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+        everyone = (await client.get("/v1/admin/usage?by=user")).json()["data"]
+        assert {r["user"]: r["requests"] for r in everyone} == {None: 1, "user-1": 2, "user-2": 1}
+        one = (await client.get("/v1/usage?by=model&user=user-1")).json()["data"]
+        assert [(r["model"], r["requests"]) for r in one] == [("gpt-4o-mini", 2)]
+        assert one[0]["cost"] > 0
+
+
 async def test_a_failing_store_answers_503_not_500(sqlite_url: str, tmp_path: Path) -> None:
     """Redis or the database down: a retryable 503 in OpenAI's shape, and a rejected row."""
     from llmrouter.accounting.config import BudgetRule

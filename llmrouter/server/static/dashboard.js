@@ -16,6 +16,7 @@
     { id: "deployment", label: "Deployment" },
     { id: "day", label: "Day" },
     { id: "status", label: "Status" },
+    { id: "user", label: "End user" },
   ];
   const METRICS = [
     { id: "requests", label: "Requests" },
