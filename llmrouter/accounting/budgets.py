@@ -24,6 +24,7 @@ Where the check-and-reserve is atomic depends on the store (``budget_backend``):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -54,6 +55,8 @@ __all__ = [
 
 log = logging.getLogger("llmrouter.accounting.budgets")
 UNITS_PER_USD = 1_000_000_000
+END_USER_LENGTH = 200
+"""The most of an end user's name the ledger keeps (its ``end_user`` column)."""
 MAX_UNITS = 2**60
 """The most any amount or limit counts (~$1.15e9): ``spent + reserved + amount`` of three
 such values still fits a signed 64-bit integer (PostgreSQL BIGINT, Redis)."""
@@ -108,6 +111,8 @@ class BudgetWindow:
     end: float | None
     limit: int
     soft_limit: int | None
+    end_user: str | None = None
+    """Only this end user's requests count (a ``user`` rule)."""
 
 
 @dataclass
@@ -199,28 +204,47 @@ class BudgetManager:
         return bool(self.rules) or (key is not None and key.budget is not None)
 
     def windows_for(
-        self, key: ApiKey | None, model_group: str | None, now: float | None = None
+        self,
+        key: ApiKey | None,
+        model_group: str | None,
+        now: float | None = None,
+        end_user: str | None = None,
     ) -> list[BudgetWindow]:
-        """The budget windows a request by ``key`` for ``model_group`` counts against."""
+        """The budget windows a request by ``key`` for ``model_group`` (on behalf of
+        ``end_user``, the request's ``user`` field) counts against."""
         now = time.time() if now is None else now
         key_id = key.id if key is not None else None
+        user = end_user.replace("\x00", "")[:END_USER_LENGTH] if end_user else None  # as the ledger keeps it
         found: dict[str, BudgetWindow] = {}
-        candidates: list[tuple[str | None, str, float, float | None, str]] = []
+        candidates: list[tuple[str | None, str, float, float | None, str, str | None]] = []
         for rule in self.rules:
             if rule.key != "*" and (key is None or rule.key not in (key.id, key.name)):
                 continue
             if rule.model is not None and rule.model != model_group:
                 continue
-            candidates.append((rule.model, rule.period, rule.limit, rule.soft_limit, ""))
+            if rule.user is not None and (user is None or rule.user not in ("*", user)):
+                continue
+            per_user = user if rule.user is not None else None
+            candidates.append((rule.model, rule.period, rule.limit, rule.soft_limit, "", per_user))
         if key is not None and key.budget is not None:
             # A budget set again, or given another period, counts afresh: its own counters.
             version = f"|v{key.budget_version}" if key.budget_version else ""
-            candidates.append((None, key.budget_period or "month", key.budget, None, version))
-        for model, period, limit, soft, version in candidates:
+            candidates.append((None, key.budget_period or "month", key.budget, None, version, None))
+        for model, period, limit, soft, version, per_user in candidates:
             tag, start, end = period_bounds(period, now)
             counter = f"{key_id or '-'}|{model or '*'}|{tag}{version}"
+            if per_user is not None:  # any length, any characters: a digest names it
+                counter += f"|u:{hashlib.sha256(per_user.encode()).hexdigest()[:32]}"
             window = BudgetWindow(
-                counter, key_id, model, period, start, end, to_units(limit), to_units(soft) if soft else None
+                counter,
+                key_id,
+                model,
+                period,
+                start,
+                end,
+                to_units(limit),
+                to_units(soft) if soft else None,
+                per_user,
             )
             previous = found.get(counter)
             if previous is None or window.limit < previous.limit:
@@ -228,7 +252,12 @@ class BudgetManager:
         return list(found.values())
 
     async def reserve(
-        self, key: ApiKey | None, model_group: str | None, max_cost: float | None, request_id: str
+        self,
+        key: ApiKey | None,
+        model_group: str | None,
+        max_cost: float | None,
+        request_id: str,
+        end_user: str | None = None,
     ) -> Reservation:
         """Reserve ``max_cost`` against every applicable budget, all or nothing.
 
@@ -238,7 +267,7 @@ class BudgetManager:
         amount = to_units(max_cost, round_up=True)
         reservation = Reservation(request_id=request_id)
         try:
-            for window in self.windows_for(key, model_group):
+            for window in self.windows_for(key, model_group, end_user=end_user):
                 ok, spent, reserved = await self.store.reserve(window, amount, request_id)
                 if not ok:
                     raise _exceeded(window, spent, reserved, amount)
@@ -309,6 +338,8 @@ class BudgetManager:
 
 def _exceeded(window: BudgetWindow, spent: int, reserved: int, amount: int) -> BudgetExceededError:
     scope = f" for model {window.model}" if window.model else ""
+    if window.end_user is not None:
+        scope += f" for end user {window.end_user[:100]!r}"
     until_reset = spent + amount > window.limit
     if until_reset:  # only the period's end makes room
         retry = max(1.0, window.end - time.time()) if window.end is not None else None

@@ -71,6 +71,10 @@ class BudgetRule(_Section):
     unauthenticated local user)."""
     model: str | None = None
     """Only requests for this model group count against the rule."""
+    user: str | None = None
+    """End users (the requests' OpenAI ``user`` field): ``*`` applies the rule to every
+    end user of each key separately, a name to that one only; requests that name no
+    user are not counted against it. None: the rule is not per end user."""
     period: Period = "month"
     soft_limit: float | None = None
     """Crossing it logs a warning and marks responses (``x-llmrouter-budget: soft``)."""

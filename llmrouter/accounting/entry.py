@@ -105,9 +105,10 @@ def storable(entries: Iterable[LedgerEntry]) -> list[LedgerEntry]:
     return [entry if _fits(_astuple(entry)) else _fit(entry) for entry in entries]
 
 
-_PER_ROW = ("entry_id", "request_id")
-"""The string columns whose values differ from row to row. The others repeat (a model, a
-deployment, a status, the day): a combination of them once found to fit is remembered."""
+_PER_ROW = ("entry_id", "request_id", "end_user")
+"""The string columns whose values differ from row to row (an end user may too). The
+others repeat (a model, a deployment, a status, the day): a combination of them once
+found to fit is remembered."""
 _ROW_STRINGS = tuple((i, n) for i, n in _STR_LIMITS if FIELDS[i] in _PER_ROW)
 _REPEATED_STRINGS = tuple((i, n) for i, n in _STR_LIMITS if FIELDS[i] not in _PER_ROW)
 _repeated = operator.itemgetter(*(i for i, _ in _REPEATED_STRINGS))

@@ -218,6 +218,8 @@ class Accounting:
             query = query.where(_LEDGER.c.api_key_id == window.key_id)
         if window.model is not None:
             query = query.where(_LEDGER.c.model_group == window.model)
+        if window.end_user is not None:
+            query = query.where(_LEDGER.c.end_user == window.end_user)
         try:
             async with self.engine.connect() as conn:
                 total = (await conn.execute(query)).scalar_one()

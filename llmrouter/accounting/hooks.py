@@ -154,7 +154,10 @@ class AccountingHooks(RouterHooks):
                 )
                 ctx.extra_headers = ticket.headers()
             if self.budgets is not None and self.budgets.may_apply(key):
-                reservation = await self.budgets.reserve(key, ctx.model_group, ctx.max_cost, new_id())
+                end_user = ctx.request.user if ctx.request is not None else None
+                reservation = await self.budgets.reserve(
+                    key, ctx.model_group, ctx.max_cost, new_id(), end_user=end_user
+                )
         except BaseException as exc:
             # Refused, failed or cancelled half-way: the rate-limit slot goes back (shielded,
             # so that a cancelled request does not keep a concurrency slot forever).

@@ -155,10 +155,16 @@ def redis_config(client: Any) -> RedisConfig:
 
 
 def chat_context(
-    principal: Any = None, *, model: str = "gpt-4o", max_cost: float | None = None, prompt_tokens: int = 10
+    principal: Any = None,
+    *,
+    model: str = "gpt-4o",
+    max_cost: float | None = None,
+    prompt_tokens: int = 10,
+    user: str | None = None,
 ) -> RequestContext:
-    """A context as the router hands it to ``before_request``."""
-    request = ChatRequest(model=model, messages=[{"role": "user", "content": "hi"}])  # type: ignore[list-item]
+    """A context as the router hands it to ``before_request`` (``user``: the request's
+    OpenAI ``user`` field)."""
+    request = ChatRequest(model=model, messages=[{"role": "user", "content": "hi"}], user=user)  # type: ignore[list-item]
     return RequestContext(
         principal=principal,
         request=request,

@@ -245,3 +245,51 @@ async def test_a_refusal_says_whether_trying_again_soon_can_pass(sqlite_url: str
         with pytest.raises(BudgetExceededError) as spent:
             await acct.hooks.before_request(chat_context(max_cost=MAX_COST))
         assert spent.value.retry_after is None and spent.value.headers() == {"x-should-retry": "false"}
+
+
+async def test_per_end_user_budgets_are_exact_and_separate(
+    sqlite_url: str, tmp_path: Path, shared_backend: tuple[str, Any]
+) -> None:
+    """A ``user: "*"`` rule caps each end user (the OpenAI ``user`` field) of a key on
+    its own, exactly under concurrency; requests that name no user are not counted."""
+    backend, redis = shared_backend
+    extra = {"redis": redis_config(redis)} if redis is not None else {}
+    rules = [BudgetRule(key="*", user="*", period="day", limit=FITS * MAX_COST)]
+    config = make_config(sqlite_url, tmp_path, budgets=rules, budget_backend=backend, **extra)
+    async with Accounting(config, redis=redis) as acct:
+        admitted: dict[str | None, int] = {}
+
+        async def one(user: str | None) -> None:
+            ctx = chat_context(max_cost=MAX_COST, user=user)
+            try:
+                await acct.hooks.before_request(ctx)
+            except BudgetExceededError as exc:
+                assert "for end user" in exc.message and repr(user) in exc.message
+                return
+            admitted[user] = admitted.get(user, 0) + 1
+            await anyio.sleep(random.random() * 0.02)
+            await acct.hooks.after_request(finish(ctx, cost=MAX_COST))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(REQUESTS):
+                tg.start_soon(one, ("user-a", "user-b", None)[i % 3])
+        assert admitted == {"user-a": FITS, "user-b": FITS, None: REQUESTS // 3}
+        [window] = acct.budgets.windows_for(None, "gpt-4o", end_user="user-a")
+        assert await acct.budgets.store.usage(window) == (FITS * to_units(MAX_COST), 0)
+
+
+async def test_a_per_user_budget_is_seeded_from_that_users_rows(sqlite_url: str, tmp_path: Path) -> None:
+    rules = [BudgetRule(key="*", user="*", period="month", limit=2 * MAX_COST)]
+    config = make_config(sqlite_url, tmp_path, budgets=rules, budget_backend="memory")
+    name = "é" * 250 + "\x00"  # longer than the ledger keeps, with a NUL it drops
+    async with Accounting(config) as acct:
+        for user in (name, name, "other"):
+            ctx = chat_context(max_cost=MAX_COST, user=user)
+            await acct.hooks.before_request(ctx)
+            await acct.hooks.after_request(finish(ctx, cost=MAX_COST))
+    async with Accounting(config) as again:  # a restarted process: each user's spend from the ledger
+        with pytest.raises(BudgetExceededError):
+            await again.hooks.before_request(chat_context(max_cost=MAX_COST, user=name))
+        ctx = chat_context(max_cost=MAX_COST, user="other")
+        await again.hooks.before_request(ctx)
+        await again.hooks.after_request(finish(ctx, cost=MAX_COST))

@@ -20,7 +20,7 @@ class StuckBudgets:
     def may_apply(self, key: object) -> bool:
         return True
 
-    async def reserve(self, *args: object) -> None:
+    async def reserve(self, *args: object, **kwargs: object) -> None:
         await anyio.sleep_forever()
 
 
@@ -38,7 +38,7 @@ async def test_cancel_during_budget_reservation_releases_the_concurrency_slot():
 class FailingBudgets(StuckBudgets):
     """A budget store whose database is down."""
 
-    async def reserve(self, *args: object) -> None:
+    async def reserve(self, *args: object, **kwargs: object) -> None:
         raise ConnectionError("connection refused")
 
 
