@@ -315,16 +315,21 @@ class BudgetManager:
         reservation.windows = []
 
     async def status(
-        self, key: ApiKey | None, model_groups: Sequence[str | None] = (None,)
+        self,
+        key: ApiKey | None,
+        model_groups: Sequence[str | None] = (None,),
+        end_user: str | None = None,
     ) -> list[dict[str, object]]:
-        """Every budget window of ``key`` with its spend, for ``/v1/usage``."""
+        """Every budget window of ``key`` (and of its ``end_user``'s requests, with
+        their per-user rules) with its spend, for ``/v1/usage``."""
         seen: dict[str, dict[str, object]] = {}
         for model in model_groups:
-            for window in self.windows_for(key, model):
+            for window in self.windows_for(key, model, end_user=end_user):
                 if window.counter in seen:
                     continue
                 spent, reserved = await self.store.usage(window)
                 seen[window.counter] = {
+                    "user": window.end_user,
                     "model": window.model,
                     "period": window.period,
                     "limit": window.limit / UNITS_PER_USD,

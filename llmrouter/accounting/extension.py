@@ -224,15 +224,16 @@ class AccountingExtension(Extension):
             key = await ext._caller(request, admin=False)
             since, until = time_range(request)
             by = [d for d in dimensions(request, "day,model") if d != "key"]
+            end_user = request.query_params.get("user")
             rows = await acct.usage(
                 by=by,
                 since=since,
                 until=until,
                 key_id=key.id if key else None,
                 anonymous=key is None,
-                end_user=request.query_params.get("user"),
+                end_user=end_user,
             )
-            budgets = await acct.budgets.status(key) if acct.budgets is not None else []
+            budgets = await acct.budgets.status(key, end_user=end_user) if acct.budgets is not None else []
             return _json(
                 {
                     "object": "usage",

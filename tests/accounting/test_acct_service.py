@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
@@ -22,14 +23,14 @@ pytestmark = pytest.mark.anyio
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
 
 
-def _app(sqlite_url: str, tmp_path: Path) -> tuple[object, Accounting]:
+def _app(sqlite_url: str, tmp_path: Path, **accounting: Any) -> tuple[object, Accounting]:
     router = Router()
     router.add_deployment(
         "gpt-4o-mini",
         ScriptedProvider("gpt-4o-mini", default=Step(text="hello there")),
         Deployment(provider="scripted", model="gpt-4o-mini", price=Price(input=0.15, output=0.6)),
     )
-    acct = Accounting(make_config(sqlite_url, tmp_path))
+    acct = Accounting(make_config(sqlite_url, tmp_path, **accounting))
     return create_app(Config(), router=router, extensions=[AccountingExtension(acct)]), acct
 
 
@@ -216,6 +217,28 @@ async def test_usage_by_end_user(sqlite_url: str, tmp_path: Path) -> None:
         one = (await client.get("/v1/usage?by=model&user=user-1")).json()["data"]
         assert [(r["model"], r["requests"]) for r in one] == [("gpt-4o-mini", 2)]
         assert one[0]["cost"] > 0
+
+
+async def test_an_end_users_budget_through_the_service(sqlite_url: str, tmp_path: Path) -> None:
+    from llmrouter.accounting.config import BudgetRule
+
+    # gpt-4o-mini at $0.15 / $0.60 per million: a request may cost ~$0.000011 and costs less.
+    rules = [BudgetRule(key="*", user="*", period="day", limit=0.00002)]
+    app, _acct = _app(sqlite_url, tmp_path, budgets=rules)
+    async with AsyncTestClient(app) as client:
+        statuses = [
+            (await client.post("/v1/chat/completions", json={**CHAT, "user": "user-1"})).status_code
+            for _ in range(8)
+        ]
+        served = statuses.index(429)
+        assert served >= 2 and statuses[served:] == [429] * (8 - served)
+        refused = await client.post("/v1/chat/completions", json={**CHAT, "user": "user-1"})
+        assert "for end user 'user-1'" in refused.json()["error"]["message"]
+        assert (await client.post("/v1/chat/completions", json={**CHAT, "user": "user-2"})).status_code == 200
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200  # no user: no cap
+        [budget] = (await client.get("/v1/usage?user=user-1")).json()["budgets"]
+        assert budget["user"] == "user-1" and budget["limit"] == 0.00002 and 0 < budget["spent"] <= 0.00002
+        assert (await client.get("/v1/usage")).json()["budgets"] == []
 
 
 async def test_a_failing_store_answers_503_not_500(sqlite_url: str, tmp_path: Path) -> None:
