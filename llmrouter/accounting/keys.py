@@ -335,12 +335,18 @@ class KeyStore:
         if fields["budget"] is None and "budget_period" not in changes:
             fields["budget_period"] = None  # the period goes with the budget it was for
         _check_fields(fields)
-        values = _stored_fields(fields)
-        restarted = values["budget"] is not None and (
-            key.budget is None or values["budget_period"] != key.budget_period
-        )
-        values["budget_version"] = key.budget_version + 1 if restarted else key.budget_version
-        await self._write_unrevoked(key, values)
+        stored = _stored_fields(fields)
+        # Only what changes is written: two updates of other fields at once both land.
+        written: dict[str, Any] = {name: stored[name] for name in changes}
+        if "budget" in changes or "budget_period" in changes:
+            written["budget"], written["budget_period"] = stored["budget"], stored["budget_period"]
+            if stored["budget"] is not None and (
+                key.budget is None or stored["budget_period"] != key.budget_period
+            ):
+                written["budget_version"] = func.coalesce(_TABLE.c.budget_version, 0) + 1
+        if not written:
+            return key
+        await self._write_unrevoked(key, written)
         return await self.get(key.id) or key
 
     async def rotate(self, id_or_name: str) -> tuple[ApiKey, str]:

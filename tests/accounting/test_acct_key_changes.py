@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ async def test_update_changes_fields_and_keeps_the_key(acct: Accounting) -> None
         ("admin",),
         "first",
     )
+    assert await acct.keys.update(key.id, {}) == changed  # nothing to change: nothing written
     cleared = await acct.keys.update(key.id, {"rpm": None, "note": None, "expires_at": time.time() + 60})
     assert (cleared.rpm, cleared.note, cleared.tpm) == (None, None, 1000)
     assert cleared.expires_at is not None and cleared.state() == "active"
@@ -153,3 +155,16 @@ async def test_a_budget_back_on_an_earlier_period_counts_what_was_spent_meanwhil
     assert key.budget_version == 2
     with pytest.raises(BudgetExceededError):
         await acct.hooks.before_request(chat_context(await _current(acct, key), max_cost=COST))
+
+
+async def test_concurrent_updates_of_different_fields_both_land(acct: Accounting) -> None:
+    key, _ = await acct.keys.create("busy", budget=1.0)
+    await asyncio.gather(
+        acct.keys.update(key.id, {"rpm": 5}),
+        acct.keys.update(key.id, {"note": "raised"}),
+        acct.keys.update(key.id, {"budget_period": "day"}),
+        acct.keys.update(key.id, {"tpm": 900}),
+    )
+    now = await _current(acct, key)
+    assert (now.rpm, now.note, now.budget_period, now.tpm, now.budget) == (5, "raised", "day", 900, 1.0)
+    assert now.budget_version == 1
