@@ -243,6 +243,8 @@ class ChatRequest(Wire):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None
+    safety_identifier: str | None = None
+    """OpenAI's successor of ``user`` for naming the caller's end user."""
     extra: dict[str, Any] = msgspec.field(default_factory=dict, name="__extra__")
     """Request fields llmrouter does not model; passed on to upstreams that take them."""
 
@@ -250,6 +252,11 @@ class ChatRequest(Wire):
     def output_limit(self) -> int | None:
         """The most tokens the answer may have (``max_completion_tokens`` wins)."""
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def end_user(self) -> str | None:
+        """Who the caller asks for: ``user``, else ``safety_identifier`` (ledger, budgets)."""
+        return self.user or self.safety_identifier
 
     @property
     def stop_list(self) -> list[str]:
@@ -297,6 +304,11 @@ class CompletionRequest(Wire):
     @property
     def output_limit(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def end_user(self) -> str | None:
+        """Who the caller asks for (``user``)."""
+        return self.user
 
     @property
     def stop_list(self) -> list[str]:

@@ -154,7 +154,7 @@ class AccountingHooks(RouterHooks):
                 )
                 ctx.extra_headers = ticket.headers()
             if self.budgets is not None and self.budgets.may_apply(key):
-                end_user = ctx.request.user if ctx.request is not None else None
+                end_user = ctx.request.end_user if ctx.request is not None else None
                 reservation = await self.budgets.reserve(
                     key, ctx.model_group, ctx.max_cost, new_id(), end_user=end_user
                 )

@@ -91,7 +91,7 @@ def row_from_context(
         status or ctx.status or "error",  # status
         error_code or (error.code if error is not None else None),  # error_code
         ctx.attempts,
-        ctx.request.user if ctx.request is not None else None,  # end_user
+        ctx.request.end_user if ctx.request is not None else None,
     )
 
 

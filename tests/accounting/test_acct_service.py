@@ -209,11 +209,22 @@ async def test_usage_by_end_user(sqlite_url: str, tmp_path: Path) -> None:
     filter by it."""
     app, _acct = _app(sqlite_url, tmp_path)
     async with AsyncTestClient(app) as client:
-        for user, stream in (("user-1", False), ("user-1", True), ("user-2", False), (None, False)):
-            body = {**CHAT, "stream": stream, **({"user": user} if user else {})}
+        for field, user, stream in (
+            ("user", "user-1", False),
+            ("user", "user-1", True),
+            ("user", "user-2", False),
+            ("safety_identifier", "user-3", False),  # OpenAI's newer name for it
+            ("user", None, False),
+        ):
+            body = {**CHAT, "stream": stream, **({field: user} if user else {})}
             assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
         everyone = (await client.get("/v1/admin/usage?by=user")).json()["data"]
-        assert {r["user"]: r["requests"] for r in everyone} == {None: 1, "user-1": 2, "user-2": 1}
+        assert {r["user"]: r["requests"] for r in everyone} == {
+            None: 1,
+            "user-1": 2,
+            "user-2": 1,
+            "user-3": 1,
+        }
         one = (await client.get("/v1/usage?by=model&user=user-1")).json()["data"]
         assert [(r["model"], r["requests"]) for r in one] == [("gpt-4o-mini", 2)]
         assert one[0]["cost"] > 0

@@ -41,6 +41,7 @@ async def test_unknown_request_fields_reach_the_upstream(
             "top_k": 5,
             "repetition_penalty": 1.1,
             "chat_template_kwargs": {"enable_thinking": False},
+            "safety_identifier": "customer-42",
         }
     )
     response = await remote.chat(request)
@@ -48,6 +49,7 @@ async def test_unknown_request_fields_reach_the_upstream(
     sent = echo_upstream.last_request.json
     assert sent["top_k"] == 5 and sent["repetition_penalty"] == 1.1
     assert sent["chat_template_kwargs"] == {"enable_thinking": False}
+    assert sent["safety_identifier"] == "customer-42"
     assert sent["model"] == "served-model"  # the deployment's model, not the group name
     assert "stream" not in sent or sent["stream"] is False
     assert "__extra__" not in sent
