@@ -5,7 +5,7 @@ Routes (OpenAI-style error bodies on failure):
 - ``GET /v1/usage?since=&until=&by=day,model&user=`` — the caller's own usage and budgets.
 - ``GET /v1/admin/usage?since=&until=&by=key,model,provider,day,user&key=&user=`` — everyone's (admin).
 - ``POST /v1/admin/keys`` — create a key; the response carries the secret, once (admin).
-- ``GET /v1/admin/keys`` — list keys (admin).
+- ``GET /v1/admin/keys`` — list keys (admin); ``GET /v1/admin/keys/{key}`` — one (admin).
 - ``PATCH /v1/admin/keys/{key}`` — change a key's fields; it keeps its secret (admin).
 - ``POST /v1/admin/keys/{key}/rotate`` — a new secret, shown once, for the same key (admin).
 - ``DELETE /v1/admin/keys/{key}`` — revoke by id, prefix or name (admin).
@@ -29,7 +29,13 @@ from llmrouter.accounting.hooks import unavailable
 from llmrouter.accounting.keys import UPDATABLE, ApiKey
 from llmrouter.accounting.reports import parse_range
 from llmrouter.context import RequestContext
-from llmrouter.errors import AuthenticationError, InvalidRequestError, LLMRouterError, PermissionDeniedError
+from llmrouter.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    LLMRouterError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from llmrouter.extension import Extension
 from llmrouter.hooks import RouterHooks
 from llmrouter.server.state import header_dict
@@ -294,6 +300,14 @@ class AccountingExtension(Extension):
             await ext._caller(request, admin=True)
             return _json(key_to_json(await acct.keys.revoke(key_ref)))
 
+        @get("/v1/admin/keys/{key_ref:str}", summary="One API key, by id, prefix or name (admin)")
+        async def get_key(request: Request[Any, Any, Any], key_ref: FromPath[str]) -> Response[bytes]:
+            await ext._caller(request, admin=True)
+            key = await acct.keys.get(key_ref)
+            if key is None:
+                raise NotFoundError(f"no API key {key_ref!r}", code="key_not_found")
+            return _json(key_to_json(key))
+
         @patch("/v1/admin/keys/{key_ref:str}", summary="Change an API key's fields (admin)")
         async def update_key(request: Request[Any, Any, Any], key_ref: FromPath[str]) -> Response[bytes]:
             await ext._caller(request, admin=True)
@@ -310,4 +324,4 @@ class AccountingExtension(Extension):
             key, secret = await acct.keys.rotate(key_ref)
             return _json({**key_to_json(key), "secret": secret})
 
-        return [own_usage, admin_usage, create_key, list_keys, update_key, rotate_key, revoke_key]
+        return [own_usage, admin_usage, create_key, list_keys, get_key, update_key, rotate_key, revoke_key]
