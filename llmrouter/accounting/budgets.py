@@ -24,7 +24,6 @@ Where the check-and-reserve is atomic depends on the store (``budget_backend``):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
+from llmrouter.accounting import end_users
 from llmrouter.accounting.config import BudgetRule
 from llmrouter.errors import BudgetExceededError
 
@@ -55,8 +55,6 @@ __all__ = [
 
 log = logging.getLogger("llmrouter.accounting.budgets")
 UNITS_PER_USD = 1_000_000_000
-END_USER_LENGTH = 200
-"""The most of an end user's name the ledger keeps (its ``end_user`` column)."""
 MAX_UNITS = 2**60
 """The most any amount or limit counts (~$1.15e9): ``spent + reserved + amount`` of three
 such values still fits a signed 64-bit integer (PostgreSQL BIGINT, Redis)."""
@@ -214,7 +212,7 @@ class BudgetManager:
         ``end_user``, the request's ``user`` field) counts against."""
         now = time.time() if now is None else now
         key_id = key.id if key is not None else None
-        user = end_user.replace("\x00", "")[:END_USER_LENGTH] if end_user else None  # as the ledger keeps it
+        user = end_users.as_stored(end_user)  # as the ledger keeps it, which seeds its windows
         found: dict[str, BudgetWindow] = {}
         candidates: list[tuple[str | None, str, float, float | None, str, str | None]] = []
         for rule in self.rules:
@@ -233,8 +231,8 @@ class BudgetManager:
         for model, period, limit, soft, version, per_user in candidates:
             tag, start, end = period_bounds(period, now)
             counter = f"{key_id or '-'}|{model or '*'}|{tag}{version}"
-            if per_user is not None:  # any length, any characters: a digest names it
-                counter += f"|u:{hashlib.sha256(per_user.encode()).hexdigest()[:32]}"
+            if per_user is not None:
+                counter += f"|{end_users.counter_tag(per_user)}"
             window = BudgetWindow(
                 counter,
                 key_id,

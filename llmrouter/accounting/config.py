@@ -80,6 +80,14 @@ class BudgetRule(_Section):
     """Crossing it logs a warning and marks responses (``x-llmrouter-budget: soft``)."""
 
 
+class EndUserLimits(_Section):
+    """Limits of each end user of each key (the requests' OpenAI ``user`` field)."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+
 class LimitsConfig(_Section):
     """Per-key defaults; a key's own ``rpm`` / ``tpm`` / ``concurrency`` override them."""
 
@@ -88,6 +96,8 @@ class LimitsConfig(_Section):
     concurrency: int | None = None
     lease_seconds: float = 900.0
     """A concurrency slot held by a crashed replica is freed after this long (Redis)."""
+    end_user: EndUserLimits | None = None
+    """Also limit each end user of a key on their own; requests naming none are not."""
 
 
 class RedisConfig(_Section):

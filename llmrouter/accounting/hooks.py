@@ -1,7 +1,7 @@
 """The accounting steps of the request path, as router hooks.
 
-``before_request``: the key may use this model -> rate limits -> budget reservation of
-``ctx.max_cost``. ``after_request``: settle the budget to ``ctx.cost`` -> free the
+``before_request``: the key may use this model -> rate limits (the key's, then its end
+user's) -> budget reservation of ``ctx.max_cost``. ``after_request``: settle the budget to ``ctx.cost`` -> free the
 concurrency slot and true up TPM -> queue the ledger row. A request refused in
 ``before_request`` gives back whatever it had taken and gets a ``rejected`` ledger row.
 """
@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
 
+from llmrouter.accounting import end_users
 from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore, Reservation
 from llmrouter.accounting.config import LimitsConfig
 from llmrouter.accounting.keys import ApiKey
 from llmrouter.accounting.ledger import LedgerWriter, row_from_context
-from llmrouter.accounting.limits import EffectiveLimits, Limiter, LimitTicket, MemoryLimiter
+from llmrouter.accounting.limits import EffectiveLimits, KeyLimitError, Limiter, LimitTicket, MemoryLimiter
 from llmrouter.context import new_id
 from llmrouter.errors import (
     AccountingUnavailableError,
@@ -43,7 +44,8 @@ class _Admission(NamedTuple):
     that its id stays unique while admitted)."""
 
     ctx: RequestContext
-    ticket: LimitTicket | None
+    tickets: tuple[LimitTicket, ...]
+    """The key's limits, then its end user's."""
     reservation: Reservation | None
 
 
@@ -87,6 +89,10 @@ class AccountingHooks(RouterHooks):
     def limits(self, limits: LimitsConfig) -> None:
         self._limits = limits
         self._default_limits = EffectiveLimits(rpm=limits.rpm, tpm=limits.tpm, concurrency=limits.concurrency)
+        user = limits.end_user
+        self._end_user_limits = (
+            EffectiveLimits(rpm=user.rpm, tpm=user.tpm, concurrency=user.concurrency) if user else None
+        )
 
     @property
     def in_flight(self) -> int:
@@ -137,7 +143,7 @@ class AccountingHooks(RouterHooks):
 
     async def before_request(self, ctx: RequestContext) -> None:
         """Admit or refuse (401/403/429); on refusal nothing stays taken."""
-        ticket: LimitTicket | None = None
+        tickets: list[LimitTicket] = []
         reservation: Reservation | None = None
         try:
             # The key the service authenticated, else one a library caller named by id.
@@ -147,23 +153,32 @@ class AccountingHooks(RouterHooks):
             elif ctx.api_key_id is not None and self.keys is not None:
                 key = await self._load_principal(ctx, ctx.api_key_id, self.keys)
             self._check_access(ctx, key)
+            subject = key.id if key else "-"
             limits = self.effective_limits(key)
             if self.limiter is not None and not limits.empty:
-                ticket = await self.limiter.acquire(
-                    key.id if key else "-", limits, ctx.prompt_tokens_estimate
+                tickets.append(await self.limiter.acquire(subject, limits, ctx.prompt_tokens_estimate))
+                ctx.extra_headers = tickets[0].headers()
+            if (
+                self._end_user_limits is not None
+                and self.limiter is not None
+                and (end_user := _end_user_of(ctx))
+            ):
+                tickets.append(
+                    await _acquire_for_end_user(
+                        self.limiter, self._end_user_limits, subject, end_user, ctx.prompt_tokens_estimate
+                    )
                 )
-                ctx.extra_headers = ticket.headers()
             if self.budgets is not None and self.budgets.may_apply(key):
-                end_user = ctx.request.end_user if ctx.request is not None else None
                 reservation = await self.budgets.reserve(
-                    key, ctx.model_group, ctx.max_cost, new_id(), end_user=end_user
+                    key, ctx.model_group, ctx.max_cost, new_id(), end_user=_end_user_of(ctx)
                 )
         except BaseException as exc:
-            # Refused, failed or cancelled half-way: the rate-limit slot goes back (shielded,
+            # Refused, failed or cancelled half-way: the rate-limit slots go back (shielded,
             # so that a cancelled request does not keep a concurrency slot forever).
-            if ticket is not None and self.limiter is not None:
+            if tickets and self.limiter is not None:
                 with anyio.CancelScope(shield=True):
-                    await _give_back(self.limiter, ticket, ctx.request_id)
+                    for ticket in tickets:
+                        await _give_back(self.limiter, ticket, ctx.request_id)
             if isinstance(exc, LLMRouterError):
                 self._record(ctx, status="rejected", error_code=exc.code)
             elif isinstance(exc, Exception):
@@ -172,13 +187,13 @@ class AccountingHooks(RouterHooks):
                 self._record(ctx, status="rejected", error_code=error.code)
                 raise error from exc
             raise
-        self._admitted[id(ctx)] = _Admission(ctx, ticket, reservation)
+        self._admitted[id(ctx)] = _Admission(ctx, tuple(tickets), reservation)
 
     async def after_request(self, ctx: RequestContext) -> None:
         """Settle, release, record. Never raises (a failure is logged; the row is still queued)."""
         admission = self._admitted.pop(id(ctx), None)
         try:
-            if admission is not None and (admission.ticket is not None or admission.reservation is not None):
+            if admission is not None and (admission.tickets or admission.reservation is not None):
                 await self._settle(ctx, admission)
         except Exception:
             log.exception("accounting: settling request %s failed", ctx.request_id)
@@ -207,10 +222,11 @@ class AccountingHooks(RouterHooks):
         if admission.reservation is not None and self.budgets is not None:
             if await self.budgets.settle(admission.reservation, ctx.cost):
                 ctx.metadata["budget"] = "soft_limit_reached"
-        if admission.ticket is not None and self.limiter is not None:
+        if admission.tickets and self.limiter is not None:
             usage = ctx.usage
             tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
-            await self.limiter.release(admission.ticket, tokens)
+            for ticket in admission.tickets:
+                await self.limiter.release(ticket, tokens)
 
 
 def unavailable(cause: Exception, doing: str) -> AccountingUnavailableError:
@@ -221,6 +237,26 @@ def unavailable(cause: Exception, doing: str) -> AccountingUnavailableError:
         "accounting is unavailable: the request's key, limits or budgets cannot be checked now",
         retry_after=1,
     )
+
+
+def _end_user_of(ctx: RequestContext) -> str | None:
+    return ctx.request.end_user if ctx.request is not None else None
+
+
+async def _acquire_for_end_user(
+    limiter: Limiter, limits: EffectiveLimits, subject: str, end_user: str, tokens: int
+) -> LimitTicket:
+    """An end user's own limits (``limits.end_user``), in windows of their own beside the
+    key's (``subject``)."""
+    name = end_users.as_stored(end_user) or ""
+    try:
+        return await limiter.acquire(f"{subject}|{end_users.counter_tag(name)}", limits, tokens)
+    except KeyLimitError as exc:
+        raise KeyLimitError(
+            f"{exc.message} (end user {name[:100]!r})",
+            retry_after=exc.retry_after or 1.0,
+            limit_headers=exc.limit_headers,
+        ) from None
 
 
 async def _give_back(limiter: Limiter, ticket: LimitTicket, request_id: str) -> None:

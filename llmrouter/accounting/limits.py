@@ -141,18 +141,27 @@ class _Window:
 
 
 class MemoryLimiter:
-    """Limits for one process."""
+    """Limits for one process. Windows unused for two minutes count nothing any more and
+    are dropped once a minute (subjects include end users, which come and go)."""
 
     def __init__(self, clock: Any = time.time) -> None:
         self._clock = clock
         self._windows: dict[tuple[str, str], _Window] = {}
         self._in_flight: dict[str, int] = {}
+        self._swept = clock()
 
     def _window(self, subject: str, kind: str, now: float) -> tuple[_Window, float]:
         window = self._windows.get((subject, kind))
         if window is None:
+            if now - self._swept > WINDOW:
+                self._sweep(now)
             window = self._windows[(subject, kind)] = _Window(math.floor(now / WINDOW) * WINDOW)
         return window, window.roll(now)
+
+    def _sweep(self, now: float) -> None:
+        stale = now - 2 * WINDOW  # its current and previous minutes are both over
+        self._windows = {name: w for name, w in self._windows.items() if w.start > stale}
+        self._swept = now
 
     async def acquire(self, subject: str, limits: EffectiveLimits, tokens: int) -> LimitTicket:
         now = self._clock()

@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from llmrouter.accounting import Accounting
-from llmrouter.accounting.config import LimitsConfig, RedisConfig
+from llmrouter.accounting.config import EndUserLimits, LimitsConfig, RedisConfig
 from llmrouter.accounting.limits import EffectiveLimits, MemoryLimiter, RedisLimiter, seconds_until_fits
 from llmrouter.errors import RateLimitError
 
@@ -197,6 +197,53 @@ async def test_replicas_configured_with_a_redis_url_share_limits(
             admitted += 1
             await acct.hooks.after_request(finish(ctx))
         assert admitted == 3
+
+
+async def test_memory_windows_of_subjects_gone_quiet_are_dropped() -> None:
+    clock = Clock()
+    limiter = MemoryLimiter(clock=clock)
+    limits = EffectiveLimits(rpm=5, tpm=1000)
+    for i in range(1000):  # a thousand end users, once each
+        await limiter.acquire(f"key|user-{i}", limits, 10)
+    clock.now += 60
+    ticket = await limiter.acquire("key|user-0", limits, 10)  # still counted: 2 of 5
+    assert ticket.requests_left == 3
+    clock.now += 61
+    await limiter.acquire("key|new", limits, 10)
+    assert len(limiter._windows) == 4  # user-0's windows (used a minute ago) and the new one's
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
+async def redis_or_not(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, RedisConfig]]:
+    """Accounting config: limits in this process, or in Redis by URL (keys cleaned up)."""
+    if request.param == "memory":
+        yield {}
+        return
+    async with _redis_client() as client:
+        yield {"redis": RedisConfig(url=REDIS_URL, prefix=client.test_prefix)}
+
+
+async def test_end_users_of_a_key_have_limits_of_their_own(
+    sqlite_url: str, tmp_path: Path, redis_or_not: dict[str, RedisConfig]
+) -> None:
+    limits = LimitsConfig(rpm=100, end_user=EndUserLimits(rpm=2, concurrency=1))
+    async with Accounting(make_config(sqlite_url, tmp_path, limits=limits, **redis_or_not)) as acct:
+        key, _ = await acct.keys.create("saas")
+        held = chat_context(key, user="user-a")
+        await acct.hooks.before_request(held)
+        with pytest.raises(RateLimitError, match=r"1 concurrent requests.*end user 'user-a'"):
+            await acct.hooks.before_request(chat_context(key, user="user-a"))
+        await acct.hooks.after_request(finish(held))
+        done = chat_context(key, user="user-a")
+        await acct.hooks.before_request(done)  # the slot is back: the second of its 2 a minute
+        assert done.extra_headers["x-ratelimit-limit-requests"] == "100"  # the key's headers
+        await acct.hooks.after_request(finish(done))
+        with pytest.raises(RateLimitError, match=r"2 requests per minute.*end user 'user-a'") as info:
+            await acct.hooks.before_request(chat_context(key, user="user-a"))
+        assert info.value.retry_after is not None and info.value.retry_after >= 1
+        for ctx in (chat_context(key, user="user-b"), chat_context(key), chat_context(key)):
+            await acct.hooks.before_request(ctx)  # another end user, and requests naming none
+            await acct.hooks.after_request(finish(ctx))
 
 
 def test_budget_backend_follows_the_deployment_shape() -> None:
