@@ -230,7 +230,7 @@ class AccountingExtension(Extension):
             key = await ext._caller(request, admin=False)
             since, until = time_range(request)
             by = [d for d in dimensions(request, "day,model") if d != "key"]
-            end_user = request.query_params.get("user")
+            end_user = request.query_params.get("user") or None
             rows = await acct.usage(
                 by=by,
                 since=since,
@@ -267,7 +267,7 @@ class AccountingExtension(Extension):
                 since=since,
                 until=until,
                 key_id=key_id,
-                end_user=request.query_params.get("user"),
+                end_user=request.query_params.get("user") or None,
             )
             return _json({"object": "usage", "since": since, "until": until, "data": rows})
 

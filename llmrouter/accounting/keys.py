@@ -103,7 +103,8 @@ def parse_secret(secret: str) -> str | None:
     rest = secret[len(SECRET_PREFIX) :]
     if len(rest) < _PREFIX_LEN + 2 or rest[_PREFIX_LEN] != "-":
         return None
-    return rest[:_PREFIX_LEN]
+    prefix = rest[:_PREFIX_LEN]
+    return prefix if all(char in _ALPHABET for char in prefix) else None
 
 
 def _to_key(row: ApiKeyRow) -> ApiKey:
@@ -274,6 +275,8 @@ class KeyStore:
             InvalidRequestError: (409 ``ambiguous_key``) more than one key of that name is
                 not revoked; revoking or reporting on "the" key would pick one of them.
         """
+        if "\x00" in id_or_name:  # no key has one (names are printable); PostgreSQL refuses it
+            return None
         query = (
             select(_TABLE)
             .where(or_(_TABLE.c.id == id_or_name, _TABLE.c.prefix == id_or_name, _TABLE.c.name == id_or_name))

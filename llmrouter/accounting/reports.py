@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Select, case, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmrouter.accounting import end_users
 from llmrouter.accounting.models import ApiKeyRow, LedgerRow
 from llmrouter.errors import InvalidRequestError
 
@@ -127,8 +128,8 @@ def report_query(
         query = query.where(_LEDGER.c.api_key_id == key_id)
     elif anonymous:
         query = query.where(_LEDGER.c.api_key_id.is_(None))
-    if end_user is not None:
-        query = query.where(_LEDGER.c.end_user == end_user)
+    if end_user is not None:  # as the ledger keeps the name (PostgreSQL refuses a NUL)
+        query = query.where(_LEDGER.c.end_user == end_users.as_stored(end_user))
     if dims:
         grouping = [dimensions[d] for d in dims]
         query = query.group_by(*grouping).order_by(*grouping)

@@ -44,6 +44,12 @@ async def test_wrong_malformed_and_unknown_secrets_are_refused(acct: Accounting)
         assert secret not in info.value.message and tampered not in info.value.message
 
 
+def test_a_secret_whose_prefix_is_not_the_alphabet_is_malformed() -> None:
+    assert parse_secret("sk-llmr-abcd1234-" + "x" * 43) == "abcd1234"
+    for bad in ("sk-llmr-ab\x00d1234-xyz", "sk-llmr-ABCD1234-xyz", "sk-llmr-abc d123-xyz"):
+        assert parse_secret(bad) is None
+
+
 async def test_revoke_takes_effect_at_once_and_keeps_auth_on(acct: Accounting) -> None:
     assert not await acct.auth_required()
     _key, secret = await acct.keys.create("carol")

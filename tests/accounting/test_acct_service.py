@@ -252,6 +252,28 @@ async def test_an_end_users_budget_through_the_service(sqlite_url: str, tmp_path
         assert (await client.get("/v1/usage")).json()["budgets"] == []
 
 
+async def test_a_nul_in_a_key_reference_or_user_filter_is_not_a_500(db_url: str, tmp_path: Path) -> None:
+    """PostgreSQL refuses a string holding NUL: each of these was a 500 there."""
+    app, _acct = _app(db_url, tmp_path)
+    async with AsyncTestClient(app) as client:
+        sent = {**CHAT, "user": "a\x00b"}
+        assert (await client.post("/v1/chat/completions", json=sent)).status_code == 200
+        rows = (await client.get("/v1/admin/usage?by=user&user=a%00b")).json()["data"]
+        assert [(r["user"], r["requests"]) for r in rows] == [("ab", 1)]  # as the ledger keeps it
+        assert (await client.get("/v1/usage?user=%00")).status_code == 200
+        assert (await client.get("/v1/admin/usage?key=a%00b")).status_code == 400
+        for method in ("GET", "PATCH", "DELETE"):
+            response = await client.request(
+                method, "/v1/admin/keys/a%00b", json={} if method == "PATCH" else None
+            )
+            assert response.status_code == 404, (method, response.text)
+        assert (await client.post("/v1/admin/keys/a%00b/rotate")).status_code == 404
+        bad = await client.post(
+            "/v1/chat/completions", json=CHAT, headers={"X-API-Key": "sk-llmr-ab\x01defgh-xyz"}
+        )
+        assert bad.status_code == 200  # auth is off (no key yet): a malformed key is ignored
+
+
 async def test_a_failing_store_answers_503_not_500(sqlite_url: str, tmp_path: Path) -> None:
     """Redis or the database down: a retryable 503 in OpenAI's shape, and a rejected row."""
     from llmrouter.accounting.config import BudgetRule
