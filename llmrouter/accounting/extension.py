@@ -5,7 +5,8 @@ Routes (OpenAI-style error bodies on failure):
 - ``GET /v1/usage?since=&until=&by=day,model&user=`` — the caller's own usage and budgets.
 - ``GET /v1/admin/usage?since=&until=&by=key,model,provider,day,user&key=&user=`` — everyone's (admin).
 - ``POST /v1/admin/keys`` — create a key; the response carries the secret, once (admin).
-- ``GET /v1/admin/keys`` — list keys (admin); ``GET /v1/admin/keys/{key}`` — one (admin).
+- ``GET /v1/admin/keys?limit=&after=&include_revoked=`` — list keys, a page at a time
+  (admin); ``GET /v1/admin/keys/{key}`` — one (admin).
 - ``PATCH /v1/admin/keys/{key}`` — change a key's fields; it keeps its secret (admin).
 - ``POST /v1/admin/keys/{key}/rotate`` — a new secret, shown once, for the same key (admin).
 - ``DELETE /v1/admin/keys/{key}`` — revoke by id, prefix or name (admin).
@@ -119,6 +120,22 @@ def _expiry(expires_at: float | None, expires_in_days: float | None, now: float)
     if expires_at is not None and expires_at <= now:
         raise InvalidRequestError("expires_at (Unix seconds) is in the past", param="expires_at")
     return expires_at
+
+
+PAGE_SIZE = 100
+"""Keys a ``GET /v1/admin/keys`` page holds unless ``limit`` says otherwise (at most 1,000)."""
+
+
+def _page_size(text: str | None) -> int:
+    if text is None:
+        return PAGE_SIZE
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if not 1 <= size <= 1000:
+        raise InvalidRequestError("limit must be a whole number from 1 to 1000", param="limit")
+    return size
 
 
 def secret_from_headers(headers: Mapping[str, str]) -> str | None:
@@ -289,11 +306,26 @@ class AccountingExtension(Extension):
             )
             return _json({**key_to_json(key), "secret": secret}, status=201)
 
-        @get("/v1/admin/keys", summary="List API keys (admin)")
+        @get("/v1/admin/keys", summary="List API keys, a page at a time (admin)")
         async def list_keys(request: Request[Any, Any, Any]) -> Response[bytes]:
             await ext._caller(request, admin=True)
-            keys = await acct.keys.list()
-            return _json({"object": "list", "data": [key_to_json(k) for k in keys]})
+            query = request.query_params
+            limit = _page_size(query.get("limit"))
+            keys = await acct.keys.list(
+                include_revoked=query.get("include_revoked", "true").lower() != "false",
+                limit=limit + 1,  # one more says whether there is a next page
+                after=query.get("after") or None,
+            )
+            page = keys[:limit]
+            return _json(
+                {
+                    "object": "list",
+                    "data": [key_to_json(k) for k in page],
+                    "first_id": page[0].id if page else None,
+                    "last_id": page[-1].id if page else None,
+                    "has_more": len(keys) > limit,
+                }
+            )
 
         @delete("/v1/admin/keys/{key_ref:str}", summary="Revoke an API key (admin)", status_code=200)
         async def revoke_key(request: Request[Any, Any, Any], key_ref: FromPath[str]) -> Response[bytes]:

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import msgspec
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.models import ApiKeyRow
@@ -256,11 +256,32 @@ class KeyStore:
         self._any_key = True
         return _to_key(row), secret
 
-    async def list(self, *, include_revoked: bool = True) -> list[ApiKey]:
-        query = select(_TABLE).order_by(_TABLE.c.created_at)
+    async def list(
+        self, *, include_revoked: bool = True, limit: int | None = None, after: str | None = None
+    ) -> list[ApiKey]:
+        """Keys in the order they were made; at most ``limit``, those after the key with
+        id ``after`` (a page: pass the last id of the one before).
+
+        Raises:
+            InvalidRequestError: ``after`` is not a key's id.
+        """
+        query = select(_TABLE).order_by(_TABLE.c.created_at, _TABLE.c.id)
         if not include_revoked:
             query = query.where(_TABLE.c.revoked_at.is_(None))
+        if limit is not None:
+            query = query.limit(limit)
         async with self._engine.connect() as conn:
+            if after is not None:
+                start = (
+                    None
+                    if "\x00" in after
+                    else await conn.scalar(select(_TABLE.c.created_at).where(_TABLE.c.id == after))
+                )
+                if start is None:
+                    raise InvalidRequestError(f"no API key with id {after!r}", param="after")
+                query = query.where(
+                    or_(_TABLE.c.created_at > start, and_(_TABLE.c.created_at == start, _TABLE.c.id > after))
+                )
             rows = (await conn.execute(query)).mappings().all()
         return [_to_key(ApiKeyRow(**row)) for row in rows]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.keys import ApiKey, KeyStore
@@ -168,3 +169,23 @@ async def test_concurrent_updates_of_different_fields_both_land(acct: Accounting
     now = await _current(acct, key)
     assert (now.rpm, now.note, now.budget_period, now.tpm, now.budget) == (5, "raised", "day", 900, 1.0)
     assert now.budget_version == 1
+
+
+async def test_keys_are_listed_a_page_at_a_time(acct: Accounting) -> None:
+    made = [(await acct.keys.create(f"k{i}"))[0] for i in range(7)]
+    await acct.keys.revoke("k3")
+    async with acct.engine.begin() as conn:  # made in the same instant: the id orders them
+        await conn.execute(text("UPDATE llmr_api_keys SET created_at = 1.0 WHERE name IN ('k4', 'k5', 'k6')"))
+    seen: list[str] = []
+    after = None
+    while True:
+        page = await acct.keys.list(limit=2, after=after)
+        seen += [k.id for k in page]
+        if len(page) < 2:
+            break
+        after = page[-1].id
+    assert sorted(seen) == sorted(k.id for k in made) and len(seen) == 7
+    assert "k3" not in [k.name for k in await acct.keys.list(include_revoked=False)]
+    with pytest.raises(InvalidRequestError) as info:
+        await acct.keys.list(after="key_nosuchkey")
+    assert info.value.param == "after"

@@ -160,6 +160,19 @@ async def test_service_changes_and_rotates_keys(sqlite_url: str, tmp_path: Path)
         served = await client.post("/v1/chat/completions", json=CHAT, headers=user)  # the same secret
         assert served.status_code == 200 and served.headers["x-ratelimit-limit-requests"] == "5"
 
+        one = await client.get("/v1/admin/keys/app", headers=admin)
+        assert one.status_code == 200 and one.json()["rpm"] == 5 and "secret" not in one.json()
+        assert (await client.get("/v1/admin/keys/nobody", headers=admin)).status_code == 404
+        assert (await client.get("/v1/admin/keys/app", headers=user)).status_code == 403
+        first = (await client.get("/v1/admin/keys?limit=1", headers=admin)).json()
+        assert [k["name"] for k in first["data"]] == ["root"] and first["has_more"]
+        rest = (await client.get(f"/v1/admin/keys?limit=1&after={first['last_id']}", headers=admin)).json()
+        assert [k["name"] for k in rest["data"]] == ["app"] and not rest["has_more"]
+        assert rest["first_id"] == rest["last_id"] == app_key["id"]
+        for bad in ("limit=0", "limit=1001", "limit=ten", "after=key_none", "after=%00"):
+            refused = await client.get(f"/v1/admin/keys?{bad}", headers=admin)
+            assert refused.status_code == 400, (bad, refused.text)
+
         cleared = await client.patch(
             "/v1/admin/keys/app", headers=admin, json={"rpm": None, "expires_at": None}
         )
