@@ -312,7 +312,7 @@ class AccountingExtension(Extension):
             query = request.query_params
             limit = _page_size(query.get("limit"))
             keys = await acct.keys.list(
-                include_revoked=query.get("include_revoked", "true").lower() != "false",
+                include_revoked=query.get("include_revoked", "true").lower() not in ("false", "0", "no"),
                 limit=limit + 1,  # one more says whether there is a next page
                 after=query.get("after") or None,
             )

@@ -1,9 +1,10 @@
 """The accounting steps of the request path, as router hooks.
 
 ``before_request``: the key may use this model -> rate limits (the key's, then its end
-user's) -> budget reservation of ``ctx.max_cost``. ``after_request``: settle the budget to ``ctx.cost`` -> free the
-concurrency slot and true up TPM -> queue the ledger row. A request refused in
-``before_request`` gives back whatever it had taken and gets a ``rejected`` ledger row.
+user's) -> budget reservation of ``ctx.max_cost``. ``after_request``: settle the budget
+to ``ctx.cost`` -> free the concurrency slots and true up TPM -> queue the ledger row.
+A request refused in ``before_request`` gives back whatever it had taken and gets a
+``rejected`` ledger row.
 """
 
 from __future__ import annotations
