@@ -23,7 +23,8 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,6 +69,28 @@ def _with_db(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *,
             await engine.dispose()
 
     return anyio.run(run)
+
+
+@asynccontextmanager
+async def _changing_keys(engine: Any, args: argparse.Namespace) -> AsyncIterator[Any]:
+    """A key store whose changes reach running replicas at once, through Redis when the
+    config has it (else they see them within ``auth.cache_seconds``)."""
+    from llmrouter.accounting.keys import KeyStore
+
+    store = KeyStore(engine)
+    redis = _section(args).redis
+    if redis.url is None:
+        yield store
+        return
+    from llmrouter.accounting.key_events import KeyEvents
+    from llmrouter.redis_pool import connect
+
+    client = connect(redis.url, timeout=redis.timeout)
+    store.on_change = KeyEvents(client, prefix=redis.prefix, forget=store.forget).publish
+    try:
+        yield store
+    finally:
+        await client.aclose()
 
 
 def _when(ts: float | None) -> str:
@@ -152,7 +175,6 @@ _CLEARABLE = {
 
 @_usage_errors
 def cmd_keys_update(args: argparse.Namespace) -> int:
-    from llmrouter.accounting.keys import KeyStore
 
     given = {
         "name": args.name,
@@ -176,7 +198,8 @@ def cmd_keys_update(args: argparse.Namespace) -> int:
         raise _UsageError("nothing to change: give a field's new value or --clear FIELD")
 
     async def body(engine: Any) -> int:
-        key = await KeyStore(engine).update(args.key, changes)
+        async with _changing_keys(engine, args) as store:
+            key = await store.update(args.key, changes)
         print(f"updated key {key.id} ({key.name}): {', '.join(sorted(changes))}")
         return 0
 
@@ -184,10 +207,10 @@ def cmd_keys_update(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from llmrouter.accounting.keys import KeyStore
 
     async def body(engine: Any) -> int:
-        key, secret = await KeyStore(engine).rotate(args.key)
+        async with _changing_keys(engine, args) as store:
+            key, secret = await store.rotate(args.key)
         _print_secret(key, secret, args, "rotated")
         return 0
 
@@ -235,10 +258,10 @@ def _plain_table(rows: list[dict[str, str]]) -> str:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from llmrouter.accounting.keys import KeyStore
 
     async def body(engine: Any) -> int:
-        key = await KeyStore(engine).revoke(args.key)
+        async with _changing_keys(engine, args) as store:
+            key = await store.revoke(args.key)
         print(f"revoked key {key.id} ({key.name}) at {_when(key.revoked_at)}")
         return 0
 

@@ -59,8 +59,9 @@ class AuthConfig(_Section):
     """``auto``: on as soon as any API key exists (revoked ones included); ``false`` only
     for a local single-user setup."""
     cache_seconds: float = 5.0
-    """How long a verified key is trusted without a database read (revocation lag
-    for *other* replicas; this replica forgets a revoked key at once)."""
+    """How long a verified key is trusted without a database read: the revocation lag
+    of *other* replicas without Redis (this replica forgets a revoked key at once; with
+    ``redis.url`` every replica does, see :mod:`llmrouter.accounting.key_events`)."""
 
 
 class BudgetRule(_Section):

@@ -15,6 +15,7 @@ from llmrouter.accounting.budgets import BudgetManager, BudgetStore, BudgetWindo
 from llmrouter.accounting.config import AccountingConfig
 from llmrouter.accounting.db import create_engine
 from llmrouter.accounting.hooks import AccountingHooks, unavailable
+from llmrouter.accounting.key_events import KeyEvents
 from llmrouter.accounting.keys import ApiKey, KeyStore
 from llmrouter.accounting.ledger import LedgerWriter, Sink
 from llmrouter.accounting.limits import Limiter, MemoryLimiter, RedisLimiter
@@ -73,6 +74,7 @@ class Accounting:
         self.budgets: BudgetManager | None = None
         self._hooks: AccountingHooks | None = None
         self._store_checks = SharedProbes()
+        self._key_events: KeyEvents | None = None
         self._started = False
 
     @classmethod
@@ -147,6 +149,18 @@ class Accounting:
                 settings.url, timeout=settings.timeout, max_connections=settings.max_connections
             )
         await self.ledger.start()
+        if self.redis is not None:
+            # Changes are published on any Redis; followed on one this accounting connects to.
+            listener = (
+                connect(settings.url, timeout=settings.timeout, max_connections=1)
+                if self._own_redis and settings.url is not None
+                else None
+            )
+            self._key_events = KeyEvents(
+                self.redis, prefix=settings.prefix, forget=self.keys.forget, listener=listener
+            )
+            self.keys.on_change = self._key_events.publish
+            self._key_events.start()
         self.limiter = (
             RedisLimiter(
                 self.redis, prefix=self.config.redis.prefix, lease_seconds=self.config.limits.lease_seconds
@@ -170,6 +184,10 @@ class Accounting:
             await self.engine.dispose()
             return
         self._started = False
+        if self._key_events is not None:
+            await self._key_events.aclose()
+            self._key_events = None
+            self.keys.on_change = None
         await self.ledger.aclose()
         if self.budgets is not None:
             await self.budgets.store.aclose()

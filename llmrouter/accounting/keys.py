@@ -209,6 +209,13 @@ class KeyStore:
         self._queries: dict[str, asyncio.Future[Any]] = {}  # in flight, shared (see _shared)
         self._any_key: bool | None = None
         self._any_key_checked = 0.0
+        self.on_change: Callable[[str], Awaitable[None]] | None = None
+        """Called with a key's prefix after this store revoked, changed or rotated it
+        (:class:`~llmrouter.accounting.key_events.KeyEvents` tells the other replicas)."""
+
+    def forget(self, prefix: str) -> None:
+        """Drop the cached key of ``prefix``: it changed (here or on another replica)."""
+        self._by_prefix.pop(prefix, None)
 
     async def create(
         self,
@@ -328,7 +335,7 @@ class KeyStore:
         if key.revoked_at is None:
             async with self._engine.begin() as conn:
                 await conn.execute(update(_TABLE).where(_TABLE.c.id == key.id).values(revoked_at=time.time()))
-        self._by_prefix.pop(key.prefix, None)
+            await self._changed(key.prefix)
         return await self.get(key.id) or key
 
     async def update(self, id_or_name: str, changes: Mapping[str, Any]) -> ApiKey:
@@ -401,9 +408,15 @@ class KeyStore:
         query = update(_TABLE).where(_TABLE.c.id == key.id, _TABLE.c.revoked_at.is_(None)).values(**values)
         async with self._engine.begin() as conn:
             changed = (await conn.execute(query)).rowcount
-        self._by_prefix.pop(key.prefix, None)
         if not changed:
+            self.forget(key.prefix)
             raise _revoked(key)
+        await self._changed(key.prefix)
+
+    async def _changed(self, prefix: str) -> None:
+        self.forget(prefix)
+        if self.on_change is not None:
+            await self.on_change(prefix)
 
     async def any_exist(self) -> bool:
         """Whether any key was ever created (revoked keys count: revoking the last key

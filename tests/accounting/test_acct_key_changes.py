@@ -4,18 +4,22 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from sqlalchemy import text
 
 from llmrouter.accounting import Accounting
+from llmrouter.accounting.config import AuthConfig, RedisConfig
+from llmrouter.accounting.key_events import KeyEvents
 from llmrouter.accounting.keys import ApiKey, KeyStore
 from llmrouter.errors import AuthenticationError, BudgetExceededError, InvalidRequestError, NotFoundError
 
-from .conftest import chat_context, finish, make_config, redis_config
+from .conftest import REDIS_URL, chat_context, finish, make_config, needs_redis, redis_config
 
 pytestmark = pytest.mark.anyio
 
@@ -189,3 +193,102 @@ async def test_keys_are_listed_a_page_at_a_time(acct: Accounting) -> None:
     with pytest.raises(InvalidRequestError) as info:
         await acct.keys.list(after="key_nosuchkey")
     assert info.value.param == "after"
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
+async def test_with_redis_other_replicas_see_key_changes_at_once(
+    sqlite_url: str, tmp_path: Path, redis_prefix: str, _: int
+) -> None:
+    """Without Redis another replica trusts its copy of a key for ``auth.cache_seconds``;
+    with it, a revocation, an update and a rotation reach every replica's cache at once."""
+    config = make_config(
+        sqlite_url,
+        tmp_path,
+        redis=RedisConfig(url=REDIS_URL, prefix=redis_prefix),
+        auth=AuthConfig(cache_seconds=300.0),
+    )
+    async with Accounting(config) as one, Accounting(config) as two:
+        await anyio.sleep(0.2)  # both subscribed
+
+        async def seen_by_two(check: Any) -> None:
+            with anyio.fail_after(2):
+                while True:
+                    try:
+                        if check(await two.authenticate(secret)):
+                            return
+                    except AuthenticationError:
+                        if check(None):
+                            return
+                    await anyio.sleep(0.02)
+
+        key, secret = await one.keys.create("shared", rpm=1)
+        assert (await two.authenticate(secret)).rpm == 1  # two's copy, trusted for 300 s
+        await one.keys.update(key.id, {"rpm": 50})
+        await seen_by_two(lambda seen: seen is not None and seen.rpm == 50)
+        old = secret
+        _, secret = await one.keys.rotate(key.id)
+        with anyio.fail_after(2):
+            while True:
+                try:
+                    await two.authenticate(old)
+                except AuthenticationError:
+                    break
+                await anyio.sleep(0.02)
+        assert (await two.authenticate(secret)).rpm == 50
+        await one.keys.revoke(key.id)
+        await seen_by_two(lambda seen: seen is None)
+
+
+async def test_a_failed_publication_does_not_fail_the_change(
+    acct: Accounting, caplog: pytest.LogCaptureFixture
+) -> None:
+    class DownRedis:
+        async def publish(self, channel: str, message: str) -> int:
+            raise ConnectionError("Redis is down")
+
+    events = KeyEvents(DownRedis(), prefix="t:", forget=acct.keys.forget)
+    acct.keys.on_change = events.publish
+    key, _ = await acct.keys.create("quiet")
+    assert (await acct.keys.update(key.id, {"rpm": 3})).rpm == 3
+    assert "telling other replicas that key" in caplog.text and "auth.cache_seconds" in caplog.text
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
+async def test_a_key_revoked_from_the_command_line_is_refused_by_running_replicas_at_once(
+    tmp_path: Path, redis_prefix: str, _: int
+) -> None:
+    database = f"sqlite+aiosqlite:///{tmp_path / 'acct.db'}"
+    (tmp_path / "llmrouter.yaml").write_text(
+        f"accounting:\n  database: {{url: '{database}'}}\n"
+        f"  redis: {{url: '{REDIS_URL}', prefix: '{redis_prefix}'}}\n"
+    )
+    config = make_config(
+        database,
+        tmp_path,
+        redis=RedisConfig(url=REDIS_URL, prefix=redis_prefix),
+        auth=AuthConfig(cache_seconds=300.0),
+    )
+    async with Accounting(config) as running:
+        _, secret = await running.keys.create("leaked")
+        await running.authenticate(secret)  # trusted for 300 s
+        done = await anyio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "llmrouter.cli",
+                "keys",
+                "revoke",
+                "leaked",
+                "--config",
+                str(tmp_path / "llmrouter.yaml"),
+            ],
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        with anyio.fail_after(2):
+            while True:
+                try:
+                    await running.authenticate(secret)
+                except AuthenticationError:
+                    break
+                await anyio.sleep(0.02)
