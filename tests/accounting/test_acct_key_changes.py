@@ -292,3 +292,17 @@ async def test_a_key_revoked_from_the_command_line_is_refused_by_running_replica
                 except AuthenticationError:
                     break
                 await anyio.sleep(0.02)
+
+
+async def test_following_key_changes_survives_an_unreachable_redis(caplog: pytest.LogCaptureFixture) -> None:
+    """Nothing listens: one warning, retries with backoff, and closing stops it at once."""
+    from llmrouter.redis_pool import connect
+
+    listener = connect("redis://127.0.0.1:1/0", timeout=0.5, max_connections=1)
+    events = KeyEvents(listener, prefix="t:", forget=lambda prefix: None, listener=listener)
+    events.start()
+    await anyio.sleep(2.0)  # tries at 0, 0.5 and 1.5 s
+    with anyio.fail_after(1):
+        await events.aclose()
+    warnings = [r for r in caplog.records if "following key changes failed" in r.getMessage()]
+    assert len(warnings) == 1 and "auth.cache_seconds" in warnings[0].getMessage()
