@@ -210,33 +210,29 @@ async def test_with_redis_other_replicas_see_key_changes_at_once(
     async with Accounting(config) as one, Accounting(config) as two:
         await anyio.sleep(0.2)  # both subscribed
 
-        async def seen_by_two(check: Any) -> None:
-            with anyio.fail_after(2):
-                while True:
-                    try:
-                        if check(await two.authenticate(secret)):
-                            return
-                    except AuthenticationError:
-                        if check(None):
-                            return
-                    await anyio.sleep(0.02)
-
         key, secret = await one.keys.create("shared", rpm=1)
         assert (await two.authenticate(secret)).rpm == 1  # two's copy, trusted for 300 s
         await one.keys.update(key.id, {"rpm": 50})
-        await seen_by_two(lambda seen: seen is not None and seen.rpm == 50)
-        old = secret
-        _, secret = await one.keys.rotate(key.id)
-        with anyio.fail_after(2):
-            while True:
-                try:
-                    await two.authenticate(old)
-                except AuthenticationError:
-                    break
-                await anyio.sleep(0.02)
-        assert (await two.authenticate(secret)).rpm == 50
+        await _soon(two, secret, lambda seen: seen is not None and seen.rpm == 50)
+        _, new = await one.keys.rotate(key.id)
+        await _soon(two, secret, lambda seen: seen is None)  # the old secret
+        assert (await two.authenticate(new)).rpm == 50
         await one.keys.revoke(key.id)
-        await seen_by_two(lambda seen: seen is None)
+        await _soon(two, new, lambda seen: seen is None)
+
+
+async def _soon(acct: Accounting, secret: str, check: Any) -> None:
+    """Wait up to 2 s for ``check`` to hold of what ``acct`` makes of ``secret`` (its key,
+    or None when refused)."""
+    with anyio.fail_after(2):
+        while True:
+            try:
+                seen = await acct.authenticate(secret)
+            except AuthenticationError:
+                seen = None
+            if check(seen):
+                return
+            await anyio.sleep(0.02)
 
 
 async def test_a_failed_publication_does_not_fail_the_change(
@@ -285,13 +281,7 @@ async def test_a_key_revoked_from_the_command_line_is_refused_by_running_replica
             check=False,
         )
         assert done.returncode == 0, done.stderr.decode()
-        with anyio.fail_after(2):
-            while True:
-                try:
-                    await running.authenticate(secret)
-                except AuthenticationError:
-                    break
-                await anyio.sleep(0.02)
+        await _soon(running, secret, lambda seen: seen is None)
 
 
 async def test_following_key_changes_survives_an_unreachable_redis(caplog: pytest.LogCaptureFixture) -> None:
