@@ -30,14 +30,16 @@ class KeyEvents:
     Args:
         redis: a ``redis.asyncio.Redis`` to publish with.
         prefix: the deployment's Redis key prefix (``accounting.redis.prefix``).
-        forget: called with a changed key's prefix, here and on every other replica.
+        forget: called with a changed key's prefix, here and on every other replica; with
+            None (every key) when following resumes after a failure, since changes
+            published meanwhile were missed.
         listener: a client of its own to follow the channel with (a subscription holds
             its connection for good, which must not take one of the pool that admits
             requests); closed with this. None: publish only.
     """
 
     def __init__(
-        self, redis: Any, *, prefix: str, forget: Callable[[str], None], listener: Any = None
+        self, redis: Any, *, prefix: str, forget: Callable[[str | None], None], listener: Any = None
     ) -> None:
         self._redis = redis
         self._listener = listener
@@ -81,6 +83,7 @@ class KeyEvents:
             try:
                 await pubsub.subscribe(self._channel)
                 if backoff > 0.5:
+                    self._forget(None)  # what was published meanwhile was missed
                     log.info("keys: following key changes again")
                 backoff = 0.5
                 while True:

@@ -209,13 +209,20 @@ class KeyStore:
         self._queries: dict[str, asyncio.Future[Any]] = {}  # in flight, shared (see _shared)
         self._any_key: bool | None = None
         self._any_key_checked = 0.0
+        self._forgotten = 0  # how many times forget() ran (see _query_prefix)
         self.on_change: Callable[[str], Awaitable[None]] | None = None
         """Called with a key's prefix after this store revoked, changed or rotated it
         (:class:`~llmrouter.accounting.key_events.KeyEvents` tells the other replicas)."""
 
-    def forget(self, prefix: str) -> None:
-        """Drop the cached key of ``prefix``: it changed (here or on another replica)."""
-        self._by_prefix.pop(prefix, None)
+    def forget(self, prefix: str | None = None) -> None:
+        """Drop the cached key of ``prefix`` (every cached key for None): it changed, here
+        or on another replica. A read of it in flight now is not cached either: it may
+        have read the row as it was."""
+        if prefix is None:
+            self._by_prefix.clear()
+        else:
+            self._by_prefix.pop(prefix, None)
+        self._forgotten += 1
 
     async def create(
         self,
@@ -472,14 +479,15 @@ class KeyStore:
 
     async def _query_prefix(self, prefix: str) -> tuple[float, ApiKey, str] | None:
         """Read the key for ``prefix`` into the cache (None: no such key)."""
-        now = time.monotonic()
+        now, forgotten = time.monotonic(), self._forgotten
         async with self._engine.connect() as conn:
             row = (await conn.execute(select(_TABLE).where(_TABLE.c.prefix == prefix))).mappings().first()
         if row is None:
             self._by_prefix.pop(prefix, None)
             return None
         cached = (now, _to_key(ApiKeyRow(**row)), row["secret_hash"])
-        self._by_prefix[prefix] = cached
+        if forgotten == self._forgotten:  # no key changed meanwhile: the row is current
+            self._by_prefix[prefix] = cached
         return cached
 
     async def load(self, key_id: str) -> ApiKey | None:

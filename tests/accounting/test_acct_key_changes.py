@@ -296,3 +296,64 @@ async def test_following_key_changes_survives_an_unreachable_redis(caplog: pytes
         await events.aclose()
     warnings = [r for r in caplog.records if "following key changes failed" in r.getMessage()]
     assert len(warnings) == 1 and "auth.cache_seconds" in warnings[0].getMessage()
+
+
+async def test_a_read_that_crossed_a_change_is_not_trusted(sqlite_url: str, tmp_path: Path) -> None:
+    """A replica reading a key while another changes it may read the row as it was: the
+    change's message arrives during the read, and the read must not then be cached for
+    ``auth.cache_seconds``."""
+    from sqlalchemy import event
+
+    async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
+        key, secret = await acct.keys.create("racing")
+        store = KeyStore(acct.engine, cache_seconds=300.0)  # another replica's view
+        reads: list[str] = []
+
+        def change_arrives(conn: object, cursor: object, statement: str, *args: object) -> None:
+            if "llmr_api_keys" in statement and statement.lstrip().upper().startswith("SELECT"):
+                reads.append(statement)
+                if len(reads) == 1:
+                    store.forget(key.prefix)  # as KeyEvents does on a message
+
+        event.listen(acct.engine.sync_engine, "before_cursor_execute", change_arrives)
+        try:
+            await store.verify(secret)  # read while the change arrived: answered, not kept
+            await store.verify(secret)  # so read again
+            await store.verify(secret)  # now kept
+        finally:
+            event.remove(acct.engine.sync_engine, "before_cursor_execute", change_arrives)
+        assert len(reads) == 2
+
+
+async def test_following_again_after_a_failure_forgets_every_key() -> None:
+    """Changes published while the subscription was down were missed: every cached key
+    is dropped when it is back."""
+    forgotten: list[str | None] = []
+    attempts = 0
+
+    class PubSub:
+        async def subscribe(self, channel: str) -> None:
+            nonlocal attempts
+            attempts += 1
+            if attempts == 1:
+                raise ConnectionError("Redis restarting")
+
+        async def get_message(self, **kwargs: Any) -> dict[str, Any] | None:
+            await anyio.sleep(0.05)
+            return {"data": b"abcd1234"} if len(forgotten) == 1 else None
+
+        async def aclose(self) -> None:
+            pass
+
+    class Listener:
+        def pubsub(self) -> PubSub:
+            return PubSub()
+
+        async def aclose(self) -> None:
+            pass
+
+    events = KeyEvents(Listener(), prefix="t:", forget=forgotten.append, listener=Listener())
+    events.start()
+    await anyio.sleep(0.8)  # fails, waits 0.5 s, subscribes again
+    await events.aclose()
+    assert attempts == 2 and forgotten[:2] == [None, "abcd1234"]
