@@ -238,6 +238,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
                 "created": _when(k.created_at),
                 "expires": _when(k.expires_at),
                 "budget": f"{k.budget}/{k.budget_period}" if k.budget is not None else "-",
+                "rpm/tpm/conc": "/".join("-" if n is None else str(n) for n in (k.rpm, k.tpm, k.concurrency)),
             }
             for k in keys
         ]

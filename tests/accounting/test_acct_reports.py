@@ -405,6 +405,9 @@ def test_cli_keys_update_and_rotate(tmp_path: Path) -> None:
     assert "updated key" in changed.stdout and "budget, budget_period, rpm" in changed.stdout
     [key] = json.loads(_cli(tmp_path, "keys", "list", "--format", "json").stdout)
     assert (key["budget"], key["budget_period"], key["rpm"], key["id"]) == (20.0, "day", None, created["id"])
+    assert _cli(tmp_path, "keys", "update", "app", "--tpm", "900").returncode == 0
+    table = _cli(tmp_path, "keys", "list").stdout
+    assert "rpm/tpm/conc" in table and "-/900/-" in table
     for args, says in (
         ((), "nothing to change"),
         (("--rpm", "3", "--clear", "rpm"), "--clear rpm and a new value"),
