@@ -74,19 +74,22 @@ def _with_db(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *,
 @asynccontextmanager
 async def _changing_keys(engine: Any, args: argparse.Namespace) -> AsyncIterator[Any]:
     """A key store whose changes reach running replicas at once, through Redis when the
-    config has it (else they see them within ``auth.cache_seconds``)."""
+    config has it, else PostgreSQL (on SQLite they see them within ``auth.cache_seconds``)."""
+    from llmrouter.accounting.db import is_postgres
+    from llmrouter.accounting.key_events import PostgresKeyEvents, RedisKeyEvents
     from llmrouter.accounting.keys import KeyStore
 
     store = KeyStore(engine)
     redis = _section(args).redis
     if redis.url is None:
+        if is_postgres(engine):
+            store.on_change = PostgresKeyEvents(engine, listener=None, forget=store.forget).publish
         yield store
         return
-    from llmrouter.accounting.key_events import KeyEvents
     from llmrouter.redis_pool import connect
 
     client = connect(redis.url, timeout=redis.timeout)
-    store.on_change = KeyEvents(client, prefix=redis.prefix, forget=store.forget).publish
+    store.on_change = RedisKeyEvents(client, prefix=redis.prefix, forget=store.forget).publish
     try:
         yield store
     finally:

@@ -60,8 +60,8 @@ class AuthConfig(_Section):
     for a local single-user setup."""
     cache_seconds: float = 5.0
     """How long a verified key is trusted without a database read: the revocation lag
-    of *other* replicas without Redis (this replica forgets a revoked key at once; with
-    ``redis.url`` every replica does, see :mod:`llmrouter.accounting.key_events`)."""
+    of *other* workers on SQLite (this one forgets a revoked key at once; with Redis or
+    PostgreSQL every replica does, see :mod:`llmrouter.accounting.key_events`)."""
 
 
 class BudgetRule(_Section):

@@ -13,9 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmrouter.accounting.budget_stores import DatabaseBudgetStore, RedisBudgetStore
 from llmrouter.accounting.budgets import BudgetManager, BudgetStore, BudgetWindow, MemoryBudgetStore, to_units
 from llmrouter.accounting.config import AccountingConfig
-from llmrouter.accounting.db import create_engine
+from llmrouter.accounting.db import create_engine, is_postgres
 from llmrouter.accounting.hooks import AccountingHooks, unavailable
-from llmrouter.accounting.key_events import KeyEvents
+from llmrouter.accounting.key_events import KeyEvents, PostgresKeyEvents, RedisKeyEvents
 from llmrouter.accounting.keys import ApiKey, KeyStore
 from llmrouter.accounting.ledger import LedgerWriter, Sink
 from llmrouter.accounting.limits import Limiter, MemoryLimiter, RedisLimiter
@@ -55,6 +55,7 @@ class Accounting:
         ledger_sink: Sink | None = None,
     ) -> None:
         self.config = config or AccountingConfig()
+        self._own_engine = engine is None
         self.engine = engine or create_engine(self.config.database)
         self._own_redis = redis is None and self.config.redis.url is not None
         self.redis = redis
@@ -149,16 +150,8 @@ class Accounting:
                 settings.url, timeout=settings.timeout, max_connections=settings.max_connections
             )
         await self.ledger.start()
-        if self.redis is not None:
-            # Changes are published on any Redis; followed on one this accounting connects to.
-            listener = (
-                connect(settings.url, timeout=settings.timeout, max_connections=1)
-                if self._own_redis and settings.url is not None
-                else None
-            )
-            self._key_events = KeyEvents(
-                self.redis, prefix=settings.prefix, forget=self.keys.forget, listener=listener
-            )
+        self._key_events = self._make_key_events()
+        if self._key_events is not None:
             self.keys.on_change = self._key_events.publish
             self._key_events.start()
         self.limiter = (
@@ -177,6 +170,29 @@ class Accounting:
             limits=self.config.limits,
         )
         self._started = True
+
+    def _make_key_events(self) -> KeyEvents | None:
+        """How key changes reach the other replicas: Redis, else PostgreSQL, else not at
+        all (SQLite: their caches expire). Followed on a connection of their own, which
+        only an accounting that connects by URL opens."""
+        settings = self.config.redis
+        if self.redis is not None:
+            subscriber = (
+                connect(settings.url, timeout=settings.timeout, max_connections=1)
+                if self._own_redis and settings.url is not None
+                else None
+            )
+            return RedisKeyEvents(
+                self.redis, prefix=settings.prefix, forget=self.keys.forget, listener=subscriber
+            )
+        if is_postgres(self.engine):
+            listener = (
+                create_engine(msgspec.structs.replace(self.config.database, pool_size=1))
+                if self._own_engine
+                else None
+            )
+            return PostgresKeyEvents(self.engine, listener=listener, forget=self.keys.forget)
+        return None
 
     async def aclose(self) -> None:
         """Flush the ledger and close connections."""

@@ -15,11 +15,11 @@ from sqlalchemy import text
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.config import AuthConfig, RedisConfig
-from llmrouter.accounting.key_events import KeyEvents
+from llmrouter.accounting.key_events import RedisKeyEvents
 from llmrouter.accounting.keys import ApiKey, KeyStore
 from llmrouter.errors import AuthenticationError, BudgetExceededError, InvalidRequestError, NotFoundError
 
-from .conftest import REDIS_URL, chat_context, finish, make_config, needs_redis, redis_config
+from .conftest import REDIS_URL, chat_context, finish, make_config, needs_pg, needs_redis, redis_config
 
 pytestmark = pytest.mark.anyio
 
@@ -242,7 +242,7 @@ async def test_a_failed_publication_does_not_fail_the_change(
         async def publish(self, channel: str, message: str) -> int:
             raise ConnectionError("Redis is down")
 
-    events = KeyEvents(DownRedis(), prefix="t:", forget=acct.keys.forget)
+    events = RedisKeyEvents(DownRedis(), prefix="t:", forget=acct.keys.forget)
     acct.keys.on_change = events.publish
     key, _ = await acct.keys.create("quiet")
     assert (await acct.keys.update(key.id, {"rpm": 3})).rpm == 3
@@ -289,7 +289,7 @@ async def test_following_key_changes_survives_an_unreachable_redis(caplog: pytes
     from llmrouter.redis_pool import connect
 
     listener = connect("redis://127.0.0.1:1/0", timeout=0.5, max_connections=1)
-    events = KeyEvents(listener, prefix="t:", forget=lambda prefix: None, listener=listener)
+    events = RedisKeyEvents(listener, prefix="t:", forget=lambda prefix: None, listener=listener)
     events.start()
     await anyio.sleep(2.0)  # tries at 0, 0.5 and 1.5 s
     with anyio.fail_after(1):
@@ -352,8 +352,24 @@ async def test_following_again_after_a_failure_forgets_every_key() -> None:
         async def aclose(self) -> None:
             pass
 
-    events = KeyEvents(Listener(), prefix="t:", forget=forgotten.append, listener=Listener())
+    events = RedisKeyEvents(Listener(), prefix="t:", forget=forgotten.append, listener=Listener())
     events.start()
     await anyio.sleep(0.8)  # fails, waits 0.5 s, subscribes again
     await events.aclose()
     assert attempts == 2 and forgotten[:2] == [None, "abcd1234"]
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_pg)])
+async def test_on_postgresql_without_redis_replicas_see_key_changes_at_once(
+    pg_url: str, tmp_path: Path, _: int
+) -> None:
+    """PostgreSQL deployments without Redis: the change is a NOTIFY, each replica LISTENs."""
+    config = make_config(pg_url, tmp_path, auth=AuthConfig(cache_seconds=300.0))
+    async with Accounting(config) as one, Accounting(config) as two:
+        await anyio.sleep(0.3)  # both listening
+        key, secret = await one.keys.create("shared", rpm=1)
+        assert (await two.authenticate(secret)).rpm == 1  # two's copy, trusted for 300 s
+        await one.keys.update(key.id, {"rpm": 50})
+        await _soon(two, secret, lambda seen: seen is not None and seen.rpm == 50)
+        await one.keys.revoke(key.id)
+        await _soon(two, secret, lambda seen: seen is None)
