@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,21 @@ import pytest
 from sqlalchemy import text
 
 from llmrouter.accounting import Accounting
-from llmrouter.accounting.config import AuthConfig, RedisConfig
+from llmrouter.accounting.config import AccountingConfig, AuthConfig, RedisConfig
 from llmrouter.accounting.key_events import RedisKeyEvents
 from llmrouter.accounting.keys import ApiKey, KeyStore
 from llmrouter.errors import AuthenticationError, BudgetExceededError, InvalidRequestError, NotFoundError
 
-from .conftest import REDIS_URL, chat_context, finish, make_config, needs_pg, needs_redis, redis_config
+from .conftest import (
+    REDIS_URL,
+    _redis_client,
+    chat_context,
+    finish,
+    make_config,
+    needs_pg,
+    needs_redis,
+    redis_config,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -195,21 +205,23 @@ async def test_keys_are_listed_a_page_at_a_time(acct: Accounting) -> None:
     assert info.value.param == "after"
 
 
-@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
-async def test_with_redis_other_replicas_see_key_changes_at_once(
-    sqlite_url: str, tmp_path: Path, redis_prefix: str, _: int
-) -> None:
-    """Without Redis another replica trusts its copy of a key for ``auth.cache_seconds``;
-    with it, a revocation, an update and a rotation reach every replica's cache at once."""
-    config = make_config(
-        sqlite_url,
-        tmp_path,
-        redis=RedisConfig(url=REDIS_URL, prefix=redis_prefix),
-        auth=AuthConfig(cache_seconds=300.0),
-    )
-    async with Accounting(config) as one, Accounting(config) as two:
-        await anyio.sleep(0.2)  # both subscribed
+@pytest.fixture(params=[pytest.param("redis", marks=needs_redis), pytest.param("postgres", marks=needs_pg)])
+async def shared_config(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AccountingConfig]:
+    """Replicas sharing their key changes through Redis (on SQLite), or PostgreSQL alone;
+    each trusts its copy of a key for 300 s."""
+    auth = AuthConfig(cache_seconds=300.0)
+    if request.param == "postgres":
+        yield make_config(request.getfixturevalue("pg_url"), tmp_path, auth=auth)
+        return
+    async with _redis_client() as client:
+        redis = RedisConfig(url=REDIS_URL, prefix=client.test_prefix)
+        yield make_config(f"sqlite+aiosqlite:///{tmp_path / 'acct.db'}", tmp_path, redis=redis, auth=auth)
 
+
+async def test_other_replicas_see_key_changes_at_once(shared_config: AccountingConfig) -> None:
+    """A revocation, an update and a rotation reach every replica's cache at once."""
+    async with Accounting(shared_config) as one, Accounting(shared_config) as two:
+        await anyio.sleep(0.3)  # both following
         key, secret = await one.keys.create("shared", rpm=1)
         assert (await two.authenticate(secret)).rpm == 1  # two's copy, trusted for 300 s
         await one.keys.update(key.id, {"rpm": 50})
@@ -357,19 +369,3 @@ async def test_following_again_after_a_failure_forgets_every_key() -> None:
     await anyio.sleep(0.8)  # fails, waits 0.5 s, subscribes again
     await events.aclose()
     assert attempts == 2 and forgotten[:2] == [None, "abcd1234"]
-
-
-@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_pg)])
-async def test_on_postgresql_without_redis_replicas_see_key_changes_at_once(
-    pg_url: str, tmp_path: Path, _: int
-) -> None:
-    """PostgreSQL deployments without Redis: the change is a NOTIFY, each replica LISTENs."""
-    config = make_config(pg_url, tmp_path, auth=AuthConfig(cache_seconds=300.0))
-    async with Accounting(config) as one, Accounting(config) as two:
-        await anyio.sleep(0.3)  # both listening
-        key, secret = await one.keys.create("shared", rpm=1)
-        assert (await two.authenticate(secret)).rpm == 1  # two's copy, trusted for 300 s
-        await one.keys.update(key.id, {"rpm": 50})
-        await _soon(two, secret, lambda seen: seen is not None and seen.rpm == 50)
-        await one.keys.revoke(key.id)
-        await _soon(two, secret, lambda seen: seen is None)
