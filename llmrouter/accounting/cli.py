@@ -75,25 +75,23 @@ def _with_db(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *,
 async def _changing_keys(engine: Any, args: argparse.Namespace) -> AsyncIterator[Any]:
     """A key store whose changes reach running replicas at once, through Redis when the
     config has it, else PostgreSQL (on SQLite they see them within ``auth.cache_seconds``)."""
-    from llmrouter.accounting.db import is_postgres
-    from llmrouter.accounting.key_events import PostgresKeyEvents, RedisKeyEvents
+    from llmrouter.accounting.key_events import key_events_for
     from llmrouter.accounting.keys import KeyStore
 
     store = KeyStore(engine)
-    redis = _section(args).redis
-    if redis.url is None:
-        if is_postgres(engine):
-            store.on_change = PostgresKeyEvents(engine, listener=None, forget=store.forget).publish
-        yield store
-        return
-    from llmrouter.redis_pool import connect
+    section = _section(args)
+    client = None
+    if section.redis.url is not None:
+        from llmrouter.redis_pool import connect
 
-    client = connect(redis.url, timeout=redis.timeout)
-    store.on_change = RedisKeyEvents(client, prefix=redis.prefix, forget=store.forget).publish
+        client = connect(section.redis.url, timeout=section.redis.timeout)
+    events = key_events_for(engine, client, config=section, forget=store.forget, follow=False)
+    store.on_change = events.publish if events is not None else None
     try:
         yield store
     finally:
-        await client.aclose()
+        if client is not None:
+            await client.aclose()
 
 
 def _when(ts: float | None) -> str:

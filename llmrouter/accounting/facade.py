@@ -13,9 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmrouter.accounting.budget_stores import DatabaseBudgetStore, RedisBudgetStore
 from llmrouter.accounting.budgets import BudgetManager, BudgetStore, BudgetWindow, MemoryBudgetStore, to_units
 from llmrouter.accounting.config import AccountingConfig
-from llmrouter.accounting.db import create_engine, is_postgres
+from llmrouter.accounting.db import create_engine
 from llmrouter.accounting.hooks import AccountingHooks, unavailable
-from llmrouter.accounting.key_events import KeyEvents, PostgresKeyEvents, RedisKeyEvents
+from llmrouter.accounting.key_events import KeyEvents, key_events_for
 from llmrouter.accounting.keys import ApiKey, KeyStore
 from llmrouter.accounting.ledger import LedgerWriter, Sink
 from llmrouter.accounting.limits import Limiter, MemoryLimiter, RedisLimiter
@@ -150,7 +150,15 @@ class Accounting:
                 settings.url, timeout=settings.timeout, max_connections=settings.max_connections
             )
         await self.ledger.start()
-        self._key_events = self._make_key_events()
+        # Followed on connections of their own, which only an accounting that makes its
+        # own connections (by URL) opens.
+        self._key_events = key_events_for(
+            self.engine,
+            self.redis,
+            config=self.config,
+            forget=self.keys.forget,
+            follow=self._own_redis if self.redis is not None else self._own_engine,
+        )
         if self._key_events is not None:
             self.keys.on_change = self._key_events.publish
             self._key_events.start()
@@ -170,29 +178,6 @@ class Accounting:
             limits=self.config.limits,
         )
         self._started = True
-
-    def _make_key_events(self) -> KeyEvents | None:
-        """How key changes reach the other replicas: Redis, else PostgreSQL, else not at
-        all (SQLite: their caches expire). Followed on a connection of their own, which
-        only an accounting that connects by URL opens."""
-        settings = self.config.redis
-        if self.redis is not None:
-            subscriber = (
-                connect(settings.url, timeout=settings.timeout, max_connections=1)
-                if self._own_redis and settings.url is not None
-                else None
-            )
-            return RedisKeyEvents(
-                self.redis, prefix=settings.prefix, forget=self.keys.forget, listener=subscriber
-            )
-        if is_postgres(self.engine):
-            listener = (
-                create_engine(msgspec.structs.replace(self.config.database, pool_size=1))
-                if self._own_engine
-                else None
-            )
-            return PostgresKeyEvents(self.engine, listener=listener, forget=self.keys.forget)
-        return None
 
     async def aclose(self) -> None:
         """Flush the ledger and close connections."""

@@ -18,9 +18,13 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import msgspec
+
+from llmrouter.accounting.config import AccountingConfig
+from llmrouter.accounting.db import asyncpg_connection, create_engine, is_postgres
 from llmrouter.aio import on_asyncio
 
-__all__ = ["KeyEvents", "PostgresKeyEvents", "RedisKeyEvents"]
+__all__ = ["KeyEvents", "PostgresKeyEvents", "RedisKeyEvents", "key_events_for"]
 
 log = logging.getLogger("llmrouter.accounting.keys")
 _POLL_SECONDS = 1.0
@@ -172,8 +176,6 @@ class PostgresKeyEvents(KeyEvents):
         self._listener = listener
 
     async def _send(self, key_prefix: str) -> None:
-        from llmrouter.accounting.db import asyncpg_connection
-
         async with asyncpg_connection(self._engine) as connection:
             await connection.execute("SELECT pg_notify($1, $2)", PG_CHANNEL, key_prefix)
 
@@ -217,6 +219,33 @@ class _PostgresSubscription:
     async def __aexit__(self, *exc: object) -> None:
         if self._conn is not None:
             await asyncio.shield(_quietly(self._conn.close()))
+
+
+def key_events_for(
+    engine: Any, redis: Any, *, config: AccountingConfig, forget: Forget, follow: bool
+) -> KeyEvents | None:
+    """How key changes reach the other replicas: Redis when accounting has a client,
+    else PostgreSQL, else not at all (SQLite: their caches expire).
+
+    Args:
+        engine: the accounting database's engine.
+        redis: accounting's ``redis.asyncio.Redis``, or None.
+        config: accounting's config; a follower's connection of its own is made from it.
+        forget: see :class:`KeyEvents`.
+        follow: follow changes too (a replica), or only publish them (the CLI).
+    """
+    if redis is not None:
+        settings = config.redis
+        subscriber = None
+        if follow and settings.url is not None:
+            from llmrouter.redis_pool import connect
+
+            subscriber = connect(settings.url, timeout=settings.timeout, max_connections=1)
+        return RedisKeyEvents(redis, prefix=settings.prefix, forget=forget, listener=subscriber)
+    if is_postgres(engine):
+        listener = create_engine(msgspec.structs.replace(config.database, pool_size=1)) if follow else None
+        return PostgresKeyEvents(engine, listener=listener, forget=forget)
+    return None
 
 
 async def _quietly(closing: Any) -> None:
