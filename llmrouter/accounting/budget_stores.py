@@ -8,16 +8,17 @@ counter does not exist yet (first use, or Redis restarted empty).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.budgets import BudgetWindow, SeedFn
 from llmrouter.accounting.db import asyncpg_connection, is_postgres
-from llmrouter.accounting.models import BudgetCounterRow
+from llmrouter.accounting.models import BudgetCounterRow, BudgetReservationRow
 from llmrouter.aio import within
 
 __all__ = ["DatabaseBudgetStore", "RedisBudgetStore"]
@@ -131,27 +132,47 @@ class RedisBudgetStore:
 
 
 _COUNTERS: Any = BudgetCounterRow.__table__  # type: ignore[attr-defined]
+_LEASES: Any = BudgetReservationRow.__table__  # type: ignore[attr-defined]
 
 
 _TABLE = _COUNTERS.name
+_LEASE_TABLE = _LEASES.name
 # On PostgreSQL the two statements of every budgeted request run on asyncpg's connection
 # directly, each one statement that commits on its own: through SQLAlchemy's
 # engine.begin() they were BEGIN, the UPDATE and COMMIT, and a reserve and its settle
 # cost the gateway 2.4-2.9 ms of CPU and 3.8-5.0 ms of wall time; this way 1.0 / 2.0 ms
 # (the pool's pre-ping stays, for connections a database restart left dead).
-# $1 counter, $2 amount, $3 limit; reserving nothing only needs the window not spent.
+# A reservation is the counter's UPDATE and its lease row, in one statement; settling
+# deletes the lease and gives back what it held (nothing when a sweep freed it first:
+# the row lock on the lease lets only one of them have it).
+# $1 counter, $2 amount, $3 limit, $4 request id, $5 lease deadline.
 _PG_RESERVE = (
-    f"UPDATE {_TABLE} SET reserved_nanos = reserved_nanos + $2 WHERE counter = $1 "
-    "AND spent_nanos + reserved_nanos + $2 <= $3 RETURNING spent_nanos, reserved_nanos"
+    f"WITH taken AS (UPDATE {_TABLE} SET reserved_nanos = reserved_nanos + $2 WHERE counter = $1 "
+    "AND spent_nanos + reserved_nanos + $2 <= $3 RETURNING spent_nanos, reserved_nanos), "
+    f"lease AS (INSERT INTO {_LEASE_TABLE} (counter, request_id, amount_nanos, expires_at) "
+    "SELECT $1, $4::varchar, $2, $5::float8 FROM taken "
+    f"ON CONFLICT (counter, request_id) DO UPDATE SET amount_nanos = {_LEASE_TABLE}.amount_nanos "
+    "+ EXCLUDED.amount_nanos, expires_at = EXCLUDED.expires_at) "
+    "SELECT spent_nanos, reserved_nanos FROM taken"
 )
+# Reserving nothing only needs the window not spent, and holds no lease. $1 counter, $2 limit.
 _PG_RESERVE_NOTHING = (
-    f"UPDATE {_TABLE} SET reserved_nanos = reserved_nanos + $2 WHERE counter = $1 "
-    "AND spent_nanos + reserved_nanos < $3 RETURNING spent_nanos, reserved_nanos"
+    f"SELECT spent_nanos, reserved_nanos FROM {_TABLE} WHERE counter = $1 "
+    "AND spent_nanos + reserved_nanos < $2"
 )
-# $1 counter, $2 what was reserved, $3 what was spent
+# $1 counter, $2 request id, $3 what was spent
 _PG_SETTLE = (
-    f"UPDATE {_TABLE} SET reserved_nanos = reserved_nanos - $2, spent_nanos = spent_nanos + $3 "
+    f"WITH freed AS (DELETE FROM {_LEASE_TABLE} WHERE counter = $1 AND request_id = $2 "
+    f"RETURNING amount_nanos) UPDATE {_TABLE} SET reserved_nanos = reserved_nanos "
+    "- COALESCE((SELECT amount_nanos FROM freed), 0), spent_nanos = spent_nanos + $3 "
     "WHERE counter = $1 RETURNING spent_nanos"
+)
+# $1 counter, $2 now: frees the leases that have expired; returns what they held.
+_PG_SWEEP = (
+    f"WITH dead AS (DELETE FROM {_LEASE_TABLE} WHERE counter = $1 AND expires_at < $2 "
+    "RETURNING amount_nanos), freed AS (SELECT COALESCE(SUM(amount_nanos), 0) AS nanos FROM dead), "
+    f"gone AS (UPDATE {_TABLE} SET reserved_nanos = reserved_nanos - freed.nanos FROM freed "
+    "WHERE counter = $1 AND freed.nanos > 0) SELECT nanos FROM freed"
 )
 
 
@@ -160,20 +181,36 @@ class DatabaseBudgetStore:
 
     The reservation is one conditional ``UPDATE``: PostgreSQL re-checks the ``WHERE``
     after taking the row lock, and SQLite has a single writer, so concurrent requests
-    on any replica cannot both pass the check. A replica that dies mid-request leaves
-    its reservation in place until the window ends (use Redis for leases).
+    on any replica cannot both pass the check. Each reservation also writes a lease row
+    (``llmr_budget_reservations``) that settling deletes; a replica that dies
+    mid-request leaves its lease behind, and once ``lease_seconds`` have passed the
+    next request the window would refuse frees it and is checked again (as
+    ``usage`` does), so a crash costs the budget nothing for long.
 
     Args:
         engine: the accounting database.
         seed: returns a window's spend from the ledger.
         timeout: seconds a reservation or a settling may take before ``TimeoutError``
             (None: no bound); the abandoned statement is cancelled in the background.
+        lease_seconds: a reservation not settled within this long is freed (its replica
+            is presumed dead); keep it above the longest request.
+        clock: the time for leases (Unix seconds; tests move it).
     """
 
-    def __init__(self, engine: AsyncEngine, seed: SeedFn, *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        seed: SeedFn,
+        *,
+        timeout: float | None = None,
+        lease_seconds: float = 900.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._engine = engine
         self._seed = seed
         self._timeout = timeout  # for each reservation and settling
+        self._lease = lease_seconds
+        self._clock = clock
         self._known: set[str] = set()
         self._postgres = is_postgres(engine)
 
@@ -193,59 +230,105 @@ class DatabaseBudgetStore:
         self._known.add(window.counter)
 
     async def reserve(self, window: BudgetWindow, amount: int, request_id: str) -> tuple[bool, int, int]:
-        return await within(self._timeout, self._reserve(window, amount))
+        return await within(self._timeout, self._reserve(window, amount, request_id))
 
-    async def _reserve(self, window: BudgetWindow, amount: int) -> tuple[bool, int, int]:
+    async def _reserve(self, window: BudgetWindow, amount: int, request_id: str) -> tuple[bool, int, int]:
         await self._ensure(window)
-        row = await self._take(window, amount)
+        row = await self._take(window, amount, request_id)
+        if row is None and await self._sweep(window):  # a dead replica's reservations were in the way
+            row = await self._take(window, amount, request_id)
         if row is not None:
             return True, int(row[0]), int(row[1])
-        spent, reserved = await self.usage(window)
+        spent, reserved = await self._read(window)
         return False, spent, reserved
 
-    async def _take(self, window: BudgetWindow, amount: int) -> Any:
-        """The conditional ``UPDATE``: the counter's (spent, reserved) after it, or None
-        when the window cannot take ``amount``."""
+    async def _take(self, window: BudgetWindow, amount: int, request_id: str) -> Any:
+        """The conditional ``UPDATE`` and the lease: the counter's (spent, reserved) after
+        it, or None when the window cannot take ``amount``."""
+        deadline = self._clock() + self._lease
         if self._postgres:
-            sql = _PG_RESERVE if amount else _PG_RESERVE_NOTHING
             async with asyncpg_connection(self._engine) as connection:
-                return await connection.fetchrow(sql, window.counter, amount, window.limit)
+                if not amount:
+                    return await connection.fetchrow(_PG_RESERVE_NOTHING, window.counter, window.limit)
+                return await connection.fetchrow(
+                    _PG_RESERVE, window.counter, amount, window.limit, request_id, deadline
+                )
         total = _COUNTERS.c.spent_nanos + _COUNTERS.c.reserved_nanos
-        condition = total < window.limit if amount == 0 else total + amount <= window.limit
+        if not amount:
+            query = select(_COUNTERS.c.spent_nanos, _COUNTERS.c.reserved_nanos).where(
+                _COUNTERS.c.counter == window.counter, total < window.limit
+            )
+            async with self._engine.connect() as conn:
+                return (await conn.execute(query)).first()
         statement = (
             update(_COUNTERS)
-            .where(_COUNTERS.c.counter == window.counter, condition)
+            .where(_COUNTERS.c.counter == window.counter, total + amount <= window.limit)
             .values(reserved_nanos=_COUNTERS.c.reserved_nanos + amount)
             .returning(_COUNTERS.c.spent_nanos, _COUNTERS.c.reserved_nanos)
         )
+        lease = sqlite_insert(_LEASES).values(
+            counter=window.counter, request_id=request_id, amount_nanos=amount, expires_at=deadline
+        )
+        lease = lease.on_conflict_do_update(
+            index_elements=["counter", "request_id"],
+            set_={"amount_nanos": _LEASES.c.amount_nanos + amount, "expires_at": deadline},
+        )
         async with self._engine.begin() as conn:
-            return (await conn.execute(statement)).first()
+            row = (await conn.execute(statement)).first()
+            if row is not None:
+                await conn.execute(lease)
+            return row
+
+    async def _sweep(self, window: BudgetWindow) -> int:
+        """Free the window's expired leases; returns the nano-dollars they held."""
+        now = self._clock()
+        if self._postgres:
+            async with asyncpg_connection(self._engine) as connection:
+                return int(await connection.fetchval(_PG_SWEEP, window.counter, now))
+        dead = delete(_LEASES).where(_LEASES.c.counter == window.counter, _LEASES.c.expires_at < now)
+        async with self._engine.begin() as conn:
+            freed = sum(row[0] for row in await conn.execute(dead.returning(_LEASES.c.amount_nanos)))
+            if freed:
+                await conn.execute(
+                    update(_COUNTERS)
+                    .where(_COUNTERS.c.counter == window.counter)
+                    .values(reserved_nanos=_COUNTERS.c.reserved_nanos - freed)
+                )
+        return freed
 
     async def settle(self, window: BudgetWindow, reserved: int, actual: int, request_id: str) -> int:
-        return await within(self._timeout, self._settle(window, reserved, actual))
+        """Add ``actual`` to spent and give back what the request's lease holds (``reserved``
+        unless the lease expired and was freed already)."""
+        return await within(self._timeout, self._settle(window, actual, request_id))
 
-    async def _settle(self, window: BudgetWindow, reserved: int, actual: int) -> int:
+    async def _settle(self, window: BudgetWindow, actual: int, request_id: str) -> int:
         await self._ensure(window)
         if self._postgres:
             async with asyncpg_connection(self._engine) as connection:
-                spent = await connection.fetchval(_PG_SETTLE, window.counter, reserved, actual)
+                spent = await connection.fetchval(_PG_SETTLE, window.counter, request_id, actual)
             if spent is None:
                 raise LookupError(f"budget counter {window.counter!r} is missing")
             return int(spent)
-        statement = (
-            update(_COUNTERS)
-            .where(_COUNTERS.c.counter == window.counter)
-            .values(
-                reserved_nanos=_COUNTERS.c.reserved_nanos - reserved,
-                spent_nanos=_COUNTERS.c.spent_nanos + actual,
-            )
-            .returning(_COUNTERS.c.spent_nanos)
-        )
+        lease = delete(_LEASES).where(_LEASES.c.counter == window.counter, _LEASES.c.request_id == request_id)
         async with self._engine.begin() as conn:
+            held = (await conn.execute(lease.returning(_LEASES.c.amount_nanos))).scalar() or 0
+            statement = (
+                update(_COUNTERS)
+                .where(_COUNTERS.c.counter == window.counter)
+                .values(
+                    reserved_nanos=_COUNTERS.c.reserved_nanos - held,
+                    spent_nanos=_COUNTERS.c.spent_nanos + actual,
+                )
+                .returning(_COUNTERS.c.spent_nanos)
+            )
             return int((await conn.execute(statement)).scalar_one())
 
     async def usage(self, window: BudgetWindow) -> tuple[int, int]:
         await self._ensure(window)
+        await self._sweep(window)
+        return await self._read(window)
+
+    async def _read(self, window: BudgetWindow) -> tuple[int, int]:
         query = select(_COUNTERS.c.spent_nanos, _COUNTERS.c.reserved_nanos).where(
             _COUNTERS.c.counter == window.counter
         )

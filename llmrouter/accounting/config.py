@@ -96,7 +96,8 @@ class LimitsConfig(_Section):
     tpm: int | None = None
     concurrency: int | None = None
     lease_seconds: float = 900.0
-    """A concurrency slot held by a crashed replica is freed after this long (Redis)."""
+    """A crashed replica's concurrency slots (Redis) and budget reservations (Redis and
+    the database) are freed after this long; keep it above the longest request."""
     end_user: EndUserLimits | None = None
     """Also limit each end user of a key on their own; requests naming none are not."""
 

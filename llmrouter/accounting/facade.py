@@ -130,7 +130,10 @@ class Accounting:
             )
         if backend == "database":
             return DatabaseBudgetStore(
-                self.engine, self.spent_in_ledger, timeout=self.config.database.timeout
+                self.engine,
+                self.spent_in_ledger,
+                timeout=self.config.database.timeout,
+                lease_seconds=self.config.limits.lease_seconds,
             )
         return MemoryBudgetStore(self.spent_in_ledger)
 

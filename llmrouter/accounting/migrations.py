@@ -65,11 +65,22 @@ def _add_end_user(conn: Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE llmr_ledger ADD COLUMN end_user VARCHAR(200)")
 
 
+def _add_budget_reservations(conn: Connection) -> None:
+    # Migration 1 of this release already made the table; one of an earlier release did not.
+    conn.exec_driver_sql(
+        "CREATE TABLE IF NOT EXISTS llmr_budget_reservations ("
+        "counter VARCHAR(300) NOT NULL, request_id VARCHAR(200) NOT NULL, "
+        "amount_nanos BIGINT NOT NULL, expires_at DOUBLE PRECISION NOT NULL, "
+        "PRIMARY KEY (counter, request_id))"
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "api keys, usage ledger, budget counters", _create_v1),
     Migration(2, "drop the ledger's unused request_id and day indexes", _drop_unused_ledger_indexes),
     Migration(3, "api keys: budget_version, for budgets changed after creation", _add_budget_version),
     Migration(4, "ledger: end_user, the request's OpenAI user field", _add_end_user),
+    Migration(5, "budget reservations with leases, for the database budget store", _add_budget_reservations),
 )
 
 _VERSION_TABLE: Any = SchemaVersionRow.__table__  # type: ignore[attr-defined]

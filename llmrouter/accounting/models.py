@@ -11,7 +11,14 @@ from typing import Any
 from sqlalchemy import BigInteger, Column, Double, Index, Integer, String, Text
 from sqlmodel import Field, SQLModel
 
-__all__ = ["TABLES", "ApiKeyRow", "BudgetCounterRow", "LedgerRow", "SchemaVersionRow"]
+__all__ = [
+    "TABLES",
+    "ApiKeyRow",
+    "BudgetCounterRow",
+    "BudgetReservationRow",
+    "LedgerRow",
+    "SchemaVersionRow",
+]
 
 
 class ApiKeyRow(SQLModel, table=True):
@@ -94,6 +101,20 @@ class BudgetCounterRow(SQLModel, table=True):
     reserved_nanos: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
 
 
+class BudgetReservationRow(SQLModel, table=True):
+    """One open reservation of a ``database`` budget counter (migration 5): settling
+    deletes it, and a reservation its replica never settled (the replica died) is freed
+    once ``expires_at`` has passed."""
+
+    __tablename__ = "llmr_budget_reservations"
+
+    counter: str = Field(primary_key=True, max_length=300)
+    request_id: str = Field(primary_key=True, max_length=200)
+    amount_nanos: int = Field(sa_column=Column(BigInteger, nullable=False))
+    expires_at: float = Field(sa_column=Column(Double, nullable=False))
+    """Unix seconds, by the clock of the replica that reserved."""
+
+
 class SchemaVersionRow(SQLModel, table=True):
     __tablename__ = "llmr_schema_version"
 
@@ -106,5 +127,6 @@ TABLES: list[Any] = [
     ApiKeyRow.__table__,  # type: ignore[attr-defined]
     LedgerRow.__table__,  # type: ignore[attr-defined]
     BudgetCounterRow.__table__,  # type: ignore[attr-defined]
+    BudgetReservationRow.__table__,  # type: ignore[attr-defined]
     SchemaVersionRow.__table__,  # type: ignore[attr-defined]
 ]

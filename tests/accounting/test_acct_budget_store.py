@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import pytest
 
 from llmrouter.accounting import Accounting
@@ -58,3 +59,72 @@ async def test_two_stores_share_the_counters(db_url: str, tmp_path: Path) -> Non
         assert not (await two.reserve(budget, 60, "b"))[0]  # the other replica's reservation counts
         await one.settle(budget, 60, 10, "a")
         assert await two.reserve(budget, 60, "b") == (True, 10, 60)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _nothing_spent(_: BudgetWindow) -> int:
+    return 0
+
+
+async def test_a_dead_replicas_reservation_is_freed_once_its_lease_ends(db_url: str, tmp_path: Path) -> None:
+    clock = Clock()
+    async with Accounting(make_config(db_url, tmp_path)) as acct:
+        dead = DatabaseBudgetStore(acct.engine, _nothing_spent, lease_seconds=60, clock=clock)
+        alive = DatabaseBudgetStore(acct.engine, _nothing_spent, lease_seconds=60, clock=clock)
+        budget = window(limit=1_000)
+        assert (await dead.reserve(budget, 600, "crashed"))[0]  # its replica dies: never settled
+        assert await alive.reserve(budget, 600, "a") == (False, 0, 600)
+        clock.now += 59
+        assert await alive.reserve(budget, 600, "a") == (False, 0, 600)  # the lease still holds
+        clock.now += 2
+        assert await alive.reserve(budget, 600, "a") == (True, 0, 600)  # freed, then reserved
+        # The "dead" replica was only slow: its late settling counts the spend and gives
+        # back nothing, for the sweep already did.
+        assert await dead.settle(budget, 600, 100, "crashed") == 100
+        assert await alive.usage(budget) == (100, 600)
+        assert await alive.settle(budget, 600, 300, "a") == 400
+        assert await alive.usage(budget) == (400, 0)
+
+
+async def test_usage_frees_expired_leases(db_url: str, tmp_path: Path) -> None:
+    clock = Clock()
+    async with Accounting(make_config(db_url, tmp_path)) as acct:
+        store = DatabaseBudgetStore(acct.engine, _nothing_spent, lease_seconds=10, clock=clock)
+        budget = window()
+        await store.reserve(budget, 100, "old")
+        clock.now += 5
+        await store.reserve(budget, 200, "young")
+        clock.now += 6
+        assert await store.usage(budget) == (0, 200)
+        assert await store.reserve(budget, 50, "young") == (True, 0, 250)  # the same id adds up, as on Redis
+        assert await store.settle(budget, 250, 10, "young") == 10
+        assert await store.usage(budget) == (10, 0)
+
+
+async def test_settling_and_sweeping_at_once_free_each_lease_once(db_url: str, tmp_path: Path) -> None:
+    clock = Clock()
+    async with Accounting(make_config(db_url, tmp_path)) as acct:
+        stores = [
+            DatabaseBudgetStore(acct.engine, _nothing_spent, lease_seconds=1, clock=clock) for _ in range(3)
+        ]
+        budget = window(limit=10_000)
+        for n in range(40):
+            assert (await stores[n % 3].reserve(budget, 100, f"r{n}"))[0]
+        clock.now += 2  # every lease has expired: settling and sweeping race for each
+
+        async def settle(n: int) -> None:
+            await stores[n % 3].settle(budget, 100, 7, f"r{n}")
+
+        async with anyio.create_task_group() as tg:
+            for n in range(40):
+                tg.start_soon(settle, n)
+                if n % 8 == 0:
+                    tg.start_soon(stores[(n + 1) % 3].usage, budget)
+        assert await stores[0].usage(budget) == (280, 0)  # never below zero, nothing left held

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.budgets import UNITS_PER_USD, to_units
-from llmrouter.accounting.config import BudgetRule
+from llmrouter.accounting.config import BudgetRule, LimitsConfig
 from llmrouter.errors import BudgetExceededError
 
 from .conftest import chat_context, finish, make_config, needs_pg, needs_redis, redis_config
@@ -293,3 +293,46 @@ async def test_a_per_user_budget_is_seeded_from_that_users_rows(sqlite_url: str,
         ctx = chat_context(max_cost=MAX_COST, user="other")
         await again.hooks.before_request(ctx)
         await again.hooks.after_request(finish(ctx, cost=MAX_COST))
+
+
+async def test_a_crashed_replicas_database_reservations_are_freed_after_the_lease(
+    db_url: str, tmp_path: Path
+) -> None:
+    await _check_crash_freed(
+        make_config(
+            db_url,
+            tmp_path,
+            budgets=_rule(),
+            budget_backend="database",
+            limits=LimitsConfig(lease_seconds=0.5),
+        )
+    )
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
+async def test_a_crashed_replicas_redis_reservations_are_freed_after_the_lease(
+    sqlite_url: str, tmp_path: Path, redis_client: Any, _: int
+) -> None:
+    config = make_config(
+        sqlite_url,
+        tmp_path,
+        budgets=_rule(),
+        budget_backend="redis",
+        redis=redis_config(redis_client),
+        limits=LimitsConfig(lease_seconds=0.5),
+    )
+    await _check_crash_freed(config, redis_client)
+
+
+async def _check_crash_freed(config: Any, redis: Any = None) -> None:
+    async with Accounting(config, redis=redis) as crashed, Accounting(config, redis=redis) as alive:
+        for _ in range(FITS):  # admitted, then the replica dies before settling any of them
+            await crashed.hooks.before_request(chat_context(max_cost=MAX_COST))
+        with pytest.raises(BudgetExceededError):
+            await alive.hooks.before_request(chat_context(max_cost=MAX_COST))
+        await anyio.sleep(0.6)
+        ctx = chat_context(max_cost=MAX_COST)
+        await alive.hooks.before_request(ctx)  # the dead replica's reservations are gone
+        await alive.hooks.after_request(finish(ctx, cost=MAX_COST))
+        window = alive.budgets.windows_for(None, "gpt-4o")[0]
+        assert await alive.budgets.store.usage(window) == (to_units(MAX_COST), 0)

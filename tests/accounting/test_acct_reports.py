@@ -16,10 +16,13 @@ import pytest
 from sqlalchemy import inspect, text
 
 from llmrouter.accounting import Accounting
+from llmrouter.accounting.budget_stores import DatabaseBudgetStore
+from llmrouter.accounting.budgets import BudgetWindow
 from llmrouter.accounting.db import create_engine
 from llmrouter.accounting.keys import KeyStore, hash_secret
 from llmrouter.accounting.ledger import insert_rows, utc_day
 from llmrouter.accounting.migrations import MIGRATIONS, current_version, latest_version, upgrade
+from llmrouter.accounting.models import BudgetReservationRow
 from llmrouter.accounting.reports import parse_range, parse_time, render, report_query, usage_report
 from llmrouter.errors import InvalidRequestError
 
@@ -197,12 +200,12 @@ async def test_migrations_are_idempotent_and_safe_to_race(db_url: str) -> None:
         async with anyio.create_task_group() as tg:  # three replicas starting at once
             for _ in range(3):
                 tg.start_soon(run)
-        assert sorted(map(tuple, results)) == [(), (), (1, 2, 3, 4)]
+        assert sorted(map(tuple, results)) == [(), (), (1, 2, 3, 4, 5)]
         assert await upgrade(engine) == []
         assert await current_version(engine) == latest_version()
         async with engine.connect() as conn:
             versions = (await conn.execute(text("SELECT version FROM llmr_schema_version"))).scalars().all()
-        assert sorted(versions) == [1, 2, 3, 4]
+        assert sorted(versions) == [1, 2, 3, 4, 5]
     finally:
         await engine.dispose()
 
@@ -215,7 +218,7 @@ async def test_migration_2_drops_the_ledgers_unused_indexes(db_url: str) -> None
             await conn.execute(text("CREATE INDEX ix_llmr_ledger_request_id ON llmr_ledger (request_id)"))
             await conn.execute(text("CREATE INDEX ix_llmr_ledger_day ON llmr_ledger (day)"))
             await conn.execute(text("INSERT INTO llmr_schema_version VALUES (1, 'v1', 0)"))
-        assert await upgrade(engine) == [2, 3, 4]
+        assert await upgrade(engine) == [2, 3, 4, 5]
         async with engine.connect() as conn:
             indexes = await conn.run_sync(
                 lambda c: {i["name"] for i in inspect(c).get_indexes("llmr_ledger")}
@@ -241,7 +244,7 @@ async def test_migration_3_adds_budget_version_to_existing_keys(db_url: str) -> 
                 ),
                 {"hash": hash_secret(secret)},
             )
-        assert await upgrade(engine) == [3, 4]
+        assert await upgrade(engine) == [3, 4, 5]
         store = KeyStore(engine)
         assert (await store.verify(secret)).budget_version == 0
         changed = await store.update("key_old", {"budget_period": "day"})
@@ -288,12 +291,49 @@ async def test_migration_4_adds_end_user_to_the_ledger(db_url: str) -> None:
                 ),
                 {"ts": DAY1},
             )
-        assert await upgrade(engine) == [4]
+        assert await upgrade(engine) == [4, 5]
         await insert_rows(engine, [_row(1, DAY1, None, "gpt-4o", "openai", 0.25, end_user="user-1")])
         rows = await usage_report(engine, by=["user"])
         assert {r["user"]: r["cost"] for r in rows} == {None: 0.5, "user-1": 0.25}
     finally:
         await engine.dispose()
+
+
+async def test_migration_5_adds_leases_beside_counters_in_use(db_url: str) -> None:
+    engine = create_engine(db_url)
+    try:
+        async with engine.begin() as conn:  # a database of the release before, a reservation open
+            await conn.run_sync(MIGRATIONS[0].apply)
+            await conn.execute(text("DROP TABLE llmr_budget_reservations"))
+            await conn.execute(
+                text(
+                    "INSERT INTO llmr_schema_version VALUES (1, 'v1', 0), (2, 'v2', 0), (3, 'v3', 0), (4, 'v4', 0)"
+                )
+            )
+            await conn.execute(text("INSERT INTO llmr_budget_counters VALUES ('k:total', 100, 40)"))
+        assert await upgrade(engine) == [5]
+        async with engine.connect() as conn:  # the table migration 1 makes today
+            assert await conn.run_sync(_reservations_shape) == (
+                tuple((c.name, c.nullable) for c in BudgetReservationRow.__table__.columns),  # type: ignore[attr-defined]
+                ("counter", "request_id"),
+            )
+
+        async def seed(_: BudgetWindow) -> int:
+            raise AssertionError("the counter exists")
+
+        store = DatabaseBudgetStore(engine, seed)
+        budget = BudgetWindow("k:total", "k", None, "total", 0.0, None, 1_000, None)
+        assert await store.reserve(budget, 500, "r1") == (True, 100, 540)
+        assert await store.settle(budget, 500, 200, "r1") == 300
+        assert await store.usage(budget) == (300, 40)  # the old replica's reservation is its own to settle
+    finally:
+        await engine.dispose()
+
+
+def _reservations_shape(conn: Any) -> tuple[object, ...]:
+    found = inspect(conn)
+    columns = [(c["name"], c["nullable"]) for c in found.get_columns("llmr_budget_reservations")]
+    return tuple(columns), tuple(found.get_pk_constraint("llmr_budget_reservations")["constrained_columns"])
 
 
 def _cli(tmp_path: Path, *args: str, database_url: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -332,7 +372,7 @@ def test_cli_without_its_database_errs_in_one_line(tmp_path: Path, url: str, cau
 def test_cli_db_keys_and_usage_report(tmp_path: Path) -> None:
     up = _cli(tmp_path, "db", "upgrade")
     assert up.returncode == 0, up.stderr
-    assert "applied migrations [1, 2, 3, 4]" in up.stdout
+    assert "applied migrations [1, 2, 3, 4, 5]" in up.stdout
     assert "up to date" in _cli(tmp_path, "db", "upgrade").stdout
     created = _cli(
         tmp_path,
