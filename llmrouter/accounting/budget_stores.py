@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmrouter.accounting import sqlite_budgets
 from llmrouter.accounting.budgets import BudgetWindow, SeedFn
-from llmrouter.accounting.db import asyncpg_connection, is_postgres
+from llmrouter.accounting.db import asyncpg_connection, is_postgres, sqlite_file
 from llmrouter.accounting.models import BudgetCounterRow, BudgetReservationRow
+from llmrouter.accounting.sqlite_budgets import SQLiteRunner
 from llmrouter.aio import within
 
 __all__ = ["DatabaseBudgetStore", "RedisBudgetStore"]
+
+T = TypeVar("T")
 
 # KEYS[1] = counter hash, KEYS[2] = reservation leases (zset: request id -> deadline)
 # ARGV = amount, limit, request id, lease seconds
@@ -167,6 +171,7 @@ _PG_SETTLE = (
     "- COALESCE((SELECT amount_nanos FROM freed), 0), spent_nanos = spent_nanos + $3 "
     "WHERE counter = $1 RETURNING spent_nanos"
 )
+_PG_READ = f"SELECT spent_nanos, reserved_nanos FROM {_TABLE} WHERE counter = $1"
 # $1 counter, $2 now: frees the leases that have expired; returns what they held.
 _PG_SWEEP = (
     f"WITH dead AS (DELETE FROM {_LEASE_TABLE} WHERE counter = $1 AND expires_at < $2 "
@@ -213,6 +218,8 @@ class DatabaseBudgetStore:
         self._clock = clock
         self._known: set[str] = set()
         self._postgres = is_postgres(engine)
+        path = sqlite_file(engine)
+        self._sqlite = SQLiteRunner(path) if path is not None else None
 
     async def _ensure(self, window: BudgetWindow) -> None:
         if window.counter in self._known:
@@ -253,31 +260,9 @@ class DatabaseBudgetStore:
                 return await connection.fetchrow(
                     _PG_RESERVE, window.counter, amount, window.limit, request_id, deadline
                 )
-        total = _COUNTERS.c.spent_nanos + _COUNTERS.c.reserved_nanos
-        if not amount:
-            query = select(_COUNTERS.c.spent_nanos, _COUNTERS.c.reserved_nanos).where(
-                _COUNTERS.c.counter == window.counter, total < window.limit
-            )
-            async with self._engine.connect() as conn:
-                return (await conn.execute(query)).first()
-        statement = (
-            update(_COUNTERS)
-            .where(_COUNTERS.c.counter == window.counter, total + amount <= window.limit)
-            .values(reserved_nanos=_COUNTERS.c.reserved_nanos + amount)
-            .returning(_COUNTERS.c.spent_nanos, _COUNTERS.c.reserved_nanos)
+        return await self._on_sqlite(
+            sqlite_budgets.take, window.counter, amount, window.limit, request_id, deadline
         )
-        lease = sqlite_insert(_LEASES).values(
-            counter=window.counter, request_id=request_id, amount_nanos=amount, expires_at=deadline
-        )
-        lease = lease.on_conflict_do_update(
-            index_elements=["counter", "request_id"],
-            set_={"amount_nanos": _LEASES.c.amount_nanos + amount, "expires_at": deadline},
-        )
-        async with self._engine.begin() as conn:
-            row = (await conn.execute(statement)).first()
-            if row is not None:
-                await conn.execute(lease)
-            return row
 
     async def _sweep(self, window: BudgetWindow) -> int:
         """Free the window's expired leases; returns the nano-dollars they held."""
@@ -285,16 +270,7 @@ class DatabaseBudgetStore:
         if self._postgres:
             async with asyncpg_connection(self._engine) as connection:
                 return int(await connection.fetchval(_PG_SWEEP, window.counter, now))
-        dead = delete(_LEASES).where(_LEASES.c.counter == window.counter, _LEASES.c.expires_at < now)
-        async with self._engine.begin() as conn:
-            freed = sum(row[0] for row in await conn.execute(dead.returning(_LEASES.c.amount_nanos)))
-            if freed:
-                await conn.execute(
-                    update(_COUNTERS)
-                    .where(_COUNTERS.c.counter == window.counter)
-                    .values(reserved_nanos=_COUNTERS.c.reserved_nanos - freed)
-                )
-        return freed
+        return await self._on_sqlite(sqlite_budgets.sweep, window.counter, now)
 
     async def settle(self, window: BudgetWindow, reserved: int, actual: int, request_id: str) -> int:
         """Add ``actual`` to spent and give back what the request's lease holds (``reserved``
@@ -306,22 +282,11 @@ class DatabaseBudgetStore:
         if self._postgres:
             async with asyncpg_connection(self._engine) as connection:
                 spent = await connection.fetchval(_PG_SETTLE, window.counter, request_id, actual)
-            if spent is None:
-                raise LookupError(f"budget counter {window.counter!r} is missing")
-            return int(spent)
-        lease = delete(_LEASES).where(_LEASES.c.counter == window.counter, _LEASES.c.request_id == request_id)
-        async with self._engine.begin() as conn:
-            held = (await conn.execute(lease.returning(_LEASES.c.amount_nanos))).scalar() or 0
-            statement = (
-                update(_COUNTERS)
-                .where(_COUNTERS.c.counter == window.counter)
-                .values(
-                    reserved_nanos=_COUNTERS.c.reserved_nanos - held,
-                    spent_nanos=_COUNTERS.c.spent_nanos + actual,
-                )
-                .returning(_COUNTERS.c.spent_nanos)
-            )
-            return int((await conn.execute(statement)).scalar_one())
+        else:
+            spent = await self._on_sqlite(sqlite_budgets.settle, window.counter, request_id, actual)
+        if spent is None:
+            raise LookupError(f"budget counter {window.counter!r} is missing")
+        return int(spent)
 
     async def usage(self, window: BudgetWindow) -> tuple[int, int]:
         await self._ensure(window)
@@ -329,12 +294,22 @@ class DatabaseBudgetStore:
         return await self._read(window)
 
     async def _read(self, window: BudgetWindow) -> tuple[int, int]:
-        query = select(_COUNTERS.c.spent_nanos, _COUNTERS.c.reserved_nanos).where(
-            _COUNTERS.c.counter == window.counter
-        )
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(query)).first()
+        if self._postgres:
+            async with asyncpg_connection(self._engine) as connection:
+                row = await connection.fetchrow(_PG_READ, window.counter)
+        else:
+            row = await self._on_sqlite(sqlite_budgets.read, window.counter)
         return (int(row[0]), int(row[1])) if row else (0, 0)
+
+    async def _on_sqlite(self, work: Callable[..., T], *args: Any) -> T:
+        """``work(cursor, *args)`` in a transaction: on the store's own connection to a
+        SQLite file, or on the engine's for a database in memory."""
+        if self._sqlite is not None:
+            return await self._sqlite(work, *args)
+        async with self._engine.begin() as conn:
+            return await conn.run_sync(lambda sync: work(sync.connection.cursor(), *args))
 
     async def aclose(self) -> None:
         self._known.clear()
+        if self._sqlite is not None:
+            self._sqlite.close()

@@ -15,7 +15,14 @@ from llmrouter.accounting.config import DatabaseConfig
 from llmrouter.errors import ConfigError
 from llmrouter.sqlite_wal import enable_wal
 
-__all__ = ["asyncpg_connection", "create_engine", "is_postgres", "is_sqlite", "set_sqlite_pragmas"]
+__all__ = [
+    "asyncpg_connection",
+    "create_engine",
+    "is_postgres",
+    "is_sqlite",
+    "set_sqlite_pragmas",
+    "sqlite_file",
+]
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:
@@ -24,6 +31,15 @@ def is_sqlite(engine: AsyncEngine) -> bool:
 
 def is_postgres(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "postgresql"
+
+
+def sqlite_file(engine: AsyncEngine) -> str | None:
+    """The file of a SQLite database, which other connections can open too; None for
+    another database or one in memory."""
+    database = engine.url.database
+    if not is_sqlite(engine) or not database or database == ":memory:" or "mode=memory" in str(engine.url):
+        return None
+    return database
 
 
 @asynccontextmanager

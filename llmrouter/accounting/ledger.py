@@ -29,7 +29,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from llmrouter.accounting.db import is_postgres, is_sqlite
+from llmrouter.accounting.db import is_postgres, sqlite_file
 from llmrouter.accounting.entry import FIELDS, LedgerEntry, as_entry, storable, storable_values
 from llmrouter.accounting.journal import Journal, orphaned_rows, release_orphan
 from llmrouter.accounting.models import LedgerRow
@@ -111,8 +111,8 @@ def default_sink(engine: AsyncEngine) -> tuple[Sink, Callable[[], None]]:
     SQLite file (see :mod:`llmrouter.accounting.sqlite_ledger`), asyncpg's
     ``executemany`` for PostgreSQL (:mod:`llmrouter.accounting.pg_ledger`), else
     :func:`insert_rows`."""
-    database = engine.url.database
-    if is_sqlite(engine) and database and database != ":memory:" and "mode=memory" not in str(engine.url):
+    database = sqlite_file(engine)
+    if database is not None:
         sqlite_inserter = SQLiteInserter(database, _TABLE.name, FIELDS)
 
         async def sqlite_sink(rows: Sequence[LedgerEntry]) -> None:

@@ -11,6 +11,8 @@ import pytest
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.budget_stores import DatabaseBudgetStore
 from llmrouter.accounting.budgets import BudgetWindow
+from llmrouter.accounting.db import create_engine
+from llmrouter.accounting.migrations import upgrade
 
 from .conftest import make_config
 
@@ -128,3 +130,21 @@ async def test_settling_and_sweeping_at_once_free_each_lease_once(db_url: str, t
                 if n % 8 == 0:
                     tg.start_soon(stores[(n + 1) % 3].usage, budget)
         assert await stores[0].usage(budget) == (280, 0)  # never below zero, nothing left held
+
+
+async def test_a_database_in_memory_runs_on_the_engines_connection() -> None:
+    engine = create_engine("sqlite+aiosqlite:///:memory:")  # a second connection would see another
+    try:
+        await upgrade(engine)
+        clock = Clock()
+        store = DatabaseBudgetStore(engine, _nothing_spent, lease_seconds=10, clock=clock)
+        budget = window(limit=1_000)
+        assert await store.reserve(budget, 600, "r1") == (True, 0, 600)
+        assert await store.reserve(budget, 600, "r2") == (False, 0, 600)
+        clock.now += 11
+        assert await store.reserve(budget, 600, "r2") == (True, 0, 600)
+        assert await store.settle(budget, 600, 100, "r2") == 100
+        assert await store.usage(budget) == (100, 0)
+        await store.aclose()
+    finally:
+        await engine.dispose()
