@@ -19,7 +19,8 @@ Where the check-and-reserve is atomic depends on the store (``budget_backend``):
   script per reservation; reservations carry a lease so a crashed replica's are freed.
 - :class:`~llmrouter.accounting.budget_stores.DatabaseBudgetStore` — replicas without
   Redis: ``UPDATE … WHERE spent + reserved + x <= limit`` (PostgreSQL row lock; the
-  SQLite write lock).
+  SQLite write lock), and a lease row per reservation, freed when a crashed replica's
+  has expired.
 """
 
 from __future__ import annotations
