@@ -56,7 +56,7 @@ end
 return {1, spent, reserved + amount}
 """
 
-# ARGV = request id, actual
+# ARGV = request id, actual, 1 to settle only a reservation still held (a retry)
 _SETTLE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local held = tonumber(redis.call('HGET', KEYS[1], 'r:' .. ARGV[1]) or '0')
@@ -64,6 +64,8 @@ if held > 0 then
   redis.call('HINCRBY', KEYS[1], 'reserved', -held)
   redis.call('HDEL', KEYS[1], 'r:' .. ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
+elseif ARGV[3] == '1' then
+  return tonumber(redis.call('HGET', KEYS[1], 'spent') or '0')
 end
 return redis.call('HINCRBY', KEYS[1], 'spent', tonumber(ARGV[2]))
 """
@@ -117,12 +119,15 @@ class RedisBudgetStore:
             ok, spent, reserved = await self._reserve(keys=keys, args=args)
         return ok == 1, int(spent), int(reserved)
 
-    async def settle(self, window: BudgetWindow, reserved: int, actual: int, request_id: str) -> int:
+    async def settle(
+        self, window: BudgetWindow, reserved: int, actual: int, request_id: str, *, again: bool = False
+    ) -> int:
         keys = self._keys(window)
-        spent = int(await self._settle(keys=keys, args=[request_id, actual]))
+        args = [request_id, actual, 1 if again and reserved else 0]
+        spent = int(await self._settle(keys=keys, args=args))
         if spent == -1:  # Redis lost the window (restart): re-seed from the ledger, then settle
             await self._ensure(window)
-            spent = int(await self._settle(keys=keys, args=[request_id, actual]))
+            spent = int(await self._settle(keys=keys, args=args))
         return spent
 
     async def usage(self, window: BudgetWindow) -> tuple[int, int]:
@@ -170,6 +175,13 @@ _PG_SETTLE = (
     f"RETURNING amount_nanos) UPDATE {_TABLE} SET reserved_nanos = reserved_nanos "
     "- COALESCE((SELECT amount_nanos FROM freed), 0), spent_nanos = spent_nanos + $3 "
     "WHERE counter = $1 RETURNING spent_nanos"
+)
+# The same, only when the lease is still there (a retry that the first try may have done).
+_PG_SETTLE_HELD = (
+    f"WITH freed AS (DELETE FROM {_LEASE_TABLE} WHERE counter = $1 AND request_id = $2 "
+    f"RETURNING amount_nanos), done AS (UPDATE {_TABLE} SET reserved_nanos = reserved_nanos "
+    "- freed.amount_nanos, spent_nanos = spent_nanos + $3 FROM freed WHERE counter = $1 "
+    "RETURNING spent_nanos) SELECT spent_nanos FROM done"
 )
 _PG_READ = f"SELECT spent_nanos, reserved_nanos FROM {_TABLE} WHERE counter = $1"
 # $1 counter, $2 now: frees the leases that have expired; returns what they held.
@@ -272,18 +284,25 @@ class DatabaseBudgetStore:
                 return int(await connection.fetchval(_PG_SWEEP, window.counter, now))
         return await self._on_sqlite(sqlite_budgets.sweep, window.counter, now)
 
-    async def settle(self, window: BudgetWindow, reserved: int, actual: int, request_id: str) -> int:
+    async def settle(
+        self, window: BudgetWindow, reserved: int, actual: int, request_id: str, *, again: bool = False
+    ) -> int:
         """Add ``actual`` to spent and give back what the request's lease holds (``reserved``
         unless the lease expired and was freed already)."""
-        return await within(self._timeout, self._settle(window, actual, request_id))
+        return await within(self._timeout, self._settle(window, actual, request_id, again and reserved > 0))
 
-    async def _settle(self, window: BudgetWindow, actual: int, request_id: str) -> int:
+    async def _settle(self, window: BudgetWindow, actual: int, request_id: str, only_held: bool) -> int:
         await self._ensure(window)
         if self._postgres:
             async with asyncpg_connection(self._engine) as connection:
-                spent = await connection.fetchval(_PG_SETTLE, window.counter, request_id, actual)
+                sql = _PG_SETTLE_HELD if only_held else _PG_SETTLE
+                spent = await connection.fetchval(sql, window.counter, request_id, actual)
+            if spent is None and only_held:  # settled before: the first try got through
+                return (await self._read(window))[0]
         else:
-            spent = await self._on_sqlite(sqlite_budgets.settle, window.counter, request_id, actual)
+            spent = await self._on_sqlite(
+                sqlite_budgets.settle, window.counter, request_id, actual, only_held
+            )
         if spent is None:
             raise LookupError(f"budget counter {window.counter!r} is missing")
         return int(spent)

@@ -37,6 +37,7 @@ import anyio
 
 from llmrouter.accounting import end_users
 from llmrouter.accounting.config import BudgetRule
+from llmrouter.accounting.unsettled import Settlement, Unsettled
 from llmrouter.errors import BudgetExceededError
 
 if TYPE_CHECKING:
@@ -130,8 +131,15 @@ class BudgetStore(Protocol):
         """Reserve if it fits; returns ``(ok, spent, reserved)`` as seen by the check."""
         ...
 
-    async def settle(self, window: BudgetWindow, reserved: int, actual: int, request_id: str) -> int:
-        """Release ``reserved`` and add ``actual`` to spent; returns the new spent."""
+    async def settle(
+        self, window: BudgetWindow, reserved: int, actual: int, request_id: str, *, again: bool = False
+    ) -> int:
+        """Release ``reserved`` and add ``actual`` to spent; returns the new spent.
+
+        ``again``: an earlier try failed and may have reached the store all the same (a
+        timeout); a reservation that held something is then settled only if the store
+        still holds it, so that the spend counts once.
+        """
         ...
 
     async def usage(self, window: BudgetWindow) -> tuple[int, int]:
@@ -170,8 +178,10 @@ class MemoryBudgetStore:
         state[1] += amount
         return True, spent, state[1]
 
-    async def settle(self, window: BudgetWindow, reserved: int, actual: int, request_id: str) -> int:
-        state = await self._state(window)
+    async def settle(
+        self, window: BudgetWindow, reserved: int, actual: int, request_id: str, *, again: bool = False
+    ) -> int:
+        state = await self._state(window)  # only the ledger's seeding can fail, before any change
         state[1] -= reserved
         state[0] += actual
         return state[0]
@@ -195,6 +205,8 @@ class BudgetManager:
     def __init__(self, rules: Sequence[BudgetRule], store: BudgetStore) -> None:
         self.rules = list(rules)
         self.store = store
+        self.unsettled = Unsettled(store)
+        """Settlements the store could not take yet (:mod:`llmrouter.accounting.unsettled`)."""
         self._soft_warned: set[str] = set()
 
     def may_apply(self, key: ApiKey | None) -> bool:
@@ -274,25 +286,17 @@ class BudgetManager:
         except BaseException:
             # Refused, failed (the store is down) or cancelled half-way: the windows
             # already reserved go back (shielded: a cancelled request must not keep them).
+            # A store that fails this too gets it later (unsettled).
             with anyio.CancelScope(shield=True):
-                try:
-                    await self.release(reservation)
-                except Exception as exc:  # noqa: BLE001 - the refusal at hand is what counts
-                    log.warning(
-                        "budget: releasing %s's reservation failed: %s: %s",
-                        request_id,
-                        type(exc).__name__,
-                        exc,
-                    )
+                await self.release(reservation)
             raise
         return reservation
 
     async def settle(self, reservation: Reservation, cost: float | None) -> bool:
-        """Turn the reservation into the real cost; True if a soft limit is now crossed."""
-        actual = to_units(cost)
+        """Turn the reservation into the real cost; True if a soft limit is now crossed.
+        A window the store cannot settle now is settled later (:attr:`unsettled`)."""
         soft_crossed = False
-        for window, amount in reservation.windows:
-            spent = await self.store.settle(window, amount, actual, reservation.request_id)
+        for window, spent in await self._settle(reservation, to_units(cost)):
             if window.soft_limit is not None and spent >= window.soft_limit:
                 soft_crossed = True
                 if window.counter not in self._soft_warned:
@@ -304,14 +308,37 @@ class BudgetManager:
                         window.soft_limit / UNITS_PER_USD,
                         window.limit / UNITS_PER_USD,
                     )
-        reservation.windows = []
         return soft_crossed
 
     async def release(self, reservation: Reservation) -> None:
         """Give a reservation back unused (request rejected before dispatch)."""
-        for window, amount in reservation.windows:
-            await self.store.settle(window, amount, 0, reservation.request_id)
-        reservation.windows = []
+        await self._settle(reservation, 0)
+
+    async def _settle(self, reservation: Reservation, actual: int) -> list[tuple[BudgetWindow, int]]:
+        """Settle each window on its own; those the store fails are kept for later.
+        Returns the windows settled, with their spend after it."""
+        windows, reservation.windows = reservation.windows, []
+        settled = []
+        for window, amount in windows:
+            try:
+                settled.append(
+                    (window, await self.store.settle(window, amount, actual, reservation.request_id))
+                )
+            except Exception as exc:  # noqa: BLE001 - the store is down or slow: try again later
+                log.warning(
+                    "budget: settling %s on %s failed, to be tried again: %s: %s",
+                    reservation.request_id,
+                    window.counter,
+                    type(exc).__name__,
+                    exc,
+                )
+                self.unsettled.add(Settlement(window, amount, actual, reservation.request_id))
+        return settled
+
+    async def aclose(self) -> None:
+        """Try the waiting settlements once more, then close the store."""
+        await self.unsettled.aclose()
+        await self.store.aclose()
 
     async def status(
         self,

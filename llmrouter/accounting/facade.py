@@ -194,7 +194,7 @@ class Accounting:
             self.keys.on_change = None
         await self.ledger.aclose()
         if self.budgets is not None:
-            await self.budgets.store.aclose()
+            await self.budgets.aclose()
         if self.limiter is not None:
             await self.limiter.aclose()
         if self._own_redis and self.redis is not None:

@@ -220,14 +220,16 @@ class AccountingHooks(RouterHooks):
             log.exception("accounting: recording request %s failed", ctx.request_id)
 
     async def _settle(self, ctx: RequestContext, admission: _Admission) -> None:
-        if admission.reservation is not None and self.budgets is not None:
-            if await self.budgets.settle(admission.reservation, ctx.cost):
-                ctx.metadata["budget"] = "soft_limit_reached"
-        if admission.tickets and self.limiter is not None:
-            usage = ctx.usage
-            tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
-            for ticket in admission.tickets:
-                await self.limiter.release(ticket, tokens)
+        try:
+            if admission.reservation is not None and self.budgets is not None:
+                if await self.budgets.settle(admission.reservation, ctx.cost):
+                    ctx.metadata["budget"] = "soft_limit_reached"
+        finally:  # whatever the budget did: a slot kept here would refuse the key's next requests
+            if admission.tickets and self.limiter is not None:
+                usage = ctx.usage
+                tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
+                for ticket in admission.tickets:
+                    await _give_back(self.limiter, ticket, ctx.request_id, tokens)
 
 
 def unavailable(cause: Exception, doing: str) -> AccountingUnavailableError:
@@ -260,11 +262,11 @@ async def _acquire_for_end_user(
         ) from None
 
 
-async def _give_back(limiter: Limiter, ticket: LimitTicket, request_id: str) -> None:
-    """Release an admission's limits unused; a failure is logged (the refusal at hand is
-    what the client gets)."""
+async def _give_back(limiter: Limiter, ticket: LimitTicket, request_id: str, tokens: int = 0) -> None:
+    """Release an admission's limits, with the ``tokens`` it used (none when it was
+    refused); a failure is logged, and the other tickets are still released."""
     try:
-        await limiter.release(ticket, 0)
+        await limiter.release(ticket, tokens)
     except Exception as exc:  # noqa: BLE001
         log.warning("accounting: releasing request %s's limits failed: %s", request_id, _describe(exc))
 

@@ -69,10 +69,14 @@ def take(cursor: Any, counter: str, amount: int, limit: int, request_id: str, de
     return row
 
 
-def settle(cursor: Any, counter: str, request_id: str, actual: int) -> Any:
+def settle(cursor: Any, counter: str, request_id: str, actual: int, only_held: bool = False) -> Any:
     """Add ``actual`` to spent and give back what the request's lease holds (nothing
-    when a sweep freed it first); the new spent, or None without the counter."""
+    when a sweep freed it first); the new spent, or None without the counter. With
+    ``only_held``, a settlement whose lease is gone (settled before) changes nothing."""
     lease = _one(cursor, _FREE, (counter, request_id))
+    if lease is None and only_held:
+        row = _one(cursor, _READ, (counter,))
+        return None if row is None else row[0]
     row = _one(cursor, _SETTLE, (lease[0] if lease else 0, actual, counter))
     return None if row is None else row[0]
 

@@ -4,17 +4,18 @@ PostgreSQL (asyncpg's connection directly): reserve, refuse, settle."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from llmrouter.accounting import Accounting
-from llmrouter.accounting.budget_stores import DatabaseBudgetStore
+from llmrouter.accounting.budget_stores import DatabaseBudgetStore, RedisBudgetStore
 from llmrouter.accounting.budgets import BudgetWindow
 from llmrouter.accounting.db import create_engine
 from llmrouter.accounting.migrations import upgrade
 
-from .conftest import make_config
+from .conftest import make_config, needs_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -148,3 +149,27 @@ async def test_a_database_in_memory_runs_on_the_engines_connection() -> None:
         await store.aclose()
     finally:
         await engine.dispose()
+
+
+async def test_a_settlement_tried_again_counts_once(db_url: str, tmp_path: Path) -> None:
+    async with Accounting(make_config(db_url, tmp_path)) as acct:
+        store = DatabaseBudgetStore(acct.engine, _nothing_spent)
+        await _check_settled_once(store)
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
+async def test_a_settlement_tried_again_counts_once_on_redis(redis_client: Any, _: int) -> None:
+    store = RedisBudgetStore(redis_client, _nothing_spent, prefix=redis_client.test_prefix)
+    await _check_settled_once(store)
+
+
+async def _check_settled_once(store: Any) -> None:
+    budget = window(limit=1_000)
+    await store.reserve(budget, 300, "timed-out")
+    await store.reserve(budget, 300, "never-reached")
+    # The first try of "timed-out" got through though its caller saw a timeout.
+    assert await store.settle(budget, 300, 100, "timed-out") == 100
+    assert await store.settle(budget, 300, 100, "timed-out", again=True) == 100  # not twice
+    assert await store.settle(budget, 300, 50, "never-reached", again=True) == 150  # held: settled now
+    assert await store.usage(budget) == (150, 0)
+    assert await store.settle(budget, 0, 7, "unpriced", again=True) == 157  # nothing held to tell by

@@ -65,3 +65,27 @@ async def test_a_store_failure_is_a_503_and_the_slot_goes_back():
     )  # type: ignore[arg-type]
     with pytest.raises(AccountingUnavailableError):
         await hooks.before_request(RequestContext(model_group="g", max_cost=0.0))
+
+
+class SettleFails(StuckBudgets):
+    """Reserves, but its store is down by the time the request settles."""
+
+    async def reserve(self, *args: object, **kwargs: object) -> object:
+        from llmrouter.accounting.budgets import Reservation
+
+        return Reservation(request_id="r")
+
+    async def settle(self, *args: object) -> bool:
+        raise ConnectionError("connection refused")
+
+
+async def test_a_budget_that_cannot_settle_still_gives_the_slot_back(caplog: pytest.LogCaptureFixture):
+    # With the budget store down at settling, the limits were never released: an
+    # in-process concurrency slot stayed taken until the process restarted.
+    limiter = MemoryLimiter()
+    hooks = AccountingHooks(budgets=SettleFails(), limiter=limiter, limits=LimitsConfig(concurrency=1))  # type: ignore[arg-type]
+    for _ in range(3):
+        ctx = RequestContext(model_group="g", max_cost=0.0)
+        await hooks.before_request(ctx)  # would be a 429 from the second on
+        await hooks.after_request(ctx)
+    assert "settling request" in caplog.text

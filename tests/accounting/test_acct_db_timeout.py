@@ -14,12 +14,14 @@ import pytest
 from anyio.abc import SocketStream
 
 from llmrouter.accounting import Accounting
+from llmrouter.accounting.budgets import to_units
 from llmrouter.accounting.config import BudgetRule
 from llmrouter.accounting.extension import AccountingExtension
+from llmrouter.accounting.unsettled import Unsettled
 from llmrouter.context import RequestContext
 from llmrouter.errors import AccountingUnavailableError
 
-from .conftest import chat_context, make_config, needs_pg
+from .conftest import chat_context, finish, make_config, needs_pg
 
 pytestmark = [pytest.mark.anyio, *needs_pg]
 
@@ -130,3 +132,34 @@ async def test_ready_says_whether_the_database_answers(
         assert report["ready"] is False and report["database"] == "TimeoutError"
         assert time.monotonic() - started < 2.5
         proxy.thaw()
+
+
+async def test_a_settlement_the_database_did_not_answer_counts_once(
+    pg_url: str, tmp_path: Path, proxy: FreezableProxy
+) -> None:
+    # The database stops answering as the request settles: the request gives up after
+    # the timeout, and the settlement reaches PostgreSQL once it answers again (the spend
+    # counted, the reservation given back). A first try that got through though its reply
+    # was lost is test_acct_budget_store's "tried again" test.
+    config = make_config(
+        _through(pg_url, proxy),
+        tmp_path,
+        budgets=[BudgetRule(key="*", period="day", limit=1.0)],
+        budget_backend="database",
+    )
+    config.database.timeout = TIMEOUT
+    async with Accounting(config) as acct:
+        acct.budgets.unsettled = Unsettled(acct.budgets.store, first_delay=0.05, max_delay=0.2)
+        ctx = chat_context(max_cost=0.01)
+        await acct.hooks.before_request(ctx)
+        proxy.freeze()
+        with anyio.fail_after(5):
+            await acct.hooks.after_request(finish(ctx, cost=0.004))
+        assert len(acct.budgets.unsettled) == 1
+        await anyio.sleep(0.3)
+        proxy.thaw()
+        with anyio.fail_after(10):
+            while len(acct.budgets.unsettled):  # noqa: ASYNC110 - a count, not an event
+                await anyio.sleep(0.05)
+        window = acct.budgets.windows_for(None, "gpt-4o")[0]
+        assert await acct.budgets.store.usage(window) == (to_units(0.004), 0)
