@@ -31,13 +31,14 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import anyio
 
 from llmrouter.accounting import end_users
 from llmrouter.accounting.config import BudgetRule
-from llmrouter.accounting.unsettled import Settlement, Unsettled
+from llmrouter.accounting.retries import Retries
 from llmrouter.errors import BudgetExceededError
 
 if TYPE_CHECKING:
@@ -202,11 +203,14 @@ class BudgetManager:
         store: where counters live.
     """
 
-    def __init__(self, rules: Sequence[BudgetRule], store: BudgetStore) -> None:
+    def __init__(
+        self, rules: Sequence[BudgetRule], store: BudgetStore, retries: Retries | None = None
+    ) -> None:
         self.rules = list(rules)
         self.store = store
-        self.unsettled = Unsettled(store)
-        """Settlements the store could not take yet (:mod:`llmrouter.accounting.unsettled`)."""
+        self._own_retries = retries is None
+        self.retries = retries if retries is not None else Retries()
+        """Settlements the store could not take yet (:mod:`llmrouter.accounting.retries`)."""
         self._soft_warned: set[str] = set()
 
     def may_apply(self, key: ApiKey | None) -> bool:
@@ -294,7 +298,7 @@ class BudgetManager:
 
     async def settle(self, reservation: Reservation, cost: float | None) -> bool:
         """Turn the reservation into the real cost; True if a soft limit is now crossed.
-        A window the store cannot settle now is settled later (:attr:`unsettled`)."""
+        A window the store cannot settle now is settled later (:attr:`retries`)."""
         soft_crossed = False
         for window, spent in await self._settle(reservation, to_units(cost)):
             if window.soft_limit is not None and spent >= window.soft_limit:
@@ -332,12 +336,16 @@ class BudgetManager:
                     type(exc).__name__,
                     exc,
                 )
-                self.unsettled.add(Settlement(window, amount, actual, reservation.request_id))
+                self.retries.add(
+                    f"settling {reservation.request_id} on {window.counter}",
+                    partial(self.store.settle, window, amount, actual, reservation.request_id, again=True),
+                )
         return settled
 
     async def aclose(self) -> None:
-        """Try the waiting settlements once more, then close the store."""
-        await self.unsettled.aclose()
+        """Try the waiting settlements once more (unless they were given), then close the store."""
+        if self._own_retries:
+            await self.retries.aclose()
         await self.store.aclose()
 
     async def status(

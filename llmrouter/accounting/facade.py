@@ -22,6 +22,7 @@ from llmrouter.accounting.limits import Limiter, MemoryLimiter, RedisLimiter
 from llmrouter.accounting.migrations import current_version, latest_version, upgrade
 from llmrouter.accounting.models import LedgerRow
 from llmrouter.accounting.reports import usage_report
+from llmrouter.accounting.retries import Retries
 from llmrouter.aio import within
 from llmrouter.errors import ConfigError
 from llmrouter.probes import SharedProbes
@@ -73,6 +74,8 @@ class Accounting:
         )
         self.limiter: Limiter | None = None
         self.budgets: BudgetManager | None = None
+        self.retries = Retries()
+        """Budget settlements and limit releases their store failed, tried again."""
         self._hooks: AccountingHooks | None = None
         self._store_checks = SharedProbes()
         self._key_events: KeyEvents | None = None
@@ -172,13 +175,14 @@ class Accounting:
             if self.redis is not None
             else MemoryLimiter()
         )
-        self.budgets = BudgetManager(self.config.budgets, self._budget_store())
+        self.budgets = BudgetManager(self.config.budgets, self._budget_store(), self.retries)
         self._hooks = AccountingHooks(
             keys=self.keys,
             ledger=self.ledger,
             budgets=self.budgets,
             limiter=self.limiter,
             limits=self.config.limits,
+            retries=self.retries,
         )
         self._started = True
 
@@ -193,6 +197,7 @@ class Accounting:
             self._key_events = None
             self.keys.on_change = None
         await self.ledger.aclose()
+        await self.retries.aclose()  # budget settlements and limit releases, while their stores are open
         if self.budgets is not None:
             await self.budgets.aclose()
         if self.limiter is not None:

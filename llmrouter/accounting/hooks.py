@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
@@ -21,6 +22,7 @@ from llmrouter.accounting.config import LimitsConfig
 from llmrouter.accounting.keys import ApiKey
 from llmrouter.accounting.ledger import LedgerWriter, row_from_context
 from llmrouter.accounting.limits import EffectiveLimits, KeyLimitError, Limiter, LimitTicket, MemoryLimiter
+from llmrouter.accounting.retries import Retries
 from llmrouter.context import new_id
 from llmrouter.errors import (
     AccountingUnavailableError,
@@ -62,6 +64,8 @@ class AccountingHooks(RouterHooks):
         budgets: spend caps.
         limiter: RPM / TPM / concurrency backend.
         limits: defaults for keys that set none of their own.
+        retries: where a rate-limit release the limiter fails goes to be tried again
+            (None: logged and left to the slot's lease).
     """
 
     def __init__(
@@ -72,12 +76,14 @@ class AccountingHooks(RouterHooks):
         budgets: BudgetManager | None = None,
         limiter: Limiter | None = None,
         limits: LimitsConfig | None = None,
+        retries: Retries | None = None,
     ) -> None:
         self.keys = keys
         self.ledger = ledger
         self.budgets = budgets
         self.limiter = limiter
         self.limits = limits or LimitsConfig()
+        self.retries = retries
         self._admitted: dict[int, _Admission] = {}
         self._key_cache: dict[str, tuple[float, ApiKey | None]] = {}
 
@@ -179,7 +185,7 @@ class AccountingHooks(RouterHooks):
             if tickets and self.limiter is not None:
                 with anyio.CancelScope(shield=True):
                     for ticket in tickets:
-                        await _give_back(self.limiter, ticket, ctx.request_id)
+                        await self._give_back(ticket, ctx.request_id)
             if isinstance(exc, LLMRouterError):
                 self._record(ctx, status="rejected", error_code=exc.code)
             elif isinstance(exc, Exception):
@@ -229,7 +235,21 @@ class AccountingHooks(RouterHooks):
                 usage = ctx.usage
                 tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
                 for ticket in admission.tickets:
-                    await _give_back(self.limiter, ticket, ctx.request_id, tokens)
+                    await self._give_back(ticket, ctx.request_id, tokens)
+
+    async def _give_back(self, ticket: LimitTicket, request_id: str, tokens: int = 0) -> None:
+        """Release an admission's limits, with the ``tokens`` it used (none when it was
+        refused); a failure is logged and tried again later, and the other tickets are
+        still released."""
+        assert self.limiter is not None
+        try:
+            await self.limiter.release(ticket, tokens)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("accounting: releasing request %s's limits failed: %s", request_id, _describe(exc))
+            if self.retries is not None:
+                self.retries.add(
+                    f"releasing {request_id}'s limits", partial(self.limiter.release, ticket, tokens)
+                )
 
 
 def unavailable(cause: Exception, doing: str) -> AccountingUnavailableError:
@@ -260,15 +280,6 @@ async def _acquire_for_end_user(
             retry_after=exc.retry_after or 1.0,
             limit_headers=exc.limit_headers,
         ) from None
-
-
-async def _give_back(limiter: Limiter, ticket: LimitTicket, request_id: str, tokens: int = 0) -> None:
-    """Release an admission's limits, with the ``tokens`` it used (none when it was
-    refused); a failure is logged, and the other tickets are still released."""
-    try:
-        await limiter.release(ticket, tokens)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("accounting: releasing request %s's limits failed: %s", request_id, _describe(exc))
 
 
 def _describe(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from llmrouter.accounting import Accounting
 from llmrouter.accounting.budgets import to_units
 from llmrouter.accounting.config import BudgetRule
 from llmrouter.accounting.extension import AccountingExtension
-from llmrouter.accounting.unsettled import Unsettled
+from llmrouter.accounting.retries import Retries
 from llmrouter.context import RequestContext
 from llmrouter.errors import AccountingUnavailableError
 
@@ -148,18 +148,19 @@ async def test_a_settlement_the_database_did_not_answer_counts_once(
         budget_backend="database",
     )
     config.database.timeout = TIMEOUT
-    async with Accounting(config) as acct:
-        acct.budgets.unsettled = Unsettled(acct.budgets.store, first_delay=0.05, max_delay=0.2)
+    acct = Accounting(config)
+    acct.retries = Retries(first_delay=0.05)  # rather than after 1 s
+    async with acct:
         ctx = chat_context(max_cost=0.01)
         await acct.hooks.before_request(ctx)
         proxy.freeze()
         with anyio.fail_after(5):
             await acct.hooks.after_request(finish(ctx, cost=0.004))
-        assert len(acct.budgets.unsettled) == 1
+        assert len(acct.retries) == 1
         await anyio.sleep(0.3)
         proxy.thaw()
         with anyio.fail_after(10):
-            while len(acct.budgets.unsettled):  # noqa: ASYNC110 - a count, not an event
+            while len(acct.retries):  # noqa: ASYNC110 - a count, not an event
                 await anyio.sleep(0.05)
         window = acct.budgets.windows_for(None, "gpt-4o")[0]
         assert await acct.budgets.store.usage(window) == (to_units(0.004), 0)
