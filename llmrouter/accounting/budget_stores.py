@@ -17,7 +17,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting import sqlite_budgets
-from llmrouter.accounting.budgets import BudgetWindow, SeedFn
+from llmrouter.accounting.budgets import BudgetWindow, EndedWindows, SeedFn
 from llmrouter.accounting.db import asyncpg_connection, is_postgres, sqlite_file
 from llmrouter.accounting.models import BudgetCounterRow, BudgetReservationRow
 from llmrouter.accounting.sqlite_budgets import SQLiteRunner
@@ -183,6 +183,13 @@ _PG_SETTLE_HELD = (
     "- freed.amount_nanos, spent_nanos = spent_nanos + $3 FROM freed WHERE counter = $1 "
     "RETURNING spent_nanos) SELECT spent_nanos FROM done"
 )
+# $1 a time: counters of windows that ended before it go, with their leases.
+_PG_FORGET_ENDED = (
+    f"WITH gone AS (DELETE FROM {_TABLE} WHERE ends_at < $1 RETURNING counter) "
+    f"DELETE FROM {_LEASE_TABLE} AS lease USING gone WHERE lease.counter = gone.counter"
+)
+ROWS_KEPT = 86400.0
+"""Seconds a counter's row stays in the database after its window ends."""
 _PG_READ = f"SELECT spent_nanos, reserved_nanos FROM {_TABLE} WHERE counter = $1"
 # $1 counter, $2 now: frees the leases that have expired; returns what they held.
 _PG_SWEEP = (
@@ -229,6 +236,8 @@ class DatabaseBudgetStore:
         self._lease = lease_seconds
         self._clock = clock
         self._known: set[str] = set()
+        self._ended = EndedWindows(clock)
+        self._next_cleanup = 0.0
         self._postgres = is_postgres(engine)
         path = sqlite_file(engine)
         self._sqlite = SQLiteRunner(path) if path is not None else None
@@ -243,10 +252,25 @@ class DatabaseBudgetStore:
         if exists is None:
             spent = await self._seed(window)
             insert = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
-            statement = insert(_COUNTERS).values(counter=window.counter, spent_nanos=spent, reserved_nanos=0)
+            statement = insert(_COUNTERS).values(
+                counter=window.counter, spent_nanos=spent, reserved_nanos=0, ends_at=window.end
+            )
             async with self._engine.begin() as conn:
                 await conn.execute(statement.on_conflict_do_nothing(index_elements=["counter"]))
         self._known.add(window.counter)
+        self._known.difference_update(self._ended.add(window))
+        if self._clock() >= self._next_cleanup:
+            self._next_cleanup = self._clock() + 3600.0
+            await self._forget_ended(self._clock() - ROWS_KEPT)
+
+    async def _forget_ended(self, before: float) -> None:
+        """Delete the counters (and leases) of windows that ended before ``before``:
+        every day's counter of every key and end user would otherwise stay forever."""
+        if self._postgres:
+            async with asyncpg_connection(self._engine) as connection:
+                await connection.execute(_PG_FORGET_ENDED, before)
+        else:
+            await self._on_sqlite(sqlite_budgets.forget_ended, before)
 
     async def reserve(self, window: BudgetWindow, amount: int, request_id: str) -> tuple[bool, int, int]:
         return await within(self._timeout, self._reserve(window, amount, request_id))

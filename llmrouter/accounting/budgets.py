@@ -150,13 +150,54 @@ class BudgetStore(Protocol):
     async def aclose(self) -> None: ...
 
 
-class MemoryBudgetStore:
-    """Counters in this process; spend seeded from the ledger on first use of a window."""
+ENDED_KEPT = 3600.0
+"""Seconds a window's counter stays in a process after the window ends (for requests
+that settle late); a database keeps its row a day (``llmr_budget_counters.ends_at``)."""
 
-    def __init__(self, seed: SeedFn) -> None:
+
+class EndedWindows:
+    """The counters of windows that end, with their end, for their owner to drop once
+    ended: without that, a process running for months kept every day's counter of every
+    key and every end user.
+
+    Args:
+        clock: Unix seconds (tests move it).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._ends: dict[str, float] = {}
+        self._clock = clock
+        self._next_look = 0.0
+
+    def add(self, window: BudgetWindow) -> list[str]:
+        """Note ``window`` (new to the owner); returns the counters ended over
+        :data:`ENDED_KEPT` ago, which it forgets (looked for at most once a minute)."""
+        if window.end is not None:
+            self._ends[window.counter] = window.end
+        now = self._clock()
+        if now < self._next_look:
+            return []
+        self._next_look = now + 60.0
+        ended = [counter for counter, end in self._ends.items() if end + ENDED_KEPT < now]
+        for counter in ended:
+            del self._ends[counter]
+        return ended
+
+
+class MemoryBudgetStore:
+    """Counters in this process; spend seeded from the ledger on first use of a window,
+    dropped an hour after the window ends.
+
+    Args:
+        seed: returns a window's spend from the ledger.
+        clock: Unix seconds, for dropping ended windows (tests move it).
+    """
+
+    def __init__(self, seed: SeedFn, *, clock: Callable[[], float] = time.time) -> None:
         self._seed = seed
         self._counters: dict[str, list[int]] = {}
         self._seeding: dict[str, anyio.Lock] = {}
+        self._ended = EndedWindows(clock)
 
     async def _state(self, window: BudgetWindow) -> list[int]:
         state = self._counters.get(window.counter)
@@ -167,6 +208,8 @@ class MemoryBudgetStore:
                 state = self._counters.get(window.counter)
                 if state is None:
                     state = self._counters[window.counter] = [await self._seed(window), 0]
+                    for counter in self._ended.add(window):
+                        self._counters.pop(counter, None)
             self._seeding.pop(window.counter, None)
         return state
 
@@ -304,6 +347,8 @@ class BudgetManager:
             if window.soft_limit is not None and spent >= window.soft_limit:
                 soft_crossed = True
                 if window.counter not in self._soft_warned:
+                    if len(self._soft_warned) >= 10_000:  # mostly ended windows: a warning may repeat
+                        self._soft_warned.clear()
                     self._soft_warned.add(window.counter)
                     log.warning(
                         "budget: soft limit crossed for %s (spent $%.6f of soft $%.6f, hard $%.6f)",

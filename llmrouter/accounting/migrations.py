@@ -66,7 +66,11 @@ def _add_end_user(conn: Connection) -> None:
 
 
 def _add_budget_reservations(conn: Connection) -> None:
-    # Migration 1 of this release already made the table; one of an earlier release did not.
+    # Migration 1 of this release already made the table and the column; one of an earlier
+    # release did not.
+    if "ends_at" not in {column["name"] for column in inspect(conn).get_columns("llmr_budget_counters")}:
+        conn.exec_driver_sql("ALTER TABLE llmr_budget_counters ADD COLUMN ends_at DOUBLE PRECISION")
+        conn.exec_driver_sql("CREATE INDEX ix_llmr_budget_counters_ends_at ON llmr_budget_counters (ends_at)")
     conn.exec_driver_sql(
         "CREATE TABLE IF NOT EXISTS llmr_budget_reservations ("
         "counter VARCHAR(300) NOT NULL, request_id VARCHAR(200) NOT NULL, "
@@ -80,7 +84,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "drop the ledger's unused request_id and day indexes", _drop_unused_ledger_indexes),
     Migration(3, "api keys: budget_version, for budgets changed after creation", _add_budget_version),
     Migration(4, "ledger: end_user, the request's OpenAI user field", _add_end_user),
-    Migration(5, "budget reservations with leases, for the database budget store", _add_budget_reservations),
+    Migration(
+        5,
+        "budget reservations with leases, and when each counter's window ends",
+        _add_budget_reservations,
+    ),
 )
 
 _VERSION_TABLE: Any = SchemaVersionRow.__table__  # type: ignore[attr-defined]

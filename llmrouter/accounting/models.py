@@ -99,6 +99,9 @@ class BudgetCounterRow(SQLModel, table=True):
     counter: str = Field(primary_key=True, max_length=300)
     spent_nanos: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
     reserved_nanos: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+    ends_at: float | None = Field(default=None, sa_column=Column(Double, nullable=True, index=True))
+    """When the window ends (Unix seconds; NULL for a ``total`` budget, and for counters
+    made before migration 5): a day later the counter and its leases are deleted."""
 
 
 class BudgetReservationRow(SQLModel, table=True):

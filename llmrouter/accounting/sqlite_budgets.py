@@ -30,7 +30,7 @@ import anyio.to_thread
 from llmrouter.accounting.db import set_sqlite_pragmas
 from llmrouter.accounting.models import BudgetCounterRow, BudgetReservationRow
 
-__all__ = ["SQLiteRunner", "read", "settle", "sweep", "take"]
+__all__ = ["SQLiteRunner", "forget_ended", "read", "settle", "sweep", "take"]
 
 T = TypeVar("T")
 
@@ -55,6 +55,8 @@ _SETTLE = (
 _EXPIRED = f"DELETE FROM {_LEASES} WHERE counter = ? AND expires_at < ? RETURNING amount_nanos"
 _GIVE_BACK = f"UPDATE {_COUNTERS} SET reserved_nanos = reserved_nanos - ? WHERE counter = ?"
 _READ = f"SELECT spent_nanos, reserved_nanos FROM {_COUNTERS} WHERE counter = ?"
+_ENDED_LEASES = f"DELETE FROM {_LEASES} WHERE counter IN (SELECT counter FROM {_COUNTERS} WHERE ends_at < ?)"
+_ENDED = f"DELETE FROM {_COUNTERS} WHERE ends_at < ?"
 
 
 def take(cursor: Any, counter: str, amount: int, limit: int, request_id: str, deadline: float) -> Any:
@@ -88,6 +90,12 @@ def sweep(cursor: Any, counter: str, now: float) -> int:
     if freed:
         cursor.execute(_GIVE_BACK, (freed, counter))
     return freed
+
+
+def forget_ended(cursor: Any, before: float) -> None:
+    """Delete the counters of windows that ended before ``before``, and their leases."""
+    cursor.execute(_ENDED_LEASES, (before,))
+    cursor.execute(_ENDED, (before,))
 
 
 def read(cursor: Any, counter: str) -> Any:

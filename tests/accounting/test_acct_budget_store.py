@@ -8,10 +8,11 @@ from typing import Any
 
 import anyio
 import pytest
+from sqlalchemy import text
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.budget_stores import DatabaseBudgetStore, RedisBudgetStore
-from llmrouter.accounting.budgets import BudgetWindow
+from llmrouter.accounting.budgets import BudgetWindow, MemoryBudgetStore
 from llmrouter.accounting.db import create_engine
 from llmrouter.accounting.migrations import upgrade
 
@@ -173,3 +174,45 @@ async def _check_settled_once(store: Any) -> None:
     assert await store.settle(budget, 300, 50, "never-reached", again=True) == 150  # held: settled now
     assert await store.usage(budget) == (150, 0)
     assert await store.settle(budget, 0, 7, "unpriced", again=True) == 157  # nothing held to tell by
+
+
+def _day(day: int, limit: int = 1_000) -> BudgetWindow:
+    start = 1_000_000.0 + day * 86_400
+    return BudgetWindow(f"key-1|*|d{day}", "key-1", None, "day", start, start + 86_400, limit, None)
+
+
+async def test_a_process_forgets_the_counters_of_ended_windows() -> None:
+    clock = Clock()
+    store = MemoryBudgetStore(_nothing_spent, clock=clock)
+    clock.now = _day(0).start
+    await store.reserve(_day(0), 10, "a")
+    await store.reserve(window(), 10, "total")  # no end: kept
+    clock.now = _day(1).start + 60  # the day before ended a minute ago: kept for late settlings
+    await store.reserve(_day(1), 10, "b")
+    assert set(store._counters) == {"key-1|*|d0", "key-1:total", "key-1|*|d1"}
+    clock.now = _day(2).start + 2 * 3600
+    await store.reserve(_day(2), 10, "c")
+    assert set(store._counters) == {"key-1:total", "key-1|*|d2"}  # d0 and d1 over an hour ago
+
+
+async def test_the_database_deletes_counters_a_day_after_their_window(db_url: str, tmp_path: Path) -> None:
+    clock = Clock()
+    async with Accounting(make_config(db_url, tmp_path)) as acct:
+        store = DatabaseBudgetStore(acct.engine, _nothing_spent, clock=clock)
+        clock.now = _day(0).start
+        await store.reserve(_day(0), 10, "crashed")  # never settled: its lease goes with it
+        await store.reserve(window(), 10, "total")
+        clock.now = _day(1).start + 3 * 3600
+        await store.reserve(_day(1), 10, "b")
+        other = DatabaseBudgetStore(acct.engine, _nothing_spent, clock=clock)  # a replica started later
+        clock.now = _day(2).start + 2 * 3600
+        await other.reserve(_day(2), 10, "c")  # d0 ended over a day ago: gone, though other never saw it
+        async with acct.engine.connect() as conn:
+            counters = (await conn.execute(text("SELECT counter FROM llmr_budget_counters"))).scalars().all()
+            leases = (
+                (await conn.execute(text("SELECT request_id FROM llmr_budget_reservations"))).scalars().all()
+            )
+        assert sorted(counters) == ["key-1:total", "key-1|*|d1", "key-1|*|d2"]
+        assert sorted(leases) == ["b", "c", "total"]
+        await store.aclose()
+        await other.aclose()

@@ -305,6 +305,8 @@ async def test_migration_5_adds_leases_beside_counters_in_use(db_url: str) -> No
         async with engine.begin() as conn:  # a database of the release before, a reservation open
             await conn.run_sync(MIGRATIONS[0].apply)
             await conn.execute(text("DROP TABLE llmr_budget_reservations"))
+            await conn.execute(text("DROP INDEX ix_llmr_budget_counters_ends_at"))
+            await conn.execute(text("ALTER TABLE llmr_budget_counters DROP COLUMN ends_at"))
             await conn.execute(
                 text(
                     "INSERT INTO llmr_schema_version VALUES (1, 'v1', 0), (2, 'v2', 0), (3, 'v3', 0), (4, 'v4', 0)"
@@ -312,11 +314,15 @@ async def test_migration_5_adds_leases_beside_counters_in_use(db_url: str) -> No
             )
             await conn.execute(text("INSERT INTO llmr_budget_counters VALUES ('k:total', 100, 40)"))
         assert await upgrade(engine) == [5]
-        async with engine.connect() as conn:  # the table migration 1 makes today
+        async with engine.connect() as conn:  # the tables migration 1 makes today
             assert await conn.run_sync(_reservations_shape) == (
                 tuple((c.name, c.nullable) for c in BudgetReservationRow.__table__.columns),  # type: ignore[attr-defined]
                 ("counter", "request_id"),
             )
+            counters = await conn.run_sync(lambda c: inspect(c).get_columns("llmr_budget_counters"))
+            indexes = await conn.run_sync(lambda c: inspect(c).get_indexes("llmr_budget_counters"))
+        assert [(c["name"], c["nullable"]) for c in counters][-1] == ("ends_at", True)
+        assert [i["name"] for i in indexes] == ["ix_llmr_budget_counters_ends_at"]
 
         async def seed(_: BudgetWindow) -> int:
             raise AssertionError("the counter exists")
