@@ -52,6 +52,9 @@ if amount > 0 then
   redis.call('HINCRBY', KEYS[1], 'reserved', amount)
   redis.call('HINCRBY', KEYS[1], 'r:' .. ARGV[3], amount)
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[3])
+  -- the leases of a dead replica go when the window's counter does
+  local ttl = redis.call('TTL', KEYS[1])
+  if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
 end
 return {1, spent, reserved + amount}
 """

@@ -216,3 +216,14 @@ async def test_the_database_deletes_counters_a_day_after_their_window(db_url: st
         assert sorted(leases) == ["b", "c", "total"]
         await store.aclose()
         await other.aclose()
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
+async def test_redis_leases_expire_with_their_window(redis_client: Any, _: int) -> None:
+    store = RedisBudgetStore(redis_client, _nothing_spent, prefix=redis_client.test_prefix)
+    day = _day(30_000)  # a day in 2052: the counter expires a day after it
+    await store.reserve(day, 10, "crashed")  # never settled
+    counter, leases = store._keys(day)
+    assert await redis_client.zcard(leases) == 1
+    ttl = await redis_client.ttl(counter)
+    assert ttl > 86_400 and abs(await redis_client.ttl(leases) - ttl) <= 1
