@@ -284,6 +284,7 @@ class Accounting:
             "ledger_unjournaled": self.ledger.unjournaled,
             "ledger_last_error": self.ledger.last_error,
             "in_flight": self._hooks.in_flight if self._hooks else 0,
+            "settlements_waiting": len(self.retries),
         }
 
 

@@ -156,7 +156,7 @@ async def test_a_settlement_the_database_did_not_answer_counts_once(
         proxy.freeze()
         with anyio.fail_after(5):
             await acct.hooks.after_request(finish(ctx, cost=0.004))
-        assert len(acct.retries) == 1
+        assert len(acct.retries) == 1 == acct.readiness()["settlements_waiting"]
         await anyio.sleep(0.3)
         proxy.thaw()
         with anyio.fail_after(10):
