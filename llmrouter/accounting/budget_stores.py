@@ -1,14 +1,15 @@
 """Budget stores shared by replicas: Redis (Lua scripts) and the SQL database.
 
 Both keep ``spent`` and ``reserved`` per window in integer nano-dollars and make
-check-and-reserve one atomic step. Spend is seeded from the ledger when a window's
-counter does not exist yet (first use, or Redis restarted empty).
+check-and-reserve one atomic step. Each reservation is a lease, freed when its replica
+dies without settling it. Spend is seeded from the ledger when a window's counter does
+not exist yet (first use, or Redis restarted empty).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import select
@@ -16,10 +17,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from llmrouter.accounting import sqlite_budgets
+from llmrouter.accounting import pg_budgets, sqlite_budgets
 from llmrouter.accounting.budgets import BudgetWindow, EndedWindows, SeedFn
 from llmrouter.accounting.db import asyncpg_connection, is_postgres, sqlite_file
-from llmrouter.accounting.models import BudgetCounterRow, BudgetReservationRow
+from llmrouter.accounting.models import BudgetCounterRow
 from llmrouter.accounting.sqlite_budgets import SQLiteRunner
 from llmrouter.aio import within
 
@@ -144,67 +145,15 @@ class RedisBudgetStore:
 
 
 _COUNTERS: Any = BudgetCounterRow.__table__  # type: ignore[attr-defined]
-_LEASES: Any = BudgetReservationRow.__table__  # type: ignore[attr-defined]
 
-
-_TABLE = _COUNTERS.name
-_LEASE_TABLE = _LEASES.name
-# On PostgreSQL the two statements of every budgeted request run on asyncpg's connection
-# directly, each one statement that commits on its own: through SQLAlchemy's
-# engine.begin() they were BEGIN, the UPDATE and COMMIT, and a reserve and its settle
-# cost the gateway 2.4-2.9 ms of CPU and 3.8-5.0 ms of wall time; this way 1.0 / 2.0 ms
-# (the pool's pre-ping stays, for connections a database restart left dead).
-# A reservation is the counter's UPDATE and its lease row, in one statement; settling
-# deletes the lease and gives back what it held (nothing when a sweep freed it first:
-# the row lock on the lease lets only one of them have it).
-# $1 counter, $2 amount, $3 limit, $4 request id, $5 lease deadline.
-_PG_RESERVE = (
-    f"WITH taken AS (UPDATE {_TABLE} SET reserved_nanos = reserved_nanos + $2 WHERE counter = $1 "
-    "AND spent_nanos + reserved_nanos + $2 <= $3 RETURNING spent_nanos, reserved_nanos), "
-    f"lease AS (INSERT INTO {_LEASE_TABLE} (counter, request_id, amount_nanos, expires_at) "
-    "SELECT $1, $4::varchar, $2, $5::float8 FROM taken "
-    f"ON CONFLICT (counter, request_id) DO UPDATE SET amount_nanos = {_LEASE_TABLE}.amount_nanos "
-    "+ EXCLUDED.amount_nanos, expires_at = EXCLUDED.expires_at) "
-    "SELECT spent_nanos, reserved_nanos FROM taken"
-)
-# Reserving nothing only needs the window not spent, and holds no lease. $1 counter, $2 limit.
-_PG_RESERVE_NOTHING = (
-    f"SELECT spent_nanos, reserved_nanos FROM {_TABLE} WHERE counter = $1 "
-    "AND spent_nanos + reserved_nanos < $2"
-)
-# $1 counter, $2 request id, $3 what was spent
-_PG_SETTLE = (
-    f"WITH freed AS (DELETE FROM {_LEASE_TABLE} WHERE counter = $1 AND request_id = $2 "
-    f"RETURNING amount_nanos) UPDATE {_TABLE} SET reserved_nanos = reserved_nanos "
-    "- COALESCE((SELECT amount_nanos FROM freed), 0), spent_nanos = spent_nanos + $3 "
-    "WHERE counter = $1 RETURNING spent_nanos"
-)
-# The same, only when the lease is still there (a retry that the first try may have done).
-_PG_SETTLE_HELD = (
-    f"WITH freed AS (DELETE FROM {_LEASE_TABLE} WHERE counter = $1 AND request_id = $2 "
-    f"RETURNING amount_nanos), done AS (UPDATE {_TABLE} SET reserved_nanos = reserved_nanos "
-    "- freed.amount_nanos, spent_nanos = spent_nanos + $3 FROM freed WHERE counter = $1 "
-    "RETURNING spent_nanos) SELECT spent_nanos FROM done"
-)
-# $1 a time: counters of windows that ended before it go, with their leases.
-_PG_FORGET_ENDED = (
-    f"WITH gone AS (DELETE FROM {_TABLE} WHERE ends_at < $1 RETURNING counter) "
-    f"DELETE FROM {_LEASE_TABLE} AS lease USING gone WHERE lease.counter = gone.counter"
-)
 ROWS_KEPT = 86400.0
 """Seconds a counter's row stays in the database after its window ends."""
-_PG_READ = f"SELECT spent_nanos, reserved_nanos FROM {_TABLE} WHERE counter = $1"
-# $1 counter, $2 now: frees the leases that have expired; returns what they held.
-_PG_SWEEP = (
-    f"WITH dead AS (DELETE FROM {_LEASE_TABLE} WHERE counter = $1 AND expires_at < $2 "
-    "RETURNING amount_nanos), freed AS (SELECT COALESCE(SUM(amount_nanos), 0) AS nanos FROM dead), "
-    f"gone AS (UPDATE {_TABLE} SET reserved_nanos = reserved_nanos - freed.nanos FROM freed "
-    "WHERE counter = $1 AND freed.nanos > 0) SELECT nanos FROM freed"
-)
 
 
 class DatabaseBudgetStore:
-    """Budget counters in the accounting database.
+    """Budget counters in the accounting database: PostgreSQL through asyncpg
+    (:mod:`~llmrouter.accounting.pg_budgets`), a SQLite file through ``sqlite3`` in a
+    worker thread (:mod:`~llmrouter.accounting.sqlite_budgets`).
 
     The reservation is one conditional ``UPDATE``: PostgreSQL re-checks the ``WHERE``
     after taking the row lock, and SQLite has a single writer, so concurrent requests
@@ -212,7 +161,8 @@ class DatabaseBudgetStore:
     (``llmr_budget_reservations``) that settling deletes; a replica that dies
     mid-request leaves its lease behind, and once ``lease_seconds`` have passed the
     next request the window would refuse frees it and is checked again (as
-    ``usage`` does), so a crash costs the budget nothing for long.
+    ``usage`` does), so a crash costs the budget nothing for long. Counters of windows
+    that ended over :data:`ROWS_KEPT` ago are deleted, with their leases.
 
     Args:
         engine: the accounting database.
@@ -254,7 +204,7 @@ class DatabaseBudgetStore:
             ).first()
         if exists is None:
             spent = await self._seed(window)
-            insert = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
+            insert = pg_insert if self._postgres else sqlite_insert
             statement = insert(_COUNTERS).values(
                 counter=window.counter, spent_nanos=spent, reserved_nanos=0, ends_at=window.end
             )
@@ -263,17 +213,9 @@ class DatabaseBudgetStore:
         self._known.add(window.counter)
         self._known.difference_update(self._ended.add(window))
         if self._clock() >= self._next_cleanup:
+            # Every day's counter of every key and end user would otherwise stay forever.
             self._next_cleanup = self._clock() + 3600.0
-            await self._forget_ended(self._clock() - ROWS_KEPT)
-
-    async def _forget_ended(self, before: float) -> None:
-        """Delete the counters (and leases) of windows that ended before ``before``:
-        every day's counter of every key and end user would otherwise stay forever."""
-        if self._postgres:
-            async with asyncpg_connection(self._engine) as connection:
-                await connection.execute(_PG_FORGET_ENDED, before)
-        else:
-            await self._on_sqlite(sqlite_budgets.forget_ended, before)
+            await self._run(pg_budgets.forget_ended, sqlite_budgets.forget_ended, self._clock() - ROWS_KEPT)
 
     async def reserve(self, window: BudgetWindow, amount: int, request_id: str) -> tuple[bool, int, int]:
         return await within(self._timeout, self._reserve(window, amount, request_id))
@@ -292,24 +234,12 @@ class DatabaseBudgetStore:
         """The conditional ``UPDATE`` and the lease: the counter's (spent, reserved) after
         it, or None when the window cannot take ``amount``."""
         deadline = self._clock() + self._lease
-        if self._postgres:
-            async with asyncpg_connection(self._engine) as connection:
-                if not amount:
-                    return await connection.fetchrow(_PG_RESERVE_NOTHING, window.counter, window.limit)
-                return await connection.fetchrow(
-                    _PG_RESERVE, window.counter, amount, window.limit, request_id, deadline
-                )
-        return await self._on_sqlite(
-            sqlite_budgets.take, window.counter, amount, window.limit, request_id, deadline
-        )
+        args = (window.counter, amount, window.limit, request_id, deadline)
+        return await self._run(pg_budgets.take, sqlite_budgets.take, *args)
 
     async def _sweep(self, window: BudgetWindow) -> int:
         """Free the window's expired leases; returns the nano-dollars they held."""
-        now = self._clock()
-        if self._postgres:
-            async with asyncpg_connection(self._engine) as connection:
-                return int(await connection.fetchval(_PG_SWEEP, window.counter, now))
-        return await self._on_sqlite(sqlite_budgets.sweep, window.counter, now)
+        return await self._run(pg_budgets.sweep, sqlite_budgets.sweep, window.counter, self._clock())
 
     async def settle(
         self, window: BudgetWindow, reserved: int, actual: int, request_id: str, *, again: bool = False
@@ -320,16 +250,8 @@ class DatabaseBudgetStore:
 
     async def _settle(self, window: BudgetWindow, actual: int, request_id: str, only_held: bool) -> int:
         await self._ensure(window)
-        if self._postgres:
-            async with asyncpg_connection(self._engine) as connection:
-                sql = _PG_SETTLE_HELD if only_held else _PG_SETTLE
-                spent = await connection.fetchval(sql, window.counter, request_id, actual)
-            if spent is None and only_held:  # settled before: the first try got through
-                return (await self._read(window))[0]
-        else:
-            spent = await self._on_sqlite(
-                sqlite_budgets.settle, window.counter, request_id, actual, only_held
-            )
+        args = (window.counter, request_id, actual, only_held)
+        spent = await self._run(pg_budgets.settle, sqlite_budgets.settle, *args)
         if spent is None:
             raise LookupError(f"budget counter {window.counter!r} is missing")
         return int(spent)
@@ -340,20 +262,21 @@ class DatabaseBudgetStore:
         return await self._read(window)
 
     async def _read(self, window: BudgetWindow) -> tuple[int, int]:
-        if self._postgres:
-            async with asyncpg_connection(self._engine) as connection:
-                row = await connection.fetchrow(_PG_READ, window.counter)
-        else:
-            row = await self._on_sqlite(sqlite_budgets.read, window.counter)
+        row = await self._run(pg_budgets.read, sqlite_budgets.read, window.counter)
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
-    async def _on_sqlite(self, work: Callable[..., T], *args: Any) -> T:
-        """``work(cursor, *args)`` in a transaction: on the store's own connection to a
-        SQLite file, or on the engine's for a database in memory."""
+    async def _run(
+        self, on_postgres: Callable[..., Awaitable[T]], on_sqlite: Callable[..., T], *args: Any
+    ) -> T:
+        """One statement's work: on asyncpg's connection, on the store's own connection to
+        a SQLite file, or (a database in memory) on the engine's, in a transaction."""
+        if self._postgres:
+            async with asyncpg_connection(self._engine) as connection:
+                return await on_postgres(connection, *args)
         if self._sqlite is not None:
-            return await self._sqlite(work, *args)
+            return await self._sqlite(on_sqlite, *args)
         async with self._engine.begin() as conn:
-            return await conn.run_sync(lambda sync: work(sync.connection.cursor(), *args))
+            return await conn.run_sync(lambda sync: on_sqlite(sync.connection.cursor(), *args))
 
     async def aclose(self) -> None:
         self._known.clear()
