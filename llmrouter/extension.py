@@ -8,18 +8,22 @@ module and pass hooks to :class:`~llmrouter.router.Router` directly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from llmrouter.context import RequestContext
     from llmrouter.hooks import CacheLayer, RouterHooks
 
-__all__ = ["Extension", "ResponseObserver"]
+__all__ = ["Extension", "Gauge", "ResponseObserver"]
 
 ResponseObserver = Callable[[MutableMapping[str, Any], int, float], None]
 """Called with a routed HTTP request's ASGI scope, its response status and the seconds
 it took, once the response is sent (see :meth:`Extension.response_observers`)."""
+
+Gauge = Callable[[], Iterable[tuple[Mapping[str, str], float]]]
+"""An observable gauge's values now, as ``(attributes, value)`` pairs; read at every
+metrics collection, so it must be quick and must not block."""
 
 
 class Extension:
@@ -50,6 +54,15 @@ class Extension:
         than a middleware: no ASGI layer of its own. An observer must not block; what
         it raises is logged."""
         return ()
+
+    def gauges(self) -> Mapping[str, Gauge]:
+        """Observable gauges this extension offers, by metric name (accounting: budgets'
+        spend and limits), for the one that exports metrics (see :meth:`export_gauges`)."""
+        return {}
+
+    def export_gauges(self, gauges: Mapping[str, Gauge]) -> None:
+        """Given every extension's :meth:`gauges` when the app is made; the telemetry
+        extension exports those it declares."""
 
     async def startup(self) -> None:
         """Open connections, create tables, start background writers."""

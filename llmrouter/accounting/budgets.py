@@ -255,6 +255,7 @@ class BudgetManager:
         self.retries = retries if retries is not None else Retries()
         """Settlements the store could not take yet (:mod:`llmrouter.accounting.retries`)."""
         self._soft_warned: set[str] = set()
+        self._seen: dict[str, tuple[BudgetWindow, int]] = {}  # key windows' spend, as last seen
 
     def may_apply(self, key: ApiKey | None) -> bool:
         """False when no budget can apply to a request by ``key`` (no rules, no budget
@@ -327,6 +328,7 @@ class BudgetManager:
         try:
             for window in self.windows_for(key, model_group, end_user=end_user):
                 ok, spent, reserved = await self.store.reserve(window, amount, request_id)
+                self._saw(window, spent)
                 if not ok:
                     raise _exceeded(window, spent, reserved, amount)
                 reservation.windows.append((window, amount))
@@ -344,6 +346,7 @@ class BudgetManager:
         A window the store cannot settle now is settled later (:attr:`retries`)."""
         soft_crossed = False
         for window, spent in await self._settle(reservation, to_units(cost)):
+            self._saw(window, spent)
             if window.soft_limit is not None and spent >= window.soft_limit:
                 soft_crossed = True
                 if window.counter not in self._soft_warned:
@@ -358,6 +361,29 @@ class BudgetManager:
                         window.limit / UNITS_PER_USD,
                     )
         return soft_crossed
+
+    def _saw(self, window: BudgetWindow, spent: int) -> None:
+        if window.end_user is None:  # an end user's window is not a metric (unbounded)
+            self._seen[window.counter] = (window, spent)
+
+    def gauges(self, now: float | None = None) -> list[tuple[dict[str, str], float, float]]:
+        """Each key's budget window that this process has used and that has not ended:
+        its attributes (key id, period, model), the spend it last saw (USD) and the limit."""
+        now = time.time() if now is None else now
+        for counter in [c for c, (w, _) in self._seen.items() if w.end is not None and w.end <= now]:
+            del self._seen[counter]
+        found: dict[tuple[str, ...], tuple[dict[str, str], float, float]] = {}
+        for window, spent in self._seen.values():
+            attributes = {
+                "llmrouter.api_key.id": window.key_id or "none",
+                "llmrouter.budget.period": window.period,
+                "gen_ai.request.model": window.model or "*",
+            }
+            limit = window.limit / UNITS_PER_USD
+            same = found.get(tuple(attributes.values()))
+            if same is None or limit < same[2]:  # a key's budget and a rule alike: the stricter
+                found[tuple(attributes.values())] = (attributes, spent / UNITS_PER_USD, limit)
+        return list(found.values())
 
     async def release(self, reservation: Reservation) -> None:
         """Give a reservation back unused (request rejected before dispatch)."""

@@ -37,7 +37,7 @@ from llmrouter.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from llmrouter.extension import Extension
+from llmrouter.extension import Extension, Gauge
 from llmrouter.hooks import RouterHooks
 from llmrouter.server.state import header_dict
 from llmrouter.types import error_param
@@ -175,6 +175,16 @@ class AccountingExtension(Extension):
 
     def router_hooks(self) -> Sequence[RouterHooks]:
         return (self.accounting.hooks,)
+
+    def gauges(self) -> Mapping[str, Gauge]:
+        return {
+            "llmrouter.budget.spent": lambda: [(a, spent) for a, spent, _ in self._budget_gauges()],
+            "llmrouter.budget.limit": lambda: [(a, limit) for a, _, limit in self._budget_gauges()],
+        }
+
+    def _budget_gauges(self) -> list[tuple[dict[str, str], float, float]]:
+        budgets = self.accounting.budgets
+        return budgets.gauges() if budgets is not None else []
 
     async def startup(self) -> None:
         await self.accounting.start()

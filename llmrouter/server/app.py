@@ -216,6 +216,9 @@ def create_app(
         readiness,
     ]
     handlers.extend(dashboard_handlers)  # the usage page (static; it calls the accounting API)
+    gauges = {name: gauge for ext in service.extensions for name, gauge in ext.gauges().items()}
+    for ext in service.extensions:
+        ext.export_gauges(gauges)
     observers = [observe for ext in service.extensions for observe in ext.response_observers()]
     middleware: list[Any] = [RequestIdMiddleware(observers, service.in_flight)]
     for ext in service.extensions:

@@ -10,10 +10,10 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from llmrouter.extension import Extension, ResponseObserver
+from llmrouter.extension import Extension, Gauge, ResponseObserver
 from llmrouter.telemetry.config import METRICS_DIR_ENV, TelemetryConfig
 from llmrouter.telemetry.hooks import TelemetryHooks
 from llmrouter.telemetry.http import HttpDurations, TelemetryMiddleware
@@ -112,6 +112,10 @@ class TelemetryExtension(Extension):
         if self.prometheus is None:
             return ()
         return (_metrics_handler(self.prometheus, self.hooks, self.config.metrics_path),)
+
+    def export_gauges(self, gauges: Mapping[str, Gauge]) -> None:
+        for name, gauge in gauges.items():
+            self.metrics.add_gauge(name, gauge)
 
     async def startup(self) -> None:
         if self.config.json_logs:

@@ -19,7 +19,7 @@ Prometheus names, as the OpenTelemetry Prometheus exporter writes them::
     llmrouter_cost_total, llmrouter_cache_requests_total, llmrouter_retries_total,
     llmrouter_fallbacks_total, llmrouter_deployment_attempts_total,
     llmrouter_deployment_cooldowns_total, llmrouter_requests_rejected_total,
-    llmrouter_deployment_in_flight
+    llmrouter_deployment_in_flight, llmrouter_budget_spent, llmrouter_budget_limit
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ from typing import Any
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from llmrouter.extension import Gauge
 from llmrouter.telemetry.local import Attributes, LocalHistogram, LocalMetrics, Recorder
 
 __all__ = [
     "CHUNK_BUCKETS",
     "DURATION_BUCKETS",
     "HTTP_DURATION_BUCKETS",
+    "OFFERED_GAUGES",
     "TOKEN_BUCKETS",
     "TTFT_BUCKETS",
     "RouterMetrics",
@@ -61,6 +63,16 @@ HTTP_DURATION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 
 InFlightSource = Callable[[], Mapping[str, int]]
 EngineSource = Callable[[], Mapping[str, dict[str, Any]]]
+
+OFFERED_GAUGES: dict[str, tuple[str, str]] = {
+    "llmrouter.budget.spent": (
+        "{USD}",
+        "Spend in each budget window (key, period, model), as this process last saw it.",
+    ),
+    "llmrouter.budget.limit": ("{USD}", "The limit of each budget window (key, period, model)."),
+}
+"""The gauges other components may offer (:meth:`RouterMetrics.add_gauge`): unit and
+description, by name."""
 
 
 class _SDKInstrument:
@@ -189,6 +201,12 @@ class RouterMetrics:
             unit="1",
             description="Fraction of an in-process engine's KV cache in use (vLLM).",
         )
+        # Gauges other components offer (Extension.gauges): read from them at collection.
+        self._gauges: dict[str, list[Gauge]] = {name: [] for name in OFFERED_GAUGES}
+        for name, (unit, description) in OFFERED_GAUGES.items():
+            meter.create_observable_gauge(
+                name, callbacks=[partial(self._observe_offered, name)], unit=unit, description=description
+            )
 
     def fold(self) -> None:
         """Fold what bound local instruments recorded into their series (see
@@ -233,6 +251,20 @@ class RouterMetrics:
             for deployment, stats in self._engine_stats().items()
             if isinstance(value := stats.get("kv_cache_usage"), int | float)
         ]
+
+    def add_gauge(self, name: str, gauge: Gauge) -> bool:
+        """Export ``gauge``'s values as the gauge ``name``, if it is one of
+        :data:`OFFERED_GAUGES` (True); others are not exported (False)."""
+        if name not in self._gauges:
+            return False
+        with self._lock:
+            self._gauges[name].append(gauge)
+        return True
+
+    def _observe_offered(self, name: str, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            gauges = list(self._gauges[name])
+        return [Observation(value, dict(attributes)) for gauge in gauges for attributes, value in gauge()]
 
     def add_in_flight_source(self, source: InFlightSource) -> None:
         """Register a callable returning ``{deployment: in_flight}``; summed at collection."""

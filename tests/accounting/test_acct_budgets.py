@@ -5,6 +5,7 @@ and across replicas that share Redis or the database."""
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -336,3 +337,27 @@ async def _check_crash_freed(config: Any, redis: Any = None) -> None:
         await alive.hooks.after_request(finish(ctx, cost=MAX_COST))
         window = alive.budgets.windows_for(None, "gpt-4o")[0]
         assert await alive.budgets.store.usage(window) == (to_units(MAX_COST), 0)
+
+
+async def test_budget_gauges_are_the_key_windows_last_seen() -> None:
+    from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore
+
+    async def spent_before(_: object) -> int:
+        return to_units(0.25)
+
+    rules = [
+        BudgetRule(key="*", period="day", limit=1.0),
+        BudgetRule(key="*", model="gpt-4o", period="total", limit=5.0),
+        BudgetRule(key="*", user="*", period="day", limit=0.5),  # per end user: not a metric
+    ]
+    budgets = BudgetManager(rules, MemoryBudgetStore(spent_before))
+    assert budgets.gauges() == []
+    reservation = await budgets.reserve(None, "gpt-4o", 0.1, "r1", end_user="customer-42")
+    await budgets.settle(reservation, 0.05)
+    gauges = {
+        (a["llmrouter.budget.period"], a["gen_ai.request.model"]): (s, lim) for a, s, lim in budgets.gauges()
+    }
+    assert gauges == {("day", "*"): (0.3, 1.0), ("total", "gpt-4o"): (0.3, 5.0)}
+    assert {a["llmrouter.api_key.id"] for a, _, _ in budgets.gauges()} == {"none"}
+    tomorrow = time.time() + 86_400
+    assert [a["llmrouter.budget.period"] for a, _, _ in budgets.gauges(now=tomorrow)] == ["total"]

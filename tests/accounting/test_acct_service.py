@@ -375,3 +375,33 @@ async def test_ready_is_503_while_a_store_of_accounting_does_not_answer(
             and report["redis"].startswith("ConnectionError")
         )
         assert ready.json()["deployments"][0]["healthy"] is True  # the model is fine; accounting is not
+
+
+async def test_budgets_are_gauges_in_metrics(sqlite_url: str, tmp_path: Path) -> None:
+    from llmrouter.accounting.config import BudgetRule
+    from llmrouter.telemetry import TelemetryConfig
+    from llmrouter.telemetry.extension import TelemetryExtension
+
+    router = Router()
+    router.add_deployment(
+        "gpt-4o-mini",
+        ScriptedProvider("gpt-4o-mini", default=Step(text="hello there")),
+        Deployment(provider="scripted", model="gpt-4o-mini", price=Price(input=1000.0, output=2000.0)),
+    )
+    acct = Accounting(
+        make_config(sqlite_url, tmp_path, budgets=[BudgetRule(key="*", period="month", limit=2.5)])
+    )
+    extensions = [AccountingExtension(acct), TelemetryExtension(TelemetryConfig(json_logs=False))]
+    async with AsyncTestClient(create_app(Config(), router=router, extensions=extensions)) as client:
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        scrape = (await client.get("/metrics")).text
+    labels = ('gen_ai_request_model="*"', 'llmrouter_api_key_id="none"', 'llmrouter_budget_period="month"')
+
+    def value(name: str) -> float:
+        (line,) = [
+            x for x in scrape.splitlines() if x.startswith(name + "{") and all(label in x for label in labels)
+        ]
+        return float(line.rsplit(" ", 1)[1])
+
+    assert value("llmrouter_budget_limit") == 2.5
+    assert value("llmrouter_budget_spent") == acct.budgets.gauges()[0][1] > 0

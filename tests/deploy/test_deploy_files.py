@@ -77,6 +77,16 @@ def test_prometheus_config_is_valid() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
+)
+def test_budget_alerts_fire_on_the_newest_view_of_a_budget() -> None:
+    # alerts.test.yml: two workers reporting a budget's spend as each last read it.
+    path = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
+    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_prometheus_scrapes_the_service() -> None:
     config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "llmrouter"]
