@@ -83,7 +83,9 @@ def test_prometheus_config_is_valid() -> None:
 def test_budget_alerts_fire_on_the_newest_view_of_a_budget() -> None:
     # alerts.test.yml: two workers reporting a budget's spend as each last read it.
     path = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
-    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
