@@ -24,11 +24,8 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import anyio
-import anyio.to_thread
-
-from llmrouter.accounting.db import set_sqlite_pragmas
 from llmrouter.accounting.models import BudgetCounterRow, BudgetReservationRow
+from llmrouter.accounting.sqlite_thread import SQLiteThread
 
 __all__ = ["SQLiteRunner", "forget_ended", "read", "settle", "sweep", "take"]
 
@@ -118,37 +115,24 @@ class SQLiteRunner:
     """
 
     def __init__(self, path: str) -> None:
-        self._path = path
-        self._connection: sqlite3.Connection | None = None
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._db = SQLiteThread(path, autocommit=True)  # the transactions are the ones begun here
 
     async def __call__(self, work: Callable[..., T], *args: Any) -> T:
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(1)  # one connection: one thread at a time
-        return await anyio.to_thread.run_sync(self._run, work, args, limiter=self._limiter)
-
-    def _run(self, work: Callable[..., T], args: tuple[Any, ...]) -> T:
-        connection = self._connection or self._connect()
-        cursor = connection.cursor()
-        try:
-            cursor.execute("BEGIN IMMEDIATE")
-            result = work(cursor, *args)
-        except BaseException:
-            connection.rollback()
-            raise
-        finally:
-            cursor.close()
-        connection.commit()
-        return result
-
-    def _connect(self) -> sqlite3.Connection:
-        # Autocommit mode: the transactions are the ones _run begins.
-        connection = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
-        set_sqlite_pragmas(connection)
-        self._connection = connection
-        return connection
+        return await self._db.run(_in_transaction, work, args)
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        self._db.close()
+
+
+def _in_transaction(connection: sqlite3.Connection, work: Callable[..., T], args: tuple[Any, ...]) -> T:
+    cursor = connection.cursor()
+    try:
+        cursor.execute("BEGIN IMMEDIATE")
+        result = work(cursor, *args)
+    except BaseException:
+        connection.rollback()
+        raise
+    finally:
+        cursor.close()
+    connection.commit()
+    return result

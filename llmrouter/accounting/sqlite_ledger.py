@@ -24,10 +24,7 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import Any, cast
 
-import anyio
-import anyio.to_thread
-
-from llmrouter.accounting.db import set_sqlite_pragmas
+from llmrouter.accounting.sqlite_thread import SQLiteThread
 
 __all__ = ["ROWS_PER_STATEMENT", "SQLiteInserter", "is_refused"]
 
@@ -60,22 +57,17 @@ class SQLiteInserter:
     """
 
     def __init__(self, path: str, table: str, columns: Sequence[str]) -> None:
-        self._path = path
         self._table = table
         self._columns = tuple(columns)
         self._sql = self._statement(1)
-        self._rows_per_statement = 1  # and the statement for them: set by _connect()
+        self._rows_per_statement = 1  # and the statement for them: set when it connects
         self._many_sql = self._sql
-        self._connection: sqlite3.Connection | None = None
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._db = SQLiteThread(path, on_connect=self._fit_statements)
 
     async def __call__(self, values: list[tuple[Any, ...]]) -> None:
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(1)  # one connection: one thread at a time
-        await anyio.to_thread.run_sync(self._insert, values, limiter=self._limiter)
+        await self._db.run(self._insert, values)
 
-    def _insert(self, values: list[tuple[Any, ...]]) -> None:
-        connection = self._connection or self._connect()
+    def _insert(self, connection: sqlite3.Connection, values: list[tuple[Any, ...]]) -> None:
         per = self._rows_per_statement
         grouped = len(values) - len(values) % per
         with connection:  # one transaction: committed, or rolled back on any error
@@ -94,16 +86,10 @@ class SQLiteInserter:
             f"{', '.join([placeholders] * rows)} ON CONFLICT (entry_id) DO NOTHING"
         )
 
-    def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self._path, check_same_thread=False)
-        set_sqlite_pragmas(connection)
+    def _fit_statements(self, connection: sqlite3.Connection) -> None:
         most = connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // len(self._columns)
         self._rows_per_statement = max(1, min(ROWS_PER_STATEMENT, most))
         self._many_sql = self._statement(self._rows_per_statement)
-        self._connection = connection
-        return connection
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        self._db.close()

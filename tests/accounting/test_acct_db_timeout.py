@@ -76,6 +76,18 @@ def _through(pg_url: str, proxy: FreezableProxy) -> str:
     return pg_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
 
 
+def _budgets_through(pg_url: str, tmp_path: Path, proxy: FreezableProxy) -> Any:
+    """A day budget in the database, reached through ``proxy``, bounded by TIMEOUT."""
+    config = make_config(
+        _through(pg_url, proxy),
+        tmp_path,
+        budgets=[BudgetRule(key="*", period="day", limit=1.0)],
+        budget_backend="database",
+    )
+    config.database.timeout = TIMEOUT
+    return config
+
+
 async def _refused_within_the_timeout(call: Any) -> None:
     started = time.monotonic()
     with anyio.fail_after(10), pytest.raises(AccountingUnavailableError) as raised:
@@ -103,13 +115,7 @@ async def test_checking_a_key_on_a_database_that_stopped_answering(
 async def test_a_database_budget_on_a_database_that_stopped_answering(
     pg_url: str, tmp_path: Path, proxy: FreezableProxy
 ) -> None:
-    config = make_config(
-        _through(pg_url, proxy),
-        tmp_path,
-        budgets=[BudgetRule(key="*", period="day", limit=1.0)],
-        budget_backend="database",
-    )
-    config.database.timeout = TIMEOUT
+    config = _budgets_through(pg_url, tmp_path, proxy)
     async with Accounting(config) as acct:
         proxy.freeze()
         await _refused_within_the_timeout(lambda: acct.hooks.before_request(chat_context(max_cost=0.01)))
@@ -141,13 +147,7 @@ async def test_a_settlement_the_database_did_not_answer_counts_once(
     # the timeout, and the settlement reaches PostgreSQL once it answers again (the spend
     # counted, the reservation given back). A first try that got through though its reply
     # was lost is test_acct_budget_store's "tried again" test.
-    config = make_config(
-        _through(pg_url, proxy),
-        tmp_path,
-        budgets=[BudgetRule(key="*", period="day", limit=1.0)],
-        budget_backend="database",
-    )
-    config.database.timeout = TIMEOUT
+    config = _budgets_through(pg_url, tmp_path, proxy)
     acct = Accounting(config)
     acct.retries = Retries(first_delay=0.05)  # rather than after 1 s
     async with acct:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from llmrouter.accounting import Accounting, extension_from_config
 from llmrouter.accounting.config import RedisConfig
 from llmrouter.accounting.extension import AccountingExtension, secret_from_headers
 from llmrouter.config import Config, Deployment, Price, parse_config
+from llmrouter.extension import Extension
 from llmrouter.router import Router
 from llmrouter.server import create_app
 from llmrouter.testing.scripted import ScriptedProvider, Step
@@ -23,7 +25,10 @@ pytestmark = pytest.mark.anyio
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
 
 
-def _app(sqlite_url: str, tmp_path: Path, **accounting: Any) -> tuple[object, Accounting]:
+def _app(
+    sqlite_url: str, tmp_path: Path, *, also: Sequence[Extension] = (), **accounting: Any
+) -> tuple[object, Accounting]:
+    """The service with accounting (configured by ``accounting``) and the extensions ``also``."""
     router = Router()
     router.add_deployment(
         "gpt-4o-mini",
@@ -31,7 +36,7 @@ def _app(sqlite_url: str, tmp_path: Path, **accounting: Any) -> tuple[object, Ac
         Deployment(provider="scripted", model="gpt-4o-mini", price=Price(input=0.15, output=0.6)),
     )
     acct = Accounting(make_config(sqlite_url, tmp_path, **accounting))
-    return create_app(Config(), router=router, extensions=[AccountingExtension(acct)]), acct
+    return create_app(Config(), router=router, extensions=[AccountingExtension(acct), *also]), acct
 
 
 def test_secret_from_headers() -> None:
@@ -382,17 +387,10 @@ async def test_budgets_are_gauges_in_metrics(sqlite_url: str, tmp_path: Path) ->
     from llmrouter.telemetry import TelemetryConfig
     from llmrouter.telemetry.extension import TelemetryExtension
 
-    router = Router()
-    router.add_deployment(
-        "gpt-4o-mini",
-        ScriptedProvider("gpt-4o-mini", default=Step(text="hello there")),
-        Deployment(provider="scripted", model="gpt-4o-mini", price=Price(input=1000.0, output=2000.0)),
-    )
-    acct = Accounting(
-        make_config(sqlite_url, tmp_path, budgets=[BudgetRule(key="*", period="month", limit=2.5)])
-    )
-    extensions = [AccountingExtension(acct), TelemetryExtension(TelemetryConfig(json_logs=False))]
-    async with AsyncTestClient(create_app(Config(), router=router, extensions=extensions)) as client:
+    telemetry = TelemetryExtension(TelemetryConfig(json_logs=False))
+    budgets = [BudgetRule(key="*", period="month", limit=2.5)]
+    app, acct = _app(sqlite_url, tmp_path, also=[telemetry], budgets=budgets)
+    async with AsyncTestClient(app) as client:
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
         scrape = (await client.get("/metrics")).text
     labels = ('gen_ai_request_model="*"', 'llmrouter_api_key_id="none"', 'llmrouter_budget_period="month"')

@@ -66,27 +66,25 @@ def test_compose_stack_shape() -> None:
                 assert (ROOT / source).exists(), source
 
 
-@pytest.mark.skipif(
+needs_promtool = pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
 )
-def test_prometheus_config_is_valid() -> None:
-    path = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-    result = subprocess.run(
-        ["promtool", "check", "config", str(path)], capture_output=True, text=True, timeout=60
-    )
+
+
+def _promtool(*args: str) -> None:
+    result = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)"
-)
+@needs_promtool
+def test_prometheus_config_is_valid() -> None:
+    _promtool("check", "config", str(ROOT / "deploy" / "prometheus" / "prometheus.yml"))
+
+
+@needs_promtool
 def test_budget_alerts_fire_on_the_newest_view_of_a_budget() -> None:
     # alerts.test.yml: two workers reporting a budget's spend as each last read it.
-    path = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
-    result = subprocess.run(
-        ["promtool", "test", "rules", str(path)], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    _promtool("test", "rules", str(ROOT / "deploy" / "prometheus" / "alerts.test.yml"))
 
 
 def test_prometheus_scrapes_the_service() -> None:
