@@ -256,6 +256,7 @@ class BudgetManager:
         """Settlements the store could not take yet (:mod:`llmrouter.accounting.retries`)."""
         self._soft_warned: set[str] = set()
         self._seen: dict[str, tuple[BudgetWindow, int]] = {}  # key windows' spend, as last seen
+        self._seen_ended = EndedWindows()
 
     def may_apply(self, key: ApiKey | None) -> bool:
         """False when no budget can apply to a request by ``key`` (no rules, no budget
@@ -335,7 +336,7 @@ class BudgetManager:
         except BaseException:
             # Refused, failed (the store is down) or cancelled half-way: the windows
             # already reserved go back (shielded: a cancelled request must not keep them).
-            # A store that fails this too gets it later (unsettled).
+            # A store that fails this too gets it later (retries).
             with anyio.CancelScope(shield=True):
                 await self.release(reservation)
             raise
@@ -363,17 +364,22 @@ class BudgetManager:
         return soft_crossed
 
     def _saw(self, window: BudgetWindow, spent: int) -> None:
-        if window.end_user is None:  # an end user's window is not a metric (unbounded)
-            self._seen[window.counter] = (window, spent)
+        if window.end_user is not None:  # an end user's window is not a metric (unbounded)
+            return
+        if window.counter not in self._seen:
+            for counter in self._seen_ended.add(window):
+                self._seen.pop(counter, None)
+        self._seen[window.counter] = (window, spent)
 
     def gauges(self, now: float | None = None) -> list[tuple[dict[str, str], float, float]]:
         """Each key's budget window that this process has used and that has not ended:
-        its attributes (key id, period, model), the spend it last saw (USD) and the limit."""
+        its attributes (key id, period, model), the spend it last saw (USD) and the limit.
+        Safe to call from another thread (a metrics collection)."""
         now = time.time() if now is None else now
-        for counter in [c for c, (w, _) in self._seen.items() if w.end is not None and w.end <= now]:
-            del self._seen[counter]
         found: dict[tuple[str, ...], tuple[dict[str, str], float, float]] = {}
-        for window, spent in self._seen.values():
+        for window, spent in list(self._seen.values()):
+            if window.end is not None and window.end <= now:
+                continue
             attributes = {
                 "llmrouter.api_key.id": window.key_id or "none",
                 "llmrouter.budget.period": window.period,

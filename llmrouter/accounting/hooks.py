@@ -185,7 +185,7 @@ class AccountingHooks(RouterHooks):
             if tickets and self.limiter is not None:
                 with anyio.CancelScope(shield=True):
                     for ticket in tickets:
-                        await self._give_back(ticket, ctx.request_id)
+                        await self._give_back(self.limiter, ticket, ctx.request_id)
             if isinstance(exc, LLMRouterError):
                 self._record(ctx, status="rejected", error_code=exc.code)
             elif isinstance(exc, Exception):
@@ -235,21 +235,20 @@ class AccountingHooks(RouterHooks):
                 usage = ctx.usage
                 tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
                 for ticket in admission.tickets:
-                    await self._give_back(ticket, ctx.request_id, tokens)
+                    await self._give_back(self.limiter, ticket, ctx.request_id, tokens)
 
-    async def _give_back(self, ticket: LimitTicket, request_id: str, tokens: int = 0) -> None:
+    async def _give_back(
+        self, limiter: Limiter, ticket: LimitTicket, request_id: str, tokens: int = 0
+    ) -> None:
         """Release an admission's limits, with the ``tokens`` it used (none when it was
         refused); a failure is logged and tried again later, and the other tickets are
         still released."""
-        assert self.limiter is not None
         try:
-            await self.limiter.release(ticket, tokens)
+            await limiter.release(ticket, tokens)
         except Exception as exc:  # noqa: BLE001
             log.warning("accounting: releasing request %s's limits failed: %s", request_id, _describe(exc))
             if self.retries is not None:
-                self.retries.add(
-                    f"releasing {request_id}'s limits", partial(self.limiter.release, ticket, tokens)
-                )
+                self.retries.add(f"releasing {request_id}'s limits", partial(limiter.release, ticket, tokens))
 
 
 def unavailable(cause: Exception, doing: str) -> AccountingUnavailableError:
