@@ -113,7 +113,7 @@ def upstream() -> Iterator[FakeUpstream]:
         yield fake
 
 
-def service_config(base_url: str) -> Any:
+def service_config(base_url: str, folder: Path) -> Any:
     return parse_config(
         {
             "models": [
@@ -145,7 +145,11 @@ def service_config(base_url: str) -> Any:
                 },
             ],
             "discover": False,
-            "accounting": {"enabled": False},
+            "accounting": {
+                "database": {"url": f"sqlite:///{folder / 'acct.db'}"},
+                "ledger": {"journal_dir": str(folder / "journal")},
+                "budgets": [{"key": "*", "period": "month", "limit": 100.0}],
+            },
             "cache": {"backend": "memory"},
         },
         env={},
@@ -153,9 +157,11 @@ def service_config(base_url: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def scrape(upstream: FakeUpstream) -> str:
-    config = service_config(upstream.base_url)
-    extensions: list[Any] = []
+def scrape(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> str:
+    config = service_config(upstream.base_url, tmp_path_factory.mktemp("dashboard"))
+    from llmrouter.accounting import extension_from_config as accounting_extension
+
+    extensions: list[Any] = [accounting_extension(config)]
     try:
         from llmrouter.cache import extension_from_config as cache_extension
     except ImportError:  # the cache subsystem is optional
@@ -203,6 +209,8 @@ def test_the_traffic_reached_the_interesting_series(scrape: str) -> None:
         "llmrouter_deployment_cooldowns_total",
         "llmrouter_requests_rejected_total",
         "llmrouter_cost_total",
+        "llmrouter_budget_spent",
+        "llmrouter_budget_limit",
     ):
         assert name in series, name
     assert 'llmrouter_cache_status="hit"' in scrape
