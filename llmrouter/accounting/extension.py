@@ -177,9 +177,12 @@ class AccountingExtension(Extension):
         return (self.accounting.hooks,)
 
     def gauges(self) -> Mapping[str, Gauge]:
+        acct = self.accounting
         return {
             "llmrouter.budget.spent": lambda: [(a, spent) for a, spent, _ in self._budget_gauges()],
             "llmrouter.budget.limit": lambda: [(a, limit) for a, _, limit in self._budget_gauges()],
+            "llmrouter.ledger.pending": lambda: [({}, acct.ledger.pending)],
+            "llmrouter.accounting.settlements_waiting": lambda: [({}, len(acct.retries))],
         }
 
     def _budget_gauges(self) -> list[tuple[dict[str, str], float, float]]:

@@ -19,7 +19,8 @@ Prometheus names, as the OpenTelemetry Prometheus exporter writes them::
     llmrouter_cost_total, llmrouter_cache_requests_total, llmrouter_retries_total,
     llmrouter_fallbacks_total, llmrouter_deployment_attempts_total,
     llmrouter_deployment_cooldowns_total, llmrouter_requests_rejected_total,
-    llmrouter_deployment_in_flight, llmrouter_budget_spent, llmrouter_budget_limit
+    llmrouter_deployment_in_flight, llmrouter_budget_spent, llmrouter_budget_limit,
+    llmrouter_ledger_pending, llmrouter_accounting_settlements_waiting
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ OFFERED_GAUGES: dict[str, tuple[str, str]] = {
         "Spend in each budget window (key, period, model), as this process last saw it.",
     ),
     "llmrouter.budget.limit": ("{USD}", "The limit of each budget window (key, period, model)."),
+    "llmrouter.ledger.pending": ("{row}", "Ledger rows acknowledged but not yet in the database."),
+    "llmrouter.accounting.settlements_waiting": (
+        "{settlement}",
+        "Budget settlements and rate-limit releases waiting for their store to answer.",
+    ),
 }
 """The gauges other components may offer (:meth:`RouterMetrics.add_gauge`): unit and
 description, by name."""

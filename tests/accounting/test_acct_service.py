@@ -393,13 +393,16 @@ async def test_budgets_are_gauges_in_metrics(sqlite_url: str, tmp_path: Path) ->
     async with AsyncTestClient(app) as client:
         assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
         scrape = (await client.get("/metrics")).text
-    labels = ('gen_ai_request_model="*"', 'llmrouter_api_key_id="none"', 'llmrouter_budget_period="month"')
+    window = ('gen_ai_request_model="*"', 'llmrouter_api_key_id="none"', 'llmrouter_budget_period="month"')
 
-    def value(name: str) -> float:
+    def value(name: str, *labels: str) -> float:
         (line,) = [
             x for x in scrape.splitlines() if x.startswith(name + "{") and all(label in x for label in labels)
         ]
         return float(line.rsplit(" ", 1)[1])
 
-    assert value("llmrouter_budget_limit") == 2.5
-    assert value("llmrouter_budget_spent") == acct.budgets.gauges()[0][1] > 0
+    assert value("llmrouter_budget_limit", *window) == 2.5
+    assert value("llmrouter_budget_spent", *window) == acct.budgets.gauges()[0][1] > 0
+    # The accounting's own state, unlabelled (each worker's, in a multi-worker serve).
+    assert value("llmrouter_accounting_settlements_waiting") == 0
+    assert value("llmrouter_ledger_pending") in (0, 1)  # the request's row, written or not yet

@@ -211,6 +211,8 @@ def test_the_traffic_reached_the_interesting_series(scrape: str) -> None:
         "llmrouter_cost_total",
         "llmrouter_budget_spent",
         "llmrouter_budget_limit",
+        "llmrouter_ledger_pending",
+        "llmrouter_accounting_settlements_waiting",
     ):
         assert name in series, name
     assert 'llmrouter_cache_status="hit"' in scrape
