@@ -162,9 +162,8 @@ class AccountingHooks(RouterHooks):
             self._check_access(ctx, key)
             subject = key.id if key else "-"
             limits = self.effective_limits(key)
-            if self.limiter is not None and not limits.empty:
-                tickets.append(await self.limiter.acquire(subject, limits, ctx.prompt_tokens_estimate))
-                ctx.extra_headers = tickets[0].headers()
+            # The end user's limits first: a customer refused by their own must not use up
+            # the requests and tokens the key's other customers share.
             if (
                 self._end_user_limits is not None
                 and self.limiter is not None
@@ -175,6 +174,9 @@ class AccountingHooks(RouterHooks):
                         self.limiter, self._end_user_limits, subject, end_user, ctx.prompt_tokens_estimate
                     )
                 )
+            if self.limiter is not None and not limits.empty:
+                tickets.append(await self.limiter.acquire(subject, limits, ctx.prompt_tokens_estimate))
+                ctx.extra_headers = tickets[-1].headers()  # the key's
             if self.budgets is not None and self.budgets.may_apply(key):
                 reservation = await self.budgets.reserve(
                     key, ctx.model_group, ctx.max_cost, new_id(), end_user=_end_user_of(ctx)

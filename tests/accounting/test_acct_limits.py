@@ -252,3 +252,31 @@ def test_budget_backend_follows_the_deployment_shape() -> None:
     many = parse_config({"server": {"workers": 4}}, env={})
     assert Accounting.from_config(many).config.budget_backend == "database"
     assert Accounting.from_config(parse_config({}, env={})).config.budget_backend == "auto"
+
+
+async def test_an_end_user_refused_by_their_own_limit_leaves_the_keys_requests_alone(
+    sqlite_url: str, tmp_path: Path, redis_or_not: dict[str, RedisConfig]
+) -> None:
+    # End-user limits protect the key's other customers from one of them: a customer
+    # hammering past their own limit must not use up the key's requests per minute.
+    limits = LimitsConfig(rpm=5, end_user=EndUserLimits(rpm=2))
+    async with Accounting(make_config(sqlite_url, tmp_path, limits=limits, **redis_or_not)) as acct:
+        key, _ = await acct.keys.create("saas")
+        refused = 0
+        for _ in range(10):
+            ctx = chat_context(key, user="hammering")
+            try:
+                await acct.hooks.before_request(ctx)
+            except RateLimitError as exc:
+                assert "end user 'hammering'" in exc.message
+                refused += 1
+                continue
+            await acct.hooks.after_request(finish(ctx))
+        assert refused == 8
+        for n in range(3):  # the key's other 3 requests of the minute
+            ctx = chat_context(key, user=f"customer-{n}")
+            await acct.hooks.before_request(ctx)
+            assert ctx.extra_headers["x-ratelimit-limit-requests"] == "5"  # the key's headers
+            await acct.hooks.after_request(finish(ctx))
+        with pytest.raises(RateLimitError, match=r"5 requests per minute"):
+            await acct.hooks.before_request(chat_context(key, user="a-third"))
