@@ -56,6 +56,9 @@ class RequestContext:
     prompt_tokens_estimate: int = 0
     max_cost: float | None = None
     """The most this request can cost (prompt + max output at the price); reserved."""
+    prompt_cost_estimate: float = 0.0
+    """The estimated prompt at the highest input price it may be sent at: what a request
+    its process did not finish is billed (accounting's ``interrupted`` rows)."""
     usage: Usage | None = None
     cost: float | None = None
     cost_source: CostSource | None = None

@@ -453,7 +453,8 @@ class Router:
         return ctx, groups, request
 
     async def _bound_cost(self, ctx: RequestContext, groups: list[GroupState], request: Any) -> Any:
-        """Estimate prompt tokens and the most the request can cost (0 when unpriced).
+        """Estimate prompt tokens, the most the request can cost and what its prompt alone
+        costs (0 when unpriced).
 
         A priced request without an output limit gets ``router.default_max_tokens``, so
         that a budget reservation really is the maximum.
@@ -474,6 +475,7 @@ class Router:
             ctx.request = request
         output = limit * _choices(request)  # each of n answers may use the whole limit
         ctx.max_cost = max(max_cost(ctx.prompt_tokens_estimate, output, price) for price in prices)
+        ctx.prompt_cost_estimate = max(max_cost(ctx.prompt_tokens_estimate, 0, price) for price in prices)
         return request
 
     def _rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:

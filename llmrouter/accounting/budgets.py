@@ -395,7 +395,16 @@ class BudgetManager:
         """Give a reservation back unused (request rejected before dispatch)."""
         await self._settle(reservation, 0)
 
-    async def _settle(self, reservation: Reservation, actual: int) -> list[tuple[BudgetWindow, int]]:
+    async def settle_held(self, reservation: Reservation, cost: float | None) -> None:
+        """Settle the reservation of a request its process did not finish (the ledger's
+        ``interrupted`` rows) to ``cost``, in each window whose store still holds it;
+        one whose lease has ended was given back, and stays so. Stores in memory hold
+        no other process's reservations: not for them."""
+        await self._settle(reservation, to_units(cost), again=True)
+
+    async def _settle(
+        self, reservation: Reservation, actual: int, *, again: bool = False
+    ) -> list[tuple[BudgetWindow, int]]:
         """Settle each window on its own; those the store fails are kept for later.
         Returns the windows settled, with their spend after it."""
         windows, reservation.windows = reservation.windows, []
@@ -403,7 +412,10 @@ class BudgetManager:
         for window, amount in windows:
             try:
                 settled.append(
-                    (window, await self.store.settle(window, amount, actual, reservation.request_id))
+                    (
+                        window,
+                        await self.store.settle(window, amount, actual, reservation.request_id, again=again),
+                    )
                 )
             except Exception as exc:  # noqa: BLE001 - the store is down or slow: try again later
                 log.warning(

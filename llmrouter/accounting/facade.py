@@ -11,7 +11,14 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.budget_stores import DatabaseBudgetStore, RedisBudgetStore
-from llmrouter.accounting.budgets import BudgetManager, BudgetStore, BudgetWindow, MemoryBudgetStore, to_units
+from llmrouter.accounting.budgets import (
+    BudgetManager,
+    BudgetStore,
+    BudgetWindow,
+    MemoryBudgetStore,
+    Reservation,
+    to_units,
+)
 from llmrouter.accounting.config import AccountingConfig
 from llmrouter.accounting.db import create_engine
 from llmrouter.accounting.hooks import AccountingHooks, unavailable
@@ -176,6 +183,7 @@ class Accounting:
             else MemoryLimiter()
         )
         self.budgets = BudgetManager(self.config.budgets, self._budget_store(), self.retries)
+        await self._settle_interrupted()
         self._hooks = AccountingHooks(
             keys=self.keys,
             ledger=self.ledger,
@@ -197,6 +205,7 @@ class Accounting:
             self._key_events = None
             self.keys.on_change = None
         await self.ledger.aclose()
+        await self._settle_interrupted()
         await self.retries.aclose()  # budget settlements and limit releases, while their stores are open
         if self.budgets is not None:
             await self.budgets.aclose()
@@ -205,6 +214,28 @@ class Accounting:
         if self._own_redis and self.redis is not None:
             await self.redis.aclose()
         await self.engine.dispose()
+
+    async def _settle_interrupted(self) -> None:
+        """Bill the budgets what the ledger billed the requests a process did not finish
+        (replayed from a dead one's journal, or still running at shutdown): their
+        reservations, held by the store until their leases end, become that cost."""
+        interrupted, self.ledger.interrupted = self.ledger.interrupted, []
+        budgets = self.budgets
+        if budgets is None or isinstance(budgets.store, MemoryBudgetStore):
+            return  # counters in memory die with their process, and are seeded from the ledger
+        for row, hold in interrupted:
+            if hold is None:
+                continue  # it reserved nothing
+            try:
+                reservation = hold if isinstance(hold, Reservation) else msgspec.convert(hold, Reservation)
+            except msgspec.ValidationError as exc:
+                log.error(
+                    "accounting: the reservation of interrupted request %s is unreadable: %s",
+                    row.request_id,
+                    exc,
+                )
+                continue
+            await budgets.settle_held(reservation, row.cost)
 
     async def __aenter__(self) -> Accounting:
         await self.start()

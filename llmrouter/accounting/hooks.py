@@ -4,7 +4,8 @@
 user's) -> budget reservation of ``ctx.max_cost``. ``after_request``: settle the budget
 to ``ctx.cost`` -> free the concurrency slots and true up TPM -> queue the ledger row.
 A request refused in ``before_request`` gives back whatever it had taken and gets a
-``rejected`` ledger row.
+``rejected`` ledger row; one admitted is journaled as in flight, with its reservation,
+so that it is billed (``interrupted``) should its process die before it finishes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from llmrouter.accounting import end_users
 from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore, Reservation
 from llmrouter.accounting.config import LimitsConfig
 from llmrouter.accounting.keys import ApiKey
-from llmrouter.accounting.ledger import LedgerWriter, row_from_context
+from llmrouter.accounting.ledger import LedgerWriter, interrupted_row, row_from_context
 from llmrouter.accounting.limits import EffectiveLimits, KeyLimitError, Limiter, LimitTicket, MemoryLimiter
 from llmrouter.accounting.retries import Retries
 from llmrouter.context import new_id
@@ -50,6 +51,8 @@ class _Admission(NamedTuple):
     tickets: tuple[LimitTicket, ...]
     """The key's limits, then its end user's."""
     reservation: Reservation | None
+    entry_id: str | None
+    """The ledger row's, journaled as in flight (None without a journal)."""
 
 
 class AccountingHooks(RouterHooks):
@@ -196,7 +199,11 @@ class AccountingHooks(RouterHooks):
                 self._record(ctx, status="rejected", error_code=error.code)
                 raise error from exc
             raise
-        self._admitted[id(ctx)] = _Admission(ctx, tuple(tickets), reservation)
+        entry_id = None
+        if self.ledger is not None and self.ledger.journaling:
+            entry_id = new_id()
+            self.ledger.open(interrupted_row(ctx, entry_id), reservation)
+        self._admitted[id(ctx)] = _Admission(ctx, tuple(tickets), reservation, entry_id)
 
     async def after_request(self, ctx: RequestContext) -> None:
         """Settle, release, record. Never raises (a failure is logged; the row is still queued)."""
@@ -206,8 +213,8 @@ class AccountingHooks(RouterHooks):
                 await self._settle(ctx, admission)
         except Exception:
             log.exception("accounting: settling request %s failed", ctx.request_id)
-        finally:
-            self._record(ctx)  # the row, whatever happened to the settling
+        finally:  # the row, whatever happened to the settling
+            self._record(ctx, entry_id=admission.entry_id if admission is not None else None)
 
     def on_rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
         """Refused elsewhere (unknown model, another hook): still worth a ``rejected`` row."""
@@ -215,7 +222,12 @@ class AccountingHooks(RouterHooks):
             self._record(ctx, status="rejected", error_code=error.code)
 
     def _record(
-        self, ctx: RequestContext, *, status: str | None = None, error_code: str | None = None
+        self,
+        ctx: RequestContext,
+        *,
+        status: str | None = None,
+        error_code: str | None = None,
+        entry_id: str | None = None,
     ) -> None:
         if self.ledger is None or ctx.metadata.get(_RECORDED) is not None:
             return  # one row per request, whichever path saw it first
@@ -223,7 +235,7 @@ class AccountingHooks(RouterHooks):
         if ctx.api_key_id is None and isinstance(ctx.principal, ApiKey):
             ctx.api_key_id = ctx.principal.id  # refused before before_request resolved it
         try:
-            self.ledger.record(row_from_context(ctx, status=status, error_code=error_code))
+            self.ledger.record(row_from_context(ctx, status=status, error_code=error_code, entry_id=entry_id))
         except Exception:  # after_request must not raise
             log.exception("accounting: recording request %s failed", ctx.request_id)
 

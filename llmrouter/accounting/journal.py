@@ -11,6 +11,9 @@ full disk fail the opening of a segment, with an error, instead of a write into 
 mapping, which would kill the process. Segments whose rows are all in the database are
 deleted.
 
+A request in flight has a line too, ``{"open": row, "hold": ...}``: the row it gets if
+the process ends before it does (see :meth:`~llmrouter.accounting.ledger.LedgerWriter.open`).
+
 Every process writes in its own folder under the journal directory and holds an
 exclusive ``flock`` on it; at start-up, folders whose lock can be taken belong to dead
 processes, and their rows are replayed (inserts are idempotent on ``entry_id``).
@@ -83,6 +86,11 @@ class Journal:
         self._map.close()
         self._map, self._used = new_map, 0
         self.segment += 1
+
+    @property
+    def oldest(self) -> int:
+        """The lowest segment not yet dropped."""
+        return self._oldest
 
     def drop_before(self, segment: int) -> None:
         """Delete the segments numbered below ``segment`` (all their rows are committed).

@@ -7,6 +7,12 @@ database fails, the rows stay queued (and journaled) and the batch is retried wi
 backoff. Inserts ignore an ``entry_id`` already present, so a
 batch retried after an ambiguous failure, or a journal replayed at start-up, never
 bills twice. :meth:`LedgerWriter.aclose` flushes what is left.
+
+A request in flight is journaled too, when it is admitted (:meth:`LedgerWriter.open`):
+the row it gets should its process die before it finishes (:func:`interrupted_row`,
+status ``interrupted``). Its finished row has the same ``entry_id`` and replaces it; a
+replay inserts the rows of requests that never finished, and hands back what each held
+(its budget reservation) for the caller to settle.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 import msgspec
@@ -39,7 +45,7 @@ from llmrouter.context import new_id
 if TYPE_CHECKING:
     from llmrouter.context import RequestContext
 
-__all__ = ["LedgerWriter", "insert_rows", "row_from_context"]
+__all__ = ["Interrupted", "LedgerWriter", "insert_rows", "interrupted_row", "row_from_context"]
 
 log = logging.getLogger("llmrouter.accounting.ledger")
 _TABLE: Any = LedgerRow.__table__  # type: ignore[attr-defined]
@@ -60,15 +66,20 @@ def utc_day(ts: float) -> str:
 
 
 def row_from_context(
-    ctx: RequestContext, *, status: str | None = None, error_code: str | None = None
+    ctx: RequestContext,
+    *,
+    status: str | None = None,
+    error_code: str | None = None,
+    entry_id: str | None = None,
 ) -> LedgerEntry:
-    """The ledger row for a finished (or rejected) request."""
+    """The ledger row for a finished (or rejected) request (``entry_id``: the one its
+    :func:`interrupted_row` had)."""
     usage = ctx.usage
     error = ctx.error
     # Positional, in field order: msgspec matches keyword arguments one by one, which
     # made building a row five times as expensive.
     return LedgerEntry(
-        new_id(),  # entry_id
+        entry_id or new_id(),
         ctx.request_id,
         ctx.created,  # created_at
         utc_day(ctx.created),  # day
@@ -93,6 +104,60 @@ def row_from_context(
         ctx.attempts,
         ctx.request.end_user if ctx.request is not None else None,
     )
+
+
+def interrupted_row(ctx: RequestContext, entry_id: str) -> LedgerEntry:
+    """The row of an admitted request whose process dies before it finishes: its prompt
+    as estimated for pricing, at the estimated price (``usage_estimated``), no output
+    (what the upstream made of it is unknown), status ``interrupted``."""
+    return LedgerEntry(
+        entry_id,
+        ctx.request_id,
+        ctx.created,  # created_at
+        utc_day(ctx.created),  # day
+        ctx.api_key_id,
+        ctx.operation,
+        ctx.stream,
+        ctx.model_group,
+        None,  # deployment: not chosen yet
+        None,  # provider
+        None,  # upstream_model
+        ctx.prompt_tokens_estimate,
+        0,  # completion_tokens
+        0,  # cached_tokens
+        ctx.prompt_cost_estimate,
+        "price_table" if ctx.max_cost else "unpriced",  # cost_source
+        True,  # usage_estimated
+        None,  # cache_status
+        None,  # latency_ms
+        None,  # ttft_ms
+        INTERRUPTED,
+        PROCESS_EXITED,
+        0,  # attempts
+        ctx.request.end_user if ctx.request is not None else None,
+    )
+
+
+INTERRUPTED = "interrupted"
+"""The status of a request its process did not finish."""
+PROCESS_EXITED = "process_exited"
+"""The error code of an interrupted request whose process died (replayed at a start)."""
+SHUTDOWN = "shutdown"
+"""The error code of one still running when the ledger closed."""
+
+
+class _OpenLine(msgspec.Struct, gc=False):
+    """A journal line for a request in flight: ``{"open": row, "hold": ...}``."""
+
+    open: LedgerEntry
+    hold: Any = None
+
+
+class Interrupted(NamedTuple):
+    """A request recorded as interrupted, with what it held (given to :meth:`LedgerWriter.open`)."""
+
+    row: LedgerEntry
+    hold: Any
 
 
 async def insert_rows(engine: AsyncEngine, rows: Sequence[LedgerEntry | Mapping[str, Any]]) -> None:
@@ -176,6 +241,11 @@ class LedgerWriter:
             sink, self._close_sink = default_sink(engine)
         self._sink: Sink = sink
         self._queue: deque[tuple[int, LedgerEntry]] = deque()
+        self._open: dict[str, tuple[int, _OpenLine]] = {}
+        """Requests in flight by entry id, with the segment of their journal line."""
+        self.interrupted: list[Interrupted] = []
+        """Requests recorded as interrupted (replayed by :meth:`start`, or still running at
+        :meth:`aclose`) whose holds the caller has not taken yet."""
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._write_lock = anyio.Lock()
@@ -191,6 +261,11 @@ class LedgerWriter:
         self.last_error: str | None = None
 
     @property
+    def journaling(self) -> bool:
+        """Rows are journaled (so :meth:`open` keeps requests in flight)."""
+        return self._journal is not None
+
+    @property
     def pending(self) -> int:
         """Rows acknowledged but not yet in the database."""
         return len(self._queue)
@@ -203,20 +278,39 @@ class LedgerWriter:
         """
         replayed = 0
         if self._journal_dir is not None:
-            for folder, rows, fd in orphaned_rows(self._journal_dir):
+            for folder, lines, fd in orphaned_rows(self._journal_dir):
+                rows, interrupted = _replayed(lines)
                 try:
                     for i in range(0, len(rows), self._batch_size):
-                        await self._write([as_entry(row) for row in rows[i : i + self._batch_size]])
+                        await self._write(rows[i : i + self._batch_size])
                 except Exception:
                     release_orphan(folder, fd, replayed=False)
                     raise
                 release_orphan(folder, fd, replayed=True)
                 replayed += len(rows)
+                self.interrupted.extend(interrupted)
             self._journal = Journal(self._journal_dir)
         if replayed:
-            log.info("ledger: replayed %d journaled rows", replayed)
+            log.info(
+                "ledger: replayed %d journaled rows, %d of them requests interrupted by their process's end",
+                replayed,
+                len(self.interrupted),
+            )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="llmrouter-ledger-writer")
         return replayed
+
+    def open(self, row: LedgerEntry, hold: Any = None) -> None:
+        """Journal a request in flight: ``row`` is recorded in its place should the process
+        end before a row with the same ``entry_id`` is (:func:`interrupted_row`), and
+        ``hold`` (anything msgspec encodes) is handed back with it in :attr:`interrupted`.
+        Nothing without a journal."""
+        if self._journal is None:
+            return
+        line = _OpenLine(row, hold)
+        try:
+            self._open[row.entry_id] = (self._journal.append(line), line)
+        except OSError as exc:
+            log.error("ledger: journaling request %s in flight failed (%s)", row.request_id, exc)
 
     def record(self, row: LedgerEntry | Mapping[str, Any]) -> None:
         """Acknowledge a row: journal it, queue it; it will reach the database. A mapping
@@ -224,6 +318,8 @@ class LedgerWriter:
         if self._closing and self._task is None:
             raise RuntimeError("ledger writer is closed")
         row = as_entry(row)
+        if self._open:
+            self._open.pop(row.entry_id, None)
         segment = 0
         if self._journal is not None:
             try:
@@ -308,10 +404,27 @@ class LedgerWriter:
         log.error("ledger: the database refused a row; set aside in %s: %s", path, exc)
 
     def _trim_journal(self) -> None:
-        if self._journal is None:
+        journal = self._journal
+        if journal is None:
             return
-        # Every segment older than the oldest queued row's is done.
-        self._journal.drop_before(self._queue[0][0] if self._queue else self._journal.segment)
+        # Every segment older than the oldest queued row's is done, once the lines of the
+        # requests still in flight there are copied forward.
+        done = self._queue[0][0] if self._queue else journal.segment
+        if self._open and journal.oldest < done:
+            done = self._carry_open(journal, done)
+        journal.drop_before(done)
+
+    def _carry_open(self, journal: Journal, done: int) -> int:
+        """Copy the lines of requests in flight in segments below ``done`` into the current
+        one (a request running for an hour would otherwise keep an hour of segments);
+        returns the segment below which nothing is needed now."""
+        for entry_id, (segment, line) in list(self._open.items()):
+            if segment < done:
+                try:
+                    self._open[entry_id] = (journal.append(line), line)
+                except OSError:
+                    done = segment  # kept where it is
+        return done
 
     async def flush(self) -> None:
         """Write everything queued now (reports call this to read their own writes).
@@ -335,6 +448,15 @@ class LedgerWriter:
             # abandoned mid-insert can keep the write lock and block the final flush.
             with anyio.CancelScope(shield=True):
                 await asyncio.gather(self._task, return_exceptions=True)
+        if self._open:
+            # Still running (a forced shutdown does not wait for them): billed as interrupted.
+            log.warning(
+                "ledger: %d requests still running at shutdown, recorded as interrupted", len(self._open)
+            )
+            for _, line in list(self._open.values()):
+                row = msgspec.structs.replace(line.open, error_code=SHUTDOWN)
+                self.record(row)
+                self.interrupted.append(Interrupted(row, line.hold))
         deadline = time.monotonic() + self._shutdown_timeout
         delay = 0.1
         with anyio.CancelScope(shield=True):
@@ -348,3 +470,18 @@ class LedgerWriter:
             self._journal.close(committed=not self._queue)
         self._close_sink()
         self._task = None
+
+
+def _replayed(lines: list[dict[str, Any]]) -> tuple[list[LedgerEntry], list[Interrupted]]:
+    """A dead process's journal lines as the rows to insert: its rows, and the rows of
+    the requests it had in flight that have none (a line may be there twice: copied
+    forward)."""
+    rows = [as_entry(line) for line in lines if "open" not in line]
+    finished = {row.entry_id for row in rows}
+    interrupted: dict[str, Interrupted] = {}
+    for line in lines:
+        if "open" in line:
+            row = as_entry(line["open"])
+            if row.entry_id not in finished:
+                interrupted[row.entry_id] = Interrupted(row, line.get("hold"))
+    return rows + [item.row for item in interrupted.values()], list(interrupted.values())

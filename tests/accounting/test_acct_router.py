@@ -165,10 +165,10 @@ async def test_a_request_cancelled_during_settlement_is_still_billed_and_release
             def __getattr__(self, name: str) -> Any:
                 return getattr(self.inner, name)
 
-            async def settle(self, *args: Any) -> int:
+            async def settle(self, *args: Any, **kwargs: Any) -> int:
                 settling.set()
                 await asyncio.sleep(0.05)
-                return await self.inner.settle(*args)
+                return await self.inner.settle(*args, **kwargs)
 
         store = acct.budgets.store = NetworkStore(acct.budgets.store)
         assert not acct.hooks.settles_inline
