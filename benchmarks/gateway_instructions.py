@@ -76,6 +76,11 @@ PARTS: dict[str, tuple[str, str, Any]] = {
         "llmrouter.accounting.journal:Journal.append",
         lambda self, row: self.segment,
     ),
+    "in-flight-line": (
+        "the journal line of a request in flight (built and copied in)",
+        "llmrouter.accounting.ledger:LedgerWriter.open",
+        lambda self, request: None,
+    ),
     "cache-key": (
         "the cache key: canonical request, JSON, SHA-256 (a new key each time, as here)",
         "llmrouter.cache.layer:cache_key",

@@ -21,7 +21,7 @@ from llmrouter.accounting import end_users
 from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore, Reservation
 from llmrouter.accounting.config import LimitsConfig
 from llmrouter.accounting.keys import ApiKey
-from llmrouter.accounting.ledger import LedgerWriter, interrupted_row, row_from_context
+from llmrouter.accounting.ledger import LedgerWriter, in_flight, row_from_context
 from llmrouter.accounting.limits import EffectiveLimits, KeyLimitError, Limiter, LimitTicket, MemoryLimiter
 from llmrouter.accounting.retries import Retries
 from llmrouter.context import new_id
@@ -202,7 +202,7 @@ class AccountingHooks(RouterHooks):
         entry_id = None
         if self.ledger is not None and self.ledger.journaling:
             entry_id = new_id()
-            self.ledger.open(interrupted_row(ctx, entry_id), reservation)
+            self.ledger.open(in_flight(ctx, entry_id, reservation))
         self._admitted[id(ctx)] = _Admission(ctx, tuple(tickets), reservation, entry_id)
 
     async def after_request(self, ctx: RequestContext) -> None:

@@ -11,8 +11,8 @@ full disk fail the opening of a segment, with an error, instead of a write into 
 mapping, which would kill the process. Segments whose rows are all in the database are
 deleted.
 
-A request in flight has a line too, ``{"open": row, "hold": ...}``: the row it gets if
-the process ends before it does (see :meth:`~llmrouter.accounting.ledger.LedgerWriter.open`).
+A request in flight has a line too, a JSON array: what its row needs should the process
+end before it does (:class:`~llmrouter.accounting.ledger.InFlight`).
 
 Every process writes in its own folder under the journal directory and holds an
 exclusive ``flock`` on it; at start-up, folders whose lock can be taken belong to dead
@@ -126,7 +126,7 @@ def _preallocate(fd: int, size: int) -> None:
     os.pwrite(fd, bytes(size), 0)  # writing zeros allocates them everywhere
 
 
-def _read_rows(folder: Path) -> Iterator[dict[str, Any]]:
+def _read_rows(folder: Path) -> Iterator[Any]:
     for path in sorted(folder.glob("*.jsonl")):
         for line in path.read_bytes().rstrip(b"\x00").splitlines():
             try:
@@ -135,7 +135,7 @@ def _read_rows(folder: Path) -> Iterator[dict[str, Any]]:
                 continue  # a torn last line from a crash mid-write: that row was never acknowledged
 
 
-def orphaned_rows(root: str | Path) -> list[tuple[Path, list[dict[str, Any]], int]]:
+def orphaned_rows(root: str | Path) -> list[tuple[Path, list[Any], int]]:
     """Folders left by dead processes: ``(folder, rows, lock_fd)``; the caller replays the
     rows, then calls :func:`release_orphan`. The lock is held meanwhile so that two
     starting replicas don't replay the same folder twice."""

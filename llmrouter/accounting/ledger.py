@@ -9,8 +9,8 @@ batch retried after an ambiguous failure, or a journal replayed at start-up, nev
 bills twice. :meth:`LedgerWriter.aclose` flushes what is left.
 
 A request in flight is journaled too, when it is admitted (:meth:`LedgerWriter.open`):
-the row it gets should its process die before it finishes (:func:`interrupted_row`,
-status ``interrupted``). Its finished row has the same ``entry_id`` and replaces it; a
+what its row needs should its process die before it finishes (:class:`InFlight`, the
+row's status then ``interrupted``). Its finished row has the same ``entry_id`` and replaces it; a
 replay inserts the rows of requests that never finished, and hands back what each held
 (its budget reservation) for the caller to settle.
 """
@@ -45,7 +45,7 @@ from llmrouter.context import new_id
 if TYPE_CHECKING:
     from llmrouter.context import RequestContext
 
-__all__ = ["Interrupted", "LedgerWriter", "insert_rows", "interrupted_row", "row_from_context"]
+__all__ = ["InFlight", "Interrupted", "LedgerWriter", "in_flight", "insert_rows", "row_from_context"]
 
 log = logging.getLogger("llmrouter.accounting.ledger")
 _TABLE: Any = LedgerRow.__table__  # type: ignore[attr-defined]
@@ -73,7 +73,7 @@ def row_from_context(
     entry_id: str | None = None,
 ) -> LedgerEntry:
     """The ledger row for a finished (or rejected) request (``entry_id``: the one its
-    :func:`interrupted_row` had)."""
+    :class:`InFlight` had)."""
     usage = ctx.usage
     error = ctx.error
     # Positional, in field order: msgspec matches keyword arguments one by one, which
@@ -106,51 +106,86 @@ def row_from_context(
     )
 
 
-def interrupted_row(ctx: RequestContext, entry_id: str) -> LedgerEntry:
-    """The row of an admitted request whose process dies before it finishes: its prompt
-    as estimated for pricing, at the estimated price (``usage_estimated``), no output
-    (what the upstream made of it is unknown), status ``interrupted``."""
-    return LedgerEntry(
-        entry_id,
-        ctx.request_id,
-        ctx.created,  # created_at
-        utc_day(ctx.created),  # day
-        ctx.api_key_id,
-        ctx.operation,
-        ctx.stream,
-        ctx.model_group,
-        None,  # deployment: not chosen yet
-        None,  # provider
-        None,  # upstream_model
-        ctx.prompt_tokens_estimate,
-        0,  # completion_tokens
-        0,  # cached_tokens
-        ctx.prompt_cost_estimate,
-        "price_table" if ctx.max_cost else "unpriced",  # cost_source
-        True,  # usage_estimated
-        None,  # cache_status
-        None,  # latency_ms
-        None,  # ttft_ms
-        INTERRUPTED,
-        PROCESS_EXITED,
-        0,  # attempts
-        ctx.request.end_user if ctx.request is not None else None,
-    )
-
-
 INTERRUPTED = "interrupted"
 """The status of a request its process did not finish."""
 PROCESS_EXITED = "process_exited"
 """The error code of an interrupted request whose process died (replayed at a start)."""
 SHUTDOWN = "shutdown"
 """The error code of one still running when the ledger closed."""
+OPEN_GRACE_SECONDS = 1.0
+"""How long :meth:`LedgerWriter.aclose` waits for requests still running to record their
+own rows before it records them as interrupted."""
 
 
-class _OpenLine(msgspec.Struct, gc=False):
-    """A journal line for a request in flight: ``{"open": row, "hold": ...}``."""
+class InFlight(msgspec.Struct, array_like=True, gc=False):
+    """An admitted request as its journal line keeps it until it finishes (a JSON array,
+    where rows are objects): what its row needs should its process end first. A third
+    of a row's line, and a third of its cost to encode."""
 
-    open: LedgerEntry
+    entry_id: str
+    """Its finished row's too, which takes its place."""
+    request_id: str
+    created_at: float
+    api_key_id: str | None
+    operation: str
+    stream: bool
+    model_group: str | None
+    prompt_tokens: int
+    """As estimated for pricing (0 when unpriced)."""
+    cost: float
+    """The prompt at the highest input price it may be sent at."""
+    priced: bool
+    end_user: str | None
     hold: Any = None
+    """Handed back with its row (accounting: its budget reservation)."""
+
+    def row(self, error_code: str) -> LedgerEntry:
+        """Its row, interrupted: the estimated prompt at its estimated cost, no output
+        (what the upstream made of it is unknown)."""
+        return LedgerEntry(
+            self.entry_id,
+            self.request_id,
+            self.created_at,
+            utc_day(self.created_at),
+            self.api_key_id,
+            self.operation,
+            self.stream,
+            self.model_group,
+            None,  # deployment: perhaps not chosen yet
+            None,  # provider
+            None,  # upstream_model
+            self.prompt_tokens,
+            0,  # completion_tokens
+            0,  # cached_tokens
+            self.cost,
+            "price_table" if self.priced else "unpriced",
+            True,  # usage_estimated
+            None,  # cache_status
+            None,  # latency_ms
+            None,  # ttft_ms
+            INTERRUPTED,
+            error_code,
+            0,  # attempts
+            self.end_user,
+        )
+
+
+def in_flight(ctx: RequestContext, entry_id: str, hold: Any = None) -> InFlight:
+    """An admitted request, for :meth:`LedgerWriter.open`."""
+    return InFlight(
+        entry_id,
+        ctx.request_id,
+        ctx.created,
+        ctx.api_key_id,
+        ctx.operation,
+        ctx.stream,
+        ctx.model_group,
+        ctx.prompt_tokens_estimate,
+        ctx.prompt_cost_estimate,
+        bool(ctx.max_cost),
+        ctx.request.end_user if ctx.request is not None else None,
+        hold,
+    )
 
 
 class Interrupted(NamedTuple):
@@ -241,7 +276,7 @@ class LedgerWriter:
             sink, self._close_sink = default_sink(engine)
         self._sink: Sink = sink
         self._queue: deque[tuple[int, LedgerEntry]] = deque()
-        self._open: dict[str, tuple[int, _OpenLine]] = {}
+        self._open: dict[str, tuple[int, InFlight]] = {}
         """Requests in flight by entry id, with the segment of their journal line."""
         self.interrupted: list[Interrupted] = []
         """Requests recorded as interrupted (replayed by :meth:`start`, or still running at
@@ -299,18 +334,16 @@ class LedgerWriter:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="llmrouter-ledger-writer")
         return replayed
 
-    def open(self, row: LedgerEntry, hold: Any = None) -> None:
-        """Journal a request in flight: ``row`` is recorded in its place should the process
-        end before a row with the same ``entry_id`` is (:func:`interrupted_row`), and
-        ``hold`` (anything msgspec encodes) is handed back with it in :attr:`interrupted`.
-        Nothing without a journal."""
+    def open(self, request: InFlight) -> None:
+        """Journal a request in flight: its interrupted row is recorded should the process
+        end before a row with its ``entry_id`` is, and its ``hold`` (anything msgspec
+        encodes) is handed back with it in :attr:`interrupted`. Nothing without a journal."""
         if self._journal is None:
             return
-        line = _OpenLine(row, hold)
         try:
-            self._open[row.entry_id] = (self._journal.append(line), line)
+            self._open[request.entry_id] = (self._journal.append(request), request)
         except OSError as exc:
-            log.error("ledger: journaling request %s in flight failed (%s)", row.request_id, exc)
+            log.error("ledger: journaling request %s in flight failed (%s)", request.request_id, exc)
 
     def record(self, row: LedgerEntry | Mapping[str, Any]) -> None:
         """Acknowledge a row: journal it, queue it; it will reach the database. A mapping
@@ -418,10 +451,10 @@ class LedgerWriter:
         """Copy the lines of requests in flight in segments below ``done`` into the current
         one (a request running for an hour would otherwise keep an hour of segments);
         returns the segment below which nothing is needed now."""
-        for entry_id, (segment, line) in list(self._open.items()):
+        for entry_id, (segment, request) in list(self._open.items()):
             if segment < done:
                 try:
-                    self._open[entry_id] = (journal.append(line), line)
+                    self._open[entry_id] = (journal.append(request), request)
                 except OSError:
                     done = segment  # kept where it is
         return done
@@ -449,14 +482,19 @@ class LedgerWriter:
             with anyio.CancelScope(shield=True):
                 await asyncio.gather(self._task, return_exceptions=True)
         if self._open:
-            # Still running (a forced shutdown does not wait for them): billed as interrupted.
+            # Requests still running: at a forced shutdown they are being cancelled now, and
+            # record their own rows as they unwind, within milliseconds; a moment for that.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(OPEN_GRACE_SECONDS):
+                while self._open:  # noqa: ASYNC110 - rows arrive through record(), no event to wait on
+                    await anyio.sleep(0.01)
+        if self._open:
             log.warning(
                 "ledger: %d requests still running at shutdown, recorded as interrupted", len(self._open)
             )
-            for _, line in list(self._open.values()):
-                row = msgspec.structs.replace(line.open, error_code=SHUTDOWN)
+            for _, request in list(self._open.values()):
+                row = request.row(SHUTDOWN)
                 self.record(row)
-                self.interrupted.append(Interrupted(row, line.hold))
+                self.interrupted.append(Interrupted(row, request.hold))
         deadline = time.monotonic() + self._shutdown_timeout
         delay = 0.1
         with anyio.CancelScope(shield=True):
@@ -472,16 +510,20 @@ class LedgerWriter:
         self._task = None
 
 
-def _replayed(lines: list[dict[str, Any]]) -> tuple[list[LedgerEntry], list[Interrupted]]:
-    """A dead process's journal lines as the rows to insert: its rows, and the rows of
-    the requests it had in flight that have none (a line may be there twice: copied
-    forward)."""
-    rows = [as_entry(line) for line in lines if "open" not in line]
+def _replayed(lines: list[Any]) -> tuple[list[LedgerEntry], list[Interrupted]]:
+    """A dead process's journal lines as the rows to insert: its rows (objects), and the
+    rows of the requests it had in flight (arrays) that have none (a request's line may
+    be there twice: copied forward)."""
+    rows = [as_entry(line) for line in lines if not isinstance(line, list)]
     finished = {row.entry_id for row in rows}
     interrupted: dict[str, Interrupted] = {}
     for line in lines:
-        if "open" in line:
-            row = as_entry(line["open"])
-            if row.entry_id not in finished:
-                interrupted[row.entry_id] = Interrupted(row, line.get("hold"))
+        if isinstance(line, list):
+            try:
+                request = msgspec.convert(line, InFlight)
+            except msgspec.ValidationError:
+                log.error("ledger: an unreadable journal line of a request in flight: %.200s", line)
+                continue
+            if request.entry_id not in finished:
+                interrupted[request.entry_id] = Interrupted(request.row(PROCESS_EXITED), request.hold)
     return rows + [item.row for item in interrupted.values()], list(interrupted.values())

@@ -4,6 +4,7 @@ estimated prompt cost, and its budget reservation settled to that cost."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import textwrap
@@ -140,13 +141,24 @@ async def test_requests_still_running_at_shutdown_are_billed_as_interrupted(
         await acct.hooks.after_request(finish(finished, cost=COST))
         for name in ("running-1", "running-2"):  # a forced shutdown does not wait for these
             await acct.hooks.before_request(_context(name))
+        # One ends as the shutdown closes the ledger (cancelled, it unwinds): its own row.
+        unwinding = _context("unwinding")
+        await acct.hooks.before_request(unwinding)
+
+        async def unwind() -> None:
+            await anyio.sleep(0.2)
+            await acct.hooks.after_request(finish(unwinding, cost=COST, status="cancelled"))
+
+        task = asyncio.get_running_loop().create_task(unwind())
+    await task
     async with Accounting(config) as restarted:
         rows = await _rows(restarted)
         spent, reserved = await _budget(restarted)
-    assert sorted(rows) == ["finished", "running-1", "running-2"]
+    assert sorted(rows) == ["finished", "running-1", "running-2", "unwinding"]
     _assert_interrupted(rows["running-1"], "shutdown")
     _assert_interrupted(rows["running-2"], "shutdown")
-    assert (spent, reserved) == (to_units(COST + 2 * PROMPT_COST), 0)
+    assert (rows["unwinding"]["status"], rows["unwinding"]["cost"]) == ("cancelled", pytest.approx(COST))
+    assert (spent, reserved) == (to_units(2 * COST + 2 * PROMPT_COST), 0)
     assert not list((tmp_path / "journal").iterdir())  # nothing left to replay
 
 
@@ -159,7 +171,7 @@ async def test_a_request_in_flight_for_many_segments_keeps_its_line_and_no_more(
     acct = Accounting(config)
     await acct.start()
     await acct.hooks.before_request(_context("long"))
-    for i in range(6000):  # ~5 MB of journal lines: five segments of 1 MiB
+    for i in range(8000):  # ~5 MB of journal lines: five segments of 1 MiB
         ctx = _context(f"short-{i}")
         await acct.hooks.before_request(ctx)
         await acct.hooks.after_request(finish(ctx, cost=COST))
@@ -172,5 +184,5 @@ async def test_a_request_in_flight_for_many_segments_keeps_its_line_and_no_more(
 
     async with Accounting(config) as restarted:
         rows = await _rows(restarted)
-    assert len(rows) == 6001
+    assert len(rows) == 8001
     _assert_interrupted(rows["long"], "process_exited")
