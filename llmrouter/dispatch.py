@@ -218,6 +218,9 @@ async def dispatch_call(
         except Exception as exc:  # noqa: BLE001 - translated and judged by the plan
             plan.failed(group, deployment, as_router_error(exc, deployment))
             continue
+        except BaseException:
+            _commit(ctx, group, deployment)  # cancelled mid-call: billed the prompt sent here
+            raise
         finally:
             current_context.reset(token)
             group.release(deployment)
@@ -289,6 +292,9 @@ async def dispatch_stream(
             except Exception as exc:  # noqa: BLE001 - translated and judged by the plan
                 plan.failed(group, deployment, as_router_error(exc, deployment))
                 continue
+            except BaseException:
+                _commit(ctx, group, deployment)  # cancelled before its first chunk: billed the prompt
+                raise
             _commit(ctx, group, deployment)
             _first_token(ctx, hooks)
             ttft = time.perf_counter() - started

@@ -369,13 +369,23 @@ class Router:
             if ctx.usage is None:
                 # The answer exists: counting it must finish even if the caller is cancelled
                 # now, or a completed call would be billed nothing.
-                ctx.usage = response.usage or await to_completion(_count_usage(ctx, text_of(response)))
+                if response.usage is not None:
+                    ctx.usage = response.usage
+                else:
+                    await to_completion(_fill_usage(ctx, text_of(response)))
             ctx.status = "ok"
             return response
         except BaseException as exc:
             _record_failure(ctx, exc)
             raise
         finally:
+            if ctx.usage is None and ctx.deployment is not None:
+                # Cancelled while its upstream call ran: the upstream has read the prompt
+                # (as estimated for pricing; no await here, the cancellation would cut it).
+                prompt = ctx.prompt_tokens_estimate
+                ctx.usage = Usage(
+                    prompt_tokens=prompt, completion_tokens=0, total_tokens=prompt, estimated=True
+                )
             await self._finish(ctx)
 
     async def _relay(self, open_stream: Callable[[], Awaitable[_OpenStream]]) -> AsyncGenerator[Any, None]:
@@ -416,7 +426,7 @@ class Router:
         finally:
             try:
                 if ctx.usage is None and (pieces or ctx.deployment is not None):
-                    ctx.usage = await to_completion(_count_usage(ctx, "".join(pieces)))
+                    await to_completion(_fill_usage(ctx, "".join(pieces)))
             finally:
                 await self._finish(ctx)
 
@@ -655,6 +665,12 @@ def _within_limit(usage: Usage, request: ChatRequest | CompletionRequest | None)
     if usage.completion_tokens <= most:
         return usage
     return msgspec.structs.replace(usage, completion_tokens=most, total_tokens=usage.prompt_tokens + most)
+
+
+async def _fill_usage(ctx: RequestContext, completion_text: str) -> None:
+    """Set ``ctx.usage`` counted (in the work :func:`to_completion` runs: a cancellation
+    it passes on afterwards must not lose the count)."""
+    ctx.usage = await _count_usage(ctx, completion_text)
 
 
 async def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:

@@ -188,7 +188,9 @@ async def test_leader_cancelled_through_the_router(routed: Any, provider: GatedP
         assert ledger.rows[0][0] == "cancelled" and provider.record.cancelled == 1
         provider.gate.set()
     assert len(answers) == 3 and provider.record.calls == 1 and provider.record.completed == 1
-    assert ledger.rows[0][2] == 0.0  # the cancelled call answered nothing
+    # The cancelled call answered nothing, but its upstream had read the prompt: billed
+    # that, as estimated for pricing ($1 a million input tokens).
+    assert ledger.rows[0][2:] == (pytest.approx(10 / 1e6), "price_table")
     followers = ledger.rows[1:]
     # Billed once, to the follower that called, at the price-table cost of the whole answer.
     assert sorted(row[2] for row in followers) == [0.0, 0.0, pytest.approx(0.002)]

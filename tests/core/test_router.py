@@ -309,6 +309,54 @@ async def test_cancelling_the_caller_cancels_the_provider():
     assert router.groups["g"].deployments[0].in_flight == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_cancelled_before_its_answer_is_billed_its_prompt(stream):
+    """The upstream has read the prompt: a client leaving before the answer (or before a
+    stream's first chunk) used to be billed nothing, and named no deployment."""
+    provider = ScriptedProvider(default=Step(delay=10))
+    router = make_router(provider, d0={"price": Price(input=2.0, output=8.0)})
+    ctx = RequestContext()
+
+    async def call() -> None:
+        if stream:
+            async for _ in router.stream(chat_body(text="a prompt of some words"), context=ctx):
+                pass
+        else:
+            await router.chat(chat_body(text="a prompt of some words"), context=ctx)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            while not provider.record.calls:  # noqa: ASYNC110 - the fake counts, it has no event
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()  # the client leaves while the upstream works
+    assert provider.record.cancelled == 1
+    assert (ctx.status, ctx.deployment) == ("cancelled", "d0")
+    assert ctx.usage.estimated and ctx.usage.prompt_tokens > 0 and ctx.usage.completion_tokens == 0
+    assert ctx.cost == pytest.approx(ctx.usage.prompt_tokens * 2.0 / 1e6)
+    assert ctx.cost_source == "price_table"
+
+
+async def test_a_stream_cancelled_mid_answer_is_billed_what_it_sent():
+    """Cancelled by the caller's scope (not closed): the count of the partial output ran,
+    then the cancellation went on and took the count with it."""
+    provider = ScriptedProvider(
+        default=Step(text="one two three four five six", chunk_delay=0.05, usage=False)
+    )
+    router = make_router(provider, d0={"price": Price(input=2.0, output=8.0)})
+    ctx = RequestContext()
+    received = []
+    with anyio.fail_after(5):
+        with anyio.CancelScope() as scope:
+            async for chunk in router.stream(chat_body(), context=ctx):
+                received.append(chunk)
+                if len(received) == 2:
+                    scope.cancel()
+    assert ctx.status == "cancelled"
+    assert ctx.usage.estimated and ctx.usage.completion_tokens >= 1
+    assert ctx.cost > 0
+
+
 async def test_closing_a_stream_closes_the_provider_stream_and_bills_partial_output():
     provider = ScriptedProvider(
         default=Step(text="one two three four five six", chunk_delay=0.01, usage=False)
