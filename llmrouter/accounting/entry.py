@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -23,7 +24,7 @@ from sqlalchemy import BigInteger, Integer, String
 
 from llmrouter.accounting.models import LedgerRow
 
-__all__ = ["FIELDS", "LedgerEntry", "as_entry", "storable", "storable_values"]
+__all__ = ["FIELDS", "LedgerEntry", "as_entry", "storable", "storable_values", "utc_day"]
 
 
 class LedgerEntry(msgspec.Struct, gc=False):
@@ -82,6 +83,18 @@ _INT_LIMITS: tuple[tuple[int, int], ...] = tuple(
 )
 
 _astuple = msgspec.structs.astuple
+
+_SECONDS_PER_DAY = 86400  # Unix time has no leap seconds: every UTC day is this long
+_last_day: tuple[int, str] = (-1, "")
+
+
+def utc_day(ts: float) -> str:
+    """``YYYY-MM-DD`` of ``ts`` in UTC (formatted once per day: this runs per request)."""
+    global _last_day
+    number = int(ts // _SECONDS_PER_DAY)
+    if number != _last_day[0]:
+        _last_day = (number, datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d"))
+    return _last_day[1]
 
 
 def as_entry(row: LedgerEntry | Mapping[str, Any]) -> LedgerEntry:

@@ -20,8 +20,9 @@ import anyio
 from llmrouter.accounting import end_users
 from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore, Reservation
 from llmrouter.accounting.config import LimitsConfig
+from llmrouter.accounting.in_flight import in_flight
 from llmrouter.accounting.keys import ApiKey
-from llmrouter.accounting.ledger import LedgerWriter, in_flight, row_from_context
+from llmrouter.accounting.ledger import LedgerWriter, row_from_context
 from llmrouter.accounting.limits import EffectiveLimits, KeyLimitError, Limiter, LimitTicket, MemoryLimiter
 from llmrouter.accounting.retries import Retries
 from llmrouter.context import new_id

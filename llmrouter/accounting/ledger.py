@@ -9,10 +9,10 @@ batch retried after an ambiguous failure, or a journal replayed at start-up, nev
 bills twice. :meth:`LedgerWriter.aclose` flushes what is left.
 
 A request in flight is journaled too, when it is admitted (:meth:`LedgerWriter.open`):
-what its row needs should its process die before it finishes (:class:`InFlight`, the
-row's status then ``interrupted``). Its finished row has the same ``entry_id`` and replaces it; a
-replay inserts the rows of requests that never finished, and hands back what each held
-(its budget reservation) for the caller to settle.
+what its row needs should its process die before it finishes (see
+:mod:`llmrouter.accounting.in_flight`). Its finished row has the same ``entry_id`` and
+replaces it; a replay inserts the rows of requests that never finished, and hands back
+what each held (its budget reservation) for the caller to settle.
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -36,7 +35,8 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.db import is_postgres, sqlite_file
-from llmrouter.accounting.entry import FIELDS, LedgerEntry, as_entry, storable, storable_values
+from llmrouter.accounting.entry import FIELDS, LedgerEntry, as_entry, storable, storable_values, utc_day
+from llmrouter.accounting.in_flight import SHUTDOWN, InFlight, Interrupted, rows_to_replay
 from llmrouter.accounting.journal import Journal, orphaned_rows, release_orphan
 from llmrouter.accounting.models import LedgerRow
 from llmrouter.accounting.sqlite_ledger import SQLiteInserter, is_refused
@@ -45,24 +45,15 @@ from llmrouter.context import new_id
 if TYPE_CHECKING:
     from llmrouter.context import RequestContext
 
-__all__ = ["InFlight", "Interrupted", "LedgerWriter", "in_flight", "insert_rows", "row_from_context"]
+__all__ = ["LedgerWriter", "insert_rows", "row_from_context"]
 
 log = logging.getLogger("llmrouter.accounting.ledger")
 _TABLE: Any = LedgerRow.__table__  # type: ignore[attr-defined]
 Sink = Callable[[Sequence[LedgerEntry]], Awaitable[None]]
 
-
-_SECONDS_PER_DAY = 86400  # Unix time has no leap seconds: every UTC day is this long
-_last_day: tuple[int, str] = (-1, "")
-
-
-def utc_day(ts: float) -> str:
-    """``YYYY-MM-DD`` of ``ts`` in UTC (formatted once per day: this runs per request)."""
-    global _last_day
-    number = int(ts // _SECONDS_PER_DAY)
-    if number != _last_day[0]:
-        _last_day = (number, datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d"))
-    return _last_day[1]
+OPEN_GRACE_SECONDS = 1.0
+"""How long :meth:`LedgerWriter.aclose` waits for requests still running to record their
+own rows before it records them as interrupted."""
 
 
 def row_from_context(
@@ -73,7 +64,7 @@ def row_from_context(
     entry_id: str | None = None,
 ) -> LedgerEntry:
     """The ledger row for a finished (or rejected) request (``entry_id``: the one its
-    :class:`InFlight` had)."""
+    :class:`~llmrouter.accounting.in_flight.InFlight` had)."""
     usage = ctx.usage
     error = ctx.error
     # Positional, in field order: msgspec matches keyword arguments one by one, which
@@ -104,95 +95,6 @@ def row_from_context(
         ctx.attempts,
         ctx.request.end_user if ctx.request is not None else None,
     )
-
-
-INTERRUPTED = "interrupted"
-"""The status of a request its process did not finish."""
-PROCESS_EXITED = "process_exited"
-"""The error code of an interrupted request whose process died (replayed at a start)."""
-SHUTDOWN = "shutdown"
-"""The error code of one still running when the ledger closed."""
-OPEN_GRACE_SECONDS = 1.0
-"""How long :meth:`LedgerWriter.aclose` waits for requests still running to record their
-own rows before it records them as interrupted."""
-
-
-class InFlight(msgspec.Struct, array_like=True, gc=False):
-    """An admitted request as its journal line keeps it until it finishes (a JSON array,
-    where rows are objects): what its row needs should its process end first. A third
-    of a row's line, and a third of its cost to encode."""
-
-    entry_id: str
-    """Its finished row's too, which takes its place."""
-    request_id: str
-    created_at: float
-    api_key_id: str | None
-    operation: str
-    stream: bool
-    model_group: str | None
-    prompt_tokens: int
-    """As estimated for pricing (0 when unpriced)."""
-    cost: float
-    """The prompt at the highest input price it may be sent at."""
-    priced: bool
-    end_user: str | None
-    hold: Any = None
-    """Handed back with its row (accounting: its budget reservation)."""
-
-    def row(self, error_code: str) -> LedgerEntry:
-        """Its row, interrupted: the estimated prompt at its estimated cost, no output
-        (what the upstream made of it is unknown)."""
-        return LedgerEntry(
-            self.entry_id,
-            self.request_id,
-            self.created_at,
-            utc_day(self.created_at),
-            self.api_key_id,
-            self.operation,
-            self.stream,
-            self.model_group,
-            None,  # deployment: perhaps not chosen yet
-            None,  # provider
-            None,  # upstream_model
-            self.prompt_tokens,
-            0,  # completion_tokens
-            0,  # cached_tokens
-            self.cost,
-            "price_table" if self.priced else "unpriced",
-            True,  # usage_estimated
-            None,  # cache_status
-            None,  # latency_ms
-            None,  # ttft_ms
-            INTERRUPTED,
-            error_code,
-            0,  # attempts
-            self.end_user,
-        )
-
-
-def in_flight(ctx: RequestContext, entry_id: str, hold: Any = None) -> InFlight:
-    """An admitted request, for :meth:`LedgerWriter.open`."""
-    return InFlight(
-        entry_id,
-        ctx.request_id,
-        ctx.created,
-        ctx.api_key_id,
-        ctx.operation,
-        ctx.stream,
-        ctx.model_group,
-        ctx.prompt_tokens_estimate,
-        ctx.prompt_cost_estimate,
-        bool(ctx.max_cost),
-        ctx.request.end_user if ctx.request is not None else None,
-        hold,
-    )
-
-
-class Interrupted(NamedTuple):
-    """A request recorded as interrupted, with what it held (given to :meth:`LedgerWriter.open`)."""
-
-    row: LedgerEntry
-    hold: Any
 
 
 async def insert_rows(engine: AsyncEngine, rows: Sequence[LedgerEntry | Mapping[str, Any]]) -> None:
@@ -314,7 +216,7 @@ class LedgerWriter:
         replayed = 0
         if self._journal_dir is not None:
             for folder, lines, fd in orphaned_rows(self._journal_dir):
-                rows, interrupted = _replayed(lines)
+                rows, interrupted = rows_to_replay(lines)
                 try:
                     for i in range(0, len(rows), self._batch_size):
                         await self._write(rows[i : i + self._batch_size])
@@ -508,22 +410,3 @@ class LedgerWriter:
             self._journal.close(committed=not self._queue)
         self._close_sink()
         self._task = None
-
-
-def _replayed(lines: list[Any]) -> tuple[list[LedgerEntry], list[Interrupted]]:
-    """A dead process's journal lines as the rows to insert: its rows (objects), and the
-    rows of the requests it had in flight (arrays) that have none (a request's line may
-    be there twice: copied forward)."""
-    rows = [as_entry(line) for line in lines if not isinstance(line, list)]
-    finished = {row.entry_id for row in rows}
-    interrupted: dict[str, Interrupted] = {}
-    for line in lines:
-        if isinstance(line, list):
-            try:
-                request = msgspec.convert(line, InFlight)
-            except msgspec.ValidationError:
-                log.error("ledger: an unreadable journal line of a request in flight: %.200s", line)
-                continue
-            if request.entry_id not in finished:
-                interrupted[request.entry_id] = Interrupted(request.row(PROCESS_EXITED), request.hold)
-    return rows + [item.row for item in interrupted.values()], list(interrupted.values())

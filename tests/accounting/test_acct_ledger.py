@@ -17,8 +17,8 @@ from sqlalchemy import text
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.config import LedgerConfig
-from llmrouter.accounting.entry import LedgerEntry
-from llmrouter.accounting.ledger import insert_rows, utc_day
+from llmrouter.accounting.entry import LedgerEntry, utc_day
+from llmrouter.accounting.ledger import insert_rows
 
 from .conftest import chat_context, finish, make_config, needs_pg
 

@@ -19,8 +19,9 @@ from llmrouter.accounting import Accounting
 from llmrouter.accounting.budget_stores import DatabaseBudgetStore
 from llmrouter.accounting.budgets import BudgetWindow
 from llmrouter.accounting.db import create_engine
+from llmrouter.accounting.entry import utc_day
 from llmrouter.accounting.keys import KeyStore, hash_secret
-from llmrouter.accounting.ledger import insert_rows, utc_day
+from llmrouter.accounting.ledger import insert_rows
 from llmrouter.accounting.migrations import MIGRATIONS, current_version, latest_version, upgrade
 from llmrouter.accounting.models import BudgetReservationRow
 from llmrouter.accounting.reports import parse_range, parse_time, render, report_query, usage_report
