@@ -11,14 +11,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.budget_stores import DatabaseBudgetStore, RedisBudgetStore
-from llmrouter.accounting.budgets import (
-    BudgetManager,
-    BudgetStore,
-    BudgetWindow,
-    MemoryBudgetStore,
-    Reservation,
-    to_units,
-)
+from llmrouter.accounting.budgets import BudgetManager, BudgetStore, BudgetWindow, MemoryBudgetStore, to_units
 from llmrouter.accounting.config import AccountingConfig
 from llmrouter.accounting.db import create_engine
 from llmrouter.accounting.hooks import AccountingHooks, unavailable
@@ -183,7 +176,6 @@ class Accounting:
             else MemoryLimiter()
         )
         self.budgets = BudgetManager(self.config.budgets, self._budget_store(), self.retries)
-        await self._settle_interrupted()
         self._hooks = AccountingHooks(
             keys=self.keys,
             ledger=self.ledger,
@@ -192,6 +184,7 @@ class Accounting:
             limits=self.config.limits,
             retries=self.retries,
         )
+        await self._release_interrupted()
         self._started = True
 
     async def aclose(self) -> None:
@@ -205,7 +198,7 @@ class Accounting:
             self._key_events = None
             self.keys.on_change = None
         await self.ledger.aclose()
-        await self._settle_interrupted()
+        await self._release_interrupted()
         await self.retries.aclose()  # budget settlements and limit releases, while their stores are open
         if self.budgets is not None:
             await self.budgets.aclose()
@@ -215,27 +208,13 @@ class Accounting:
             await self.redis.aclose()
         await self.engine.dispose()
 
-    async def _settle_interrupted(self) -> None:
-        """Bill the budgets what the ledger billed the requests a process did not finish
-        (replayed from a dead one's journal, or still running at shutdown): their
-        reservations, held by the store until their leases end, become that cost."""
+    async def _release_interrupted(self) -> None:
+        """Give back what the requests a process did not finish held (replayed from a dead
+        one's journal, or still running at shutdown): see
+        :meth:`~llmrouter.accounting.hooks.AccountingHooks.release_interrupted`."""
         interrupted, self.ledger.interrupted = self.ledger.interrupted, []
-        budgets = self.budgets
-        if budgets is None or isinstance(budgets.store, MemoryBudgetStore):
-            return  # counters in memory die with their process, and are seeded from the ledger
-        for row, hold in interrupted:
-            if hold is None:
-                continue  # it reserved nothing
-            try:
-                reservation = hold if isinstance(hold, Reservation) else msgspec.convert(hold, Reservation)
-            except msgspec.ValidationError as exc:
-                log.error(
-                    "accounting: the reservation of interrupted request %s is unreadable: %s",
-                    row.request_id,
-                    exc,
-                )
-                continue
-            await budgets.settle_held(reservation, row.cost)
+        if interrupted and self._hooks is not None:
+            await self._hooks.release_interrupted(interrupted)
 
     async def __aenter__(self) -> Accounting:
         await self.start()

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 import anyio
+import msgspec
 
 from llmrouter.accounting import end_users
 from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore, Reservation
 from llmrouter.accounting.config import LimitsConfig
-from llmrouter.accounting.in_flight import in_flight
+from llmrouter.accounting.in_flight import Interrupted, in_flight
 from llmrouter.accounting.keys import ApiKey
 from llmrouter.accounting.ledger import LedgerWriter, row_from_context
 from llmrouter.accounting.limits import EffectiveLimits, KeyLimitError, Limiter, LimitTicket, MemoryLimiter
@@ -54,6 +56,14 @@ class _Admission(NamedTuple):
     reservation: Reservation | None
     entry_id: str | None
     """The ledger row's, journaled as in flight (None without a journal)."""
+
+
+class _Held(NamedTuple):
+    """What an admitted request holds, journaled with it, so that should its process end
+    first the next start gives it back (:meth:`AccountingHooks.release_interrupted`)."""
+
+    reservation: Reservation | None
+    tickets: tuple[LimitTicket, ...]
 
 
 class AccountingHooks(RouterHooks):
@@ -203,7 +213,8 @@ class AccountingHooks(RouterHooks):
         entry_id = None
         if self.ledger is not None and self.ledger.journaling:
             entry_id = new_id()
-            self.ledger.open(in_flight(ctx, entry_id, reservation))
+            held = _Held(reservation, tuple(tickets)) if reservation is not None or tickets else None
+            self.ledger.open(in_flight(ctx, entry_id, held))
         self._admitted[id(ctx)] = _Admission(ctx, tuple(tickets), reservation, entry_id)
 
     async def after_request(self, ctx: RequestContext) -> None:
@@ -239,6 +250,33 @@ class AccountingHooks(RouterHooks):
             self.ledger.record(row_from_context(ctx, status=status, error_code=error_code, entry_id=entry_id))
         except Exception:  # after_request must not raise
             log.exception("accounting: recording request %s failed", ctx.request_id)
+
+    async def release_interrupted(self, interrupted: Sequence[Interrupted]) -> None:
+        """Give back what requests a process did not finish held (the ledger's
+        ``interrupted`` rows, replayed from a dead process's journal or recorded at
+        shutdown): each budget reservation a Redis or database store still holds becomes
+        the cost the row bills, and each Redis concurrency slot is freed, rather than
+        both waiting for their leases (15 minutes) to end. Stores in memory hold none of
+        another process's; a failure is tried again later, like any settlement."""
+        budgets = self.budgets
+        if budgets is not None and isinstance(budgets.store, MemoryBudgetStore):
+            budgets = None
+        limiter = None if isinstance(self.limiter, MemoryLimiter) else self.limiter
+        for row, hold in interrupted:
+            if hold is None:
+                continue
+            try:
+                held = hold if isinstance(hold, _Held) else msgspec.convert(hold, _Held)
+            except msgspec.ValidationError as exc:
+                log.error(
+                    "accounting: what interrupted request %s held is unreadable: %s", row.request_id, exc
+                )
+                continue
+            if held.reservation is not None and budgets is not None:
+                await budgets.settle_held(held.reservation, row.cost)
+            if limiter is not None:
+                for ticket in held.tickets:
+                    await self._give_back(limiter, ticket, row.request_id, ticket.tokens)
 
     async def _settle(self, ctx: RequestContext, admission: _Admission) -> None:
         try:

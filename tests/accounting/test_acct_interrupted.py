@@ -23,6 +23,7 @@ from llmrouter.accounting.config import (
     BudgetRule,
     DatabaseConfig,
     LedgerConfig,
+    LimitsConfig,
     RedisConfig,
 )
 
@@ -103,6 +104,7 @@ async def test_requests_of_a_killed_process_are_billed_as_interrupted(
 ) -> None:
     backend, client = shared_backend
     config = _config(sqlite_url, tmp_path, backend, client.test_prefix if client else None)
+    config = msgspec.structs.replace(config, limits=LimitsConfig(concurrency=2))
     script = _KILLED.format(root=str(Path(__file__).parents[2]), config=msgspec.json.encode(config).decode())
     with anyio.fail_after(120):
         result = await anyio.run_process(
@@ -117,6 +119,10 @@ async def test_requests_of_a_killed_process_are_billed_as_interrupted(
     async with Accounting(config) as restarted:
         rows = await _rows(restarted)
         spent, reserved = await _budget(restarted)
+        # The two concurrency slots the dead process held are free again (in Redis they
+        # were held until their leases ended, 15 minutes).
+        for name in ("next-1", "next-2"):
+            await restarted.hooks.before_request(_context(name))
     assert sorted(rows) == [f"run-{i}" for i in range(5)]
     for i in range(3):
         assert (rows[f"run-{i}"]["status"], rows[f"run-{i}"]["cost"]) == ("ok", pytest.approx(COST))
