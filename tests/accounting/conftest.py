@@ -204,3 +204,22 @@ def finish(
 async def acct(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Accounting]:
     async with Accounting(make_config(sqlite_url, tmp_path)) as accounting:
         yield accounting
+
+
+async def run_killed(script: str, cwd: Path) -> str:
+    """Run ``script`` (Python source that ends with ``os._exit(9)``, killed as ``kill -9``
+    would leave it) in a process of its own; its standard output."""
+    import os
+    import sys
+
+    import anyio
+
+    with anyio.fail_after(120):
+        result = await anyio.run_process(
+            [sys.executable, "-c", script],
+            cwd=str(cwd),
+            check=False,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
+    assert result.returncode == 9, result.stderr.decode()
+    return result.stdout.decode()

@@ -4,8 +4,6 @@ acknowledged row (database outages, ambiguous failures, a process killed outrigh
 from __future__ import annotations
 
 import errno
-import os
-import sys
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +18,7 @@ from llmrouter.accounting.config import LedgerConfig
 from llmrouter.accounting.entry import LedgerEntry, utc_day
 from llmrouter.accounting.ledger import insert_rows
 
-from .conftest import chat_context, finish, make_config, needs_pg
+from .conftest import chat_context, finish, make_config, needs_pg, run_killed
 
 pytestmark = pytest.mark.anyio
 
@@ -195,16 +193,7 @@ async def test_rows_of_a_killed_process_are_replayed(sqlite_url: str, tmp_path: 
     script = _CRASH.format(
         tests=str(Path(__file__).parent), url=sqlite_url, tmp=str(tmp_path), journal=journal
     )
-    with anyio.fail_after(120):
-        result = await anyio.run_process(
-            [sys.executable, "-c", script],
-            cwd=str(tmp_path),
-            check=False,
-            env={**os.environ, "PYTHONPATH": os.getcwd()},
-        )
-    result_stdout, result_stderr = result.stdout.decode(), result.stderr.decode()
-    assert result.returncode == 9, result_stderr
-    assert "acknowledged 10" in result_stdout
+    assert "acknowledged 10" in await run_killed(script, tmp_path)
     config = make_config(sqlite_url, tmp_path, ledger=LedgerConfig(journal_dir=journal))
     async with Accounting(config) as restarted:
         rows = await _rows(restarted)
