@@ -5,6 +5,7 @@ estimated prompt cost, and its budget reservation settled to that cost."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from llmrouter.accounting.config import (
     RedisConfig,
 )
 
-from .conftest import REDIS_URL, chat_context, finish, needs_pg, run_killed
+from .conftest import REDIS_URL, _redis_client, chat_context, finish, needs_pg, needs_redis, run_killed
 
 pytestmark = pytest.mark.anyio
 
@@ -97,11 +98,27 @@ def _assert_interrupted(row: dict[str, Any], error_code: str) -> None:
     assert row["end_user"] == "customer-7"
 
 
+@pytest.mark.parametrize(
+    ("db", "backend"),
+    [
+        ("sqlite", "memory"),
+        ("sqlite", "database"),
+        pytest.param("sqlite", "redis", marks=needs_redis),
+        pytest.param("postgres", "database", marks=needs_pg),
+    ],
+)
 async def test_requests_of_a_killed_process_are_billed_as_interrupted(
-    sqlite_url: str, tmp_path: Path, shared_backend: tuple[str, Any]
+    db: str, backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    backend, client = shared_backend
-    config = _config(sqlite_url, tmp_path, backend, client.test_prefix if client else None)
+    async with contextlib.AsyncExitStack() as stack:
+        prefix = (
+            (await stack.enter_async_context(_redis_client())).test_prefix if backend == "redis" else None
+        )
+        url = request.getfixturevalue("sqlite_url" if db == "sqlite" else "pg_url")
+        await _kill_and_restart(_config(url, tmp_path, backend, prefix), tmp_path)
+
+
+async def _kill_and_restart(config: AccountingConfig, tmp_path: Path) -> None:
     config = msgspec.structs.replace(config, limits=LimitsConfig(concurrency=2))
     script = _KILLED.format(root=str(Path(__file__).parents[2]), config=msgspec.json.encode(config).decode())
     assert "in flight 2" in await run_killed(script, tmp_path)
@@ -127,9 +144,7 @@ async def test_requests_of_a_killed_process_are_billed_as_interrupted(
 async def test_requests_still_running_at_shutdown_are_billed_as_interrupted(
     db: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    url = (
-        f"sqlite+aiosqlite:///{tmp_path / 'acct.db'}" if db == "sqlite" else request.getfixturevalue("pg_url")
-    )
+    url = request.getfixturevalue("sqlite_url" if db == "sqlite" else "pg_url")
     config = _config(url, tmp_path, "database", None)
     async with Accounting(config) as acct:
         finished = _context("finished")
