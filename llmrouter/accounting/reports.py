@@ -160,7 +160,7 @@ async def usage_report(
     Returns:
         One dict per group: the dimensions (``key`` also gets ``key_name``), then
         ``requests``, ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``,
-        ``cost``, ``estimated`` (rows whose usage was counted), ``errors``,
+        ``cost``, ``estimated`` (rows whose usage was counted), ``errors`` (rows not ``ok``),
         ``cache_hits``, ordered by the dimensions.
     """
     dims = _check_dimensions(by)

@@ -387,7 +387,7 @@
     const hits = sum(rows, "cache_hits");
     const errors = sum(rows, "errors");
     setValue("total-requests", fmtInt(requests), requests);
-    setValue("total-requests-sub", errors ? fmtInt(errors) + " not ok (error, cancelled or rejected)" : "all ok");
+    setValue("total-requests-sub", errors ? fmtInt(errors) + " not ok (error, cancelled, rejected or interrupted)" : "all ok");
     setValue("total-tokens", fmtInt(prompt + completion), prompt + completion);
     setValue("total-tokens-sub", fmtInt(prompt) + " prompt + " + fmtInt(completion) + " completion");
     setValue("total-cost", fmtCost(cost), Math.round(cost * 1e9) / 1e9);
