@@ -113,7 +113,7 @@ def in_flight(ctx: RequestContext, entry_id: str, hold: Any = None) -> InFlight:
 
 
 class Interrupted(NamedTuple):
-    """A request recorded as interrupted, with what it held (given to :meth:`LedgerWriter.open`)."""
+    """A request recorded as interrupted, with what it held (its :attr:`InFlight.hold`)."""
 
     row: LedgerEntry
     hold: Any
