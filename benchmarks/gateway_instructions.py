@@ -59,7 +59,8 @@ PARTS: dict[str, tuple[str, str, Any]] = {
     "ledger-row": (
         "the ledger row: built, fitted, journaled, queued, inserted",
         "llmrouter.accounting.hooks:AccountingHooks._record",
-        lambda self, ctx, **kwargs: None,
+        # The request's in-flight line still ends (its entry would pile up otherwise).
+        lambda self, ctx, entry_id=None, **kwargs: self.ledger._open.pop(entry_id, None),
     ),
     "ledger-insert": (
         "the SQLite insert in its worker thread, with fitting the values",
