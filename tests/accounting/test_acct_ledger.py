@@ -316,6 +316,7 @@ async def test_a_row_the_journal_cannot_take_still_reaches_the_database(
     await acct.ledger.flush()
     assert sorted(r["request_id"] for r in await _rows(acct)) == sorted(ids)
     assert acct.readiness()["ledger_unjournaled"] == 3
+    assert not acct.ledger._open  # nor were their lines in flight: nothing to carry
 
 
 def test_row_from_context_fills_every_field_from_the_context() -> None:
