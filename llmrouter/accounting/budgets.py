@@ -398,8 +398,11 @@ class BudgetManager:
     async def settle_held(self, reservation: Reservation, cost: float | None) -> None:
         """Settle the reservation of a request its process did not finish (the ledger's
         ``interrupted`` rows) to ``cost``, in each window whose store still holds it;
-        one whose lease has ended was given back, and stays so. Stores in memory hold
-        no other process's reservations: not for them."""
+        one whose lease has ended was given back, and stays so. A store in memory holds
+        no other process's reservations, and seeds its counters from the ledger, these
+        rows included: nothing to do there."""
+        if isinstance(self.store, MemoryBudgetStore):
+            return
         await self._settle(reservation, to_units(cost), again=True)
 
     async def _settle(

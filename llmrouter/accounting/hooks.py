@@ -258,9 +258,6 @@ class AccountingHooks(RouterHooks):
         the cost the row bills, and each Redis concurrency slot is freed, rather than
         both waiting for their leases (15 minutes) to end. Stores in memory hold none of
         another process's; a failure is tried again later, like any settlement."""
-        budgets = self.budgets
-        if budgets is not None and isinstance(budgets.store, MemoryBudgetStore):
-            budgets = None
         limiter = None if isinstance(self.limiter, MemoryLimiter) else self.limiter
         for row, hold in interrupted:
             if hold is None:
@@ -272,8 +269,8 @@ class AccountingHooks(RouterHooks):
                     "accounting: what interrupted request %s held is unreadable: %s", row.request_id, exc
                 )
                 continue
-            if held.reservation is not None and budgets is not None:
-                await budgets.settle_held(held.reservation, row.cost)
+            if held.reservation is not None and self.budgets is not None:
+                await self.budgets.settle_held(held.reservation, row.cost)
             if limiter is not None:
                 for ticket in held.tickets:
                     await self._give_back(limiter, ticket, row.request_id, ticket.tokens)

@@ -74,7 +74,7 @@ def settle(cursor: Any, counter: str, request_id: str, actual: int, only_held: b
     ``only_held``, a settlement whose lease is gone (settled before) changes nothing."""
     lease = _one(cursor, _FREE, (counter, request_id))
     if lease is None and only_held:
-        row = _one(cursor, _READ, (counter,))
+        row = read(cursor, counter)
         return None if row is None else row[0]
     row = _one(cursor, _SETTLE, (lease[0] if lease else 0, actual, counter))
     return None if row is None else row[0]
