@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: serve test test-all lint types vllm bench clean
+.PHONY: serve test test-all lint types vllm bench bench-litellm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,5 +40,14 @@ vllm:
 	bash scripts/setup-vllm-env
 	LLMROUTER_REQUIRE_VLLM=1 .venv-vllm/bin/python -m pytest providers/vllm -m vllm $(PYTEST_ARGS)
 
+# Gateway overhead (docs/benchmarks.md); BENCH_ARGS go to `llmrouter bench`.
+bench: $(VENV)/.installed-test
+	$(BIN)/llmrouter bench $(BENCH_ARGS)
+
+# The same against LiteLLM's proxy, from its own environment (.venv-litellm).
+bench-litellm: $(VENV)/.installed-test
+	bash scripts/setup-litellm-env
+	$(BIN)/llmrouter bench --litellm .venv-litellm/bin/litellm --modes bare,cache,metrics,full $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) .venv-vllm .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-vllm .venv-litellm .pytest_cache .mypy_cache .ruff_cache

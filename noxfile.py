@@ -1,6 +1,6 @@
 """Developer sessions: ``nox -s tests``, ``nox -s lint``, ``nox -s types``, ``nox -s slow``,
-``nox -s vllm``, ``nox -s bench``. The README's Quickstart uses ``make``; these are the
-same steps in nox's own environments (reused between runs)."""
+``nox -s vllm``, ``nox -s bench``, ``nox -s bench_litellm``. The README's Quickstart uses
+``make``; these are the same steps in nox's own environments (reused between runs)."""
 
 import nox
 
@@ -57,3 +57,13 @@ def bench(session: nox.Session) -> None:
     ``--`` go to ``llmrouter bench``: ``nox -s bench -- --providers transformers``."""
     install_project(session)
     session.run("llmrouter", "bench", *session.posargs)
+
+
+@nox.session
+def bench_litellm(session: nox.Session) -> None:
+    """The gateway benchmark against LiteLLM's proxy too, from its own environment
+    (.venv-litellm, made by scripts/setup-litellm-env)."""
+    install_project(session)
+    session.run("bash", "scripts/setup-litellm-env", external=True)
+    session.run("llmrouter", "bench", "--litellm", ".venv-litellm/bin/litellm",
+                "--modes", "bare,cache,metrics,full", *session.posargs)

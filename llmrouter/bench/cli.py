@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from functools import partial
 from typing import Any
@@ -39,6 +40,14 @@ def register(subparsers: Any) -> None:
         "--json", dest="json_path", type=_writable, default=None, help="also write the results as JSON here"
     )
     parser.add_argument("--no-gateway", action="store_true", help="skip the gateway overhead benchmark")
+    parser.add_argument(
+        "--litellm",
+        metavar="COMMAND",
+        type=_command,
+        default=None,
+        help="also measure LiteLLM's proxy, started with this `litellm` command (its own environment: "
+        "scripts/setup-litellm-env), in the modes it has a counterpart of (bare, cache, metrics, full)",
+    )
     local = parser.add_argument_group(
         "local providers",
         "tokens/s and time to first token through the provider and through the library alone",
@@ -106,6 +115,14 @@ def _writable(path: str) -> str:
     return path
 
 
+def _command(text: str) -> str:
+    """An executable file (checked first, like the JSON path)."""
+    path = shutil.which(text)
+    if path is None:
+        raise argparse.ArgumentTypeError(f"no executable {text!r}")
+    return path
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -129,13 +146,25 @@ def _progress(total: int) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from llmrouter.bench.gateway import format_rows, import_time_ms, rows_as_dicts, run_gateway_bench
+    from llmrouter.bench.compare import compare_with_litellm, comparisons_as_dicts, format_comparisons
+    from llmrouter.bench.gateway import (
+        format_rows,
+        import_time_ms,
+        litellm_modes,
+        rows_as_dicts,
+        run_gateway_bench,
+    )
 
     concurrencies: list[int] = args.concurrency
     modes: list[str] = args.modes
     providers = [p for p in args.providers.split(",") if p]
     provider_concurrencies: list[int] = args.provider_concurrency
-    windows = 0 if args.no_gateway else 2 * len(concurrencies) * (1 + len(modes)) * args.rounds
+    if args.litellm and args.no_gateway:
+        raise ConfigError("--litellm measures a gateway: drop --no-gateway")
+    if args.litellm and not litellm_modes(modes):
+        raise ConfigError(f"--litellm: LiteLLM has no counterpart of --modes {','.join(modes)}")
+    targets = 1 + len(modes) + (len(litellm_modes(modes)) if args.litellm else 0)
+    windows = 0 if args.no_gateway else 2 * len(concurrencies) * targets * args.rounds
     windows += 2 * len(providers) * len(provider_concurrencies) * args.rounds
     if args.no_gateway and not providers:
         raise ConfigError("nothing to measure: --no-gateway without --providers")
@@ -153,9 +182,13 @@ def _run(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             chunks=args.chunks,
             modes=modes,
+            litellm_command=args.litellm,
             progress=progress,
         )
         results["gateway"] = rows_as_dicts(rows)
+        comparisons = compare_with_litellm(rows)
+        if comparisons:
+            results["litellm_comparison"] = comparisons_as_dicts(comparisons)
         results["import_ms"] = import_time_ms()
     if providers:
         import anyio
@@ -178,6 +211,8 @@ def _run(args: argparse.Namespace) -> int:
     sys.stderr.write("\n")
     if not args.no_gateway:
         print(format_rows(rows))
+        if comparisons:
+            print("\nllmrouter against LiteLLM (the same mode):\n" + format_comparisons(comparisons))
         print(f"\nimport llmrouter: {results['import_ms']:.0f} ms")
     if providers:
         print(("\n" if not args.no_gateway else "") + format_provider_rows(provider_rows))

@@ -22,21 +22,22 @@ from typing import Any
 
 import yaml
 
+from llmrouter.bench import litellm
 from llmrouter.bench.loadgen import LoadResult, http_request, run_load
 from llmrouter.bench.processes import Child, free_port, pin_self, python_argv
 from llmrouter.bench.stats import median, percentile, render_table
 
-__all__ = ["GatewayRow", "run_gateway_bench"]
+__all__ = ["GatewayRow", "gateway_target", "run_gateway_bench"]
 
 MODEL = "mock-gpt"
 
 
-def _target(mode: str) -> str:
+def gateway_target(mode: str) -> str:
     """The table's name for the gateway in ``mode``."""
     return f"gateway[{mode}]"
 
 
-BARE_TARGET = _target("bare")
+BARE_TARGET = gateway_target("bare")
 
 # Subsystems switched off: what the bare routing path costs.
 BARE = {
@@ -85,8 +86,9 @@ class GatewayRow:
     rss_mb: float | None
     errors: int
     cpu_vs_bare: float | None = None
-    """CPU per request over bare's at the same stream and concurrency, minus 1 (0.2: 20%
-    more): what the subsystems a mode turns on cost. The median of the rounds' ratios,
+    """CPU per request over bare's (the same gateway's: llmrouter's, or LiteLLM's) at the
+    same stream and concurrency, minus 1 (0.2: 20% more): what the subsystems a mode
+    turns on cost. The median of the rounds' ratios,
     each against bare in the same round, so that a machine slowing down between rounds
     does not show as a cost. None for direct and bare."""
     cpu_ms_over_bare: float | None = None
@@ -129,13 +131,18 @@ def _body_factory(stream: bool) -> Callable[[int], bytes]:
 
 
 def _round(
-    port: int, stream: bool, concurrency: int, duration: float, child: Child | None
+    port: int,
+    stream: bool,
+    concurrency: int,
+    duration: float,
+    child: Child | None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[LoadResult, float | None]:
     """One measured window: the load's result, and the server's CPU ms per request."""
     make_body = _body_factory(stream)
 
     def make_request(i: int) -> bytes:
-        return http_request("127.0.0.1", port, "/v1/chat/completions", make_body(i))
+        return http_request("127.0.0.1", port, "/v1/chat/completions", make_body(i), headers)
 
     before = child.cpu_seconds() if child else 0.0
     result = asyncio.run(
@@ -229,9 +236,12 @@ def run_gateway_bench(
     rounds: int = 3,
     chunks: int = 20,
     modes: Sequence[str] = ("bare", "full"),
+    litellm_command: str | None = None,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[GatewayRow]:
-    """Measure direct vs gateway (bare and with accounting + cache + metrics).
+    """Measure direct vs gateway (bare and with accounting + cache + metrics), and, given
+    ``litellm_command`` (LiteLLM's ``litellm``), LiteLLM's proxy in the modes it has a
+    counterpart of (:data:`llmrouter.bench.litellm.MODES`).
 
     Every target is measured once per round, in turn, before the next round begins:
     a machine that slows down for a while slows every target alike, so the ratios
@@ -242,20 +252,34 @@ def run_gateway_bench(
         workdir = Path(tmp)
         upstream_port = free_port()
         children: dict[str, Child] = {}
+        headers: dict[str, dict[str, str]] = {}
         try:
             children["direct"] = start_upstream(upstream_port, chunks, log=workdir / "upstream.log")
             for mode in modes:
                 extra = _mode_config(mode, workdir)
-                children[_target(mode)] = _start_gateway(_config(upstream_port, extra), workdir, mode)
+                children[gateway_target(mode)] = _start_gateway(_config(upstream_port, extra), workdir, mode)
+            if litellm_command is not None:
+                for mode in litellm_modes(modes):
+                    target = litellm.target_name(mode)
+                    children[target] = litellm.start_litellm(
+                        litellm_command, upstream_port, workdir, mode, MODEL
+                    )
+                    headers[target] = litellm.AUTH_HEADERS
             idle_rss = {target: child.rss_mb() for target, child in children.items()}
-            return _measure_all(children, concurrencies, duration, rounds, idle_rss, progress)
+            return _measure_all(children, headers, concurrencies, duration, rounds, idle_rss, progress)
         finally:
             for child in children.values():
                 child.stop()
 
 
+def litellm_modes(modes: Sequence[str]) -> list[str]:
+    """The modes of ``modes`` LiteLLM is measured in (those it has a counterpart of)."""
+    return [mode for mode in modes if mode in litellm.MODES]
+
+
 def _measure_all(
     children: dict[str, Child],
+    headers: dict[str, dict[str, str]],
     concurrencies: Sequence[int],
     duration: float,
     rounds: int,
@@ -269,7 +293,9 @@ def _measure_all(
                 for target, child in children.items():
                     progress(f"{target} stream={stream} c={c} round {n + 1}/{rounds}")
                     direct = target == "direct"
-                    result, cpu = _round(child.port, stream, c, duration, None if direct else child)
+                    result, cpu = _round(
+                        child.port, stream, c, duration, None if direct else child, headers.get(target)
+                    )
                     results, cpus = cells.setdefault((target, stream, c), ([], []))
                     results.append(result)
                     if cpu is not None:
@@ -289,13 +315,21 @@ def _measure_all(
     return rows
 
 
+def _bare_of(target: str) -> str:
+    """The bare target of ``target``'s gateway: llmrouter's or LiteLLM's."""
+    return litellm.target_name("bare") if litellm.litellm_mode(target) else BARE_TARGET
+
+
 def _compare_with_bare(rows: list[GatewayRow]) -> None:
     """Fill ``cpu_vs_bare`` and ``cpu_ms_over_bare`` of every measured gateway row but
-    bare's own: round by round."""
-    bare = {(r.stream, r.concurrency): r.cpu_ms_rounds for r in rows if r.target == BARE_TARGET}
+    the bare ones, against the same gateway's bare (llmrouter's or LiteLLM's): round by
+    round."""
+    bare = {
+        (r.target, r.stream, r.concurrency): r.cpu_ms_rounds for r in rows if r.target == _bare_of(r.target)
+    }
     for row in rows:
-        base = bare.get((row.stream, row.concurrency))
-        if row.target != BARE_TARGET and row.cpu_ms_rounds and base and all(base):
+        base = bare.get((_bare_of(row.target), row.stream, row.concurrency))
+        if row.target != _bare_of(row.target) and row.cpu_ms_rounds and base and all(base):
             pairs = list(zip(row.cpu_ms_rounds, base, strict=True))
             row.cpu_vs_bare = median([cpu / b for cpu, b in pairs]) - 1
             row.cpu_ms_over_bare = median([cpu - b for cpu, b in pairs])
