@@ -88,9 +88,9 @@ class GatewayRow:
     cpu_vs_bare: float | None = None
     """CPU per request over bare's (the same gateway's: llmrouter's, or LiteLLM's) at the
     same stream and concurrency, minus 1 (0.2: 20% more): what the subsystems a mode
-    turns on cost. The median of the rounds' ratios,
-    each against bare in the same round, so that a machine slowing down between rounds
-    does not show as a cost. None for direct and bare."""
+    turns on cost. The median of the rounds' ratios, each against bare in the same
+    round, so that a machine slowing down between rounds does not show as a cost. None
+    for direct and bare."""
     cpu_ms_over_bare: float | None = None
     """The same cost in time: CPU ms per request over bare's, the median of the rounds'
     differences, each against bare in the same round. The issue's budget for it is 20%
