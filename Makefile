@@ -47,7 +47,7 @@ bench: $(VENV)/.installed-test
 # The same against LiteLLM's proxy, from its own environment (.venv-litellm).
 bench-litellm: $(VENV)/.installed-test
 	bash scripts/setup-litellm-env
-	$(BIN)/llmrouter bench --litellm .venv-litellm/bin/litellm --modes bare,cache,metrics,full $(BENCH_ARGS)
+	$(BIN)/llmrouter bench --litellm .venv-litellm/bin/litellm --modes bare,cache,metrics,full --coalescing 32 $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-vllm .venv-litellm .pytest_cache .mypy_cache .ruff_cache

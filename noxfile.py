@@ -66,4 +66,4 @@ def bench_litellm(session: nox.Session) -> None:
     install_project(session)
     session.run("bash", "scripts/setup-litellm-env", external=True)
     session.run("llmrouter", "bench", "--litellm", ".venv-litellm/bin/litellm",
-                "--modes", "bare,cache,metrics,full", *session.posargs)
+                "--modes", "bare,cache,metrics,full", "--coalescing", "32", *session.posargs)

@@ -48,6 +48,14 @@ def register(subparsers: Any) -> None:
         help="also measure LiteLLM's proxy, started with this `litellm` command (its own environment: "
         "scripts/setup-litellm-env), in the modes it has a counterpart of (bare, cache, metrics, full)",
     )
+    parser.add_argument(
+        "--coalescing",
+        metavar="N",
+        type=_count,
+        default=None,
+        help="also send N identical requests at once to llmrouter with its cache (and LiteLLM's, with "
+        "--litellm) and count the upstream calls each makes",
+    )
     local = parser.add_argument_group(
         "local providers",
         "tokens/s and time to first token through the provider and through the library alone",
@@ -159,15 +167,16 @@ def _run(args: argparse.Namespace) -> int:
     modes: list[str] = args.modes
     providers = [p for p in args.providers.split(",") if p]
     provider_concurrencies: list[int] = args.provider_concurrency
-    if args.litellm and args.no_gateway:
-        raise ConfigError("--litellm measures a gateway: drop --no-gateway")
-    if args.litellm and not litellm_modes(modes):
+    if args.litellm and args.no_gateway and not args.coalescing:
+        raise ConfigError("--litellm measures a gateway: drop --no-gateway, or add --coalescing")
+    if args.litellm and not args.no_gateway and not litellm_modes(modes):
         raise ConfigError(f"--litellm: LiteLLM has no counterpart of --modes {','.join(modes)}")
     targets = 1 + len(modes) + (len(litellm_modes(modes)) if args.litellm else 0)
     windows = 0 if args.no_gateway else 2 * len(concurrencies) * targets * args.rounds
     windows += 2 * len(providers) * len(provider_concurrencies) * args.rounds
-    if args.no_gateway and not providers:
-        raise ConfigError("nothing to measure: --no-gateway without --providers")
+    windows += 2 * (3 if args.litellm else 2) if args.coalescing else 0
+    if args.no_gateway and not providers and not args.coalescing:
+        raise ConfigError("nothing to measure: --no-gateway without --providers or --coalescing")
     if providers:
         from llmrouter.bench.providers import load_bench
 
@@ -190,6 +199,13 @@ def _run(args: argparse.Namespace) -> int:
         if comparisons:
             results["litellm_comparison"] = comparisons_as_dicts(comparisons)
         results["import_ms"] = import_time_ms()
+    if args.coalescing:
+        from llmrouter.bench.coalescing import burst_rows_as_dicts, run_coalescing_bench
+
+        burst_rows = run_coalescing_bench(
+            requests=args.coalescing, chunks=args.chunks, litellm_command=args.litellm, progress=progress
+        )
+        results["coalescing"] = burst_rows_as_dicts(burst_rows)
     if providers:
         import anyio
 
@@ -214,8 +230,15 @@ def _run(args: argparse.Namespace) -> int:
         if comparisons:
             print("\nllmrouter against LiteLLM (the same mode):\n" + format_comparisons(comparisons))
         print(f"\nimport llmrouter: {results['import_ms']:.0f} ms")
+    if args.coalescing:
+        from llmrouter.bench.coalescing import DELAY_MS, format_burst_rows
+
+        title = (
+            f"{args.coalescing} identical requests at once, the upstream answering after {DELAY_MS:.0f} ms:"
+        )
+        print(("\n" if not args.no_gateway else "") + title + "\n" + format_burst_rows(burst_rows))
     if providers:
-        print(("\n" if not args.no_gateway else "") + format_provider_rows(provider_rows))
+        print(("\n" if not args.no_gateway or args.coalescing else "") + format_provider_rows(provider_rows))
     if args.json_path:
         with open(args.json_path, "w") as out:
             json.dump(results, out, indent=2, default=str)

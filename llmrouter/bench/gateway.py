@@ -204,11 +204,16 @@ def _idle_row(target: str, rss: float) -> GatewayRow:
     )
 
 
-def start_upstream(port: int, chunks: int, *, log: Path | None = None) -> Child:
-    """The fake OpenAI-compatible upstream on ``port`` (``chunks`` per stream, nothing
-    recorded, model :data:`MODEL`), once it listens."""
+def start_upstream(
+    port: int, chunks: int, *, log: Path | None = None, record: bool = False, first_byte_delay_ms: float = 0.0
+) -> Child:
+    """The fake OpenAI-compatible upstream on ``port`` (``chunks`` per stream, model
+    :data:`MODEL`; nothing recorded unless ``record``), once it listens."""
     argv = python_argv("-m", "llmrouter.testing.upstream", "--port", str(port), "--chunks", str(chunks))
-    child = Child([*argv, "--no-record", "--model", MODEL], port, log=log)
+    argv += ["--model", MODEL, "--first-byte-delay-ms", str(first_byte_delay_ms)]
+    if not record:
+        argv.append("--no-record")
+    child = Child(argv, port, log=log)
     try:
         child.wait_listening()
     except BaseException:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["LoadResult", "run_load"]
+__all__ = ["LoadResult", "http_request", "run_load", "send_at_once"]
 
 
 @dataclass
@@ -137,3 +137,26 @@ async def run_load(
     )
     result.elapsed = duration
     return result
+
+
+async def send_at_once(host: str, port: int, payload: bytes, count: int) -> list[tuple[int, float]]:
+    """Send ``payload`` on ``count`` connections at the same moment (each connection is
+    opened first); returns each response's status and seconds, in order of sending."""
+    connections = await asyncio.gather(*(asyncio.open_connection(host, port) for _ in range(count)))
+    go = asyncio.Event()
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, float]:
+        await go.wait()
+        started = time.perf_counter()
+        try:
+            writer.write(payload)
+            head = await reader.readuntil(b"\r\n\r\n")
+            await _read_body(reader, head)
+            return int(head[9:12]), time.perf_counter() - started
+        finally:
+            writer.close()
+
+    tasks = [asyncio.ensure_future(one(reader, writer)) for reader, writer in connections]
+    await asyncio.sleep(0)  # every task waits on the event before it is set
+    go.set()
+    return list(await asyncio.gather(*tasks))

@@ -50,11 +50,15 @@ def _stand_in(tmp_path: Path) -> Path:
     return path
 
 
-def _bench(tmp_path: Path, command: str, modes: str, env: dict[str, str] | None = None) -> dict:
+def _bench(
+    tmp_path: Path, command: str, modes: str, env: dict[str, str] | None = None, coalescing: int | None = None
+) -> dict:
     out = tmp_path / "bench.json"
+    burst = ["--coalescing", str(coalescing)] if coalescing else []
     run = subprocess.run(
         [sys.executable, "-m", "llmrouter.cli", "bench", "--concurrency", "2", "--rounds", "2",
-         "--duration", "0.5", "--chunks", "3", "--modes", modes, "--litellm", command, "--json", str(out)],
+         "--duration", "0.5", "--chunks", "3", "--modes", modes, "--litellm", command, "--json", str(out),
+         *burst],
         capture_output=True,
         text=True,
         timeout=600,
@@ -178,7 +182,7 @@ if LITELLM is None and os.environ.get("LLMROUTER_REQUIRE_LITELLM") == "1":
 @pytest.mark.skipif(LITELLM is None, reason="LLMROUTER_LITELLM is not set (scripts/setup-litellm-env)")
 def test_the_real_litellm_proxy(tmp_path: Path) -> None:
     assert LITELLM is not None
-    results = _bench(tmp_path, LITELLM, "bare,full")
+    results = _bench(tmp_path, LITELLM, "bare,full", coalescing=4)
     rows = [r for r in results["gateway"] if r["concurrency"] and r["target"].startswith("litellm[")]
     assert {(r["target"], r["stream"]) for r in rows} == {
         (f"litellm[{mode}]", stream) for mode in ("bare", "full") for stream in (False, True)
@@ -186,3 +190,12 @@ def test_the_real_litellm_proxy(tmp_path: Path) -> None:
     for row in rows:
         assert row["errors"] == 0 and row["rps"] > 0 and row["rss_mb"] > 10, row
     assert len(results["litellm_comparison"]) == 4
+    # The burst reached LiteLLM and llmrouter alike; llmrouter made one upstream call of it.
+    burst = {(row["target"], row["stream"]): row for row in results["coalescing"]}
+    assert {target for target, _ in burst} == {"direct", "gateway[cache]", "litellm[cache]"}
+    assert all(row["errors"] == 0 for row in burst.values())
+    assert (
+        burst[("gateway[cache]", False)]["upstream_calls"]
+        == burst[("gateway[cache]", True)]["upstream_calls"]
+        == 1
+    )

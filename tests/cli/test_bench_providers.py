@@ -71,7 +71,7 @@ def test_an_unknown_provider_is_a_clear_error() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--no-gateway"], "nothing to measure: --no-gateway without --providers"),
+        (["--no-gateway"], "nothing to measure: --no-gateway without --providers or --coalescing"),
         (["--providers", "transformers,nope"], "no benchmark for provider 'nope'"),
     ],
 )

@@ -1,0 +1,135 @@
+"""Identical requests at once: how many upstream calls each gateway makes for them.
+
+A burst of identical requests (temperature 0) is sent at the same moment to each
+target, in front of a fake upstream that takes ``delay_ms`` to start answering and
+records what reaches it. llmrouter's cache coalesces the burst into one upstream call
+(its flight; the others get its answer, or its chunks as they arrive); a cache that
+only stores finished answers sends every request of the burst upstream, as no cache
+does. Measured for JSON requests and streams; each target first answers one other
+request, so that its start-up work is not in the burst's latencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from llmrouter.bench import litellm
+from llmrouter.bench.gateway import (
+    MODEL,
+    _config,
+    _mode_config,
+    _start_gateway,
+    gateway_target,
+    start_upstream,
+)
+from llmrouter.bench.loadgen import http_request, send_at_once
+from llmrouter.bench.processes import Child, free_port
+from llmrouter.bench.stats import median, render_table
+
+__all__ = ["DELAY_MS", "BurstRow", "burst_rows_as_dicts", "format_burst_rows", "run_coalescing_bench"]
+
+DELAY_MS = 200.0
+"""How long the upstream takes to start answering: long enough for a burst to overlap."""
+
+
+@dataclass
+class BurstRow:
+    target: str
+    stream: bool
+    requests: int
+    upstream_calls: int
+    p50_ms: float
+    max_ms: float
+    errors: int
+
+
+def run_coalescing_bench(
+    *,
+    requests: int,
+    delay_ms: float = DELAY_MS,
+    chunks: int = 20,
+    litellm_command: str | None = None,
+    progress: Callable[[str], None] = lambda _: None,
+) -> list[BurstRow]:
+    """A burst of ``requests`` identical requests at the upstream directly, at llmrouter
+    with its cache, and (given ``litellm_command``) at LiteLLM with its cache."""
+    with tempfile.TemporaryDirectory(prefix="llmrouter-bench-coalescing-") as tmp:
+        workdir = Path(tmp)
+        upstream_port = free_port()
+        children: dict[str, Child] = {}
+        headers: dict[str, dict[str, str]] = {}
+        try:
+            children["direct"] = start_upstream(
+                upstream_port, chunks, record=True, first_byte_delay_ms=delay_ms, log=workdir / "upstream.log"
+            )
+            config = _config(upstream_port, _mode_config("cache", workdir))
+            children[gateway_target("cache")] = _start_gateway(config, workdir, "cache")
+            if litellm_command is not None:
+                target = litellm.target_name("cache")
+                children[target] = litellm.start_litellm(
+                    litellm_command, upstream_port, workdir, "cache", MODEL
+                )
+                headers[target] = litellm.AUTH_HEADERS
+            rows = []
+            for stream in (False, True):
+                for target, child in children.items():
+                    progress(f"{requests} identical requests at {target} stream={stream}")
+                    rows.append(
+                        _burst(target, child.port, headers.get(target), stream, requests, upstream_port)
+                    )
+            return rows
+        finally:
+            for child in children.values():
+                child.stop()
+
+
+def _burst(
+    target: str, port: int, headers: dict[str, str] | None, stream: bool, requests: int, upstream_port: int
+) -> BurstRow:
+    run = uuid.uuid4().hex[:12]  # never in a cache before
+
+    def payload(content: str) -> bytes:
+        tail = ',"stream":true' if stream else ""
+        body = (
+            f'{{"model":"{MODEL}","temperature":0,"max_tokens":64,'
+            f'"messages":[{{"role":"user","content":"{content}"}}]{tail}}}'
+        )
+        return http_request("127.0.0.1", port, "/v1/chat/completions", body.encode(), headers)
+
+    asyncio.run(send_at_once("127.0.0.1", port, payload(f"Warm up {run}."), 1))
+    with httpx.Client(base_url=f"http://127.0.0.1:{upstream_port}") as control:
+        control.post("/_fake/reset").raise_for_status()
+        answers = asyncio.run(send_at_once("127.0.0.1", port, payload(f"Say hello, burst {run}."), requests))
+        recorded = control.get("/_fake/requests").raise_for_status().json()
+    calls = sum(1 for request in recorded if request["path"].endswith("/chat/completions"))
+    seconds = [elapsed for _, elapsed in answers]
+    return BurstRow(
+        target=target,
+        stream=stream,
+        requests=requests,
+        upstream_calls=calls,
+        p50_ms=median(seconds) * 1000,
+        max_ms=max(seconds) * 1000,
+        errors=sum(1 for status, _ in answers if status != 200),
+    )
+
+
+def format_burst_rows(rows: Sequence[BurstRow]) -> str:
+    headers = ["target", "stream", "identical requests", "upstream calls", "p50 ms", "max ms", "errors"]
+    table = [
+        [r.target, "yes" if r.stream else "no", r.requests, r.upstream_calls, r.p50_ms, r.max_ms, r.errors]
+        for r in rows
+    ]
+    return render_table(headers, table)
+
+
+def burst_rows_as_dicts(rows: Sequence[BurstRow]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]
