@@ -12,26 +12,15 @@ request, so that its start-up work is not in the burst's latencies.
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from llmrouter.bench import litellm
-from llmrouter.bench.gateway import (
-    MODEL,
-    _config,
-    _mode_config,
-    _start_gateway,
-    gateway_target,
-    start_upstream,
-)
+from llmrouter.bench.gateway import MODEL, running_targets
 from llmrouter.bench.loadgen import http_request, send_at_once
-from llmrouter.bench.processes import Child, free_port
 from llmrouter.bench.stats import median, render_table
 
 __all__ = ["DELAY_MS", "BurstRow", "burst_rows_as_dicts", "format_burst_rows", "run_coalescing_bench"]
@@ -61,34 +50,16 @@ def run_coalescing_bench(
 ) -> list[BurstRow]:
     """A burst of ``requests`` identical requests at the upstream directly, at llmrouter
     with its cache, and (given ``litellm_command``) at LiteLLM with its cache."""
-    with tempfile.TemporaryDirectory(prefix="llmrouter-bench-coalescing-") as tmp:
-        workdir = Path(tmp)
-        upstream_port = free_port()
-        children: dict[str, Child] = {}
-        headers: dict[str, dict[str, str]] = {}
-        try:
-            children["direct"] = start_upstream(
-                upstream_port, chunks, record=True, first_byte_delay_ms=delay_ms, log=workdir / "upstream.log"
-            )
-            config = _config(upstream_port, _mode_config("cache", workdir))
-            children[gateway_target("cache")] = _start_gateway(config, workdir, "cache")
-            if litellm_command is not None:
-                target = litellm.target_name("cache")
-                children[target] = litellm.start_litellm(
-                    litellm_command, upstream_port, workdir, "cache", MODEL
-                )
-                headers[target] = litellm.AUTH_HEADERS
-            rows = []
-            for stream in (False, True):
-                for target, child in children.items():
-                    progress(f"{requests} identical requests at {target} stream={stream}")
-                    rows.append(
-                        _burst(target, child.port, headers.get(target), stream, requests, upstream_port)
-                    )
-            return rows
-        finally:
-            for child in children.values():
-                child.stop()
+    with running_targets(
+        ["cache"], litellm_command, chunks, record=True, first_byte_delay_ms=delay_ms
+    ) as targets:
+        rows = []
+        for stream in (False, True):
+            for target, child in targets.children.items():
+                progress(f"{requests} identical requests at {target} stream={stream}")
+                headers = targets.headers.get(target)
+                rows.append(_burst(target, child.port, headers, stream, requests, targets.upstream_port))
+        return rows
 
 
 def _burst(

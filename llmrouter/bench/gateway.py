@@ -15,10 +15,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -27,7 +28,14 @@ from llmrouter.bench.loadgen import LoadResult, http_request, run_load
 from llmrouter.bench.processes import Child, free_port, pin_self, python_argv
 from llmrouter.bench.stats import median, percentile, render_table
 
-__all__ = ["GatewayRow", "gateway_target", "run_gateway_bench"]
+__all__ = [
+    "GatewayRow",
+    "Targets",
+    "gateway_target",
+    "run_gateway_bench",
+    "running_targets",
+    "start_upstream",
+]
 
 MODEL = "mock-gpt"
 
@@ -230,7 +238,11 @@ def _start_gateway(config: dict[str, Any], workdir: Path, name: str) -> Child:
     if not config["telemetry"]["access_log"]:
         argv.append("--no-access-log")
     child = Child(argv, port, log=workdir / f"{name}.log")
-    child.wait_listening()
+    try:
+        child.wait_listening()
+    except BaseException:
+        child.stop()
+        raise
     return child
 
 
@@ -253,27 +265,57 @@ def run_gateway_bench(
     between them hold even when the absolute figures drift.
     """
     pin_self(1)
+    with running_targets(modes, litellm_command, chunks) as targets:
+        idle_rss = {target: child.rss_mb() for target, child in targets.children.items()}
+        return _measure_all(
+            targets.children, targets.headers, concurrencies, duration, rounds, idle_rss, progress
+        )
+
+
+class Targets(NamedTuple):
+    children: dict[str, Child]
+    """By target name: ``direct`` (the upstream), then the gateways."""
+    headers: dict[str, dict[str, str]]
+    """What each target's requests must carry (LiteLLM's master key)."""
+    upstream_port: int
+
+
+@contextmanager
+def running_targets(
+    modes: Sequence[str],
+    litellm_command: str | None,
+    chunks: int,
+    *,
+    record: bool = False,
+    first_byte_delay_ms: float = 0.0,
+) -> Iterator[Targets]:
+    """The fake upstream, ``llmrouter serve`` in each of ``modes`` in front of it, and
+    LiteLLM (given its command) in those it has a counterpart of, each started once the
+    one before listens; all stopped at the end (those started, when one fails to start)."""
     with tempfile.TemporaryDirectory(prefix="llmrouter-bench-") as tmp:
         workdir = Path(tmp)
-        upstream_port = free_port()
-        children: dict[str, Child] = {}
-        headers: dict[str, dict[str, str]] = {}
+        targets = Targets({}, {}, free_port())
         try:
-            children["direct"] = start_upstream(upstream_port, chunks, log=workdir / "upstream.log")
+            targets.children["direct"] = start_upstream(
+                targets.upstream_port,
+                chunks,
+                record=record,
+                first_byte_delay_ms=first_byte_delay_ms,
+                log=workdir / "upstream.log",
+            )
             for mode in modes:
-                extra = _mode_config(mode, workdir)
-                children[gateway_target(mode)] = _start_gateway(_config(upstream_port, extra), workdir, mode)
+                config = _config(targets.upstream_port, _mode_config(mode, workdir))
+                targets.children[gateway_target(mode)] = _start_gateway(config, workdir, mode)
             if litellm_command is not None:
                 for mode in litellm_modes(modes):
                     target = litellm.target_name(mode)
-                    children[target] = litellm.start_litellm(
-                        litellm_command, upstream_port, workdir, mode, MODEL
+                    targets.children[target] = litellm.start_litellm(
+                        litellm_command, targets.upstream_port, workdir, mode, MODEL
                     )
-                    headers[target] = litellm.AUTH_HEADERS
-            idle_rss = {target: child.rss_mb() for target, child in children.items()}
-            return _measure_all(children, headers, concurrencies, duration, rounds, idle_rss, progress)
+                    targets.headers[target] = litellm.AUTH_HEADERS
+            yield targets
         finally:
-            for child in children.values():
+            for child in targets.children.values():
                 child.stop()
 
 
