@@ -141,7 +141,8 @@ async def run_load(
 
 async def send_at_once(host: str, port: int, payload: bytes, count: int) -> list[tuple[int, float]]:
     """Send ``payload`` on ``count`` connections at the same moment (each connection is
-    opened first); returns each response's status and seconds, in order of sending."""
+    opened first); returns each response's status (0: the connection failed) and
+    seconds, in order of sending."""
     connections = await asyncio.gather(*(asyncio.open_connection(host, port) for _ in range(count)))
     go = asyncio.Event()
 
@@ -153,6 +154,8 @@ async def send_at_once(host: str, port: int, payload: bytes, count: int) -> list
             head = await reader.readuntil(b"\r\n\r\n")
             await _read_body(reader, head)
             return int(head[9:12]), time.perf_counter() - started
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            return 0, time.perf_counter() - started
         finally:
             writer.close()
 

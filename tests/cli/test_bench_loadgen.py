@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from llmrouter.bench.loadgen import http_request, run_load
+from llmrouter.bench.loadgen import http_request, run_load, send_at_once
 
 pytestmark = pytest.mark.anyio
 
@@ -41,3 +41,20 @@ async def test_the_window_counts_requests_that_ended_in_it() -> None:
     assert result.completed == 8 and result.errors == 0
     assert result.total == 12  # the third ended after the window: CPU counts it, the window not
     assert all(abs(latency - LATENCY) < 0.1 for latency in result.latencies)
+
+
+async def test_a_burst_counts_a_dropped_connection_as_a_failure() -> None:
+    async def drop_every_other(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+        if next(numbers) % 2:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+        writer.close()
+
+    numbers = iter(range(100))
+    server = await asyncio.start_server(drop_every_other, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        answers = await send_at_once("127.0.0.1", port, http_request("127.0.0.1", port, "/", b"{}"), 6)
+    assert sorted(status for status, _ in answers) == [0, 0, 0, 200, 200, 200]
