@@ -20,8 +20,9 @@ def register(subparsers: Any) -> None:
         "bench",
         help="measure gateway overhead (direct vs through llmrouter serve) and local providers",
         description="Gateway overhead against a fast fake upstream on loopback: req/s, p50/p90/p99, "
-        "time to first chunk, added latency, gateway CPU per request and RSS. With --providers, "
-        "also local providers against their libraries: tokens/s and time to first token.",
+        "time to first chunk, added latency, gateway CPU per request and RSS. With --litellm, LiteLLM's "
+        "proxy beside it; with --coalescing, the upstream calls a burst of identical requests makes. "
+        "With --providers, also local providers against their libraries: tokens/s and time to first token.",
     )
     parser.add_argument(
         "--concurrency", type=_counts, default="1,16,64", help="comma-separated (default 1,16,64)"
