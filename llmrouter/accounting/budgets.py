@@ -344,7 +344,8 @@ class BudgetManager:
 
     async def settle(self, reservation: Reservation, cost: float | None) -> bool:
         """Turn the reservation into the real cost; True if a soft limit is now crossed.
-        A window the store cannot settle now is settled later (:attr:`retries`)."""
+        A window the store cannot settle now is settled later (:attr:`retries`), and
+        stays in ``reservation.windows`` meanwhile."""
         soft_crossed = False
         for window, spent in await self._settle(reservation, to_units(cost)):
             self._saw(window, spent)
@@ -408,8 +409,9 @@ class BudgetManager:
     async def _settle(
         self, reservation: Reservation, actual: int, *, again: bool = False
     ) -> list[tuple[BudgetWindow, int]]:
-        """Settle each window on its own; those the store fails are kept for later.
-        Returns the windows settled, with their spend after it."""
+        """Settle each window on its own; those the store fails are kept for later (and
+        left in ``reservation.windows``: what still waits for the store). Returns the
+        windows settled, with their spend after it."""
         windows, reservation.windows = reservation.windows, []
         settled = []
         for window, amount in windows:
@@ -432,6 +434,7 @@ class BudgetManager:
                     f"settling {reservation.request_id} on {window.counter}",
                     partial(self.store.settle, window, amount, actual, reservation.request_id, again=True),
                 )
+                reservation.windows.append((window, amount))
         return settled
 
     async def aclose(self) -> None:

@@ -76,6 +76,7 @@ class Accounting:
         self.budgets: BudgetManager | None = None
         self.retries = Retries()
         """Budget settlements and limit releases their store failed, tried again."""
+        self.retries.on_drained = self.ledger.all_settled  # their journal lines may go
         self._hooks: AccountingHooks | None = None
         self._store_checks = SharedProbes()
         self._key_events: KeyEvents | None = None
@@ -213,8 +214,12 @@ class Accounting:
         one's journal, or still running at shutdown): see
         :meth:`~llmrouter.accounting.hooks.AccountingHooks.release_interrupted`."""
         interrupted, self.ledger.interrupted = self.ledger.interrupted, []
-        if interrupted and self._hooks is not None:
-            await self._hooks.release_interrupted(interrupted)
+        unsettled, self.ledger.unsettled = self.ledger.unsettled, []
+        if self._hooks is not None:
+            if interrupted:
+                await self._hooks.release_interrupted(interrupted)
+            if unsettled:
+                await self._hooks.settle_unsettled(unsettled)
 
     async def __aenter__(self) -> Accounting:
         await self.start()

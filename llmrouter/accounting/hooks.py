@@ -22,7 +22,7 @@ import msgspec
 from llmrouter.accounting import end_users
 from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore, Reservation
 from llmrouter.accounting.config import LimitsConfig
-from llmrouter.accounting.in_flight import Interrupted, in_flight
+from llmrouter.accounting.in_flight import Interrupted, Unsettled, in_flight
 from llmrouter.accounting.keys import ApiKey
 from llmrouter.accounting.ledger import LedgerWriter, row_from_context
 from llmrouter.accounting.limits import EffectiveLimits, KeyLimitError, Limiter, LimitTicket, MemoryLimiter
@@ -277,15 +277,37 @@ class AccountingHooks(RouterHooks):
 
     async def _settle(self, ctx: RequestContext, admission: _Admission) -> None:
         try:
-            if admission.reservation is not None and self.budgets is not None:
-                if await self.budgets.settle(admission.reservation, ctx.cost):
+            reservation = admission.reservation
+            if reservation is not None and self.budgets is not None:
+                if await self.budgets.settle(reservation, ctx.cost):
                     ctx.metadata["budget"] = "soft_limit_reached"
+                if reservation.windows and admission.entry_id is not None and self.ledger is not None:
+                    # Windows the store did not take wait in the retries: journaled, they
+                    # outlive this process should it end before the store comes back.
+                    self.ledger.keep_unsettled(admission.entry_id, float(ctx.cost or 0.0))
         finally:  # whatever the budget did: a slot kept here would refuse the key's next requests
             if admission.tickets and self.limiter is not None:
                 usage = ctx.usage
                 tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
                 for ticket in admission.tickets:
                     await self._give_back(self.limiter, ticket, ctx.request_id, tokens)
+
+    async def settle_unsettled(self, unsettled: Sequence[Unsettled]) -> None:
+        """Settle what a dead process's finished requests held, whose settlements still
+        waited for their store (the ledger replayed them): each budget window the store
+        still holds becomes the request's cost; one already settled (a retry went through
+        before the process ended) is left alone by the store. Their limits' slots are not
+        released again (a token true-up would count twice): they wait for their lease."""
+        if self.budgets is None:
+            return
+        for request_id, cost, hold in unsettled:
+            try:
+                held = msgspec.convert(hold, _Held)
+            except msgspec.ValidationError as exc:
+                log.error("accounting: what request %s held is unreadable: %s", request_id, exc)
+                continue
+            if held.reservation is not None:
+                await self.budgets.settle_held(held.reservation, cost)
 
     async def _give_back(
         self, limiter: Limiter, ticket: LimitTicket, request_id: str, tokens: int = 0

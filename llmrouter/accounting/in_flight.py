@@ -27,6 +27,7 @@ __all__ = [
     "SHUTDOWN",
     "InFlight",
     "Interrupted",
+    "Unsettled",
     "in_flight",
     "rows_to_replay",
 ]
@@ -62,6 +63,10 @@ class InFlight(msgspec.Struct, array_like=True, gc=False):
     end_user: str | None
     hold: Any = None
     """Handed back with its row (accounting: its budget reservation)."""
+    unsettled_cost: float | None = None
+    """Set on the line kept for a finished request whose settlement waits for its store
+    (:meth:`~llmrouter.accounting.ledger.LedgerWriter.keep_unsettled`): its row's cost, to
+    settle its hold to should the process end first. Such a line makes no row."""
 
     def row(self, error_code: str) -> LedgerEntry:
         """Its row, interrupted: the estimated prompt at its estimated cost, no output
@@ -112,6 +117,15 @@ def in_flight(ctx: RequestContext, entry_id: str, hold: Any = None) -> InFlight:
     )
 
 
+class Unsettled(NamedTuple):
+    """A finished request whose settlement still waited for its store when its process
+    ended: its hold is settled to ``cost`` at the next start."""
+
+    request_id: str
+    cost: float
+    hold: Any
+
+
 class Interrupted(NamedTuple):
     """A request recorded as interrupted, with what it held (its :attr:`InFlight.hold`)."""
 
@@ -119,13 +133,14 @@ class Interrupted(NamedTuple):
     hold: Any
 
 
-def rows_to_replay(lines: list[Any]) -> tuple[list[LedgerEntry], list[Interrupted]]:
+def rows_to_replay(lines: list[Any]) -> tuple[list[LedgerEntry], list[Interrupted], list[Unsettled]]:
     """A dead process's journal lines as the rows to insert: its rows (objects), and the
     rows of the requests it had in flight (arrays) that have none (a request's line may
-    be there twice: copied forward)."""
+    be there twice: copied forward); and the settlements that waited for their store."""
     rows = [as_entry(line) for line in lines if not isinstance(line, list)]
     finished = {row.entry_id for row in rows}
     interrupted: dict[str, Interrupted] = {}
+    unsettled: dict[str, Unsettled] = {}
     for line in lines:
         if isinstance(line, list):
             try:
@@ -133,6 +148,12 @@ def rows_to_replay(lines: list[Any]) -> tuple[list[LedgerEntry], list[Interrupte
             except msgspec.ValidationError:
                 log.error("ledger: an unreadable journal line of a request in flight: %.200s", line)
                 continue
-            if request.entry_id not in finished:
+            if request.unsettled_cost is not None:
+                unsettled[request.entry_id] = Unsettled(
+                    request.request_id, request.unsettled_cost, request.hold
+                )
+            elif request.entry_id not in finished:
                 interrupted[request.entry_id] = Interrupted(request.row(PROCESS_EXITED), request.hold)
-    return rows + [item.row for item in interrupted.values()], list(interrupted.values())
+    # A request with an unsettled line finished (its row was journaled before that line).
+    cut = [item for entry_id, item in interrupted.items() if entry_id not in unsettled]
+    return rows + [item.row for item in cut], cut, list(unsettled.values())

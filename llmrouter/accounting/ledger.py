@@ -36,9 +36,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.db import is_postgres, sqlite_file
 from llmrouter.accounting.entry import FIELDS, LedgerEntry, as_entry, storable, storable_values, utc_day
-from llmrouter.accounting.in_flight import SHUTDOWN, InFlight, Interrupted, rows_to_replay
+from llmrouter.accounting.in_flight import SHUTDOWN, InFlight, Interrupted, Unsettled, rows_to_replay
 from llmrouter.accounting.journal import Journal, orphaned_rows, release_orphan
 from llmrouter.accounting.models import LedgerRow
+from llmrouter.accounting.retries import WAITING_LIMIT
 from llmrouter.accounting.sqlite_ledger import SQLiteInserter, is_refused
 from llmrouter.context import new_id
 
@@ -180,9 +181,15 @@ class LedgerWriter:
         self._queue: deque[tuple[int, LedgerEntry]] = deque()
         self._open: dict[str, tuple[int, InFlight]] = {}
         """Requests in flight by entry id, with the segment of their journal line."""
+        self._unsettled: dict[str, tuple[int, InFlight]] = {}
+        """Finished requests whose settlement waits for its store, likewise (see
+        :meth:`keep_unsettled`)."""
         self.interrupted: list[Interrupted] = []
         """Requests recorded as interrupted (replayed by :meth:`start`, or still running at
         :meth:`aclose`) whose holds the caller has not taken yet."""
+        self.unsettled: list[Unsettled] = []
+        """Settlements a dead process left waiting for their store (replayed by
+        :meth:`start`), which the caller has not taken yet."""
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._write_lock = anyio.Lock()
@@ -216,7 +223,7 @@ class LedgerWriter:
         replayed = 0
         if self._journal_dir is not None:
             for folder, lines, fd in orphaned_rows(self._journal_dir):
-                rows, interrupted = rows_to_replay(lines)
+                rows, interrupted, unsettled = rows_to_replay(lines)
                 try:
                     for i in range(0, len(rows), self._batch_size):
                         await self._write(rows[i : i + self._batch_size])
@@ -226,12 +233,15 @@ class LedgerWriter:
                 release_orphan(folder, fd, replayed=True)
                 replayed += len(rows)
                 self.interrupted.extend(interrupted)
+                self.unsettled.extend(unsettled)
             self._journal = Journal(self._journal_dir)
-        if replayed:
+        if replayed or self.unsettled:
             log.info(
-                "ledger: replayed %d journaled rows, %d of them requests interrupted by their process's end",
+                "ledger: replayed %d journaled rows, %d of them requests interrupted by their "
+                "process's end; %d settlements it left waiting",
                 replayed,
                 len(self.interrupted),
+                len(self.unsettled),
             )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="llmrouter-ledger-writer")
         return replayed
@@ -246,6 +256,30 @@ class LedgerWriter:
             self._open[request.entry_id] = (self._journal.append(request), request)
         except OSError as exc:
             log.error("ledger: journaling request %s in flight failed (%s)", request.request_id, exc)
+
+    def keep_unsettled(self, entry_id: str, cost: float) -> None:
+        """The request in flight ``entry_id`` finished, but settling what it held to
+        ``cost`` waits for its store: journal that, and keep the line (copied forward as
+        segments go, the journal kept at shutdown) until :meth:`all_settled`. Should the
+        process end first, the next start settles the hold again (:attr:`unsettled`); a
+        store settles only what it still holds, so a settlement that went through counts
+        once."""
+        found = self._open.get(entry_id)
+        if found is None or self._journal is None:
+            return
+        line = msgspec.structs.replace(found[1], unsettled_cost=cost)
+        try:
+            segment = self._journal.append(line)
+        except OSError as exc:
+            log.error("ledger: journaling request %s's settlement failed (%s)", line.request_id, exc)
+            return
+        if len(self._unsettled) >= WAITING_LIMIT:  # as many as the retries keep
+            self._unsettled.pop(next(iter(self._unsettled)))
+        self._unsettled[entry_id] = (segment, line)
+
+    def all_settled(self) -> None:
+        """Every settlement that waited for its store went through: their lines may go."""
+        self._unsettled.clear()
 
     def record(self, row: LedgerEntry | Mapping[str, Any]) -> None:
         """Acknowledge a row: journal it, queue it; it will reach the database. A mapping
@@ -345,18 +379,20 @@ class LedgerWriter:
         # Every segment older than the oldest queued row's is done, once the lines of the
         # requests still in flight there are copied forward.
         done = self._queue[0][0] if self._queue else journal.segment
-        if self._open and journal.oldest < done:
-            done = self._carry_open(journal, done)
+        for lines in (self._open, self._unsettled):
+            if lines and journal.oldest < done:
+                done = self._carry(lines, journal, done)
         journal.drop_before(done)
 
-    def _carry_open(self, journal: Journal, done: int) -> int:
-        """Copy the lines of requests in flight in segments below ``done`` into the current
-        one (a request running for an hour would otherwise keep an hour of segments);
-        returns the segment below which nothing is needed now."""
-        for entry_id, (segment, request) in list(self._open.items()):
+    @staticmethod
+    def _carry(lines: dict[str, tuple[int, InFlight]], journal: Journal, done: int) -> int:
+        """Copy ``lines`` (of requests in flight, or unsettled) in segments below ``done``
+        into the current one (a request running for an hour would otherwise keep an hour
+        of segments); returns the segment below which nothing is needed now."""
+        for entry_id, (segment, request) in list(lines.items()):
             if segment < done:
                 try:
-                    self._open[entry_id] = (journal.append(request), request)
+                    lines[entry_id] = (journal.append(request), request)
                 except OSError:
                     done = segment  # kept where it is
         return done
@@ -406,7 +442,11 @@ class LedgerWriter:
         if self._queue:
             where = f"left in {self._journal.folder}" if self._journal else "LOST (no journal_dir)"
             log.error("ledger: %d rows not written at shutdown: %s", len(self._queue), where)
+        if self._unsettled:
+            # Their settlements get one more try after this; should it fail, the next start
+            # settles them from the journal (where a settled one counts once).
+            log.warning("ledger: %d settlements wait for their store at shutdown", len(self._unsettled))
         if self._journal is not None:
-            self._journal.close(committed=not self._queue)
+            self._journal.close(committed=not self._queue and not self._unsettled)
         self._close_sink()
         self._task = None

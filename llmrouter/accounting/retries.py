@@ -27,11 +27,14 @@ from collections.abc import Awaitable, Callable
 
 from llmrouter.aio import on_asyncio
 
-__all__ = ["Retries"]
+__all__ = ["WAITING_LIMIT", "Retries"]
 
 log = logging.getLogger("llmrouter.accounting")
 
 Work = Callable[[], Awaitable[object]]
+
+WAITING_LIMIT = 10_000
+"""How many settlements may wait, by default."""
 
 
 class Retries:
@@ -44,8 +47,12 @@ class Retries:
         max_delay: the longest wait between retries.
     """
 
-    def __init__(self, *, limit: int = 10_000, first_delay: float = 1.0, max_delay: float = 30.0) -> None:
+    def __init__(
+        self, *, limit: int = WAITING_LIMIT, first_delay: float = 1.0, max_delay: float = 30.0
+    ) -> None:
         self._waiting: deque[tuple[str, Work]] = deque()
+        self.on_drained: Callable[[], None] = lambda: None
+        """Called each time the last waiting settlement has gone through."""
         self._limit = limit
         self._first_delay = first_delay
         self._max_delay = max_delay
@@ -94,6 +101,7 @@ class Retries:
                 return False
             if self._waiting and self._waiting[0] is entry:
                 self._waiting.popleft()
+        self.on_drained()
         return True
 
     async def aclose(self) -> None:

@@ -1,0 +1,158 @@
+"""Settlements waiting for their store outlive the process: a budget settlement the store
+failed waits in the retries, and is journaled; should the process end before the store
+comes back (killed, or shut down while it is still down), the next start settles it."""
+
+from __future__ import annotations
+
+import contextlib
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from llmrouter.accounting import Accounting
+from llmrouter.accounting.budgets import to_units
+
+from .conftest import _redis_client, finish, needs_pg, needs_redis, run_killed
+from .test_acct_interrupted import COST, _budget, _config, _context, _rows
+
+pytestmark = pytest.mark.anyio
+
+
+class Outage:
+    """The budget store fails every settlement while ``down``, as with Redis or the
+    database unreachable (the retries call the same method, and go through once up)."""
+
+    def __init__(self, acct: Accounting) -> None:
+        assert acct.budgets is not None
+        store = acct.budgets.store
+        working = store.settle
+        self.down = True
+
+        async def settle(*args: Any, **kwargs: Any) -> int:
+            if self.down:
+                raise ConnectionError("the store is down")
+            return await working(*args, **kwargs)
+
+        store.settle = settle  # type: ignore[method-assign]
+
+
+_KILLED = textwrap.dedent(
+    """
+    import os, sys, anyio, msgspec
+    sys.path.insert(0, {root!r})
+    from llmrouter.accounting import Accounting
+    from llmrouter.accounting.config import AccountingConfig
+    from tests.accounting.conftest import finish
+    from tests.accounting.test_acct_interrupted import COST, _context
+    from tests.accounting.test_acct_unsettled import Outage
+
+    async def main():
+        acct = Accounting(msgspec.json.decode({config!r}, type=AccountingConfig))
+        await acct.start()
+        Outage(acct)
+        for i in range(3):
+            ctx = _context(f"run-{{i}}")
+            await acct.hooks.before_request(ctx)
+            await acct.hooks.after_request(finish(ctx, cost=COST))
+        await acct.ledger.flush()
+        print("waiting", len(acct.retries), flush=True)
+        os._exit(9)  # killed before the store came back
+
+    anyio.run(main)
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("db", "backend"),
+    [
+        ("sqlite", "memory"),  # counters seeded from the ledger: right before this change too
+        ("sqlite", "database"),
+        pytest.param("sqlite", "redis", marks=needs_redis),
+        pytest.param("postgres", "database", marks=needs_pg),
+    ],
+)
+async def test_settlements_a_killed_process_left_waiting_are_settled_at_the_next_start(
+    db: str, backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        prefix = (
+            (await stack.enter_async_context(_redis_client())).test_prefix if backend == "redis" else None
+        )
+        url = request.getfixturevalue("sqlite_url" if db == "sqlite" else "pg_url")
+        config = _config(url, tmp_path, backend, prefix)
+        script = _KILLED.format(
+            root=str(Path(__file__).parents[2]), config=msgspec.json.encode(config).decode()
+        )
+        assert "waiting 3" in await run_killed(script, tmp_path)
+        async with Accounting(config) as restarted:
+            rows = await _rows(restarted)
+            spent, reserved = await _budget(restarted)
+    assert sorted(rows) == ["run-0", "run-1", "run-2"]
+    assert all(row["status"] == "ok" and row["cost"] == pytest.approx(COST) for row in rows.values())
+    # Without the journaled settlements: nothing spent and 3 x the maximum cost reserved
+    # until the leases end (then given back: the key's spend lost for the window).
+    assert (spent, reserved) == (to_units(3 * COST), 0)
+
+
+async def test_a_shutdown_with_the_store_still_down_leaves_them_to_the_next_start(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    config = _config(sqlite_url, tmp_path, "database", None)
+    async with Accounting(config) as acct:
+        Outage(acct)
+        for i in range(2):
+            ctx = _context(f"run-{i}")
+            await acct.hooks.before_request(ctx)
+            await acct.hooks.after_request(finish(ctx, cost=COST))
+    # The shutdown's last try failed too: the journal stays for the next start.
+    assert list((tmp_path / "journal").iterdir())
+    async with Accounting(config) as restarted:
+        rows = await _rows(restarted)
+        spent, reserved = await _budget(restarted)
+    assert sorted(rows) == ["run-0", "run-1"]
+    assert (spent, reserved) == (to_units(2 * COST), 0)
+    assert not list((tmp_path / "journal").iterdir())  # replayed, then released
+
+
+async def test_settlements_that_went_through_are_not_counted_again(sqlite_url: str, tmp_path: Path) -> None:
+    config = _config(sqlite_url, tmp_path, "database", None)
+    acct = Accounting(config)
+    await acct.start()
+    outage = Outage(acct)
+    ctx = _context("run-0")
+    await acct.hooks.before_request(ctx)
+    await acct.hooks.after_request(finish(ctx, cost=COST))
+    assert len(acct.ledger._unsettled) == 1
+    outage.down = False
+    assert await acct.retries.try_all()
+    assert not acct.ledger._unsettled  # the lines may go once every settlement went through
+    await acct.ledger.flush()
+    journal = acct.ledger._journal
+    assert journal is not None
+    journal.close(committed=False)  # killed now: its folder, with the line, is replayed
+    await acct.engine.dispose()
+    async with Accounting(config) as restarted:
+        spent, reserved = await _budget(restarted)
+    assert (spent, reserved) == (to_units(COST), 0)  # once, though its line was replayed
+
+
+def test_unsettled_lines_make_no_rows() -> None:
+    from llmrouter.accounting.in_flight import InFlight, rows_to_replay
+
+    def line(entry_id: str, unsettled_cost: float | None = None) -> Any:
+        request = InFlight(
+            entry_id, f"req-{entry_id}", 1.0, None, "chat", False, "g", 10, 0.1, True, None, None
+        )
+        return msgspec.json.decode(
+            msgspec.json.encode(msgspec.structs.replace(request, unsettled_cost=unsettled_cost))
+        )
+
+    rows, interrupted, unsettled = rows_to_replay([line("a"), line("b"), line("b", 0.5)])
+    assert [row.entry_id for row in rows] == ["a"] and [i.row.entry_id for i in interrupted] == ["a"]
+    assert [(u.request_id, u.cost) for u in unsettled] == [("req-b", 0.5)]
+    # A line of the release before (no unsettled_cost) still reads.
+    assert len(line("c")) == 13 and rows_to_replay([line("c")[:12]])[0][0].entry_id == "c"
