@@ -98,7 +98,7 @@ def _assert_interrupted(row: dict[str, Any], error_code: str) -> None:
     assert row["end_user"] == "customer-7"
 
 
-@pytest.mark.parametrize(
+EVERY_STORE = pytest.mark.parametrize(
     ("db", "backend"),
     [
         ("sqlite", "memory"),
@@ -107,15 +107,25 @@ def _assert_interrupted(row: dict[str, Any], error_code: str) -> None:
         pytest.param("postgres", "database", marks=needs_pg),
     ],
 )
+"""The ledger's databases, with each budget store."""
+
+
+async def config_on(
+    stack: contextlib.AsyncExitStack, db: str, backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AccountingConfig:
+    """The accounting config on ``db``, budgets in ``backend`` (Redis: under a prefix of
+    its own, removed as ``stack`` closes)."""
+    prefix = (await stack.enter_async_context(_redis_client())).test_prefix if backend == "redis" else None
+    url = request.getfixturevalue("sqlite_url" if db == "sqlite" else "pg_url")
+    return _config(url, tmp_path, backend, prefix)
+
+
+@EVERY_STORE
 async def test_requests_of_a_killed_process_are_billed_as_interrupted(
     db: str, backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        prefix = (
-            (await stack.enter_async_context(_redis_client())).test_prefix if backend == "redis" else None
-        )
-        url = request.getfixturevalue("sqlite_url" if db == "sqlite" else "pg_url")
-        await _kill_and_restart(_config(url, tmp_path, backend, prefix), tmp_path)
+        await _kill_and_restart(await config_on(stack, db, backend, tmp_path, request), tmp_path)
 
 
 async def _kill_and_restart(config: AccountingConfig, tmp_path: Path) -> None:

@@ -15,8 +15,8 @@ import pytest
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.budgets import to_units
 
-from .conftest import _redis_client, finish, needs_pg, needs_redis, run_killed
-from .test_acct_interrupted import COST, _budget, _config, _context, _rows
+from .conftest import finish, run_killed
+from .test_acct_interrupted import COST, EVERY_STORE, _budget, _config, _context, _rows, config_on
 
 pytestmark = pytest.mark.anyio
 
@@ -66,24 +66,12 @@ _KILLED = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(
-    ("db", "backend"),
-    [
-        ("sqlite", "memory"),  # counters seeded from the ledger: right before this change too
-        ("sqlite", "database"),
-        pytest.param("sqlite", "redis", marks=needs_redis),
-        pytest.param("postgres", "database", marks=needs_pg),
-    ],
-)
+@EVERY_STORE  # memory: counters seeded from the ledger, right before this change too
 async def test_settlements_a_killed_process_left_waiting_are_settled_at_the_next_start(
     db: str, backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        prefix = (
-            (await stack.enter_async_context(_redis_client())).test_prefix if backend == "redis" else None
-        )
-        url = request.getfixturevalue("sqlite_url" if db == "sqlite" else "pg_url")
-        config = _config(url, tmp_path, backend, prefix)
+        config = await config_on(stack, db, backend, tmp_path, request)
         script = _KILLED.format(
             root=str(Path(__file__).parents[2]), config=msgspec.json.encode(config).decode()
         )
