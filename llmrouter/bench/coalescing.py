@@ -12,14 +12,13 @@ request, so that its start-up work is not in the burst's latencies.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
 
-from llmrouter.bench.gateway import MODEL, running_targets
+from llmrouter.bench.gateway import body_factory, running_targets
 from llmrouter.bench.loadgen import http_request, send_at_once
 from llmrouter.bench.stats import median, render_table
 
@@ -65,20 +64,15 @@ def run_coalescing_bench(
 def _burst(
     target: str, port: int, headers: dict[str, str] | None, stream: bool, requests: int, upstream_port: int
 ) -> BurstRow:
-    run = uuid.uuid4().hex[:12]  # never in a cache before
+    body = body_factory(stream)  # a new factory: no cache has its bodies yet
 
-    def payload(content: str) -> bytes:
-        tail = ',"stream":true' if stream else ""
-        body = (
-            f'{{"model":"{MODEL}","temperature":0,"max_tokens":64,'
-            f'"messages":[{{"role":"user","content":"{content}"}}]{tail}}}'
-        )
-        return http_request("127.0.0.1", port, "/v1/chat/completions", body.encode(), headers)
+    def payload(number: int) -> bytes:
+        return http_request("127.0.0.1", port, "/v1/chat/completions", body(number), headers)
 
-    asyncio.run(send_at_once("127.0.0.1", port, payload(f"Warm up {run}."), 1))
+    asyncio.run(send_at_once("127.0.0.1", port, payload(0), 1))
     with httpx.Client(base_url=f"http://127.0.0.1:{upstream_port}") as control:
         control.post("/_fake/reset").raise_for_status()
-        answers = asyncio.run(send_at_once("127.0.0.1", port, payload(f"Say hello, burst {run}."), requests))
+        answers = asyncio.run(send_at_once("127.0.0.1", port, payload(1), requests))  # all alike
         recorded = control.get("/_fake/requests").raise_for_status().json()
     calls = sum(1 for request in recorded if request["path"].endswith("/chat/completions"))
     seconds = [elapsed for _, elapsed in answers]

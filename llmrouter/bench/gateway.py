@@ -31,6 +31,7 @@ from llmrouter.bench.stats import median, percentile, render_table
 __all__ = [
     "GatewayRow",
     "Targets",
+    "body_factory",
     "gateway_target",
     "run_gateway_bench",
     "running_targets",
@@ -123,13 +124,14 @@ def _config(upstream_port: int, extra: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _body_factory(stream: bool) -> Callable[[int], bytes]:
+def body_factory(stream: bool) -> Callable[[int], bytes]:
+    """Request bodies by number: a different message for each number (and each factory,
+    so that no cache has one yet); the same number, the same body."""
     tail = ',"stream":true' if stream else ""
     run = uuid.uuid4().hex[:12]
 
     def body(i: int) -> bytes:
-        # A different message each time (and each run): with the cache on, every request
-        # is a miss and a store, never a hit.
+        # With the cache on, a new number is a miss and a store, never a hit.
         return (
             f'{{"model":"{MODEL}","temperature":0,"max_tokens":64,'
             f'"messages":[{{"role":"user","content":"Say hello, request {run}-{i}."}}]{tail}}}'
@@ -147,7 +149,7 @@ def _round(
     headers: dict[str, str] | None = None,
 ) -> tuple[LoadResult, float | None]:
     """One measured window: the load's result, and the server's CPU ms per request."""
-    make_body = _body_factory(stream)
+    make_body = body_factory(stream)
 
     def make_request(i: int) -> bytes:
         return http_request("127.0.0.1", port, "/v1/chat/completions", make_body(i), headers)
