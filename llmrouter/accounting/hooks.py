@@ -66,6 +66,18 @@ class _Held(NamedTuple):
     tickets: tuple[LimitTicket, ...]
 
 
+def _read_hold(hold: object, request_id: str) -> _Held | None:
+    """What a request held, as journaled (decoded JSON) or kept in this process; None
+    when it held nothing, or its line is unreadable (logged)."""
+    if hold is None or isinstance(hold, _Held):
+        return hold
+    try:
+        return msgspec.convert(hold, _Held)
+    except msgspec.ValidationError as exc:
+        log.error("accounting: what request %s held is unreadable: %s", request_id, exc)
+        return None
+
+
 class AccountingHooks(RouterHooks):
     """Admits requests against keys, limits and budgets; settles and records them.
 
@@ -260,14 +272,8 @@ class AccountingHooks(RouterHooks):
         another process's; a failure is tried again later, like any settlement."""
         limiter = None if isinstance(self.limiter, MemoryLimiter) else self.limiter
         for row, hold in interrupted:
-            if hold is None:
-                continue
-            try:
-                held = hold if isinstance(hold, _Held) else msgspec.convert(hold, _Held)
-            except msgspec.ValidationError as exc:
-                log.error(
-                    "accounting: what interrupted request %s held is unreadable: %s", row.request_id, exc
-                )
+            held = _read_hold(hold, row.request_id)
+            if held is None:
                 continue
             if held.reservation is not None and self.budgets is not None:
                 await self.budgets.settle_held(held.reservation, row.cost)
@@ -301,12 +307,8 @@ class AccountingHooks(RouterHooks):
         if self.budgets is None:
             return
         for request_id, cost, hold in unsettled:
-            try:
-                held = msgspec.convert(hold, _Held)
-            except msgspec.ValidationError as exc:
-                log.error("accounting: what request %s held is unreadable: %s", request_id, exc)
-                continue
-            if held.reservation is not None:
+            held = _read_hold(hold, request_id)
+            if held is not None and held.reservation is not None:
                 await self.budgets.settle_held(held.reservation, cost)
 
     async def _give_back(
