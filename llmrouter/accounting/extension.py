@@ -40,7 +40,7 @@ from llmrouter.errors import (
 from llmrouter.extension import Extension, Gauge
 from llmrouter.hooks import RouterHooks
 from llmrouter.server.state import header_dict
-from llmrouter.types import error_param
+from llmrouter.types import error_param, json_fault
 
 __all__ = ["AccountingExtension", "CreateKeyRequest", "UpdateKeyRequest", "secret_from_headers"]
 
@@ -103,7 +103,7 @@ def _decode(body: bytes, kind: type[T], what: str) -> T:
     except msgspec.ValidationError as exc:
         raise InvalidRequestError(f"invalid {what}: {exc}", param=error_param(exc)) from exc
     except msgspec.DecodeError as exc:
-        raise InvalidRequestError(f"invalid {what}: {exc}") from exc
+        raise InvalidRequestError(f"invalid {what}: {json_fault(body, exc)}") from exc
     except UnicodeDecodeError as exc:  # msgspec's, for a string that is not UTF-8
         raise InvalidRequestError(f"invalid {what}: the body is not valid UTF-8") from exc
 

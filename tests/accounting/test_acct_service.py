@@ -200,6 +200,8 @@ async def test_service_changes_and_rotates_keys(sqlite_url: str, tmp_path: Path)
             assert refused.json()["error"]["param"] == param, refused.text
         not_json = await client.patch("/v1/admin/keys/app", headers=admin, content=b"{")
         assert not_json.status_code == 400
+        lone = await client.patch("/v1/admin/keys/app", headers=admin, content=b'{"name": "\\ud800"}')
+        assert lone.status_code == 400 and "unpaired UTF-16 surrogate" in lone.json()["error"]["message"]
         assert (await client.patch("/v1/admin/keys/nobody", headers=admin, json={})).status_code == 404
         assert (await client.patch("/v1/admin/keys/app", headers=user, json={"rpm": 9})).status_code == 403
         assert (await client.post("/v1/admin/keys/app/rotate", headers=user)).status_code == 403

@@ -117,6 +117,11 @@ def test_a_field_the_schema_does_not_know_is_named_as_the_param():
 def test_not_json_and_not_object():
     with pytest.raises(InvalidRequestError, match="not valid JSON"):
         decode_chat_request(b"{nope")
+    with pytest.raises(InvalidRequestError, match="not valid JSON: Input data was truncated"):
+        decode_chat_request(b'{"model": "m", "messages": [')
+    # msgspec calls a lone high surrogate "truncated" too; the message says what it is.
+    with pytest.raises(InvalidRequestError, match="unpaired UTF-16 surrogate"):
+        decode_chat_request('{"model": "m", "messages": [{"role": "user", "content": "\\ud83d!"}]}')
     with pytest.raises(InvalidRequestError, match="JSON object"):
         decode_chat_request(b"[1, 2]")
 

@@ -157,6 +157,12 @@ def test_request_id_cache_control_and_traceparent_reach_the_context() -> None:
     ("body", "param", "fragment"),
     [
         (b"{not json", None, "not valid JSON"),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "x', None, "truncated"),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "\\ud83d"}]}',
+            None,
+            "unpaired UTF-16 surrogate",
+        ),
         (b"[1, 2]", None, "JSON object"),
         (b'{"model": "m", "messages": []}', "messages", "length >= 1"),
         (
