@@ -198,9 +198,10 @@ class Accounting:
             await self._key_events.aclose()
             self._key_events = None
             self.keys.on_change = None
-        await self.ledger.aclose()
+        await self.ledger.stop()
         await self._release_interrupted()
         await self.retries.aclose()  # budget settlements and limit releases, while their stores are open
+        self.ledger.close()  # its journal kept if settlements still wait
         if self.budgets is not None:
             await self.budgets.aclose()
         if self.limiter is not None:
@@ -220,6 +221,8 @@ class Accounting:
                 await self._hooks.release_interrupted(interrupted)
             if unsettled:
                 await self._hooks.settle_unsettled(unsettled)
+        if not self.retries:
+            self.ledger.all_settled()  # none waits: the journal need not keep their lines
 
     async def __aenter__(self) -> Accounting:
         await self.start()

@@ -22,7 +22,7 @@ import msgspec
 from llmrouter.accounting import end_users
 from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore, Reservation
 from llmrouter.accounting.config import LimitsConfig
-from llmrouter.accounting.in_flight import Interrupted, Unsettled, in_flight
+from llmrouter.accounting.in_flight import InFlight, Interrupted, in_flight
 from llmrouter.accounting.keys import ApiKey
 from llmrouter.accounting.ledger import LedgerWriter, row_from_context
 from llmrouter.accounting.limits import EffectiveLimits, KeyLimitError, Limiter, LimitTicket, MemoryLimiter
@@ -54,8 +54,8 @@ class _Admission(NamedTuple):
     tickets: tuple[LimitTicket, ...]
     """The key's limits, then its end user's."""
     reservation: Reservation | None
-    entry_id: str | None
-    """The ledger row's, journaled as in flight (None without a journal)."""
+    line: InFlight | None
+    """Its journal line as a request in flight (None without a journal)."""
 
 
 class _Held(NamedTuple):
@@ -222,23 +222,47 @@ class AccountingHooks(RouterHooks):
                 self._record(ctx, status="rejected", error_code=error.code)
                 raise error from exc
             raise
-        entry_id = None
+        line = None
         if self.ledger is not None and self.ledger.journaling:
-            entry_id = new_id()
             held = _Held(reservation, tuple(tickets)) if reservation is not None or tickets else None
-            self.ledger.open(in_flight(ctx, entry_id, held))
-        self._admitted[id(ctx)] = _Admission(ctx, tuple(tickets), reservation, entry_id)
+            line = in_flight(ctx, new_id(), held)
+            self.ledger.open(line)
+        self._admitted[id(ctx)] = _Admission(ctx, tuple(tickets), reservation, line)
 
     async def after_request(self, ctx: RequestContext) -> None:
-        """Settle, release, record. Never raises (a failure is logged; the row is still queued)."""
+        """Settle the budget, record the row, release the limits. Never raises (a failure
+        is logged; the row is still queued)."""
         admission = self._admitted.pop(id(ctx), None)
+        if admission is None:
+            self._record(ctx)
+            return
         try:
-            if admission is not None and (admission.tickets or admission.reservation is not None):
-                await self._settle(ctx, admission)
+            await self._settle_and_record(ctx, admission)
+        finally:  # whatever the budget did: a slot kept here would refuse the key's next requests
+            if admission.tickets and self.limiter is not None:
+                usage = ctx.usage
+                tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
+                for ticket in admission.tickets:
+                    await self._give_back(self.limiter, ticket, ctx.request_id, tokens)
+
+    async def _settle_and_record(self, ctx: RequestContext, admission: _Admission) -> None:
+        """Settle the budget, record the row whatever that did, then journal a settlement
+        that waits for its store: after its row, as a replay expects (it takes such a line
+        for a request whose row it has), so that it outlives this process should it end
+        before the store comes back."""
+        reservation = admission.reservation
+        waiting = False
+        try:
+            if reservation is not None and self.budgets is not None:
+                if await self.budgets.settle(reservation, ctx.cost):
+                    ctx.metadata["budget"] = "soft_limit_reached"
+                waiting = bool(reservation.windows)  # those the store did not take wait in the retries
         except Exception:
-            log.exception("accounting: settling request %s failed", ctx.request_id)
-        finally:  # the row, whatever happened to the settling
-            self._record(ctx, entry_id=admission.entry_id if admission is not None else None)
+            log.exception("accounting: settling request %s's budget failed", ctx.request_id)
+        finally:
+            self._record(ctx, entry_id=admission.line.entry_id if admission.line is not None else None)
+        if waiting and admission.line is not None and self.ledger is not None:
+            self.ledger.keep_unsettled(admission.line, float(ctx.cost or 0.0))
 
     def on_rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
         """Refused elsewhere (unknown model, another hook): still worth a ``rejected`` row."""
@@ -271,8 +295,8 @@ class AccountingHooks(RouterHooks):
         both waiting for their leases (15 minutes) to end. Stores in memory hold none of
         another process's; a failure is tried again later, like any settlement."""
         limiter = None if isinstance(self.limiter, MemoryLimiter) else self.limiter
-        for row, hold in interrupted:
-            held = _read_hold(hold, row.request_id)
+        for row, line in interrupted:
+            held = _read_hold(line.hold, row.request_id)
             if held is None:
                 continue
             if held.reservation is not None and self.budgets is not None:
@@ -281,24 +305,7 @@ class AccountingHooks(RouterHooks):
                 for ticket in held.tickets:
                     await self._give_back(limiter, ticket, row.request_id, ticket.tokens)
 
-    async def _settle(self, ctx: RequestContext, admission: _Admission) -> None:
-        try:
-            reservation = admission.reservation
-            if reservation is not None and self.budgets is not None:
-                if await self.budgets.settle(reservation, ctx.cost):
-                    ctx.metadata["budget"] = "soft_limit_reached"
-                if reservation.windows and admission.entry_id is not None and self.ledger is not None:
-                    # Windows the store did not take wait in the retries: journaled, they
-                    # outlive this process should it end before the store comes back.
-                    self.ledger.keep_unsettled(admission.entry_id, float(ctx.cost or 0.0))
-        finally:  # whatever the budget did: a slot kept here would refuse the key's next requests
-            if admission.tickets and self.limiter is not None:
-                usage = ctx.usage
-                tokens = (usage.total_tokens or usage.prompt_tokens + usage.completion_tokens) if usage else 0
-                for ticket in admission.tickets:
-                    await self._give_back(self.limiter, ticket, ctx.request_id, tokens)
-
-    async def settle_unsettled(self, unsettled: Sequence[Unsettled]) -> None:
+    async def settle_unsettled(self, unsettled: Sequence[InFlight]) -> None:
         """Settle what a dead process's finished requests held, whose settlements still
         waited for their store (the ledger replayed them): each budget window the store
         still holds becomes the request's cost; one already settled (a retry went through
@@ -306,10 +313,10 @@ class AccountingHooks(RouterHooks):
         released again (a token true-up would count twice): they wait for their lease."""
         if self.budgets is None:
             return
-        for request_id, cost, hold in unsettled:
-            held = _read_hold(hold, request_id)
+        for line in unsettled:
+            held = _read_hold(line.hold, line.request_id)
             if held is not None and held.reservation is not None:
-                await self.budgets.settle_held(held.reservation, cost)
+                await self.budgets.settle_held(held.reservation, line.unsettled_cost)
 
     async def _give_back(
         self, limiter: Limiter, ticket: LimitTicket, request_id: str, tokens: int = 0

@@ -27,7 +27,6 @@ __all__ = [
     "SHUTDOWN",
     "InFlight",
     "Interrupted",
-    "Unsettled",
     "in_flight",
     "rows_to_replay",
 ]
@@ -62,7 +61,8 @@ class InFlight(msgspec.Struct, array_like=True, gc=False):
     priced: bool
     end_user: str | None
     hold: Any = None
-    """Handed back with its row (accounting: its budget reservation)."""
+    """What it holds (accounting: its budget reservation and rate-limit slots), given
+    back with its row."""
     unsettled_cost: float | None = None
     """Set on the line kept for a finished request whose settlement waits for its store
     (:meth:`~llmrouter.accounting.ledger.LedgerWriter.keep_unsettled`): its row's cost, to
@@ -117,30 +117,29 @@ def in_flight(ctx: RequestContext, entry_id: str, hold: Any = None) -> InFlight:
     )
 
 
-class Unsettled(NamedTuple):
-    """A finished request whose settlement still waited for its store when its process
-    ended: its hold is settled to ``cost`` at the next start."""
-
-    request_id: str
-    cost: float
-    hold: Any
-
-
 class Interrupted(NamedTuple):
-    """A request recorded as interrupted, with what it held (its :attr:`InFlight.hold`)."""
+    """A request recorded as interrupted, with its journal line (whose ``hold`` is what it
+    held)."""
 
     row: LedgerEntry
-    hold: Any
+    line: InFlight
 
 
-def rows_to_replay(lines: list[Any]) -> tuple[list[LedgerEntry], list[Interrupted], list[Unsettled]]:
+def rows_to_replay(lines: list[Any]) -> tuple[list[LedgerEntry], list[Interrupted], list[InFlight]]:
     """A dead process's journal lines as the rows to insert: its rows (objects), and the
     rows of the requests it had in flight (arrays) that have none (a request's line may
-    be there twice: copied forward); and the settlements that waited for their store."""
+    be there twice: copied forward); and the lines of the settlements that waited for
+    their store (``unsettled_cost`` set).
+
+    A request with such a line finished, and its row went into the journal before the
+    line; when that row is not here (inserted, and its segment dropped, or the process
+    died between the two), its interrupted row is replayed too, and inserts nothing over
+    a row the database has. Its hold is settled once, to the line's cost: it is not among
+    the interrupted ones returned."""
     rows = [as_entry(line) for line in lines if not isinstance(line, list)]
     finished = {row.entry_id for row in rows}
     interrupted: dict[str, Interrupted] = {}
-    unsettled: dict[str, Unsettled] = {}
+    unsettled: dict[str, InFlight] = {}
     for line in lines:
         if isinstance(line, list):
             try:
@@ -149,11 +148,9 @@ def rows_to_replay(lines: list[Any]) -> tuple[list[LedgerEntry], list[Interrupte
                 log.error("ledger: an unreadable journal line of a request in flight: %.200s", line)
                 continue
             if request.unsettled_cost is not None:
-                unsettled[request.entry_id] = Unsettled(
-                    request.request_id, request.unsettled_cost, request.hold
-                )
+                unsettled[request.entry_id] = request
             elif request.entry_id not in finished:
-                interrupted[request.entry_id] = Interrupted(request.row(PROCESS_EXITED), request.hold)
-    # A request with an unsettled line finished (its row was journaled before that line).
-    cut = [item for entry_id, item in interrupted.items() if entry_id not in unsettled]
-    return rows + [item.row for item in cut], cut, list(unsettled.values())
+                interrupted[request.entry_id] = Interrupted(request.row(PROCESS_EXITED), request)
+    rows += [item.row for item in interrupted.values()]
+    holds = [item for entry_id, item in interrupted.items() if entry_id not in unsettled]
+    return rows, holds, list(unsettled.values())

@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.db import is_postgres, sqlite_file
 from llmrouter.accounting.entry import FIELDS, LedgerEntry, as_entry, storable, storable_values, utc_day
-from llmrouter.accounting.in_flight import SHUTDOWN, InFlight, Interrupted, Unsettled, rows_to_replay
+from llmrouter.accounting.in_flight import SHUTDOWN, InFlight, Interrupted, rows_to_replay
 from llmrouter.accounting.journal import Journal, orphaned_rows, release_orphan
 from llmrouter.accounting.models import LedgerRow
 from llmrouter.accounting.retries import WAITING_LIMIT
@@ -187,9 +187,9 @@ class LedgerWriter:
         self.interrupted: list[Interrupted] = []
         """Requests recorded as interrupted (replayed by :meth:`start`, or still running at
         :meth:`aclose`) whose holds the caller has not taken yet."""
-        self.unsettled: list[Unsettled] = []
-        """Settlements a dead process left waiting for their store (replayed by
-        :meth:`start`), which the caller has not taken yet."""
+        self.unsettled: list[InFlight] = []
+        """The lines of settlements a dead process left waiting for their store (replayed
+        by :meth:`start`), which the caller has not taken yet."""
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._write_lock = anyio.Lock()
@@ -222,6 +222,9 @@ class LedgerWriter:
         """
         replayed = 0
         if self._journal_dir is not None:
+            # This process's journal first: what a dead one left to settle moves into it
+            # before the dead one's folder goes.
+            self._journal = Journal(self._journal_dir)
             for folder, lines, fd in orphaned_rows(self._journal_dir):
                 rows, interrupted, unsettled = rows_to_replay(lines)
                 try:
@@ -229,12 +232,17 @@ class LedgerWriter:
                         await self._write(rows[i : i + self._batch_size])
                 except Exception:
                     release_orphan(folder, fd, replayed=False)
+                    self._journal.close(committed=not self._unsettled)
                     raise
+                for row, line in interrupted:
+                    if line.hold is not None:
+                        self._keep_waiting(msgspec.structs.replace(line, unsettled_cost=row.cost))
+                for line in unsettled:
+                    self._keep_waiting(line)
                 release_orphan(folder, fd, replayed=True)
                 replayed += len(rows)
                 self.interrupted.extend(interrupted)
                 self.unsettled.extend(unsettled)
-            self._journal = Journal(self._journal_dir)
         if replayed or self.unsettled:
             log.info(
                 "ledger: replayed %d journaled rows, %d of them requests interrupted by their "
@@ -257,17 +265,20 @@ class LedgerWriter:
         except OSError as exc:
             log.error("ledger: journaling request %s in flight failed (%s)", request.request_id, exc)
 
-    def keep_unsettled(self, entry_id: str, cost: float) -> None:
-        """The request in flight ``entry_id`` finished, but settling what it held to
-        ``cost`` waits for its store: journal that, and keep the line (copied forward as
-        segments go, the journal kept at shutdown) until :meth:`all_settled`. Should the
-        process end first, the next start settles the hold again (:attr:`unsettled`); a
-        store settles only what it still holds, so a settlement that went through counts
-        once."""
-        found = self._open.get(entry_id)
-        if found is None or self._journal is None:
+    def keep_unsettled(self, request: InFlight, cost: float) -> None:
+        """The request in flight ``request`` finished (its row is recorded), but settling
+        what it held to ``cost`` waits for its store: journal that, and keep the line
+        (copied forward as segments go, the journal kept at shutdown) until
+        :meth:`all_settled`. Should the process end first, the next start settles the
+        hold again (:attr:`unsettled`); a store settles only what it still holds, so a
+        settlement that went through counts once."""
+        self._keep_waiting(msgspec.structs.replace(request, unsettled_cost=cost))
+
+    def _keep_waiting(self, line: InFlight) -> None:
+        """Journal the line of a settlement that waits (``unsettled_cost`` set), and keep
+        it until :meth:`all_settled`."""
+        if self._journal is None:
             return
-        line = msgspec.structs.replace(found[1], unsettled_cost=cost)
         try:
             segment = self._journal.append(line)
         except OSError as exc:
@@ -275,7 +286,7 @@ class LedgerWriter:
             return
         if len(self._unsettled) >= WAITING_LIMIT:  # as many as the retries keep
             self._unsettled.pop(next(iter(self._unsettled)))
-        self._unsettled[entry_id] = (segment, line)
+        self._unsettled[line.entry_id] = (segment, line)
 
     def all_settled(self) -> None:
         """Every settlement that waited for its store went through: their lines may go."""
@@ -407,8 +418,15 @@ class LedgerWriter:
             raise RuntimeError(f"ledger flush failed: {self.last_error}")
 
     async def aclose(self) -> None:
-        """Stop the writer and flush, retrying until ``shutdown_timeout``; rows the
-        database still refuses stay in the journal for the next start."""
+        """:meth:`stop`, then :meth:`close`."""
+        await self.stop()
+        self.close()
+
+    async def stop(self) -> None:
+        """Stop the writer and flush, retrying until ``shutdown_timeout``; requests still
+        running are recorded as interrupted (:attr:`interrupted`), and what they hold is
+        journaled as waiting to be settled. The journal stays open (for
+        :meth:`keep_unsettled`, :meth:`all_settled`) until :meth:`close`."""
         if self._closing:
             return
         self._closing = True
@@ -432,7 +450,9 @@ class LedgerWriter:
             for _, request in list(self._open.values()):
                 row = request.row(SHUTDOWN)
                 self.record(row)
-                self.interrupted.append(Interrupted(row, request.hold))
+                self.interrupted.append(Interrupted(row, request))
+                if request.hold is not None:  # settled next: should that fail, at the next start
+                    self._keep_waiting(msgspec.structs.replace(request, unsettled_cost=row.cost))
         deadline = time.monotonic() + self._shutdown_timeout
         delay = 0.1
         with anyio.CancelScope(shield=True):
@@ -442,11 +462,16 @@ class LedgerWriter:
         if self._queue:
             where = f"left in {self._journal.folder}" if self._journal else "LOST (no journal_dir)"
             log.error("ledger: %d rows not written at shutdown: %s", len(self._queue), where)
-        if self._unsettled:
-            # Their settlements get one more try after this; should it fail, the next start
-            # settles them from the journal (where a settled one counts once).
-            log.warning("ledger: %d settlements wait for their store at shutdown", len(self._unsettled))
-        if self._journal is not None:
-            self._journal.close(committed=not self._queue and not self._unsettled)
-        self._close_sink()
         self._task = None
+
+    def close(self) -> None:
+        """Close the journal (after :meth:`stop`): deleted when every row is in the
+        database and no settlement waits, else left for the next start to replay."""
+        journal, self._journal = self._journal, None
+        close_sink, self._close_sink = self._close_sink, lambda: None
+        if journal is not None:
+            if self._unsettled:
+                # The next start settles them from the journal (a settled one counts once).
+                log.warning("ledger: %d settlements wait for their store at shutdown", len(self._unsettled))
+            journal.close(committed=not self._queue and not self._unsettled)
+        close_sink()

@@ -14,9 +14,19 @@ import pytest
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.budgets import to_units
+from llmrouter.accounting.config import LimitsConfig
 
 from .conftest import finish, run_killed
-from .test_acct_interrupted import COST, EVERY_STORE, _budget, _config, _context, _rows, config_on
+from .test_acct_interrupted import (
+    COST,
+    EVERY_STORE,
+    PROMPT_COST,
+    _budget,
+    _config,
+    _context,
+    _rows,
+    config_on,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -128,8 +138,8 @@ async def test_settlements_that_went_through_are_not_counted_again(sqlite_url: s
     assert (spent, reserved) == (to_units(COST), 0)  # once, though its line was replayed
 
 
-def test_unsettled_lines_make_no_rows() -> None:
-    from llmrouter.accounting.in_flight import InFlight, rows_to_replay
+def test_a_replayed_settlement_line_settles_its_hold_once_and_loses_no_row() -> None:
+    from llmrouter.accounting.in_flight import PROCESS_EXITED, InFlight, rows_to_replay
 
     def line(entry_id: str, unsettled_cost: float | None = None) -> Any:
         request = InFlight(
@@ -139,8 +149,158 @@ def test_unsettled_lines_make_no_rows() -> None:
             msgspec.json.encode(msgspec.structs.replace(request, unsettled_cost=unsettled_cost))
         )
 
-    rows, interrupted, unsettled = rows_to_replay([line("a"), line("b"), line("b", 0.5)])
-    assert [row.entry_id for row in rows] == ["a"] and [i.row.entry_id for i in interrupted] == ["a"]
-    assert [(u.request_id, u.cost) for u in unsettled] == [("req-b", 0.5)]
+    finished = msgspec.json.decode(msgspec.json.encode(InFlight(*line("b")[:12]).row(PROCESS_EXITED)))
+    finished["status"] = "ok"
+    rows, interrupted, unsettled = rows_to_replay([line("a"), line("b"), finished, line("b", 0.5)])
+    assert [(row.entry_id, row.status) for row in rows] == [("b", "ok"), ("a", "interrupted")]
+    assert [i.row.entry_id for i in interrupted] == ["a"]
+    assert [(u.request_id, u.unsettled_cost) for u in unsettled] == [("req-b", 0.5)]
+    # Its row not in the journal (inserted, its segment dropped; or the process died
+    # between the two lines): the interrupted row goes in (over nothing the database has),
+    # and the hold is still settled once, to the line's cost.
+    rows, interrupted, unsettled = rows_to_replay([line("b"), line("b", 0.5)])
+    assert [(row.entry_id, row.status) for row in rows] == [("b", "interrupted")]
+    assert not interrupted and [u.unsettled_cost for u in unsettled] == [0.5]
     # A line of the release before (no unsettled_cost) still reads.
     assert len(line("c")) == 13 and rows_to_replay([line("c")[:12]])[0][0].entry_id == "c"
+
+
+_KILLED_WITH_RUNNING = textwrap.dedent(
+    """
+    import os, sys, anyio, msgspec
+    sys.path.insert(0, {root!r})
+    from llmrouter.accounting import Accounting
+    from llmrouter.accounting.config import AccountingConfig
+    from tests.accounting.conftest import finish
+    from tests.accounting.test_acct_interrupted import COST, _context
+    from tests.accounting.test_acct_unsettled import Outage
+
+    async def main():
+        acct = Accounting(msgspec.json.decode({config!r}, type=AccountingConfig))
+        await acct.start()
+        Outage(acct)
+        for i in range(5):
+            ctx = _context(f"run-{{i}}")
+            await acct.hooks.before_request(ctx)
+            if i < 3:
+                await acct.hooks.after_request(finish(ctx, cost=COST))
+        await acct.ledger.flush()
+        print("waiting", len(acct.retries), "running", acct.hooks.in_flight, flush=True)
+        os._exit(9)
+
+    anyio.run(main)
+    """
+)
+
+_STARTED_WITH_THE_STORE_DOWN = textwrap.dedent(
+    """
+    import os, sys, anyio, msgspec
+    sys.path.insert(0, {root!r})
+    from llmrouter.accounting import Accounting
+    from llmrouter.accounting.budget_stores import DatabaseBudgetStore, RedisBudgetStore
+    from llmrouter.accounting.config import AccountingConfig
+
+    async def down(*args, **kwargs):
+        raise ConnectionError("the store is down")
+
+    async def main():
+        DatabaseBudgetStore.settle = RedisBudgetStore.settle = down
+        acct = Accounting(msgspec.json.decode({config!r}, type=AccountingConfig))
+        await acct.start()
+        print("waiting", len(acct.retries), flush=True)
+        os._exit(9)  # killed again before the store came back
+
+    anyio.run(main)
+    """
+)
+
+
+@EVERY_STORE
+async def test_what_a_start_replays_and_cannot_settle_survives_its_death_too(
+    db: str, backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A replica killed with settlements waiting and requests running; the next one
+    starts while the store is still down, and is killed too; the third settles all."""
+    async with contextlib.AsyncExitStack() as stack:
+        config = await config_on(stack, db, backend, tmp_path, request)
+        values = {"root": str(Path(__file__).parents[2]), "config": msgspec.json.encode(config).decode()}
+        assert "waiting 3 running 2" in await run_killed(_KILLED_WITH_RUNNING.format(**values), tmp_path)
+        # A store in memory holds nothing of another process's: nothing to settle there.
+        waiting = "waiting 0" if backend == "memory" else "waiting 5"
+        assert waiting in await run_killed(_STARTED_WITH_THE_STORE_DOWN.format(**values), tmp_path)
+        async with Accounting(config) as restarted:
+            rows = await _rows(restarted)
+            spent, reserved = await _budget(restarted)
+    assert [rows[f"run-{i}"]["status"] for i in range(5)] == ["ok"] * 3 + ["interrupted"] * 2
+    # Before, the second start dropped the first one's journal once its rows were in:
+    # nothing spent, 5 x the maximum cost reserved until the leases end.
+    assert (spent, reserved) == (to_units(3 * COST + 2 * PROMPT_COST), 0)
+    assert len(list((tmp_path / "journal").iterdir())) == 0
+
+
+async def test_a_shutdown_that_cannot_settle_its_running_requests_leaves_them_to_the_next_start(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    config = _config(sqlite_url, tmp_path, "database", None)
+    async with Accounting(config) as acct:
+        Outage(acct)
+        for name in ("running-1", "running-2"):
+            await acct.hooks.before_request(_context(name))
+    assert list((tmp_path / "journal").iterdir())  # before: deleted, the holds lost
+    async with Accounting(config) as restarted:
+        rows = await _rows(restarted)
+        spent, reserved = await _budget(restarted)
+    assert [row["status"] for row in rows.values()] == ["interrupted"] * 2
+    assert (spent, reserved) == (to_units(2 * PROMPT_COST), 0)
+    assert not list((tmp_path / "journal").iterdir())
+
+
+_KILLED_RELEASING_ITS_LIMITS = textwrap.dedent(
+    """
+    import os, sys, anyio, msgspec
+    sys.path.insert(0, {root!r})
+    from llmrouter.accounting import Accounting
+    from llmrouter.accounting.config import AccountingConfig
+    from tests.accounting.conftest import finish
+    from tests.accounting.test_acct_interrupted import COST, _context
+    from tests.accounting.test_acct_unsettled import Outage
+
+    async def main():
+        acct = Accounting(msgspec.json.decode({config!r}, type=AccountingConfig))
+        await acct.start()
+        Outage(acct)
+
+        async def release(*args, **kwargs):  # the limits' store is down too: it times out
+            await anyio.sleep(3600)
+
+        acct.limiter.release = release
+        ctx = _context("run-0")
+        await acct.hooks.before_request(ctx)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(acct.hooks.after_request, finish(ctx, cost=COST))
+            await anyio.sleep(0.3)
+            print("releasing", flush=True)
+            os._exit(9)  # killed while the release waits
+
+    anyio.run(main)
+    """
+)
+
+
+async def test_a_process_killed_while_its_limits_wait_to_be_released_loses_no_row(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    config = msgspec.structs.replace(
+        _config(sqlite_url, tmp_path, "database", None), limits=LimitsConfig(concurrency=2)
+    )
+    script = _KILLED_RELEASING_ITS_LIMITS.format(
+        root=str(Path(__file__).parents[2]), config=msgspec.json.encode(config).decode()
+    )
+    assert "releasing" in await run_killed(script, tmp_path)
+    async with Accounting(config) as restarted:
+        rows = await _rows(restarted)
+        spent, reserved = await _budget(restarted)
+    # Before, the settlement's line went into the journal ahead of the row, and a replay
+    # takes such a line for a request whose row it has: the row was lost.
+    assert (rows["run-0"]["status"], rows["run-0"]["cost"]) == ("ok", pytest.approx(COST))
+    assert (spent, reserved) == (to_units(COST), 0)
