@@ -57,6 +57,11 @@ class _Admission(NamedTuple):
     line: InFlight | None
     """Its journal line as a request in flight (None without a journal)."""
 
+    @property
+    def entry_id(self) -> str | None:
+        """Its ledger row's."""
+        return self.line.entry_id if self.line is not None else None
+
 
 class _Held(NamedTuple):
     """What an admitted request holds, journaled with it, so that should its process end
@@ -237,7 +242,10 @@ class AccountingHooks(RouterHooks):
             self._record(ctx)
             return
         try:
-            await self._settle_and_record(ctx, admission)
+            if admission.reservation is not None:
+                await self._settle_and_record(ctx, admission.reservation, admission)
+            else:
+                self._record(ctx, entry_id=admission.entry_id)
         finally:  # whatever the budget did: a slot kept here would refuse the key's next requests
             if admission.tickets and self.limiter is not None:
                 usage = ctx.usage
@@ -245,22 +253,23 @@ class AccountingHooks(RouterHooks):
                 for ticket in admission.tickets:
                     await self._give_back(self.limiter, ticket, ctx.request_id, tokens)
 
-    async def _settle_and_record(self, ctx: RequestContext, admission: _Admission) -> None:
+    async def _settle_and_record(
+        self, ctx: RequestContext, reservation: Reservation, admission: _Admission
+    ) -> None:
         """Settle the budget, record the row whatever that did, then journal a settlement
         that waits for its store: after its row, as a replay expects (it takes such a line
         for a request whose row it has), so that it outlives this process should it end
         before the store comes back."""
-        reservation = admission.reservation
         waiting = False
         try:
-            if reservation is not None and self.budgets is not None:
+            if self.budgets is not None:
                 if await self.budgets.settle(reservation, ctx.cost):
                     ctx.metadata["budget"] = "soft_limit_reached"
                 waiting = bool(reservation.windows)  # those the store did not take wait in the retries
         except Exception:
             log.exception("accounting: settling request %s's budget failed", ctx.request_id)
         finally:
-            self._record(ctx, entry_id=admission.line.entry_id if admission.line is not None else None)
+            self._record(ctx, entry_id=admission.entry_id)
         if waiting and admission.line is not None and self.ledger is not None:
             self.ledger.keep_unsettled(admission.line, float(ctx.cost or 0.0))
 
