@@ -206,6 +206,36 @@ async def acct(sqlite_url: str, tmp_path: Path) -> AsyncIterator[Accounting]:
         yield accounting
 
 
+_KILLED_PRELUDE = """\
+import os, sys, anyio, msgspec
+sys.path.insert(0, {root!r})
+from llmrouter.accounting import Accounting
+from llmrouter.accounting.config import AccountingConfig
+from tests.accounting.conftest import finish
+from tests.accounting.test_acct_interrupted import COST, _context
+from tests.accounting.test_acct_unsettled import Outage
+
+async def started():
+    acct = Accounting(msgspec.json.decode({config!r}, type=AccountingConfig))
+    await acct.start()
+    return acct
+"""
+
+
+def killed_script(main: str, config: AccountingConfig) -> str:
+    """A script for :func:`run_killed`: ``main`` (the source of ``async def main()``, which
+    ends with ``os._exit(9)``) after the imports the accounting tests' scripts use, and
+    ``started()``, which starts an :class:`Accounting` on ``config``."""
+    import textwrap
+
+    import msgspec
+
+    prelude = _KILLED_PRELUDE.format(
+        root=str(Path(__file__).parents[2]), config=msgspec.json.encode(config).decode()
+    )
+    return f"{prelude}\n{textwrap.dedent(main)}\nanyio.run(main)\n"
+
+
 async def run_killed(script: str, cwd: Path) -> str:
     """Run ``script`` (Python source that ends with ``os._exit(9)``, killed as ``kill -9``
     would leave it) in a process of its own; its standard output."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,16 @@ from llmrouter.accounting.config import (
     RedisConfig,
 )
 
-from .conftest import REDIS_URL, _redis_client, chat_context, finish, needs_pg, needs_redis, run_killed
+from .conftest import (
+    REDIS_URL,
+    _redis_client,
+    chat_context,
+    finish,
+    killed_script,
+    needs_pg,
+    needs_redis,
+    run_killed,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -50,30 +58,18 @@ def _context(request_id: str) -> Any:
     return ctx
 
 
-_KILLED = textwrap.dedent(
-    """
-    import os, sys, anyio, msgspec
-    sys.path.insert(0, {root!r})
-    from llmrouter.accounting import Accounting
-    from llmrouter.accounting.config import AccountingConfig
-    from tests.accounting.conftest import finish
-    from tests.accounting.test_acct_interrupted import COST, _context
-
+_KILLED = """
     async def main():
-        acct = Accounting(msgspec.json.decode({config!r}, type=AccountingConfig))
-        await acct.start()
+        acct = await started()
         for i in range(5):
-            ctx = _context(f"run-{{i}}")
+            ctx = _context(f"run-{i}")
             await acct.hooks.before_request(ctx)
             if i < 3:
                 await acct.hooks.after_request(finish(ctx, cost=COST))
         await acct.ledger.flush()
         print("in flight", acct.hooks.in_flight, flush=True)
         os._exit(9)  # killed with two requests running
-
-    anyio.run(main)
-    """
-)
+"""
 
 
 async def _rows(acct: Accounting) -> dict[str, dict[str, Any]]:
@@ -130,8 +126,7 @@ async def test_requests_of_a_killed_process_are_billed_as_interrupted(
 
 async def _kill_and_restart(config: AccountingConfig, tmp_path: Path) -> None:
     config = msgspec.structs.replace(config, limits=LimitsConfig(concurrency=2))
-    script = _KILLED.format(root=str(Path(__file__).parents[2]), config=msgspec.json.encode(config).decode())
-    assert "in flight 2" in await run_killed(script, tmp_path)
+    assert "in flight 2" in await run_killed(killed_script(_KILLED, config), tmp_path)
 
     async with Accounting(config) as restarted:
         rows = await _rows(restarted)

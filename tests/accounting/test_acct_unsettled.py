@@ -5,7 +5,6 @@ comes back (killed, or shut down while it is still down), the next start settles
 from __future__ import annotations
 
 import contextlib
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,9 @@ import pytest
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.budgets import to_units
-from llmrouter.accounting.config import LimitsConfig
+from llmrouter.accounting.config import AccountingConfig, LimitsConfig
 
-from .conftest import finish, run_killed
+from .conftest import finish, killed_script, run_killed
 from .test_acct_interrupted import (
     COST,
     EVERY_STORE,
@@ -49,31 +48,25 @@ class Outage:
         store.settle = settle  # type: ignore[method-assign]
 
 
-_KILLED = textwrap.dedent(
-    """
-    import os, sys, anyio, msgspec
-    sys.path.insert(0, {root!r})
-    from llmrouter.accounting import Accounting
-    from llmrouter.accounting.config import AccountingConfig
-    from tests.accounting.conftest import finish
-    from tests.accounting.test_acct_interrupted import COST, _context
-    from tests.accounting.test_acct_unsettled import Outage
-
+_KILLED = """
     async def main():
-        acct = Accounting(msgspec.json.decode({config!r}, type=AccountingConfig))
-        await acct.start()
+        acct = await started()
         Outage(acct)
-        for i in range(3):
-            ctx = _context(f"run-{{i}}")
+        for i in range(3 + RUNNING):
+            ctx = _context(f"run-{i}")
             await acct.hooks.before_request(ctx)
-            await acct.hooks.after_request(finish(ctx, cost=COST))
+            if i < 3:
+                await acct.hooks.after_request(finish(ctx, cost=COST))
         await acct.ledger.flush()
-        print("waiting", len(acct.retries), flush=True)
+        print("waiting", len(acct.retries), "running", acct.hooks.in_flight, flush=True)
         os._exit(9)  # killed before the store came back
+"""
 
-    anyio.run(main)
-    """
-)
+
+def _killed(config: AccountingConfig, *, running: int = 0) -> str:
+    """The script of a process killed with three settlements waiting for the store, and
+    ``running`` requests in flight."""
+    return killed_script(_KILLED.replace("RUNNING", str(running)), config)
 
 
 @EVERY_STORE  # memory: counters seeded from the ledger, right before this change too
@@ -82,10 +75,7 @@ async def test_settlements_a_killed_process_left_waiting_are_settled_at_the_next
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         config = await config_on(stack, db, backend, tmp_path, request)
-        script = _KILLED.format(
-            root=str(Path(__file__).parents[2]), config=msgspec.json.encode(config).decode()
-        )
-        assert "waiting 3" in await run_killed(script, tmp_path)
+        assert "waiting 3 running 0" in await run_killed(_killed(config), tmp_path)
         async with Accounting(config) as restarted:
             rows = await _rows(restarted)
             spent, reserved = await _budget(restarted)
@@ -99,20 +89,24 @@ async def test_settlements_a_killed_process_left_waiting_are_settled_at_the_next
 async def test_a_shutdown_with_the_store_still_down_leaves_them_to_the_next_start(
     sqlite_url: str, tmp_path: Path
 ) -> None:
+    """Settlements that wait, and the reservations of requests still running (recorded
+    as interrupted by the shutdown, which cannot settle them either)."""
     config = _config(sqlite_url, tmp_path, "database", None)
     async with Accounting(config) as acct:
         Outage(acct)
-        for i in range(2):
+        for i in range(4):
             ctx = _context(f"run-{i}")
             await acct.hooks.before_request(ctx)
-            await acct.hooks.after_request(finish(ctx, cost=COST))
-    # The shutdown's last try failed too: the journal stays for the next start.
+            if i < 2:
+                await acct.hooks.after_request(finish(ctx, cost=COST))
+    # The shutdown's last try failed too: the journal stays for the next start (before,
+    # with only the running requests' holds to settle, it was deleted: they were lost).
     assert list((tmp_path / "journal").iterdir())
     async with Accounting(config) as restarted:
         rows = await _rows(restarted)
         spent, reserved = await _budget(restarted)
-    assert sorted(rows) == ["run-0", "run-1"]
-    assert (spent, reserved) == (to_units(2 * COST), 0)
+    assert [rows[f"run-{i}"]["status"] for i in range(4)] == ["ok"] * 2 + ["interrupted"] * 2
+    assert (spent, reserved) == (to_units(2 * COST + 2 * PROMPT_COST), 0)
     assert not list((tmp_path / "journal").iterdir())  # replayed, then released
 
 
@@ -165,54 +159,18 @@ def test_a_replayed_settlement_line_settles_its_hold_once_and_loses_no_row() -> 
     assert len(line("c")) == 13 and rows_to_replay([line("c")[:12]])[0][0].entry_id == "c"
 
 
-_KILLED_WITH_RUNNING = textwrap.dedent(
-    """
-    import os, sys, anyio, msgspec
-    sys.path.insert(0, {root!r})
-    from llmrouter.accounting import Accounting
-    from llmrouter.accounting.config import AccountingConfig
-    from tests.accounting.conftest import finish
-    from tests.accounting.test_acct_interrupted import COST, _context
-    from tests.accounting.test_acct_unsettled import Outage
-
-    async def main():
-        acct = Accounting(msgspec.json.decode({config!r}, type=AccountingConfig))
-        await acct.start()
-        Outage(acct)
-        for i in range(5):
-            ctx = _context(f"run-{{i}}")
-            await acct.hooks.before_request(ctx)
-            if i < 3:
-                await acct.hooks.after_request(finish(ctx, cost=COST))
-        await acct.ledger.flush()
-        print("waiting", len(acct.retries), "running", acct.hooks.in_flight, flush=True)
-        os._exit(9)
-
-    anyio.run(main)
-    """
-)
-
-_STARTED_WITH_THE_STORE_DOWN = textwrap.dedent(
-    """
-    import os, sys, anyio, msgspec
-    sys.path.insert(0, {root!r})
-    from llmrouter.accounting import Accounting
+_STARTED_WITH_THE_STORE_DOWN = """
     from llmrouter.accounting.budget_stores import DatabaseBudgetStore, RedisBudgetStore
-    from llmrouter.accounting.config import AccountingConfig
 
     async def down(*args, **kwargs):
         raise ConnectionError("the store is down")
 
     async def main():
         DatabaseBudgetStore.settle = RedisBudgetStore.settle = down
-        acct = Accounting(msgspec.json.decode({config!r}, type=AccountingConfig))
-        await acct.start()
+        acct = await started()
         print("waiting", len(acct.retries), flush=True)
         os._exit(9)  # killed again before the store came back
-
-    anyio.run(main)
-    """
-)
+"""
 
 
 @EVERY_STORE
@@ -223,11 +181,10 @@ async def test_what_a_start_replays_and_cannot_settle_survives_its_death_too(
     starts while the store is still down, and is killed too; the third settles all."""
     async with contextlib.AsyncExitStack() as stack:
         config = await config_on(stack, db, backend, tmp_path, request)
-        values = {"root": str(Path(__file__).parents[2]), "config": msgspec.json.encode(config).decode()}
-        assert "waiting 3 running 2" in await run_killed(_KILLED_WITH_RUNNING.format(**values), tmp_path)
+        assert "waiting 3 running 2" in await run_killed(_killed(config, running=2), tmp_path)
         # A store in memory holds nothing of another process's: nothing to settle there.
         waiting = "waiting 0" if backend == "memory" else "waiting 5"
-        assert waiting in await run_killed(_STARTED_WITH_THE_STORE_DOWN.format(**values), tmp_path)
+        assert waiting in await run_killed(killed_script(_STARTED_WITH_THE_STORE_DOWN, config), tmp_path)
         async with Accounting(config) as restarted:
             rows = await _rows(restarted)
             spent, reserved = await _budget(restarted)
@@ -238,36 +195,9 @@ async def test_what_a_start_replays_and_cannot_settle_survives_its_death_too(
     assert len(list((tmp_path / "journal").iterdir())) == 0
 
 
-async def test_a_shutdown_that_cannot_settle_its_running_requests_leaves_them_to_the_next_start(
-    sqlite_url: str, tmp_path: Path
-) -> None:
-    config = _config(sqlite_url, tmp_path, "database", None)
-    async with Accounting(config) as acct:
-        Outage(acct)
-        for name in ("running-1", "running-2"):
-            await acct.hooks.before_request(_context(name))
-    assert list((tmp_path / "journal").iterdir())  # before: deleted, the holds lost
-    async with Accounting(config) as restarted:
-        rows = await _rows(restarted)
-        spent, reserved = await _budget(restarted)
-    assert [row["status"] for row in rows.values()] == ["interrupted"] * 2
-    assert (spent, reserved) == (to_units(2 * PROMPT_COST), 0)
-    assert not list((tmp_path / "journal").iterdir())
-
-
-_KILLED_RELEASING_ITS_LIMITS = textwrap.dedent(
-    """
-    import os, sys, anyio, msgspec
-    sys.path.insert(0, {root!r})
-    from llmrouter.accounting import Accounting
-    from llmrouter.accounting.config import AccountingConfig
-    from tests.accounting.conftest import finish
-    from tests.accounting.test_acct_interrupted import COST, _context
-    from tests.accounting.test_acct_unsettled import Outage
-
+_KILLED_RELEASING_ITS_LIMITS = """
     async def main():
-        acct = Accounting(msgspec.json.decode({config!r}, type=AccountingConfig))
-        await acct.start()
+        acct = await started()
         Outage(acct)
 
         async def release(*args, **kwargs):  # the limits' store is down too: it times out
@@ -281,10 +211,7 @@ _KILLED_RELEASING_ITS_LIMITS = textwrap.dedent(
             await anyio.sleep(0.3)
             print("releasing", flush=True)
             os._exit(9)  # killed while the release waits
-
-    anyio.run(main)
-    """
-)
+"""
 
 
 async def test_a_process_killed_while_its_limits_wait_to_be_released_loses_no_row(
@@ -293,10 +220,7 @@ async def test_a_process_killed_while_its_limits_wait_to_be_released_loses_no_ro
     config = msgspec.structs.replace(
         _config(sqlite_url, tmp_path, "database", None), limits=LimitsConfig(concurrency=2)
     )
-    script = _KILLED_RELEASING_ITS_LIMITS.format(
-        root=str(Path(__file__).parents[2]), config=msgspec.json.encode(config).decode()
-    )
-    assert "releasing" in await run_killed(script, tmp_path)
+    assert "releasing" in await run_killed(killed_script(_KILLED_RELEASING_ITS_LIMITS, config), tmp_path)
     async with Accounting(config) as restarted:
         rows = await _rows(restarted)
         spent, reserved = await _budget(restarted)
