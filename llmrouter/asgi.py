@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["scope_header"]
+__all__ = ["HEAD_KEY", "request_method", "scope_header"]
+
+HEAD_KEY = "llmrouter.head"
+"""Set in the scope of a ``HEAD`` request that a ``GET`` route answers
+(:mod:`llmrouter.server.head`), where the method reads ``GET``."""
 
 
 def scope_header(scope: Any, name: bytes) -> bytes | None:
@@ -17,3 +21,8 @@ def scope_header(scope: Any, name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+def request_method(scope: Any) -> str:
+    """The method the client sent (``HEAD`` for one a ``GET`` route answers)."""
+    return "HEAD" if HEAD_KEY in scope else scope.get("method", "GET")

@@ -32,7 +32,8 @@ from llmrouter.server.completions import completion_handlers
 from llmrouter.server.dashboard import dashboard_handlers
 from llmrouter.server.disconnect import ClientDisconnected
 from llmrouter.server.errors import exception_handlers
-from llmrouter.server.health import liveness, liveness_head, readiness
+from llmrouter.server.head import answer_head_as_get
+from llmrouter.server.health import liveness, readiness
 from llmrouter.server.middleware import RequestIdMiddleware
 from llmrouter.server.models import model_handlers
 from llmrouter.server.state import STATE_KEY, Service
@@ -212,7 +213,6 @@ def create_app(
         *completion_handlers,
         *model_handlers,
         liveness,
-        liveness_head,
         readiness,
     ]
     handlers.extend(dashboard_handlers)  # the usage page (static; it calls the accounting API)
@@ -225,7 +225,7 @@ def create_app(
         handlers.extend(ext.route_handlers())
         middleware.extend(ext.middleware())
     origins = config.server.cors_origins
-    return Litestar(
+    app = Litestar(
         route_handlers=handlers,
         exception_handlers={**exception_handlers, ClientDisconnected: _handle_disconnect},
         middleware=middleware,
@@ -236,6 +236,8 @@ def create_app(
         openapi_config=OpenAPIConfig(title="llmrouter", version=_version(), path="/schema"),
         logging_config=None,
     )
+    app.asgi_handler = answer_head_as_get(app.asgi_handler)  # in front of the router
+    return app
 
 
 def config_from_env() -> Config:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Request, get, head
+from litestar import Request, get
 from litestar.response.base import ASGIResponse
 
 from llmrouter.server.responses import json_response
 from llmrouter.server.state import service_of
 
-__all__ = ["liveness", "liveness_head", "readiness"]
+__all__ = ["liveness", "readiness"]
 
 _ALIVE = b'{"status":"ok"}'
 
@@ -18,11 +18,6 @@ _ALIVE = b'{"status":"ok"}'
 @get("/health", summary="Liveness: the process answers", tags=["health"], operation_id="health")
 async def liveness() -> ASGIResponse:
     return ASGIResponse(body=_ALIVE, media_type="application/json")
-
-
-@head("/health", include_in_schema=False)
-async def liveness_head() -> None:
-    """``HEAD /health``: for load balancers and probes that check liveness with HEAD."""
 
 
 @get(

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-from llmrouter.asgi import scope_header
+from llmrouter.asgi import HEAD_KEY, request_method, scope_header
 from llmrouter.ids import request_id_of
 from llmrouter.telemetry.local import Recorder, keep_bound
 from llmrouter.telemetry.logging import ACCESS_LOGGER, AccessRecord, context_fields, current_access_record
@@ -98,7 +98,7 @@ class TelemetryMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        method = scope.get("method", "GET")
+        method = request_method(scope)
         route = scope.get("path_template")
         span = None
         traceparent = None
@@ -187,7 +187,8 @@ class HttpDurations:
 
     def observe(self, scope: Scope, status: int, elapsed: float) -> None:
         # record(), inlined: this runs for every request.
-        key = (scope.get("method", "GET"), scope.get("path_template"), status)
+        method = "HEAD" if HEAD_KEY in scope else scope.get("method", "GET")  # request_method(), inlined
+        key = (method, scope.get("path_template"), status)
         record = self._bound.get(key) or self._bind(key)
         record(elapsed)
 

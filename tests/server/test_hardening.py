@@ -310,15 +310,25 @@ def test_user_keys_cannot_reach_admin_endpoints(client: httpx.Client) -> None:
         assert_openai_error(response, 403)
 
 
-def test_head_on_health_for_probes():
+def test_head_is_answered_by_every_get_route_without_a_body():
     from litestar.testing import TestClient
 
     from llmrouter.config import Config
     from llmrouter.server import create_app
 
     with TestClient(create_app(Config(discover=False))) as client:
-        response = client.head("/health")
-        assert response.status_code == 200 and response.content == b""
+        for path in ("/health", "/ready", "/v1/models"):
+            got, head = client.get(path), client.head(path)
+            assert (head.status_code, head.content) == (got.status_code, b""), path
+            assert head.headers["content-type"] == got.headers["content-type"], path
+            assert head.headers["content-length"] == str(len(got.content)), path
+            assert head.headers["x-request-id"] != got.headers["x-request-id"]
+        missing = client.head("/v1/models/nope")
+        assert (missing.status_code, missing.content) == (404, b"")
+        # Routes without a GET stay 405 (with the methods they take), also without a body.
+        not_allowed = client.head("/v1/chat/completions")
+        assert (not_allowed.status_code, not_allowed.content) == (405, b"")
+        assert "POST" in not_allowed.headers["allow"]
 
 
 def test_header_dict_takes_the_first_of_repeated_names() -> None:

@@ -282,7 +282,16 @@ def test_the_http_duration_with_or_without_the_telemetry_middleware(
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
         assert client.post("/v1/chat/completions", json={"model": "m"}).status_code == 400
         assert client.post("/v1/chat/completions", json={**CHAT, "model": "nope"}).status_code == 404
+        assert client.head("/v1/models").status_code == 200  # answered by the GET route
         scrape = client.get("/metrics").text
+    head = metric_value(
+        scrape,
+        "http_server_request_duration_seconds_count",
+        http_route="/v1/models",
+        http_request_method="HEAD",
+        http_response_status_code="200",
+    )
+    assert head == 1  # counted as the HEAD it was
     for status in ("200", "400", "404"):
         count = metric_value(
             scrape,
