@@ -236,9 +236,9 @@ class LedgerWriter:
                     raise
                 for row, line in interrupted:
                     if line.hold is not None:
-                        self._keep_waiting(msgspec.structs.replace(line, unsettled_cost=row.cost))
+                        self.keep_unsettled(line, row.cost)
                 for line in unsettled:
-                    self._keep_waiting(line)
+                    self.keep_unsettled(line, line.unsettled_cost or 0.0)
                 release_orphan(folder, fd, replayed=True)
                 replayed += len(rows)
                 self.interrupted.extend(interrupted)
@@ -266,19 +266,16 @@ class LedgerWriter:
             log.error("ledger: journaling request %s in flight failed (%s)", request.request_id, exc)
 
     def keep_unsettled(self, request: InFlight, cost: float) -> None:
-        """The request in flight ``request`` finished (its row is recorded), but settling
-        what it held to ``cost`` waits for its store: journal that, and keep the line
-        (copied forward as segments go, the journal kept at shutdown) until
-        :meth:`all_settled`. Should the process end first, the next start settles the
-        hold again (:attr:`unsettled`); a store settles only what it still holds, so a
-        settlement that went through counts once."""
-        self._keep_waiting(msgspec.structs.replace(request, unsettled_cost=cost))
-
-    def _keep_waiting(self, line: InFlight) -> None:
-        """Journal the line of a settlement that waits (``unsettled_cost`` set), and keep
-        it until :meth:`all_settled`."""
+        """The request ``request`` has its row recorded, but settling what it held to
+        ``cost`` waits for its store (or has yet to be tried: a request a dead process
+        left, or one still running at shutdown): journal that, and keep the line (copied
+        forward as segments go, the journal kept at shutdown) until :meth:`all_settled`.
+        Should the process end first, the next start settles the hold again
+        (:attr:`unsettled`); a store settles only what it still holds, so a settlement
+        that went through counts once."""
         if self._journal is None:
             return
+        line = msgspec.structs.replace(request, unsettled_cost=cost)
         try:
             segment = self._journal.append(line)
         except OSError as exc:
@@ -452,7 +449,7 @@ class LedgerWriter:
                 self.record(row)
                 self.interrupted.append(Interrupted(row, request))
                 if request.hold is not None:  # settled next: should that fail, at the next start
-                    self._keep_waiting(msgspec.structs.replace(request, unsettled_cost=row.cost))
+                    self.keep_unsettled(request, row.cost)
         deadline = time.monotonic() + self._shutdown_timeout
         delay = 0.1
         with anyio.CancelScope(shield=True):
