@@ -43,6 +43,7 @@ _CHECKED_NAMES: set[str] = set()
 """Header names already found valid: a request sends the same few names each time, and
 a set lookup costs a tenth of the regular expression."""
 _CHECKED_NAMES_MAX = 1024
+_METHODS = frozenset({"GET", "POST"})
 
 
 class _Connection(asyncio.Protocol):
@@ -303,13 +304,17 @@ class HTTP1Pool:
         *,
         read_timeout: float | None = None,
     ) -> HTTP1Response:
-        """Send a request and return once its headers arrived; the caller closes the response."""
+        """Send a request (``GET`` or ``POST``; ``headers`` named in lowercase, a ``host``
+        among them replacing the pool's own) and return once its headers arrived; the
+        caller closes the response."""
         data = self._encode(method, path, headers, body)
         self._check_loop()
         await self._acquire()
         try:
             for attempt in (1, 2):
-                conn = self._take_idle() or await self._connect()
+                # The second attempt on a new connection: idle ones the server closed tend
+                # to go together (its keep-alive timeout, a NAT dropping idle sockets).
+                conn = (self._take_idle() if attempt == 1 else None) or await self._connect()
                 try:
                     conn.send(data)
                     await conn.head(read_timeout)
@@ -335,7 +340,12 @@ class HTTP1Pool:
     # --- internals --------------------------------------------------------------------
 
     def _encode(self, method: str, path: str, headers: Mapping[str, str], body: bytes | None) -> bytes:
-        lines = [f"{method} {self._prefix}{path} HTTP/1.1\r\nhost: {self._authority}\r\n"]
+        if method not in _METHODS:
+            # A HEAD answer announces a length it does not send: the parser would wait for it.
+            raise ValueError(f"HTTP1Pool sends GET and POST, not {method!r}")
+        lines = [f"{method} {self._prefix}{path} HTTP/1.1\r\n"]
+        if "host" not in headers:  # a configured one (a virtual host) replaces it
+            lines.append(f"host: {self._authority}\r\n")
         for name, value in headers.items():
             # Three substring tests cost a sixth of a regular expression's search.
             if (name not in _CHECKED_NAMES and not _valid_name(name)) or (

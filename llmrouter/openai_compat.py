@@ -190,6 +190,11 @@ def _error_fields(payload: Any) -> tuple[str | None, str | None, str | None, Any
     message = error.get("message") or error.get("detail") or payload.get("detail")
     if message is not None and not isinstance(message, str):
         message = msgspec.json.encode(message).decode()
+    raw = _wrapped_error(error)
+    if raw:
+        # A gateway's wrapper around its upstream's error (OpenRouter: "Provider returned
+        # error"): the upstream's own words say what went wrong (a context length, say).
+        message = f"{message}: {raw}" if message else raw
     code = error.get("code")
     if isinstance(code, str) and code.isdigit():
         code = int(code)
@@ -197,6 +202,21 @@ def _error_fields(payload: Any) -> tuple[str | None, str | None, str | None, Any
     code_text = str(code) if code is not None and not isinstance(code, int) else None
     param = error.get("param")
     return message, code_text, param if isinstance(param, str) else None, status_hint
+
+
+def _wrapped_error(error: dict[str, Any]) -> str | None:
+    """The upstream error a gateway passed on in ``error.metadata.raw`` (OpenRouter's
+    shape), cut to :data:`_RAW_CHARS`; None when there is none."""
+    metadata = error.get("metadata")
+    raw = metadata.get("raw") if isinstance(metadata, dict) else None
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raw = msgspec.json.encode(raw).decode()
+    return raw[:_RAW_CHARS] or None
+
+
+_RAW_CHARS = 1000
 
 
 def error_from_body(
@@ -347,7 +367,9 @@ class OpenAICompatClient:
             write=timeouts.first_token,
             pool=timeouts.first_token,
         )
-        self._headers = {"accept": _JSON, **(headers or {})}
+        # Names lowercased, as HTTP treats them: a configured "Accept" or "Host" replaces
+        # the client's own instead of going out twice (two Host lines are a 400).
+        self._headers = {"accept": _JSON, **{name.lower(): value for name, value in (headers or {}).items()}}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
         self._read_timeout = timeouts.first_token
@@ -477,6 +499,12 @@ class OpenAICompatClient:
             raise self._error(status, content, headers)
         answer = self._decode(content, kind, path)
         if not answer.choices:
+            payload = _generic.decode(content)
+            if isinstance(payload, dict) and payload.get("error") is not None:
+                # An error answered with HTTP 200 (OpenRouter's, once the model has
+                # started): its own status and code, as in a stream's error event.
+                error = _error_from_event(payload, self.provider)
+                raise error if self._refine_error is None else self._refine_error(error)
             # OpenAI's answers have at least one (n >= 1); passed on, an empty list is an
             # IndexError in every client that reads choices[0].
             raise UpstreamError(f"{self.provider}: {path} answered no choices", provider=self.provider)

@@ -89,11 +89,17 @@ async def test_sends_host_path_prefix_headers_and_content_length():
         response = await pool.request("POST", "/chat/completions", {"authorization": "Bearer k"}, b"{}")
         assert await response.aread() == b"ok" and response.headers["x-thing"] == "A"
         await response.aclose()
+        virtual = await pool.request("GET", "/models", {"host": "api.internal.example"})
+        await virtual.aread()
+        await virtual.aclose()
+        with pytest.raises(ValueError, match="GET and POST"):
+            await pool.request("HEAD", "/models", {})  # its answer's length would be waited for
     request = seen[0]
     assert request.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
     assert f"host: 127.0.0.1:{port}\r\n".encode() in request  # no user info
     assert b"authorization: Bearer k\r\n" in request and b"content-length: 2\r\n" in request
     assert request.endswith(b"\r\n\r\n{}")
+    assert seen[1].count(b"host:") == 1 and b"host: api.internal.example\r\n" in seen[1]
 
 
 async def test_close_delimited_and_large_bodies_are_read_whole():
@@ -205,6 +211,31 @@ async def test_a_kept_alive_connection_the_server_dropped_is_retried_on_a_new_on
             response = await pool.request("POST", "/", JSON, b"{}")
             assert await response.aread() == b"ok"
             await response.aclose()
+    assert connections == 3
+
+
+async def test_with_several_idle_connections_dropped_the_retry_still_opens_a_new_one():
+    connections = 0
+
+    async def once_per_connection(reader, writer):
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)  # the next request on this connection is dropped unanswered
+        writer.close()
+
+    server, port = await raw_server(once_per_connection)
+    async with server:
+        pool = HTTP1Pool(f"http://127.0.0.1:{port}")
+        first, second = [await pool.request("POST", "/", JSON, b"{}") for _ in range(2)]
+        for response in (first, second):  # two idle connections, both to be dropped
+            assert await response.aread() == b"ok"
+            await response.aclose()
+        response = await pool.request("POST", "/", JSON, b"{}")  # before: the retry took the other
+        assert await response.aread() == b"ok"
+        await response.aclose()
     assert connections == 3
 
 

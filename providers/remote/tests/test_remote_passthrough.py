@@ -1,5 +1,6 @@
 """What RemoteProvider sends upstream, and how it reads what comes back."""
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -119,6 +120,45 @@ async def test_context_and_option_headers_are_forwarded(
     assert headers["accept"] == "text/event-stream"
     await remote.chat(decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]}))
     assert "x-request-id" not in echo_upstream.last_request.headers
+
+
+async def test_configured_headers_replace_the_clients_own_whatever_their_case() -> None:
+    # A virtual host, say: before, "Host" went out beside the client's "host" (two Host
+    # lines, which servers refuse with a 400), and "Accept" beside "accept".
+    heads: list[bytes] = []
+    answer = msgspec.json.encode(
+        {
+            "id": "c",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+    )
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head.lower())
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(answer)
+        )
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    headers = {"Host": "llm.internal.example", "Accept": "application/json", "X-Team": "blue"}
+    async with server, RemoteProvider("m", base_url=f"http://127.0.0.1:{port}/v1", headers=headers) as remote:
+        await remote.chat(decode_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]}))
+    (head,) = heads
+    assert head.count(b"\r\nhost: ") == 1 and b"\r\nhost: llm.internal.example\r\n" in head
+    assert head.count(b"\r\naccept: ") == 1 and b"\r\nx-team: blue\r\n" in head
 
 
 async def test_tool_calls_round_trip(remote: RemoteProvider, echo_upstream: FakeUpstream) -> None:
