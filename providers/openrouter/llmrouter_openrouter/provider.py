@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import httpx
 import msgspec
@@ -40,6 +40,8 @@ from llmrouter.provider import Health, ProviderOptions
 from llmrouter.types import (
     ChatRequest,
     ChatResponse,
+    CompletionRequest,
+    CompletionResponse,
 )
 
 __all__ = ["API_KEY_ENV", "DEFAULT_BASE_URL", "OpenRouterOptions", "OpenRouterProvider"]
@@ -48,6 +50,8 @@ DEFAULT_BASE_URL = "https://openrouter.ai/api/v1"
 API_KEY_ENV = "OPENROUTER_API_KEY"
 MODELS_ENV = "LLMROUTER_OPENROUTER_MODELS"
 """Comma-separated OpenRouter model ids that zero-config start registers (besides ``openrouter/auto``)."""
+
+_Answer = TypeVar("_Answer", ChatResponse, CompletionResponse)
 
 # Fields a client may send that change which model answers (and so what it costs);
 # dropped unless the deployment sets ``client_routing: true``.
@@ -171,10 +175,16 @@ class OpenRouterProvider(OpenAICompatProvider[OpenRouterOptions]):
         return msgspec.structs.replace(request, extra=extra)
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
-        response = await super().chat(request)
-        # An answer without choices is already an UpstreamError (OpenAICompatClient).
+        return self._succeeded(await super().chat(request))
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse:
+        return self._succeeded(await super().complete(request))
+
+    def _succeeded(self, response: _Answer) -> _Answer:
+        """``response``, unless a choice failed: OpenRouter reports a failure after the
+        model started with HTTP 200 and ``finish_reason: error`` (an answer with an
+        ``error`` and no choices is already an error, OpenAICompatClient's)."""
         if any(choice.finish_reason == "error" for choice in response.choices):
-            # OpenRouter reports a failure after the model started with HTTP 200.
             raise UpstreamError(
                 "openrouter: the model failed while answering (finish_reason=error)", provider=self.name
             )

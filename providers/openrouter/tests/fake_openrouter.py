@@ -12,7 +12,8 @@ status, and, once the model started, a 200 whose body or SSE event carries ``err
 Knobs (reset per test): ``reply``, ``token_delay``, ``processing_comments``,
 ``fail_status`` / ``fail_message`` / ``fail_headers`` / ``fail_metadata``, ``error_after``
 (mid-stream error after N content chunks), ``break_after`` (drop the connection after N),
-``error_in_body`` (non-streamed 200 with an error), ``price_in`` / ``price_out`` (USD per
+``error_in_body`` (non-streamed 200 with an error), ``error_only`` (an error object: the
+non-streamed 200 body is that error alone, no choices), ``price_in`` / ``price_out`` (USD per
 token, used to compute ``usage.cost``). Records: ``requests`` (path, headers, JSON) and
 ``disconnects``.
 """
@@ -131,6 +132,7 @@ class FakeOpenRouter:
         self.error_after: int | None = None
         self.break_after: int | None = None
         self.error_in_body = False
+        self.error_only: dict[str, Any] | None = None
         self.price_in = 0.00000015
         self.price_out = 0.0000006
         self.requests: list[tuple[str, dict[str, str], dict[str, Any]]] = []
@@ -220,6 +222,8 @@ class FakeOpenRouter:
             group.start_soon(watch, group.cancel_scope)
             if data.get("stream"):
                 await self._stream(data["model"], chat, tokens, reason, usage, send, thoughts)
+            elif self.error_only is not None:
+                await _json(send, 200, {"error": self.error_only})
             else:
                 for _ in tokens:
                     await anyio.sleep(self.token_delay)

@@ -17,6 +17,7 @@ from llmrouter.config import Deployment
 from llmrouter.context import RequestContext
 from llmrouter.errors import (
     AuthenticationError,
+    ContextWindowExceededError,
     InsufficientCreditsError,
     InvalidRequestError,
     NotFoundError,
@@ -251,6 +252,60 @@ async def test_error_in_a_200_body(provider: OpenRouterProvider, fake_openrouter
     with pytest.raises(UpstreamError) as info:
         await provider.chat(chat_request())
     assert info.value.retryable is True
+
+
+async def test_a_failed_legacy_completion_in_a_200_body(
+    provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter
+) -> None:
+    fake_openrouter.error_in_body = True  # before: returned, billed and cacheable
+    with pytest.raises(UpstreamError) as info:
+        await provider.complete(decode_completion_request({"model": "x", "prompt": "Once"}))
+    assert info.value.retryable is True
+
+
+@pytest.mark.parametrize(
+    ("error", "error_type", "status"),
+    [
+        ({"code": 429, "message": "Rate limit exceeded upstream"}, RateLimitError, 429),
+        (
+            {"code": 400, "message": "This endpoint's maximum context length is 8192 tokens."},
+            ContextWindowExceededError,
+            400,
+        ),
+        ({"code": 502, "message": "Provider returned error"}, UpstreamError, 502),
+    ],
+)
+async def test_an_error_alone_in_a_200_body_keeps_its_status(
+    provider: OpenRouterProvider,
+    fake_openrouter: FakeOpenRouter,
+    error: dict[str, Any],
+    error_type: type,
+    status: int,
+) -> None:
+    # Before: "answered no choices", a 502 whatever the error said.
+    fake_openrouter.error_only = error
+    with pytest.raises(error_type) as info:
+        await provider.chat(chat_request())
+    assert (info.value.http_status, info.value.message) == (status, error["message"])
+    with pytest.raises(error_type):
+        await provider.complete(decode_completion_request({"model": "x", "prompt": "Once"}))
+
+
+async def test_a_wrapped_upstream_error_is_read_for_what_it_says(
+    provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter
+) -> None:
+    # OpenRouter passes its provider's error on in metadata.raw: a context length there is
+    # the request's context length (before: a plain 400 "Provider returned error").
+    fake_openrouter.fail_status = 400
+    fake_openrouter.fail_message = "Provider returned error"
+    fake_openrouter.fail_metadata = {
+        "provider_name": "OpenAI",
+        "raw": '{"error": {"message": "This model\'s maximum context length is 128000 tokens."}}',
+    }
+    with pytest.raises(ContextWindowExceededError) as info:
+        await provider.chat(chat_request())
+    assert info.value.message.startswith("Provider returned error: ")
+    assert "maximum context length is 128000" in info.value.message
 
 
 async def test_error_event_mid_stream(provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter) -> None:
