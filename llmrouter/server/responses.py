@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 from litestar.datastructures.headers import MutableScopeHeaders
@@ -42,8 +43,24 @@ def fill_response(
 
 
 def encoded(headers: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
-    """``headers`` as an ASGI header list."""
-    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    """``headers`` as an ASGI header list. A value that is not Latin-1 (a model group
+    named in Chinese, say, in ``x-llmrouter-model-group``) goes percent-encoded as UTF-8:
+    failing there, after the answer was made and billed, would turn it into a 500."""
+    try:
+        return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+    except UnicodeEncodeError:
+        return [(name.encode("latin-1"), _header_value(value)) for name, value in headers.items()]
+
+
+def _header_value(value: str) -> bytes:
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return quote(value, safe=_UNQUOTED).encode("ascii")
+
+
+_UNQUOTED = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+"""Printable ASCII is kept as it is (``%`` aside, so that the encoding can be undone)."""
 
 
 class JSONResponse(ASGIResponse):

@@ -170,10 +170,11 @@ async def open_stream(
     routing headers (``headers()``, called after the first chunk) are known.
     """
     try:
-        first = await call_until_disconnect(receive, chunks.__anext__)
-    except StopAsyncIteration:
-        first = None
+        try:
+            first = await call_until_disconnect(receive, chunks.__anext__)
+        except StopAsyncIteration:
+            first = None
+        return SSEResponse(first, chunks, request_id, headers())
     except BaseException:
-        await _aclose(chunks)
+        await _aclose(chunks)  # the upstream stream and its deployment's slot, at once
         raise
-    return SSEResponse(first, chunks, request_id, headers())

@@ -47,3 +47,32 @@ def test_an_sse_response_is_what_asgistreamingresponse_makes_of_it() -> None:
     )
     assert_same_slots(SSEResponse(None, source, "abc", HEADERS), theirs)
     assert "iterator" in ASGIStreamingResponse.__slots__  # compared above
+
+
+@pytest.mark.anyio
+async def test_a_stream_whose_response_cannot_be_made_is_closed_at_once() -> None:
+    # Its upstream stream and its deployment's slot go now, not when the collector
+    # finalises the generator.
+    import anyio
+
+    from llmrouter.server.sse import open_stream
+
+    closed: list[bool] = []
+
+    async def chunks() -> AsyncIterator[str]:
+        try:
+            yield "first"
+            yield "second"
+        finally:
+            closed.append(True)
+
+    async def receive() -> dict[str, str]:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    def headers() -> dict[str, str]:
+        raise RuntimeError("a header that cannot be sent")
+
+    with pytest.raises(RuntimeError):
+        await open_stream(receive, chunks(), headers, "request-1")
+    assert closed == [True]

@@ -60,6 +60,18 @@ def test_chat_json_with_routing_headers(client: TestClient[Any]) -> None:
     assert float(response.headers["x-process-time"]) >= 0
 
 
+def test_a_model_group_named_outside_latin_1_is_answered_with_its_name_percent_encoded() -> None:
+    # Before: a 500 after the answer was made (and billed), and a stream's upstream held open.
+    router = Router()
+    router.add_deployment("模型", ScriptedProvider("upstream-m", default=Step(echo=True)))
+    with TestClient(create_app(router=router)) as client:
+        for stream in (False, True):
+            response = client.post("/v1/chat/completions", json={**CHAT, "model": "模型", "stream": stream})
+            assert response.status_code == 200, response.text
+            assert response.headers["x-llmrouter-model-group"] == "%E6%A8%A1%E5%9E%8B"
+        assert [d.in_flight for d in router.deployments] == [0]
+
+
 def test_paths_without_v1_prefix(client: TestClient[Any]) -> None:
     assert client.post("/chat/completions", json=CHAT).status_code == 200
     assert client.get("/models").json()["data"][0]["id"] == "m"
