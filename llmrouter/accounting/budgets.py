@@ -443,16 +443,22 @@ class BudgetManager:
             await self.retries.aclose()
         await self.store.aclose()
 
+    def _rule_models(self) -> tuple[str | None, ...]:
+        """Every model group a rule names, after None (the budgets of any model)."""
+        return (None, *sorted({rule.model for rule in self.rules if rule.model is not None}))
+
     async def status(
         self,
         key: ApiKey | None,
-        model_groups: Sequence[str | None] = (None,),
+        model_groups: Sequence[str | None] | None = None,
         end_user: str | None = None,
     ) -> list[dict[str, object]]:
         """Every budget window of ``key`` (and of its ``end_user``'s requests, with
-        their per-user rules) with its spend, for ``/v1/usage``."""
+        their per-user rules) with its spend, for ``/v1/usage``: those of
+        ``model_groups``, or, None, of every model, the rules for one model included
+        (a key's windows depend on the model its request names)."""
         seen: dict[str, dict[str, object]] = {}
-        for model in model_groups:
+        for model in self._rule_models() if model_groups is None else model_groups:
             for window in self.windows_for(key, model, end_user=end_user):
                 if window.counter in seen:
                     continue
@@ -474,7 +480,9 @@ def _exceeded(window: BudgetWindow, spent: int, reserved: int, amount: int) -> B
     scope = f" for model {window.model}" if window.model else ""
     if window.end_user is not None:
         scope += f" for end user {window.end_user[:100]!r}"
-    until_reset = spent + amount > window.limit
+    # Would it fit with no reservation in the way? A free request (amount 0) does not once
+    # spend reaches the limit (see fits): then too only the period's end makes room.
+    until_reset = not fits(spent, 0, amount, window.limit)
     if until_reset:  # only the period's end makes room
         retry = max(1.0, window.end - time.time()) if window.end is not None else None
     else:  # other requests' reservations are in the way; they settle within seconds

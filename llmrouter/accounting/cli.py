@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 
 from llmrouter.accounting.config import AccountingConfig, DatabaseConfig
-from llmrouter.errors import AccountingUnavailableError, one_line_cause
+from llmrouter.errors import AccountingUnavailableError, LLMRouterError, one_line_cause
 
 __all__ = ["main", "register"]
 
@@ -117,6 +117,13 @@ def _expires_at(text: str) -> float | None:
     return expires_at
 
 
+def _allowed_models(text: str) -> list[str] | None:
+    """``--models``: the comma-separated names or globs; none at all (``''``) means every
+    model, for ``create`` and ``update`` alike (an empty list would let the key use none)."""
+    models = [m for m in text.split(",") if m]
+    return models or None
+
+
 def _usage_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         try:
@@ -147,7 +154,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         key, secret = await KeyStore(engine).create(
             args.name,
             scopes=args.scope or ["user"],
-            allowed_models=[m for m in args.models.split(",") if m] if args.models else None,
+            allowed_models=_allowed_models(args.models) if args.models is not None else None,
             expires_at=expires_at,
             budget=args.budget,
             budget_period=args.budget_period,
@@ -180,7 +187,6 @@ def cmd_keys_update(args: argparse.Namespace) -> int:
     given = {
         "name": args.name,
         "scopes": args.scope,
-        "allowed_models": [m for m in args.models.split(",") if m] if args.models is not None else None,
         "expires_at": _expires_at(args.expires) if args.expires else None,
         "budget": args.budget,
         "budget_period": args.budget_period,
@@ -190,6 +196,8 @@ def cmd_keys_update(args: argparse.Namespace) -> int:
         "note": args.note,
     }
     changes: dict[str, Any] = {field: value for field, value in given.items() if value is not None}
+    if args.models is not None:  # '' clears the list (None), which the line above would drop
+        changes["allowed_models"] = _allowed_models(args.models)
     for option in args.clear or ():
         field = _CLEARABLE[option]
         if field in changes:
@@ -361,7 +369,9 @@ def register(subparsers: Any) -> None:
     change = keys.add_parser("update", help="change a key's fields; it keeps its secret and usage")
     change.add_argument("key", help="id, prefix or name")
     change.add_argument("--name", help="a new name")
-    _key_fields(change, scope="repeatable: the new scopes", models="(the new list)")
+    _key_fields(
+        change, scope="repeatable: the new scopes", models="(the new list; '' allows every model again)"
+    )
     change.add_argument(
         "--clear",
         action="append",
@@ -407,7 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    return int(func(args) or 0)
+    # As ``llmrouter``'s own entry does: a bad key reference or date is one line, not a traceback.
+    try:
+        return int(func(args) or 0)
+    except LLMRouterError as exc:
+        print(f"llmrouter: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -78,7 +78,9 @@ class BudgetRule(_Section):
     user are not counted against it. None: the rule is not per end user."""
     period: Period = "month"
     soft_limit: float | None = None
-    """Crossing it logs a warning and marks responses (``x-llmrouter-budget: soft``)."""
+    """Crossing it logs a warning, once per window, and sets ``ctx.metadata["budget"] =
+    "soft_limit_reached"`` on each request settled past it (for hooks and library callers;
+    no response header says so)."""
 
 
 class EndUserLimits(_Section):

@@ -16,6 +16,7 @@ Litestar is imported only here.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar
@@ -116,7 +117,15 @@ def _expiry(expires_at: float | None, expires_in_days: float | None, now: float)
             raise InvalidRequestError("give expires_at or expires_in_days, not both", param="expires_in_days")
         if not expires_in_days > 0:  # NaN fails too
             raise InvalidRequestError("expires_in_days must be more than 0", param="expires_in_days")
-        return now + expires_in_days * 86400
+        expires = now + expires_in_days * 86400
+        # Checked as computed: a tiny number of days (1e-300) adds nothing to now, and the
+        # key would be expired from its first use; a huge one makes it infinite, which the
+        # store would refuse naming expires_at, a field the request did not send.
+        if not now < expires < math.inf:
+            raise InvalidRequestError(
+                "expires_in_days must give a finite time after now", param="expires_in_days"
+            )
+        return expires
     if expires_at is not None and expires_at <= now:
         raise InvalidRequestError("expires_at (Unix seconds) is in the past", param="expires_at")
     return expires_at

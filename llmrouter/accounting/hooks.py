@@ -11,7 +11,6 @@ so that it is billed (``interrupted``) should its process die before it finishes
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
@@ -116,7 +115,6 @@ class AccountingHooks(RouterHooks):
         self.limits = limits or LimitsConfig()
         self.retries = retries
         self._admitted: dict[int, _Admission] = {}
-        self._key_cache: dict[str, tuple[float, ApiKey | None]] = {}
 
     @property
     def limits(self) -> LimitsConfig:
@@ -155,15 +153,14 @@ class AccountingHooks(RouterHooks):
         )
 
     async def _load_principal(self, ctx: RequestContext, key_id: str, keys: KeyStore) -> ApiKey:
-        """The key a library caller named by ``ctx.api_key_id``, from the store (cached 5 s)."""
-        cached = self._key_cache.get(key_id)
-        if cached is None or time.monotonic() - cached[0] > 5.0:
-            cached = (time.monotonic(), await keys.load(key_id))
-            self._key_cache[key_id] = cached
-        if cached[1] is None:
+        """The key a library caller named by ``ctx.api_key_id``, through the store's cache:
+        the one its changes and revocations drop at once (a cache of the hooks' own kept
+        a revoked key admitted for seconds)."""
+        key = await keys.load_cached(key_id)
+        if key is None:
             raise AuthenticationError(f"unknown API key id {key_id}")
-        ctx.principal = cached[1]
-        return cached[1]
+        ctx.principal = key
+        return key
 
     def _check_access(self, ctx: RequestContext, key: ApiKey | None) -> None:
         if key is None:
@@ -202,7 +199,12 @@ class AccountingHooks(RouterHooks):
             ):
                 tickets.append(
                     await _acquire_for_end_user(
-                        self.limiter, self._end_user_limits, subject, end_user, ctx.prompt_tokens_estimate
+                        self.limiter,
+                        self._end_user_limits,
+                        subject,
+                        end_user,
+                        ctx.prompt_tokens_estimate,
+                        key_limits=limits,
                     )
                 )
             if self.limiter is not None and not limits.empty:
@@ -356,18 +358,30 @@ def _end_user_of(ctx: RequestContext) -> str | None:
 
 
 async def _acquire_for_end_user(
-    limiter: Limiter, limits: EffectiveLimits, subject: str, end_user: str, tokens: int
+    limiter: Limiter,
+    limits: EffectiveLimits,
+    subject: str,
+    end_user: str,
+    tokens: int,
+    *,
+    key_limits: EffectiveLimits,
 ) -> LimitTicket:
     """An end user's own limits (``limits.end_user``), in windows of their own beside the
-    key's (``subject``)."""
+    key's (``subject``, limited by ``key_limits``).
+
+    A refusal names the end user, and its ``x-ratelimit-*`` headers are the key's, as
+    on every response of the key: a client paces the key by them, and the end user's
+    would tell it the key had run out."""
     name = end_users.as_stored(end_user) or ""
     try:
         return await limiter.acquire(f"{subject}|{end_users.counter_tag(name)}", limits, tokens)
     except KeyLimitError as exc:
+        key_headers = {} if key_limits.empty else await limiter.window_headers(subject, key_limits)
         raise KeyLimitError(
             f"{exc.message} (end user {name[:100]!r})",
-            retry_after=exc.retry_after or 1.0,
-            limit_headers=exc.limit_headers,
+            retry_after=exc.retry_after,
+            limit_headers=key_headers,
+            never_fits=exc.never_fits,
         ) from None
 
 

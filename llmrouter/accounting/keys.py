@@ -206,6 +206,8 @@ class KeyStore:
         self._cache_seconds = cache_seconds
         self._timeout = timeout  # for the reads requests wait on: verify, any_exist, load
         self._by_prefix: dict[str, tuple[float, ApiKey, str]] = {}
+        self._by_id: dict[str, tuple[float, ApiKey | None]] = {}  # load_cached's; None: no such key
+        self._id_of_prefix: dict[str, str] = {}  # which _by_id entry forget(prefix) drops
         self._queries: dict[str, asyncio.Future[Any]] = {}  # in flight, shared (see _shared)
         self._any_key: bool | None = None
         self._any_key_checked = 0.0
@@ -220,8 +222,13 @@ class KeyStore:
         have read the row as it was."""
         if prefix is None:
             self._by_prefix.clear()
+            self._by_id.clear()
+            self._id_of_prefix.clear()
         else:
             self._by_prefix.pop(prefix, None)
+            key_id = self._id_of_prefix.pop(prefix, None)
+            if key_id is not None:
+                self._by_id.pop(key_id, None)
         self._forgotten += 1
 
     async def create(
@@ -467,7 +474,8 @@ class KeyStore:
         """``await query()``, once for every caller that asks under ``name`` while it
         runs: requests that find the same cached answer stale share one database read
         (each used to send its own), and a caller that is cancelled does not cancel it
-        for the others. Names: a key prefix, or ``*`` for the count of keys."""
+        for the others. Names: a key prefix, ``id:`` and a key id, or ``*`` for the count of
+        keys."""
         pending = self._queries.get(name)
         if pending is None:
             pending = asyncio.ensure_future(query())
@@ -491,8 +499,30 @@ class KeyStore:
         return cached
 
     async def load(self, key_id: str) -> ApiKey | None:
-        """A key by id (for library users who put ``api_key_id`` in the context)."""
+        """A key by id, read from the database now."""
         return await within(self._timeout, self._load(key_id))
+
+    async def load_cached(self, key_id: str) -> ApiKey | None:
+        """A key by id, for library users who put ``api_key_id`` in the context: cached
+        like a verified secret (``cache_seconds``), and dropped with it by :meth:`forget`,
+        so that a key revoked or changed here (or, with key events, on another replica)
+        is read again at its next use. Concurrent reads of one id share one query."""
+        cached = self._by_id.get(key_id)
+        if cached is None or time.monotonic() - cached[0] > self._cache_seconds:
+            cached = await self._shared(f"id:{key_id}", lambda: self._query_id(key_id))
+        return cached[1]
+
+    async def _query_id(self, key_id: str) -> tuple[float, ApiKey | None]:
+        """Read the key ``key_id`` into the cache, unless a key changed meanwhile (the
+        read may have seen the row as it was, as in :meth:`_query_prefix`)."""
+        now, forgotten = time.monotonic(), self._forgotten
+        key = await self._load(key_id)
+        cached = (now, key)
+        if forgotten == self._forgotten:
+            self._by_id[key_id] = cached
+            if key is not None:
+                self._id_of_prefix[key.prefix] = key_id
+        return cached
 
     async def _load(self, key_id: str) -> ApiKey | None:
         async with self._engine.connect() as conn:

@@ -11,7 +11,8 @@ per admission, using the Redis server's clock, so every replica shares the windo
 Concurrency slots in Redis are leases, so a replica that dies frees its slots.
 
 A refusal is :class:`~llmrouter.errors.RateLimitError` (429, ``retryable=False``, with
-``retry_after``).
+``retry_after``), except for a request of more tokens than the TPM limit itself: no wait
+can admit it, so it is refused at once as too large, without ``retry_after``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "Limiter",
     "MemoryLimiter",
     "RedisLimiter",
+    "refuse_if_never_fits",
     "seconds_until_fits",
 ]
 
@@ -79,7 +81,10 @@ def _window_headers(kind: str, limit: int, left: int) -> dict[str, str]:
 
 
 def seconds_until_fits(limit: float, need: float, prev: float, curr: float, elapsed: float) -> float:
-    """Seconds until ``prev * (1 - (elapsed + t) / 60) + curr + need <= limit``."""
+    """Seconds until ``prev * (1 - (elapsed + t) / 60) + curr + need <= limit``; infinite
+    when ``need`` alone is over ``limit`` (an empty window cannot take it either)."""
+    if need > limit:
+        return math.inf
     if curr + need <= limit:
         if prev <= 0:
             return 0.0
@@ -91,14 +96,30 @@ def seconds_until_fits(limit: float, need: float, prev: float, curr: float, elap
 class KeyLimitError(RateLimitError):
     """A key's RPM, TPM or concurrency limit refused the request. Its response carries
     the ``x-ratelimit-*`` headers of the limit that refused it, remaining 0, beside
-    ``Retry-After``, as OpenAI's 429s do."""
+    ``Retry-After``, as OpenAI's 429s do (an end user's refusal carries its key's
+    headers instead, as they stand).
 
-    def __init__(self, message: str, *, retry_after: float, limit_headers: dict[str, str]) -> None:
+    ``never_fits``: the request is larger than the limit itself, so no wait admits it:
+    no ``Retry-After`` then, and ``x-should-retry: false``, which the OpenAI SDKs obey
+    (they would otherwise retry it, as they retry any 429)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None,
+        limit_headers: dict[str, str],
+        never_fits: bool = False,
+    ) -> None:
         super().__init__(message, retry_after=retry_after, retryable=False)
         self.limit_headers = limit_headers
+        self.never_fits = never_fits
 
     def headers(self) -> dict[str, str]:
-        return {**super().headers(), **self.limit_headers}
+        headers = {**super().headers(), **self.limit_headers}
+        if self.never_fits:
+            headers["x-should-retry"] = "false"
+        return headers
 
 
 def _refusal(kind: str, limit: int, wait: float) -> KeyLimitError:
@@ -110,6 +131,26 @@ def _refusal(kind: str, limit: int, wait: float) -> KeyLimitError:
     )
 
 
+def refuse_if_never_fits(limits: EffectiveLimits, tokens: int) -> None:
+    """Refuse a request of more tokens than the TPM limit at once, before any window is
+    read or charged: even an empty minute cannot take it, so a ``Retry-After`` would send
+    the client back every minute forever (as OpenAI's "Request too large" does, the
+    message gives the limit and what was requested).
+
+    Raises:
+        KeyLimitError: ``never_fits``, with the limit's ``x-ratelimit-limit-tokens``.
+    """
+    if limits.tpm is None or tokens <= limits.tpm:
+        return
+    raise KeyLimitError(
+        f"request too large for the key's limit on tokens per minute (TPM): limit {limits.tpm}, "
+        f"requested {tokens}; it can never be admitted as it is: send fewer tokens",
+        retry_after=None,
+        limit_headers={"x-ratelimit-limit-tokens": str(limits.tpm)},
+        never_fits=True,
+    )
+
+
 class Limiter(Protocol):
     async def acquire(self, subject: str, limits: EffectiveLimits, tokens: int) -> LimitTicket:
         """Admit one request of ~``tokens`` tokens or raise :class:`RateLimitError`."""
@@ -117,6 +158,11 @@ class Limiter(Protocol):
 
     async def release(self, ticket: LimitTicket, actual_tokens: int) -> None:
         """The request ended: free its slot, true up its tokens."""
+        ...
+
+    async def window_headers(self, subject: str, limits: EffectiveLimits) -> dict[str, str]:
+        """The ``x-ratelimit-*`` headers of ``subject``'s RPM and TPM windows as they are
+        now, charging nothing (an end user's refusal carries its key's)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -164,6 +210,7 @@ class MemoryLimiter:
         self._swept = now
 
     async def acquire(self, subject: str, limits: EffectiveLimits, tokens: int) -> LimitTicket:
+        refuse_if_never_fits(limits, tokens)
         now = self._clock()
         checks = [("rpm", limits.rpm, 1.0), ("tpm", limits.tpm, float(tokens))]
         admitted = []
@@ -200,6 +247,17 @@ class MemoryLimiter:
             window, _ = self._window(ticket.subject, "tpm", self._clock())
             window.curr = max(0.0, window.curr + actual_tokens - ticket.tokens)
 
+    async def window_headers(self, subject: str, limits: EffectiveLimits) -> dict[str, str]:
+        now = self._clock()
+        headers: dict[str, str] = {}
+        for kind, limit in (("rpm", limits.rpm), ("tpm", limits.tpm)):
+            if limit is None:
+                continue
+            window = self._windows.get((subject, kind))  # none yet: nothing used, none made
+            used = window.estimate(window.roll(now)) if window is not None else 0.0
+            headers.update(_window_headers(kind, limit, max(0, math.floor(limit - used))))
+        return headers
+
     async def aclose(self) -> None:
         self._windows.clear()
         self._in_flight.clear()
@@ -223,6 +281,7 @@ if start ~= minute then
   redis.call('HSET', h, 'rc', 0, 'tc', 0, 'start', minute)
   redis.call('EXPIRE', h, 180)
 end
+-- as seconds_until_fits; a need over the limit never gets here (refuse_if_never_fits)
 local function wait(limit, need, prev, curr)
   if curr + need <= limit then
     if prev <= 0 then return 0 end
@@ -261,6 +320,32 @@ end
 return {1, '', '0', left[1], left[2]}
 """
 
+# KEYS[1] = windows hash; ARGV = rpm, tpm (-1 = none). What each window has left, as
+# _ACQUIRE would see it, changing nothing.
+_LEFT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local minute = math.floor(now / 60) * 60
+local elapsed = now - minute
+local h = KEYS[1]
+local start = tonumber(redis.call('HGET', h, 'start') or '0')
+local function used(pf, cf)
+  local prev = tonumber(redis.call('HGET', h, pf) or '0')
+  local curr = tonumber(redis.call('HGET', h, cf) or '0')
+  if start ~= minute then
+    if minute - start == 60 then prev = curr else prev = 0 end
+    curr = 0
+  end
+  return prev * (1 - elapsed / 60) + curr
+end
+local left = {-1, -1}
+local checks = {{tonumber(ARGV[1]), 'rp', 'rc'}, {tonumber(ARGV[2]), 'tp', 'tc'}}
+for i, c in ipairs(checks) do
+  if c[1] >= 0 then left[i] = math.max(0, math.floor(c[1] - used(c[2], c[3]))) end
+end
+return left
+"""
+
 # ARGV = slot id, token delta (actual - charged), track tpm (1/0)
 _RELEASE = """
 redis.call('ZREM', KEYS[2], ARGV[1])
@@ -288,12 +373,14 @@ class RedisLimiter:
         self._lease = lease_seconds
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
+        self._left = client.register_script(_LEFT)
 
     def _keys(self, subject: str) -> list[str]:
         base = f"{self._prefix}{{{subject}}}"
         return [base, f"{base}:slots"]
 
     async def acquire(self, subject: str, limits: EffectiveLimits, tokens: int) -> LimitTicket:
+        refuse_if_never_fits(limits, tokens)  # no round trip for what no window can take
         slot = new_id()
         args = [
             -1 if limits.rpm is None else limits.rpm,
@@ -318,6 +405,18 @@ class RedisLimiter:
         await self._release(
             keys=self._keys(ticket.subject), args=[ticket.slot, actual_tokens - ticket.tokens, track]
         )
+
+    async def window_headers(self, subject: str, limits: EffectiveLimits) -> dict[str, str]:
+        if limits.rpm is None and limits.tpm is None:
+            return {}
+        args = [-1 if limits.rpm is None else limits.rpm, -1 if limits.tpm is None else limits.tpm]
+        requests_left, tokens_left = await self._left(keys=self._keys(subject)[:1], args=args)
+        headers: dict[str, str] = {}
+        if limits.rpm is not None:
+            headers.update(_window_headers("rpm", limits.rpm, int(requests_left)))
+        if limits.tpm is not None:
+            headers.update(_window_headers("tpm", limits.tpm, int(tokens_left)))
+        return headers
 
     async def aclose(self) -> None:
         """The client belongs to the caller."""

@@ -35,8 +35,9 @@ _RELATIVE = re.compile(r"^(\d+)([hdw])$")
 
 
 def parse_time(text: str | None, *, end: bool = False, param: str | None = None) -> float | None:
-    """``2026-11-01`` (a whole UTC day: ``end`` means its end), an ISO datetime, ``today``,
-    or a relative ``24h`` / ``7d`` / ``2w`` before now; None passes through.
+    """An ISO 8601 date (``2026-11-01``, ``20261101``, ``2026-W44-7``: a whole UTC day,
+    ``end`` means its end), an ISO datetime, ``today``, or a relative ``24h`` / ``7d`` /
+    ``2w`` before now; None passes through.
 
     Raises:
         InvalidRequestError: anything else (naming ``param``).
@@ -58,12 +59,12 @@ def parse_range(since: str | None, until: str | None) -> tuple[float | None, flo
     """A report's ``since`` and ``until`` (``until`` includes a whole day it names).
 
     Raises:
-        InvalidRequestError: either is not a time, or ``until`` comes before ``since``
-            (an empty report would pass for "no usage").
+        InvalidRequestError: either is not a time, or ``until`` is not after ``since``
+            (the range would be empty, and an empty report would pass for "no usage").
     """
     start, stop = parse_time(since, param="since"), parse_time(until, end=True, param="until")
-    if start is not None and stop is not None and stop < start:
-        raise InvalidRequestError(f"until ({until}) is before since ({since})", param="until")
+    if start is not None and stop is not None and stop <= start:
+        raise InvalidRequestError(f"until ({until}) is not after since ({since})", param="until")
     return start, stop
 
 
@@ -74,14 +75,24 @@ def _parse_time(text: str, end: bool) -> float:
         return time.time() - hours * 3600
     if text == "today":
         text = datetime.now(UTC).date().isoformat()
-    if len(text) == 10:
-        day = date.fromisoformat(text)
+    day = _date_only(text)
+    if day is not None:
         start = datetime(day.year, day.month, day.day, tzinfo=UTC)
         return (start + timedelta(days=1)).timestamp() if end else start.timestamp()
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
+
+
+def _date_only(text: str) -> date | None:
+    """``text`` as a date without a time, in any ISO 8601 form (``2026-11-01``,
+    ``20261101``, ``2026-W44-7``), else None. Asked before :meth:`datetime.fromisoformat`,
+    which takes those too, as midnight: an ``until`` of that day would then leave it out."""
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        return None
 
 
 def _check_dimensions(by: Sequence[str]) -> list[str]:
@@ -227,12 +238,19 @@ def render(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
             return f"${value:,.6f}" if value >= 0.01 or value == 0 else f"${value:.8f}"
         return f"{value:,}" if isinstance(value, int) else str(value)
 
-    total = {h: (sum(r[h] for r in rows) if isinstance(rows[0][h], (int, float)) else "") for h in headers}
-    total[headers[0]] = "TOTAL"
+    numeric = [isinstance(rows[0][h], (int, float)) for h in headers]
+    total = {h: (sum(r[h] for r in rows) if num else "") for h, num in zip(headers, numeric, strict=True)}
     body = [[cell(h, r[h]) for h in headers] for r in rows]
     foot = [cell(h, total[h]) if total[h] != "" else "" for h in headers]
+    if numeric[0]:
+        # No grouping column (``--by ''``): the label gets a column of its own rather
+        # than take the place of the requests' total.
+        headers, numeric = ["", *headers], [False, *numeric]
+        body = [["", *line] for line in body]
+        foot = ["TOTAL", *foot]
+    else:
+        foot[0] = "TOTAL"
     widths = [max(len(h), *(len(line[i]) for line in [*body, foot])) for i, h in enumerate(headers)]
-    numeric = [isinstance(rows[0][h], (int, float)) for h in headers]
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(

@@ -248,6 +248,45 @@ async def test_a_refusal_says_whether_trying_again_soon_can_pass(sqlite_url: str
         assert spent.value.retry_after is None and spent.value.headers() == {"x-should-retry": "false"}
 
 
+async def test_a_used_up_budget_tells_a_free_request_to_wait_for_the_reset(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """A free request (``max_cost`` 0 or unknown) is refused once spend reaches the limit,
+    and only the period's end can change that: it was told to retry in 1 s, without
+    ``x-should-retry: false``, as if other requests' reservations were in the way."""
+    config = make_config(
+        sqlite_url, tmp_path, budgets=[BudgetRule(period="day", limit=MAX_COST)], budget_backend="memory"
+    )
+    async with Accounting(config) as acct:
+        ctx = chat_context(max_cost=MAX_COST)
+        await acct.hooks.before_request(ctx)
+        await acct.hooks.after_request(finish(ctx, cost=MAX_COST))  # spends exactly the limit
+        for free in (0.0, None):
+            with pytest.raises(BudgetExceededError) as info:
+                await acct.hooks.before_request(chat_context(max_cost=free))
+            error = info.value
+            assert error.until_reset and error.headers()["x-should-retry"] == "false"
+            assert error.retry_after is not None and error.retry_after > 1.0  # the day's end
+
+
+async def test_usage_status_lists_the_per_model_budgets_of_the_key(acct: Accounting) -> None:
+    """``/v1/usage`` asks for a key's budgets without a model: those of a rule for one
+    model apply to the key all the same, and were left out."""
+    acct.budgets.rules = [
+        BudgetRule(key="app", model="gpt-4o-mini", period="day", limit=2.0),
+        BudgetRule(key="app", period="month", limit=50.0),
+        BudgetRule(key="other", model="gpt-4o", period="day", limit=1.0),  # another key's
+    ]
+    key, _ = await acct.keys.create("app")
+    ctx = chat_context(key, model="gpt-4o-mini", max_cost=MAX_COST)
+    await acct.hooks.before_request(ctx)
+    await acct.hooks.after_request(finish(ctx, cost=MAX_COST))
+    status = {(b["model"], b["period"]): b for b in await acct.budgets.status(key)}
+    assert set(status) == {("gpt-4o-mini", "day"), (None, "month")}
+    assert status[("gpt-4o-mini", "day")]["limit"] == 2.0
+    assert status[("gpt-4o-mini", "day")]["spent"] == pytest.approx(MAX_COST)
+
+
 async def test_per_end_user_budgets_are_exact_and_separate(
     sqlite_url: str, tmp_path: Path, shared_backend: tuple[str, Any]
 ) -> None:

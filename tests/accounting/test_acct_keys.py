@@ -6,6 +6,7 @@ import hashlib
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import anyio
 import pytest
@@ -190,6 +191,44 @@ async def test_library_user_can_pass_only_the_key_id(acct: Accounting) -> None:
     stranger.api_key_id = "key_doesnotexist"
     with pytest.raises(AuthenticationError):
         await acct.hooks.before_request(stranger)
+
+
+async def test_a_key_named_by_id_is_refused_at_once_once_revoked_or_changed(acct: Accounting) -> None:
+    """A library caller's ``RequestContext(api_key_id=...)`` goes through the key store's
+    cache, which a change drops: the hooks' own cache kept admitting a revoked key, or
+    one whose allowed models changed, for up to 5 s."""
+    key, _ = await acct.keys.create("lib")
+
+    def by_id(model: str = "gpt-4o") -> Any:
+        ctx = chat_context(model=model)
+        ctx.api_key_id = key.id
+        return ctx
+
+    ctx = by_id()
+    await acct.hooks.before_request(ctx)
+    await acct.hooks.after_request(finish(ctx))
+    await acct.keys.update(key.id, {"allowed_models": ["gpt-4o-mini"]})
+    with pytest.raises(PermissionDeniedError):
+        await acct.hooks.before_request(by_id())
+    await acct.keys.revoke(key.id)
+    with pytest.raises(AuthenticationError, match="revoked"):
+        await acct.hooks.before_request(by_id("gpt-4o-mini"))
+
+
+async def test_a_key_loaded_by_id_is_read_again_when_another_replica_changes_it(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Another replica's change reaches this one as :meth:`KeyStore.forget` of the key's
+    prefix (key events): it drops the key cached by id too. Until then it is cached."""
+    async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
+        key, _ = await acct.keys.create("lib")
+        store = KeyStore(acct.engine, cache_seconds=60)
+        assert (await store.load_cached(key.id)).revoked_at is None  # type: ignore[union-attr]
+        await acct.keys.revoke(key.id)  # elsewhere: this store is not told
+        assert (await store.load_cached(key.id)).revoked_at is None  # type: ignore[union-attr]
+        store.forget(key.prefix)  # what the key event does
+        assert (await store.load_cached(key.id)).revoked_at is not None  # type: ignore[union-attr]
+        assert await store.load_cached("key_doesnotexist") is None
 
 
 async def test_concurrent_verifies_of_one_key_share_one_query(sqlite_url: str, tmp_path: Path) -> None:

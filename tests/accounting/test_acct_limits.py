@@ -3,6 +3,7 @@ replicas through Redis."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,13 @@ import pytest
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.config import EndUserLimits, LimitsConfig, RedisConfig
-from llmrouter.accounting.limits import EffectiveLimits, MemoryLimiter, RedisLimiter, seconds_until_fits
+from llmrouter.accounting.limits import (
+    EffectiveLimits,
+    KeyLimitError,
+    MemoryLimiter,
+    RedisLimiter,
+    seconds_until_fits,
+)
 from llmrouter.errors import RateLimitError
 
 from .conftest import REDIS_URL, _redis_client, chat_context, finish, make_config, needs_redis
@@ -280,3 +287,54 @@ async def test_an_end_user_refused_by_their_own_limit_leaves_the_keys_requests_a
             await acct.hooks.after_request(finish(ctx))
         with pytest.raises(RateLimitError, match=r"5 requests per minute"):
             await acct.hooks.before_request(chat_context(key, user="a-third"))
+
+
+async def test_a_request_over_the_tpm_limit_is_refused_as_never_fitting(limiter: Any) -> None:
+    """No wait admits more tokens than the TPM limit itself: the refusal says so, with the
+    numbers, and tells the client not to retry; it was told to come back every minute."""
+    limits = EffectiveLimits(rpm=1, tpm=100)
+    for _ in range(2):  # refused the same way each time; it takes no RPM slot either
+        with pytest.raises(KeyLimitError) as info:
+            await limiter.acquire("big", limits, 101)
+        error = info.value
+        assert error.never_fits and error.retry_after is None
+        assert "request too large" in error.message and "limit 100, requested 101" in error.message
+        assert error.headers() == {"x-ratelimit-limit-tokens": "100", "x-should-retry": "false"}
+        assert error.http_status == 429 and not error.retryable
+    await limiter.release(await limiter.acquire("big", limits, 100), 100)  # the limit itself fits
+    assert seconds_until_fits(100, 101, prev=0, curr=0, elapsed=0) == math.inf
+
+
+async def test_an_end_users_refusal_carries_the_keys_rate_limit_headers(
+    sqlite_url: str, tmp_path: Path, redis_or_not: dict[str, RedisConfig]
+) -> None:
+    """As the docs say (and as on the key's other responses), not the end user's: those
+    told the client that the whole key had no request left."""
+    limits = LimitsConfig(rpm=100, tpm=10_000, end_user=EndUserLimits(rpm=1))
+    async with Accounting(make_config(sqlite_url, tmp_path, limits=limits, **redis_or_not)) as acct:
+        key, _ = await acct.keys.create("saas")
+        ctx = chat_context(key, user="cust-1", prompt_tokens=10)
+        await acct.hooks.before_request(ctx)
+        await acct.hooks.after_request(finish(ctx, prompt=10, completion=20))
+        with pytest.raises(KeyLimitError, match=r"1 requests per minute.*end user 'cust-1'") as info:
+            await acct.hooks.before_request(chat_context(key, user="cust-1"))
+        headers = info.value.headers()
+        assert headers["x-ratelimit-limit-requests"] == "100"
+        assert headers["x-ratelimit-remaining-requests"] == "99"  # the refused request took none
+        assert headers["x-ratelimit-limit-tokens"] == "10000"
+        # the first request's 30 tokens (fewer if a new minute began in between)
+        assert 9970 <= int(headers["x-ratelimit-remaining-tokens"]) < 10_000
+        assert int(headers["Retry-After"]) >= 1  # when the end user's window has room
+
+
+async def test_an_end_users_refusal_has_no_rate_limit_headers_when_the_key_has_no_limits(
+    acct: Accounting,
+) -> None:
+    acct.hooks.limits = LimitsConfig(end_user=EndUserLimits(rpm=1))
+    key, _ = await acct.keys.create("open")
+    ctx = chat_context(key, user="cust-1")
+    await acct.hooks.before_request(ctx)
+    await acct.hooks.after_request(finish(ctx))
+    with pytest.raises(KeyLimitError) as info:
+        await acct.hooks.before_request(chat_context(key, user="cust-1"))
+    assert not [name for name in info.value.headers() if name.startswith("x-ratelimit")]

@@ -181,12 +181,40 @@ def test_parse_range() -> None:
     day = datetime(2026, 11, 1, tzinfo=UTC).timestamp()
     assert parse_range("2026-11-01", "2026-11-01") == (day, day + 86400), "until takes in its whole day"
     assert parse_range(None, "2026-11-01") == (None, day + 86400)
-    with pytest.raises(InvalidRequestError, match="before since") as info:
+    with pytest.raises(InvalidRequestError, match="not after since") as info:
         parse_range("24h", "7d")  # the other way round: an empty report would read as no usage
     assert info.value.param == "until"
     with pytest.raises(InvalidRequestError) as info:
         parse_range("2026-11-01", "soon")
     assert info.value.param == "until"
+
+
+def test_a_date_in_any_iso_form_is_a_whole_day() -> None:
+    """``datetime.fromisoformat`` takes ``20261101`` and ``2026W447`` too, as midnight:
+    ``since=until=20261101`` was an empty range, an empty report passing for no usage."""
+    day = datetime(2026, 11, 1, tzinfo=UTC).timestamp()
+    for written in ("2026-11-01", "20261101", "2026-W44-7", "2026W447"):
+        assert parse_range(written, written) == (day, day + 86400), written
+    assert parse_time("20261101T10:00:00Z") == day + 10 * 3600  # a time is still a moment
+
+
+def test_an_empty_range_is_refused() -> None:
+    """An ``until`` equal to ``since`` leaves nothing between them: a 400, as for one before."""
+    with pytest.raises(InvalidRequestError, match="not after since") as info:
+        parse_range("2026-11-01T10:00:00Z", "2026-11-01T10:00:00Z")
+    assert info.value.param == "until"
+
+
+def test_a_table_without_grouping_keeps_its_requests_total() -> None:
+    """With no dimension (``usage report --by ''``) every column is a number: the TOTAL
+    label took the requests' place."""
+    row = {"requests": 7, "prompt_tokens": 100, "cost": 0.25}
+    lines = render([row, row]).splitlines()
+    assert lines[0].split() == ["requests", "prompt_tokens", "cost"]
+    assert lines[-1].split() == ["TOTAL", "14", "200", "$0.500000"]
+    assert lines[2].split() == ["7", "100", "$0.250000"]
+    grouped = render([{"day": "2026-11-01", **row}]).splitlines()
+    assert grouped[-1].split() == ["TOTAL", "7", "100", "$0.250000"]  # the label in its column
 
 
 async def test_migrations_are_idempotent_and_safe_to_race(db_url: str) -> None:
@@ -472,3 +500,30 @@ def test_cli_keys_update_and_rotate(tmp_path: Path) -> None:
     assert _cli(tmp_path, "keys", "revoke", "app").returncode == 0
     revoked = _cli(tmp_path, "keys", "update", "app", "--rpm", "3")
     assert revoked.returncode == 1 and "is revoked" in revoked.stderr and "Traceback" not in revoked.stderr
+
+
+def test_cli_keys_update_with_no_models_allows_every_model(tmp_path: Path) -> None:
+    """``--models ''`` means every model for ``create``; ``update`` stored an empty list,
+    a key that may use no model at all."""
+    _cli(tmp_path, "keys", "create", "app", "--models", "gpt-4o")
+    updated = _cli(tmp_path, "keys", "update", "app", "--models", "")
+    assert updated.returncode == 0, updated.stderr
+    [key] = json.loads(_cli(tmp_path, "keys", "list", "--format", "json").stdout)
+    assert key["allowed_models"] is None
+
+
+def test_the_standalone_cli_errs_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m llmrouter.accounting.cli`` printed a traceback for a bad key or date."""
+    from llmrouter.accounting import cli
+
+    monkeypatch.chdir(tmp_path)  # no config file of the checkout's
+    url = ["--database-url", f"sqlite+aiosqlite:///{tmp_path / 'cli.db'}"]
+    for args, says in (
+        (["keys", "revoke", "nope"], "llmrouter: error: no API key 'nope'\n"),
+        (["usage", "report", "--since", "yesterday"], "llmrouter: error: not a date or time: 'yesterday'"),
+    ):
+        assert cli.main([*args, *url]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(says) and err.count("\n") == 1, err

@@ -272,6 +272,71 @@ async def test_an_end_users_budget_through_the_service(sqlite_url: str, tmp_path
         assert (await client.get("/v1/usage")).json()["budgets"] == []
 
 
+async def test_usage_lists_every_budget_of_the_key_per_model_ones_included(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    from llmrouter.accounting.config import BudgetRule
+
+    rules = [
+        BudgetRule(key="app", model="gpt-4o-mini", period="day", limit=2.0),
+        BudgetRule(key="app", period="month", limit=50.0),
+    ]
+    app, _acct = _app(sqlite_url, tmp_path, budgets=rules)
+    async with AsyncTestClient(app) as client:
+        admin = await _admin_headers(client)
+        created = await client.post("/v1/admin/keys", json={"name": "app"}, headers=admin)
+        user = {"Authorization": f"Bearer {created.json()['secret']}"}
+        assert (await client.post("/v1/chat/completions", json=CHAT, headers=user)).status_code == 200
+        budgets = (await client.get("/v1/usage", headers=user)).json()["budgets"]
+        by_model = {(b["model"], b["period"]): b for b in budgets}
+        assert set(by_model) == {("gpt-4o-mini", "day"), (None, "month")}
+        assert by_model[("gpt-4o-mini", "day")]["limit"] == 2.0
+        assert by_model[("gpt-4o-mini", "day")]["spent"] > 0
+
+
+async def test_a_request_larger_than_the_keys_tpm_is_refused_as_never_fitting(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """No wait admits a prompt of more tokens than the key may send in a minute: the 429
+    says so, with the numbers, and tells the OpenAI SDKs not to retry."""
+    app, _acct = _app(sqlite_url, tmp_path)
+    async with AsyncTestClient(app) as client:
+        admin = await _admin_headers(client)
+        created = await client.post("/v1/admin/keys", json={"name": "small", "tpm": 1}, headers=admin)
+        user = {"Authorization": f"Bearer {created.json()['secret']}"}
+        refused = await client.post("/v1/chat/completions", json=CHAT, headers=user)
+        assert refused.status_code == 429
+        message = refused.json()["error"]["message"]
+        assert message.startswith("request too large") and "limit 1, requested " in message
+        assert refused.headers["x-should-retry"] == "false"
+        assert "retry-after" not in refused.headers
+        assert refused.headers["x-ratelimit-limit-tokens"] == "1"
+
+
+async def test_a_key_that_would_expire_as_it_is_made_is_refused(sqlite_url: str, tmp_path: Path) -> None:
+    """``expires_in_days`` above 0 but too small to move the clock (1e-300 days) gave a
+    201 for a key expired from its first use; one too large gave a 400 naming expires_at."""
+    app, acct = _app(sqlite_url, tmp_path)
+    async with AsyncTestClient(app) as client:
+        admin = await _admin_headers(client)
+        for days in (1e-300, 1e305):
+            for method, url in (("POST", "/v1/admin/keys"), ("PATCH", "/v1/admin/keys/root")):
+                body = {"expires_in_days": days, **({"name": "k"} if method == "POST" else {})}
+                response = await client.request(method, url, json=body, headers=admin)
+                assert response.status_code == 400, (days, method, response.text)
+                assert response.json()["error"]["param"] == "expires_in_days"
+        assert [k.name for k in await acct.keys.list()] == ["root"]
+        [root] = await acct.keys.list()
+        assert root.expires_at is None
+
+
+async def _admin_headers(client: Any) -> dict[str, str]:
+    """Create the first key, an admin one (auth is off until then); its headers."""
+    created = await client.post("/v1/admin/keys", json={"name": "root", "scopes": ["admin"]})
+    assert created.status_code == 201, created.text
+    return {"Authorization": f"Bearer {created.json()['secret']}"}
+
+
 async def test_a_nul_in_a_key_reference_or_user_filter_is_not_a_500(db_url: str, tmp_path: Path) -> None:
     """PostgreSQL refuses a string holding NUL: each of these was a 500 there."""
     app, _acct = _app(db_url, tmp_path)
