@@ -132,7 +132,10 @@ def response_from_chunks(chunks: list[ChatChunk]) -> ChatResponse:
 
 def chunks_from_response(response: ChatResponse) -> list[ChatChunk]:
     """Re-chunk a response the way an OpenAI stream sends it: one content chunk per
-    choice, then one finish chunk per choice, then the usage chunk."""
+    choice, then one finish chunk per choice, then the usage chunk when the response has
+    usage. An answer stored without usage gets no usage chunk: a chunk of zeros would be
+    taken as the answer's real usage, where without one the router counts the tokens (as
+    it does for a non-streaming hit of the same answer)."""
 
     def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> ChatChunk:
         return ChatChunk(
@@ -174,5 +177,6 @@ def chunks_from_response(response: ChatResponse) -> list[ChatChunk]:
         out.append(
             chunk([ChunkChoice(index=choice.index, delta=Delta(), finish_reason=choice.finish_reason)])
         )
-    out.append(chunk([], usage=response.usage or Usage()))
+    if response.usage is not None:
+        out.append(chunk([], usage=response.usage))
     return out

@@ -63,6 +63,12 @@ def canonical_request(request: ChatRequest, model_group: str | None = None) -> C
         model_group: the resolved model group (aliases of one group share entries);
             defaults to the requested model name.
     """
+    # The sampling numbers as floats: a library caller's ``temperature=0`` keys as the
+    # ``0.0`` an HTTP body decodes to (msgspec decodes these float fields as floats, ints
+    # included), so this changes no HTTP request's key and KEY_VERSION stays. Inline, not
+    # a helper: this runs for every cacheable request.
+    temperature, top_p = request.temperature, request.top_p
+    presence, frequency = request.presence_penalty, request.frequency_penalty
     return CanonicalRequest(
         KEY_VERSION,
         "chat",
@@ -72,14 +78,14 @@ def canonical_request(request: ChatRequest, model_group: str | None = None) -> C
         request.tool_choice,
         request.parallel_tool_calls,
         request.response_format,
-        request.temperature,
-        request.top_p,
+        None if temperature is None else float(temperature),
+        None if top_p is None else float(top_p),
         request.output_limit,
         request.n if request.n != 1 else None,
         request.stop_list or None,
         request.seed,
-        request.presence_penalty,
-        request.frequency_penalty,
+        None if presence is None else float(presence),
+        None if frequency is None else float(frequency),
         request.logit_bias,
         request.logprobs,
         request.top_logprobs,

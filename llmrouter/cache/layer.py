@@ -339,7 +339,10 @@ class ResponseCache:
         return response
 
     def _take_over(self, ctx: RequestContext) -> None:
-        """An attendee that now calls upstream itself is a miss, priced by the router."""
+        """An attendee that now pays for the upstream call is a miss, priced by the router,
+        and counted as one instead of as coalesced: it calls upstream itself (a
+        non-streaming flight whose caller left), or inherits the bill of a streaming
+        flight whose launching client left."""
         self.stats.coalesced -= 1
         self._mark(ctx, "miss")
         ctx.cost, ctx.cost_source = None, None
@@ -364,8 +367,7 @@ class ResponseCache:
         if ctx is flight.payer:
             # The launching client left early: this request inherits the bill, priced by
             # the router from the usage and deployment like any miss.
-            ctx.cache_status = "miss"
-            ctx.cost, ctx.cost_source = None, None
+            self._take_over(ctx)
             ctx.attempts, ctx.fallbacks = origin.attempts, origin.fallbacks
             return
         if response is not None:

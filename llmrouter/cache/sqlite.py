@@ -2,7 +2,8 @@
 one machine, and can live in the accounting database's file (its own table).
 
 Entries carry an absolute expiry time (Unix seconds) and a last-access time; past
-``max_bytes`` the expired rows go first, then the least recently used ones.
+``max_bytes`` (the table's total, whichever process stored it: see
+:meth:`SQLiteBackend.set`) the expired rows go first, then the least recently used ones.
 
 Shared by processes: every statement commits by itself (autocommit), and each runs to
 its end in one call to aiosqlite's thread (``execute_fetchall``), so no transaction or
@@ -20,7 +21,7 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,8 @@ __all__ = ["SQLiteBackend"]
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _EVICT_BATCH = 64
+_RECOUNT_SHARE = 16
+"""A process re-reads the table's true total after storing ``max_bytes / 16`` bytes."""
 
 
 def _use_wal(path: str) -> None:
@@ -54,7 +57,8 @@ class SQLiteBackend:
     Args:
         path: the database file (created if missing), or ``:memory:``.
         table: the table name (a plain identifier).
-        max_bytes: bound on stored keys + values; 0 means unbounded.
+        max_bytes: bound on stored keys + values, of every process sharing the table;
+            0 means unbounded.
         clock: Unix seconds (injectable so tests can move time).
     """
 
@@ -79,6 +83,7 @@ class SQLiteBackend:
         self._evicting = anyio.Lock()  # one eviction at a time; stores meanwhile skip theirs
         self._entries = 0
         self._bytes = 0
+        self._stored_since_count = 0
         self._evictions = 0
         self._expirations = 0
 
@@ -125,27 +130,49 @@ class SQLiteBackend:
             return None
         value, expires_at = next(iter(rows))
         if expires_at is not None and expires_at <= now:
-            await self._delete(key)
-            self._expirations += 1
+            await self._delete_expired(key, now)
             return None
         return bytes(value)
 
     async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        """Store ``value``; the counters change by what the statements report they wrote.
+
+        A new key (the usual store, after a miss) is one statement. An existing key is
+        deleted, then inserted: each statement reports the row it removed or added, so two
+        stores of one key at once count it once (reading its old size in a statement of
+        its own, both read "none" and both counted it). A lookup between the two
+        statements misses; a store of the key landing between them wins (it holds an
+        answer to the same request).
+        """
         size = len(key) + len(value)
         if self.max_bytes and size > self.max_bytes:
             return
         now = self._clock()
+        fields = (key, value, size, None if ttl is None else now + ttl, now)
         db = await self._conn()
-        old = list(await db.execute_fetchall(f"SELECT size FROM {self.table} WHERE key = ?", (key,)))
-        await db.execute(
-            f"INSERT OR REPLACE INTO {self.table} (key, value, size, expires_at, accessed_at) VALUES (?, ?, ?, ?, ?)",
-            (key, value, size, None if ttl is None else now + ttl, now),
+        insert = (
+            f"INSERT INTO {self.table} (key, value, size, expires_at, accessed_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (key) DO NOTHING RETURNING size"
         )
-        self._entries += 0 if old else 1
-        self._bytes += size - (old[0][0] if old else 0)
-        if self.max_bytes and self._bytes > self.max_bytes and not self._evicting.locked():
-            async with self._evicting:
-                await self._evict_to_bound()
+        added = await db.execute_fetchall(insert, fields)
+        if not added:
+            await self._delete(key)
+            added = await db.execute_fetchall(insert, fields)
+        if added:
+            self._entries += 1
+            self._bytes += size
+            self._stored_since_count += size
+        # Other worker processes store into the same table, unseen by these counters:
+        # re-read the true total once this process alone has stored a sixteenth of the
+        # bound since the last reading (or its own tally passes the bound). A count reads
+        # every row (~40 ms for 128 MiB), so not on every store: amortised, a few percent
+        # of the stores' time. With N workers the table can exceed the bound by at most
+        # N x max_bytes / 16 until the next reading, which evicts back under it.
+        bound = self.max_bytes
+        if bound and (self._bytes > bound or self._stored_since_count > bound // _RECOUNT_SHARE):
+            if not self._evicting.locked():  # one at a time; stores meanwhile skip theirs
+                async with self._evicting:
+                    await self._keep_to_bound()
 
     async def delete(self, key: str) -> None:
         await self._delete(key)
@@ -153,7 +180,7 @@ class SQLiteBackend:
     async def clear(self) -> int:
         db = await self._conn()
         cursor = await db.execute(f"DELETE FROM {self.table}")
-        self._entries = self._bytes = 0
+        self._entries = self._bytes = self._stored_since_count = 0
         return cursor.rowcount
 
     async def aclose(self) -> None:
@@ -178,24 +205,48 @@ class SQLiteBackend:
     async def _delete(self, key: str) -> None:
         db = await self._conn()
         rows = await db.execute_fetchall(f"DELETE FROM {self.table} WHERE key = ? RETURNING size", (key,))
-        for (size,) in rows:
-            self._entries -= 1
+        self._forget(rows)
+
+    async def _delete_expired(self, key: str, now: float) -> None:
+        """Delete ``key`` only while it is still expired: a fresh answer stored since the
+        lookup read the expired one stays. Counted as an expiry only when a row went."""
+        db = await self._conn()
+        rows = await db.execute_fetchall(
+            f"DELETE FROM {self.table} WHERE key = ? AND expires_at <= ? RETURNING size", (key, now)
+        )
+        self._expirations += self._forget(rows)
+
+    def _forget(self, deleted: Iterable[sqlite3.Row]) -> int:
+        """Take rows a ``DELETE ... RETURNING size`` removed off the counters; how many."""
+        count = 0
+        for (size,) in deleted:
+            count += 1
             self._bytes -= size
+        self._entries -= count
+        return count
 
     async def _count(self) -> None:
         """Re-read the totals: other processes may share the file."""
         db = await self._conn()
         rows = list(await db.execute_fetchall(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM {self.table}"))
         self._entries, self._bytes = rows[0] if rows else (0, 0)
+        self._stored_since_count = 0
 
-    async def _evict_to_bound(self) -> None:
-        db = await self._conn()
-        cursor = await db.execute(
-            f"DELETE FROM {self.table} WHERE expires_at IS NOT NULL AND expires_at <= ?", (self._clock(),)
-        )
-        self._expirations += max(cursor.rowcount, 0)
+    async def _keep_to_bound(self) -> None:
+        """Re-read the true total; past the bound, drop the expired rows, then the least
+        recently used ones down to 15/16 of the bound: each pass reads every row, so a
+        full cache makes one pass per sixteenth stored, not one per store."""
         await self._count()
-        while self._bytes > self.max_bytes:
+        if self._bytes <= self.max_bytes:
+            return
+        target = self.max_bytes - self.max_bytes // _RECOUNT_SHARE
+        db = await self._conn()
+        expired = await db.execute_fetchall(
+            f"DELETE FROM {self.table} WHERE expires_at IS NOT NULL AND expires_at <= ? RETURNING size",
+            (self._clock(),),
+        )
+        self._expirations += self._forget(expired)
+        while self._bytes > target:
             rows = await db.execute_fetchall(
                 f"SELECT key, size FROM {self.table} ORDER BY accessed_at LIMIT ?", (_EVICT_BATCH,)
             )
@@ -204,11 +255,15 @@ class SQLiteBackend:
             victims: list[str] = []
             freed = 0
             for key, size in rows:
-                if self._bytes - freed <= self.max_bytes:
+                if self._bytes - freed <= target:
                     break
                 victims.append(key)
                 freed += size
             marks = ", ".join("?" * len(victims))  # one statement: one transaction
-            await db.execute(f"DELETE FROM {self.table} WHERE key IN ({marks})", victims)
-            self._evictions += len(victims)
-            await self._count()
+            deleted = await db.execute_fetchall(
+                f"DELETE FROM {self.table} WHERE key IN ({marks}) RETURNING size", victims
+            )
+            evicted = self._forget(deleted)
+            self._evictions += evicted
+            if evicted < len(victims):
+                await self._count()  # another process evicts too: re-read, not evict its share again

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,114 @@ async def test_sqlite_shares_a_file_with_other_tables(sqlite_path: Path) -> None
     with sqlite3.connect(sqlite_path) as db:
         assert db.execute("SELECT cost FROM ledger").fetchall() == [(1.5,)]
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+@pytest.fixture
+async def sqlite_backends(sqlite_path: Path) -> AsyncIterator[Callable[..., SQLiteBackend]]:
+    """Makes SQLite backends on ``sqlite_path`` (another worker each), closed at teardown
+    even when the test fails (an open connection's thread would keep pytest from exiting)."""
+    made: list[SQLiteBackend] = []
+
+    def make(**options: Any) -> SQLiteBackend:
+        made.append(SQLiteBackend(sqlite_path, **options))
+        return made[-1]
+
+    yield make
+    for backend in made:
+        await backend.aclose()
+
+
+def _stored(path: Path) -> tuple[int, int]:
+    """What the cache table really holds: (entries, bytes)."""
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM llmrouter_cache").fetchone()
+
+
+@pytest.mark.parametrize(("value_bytes", "stores"), [(998, 8), (98, 300)])
+async def test_sqlite_bound_holds_for_workers_sharing_the_file(
+    sqlite_backends: Any, sqlite_path: Path, value_bytes: int, stores: int
+) -> None:
+    """Two worker processes' backends on one file: each counts only its own stores, so
+    each re-reads the true total every max_bytes / 16 it stores. Large entries: the bound
+    holds after every store; small ones: it is passed by at most workers x max_bytes / 16."""
+    bound = 10_000
+    workers = [sqlite_backends(max_bytes=bound) for _ in range(2)]
+    for worker in workers:
+        await worker.start()
+    for i in range(stores):
+        for name, worker in zip("ab", workers, strict=True):
+            await worker.set(f"{name}{i}", b"x" * value_bytes, None)  # keys of 2 to 4 bytes
+            assert _stored(sqlite_path)[1] <= bound + len(workers) * (bound // 16 + value_bytes + 4)
+    if value_bytes > bound // 16:
+        assert _stored(sqlite_path)[1] <= bound
+
+
+async def test_sqlite_full_cache_reads_its_total_once_per_sixteenth_stored(
+    sqlite_backends: Any, sqlite_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading the total reads every row: eviction goes down to 15/16 of the bound, so a
+    full cache does it once per sixteenth stored, not on every store (87 stores a second
+    on a full 16 MiB cache of 4 KB answers, now 4,000)."""
+    made = sqlite_backends(max_bytes=64_000)
+    for i in range(64):
+        await made.set(f"f{i:03}", b"x" * 996, None)  # 1,000 bytes each: full
+    readings = 0
+    count = made._count
+
+    async def counted() -> None:
+        nonlocal readings
+        readings += 1
+        await count()
+
+    monkeypatch.setattr(made, "_count", counted)
+    for i in range(64):
+        await made.set(f"n{i:03}", b"x" * 996, None)
+    assert readings <= 64 // 4 + 1  # a sixteenth of the bound is 4 stores
+    assert made.stats().evictions >= 64 and _stored(sqlite_path)[1] <= 64_000
+
+
+async def test_sqlite_concurrent_stores_of_one_key_count_it_once(
+    sqlite_backends: Any, sqlite_path: Path
+) -> None:
+    made = sqlite_backends(max_bytes=0)
+    async with anyio.create_task_group() as tg:
+        for size in (100, 100, 50, 100):
+            tg.start_soon(made.set, "k", b"v" * size, None)
+    stats = made.stats()
+    assert (stats.entries, stats.bytes) == _stored(sqlite_path)
+    assert stats.entries == 1
+    await made.set("k", b"v" * 10, None)  # and an overwrite, one after the other
+    assert (made.stats().entries, made.stats().bytes) == _stored(sqlite_path) == (1, 11)
+
+
+async def test_sqlite_lookup_of_an_expired_entry_keeps_a_fresh_one_stored_meanwhile(
+    sqlite_backends: Any, sqlite_path: Path, clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the lookup reading the expired row and deleting it, another worker stores
+    a fresh answer under the key: the delete leaves it, and counts no expiry."""
+    made = sqlite_backends(max_bytes=0, clock=clock)
+    other = sqlite_backends(max_bytes=0, clock=clock)
+    await made.set("k", b"old", 10)
+    clock.advance(20)
+    assert made._db is not None
+    read = made._db.execute_fetchall
+
+    async def read_then_other_stores(sql: str, parameters: Any = None) -> Any:
+        rows = await read(sql, parameters)
+        if sql.startswith("UPDATE"):
+            await other.set("k", b"fresh", 100)
+        return rows
+
+    monkeypatch.setattr(made._db, "execute_fetchall", read_then_other_stores)
+    assert await made.get("k") is None  # it read the expired answer
+    monkeypatch.undo()
+    assert await made.get("k") == b"fresh"
+    assert made.stats().expirations == 0
+    clock.advance(200)
+    assert await made.get("k") is None  # a real expiry still counts
+    assert made.stats().expirations == 1 and _stored(sqlite_path) == (0, 0)
 
 
 def test_sqlite_table_name_must_be_an_identifier(sqlite_path: Path) -> None:

@@ -46,6 +46,15 @@ def test_rechunked_response_reassembles_to_itself(helpers: Any) -> None:
     assert response_from_chunks(chunks) == response
 
 
+def test_rechunked_response_without_usage_sends_no_usage_chunk(helpers: Any) -> None:
+    # A chunk of zeros would be billed as the answer's usage; without one the router counts it.
+    response = msgspec.structs.replace(helpers.Upstream().response(), usage=None)
+    chunks = chunks_from_response(response)
+    assert all(chunk.usage is None for chunk in chunks)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert response_from_chunks(chunks) == response
+
+
 def test_tool_calls_assemble_from_deltas() -> None:
     def chunk(delta: Delta, finish: str | None = None) -> ChatChunk:
         return ChatChunk(id="c", model="m", choices=[ChunkChoice(delta=delta, finish_reason=finish)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
 from llmrouter.cache import cache_key
@@ -108,6 +109,15 @@ def test_namespace_separates_keys_without_revealing_them() -> None:
     assert len({plain, alice, bob}) == 3
     assert alice == key_of(BASE, namespace="key_alice")
     assert "key_alice" not in alice and alice.endswith(plain)
+
+
+def test_a_library_callers_int_sampling_numbers_key_as_over_http() -> None:
+    # HTTP bodies decode these fields as floats; a ChatRequest built in Python may hold ints.
+    numbers = {"temperature": 0, "top_p": 1, "presence_penalty": -1, "frequency_penalty": 2}
+    body = {**BASE, **numbers}
+    request = msgspec.structs.replace(decode_chat_request(body), **numbers)
+    assert type(request.temperature) is int
+    assert cache_key(request, "g") == key_of(body)
 
 
 def test_request_struct_and_dict_agree() -> None:

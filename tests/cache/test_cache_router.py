@@ -132,6 +132,25 @@ async def test_stream_replay_through_the_router(routed: Any, provider: GatedProv
     assert non_streamed.choices[0].message.content == "Paris is the capital of France."
 
 
+async def test_a_streamed_hit_on_an_answer_without_usage_is_counted_like_a_json_hit(
+    routed: Any, provider: GatedProvider
+) -> None:
+    # Stored without usage: a stream hit gets no usage chunk of zeros, so the router
+    # counts its tokens as it does for the non-streaming hit of the same entry.
+    router, _, _ = routed
+    provider.default = Step(text="Paris is the capital of France.", usage=False)
+    await router.chat(body())
+    json_hit, stream_hit = RequestContext(), RequestContext()
+    await router.chat(body(), context=json_hit)
+    options = {"include_usage": True}
+    chunks = [c async for c in router.stream(body(stream=True, stream_options=options), context=stream_hit)]
+    assert provider.record.calls == 1
+    assert (json_hit.cache_status, stream_hit.cache_status) == ("hit", "hit")
+    assert stream_hit.usage is not None and stream_hit.usage.completion_tokens > 0
+    assert stream_hit.usage == json_hit.usage
+    assert all(c.usage is None for c in chunks)  # as on a streamed miss from this upstream
+
+
 async def test_twenty_concurrent_requests_one_provider_call(routed: Any, provider: GatedProvider) -> None:
     router, cache, ledger = routed
     provider.gate = anyio.Event()
