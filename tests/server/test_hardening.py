@@ -229,7 +229,7 @@ def test_a_sane_request_id_is_kept(client: httpx.Client, fake: FakeUpstream) -> 
         ({"name": "k", "rpm": -1}, "rpm"),
         ({"name": "k", "concurrency": 0}, "concurrency"),
         ({"name": "k", "budget": 1e300}, "budget"),  # was created, then every use a 500
-        ({"name": "k", "expires_in_days": 1e308}, "expires_at"),
+        ({"name": "k", "expires_in_days": 1e308}, "expires_in_days"),  # the field sent
         ({"name": "k", "expires_in_days": 0}, "expires_in_days"),  # was created already expired
         ({"name": "k", "expires_in_days": -3}, "expires_in_days"),
         ({"name": "k", "expires_in_days": 3, "expires_at": 4102444800}, "expires_in_days"),
