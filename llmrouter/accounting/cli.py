@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 
 from llmrouter.accounting.config import AccountingConfig, DatabaseConfig
-from llmrouter.errors import AccountingUnavailableError, LLMRouterError, one_line_cause
+from llmrouter.errors import AccountingUnavailableError, one_line_cause
 
 __all__ = ["main", "register"]
 
@@ -409,22 +409,11 @@ def register(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m llmrouter.accounting.cli``)."""
-    parser = argparse.ArgumentParser(prog="llmrouter")
-    register(parser.add_subparsers(metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    func = getattr(args, "func", None)
-    if func is None:
-        parser.print_help()
-        return 2
-    # As ``llmrouter``'s own entry does: a bad key reference or date is one line, not a traceback.
-    try:
-        return int(func(args) or 0)
-    except LLMRouterError as exc:
-        print(f"llmrouter: error: {exc.message}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    """Standalone entry (``python -m llmrouter.accounting.cli``): ``llmrouter``'s own, which
+    has these commands (a bad key reference or date is one line there, not a traceback)."""
+    from llmrouter.cli import main as llmrouter_main
+
+    return llmrouter_main(argv)
 
 
 if __name__ == "__main__":

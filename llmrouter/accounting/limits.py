@@ -263,15 +263,22 @@ class MemoryLimiter:
         self._in_flight.clear()
 
 
-# KEYS[1] = windows hash, KEYS[2] = concurrency leases (zset)
-# ARGV = rpm, tpm, concurrency (-1 = none), tokens, slot id, lease seconds
-_ACQUIRE = """
+# The start of both scripts: the Redis server's clock, the minute it is in, and the
+# windows hash (KEYS[1]) with the minute its current window started.
+_WINDOWS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local minute = math.floor(now / 60) * 60
 local elapsed = now - minute
 local h = KEYS[1]
 local start = tonumber(redis.call('HGET', h, 'start') or '0')
+"""
+
+# KEYS[1] = windows hash, KEYS[2] = concurrency leases (zset)
+# ARGV = rpm, tpm, concurrency (-1 = none), tokens, slot id, lease seconds
+_ACQUIRE = (
+    _WINDOWS
+    + """
 if start ~= minute then
   if minute - start == 60 then
     redis.call('HSET', h, 'rp', redis.call('HGET', h, 'rc') or 0, 'tp', redis.call('HGET', h, 'tc') or 0)
@@ -319,16 +326,13 @@ for i, c in ipairs(checks) do
 end
 return {1, '', '0', left[1], left[2]}
 """
+)
 
 # KEYS[1] = windows hash; ARGV = rpm, tpm (-1 = none). What each window has left, as
 # _ACQUIRE would see it, changing nothing.
-_LEFT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local minute = math.floor(now / 60) * 60
-local elapsed = now - minute
-local h = KEYS[1]
-local start = tonumber(redis.call('HGET', h, 'start') or '0')
+_LEFT = (
+    _WINDOWS
+    + """
 local function used(pf, cf)
   local prev = tonumber(redis.call('HGET', h, pf) or '0')
   local curr = tonumber(redis.call('HGET', h, cf) or '0')
@@ -345,6 +349,7 @@ for i, c in ipairs(checks) do
 end
 return left
 """
+)
 
 # ARGV = slot id, token delta (actual - charged), track tpm (1/0)
 _RELEASE = """

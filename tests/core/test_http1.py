@@ -5,6 +5,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+from typing import Any
 
 import anyio
 import httpx
@@ -192,41 +193,37 @@ async def test_garbage_is_a_protocol_error():
             await pool.request("GET", "/", {})
 
 
-async def test_a_kept_alive_connection_the_server_dropped_is_retried_on_a_new_one():
-    connections = 0
+def answering_once_per_connection() -> tuple[Any, list[int]]:
+    """A server handler that answers the first request of each connection and drops the
+    next one unanswered, and the list it counts its connections in."""
+    connections: list[int] = []
 
-    async def once_per_connection(reader, writer):
-        nonlocal connections
-        connections += 1
+    async def handle(reader, writer):
+        connections.append(1)
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
         await read_request(reader)  # the next request on this connection is dropped unanswered
         writer.close()
 
-    server, port = await raw_server(once_per_connection)
+    return handle, connections
+
+
+async def test_a_kept_alive_connection_the_server_dropped_is_retried_on_a_new_one():
+    handler, connections = answering_once_per_connection()
+    server, port = await raw_server(handler)
     async with server:
         pool = HTTP1Pool(f"http://127.0.0.1:{port}")
         for _ in range(3):
             response = await pool.request("POST", "/", JSON, b"{}")
             assert await response.aread() == b"ok"
             await response.aclose()
-    assert connections == 3
+    assert len(connections) == 3
 
 
 async def test_with_several_idle_connections_dropped_the_retry_still_opens_a_new_one():
-    connections = 0
-
-    async def once_per_connection(reader, writer):
-        nonlocal connections
-        connections += 1
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        await read_request(reader)  # the next request on this connection is dropped unanswered
-        writer.close()
-
-    server, port = await raw_server(once_per_connection)
+    handler, connections = answering_once_per_connection()
+    server, port = await raw_server(handler)
     async with server:
         pool = HTTP1Pool(f"http://127.0.0.1:{port}")
         first, second = [await pool.request("POST", "/", JSON, b"{}") for _ in range(2)]
@@ -236,7 +233,7 @@ async def test_with_several_idle_connections_dropped_the_retry_still_opens_a_new
         response = await pool.request("POST", "/", JSON, b"{}")  # before: the retry took the other
         assert await response.aread() == b"ok"
         await response.aclose()
-    assert connections == 3
+    assert len(connections) == 3
 
 
 async def test_a_fresh_connection_dropped_without_an_answer_is_not_retried():
