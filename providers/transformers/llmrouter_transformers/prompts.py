@@ -134,7 +134,7 @@ def sampling_params(
         raise UnsupportedFeatureError(
             "`n` > 1 is not supported by the transformers provider", param="n", provider=_PROVIDER
         )
-    if request.logprobs:
+    if request.logprobs is not None and request.logprobs is not False:  # a completion's 0 asks for them too
         raise UnsupportedFeatureError(
             "`logprobs` is not supported by the transformers provider", param="logprobs", provider=_PROVIDER
         )

@@ -94,8 +94,11 @@ class TokenSampler:
         if self.params.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             cumulative = torch.cumsum(sorted_probs, dim=-1)
-            # Keep a token while the mass before it is still below top_p (the first always stays).
-            sorted_probs[(cumulative - sorted_probs) >= self.params.top_p] = 0.0
+            # Keep a token while the mass before it is still below top_p; the first always
+            # stays (with top_p 0 the mask would take it too: no token left to draw).
+            cut = (cumulative - sorted_probs) >= self.params.top_p
+            cut[0] = False
+            sorted_probs[cut] = 0.0
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=self._generator))
 

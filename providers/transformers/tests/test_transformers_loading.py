@@ -182,6 +182,12 @@ async def test_bad_requests_are_400s(tiny_provider: TransformersProvider) -> Non
             await tiny_provider.chat(chat(**fields))
         assert info.value.http_status == 400
     assert (await tiny_provider.chat(chat(response_format={"type": "text"}))).usage is not None
+    assert (await tiny_provider.chat(chat(logprobs=False))).usage is not None
+    # A legacy completion's logprobs 0 asks for the chosen tokens' (before: ignored, None sent).
+    with pytest.raises(UnsupportedFeatureError):
+        await tiny_provider.complete(
+            decode_completion_request({"model": "m", "prompt": "hi", "max_tokens": 2, "logprobs": 0})
+        )
     image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]
     with pytest.raises(UnsupportedFeatureError):
         await tiny_provider.chat(chat(messages=[{"role": "user", "content": image}]))

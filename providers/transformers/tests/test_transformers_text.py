@@ -101,3 +101,16 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
         )
         seen.add(sampler.choose(logits))
     assert seen == {0, 1}
+
+
+def test_top_p_zero_keeps_the_most_likely_token() -> None:
+    # Before: every token was cut, torch.multinomial raised, and the engine failed every
+    # request decoding in the same batch.
+    import torch
+
+    logits = torch.log(torch.tensor([0.2, 0.5, 0.3]))
+    for seed in range(20):
+        sampler = TokenSampler(
+            SamplingParams(max_new_tokens=1, temperature=1.0, top_p=0.0, seed=seed), torch.device("cpu")
+        )
+        assert sampler.choose(logits) == 1
