@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from llmrouter.context import RequestContext
     from llmrouter.hooks import CacheLayer, RouterHooks
+    from llmrouter.router import Router
 
 __all__ = ["Extension", "Gauge", "ResponseObserver"]
 
@@ -38,6 +39,10 @@ class Extension:
     def cache_layer(self) -> CacheLayer | None:
         """The cache layer to wrap dispatch with, if this extension provides one."""
         return None
+
+    def attach(self, router: Router) -> None:
+        """The router this extension's hooks and cache layer were added to, once it exists
+        (in the app's lifespan, before the first request)."""
 
     def route_handlers(self) -> Sequence[Any]:
         """Litestar route handlers / controllers to mount."""

@@ -107,6 +107,7 @@ def _attach_extensions(router: Router, extensions: Sequence[Extension]) -> None:
         cache = ext.cache_layer()
         if cache is not None:
             router.cache = cache
+        ext.attach(router)
 
 
 SETTLE_SECONDS = 10.0

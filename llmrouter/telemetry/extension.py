@@ -77,6 +77,12 @@ class TelemetryExtension(Extension):
     def router_hooks(self) -> Sequence[RouterHooks]:
         return (self.hooks,)
 
+    def attach(self, router: Any) -> None:
+        # Watched from the start: its in-flight gauge and its spans' provider attributes
+        # (a watch made at the first scrape left them out until then, and for good with
+        # a meter provider of the caller's, which no scrape of ours reaches).
+        self.hooks.watch_router(router)
+
     def middleware(self) -> Sequence[Any]:
         if not self._needs_middleware:
             return ()  # the HTTP duration is all there is: response_observers() records it
@@ -111,7 +117,7 @@ class TelemetryExtension(Extension):
     def route_handlers(self) -> Sequence[Any]:
         if self.prometheus is None:
             return ()
-        return (_metrics_handler(self.prometheus, self.hooks, self.config.metrics_path),)
+        return (_metrics_handler(self.prometheus, self.config.metrics_path),)
 
     def export_gauges(self, gauges: Mapping[str, Gauge]) -> None:
         for name, gauge in gauges.items():
@@ -168,7 +174,7 @@ class TelemetryExtension(Extension):
         }
 
 
-def _metrics_handler(prometheus: PrometheusMetrics, hooks: TelemetryHooks, path: str) -> Any:
+def _metrics_handler(prometheus: PrometheusMetrics, path: str) -> Any:
     from litestar import Request, get
     from litestar.response.base import ASGIResponse
 
@@ -181,22 +187,10 @@ def _metrics_handler(prometheus: PrometheusMetrics, hooks: TelemetryHooks, path:
         signature_namespace={"Request": Request, "ASGIResponse": ASGIResponse, "Any": Any},
     )
     def metrics(request: Request[Any, Any, Any]) -> ASGIResponse:
-        router = _service_router(request.app.state)
-        if router is not None:
-            hooks.watch_router(router)  # idempotent; the router exists only after the lifespan began
         body, content_type = prometheus.render(request.headers.get("accept"))
         return ASGIResponse(body=body, media_type=content_type)
 
     return metrics
-
-
-def _service_router(state: Any) -> Any:
-    try:
-        from llmrouter.server.state import STATE_KEY
-    except ImportError:  # served by another application
-        return None
-    service = state.get(STATE_KEY) if hasattr(state, "get") else None
-    return getattr(service, "router", None)
 
 
 def build_telemetry_extension(config: Config) -> TelemetryExtension | None:

@@ -132,15 +132,7 @@ class TelemetryHooks(RouterHooks):
             # The router notes when each chunk goes out; the gaps are recorded as
             # time_per_output_chunk when the request settles, in one call.
             ctx.chunk_times = []  # a list: array("d").append parses its argument by format string
-        record = current_access_record.get()
-        if record is not None:
-            record.ctx = ctx
-            if ctx.traceparent is None:
-                ctx.traceparent = record.traceparent
-        # The HTTP middleware made or checked the header the service copied into the context.
-        checked = record is not None and ctx.traceparent == record.traceparent
-        if not checked and parse_traceparent(ctx.traceparent) is None:
-            ctx.traceparent = new_traceparent_header()
+        _adopt_trace(ctx)
         if not self.tracer.enabled:
             return
         model = _model(ctx)
@@ -173,6 +165,10 @@ class TelemetryHooks(RouterHooks):
             return
         if ctx.error is None:
             ctx.error = error
+        if id(ctx) not in self._spans:
+            # Refused before this hook's before_request (an unknown model, another hook's
+            # auth or limits): its log line still names the request's trace.
+            _adopt_trace(ctx)
         try:
             self._record(ctx)
         finally:
@@ -386,6 +382,20 @@ class TelemetryHooks(RouterHooks):
             while len(self._recorded) > _RECORDED_MEMORY:
                 self._recorded.popitem(last=False)
         return True
+
+
+def _adopt_trace(ctx: RequestContext) -> None:
+    """Give the request its access line's record (when the HTTP middleware keeps one) and
+    a valid ``traceparent``: the one the middleware made or checked, the caller's own
+    when valid, else a new trace's."""
+    record = current_access_record.get()
+    if record is not None:
+        record.ctx = ctx
+        if ctx.traceparent is None:
+            ctx.traceparent = record.traceparent
+    checked = record is not None and ctx.traceparent == record.traceparent
+    if not checked and parse_traceparent(ctx.traceparent) is None:
+        ctx.traceparent = new_traceparent_header()
 
 
 def _base_attributes(ctx: RequestContext, model: str) -> tuple[tuple[str, Any], ...]:

@@ -301,3 +301,51 @@ def test_the_http_duration_with_or_without_the_telemetry_middleware(
             http_response_status_code=status,
         )
         assert count == 1, status
+
+
+def test_the_services_router_is_watched_from_the_start_with_a_meter_provider_of_ones_own() -> None:
+    # Before: only a scrape of /metrics watched it, so with the caller's meter provider
+    # (no /metrics of ours) the in-flight gauge never came, and CLIENT spans lacked the
+    # provider and model.
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    reader, exporter = InMemoryMetricReader(), InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    router = Router()
+    router.add_deployment("m", ScriptedProvider("upstream-m", default=Step(text="hi")))
+    extension = TelemetryExtension(
+        TelemetryConfig(json_logs=False),
+        meter_provider=MeterProvider(metric_readers=[reader]),
+        tracer_provider=tracer_provider,
+    )
+    with TestClient(create_app(router=router, extensions=[extension])) as client:
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert client.get("/metrics").status_code == 404  # not ours to serve
+        data = reader.get_metrics_data()
+    names = {m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    assert "llmrouter.deployment.in_flight" in names
+    (client_span,) = [s for s in exporter.get_finished_spans() if s.kind.name == "CLIENT"]
+    assert client_span.attributes is not None
+    assert client_span.attributes["gen_ai.provider.name"] == "scripted"
+
+
+@pytest.mark.parametrize(
+    "traceparent", [None, "garbage", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]
+)
+def test_a_request_refused_before_the_telemetry_hooks_still_logs_its_trace(
+    client: TestClient[Any], caplog: pytest.LogCaptureFixture, traceparent: str | None
+) -> None:
+    # An unknown model: refused before any hook's before_request (before: "trace_id": null).
+    caplog.set_level(logging.INFO, logger="llmrouter.access")
+    headers = {"traceparent": traceparent} if traceparent else {}
+    refused = client.post("/v1/chat/completions", json={**CHAT, "model": "nope"}, headers=headers)
+    assert refused.status_code == 404
+    (line,) = [entry for entry in access_lines(caplog) if entry["path"] == "/v1/chat/completions"]
+    assert line["trace_id"] and len(line["trace_id"]) == 32
+    if traceparent and traceparent != "garbage":
+        assert line["trace_id"] == traceparent.split("-")[1]
