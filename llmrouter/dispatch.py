@@ -32,6 +32,7 @@ from llmrouter.errors import (
     LLMRouterError,
     NestedTooDeeplyError,
     NoDeploymentAvailableError,
+    PermissionDeniedError,
     UnsupportedFeatureError,
     UpstreamError,
     UpstreamTimeoutError,
@@ -53,8 +54,10 @@ _CLOSE_GRACE_S = 5.0
 
 def is_mismatch(exc: LLMRouterError) -> bool:
     """True when a healthy deployment cannot take this request (its context window, a
-    feature it lacks): another deployment may, and the refusal is not a failure of it."""
-    return isinstance(exc, (ContextWindowExceededError, UnsupportedFeatureError))
+    feature it lacks, its moderation flagging the prompt: OpenRouter's 403): another
+    deployment may, and the refusal is not a failure of it. Counted as one, a client's
+    flagged prompts would cool the deployment down for everyone."""
+    return isinstance(exc, (ContextWindowExceededError, UnsupportedFeatureError, PermissionDeniedError))
 
 
 def is_request_fault(exc: LLMRouterError) -> bool:

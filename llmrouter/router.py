@@ -229,7 +229,10 @@ class Router:
             self._started = True
 
     async def _start_deployment(self, deployment: DeploymentState) -> None:
-        if deployment.started:
+        if deployment.started or deployment.start_error is not None:
+            # One that failed stays out until the router starts afresh: tried again on every
+            # start (each new direct `provider/model` a client names makes one), a slow
+            # provider's start would hold every request behind the start lock.
             return
         try:
             await deployment.provider.start()

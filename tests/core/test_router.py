@@ -16,6 +16,7 @@ from llmrouter.errors import (
     InvalidRequestError,
     ModelNotFoundError,
     NoDeploymentAvailableError,
+    PermissionDeniedError,
     RateLimitError,
     UnsupportedFeatureError,
     UpstreamError,
@@ -203,6 +204,8 @@ async def test_all_cooling_is_503_with_retry_after():
     [
         UnsupportedFeatureError("`n` > 1 is not supported", param="n"),
         ContextWindowExceededError("the prompt is longer than the context window", param="messages"),
+        # OpenRouter's moderation: before, three flagged prompts took the model from everyone.
+        PermissionDeniedError("Your input was flagged for violating our content policy"),
     ],
 )
 async def test_a_deployment_refusing_a_request_is_not_cooled_down(refusal):
@@ -677,6 +680,35 @@ async def test_direct_names_are_bounded_in_number_and_length():
             await router.chat(chat_body(model=name))
     assert sorted(router.groups) == ["scripted/a", "scripted/b"]
     assert sorted(m.id for m in (await router.list_models()).data) == ["scripted/a", "scripted/b"]
+
+
+async def test_a_deployment_that_failed_to_start_is_not_started_again_by_each_new_direct_name():
+    # Each new direct name restarts the router; before, that re-ran the failed start,
+    # behind the start lock every request waits on (a model load: minutes).
+    class BrokenStart(ScriptedProvider):
+        tries = 0
+
+        async def start(self) -> None:
+            BrokenStart.tries += 1
+            raise RuntimeError("engine failed to load")
+
+    register_provider("scripted", ScriptedProvider)
+    register_provider("broken", BrokenStart)
+    router = Router(
+        Config(
+            models=[
+                ModelGroup(name="g", deployments=[Deployment(provider="scripted", model="m")]),
+                ModelGroup(name="bad", deployments=[Deployment(provider="broken", model="m")]),
+            ]
+        )
+    )
+    await router.start()
+    for name in ("scripted/x", "scripted/y", "g"):
+        await router.chat(chat_body(model=name))
+    assert BrokenStart.tries == 1
+    assert [d.start_error for d in router.groups["bad"].deployments] == [
+        "RuntimeError: engine failed to load"
+    ]
 
 
 async def test_a_group_that_cannot_be_built_is_not_registered():
