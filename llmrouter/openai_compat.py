@@ -50,7 +50,7 @@ from llmrouter.errors import (
 )
 from llmrouter.http1 import HTTP1Pool, HTTP1Response
 from llmrouter.provider import Health
-from llmrouter.tokens import count_messages, count_text
+from llmrouter.tokens import count_messages, count_prompt, count_text
 from llmrouter.types import (
     ChatChunk,
     ChatRequest,
@@ -739,14 +739,8 @@ def _estimate(request: ChatRequest | CompletionRequest, text: str, model: str | 
     name = model or request.model
     if isinstance(request, ChatRequest):
         prompt = count_messages(request.messages, name)
-    elif isinstance(request.prompt, str):
-        prompt = count_text(request.prompt, name)
     else:
-        # A list of strings, one list of token ids, or a list of them.
-        prompt = sum(
-            count_text(p, name) if isinstance(p, str) else len(p) if isinstance(p, list) else 1
-            for p in request.prompt
-        )
+        prompt = count_prompt(request.prompt, name)
     completion = count_text(text, name)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True

@@ -33,7 +33,14 @@ from llmrouter.probes import SharedProbes, probe_deployment
 from llmrouter.provider import Provider
 from llmrouter.registry import available_providers, load_provider_class
 from llmrouter.strategies import get_strategy
-from llmrouter.tokens import count_messages, count_text, encoding_loaded, preload_encodings, tools_text
+from llmrouter.tokens import (
+    count_messages,
+    count_prompt,
+    count_text,
+    encoding_loaded,
+    preload_encodings,
+    tools_text,
+)
 from llmrouter.types import (
     ChatChunk,
     ChatRequest,
@@ -480,7 +487,7 @@ class Router:
         if isinstance(request, ChatRequest):
             ctx.prompt_tokens_estimate = await _count_prompt(request, model)
         else:
-            ctx.prompt_tokens_estimate = await _count(count_text, request.prompt_text, model)
+            ctx.prompt_tokens_estimate = await _count(count_prompt, request.prompt, model)
         limit = request.output_limit
         if limit is None:
             limit = self.config.router.default_max_tokens
@@ -622,8 +629,11 @@ async def _count_prompt(request: ChatRequest, model: str) -> int:
 
 
 def _choices(request: ChatRequest | CompletionRequest) -> int:
-    """How many answers the upstream generates (and bills) for ``request``."""
-    return max(request.n or 1, getattr(request, "best_of", None) or 1)
+    """How many answers the upstream generates (and bills) for ``request``: ``n`` (or a
+    completion's ``best_of``) for each of a completion's prompts."""
+    if isinstance(request, ChatRequest):
+        return request.n or 1
+    return max(request.n or 1, request.best_of or 1) * request.prompt_count
 
 
 _MOST_TOKENS = 2**31 - 1
@@ -684,8 +694,8 @@ async def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:
     if not prompt and request is not None:
         if isinstance(request, ChatRequest):
             prompt = await _count_prompt(request, model)
-        elif isinstance(request.prompt, str):
-            prompt = await _count(count_text, request.prompt, model)
+        else:
+            prompt = await _count(count_prompt, request.prompt, model)
     completion = await _count(count_text, completion_text, model)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True

@@ -23,6 +23,7 @@ from llmrouter.types import ChatMessage, Tool, message_text
 
 __all__ = [
     "count_messages",
+    "count_prompt",
     "count_text",
     "encoding_loaded",
     "encoding_name_for",
@@ -117,6 +118,16 @@ def count_text(text: str, model: str = "") -> int:
     if encoding is None:
         return max(1, (len(text) + 3) // 4)
     return len(encoding.encode(text, disallowed_special=()))
+
+
+def count_prompt(prompt: str | list[Any], model: str = "") -> int:
+    """Tokens of a legacy completion's ``prompt``, in every form it takes: a string, a
+    list of strings, a list of token ids, or a list of token-id lists (ids count one each)."""
+    if isinstance(prompt, str):
+        return count_text(prompt, model)
+    if prompt and isinstance(prompt[0], int):
+        return len(prompt)
+    return sum(count_text(part, model) if isinstance(part, str) else len(part) for part in prompt)
 
 
 def count_messages(messages: Sequence[ChatMessage], model: str = "") -> int:

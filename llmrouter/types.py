@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta
 
-from llmrouter.errors import InvalidRequestError
+from llmrouter.errors import InvalidRequestError, UnsupportedFeatureError
 from llmrouter.ids import random_hex
 
 __all__ = [
@@ -319,13 +319,23 @@ class CompletionRequest(Wire):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     @property
+    def prompt_count(self) -> int:
+        """How many prompts the request holds (each gets its own ``n`` answers)."""
+        if isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int):
+            return 1
+        return len(self.prompt)
+
+    @property
     def prompt_text(self) -> str:
         """The prompt as one string (only for a single text prompt)."""
         if isinstance(self.prompt, str):
             return self.prompt
         if len(self.prompt) == 1 and isinstance(self.prompt[0], str):
             return self.prompt[0]
-        raise InvalidRequestError("only a single text prompt is supported by this deployment", param="prompt")
+        # A deployment's limit, not the request's fault: another deployment may take it.
+        raise UnsupportedFeatureError(
+            "only a single text prompt is supported by this deployment", param="prompt"
+        )
 
 
 # --- usage -----------------------------------------------------------------------------

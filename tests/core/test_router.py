@@ -588,6 +588,34 @@ async def test_completions_and_streamed_completions():
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "x y"
 
 
+async def test_a_completion_of_several_prompts_is_priced_for_all_of_them():
+    # Before: a 400 "only a single text prompt" at admission, for any priced group.
+    provider = ScriptedProvider(default=Step(text="ok", usage=False))
+    router = make_router(provider, d0={"price": Price(input=2.0, output=8.0)})
+    for prompt, prompts in ((["a b c", "d e f"], 2), ([[1, 2, 3, 4], [5, 6]], 2), ([1, 2, 3, 4], 1)):
+        ctx = RequestContext()
+        await router.complete({"model": "g", "prompt": prompt, "max_tokens": 10}, context=ctx)
+        assert ctx.prompt_tokens_estimate > 0
+        bound = (ctx.prompt_tokens_estimate * 2.0 + 10 * prompts * 8.0) / 1e6
+        assert ctx.max_cost == pytest.approx(bound)  # each prompt may use the whole limit
+        assert ctx.usage.estimated and ctx.usage.prompt_tokens == ctx.prompt_tokens_estimate
+    assert provider.record.calls == 3
+
+
+async def test_a_deployment_that_takes_one_text_prompt_only_passes_a_list_on():
+    class OneTextPrompt(ScriptedProvider):
+        async def complete(self, request):
+            request.prompt_text  # noqa: B018 - raises for the forms this deployment cannot take
+            return await super().complete(request)
+
+    single, any_prompt = OneTextPrompt(), ScriptedProvider(default=Step(text="both"))
+    router = make_router(single, any_prompt, d1={"priority": 1})
+    response = await router.complete({"model": "g", "prompt": ["one", "two"]})
+    assert response.choices[0].text == "both"  # before: a 400, the second never asked
+    readiness = await router.readiness(probe=False)
+    assert [d["failures"] for d in readiness["deployments"]] == [0, 0]
+
+
 async def test_failed_start_takes_deployment_out_and_others_serve():
     class Broken(ScriptedProvider):
         async def start(self):

@@ -1,7 +1,7 @@
 import msgspec
 import pytest
 
-from llmrouter.errors import InvalidRequestError
+from llmrouter.errors import InvalidRequestError, UnsupportedFeatureError
 from llmrouter.types import (
     ChatChunk,
     ChatResponse,
@@ -139,8 +139,10 @@ def test_completion_request_defaults_and_prompt_forms():
     request = decode_completion_request({"model": "m", "prompt": "Once upon"})
     assert request.max_tokens == 16 and request.prompt_text == "Once upon"
     tokens = decode_completion_request({"model": "m", "prompt": [1, 2, 3]})
-    with pytest.raises(InvalidRequestError):
-        _ = tokens.prompt_text  # the property raises for token-id prompts
+    with pytest.raises(UnsupportedFeatureError):
+        _ = tokens.prompt_text  # a deployment that takes only text prompts raises it
+    assert (tokens.prompt_count, request.prompt_count) == (1, 1)
+    assert decode_completion_request({"model": "m", "prompt": [[1], [2], [3]]}).prompt_count == 3
     with pytest.raises(InvalidRequestError, match="prompt"):
         decode_completion_request({"model": "m", "prompt": ["a", 1]})
 
