@@ -243,6 +243,29 @@ def _split_deployment_options(data: dict[str, Any]) -> None:
             deployment["options"] = options
 
 
+_INHERITED = ("retry", "timeouts", "cooldown")
+"""Sections a model group may set in part: its fields not given are the router's."""
+
+
+def _inherit_sections(data: dict[str, Any]) -> None:
+    """Fill the fields a group's ``retry``, ``timeouts`` or ``cooldown`` leaves out from
+    the router's, and a deployment's ``timeouts`` from its group's: a group that sets only
+    ``timeouts.connect`` keeps the router's ``total``, not the built-in 600 s. Values of
+    the wrong shape are left as they are, for the schema's error that names them."""
+    router = data.get("router")
+    router = router if isinstance(router, dict) else {}
+    for group in _list_of_dicts(data.get("models")):
+        for name in _INHERITED:
+            above, own = router.get(name), group.get(name)
+            if isinstance(above, dict) and isinstance(own, dict):
+                group[name] = {**above, **own}
+        above = group.get("timeouts", router.get("timeouts"))
+        for deployment in _list_of_dicts(group.get("deployments")):
+            own = deployment.get("timeouts")
+            if isinstance(above, dict) and isinstance(own, dict):
+                deployment["timeouts"] = {**above, **own}
+
+
 def _list_of_dicts(value: Any) -> list[dict[str, Any]]:
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
@@ -273,6 +296,7 @@ def parse_config(
         raise ConfigError("config: nested too deeply (or a YAML alias refers to itself)") from exc
     _apply_env_overrides(raw, env)
     _split_deployment_options(raw)
+    _inherit_sections(raw)
     pricing_file = raw.get("pricing_file")
     if isinstance(pricing_file, str):
         file_prices = _read_yaml((base_dir or Path.cwd()) / pricing_file)

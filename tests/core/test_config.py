@@ -147,3 +147,45 @@ def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
     (tmp_path / "c.yaml").write_bytes(b"\xff\xfemodels: []\n")  # was a UnicodeDecodeError traceback
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_config(tmp_path / "c.yaml", env={})
+
+
+def test_a_group_or_deployment_sets_only_the_fields_it_names():
+    # Before: a group that set only timeouts.connect got the built-in total (600 s), not
+    # the router's; likewise retry and cooldown fields, and a deployment's timeouts.
+    from llmrouter import Router
+
+    config = parse_config(
+        {
+            "router": {
+                "timeouts": {"connect": 10, "first_token": 0.2, "total": 1},
+                "retry": {"attempts": 0, "backoff_max": 0.5},
+                "cooldown": {"failures": 1, "seconds": 5},
+            },
+            "models": [
+                {
+                    "name": "g",
+                    "timeouts": {"connect": 2},
+                    "retry": {"attempts": 4},
+                    "cooldown": {"seconds": 60},
+                    "deployments": [
+                        {"provider": "remote", "model": "a", "base_url": "http://127.0.0.1:1/v1"},
+                        {
+                            "provider": "remote",
+                            "model": "b",
+                            "base_url": "http://127.0.0.1:1/v1",
+                            "timeouts": {"first_token": None},
+                        },
+                    ],
+                }
+            ],
+        }
+    )
+    (group,) = config.models
+    assert (group.timeouts.connect, group.timeouts.first_token, group.timeouts.total) == (2, 0.2, 1)
+    assert (group.retry.attempts, group.retry.backoff_max) == (4, 0.5)
+    assert (group.cooldown.failures, group.cooldown.seconds) == (1, 60)
+    own = group.deployments[1].timeouts
+    assert own is not None and (own.connect, own.first_token, own.total) == (2, None, 1)
+    router = Router(config)
+    state = router.groups["g"]
+    assert [state.timeouts_for(d).total for d in state.deployments] == [1, 1]
