@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -393,6 +394,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
 # --- parser --------------------------------------------------------------------------
 
 
+def _number(low: float, high: float) -> Callable[[str], float]:
+    """An argparse type: a number from ``low`` to ``high`` (``nan`` and ``inf`` refused: a
+    request body cannot carry them)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # False for nan
+            raise argparse.ArgumentTypeError(f"expected a number from {low:g} to {high:g}, not {text!r}")
+        return value
+
+    return parse
+
+
 def _whole_number(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: a whole number from ``low`` to ``high`` (argparse reports the error)."""
 
@@ -457,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--api-key", help="API key for --url (default: $LLMROUTER_API_KEY or $OPENAI_API_KEY)")
     chat.add_argument("--system", "-s", help="system prompt")
     chat.add_argument("--max-tokens", type=int, help="most tokens to generate")
-    chat.add_argument("--temperature", "-t", type=float, help="sampling temperature")
+    chat.add_argument("--temperature", "-t", type=_number(0, 2), help="sampling temperature (0 to 2)")
     chat.add_argument("--no-stream", dest="stream", action="store_false", help="wait for the whole answer")
     chat.set_defaults(func=cmd_chat)
 

@@ -49,37 +49,45 @@ class Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Base of config sections: unknown keys are errors (typos fail loudly)."""
 
 
+# Bounds checked as the config is read: a negative retry count or timeout loaded, then
+# failed every request (a 500, a 504 at once).
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+
+
 class Timeouts(Section):
-    connect: float = 10.0
+    connect: Seconds = 10.0
     """Seconds to open a connection to an upstream."""
-    first_token: float | None = 60.0
+    first_token: Seconds | None = 60.0
     """Seconds until the first chunk of a stream (and the longest wait for a free slot)."""
-    total: float | None = 600.0
+    total: Seconds | None = 600.0
     """Seconds for one attempt (one deployment's call, stream included); retries and
     fallbacks each get their own."""
 
 
 class Retry(Section):
-    attempts: int = 2
+    attempts: Count = 2
     """Tries after the first, per group: the next deployment after any error of one, the
     same deployment again only after a retryable error. 0: one try, then the fallbacks."""
-    backoff_base: float = 0.05
+    backoff_base: NonNegative = 0.05
     """First backoff in seconds; doubles each retry, with full jitter."""
-    backoff_max: float = 2.0
+    backoff_max: NonNegative = 2.0
 
 
 class Cooldown(Section):
-    failures: int = 3
+    failures: AtLeastOne = 3
     """Consecutive failures that take a deployment out of rotation."""
-    seconds: float = 30.0
+    seconds: NonNegative = 30.0
 
 
 class Price(Section):
     """USD per million tokens."""
 
-    input: float = 0.0
-    output: float = 0.0
-    cached_input: float | None = None
+    input: NonNegative = 0.0
+    output: NonNegative = 0.0
+    cached_input: NonNegative | None = None
 
 
 class Deployment(Section):
@@ -87,10 +95,10 @@ class Deployment(Section):
     model: str
     id: str | None = None
     """Stable name for readiness, metrics and the ledger; default ``provider/model``."""
-    weight: float = 1.0
+    weight: NonNegative = 1.0
     priority: int = 0
     """Lower is tried first by the ``priority`` strategy."""
-    max_concurrency: int | None = None
+    max_concurrency: AtLeastOne | None = None
     timeouts: Timeouts | None = None
     price: Price | None = None
     options: dict[str, Any] = msgspec.field(default_factory=dict)
@@ -125,10 +133,10 @@ class RouterConfig(Section):
     cooldown: Cooldown = msgspec.field(default_factory=Cooldown)
     allow_direct: bool = True
     """Accept ``provider/model`` names that are not configured groups."""
-    max_direct_models: int = 100
+    max_direct_models: Count = 100
     """At most this many ``provider/model`` names become groups; clients choose them, so
     the rest get 404 rather than growing the model list and the metrics without bound."""
-    default_max_tokens: int = 4096
+    default_max_tokens: AtLeastOne = 4096
     """Output bound for priced requests that set none, so a budget reservation is a true maximum."""
 
 
@@ -179,10 +187,10 @@ def _interpolate(value: Any, env: Mapping[str, str], path: str) -> Any:
 
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
+            if default is not None:
+                return env.get(name) or default  # as the shell and compose: unset or empty
             if name in env:
                 return env[name]
-            if default is not None:
-                return default
             raise ConfigError(f"config: environment variable {name} is not set - at `{path}`")
 
         return _ENV_REF.sub(substitute, value)
@@ -194,12 +202,18 @@ def _interpolate(value: Any, env: Mapping[str, str], path: str) -> Any:
 
 
 def _yaml_scalar(text: str) -> Any:
+    """An override's value as YAML reads it (numbers, booleans, null, ``[...]``, ``{...}``),
+    else the text itself: a mapping or a list only in flow syntax, so that ``::`` (an IPv6
+    host) or ``tenant-a:`` (a key prefix) stay strings."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, (dict, list)) and not text.lstrip().startswith(("{", "[")):
+        return text
+    return value
 
 
 def _apply_env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> None:

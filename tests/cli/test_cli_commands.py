@@ -173,3 +173,14 @@ def test_serve_refuses_a_port_or_worker_count_out_of_range(
         cli.main(["serve", option, value])
     assert info.value.code == 2
     assert f"argument {option}: expected a whole number from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "3", "warm"])
+def test_chat_refuses_a_temperature_no_request_can_carry(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # nan and inf went through to the openai client, whose JSON encoder raised a traceback.
+    with pytest.raises(SystemExit) as info:
+        cli.main(["chat", "--url", "http://127.0.0.1:1/v1", "--temperature", value, "hi"])
+    assert info.value.code == 2
+    assert "argument --temperature/-t: expected a number from 0 to 2" in capsys.readouterr().err

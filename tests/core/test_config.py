@@ -43,6 +43,9 @@ def test_env_interpolation_with_default_and_missing():
     }
     config = parse_config(data, env={"KEY": "sk-1"})
     assert config.models[0].deployments[0].options == {"api_key": "sk-1", "base_url": "http://x/v1"}
+    # Set but empty takes the default too, as in the shell and compose (before: "").
+    config = parse_config(data, env={"KEY": "", "URL": ""})
+    assert config.models[0].deployments[0].options == {"api_key": "", "base_url": "http://x/v1"}
     with pytest.raises(ConfigError, match=r"KEY is not set - at `\$.models\[0\].deployments\[0\].api_key`"):
         parse_config(data, env={})
 
@@ -58,6 +61,10 @@ def test_environment_overrides_sections_and_list_items():
     assert config.server.port == 9001
     assert config.router.retry.attempts == 5
     assert config.models[0].strategy == "least_busy"
+    # Strings that YAML would read as a mapping stay strings (before: "Expected `str`").
+    env = {"LLMROUTER__SERVER__HOST": "::", "LLMROUTER__SERVER__CORS_ORIGINS": "[http://a.example]"}
+    config = parse_config(data, env=env)
+    assert (config.server.host, config.server.cors_origins) == ("::", ["http://a.example"])
 
 
 @pytest.mark.parametrize(
@@ -95,6 +102,26 @@ def test_environment_overrides_sections_and_list_items():
         ({"server": {"port": 70000}}, "$.server.port"),
         ({"server": {"workers": 0}}, "$.server.workers"),
         ({"server": {"max_request_bytes": 0}}, "$.server.max_request_bytes"),
+        # Loaded before, then failed every request (a 500 for attempts -1, a 504 for total -1).
+        ({"router": {"retry": {"attempts": -1}}}, "$.router.retry.attempts"),
+        ({"router": {"timeouts": {"total": -1}}}, "$.router.timeouts.total"),
+        ({"router": {"timeouts": {"connect": 0}}}, "$.router.timeouts.connect"),
+        ({"router": {"cooldown": {"failures": 0}}}, "$.router.cooldown.failures"),
+        ({"router": {"default_max_tokens": 0}}, "$.router.default_max_tokens"),
+        ({"router": {"max_direct_models": -1}}, "$.router.max_direct_models"),
+        (
+            {
+                "models": [
+                    {"name": "g", "deployments": [{"provider": "p", "model": "m", "max_concurrency": 0}]}
+                ]
+            },
+            "$.models[0].deployments[0].max_concurrency",
+        ),
+        (
+            {"models": [{"name": "g", "deployments": [{"provider": "p", "model": "m", "weight": -1}]}]},
+            "$.models[0].deployments[0].weight",
+        ),
+        ({"pricing": {"m": {"input": -1}}}, "$.pricing"),
     ],
 )
 def test_bad_config_names_the_field(data, where):

@@ -353,7 +353,8 @@ class TransformersProvider(Provider[TransformersOptions]):
         groups: list[ModelGroup] = []
         extra = os.environ.get(MODEL_ENV, "").strip()
         if extra:
-            name = Path(extra).name if Path(extra).expanduser().is_dir() else extra
+            folder = Path(extra).expanduser()
+            name = folder.resolve().name if folder.is_dir() else extra  # "." names its folder too
             groups.append(
                 ModelGroup(
                     name=name,

@@ -218,6 +218,10 @@ async def test_discovery_registers_smollm2_and_the_env_model(
     assert (SMOLLM2_MODEL_NAME in names) == (smollm2.find_gguf() is not None)
     note = TransformersProvider.discovery_note()
     assert note.startswith("transformers: ") and str(tiny_llama) in note
+    # "." (or any path of a folder) names the model after the folder (before: "", unreachable).
+    monkeypatch.chdir(tiny_llama)
+    monkeypatch.setenv(MODEL_ENV, ".")
+    assert (await TransformersProvider.discover())[0].name == tiny_llama.name
     monkeypatch.delenv(MODEL_ENV)
     if smollm2.find_gguf() is None:
         assert await TransformersProvider.discover() == []
