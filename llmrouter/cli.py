@@ -495,13 +495,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every upstream request at INFO: noise in the service's log, and ~4% of
-    # its CPU on the streaming path. The openai SDK (``llmrouter chat --url``) logs each
-    # of its requests through httpx2, its HTTP client, the same way.
-    for chatty in ("httpx", "httpcore", "httpx2"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    from llmrouter.telemetry.logging import configure_plain_logging
+
+    configure_plain_logging()
     try:
         return int(func(args) or 0)
     except LLMRouterError as exc:

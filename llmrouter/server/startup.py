@@ -60,11 +60,13 @@ def _startup_error(exc: BaseException) -> StartupError | None:
 
 
 def serve_app_from_env() -> OneLineStartupFailure:
-    """The app factory of each worker of multi-worker ``llmrouter serve``: its log is
-    JSON from the first line when the config asks for it, as the parent's is."""
+    """The app factory of each worker of multi-worker ``llmrouter serve``: its log is set
+    up as the parent's is (JSON from the first line when the config asks for it)."""
+    from llmrouter.telemetry.logging import configure_logging, configure_plain_logging
+
     config = config_from_env()
     if config.telemetry.json_logs:
-        from llmrouter.telemetry.logging import configure_logging
-
         configure_logging(config.telemetry.log_level)
+    else:
+        configure_plain_logging()  # as the parent's: a worker is a process of its own
     return OneLineStartupFailure(create_app(config, extensions=default_extensions(config)))

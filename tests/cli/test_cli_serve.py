@@ -38,7 +38,7 @@ def test_serve_minimal_config(tmp_path: Path, fake: FakeUpstream, serve: Any, ma
 
 
 def test_serve_with_two_workers(tmp_path: Path, fake: FakeUpstream, serve: Any, make_config: Any) -> None:
-    config = make_config(tmp_path / "llmrouter.yaml", fake.base_url)
+    config = make_config(tmp_path / "llmrouter.yaml", fake.base_url, telemetry={"json_logs": False})
     with serve(config, "--workers", "2") as server:
         for _ in range(12):  # a connection each: the workers take turns accepting them
             sdk = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
@@ -54,6 +54,8 @@ def test_serve_with_two_workers(tmp_path: Path, fake: FakeUpstream, serve: Any, 
             assert sum(_chat_counts(server.url).values()) == 12
             assert len(_workers(server.url)) == 2
     assert len(fake.generation_requests()) == 12
+    # Plain logs in each worker too (before: only with json_logs; a worker logged nothing).
+    assert server.output.count("INFO llmrouter.telemetry: telemetry started") == 2
 
 
 def _scrape(url: str) -> list[Any]:
