@@ -102,12 +102,18 @@ class SSEResponse(ASGIStreamingResponse):
                 except ClientDisconnected:
                     return
                 except asyncio.CancelledError:
-                    # Not the client leaving (that is ClientDisconnected). When the server
-                    # cut the stream at shutdown, tell the client why; the chunks are
+                    # Not the client leaving (that is ClientDisconnected).
+                    if not by_the_server():
+                        raise  # an enclosing cancel scope's
+                    # The server cut the stream at shutdown: tell the client why, and end
+                    # the response as the server meant to (re-raised, the cancellation was
+                    # ~40 lines of traceback in uvicorn's log per stream). The chunks are
                     # closed (and the request billed) below, as for any other end.
-                    if by_the_server():
-                        await _end_quietly(send, error_event(ShuttingDownError(), self._request_id))
-                    raise
+                    await _end_quietly(send, error_event(ShuttingDownError(), self._request_id))
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+                    return
             else:
                 self.iterator = sse_events(self._first, self._chunks, self._request_id)
                 await super().send_body(send, receive)
