@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmrouter.config import Config, load_config
+from llmrouter.config import Config, ModelGroup, load_config
 from llmrouter.errors import ConfigError, LLMRouterError
 
 if TYPE_CHECKING:
@@ -119,6 +119,20 @@ def _announce(lines: list[str], *, as_log: bool) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _with_model(config: Config, path: str) -> Config:
+    """``config`` with a group for ``serve --model``'s model (the transformers provider's),
+    unless a group already has its name."""
+    import msgspec
+
+    from llmrouter.registry import load_provider_class
+
+    provider: Any = load_provider_class("transformers")  # its plugin's classmethod
+    group: ModelGroup = provider.group_for(path)
+    if any(group.name in (g.name, *g.aliases) for g in config.models):
+        raise ConfigError(f"serve --model: the config already has a model named {group.name!r}")
+    return msgspec.structs.replace(config, models=[*config.models, group])
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import msgspec
     import uvicorn
@@ -130,6 +144,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Read by the transformers provider's discovery (zero-config start).
         os.environ["LLMROUTER_TRANSFORMERS_MODEL"] = args.model
     config, path = _load(args)
+    if args.model and (config.models or not config.discover):
+        config = _with_model(config, args.model)  # discovery, which reads it, will not run
     _check_providers(config)
     config, notes = _resolve(config)
     if not args.access_log:
@@ -443,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model",
         metavar="DIR_OR_HUB_ID",
-        help="also serve this Hugging Face model in-process (sets $LLMROUTER_TRANSFORMERS_MODEL)",
+        help="also serve this Hugging Face model in-process, beside the config's models or the discovered ones",
     )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]

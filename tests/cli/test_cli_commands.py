@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from llmrouter import cli
+from llmrouter.errors import ConfigError
 from llmrouter.testing.upstream import FakeUpstream
 
 
@@ -184,3 +185,26 @@ def test_chat_refuses_a_temperature_no_request_can_carry(
         cli.main(["chat", "--url", "http://127.0.0.1:1/v1", "--temperature", value, "hi"])
     assert info.value.code == 2
     assert "argument --temperature/-t: expected a number from 0 to 2" in capsys.readouterr().err
+
+
+def test_serve_model_is_added_to_a_config_that_has_models(tmp_path: Path) -> None:
+    # Before: only discovery read it, and discovery does not run for a config with models.
+    from llmrouter.config import parse_config
+
+    config = parse_config(
+        {
+            "models": [
+                {
+                    "name": "m",
+                    "deployments": [{"provider": "remote", "model": "m", "base_url": "http://x/v1"}],
+                }
+            ]
+        }
+    )
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    served = cli._with_model(config, str(folder))
+    assert [g.name for g in served.models] == ["m", "my-model"]
+    assert served.models[1].deployments[0].options == {"path": str(folder)}
+    with pytest.raises(ConfigError, match="already has a model named 'm'"):
+        cli._with_model(config, "m")

@@ -353,14 +353,7 @@ class TransformersProvider(Provider[TransformersOptions]):
         groups: list[ModelGroup] = []
         extra = os.environ.get(MODEL_ENV, "").strip()
         if extra:
-            folder = Path(extra).expanduser()
-            name = folder.resolve().name if folder.is_dir() else extra  # "." names its folder too
-            groups.append(
-                ModelGroup(
-                    name=name,
-                    deployments=[Deployment(provider=cls.name, model=name, options={"path": extra})],
-                )
-            )
+            groups.append(cls.group_for(extra))
         if smollm2.find_gguf() is not None and smollm2.MODEL_NAME not in {g.name for g in groups}:
             groups.append(
                 ModelGroup(
@@ -369,6 +362,16 @@ class TransformersProvider(Provider[TransformersOptions]):
                 )
             )
         return groups
+
+    @classmethod
+    def group_for(cls, path: str) -> ModelGroup:
+        """A model group serving the model in ``path`` (a folder, or a Hugging Face id in
+        the local cache), named after the folder (``.`` too) or the id."""
+        folder = Path(path).expanduser()
+        name = folder.resolve().name if folder.is_dir() else path
+        return ModelGroup(
+            name=name, deployments=[Deployment(provider=cls.name, model=name, options={"path": path})]
+        )
 
     @classmethod
     def discovery_note(cls) -> str:
