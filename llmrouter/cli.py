@@ -65,9 +65,12 @@ def _resolve(config: Config) -> tuple[Config, list[str]]:
 
 
 def _check_providers(config: Config) -> None:
-    """A deployment of a provider that is not installed fails here, in one line, rather
-    than as a traceback from the app's start-up (the provider is not imported)."""
+    """A deployment of a provider that is not installed, or with options its provider does
+    not take (``base_ur:``), fails here, in one line, rather than in the app's start-up
+    (exit 3, "the router failed to start"); ``models`` fails as ``serve`` would. Building
+    the router builds each provider from its options; nothing starts."""
     from llmrouter.registry import available_providers, load_provider_class
+    from llmrouter.router import Router
 
     installed = set(available_providers())
     for i, group in enumerate(config.models):
@@ -78,6 +81,11 @@ def _check_providers(config: Config) -> None:
                 except LLMRouterError as exc:
                     where = f"$.models[{i}].deployments[{j}].provider"
                     raise ConfigError(f"config: {exc.message} - at `{where}`") from exc
+    try:
+        Router(config)
+    except ConfigError as exc:
+        message = exc.message if exc.message.startswith("config: ") else f"config: {exc.message}"
+        raise ConfigError(message) from exc
 
 
 def _version() -> str:

@@ -146,6 +146,20 @@ def test_serve_or_models_with_an_unknown_provider_is_one_line_error(
         assert "$.models[0].deployments[0].provider" in err
 
 
+def test_serve_or_models_with_an_option_its_provider_does_not_take_is_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `models` passed it (exit 0); `serve` failed in its start-up, exit 3.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "models:\n  - name: x\n    deployments:\n      - {provider: remote, model: m, base_ur: http://h/v1}\n"
+    )
+    for command in (["serve", "--port", "1"], ["models"]):
+        assert cli.main([*command, "--config", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "unknown field `base_ur`" in err and "models[x].deployments[0]" in err
+
+
 def test_plugin_subcommands_are_registered(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
