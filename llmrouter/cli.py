@@ -152,8 +152,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Read by the transformers provider's discovery (zero-config start).
         os.environ["LLMROUTER_TRANSFORMERS_MODEL"] = args.model
     config, path = _load(args)
-    if args.model and (config.models or not config.discover):
-        config = _with_model(config, args.model)  # discovery, which reads it, will not run
+    model = os.environ.get("LLMROUTER_TRANSFORMERS_MODEL", "").strip()
+    if model and (config.models or not config.discover):
+        config = _with_model(config, model)  # discovery, which reads it, will not run
     _check_providers(config)
     config, notes = _resolve(config)
     if not args.access_log:

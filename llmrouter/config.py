@@ -169,7 +169,7 @@ class Config(Section):
     providers: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     """Per-provider defaults merged into each deployment's options (e.g. an API key)."""
     discover: bool = True
-    """With no ``models``, register whatever the environment offers (see docs/providers.md)."""
+    """With no ``models``, register whatever the environment offers (see docs/providers/README.md)."""
     accounting: AccountingConfig = msgspec.field(default_factory=AccountingConfig)
     """Keys, ledger, budgets and limits (see docs/accounting.md)."""
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
