@@ -108,7 +108,7 @@ def _modes(text: str) -> list[str]:
     """Comma-separated gateway configurations, checked before anything runs."""
     from llmrouter.bench.gateway import MODES
 
-    modes = [m.strip() for m in text.split(",") if m.strip()]
+    modes = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))  # bare,bare: one
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise argparse.ArgumentTypeError(f"expected some of {', '.join(MODES)}, not {text!r}")
@@ -242,5 +242,17 @@ def _run(args: argparse.Namespace) -> int:
         print(("\n" if not args.no_gateway or args.coalescing else "") + format_provider_rows(provider_rows))
     if args.json_path:
         with open(args.json_path, "w") as out:
-            json.dump(results, out, indent=2, default=str)
+            json.dump(_without_nan(results), out, indent=2, default=str)
     return 0
+
+
+def _without_nan(value: Any) -> Any:
+    """``value`` with NaN (a cell with nothing measured) as None: ``null`` in the JSON,
+    where Python's ``NaN`` is not JSON, and strict parsers refuse the file."""
+    if isinstance(value, float):
+        return None if value != value else value
+    if isinstance(value, dict):
+        return {key: _without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(item) for item in value]
+    return value

@@ -25,7 +25,7 @@ import yaml
 
 from llmrouter.bench import litellm
 from llmrouter.bench.loadgen import LoadResult, http_request, run_load
-from llmrouter.bench.processes import Child, free_port, pin_self, python_argv
+from llmrouter.bench.processes import Child, free_port, pinned, python_argv
 from llmrouter.bench.stats import median, percentile, render_table
 
 __all__ = [
@@ -266,8 +266,7 @@ def run_gateway_bench(
     a machine that slows down for a while slows every target alike, so the ratios
     between them hold even when the absolute figures drift.
     """
-    pin_self(1)
-    with running_targets(modes, litellm_command, chunks) as targets:
+    with pinned(1), running_targets(modes, litellm_command, chunks) as targets:
         idle_rss = {target: child.rss_mb() for target, child in targets.children.items()}
         return _measure_all(
             targets.children, targets.headers, concurrencies, duration, rounds, idle_rss, progress

@@ -8,11 +8,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["Child", "free_port", "pin_self"]
+__all__ = ["Child", "free_port", "pin_self", "pinned"]
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -32,6 +33,18 @@ def pin_self(core_index: int) -> None:
     """Pin this process to one core (the load generator's), when there are two or more."""
     if len(_CORES) > 1:
         os.sched_setaffinity(0, {_CORES[core_index % len(_CORES)]})
+
+
+@contextmanager
+def pinned(core_index: int) -> Iterator[None]:
+    """:func:`pin_self` for the ``with`` block, then the cores this process had: what runs
+    next in the process (the provider bench, torch's threads) gets them all again."""
+    previous = os.sched_getaffinity(0)
+    pin_self(core_index)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, previous)
 
 
 class Child:
@@ -69,9 +82,10 @@ class Child:
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
     def rss_mb(self) -> float:
+        """Resident memory in MB (10^6 bytes; /proc says kB, that is KiB)."""
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+                return int(line.split()[1]) * 1024 / 1e6
         return float("nan")
 
     def stop(self) -> None:

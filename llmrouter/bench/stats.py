@@ -20,7 +20,11 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+    """The median of the values that are numbers: a round whose window ended no request
+    has NaN percentiles, and ``statistics.median`` with a NaN among its values answers by
+    the rounds' order. NaN when none is a number."""
+    numbers = [value for value in values if value == value]
+    return statistics.median(numbers) if numbers else float("nan")
 
 
 def _cell(value: object) -> str:

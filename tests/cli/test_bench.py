@@ -75,3 +75,39 @@ def test_children_run_on_another_core_than_the_load_generator() -> None:
     load_generator, child = json.loads(run.stdout)
     cores = sorted(os.sched_getaffinity(0))
     assert load_generator == [cores[1]] and child == [cores[0]]
+
+
+def test_the_median_of_rounds_leaves_out_a_round_that_measured_nothing() -> None:
+    # Before: statistics.median with a NaN among the rounds answered by their order.
+    import itertools
+    import math
+
+    from llmrouter.bench.stats import median
+
+    for rounds in itertools.permutations([math.nan, 5.0, 3.0]):
+        assert median(rounds) == 4.0
+    assert math.isnan(median([math.nan, math.nan])) and math.isnan(median([]))
+
+
+def test_the_gateway_bench_gives_the_process_its_cores_back() -> None:
+    # The provider bench that runs after it in the same command ran on one core (torch
+    # with one thread: a quarter fewer tokens/s).
+    import os
+
+    from llmrouter.bench.processes import pinned
+
+    before = os.sched_getaffinity(0)
+    with pinned(1):
+        assert len(os.sched_getaffinity(0)) == (1 if len(before) > 1 else len(before))
+    assert os.sched_getaffinity(0) == before
+
+
+def test_json_results_write_null_for_nothing_measured_and_modes_once() -> None:
+    import json
+    import math
+
+    from llmrouter.bench.cli import _modes, _without_nan
+
+    text = json.dumps(_without_nan({"rows": [{"rps": math.nan, "p50": 1.5}]}), allow_nan=False)
+    assert json.loads(text) == {"rows": [{"rps": None, "p50": 1.5}]}  # before: NaN, not JSON
+    assert _modes("bare,full,bare") == ["bare", "full"]  # before: a second bare left running
