@@ -4,11 +4,19 @@ import asyncio
 
 import pytest
 
-from llmrouter.bench.loadgen import http_request, run_load, send_at_once
+from llmrouter.bench.loadgen import LoadResult, http_request, run_load, send_at_once
 
 pytestmark = pytest.mark.anyio
 
 LATENCY = 0.4
+
+
+async def _load(port: int, *, concurrency: int, duration: float, warmup: float) -> LoadResult:
+    """``run_load`` of the same small POST against 127.0.0.1:``port``."""
+    request = http_request("127.0.0.1", port, "/", b"{}")
+    return await run_load(
+        "127.0.0.1", port, lambda i: request, concurrency=concurrency, duration=duration, warmup=warmup
+    )
 
 
 async def test_the_window_counts_requests_that_ended_in_it() -> None:
@@ -28,14 +36,7 @@ async def test_the_window_counts_requests_that_ended_in_it() -> None:
     port = server.sockets[0].getsockname()[1]
     async with server:
         # Each of 4 workers' requests end at ~0.4, 0.8 and 1.2 s; the window is 0.2-1.1 s.
-        result = await run_load(
-            "127.0.0.1",
-            port,
-            lambda i: http_request("127.0.0.1", port, "/", b"{}"),
-            concurrency=4,
-            duration=0.9,
-            warmup=0.2,
-        )
+        result = await _load(port, concurrency=4, duration=0.9, warmup=0.2)
     # Two a worker, the first started in the warm-up (counting only requests started in
     # the window, as the bench did, gave 4: half the throughput).
     assert result.completed == 8 and result.errors == 0
@@ -88,14 +89,7 @@ async def test_dropped_requests_count_as_errors_in_the_window_as_error_statuses_
         server = await _serve(answer)
         port = server.sockets[0].getsockname()[1]
         async with server:
-            result = await run_load(
-                "127.0.0.1",
-                port,
-                lambda i, port=port: http_request("127.0.0.1", port, "/", b"{}"),
-                concurrency=1,
-                duration=0.5,
-                warmup=0.5,
-            )
+            result = await _load(port, concurrency=1, duration=0.5, warmup=0.5)
         counts[answer] = (result.errors, result.total)
     errors_503, total_503 = counts["503"]
     errors_drop, total_drop = counts["drop"]
@@ -112,13 +106,6 @@ async def test_a_server_that_stops_listening_is_errors_not_the_end_of_the_bench(
         server.close()
 
     stopping = asyncio.ensure_future(stop())
-    result = await run_load(  # before: ConnectionRefusedError out of run_load
-        "127.0.0.1",
-        port,
-        lambda i: http_request("127.0.0.1", port, "/", b"{}"),
-        concurrency=2,
-        duration=0.5,
-        warmup=0.1,
-    )
+    result = await _load(port, concurrency=2, duration=0.5, warmup=0.1)  # before: ConnectionRefusedError
     await stopping
     assert result.errors > 0 and result.completed == 0
