@@ -245,7 +245,7 @@ class AccountingHooks(RouterHooks):
             return
         try:
             if admission.reservation is not None:
-                await self._settle_and_record(ctx, admission.reservation, admission)
+                await self._settle_and_record(ctx, admission)
             else:
                 self._record(ctx, entry_id=admission.entry_id)
         finally:  # whatever the budget did: a slot kept here would refuse the key's next requests
@@ -255,16 +255,15 @@ class AccountingHooks(RouterHooks):
                 for ticket in admission.tickets:
                     await self._give_back(self.limiter, ticket, ctx.request_id, tokens)
 
-    async def _settle_and_record(
-        self, ctx: RequestContext, reservation: Reservation, admission: _Admission
-    ) -> None:
+    async def _settle_and_record(self, ctx: RequestContext, admission: _Admission) -> None:
         """Settle the budget, record the row whatever that did, then journal a settlement
         that waits for its store: after its row, as a replay expects (it takes such a line
         for a request whose row it has), so that it outlives this process should it end
         before the store comes back."""
+        reservation = admission.reservation
         waiting = False
         try:
-            if self.budgets is not None:
+            if reservation is not None and self.budgets is not None:
                 if await self.budgets.settle(reservation, ctx.cost):
                     ctx.metadata["budget"] = "soft_limit_reached"
                 waiting = bool(reservation.windows)  # those the store did not take wait in the retries

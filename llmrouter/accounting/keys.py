@@ -30,7 +30,6 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmrouter.accounting.models import ApiKeyRow
-from llmrouter.aio import within
 from llmrouter.errors import AuthenticationError, InvalidRequestError, NotFoundError
 
 __all__ = ["SECRET_PREFIX", "UPDATABLE", "ApiKey", "KeyStore", "Principal", "hash_secret", "parse_secret"]
@@ -204,7 +203,7 @@ class KeyStore:
     ) -> None:
         self._engine = engine
         self._cache_seconds = cache_seconds
-        self._timeout = timeout  # for the reads requests wait on: verify, any_exist, load
+        self._timeout = timeout  # for the reads requests wait on: verify, any_exist, load_cached
         self._by_prefix: dict[str, tuple[float, ApiKey, str]] = {}
         self._by_id: dict[str, tuple[float, ApiKey | None]] = {}  # load_cached's; None: no such key
         self._id_of_prefix: dict[str, str] = {}  # which _by_id entry forget(prefix) drops
@@ -497,10 +496,6 @@ class KeyStore:
         if forgotten == self._forgotten:  # no key changed meanwhile: the row is current
             self._by_prefix[prefix] = cached
         return cached
-
-    async def load(self, key_id: str) -> ApiKey | None:
-        """A key by id, read from the database now."""
-        return await within(self._timeout, self._load(key_id))
 
     async def load_cached(self, key_id: str) -> ApiKey | None:
         """A key by id, for library users who put ``api_key_id`` in the context: cached

@@ -63,12 +63,20 @@ class LimitTicket:
 
     def headers(self) -> dict[str, str]:
         """OpenAI's ``x-ratelimit-*`` headers for the limits that apply."""
-        headers: dict[str, str] = {}
-        if self.limits.rpm is not None and self.requests_left is not None:
-            headers.update(_window_headers("rpm", self.limits.rpm, self.requests_left))
-        if self.limits.tpm is not None and self.tokens_left is not None:
-            headers.update(_window_headers("tpm", self.limits.tpm, self.tokens_left))
-        return headers
+        return _limit_headers(self.limits, self.requests_left, self.tokens_left)
+
+
+def _limit_headers(
+    limits: EffectiveLimits, requests_left: int | None, tokens_left: int | None
+) -> dict[str, str]:
+    """The ``x-ratelimit-*`` headers of the RPM and TPM windows that apply, with what they
+    have left."""
+    headers: dict[str, str] = {}
+    if limits.rpm is not None and requests_left is not None:
+        headers.update(_window_headers("rpm", limits.rpm, requests_left))
+    if limits.tpm is not None and tokens_left is not None:
+        headers.update(_window_headers("tpm", limits.tpm, tokens_left))
+    return headers
 
 
 _HEADER_NAMES = {"rpm": "requests", "tpm": "tokens"}
@@ -249,14 +257,14 @@ class MemoryLimiter:
 
     async def window_headers(self, subject: str, limits: EffectiveLimits) -> dict[str, str]:
         now = self._clock()
-        headers: dict[str, str] = {}
+        left: dict[str, int] = {}
         for kind, limit in (("rpm", limits.rpm), ("tpm", limits.tpm)):
             if limit is None:
                 continue
             window = self._windows.get((subject, kind))  # none yet: nothing used, none made
             used = window.estimate(window.roll(now)) if window is not None else 0.0
-            headers.update(_window_headers(kind, limit, max(0, math.floor(limit - used))))
-        return headers
+            left[kind] = max(0, math.floor(limit - used))
+        return _limit_headers(limits, left.get("rpm"), left.get("tpm"))
 
     async def aclose(self) -> None:
         self._windows.clear()
@@ -416,12 +424,7 @@ class RedisLimiter:
             return {}
         args = [-1 if limits.rpm is None else limits.rpm, -1 if limits.tpm is None else limits.tpm]
         requests_left, tokens_left = await self._left(keys=self._keys(subject)[:1], args=args)
-        headers: dict[str, str] = {}
-        if limits.rpm is not None:
-            headers.update(_window_headers("rpm", limits.rpm, int(requests_left)))
-        if limits.tpm is not None:
-            headers.update(_window_headers("tpm", limits.tpm, int(tokens_left)))
-        return headers
+        return _limit_headers(limits, int(requests_left), int(tokens_left))  # -1 where no limit: not sent
 
     async def aclose(self) -> None:
         """The client belongs to the caller."""
