@@ -61,6 +61,20 @@ async def _read_body(reader: asyncio.StreamReader, headers: bytes) -> float | No
     return None
 
 
+_DROPPED = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
+"""What a request whose connection failed, or was closed mid-answer, raises."""
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes
+) -> tuple[int, float | None]:
+    """Send one request and read its whole answer: its status, and when the first bytes
+    of its body arrived (None: it had none). Raises one of :data:`_DROPPED`."""
+    writer.write(payload)
+    head = await reader.readuntil(b"\r\n\r\n")
+    return int(head[9:12]), await _read_body(reader, head)
+
+
 async def _worker(
     host: str,
     port: int,
@@ -80,11 +94,8 @@ async def _worker(
             payload = make_request(counter[0])
             started = time.perf_counter()
             try:
-                writer.write(payload)
-                head = await reader.readuntil(b"\r\n\r\n")
-                status = int(head[9:12])
-                first = await _read_body(reader, head)
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                status, first = await _exchange(reader, writer, payload)
+            except _DROPPED:
                 # A request the connection dropped: counted as a request (the server
                 # worked on it), and as an error when it ended in the window, as a
                 # status of 400 and above is.
@@ -180,11 +191,9 @@ async def send_at_once(host: str, port: int, payload: bytes, count: int) -> list
         await go.wait()
         started = time.perf_counter()
         try:
-            writer.write(payload)
-            head = await reader.readuntil(b"\r\n\r\n")
-            await _read_body(reader, head)
-            return int(head[9:12]), time.perf_counter() - started
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            status, _ = await _exchange(reader, writer, payload)
+            return status, time.perf_counter() - started
+        except _DROPPED:
             return 0, time.perf_counter() - started
         finally:
             writer.close()
