@@ -59,11 +59,23 @@ class DeploymentState:
     def usable(self, now: float) -> bool:
         return self.start_error is None and not self.cooling(now) and not self.full()
 
-    def record_success(self, ttft: float, duration: float) -> None:
+    def record_ttft(self, ttft: float) -> None:
+        """A first token came after ``ttft`` seconds: recorded as it comes, not at the end
+        of the stream, or a deployment whose clients close their streams early stays
+        unmeasured (first in ``lowest_latency``) forever."""
+        self.ewma_ttft = _ewma(self.ewma_ttft, ttft)
+
+    def record_success(self, duration: float) -> None:
         self.requests += 1
         self.consecutive_failures = 0
-        self.ewma_ttft = _ewma(self.ewma_ttft, ttft)
         self.ewma_duration = _ewma(self.ewma_duration, duration)
+
+    def record_timeout(self, elapsed: float) -> None:
+        """Count a timed-out attempt's time in the latency averages, both of them: it took
+        at least that long. Learnt from successes alone, a deployment that got slow kept
+        its old fast average and was tried first again after every cooldown."""
+        self.record_ttft(elapsed)
+        self.ewma_duration = _ewma(self.ewma_duration, elapsed)
 
     def record_failure(self, cooldown: Cooldown) -> bool:
         """Count a failure; True when it puts the deployment into cooldown."""
@@ -124,8 +136,8 @@ class GroupState:
 
         Untried deployments come first; a deployment already tried may be used again
         (retryable failures) unless it is in ``exhausted``. When every candidate is at its
-        concurrency limit, waits for a slot (bounded by the first-token timeout, else
-        by the total one).
+        concurrency limit, waits for a slot or for a cooldown to end, whichever comes
+        first (bounded by the first-token timeout, else by the total one).
 
         Raises:
             NoDeploymentAvailableError: every deployment is cooling down, failed to start,
@@ -142,7 +154,10 @@ class GroupState:
             while self._waiting_for_slot(exhausted):
                 if self._slot_freed is None:
                     self._slot_freed = anyio.Event()
-                await self._slot_freed.wait()
+                # Nothing sets an event when a cooldown ends: without this bound a
+                # deployment back from one idled while the request waited for a full one.
+                with anyio.move_on_after(self._until_cooldown_ends(exhausted)):
+                    await self._slot_freed.wait()
                 picked = self._pick(tried, exhausted)
                 if picked is not None:
                     return picked
@@ -163,6 +178,16 @@ class GroupState:
             d.full() and d.start_error is None and not d.cooling(now) and d not in exhausted
             for d in self.deployments
         )
+
+    def _until_cooldown_ends(self, exhausted: Sequence[DeploymentState]) -> float | None:
+        """Seconds until the first cooldown of a deployment this request may use ends."""
+        now = time.monotonic()
+        ends = [
+            d.cooldown_until - now
+            for d in self.deployments
+            if d.cooling(now) and d.start_error is None and d not in exhausted
+        ]
+        return min(ends, default=None)
 
     def _unavailable(self) -> NoDeploymentAvailableError:
         now = time.monotonic()

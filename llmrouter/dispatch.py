@@ -2,8 +2,8 @@
 
 One :class:`AttemptPlan` walks a model group and then its fallback groups. Within a
 group, an untried deployment is tried at once after a failure; the same deployment is
-tried again only for retryable errors, after a jittered exponential backoff (or the
-upstream's ``Retry-After`` when shorter than the cap). Errors that are the request's
+tried again only for retryable errors, after its own jittered exponential backoff (or
+the upstream's ``Retry-After``, capped). Errors that are the request's
 own fault (a bad request) end the plan at once; errors of one deployment (its 401, a
 context window too small, an unsupported feature) move on without retrying it.
 
@@ -103,7 +103,9 @@ class AttemptPlan:
         self._tried: list[DeploymentState] = []
         self._exhausted: list[DeploymentState] = []
         self._attempts_left = self._groups[0].retry.attempts + 1
-        self._backoff_s = 0.0
+        # When each deployment tried may be tried again (time.monotonic()): per deployment,
+        # so that one's Retry-After holds while others fail in between.
+        self._not_before: dict[DeploymentState, float] = {}
         self._last_error: LLMRouterError | None = None
 
     async def next(self) -> tuple[GroupState, DeploymentState]:
@@ -116,14 +118,13 @@ class AttemptPlan:
                 except NoDeploymentAvailableError as exc:
                     self._last_error = self._last_error or exc
                 else:
-                    if deployment in self._tried and self._backoff_s > 0:
-                        await anyio.sleep(self._backoff_s)
-                        self._backoff_s = 0.0
+                    wait = self._not_before.get(deployment, 0.0) - time.monotonic()
+                    if wait > 0:
+                        await anyio.sleep(wait)
                         # Pick again: during the back-off another request may have taken
                         # the slot this pick saw free (max_concurrency), or a better
                         # deployment may have come back from its cooldown.
                         continue
-                    self._backoff_s = 0.0
                     self._attempts_left -= 1
                     self.ctx.attempts += 1
                     return group, deployment
@@ -137,16 +138,15 @@ class AttemptPlan:
             return
         following = self._groups[self._index]
         self.ctx.fallbacks += 1
-        for hook in self._hooks:
-            hook.on_fallback(self.ctx, group.name, following.name)
+        _notify(self._hooks, "on_fallback", self.ctx, group.name, following.name)
         self._tried, self._exhausted = [], []
+        self._not_before = {}
         self._attempts_left = following.retry.attempts + 1
 
     def failed(self, group: GroupState, deployment: DeploymentState, error: LLMRouterError) -> None:
         """Record a failed attempt; re-raises when the request itself is at fault."""
         self._last_error = error
-        for hook in self._hooks:
-            hook.on_attempt(self.ctx, deployment.id, error)
+        _notify(self._hooks, "on_attempt", self.ctx, deployment.id, error)
         if is_request_fault(error):
             raise error
         if not is_mismatch(error):
@@ -157,16 +157,32 @@ class AttemptPlan:
         if not error.retryable:
             self._exhausted.append(deployment)
             return
-        tries = len(self._tried)
-        ceiling = min(group.retry.backoff_max, group.retry.backoff_base * 2 ** (tries - 1))
+        self._not_before[deployment] = time.monotonic() + self._backoff(group, deployment, error)
+
+    def _backoff(self, group: GroupState, deployment: DeploymentState, error: LLMRouterError) -> float:
+        """Seconds ``deployment`` rests before its next try: the upstream's ``Retry-After``
+        (capped), else full jitter over an exponential of its own tries so far."""
         if error.retry_after is not None:
-            self._backoff_s = min(error.retry_after, group.retry.backoff_max)
-        else:
-            self._backoff_s = random.uniform(0, ceiling)
+            return min(error.retry_after, group.retry.backoff_max)
+        tries = self._tried.count(deployment)
+        return random.uniform(0, min(group.retry.backoff_max, group.retry.backoff_base * 2 ** (tries - 1)))
 
     def succeeded(self, deployment: DeploymentState) -> None:
-        for hook in self._hooks:
-            hook.on_attempt(self.ctx, deployment.id, None)
+        _notify(self._hooks, "on_attempt", self.ctx, deployment.id, None)
+
+
+def _notify(hooks: Sequence[RouterHooks], event: str, *args: Any) -> None:
+    """Call the event method ``event`` (``on_attempt``, ``on_first_token``...) of every hook.
+
+    Events only observe: one that raises (a metrics exporter down) is logged and the
+    request goes on as if it had not. Raised here, it failed a request the upstream had
+    answered, and the ledger billed nothing for it.
+    """
+    for hook in hooks:
+        try:
+            getattr(hook, event)(*args)
+        except Exception:
+            logger.exception("hook %r failed in %s", hook, event)
 
 
 def _record_failure(group: GroupState, deployment: DeploymentState, hooks: Sequence[RouterHooks]) -> None:
@@ -177,8 +193,7 @@ def _record_failure(group: GroupState, deployment: DeploymentState, hooks: Seque
             deployment.id,
             group.cooldown.seconds,
         )
-        for hook in hooks:
-            hook.on_cooldown(deployment.id, group.cooldown.seconds)
+        _notify(hooks, "on_cooldown", deployment.id, group.cooldown.seconds)
 
 
 def _for_deployment(request: Req, deployment: DeploymentState) -> Req:
@@ -196,8 +211,21 @@ def _commit(ctx: RequestContext, group: GroupState, deployment: DeploymentState)
 
 def _first_token(ctx: RequestContext, hooks: Sequence[RouterHooks]) -> None:
     ctx.first_token_at = time.perf_counter()
-    for hook in hooks:
-        hook.on_first_token(ctx)
+    _notify(hooks, "on_first_token", ctx)
+
+
+def _record_timeout(
+    deployment: DeploymentState, exc: Exception, error: LLMRouterError, started: float, limit: float | None
+) -> None:
+    """Count a timed-out attempt in the deployment's latency averages (see
+    :meth:`DeploymentState.record_timeout`). When our own ``limit`` fired (a bare
+    ``TimeoutError``), the attempt took at least that long, whatever the clocks say."""
+    if not isinstance(error, UpstreamTimeoutError):
+        return
+    elapsed = time.perf_counter() - started
+    if isinstance(exc, TimeoutError) and limit is not None:
+        elapsed = max(elapsed, limit)
+    deployment.record_timeout(elapsed)
 
 
 async def dispatch_call(
@@ -219,7 +247,9 @@ async def dispatch_call(
             async with time_limit(timeout):
                 result = await method(deployment.provider, _for_deployment(request, deployment))
         except Exception as exc:  # noqa: BLE001 - translated and judged by the plan
-            plan.failed(group, deployment, as_router_error(exc, deployment))
+            error = as_router_error(exc, deployment)
+            _record_timeout(deployment, exc, error, started, timeout)
+            plan.failed(group, deployment, error)
             continue
         except BaseException:
             _commit(ctx, group, deployment)  # cancelled mid-call: billed the prompt sent here
@@ -228,9 +258,10 @@ async def dispatch_call(
             current_context.reset(token)
             group.release(deployment)
         elapsed = time.perf_counter() - started
-        deployment.record_success(elapsed, elapsed)
+        deployment.record_ttft(elapsed)
+        deployment.record_success(elapsed)
+        _commit(ctx, group, deployment)  # before the hooks, which may read it
         plan.succeeded(deployment)
-        _commit(ctx, group, deployment)
         _first_token(ctx, hooks)
         return result
 
@@ -271,6 +302,9 @@ async def dispatch_stream(
         timeouts = group.timeouts_for(deployment)
         started = time.perf_counter()
         deadline = None if timeouts.total is None else time.monotonic() + timeouts.total
+        first_wait = timeouts.first_token
+        if timeouts.total is not None:
+            first_wait = timeouts.total if first_wait is None else min(first_wait, timeouts.total)
         group.acquire(deployment)
         token: Token[RequestContext | None] | None = current_context.set(ctx)
         stream: AsyncIterator[C] | None = None
@@ -280,9 +314,6 @@ async def dispatch_stream(
                 # call (the base class's ``stream_complete`` does), and the slot and the
                 # context variable must still be given back.
                 stream = method(deployment.provider, _for_deployment(request, deployment))
-                first_wait = timeouts.first_token
-                if timeouts.total is not None:
-                    first_wait = timeouts.total if first_wait is None else min(first_wait, timeouts.total)
                 async with time_limit(first_wait):
                     first = await stream.__anext__()
             except StopAsyncIteration:
@@ -293,14 +324,16 @@ async def dispatch_stream(
                 plan.failed(group, deployment, error)
                 continue
             except Exception as exc:  # noqa: BLE001 - translated and judged by the plan
-                plan.failed(group, deployment, as_router_error(exc, deployment))
+                error = as_router_error(exc, deployment)
+                _record_timeout(deployment, exc, error, started, first_wait)
+                plan.failed(group, deployment, error)
                 continue
             except BaseException:
                 _commit(ctx, group, deployment)  # cancelled before its first chunk: billed the prompt
                 raise
+            deployment.record_ttft(time.perf_counter() - started)
             _commit(ctx, group, deployment)
             _first_token(ctx, hooks)
-            ttft = time.perf_counter() - started
             if token is not None:  # the provider call has started; the context var is done
                 current_context.reset(token)
                 token = None
@@ -314,11 +347,10 @@ async def dispatch_stream(
                 except Exception as exc:  # mid-stream: no retry, report and end
                     error = as_router_error(exc, deployment)
                     _record_failure(group, deployment, hooks)
-                    for hook in hooks:
-                        hook.on_attempt(ctx, deployment.id, error)
+                    _notify(hooks, "on_attempt", ctx, deployment.id, error)
                     raise error from exc
                 yield chunk
-            deployment.record_success(ttft, time.perf_counter() - started)
+            deployment.record_success(time.perf_counter() - started)
             plan.succeeded(deployment)
             return
         finally:

@@ -17,7 +17,7 @@
     ├── UnprocessableEntityError (422)
     ├── RateLimitError (429)              retry_after in seconds
     │   └── BudgetExceededError           code=insufficient_quota
-    ├── UpstreamError (502, retryable)    a provider failed
+    ├── UpstreamError (502, retryable)    a provider failed (or answered a 4xx not above)
     │   ├── UpstreamConnectionError       connect refused / reset
     │   ├── UpstreamTimeoutError (504)    connect, first-token or total timeout
     │   └── UpstreamUnavailableError (503)
@@ -132,10 +132,13 @@ class InvalidRequestError(LLMRouterError):
 
 class NestedTooDeeplyError(InvalidRequestError):
     """JSON the decoder took but an encoder on the request's path could not: nested just
-    under the decoder's limit, it runs out of stack deeper down (``RecursionError``)."""
+    under the decoder's limit, it runs out of stack deeper down (``RecursionError``).
 
-    def __init__(self) -> None:
-        super().__init__("request body is nested too deeply")
+    The message is a parameter with a default so that pickle and ``copy`` can rebuild
+    it: they call the class with ``args``."""
+
+    def __init__(self, message: str = "request body is nested too deeply") -> None:
+        super().__init__(message)
 
 
 class ContextWindowExceededError(InvalidRequestError):
@@ -237,14 +240,17 @@ class NoDeploymentAvailableError(LLMRouterError):
 
 
 class ShuttingDownError(LLMRouterError):
-    """The service cut the request short to shut down (``server.drain_seconds`` ran out)."""
+    """The service cut the request short to shut down (``server.drain_seconds`` ran out).
+
+    The message is a parameter with a default so that pickle and ``copy`` can rebuild
+    it: they call the class with ``args``."""
 
     status = 503
     type = "service_unavailable"
     default_code = "server_shutting_down"
 
-    def __init__(self) -> None:
-        super().__init__("the server is shutting down; send the request again", retry_after=1.0)
+    def __init__(self, message: str = "the server is shutting down; send the request again") -> None:
+        super().__init__(message, retry_after=1.0)
 
 
 class AccountingUnavailableError(LLMRouterError):
@@ -273,7 +279,13 @@ def error_for_status(
 ) -> LLMRouterError:
     """Translate an upstream HTTP status into the error tree.
 
-    429, 408 and 5xx are retryable; other 4xx are not (the same request would fail again).
+    429, 408 and 5xx are retryable; the 4xx named here are not (the same request would
+    fail again). Only 400, 413 and 422 say the request itself is bad. Any other status
+    (405 from a proxy on a wrong path, 409, 410 Gone, 451...) says nothing about the
+    request, only that this deployment cannot answer it: a ``502`` that moves the request
+    on to the next deployment and counts toward the cooldown, without trying this one
+    again. Passed on as the request's fault, it failed every request at the first
+    deployment while a healthy one stood by.
     """
     kwargs: dict[str, Any] = {"provider": provider, "retry_after": retry_after, "code": code, "param": param}
     if status == 400:
@@ -304,7 +316,8 @@ def error_for_status(
         return UpstreamTimeoutError(message, **kwargs)
     if status >= 500:
         return UpstreamError(message, status=502, **kwargs)
-    return InvalidRequestError(message, status=status if 400 <= status < 500 else 400, **kwargs)
+    named = message if f"HTTP {status}" in message else f"{message} (upstream HTTP {status})"
+    return UpstreamError(named, status=502, retryable=False, **kwargs)
 
 
 def one_line_cause(exc: BaseException) -> str:

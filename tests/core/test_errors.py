@@ -1,3 +1,6 @@
+import copy
+import pickle
+
 import pytest
 
 from llmrouter import errors
@@ -11,10 +14,15 @@ from llmrouter import errors
         (402, errors.InsufficientCreditsError, False),
         (403, errors.PermissionDeniedError, False),
         (404, errors.NotFoundError, False),
+        (405, errors.UpstreamError, False),
         (408, errors.UpstreamTimeoutError, True),
+        (409, errors.UpstreamError, False),
+        (410, errors.UpstreamError, False),
         (413, errors.RequestTooLargeError, False),
+        (418, errors.UpstreamError, False),
         (422, errors.UnprocessableEntityError, False),
         (429, errors.RateLimitError, True),
+        (451, errors.UpstreamError, False),
         (500, errors.UpstreamError, True),
         (502, errors.UpstreamError, True),
         (503, errors.UpstreamUnavailableError, True),
@@ -73,3 +81,42 @@ def test_local_rate_limit_is_not_retryable_but_upstream_is():
     assert errors.RateLimitError("slow down").retryable is False
     assert errors.error_for_status(429, "slow down").retryable is True
     assert errors.BudgetExceededError("no money").http_status == 429
+
+
+@pytest.mark.parametrize("status", [405, 409, 410, 418, 451])
+def test_an_upstream_4xx_not_known_as_the_requests_fault_is_the_deployments(status):
+    # As InvalidRequestError(status) it was returned at once: no failover to a healthy
+    # deployment, no failure counted against this one.
+    error = errors.error_for_status(status, "Method Not Allowed", code="method_not_allowed")
+    assert error.http_status == 502 and not error.retryable
+    assert error.message == f"Method Not Allowed (upstream HTTP {status})"
+    assert error.code == "method_not_allowed"
+    said = errors.error_for_status(status, f"upstream answered HTTP {status}: Not Allowed")
+    assert said.message == f"upstream answered HTTP {status}: Not Allowed", "the status is not named twice"
+
+
+def _exported_errors() -> list[type[BaseException]]:
+    exported = (getattr(errors, name) for name in errors.__all__)
+    return [kind for kind in exported if isinstance(kind, type) and issubclass(kind, BaseException)]
+
+
+def _same(copied: errors.LLMRouterError, original: errors.LLMRouterError) -> bool:
+    return type(copied) is type(original) and copied.args == original.args and vars(copied) == vars(original)
+
+
+@pytest.mark.parametrize("kind", _exported_errors(), ids=lambda kind: kind.__name__)
+def test_every_error_survives_pickle_and_copy(kind):
+    # Errors cross process boundaries (worker pools, multiprocessing) and get copied; a
+    # class whose __init__ did not take its own args could do neither.
+    error = kind("boom")
+    error.provider, error.retry_after, error.param = "remote", 2.0, "messages"
+    assert _same(pickle.loads(pickle.dumps(error)), error)
+    assert _same(copy.copy(error), error)
+    assert _same(copy.deepcopy(error), error)
+
+
+@pytest.mark.parametrize("kind", [errors.NestedTooDeeplyError, errors.ShuttingDownError])
+def test_errors_built_without_arguments_survive_pickle_and_copy(kind):
+    error = kind()
+    assert _same(pickle.loads(pickle.dumps(error)), error)
+    assert _same(copy.copy(error), error)
