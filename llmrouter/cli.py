@@ -309,7 +309,12 @@ class _HTTPBackend:
     """Chat with a running server through the official ``openai`` client."""
 
     def __init__(self, url: str, api_key: str | None) -> None:
-        import openai
+        try:
+            import openai
+        except ImportError as exc:
+            raise _ChatError(
+                "`chat --url` talks to the server with the openai package: pip install openai"
+            ) from exc
 
         base_url = url.rstrip("/")
         if not base_url.endswith("/v1"):

@@ -57,6 +57,18 @@ def test_chat_over_http_without_a_model_errs_in_one_line(capsys: pytest.CaptureF
     assert err.startswith("llmrouter: error: cannot reach http://127.0.0.1:") and "Traceback" not in err
 
 
+def test_chat_over_http_without_the_openai_package_errs_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "openai", None)  # what `import openai` finds uninstalled
+    assert cli.main(["chat", "--url", "http://127.0.0.1:1/v1", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "llmrouter: error: `chat --url` talks to the server with the openai package: pip install openai\n"
+    )
+
+
 def test_chat_repl_keeps_history(
     tmp_path: Path,
     fake: FakeUpstream,

@@ -11,6 +11,7 @@ another tag, ``qwen2.5:0.5b``, becomes ``ollama/qwen2.5:0.5b`` with the alias
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -84,12 +85,23 @@ async def probe(
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionError | httpx.ConnectError):
-        return "connection refused"
+        return "cannot resolve its host name" if _unresolved(exc) else "connection refused"
     if isinstance(exc, httpx.TimeoutException):
         return "no answer within the probe timeout"
     if isinstance(exc, ollama.ResponseError):
         return f"HTTP {exc.status_code}: {exc.error}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _unresolved(exc: BaseException | None) -> bool:
+    """Whether a failed connection failed on the host name (``socket.gaierror`` somewhere
+    down the chain: httpx and the ollama client wrap it as a connection error)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, socket.gaierror):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _names(model: str) -> tuple[str, list[str]]:

@@ -54,6 +54,14 @@ async def test_no_daemon_finds_nothing_and_says_so(dead_url: str, monkeypatch: p
     assert note.startswith(f"ollama: no daemon at {dead_url}") and "OLLAMA_HOST" in note
 
 
+async def test_a_host_name_that_does_not_resolve_is_said_as_such(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As in compose without the ollama profile: OLLAMA_HOST names a service that is not there.
+    monkeypatch.setenv("OLLAMA_HOST", "http://ollama.invalid:11434")
+    assert await OllamaProvider.discover() == []
+    note = OllamaProvider.discovery_note()
+    assert "(cannot resolve its host name)" in note and "refused" not in note
+
+
 async def test_rediscover_sees_newly_pulled_models(
     ollama_url: str, fake_ollama: FakeOllama, monkeypatch: pytest.MonkeyPatch
 ) -> None:

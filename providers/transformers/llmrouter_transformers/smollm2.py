@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from llmrouter.errors import ConfigError
-from llmrouter_transformers.notices import notice, quiet_progress_bars
+from llmrouter_transformers.notices import notice, quiet_progress_bars, stray_bars_dropped
 
 __all__ = ["DISTRIBUTION", "MODEL_NAME", "cache_root", "converted_dir", "ensure_converted", "find_gguf"]
 
@@ -79,8 +79,11 @@ def _convert(gguf: Path, target: Path) -> None:
     # leaves a half-written directory that looks complete.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        with stray_bars_dropped():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16
+            )
         # The weights are dequantized on load; drop the GGUF quantizer so that
         # save_pretrained writes a plain checkpoint.
         # nn.Module's __setattr__ typing only allows Tensor | Module; the attribute is a plain one.
