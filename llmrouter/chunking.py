@@ -16,6 +16,8 @@ from llmrouter.types import (
     ChatMessage,
     ChatResponse,
     ChunkChoice,
+    CustomCall,
+    CustomCallDelta,
     Delta,
     FunctionCall,
     FunctionCallDelta,
@@ -59,12 +61,21 @@ class _ChoiceBuilder:
         if delta.refusal:
             self.refusal.append(delta.refusal)
         for call in delta.tool_calls or ():
-            slot = self.tool_calls.setdefault(call.index, {"id": None, "name": "", "arguments": []})
+            slot = self.tool_calls.setdefault(
+                call.index, {"id": None, "type": "function", "name": "", "arguments": []}
+            )
             slot["id"] = slot["id"] or call.id
+            if call.type == "custom":
+                slot["type"] = "custom"
             if call.function is not None:
                 slot["name"] += call.function.name or ""
                 if call.function.arguments:
                     slot["arguments"].append(call.function.arguments)
+            elif call.custom:  # a custom tool's call: its input comes in pieces, as arguments do
+                slot["type"] = "custom"
+                slot["name"] += call.custom.name or ""
+                if call.custom.input:
+                    slot["arguments"].append(call.custom.input)
         if choice.finish_reason is not None:
             self.finish_reason = choice.finish_reason
         if choice.logprobs:
@@ -82,6 +93,12 @@ class _ChoiceBuilder:
     def build(self) -> ChatChoice:
         tool_calls = [
             ToolCall(
+                id=slot["id"] or f"call_{index}",
+                type="custom",
+                custom=CustomCall(name=slot["name"], input="".join(slot["arguments"])),
+            )
+            if slot["type"] == "custom"
+            else ToolCall(
                 id=slot["id"] or f"call_{index}",
                 function=FunctionCall(name=slot["name"], arguments="".join(slot["arguments"])),
             )
@@ -152,6 +169,13 @@ def chunks_from_response(response: ChatResponse) -> list[ChatChunk]:
         message = choice.message
         calls = [
             ToolCallDelta(
+                index=i,
+                id=call.id,
+                type="custom",
+                custom=CustomCallDelta(name=call.custom.name, input=call.custom.input),
+            )
+            if call.custom is not None
+            else ToolCallDelta(
                 index=i,
                 id=call.id,
                 type="function",

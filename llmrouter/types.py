@@ -7,7 +7,10 @@ with the same types, whose optional fields make them tolerant of what
 OpenAI-compatible servers actually send.
 
 Request fields llmrouter does not model are not lost: :func:`decode_chat_request`
-keeps them in ``extra`` and :func:`request_to_wire` puts them back for upstreams.
+keeps them in ``extra`` and :func:`request_to_wire` puts them back for upstreams. Keys
+it does not model inside a message, a tool call or a tool are kept too, as fields of a
+subclass made for them (see :func:`decode_chat_request`), so that the Struct encodes
+what the client sent.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
-from msgspec import Meta
+from msgspec import UNSET, Meta, UnsetType
 
 from llmrouter.errors import InvalidRequestError, UnsupportedFeatureError
 from llmrouter.ids import random_hex
@@ -36,6 +39,9 @@ __all__ = [
     "CompletionResponse",
     "CompletionTokensDetails",
     "ContentPart",
+    "CustomCall",
+    "CustomCallDelta",
+    "CustomToolDefinition",
     "Delta",
     "FilePart",
     "FunctionCall",
@@ -47,6 +53,7 @@ __all__ = [
     "ModelCard",
     "ModelList",
     "PromptTokensDetails",
+    "RefusalPart",
     "ResponseFormat",
     "StreamOptions",
     "TextPart",
@@ -59,6 +66,7 @@ __all__ = [
     "decode_chat_request",
     "decode_completion_request",
     "error_param",
+    "invalid_request",
     "json_fault",
     "message_text",
     "new_id",
@@ -115,10 +123,26 @@ class FilePart(Wire, tag="file", tag_field="type"):
     cache_control: dict[str, Any] | None = None
 
 
-ContentPart = TextPart | ImagePart | AudioPart | FilePart
+class RefusalPart(Wire, tag="refusal", tag_field="type"):
+    """An assistant message's refusal, as a content part (sent back in a conversation)."""
+
+    refusal: str
+
+
+ContentPart = TextPart | ImagePart | AudioPart | FilePart | RefusalPart
 
 
 # --- tools -----------------------------------------------------------------------------
+#
+# A tool and a tool call are of type "function" or "custom" (OpenAI's free-form tools).
+# Code reads ``.function`` of either without a check: a custom one holds a placeholder
+# there (name and arguments empty, frozen) that is never encoded. ``type`` is encoded
+# always (a factory default is never left out by ``omit_defaults``), ``custom`` only when
+# set.
+
+
+def _function_type() -> Literal["function"]:
+    return "function"
 
 
 class FunctionDefinition(Wire):
@@ -128,20 +152,53 @@ class FunctionDefinition(Wire):
     strict: bool | None = None
 
 
-class Tool(WireOut):
-    function: FunctionDefinition
-    type: Literal["function"] = "function"
+class _NoFunctionDefinition(FunctionDefinition, frozen=True):  # type: ignore[misc]
+    """The ``function`` of a custom tool: a placeholder, never encoded."""
 
 
-class FunctionCall(Wire):
+_NO_FUNCTION_DEFINITION = _NoFunctionDefinition(name="")
+
+
+class CustomToolDefinition(Wire):
+    """A custom tool: the model answers it with free text (``input``), not JSON."""
+
+    name: str
+    description: str | None = None
+    format: dict[str, Any] | None = None
+    """``{"type": "text"}`` or ``{"type": "grammar", "grammar": {...}}``."""
+
+
+class Tool(Wire):
+    function: FunctionDefinition = _NO_FUNCTION_DEFINITION
+    custom: CustomToolDefinition | None = None
+    type: Literal["function", "custom"] = msgspec.field(default_factory=_function_type)
+
+
+class FunctionCall(WireOut):
+    """A call's function; ``arguments`` is always encoded (OpenAI requires the key, and
+    servers answer a call without arguments with ``""``)."""
+
     name: str
     arguments: str = ""
 
 
-class ToolCall(WireOut):
+class _NoFunctionCall(FunctionCall, frozen=True):  # type: ignore[misc]
+    """The ``function`` of a custom tool call: a placeholder, never encoded."""
+
+
+_NO_FUNCTION_CALL = _NoFunctionCall(name="")
+
+
+class CustomCall(WireOut):
+    name: str
+    input: str = ""
+
+
+class ToolCall(Wire):
     id: str
-    function: FunctionCall
-    type: Literal["function"] = "function"
+    function: FunctionCall = _NO_FUNCTION_CALL
+    custom: CustomCall | None = None
+    type: Literal["function", "custom"] = msgspec.field(default_factory=_function_type)
 
 
 class FunctionCallDelta(Wire):
@@ -149,11 +206,18 @@ class FunctionCallDelta(Wire):
     arguments: str | None = None
 
 
+class CustomCallDelta(Wire):
+    name: str | None = None
+    input: str | None = None
+
+
 class ToolCallDelta(WireOut):
     index: int = 0
     id: str | None = None
-    type: Literal["function"] | None = None
+    type: Literal["function", "custom"] | None = None
     function: FunctionCallDelta | None = None
+    custom: CustomCallDelta | UnsetType = UNSET
+    """A custom tool call's piece; left out of function calls' deltas."""
 
 
 # --- messages --------------------------------------------------------------------------
@@ -167,6 +231,11 @@ class ChatMessage(Wire):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCall | None = None
+    """The call of an assistant message answering the deprecated ``functions`` (answered
+    by a ``function`` message)."""
+    audio: dict[str, Any] | None = None
+    """An assistant's audio answer: ``{"id": ...}`` when a client refers back to it."""
     refusal: str | None = None
     reasoning_content: str | None = None
     """A reasoning model's thinking, as vLLM (before 0.10), DeepSeek and Ollama's native API name it."""
@@ -193,6 +262,15 @@ def message_text(message: ChatMessage) -> str:
 
 
 # --- requests --------------------------------------------------------------------------
+
+
+class _FieldError(ValueError):
+    """A ``__post_init__`` check's failure that names its field (msgspec raises it as the
+    ``__cause__`` of its ValidationError, where :func:`error_param` finds it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class StreamOptions(Wire):
@@ -301,7 +379,9 @@ class CompletionRequest(Wire):
                 kind = str if isinstance(first, str) else int
                 kind_ok = all(type(p) is kind for p in self.prompt)
             if not kind_ok:
-                raise ValueError("`prompt` must be a string, a list of strings or a list of token ids")
+                raise _FieldError(
+                    "prompt", "`prompt` must be a string, a list of strings or a list of token ids"
+                )
 
     @property
     def output_limit(self) -> int | None:
@@ -465,19 +545,84 @@ def now() -> int:
 
 
 _R = TypeVar("_R", ChatRequest, CompletionRequest)
+_S = TypeVar("_S", bound=msgspec.Struct)
 _CHAT_FIELDS = frozenset(ChatRequest.__struct_encode_fields__) - {"__extra__"}
 _COMPLETION_FIELDS = frozenset(CompletionRequest.__struct_encode_fields__) - {"__extra__"}
+_MESSAGE_FIELDS = frozenset(ChatMessage.__struct_encode_fields__)
+_TOOL_CALL_FIELDS = frozenset(ToolCall.__struct_encode_fields__)
+_TOOL_FIELDS = frozenset(Tool.__struct_encode_fields__)
 _json_decoder = msgspec.json.Decoder()
+_OUT_OF_RANGE = "Number out of range"
+_UNKNOWN = "Object contains unknown field `"
+_MISSING = "Object missing required field `"
 
 
-def _decode_request(body: bytes | str | dict[str, Any], kind: type[_R], known: frozenset[str]) -> _R:
+def _missing(name: str) -> ValueError:
+    # Worded as msgspec words a missing field, so that error_param names it.
+    return ValueError(f"Object missing required field `{name}`")
+
+
+# What a client's chat request is decoded to: subclasses of the public types that also
+# check that a tool or tool call holds the part its type names (upstreams' answers are
+# taken as they come). The _Client* ones refuse a key they do not model inside a message,
+# tool call or tool: msgspec notices one as it converts, at no cost to the requests that
+# have none. The few that have one are converted again, to the _Checked* ones, and the
+# keys put back (_keep_unknown_keys). Decoded requests are instances of these classes.
+
+
+class _CheckedToolCall(ToolCall):
+    def __post_init__(self) -> None:
+        if self.type == "function":
+            if self.function is _NO_FUNCTION_CALL:
+                raise _missing("function")
+        elif self.custom is None:
+            raise _missing("custom")
+
+
+class _CheckedTool(Tool):
+    def __post_init__(self) -> None:
+        if self.type == "function":
+            if self.function is _NO_FUNCTION_DEFINITION:
+                raise _missing("function")
+        elif self.custom is None:
+            raise _missing("custom")
+
+
+class _CheckedMessage(ChatMessage):
+    tool_calls: list[_CheckedToolCall] | None = None  # type: ignore[assignment]
+
+
+class _CheckedChatRequest(ChatRequest):
+    messages: Annotated[list[_CheckedMessage], Meta(min_length=1)]  # type: ignore[assignment]
+    tools: list[_CheckedTool] | None = None  # type: ignore[assignment]
+
+
+class _ClientToolCall(_CheckedToolCall, forbid_unknown_fields=True):
+    pass
+
+
+class _ClientTool(_CheckedTool, forbid_unknown_fields=True):
+    pass
+
+
+class _ClientMessage(ChatMessage, forbid_unknown_fields=True):
+    tool_calls: list[_ClientToolCall] | None = None  # type: ignore[assignment]
+
+
+class _ClientChatRequest(ChatRequest):
+    messages: Annotated[list[_ClientMessage], Meta(min_length=1)]  # type: ignore[assignment]
+    tools: list[_ClientTool] | None = None  # type: ignore[assignment]
+
+
+def _raw_request(body: bytes | str | dict[str, Any], kind: type[_R]) -> dict[str, Any]:
+    """The body as a dict (a copy of one given as a dict)."""
     if isinstance(body, dict):
         raw = dict(body)
     else:
         try:
             raw = _json_decoder.decode(body)
         except msgspec.DecodeError as exc:
-            raise InvalidRequestError(f"request body is not valid JSON: {json_fault(body, exc)}") from exc
+            raise _not_json(body, exc, kind) from exc
         except UnicodeDecodeError as exc:  # msgspec's, for a string that is not UTF-8
             raise InvalidRequestError("request body is not valid JSON: it is not UTF-8") from exc
         except RecursionError as exc:
@@ -488,14 +633,39 @@ def _decode_request(body: bytes | str | dict[str, Any], kind: type[_R], known: f
             ) from None
     if not isinstance(raw, dict):
         raise InvalidRequestError("request body must be a JSON object")
+    return raw
+
+
+def _split_extra(raw: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
+    """``raw`` with its unknown top-level fields moved into ``__extra__``."""
     raw.pop("__extra__", None)
-    extra = {key: raw.pop(key) for key in [k for k in raw if k not in known]}
-    if extra:
-        raw["__extra__"] = extra
+    if not raw.keys() <= known:  # in C: most requests have no unknown field
+        raw["__extra__"] = {key: raw.pop(key) for key in [k for k in raw if k not in known]}
+    return raw
+
+
+def _convert(raw: dict[str, Any], kind: type[_S]) -> _S:
     try:
         return msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
-        raise InvalidRequestError(str(exc), param=error_param(exc)) from exc
+        raise invalid_request(exc) from exc
+
+
+def _not_json(body: bytes | str, exc: msgspec.DecodeError, kind: type[_R]) -> InvalidRequestError:
+    """The error for a body the JSON decoder refused (``exc``)."""
+    message = str(exc)
+    if message.startswith(_OUT_OF_RANGE):
+        # Valid JSON that no float holds (1e400). Decoded to Any, msgspec cannot say
+        # where (``$[...]``); decoded to the request type it names the field.
+        try:
+            msgspec.json.decode(body, type=kind)
+        except msgspec.ValidationError as typed:
+            if str(typed).startswith(_OUT_OF_RANGE):
+                return invalid_request(typed)
+        except (msgspec.DecodeError, RecursionError, TypeError, UnicodeDecodeError):
+            pass
+        return InvalidRequestError("request body holds a number out of range (one no 64-bit float holds)")
+    return InvalidRequestError(f"request body is not valid JSON: {json_fault(body, exc)}")
 
 
 def json_fault(body: bytes | str, exc: msgspec.DecodeError) -> str:
@@ -518,27 +688,62 @@ def json_fault(body: bytes | str, exc: msgspec.DecodeError) -> str:
 def error_param(exc: msgspec.ValidationError) -> str | None:
     """The field a msgspec validation error names, as OpenAI's ``param``."""
     # msgspec says "... - at `$.messages[0].role`"; OpenAI's param is "messages[0].role".
-    # A field it does not know is named in the message: "Object contains unknown field
-    # `colour`" (then " - at `$.path`" when nested); param is that field's path.
+    # A field it does not know, or misses, is named in the message: "Object contains
+    # unknown field `colour`" (then " - at `$.path`" when nested); param is that field's
+    # path. A dict's key is "[...]": param stops at the dict. A __post_init__ check
+    # names its field itself (_FieldError).
+    param = getattr(exc.__cause__, "param", None)
+    if isinstance(param, str):
+        return param
     message = str(exc)
-    marker = "at `$."
+    marker = " - at `$"
     start = message.rfind(marker)
-    path = message[start + len(marker) :].rstrip("`") if start != -1 else None
-    unknown = "Object contains unknown field `"
-    if message.startswith(unknown):
-        name = message[len(unknown) : message.index("`", len(unknown))]
-        return f"{path}.{name}" if path else name
-    return path
+    path = message[start + len(marker) :].rstrip("`") if start != -1 else ""
+    for prefix in (_MISSING, _UNKNOWN):
+        if message.startswith(prefix):
+            name = message[len(prefix) : message.index("`", len(prefix))]
+            path = f"{path}.{name}"
+            break
+    path = path.partition("[...]")[0].removeprefix(".")
+    return path or None
+
+
+def invalid_request(exc: msgspec.ValidationError) -> InvalidRequestError:
+    """The 400 for a request that does not fit the schema: ``param`` names the field, and
+    a missing field is worded as OpenAI words it (``code: missing_required_parameter``)."""
+    param = error_param(exc)
+    if param is not None and str(exc).startswith(_MISSING):
+        return InvalidRequestError(
+            f"Missing required parameter: '{param}'.", code="missing_required_parameter", param=param
+        )
+    return InvalidRequestError(str(exc), param=param)
 
 
 def decode_chat_request(body: bytes | str | dict[str, Any]) -> ChatRequest:
-    """Decode and validate a client's chat request, keeping unknown fields in ``extra``.
+    """Decode and validate a client's chat request, keeping unknown fields.
+
+    Unknown top-level fields go to ``extra``. A message, tool call or tool with keys
+    llmrouter does not model becomes an instance of a subclass of its type with a field
+    for each (see :func:`_with_unknown_keys`), so that it encodes as the client sent it.
 
     Raises:
         InvalidRequestError: the body is not JSON or does not fit the schema; ``param``
             names the offending field.
     """
-    request = _decode_request(body, ChatRequest, _CHAT_FIELDS)
+    raw = _split_extra(_raw_request(body, ChatRequest), _CHAT_FIELDS)
+    request: ChatRequest
+    try:
+        request = msgspec.convert(raw, _ClientChatRequest)
+    except msgspec.ValidationError:
+        # A key the types do not model, or the request does not fit them: then this
+        # raises the error (the one to report when it has both).
+        try:
+            request = msgspec.convert(raw, _CheckedChatRequest)
+        except msgspec.ValidationError as exc:
+            if not _holds_structs(raw):
+                raise invalid_request(exc) from exc
+            request = _convert(raw, ChatRequest)  # a library caller's messages or tools, built
+        _keep_unknown_keys(request, raw["messages"], raw.get("tools"))
     for index, message in enumerate(request.messages):
         # OpenAI's schema requires it (the field is optional here only because the other
         # roles have none), and an upstream cannot tie an answer without it to its call.
@@ -550,9 +755,72 @@ def decode_chat_request(body: bytes | str | dict[str, Any]) -> ChatRequest:
     return request
 
 
+def _holds_structs(raw: dict[str, Any]) -> bool:
+    """Whether a dict given as a request holds messages or tools already built as Structs."""
+    items = [*(raw.get("messages") or ()), *(raw.get("tools") or ())]
+    return any(isinstance(item, msgspec.Struct) for item in items)
+
+
 def decode_completion_request(body: bytes | str | dict[str, Any]) -> CompletionRequest:
     """Decode and validate a legacy completion request (see :func:`decode_chat_request`)."""
-    return _decode_request(body, CompletionRequest, _COMPLETION_FIELDS)
+    return _convert(
+        _split_extra(_raw_request(body, CompletionRequest), _COMPLETION_FIELDS), CompletionRequest
+    )
+
+
+# --- keys llmrouter does not model, inside messages, tool calls and tools ----------------
+
+_EXTENDED: dict[tuple[type, tuple[str, ...]], type] = {}
+_MAX_EXTENDED = 256
+"""How many subclasses are kept for reuse: a client sending ever new keys gets new
+classes, which the garbage collector frees with their requests."""
+
+
+def _extended(base: type[_S], keys: tuple[str, ...]) -> type[_S]:
+    """A subclass of ``base`` with a field for each of ``keys`` (sorted): typed ``Any``,
+    left out when unset, encoded under the key's name."""
+    cls = _EXTENDED.get((base, keys))
+    if cls is None:
+        fields = [
+            (f"_unknown_{i}", Any, msgspec.field(default=UNSET, name=key)) for i, key in enumerate(keys)
+        ]
+        cls = msgspec.defstruct(base.__name__, fields, bases=(base,), module=base.__module__, kw_only=True)
+        if len(_EXTENDED) < _MAX_EXTENDED:
+            _EXTENDED[(base, keys)] = cls
+    return cls
+
+
+def _with_unknown_keys(struct: _S, data: Any, known: frozenset[str]) -> _S:
+    """``struct`` (decoded from ``data``) with the keys of ``data`` outside ``known``."""
+    if not isinstance(data, dict):
+        return struct
+    unknown = data.keys() - known
+    if not unknown:
+        return struct
+    keys = tuple(sorted(unknown))
+    values = {name: getattr(struct, name) for name in struct.__struct_fields__}
+    values.update((f"_unknown_{i}", data[key]) for i, key in enumerate(keys))
+    return _extended(type(struct), keys)(**values)
+
+
+def _keep_unknown_keys(request: ChatRequest, messages: Any, tools: Any) -> None:
+    """Put the keys llmrouter does not model back on the request's messages, their tool
+    calls and its tools (the slow path: only requests that have some)."""
+    for index, (message, data) in enumerate(zip(request.messages, messages, strict=True)):
+        if not isinstance(data, dict):
+            continue
+        message = request.messages[index] = _with_unknown_keys(message, data, _MESSAGE_FIELDS)
+        calls = data.get("tool_calls")
+        if message.tool_calls and isinstance(calls, list):
+            message.tool_calls = [
+                _with_unknown_keys(call, raw_call, _TOOL_CALL_FIELDS)
+                for call, raw_call in zip(message.tool_calls, calls, strict=True)
+            ]
+    if request.tools and isinstance(tools, list):
+        request.tools = [
+            _with_unknown_keys(tool, raw, _TOOL_FIELDS)
+            for tool, raw in zip(request.tools, tools, strict=True)
+        ]
 
 
 def request_to_wire(request: ChatRequest | CompletionRequest) -> dict[str, Any]:

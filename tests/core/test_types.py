@@ -78,7 +78,7 @@ def test_tools_response_format_stop_seed_n_user_round_trip():
             b'{"model":"m","messages":[{"role":"user","content":[{"type":"video","url":"x"}]}]}',
             "messages[0].content[0].type",
         ),
-        (b'{"messages":[{"role":"user","content":"x"}]}', None),
+        (b'{"messages":[{"role":"user","content":"x"}]}', "model"),
         (
             b'{"model":"m","messages":[{"role":"user","content":"x"},{"role":"tool","content":"42"}]}',
             "messages[1].tool_call_id",

@@ -1,0 +1,319 @@
+"""What a client sends inside messages, tool calls and tools reaches the upstream as sent:
+the documented fields llmrouter models, and the keys it does not (kept, not dropped).
+Valid OpenAI input (refusal parts, custom tools) is taken, and a refusal names its field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+
+from llmrouter.cache.key import cache_key
+from llmrouter.chunking import chunks_from_response, response_from_chunks
+from llmrouter.errors import InvalidRequestError
+from llmrouter.tokens import count_messages, tools_text
+from llmrouter.types import (
+    ChatChunk,
+    ChatMessage,
+    ChatResponse,
+    CustomToolDefinition,
+    FunctionCall,
+    FunctionDefinition,
+    RefusalPart,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    decode_chat_request,
+    decode_completion_request,
+    request_to_wire,
+)
+
+USER = {"role": "user", "content": "hi"}
+
+
+def wire(body: dict[str, Any]) -> dict[str, Any]:
+    """What an upstream gets for ``body``: the request encoded, both ways the remote
+    provider encodes one (the Struct itself, or request_to_wire when it has extra fields)."""
+    request = decode_chat_request(json.dumps(body).encode())
+    sent: dict[str, Any] = json.loads(msgspec.json.encode(request_to_wire(request)))
+    if not request.extra:
+        assert json.loads(msgspec.json.encode(request)) == sent
+    return sent
+
+
+# --- bug 1: fields inside messages, tool calls and tools -------------------------------
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        pytest.param(
+            [
+                USER,
+                {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+                {"role": "function", "name": "f", "content": "42"},
+            ],
+            id="legacy-function-call",
+        ),
+        pytest.param([USER, {"role": "assistant", "audio": {"id": "audio_abc"}}, USER], id="assistant-audio"),
+        pytest.param(
+            [
+                USER,
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "c1", "type": "function", "function": {"name": "now", "arguments": ""}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
+            ],
+            id="empty-arguments",
+        ),
+        pytest.param(
+            [
+                USER,
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "now", "arguments": "{}"},
+                            "extra_content": {"google": {"thought_signature": "c2ln"}},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "12:00", "x_trace": None},
+            ],
+            id="unknown-keys-of-tool-calls-and-messages",
+        ),
+    ],
+)
+def test_what_a_message_holds_reaches_the_upstream(messages: list[dict[str, Any]]) -> None:
+    body = {"model": "m", "messages": messages}
+    sent = wire(body)
+    assert sent["messages"] == [
+        {k: v for k, v in m.items() if v is not None or k == "x_trace"} for m in messages
+    ]
+
+
+def test_unknown_keys_of_tools_are_kept_with_the_top_level_extra_fields() -> None:
+    tools = [
+        {"type": "function", "function": {"name": "f"}, "cache_control": {"type": "ephemeral"}},
+        {"type": "function", "function": {"name": "g"}},
+    ]
+    sent = wire({"model": "m", "messages": [USER], "tools": tools, "top_k": 5})
+    assert sent["tools"] == tools and sent["top_k"] == 5
+
+
+def test_a_message_with_unknown_keys_is_still_a_chat_message() -> None:
+    request = decode_chat_request({"model": "m", "messages": [{**USER, "b": 2, "a": 1}]})
+    (message,) = request.messages
+    assert isinstance(message, ChatMessage) and message.content == "hi"
+    # The same keys (in any order) make the same type, which encodes them sorted.
+    again = decode_chat_request({"model": "m", "messages": [{"a": 1, **USER, "b": 2}]})
+    assert type(again.messages[0]) is type(message)
+    assert msgspec.json.encode(message) == b'{"role":"user","content":"hi","a":1,"b":2}'
+
+
+def test_cache_keys_of_equal_requests_stay_equal_and_unknown_keys_count() -> None:
+    def key(messages: list[dict[str, Any]]) -> str:
+        return cache_key(decode_chat_request({"model": "m", "messages": messages}))
+
+    call = {"id": "c1", "type": "function", "function": {"name": "now", "arguments": ""}}
+    untyped = {"id": "c1", "function": {"name": "now"}}  # type and arguments left to their defaults
+    assert key([USER, {"role": "assistant", "tool_calls": [call]}]) == key(
+        [USER, {"role": "assistant", "tool_calls": [untyped]}]
+    )
+    assert key([{**USER, "a": 1, "b": 2}]) == key([{"b": 2, **USER, "a": 1}])
+    assert key([{**USER, "a": 1}]) != key([{**USER, "a": 2}]) != key([USER])
+
+
+def test_upstream_answers_relay_function_call_and_audio() -> None:
+    raw: dict[str, Any] = {
+        "id": "x",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "function_call": {"name": "f", "arguments": ""},
+                    "audio": {"id": "audio_1", "transcript": "hi", "expires_at": 1},
+                },
+                "finish_reason": "function_call",
+            }
+        ],
+    }
+    response = msgspec.json.decode(json.dumps(raw).encode(), type=ChatResponse)
+    relayed = json.loads(msgspec.json.encode(response))["choices"][0]["message"]
+    assert relayed == {k: v for k, v in raw["choices"][0]["message"].items() if v is not None}
+
+
+# --- bug 2: refusal parts and custom tools ----------------------------------------------
+
+
+def test_refusal_parts_custom_tools_and_custom_calls_are_taken_and_passed_on() -> None:
+    messages = [
+        USER,
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"id": "c1", "type": "custom", "custom": {"name": "code_exec", "input": "print(1)"}},
+                {"id": "c2", "type": "function", "function": {"name": "now", "arguments": "{}"}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "1"},
+    ]
+    tools = [
+        {
+            "type": "custom",
+            "custom": {"name": "code_exec", "description": "runs code", "format": {"type": "text"}},
+        },
+        {"type": "function", "function": {"name": "now"}},
+    ]
+    body = {
+        "model": "m",
+        "messages": messages,
+        "tools": tools,
+        "tool_choice": {"type": "custom", "custom": {"name": "code_exec"}},
+    }
+    assert wire(body) == body
+    request = decode_chat_request(body)
+    assert isinstance(request.messages[1].content[0], RefusalPart)  # type: ignore[index]
+    # Code that reads .function of any tool or call does not fail on a custom one.
+    custom_call = request.messages[2].tool_calls[0]  # type: ignore[index]
+    assert custom_call.custom.input == "print(1)" and custom_call.function.name == ""  # type: ignore[union-attr]
+    assert request.tools[0].function.name == "" and count_messages(request.messages) > 0  # type: ignore[index]
+    assert json.loads(tools_text(request.tools)) == tools
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tools": [{"type": "function"}]}, "tools[0].function"),
+        ({"tools": [{"type": "custom"}]}, "tools[0].custom"),
+        ({"tools": [{"type": "custom", "custom": {}}]}, "tools[0].custom.name"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}, "x": 1}, {"type": "custom"}]},
+            "tools[1].custom",
+        ),
+        (
+            {"messages": [USER, {"role": "assistant", "tool_calls": [{"id": "c", "type": "custom"}]}]},
+            "messages[1].tool_calls[0].custom",
+        ),
+        (
+            {"messages": [USER, {"role": "assistant", "tool_calls": [{"id": "c"}]}]},
+            "messages[1].tool_calls[0].function",
+        ),
+    ],
+)
+def test_a_tool_or_call_without_the_part_its_type_names_is_400(body: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        decode_chat_request({"model": "m", "messages": [USER], **body})
+    assert info.value.param == param and info.value.http_status == 400
+
+
+def test_custom_tool_calls_survive_a_stream_and_its_replay() -> None:
+    deltas = [
+        {"index": 0, "id": "c1", "type": "custom", "custom": {"name": "code_exec", "input": "print("}},
+        {"index": 0, "custom": {"input": "1)"}},
+    ]
+    chunks = [
+        msgspec.json.decode(
+            json.dumps({"id": "x", "choices": [{"index": 0, "delta": {"tool_calls": [d]}}]}), type=ChatChunk
+        )
+        for d in deltas
+    ]
+    response = response_from_chunks(chunks)
+    (call,) = response.choices[0].message.tool_calls or []
+    assert call == ToolCall(id="c1", type="custom", custom=call.custom) and call.custom is not None
+    assert (call.custom.name, call.custom.input) == ("code_exec", "print(1)")
+    assert json.loads(msgspec.json.encode(call)) == {
+        "id": "c1",
+        "custom": {"name": "code_exec", "input": "print(1)"},
+        "type": "custom",
+    }
+    replayed = [c for chunk in chunks_from_response(response) for c in chunk.choices if c.delta.tool_calls]
+    delta = json.loads(msgspec.json.encode(replayed[0].delta.tool_calls[0]))  # type: ignore[index]
+    assert delta["type"] == "custom" and delta["custom"] == {"name": "code_exec", "input": "print(1)"}
+    # A function call's delta has no "custom" key.
+    function_delta = msgspec.json.decode(b'{"index":0,"function":{"arguments":"{}"}}', type=ToolCallDelta)
+    assert b"custom" not in msgspec.json.encode(function_delta)
+
+
+def test_tool_types_encode_their_type_and_leave_placeholders_out() -> None:
+    call = ToolCall(id="c", function=FunctionCall(name="f"))
+    assert json.loads(msgspec.json.encode(call)) == {
+        "id": "c",
+        "function": {"name": "f", "arguments": ""},
+        "type": "function",
+    }
+    tool = Tool(type="custom", custom=CustomToolDefinition(name="t"))
+    assert json.loads(msgspec.json.encode(tool)) == {"custom": {"name": "t"}, "type": "custom"}
+    assert json.loads(msgspec.json.encode(Tool(function=FunctionDefinition(name="f")))) == {
+        "function": {"name": "f"},
+        "type": "function",
+    }
+
+
+# --- bug 3: the error names the field -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        (b'{"model":"m"}', "messages", "missing_required_parameter"),
+        (b'{"messages":[{"role":"user","content":"x"}]}', "model", "missing_required_parameter"),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"x"},{"role":"assistant","tool_calls":[{"type":"function","function":{"name":"f","arguments":"{}"}}]}]}',
+            "messages[1].tool_calls[0].id",
+            "missing_required_parameter",
+        ),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{"50256":"x"}}',
+            "logit_bias",
+            None,
+        ),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"x"}],"presence_penalty":1e400}',
+            "presence_penalty",
+            None,
+        ),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"a":1e400}}}]}',
+            "tools[0].function.parameters",
+            None,
+        ),
+        (b'{"model":"m","messages":[{"role":"user","content":"x"}],"top_k":1e400}', None, None),
+    ],
+)
+def test_chat_errors_name_the_field(body: bytes, param: str | None, code: str | None) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        decode_chat_request(body)
+    assert (info.value.param, info.value.code) == (param, code)
+    assert "`$[" not in str(info.value)  # no path that names nothing
+    if code is not None:
+        assert str(info.value) == f"Missing required parameter: '{param}'."
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"model": "m"}, "prompt", "missing_required_parameter"),
+        ({"model": "m", "prompt": ["a", 1]}, "prompt", None),
+        ({"model": "m", "prompt": [[1], "a"]}, "prompt", None),
+    ],
+)
+def test_completion_errors_name_the_field(body: dict[str, Any], param: str, code: str | None) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        decode_completion_request(json.dumps(body).encode())
+    assert (info.value.param, info.value.code) == (param, code)
+
+
+def test_a_dict_that_holds_built_messages_is_still_a_request() -> None:
+    request = decode_chat_request({"model": "m", "messages": [ChatMessage(role="user", content="hi")]})
+    assert request.messages == [ChatMessage(role="user", content="hi")]
