@@ -27,7 +27,14 @@ RequestStatus = Literal["ok", "error", "cancelled"]
 
 @dataclass(slots=True, kw_only=True, weakref_slot=True)
 class RequestContext:
-    """Who asked, and (after the call) what the router did with the request."""
+    """Who asked, and (after the call) what the router did with the request.
+
+    A context records one request: pass a new one to each call. The router refuses one
+    that has been through a call already (``ValueError``), whether that call is over or
+    still running: its usage, cost, status and ``request_id`` (the ledger's key) would
+    describe two requests at once. To ask again for the same caller, make another with
+    the same caller fields (``api_key_id``, ``principal``, ``metadata``...).
+    """
 
     request_id: str = field(default_factory=new_id)
     api_key_id: str | None = None

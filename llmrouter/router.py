@@ -54,6 +54,7 @@ from llmrouter.types import (
     decode_chat_request,
     decode_completion_request,
     message_text,
+    request_to_wire,
 )
 
 __all__ = ["Router"]
@@ -68,6 +69,9 @@ client asked for the usage chunk."""
 
 _MAX_DIRECT_NAME = 256
 """The longest ``provider/model`` name served directly (model ids run to ~100 characters)."""
+
+_CLOSE_GRACE_S = 5.0
+"""How long closing an evicted direct deployment's provider may take."""
 
 
 class Router:
@@ -98,10 +102,17 @@ class Router:
         self._groups: dict[str, GroupState] = {}
         self._names: dict[str, str] = {}
         self._by_id: dict[str, DeploymentState] = {}
-        self._direct_models = 0
+        self._direct: dict[str, GroupState] = {}
+        """The ad-hoc ``provider/model`` groups clients named, oldest first."""
         self._probes = SharedProbes()
         self._started = False
-        self._start_lock: anyio.Lock | None = None
+        self._pending: dict[DeploymentState, None] = {}
+        """Deployments whose provider's ``start()`` has not been tried (since the last
+        :meth:`aclose`): every one added, whenever it is added. A request checks only that
+        this is empty; when it is not, it starts those it may be sent to first."""
+        self._starting: dict[DeploymentState, anyio.Event] = {}
+        self._closing: list[Provider[Any]] = []
+        """Providers of evicted direct groups, closed on the next start or at :meth:`aclose`."""
         for group in self.config.models:
             self.add_group(group)
         self.cache = cache
@@ -138,8 +149,12 @@ class Router:
         """Add a model group from config, building a provider for each deployment.
 
         The providers are built first: a group whose deployment cannot be built is not
-        registered at all (no name without a way to serve it).
+        registered at all (no name without a way to serve it). Added to a started router,
+        its providers are started by the first request that may use them.
         """
+        return self._add_group(group)
+
+    def _add_group(self, group: ModelGroup, *, direct: bool = False) -> GroupState:
         timeouts = group.timeouts or self.config.router.timeouts
         providers = []
         for index, deployment in enumerate(group.deployments):
@@ -154,7 +169,7 @@ class Router:
                 options["connect_timeout"] = (deployment.timeouts or timeouts).connect
             path = f"models[{group.name}].deployments[{index}]"
             providers.append(provider_class.from_config(deployment.model, options, path=path))
-        state = self._new_group(group)
+        state = self._new_group(group, direct=direct)
         for provider, deployment in zip(providers, group.deployments, strict=True):
             self._add_state(state, provider, deployment)
         return state
@@ -162,14 +177,16 @@ class Router:
     def add_deployment(
         self, group_name: str, provider: Provider[Any], deployment: Deployment | None = None
     ) -> DeploymentState:
-        """Serve ``group_name`` with an existing provider instance (created if new)."""
+        """Serve ``group_name`` with an existing provider instance (the group is created if
+        new). Added to a started router, the provider is started by the first request that
+        may use it."""
         deployment = deployment or Deployment(
             provider=provider.name or type(provider).__name__, model=provider.model
         )
         state = self._groups.get(group_name) or self._new_group(ModelGroup(name=group_name, deployments=[]))
         return self._add_state(state, provider, deployment)
 
-    def _new_group(self, group: ModelGroup) -> GroupState:
+    def _new_group(self, group: ModelGroup, *, direct: bool = False) -> GroupState:
         for name in (group.name, *group.aliases):
             if name in self._names:
                 raise ConfigError(f"model name {name!r} is already defined")
@@ -185,7 +202,9 @@ class Router:
         self._groups[group.name] = state
         for name in (group.name, *group.aliases):
             self._names[name] = group.name
-        if self._cache is not None:
+        if self._cache is not None and not direct:
+            # A direct group has no cache settings (none is the layer's default), and it
+            # may be evicted: its name must not stay behind in the layer.
             self._cache.configure_group(group.name, group.cache)
         return state
 
@@ -210,47 +229,86 @@ class Router:
         )
         group.deployments.append(state)
         self._by_id[dep_id] = state
+        self._pending[state] = None
         return state
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start every provider (concurrently). A provider that fails to start is logged
-        and taken out of rotation; the router still serves the others."""
-        if self._started:
+        """Start every provider not started yet (concurrently). A provider that fails to
+        start is logged and taken out of rotation; the router still serves the others.
+
+        Calling it is optional: the first request starts the router, and a deployment
+        added later (:meth:`add_group`, :meth:`add_deployment`, a direct ``provider/model``
+        name) is started by the first request that may use it.
+        """
+        preload = not self._started
+        self._started = True
+        pending = list(self._pending)
+        if not (pending or preload):
             return
-        if self._start_lock is None:
-            self._start_lock = anyio.Lock()
-        async with self._start_lock:
-            if self._started:
-                return
+        async with anyio.create_task_group() as tg:
+            for deployment in pending:
+                tg.start_soon(self._start_deployment, deployment)
+            # Priced deployments count every prompt (for the budget reservation).
+            priced = [d.config.model for d in self.deployments if d.price is not None] if preload else []
+            if priced:
+                tg.start_soon(
+                    partial(anyio.to_thread.run_sync, preload_encodings, priced, abandon_on_cancel=True)
+                )
+
+    async def _start_needed(self, groups: list[GroupState]) -> None:
+        """Start the deployments of ``groups`` that are not started yet (the first request,
+        or deployments added since): the request path's slow branch, taken only while
+        some deployment waits for its start."""
+        if self._closing:
+            await self._close_evicted()
+        if not self._started:
+            await self.start()
+        needed = [d for group in groups for d in group.deployments if d in self._pending]
+        if needed:
             async with anyio.create_task_group() as tg:
-                for deployment in self.deployments:
+                for deployment in needed:
                     tg.start_soon(self._start_deployment, deployment)
-                # Priced deployments count every prompt (for the budget reservation).
-                priced = [d.config.model for d in self.deployments if d.price is not None]
-                if priced:
-                    tg.start_soon(
-                        partial(anyio.to_thread.run_sync, preload_encodings, priced, abandon_on_cancel=True)
-                    )
-            self._started = True
 
     async def _start_deployment(self, deployment: DeploymentState) -> None:
-        if deployment.started or deployment.start_error is not None:
-            # One that failed stays out until the router starts afresh: tried again on every
-            # start (each new direct `provider/model` a client names makes one), a slow
-            # provider's start would hold every request behind the start lock.
-            return
-        try:
-            await deployment.provider.start()
-        except Exception as exc:  # noqa: BLE001 - one bad deployment must not stop the rest
-            deployment.start_error = f"{type(exc).__name__}: {exc}"
-            logger.error("deployment %s failed to start: %s", deployment.id, deployment.start_error)
-        else:
-            deployment.started = True
+        """Try ``deployment``'s start once (concurrent callers wait for that one try).
+
+        One that failed stays out until :meth:`aclose`: tried again on every request, a
+        slow provider's start would hold each request for it behind it."""
+        while deployment in self._pending:
+            starting = self._starting.get(deployment)
+            if starting is not None:
+                # Another task is starting it; if that task is cancelled mid-start, the
+                # deployment is still pending and this one tries.
+                await starting.wait()
+                continue
+            starting = self._starting[deployment] = anyio.Event()
+            try:
+                try:
+                    await deployment.provider.start()
+                except Exception as exc:  # noqa: BLE001 - one bad deployment must not stop the rest
+                    deployment.start_error = f"{type(exc).__name__}: {exc}"
+                    logger.error("deployment %s failed to start: %s", deployment.id, deployment.start_error)
+                else:
+                    deployment.started = True
+                self._pending.pop(deployment, None)
+            finally:
+                del self._starting[deployment]
+                starting.set()
+
+    async def _close_evicted(self) -> None:
+        closing, self._closing = self._closing, []
+        with anyio.move_on_after(_CLOSE_GRACE_S, shield=True):
+            for provider in closing:
+                try:
+                    await provider.aclose()
+                except Exception as exc:  # noqa: BLE001 - keep closing the others
+                    logger.warning("closing %s/%s raised %r", provider.name, provider.model, exc)
 
     async def aclose(self) -> None:
-        """Close every provider."""
+        """Close every provider. The router may be started again afterwards: every
+        deployment is then started afresh, one that failed to start before included."""
         with anyio.CancelScope(shield=True):
             for deployment in self.deployments:
                 try:
@@ -258,6 +316,10 @@ class Router:
                 except Exception as exc:  # noqa: BLE001 - keep closing the others
                     logger.warning("closing %s raised %r", deployment.id, exc)
                 deployment.started = False
+                deployment.start_error = None
+                self._pending[deployment] = None
+            if self._closing:
+                await self._close_evicted()
         self._started = False
 
     async def __aenter__(self) -> Router:
@@ -284,31 +346,75 @@ class Router:
         return chain
 
     def _direct_group(self, model: str) -> GroupState:
+        if len(model) > _MAX_DIRECT_NAME or not model.isprintable():
+            # No model id holds control characters (a NUL, a newline): refused before
+            # anything is made for it, as are names no model id is as long as.
+            raise _model_not_found(model)
         provider, _, upstream = model.partition("/")
         if not (self.config.router.allow_direct and upstream and provider in available_providers()):
             raise _model_not_found(model)
         # Only providers whose models are cheap to name (a daemon's or an API's) may be
         # addressed directly: a client must not make the server load a local model or
         # start an engine (transformers, vllm), or reach a server nobody configured.
-        if not load_provider_class(provider).direct or len(model) > _MAX_DIRECT_NAME:
+        if not load_provider_class(provider).direct:
             raise _model_not_found(model)
-        if self._direct_models >= self.config.router.max_direct_models:
+        limit = self.config.router.max_direct_models
+        if len(self._direct) >= limit and not (limit and self._evict_direct()):
             logger.warning(
                 "direct model %r refused: router.max_direct_models (%d) are in use; configure it as a group",
                 model[:100],
-                self.config.router.max_direct_models,
+                limit,
             )
             raise _model_not_found(model)
         try:
-            group = self.add_group(
-                ModelGroup(name=model, deployments=[Deployment(provider=provider, model=upstream)])
+            group = self._add_group(
+                ModelGroup(name=model, deployments=[Deployment(provider=provider, model=upstream)]),
+                direct=True,
             )
         except LLMRouterError as exc:
             logger.info("direct model %r cannot be served: %s", model, exc.message)
             raise _model_not_found(model) from exc
-        self._direct_models += 1
-        self._started = False  # the new deployment starts on first use
+        self._direct[model] = group
         return group
+
+    def _evict_direct(self) -> bool:
+        """Make room for a new direct name: drop the oldest direct group that never
+        served a request and has none in flight, one whose requests failed (an unknown
+        model, a daemon not running) before one never used. False when every slot holds
+        a model that has served (or is serving): those are kept.
+
+        Without this, one client's made-up names would take every slot for good, and
+        direct routing would be gone for every client."""
+        unused: GroupState | None = None
+        for group in self._direct.values():
+            if not all(map(self._idle_and_unproven, group.deployments)):
+                continue
+            if any(d.failures or d.start_error is not None for d in group.deployments):
+                self._remove_direct(group)
+                return True
+            unused = unused or group
+        if unused is None:
+            return False
+        self._remove_direct(unused)
+        return True
+
+    def _idle_and_unproven(self, deployment: DeploymentState) -> bool:
+        # A pending deployment's group was just made for a request being admitted.
+        return (
+            deployment.in_flight == 0
+            and deployment.requests <= deployment.failures
+            and deployment not in self._pending
+        )
+
+    def _remove_direct(self, group: GroupState) -> None:
+        logger.info("direct model %r evicted to make room for another", group.name[:100])
+        del self._direct[group.name]
+        del self._groups[group.name]
+        del self._names[group.name]
+        for deployment in group.deployments:
+            if self._by_id.get(deployment.id) is deployment:
+                del self._by_id[deployment.id]
+            self._closing.append(deployment.provider)
 
     # --- requests ----------------------------------------------------------------------
 
@@ -316,7 +422,7 @@ class Router:
         self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None
     ) -> ChatResponse:
         """One chat completion (``stream`` in the request is ignored; use :meth:`stream`)."""
-        decoded = request if isinstance(request, ChatRequest) else decode_chat_request(request)
+        decoded = _chat_request(request)
         ctx, groups, decoded = await self._admit(decoded, context, operation="chat", stream=False)
 
         def dispatch() -> Awaitable[ChatResponse]:
@@ -337,7 +443,7 @@ class Router:
     async def _open_stream(
         self, request: ChatRequest | dict[str, Any], context: RequestContext | None
     ) -> _OpenStream:
-        decoded = request if isinstance(request, ChatRequest) else decode_chat_request(request)
+        decoded = _chat_request(request)
         ctx, groups, decoded = await self._admit(decoded, context, operation="chat", stream=True)
 
         def dispatch() -> AsyncIterator[ChatChunk]:
@@ -351,7 +457,7 @@ class Router:
         self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None
     ) -> CompletionResponse:
         """One legacy prompt completion (``/v1/completions``)."""
-        decoded = request if isinstance(request, CompletionRequest) else decode_completion_request(request)
+        decoded = _completion_request(request)
         ctx, groups, decoded = await self._admit(decoded, context, operation="completion", stream=False)
         call = partial(dispatch_call, ctx, groups, self.hooks, decoded, _provider_complete)
         return await self._settled(ctx, call, lambda response: "".join(c.text for c in response.choices))
@@ -365,7 +471,7 @@ class Router:
     async def _open_completion_stream(
         self, request: CompletionRequest | dict[str, Any], context: RequestContext | None
     ) -> _OpenStream:
-        decoded = request if isinstance(request, CompletionRequest) else decode_completion_request(request)
+        decoded = _completion_request(request)
         ctx, groups, decoded = await self._admit(decoded, context, operation="completion", stream=True)
         source = partial(dispatch_stream, ctx, groups, self.hooks, decoded, _provider_stream_complete)
         return ctx, source, _wants_usage(decoded)
@@ -427,7 +533,10 @@ class Router:
                     if note_time is not None:
                         note_time(now())
                     for hook in chunk_hooks:
-                        hook.on_chunk(ctx)
+                        try:
+                            hook.on_chunk(ctx)
+                        except Exception:  # an event hook never changes the outcome
+                            logger.exception("hook %r failed in on_chunk", hook)
                     yield chunk
             ctx.status = "ok"
         except BaseException as exc:
@@ -443,7 +552,12 @@ class Router:
     async def _admit(
         self, request: Q, context: RequestContext | None, *, operation: str, stream: bool
     ) -> tuple[RequestContext, list[GroupState], Q]:
-        ctx = context or RequestContext()
+        if context is None:
+            ctx = RequestContext()
+        elif context.request is not None:
+            raise _used_context(context)
+        else:
+            ctx = context
         ctx.operation = operation  # type: ignore[assignment]
         ctx.stream = stream
         ctx.request = request
@@ -451,8 +565,8 @@ class Router:
         try:
             groups = self.resolve(request.model)
             ctx.model_group = groups[0].name
-            if not self._started:
-                await self.start()
+            if self._pending:
+                await self._start_needed(groups)
             request = await self._bound_cost(ctx, groups, request)
         except LLMRouterError as exc:
             _record_failure(ctx, exc)
@@ -547,6 +661,11 @@ class Router:
         """Every model name clients can use: group names and aliases; with ``allows``,
         those for which ``allows(name, group)`` is true."""
         names = self._names
+        if self._direct:
+            # A direct name that has served nothing (a typo, a model the daemon lacks) is
+            # not offered to clients: it is only a client's guess.
+            unproven = {name for name, group in self._direct.items() if not _has_served(group)}
+            names = {name: group for name, group in names.items() if name not in unproven}
         visible = names if allows is None else [name for name, group in names.items() if allows(name, group)]
         return ModelList(data=[ModelCard(id=name, created=0) for name in visible])
 
@@ -569,6 +688,60 @@ class Router:
 
 
 _settles_inline = operator.attrgetter("settles_inline")
+
+
+def _has_served(group: GroupState) -> bool:
+    return any(d.requests > d.failures for d in group.deployments)
+
+
+def _used_context(ctx: RequestContext) -> ValueError:
+    return ValueError(
+        f"RequestContext {ctx.request_id!r} was already used for a request: a context records "
+        "one request (its usage, cost and status); pass a new RequestContext to each call"
+    )
+
+
+def _chat_request(request: ChatRequest | dict[str, Any]) -> ChatRequest:
+    """``request`` decoded and validated; a struct as it is when the fields the router
+    computes with are sound.
+
+    A struct built in code skips msgspec's constraints (only decoding checks them): one
+    with an output limit under 1 would reserve a negative budget. Decoded structs (the
+    service's) are sound, so the check costs them a few attribute reads (inline: this is
+    every request's path), not a second decoding; one that fails it is decoded as the
+    dict it encodes, for the error (and its ``param``) a dict would get.
+    """
+    if isinstance(request, ChatRequest):
+        limit, most, n = request.max_tokens, request.max_completion_tokens, request.n
+        if (
+            request.messages
+            and request.model
+            and (limit is None or (type(limit) is int and 0 < limit <= _MOST_TOKENS))
+            and (most is None or (type(most) is int and 0 < most <= _MOST_TOKENS))
+            and (n is None or (type(n) is int and 0 < n <= _MOST_CHOICES))
+        ):
+            return request
+        return decode_chat_request(request_to_wire(request))
+    return decode_chat_request(request)
+
+
+def _completion_request(request: CompletionRequest | dict[str, Any]) -> CompletionRequest:
+    """``request`` decoded and validated (see :func:`_chat_request`)."""
+    if isinstance(request, CompletionRequest):
+        limit, best_of, n = request.max_tokens, request.best_of, request.n
+        if (
+            request.model
+            and (limit is None or (type(limit) is int and 0 < limit <= _MOST_TOKENS))
+            and (best_of is None or (type(best_of) is int and 0 < best_of <= _MOST_TOKENS))
+            and (n is None or (type(n) is int and 0 < n <= _MOST_CHOICES))
+        ):
+            return request
+        return decode_completion_request(request_to_wire(request))
+    return decode_completion_request(request)
+
+
+_MOST_CHOICES = 128
+"""The most answers (``n``) a request may ask for, as :mod:`llmrouter.types` decodes it."""
 
 
 def _model_not_found(model: str) -> ModelNotFoundError:

@@ -6,9 +6,11 @@ so calls from plain synchronous code work, and iterating a stream pulls chunks a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from llmrouter.config import Config
 from llmrouter.context import RequestContext
@@ -17,6 +19,7 @@ from llmrouter.types import (
     ChatChunk,
     ChatRequest,
     ChatResponse,
+    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     ModelList,
@@ -27,9 +30,20 @@ if TYPE_CHECKING:
 
 __all__ = ["SyncRouter"]
 
+T = TypeVar("T")
+C = TypeVar("C")
+
 
 class SyncRouter:
     """Synchronous twin of :class:`Router`; use as a context manager or call :meth:`close`.
+
+    Args:
+        config: a config (a router is made from it with ``router_kwargs``: ``hooks``,
+            ``cache``), or a :class:`Router` to drive (then no keywords).
+
+    A ``KeyboardInterrupt`` (Ctrl-C) while a call waits cancels the request, as cancelling
+    the task would with :class:`Router` (the provider call is cancelled, the request is
+    settled as ``cancelled``), then propagates. :meth:`close` may be called again.
 
     Example::
 
@@ -40,39 +54,80 @@ class SyncRouter:
     def __init__(self, config: Config | Router | None = None, **router_kwargs: Any) -> None:
         from anyio.from_thread import start_blocking_portal  # ~15 ms: not for every import llmrouter
 
+        if isinstance(config, Router) and router_kwargs:
+            raise TypeError(
+                f"SyncRouter got a Router and {', '.join(sorted(router_kwargs))}: pass those to the Router"
+            )
+        self._closed = False
         self._stack = ExitStack()
         self._portal: BlockingPortal = self._stack.enter_context(start_blocking_portal())
-        self.router = config if isinstance(config, Router) else Router(config, **router_kwargs)
-        self._portal.call(self.router.start)
+        try:
+            self.router = config if isinstance(config, Router) else Router(config, **router_kwargs)
+            self._call(self.router.start)
+        except BaseException:
+            self._closed = True
+            self._stack.close()
+            raise
+
+    def _call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``await func(*args)`` on the portal's loop; interrupted (Ctrl-C) while waiting,
+        cancel that task and wait for it to unwind (a second interrupt stops the wait)."""
+        done = threading.Event()
+
+        async def run() -> T:
+            try:
+                return await func(*args)
+            finally:
+                done.set()
+
+        future = self._portal.start_task_soon(run)
+        try:
+            return future.result()
+        except BaseException:
+            # The task's own exception (the future is done: cancel() is False), or one
+            # raised in this thread while it waited: KeyboardInterrupt from a signal handler.
+            if future.cancel():
+                done.wait()
+            raise
 
     def chat(
         self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None
     ) -> ChatResponse:
-        return self._portal.call(lambda: self.router.chat(request, context=context))
+        return self._call(partial(self.router.chat, request, context=context))
 
     def stream(
         self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None
     ) -> Iterator[ChatChunk]:
-        with self._portal.wrap_async_context_manager(
-            _AsyncIterContext(self.router.stream(request, context=context))
-        ) as iterator:
-            while True:
-                try:
-                    yield self._portal.call(iterator.__anext__)
-                except StopAsyncIteration:
-                    return
+        return self._iterate(self.router.stream(request, context=context))
 
     def complete(
         self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None
     ) -> CompletionResponse:
-        return self._portal.call(lambda: self.router.complete(request, context=context))
+        return self._call(partial(self.router.complete, request, context=context))
+
+    def stream_complete(
+        self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None
+    ) -> Iterator[CompletionChunk]:
+        return self._iterate(self.router.stream_complete(request, context=context))
+
+    def _iterate(self, chunks: AsyncIterator[C]) -> Iterator[C]:
+        with self._portal.wrap_async_context_manager(_AsyncIterContext(chunks)) as iterator:
+            while True:
+                try:
+                    yield self._call(iterator.__anext__)
+                except StopAsyncIteration:
+                    return
 
     def list_models(self) -> ModelList:
-        return self._portal.call(self.router.list_models)
+        return self._call(self.router.list_models)
 
     def close(self) -> None:
+        """Close the router's providers and stop the loop thread (again: nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
-            self._portal.call(self.router.aclose)
+            self._call(self.router.aclose)
         finally:
             self._stack.close()
 
