@@ -10,7 +10,7 @@ within :data:`PROBE_TTL_S` of its end reuse it.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
@@ -58,6 +58,13 @@ class SharedProbes:
 
     def __init__(self) -> None:
         self._probes: dict[str, _Probe] = {}
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Drop the probes of ``names`` (deployments gone from the router), so that the
+        probes kept do not grow with every name ever probed. One still running answers
+        its callers; the next caller under the name probes afresh."""
+        for name in names:
+            self._probes.pop(name, None)
 
     async def result(self, name: str, check: Check) -> dict[str, Any]:
         """What ``check()`` returns: this caller's own, or one running or just ended

@@ -42,6 +42,8 @@ from llmrouter.tokens import (
     tools_text,
 )
 from llmrouter.types import (
+    MOST_CHOICES,
+    MOST_TOKENS,
     ChatChunk,
     ChatRequest,
     ChatResponse,
@@ -415,6 +417,8 @@ class Router:
             if self._by_id.get(deployment.id) is deployment:
                 del self._by_id[deployment.id]
             self._closing.append(deployment.provider)
+        # Its readiness probes would otherwise stay for good, one more for each name.
+        self._probes.forget(d.id for d in group.deployments if d.id not in self._by_id)
 
     # --- requests ----------------------------------------------------------------------
 
@@ -716,9 +720,9 @@ def _chat_request(request: ChatRequest | dict[str, Any]) -> ChatRequest:
         if (
             request.messages
             and request.model
-            and (limit is None or (type(limit) is int and 0 < limit <= _MOST_TOKENS))
-            and (most is None or (type(most) is int and 0 < most <= _MOST_TOKENS))
-            and (n is None or (type(n) is int and 0 < n <= _MOST_CHOICES))
+            and (limit is None or (type(limit) is int and 0 < limit <= MOST_TOKENS))
+            and (most is None or (type(most) is int and 0 < most <= MOST_TOKENS))
+            and (n is None or (type(n) is int and 0 < n <= MOST_CHOICES))
         ):
             return request
         return decode_chat_request(request_to_wire(request))
@@ -731,17 +735,13 @@ def _completion_request(request: CompletionRequest | dict[str, Any]) -> Completi
         limit, best_of, n = request.max_tokens, request.best_of, request.n
         if (
             request.model
-            and (limit is None or (type(limit) is int and 0 < limit <= _MOST_TOKENS))
-            and (best_of is None or (type(best_of) is int and 0 < best_of <= _MOST_TOKENS))
-            and (n is None or (type(n) is int and 0 < n <= _MOST_CHOICES))
+            and (limit is None or (type(limit) is int and 0 < limit <= MOST_TOKENS))
+            and (best_of is None or (type(best_of) is int and 0 < best_of <= MOST_TOKENS))
+            and (n is None or (type(n) is int and 0 < n <= MOST_CHOICES))
         ):
             return request
         return decode_completion_request(request_to_wire(request))
     return decode_completion_request(request)
-
-
-_MOST_CHOICES = 128
-"""The most answers (``n``) a request may ask for, as :mod:`llmrouter.types` decodes it."""
 
 
 def _model_not_found(model: str) -> ModelNotFoundError:
@@ -809,23 +809,20 @@ def _choices(request: ChatRequest | CompletionRequest) -> int:
     return max(request.n or 1, request.best_of or 1) * request.prompt_count
 
 
-_MOST_TOKENS = 2**31 - 1
-"""The most tokens a count may say (the ledger's INTEGER columns hold no more)."""
-
-
 def _counts_in_range(usage: Usage) -> Usage:
-    """``usage`` with each count from 0 to :data:`_MOST_TOKENS`, as the ledger stores it:
-    an upstream's negative count would lower the cost, a 30-digit one make it absurd, and
-    the row would disagree with its cost. Usage in range (every real one) is returned as is."""
+    """``usage`` with each count from 0 to :data:`~llmrouter.types.MOST_TOKENS`, as the
+    ledger stores it: an upstream's negative count would lower the cost, a 30-digit one
+    make it absurd, and the row would disagree with its cost. Usage in range (every real
+    one) is returned as is."""
     prompt, completion = usage.prompt_tokens, usage.completion_tokens
     details = usage.prompt_tokens_details  # read directly: the cached_tokens property costs a call
     if (
-        0 <= prompt <= _MOST_TOKENS
-        and 0 <= completion <= _MOST_TOKENS
+        0 <= prompt <= MOST_TOKENS
+        and 0 <= completion <= MOST_TOKENS
         and (details is None or 0 <= (details.cached_tokens or 0) <= prompt)
     ):
         return usage
-    prompt, completion = min(max(prompt, 0), _MOST_TOKENS), min(max(completion, 0), _MOST_TOKENS)
+    prompt, completion = min(max(prompt, 0), MOST_TOKENS), min(max(completion, 0), MOST_TOKENS)
     if details is not None:
         details = msgspec.structs.replace(
             details, cached_tokens=min(max(details.cached_tokens or 0, 0), prompt)

@@ -26,6 +26,8 @@ from llmrouter.errors import InvalidRequestError, UnsupportedFeatureError
 from llmrouter.ids import random_hex
 
 __all__ = [
+    "MOST_CHOICES",
+    "MOST_TOKENS",
     "AudioPart",
     "ChatChoice",
     "ChatChunk",
@@ -292,9 +294,14 @@ class ResponseFormat(Wire):
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
+MOST_TOKENS = 2**31 - 1
+"""The most tokens a request may ask for or a count may say (upstreams take int32, the
+ledger's INTEGER columns hold no more); the router checks structs built in code against it."""
+MOST_CHOICES = 128
+"""The most answers (``n``) a request may ask for."""
 # Integer fields are bounded: Python ints are unbounded, and a 400-digit max_tokens would
 # overflow float arithmetic (the cost bound) downstream; upstreams take int32 / int64.
-PositiveInt = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+PositiveInt = Annotated[int, Meta(ge=1, le=MOST_TOKENS)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Stop = str | Annotated[list[str], Meta(max_length=4)] | None
 
@@ -310,7 +317,7 @@ class ChatRequest(Wire):
     top_p: Probability | None = None
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
-    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    n: Annotated[int, Meta(ge=1, le=MOST_CHOICES)] | None = None
     stop: Stop = None
     seed: Seed | None = None
     presence_penalty: Penalty | None = None
@@ -356,7 +363,7 @@ class CompletionRequest(Wire):
     max_tokens: PositiveInt | None = 16
     temperature: Temperature | None = None
     top_p: Probability | None = None
-    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    n: Annotated[int, Meta(ge=1, le=MOST_CHOICES)] | None = None
     stop: Stop = None
     seed: Seed | None = None
     presence_penalty: Penalty | None = None

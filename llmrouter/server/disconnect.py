@@ -26,7 +26,13 @@ from llmrouter.errors import ShuttingDownError
 if TYPE_CHECKING:
     from litestar.types import Receive
 
-__all__ = ["ClientDisconnected", "DisconnectWatch", "by_the_server", "call_until_disconnect"]
+__all__ = [
+    "ClientDisconnected",
+    "DisconnectWatch",
+    "by_the_server",
+    "call_until_disconnect",
+    "shutting_down",
+]
 
 T = TypeVar("T")
 
@@ -87,6 +93,16 @@ def by_the_server() -> bool:
     return anyio.current_effective_deadline() != -math.inf
 
 
+def shutting_down() -> ShuttingDownError:
+    """While the server's cancellation of the request's task is handled (see
+    :func:`by_the_server`): take the cancellation back and return the 503 to raise in
+    its place. The client gets a 503 it can retry, not the server's plain-text 500."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    return ShuttingDownError()
+
+
 async def call_until_disconnect(receive: Receive, call: Callable[[], Awaitable[T]]) -> T:
     """Await ``call()``, cancelling it if the client disconnects meanwhile.
 
@@ -103,12 +119,8 @@ async def call_until_disconnect(receive: Receive, call: Callable[[], Awaitable[T
                 if watch.disconnected or not by_the_server():
                     raise  # the client left, or an enclosing cancel scope was cancelled
                 # The task itself was cancelled: uvicorn's graceful shutdown ran out of
-                # time. The router has billed the request as cancelled; the client gets a
-                # 503 it can retry, not the server's plain-text 500.
-                task = asyncio.current_task()
-                if task is not None:
-                    task.uncancel()
-                raise ShuttingDownError from None
+                # time. The router has billed the request as cancelled.
+                raise shutting_down() from None
     return await _call_in_task_group(receive, call)
 
 

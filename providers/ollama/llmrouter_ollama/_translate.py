@@ -163,12 +163,23 @@ def _content_and_images(message: ChatMessage, where: str) -> tuple[str, list[str
 
 
 def _tool_call_to_ollama(call: ToolCall, where: str) -> dict[str, Any]:
+    if call.type == "custom":
+        # Its .function is an empty placeholder: it would be a call of a nameless function.
+        raise UnsupportedFeatureError(
+            "ollama has no custom (free-form) tools: a custom tool call cannot be sent",
+            param=where,
+            provider=PROVIDER,
+        )
     try:
         arguments = json.loads(call.function.arguments) if call.function.arguments else {}
     except json.JSONDecodeError as exc:
-        raise InvalidRequestError(f"tool call arguments are not valid JSON: {exc}", param=where) from exc
+        raise InvalidRequestError(
+            f"tool call arguments are not valid JSON: {exc}", param=f"{where}.function.arguments"
+        ) from exc
     if not isinstance(arguments, dict):
-        raise InvalidRequestError("tool call arguments must be a JSON object", param=where)
+        raise InvalidRequestError(
+            "tool call arguments must be a JSON object", param=f"{where}.function.arguments"
+        )
     return {"function": {"name": call.function.name, "arguments": arguments}}
 
 
@@ -186,7 +197,7 @@ def convert_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if message.role == "assistant":
             if message.tool_calls:
                 item["tool_calls"] = [
-                    _tool_call_to_ollama(call, f"{where}.tool_calls[{k}].function.arguments")
+                    _tool_call_to_ollama(call, f"{where}.tool_calls[{k}]")
                     for k, call in enumerate(message.tool_calls)
                 ]
                 tool_names.update({call.id: call.function.name for call in message.tool_calls})
@@ -207,6 +218,14 @@ def _convert_tools(request: ChatRequest) -> list[dict[str, Any]] | None:
     if not request.tools or request.tool_choice == "none":
         return None
     tools = request.tools
+    for index, tool in enumerate(tools):
+        if tool.type == "custom":
+            # Its .function is an empty placeholder: it would be a nameless function.
+            raise UnsupportedFeatureError(
+                "ollama has no custom (free-form) tools: offer function tools only",
+                param=f"tools[{index}]",
+                provider=PROVIDER,
+            )
     choice = request.tool_choice
     if isinstance(choice, dict):
         # Ollama has no tool_choice: offering only the chosen function is the closest.

@@ -15,7 +15,7 @@ from llmrouter.errors import (
     UnsupportedFeatureError,
     UpstreamError,
 )
-from llmrouter.types import ChatMessage, ChatRequest, PromptTokensDetails, TextPart, Usage
+from llmrouter.types import ChatMessage, ChatRequest, PromptTokensDetails, TextPart, ToolCall, Usage
 
 PROVIDER = "vllm"
 
@@ -28,7 +28,8 @@ def template_messages(request: ChatRequest) -> list[dict[str, Any]]:
     """The request's messages as the plain dicts a Hugging Face chat template expects.
 
     Raises:
-        UnsupportedFeatureError: a message carries images, audio or files (text-only models).
+        UnsupportedFeatureError: a message carries images, audio or files (text-only
+            models), or a custom tool call.
     """
     messages: list[dict[str, Any]] = []
     for index, message in enumerate(request.messages):
@@ -53,15 +54,23 @@ def _template_message(message: ChatMessage, index: int) -> dict[str, Any]:
     if message.tool_call_id is not None:
         entry["tool_call_id"] = message.tool_call_id
     if message.tool_calls:
-        entry["tool_calls"] = [
-            {
-                "id": call.id,
-                "type": "function",
-                "function": {"name": call.function.name, "arguments": call.function.arguments},
-            }
-            for call in message.tool_calls
-        ]
+        entry["tool_calls"] = [_template_call(call, index, k) for k, call in enumerate(message.tool_calls)]
     return entry
+
+
+def _template_call(call: ToolCall, index: int, k: int) -> dict[str, Any]:
+    if call.type == "custom":
+        # Its .function is an empty placeholder: the template would show a nameless call.
+        raise UnsupportedFeatureError(
+            "custom (free-form) tool calls are not supported by the vllm provider",
+            param=f"messages[{index}].tool_calls[{k}]",
+            provider=PROVIDER,
+        )
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.function.name, "arguments": call.function.arguments},
+    }
 
 
 def check_chat_features(request: ChatRequest) -> None:
