@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -55,6 +56,9 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+# Finite: with two deployments of `weight: .inf`, weighted routing always picked the
+# first listed (NaN fails `ge`).
+Weight = Annotated[float, msgspec.Meta(ge=0, le=sys.float_info.max)]
 
 
 class Timeouts(Section):
@@ -95,7 +99,7 @@ class Deployment(Section):
     model: str
     id: str | None = None
     """Stable name for readiness, metrics and the ledger; default ``provider/model``."""
-    weight: NonNegative = 1.0
+    weight: Weight = 1.0
     priority: int = 0
     """Lower is tried first by the ``priority`` strategy."""
     max_concurrency: AtLeastOne | None = None

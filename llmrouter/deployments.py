@@ -57,7 +57,9 @@ class DeploymentState:
         return limit is not None and self.in_flight >= limit
 
     def usable(self, now: float) -> bool:
-        return self.start_error is None and not self.cooling(now) and not self.full()
+        # Started: a deployment added to a live group is not sent a request until a
+        # request's admission has started it (one admitted before it was added skips it).
+        return self.started and not self.cooling(now) and not self.full()
 
     def record_ttft(self, ttft: float) -> None:
         """A first token came after ``ttft`` seconds: recorded as it comes, not at the end
@@ -71,9 +73,9 @@ class DeploymentState:
         self.ewma_duration = _ewma(self.ewma_duration, duration)
 
     def record_timeout(self, elapsed: float) -> None:
-        """Count a timed-out attempt's time in the latency averages, both of them: it took
-        at least that long. Learnt from successes alone, a deployment that got slow kept
-        its old fast average and was tried first again after every cooldown."""
+        """Count an attempt our own time limit cut in the latency averages, both of them:
+        it took at least that long. Learnt from successes alone, a deployment that got
+        slow kept its old fast average and was tried first again after every cooldown."""
         self.record_ttft(elapsed)
         self.ewma_duration = _ewma(self.ewma_duration, elapsed)
 
@@ -118,6 +120,9 @@ class GroupState:
     timeouts: Timeouts
     cooldown: Cooldown
     deployments: list[DeploymentState] = field(default_factory=list)
+    admitted: int = 0
+    """Requests admitted to this group and not yet settled, counted for a direct
+    ``provider/model`` group only: one holding any is not evicted."""
     _slot_freed: anyio.Event | None = None
 
     def timeouts_for(self, deployment: DeploymentState) -> Timeouts:
@@ -175,8 +180,7 @@ class GroupState:
     def _waiting_for_slot(self, exhausted: Sequence[DeploymentState]) -> bool:
         now = time.monotonic()
         return any(
-            d.full() and d.start_error is None and not d.cooling(now) and d not in exhausted
-            for d in self.deployments
+            d.full() and d.started and not d.cooling(now) and d not in exhausted for d in self.deployments
         )
 
     def _until_cooldown_ends(self, exhausted: Sequence[DeploymentState]) -> float | None:
@@ -185,7 +189,7 @@ class GroupState:
         ends = [
             d.cooldown_until - now
             for d in self.deployments
-            if d.cooling(now) and d.start_error is None and d not in exhausted
+            if d.cooling(now) and d.started and d not in exhausted
         ]
         return min(ends, default=None)
 

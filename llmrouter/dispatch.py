@@ -214,18 +214,13 @@ def _first_token(ctx: RequestContext, hooks: Sequence[RouterHooks]) -> None:
     _notify(hooks, "on_first_token", ctx)
 
 
-def _record_timeout(
-    deployment: DeploymentState, exc: Exception, error: LLMRouterError, started: float, limit: float | None
-) -> None:
-    """Count a timed-out attempt in the deployment's latency averages (see
-    :meth:`DeploymentState.record_timeout`). When our own ``limit`` fired (a bare
-    ``TimeoutError``), the attempt took at least that long, whatever the clocks say."""
-    if not isinstance(error, UpstreamTimeoutError):
-        return
-    elapsed = time.perf_counter() - started
-    if isinstance(exc, TimeoutError) and limit is not None:
-        elapsed = max(elapsed, limit)
-    deployment.record_timeout(elapsed)
+def _record_timeout(deployment: DeploymentState, exc: Exception, started: float, limit: float | None) -> None:
+    """Count an attempt our own ``limit`` cut (a bare ``TimeoutError``) in the
+    deployment's latency averages (see :meth:`DeploymentState.record_timeout`): it took
+    at least that long, whatever the clocks say. An upstream's 504 or 408 is not: one
+    answered at once (a gateway's) would make a failing deployment look fast."""
+    if limit is not None and isinstance(exc, TimeoutError):
+        deployment.record_timeout(max(time.perf_counter() - started, limit))
 
 
 async def dispatch_call(
@@ -248,7 +243,7 @@ async def dispatch_call(
                 result = await method(deployment.provider, _for_deployment(request, deployment))
         except Exception as exc:  # noqa: BLE001 - translated and judged by the plan
             error = as_router_error(exc, deployment)
-            _record_timeout(deployment, exc, error, started, timeout)
+            _record_timeout(deployment, exc, started, timeout)
             plan.failed(group, deployment, error)
             continue
         except BaseException:
@@ -325,7 +320,7 @@ async def dispatch_stream(
                 continue
             except Exception as exc:  # noqa: BLE001 - translated and judged by the plan
                 error = as_router_error(exc, deployment)
-                _record_timeout(deployment, exc, error, started, first_wait)
+                _record_timeout(deployment, exc, started, first_wait)
                 plan.failed(group, deployment, error)
                 continue
             except BaseException:

@@ -115,6 +115,9 @@ class Router:
         self._starting: dict[DeploymentState, anyio.Event] = {}
         self._closing: list[Provider[Any]] = []
         """Providers of evicted direct groups, closed on the next start or at :meth:`aclose`."""
+        self._holding: dict[int, list[GroupState]] = {}
+        """The direct groups each request in progress holds (``GroupState.admitted``), by
+        ``id()`` of its context, from its admission to its settlement."""
         for group in self.config.models:
             self.add_group(group)
         self.cache = cache
@@ -381,15 +384,17 @@ class Router:
 
     def _evict_direct(self) -> bool:
         """Make room for a new direct name: drop the oldest direct group that never
-        served a request and has none in flight, one whose requests failed (an unknown
+        served a request and holds no admitted one, one whose requests failed (an unknown
         model, a daemon not running) before one never used. False when every slot holds
-        a model that has served (or is serving): those are kept.
+        a model that has served or a request in progress: those are kept.
 
         Without this, one client's made-up names would take every slot for good, and
         direct routing would be gone for every client."""
         unused: GroupState | None = None
         for group in self._direct.values():
-            if not all(map(self._idle_and_unproven, group.deployments)):
+            # An admitted request may be in its hooks, its cost bound or the cache
+            # lookup, not in flight yet: evicted, it would be sent to a closed provider.
+            if group.admitted or not all(map(_idle_and_unproven, group.deployments)):
                 continue
             if any(d.failures or d.start_error is not None for d in group.deployments):
                 self._remove_direct(group)
@@ -400,13 +405,18 @@ class Router:
         self._remove_direct(unused)
         return True
 
-    def _idle_and_unproven(self, deployment: DeploymentState) -> bool:
-        # A pending deployment's group was just made for a request being admitted.
-        return (
-            deployment.in_flight == 0
-            and deployment.requests <= deployment.failures
-            and deployment not in self._pending
-        )
+    def _hold_direct(self, ctx: RequestContext, groups: list[GroupState]) -> None:
+        """Keep the direct groups of ``ctx``'s chain from eviction until it is settled
+        (:meth:`_release_direct`)."""
+        held = [group for group in groups if self._direct.get(group.name) is group]
+        if held:
+            for group in held:
+                group.admitted += 1
+            self._holding[id(ctx)] = held
+
+    def _release_direct(self, ctx: RequestContext) -> None:
+        for group in self._holding.pop(id(ctx), ()):
+            group.admitted -= 1
 
     def _remove_direct(self, group: GroupState) -> None:
         logger.info("direct model %r evicted to make room for another", group.name[:100])
@@ -569,12 +579,17 @@ class Router:
         try:
             groups = self.resolve(request.model)
             ctx.model_group = groups[0].name
+            if self._direct:
+                self._hold_direct(ctx, groups)
             if self._pending:
                 await self._start_needed(groups)
             request = await self._bound_cost(ctx, groups, request)
-        except LLMRouterError as exc:
-            _record_failure(ctx, exc)
-            self._rejected(ctx, exc)
+        except BaseException as exc:
+            if self._holding:
+                self._release_direct(ctx)
+            if isinstance(exc, LLMRouterError):
+                _record_failure(ctx, exc)
+                self._rejected(ctx, exc)
             raise
         admitted: list[RouterHooks] = []
         try:
@@ -629,6 +644,11 @@ class Router:
         await self._after(ctx, self.hooks)
 
     async def _after(self, ctx: RequestContext, hooks: Sequence[RouterHooks]) -> None:
+        """The end of every admitted request (settled, or refused by a hook)."""
+        if self._holding:
+            # Its cost is settled: its direct groups may be evicted (and its deployment
+            # leave ``_by_id``, which prices it) from now on.
+            self._release_direct(ctx)
         if not hooks:
             return
         if all(map(_settles_inline, hooks)):
@@ -692,6 +712,10 @@ class Router:
 
 
 _settles_inline = operator.attrgetter("settles_inline")
+
+
+def _idle_and_unproven(deployment: DeploymentState) -> bool:
+    return deployment.in_flight == 0 and deployment.requests <= deployment.failures
 
 
 def _has_served(group: GroupState) -> bool:
