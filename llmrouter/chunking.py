@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from msgspec import UNSET
+
 from llmrouter.types import (
     ChatChoice,
     ChatChunk,
@@ -42,6 +44,10 @@ class _ChoiceBuilder:
         self.annotations: list[dict[str, Any]] = []
         self.refusal: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
+        # The deprecated function_call's name and arguments, in pieces (None: no call).
+        self.function_name: list[str] | None = None
+        self.function_arguments: list[str] = []
+        self.audio: dict[str, Any] | None = None
         self.finish_reason: str | None = None
         self.logprobs: dict[str, Any] | None = None
 
@@ -60,11 +66,22 @@ class _ChoiceBuilder:
             self.annotations.extend(delta.annotations)
         if delta.refusal:
             self.refusal.append(delta.refusal)
+        if delta.function_call is not None:
+            if self.function_name is None:
+                self.function_name = []
+            self.function_name.append(delta.function_call.name or "")
+            if delta.function_call.arguments:
+                self.function_arguments.append(delta.function_call.arguments)
+        if delta.audio is not None:
+            self._merge_audio(delta.audio)
         for call in delta.tool_calls or ():
             slot = self.tool_calls.setdefault(
-                call.index, {"id": None, "type": "function", "name": "", "arguments": []}
+                call.index,
+                {"id": None, "type": "function", "name": "", "arguments": [], "extra_content": None},
             )
             slot["id"] = slot["id"] or call.id
+            if call.extra_content:  # Gemini's thought signature
+                slot["extra_content"] = {**(slot["extra_content"] or {}), **call.extra_content}
             if call.type == "custom":
                 slot["type"] = "custom"
             if call.function is not None:
@@ -81,6 +98,18 @@ class _ChoiceBuilder:
         if choice.logprobs:
             self._merge_logprobs(choice.logprobs)
 
+    def _merge_audio(self, audio: dict[str, Any]) -> None:
+        # A streamed audio answer comes as pieces of ``data`` and ``transcript``; its
+        # ``id`` and ``expires_at`` come whole.
+        if self.audio is None:
+            self.audio = {}
+        for name, value in audio.items():
+            held = self.audio.get(name)
+            if name in ("data", "transcript") and isinstance(value, str) and isinstance(held, str):
+                self.audio[name] = held + value
+            else:
+                self.audio[name] = value
+
     def _merge_logprobs(self, logprobs: dict[str, Any]) -> None:
         if self.logprobs is None:
             self.logprobs = {}
@@ -96,18 +125,28 @@ class _ChoiceBuilder:
                 id=slot["id"] or f"call_{index}",
                 type="custom",
                 custom=CustomCall(name=slot["name"], input="".join(slot["arguments"])),
+                extra_content=slot["extra_content"],
             )
             if slot["type"] == "custom"
             else ToolCall(
                 id=slot["id"] or f"call_{index}",
                 function=FunctionCall(name=slot["name"], arguments="".join(slot["arguments"])),
+                extra_content=slot["extra_content"],
             )
             for index, slot in sorted(self.tool_calls.items())
         ]
+        function_call = (
+            None
+            if self.function_name is None
+            else FunctionCall(name="".join(self.function_name), arguments="".join(self.function_arguments))
+        )
+        called = tool_calls or function_call is not None or self.audio is not None
         message = ChatMessage(
             role=self.role or "assistant",
-            content="".join(self.content) if self.content or not tool_calls else None,
+            content="".join(self.content) if self.content or not called else None,
             tool_calls=tool_calls or None,
+            function_call=function_call,
+            audio=self.audio,
             refusal="".join(self.refusal) or None,
             reasoning_content="".join(self.reasoning_content) or None,
             reasoning="".join(self.reasoning) or None,
@@ -173,6 +212,7 @@ def chunks_from_response(response: ChatResponse) -> list[ChatChunk]:
                 id=call.id,
                 type="custom",
                 custom=CustomCallDelta(name=call.custom.name, input=call.custom.input),
+                extra_content=UNSET if call.extra_content is None else call.extra_content,
             )
             if call.custom is not None
             else ToolCallDelta(
@@ -180,9 +220,11 @@ def chunks_from_response(response: ChatResponse) -> list[ChatChunk]:
                 id=call.id,
                 type="function",
                 function=FunctionCallDelta(name=call.function.name, arguments=call.function.arguments),
+                extra_content=UNSET if call.extra_content is None else call.extra_content,
             )
             for i, call in enumerate(message.tool_calls or ())
         ]
+        function_call = message.function_call
         content = message.content if isinstance(message.content, str) else None
         if message.content is not None and not isinstance(message.content, str):
             content = "".join(getattr(part, "text", "") for part in message.content)
@@ -190,6 +232,10 @@ def chunks_from_response(response: ChatResponse) -> list[ChatChunk]:
             role=message.role,
             content=content,
             tool_calls=calls or None,
+            function_call=None
+            if function_call is None
+            else FunctionCallDelta(name=function_call.name, arguments=function_call.arguments),
+            audio=message.audio,
             refusal=message.refusal,
             reasoning_content=message.reasoning_content,
             reasoning=message.reasoning,

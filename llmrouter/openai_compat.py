@@ -297,7 +297,8 @@ _C = TypeVar("_C", ChatChunk, CompletionChunk)
 
 
 def _chat_texts(chunk: ChatChunk, texts: list[str]) -> None:
-    """Add the text a chat chunk carries (content and tool-call pieces), for counting usage."""
+    """Add the text a chat chunk carries (content, tool-call and function-call pieces), for
+    counting usage."""
     for choice in chunk.choices:
         delta = choice.delta
         if delta.content:
@@ -306,6 +307,10 @@ def _chat_texts(chunk: ChatChunk, texts: list[str]) -> None:
             for call in delta.tool_calls:
                 if call.function is not None:
                     texts.append((call.function.name or "") + (call.function.arguments or ""))
+                if call.custom:
+                    texts.append((call.custom.name or "") + (call.custom.input or ""))
+        if delta.function_call is not None:
+            texts.append((delta.function_call.name or "") + (delta.function_call.arguments or ""))
 
 
 def _completion_texts(chunk: CompletionChunk, texts: list[str]) -> None:
@@ -727,10 +732,16 @@ def _with_usage(answer: _A, request: ChatRequest | CompletionRequest, model: str
 
 
 def _message_text(message: Any) -> str:
+    """The text of an answer's message that its completion tokens are counted in."""
     content = message.content
     text = content if isinstance(content, str) else ""
     for call in message.tool_calls or ():
+        # A custom call's .function is an empty placeholder: its text is .custom's.
         text += call.function.name + call.function.arguments
+        if call.custom is not None:
+            text += call.custom.name + call.custom.input
+    if message.function_call is not None:
+        text += message.function_call.name + message.function_call.arguments
     return text
 
 

@@ -138,7 +138,13 @@ def count_messages(messages: Sequence[ChatMessage], model: str = "") -> int:
         if message.name:
             total += 1 + count_text(message.name, model)
         for call in message.tool_calls or ():
+            # A custom call's .function is an empty placeholder: its text is .custom's.
             total += count_text(call.function.name, model) + count_text(call.function.arguments, model)
+            if call.custom is not None:
+                total += count_text(call.custom.name, model) + count_text(call.custom.input, model)
+        legacy = message.function_call
+        if legacy is not None:
+            total += count_text(legacy.name, model) + count_text(legacy.arguments, model)
     return total
 
 

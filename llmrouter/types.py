@@ -7,10 +7,10 @@ with the same types, whose optional fields make them tolerant of what
 OpenAI-compatible servers actually send.
 
 Request fields llmrouter does not model are not lost: :func:`decode_chat_request`
-keeps them in ``extra`` and :func:`request_to_wire` puts them back for upstreams. Keys
-it does not model inside a message, a tool call or a tool are kept too, as fields of a
-subclass made for them (see :func:`decode_chat_request`), so that the Struct encodes
-what the client sent.
+keeps them in ``extra`` and :func:`request_to_wire` puts them back for upstreams. Inside
+a message, a tool call or a tool only the modeled fields pass (the provider extensions
+clients rely on among them: a tool call's ``extra_content``, a tool's ``cache_control``, a
+message's ``prefix``); other keys there are dropped.
 """
 
 from __future__ import annotations
@@ -157,6 +157,11 @@ class FunctionDefinition(Wire):
 class _NoFunctionDefinition(FunctionDefinition, frozen=True):  # type: ignore[misc]
     """The ``function`` of a custom tool: a placeholder, never encoded."""
 
+    def __reduce__(self) -> str:
+        # Pickled and copied as the one instance: a copy would be encoded, and taken
+        # for a function.
+        return "_NO_FUNCTION_DEFINITION"
+
 
 _NO_FUNCTION_DEFINITION = _NoFunctionDefinition(name="")
 
@@ -174,6 +179,8 @@ class Tool(Wire):
     function: FunctionDefinition = _NO_FUNCTION_DEFINITION
     custom: CustomToolDefinition | None = None
     type: Literal["function", "custom"] = msgspec.field(default_factory=_function_type)
+    cache_control: dict[str, Any] | None = None
+    """A prompt-caching breakpoint after the tools (Anthropic models through OpenRouter)."""
 
 
 class FunctionCall(WireOut):
@@ -186,6 +193,9 @@ class FunctionCall(WireOut):
 
 class _NoFunctionCall(FunctionCall, frozen=True):  # type: ignore[misc]
     """The ``function`` of a custom tool call: a placeholder, never encoded."""
+
+    def __reduce__(self) -> str:
+        return "_NO_FUNCTION_CALL"
 
 
 _NO_FUNCTION_CALL = _NoFunctionCall(name="")
@@ -201,6 +211,9 @@ class ToolCall(Wire):
     function: FunctionCall = _NO_FUNCTION_CALL
     custom: CustomCall | None = None
     type: Literal["function", "custom"] = msgspec.field(default_factory=_function_type)
+    extra_content: dict[str, Any] | None = None
+    """Gemini's ``{"google": {"thought_signature": ...}}``: it answers a call with one, and
+    a client must send it back with the call for the tool use to go on."""
 
 
 class FunctionCallDelta(Wire):
@@ -218,8 +231,11 @@ class ToolCallDelta(WireOut):
     id: str | None = None
     type: Literal["function", "custom"] | None = None
     function: FunctionCallDelta | None = None
-    custom: CustomCallDelta | UnsetType = UNSET
-    """A custom tool call's piece; left out of function calls' deltas."""
+    custom: CustomCallDelta | UnsetType | None = UNSET
+    """A custom tool call's piece; left out of function calls' deltas (``null`` from an
+    upstream is taken and relayed)."""
+    extra_content: dict[str, Any] | UnsetType | None = UNSET
+    """As in :class:`ToolCall`; left out when the upstream sent none."""
 
 
 # --- messages --------------------------------------------------------------------------
@@ -251,6 +267,9 @@ class ChatMessage(Wire):
     """Citations (``url_citation``) of answers with web search (OpenAI, OpenRouter)."""
     cache_control: dict[str, Any] | None = None
     """A prompt-caching breakpoint on the whole message (OpenRouter)."""
+    prefix: bool | None = None
+    """On the last (assistant) message: the answer continues its content (DeepSeek's and
+    Mistral's prefill)."""
 
 
 def message_text(message: ChatMessage) -> str:
@@ -481,6 +500,8 @@ class Delta(Wire):
     role: Role | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionCallDelta | None = None
+    audio: dict[str, Any] | None = None
     refusal: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
@@ -555,70 +576,10 @@ _R = TypeVar("_R", ChatRequest, CompletionRequest)
 _S = TypeVar("_S", bound=msgspec.Struct)
 _CHAT_FIELDS = frozenset(ChatRequest.__struct_encode_fields__) - {"__extra__"}
 _COMPLETION_FIELDS = frozenset(CompletionRequest.__struct_encode_fields__) - {"__extra__"}
-_MESSAGE_FIELDS = frozenset(ChatMessage.__struct_encode_fields__)
-_TOOL_CALL_FIELDS = frozenset(ToolCall.__struct_encode_fields__)
-_TOOL_FIELDS = frozenset(Tool.__struct_encode_fields__)
 _json_decoder = msgspec.json.Decoder()
 _OUT_OF_RANGE = "Number out of range"
 _UNKNOWN = "Object contains unknown field `"
 _MISSING = "Object missing required field `"
-
-
-def _missing(name: str) -> ValueError:
-    # Worded as msgspec words a missing field, so that error_param names it.
-    return ValueError(f"Object missing required field `{name}`")
-
-
-# What a client's chat request is decoded to: subclasses of the public types that also
-# check that a tool or tool call holds the part its type names (upstreams' answers are
-# taken as they come). The _Client* ones refuse a key they do not model inside a message,
-# tool call or tool: msgspec notices one as it converts, at no cost to the requests that
-# have none. The few that have one are converted again, to the _Checked* ones, and the
-# keys put back (_keep_unknown_keys). Decoded requests are instances of these classes.
-
-
-class _CheckedToolCall(ToolCall):
-    def __post_init__(self) -> None:
-        if self.type == "function":
-            if self.function is _NO_FUNCTION_CALL:
-                raise _missing("function")
-        elif self.custom is None:
-            raise _missing("custom")
-
-
-class _CheckedTool(Tool):
-    def __post_init__(self) -> None:
-        if self.type == "function":
-            if self.function is _NO_FUNCTION_DEFINITION:
-                raise _missing("function")
-        elif self.custom is None:
-            raise _missing("custom")
-
-
-class _CheckedMessage(ChatMessage):
-    tool_calls: list[_CheckedToolCall] | None = None  # type: ignore[assignment]
-
-
-class _CheckedChatRequest(ChatRequest):
-    messages: Annotated[list[_CheckedMessage], Meta(min_length=1)]  # type: ignore[assignment]
-    tools: list[_CheckedTool] | None = None  # type: ignore[assignment]
-
-
-class _ClientToolCall(_CheckedToolCall, forbid_unknown_fields=True):
-    pass
-
-
-class _ClientTool(_CheckedTool, forbid_unknown_fields=True):
-    pass
-
-
-class _ClientMessage(ChatMessage, forbid_unknown_fields=True):
-    tool_calls: list[_ClientToolCall] | None = None  # type: ignore[assignment]
-
-
-class _ClientChatRequest(ChatRequest):
-    messages: Annotated[list[_ClientMessage], Meta(min_length=1)]  # type: ignore[assignment]
-    tools: list[_ClientTool] | None = None  # type: ignore[assignment]
 
 
 def _raw_request(body: bytes | str | dict[str, Any], kind: type[_R]) -> dict[str, Any]:
@@ -720,52 +681,47 @@ def invalid_request(exc: msgspec.ValidationError) -> InvalidRequestError:
     a missing field is worded as OpenAI words it (``code: missing_required_parameter``)."""
     param = error_param(exc)
     if param is not None and str(exc).startswith(_MISSING):
-        return InvalidRequestError(
-            f"Missing required parameter: '{param}'.", code="missing_required_parameter", param=param
-        )
+        return _missing(param)
     return InvalidRequestError(str(exc), param=param)
 
 
 def decode_chat_request(body: bytes | str | dict[str, Any]) -> ChatRequest:
-    """Decode and validate a client's chat request, keeping unknown fields.
-
-    Unknown top-level fields go to ``extra``. A message, tool call or tool with keys
-    llmrouter does not model becomes an instance of a subclass of its type with a field
-    for each (see :func:`_with_unknown_keys`), so that it encodes as the client sent it.
+    """Decode and validate a client's chat request, keeping unknown top-level fields in
+    ``extra`` (keys the types do not model inside messages, tool calls and tools are
+    dropped). A dict may hold messages, tool calls and tools already built as Structs.
 
     Raises:
         InvalidRequestError: the body is not JSON or does not fit the schema; ``param``
             names the offending field.
     """
-    raw = _split_extra(_raw_request(body, ChatRequest), _CHAT_FIELDS)
-    request: ChatRequest
-    try:
-        request = msgspec.convert(raw, _ClientChatRequest)
-    except msgspec.ValidationError:
-        # A key the types do not model, or the request does not fit them: then this
-        # raises the error (the one to report when it has both).
-        try:
-            request = msgspec.convert(raw, _CheckedChatRequest)
-        except msgspec.ValidationError as exc:
-            if not _holds_structs(raw):
-                raise invalid_request(exc) from exc
-            request = _convert(raw, ChatRequest)  # a library caller's messages or tools, built
-        _keep_unknown_keys(request, raw["messages"], raw.get("tools"))
+    request = _convert(_split_extra(_raw_request(body, ChatRequest), _CHAT_FIELDS), ChatRequest)
     for index, message in enumerate(request.messages):
         # OpenAI's schema requires it (the field is optional here only because the other
         # roles have none), and an upstream cannot tie an answer without it to its call.
         if message.role == "tool" and not message.tool_call_id:
-            param = f"messages[{index}].tool_call_id"
-            raise InvalidRequestError(
-                f"Missing required parameter: '{param}'.", code="missing_required_parameter", param=param
-            )
+            raise _missing(f"messages[{index}].tool_call_id")
+        if message.tool_calls:
+            for k, call in enumerate(message.tool_calls):
+                # A call holds the part its type names (upstreams' answers are taken as
+                # they come; only a client's request is held to it).
+                if call.type == "function":
+                    if call.function is _NO_FUNCTION_CALL:
+                        raise _missing(f"messages[{index}].tool_calls[{k}].function")
+                elif call.custom is None:
+                    raise _missing(f"messages[{index}].tool_calls[{k}].custom")
+    for index, tool in enumerate(request.tools or ()):
+        if tool.type == "function":
+            if tool.function is _NO_FUNCTION_DEFINITION:
+                raise _missing(f"tools[{index}].function")
+        elif tool.custom is None:
+            raise _missing(f"tools[{index}].custom")
     return request
 
 
-def _holds_structs(raw: dict[str, Any]) -> bool:
-    """Whether a dict given as a request holds messages or tools already built as Structs."""
-    items = [*(raw.get("messages") or ()), *(raw.get("tools") or ())]
-    return any(isinstance(item, msgspec.Struct) for item in items)
+def _missing(param: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"Missing required parameter: '{param}'.", code="missing_required_parameter", param=param
+    )
 
 
 def decode_completion_request(body: bytes | str | dict[str, Any]) -> CompletionRequest:
@@ -773,61 +729,6 @@ def decode_completion_request(body: bytes | str | dict[str, Any]) -> CompletionR
     return _convert(
         _split_extra(_raw_request(body, CompletionRequest), _COMPLETION_FIELDS), CompletionRequest
     )
-
-
-# --- keys llmrouter does not model, inside messages, tool calls and tools ----------------
-
-_EXTENDED: dict[tuple[type, tuple[str, ...]], type] = {}
-_MAX_EXTENDED = 256
-"""How many subclasses are kept for reuse: a client sending ever new keys gets new
-classes, which the garbage collector frees with their requests."""
-
-
-def _extended(base: type[_S], keys: tuple[str, ...]) -> type[_S]:
-    """A subclass of ``base`` with a field for each of ``keys`` (sorted): typed ``Any``,
-    left out when unset, encoded under the key's name."""
-    cls = _EXTENDED.get((base, keys))
-    if cls is None:
-        fields = [
-            (f"_unknown_{i}", Any, msgspec.field(default=UNSET, name=key)) for i, key in enumerate(keys)
-        ]
-        cls = msgspec.defstruct(base.__name__, fields, bases=(base,), module=base.__module__, kw_only=True)
-        if len(_EXTENDED) < _MAX_EXTENDED:
-            _EXTENDED[(base, keys)] = cls
-    return cls
-
-
-def _with_unknown_keys(struct: _S, data: Any, known: frozenset[str]) -> _S:
-    """``struct`` (decoded from ``data``) with the keys of ``data`` outside ``known``."""
-    if not isinstance(data, dict):
-        return struct
-    unknown = data.keys() - known
-    if not unknown:
-        return struct
-    keys = tuple(sorted(unknown))
-    values = {name: getattr(struct, name) for name in struct.__struct_fields__}
-    values.update((f"_unknown_{i}", data[key]) for i, key in enumerate(keys))
-    return _extended(type(struct), keys)(**values)
-
-
-def _keep_unknown_keys(request: ChatRequest, messages: Any, tools: Any) -> None:
-    """Put the keys llmrouter does not model back on the request's messages, their tool
-    calls and its tools (the slow path: only requests that have some)."""
-    for index, (message, data) in enumerate(zip(request.messages, messages, strict=True)):
-        if not isinstance(data, dict):
-            continue
-        message = request.messages[index] = _with_unknown_keys(message, data, _MESSAGE_FIELDS)
-        calls = data.get("tool_calls")
-        if message.tool_calls and isinstance(calls, list):
-            message.tool_calls = [
-                _with_unknown_keys(call, raw_call, _TOOL_CALL_FIELDS)
-                for call, raw_call in zip(message.tool_calls, calls, strict=True)
-            ]
-    if request.tools and isinstance(tools, list):
-        request.tools = [
-            _with_unknown_keys(tool, raw, _TOOL_FIELDS)
-            for tool, raw in zip(request.tools, tools, strict=True)
-        ]
 
 
 def request_to_wire(request: ChatRequest | CompletionRequest) -> dict[str, Any]:

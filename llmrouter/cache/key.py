@@ -23,8 +23,9 @@ __all__ = ["KEY_VERSION", "CanonicalRequest", "cache_key", "canonical_request"]
 KEY_VERSION = 3
 """Bumped when the canonical form changes, so old entries are simply never found
 (2: encoded as a JSON array, in the field order of :class:`CanonicalRequest`; 3: a tool
-call's ``arguments`` always written, ``""`` included, and keys of messages, tool calls and
-tools that llmrouter does not model kept)."""
+call's ``arguments`` always written, ``""`` included, and the fields of messages, tool
+calls and tools modeled since: ``function_call``, ``audio``, ``prefix``, custom tools and
+calls, ``extra_content``, a tool's ``cache_control``)."""
 
 # Sorted keys make dicts (tool schemas, logit_bias, extra fields) order-independent.
 _encoder = msgspec.json.Encoder(order="sorted")

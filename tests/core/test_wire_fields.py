@@ -1,10 +1,15 @@
-"""What a client sends inside messages, tool calls and tools reaches the upstream as sent:
-the documented fields llmrouter models, and the keys it does not (kept, not dropped).
-Valid OpenAI input (refusal parts, custom tools) is taken, and a refusal names its field."""
+"""What a client sends inside messages, tool calls and tools reaches the upstream: the
+fields llmrouter models, provider extensions among them (a tool call's ``extra_content``, a
+tool's ``cache_control``, a message's ``prefix``); other keys there are dropped. Decoded
+requests are plain instances of the public types. Valid OpenAI input (refusal parts,
+custom tools) is taken, and a refusal names its field."""
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
+import time
 from typing import Any
 
 import msgspec
@@ -13,11 +18,14 @@ import pytest
 from llmrouter.cache.key import cache_key
 from llmrouter.chunking import chunks_from_response, response_from_chunks
 from llmrouter.errors import InvalidRequestError
-from llmrouter.tokens import count_messages, tools_text
+from llmrouter.openai_compat import _chat_texts, _message_text
+from llmrouter.tokens import count_messages, count_text, tools_text
 from llmrouter.types import (
     ChatChunk,
     ChatMessage,
+    ChatRequest,
     ChatResponse,
+    CustomCall,
     CustomToolDefinition,
     FunctionCall,
     FunctionDefinition,
@@ -31,6 +39,7 @@ from llmrouter.types import (
 )
 
 USER = {"role": "user", "content": "hi"}
+SIGNATURE = {"google": {"thought_signature": "c2ln"}}
 
 
 def wire(body: dict[str, Any]) -> dict[str, Any]:
@@ -81,25 +90,27 @@ def wire(body: dict[str, Any]) -> dict[str, Any]:
                             "id": "c1",
                             "type": "function",
                             "function": {"name": "now", "arguments": "{}"},
-                            "extra_content": {"google": {"thought_signature": "c2ln"}},
+                            "extra_content": SIGNATURE,
                         }
                     ],
                 },
-                {"role": "tool", "tool_call_id": "c1", "content": "12:00", "x_trace": None},
+                {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
             ],
-            id="unknown-keys-of-tool-calls-and-messages",
+            id="gemini-thought-signature",
+        ),
+        pytest.param(
+            [USER, {"role": "assistant", "content": "```python\n", "prefix": True}],
+            id="assistant-prefill",
         ),
     ],
 )
 def test_what_a_message_holds_reaches_the_upstream(messages: list[dict[str, Any]]) -> None:
     body = {"model": "m", "messages": messages}
     sent = wire(body)
-    assert sent["messages"] == [
-        {k: v for k, v in m.items() if v is not None or k == "x_trace"} for m in messages
-    ]
+    assert sent["messages"] == [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
-def test_unknown_keys_of_tools_are_kept_with_the_top_level_extra_fields() -> None:
+def test_a_tools_cache_control_is_kept_with_the_top_level_extra_fields() -> None:
     tools = [
         {"type": "function", "function": {"name": "f"}, "cache_control": {"type": "ephemeral"}},
         {"type": "function", "function": {"name": "g"}},
@@ -108,17 +119,110 @@ def test_unknown_keys_of_tools_are_kept_with_the_top_level_extra_fields() -> Non
     assert sent["tools"] == tools and sent["top_k"] == 5
 
 
-def test_a_message_with_unknown_keys_is_still_a_chat_message() -> None:
-    request = decode_chat_request({"model": "m", "messages": [{**USER, "b": 2, "a": 1}]})
-    (message,) = request.messages
-    assert isinstance(message, ChatMessage) and message.content == "hi"
-    # The same keys (in any order) make the same type, which encodes them sorted.
-    again = decode_chat_request({"model": "m", "messages": [{"a": 1, **USER, "b": 2}]})
-    assert type(again.messages[0]) is type(message)
-    assert msgspec.json.encode(message) == b'{"role":"user","content":"hi","a":1,"b":2}'
+def test_other_keys_inside_messages_tool_calls_and_tools_are_dropped() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "now", "arguments": "{}"}}
+    tool = {"type": "function", "function": {"name": "now"}}
+    sent = wire(
+        {
+            "model": "m",
+            "messages": [
+                {**USER, "x_trace": 1},
+                {"role": "assistant", "tool_calls": [{**call, "x_call": {"a": 1}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "12:00", "x_note": None},
+            ],
+            "tools": [{**tool, "x_tool": True}],
+        }
+    )
+    assert sent["messages"] == [
+        USER,
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
+    ]
+    assert sent["tools"] == [tool]
 
 
-def test_cache_keys_of_equal_requests_stay_equal_and_unknown_keys_count() -> None:
+def test_decoded_requests_are_the_public_types_equal_to_hand_built_ones() -> None:
+    body = {
+        "model": "m",
+        "messages": [
+            {**USER, "x_unknown": 1},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "c1", "function": {"name": "f"}, "extra_content": SIGNATURE},
+                    {"id": "c2", "type": "custom", "custom": {"name": "g", "input": "x"}},
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+            {"role": "assistant", "content": "Sure", "prefix": True},
+        ],
+        "tools": [
+            {"type": "function", "function": {"name": "f"}, "cache_control": {"type": "ephemeral"}},
+            {"type": "custom", "custom": {"name": "g"}},
+        ],
+    }
+    request = decode_chat_request(json.dumps(body).encode())
+    built = ChatRequest(
+        model="m",
+        messages=[
+            ChatMessage(role="user", content="hi"),
+            ChatMessage(
+                role="assistant",
+                tool_calls=[
+                    ToolCall(id="c1", function=FunctionCall(name="f"), extra_content=SIGNATURE),
+                    ToolCall(id="c2", type="custom", custom=CustomCall(name="g", input="x")),
+                ],
+            ),
+            ChatMessage(role="tool", tool_call_id="c1", content="ok"),
+            ChatMessage(role="assistant", content="Sure", prefix=True),
+        ],
+        tools=[
+            Tool(function=FunctionDefinition(name="f"), cache_control={"type": "ephemeral"}),
+            Tool(type="custom", custom=CustomToolDefinition(name="g")),
+        ],
+    )
+    assert request == built and type(request) is ChatRequest
+    assert {type(m) for m in request.messages} == {ChatMessage}
+    assert msgspec.convert(request, ChatRequest) is request
+    # Pickled and copied (a custom call's placeholder .function stays the one, never encoded).
+    for again in (pickle.loads(pickle.dumps(request)), copy.deepcopy(request)):
+        assert again == request
+        assert msgspec.json.encode(again) == msgspec.json.encode(request)
+    assert cache_key(request) == cache_key(built)
+
+
+def test_a_dict_that_holds_decoded_messages_and_built_tool_calls_is_a_request() -> None:
+    earlier = decode_chat_request({"model": "m", "messages": [USER]})
+    call = ToolCall(id="c1", function=FunctionCall(name="f", arguments="{}"))
+    request = decode_chat_request(
+        {
+            "model": "m",
+            "messages": [
+                *earlier.messages,
+                {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+            ],
+            "tools": [Tool(function=FunctionDefinition(name="f"))],
+        }
+    )
+    assert request.messages[0] == ChatMessage(role="user", content="hi")
+    assert request.messages[1].tool_calls == [call]
+    # Built structs are held to the checks too.
+    with pytest.raises(InvalidRequestError) as info:
+        decode_chat_request({"model": "m", "messages": [USER], "tools": [Tool()]})
+    assert info.value.param == "tools[0].function"
+
+
+def test_a_message_with_many_unknown_keys_decodes_in_linear_time() -> None:
+    many = {f"k{i:07d}": 1 for i in range(100_000)}
+    body = json.dumps({"model": "m", "messages": [{**USER, **many}]}).encode()
+    start = time.perf_counter()
+    request = decode_chat_request(body)
+    assert time.perf_counter() - start < 0.5
+    assert msgspec.json.encode(request.messages[0]) == b'{"role":"user","content":"hi"}'
+
+
+def test_cache_keys_of_equal_requests_stay_equal_and_modeled_fields_count() -> None:
     def key(messages: list[dict[str, Any]]) -> str:
         return cache_key(decode_chat_request({"model": "m", "messages": messages}))
 
@@ -127,8 +231,44 @@ def test_cache_keys_of_equal_requests_stay_equal_and_unknown_keys_count() -> Non
     assert key([USER, {"role": "assistant", "tool_calls": [call]}]) == key(
         [USER, {"role": "assistant", "tool_calls": [untyped]}]
     )
-    assert key([{**USER, "a": 1, "b": 2}]) == key([{"b": 2, **USER, "a": 1}])
-    assert key([{**USER, "a": 1}]) != key([{**USER, "a": 2}]) != key([USER])
+    assert key([{**USER, "a": 1}]) == key([USER])  # dropped, so not sent: the same question
+    signed = {**call, "extra_content": SIGNATURE}
+    assert key([USER, {"role": "assistant", "tool_calls": [signed]}]) != key(
+        [USER, {"role": "assistant", "tool_calls": [call]}]
+    )
+    assert key([USER, {"role": "assistant", "content": "a", "prefix": True}]) != key(
+        [USER, {"role": "assistant", "content": "a"}]
+    )
+
+
+def test_upstream_answers_relay_a_tool_calls_extra_content() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    raw = {
+        "id": "x",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "tool_calls": [{**call, "extra_content": SIGNATURE}]},
+            }
+        ],
+    }
+    response = msgspec.json.decode(json.dumps(raw).encode(), type=ChatResponse)
+    relayed = json.loads(msgspec.json.encode(response))["choices"][0]["message"]["tool_calls"]
+    assert relayed == [{**call, "extra_content": SIGNATURE}]
+    # Streamed: the delta relays it, the assembled answer keeps it, and its replay too.
+    delta = {"index": 0, **call, "extra_content": SIGNATURE}
+    chunk = msgspec.json.decode(
+        json.dumps({"id": "x", "choices": [{"index": 0, "delta": {"tool_calls": [delta]}}]}), type=ChatChunk
+    )
+    assert json.loads(msgspec.json.encode(chunk))["choices"][0]["delta"]["tool_calls"] == [delta]
+    assembled = response_from_chunks([chunk])
+    assert assembled.choices[0].message.tool_calls == [
+        ToolCall(id="c1", function=FunctionCall(name="f", arguments="{}"), extra_content=SIGNATURE)
+    ]
+    assert response_from_chunks(chunks_from_response(assembled)) == assembled
+    # A delta without it has no key (ToolCallDelta writes every other field).
+    plain = msgspec.json.decode(json.dumps({"index": 0, **call}), type=ToolCallDelta)
+    assert b"extra_content" not in msgspec.json.encode(plain)
 
 
 def test_upstream_answers_relay_function_call_and_audio() -> None:
@@ -314,6 +454,114 @@ def test_completion_errors_name_the_field(body: dict[str, Any], param: str, code
     assert (info.value.param, info.value.code) == (param, code)
 
 
-def test_a_dict_that_holds_built_messages_is_still_a_request() -> None:
-    request = decode_chat_request({"model": "m", "messages": [ChatMessage(role="user", content="hi")]})
-    assert request.messages == [ChatMessage(role="user", content="hi")]
+def test_custom_calls_and_function_call_count_as_tokens() -> None:
+    code = "x = 1\n" * 200
+
+    def prompt(call: dict[str, Any]) -> int:
+        request = decode_chat_request({"model": "m", "messages": [USER, {"role": "assistant", **call}]})
+        return count_messages(request.messages, "gpt-4o")
+
+    function = prompt({"tool_calls": [{"id": "c", "function": {"name": "f", "arguments": code}}]})
+    custom = prompt({"tool_calls": [{"id": "c", "type": "custom", "custom": {"name": "f", "input": code}}]})
+    legacy = prompt({"function_call": {"name": "f", "arguments": code}})
+    assert function == custom == legacy > count_text(code, "gpt-4o")
+
+    # An answer that reported no usage is counted from its text, custom calls included.
+    answer = msgspec.json.decode(
+        json.dumps(
+            {
+                "choices": [
+                    {
+                        "message": {
+                            "role": "assistant",
+                            "tool_calls": [
+                                {"id": "c", "type": "custom", "custom": {"name": "f", "input": code}}
+                            ],
+                            "function_call": {"name": "g", "arguments": "{}"},
+                        }
+                    }
+                ]
+            }
+        ),
+        type=ChatResponse,
+    )
+    assert _message_text(answer.choices[0].message) == "f" + code + "g{}"
+    texts: list[str] = []
+    for delta in (
+        {"tool_calls": [{"index": 0, "id": "c", "type": "custom", "custom": {"name": "f", "input": code}}]},
+        {"function_call": {"name": "g", "arguments": "{}"}},
+    ):
+        chunk = msgspec.json.decode(json.dumps({"choices": [{"index": 0, "delta": delta}]}), type=ChatChunk)
+        _chat_texts(chunk, texts)
+    assert "".join(texts) == "f" + code + "g{}"
+
+
+def test_a_delta_with_custom_null_is_taken() -> None:
+    raw = {
+        "id": "x",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "a",
+                            "type": "function",
+                            "function": {"name": "f", "arguments": "{}"},
+                            "custom": None,
+                        }
+                    ]
+                },
+            }
+        ],
+    }
+    chunk = msgspec.json.decode(json.dumps(raw).encode(), type=ChatChunk)
+    (call,) = chunk.choices[0].delta.tool_calls or []
+    assert call.custom is None
+    assert response_from_chunks([chunk]).choices[0].message.tool_calls == [
+        ToolCall(id="a", function=FunctionCall(name="f", arguments="{}"))
+    ]
+
+
+def test_a_cached_function_call_and_audio_are_replayed_as_a_stream() -> None:
+    raw = {
+        "id": "x",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "function_call",
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "function_call": {"name": "f", "arguments": "{}"},
+                    "audio": {"id": "au_1", "data": "AAA", "transcript": "hi", "expires_at": 1},
+                },
+            }
+        ],
+    }
+    response = msgspec.json.decode(json.dumps(raw).encode(), type=ChatResponse)
+    chunks = chunks_from_response(response)
+    delta = json.loads(msgspec.json.encode(chunks[0]))["choices"][0]["delta"]
+    assert delta["function_call"] == {"name": "f", "arguments": "{}"} and delta["audio"]["id"] == "au_1"
+    assert response_from_chunks(chunks) == response
+
+
+def test_streamed_function_call_and_audio_pieces_are_assembled() -> None:
+    deltas: list[dict[str, Any]] = [
+        {
+            "role": "assistant",
+            "function_call": {"name": "f", "arguments": ""},
+            "audio": {"id": "au_1", "transcript": "he"},
+        },
+        {"function_call": {"arguments": '{"a":'}, "audio": {"transcript": "llo", "data": "AA"}},
+        {"function_call": {"arguments": " 1}"}, "audio": {"data": "BB", "expires_at": 9}},
+    ]
+    chunks = [
+        msgspec.json.decode(json.dumps({"id": "x", "choices": [{"index": 0, "delta": d}]}), type=ChatChunk)
+        for d in deltas
+    ]
+    message = response_from_chunks(chunks).choices[0].message
+    assert message.function_call == FunctionCall(name="f", arguments='{"a": 1}')
+    assert message.audio == {"id": "au_1", "transcript": "hello", "data": "AABB", "expires_at": 9}
+    assert message.content is None
