@@ -141,9 +141,15 @@ def _with_model(config: Config, path: str) -> Config:
     return msgspec.structs.replace(config, models=[*config.models, group])
 
 
+FORCED_EXIT = 130
+"""``serve``'s exit status after a second Ctrl-C (128 + SIGINT, as a shell reports a
+process that Ctrl-C ended)."""
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import msgspec
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     from llmrouter.server.app import RESOLVED_CONFIG_ENV, create_app, default_extensions
     from llmrouter.server.startup import OneLineStartupFailure
@@ -169,7 +175,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     workers = args.workers or config.server.workers
-    extensions = default_extensions(config)
+    try:
+        extensions = default_extensions(config)
+    except OSError as exc:  # a file or folder an extension needs (the database's are checked at start-up)
+        print(f"llmrouter: error: the service cannot start: {exc}", file=sys.stderr)
+        return STARTUP_FAILURE
     summary = _startup_summary(config, path, notes, [ext.name for ext in extensions])
     summary.append(f"listening on http://{host}:{port}  (OpenAI base URL: http://{host}:{port}/v1)")
     _announce(summary, as_log=config.telemetry.json_logs and not sys.stdout.isatty())
@@ -190,8 +200,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # discovery runs once and every worker serves the same models.
         os.environ[RESOLVED_CONFIG_ENV] = msgspec.json.encode(config).decode()
         return _serve_workers(workers, common)
-    uvicorn.run(OneLineStartupFailure(create_app(config, extensions=extensions)), **common)
-    return 0
+    app = OneLineStartupFailure(create_app(config, extensions=extensions))
+    uvicorn.run(app, **common)
+    # A second Ctrl-C: the requests still running were cut, not drained (docs/service.md).
+    return FORCED_EXIT if app.forced_exit else 0
 
 
 def _serve_workers(workers: int, options: dict[str, Any]) -> int:

@@ -323,12 +323,16 @@ def error_for_status(
 def one_line_cause(exc: BaseException) -> str:
     """What went wrong, in one line, for a message without a traceback: our own errors'
     words, else the innermost cause (the ``ConnectionRefusedError`` or the database's
-    "role does not exist" under SQLAlchemy's and asyncpg's wrappers)."""
+    "role does not exist" under SQLAlchemy's and asyncpg's wrappers).
+
+    A cause that is no error (the ``CancelledError`` under a ``TimeoutError``: how the
+    timeout was made) is not followed, nor a cause without words under an error with
+    some (the bare ``TimeoutError`` under "timed out connecting to ...")."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     if isinstance(exc, LLMRouterError):
         return exc.message
-    while exc.__cause__ is not None:
+    while isinstance(exc.__cause__, Exception) and (str(exc.__cause__) or not str(exc)):
         exc = exc.__cause__
     lines = str(exc).splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

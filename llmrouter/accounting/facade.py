@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -189,26 +191,46 @@ class Accounting:
         self._started = True
 
     async def aclose(self) -> None:
-        """Flush the ledger and close connections."""
+        """Flush the ledger and close connections.
+
+        Bounded: the ledger's flush by ``ledger.shutdown_timeout``; what comes before it,
+        and all that comes after it, by :data:`CLOSE_SECONDS` each (a database or Redis
+        that stopped answering holds the shutdown no longer; what was not written or
+        settled stays in the journal, for the next start)."""
         if not self._started:
-            await self.engine.dispose()
+            await _bounded("closing the database's connections", self.engine.dispose(), _close_by())
             return
         self._started = False
-        if self._key_events is not None:
-            await self._key_events.aclose()
-            self._key_events = None
+        key_events, self._key_events = self._key_events, None
+        closing_key_events = None
+        if key_events is not None:
             self.keys.on_change = None
-        await self.ledger.stop()
-        await self._release_interrupted()
-        await self.retries.aclose()  # budget settlements and limit releases, while their stores are open
-        self.ledger.close()  # its journal kept if settlements still wait
+            # Beside the ledger's flush, not before it: each may wait on a database that
+            # stopped answering, and the shutdown is bounded by the longer of the two.
+            closing_key_events = asyncio.get_running_loop().create_task(
+                _bounded("closing the key-change listener", key_events.aclose(), _close_by())
+            )
+        try:
+            await self.ledger.stop()
+        finally:
+            if closing_key_events is not None:
+                await closing_key_events
+        by = _close_by()  # one bound for all that follows
+        try:
+            await _bounded(
+                "settling the requests interrupted by the shutdown", self._release_interrupted(), by
+            )
+            # Budget settlements and limit releases, while their stores are open.
+            await _bounded("retrying the settlements that waited", self.retries.aclose(), by)
+        finally:
+            self.ledger.close()  # its journal kept if rows or settlements still wait
         if self.budgets is not None:
-            await self.budgets.aclose()
+            await _bounded("closing the budget store", self.budgets.aclose(), by)
         if self.limiter is not None:
-            await self.limiter.aclose()
+            await _bounded("closing the limiter", self.limiter.aclose(), by)
         if self._own_redis and self.redis is not None:
-            await self.redis.aclose()
-        await self.engine.dispose()
+            await _bounded("closing Redis", self.redis.aclose(), by)
+        await _bounded("closing the database's connections", self.engine.dispose(), by)
 
     async def _release_interrupted(self) -> None:
         """Give back what the requests a process did not finish held (replayed from a dead
@@ -304,6 +326,24 @@ class Accounting:
             "in_flight": self._hooks.in_flight if self._hooks else 0,
             "settlements_waiting": len(self.retries),
         }
+
+
+CLOSE_SECONDS = 5.0
+"""At shutdown, the longest wait for the stores to let go (settlements, connections
+closed) before the ledger's flush, and again after it (on top of ``shutdown_timeout``)."""
+
+
+def _close_by() -> float:
+    return time.monotonic() + CLOSE_SECONDS
+
+
+async def _bounded(what: str, work: Coroutine[Any, Any, Any], by: float) -> None:
+    """``await work`` until ``by`` (``time.monotonic()``); past that it is given up, and
+    logged."""
+    try:
+        await within(max(0.05, by - time.monotonic()), work)
+    except TimeoutError:
+        log.warning("accounting: %s did not finish in time at shutdown; going on without it", what)
 
 
 STORE_CHECK_SECONDS = 1.0

@@ -41,6 +41,7 @@ from llmrouter.accounting.journal import Journal, orphaned_rows, release_orphan
 from llmrouter.accounting.models import LedgerRow
 from llmrouter.accounting.retries import WAITING_LIMIT
 from llmrouter.accounting.sqlite_ledger import SQLiteInserter, is_refused
+from llmrouter.aio import within
 from llmrouter.context import new_id
 
 if TYPE_CHECKING:
@@ -55,6 +56,14 @@ Sink = Callable[[Sequence[LedgerEntry]], Awaitable[None]]
 OPEN_GRACE_SECONDS = 1.0
 """How long :meth:`LedgerWriter.aclose` waits for requests still running to record their
 own rows before it records them as interrupted."""
+
+
+async def _finished_by(task: asyncio.Task[Any], deadline: float) -> bool:
+    """Wait for ``task`` until ``deadline`` (``time.monotonic()``), without cancelling it,
+    and shielded from the caller's cancellation; True when it is done."""
+    with anyio.CancelScope(shield=True):
+        await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+    return task.done()
 
 
 def row_from_context(
@@ -423,17 +432,28 @@ class LedgerWriter:
         """Stop the writer and flush, retrying until ``shutdown_timeout``; requests still
         running are recorded as interrupted (:attr:`interrupted`), and what they hold is
         journaled as waiting to be settled. The journal stays open (for
-        :meth:`keep_unsettled`, :meth:`all_settled`) until :meth:`close`."""
+        :meth:`keep_unsettled`, :meth:`all_settled`) until :meth:`close`.
+
+        Bounded: a database that stopped answering holds nothing here past
+        ``shutdown_timeout`` (a write still running then is cancelled); the rows not
+        written by then stay in the journal, for the next start to replay.
+        """
         if self._closing:
             return
         self._closing = True
+        deadline = time.monotonic() + self._shutdown_timeout
         self._wake.set()
         self._stop.set()
         if self._task is not None:
             # Let a batch in flight finish rather than cancel it: a SQLite connection
-            # abandoned mid-insert can keep the write lock and block the final flush.
-            with anyio.CancelScope(shield=True):
-                await asyncio.gather(self._task, return_exceptions=True)
+            # abandoned mid-insert can keep the write lock and block the final flush. But
+            # not past the deadline: a write to a database that stopped answering never does.
+            if not await _finished_by(self._task, deadline):
+                # Cancelled, and left to unwind on its own: no time is left to write anyway.
+                self._task.cancel()
+                self.last_error = (
+                    f"TimeoutError: a write took longer than shutdown_timeout ({self._shutdown_timeout:g}s)"
+                )
         if self._open:
             # Requests still running: at a forced shutdown they are being cancelled now, and
             # record their own rows as they unwind, within milliseconds; a moment for that.
@@ -450,15 +470,25 @@ class LedgerWriter:
                 self.interrupted.append(Interrupted(row, request))
                 if request.hold is not None:  # settled next: should that fail, at the next start
                     self.keep_unsettled(request, row.cost)
-        deadline = time.monotonic() + self._shutdown_timeout
         delay = 0.1
         with anyio.CancelScope(shield=True):
-            while not await self._write_available() and time.monotonic() < deadline:
+            while self._queue and (left := deadline - time.monotonic()) > 0:
+                try:
+                    # Each try bounded too: a write can hang as long as the database does.
+                    if await within(left, self._write_available()):
+                        break
+                except TimeoutError:
+                    self.last_error = (
+                        f"TimeoutError: no answer within shutdown_timeout ({self._shutdown_timeout:g}s)"
+                    )
+                    break
                 await anyio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 2.0)
         if self._queue:
             where = f"left in {self._journal.folder}" if self._journal else "LOST (no journal_dir)"
-            log.error("ledger: %d rows not written at shutdown: %s", len(self._queue), where)
+            log.error(
+                "ledger: %d rows not written at shutdown (%s): %s", len(self._queue), self.last_error, where
+            )
         self._task = None
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ app's state (:func:`~llmrouter.server.state.service_of`).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib
 import logging
@@ -17,12 +18,14 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import msgspec
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
 
+from llmrouter.aio import on_asyncio
 from llmrouter.config import Config, load_config
 from llmrouter.discovery import resolve_config
 from llmrouter.errors import one_line_cause
@@ -112,25 +115,62 @@ def _attach_extensions(router: Router, extensions: Sequence[Extension]) -> None:
 
 SETTLE_SECONDS = 10.0
 """At shutdown, the longest wait for requests still in flight to finish before the
-extensions close (uvicorn has cancelled them by then, unless told to exit at once)."""
+extensions close (uvicorn has cancelled them by then: at the end of the drain, or at
+once on a second Ctrl-C)."""
+
+CLOSE_MARGIN_SECONDS = 15.0
+"""What the shutdown may take beyond :data:`SETTLE_SECONDS` and the ledger's
+``shutdown_timeout``: the stores' closing (``accounting.facade.CLOSE_SECONDS`` before the
+ledger's flush and again after it), the router's, the telemetry's."""
 
 
 class StartupError(Exception):
     """The service could not start; the message says which part and why, in one line."""
 
 
+def shutdown_bound(config: Config) -> float:
+    """The longest the app's shutdown takes, from uvicorn's ``lifespan.shutdown`` (after
+    the drain) to its end; :func:`_make_lifespan` gives up on what is still running
+    then, so that a store that stopped answering cannot hold the process."""
+    ledger = config.accounting.ledger.shutdown_timeout if config.accounting.enabled else 0.0
+    return SETTLE_SECONDS + ledger + CLOSE_MARGIN_SECONDS
+
+
 def _make_lifespan(service: Service, owns_router: bool) -> Any:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with AsyncExitStack() as stack:
+        stack = AsyncExitStack()
+        try:
             await _start(service, stack, owns_router)
             # Closed first at shutdown: requests cancelled there still record their rows.
             stack.push_async_callback(service.in_flight.wait_idle, SETTLE_SECONDS)
             if service.config.server.gc_tuning:
                 tune_gc()
             yield
+        finally:
+            await _close(stack, shutdown_bound(service.config))
 
     return lifespan
+
+
+async def _close(stack: AsyncExitStack, bound: float) -> None:
+    """Close what started (``stack``), for at most ``bound`` seconds: each part bounds its
+    own waits, this is the last resort. Errors raise as they would from the stack."""
+    if not on_asyncio():  # trio: cancelled in place at the bound
+        with anyio.CancelScope(shield=True), anyio.move_on_after(bound):
+            await stack.aclose()
+        return
+    closing = asyncio.get_running_loop().create_task(stack.aclose(), name="llmrouter-shutdown")
+    with anyio.CancelScope(shield=True):  # a cancelled lifespan still closes, within the bound
+        await asyncio.wait({closing}, timeout=bound)
+        if not closing.done():
+            logger.error("shutdown still not done after %gs; exiting without waiting for the rest", bound)
+            closing.cancel()
+            await asyncio.wait({closing}, timeout=1.0)
+            if not closing.done():
+                return
+    if not closing.cancelled():
+        closing.result()
 
 
 async def _start(service: Service, stack: AsyncExitStack, owns_router: bool) -> None:

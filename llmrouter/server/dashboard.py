@@ -35,9 +35,11 @@ CONTENT_SECURITY_POLICY = "; ".join(
 )
 
 # The only files served: a fixed map, so no request path ever reaches the filesystem.
+# Media types without a charset: Litestar adds "; charset=utf-8" to every text/* type
+# (given one, it sent "text/html; charset=utf-8; charset=utf-8").
 _ASSETS = {
-    "dashboard.js": "text/javascript; charset=utf-8",
-    "dashboard.css": "text/css; charset=utf-8",
+    "dashboard.js": "text/javascript",
+    "dashboard.css": "text/css",
 }
 
 _HEADERS = {
@@ -55,7 +57,7 @@ def _read(name: str) -> bytes:
 
 
 def _respond(name: str, media_type: str) -> Response[bytes]:
-    return Response(content=_read(name), media_type=media_type, headers=_HEADERS)
+    return Response(content=_read(name), media_type=media_type, encoding="utf-8", headers=_HEADERS)
 
 
 @get("/dashboard", include_in_schema=False)
@@ -66,7 +68,7 @@ async def dashboard_page(request: Request[Any, Any, Any]) -> Response[bytes]:
         # a reverse proxy's path prefix; that needs the URL without the trailing slash.
         # A relative Location keeps the prefix the browser sees.
         return Response(content=b"", status_code=308, headers={**_HEADERS, "Location": "../dashboard"})
-    return _respond("dashboard.html", "text/html; charset=utf-8")
+    return _respond("dashboard.html", "text/html")
 
 
 @get("/dashboard/{asset:str}", include_in_schema=False)

@@ -33,8 +33,10 @@ class InFlight:
             self._idle.set()
 
     async def wait_idle(self, at_most_s: float) -> None:
-        """Return once no request is in flight, or after ``at_most_s`` seconds (a second
-        Ctrl-C makes uvicorn shut down without cancelling them)."""
+        """Return once no request is in flight, or after ``at_most_s`` seconds (they are
+        being cancelled by then, at the end of the drain or by a second Ctrl-C, and unwind
+        in milliseconds; one stuck in something that ignores cancellation is left to the
+        ledger, which records it as interrupted)."""
         if self.count == 0:
             return
         self._idle = anyio.Event()
