@@ -121,7 +121,9 @@ def create_engine(config: DatabaseConfig | str) -> AsyncEngine:
         connect_timeout = _seconds(url, "connect_timeout", CONNECT_TIMEOUT, allow_none=False)
         command_timeout = _seconds(url, "command_timeout", COMMAND_TIMEOUT, allow_none=True)
         url = url.difference_update_query(_TIMEOUT_PARAMETERS)
-        where = url.set(drivername="postgresql").render_as_string(hide_password=True)
+        # Without the query: a password may be passed there too (`?password=`), and
+        # render_as_string hides only the one in the user part.
+        where = url.set(drivername="postgresql", query={}).render_as_string(hide_password=True)
         return create_async_engine(
             url,
             echo=config.echo,
