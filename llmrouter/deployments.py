@@ -58,7 +58,8 @@ class DeploymentState:
 
     def usable(self, now: float) -> bool:
         # Started: a deployment added to a live group is not sent a request until a
-        # request's admission has started it (one admitted before it was added skips it).
+        # request's admission has started it (one admitted before it was added does not
+        # start it, and skips it until then).
         return self.started and not self.cooling(now) and not self.full()
 
     def record_ttft(self, ttft: float) -> None:

@@ -17,7 +17,7 @@
     ├── UnprocessableEntityError (422)
     ├── RateLimitError (429)              retry_after in seconds
     │   └── BudgetExceededError           code=insufficient_quota
-    ├── UpstreamError (502, retryable)    a provider failed (or answered a 4xx not above)
+    ├── UpstreamError (502, retryable)    a provider failed (an upstream 4xx not above: not retryable)
     │   ├── UpstreamConnectionError       connect refused / reset
     │   ├── UpstreamTimeoutError (504)    connect, first-token or total timeout
     │   └── UpstreamUnavailableError (503)
