@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -19,3 +20,12 @@ def upstream() -> Iterator[FakeUpstream]:
 def fake(upstream: FakeUpstream) -> FakeUpstream:
     upstream.reset()
     return upstream
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A port that accepts TCP connections and never says a word (a hung server or database)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield listener.getsockname()[1]

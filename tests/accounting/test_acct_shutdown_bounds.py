@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import anyio
@@ -147,15 +146,6 @@ async def test_shutdown_with_postgresql_frozen_mid_run_keeps_the_rows_in_the_jou
     async with Accounting(make_config(pg_url, tmp_path)):  # the next start replays the journal
         pass
     assert sorted(await _ledger_ids(pg_url)) == sorted([first, second])
-
-
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """A port that accepts TCP connections and never says a word (a hung server)."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        yield listener.getsockname()[1]
 
 
 async def test_connecting_to_a_server_that_does_not_answer_times_out_saying_where(silent_server: int) -> None:

@@ -94,15 +94,6 @@ def serving() -> Iterator[list[Serve]]:
         served.stop()
 
 
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """A port that accepts TCP connections and never says a word (a hung database)."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        yield listener.getsockname()[1]
-
-
 def test_a_second_ctrl_c_cuts_the_requests_records_them_and_exits_130(
     tmp_path: Path, serving: list[Serve]
 ) -> None:
