@@ -140,7 +140,8 @@ class _ChoiceBuilder:
             if self.function_name is None
             else FunctionCall(name="".join(self.function_name), arguments="".join(self.function_arguments))
         )
-        called = tool_calls or function_call is not None or self.audio is not None
+        # Content is null, not "", beside a call, audio or a refusal (as OpenAI answers them).
+        called = tool_calls or function_call is not None or self.audio is not None or self.refusal
         message = ChatMessage(
             role=self.role or "assistant",
             content="".join(self.content) if self.content or not called else None,

@@ -30,6 +30,7 @@ retryable, a local rate limit is not.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, ClassVar
 
@@ -114,7 +115,9 @@ class LLMRouterError(Exception):
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
             return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+        # Rounded up: a client that waits the header's seconds must find room then (rounded
+        # to the nearest, 119.3 s said 119, and the retry was refused again).
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 class ConfigError(LLMRouterError):

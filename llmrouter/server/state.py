@@ -57,7 +57,13 @@ class Service:
             AuthenticationError: an extension refused the credentials.
         """
         headers = header_dict(request.scope["headers"])
-        cache_control = headers.get("cache-control", "").lower()
+        cache_control = ""
+        if "cache-control" in headers:
+            # Every line of it: a directive may come on a second ``Cache-Control`` line
+            # (RFC 9110 joins repeated lines into one list), which header_dict drops.
+            cache_control = ",".join(
+                value.decode("latin-1") for name, value in request.scope["headers"] if name == b"cache-control"
+            ).lower()
         ctx = RequestContext(
             request_id=request_id_of(request.scope),
             no_cache="no-cache" in cache_control,
