@@ -60,6 +60,10 @@ class LimitTicket:
     """Requests the RPM window has left after this one (None: no RPM limit)."""
     tokens_left: int | None = None
     """Tokens the TPM window has left after this one's prompt (None: no TPM limit)."""
+    minute: float = 0.0
+    """The start of the minute whose window was charged: the true-up at release goes to
+    that minute's count (the previous window's, once the minute has passed), not to the
+    minute the request happens to end in."""
 
     def headers(self) -> dict[str, str]:
         """OpenAI's ``x-ratelimit-*`` headers for the limits that apply."""
@@ -241,7 +245,13 @@ class MemoryLimiter:
         if limits.concurrency is not None:
             self._in_flight[subject] = self._in_flight.get(subject, 0) + 1
         return LimitTicket(
-            subject, limits, tokens, slot="", requests_left=left.get("rpm"), tokens_left=left.get("tpm")
+            subject,
+            limits,
+            tokens,
+            slot="",
+            requests_left=left.get("rpm"),
+            tokens_left=left.get("tpm"),
+            minute=math.floor(now / WINDOW) * WINDOW,
         )
 
     async def release(self, ticket: LimitTicket, actual_tokens: int) -> None:
@@ -253,7 +263,12 @@ class MemoryLimiter:
                 self._in_flight.pop(ticket.subject, None)
         if ticket.limits.tpm is not None and actual_tokens != ticket.tokens:
             window, _ = self._window(ticket.subject, "tpm", self._clock())
-            window.curr = max(0.0, window.curr + actual_tokens - ticket.tokens)
+            delta = actual_tokens - ticket.tokens
+            if window.start == ticket.minute:
+                window.curr = max(0.0, window.curr + delta)
+            elif window.start - ticket.minute == WINDOW:
+                window.prev = max(0.0, window.prev + delta)
+            # Older: that window no longer counts, and nothing is trued up.
 
     async def window_headers(self, subject: str, limits: EffectiveLimits) -> dict[str, str]:
         now = self._clock()
@@ -332,7 +347,7 @@ for i, c in ipairs(checks) do
     left[i] = math.max(0, math.floor(c[2] - prev * (1 - elapsed / 60) - curr))
   end
 end
-return {1, '', '0', left[1], left[2]}
+return {1, '', '0', left[1], left[2], tostring(minute)}
 """
 )
 
@@ -359,13 +374,21 @@ return left
 """
 )
 
-# ARGV = slot id, token delta (actual - charged), track tpm (1/0)
+# ARGV = slot id, token delta (actual - charged), track tpm (1/0), the minute charged
 _RELEASE = """
 redis.call('ZREM', KEYS[2], ARGV[1])
 if ARGV[3] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then
-  local tc = tonumber(redis.call('HGET', KEYS[1], 'tc') or '0') + tonumber(ARGV[2])
-  if tc < 0 then tc = 0 end
-  redis.call('HSET', KEYS[1], 'tc', tc)
+  -- the true-up goes to the minute that was charged: the current window's count while
+  -- the hash is still in that minute, the previous one's once it has rolled past it
+  local start = tonumber(redis.call('HGET', KEYS[1], 'start') or '0')
+  local charged = tonumber(ARGV[4])
+  local field = nil
+  if start == charged then field = 'tc' elseif start - charged == 60 then field = 'tp' end
+  if field then
+    local n = tonumber(redis.call('HGET', KEYS[1], field) or '0') + tonumber(ARGV[2])
+    if n < 0 then n = 0 end
+    redis.call('HSET', KEYS[1], field, n)
+  end
 end
 return 1
 """
@@ -403,20 +426,27 @@ class RedisLimiter:
             slot,
             self._lease,
         ]
-        ok, kind, wait, *left = await self._acquire(keys=self._keys(subject), args=args)
+        ok, kind, wait, *rest = await self._acquire(keys=self._keys(subject), args=args)
         if int(ok) != 1:
             kind = kind.decode() if isinstance(kind, bytes) else str(kind)
             limit = {"rpm": limits.rpm, "tpm": limits.tpm, "concurrency": limits.concurrency}[kind]
             raise _refusal(kind, limit or 0, float(wait))
-        requests_left, tokens_left = (int(n) if int(n) >= 0 else None for n in left)
+        requests_left, tokens_left = (int(n) if int(n) >= 0 else None for n in rest[:2])
         return LimitTicket(
-            subject, limits, tokens, slot=slot, requests_left=requests_left, tokens_left=tokens_left
+            subject,
+            limits,
+            tokens,
+            slot=slot,
+            requests_left=requests_left,
+            tokens_left=tokens_left,
+            minute=float(rest[2]),
         )
 
     async def release(self, ticket: LimitTicket, actual_tokens: int) -> None:
         track = "1" if ticket.limits.tpm is not None else "0"
         await self._release(
-            keys=self._keys(ticket.subject), args=[ticket.slot, actual_tokens - ticket.tokens, track]
+            keys=self._keys(ticket.subject),
+            args=[ticket.slot, actual_tokens - ticket.tokens, track, repr(ticket.minute)],
         )
 
     async def window_headers(self, subject: str, limits: EffectiveLimits) -> dict[str, str]:

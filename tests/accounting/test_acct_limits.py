@@ -143,6 +143,40 @@ async def test_redis_concurrency_slots_of_a_dead_replica_expire(redis_client: An
     await limiter.acquire("k", limits, 0)
 
 
+async def test_a_true_up_after_the_minute_goes_to_the_minute_it_was_charged_in() -> None:
+    # A request charged 600 tokens at 6000 ends at 6061 having used 100. Its -500 went to
+    # the new minute's count, where it erased another request's 300.
+    clock = Clock()
+    limiter = MemoryLimiter(clock=clock)
+    limits = EffectiveLimits(tpm=1000)
+    long_one = await limiter.acquire("k", limits, 600)
+    clock.now += 61
+    await limiter.acquire("k", limits, 300)
+    await limiter.release(long_one, 100)
+    # 100 in the previous minute (59/60 of it still counts) and 300 in this one.
+    assert (await limiter.window_headers("k", limits))["x-ratelimit-remaining-tokens"] == str(
+        math.floor(1000 - 100 * 59 / 60 - 300)
+    )
+    older = await limiter.acquire("k", limits, 50)
+    clock.now += 120  # two minutes on: that window no longer counts, nothing to true up
+    await limiter.release(older, 0)
+    assert (await limiter.window_headers("k", limits))["x-ratelimit-remaining-tokens"] == "1000"
+
+
+async def test_redis_trues_up_the_minute_it_charged(redis_client: Any) -> None:
+    limiter = RedisLimiter(redis_client, prefix=redis_client.test_prefix)
+    limits = EffectiveLimits(tpm=10_000)
+    ticket = await limiter.acquire("k", limits, 600)
+    windows = limiter._keys("k")[0]
+    # As the next request in the next minute finds the hash: rolled, this minute at 300.
+    await redis_client.hset(windows, mapping={"start": ticket.minute + 60, "tp": 600, "tc": 300})
+    await limiter.release(ticket, 100)
+    assert [float(v) for v in await redis_client.hmget(windows, "tp", "tc")] == [100.0, 300.0]
+    await redis_client.hset(windows, mapping={"start": ticket.minute + 120})
+    await limiter.release(ticket, 0)  # two minutes on: nothing to true up
+    assert [float(v) for v in await redis_client.hmget(windows, "tp", "tc")] == [100.0, 300.0]
+
+
 async def test_redis_windows_are_shared_by_replicas(redis_client: Any) -> None:
     one = RedisLimiter(redis_client, prefix=redis_client.test_prefix)
     two = RedisLimiter(redis_client, prefix=redis_client.test_prefix)
