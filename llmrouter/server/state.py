@@ -62,7 +62,9 @@ class Service:
             # Every line of it: a directive may come on a second ``Cache-Control`` line
             # (RFC 9110 joins repeated lines into one list), which header_dict drops.
             cache_control = ",".join(
-                value.decode("latin-1") for name, value in request.scope["headers"] if name == b"cache-control"
+                value.decode("latin-1")
+                for name, value in request.scope["headers"]
+                if name == b"cache-control"
             ).lower()
         ctx = RequestContext(
             request_id=request_id_of(request.scope),
