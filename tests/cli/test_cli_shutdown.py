@@ -155,13 +155,7 @@ def test_a_start_up_stalled_on_the_database_times_out_saying_where(
         tmp_path / "llmrouter.yaml", "http://127.0.0.1:9/v1", accounting={"database": {"url": url}}
     )
     started = time.monotonic()
-    done = subprocess.run(
-        cli_command("serve", "--config", str(config), "--port", str(free_port())),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    done = _serve_until_it_exits(cli_command, config)
     assert time.monotonic() - started < 10
     assert done.returncode == 3, done.stderr
     where = f"postgresql://llmrouter@127.0.0.1:{silent_server}/llmrouter"
@@ -177,13 +171,7 @@ def test_a_sqlite_database_whose_folder_cannot_be_made_fails_in_one_line_with_st
     # Before: exit status 1 after a 34-line FileNotFoundError traceback out of building the app.
     database = {"database": {"url": "sqlite+aiosqlite:////proc/nope/x.db"}}
     config = write_config(tmp_path / "llmrouter.yaml", "http://127.0.0.1:9/v1", accounting=database)
-    done = subprocess.run(
-        cli_command("serve", "--config", str(config), "--port", str(free_port())),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    done = _serve_until_it_exits(cli_command, config)
     assert done.returncode == 3, done.stderr
     assert "Traceback" not in done.stderr
     failure = [line for line in done.stderr.splitlines() if "failed to start" in line]
@@ -336,3 +324,14 @@ def test_sigterm_while_postgresql_does_not_answer_ends_within_its_bound_and_the_
             await conn.close()
 
     assert [status for status, _ in asyncio.run(rows())] == ["ok"]
+
+
+def _serve_until_it_exits(cli_command: Any, config: Path) -> subprocess.CompletedProcess[str]:
+    """``llmrouter serve`` with ``config``, run in its folder until it exits (start-up failed)."""
+    return subprocess.run(
+        cli_command("serve", "--config", str(config), "--port", str(free_port())),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=config.parent,
+    )
