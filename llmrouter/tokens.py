@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from llmrouter.types import ChatMessage, Tool, message_text
+from llmrouter.types import ChatMessage, ImagePart, Tool, message_text
 
 __all__ = [
     "count_messages",
@@ -36,6 +36,12 @@ _O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4", "chatgpt-4o",
 # Every message costs a few tokens of framing (role, separators); the reply is primed with 3.
 _TOKENS_PER_MESSAGE = 3
 _REPLY_PRIMING = 3
+_LOW_DETAIL_IMAGE = 85
+_IMAGE = 765
+"""What an image part counts when nobody says: OpenAI's tokens for an image at low
+detail, else for a 1024x1024 one at high detail (85 + 4 tiles of 170); its real size is
+not known without fetching it. Counted as nothing, an image's prompt was missing from a
+priced request's budget reservation."""
 
 
 def encoding_name_for(model: str) -> str:
@@ -145,6 +151,10 @@ def count_messages(messages: Sequence[ChatMessage], model: str = "") -> int:
         legacy = message.function_call
         if legacy is not None:
             total += count_text(legacy.name, model) + count_text(legacy.arguments, model)
+        if message.content.__class__ is list:
+            for part in message.content:
+                if part.__class__ is ImagePart:
+                    total += _LOW_DETAIL_IMAGE if part.image_url.detail == "low" else _IMAGE
     return total
 
 

@@ -32,3 +32,23 @@ def test_counts_with_tiktoken_offline_from_a_fresh_cache_dir(tmp_path: Path):
 
 def test_empty_text_is_no_tokens():
     assert count_text("") == 0
+
+
+def test_image_parts_count_in_the_prompt():
+    # Counted as nothing, an image's prompt was missing from a priced request's reservation.
+    from llmrouter.tokens import count_messages
+    from llmrouter.types import decode_chat_request
+
+    def messages(*images: dict) -> list:
+        parts = [{"type": "text", "text": "What is in these pictures?"}]
+        parts += [{"type": "image_url", "image_url": image} for image in images]
+        return decode_chat_request(
+            {"model": "gpt-4o", "messages": [{"role": "user", "content": parts}]}
+        ).messages
+
+    text_only = count_messages(messages(), "gpt-4o")
+    with_images = count_messages(
+        messages({"url": "https://example.com/a.png"}, {"url": "https://example.com/b.png", "detail": "low"}),
+        "gpt-4o",
+    )
+    assert with_images - text_only == 765 + 85
