@@ -157,6 +157,10 @@ _EXTRA_SAMPLING_KEYS = frozenset(
 )
 
 
+_SMALLEST_TOP_P = 1e-9
+"""What ``top_p: 0`` becomes: a nucleus that holds the likeliest token alone."""
+
+
 def make_sampling_params(
     *,
     max_tokens: int,
@@ -189,7 +193,9 @@ def make_sampling_params(
     }
     optional = {
         "temperature": temperature,
-        "top_p": top_p,
+        # OpenAI takes top_p 0 (only the likeliest token); vLLM refuses anything not over
+        # 0, and keeps the likeliest token of any nucleus, however small.
+        "top_p": _SMALLEST_TOP_P if top_p == 0 else top_p,
         "presence_penalty": presence_penalty,
         "frequency_penalty": frequency_penalty,
         "logprobs": logprobs,
