@@ -180,6 +180,11 @@ class Limiter(Protocol):
     async def aclose(self) -> None: ...
 
 
+def _minute(now: float) -> float:
+    """The start of the window (minute) ``now`` falls in."""
+    return math.floor(now / WINDOW) * WINDOW
+
+
 class _Window:
     __slots__ = ("curr", "prev", "start")
 
@@ -188,7 +193,7 @@ class _Window:
 
     def roll(self, now: float) -> float:
         """Move to the minute containing ``now``; returns the seconds elapsed in it."""
-        minute = math.floor(now / WINDOW) * WINDOW
+        minute = _minute(now)
         if minute != self.start:
             self.prev = self.curr if minute - self.start == WINDOW else 0.0
             self.curr, self.start = 0.0, minute
@@ -213,7 +218,7 @@ class MemoryLimiter:
         if window is None:
             if now - self._swept > WINDOW:
                 self._sweep(now)
-            window = self._windows[(subject, kind)] = _Window(math.floor(now / WINDOW) * WINDOW)
+            window = self._windows[(subject, kind)] = _Window(_minute(now))
         return window, window.roll(now)
 
     def _sweep(self, now: float) -> None:
@@ -251,7 +256,7 @@ class MemoryLimiter:
             slot="",
             requests_left=left.get("rpm"),
             tokens_left=left.get("tpm"),
-            minute=math.floor(now / WINDOW) * WINDOW,
+            minute=_minute(now),
         )
 
     async def release(self, ticket: LimitTicket, actual_tokens: int) -> None:
