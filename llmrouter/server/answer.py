@@ -14,6 +14,7 @@ from typing import Any
 from litestar import Request
 from litestar.response.base import ASGIResponse
 
+from llmrouter.errors import InvalidRequestError
 from llmrouter.server.body import read_body
 from llmrouter.server.disconnect import by_the_server, call_until_disconnect, shutting_down
 from llmrouter.server.responses import json_response
@@ -37,6 +38,11 @@ async def answer(
         service = service_of(request)
         ctx = await service.new_context(request)
         decoded = decode(await read_body(request))
+        if decoded.stream_options is not None and not decoded.stream:
+            raise InvalidRequestError(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options",
+            )
         router = service.active_router
         if decoded.stream:
             return await open_stream(

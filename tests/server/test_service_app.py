@@ -184,6 +184,12 @@ def test_request_id_cache_control_and_traceparent_reach_the_context() -> None:
         ),
         (b'{"model": "m", "messages": [{"role": "user"}], "temperature": 5}', "temperature", "<= 2"),
         (b'{"messages": [{"role": "user", "content": "x"}]}', None, "model"),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "x"}],'
+            b' "stream_options": {"include_usage": true}}',
+            "stream_options",
+            "only allowed when 'stream' is enabled",
+        ),
     ],
 )
 def test_bad_requests_are_400_with_param(
@@ -196,6 +202,16 @@ def test_bad_requests_are_400_with_param(
     assert fragment in error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_stream_options_need_a_stream_on_both_apis(client: TestClient[Any]) -> None:
+    """As OpenAI answers it; ``null`` options, or options with ``stream: true``, pass."""
+    completion = {"model": "m", "prompt": "x", "stream_options": {"include_usage": True}}
+    response = client.post("/v1/completions", json=completion)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "stream_options"
+    assert client.post("/v1/completions", json={**completion, "stream_options": None}).status_code == 200
+    assert client.post("/v1/completions", json={**completion, "stream": True}).status_code == 200
 
 
 def test_http_level_errors_have_openai_bodies(client: TestClient[Any]) -> None:
