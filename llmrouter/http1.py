@@ -11,9 +11,11 @@ connection at a time, informational (1xx) answers skipped, idle connections reus
 recent-first and dropped after ``keepalive_expiry`` or when the server closed them,
 ``Content-Length``, chunked and close-delimited bodies, back-pressure (reading pauses
 while 256 KiB are unread), a connect timeout, and a read timeout for the response head
-and for each pause between body pieces. A request that finds its reused connection
-closed by the server before any byte of an answer is sent again once on a new connection
-(the server never saw it). Closing a response before its end closes the connection: that
+and for each pause between body pieces. A request whose reused connection closes
+before any byte of an answer and within ``_IDLE_RACE_S`` of the send is sent again once
+on a new connection: the server closed it as idle (its keep-alive timeout) as the request
+left, so it never worked on it. A later loss is the caller's to retry (a ``POST`` the
+server read and worked on must not run twice unseen). Closing a response before its end closes the connection: that
 is how a cancelled stream reaches the upstream.
 
 Errors are httpx's classes (``ConnectError``, ``ConnectTimeout``, ``ReadTimeout``,
@@ -44,6 +46,9 @@ _CHECKED_NAMES: set[str] = set()
 a set lookup costs a tenth of the regular expression."""
 _CHECKED_NAMES_MAX = 1024
 _METHODS = frozenset({"GET", "POST"})
+# How soon after the send a reused connection's loss is the idle-close race: the server's
+# close crossing the request takes about a round trip; working on a request takes longer.
+_IDLE_RACE_S = 0.1
 
 
 class _Connection(asyncio.Protocol):
@@ -258,7 +263,8 @@ class HTTP1Pool:
         base_url: the origin, and a path prefix for every request (``http://h:8000/v1``).
         max_connections: requests in flight at once; more wait up to ``pool_timeout``.
         max_keepalive: idle connections kept open.
-        keepalive_expiry: seconds an idle connection is kept.
+        keepalive_expiry: seconds an idle connection is kept (under uvicorn's and vLLM's
+            5 s keep-alive, so that the server seldom closes one as it is reused).
         connect_timeout: seconds to open a connection (TLS handshake included).
         pool_timeout: seconds to wait for a free slot when all are in use.
         verify: TLS verification: True, False, or a CA bundle path.
@@ -270,7 +276,7 @@ class HTTP1Pool:
         *,
         max_connections: int = 256,
         max_keepalive: int = 64,
-        keepalive_expiry: float = 5.0,
+        keepalive_expiry: float = 4.0,
         connect_timeout: float | None = 5.0,
         pool_timeout: float | None = None,
         verify: bool | str = True,
@@ -308,20 +314,26 @@ class HTTP1Pool:
         among them replacing the pool's own) and return once its headers arrived; the
         caller closes the response."""
         data = self._encode(method, path, headers, body)
-        self._check_loop()
+        loop = self._check_loop()
         await self._acquire()
         try:
             for attempt in (1, 2):
                 # The second attempt on a new connection: idle ones the server closed tend
                 # to go together (its keep-alive timeout, a NAT dropping idle sockets).
                 conn = (self._take_idle() if attempt == 1 else None) or await self._connect()
+                sent = loop.time()
                 try:
                     conn.send(data)
                     await conn.head(read_timeout)
                 except (httpx.RemoteProtocolError, httpx.ReadError):
                     conn.close()
-                    if attempt == 1 and conn.reused and not conn.received:
-                        continue  # closed by the server while idle: it never saw this request
+                    if (
+                        attempt == 1
+                        and conn.reused
+                        and not conn.received
+                        and loop.time() - sent < _IDLE_RACE_S
+                    ):
+                        continue  # closed by the server as idle: it never worked on this request
                     raise
                 except BaseException:
                     conn.close()  # timed out or cancelled: the upstream sees the connection go
@@ -362,8 +374,9 @@ class HTTP1Pool:
             raise httpx.LocalProtocolError(f"a header is not latin-1: {exc}") from exc
         return head + body if body else head
 
-    def _check_loop(self) -> None:
-        """Connections belong to the loop that opened them; a new loop starts afresh."""
+    def _check_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop. Connections belong to the loop that opened them; a new loop
+        starts afresh."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             if self._loop is not None:
@@ -373,6 +386,7 @@ class HTTP1Pool:
                 self._idle.clear()
                 self._in_use, self._queue = 0, deque()
             self._loop = loop
+        return loop
 
     async def _acquire(self) -> None:
         """Take a slot, waiting (up to ``pool_timeout``) when all are in use.

@@ -253,6 +253,30 @@ async def test_a_fresh_connection_dropped_without_an_answer_is_not_retried():
     assert calls == 1
 
 
+async def test_a_request_the_server_worked_on_before_dropping_is_not_sent_again():
+    """Dropped past the idle-close race (a worker dying mid-generation): the server may
+    have acted on the POST, so it is the caller's to retry, not the pool's, unseen."""
+    bodies: list[bytes] = []
+
+    async def answer_once_then_work_and_drop(reader, writer):
+        bodies.append(await read_request(reader))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        bodies.append(await read_request(reader))
+        await asyncio.sleep(0.3)  # working on it, then gone
+        writer.close()
+
+    server, port = await raw_server(answer_once_then_work_and_drop)
+    async with server:
+        pool = HTTP1Pool(f"http://127.0.0.1:{port}")
+        response = await pool.request("POST", "/", JSON, b"{}")
+        assert await response.aread() == b"ok"
+        await response.aclose()
+        with pytest.raises(httpx.RemoteProtocolError):
+            await pool.request("POST", "/", JSON, b'{"n": 2}')
+    assert len(bodies) == 2, "the second POST reached the server once"
+
+
 async def test_idle_connections_expire():
     with FakeUpstream() as up:
         pool = HTTP1Pool(up.base_url, keepalive_expiry=0.05)
