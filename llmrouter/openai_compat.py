@@ -7,7 +7,8 @@ responses and SSE chunks are decoded straight into :mod:`llmrouter.types` Struct
 lenient fallback for servers that bend the schema. Every error leaves this module as a
 member of :mod:`llmrouter.errors`, with the provider's name on it::
 
-    non-2xx                          -> error_for_status(status, upstream message, code, Retry-After)
+    non-2xx                          -> error_for_status(status, upstream message, code, Retry-After);
+                                        a 3xx (not followed) names its Location
     {"error": ...} SSE event         -> error_for_status(its code, or 502)
     one JSON object for a stream     -> re-chunked as a stream (the server ignored "stream")
     ConnectError / ReadError / ...   -> UpstreamConnectionError
@@ -29,7 +30,7 @@ import os
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -42,6 +43,7 @@ from llmrouter.chunking import chunks_from_response
 from llmrouter.config import Timeouts
 from llmrouter.context import current_context
 from llmrouter.errors import (
+    ConfigError,
     LLMRouterError,
     UpstreamConnectionError,
     UpstreamError,
@@ -73,6 +75,7 @@ _USAGE_ON = StreamOptions(include_usage=True)
 _JSON = "application/json"
 _generic = msgspec.json.Decoder()
 _DRAIN_S = 1.0
+_BOM = b"\xef\xbb\xbf"
 _DRAIN_MAX_BYTES = 65536
 
 
@@ -134,6 +137,8 @@ class SSEDecoder:
                 self._data.append(value[1:] if value.startswith(b" ") else value)
             elif line.startswith(b"event:"):
                 self._event = line[6:].strip()
+            elif self._other is not None and line.startswith(_BOM):
+                self._read([line[3:]], events)  # a byte-order mark opening the stream: dropped
             elif self._other is not None and not line.startswith((b":", b"id:", b"retry:")):
                 self._other.append(line)
             # comments (":") and id:/retry: fields carry nothing we use
@@ -377,6 +382,7 @@ class OpenAICompatClient:
         self._headers = {"accept": _JSON, **{name.lower(): value for name, value in (headers or {}).items()}}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
+        _check_headers(self._headers, provider)
         self._read_timeout = timeouts.first_token
         self._owns_client = http_client is None
         self._timeout_extension = self.timeout.as_dict()
@@ -495,12 +501,20 @@ class OpenAICompatClient:
         return response.status_code, content, response.headers
 
     def _error(self, status: int, content: bytes, headers: Mapping[str, str]) -> LLMRouterError:
-        error = error_from_body(status, content, headers, provider=self.provider)
+        if status < 400:  # redirects are not followed: a POST's body would not survive one
+            where = headers.get("location") or "nowhere"
+            error: LLMRouterError = error_for_status(
+                status,
+                f"{self.provider}: upstream redirected (HTTP {status}) to {where}; set base_url to it",
+                provider=self.provider,
+            )
+        else:
+            error = error_from_body(status, content, headers, provider=self.provider)
         return error if self._refine_error is None else self._refine_error(error)
 
     async def _post_json(self, path: str, body: bytes, kind: type[_A]) -> _A:
         status, content, headers = await self._read("POST", path, body)
-        if status >= 400:
+        if status >= 300:
             raise self._error(status, content, headers)
         answer = self._decode(content, kind, path)
         if not answer.choices:
@@ -604,7 +618,7 @@ class OpenAICompatClient:
         with _translate(self.provider, f"POST {path}"):
             response = await self._send("POST", path, body=body, stream=True)
         try:
-            if response.status_code >= 400:
+            if response.status_code >= 300:
                 with _translate(self.provider, f"reading the error of POST {path}"):
                     content = await response.aread()
                 raise self._error(response.status_code, content, response.headers)
@@ -675,7 +689,7 @@ class OpenAICompatClient:
     async def list_models(self) -> list[ModelCard]:
         """``GET /models``, tolerant of missing or null fields."""
         status, content, headers = await self._read("GET", "/models")
-        if status >= 400:
+        if status >= 300:
             raise self._error(status, content, headers)
         try:
             payload = _generic.decode(content)
@@ -708,11 +722,27 @@ class OpenAICompatClient:
         return Health(ok=True, detail=f"{len(models)} model(s) at {self.base_url}", latency_ms=latency)
 
 
+def _check_headers(headers: Mapping[str, str], provider: str) -> None:
+    """Headers go out as latin-1 lines: one that cannot would fail every request (as a
+    retryable error, cooling the deployment down) instead of the start."""
+    for name, value in headers.items():
+        try:
+            line = f"{name}: {value}".encode("latin-1")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"{provider}: header {name!r} holds characters HTTP headers cannot carry "
+                "(they are latin-1); percent-encode the value"
+            ) from None
+        if b"\r" in line or b"\n" in line or b"\x00" in line:
+            raise ConfigError(f"{provider}: header {name!r} holds a line break or NUL")
+
+
 async def _drain(body_pieces: AsyncIterator[bytes]) -> None:
     """Read what follows ``[DONE]`` (normally just the end of the chunked body), so that the
     connection goes back to the pool instead of being closed: a new TCP connection per
-    stream halves throughput. A server that keeps talking is cut off after a moment."""
-    with anyio.move_on_after(_DRAIN_S):
+    stream halves throughput. A server that keeps talking is cut off after a moment; one
+    that drops the connection here has answered in full (the connection is not reused)."""
+    with anyio.move_on_after(_DRAIN_S), suppress(httpx.TransportError):
         received = 0
         async for piece in body_pieces:
             received += len(piece)

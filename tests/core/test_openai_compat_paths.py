@@ -1,8 +1,11 @@
 """OpenAICompatClient sends through its own transport, or through an injected client."""
 
+import asyncio
+
 import httpx
 import pytest
 
+from llmrouter.errors import ConfigError, UpstreamError
 from llmrouter.openai_compat import OpenAICompatClient
 from llmrouter.types import ChatMessage, ChatRequest
 
@@ -49,3 +52,64 @@ async def test_an_injected_transport_gets_the_request_directly():
     await upstream.chat(request())
     assert b'"model":"m"' in bodies[0] and b'"stream":true' not in bodies[0]
     await upstream.aclose()
+
+
+def _sse_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def test_a_stream_dropped_right_after_done_has_ended_well():
+    """The bytes after ``[DONE]`` are read only to reuse the connection: an upstream that
+    drops it there (no chunked terminator) answered in full, and the stream ends as such."""
+    events = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{"content":"A"},"finish_reason":"stop"}]}\n\n'
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+
+    async def answer_and_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+            + _sse_chunk(events)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer_and_drop, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        upstream = OpenAICompatClient(f"http://127.0.0.1:{port}/v1")
+        chunks = [chunk async for chunk in upstream.stream(request())]
+        await upstream.aclose()
+    assert chunks[0].choices[0].delta.content == "A"
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 2
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+async def test_a_redirect_is_not_followed_and_names_where_it_points(streaming: bool):
+    moved = httpx.MockTransport(
+        lambda r: httpx.Response(308, headers={"location": "https://upstream.test/v1/chat/completions"})
+    )
+    upstream = OpenAICompatClient("http://upstream.test/v1", transport=moved)
+    with pytest.raises(UpstreamError) as caught:
+        if streaming:
+            [chunk async for chunk in upstream.stream(request())]
+        else:
+            await upstream.chat(request())
+    await upstream.aclose()
+    assert "redirected (HTTP 308) to https://upstream.test/v1/chat/completions" in caught.value.message
+    assert not caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("headers", "api_key"),
+    [({"X-Title": "Café ☕ Bot"}, None), ({}, "sk-☕"), ({"x-a": "b\r\nx-c: d"}, None)],
+)
+def test_a_header_http_cannot_carry_fails_at_construction(headers: dict[str, str], api_key: str | None):
+    """Not on every request, as a retryable error that cools the deployment down."""
+    with pytest.raises(ConfigError) as caught:
+        OpenAICompatClient("http://upstream.test/v1", headers=headers, api_key=api_key)
+    assert "☕" not in caught.value.message and "sk-" not in caught.value.message

@@ -41,6 +41,12 @@ def test_sse_decoder_is_independent_of_read_boundaries(step: int) -> None:
     assert events == EXPECTED
 
 
+def test_sse_decoder_drops_a_byte_order_mark_opening_the_stream() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"\xef\xbb\xbfdata: {}\n\n") == [(b"", b"{}")]
+    assert decoder.body() == b""
+
+
 def test_sse_decoder_flushes_a_last_event_without_blank_line() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b"data: {}\n") == []
