@@ -134,6 +134,15 @@ class AttemptPlan:
 
     def _move_to_fallback(self, group: GroupState) -> None:
         self._index += 1
+        # A fallback group the caller's key may not use (its allow-list) is passed over:
+        # a key allowed only a cheap group must not be served, and billed, by a dear one.
+        allows = getattr(self.ctx.principal, "allows_model", None)
+        while (
+            allows is not None
+            and self._index < len(self._groups)
+            and not allows(self._groups[self._index].name, *self._groups[self._index].config.aliases)
+        ):
+            self._index += 1
         if self._index >= len(self._groups):
             return
         following = self._groups[self._index]

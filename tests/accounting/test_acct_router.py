@@ -196,3 +196,32 @@ async def test_accounting_settles_inline_only_with_stores_in_this_process(
         assert acct.hooks.settles_inline  # memory budgets and limits, a queued ledger row
         acct.hooks.limiter = object()  # type: ignore[assignment] # e.g. the Redis limiter
         assert not acct.hooks.settles_inline
+
+
+async def test_a_fallback_the_key_may_not_use_is_passed_over(sqlite_url: str, tmp_path: Path) -> None:
+    """A key allowed only ``gpt-4o-mini`` is not served (nor billed) by its dear fallback;
+    one whose allow-list names the fallback's alias is."""
+    from llmrouter.config import ModelGroup
+    from llmrouter.errors import UpstreamError
+
+    async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
+        cheap_only, _ = await acct.keys.create("cheap-only", allowed_models=["gpt-4o-mini"])
+        both, _ = await acct.keys.create("both", allowed_models=["gpt-4o-mini", "premium"])
+        router, _ = _router(acct, Step(error=UpstreamError("down", retryable=False)))
+        dear = ScriptedProvider("gpt-4o", default=Step(text="dear answer"))
+        router.add_deployment("gpt-4o", dear, Deployment(provider="scripted", model="gpt-4o", price=PRICE))
+        router.groups["gpt-4o-mini"].config = ModelGroup(
+            name="gpt-4o-mini", deployments=[], fallbacks=["gpt-4o"]
+        )
+        router.groups["gpt-4o"].config = ModelGroup(name="gpt-4o", deployments=[], aliases=["premium"])
+        async with router:
+            with pytest.raises(UpstreamError, match="down"):
+                await router.chat(REQUEST, context=RequestContext(principal=cheap_only))
+            assert dear.record.calls == 0
+            answer = await router.chat(REQUEST, context=RequestContext(principal=both))
+            assert answer.choices[0].message.content == "dear answer"
+        rows = await acct.usage(by=["key", "model", "status"])
+    assert sorted((r["key_name"], r["model"], r["status"]) for r in rows) == [
+        ("both", "gpt-4o", "ok"),
+        ("cheap-only", "gpt-4o-mini", "error"),
+    ]
