@@ -7,7 +7,8 @@ Request mapping (OpenAI -> Ollama ``options``): ``temperature``, ``top_p``, ``se
 ``stop``, ``presence_penalty``, ``frequency_penalty`` by name; ``max_completion_tokens``
 / ``max_tokens`` -> ``num_predict``. ``response_format`` -> ``format`` (``"json"`` or the
 JSON schema). Ollama-only fields sent by a client (``keep_alive``, ``think``, ``options``,
-``top_k``, ``min_p``, ``repeat_penalty``, ``num_ctx``...) are passed through.
+``top_k``, ``min_p``, ``repeat_penalty``, ``num_ctx``...) are passed through;
+``reasoning_effort`` / ``reasoning.effort`` become ``think`` as in Ollama's own OpenAI layer.
 
 Response mapping: ``done_reason`` -> ``finish_reason`` (``length`` stays, anything else
 is ``stop``, and ``tool_calls`` when the model called a tool); ``prompt_eval_count`` /
@@ -84,6 +85,8 @@ _PASSTHROUGH_OPTIONS = frozenset(
 )
 # Request fields a client may add for Ollama; they go at the top level of the body.
 _PASSTHROUGH_TOP = frozenset({"keep_alive", "think"})
+# OpenAI's reasoning effort -> Ollama's think, as Ollama's /v1 endpoints map it.
+_THINK_FOR_EFFORT: dict[str, str | bool] = {"high": "high", "medium": "medium", "low": "low", "none": False}
 
 
 # --- requests ---------------------------------------------------------------------------
@@ -119,6 +122,36 @@ def _reject_unsupported(request: ChatRequest | CompletionRequest) -> None:
         raise UnsupportedFeatureError(
             "ollama does not support logit_bias", param="logit_bias", provider=PROVIDER
         )
+
+
+def _reasoning_effort(request: ChatRequest | CompletionRequest) -> tuple[Any, str] | None:
+    """The effort a client asked for and the field it came in (``reasoning`` first, as
+    Ollama reads them), or None."""
+    reasoning = request.extra.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
+        return reasoning["effort"], "reasoning.effort"
+    effort = request.extra.get("reasoning_effort")
+    if effort is not None:
+        return effort, "reasoning_effort"
+    return None
+
+
+def _top_level(request: ChatRequest | CompletionRequest, keep_alive: str | float | None) -> dict[str, Any]:
+    """``keep_alive`` and ``think`` at the top of a chat or generate body: the request's
+    ``keep_alive`` wins over the deployment's, Ollama's own ``think`` over an OpenAI
+    reasoning effort."""
+    fields: dict[str, Any] = {} if keep_alive is None else {"keep_alive": keep_alive}
+    fields.update({key: value for key, value in request.extra.items() if key in _PASSTHROUGH_TOP})
+    asked = _reasoning_effort(request)
+    if "think" not in fields and asked is not None:
+        effort, param = asked
+        if not isinstance(effort, str) or effort not in _THINK_FOR_EFFORT:
+            raise InvalidRequestError(
+                f'invalid reasoning effort {effort!r}: ollama takes "high", "medium", "low" or "none"',
+                param=param,
+            )
+        fields["think"] = _THINK_FOR_EFFORT[effort]
+    return fields
 
 
 def _image_bytes(part: ImagePart, where: str) -> bytes:
@@ -217,6 +250,14 @@ def convert_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 def _convert_tools(request: ChatRequest) -> list[dict[str, Any]] | None:
     if not request.tools or request.tool_choice == "none":
         return None
+    if request.tool_choice == "required":
+        # Ollama has no way to force a call: passed on as "auto", the model may answer in text.
+        raise UnsupportedFeatureError(
+            'ollama cannot force a tool call: tool_choice "required" is not supported '
+            '(use "auto", "none" or {"type": "function", "function": {"name": ...}})',
+            param="tool_choice",
+            provider=PROVIDER,
+        )
     tools = request.tools
     for index, tool in enumerate(tools):
         if tool.type == "custom":
@@ -276,13 +317,11 @@ def build_chat_body(
     options = _sampling_options(request, default_options)
     if options:
         body["options"] = options
-    if keep_alive is not None:
-        body["keep_alive"] = keep_alive
     if request.logprobs:
         body["logprobs"] = True
         if request.top_logprobs:
             body["top_logprobs"] = request.top_logprobs
-    body.update({key: value for key, value in request.extra.items() if key in _PASSTHROUGH_TOP})
+    body.update(_top_level(request, keep_alive))
     return body
 
 
@@ -301,8 +340,12 @@ def build_generate_body(
     options = _sampling_options(request, default_options)
     if options:
         body["options"] = options
-    if keep_alive is not None:
-        body["keep_alive"] = keep_alive
+    if request.logprobs is not None:
+        # Legacy ``logprobs: k`` asks for the chosen tokens' logprobs and k alternatives.
+        body["logprobs"] = True
+        if request.logprobs:
+            body["top_logprobs"] = request.logprobs
+    body.update(_top_level(request, keep_alive))
     return body
 
 
@@ -343,11 +386,47 @@ def _tool_calls(message: Any) -> list[ToolCall]:
     ]
 
 
+def _token_logprob(entry: Any) -> dict[str, Any]:
+    return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token.encode("utf-8"))}
+
+
 def _logprobs(part: Any) -> dict[str, Any] | None:
+    """Ollama's logprobs as OpenAI's ``logprobs.content``, whose entries must all carry
+    ``bytes`` and ``top_logprobs`` (the OpenAI SDK rejects a chat completion without)."""
     entries = getattr(part, "logprobs", None)
     if not entries:
         return None
-    return {"content": [entry.model_dump(exclude_none=True) for entry in entries]}
+    return {
+        "content": [
+            {
+                **_token_logprob(entry),
+                "top_logprobs": [_token_logprob(top) for top in entry.top_logprobs or ()],
+            }
+            for entry in entries
+        ]
+    }
+
+
+def _legacy_logprobs(part: Any, text_offset: int) -> dict[str, Any] | None:
+    """Ollama's logprobs in the legacy completion shape; offsets count from ``text_offset``
+    (the text sent before this part) and, as OpenAI says, each ``top_logprobs`` dict
+    holds the chosen token too."""
+    entries = getattr(part, "logprobs", None)
+    if not entries:
+        return None
+    offsets = []
+    for entry in entries:
+        offsets.append(text_offset)
+        text_offset += len(entry.token)
+    return {
+        "tokens": [entry.token for entry in entries],
+        "token_logprobs": [entry.logprob for entry in entries],
+        "top_logprobs": [
+            {**{top.token: top.logprob for top in entry.top_logprobs or ()}, entry.token: entry.logprob}
+            for entry in entries
+        ],
+        "text_offset": offsets,
+    }
 
 
 def to_chat_response(part: Any, request: ChatRequest) -> ChatResponse:
@@ -466,7 +545,11 @@ def completion_response(part: Any, request: CompletionRequest) -> CompletionResp
         created=now(),
         model=part.model or request.model,
         choices=[
-            CompletionChoice(text=text, finish_reason=finish_reason_for(part.done_reason, called_tools=False))
+            CompletionChoice(
+                text=text,
+                finish_reason=finish_reason_for(part.done_reason, called_tools=False),
+                logprobs=_legacy_logprobs(part, 0),
+            )
         ],
         usage=_usage(
             part,
@@ -484,11 +567,8 @@ def completion_chunk(
     chunks: list[CompletionChunk] = []
     model = part.model or request.model
     if part.response:
-        chunks.append(
-            CompletionChunk(
-                id=stream_id, created=created, model=model, choices=[CompletionChoice(text=part.response)]
-            )
-        )
+        choice = CompletionChoice(text=part.response, logprobs=_legacy_logprobs(part, len(text_so_far)))
+        chunks.append(CompletionChunk(id=stream_id, created=created, model=model, choices=[choice]))
     if part.done:
         reason = finish_reason_for(part.done_reason, called_tools=False)
         chunks.append(

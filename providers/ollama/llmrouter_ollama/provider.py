@@ -33,7 +33,7 @@ from llmrouter.types import (
     now,
 )
 from llmrouter_ollama import _discovery, _translate
-from llmrouter_ollama._errors import PROVIDER, record_retry_after, translate_errors
+from llmrouter_ollama._errors import PROVIDER, record_error_response, translate_errors
 
 __all__ = ["OllamaOptions", "OllamaProvider"]
 
@@ -92,7 +92,7 @@ class OllamaProvider(Provider[OllamaOptions]):
 
     def _build_client(self) -> ollama.AsyncClient:
         timeout = httpx.Timeout(self.options.read_timeout, connect=self.options.connect_timeout)
-        kwargs: dict[str, Any] = {"event_hooks": {"response": [record_retry_after]}}
+        kwargs: dict[str, Any] = {"event_hooks": {"response": [record_error_response]}}
         if self._transport is not None:
             kwargs["transport"] = self._transport
         return ollama.AsyncClient(

@@ -5,11 +5,16 @@ one JSON object with ``"stream": false``; the last part has ``done: true``,
 ``done_reason``, ``prompt_eval_count``, ``eval_count`` and the durations in
 nanoseconds), ``GET /api/tags``, ``POST /api/show``, ``GET /api/version``. Errors are
 Ollama's: ``{"error": "..."}`` bodies, 404 ``model "x" not found, try pulling it first``,
-and an ``{"error": ...}`` line in the middle of a stream.
+an ``{"error": ...}`` line in the middle of a stream, and Go's text ``404 page not found``
+for any other path. With ``logprobs: true`` (and ``top_logprobs: k``) each part carries
+the logprobs of its tokens, as Ollama's ``api.Logprob`` (``token``, ``logprob``, ``bytes``,
+``top_logprobs``).
 
 Knobs a test sets on :class:`FakeOllama` (reset with :meth:`FakeOllama.reset`):
 ``reply`` (the text, streamed a word at a time), ``token_delay`` (slow streams),
-``fail_status`` / ``fail_body`` / ``fail_headers`` (an error response),
+``fail_status`` / ``fail_body`` / ``fail_headers`` (an error response; ``fail_body`` is
+sent as JSON, whatever it is, as a proxy in front of the daemon may), ``fail_times``
+(only the first N generation requests fail),
 ``break_after`` (drop the connection after N parts), ``error_line_after`` (an error
 line after N parts), ``tool_call`` (answer with this call when tools are offered),
 ``omit_prompt_count`` (a cached prompt: no ``prompt_eval_count``).
@@ -80,8 +85,9 @@ class FakeOllama:
         self.reply = "Hello from the fake Ollama daemon."
         self.token_delay = 0.0
         self.fail_status: int | None = None
-        self.fail_body: Any = None
+        self.fail_body: Any = {"error": "fake failure"}
         self.fail_headers: dict[str, str] = {}
+        self.fail_times: int | None = None
         self.break_after: int | None = None
         self.error_line_after: int | None = None
         self.tool_call: dict[str, Any] | None = None
@@ -202,6 +208,26 @@ class FakeOllama:
         part["done"] = done
         return part
 
+    def _with_logprobs(
+        self, part: dict[str, Any], data: dict[str, Any], tokens: list[str], start: int = 0
+    ) -> dict[str, Any]:
+        """``part`` with the logprobs of ``tokens`` (from the ``start``-th token of the reply)
+        when the request asked for them: the i-th token gets ``-0.1 * (i + 1)``, its
+        alternatives lower ones (the chosen token is the first of its ``top_logprobs``)."""
+        if not data.get("logprobs") or not tokens:
+            return part
+        k = data.get("top_logprobs") or 0
+        entries = []
+        for index, token in enumerate(tokens, start):
+            entry = _logprob(token, -0.1 * (index + 1))
+            if k:
+                entry["top_logprobs"] = [_logprob(token, entry["logprob"])] + [
+                    _logprob(f"alt{j}", entry["logprob"] - j) for j in range(1, k)
+                ]
+            entries.append(entry)
+        part["logprobs"] = entries
+        return part
+
     def _final(
         self, path: str, model: str, text: str, reason: str, prompt: int, count: int
     ) -> dict[str, Any]:
@@ -224,10 +250,10 @@ class FakeOllama:
         if resolved is None:
             await _send_json(send, 404, {"error": f'model "{model}" not found, try pulling it first'})
             return
-        if self.fail_status is not None:
-            await _send_json(
-                send, self.fail_status, self.fail_body or {"error": "fake failure"}, self.fail_headers
-            )
+        if self.fail_status is not None and self.fail_times != 0:
+            if self.fail_times is not None:
+                self.fail_times -= 1
+            await _send_json(send, self.fail_status, self.fail_body, self.fail_headers)
             return
         tokens, reason, prompt = self._plan(path, data)
         call = self.tool_call if (self.tool_call and data.get("tools")) else None
@@ -253,6 +279,7 @@ class FakeOllama:
                 for _ in tokens:
                     await anyio.sleep(self.token_delay)
                 final = self._final(path, resolved, "".join(tokens), reason, prompt, len(tokens))
+                self._with_logprobs(final, data, tokens)
                 if call is not None:
                     final["message"]["tool_calls"] = [{"function": call}]
                 await _send_json(send, 200, final)
@@ -293,13 +320,17 @@ class FakeOllama:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
             await anyio.sleep(self.token_delay)
-            await line(self._part(path, model, token, done=False))
+            await line(self._with_logprobs(self._part(path, model, token, done=False), data, [token], index))
         if call is not None:
             part = self._part(path, model, "", done=False)
             part["message"]["tool_calls"] = [{"function": call}]
             await line(part)
         await line(self._final(path, model, "", reason, prompt, len(tokens)))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _logprob(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
 async def _send_json(send: Any, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import pytest
 from fake_ollama import FakeOllama
 from llmrouter_ollama import OllamaOptions, OllamaProvider
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from llmrouter import Router, parse_config
 from llmrouter.errors import (
     InvalidRequestError,
     ModelNotFoundError,
@@ -167,6 +172,72 @@ async def test_stream_thinking_becomes_reasoning_content(
     assert chunks[0].choices[0].delta.reasoning_content == "Let me think."
 
 
+@pytest.mark.parametrize(
+    ("fields", "think"),
+    [
+        ({"reasoning_effort": "high"}, "high"),
+        ({"reasoning_effort": "medium"}, "medium"),
+        ({"reasoning": {"effort": "low"}}, "low"),
+        ({"reasoning_effort": "none"}, False),
+        ({"reasoning_effort": "high", "think": False}, False),
+    ],
+    ids=["high", "medium", "reasoning-object", "none", "native-think-wins"],
+)
+async def test_reasoning_effort_becomes_think(
+    provider: OllamaProvider, fake_ollama: FakeOllama, fields: dict[str, Any], think: Any
+) -> None:
+    """As Ollama's own OpenAI layer maps it; dropped, a client asking for no thinking
+    (``none``) got the model's default, thinking included."""
+    await provider.chat(chat_request(**fields))
+    assert sent_body(fake_ollama)["think"] == think
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"reasoning_effort": "minimal"}, "reasoning_effort"),
+        ({"reasoning": {"effort": 3}}, "reasoning.effort"),
+    ],
+)
+async def test_an_effort_ollama_does_not_know_is_refused(
+    provider: OllamaProvider, fake_ollama: FakeOllama, fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        await provider.chat(chat_request(**fields))
+    assert info.value.param == param and info.value.http_status == 400
+    assert '"high", "medium", "low" or "none"' in info.value.message
+    assert [p for p, _ in fake_ollama.requests if p == "/api/chat"] == []
+
+
+async def test_chat_logprobs_are_openais_shape(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
+    """Every entry has ``bytes`` and ``top_logprobs``: the OpenAI SDK rejects a completion
+    without them."""
+    response = await provider.chat(chat_request(logprobs=True, top_logprobs=2))
+    assert sent_body(fake_ollama)["top_logprobs"] == 2
+    parsed = ChatCompletion.model_validate(json.loads(msgspec.json.encode(response)))
+    content = parsed.choices[0].logprobs.content if parsed.choices[0].logprobs else None
+    assert content is not None and len(content) == 6
+    first = content[0]
+    assert (first.token, first.logprob, first.bytes) == ("Hello ", -0.1, list(b"Hello "))
+    assert [(top.token, top.bytes) for top in first.top_logprobs] == [
+        ("Hello ", list(b"Hello ")),
+        ("alt1", list(b"alt1")),
+    ]
+    without_top = await provider.chat(chat_request(logprobs=True))
+    entries = ChatCompletion.model_validate(json.loads(msgspec.json.encode(without_top))).choices[0].logprobs
+    assert entries is not None and entries.content and entries.content[0].top_logprobs == []
+
+
+async def test_streamed_logprobs_are_openais_shape(provider: OllamaProvider) -> None:
+    chunks = await collect(provider.stream(chat_request(logprobs=True, top_logprobs=1)))
+    parsed = [ChatCompletionChunk.model_validate(json.loads(msgspec.json.encode(c))) for c in chunks]
+    entries = [
+        e for c in parsed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or ()
+    ]
+    assert [e.token for e in entries] == ["Hello ", "from ", "the ", "fake ", "Ollama ", "daemon."]
+    assert all(e.bytes == list(e.token.encode()) and len(e.top_logprobs) == 1 for e in entries)
+
+
 @pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
 async def test_earlier_thinking_goes_back_as_ollamas_thinking(
     provider: OllamaProvider, fake_ollama: FakeOllama, field: str
@@ -234,6 +305,15 @@ async def test_streamed_tool_call(provider: OllamaProvider, fake_ollama: FakeOll
 async def test_tool_choice_none_offers_no_tools(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
     await provider.chat(chat_request(tools=[WEATHER_TOOL], tool_choice="none"))
     assert "tools" not in sent_body(fake_ollama)
+
+
+async def test_tool_choice_required_is_refused(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
+    """Ollama cannot force a call: sent as ``auto``, the model may answer in text to a
+    client that counts on a call."""
+    with pytest.raises(UnsupportedFeatureError) as info:
+        await provider.chat(chat_request(tools=[WEATHER_TOOL], tool_choice="required"))
+    assert info.value.param == "tool_choice" and '"auto", "none"' in info.value.message
+    assert [p for p, _ in fake_ollama.requests if p == "/api/chat"] == []
 
 
 async def test_conversation_with_images_and_tool_results(
@@ -356,6 +436,81 @@ async def test_error_statuses_map_to_the_tree(
         await collect(provider.stream(chat_request()))
 
 
+async def test_newer_ollamas_model_not_found_wording(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.fail_status = 404
+    fake_ollama.fail_body = {"error": "model 'llama3.2' not found"}
+    with pytest.raises(ModelNotFoundError, match=r"ollama pull llama3\.2"):
+        await provider.chat(chat_request())
+
+
+async def test_a_404_that_is_not_a_missing_model_says_check_host(
+    ollama_url: str, fake_ollama: FakeOllama
+) -> None:
+    """Go's ``404 page not found`` (a wrong path in ``host``) is no model to pull: it fails
+    over, without this deployment being tried again, and says where nothing answered."""
+    async with OllamaProvider("llama3.2", OllamaOptions(host=f"{ollama_url}/ollama")) as p:
+        with pytest.raises(UpstreamError) as info:
+            await p.chat(chat_request())
+        health = await p.health()
+    assert not isinstance(info.value, ModelNotFoundError)
+    assert info.value.http_status == 502 and info.value.retryable is False
+    assert f"nothing at {ollama_url}/ollama/api/chat: check `host`" in info.value.message
+    assert health.ok is False and f"nothing at {ollama_url}/ollama/api/tags" in health.detail
+    assert "pull" not in health.detail
+
+
+@pytest.mark.parametrize(
+    "body", ["upstream busy, retry", ["busy"], None, 7], ids=["string", "list", "null", "number"]
+)
+async def test_an_error_body_that_is_no_json_object_keeps_its_status(
+    provider: OllamaProvider, fake_ollama: FakeOllama, body: Any
+) -> None:
+    """The ollama client fails on it with AttributeError; a proxy's 503 must stay a
+    retryable 503, for chats, streams and completions."""
+    fake_ollama.fail_status = 503
+    fake_ollama.fail_body = body
+    fake_ollama.fail_headers = {"Retry-After": "3"}
+    with pytest.raises(UpstreamUnavailableError) as info:
+        await provider.chat(chat_request())
+    assert info.value.retryable is True and info.value.retry_after == 3.0
+    assert info.value.message == f"ollama: {body if isinstance(body, str) else json.dumps(body)}"
+    with pytest.raises(UpstreamUnavailableError):
+        await collect(provider.stream(chat_request()))
+    with pytest.raises(UpstreamUnavailableError):
+        await provider.complete(decode_completion_request({"model": "llama3.2", "prompt": "Hi"}))
+    fake_ollama.fail_status = 404
+    with pytest.raises(UpstreamError, match="check `host`"):
+        await provider.chat(chat_request())
+
+
+async def test_the_router_retries_a_proxys_503_with_a_json_string_body(
+    ollama_url: str, fake_ollama: FakeOllama, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_ollama.fail_status = 503
+    fake_ollama.fail_body = "upstream busy, retry"
+    fake_ollama.fail_times = 1
+    config = parse_config(
+        {
+            "models": [
+                {
+                    "name": "m",
+                    "retry": {"attempts": 2, "backoff_base": 0.01},
+                    "deployments": [{"provider": "ollama", "model": "llama3.2", "host": ollama_url}],
+                }
+            ]
+        },
+        env={},
+    )
+    with caplog.at_level(logging.DEBUG):
+        async with Router(config) as router:
+            response = await router.chat({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.choices[0].message.content == REPLY
+    assert [p for p, _ in fake_ollama.requests if p == "/api/chat"] == ["/api/chat"] * 2
+    assert not [r for r in caplog.records if "raised" in r.getMessage()]
+
+
 async def test_a_model_without_tools_refuses_them(provider: OllamaProvider, fake_ollama: FakeOllama) -> None:
     # Ollama's 400 for it: as an InvalidRequestError the request failed as the client's
     # fault instead of moving on to a deployment that has tools.
@@ -403,8 +558,10 @@ async def test_error_line_mid_stream(provider: OllamaProvider, fake_ollama: Fake
             b'{"model": "llama3.2", "message": {"role": "assistant", "content": "\xff"}, "done": true}',
             "malformed",
         ),
+        (b'["Hi"]', "malformed"),
+        (b'"Hi"', "malformed"),
     ],
-    ids=["not-done", "no-done", "not-utf8"],
+    ids=["not-done", "no-done", "not-utf8", "a-list", "a-string"],
 )
 async def test_a_broken_whole_answer_is_an_upstream_error(answer: bytes, why: str) -> None:
     """An answer to ``stream: false`` that is not marked done, or not UTF-8: a 502 that
@@ -499,6 +656,54 @@ async def test_complete_uses_generate_in_raw_mode(provider: OllamaProvider, fake
     body = sent_body(fake_ollama, "/api/generate")
     assert body["raw"] is True and body["prompt"] == "Once upon a time"
     assert body["options"] == {"temperature": 0.0, "num_predict": 3}
+
+
+async def test_complete_passes_ollamas_fields_and_logprobs(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
+    request = decode_completion_request(
+        {
+            "model": "llama3.2",
+            "prompt": "Once",
+            "max_tokens": 2,
+            "keep_alive": "1m",
+            "think": False,
+            "logprobs": 2,
+        }
+    )
+    response = await provider.complete(request)
+    body = sent_body(fake_ollama, "/api/generate")
+    assert (body["keep_alive"], body["think"], body["logprobs"], body["top_logprobs"]) == (
+        "1m",
+        False,
+        True,
+        2,
+    )
+    parsed = Completion.model_validate(json.loads(msgspec.json.encode(response)))
+    logprobs = parsed.choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.tokens == ["Hello ", "from "]
+    assert logprobs.token_logprobs == [-0.1, -0.2]
+    assert logprobs.top_logprobs == [{"Hello ": -0.1, "alt1": -1.1}, {"from ": -0.2, "alt1": -1.2}]
+    assert logprobs.text_offset == [0, 6]
+    await provider.complete(
+        decode_completion_request({"model": "llama3.2", "prompt": "Once", "reasoning_effort": "none"})
+    )
+    assert sent_body(fake_ollama, "/api/generate")["think"] is False
+
+
+async def test_stream_complete_logprobs_count_offsets_across_chunks(provider: OllamaProvider) -> None:
+    request = decode_completion_request(
+        {"model": "llama3.2", "prompt": "Once", "max_tokens": 3, "logprobs": 0}
+    )
+    chunks = [c async for c in provider.stream_complete(request)]
+    logprobs = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].text]
+    assert [lp["text_offset"] if lp else None for lp in logprobs] == [[0], [6], [11]]
+    assert [lp["top_logprobs"] if lp else None for lp in logprobs] == [
+        [{"Hello ": -0.1}],
+        [{"from ": -0.2}],
+        [{"the ": pytest.approx(-0.3)}],
+    ]
 
 
 async def test_stream_complete(provider: OllamaProvider) -> None:
