@@ -95,7 +95,14 @@ async def _changing_keys(engine: Any, args: argparse.Namespace) -> AsyncIterator
 
 
 def _when(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+    """``ts`` as a UTC date and time; one no date can show (an expiry past the year 9999,
+    stored before such were refused) as the bound it passes, rather than a crash."""
+    if ts is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
+    except (ValueError, OverflowError, OSError):
+        return "after 9999-12-31" if ts > 0 else "before 0001-01-01"
 
 
 class _UsageError(Exception):
@@ -104,6 +111,7 @@ class _UsageError(Exception):
 
 def _expires_at(text: str) -> float | None:
     """``--expires``: ``30d``, ``12h``, ``2w`` from now, or a date/time (UTC) in the future."""
+    from llmrouter.accounting.keys import MAX_EXPIRES_AT
     from llmrouter.accounting.reports import parse_time
 
     # "30d" means 30 days from now (parse_time reads it as 30 days ago).
@@ -114,6 +122,8 @@ def _expires_at(text: str) -> float | None:
         expires_at = parse_time(text)
     if expires_at is not None and expires_at <= time.time():
         raise _UsageError(f"--expires {text} is in the past")
+    if expires_at is not None and expires_at > MAX_EXPIRES_AT:
+        raise _UsageError(f"--expires {text} is after 9999-12-31T23:59:59Z")
     return expires_at
 
 
@@ -279,8 +289,8 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_usage_report(args: argparse.Namespace) -> int:
-    from llmrouter.accounting.keys import KeyStore
-    from llmrouter.accounting.reports import parse_range, render, usage_report
+    from llmrouter.accounting.keys import KeyStore, shown_reference
+    from llmrouter.accounting.reports import parse_range, render, report_columns, usage_report
 
     since, until = parse_range(args.since, args.until)
 
@@ -289,13 +299,12 @@ def cmd_usage_report(args: argparse.Namespace) -> int:
         if args.key:
             key = await KeyStore(engine).get(args.key)
             if key is None:
-                print(f"llmrouter: error: no API key {args.key!r}", file=sys.stderr)
+                print(f"llmrouter: error: no API key {shown_reference(args.key)!r}", file=sys.stderr)
                 return 1
             key_id = key.id
-        rows = await usage_report(
-            engine, by=args.by.split(","), since=since, until=until, key_id=key_id, end_user=args.user
-        )
-        sys.stdout.write(render(rows, args.format))
+        by = args.by.split(",")
+        rows = await usage_report(engine, by=by, since=since, until=until, key_id=key_id, end_user=args.user)
+        sys.stdout.write(render(rows, args.format, columns=report_columns(by)))
         return 0
 
     return _with_db(args, body)

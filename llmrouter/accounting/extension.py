@@ -16,7 +16,6 @@ Litestar is imported only here.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, TypeVar
@@ -28,7 +27,7 @@ from msgspec import UNSET, UnsetType
 
 from llmrouter.accounting.facade import Accounting
 from llmrouter.accounting.hooks import unavailable
-from llmrouter.accounting.keys import UPDATABLE, ApiKey
+from llmrouter.accounting.keys import MAX_EXPIRES_AT, UPDATABLE, ApiKey, shown_reference
 from llmrouter.accounting.reports import parse_range
 from llmrouter.context import RequestContext
 from llmrouter.errors import (
@@ -119,11 +118,13 @@ def _expiry(expires_at: float | None, expires_in_days: float | None, now: float)
             raise InvalidRequestError("expires_in_days must be more than 0", param="expires_in_days")
         expires = now + expires_in_days * 86400
         # Checked as computed: a tiny number of days (1e-300) adds nothing to now, and the
-        # key would be expired from its first use; a huge one makes it infinite, which the
-        # store would refuse naming expires_at, a field the request did not send.
-        if not now < expires < math.inf:
+        # key would be expired from its first use; a huge one goes past what a date can
+        # show (or to infinity), which the store would refuse naming expires_at, a field
+        # the request did not send.
+        if not now < expires <= MAX_EXPIRES_AT:
             raise InvalidRequestError(
-                "expires_in_days must give a finite time after now", param="expires_in_days"
+                "expires_in_days must give a time after now and no later than 9999-12-31T23:59:59Z",
+                param="expires_in_days",
             )
         return expires
     if expires_at is not None and expires_at <= now:
@@ -299,7 +300,7 @@ class AccountingExtension(Extension):
             if key_filter:
                 found = await acct.keys.get(key_filter)
                 if found is None:
-                    raise InvalidRequestError(f"no API key {key_filter!r}", param="key")
+                    raise InvalidRequestError(f"no API key {shown_reference(key_filter)!r}", param="key")
                 key_id = found.id
             rows = await acct.usage(
                 by=dimensions(request, "key,model"),
@@ -359,7 +360,7 @@ class AccountingExtension(Extension):
             await ext._caller(request, admin=True)
             key = await acct.keys.get(key_ref)
             if key is None:
-                raise NotFoundError(f"no API key {key_ref!r}", code="key_not_found")
+                raise NotFoundError(f"no API key {shown_reference(key_ref)!r}", code="key_not_found")
             return _json(key_to_json(key))
 
         @patch("/v1/admin/keys/{key_ref:str}", summary="Change an API key's fields (admin)")

@@ -22,7 +22,7 @@ import secrets
 import string
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -32,7 +32,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmrouter.accounting.models import ApiKeyRow
 from llmrouter.errors import AuthenticationError, InvalidRequestError, NotFoundError
 
-__all__ = ["SECRET_PREFIX", "UPDATABLE", "ApiKey", "KeyStore", "Principal", "hash_secret", "parse_secret"]
+__all__ = [
+    "MAX_EXPIRES_AT",
+    "SECRET_PREFIX",
+    "UPDATABLE",
+    "ApiKey",
+    "KeyStore",
+    "Principal",
+    "hash_secret",
+    "parse_secret",
+    "shown_reference",
+]
 
 T = TypeVar("T")
 
@@ -106,6 +116,30 @@ def parse_secret(secret: str) -> str | None:
     return prefix if all(char in _ALPHABET for char in prefix) else None
 
 
+def _prefix_of_reference(reference: str) -> str | None:
+    """The prefix a key reference gives in its public form: ``sk-llmr-<prefix>-`` as
+    ``keys list`` shows it, ``sk-llmr-<prefix>-...`` as a 401 message does, or
+    ``sk-llmr-<prefix>``; also a whole secret, whose key is then found by its prefix.
+    None for anything else (a bare prefix is matched as it is)."""
+    if not reference.startswith(SECRET_PREFIX):
+        return None
+    rest = reference[len(SECRET_PREFIX) :]
+    prefix = rest[:_PREFIX_LEN]
+    if len(prefix) < _PREFIX_LEN or rest[_PREFIX_LEN : _PREFIX_LEN + 1] not in ("", "-"):
+        return None
+    return prefix if all(char in _ALPHABET for char in prefix) else None
+
+
+def shown_reference(reference: str) -> str:
+    """``reference`` as an error message may show it: a whole secret given as a key's
+    reference (pasted to revoke a leaked key, say, or mistyped) is cut to
+    ``sk-llmr-<prefix>-...``, since no secret is put in an error message."""
+    public = len(SECRET_PREFIX) + _PREFIX_LEN + 1  # sk-llmr-<prefix>-
+    if not reference.startswith(SECRET_PREFIX) or len(reference) <= public:
+        return reference
+    return f"{reference[:public]}..."
+
+
 def _to_key(row: ApiKeyRow) -> ApiKey:
     return ApiKey(
         id=row.id,
@@ -134,6 +168,8 @@ _MAX_PATTERNS = 1000
 _MAX_PATTERN = 200  # a model name's longest
 _MAX_NOTE = 10_000
 MAX_BUDGET_USD = 1e9  # in nano-dollars still far inside 64 bits (see budgets.MAX_UNITS)
+MAX_EXPIRES_AT = 253_402_300_799.0
+"""9999-12-31T23:59:59Z, the last second a date can show (``keys list`` crashed on later)."""
 
 
 UPDATABLE: frozenset[str] = frozenset(
@@ -153,6 +189,23 @@ UPDATABLE: frozenset[str] = frozenset(
 """The fields :meth:`KeyStore.update` changes."""
 
 
+def _check_new_fields(fields: Mapping[str, Any], names: Collection[str]) -> None:
+    """Rules on the fields ``names`` being set, that keys stored before the rules may
+    break: such a key's other fields can still be changed (by its id or prefix).
+
+    A name with ``/`` cannot be given in the admin API's ``/v1/admin/keys/{key}`` paths; an
+    expiry after 9999-12-31 cannot be shown as a date (``keys list`` crashed on one)."""
+    if "name" in names and "/" in fields["name"]:
+        raise InvalidRequestError(
+            f"name must be 1 to {_MAX_NAME} printable characters, without '/' "
+            "(a name stands for its key in /v1/admin/keys/{key})",
+            param="name",
+        )
+    expires_at = fields["expires_at"]
+    if "expires_at" in names and expires_at is not None and expires_at > MAX_EXPIRES_AT:
+        raise InvalidRequestError("expires_at must be no later than 9999-12-31T23:59:59Z", param="expires_at")
+
+
 def _check_fields(fields: Mapping[str, Any]) -> None:
     """Refuse what the database or the budget arithmetic cannot hold (``fields``: every
     name in :data:`UPDATABLE`)."""
@@ -165,7 +218,9 @@ def _check_fields(fields: Mapping[str, Any]) -> None:
     if fields["budget_period"] is not None and budget is None:
         raise InvalidRequestError("budget_period needs a budget", param="budget_period")
     if not name or len(name) > _MAX_NAME or not name.isprintable():
-        raise InvalidRequestError(f"name must be 1 to {_MAX_NAME} printable characters", param="name")
+        raise InvalidRequestError(
+            f"name must be 1 to {_MAX_NAME} printable characters, without '/'", param="name"
+        )
     if allowed_models is not None and (
         len(allowed_models) > _MAX_PATTERNS
         # Stored comma-separated: a comma would silently split one pattern into two.
@@ -208,8 +263,8 @@ class KeyStore:
         self._by_id: dict[str, tuple[float, ApiKey | None]] = {}  # load_cached's; None: no such key
         self._id_of_prefix: dict[str, str] = {}  # which _by_id entry forget(prefix) drops
         self._queries: dict[str, asyncio.Future[Any]] = {}  # in flight, shared (see _shared)
-        self._any_key: bool | None = None
-        self._any_key_checked = 0.0
+        self._any_key = False  # once True, for good (see any_exist)
+        self._counts_begun = 0  # how many key counts have started (see any_exist)
         self._forgotten = 0  # how many times forget() ran (see _query_prefix)
         self.on_change: Callable[[str], Awaitable[None]] | None = None
         """Called with a key's prefix after this store revoked, changed or rotated it
@@ -263,6 +318,7 @@ class KeyStore:
             "note": note,
         }
         _check_fields(fields)
+        _check_new_fields(fields, fields)
         prefix, secret = _new_secret()
         row = ApiKeyRow(
             id=f"key_{uuid.uuid4().hex[:16]}",
@@ -308,6 +364,9 @@ class KeyStore:
     async def get(self, id_or_name: str) -> ApiKey | None:
         """A key by id, else by prefix, else by name.
 
+        The prefix may be given bare or as listings and 401 messages show it
+        (``sk-llmr-<prefix>-``, ``sk-llmr-<prefix>-...``): what an operator copies.
+
         Names may repeat (a rotated key keeps its name while clients move to the new
         one): a name stands for its one key not revoked, or, when all are revoked, the
         newest.
@@ -318,23 +377,24 @@ class KeyStore:
         """
         if "\x00" in id_or_name:  # no key has one (names are printable); PostgreSQL refuses it
             return None
+        prefixes = [id_or_name, *filter(None, [_prefix_of_reference(id_or_name)])]
         query = (
             select(_TABLE)
-            .where(or_(_TABLE.c.id == id_or_name, _TABLE.c.prefix == id_or_name, _TABLE.c.name == id_or_name))
+            .where(or_(_TABLE.c.id == id_or_name, _TABLE.c.prefix.in_(prefixes), _TABLE.c.name == id_or_name))
             .order_by(_TABLE.c.created_at.desc())
         )
         async with self._engine.connect() as conn:
             rows = [ApiKeyRow(**row) for row in (await conn.execute(query)).mappings().all()]
-        for field in ("id", "prefix"):
+        for field, wanted in (("id", id_or_name), *(("prefix", prefix) for prefix in prefixes)):
             for row in rows:
-                if getattr(row, field) == id_or_name:
+                if getattr(row, field) == wanted:
                     return _to_key(row)
         if not rows:
             return None
         unrevoked = [row for row in rows if row.revoked_at is None]
         if len(unrevoked) > 1:
             raise InvalidRequestError(
-                f"{len(unrevoked)} keys named {id_or_name!r} are not revoked: "
+                f"{len(unrevoked)} keys named {shown_reference(id_or_name)!r} are not revoked: "
                 f"use an id ({', '.join(row.id for row in unrevoked)}) or a prefix",
                 status=409,
                 code="ambiguous_key",
@@ -344,7 +404,7 @@ class KeyStore:
     async def revoke(self, id_or_name: str) -> ApiKey:
         key = await self.get(id_or_name)
         if key is None:
-            raise NotFoundError(f"no API key {id_or_name!r}", code="key_not_found")
+            raise NotFoundError(f"no API key {shown_reference(id_or_name)!r}", code="key_not_found")
         if key.revoked_at is None:
             async with self._engine.begin() as conn:
                 await conn.execute(update(_TABLE).where(_TABLE.c.id == key.id).values(revoked_at=time.time()))
@@ -379,6 +439,7 @@ class KeyStore:
         if fields["budget"] is None and "budget_period" not in changes:
             fields["budget_period"] = None  # the period goes with the budget it was for
         _check_fields(fields)
+        _check_new_fields(fields, changes)
         stored = _stored_fields(fields)
         # Only what changes is written: two updates of other fields at once both land.
         written: dict[str, Any] = {name: stored[name] for name in changes}
@@ -411,7 +472,7 @@ class KeyStore:
     async def _unrevoked(self, id_or_name: str) -> ApiKey:
         key = await self.get(id_or_name)
         if key is None:
-            raise NotFoundError(f"no API key {id_or_name!r}", code="key_not_found")
+            raise NotFoundError(f"no API key {shown_reference(id_or_name)!r}", code="key_not_found")
         if key.revoked_at is not None:
             raise _revoked(key)
         return key
@@ -433,19 +494,32 @@ class KeyStore:
 
     async def any_exist(self) -> bool:
         """Whether any key was ever created (revoked keys count: revoking the last key
-        must not open the service)."""
+        must not open the service).
+
+        A yes is kept for good, and costs nothing from then on. A no is never kept: with
+        auth ``auto`` it leaves the service open, and a key created by another worker or
+        replica must close it from that worker's next request, not ``cache_seconds``
+        later (an anonymous caller could create an admin key meanwhile). So while no key
+        exists (a fresh install), each request counts the keys, concurrent ones sharing
+        one count; a count that began before this call arrived may predate a key created
+        since, so its no is not taken, and the next count, begun after, answers.
+        """
         if self._any_key:
             return True
-        if self._any_key is False and time.monotonic() - self._any_key_checked < self._cache_seconds:
-            return False
-        return bool(await self._shared("*", self._count_keys))
+        arrived = self._counts_begun
+        while True:
+            begun, exists = await self._shared("*", self._count_keys)
+            if exists or begun > arrived:
+                return exists
 
-    async def _count_keys(self) -> bool:
-        now = time.monotonic()
+    async def _count_keys(self) -> tuple[int, bool]:
+        """Which count this is (see :meth:`any_exist`), and whether any key exists."""
+        self._counts_begun += 1
+        begun = self._counts_begun
         async with self._engine.connect() as conn:
             count = (await conn.execute(select(func.count()).select_from(_TABLE))).scalar_one()
-        self._any_key, self._any_key_checked = self._any_key or count > 0, now
-        return self._any_key
+        self._any_key = self._any_key or count > 0
+        return begun, self._any_key
 
     async def verify(self, secret: str) -> ApiKey:
         """The active key for ``secret``.

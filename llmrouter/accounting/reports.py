@@ -18,7 +18,7 @@ from llmrouter.accounting import end_users
 from llmrouter.accounting.models import ApiKeyRow, LedgerRow
 from llmrouter.errors import InvalidRequestError
 
-__all__ = ["DIMENSIONS", "parse_range", "parse_time", "render", "usage_report"]
+__all__ = ["DIMENSIONS", "parse_range", "parse_time", "render", "report_columns", "usage_report"]
 
 _LEDGER: Any = LedgerRow.__table__  # type: ignore[attr-defined]
 _KEYS: Any = ApiKeyRow.__table__  # type: ignore[attr-defined]
@@ -147,6 +147,31 @@ def report_query(
     return query
 
 
+_SUMS = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "estimated",
+    "errors",
+    "cache_hits",
+)
+"""The whole-number columns of a report's row, in order (``cost`` follows them)."""
+
+
+def report_columns(by: Sequence[str]) -> list[str]:
+    """The columns of :func:`usage_report`'s rows for ``by``, which a report with no row
+    still has (an empty CSV keeps its header, for a spreadsheet or script that reads it).
+
+    Raises:
+        InvalidRequestError: a dimension that is not one.
+    """
+    columns = []
+    for dim in _check_dimensions(by):
+        columns += [dim, "key_name"] if dim == "key" else [dim]
+    return [*columns, *_SUMS, "cost"]
+
+
 async def usage_report(
     engine: AsyncEngine,
     *,
@@ -190,15 +215,7 @@ async def usage_report(
             out[d] = row[d]
             if d == "key":
                 out["key_name"] = names.get(row[d]) if row[d] else None
-        for name in (
-            "requests",
-            "prompt_tokens",
-            "completion_tokens",
-            "cached_tokens",
-            "estimated",
-            "errors",
-            "cache_hits",
-        ):
+        for name in _SUMS:
             out[name] = int(row[name] or 0)
         out["cost"] = round(float(row["cost"] or 0.0), 9)
         result.append(out)
@@ -214,13 +231,17 @@ def _csv_safe(value: Any) -> Any:
     return f"'{value}" if isinstance(value, str) and value.startswith(_FORMULA_STARTS) else value
 
 
-def render(rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
-    """``table`` (aligned text with a total line), ``csv`` or ``json``."""
+def render(
+    rows: Sequence[dict[str, Any]], fmt: str = "table", *, columns: Sequence[str] | None = None
+) -> str:
+    """``table`` (aligned text with a total line), ``csv`` or ``json``, each ending with a
+    newline. ``columns`` (see :func:`report_columns`) gives a CSV without rows its header;
+    without them such a CSV is empty."""
     if fmt == "json":
-        return json.dumps(list(rows), indent=2)
-    if not rows:
+        return json.dumps(list(rows), indent=2) + "\n"
+    if not rows and not (fmt == "csv" and columns):
         return "" if fmt == "csv" else "(no usage in this range)\n"
-    headers = list(rows[0])
+    headers = list(rows[0]) if rows else list(columns or ())
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=headers, lineterminator="\n")

@@ -106,8 +106,8 @@ async def test_revocation_seen_by_another_replica_after_cache_expiry(sqlite_url:
 
 
 async def test_concurrent_auth_checks_share_one_query(sqlite_url: str, tmp_path: Path) -> None:
-    """With auth ``auto`` and no key yet, the requests in flight when the cached "no key"
-    answer expires send one COUNT query between them, not one each."""
+    """With auth ``auto`` and no key yet, the requests in flight together send one COUNT
+    query between them, not one each (a "no key" answer is not kept: each batch counts)."""
     async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
         store = KeyStore(acct.engine, cache_seconds=0.2)
         queries: list[str] = []
@@ -123,7 +123,7 @@ async def test_concurrent_auth_checks_share_one_query(sqlite_url: str, tmp_path:
             results.append(await store.any_exist())
 
         try:
-            for _ in range(2):  # the first answer, then again once it went stale
+            for _ in range(2):  # a batch, then another: a "no" is not kept
                 results.clear()
                 async with anyio.create_task_group() as tg:
                     for _ in range(50):
