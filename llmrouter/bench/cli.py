@@ -6,8 +6,13 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
+from types import FrameType
 from typing import Any
 
 from llmrouter.errors import ConfigError
@@ -20,7 +25,7 @@ def register(subparsers: Any) -> None:
         "bench",
         help="measure gateway overhead (direct vs through llmrouter serve) and local providers",
         description="Gateway overhead against a fast fake upstream on loopback: req/s, p50/p90/p99, "
-        "time to first chunk, added latency, gateway CPU per request and RSS. With --litellm, LiteLLM's "
+        "time to first token, added latency, gateway CPU per request and RSS. With --litellm, LiteLLM's "
         "proxy beside it; with --coalescing, the upstream calls a burst of identical requests makes. "
         "With --providers, also local providers against their libraries: tokens/s and time to first token.",
     )
@@ -30,6 +35,19 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--duration", type=_seconds, default=3.0, help="seconds per measured round")
     parser.add_argument("--rounds", type=_count, default=3, help="rounds per cell; the table shows medians")
     parser.add_argument("--chunks", type=_count, default=20, help="content chunks per streamed answer")
+    parser.add_argument(
+        "--first-byte-delay-ms",
+        type=_milliseconds,
+        default=0.0,
+        help="the fake upstream waits this long before its response headers (default 0)",
+    )
+    parser.add_argument(
+        "--chunk-delay-ms",
+        type=_milliseconds,
+        default=0.0,
+        help="the fake upstream waits this long before each content chunk of a stream after the "
+        "first, and a JSON answer that per chunk (default 0)",
+    )
     parser.add_argument(
         "--modes",
         type=_modes,
@@ -97,8 +115,9 @@ def _count(text: str) -> int:
 
 
 def _counts(text: str) -> list[int]:
-    """Comma-separated whole numbers of at least 1, at least one of them."""
-    values = [_count(part) for part in text.split(",") if part.strip()]
+    """Comma-separated whole numbers of at least 1, at least one of them, each once in
+    the order given (``2,2``: a second row and round of the same cell is only time)."""
+    values = list(dict.fromkeys(_count(part) for part in text.split(",") if part.strip()))
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values
@@ -142,6 +161,38 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _milliseconds(text: str) -> float:
+    """A delay: a finite number of milliseconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, 0 or more, not {text!r}")
+    return value
+
+
+@contextmanager
+def _cleanup_on_sigterm() -> Iterator[None]:
+    """SIGTERM (a cancelled CI job, ``kill PID``, a service stop) as ``SystemExit(143)``
+    while the bench runs: Python's default for it ends the process where it stands, and
+    the upstream and gateways it started go on running, their temporary folder left
+    behind; an exception runs the ``finally`` blocks that stop them and remove it. The
+    previous handler is back afterwards (``main`` may be called by a longer program)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _progress(total: int) -> Any:
     done = [0]
 
@@ -155,6 +206,11 @@ def _progress(total: int) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
+    with _cleanup_on_sigterm():
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
     from llmrouter.bench.compare import compare_with_litellm, comparisons_as_dicts, format_comparisons
     from llmrouter.bench.gateway import (
         format_rows,
@@ -193,6 +249,8 @@ def _run(args: argparse.Namespace) -> int:
             chunks=args.chunks,
             modes=modes,
             litellm_command=args.litellm,
+            first_byte_delay_ms=args.first_byte_delay_ms,
+            chunk_delay_ms=args.chunk_delay_ms,
             progress=progress,
         )
         results["gateway"] = rows_as_dicts(rows)

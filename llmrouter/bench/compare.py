@@ -8,7 +8,7 @@ from typing import Any
 
 from llmrouter.bench.gateway import GatewayRow, gateway_target
 from llmrouter.bench.litellm import litellm_mode
-from llmrouter.bench.stats import median, render_table
+from llmrouter.bench.stats import median, render_table, round_pairs
 
 __all__ = ["Comparison", "compare_with_litellm", "comparisons_as_dicts", "format_comparisons"]
 
@@ -26,7 +26,8 @@ class Comparison:
     litellm_cpu_ms_per_req: float | None
     litellm_cpu_ratio: float | None
     """LiteLLM's CPU per request over llmrouter's: the median of the rounds' ratios (the
-    two gateways are measured one after the other in every round)."""
+    two gateways are measured one after the other in every round), of the rounds both
+    answered in."""
 
 
 def compare_with_litellm(rows: Sequence[GatewayRow]) -> list[Comparison]:
@@ -38,7 +39,7 @@ def compare_with_litellm(rows: Sequence[GatewayRow]) -> list[Comparison]:
         ours = measured.get((gateway_target(mode), stream, concurrency)) if mode else None
         if mode is None or ours is None:
             continue
-        pairs = list(zip(theirs.cpu_ms_rounds, ours.cpu_ms_rounds, strict=False))
+        pairs = round_pairs(theirs.cpu_ms_rounds, ours.cpu_ms_rounds)
         found.append(
             Comparison(
                 mode=mode,
@@ -50,9 +51,7 @@ def compare_with_litellm(rows: Sequence[GatewayRow]) -> list[Comparison]:
                 litellm_added_p50_ms=theirs.added_p50_ms,
                 cpu_ms_per_req=ours.cpu_ms_per_req,
                 litellm_cpu_ms_per_req=theirs.cpu_ms_per_req,
-                litellm_cpu_ratio=median([t / o for t, o in pairs])
-                if pairs and all(o for _, o in pairs)
-                else None,
+                litellm_cpu_ratio=median([t / o for t, o in pairs]) if pairs else None,
             )
         )
     return found

@@ -26,7 +26,7 @@ import yaml
 from llmrouter.bench import litellm
 from llmrouter.bench.loadgen import LoadResult, http_request, run_load
 from llmrouter.bench.processes import Child, free_port, pinned, python_argv
-from llmrouter.bench.stats import median, percentile, render_table
+from llmrouter.bench.stats import median, percentile, render_table, round_pairs
 
 __all__ = [
     "GatewayRow",
@@ -90,6 +90,8 @@ class GatewayRow:
     p90_ms: float
     p99_ms: float
     ttfb_p50_ms: float
+    """Time to the first generated text (a stream's first chunk with content, not its
+    role-only first chunk; a JSON answer's body): :class:`~llmrouter.bench.loadgen.LoadResult`."""
     added_p50_ms: float | None
     cpu_ms_per_req: float | None
     rss_mb: float | None
@@ -105,8 +107,10 @@ class GatewayRow:
     differences, each against bare in the same round. The issue's budget for it is 20%
     of the gateway's: 0.1 ms of a JSON request's 0.5 ms, 0.3 ms of a stream's 1.5 ms.
     None for direct and bare."""
-    cpu_ms_rounds: list[float] = field(default_factory=list)
-    """CPU ms per request in each round, in order (the gateways only)."""
+    cpu_ms_rounds: list[float | None] = field(default_factory=list)
+    """CPU ms per request in each round, in order (the gateways only): one entry a round,
+    None for a round the target answered nothing in (it had died), so that the rounds
+    of two targets still pair up round by round."""
 
 
 def _config(upstream_port: int, extra: dict[str, Any]) -> dict[str, Any]:
@@ -174,11 +178,12 @@ def _row(
     stream: bool,
     concurrency: int,
     results: list[LoadResult],
-    cpus: list[float],
+    cpus: list[float | None],
     rss: float | None,
     direct_p50: float | None,
 ) -> GatewayRow:
     p50 = _p50_ms(results)
+    measured = [cpu for cpu in cpus if cpu is not None]
     return GatewayRow(
         target=target,
         stream=stream,
@@ -187,9 +192,9 @@ def _row(
         p50_ms=p50,
         p90_ms=median([percentile(r.latencies, 90) for r in results]) * 1000,
         p99_ms=median([percentile(r.latencies, 99) for r in results]) * 1000,
-        ttfb_p50_ms=median([percentile(r.first_bytes, 50) for r in results]) * 1000,
+        ttfb_p50_ms=median([percentile(r.first_content, 50) for r in results]) * 1000,
         added_p50_ms=None if direct_p50 is None else p50 - direct_p50,
-        cpu_ms_per_req=median(cpus) if cpus else None,
+        cpu_ms_per_req=median(measured) if measured else None,
         rss_mb=rss,
         errors=sum(r.errors for r in results),
         cpu_ms_rounds=cpus,
@@ -215,12 +220,21 @@ def _idle_row(target: str, rss: float) -> GatewayRow:
 
 
 def start_upstream(
-    port: int, chunks: int, *, log: Path | None = None, record: bool = False, first_byte_delay_ms: float = 0.0
+    port: int,
+    chunks: int,
+    *,
+    log: Path | None = None,
+    record: bool = False,
+    first_byte_delay_ms: float = 0.0,
+    chunk_delay_ms: float = 0.0,
 ) -> Child:
     """The fake OpenAI-compatible upstream on ``port`` (``chunks`` per stream, model
-    :data:`MODEL`; nothing recorded unless ``record``), once it listens."""
+    :data:`MODEL`; nothing recorded unless ``record``), once it listens. It waits
+    ``first_byte_delay_ms`` before its headers and ``chunk_delay_ms`` before each chunk
+    after the first (before a JSON answer: that per chunk it would have streamed)."""
     argv = python_argv("-m", "llmrouter.testing.upstream", "--port", str(port), "--chunks", str(chunks))
     argv += ["--model", MODEL, "--first-byte-delay-ms", str(first_byte_delay_ms)]
+    argv += ["--delay-ms", str(chunk_delay_ms)]
     if not record:
         argv.append("--no-record")
     child = Child(argv, port, log=log)
@@ -232,13 +246,22 @@ def start_upstream(
     return child
 
 
+def gateway_argv(config_path: Path, port: int, access_log: bool) -> list[str]:
+    """``llmrouter serve`` as the bench runs it: one process (``--workers 1``, whatever
+    the config or environment says), whose CPU and RSS are the server's own and not a
+    supervisor's."""
+    argv = python_argv("-m", "llmrouter.cli", "serve", "--config", str(config_path), "--port", str(port))
+    argv += ["--workers", "1"]
+    if not access_log:
+        argv.append("--no-access-log")
+    return argv
+
+
 def _start_gateway(config: dict[str, Any], workdir: Path, name: str) -> Child:
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()
-    argv = python_argv("-m", "llmrouter.cli", "serve", "--config", str(path), "--port", str(port))
-    if not config["telemetry"]["access_log"]:
-        argv.append("--no-access-log")
+    argv = gateway_argv(path, port, config["telemetry"]["access_log"])
     child = Child(argv, port, log=workdir / f"{name}.log")
     try:
         child.wait_listening()
@@ -256,17 +279,23 @@ def run_gateway_bench(
     chunks: int = 20,
     modes: Sequence[str] = ("bare", "full"),
     litellm_command: str | None = None,
+    first_byte_delay_ms: float = 0.0,
+    chunk_delay_ms: float = 0.0,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[GatewayRow]:
     """Measure direct vs gateway (bare and with accounting + cache + metrics), and, given
     ``litellm_command`` (LiteLLM's ``litellm``), LiteLLM's proxy in the modes it has a
-    counterpart of (:data:`llmrouter.bench.litellm.MODES`).
+    counterpart of (:data:`llmrouter.bench.litellm.MODES`), in front of an upstream with
+    the given delays (:func:`start_upstream`).
 
     Every target is measured once per round, in turn, before the next round begins:
     a machine that slows down for a while slows every target alike, so the ratios
     between them hold even when the absolute figures drift.
     """
-    with pinned(1), running_targets(modes, litellm_command, chunks) as targets:
+    started = running_targets(
+        modes, litellm_command, chunks, first_byte_delay_ms=first_byte_delay_ms, chunk_delay_ms=chunk_delay_ms
+    )
+    with pinned(1), started as targets:
         idle_rss = {target: child.rss_mb() for target, child in targets.children.items()}
         return _measure_all(
             targets.children, targets.headers, concurrencies, duration, rounds, idle_rss, progress
@@ -289,6 +318,7 @@ def running_targets(
     *,
     record: bool = False,
     first_byte_delay_ms: float = 0.0,
+    chunk_delay_ms: float = 0.0,
 ) -> Iterator[Targets]:
     """The fake upstream, ``llmrouter serve`` in each of ``modes`` in front of it, and
     LiteLLM (given its command) in those it has a counterpart of, each started once the
@@ -302,6 +332,7 @@ def running_targets(
                 chunks,
                 record=record,
                 first_byte_delay_ms=first_byte_delay_ms,
+                chunk_delay_ms=chunk_delay_ms,
                 log=workdir / "upstream.log",
             )
             for mode in modes:
@@ -334,7 +365,7 @@ def _measure_all(
     idle_rss: dict[str, float],
     progress: Callable[[str], None],
 ) -> list[GatewayRow]:
-    cells: dict[tuple[str, bool, int], tuple[list[LoadResult], list[float]]] = {}
+    cells: dict[tuple[str, bool, int], tuple[list[LoadResult], list[float | None]]] = {}
     for stream in (False, True):
         for c in concurrencies:
             for n in range(rounds):
@@ -346,8 +377,8 @@ def _measure_all(
                     )
                     results, cpus = cells.setdefault((target, stream, c), ([], []))
                     results.append(result)
-                    if cpu is not None:
-                        cpus.append(cpu)
+                    if not direct:
+                        cpus.append(cpu)  # None too: one entry a round
     rows: list[GatewayRow] = []
     for target, child in children.items():
         direct = target == "direct"
@@ -377,8 +408,10 @@ def _compare_with_bare(rows: list[GatewayRow]) -> None:
     }
     for row in rows:
         base = bare.get((_bare_of(row.target), row.stream, row.concurrency))
-        if row.target != _bare_of(row.target) and row.cpu_ms_rounds and base and all(base):
-            pairs = list(zip(row.cpu_ms_rounds, base, strict=True))
+        if row.target == _bare_of(row.target) or not row.cpu_ms_rounds or base is None:
+            continue
+        pairs = round_pairs(row.cpu_ms_rounds, base)
+        if pairs:
             row.cpu_vs_bare = median([cpu / b for cpu, b in pairs]) - 1
             row.cpu_ms_over_bare = median([cpu - b for cpu, b in pairs])
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["Child", "free_port", "pin_self", "pinned"]
+__all__ = ["Child", "child_environment", "free_port", "pin_self", "pinned"]
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -47,6 +47,20 @@ def pinned(core_index: int) -> Iterator[None]:
         os.sched_setaffinity(0, previous)
 
 
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a benched server, less llmrouter's overrides
+    (``LLMROUTER__SECTION__KEY``, ``LLMROUTER_TRANSFORMERS_MODEL``), plus ``extra``: the
+    bench's configs say what its servers run with, and an override left in the shell
+    would change what is measured (``LLMROUTER__SERVER__WORKERS=2``: the CPU and RSS of
+    uvicorn's supervisor, not of the server; a model loaded into every gateway)."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("LLMROUTER__") and name != "LLMROUTER_TRANSFORMERS_MODEL"
+    }
+    return {**env, **(extra or {})}
+
+
 class Child:
     """A server process pinned (before exec) to the first core, waited for until it listens."""
 
@@ -58,7 +72,7 @@ class Child:
         self._log: IO[bytes] | None = open(log, "wb") if log else None  # closed in stop()
         self.process = subprocess.Popen(
             self.argv,
-            env={**os.environ, **(env or {})},
+            env=child_environment(env),
             stdout=self._log if self._log is not None else subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             preexec_fn=lambda: os.sched_setaffinity(0, core),  # before exec: inherited by every thread

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-__all__ = ["median", "percentile", "render_table"]
+__all__ = ["median", "percentile", "render_table", "round_pairs"]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -25,6 +25,14 @@ def median(values: Sequence[float]) -> float:
     the rounds' order. NaN when none is a number."""
     numbers = [value for value in values if value == value]
     return statistics.median(numbers) if numbers else float("nan")
+
+
+def round_pairs(values: Sequence[float | None], bases: Sequence[float | None]) -> list[tuple[float, float]]:
+    """Two targets' figures of the same rounds, paired round by round: a target that died
+    mid-run has None for the rounds it answered nothing in, and pairing what is left in
+    order would set one round's figure against another's. A round either lacks, or whose
+    base is 0 (no ratio to it), is left out."""
+    return [(value, base) for value, base in zip(values, bases, strict=True) if value is not None and base]
 
 
 def _cell(value: object) -> str:
