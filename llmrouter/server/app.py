@@ -32,6 +32,7 @@ from llmrouter.errors import one_line_cause
 from llmrouter.extension import Extension
 from llmrouter.server.chat import chat_handlers
 from llmrouter.server.completions import completion_handlers
+from llmrouter.server.cors import openai_style_cors_refusals
 from llmrouter.server.dashboard import dashboard_handlers
 from llmrouter.server.disconnect import ClientDisconnected
 from llmrouter.server.errors import exception_handlers
@@ -72,6 +73,7 @@ _EXPOSED_HEADERS = [
     "x-llmrouter-model-group",
     "x-llmrouter-cache",
     "x-llmrouter-cost",
+    "x-llmrouter-attempts",
     "x-ratelimit-limit-requests",
     "x-ratelimit-remaining-requests",
     "x-ratelimit-limit-tokens",
@@ -278,6 +280,8 @@ def create_app(
         logging_config=None,
     )
     app.asgi_handler = answer_head_as_get(app.asgi_handler)  # in front of the router
+    if origins:
+        app.asgi_handler = openai_style_cors_refusals(app.asgi_handler)
     return app
 
 

@@ -356,6 +356,37 @@ def test_cors_from_config() -> None:
         assert "access-control-allow-origin" not in other.headers
 
 
+def test_a_preflight_from_an_origin_not_allowed_is_an_openai_error() -> None:
+    app = create_app(
+        Config(server=ServerConfig(cors_origins=["https://app.example"])), router=make_router()[0]
+    )
+    preflight = {"access-control-request-method": "POST"}
+    with TestClient(app) as client:
+        refused = client.options(
+            "/v1/chat/completions", headers={**preflight, "origin": "https://evil.example"}
+        )
+        allowed = client.options(
+            "/v1/chat/completions", headers={**preflight, "origin": "https://app.example"}
+        )
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "cors_origin_not_allowed"
+    assert "https://evil.example" in refused.json()["error"]["message"]
+    assert allowed.status_code == 204
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_cors_exposes_every_header_the_docs_list() -> None:
+    """docs/service.md: "the headers above are then exposed to browsers"."""
+    from pathlib import Path
+
+    from llmrouter.server.app import _EXPOSED_HEADERS
+
+    docs = (Path(__file__).parents[2] / "docs" / "service.md").read_text()
+    table = docs.split("Response headers:", 1)[1].split("\n\n", 2)[1]
+    documented = {name.lower() for name in re.findall(r"`((?:X|Retry)-[A-Za-z-]+)`", table)}
+    assert documented and documented <= set(_EXPOSED_HEADERS)
+
+
 class KeyExtension(Extension):
     """Needs ``Authorization: Bearer good``; contributes a route, middleware, hooks, readiness."""
 
