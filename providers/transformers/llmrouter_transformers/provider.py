@@ -20,12 +20,13 @@ import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import anyio
 import anyio.lowlevel
 
 from llmrouter.config import Deployment, ModelGroup
+from llmrouter.context import current_context
 from llmrouter.errors import UpstreamUnavailableError
 from llmrouter.provider import (
     MODEL_LOADING,
@@ -94,12 +95,35 @@ class TransformersOptions(ProviderOptions):
     attn_implementation: str | None = None
 
 
-class _Prepared:
-    __slots__ = ("job", "prompt_tokens")
+class _StreamTally:
+    """Reports a stream's exact usage when it ends without its usage chunk.
+
+    A stream the client (or a timeout) closes early never reaches its usage chunk, and
+    the router would then estimate the usage with tiktoken, missing the chat template.
+    The engine knows the exact counts, so they go straight onto the request's context
+    (:data:`~llmrouter.context.current_context`, read on the stream's first step while
+    the router has it set). Only once a chunk was sent: before that the router may still
+    fall back to another deployment, whose usage is the one to bill.
+    """
+
+    __slots__ = ("_context", "_job", "sent", "usage_sent")
 
     def __init__(self, job: GenerationJob) -> None:
-        self.job = job
-        self.prompt_tokens = len(job.prompt_ids)
+        self._job = job
+        self._context = current_context.get()
+        self.sent = False
+        """A chunk went out: the router committed to this deployment."""
+        self.usage_sent = False
+
+    def report_if_cut_short(self) -> None:
+        """Call once the job is cancelled (or finished): its counts no longer grow."""
+        ctx = self._context
+        if ctx is None or not self.sent or self.usage_sent or ctx.usage is not None:
+            return
+        prompt, completion = len(self._job.prompt_ids), len(self._job.generated)
+        ctx.usage = Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
 
 
 class TransformersProvider(Provider[TransformersOptions]):
@@ -266,21 +290,35 @@ class TransformersProvider(Provider[TransformersOptions]):
         )
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
-        """Stream a chat completion token by token; the last chunk carries ``usage``."""
+        """Stream a chat completion token by token; the last chunk carries ``usage``.
+
+        The role rides on the first delta that carries text or the finish reason, never on
+        a chunk of its own: nothing is sent before the engine produced something, so the
+        router's first-token timeout (and its fallback) covers queueing and prefill, its
+        time to first token is real, and an engine failure before it stays retryable.
+        """
         engine, job = await self._prepare(request)
         chunk_id, created = new_id("chatcmpl"), now()
+        tally = _StreamTally(job)
+        role: Literal["assistant"] | None = "assistant"
 
         def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> ChatChunk:
             return ChatChunk(id=chunk_id, created=created, model=self.model, choices=choices, usage=usage)
 
-        yield chunk([ChunkChoice(delta=Delta(role="assistant", content=""))])
-        async with aclosing(self._run(job, engine)) as events:
-            async for event in events:
-                if event.text:
-                    yield chunk([ChunkChoice(delta=Delta(content=event.text))])
-                if event.finish_reason is not None:
-                    yield chunk([ChunkChoice(delta=Delta(), finish_reason=event.finish_reason)])
-                    yield chunk([], usage=self._usage(event))
+        try:
+            async with aclosing(self._run(job, engine)) as events:
+                async for event in events:
+                    tally.sent = True
+                    if event.text:
+                        yield chunk([ChunkChoice(delta=Delta(role=role, content=event.text))])
+                        role = None
+                    if event.finish_reason is not None:
+                        delta = Delta(role=role, content=None if role is None else "")
+                        yield chunk([ChunkChoice(delta=delta, finish_reason=event.finish_reason)])
+                        tally.usage_sent = True
+                        yield chunk([], usage=self._usage(event))
+        finally:
+            tally.report_if_cut_short()
 
     async def complete(self, request: CompletionRequest) -> CompletionResponse:
         """A legacy completion of a raw prompt (no chat template)."""
@@ -297,25 +335,25 @@ class TransformersProvider(Provider[TransformersOptions]):
         """Stream a legacy completion; the last chunk carries ``usage``."""
         engine, job = await self._prepare(request)
         chunk_id, created = new_id("cmpl"), now()
-        async with aclosing(self._run(job, engine)) as events:
-            async for event in events:
-                if event.text:
-                    yield CompletionChunk(
-                        id=chunk_id,
-                        created=created,
-                        model=self.model,
-                        choices=[CompletionChoice(text=event.text)],
-                    )
-                if event.finish_reason is not None:
-                    yield CompletionChunk(
-                        id=chunk_id,
-                        created=created,
-                        model=self.model,
-                        choices=[CompletionChoice(text="", finish_reason=event.finish_reason)],
-                    )
-                    yield CompletionChunk(
-                        id=chunk_id, created=created, model=self.model, usage=self._usage(event)
-                    )
+        tally = _StreamTally(job)
+
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionChunk:
+            return CompletionChunk(
+                id=chunk_id, created=created, model=self.model, choices=choices, usage=usage
+            )
+
+        try:
+            async with aclosing(self._run(job, engine)) as events:
+                async for event in events:
+                    tally.sent = True
+                    if event.text:
+                        yield chunk([CompletionChoice(text=event.text)])
+                    if event.finish_reason is not None:
+                        yield chunk([CompletionChoice(text="", finish_reason=event.finish_reason)])
+                        tally.usage_sent = True
+                        yield chunk([], usage=self._usage(event))
+        finally:
+            tally.report_if_cut_short()
 
     # --- description --------------------------------------------------------------------
 

@@ -4,7 +4,8 @@ Byte-level tokenizers split one UTF-8 character (an emoji, a CJK ideograph) over
 several tokens; decoding a partial sequence yields U+FFFD. :class:`IncrementalDecoder`
 only releases text once the character is complete, and decodes with a few tokens of
 left context so tokenizers that drop a leading space on decode (SentencePiece) join
-pieces correctly. The concatenated deltas equal ``tokenizer.decode`` of all the ids.
+pieces correctly. The concatenated deltas equal ``tokenizer.decode`` of all the ids,
+less a character the last ids left incomplete (``max_tokens`` cut it), which is dropped.
 
 :class:`StopStringFilter` cuts the text at the first stop string and holds back a
 tail that could still become one, so a stream never shows part of a stop string.
@@ -50,11 +51,18 @@ class IncrementalDecoder:
         return ""
 
     def flush(self) -> str:
-        """The text still held back (an incomplete character at the very end)."""
+        """The complete characters still held back, at the end of generation.
+
+        What :meth:`push` held back ends in bytes that make no complete character (most
+        often ``max_tokens`` cut one): they decode to U+FFFD (one, or one per byte,
+        depending on the tokenizer's decoder), a broken character rather than text, so
+        the trailing run of U+FFFD is dropped. A U+FFFD the model did write as the very
+        last character goes too: the decoded text cannot tell them apart.
+        """
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._ids)
-        return new_text[len(prefix_text) :]
+        return new_text[len(prefix_text) :].rstrip(_REPLACEMENT)
 
 
 class StopStringFilter:

@@ -38,7 +38,8 @@ async def test_raw_generate_gives_the_providers_answer(tiny_llama: Path) -> None
         )
         assert rows[0] == rows[1] and len(rows[0]) == answer.usage.completion_tokens and ttft > 0
         text = provider.engine.tokenizer.decode(rows[0], skip_special_tokens=True)
-        assert text == answer.choices[0].message.content and text
+        # The provider leaves out a character the 12th token left incomplete.
+        assert text.rstrip("\ufffd") == answer.choices[0].message.content and text
 
 
 async def test_both_paths_are_measured_at_each_concurrency(tiny_llama: Path) -> None:

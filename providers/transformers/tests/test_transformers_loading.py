@@ -10,6 +10,7 @@ import anyio
 import pytest
 from llmrouter_transformers import MODEL_ENV, SMOLLM2_MODEL_NAME, TransformersOptions, TransformersProvider
 from llmrouter_transformers.loading import resolve_device, resolve_dtype
+from llmrouter_transformers.prompts import chat_prompt_ids
 
 from llmrouter.errors import (
     ConfigError,
@@ -32,6 +33,10 @@ def chat(**fields):
     }
     body.update(fields)
     return decode_chat_request(body)
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+FUNCTION = {"name": "f", "parameters": {"type": "object"}}
 
 
 def test_import_pulls_in_no_torch() -> None:
@@ -168,10 +173,9 @@ async def test_bad_requests_are_400s(tiny_provider: TransformersProvider) -> Non
         await tiny_provider.chat(chat(max_tokens=100_000))
     with pytest.raises(ContextWindowExceededError):
         await tiny_provider.chat(chat(messages=[{"role": "user", "content": "word " * 5000}]))
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     schema = {"name": "answer", "schema": {"type": "object"}}
     refused = (
-        {"tools": [tool]},
+        {"tools": [TOOL]},
         {"n": 2},
         {"logprobs": True},
         {"response_format": {"type": "json_object"}},
@@ -191,6 +195,34 @@ async def test_bad_requests_are_400s(tiny_provider: TransformersProvider) -> Non
     image = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]
     with pytest.raises(UnsupportedFeatureError):
         await tiny_provider.chat(chat(messages=[{"role": "user", "content": image}]))
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tools": [TOOL]}, "tools"),
+        ({"tools": [TOOL], "tool_choice": "none"}, "tools"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"functions": [FUNCTION]}, "functions"),
+        ({"functions": [FUNCTION], "function_call": "none"}, "functions"),
+        ({"function_call": {"name": "f"}}, "function_call"),
+        ({"function_call": "auto"}, "function_call"),
+    ],
+)
+def test_tool_calling_in_any_form_is_a_400_naming_the_field(fields: dict, param: str) -> None:
+    """Before: the deprecated ``functions`` / ``function_call`` were ignored (a 200 of prose)."""
+    with pytest.raises(UnsupportedFeatureError) as info:
+        chat_prompt_ids(None, chat(**fields), template=CHATML_TEMPLATE, model="tiny")
+    assert (info.value.http_status, info.value.param) == (400, param)
+
+
+def test_asking_for_no_tool_call_is_served(tiny_llama: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    request = chat(tool_choice="none", function_call="none", functions=[])
+    assert chat_prompt_ids(tokenizer, request, template=None, model="tiny")
 
 
 async def test_developer_role_and_text_parts(tiny_provider: TransformersProvider) -> None:

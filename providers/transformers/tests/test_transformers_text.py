@@ -31,11 +31,15 @@ def test_multi_byte_characters_stream_whole(tokenizer) -> None:
     assert "" in deltas, "mid-character tokens must produce no text"
 
 
-def test_truncated_character_is_flushed_as_decode_does(tokenizer) -> None:
-    ids = tokenizer("ok 😀", add_special_tokens=False)["input_ids"][:-1]
+@pytest.mark.parametrize("whole", ["ok 😀🚀", "🎉", "日本語のテキスト"])
+def test_a_character_the_last_token_leaves_incomplete_is_dropped(tokenizer, whole: str) -> None:
+    """Before: ``flush`` returned its bytes as U+FFFD, a broken character in the last chunk."""
+    ids = tokenizer(whole, add_special_tokens=False)["input_ids"][:-1]
+    assert tokenizer.decode(ids).endswith("\ufffd"), "expected the cut to split a character"
     decoder = IncrementalDecoder(tokenizer)
     text = "".join(decoder.push(i) for i in ids) + decoder.flush()
-    assert text == tokenizer.decode(ids)
+    assert text == tokenizer.decode(ids).rstrip("\ufffd")
+    assert whole.startswith(text)
 
 
 def test_special_tokens_are_left_out(tokenizer) -> None:
