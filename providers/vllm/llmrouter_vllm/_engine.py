@@ -140,6 +140,8 @@ def build_engine(
 
 
 # Request fields vLLM's own OpenAI server accepts beside the OpenAI ones ("extra body").
+# Its structured-output fields (`structured_outputs`, `guided_*`) are not among them:
+# the provider maps or refuses those (`_wire.structured_outputs`) before this module.
 _EXTRA_SAMPLING_KEYS = frozenset(
     {
         "top_k",
@@ -174,11 +176,15 @@ def make_sampling_params(
     logit_bias: Mapping[str, float] | None,
     vocabulary: int,
     logprobs: int | None,
-    response_format: Any,
+    structured_outputs: Mapping[str, Any] | None,
     extra: Mapping[str, Any],
     stream: bool,
 ) -> SamplingParams:
     """Map OpenAI sampling fields onto vLLM's SamplingParams (unset fields keep vLLM's defaults).
+
+    Args:
+        structured_outputs: ``StructuredOutputsParams`` keywords, from
+            :func:`llmrouter_vllm._wire.structured_outputs`; None leaves the output free.
 
     Raises:
         InvalidRequestError: a value vLLM rejects, or a logit_bias key that is not one of
@@ -209,27 +215,14 @@ def make_sampling_params(
                 "logit_bias keys must be token ids", param="logit_bias", provider=PROVIDER
             ) from exc
         check_token_ids(kwargs["logit_bias"], vocabulary, param="logit_bias", provider=PROVIDER)
-    structured = _structured_outputs(response_format)
-    if structured is not None:
-        kwargs["structured_outputs"] = structured
     kwargs.update({key: value for key, value in extra.items() if key in _EXTRA_SAMPLING_KEYS})
     try:
+        if structured_outputs is not None:
+            # A client's `structured_outputs` object may hold keys or values vLLM refuses.
+            kwargs["structured_outputs"] = StructuredOutputsParams(**structured_outputs)
         return SamplingParams(**kwargs)
     except (TypeError, ValueError, VLLMClientError) as exc:
         raise InvalidRequestError(str(exc), provider=PROVIDER) from exc
-
-
-def _structured_outputs(response_format: Any) -> StructuredOutputsParams | None:
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_object":
-        return StructuredOutputsParams(json_object=True)
-    schema = response_format.json_schema.schema if response_format.json_schema else None
-    if schema is None:
-        raise InvalidRequestError(
-            "response_format json_schema needs a schema", param="response_format", provider=PROVIDER
-        )
-    return StructuredOutputsParams(json=schema)
 
 
 def translate_error(exc: BaseException) -> LLMRouterError | None:

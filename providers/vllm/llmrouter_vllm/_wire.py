@@ -15,7 +15,15 @@ from llmrouter.errors import (
     UnsupportedFeatureError,
     UpstreamError,
 )
-from llmrouter.types import ChatMessage, ChatRequest, PromptTokensDetails, TextPart, ToolCall, Usage
+from llmrouter.types import (
+    ChatMessage,
+    ChatRequest,
+    PromptTokensDetails,
+    ResponseFormat,
+    TextPart,
+    ToolCall,
+    Usage,
+)
 
 PROVIDER = "vllm"
 
@@ -74,11 +82,115 @@ def _template_call(call: ToolCall, index: int, k: int) -> dict[str, Any]:
 
 
 def check_chat_features(request: ChatRequest) -> None:
-    """Reject what this provider cannot honour instead of silently ignoring it."""
-    if request.tools and request.tool_choice != "none":
-        raise UnsupportedFeatureError(
-            "tool calling is not supported by the vllm provider", param="tools", provider=PROVIDER
+    """Reject what this provider cannot honour instead of silently ignoring it.
+
+    Tool calling, in today's fields and in the deprecated ``functions`` (which land in
+    ``extra``): ignored, it would answer with a 200 of prose where the client expects a
+    call. Asking for no call (``"none"``), or leaving the choice to the model
+    (``tool_choice: "auto"`` with no tools), asks for nothing this provider cannot do.
+    """
+    asked = [
+        ("tools", bool(request.tools) and request.tool_choice != "none"),
+        ("tool_choice", request.tool_choice not in (None, "none", "auto")),
+        ("functions", bool(request.extra.get("functions")) and request.extra.get("function_call") != "none"),
+        ("function_call", request.extra.get("function_call") not in (None, "none")),
+    ]
+    for param, present in asked:
+        if present:
+            raise UnsupportedFeatureError(
+                f"`{param}` is not supported by the vllm provider (no tool calling)",
+                param=param,
+                provider=PROVIDER,
+            )
+
+
+def structured_outputs(
+    response_format: ResponseFormat | None, extra: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The keywords of vLLM's ``StructuredOutputsParams`` for a request; None when unconstrained.
+
+    The constraint comes from OpenAI's ``response_format``, or from the fields clients of
+    a vLLM server send beside OpenAI's: its ``structured_outputs`` object and its older
+    ``guided_*`` fields. Dropped, these would get a 200 of free text where the client
+    parses JSON or expects one of its choices.
+
+    Raises:
+        InvalidRequestError: more than one constraint, vLLM's fields with none, or a
+            ``structured_outputs`` that is not an object.
+        UnsupportedFeatureError: a ``guided_*`` field with no counterpart here (the
+            per-request ``guided_decoding_backend``: the engine's backend is fixed at start).
+    """
+    sources = _response_format_source(response_format) + _vllm_sources(extra)
+    constraints = [
+        (param, keyword)
+        for param, keywords in sources
+        for keyword, value in keywords.items()
+        if keyword in _CONSTRAINTS and value is not None
+    ]
+    if len(constraints) > 1:
+        named = " and ".join(f"{param} ({keyword})" for param, keyword in constraints)
+        raise InvalidRequestError(
+            f"one output constraint per request, not {named}", param=constraints[1][0], provider=PROVIDER
         )
+    if sources and not constraints:
+        raise InvalidRequestError(
+            f"{sources[0][0]} sets no output constraint (one of {', '.join(_CONSTRAINTS)})",
+            param=sources[0][0],
+            provider=PROVIDER,
+        )
+    merged: dict[str, Any] = {}
+    for _, keywords in sources:
+        merged.update(keywords)
+    return merged or None
+
+
+# vLLM's older request fields for structured output, by the StructuredOutputsParams
+# keyword each one became (vLLM's own server forwarded them so).
+_GUIDED_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+    "guided_whitespace_pattern": "whitespace_pattern",
+}
+
+# The StructuredOutputsParams keywords that constrain the output; vLLM takes one at most.
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+def _response_format_source(response_format: ResponseFormat | None) -> list[tuple[str, dict[str, Any]]]:
+    if response_format is None or response_format.type == "text":
+        return []
+    if response_format.type == "json_object":
+        return [("response_format", {"json_object": True})]
+    schema = response_format.json_schema.schema if response_format.json_schema else None
+    if schema is None:
+        raise InvalidRequestError(
+            "response_format json_schema needs a schema", param="response_format", provider=PROVIDER
+        )
+    return [("response_format", {"json": schema})]
+
+
+def _vllm_sources(extra: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """vLLM's own structured-output fields among the request's extra fields."""
+    sources: list[tuple[str, dict[str, Any]]] = []
+    native = extra.get("structured_outputs")
+    if native is not None:
+        if not isinstance(native, dict):
+            raise InvalidRequestError(
+                "structured_outputs must be an object", param="structured_outputs", provider=PROVIDER
+            )
+        sources.append(("structured_outputs", dict(native)))
+    for field, value in extra.items():
+        if not field.startswith("guided_") or value is None:
+            continue
+        keyword = _GUIDED_FIELDS.get(field)
+        if keyword is None:
+            raise UnsupportedFeatureError(
+                f"`{field}` is not supported by the vllm provider", param=field, provider=PROVIDER
+            )
+        sources.append((field, {keyword: value}))
+    return sources
 
 
 def chat_logprobs_count(request: ChatRequest) -> int | None:
@@ -92,8 +204,12 @@ def chat_logprobs_count(request: ChatRequest) -> int | None:
     return request.top_logprobs or 0
 
 
-def output_limit(requested: int | None, prompt_len: int, max_model_len: int) -> int:
+def output_limit(requested: int | None, prompt_len: int, max_model_len: int, *, param: str) -> int:
     """The ``max_tokens`` to ask vLLM for: the request's, else what the context leaves.
+
+    Args:
+        param: the request field that holds the prompt (``messages`` or ``prompt``),
+            named by the error.
 
     Raises:
         ContextWindowExceededError: the prompt (plus the requested tokens) does not fit.
@@ -103,7 +219,7 @@ def output_limit(requested: int | None, prompt_len: int, max_model_len: int) -> 
         asked = f" + {requested} output tokens" if requested is not None else ""
         raise ContextWindowExceededError(
             f"this model's context is {max_model_len} tokens; the prompt has {prompt_len}{asked}",
-            param="messages",
+            param=param,
             provider=PROVIDER,
         )
     return requested if requested is not None else room

@@ -38,6 +38,7 @@ from llmrouter.types import (
     CompletionRequest,
     CompletionResponse,
     Delta,
+    ResponseFormat,
     new_id,
     now,
 )
@@ -118,22 +119,46 @@ class VLLMProvider(Provider[VLLMOptions]):
             started = time.monotonic()
             logger.info("vllm: starting engine for %s (%s)", self.model, self._describe())
             try:
-                async with anyio.create_task_group() as progress:
-                    progress.start_soon(self._report_progress, started)
-                    await self._build(started)
-                    progress.cancel_scope.cancel()
+                await self._build_with_progress(started)
             except BaseException as exc:
-                self._state = "failed"
-                self._start_error = f"{type(exc).__name__}: {exc}"
+                self._settle_failed_start(exc)
                 raise
-            self._state = "running"
-            logger.info(
-                "vllm: engine ready for %s in %.1f s (vllm %s, max_model_len %d)",
-                self.model,
-                time.monotonic() - started,
-                self._backend.vllm_version() if self._backend else "?",
-                self._max_model_len,
-            )
+
+    async def _build_with_progress(self, started: float) -> None:
+        """:meth:`_build`, with a progress line every few seconds while it works.
+
+        The build's error is raised outside the task group: raised inside, anyio wraps it
+        in an ExceptionGroup, and the start error in the log and in readiness would read
+        "unhandled errors in a TaskGroup" instead of its cause (a ConfigError, the
+        install hint of ProviderNotInstalledError).
+        """
+        failure: Exception | None = None
+        async with anyio.create_task_group() as progress:
+            progress.start_soon(self._report_progress, started)
+            try:
+                await self._build(started)
+            except Exception as exc:  # noqa: BLE001 - raised again below, outside the group
+                failure = exc
+            progress.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    def _settle_failed_start(self, exc: BaseException) -> None:
+        """The state a start that raised leaves behind.
+
+        A cancellation (the lazy start's first client left) that lands once the engine is
+        built, under the shield, leaves it running: the next start() returns at once, so
+        "failed" would refuse every request to an engine that serves. One that lands
+        before leaves nothing running and is no failure of the engine's: the next start()
+        tries again.
+        """
+        if self._state == "running":
+            return
+        if isinstance(exc, anyio.get_cancelled_exc_class()):
+            self._state = "stopped"
+            return
+        self._state = "failed"
+        self._start_error = f"{type(exc).__name__}: {exc}"
 
     async def _build(self, started: float) -> None:
         from llmrouter.errors import ProviderNotInstalledError
@@ -149,14 +174,25 @@ class VLLMProvider(Provider[VLLMOptions]):
         self._apply_environment(backend)
         sink = backend.SchedulerStatsSink()
         # Shielded: an engine half-built when start() is cancelled must still be kept
-        # so that aclose() can shut its worker processes down.
+        # so that aclose() can shut its worker processes down, and one built is running.
         with anyio.CancelScope(shield=True):
             engine = await anyio.to_thread.run_sync(self._build_engine, backend, sink)
             self._backend, self._engine, self._sink = backend, engine, sink
             self._tokenizer = engine.get_tokenizer()
             self._max_model_len = int(engine.model_config.max_model_len)
             self._vocabulary = int(engine.model_config.get_vocab_size())
+            self._mark_running(started)
         await anyio.lowlevel.checkpoint()
+
+    def _mark_running(self, started: float) -> None:
+        self._state = "running"
+        logger.info(
+            "vllm: engine ready for %s in %.1f s (vllm %s, max_model_len %d)",
+            self.model,
+            time.monotonic() - started,
+            self._backend.vllm_version() if self._backend else "?",
+            self._max_model_len,
+        )
 
     def _build_engine(self, backend: ModuleType, sink: Any) -> Any:
         with MODEL_LOADING:  # one model loads at a time (see llmrouter.provider)
@@ -309,12 +345,15 @@ class VLLMProvider(Provider[VLLMOptions]):
         prompt_ids: list[int],
         *,
         logprobs: int | None,
-        response_format: Any,
+        response_format: ResponseFormat | None,
         stream: bool,
     ) -> Any:
         """vLLM's SamplingParams for a request: OpenAI's fields mapped one to one."""
+        prompt_param = "prompt" if isinstance(request, CompletionRequest) else "messages"
         return backend.make_sampling_params(
-            max_tokens=_wire.output_limit(request.output_limit, len(prompt_ids), self._max_model_len),
+            max_tokens=_wire.output_limit(
+                request.output_limit, len(prompt_ids), self._max_model_len, param=prompt_param
+            ),
             n=request.n,
             temperature=request.temperature,
             top_p=request.top_p,
@@ -325,7 +364,7 @@ class VLLMProvider(Provider[VLLMOptions]):
             logit_bias=request.logit_bias,
             vocabulary=self._vocabulary,
             logprobs=logprobs,
-            response_format=response_format,
+            structured_outputs=_wire.structured_outputs(response_format, request.extra),
             extra=request.extra,
             stream=stream,
         )
@@ -356,15 +395,16 @@ class VLLMProvider(Provider[VLLMOptions]):
         final = await self._final_output(prepared)
         choices = []
         completion_tokens = 0
+        echoed = prompt_text if request.echo else ""
         for output in sorted(final.outputs, key=lambda o: o.index):
             completion_tokens += len(output.token_ids)
-            text = (prompt_text + output.text) if request.echo else output.text
             choices.append(
                 CompletionChoice(
                     index=output.index,
-                    text=text,
+                    text=echoed + output.text,
                     finish_reason=_wire.finish_reason(output.finish_reason, request_id=prepared.request_id),
-                    logprobs=self._completion_logprobs(output, prepared.top_logprobs, 0),
+                    # The answer's text starts after the echoed prompt.
+                    logprobs=self._completion_logprobs(output, prepared.top_logprobs, len(echoed)),
                 )
             )
         return CompletionResponse(
@@ -380,7 +420,9 @@ class VLLMProvider(Provider[VLLMOptions]):
         created = now()
         completion_tokens = 0
         cached: int | None = None
-        offsets: dict[int, int] = {}
+        echoed = prompt_text if request.echo else ""
+        started: set[int] = set()
+        offsets: dict[int, int] = {}  # per choice: where its next token's text starts
         async with aclosing(self._generate(prepared)) as outputs:
             async for out in outputs:
                 cached = out.num_cached_tokens
@@ -388,18 +430,16 @@ class VLLMProvider(Provider[VLLMOptions]):
                 for output in out.outputs:
                     completion_tokens += len(output.token_ids)
                     reason = _wire.finish_reason(output.finish_reason, request_id=prepared.request_id)
-                    first = output.index not in offsets
-                    text = (prompt_text if first and request.echo else "") + output.text
-                    offset = offsets.get(output.index, 0)
-                    offsets[output.index] = offset + len(text)
-                    if not text and reason is None:
+                    text = ("" if output.index in started else echoed) + output.text
+                    started.add(output.index)
+                    logprobs = self._streamed_logprobs(output, prepared.top_logprobs, offsets, len(echoed))
+                    # A delta whose text is held back still carries its tokens' logprobs.
+                    carries_logprobs = logprobs is not None and bool(output.token_ids)
+                    if not text and reason is None and not carries_logprobs:
                         continue
                     choices.append(
                         CompletionChoice(
-                            index=output.index,
-                            text=text,
-                            finish_reason=reason,
-                            logprobs=self._completion_logprobs(output, prepared.top_logprobs, offset),
+                            index=output.index, text=text, finish_reason=reason, logprobs=logprobs
                         )
                     )
                 if choices:
@@ -440,6 +480,21 @@ class VLLMProvider(Provider[VLLMOptions]):
         check_prompt_ids(ids, self._vocabulary, param="prompt", provider=self.name)
         return ids, text if text is not None else self._tokenizer.decode(ids)
 
+    def _streamed_logprobs(
+        self, output: Any, top: int | None, offsets: dict[int, int], start: int
+    ) -> dict[str, Any] | None:
+        """A streamed delta's logprobs, its choice's next text offset kept in ``offsets``.
+
+        The offsets run over the tokens' own text, not the deltas': vLLM holds text back
+        (a possible stop string, an incomplete UTF-8 character) and sends it with a
+        later token. ``start`` is where the first token's text starts (after an echo).
+        """
+        offset = offsets.get(output.index, start)
+        logprobs = self._completion_logprobs(output, top, offset)
+        if logprobs is not None:
+            offsets[output.index] = offset + sum(len(token) for token in logprobs["tokens"])
+        return logprobs
+
     def _completion_logprobs(self, output: Any, top: int | None, offset: int) -> dict[str, Any] | None:
         if top is None:
             return None
@@ -458,8 +513,10 @@ class VLLMProvider(Provider[VLLMOptions]):
 
     async def _generate(self, prepared: _Prepared) -> AsyncGenerator[Any, None]:
         """The engine's outputs for one request; aborts it in the engine unless it finished."""
+        # Checked again, here: the prompt was rendered in a worker thread since the
+        # request's first check, and aclose() may have taken the engine away meanwhile.
+        backend = self._require_running()
         engine = self._engine
-        backend = self._backend
         request_id = prepared.request_id
         outputs = engine.generate({"prompt_token_ids": prepared.prompt_ids}, prepared.params, request_id)
         self._active.add(request_id)
@@ -469,7 +526,7 @@ class VLLMProvider(Provider[VLLMOptions]):
                 finished = out.finished
                 yield out
         except Exception as exc:
-            error = backend.translate_error(exc) if backend is not None else None
+            error = backend.translate_error(exc)
             if error is None:
                 raise
             raise error from exc

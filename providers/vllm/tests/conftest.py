@@ -1,18 +1,28 @@
-"""Fixtures for the vLLM provider tests: one tiny-Llama engine for the whole session.
+"""Fixtures for the vLLM provider tests: one tiny-Llama engine for the whole session,
+and a scripted fake engine.
 
 Starting a vLLM engine costs 20-35 s on this CPU (import, engine-core process,
-model load), so every test shares one. The tests run only where vLLM is
-importable (the `.venv-vllm` environment from `scripts/setup-vllm-env`).
+model load), so every test shares one. Those tests (marker `vllm`) run only where vLLM
+is importable (the `.venv-vllm` environment from `scripts/setup-vllm-env`). The
+`fake_vllm` fixture serves the provider with `fake_vllm_engine.FakeEngine` instead, so
+the provider's own logic is tested in the default suite too.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Callable
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+# --import-mode=importlib does not put test folders on sys.path; the fake lives here.
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fake_vllm_engine import FakeBackend
 
 # Without it vLLM's CPU backend reserves most of the free memory for the KV cache
 # (~6.6 GiB here) and starts slowly; 1 GiB is plenty for the tiny models.
@@ -54,3 +64,15 @@ async def tiny_vllm(tiny_llama_dir: Path) -> AsyncIterator[object]:
     )
     async with provider:
         yield provider
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> Callable[[FakeBackend], Any]:
+    """Makes a (not yet started) VLLMProvider whose start() builds the backend's fake engine."""
+    from llmrouter_vllm import VLLMProvider
+
+    def provider_on(backend: FakeBackend) -> Any:
+        monkeypatch.setitem(sys.modules, "llmrouter_vllm._engine", backend)
+        return VLLMProvider("/models/fake")
+
+    return provider_on

@@ -29,7 +29,7 @@ def _params(top_p: float | None) -> object:
         logit_bias=None,
         vocabulary=512,
         logprobs=None,
-        response_format=None,
+        structured_outputs=None,
         extra={},
         stream=False,
     )

@@ -130,14 +130,14 @@ def test_non_text_content_and_tools_are_unsupported() -> None:
 
 
 def test_output_limit() -> None:
-    assert _wire.output_limit(None, 10, 100) == 90
-    assert _wire.output_limit(5, 10, 100) == 5
-    assert _wire.output_limit(90, 10, 100) == 90
+    assert _wire.output_limit(None, 10, 100, param="messages") == 90
+    assert _wire.output_limit(5, 10, 100, param="messages") == 5
+    assert _wire.output_limit(90, 10, 100, param="messages") == 90
     with pytest.raises(ContextWindowExceededError):
-        _wire.output_limit(91, 10, 100)
+        _wire.output_limit(91, 10, 100, param="messages")
     with pytest.raises(ContextWindowExceededError) as caught:
-        _wire.output_limit(None, 100, 100)
-    assert caught.value.http_status == 400
+        _wire.output_limit(None, 100, 100, param="prompt")
+    assert caught.value.http_status == 400 and caught.value.param == "prompt"
 
 
 def test_finish_reasons() -> None:
