@@ -23,6 +23,7 @@ import string
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from functools import partial
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -550,13 +551,20 @@ class KeyStore:
         for the others. Names: a key prefix, ``id:`` and a key id, or ``*`` for the count of
         keys."""
         pending = self._queries.get(name)
-        if pending is None:
+        # A finished one is not shared: its callback (which forgets it) may not have run
+        # yet, and a caller that wants a newer answer (any_exist) would await it again
+        # and again without ever yielding to the loop that runs the callback.
+        if pending is None or pending.done():
             pending = asyncio.ensure_future(query())
             self._queries[name] = pending
-            pending.add_done_callback(lambda _: self._queries.pop(name, None))
+            pending.add_done_callback(partial(self._forget_query, name))
         async with asyncio.timeout(self._timeout):
             result: T = await asyncio.shield(pending)
         return result
+
+    def _forget_query(self, name: str, done: asyncio.Future[Any]) -> None:
+        if self._queries.get(name) is done:  # not a newer query under the same name
+            del self._queries[name]
 
     async def _query_prefix(self, prefix: str) -> tuple[float, ApiKey, str] | None:
         """Read the key for ``prefix`` into the cache (None: no such key)."""

@@ -17,7 +17,7 @@ from sqlalchemy import event
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.config import AuthConfig
 from llmrouter.accounting.extension import AccountingExtension
-from llmrouter.accounting.keys import MAX_EXPIRES_AT
+from llmrouter.accounting.keys import MAX_EXPIRES_AT, KeyStore
 from llmrouter.accounting.reports import render, report_columns, usage_report
 from llmrouter.config import Config
 from llmrouter.errors import InvalidRequestError, NotFoundError
@@ -112,6 +112,28 @@ async def test_a_count_begun_before_the_first_key_does_not_answer_a_later_reques
         gate.set()
         assert await early is False  # it came before the key: either answer is right
         assert await late is True
+
+
+async def test_a_request_arriving_as_the_shared_count_ends_gets_a_new_count() -> None:
+    """The count is done but its clean-up callback has not run: a request arriving then
+    must start a count of its own, not await the finished one forever without yielding
+    (a fresh install froze at 100% CPU under concurrent requests)."""
+    store = KeyStore(engine=None)  # type: ignore[arg-type]
+
+    async def count_of_no_keys() -> tuple[int, bool]:
+        store._counts_begun += 1
+        begun = store._counts_begun
+        await asyncio.sleep(0)  # the database's round trip
+        return begun, False
+
+    store._count_keys = count_of_no_keys  # type: ignore[method-assign]
+    first = asyncio.ensure_future(store.any_exist())
+    await asyncio.sleep(0)  # the first request starts count 1
+    await asyncio.sleep(0)  # count 1 runs, and ends in the same turn the second one arrives
+    second = asyncio.ensure_future(store.any_exist())
+    async with asyncio.timeout(2):
+        assert await first is False and await second is False
+    assert store._counts_begun == 2
 
 
 async def test_while_no_key_exists_concurrent_requests_share_one_count(
