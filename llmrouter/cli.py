@@ -36,6 +36,8 @@ __all__ = ["build_parser", "find_config_path", "main"]
 
 CONFIG_ENV = "LLMROUTER_CONFIG"
 DEFAULT_CONFIG_FILE = "llmrouter.yaml"
+MODEL_ENV = "LLMROUTER_TRANSFORMERS_MODEL"
+"""The model ``serve --model`` names (the transformers provider's discovery reads it)."""
 # Sub-commands that live with their subsystem; skipped when it is not installed.
 PLUGIN_CLI_MODULES = ("llmrouter.accounting.cli", "llmrouter.bench.cli")
 
@@ -64,28 +66,61 @@ def _resolve(config: Config) -> tuple[Config, list[str]]:
     return anyio.run(resolve_config, config)
 
 
-def _check_providers(config: Config) -> None:
+def _check_providers(config: Config, path: Path | None = None) -> None:
     """A deployment of a provider that is not installed, or with options its provider does
     not take (``base_ur:``), fails here, in one line, rather than in the app's start-up
-    (exit 3, "the router failed to start"); ``models`` fails as ``serve`` would. Building
-    the router builds each provider from its options; nothing starts."""
-    from llmrouter.registry import available_providers, load_provider_class
+    (exit 3, "the router failed to start"); so does a ``providers:`` entry of such a
+    provider or option (``ollama: {hots: ...}``), which before made every ``ollama/...``
+    request 404. ``models`` fails as ``serve`` would. Building the router builds each
+    provider from its options; nothing starts. Errors name the config file ``path``."""
     from llmrouter.router import Router
+
+    try:
+        _check_deployment_providers(config)
+        _check_provider_defaults(config)
+        Router(config)
+    except ConfigError as exc:
+        message = exc.message.removeprefix("config: ")
+        raise ConfigError(f"config: {path}: {message}" if path else f"config: {message}") from exc
+
+
+def _provider_class(name: str, where: str) -> Any:
+    """The class of provider ``name``; not installed or unknown: a config error at ``where``."""
+    from llmrouter.registry import load_provider_class
+
+    try:
+        return load_provider_class(name)
+    except LLMRouterError as exc:
+        raise ConfigError(f"config: {exc.message.removeprefix('config: ')} - at `{where}`") from exc
+
+
+def _check_deployment_providers(config: Config) -> None:
+    from llmrouter.registry import available_providers
 
     installed = set(available_providers())
     for i, group in enumerate(config.models):
         for j, deployment in enumerate(group.deployments):
             if deployment.provider not in installed:
-                try:
-                    load_provider_class(deployment.provider)
-                except LLMRouterError as exc:
-                    where = f"$.models[{i}].deployments[{j}].provider"
-                    raise ConfigError(f"config: {exc.message} - at `{where}`") from exc
-    try:
-        Router(config)
-    except ConfigError as exc:
-        message = exc.message if exc.message.startswith("config: ") else f"config: {exc.message}"
-        raise ConfigError(message) from exc
+                _provider_class(deployment.provider, f"$.models[{i}].deployments[{j}].provider")
+
+
+def _check_provider_defaults(config: Config) -> None:
+    """Each ``providers:`` entry: a provider that can be loaded, and options it takes."""
+    from llmrouter.config import check_options
+
+    for name, options in config.providers.items():
+        where = f"$.providers.{name}"
+        check_options(_provider_class(name, where).Options, options, where)
+
+
+def _check_model_path(model: str, source: str) -> None:
+    """``serve --model`` takes a directory or a hub id; a value written as a path that does
+    not exist is refused here (it started, and the deployment failed to load: 503s). Only
+    one starting with ``/``, ``.`` or ``~``: a hub id (``org/name``) is not a path."""
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+        raise ConfigError(
+            f"{source}: {model} does not exist (give a model directory or a Hugging Face hub id)"
+        )
 
 
 def _version() -> str:
@@ -156,12 +191,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.model:
         # Read by the transformers provider's discovery (zero-config start).
-        os.environ["LLMROUTER_TRANSFORMERS_MODEL"] = args.model
+        os.environ[MODEL_ENV] = args.model
+    model = os.environ.get(MODEL_ENV, "").strip()
+    _check_model_path(model, "serve --model" if args.model else MODEL_ENV)
     config, path = _load(args)
-    model = os.environ.get("LLMROUTER_TRANSFORMERS_MODEL", "").strip()
     if model and (config.models or not config.discover):
         config = _with_model(config, model)  # discovery, which reads it, will not run
-    _check_providers(config)
+    _check_providers(config, path)
     config, notes = _resolve(config)
     if not args.access_log:
         config = msgspec.structs.replace(
@@ -237,6 +273,18 @@ def _table(rows: list[list[str]]) -> str:
     )
 
 
+def _deployment_ids(config: Config) -> dict[str, list[str]]:
+    """The ids the router gives each group's deployments, as readiness, metrics and the
+    ledger show them: the same model twice without an ``id`` is ``remote/m`` and then
+    ``remote/m#2``. Building the router builds the providers; none is started."""
+    from llmrouter.router import Router
+
+    router = Router(config)
+    return {
+        name: [deployment.id for deployment in group.deployments] for name, group in router.groups.items()
+    }
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     if args.provider == "openrouter":
         from llmrouter_openrouter.cli import cmd_models as openrouter_models
@@ -249,9 +297,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    config, _ = _load(args)
-    _check_providers(config)  # as serve would: `models` is the quick check of a config
+    config, path = _load(args)
+    _check_providers(config, path)  # as serve would: `models` is the quick check of a config
     config, notes = _resolve(config)
+    ids = _deployment_ids(config)
     rows = [["MODEL", "ALIASES", "STRATEGY", "DEPLOYMENT", "PROVIDER", "UPSTREAM MODEL"]]
     for group in config.models:
         for index, deployment in enumerate(group.deployments):
@@ -261,7 +310,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                     group.name if first else "",
                     ", ".join(group.aliases) if first else "",
                     (group.strategy or config.router.strategy) if first else "",
-                    deployment.id or f"{deployment.provider}/{deployment.model}",
+                    ids[group.name][index],
                     deployment.provider,
                     deployment.model,
                 ]

@@ -17,6 +17,7 @@ SQLAlchemy, Redis and Litestar imports.
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Literal
 
 import msgspec
@@ -34,6 +35,23 @@ __all__ = [
 
 Period = Literal["day", "month", "total"]
 
+# Bounds checked as the config is read: out of them, a value loaded and then broke every
+# request or the process (rpm -1: every request 503; tpm or concurrency -1: every one 429;
+# a budget of -5: 429 "limit $0"; lease_seconds 0: Redis concurrency no longer limited;
+# flush_interval 0: the ledger's writer spun at 70-80% CPU while idle). "Finite": NaN
+# fails the bounds, and .inf overflowed the conversions to whole units.
+RequestLimit = Annotated[int, Meta(ge=1)]
+"""A limit of 0 admits nothing (even an empty minute cannot take one request or token);
+no limit is ``null``, and a key that may not be used is revoked, not limited to 0. As a
+key's own limits, which the key API takes from 1."""
+Usd = Annotated[float, Meta(ge=0, le=sys.float_info.max)]
+"""Money: 0 is a budget that admits no priced request; finite."""
+Seconds = Annotated[float, Meta(gt=0, le=sys.float_info.max)]
+"""A period that must pass before something happens again: 0 or less meant "at once,
+forever" (a busy loop, or a lease that expires as it is taken)."""
+SecondsOrZero = Annotated[float, Meta(ge=0, le=sys.float_info.max)]
+"""A bound where 0 means "do not wait" (or "do not remember")."""
+
 
 class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Unknown keys are errors, like every other config section."""
@@ -44,7 +62,8 @@ class DatabaseConfig(_Section):
     """SQLAlchemy async URL: ``sqlite+aiosqlite:///path`` or ``postgresql+asyncpg://...``."""
     create: bool = True
     """Apply pending schema migrations at start-up (``llmrouter db upgrade`` does the same)."""
-    pool_size: int = 5
+    pool_size: Annotated[int, Meta(ge=0)] = 5
+    """PostgreSQL connections kept per process (SQLAlchemy: 0 keeps no bound)."""
     echo: bool = False
     timeout: Annotated[float, Meta(gt=0)] | None = 5.0
     """Seconds a request may wait on the database (reading its key, a ``database``
@@ -58,14 +77,14 @@ class AuthConfig(_Section):
     enabled: Literal["auto"] | bool = "auto"
     """``auto``: on as soon as any API key exists (revoked ones included); ``false`` only
     for a local single-user setup."""
-    cache_seconds: float = 5.0
+    cache_seconds: SecondsOrZero = 5.0
     """How long a verified key is trusted without a database read: the revocation lag
     of *other* workers on SQLite (this one forgets a revoked key at once; with Redis or
     PostgreSQL every replica does, see :mod:`llmrouter.accounting.key_events`)."""
 
 
 class BudgetRule(_Section):
-    limit: float
+    limit: Usd
     """Hard limit in USD: requests whose reserved maximum cost would cross it get 429."""
     key: str = "*"
     """Key id or key name; ``*`` applies the rule to every key separately (and to the
@@ -77,7 +96,7 @@ class BudgetRule(_Section):
     end user of each key separately, a name to that one only; requests that name no
     user are not counted against it. None: the rule is not per end user."""
     period: Period = "month"
-    soft_limit: float | None = None
+    soft_limit: Usd | None = None
     """Crossing it logs a warning, once per window, and sets ``ctx.metadata["budget"] =
     "soft_limit_reached"`` on each request settled past it (for hooks and library callers;
     no response header says so)."""
@@ -86,18 +105,18 @@ class BudgetRule(_Section):
 class EndUserLimits(_Section):
     """Limits of each end user of each key (the requests' OpenAI ``user`` field)."""
 
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
+    rpm: RequestLimit | None = None
+    tpm: RequestLimit | None = None
+    concurrency: RequestLimit | None = None
 
 
 class LimitsConfig(_Section):
     """Per-key defaults; a key's own ``rpm`` / ``tpm`` / ``concurrency`` override them."""
 
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
-    lease_seconds: float = 900.0
+    rpm: RequestLimit | None = None
+    tpm: RequestLimit | None = None
+    concurrency: RequestLimit | None = None
+    lease_seconds: Seconds = 900.0
     """A crashed replica's concurrency slots (Redis) and budget reservations (Redis and
     the database) are freed after this long; keep it above the longest request."""
     end_user: EndUserLimits | None = None
@@ -118,14 +137,14 @@ class RedisConfig(_Section):
 
 
 class LedgerConfig(_Section):
-    batch_size: int = 200
-    flush_interval: float = 0.25
+    batch_size: Annotated[int, Meta(ge=1)] = 200
+    flush_interval: Seconds = 0.25
     """Seconds between writes when rows trickle in (a full batch is written at once)."""
     journal_dir: str | None = "./llmrouter-journal"
     """Each row is appended here before it counts as recorded; rows of a process that died
     (or shut down while the database was away) are replayed at the next start. ``null``
     keeps rows in memory only (lost if the process dies before they are written)."""
-    shutdown_timeout: float = 10.0
+    shutdown_timeout: SecondsOrZero = 10.0
     """How long shutdown keeps retrying the database before leaving rows to the journal."""
 
 

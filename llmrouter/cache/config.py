@@ -14,14 +14,21 @@ SQLite and Litestar imports.
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
-__all__ = ["CacheBackendName", "CacheConfig"]
+__all__ = ["CacheBackendName", "CacheConfig", "TtlSeconds"]
 
 CacheBackendName = Literal["none", "memory", "sqlite", "redis"]
+
+TtlSeconds = Annotated[float, Meta(gt=0, le=sys.float_info.max)]
+"""How long an answer stays cached: above 0 (an entry that expires as it is stored is a
+cache turned off without saying so; ``backend: none`` or ``enabled: false`` say it), and
+finite (Redis's expiry in milliseconds overflowed on .inf; ``null`` is "until evicted").
+A model group's ``cache.ttl`` takes the same bound."""
 
 
 class CacheConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -29,7 +36,7 @@ class CacheConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     backend: CacheBackendName = "memory"
     """``none`` turns the cache (and in-flight coalescing) off."""
-    ttl: Annotated[float, Meta(gt=0)] | None = 3600.0
+    ttl: TtlSeconds | None = 3600.0
     """Default seconds an answer stays cached; None keeps it until evicted."""
     max_bytes: Annotated[int, Meta(ge=0)] = 128 * 1024 * 1024
     """Size bound of the memory and SQLite backends (encoded answers); least recently

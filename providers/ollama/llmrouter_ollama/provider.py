@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, ClassVar, cast
+from typing import Annotated, Any, ClassVar, cast
 
 import anyio
 import httpx
@@ -37,6 +37,9 @@ from llmrouter_ollama._errors import PROVIDER, record_error_response, translate_
 
 __all__ = ["OllamaOptions", "OllamaProvider"]
 
+# Checked as the config is read: a negative timeout loaded, then failed every request.
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
 
 class OllamaOptions(ProviderOptions):
     """Deployment keys for ``provider: ollama``."""
@@ -48,8 +51,8 @@ class OllamaOptions(ProviderOptions):
     model_options: dict[str, Any] = msgspec.field(default_factory=dict)
     """Ollama runtime options sent with every request (``num_ctx``, ``top_k``...);
     request fields win over them."""
-    connect_timeout: float = 5.0
-    read_timeout: float | None = None
+    connect_timeout: Seconds = 5.0
+    read_timeout: Seconds | None = None
     """Seconds between bytes; None leaves it to the router's first-token/total timeouts
     (loading a large model can take a while)."""
     headers: dict[str, str] = msgspec.field(default_factory=dict)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import httpx
 import msgspec
@@ -74,13 +74,19 @@ def _refusal(error: LLMRouterError) -> LLMRouterError:
     return error
 
 
+# Checked as the config is read, as the remote provider's (a read_timeout of -3 made every
+# request 504, a max_connections of 0 made every request wait forever).
+HttpUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://[^/]")]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
 class OpenRouterOptions(ProviderOptions):
     """Deployment keys for ``provider: openrouter`` (see docs/providers/openrouter.md)."""
 
     api_key: str | None = None
     """Default: the environment variable named by ``api_key_env``."""
     api_key_env: str = API_KEY_ENV
-    base_url: str = DEFAULT_BASE_URL
+    base_url: HttpUrl = DEFAULT_BASE_URL
     http_referer: str | None = None
     """Sent as ``HTTP-Referer``: your app's URL, for OpenRouter's attribution."""
     x_title: str | None = None
@@ -96,11 +102,11 @@ class OpenRouterOptions(ProviderOptions):
     client_routing: bool = False
     """Let clients send ``models`` / ``route`` themselves (they pick the model that answers)."""
     headers: dict[str, str] = msgspec.field(default_factory=dict)
-    connect_timeout: float = 10.0
-    read_timeout: float | None = 300.0
+    connect_timeout: Seconds = 10.0
+    read_timeout: Seconds | None = 300.0
     """Seconds to wait for headers, a non-streamed answer, or the next stream chunk."""
-    max_connections: int = 256
-    max_context: int | None = None
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    max_context: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class OpenRouterProvider(OpenAICompatProvider[OpenRouterOptions]):

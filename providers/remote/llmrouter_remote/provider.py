@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import httpx
 import msgspec
@@ -24,11 +24,18 @@ from llmrouter.provider import Health, ProviderOptions
 
 __all__ = ["RemoteOptions", "RemoteProvider"]
 
+# Checked as the config is read (`llmrouter models` too): each loaded before, then broke the
+# deployment: "not a url" failed its start (503s), read_timeout -3 made every request 504,
+# max_connections 0 or -1 made every request wait forever for a connection.
+HttpUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://[^/]")]
+"""``http://`` or ``https://`` and a host: what the client can connect to."""
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
 
 class RemoteOptions(ProviderOptions):
     """Deployment keys for ``provider: remote`` (see docs/providers/remote.md)."""
 
-    base_url: str
+    base_url: HttpUrl
     """The server's OpenAI API root, e.g. ``http://gpu-1:8000/v1`` (``/v1`` is added to a bare host)."""
     api_key: str | None = None
     """Sent as ``Authorization: Bearer``; wins over ``api_key_env``."""
@@ -36,19 +43,19 @@ class RemoteOptions(ProviderOptions):
     """Name of an environment variable holding the API key, read at start-up."""
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     """Extra headers sent with every request."""
-    connect_timeout: float = 10.0
+    connect_timeout: Seconds = 10.0
     """Seconds to open a TCP/TLS connection."""
-    read_timeout: float | None = 300.0
+    read_timeout: Seconds | None = 300.0
     """Seconds to wait for the response headers, a non-streamed answer, or the next stream chunk."""
-    max_connections: int = 256
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
     """Connection pool size (concurrent requests to this server)."""
-    max_keepalive: int = 64
-    """Idle connections kept open for reuse."""
+    max_keepalive: Annotated[int, msgspec.Meta(ge=0)] = 64
+    """Idle connections kept open for reuse (0: none)."""
     verify: bool | str = True
     """TLS certificate verification: true, false, or the path of a CA bundle."""
     stream_usage: bool = True
     """Ask for ``stream_options.include_usage``; turn off for servers that reject the field."""
-    max_context: int | None = None
+    max_context: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """The model's context window, if known (reported in capabilities)."""
     check_model: bool = True
     """Health needs ``GET /v1/models`` to list ``model``; turn off for servers that answer

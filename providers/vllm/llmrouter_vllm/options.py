@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from llmrouter.provider import ProviderOptions
 
 __all__ = ["VLLMOptions"]
+
+# Checked as the config is read, not by vLLM's engine as it starts (the deployment dead).
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
 
 
 class VLLMOptions(ProviderOptions):
@@ -30,9 +33,9 @@ class VLLMOptions(ProviderOptions):
     """
 
     dtype: str = "auto"
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    tensor_parallel_size: int = 1
+    max_model_len: AtLeastOne | None = None
+    gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    tensor_parallel_size: AtLeastOne = 1
     enforce_eager: bool = False
     kv_cache_space_gib: int | None = None
     multiprocessing: bool | None = None
