@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import importlib
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -124,7 +125,7 @@ PARTS: dict[str, tuple[str, str, Any]] = {
         _nothing,
     ),
     "authentication": (
-        "authentication (auth auto, no key sent)",
+        "authentication: the request's API key verified",
         "llmrouter.accounting.extension:AccountingExtension.authenticate",
         _nothing,
     ),
@@ -152,30 +153,42 @@ def _replace(target: str, stand_in: Any) -> None:
 # --- the child: the app in process ------------------------------------------------------
 
 
-def _scope(body: bytes) -> dict[str, Any]:
+def _scope(body: bytes, path: str, authorization: bytes | None) -> dict[str, Any]:
+    headers = [
+        (b"host", b"127.0.0.1:8000"),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if authorization is not None:
+        headers.append((b"authorization", authorization))
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
+        "path": path,
+        "raw_path": path.encode(),
         "root_path": "",
         "query_string": b"",
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8000),
-        "headers": [
-            (b"host", b"127.0.0.1:8000"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
+        "headers": headers,
         "state": {},
     }
 
 
-async def _request(app: Any, body: bytes) -> None:
-    """One request as an ASGI server makes it; the client stays until the answer ends."""
+async def _request(
+    app: Any,
+    body: bytes,
+    *,
+    path: str = "/v1/chat/completions",
+    authorization: bytes | None = None,
+    expect: int = 200,
+    answer: list[bytes] | None = None,
+) -> None:
+    """One request as an ASGI server makes it; the client stays until the answer ends
+    (whose body goes to ``answer`` when given)."""
     answered = asyncio.Event()
     sent_body = False
     status: list[int] = []
@@ -191,12 +204,25 @@ async def _request(app: Any, body: bytes) -> None:
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
             status.append(message["status"])
-        elif message["type"] == "http.response.body" and not message.get("more_body"):
-            answered.set()
+        elif message["type"] == "http.response.body":
+            if answer is not None:
+                answer.append(message.get("body", b""))
+            if not message.get("more_body"):
+                answered.set()
 
-    await app(_scope(body), receive, send)
-    if status != [200]:
+    await app(_scope(body, path, authorization), receive, send)
+    if status != [expect]:
         raise RuntimeError(f"the gateway answered {status}")
+
+
+async def _api_key(app: Any) -> bytes:
+    """The ``Authorization`` value of a new key (the first needs none to create): with
+    accounting on, requests are measured as a deployment serves them, each one's key
+    verified, as ``llmrouter bench`` does (:func:`llmrouter.bench.gateway.api_key_headers`)."""
+    answer: list[bytes] = []
+    body = b'{"name": "bench", "scopes": ["user"]}'
+    await _request(app, body, path="/v1/admin/keys", expect=201, answer=answer)
+    return b"Bearer " + json.loads(b"".join(answer))["secret"].encode()
 
 
 async def _lifespan(app: Any) -> Any:
@@ -236,6 +262,7 @@ async def _child(mode: str, stream: bool, requests: int, upstream_port: int) -> 
             configure_logging(config.telemetry.log_level)  # as `llmrouter serve` does
         app = create_app(config, extensions=default_extensions(config))
         shutdown = await _lifespan(app)
+        authorization = await _api_key(app) if config.accounting.enabled else None
         numbers = itertools.count()
         tail = ',"stream":true' if stream else ""
 
@@ -246,7 +273,7 @@ async def _child(mode: str, stream: bool, requests: int, upstream_port: int) -> 
                     f'{{"model":"{MODEL}","temperature":0,"max_tokens":64,"messages":'
                     f'[{{"role":"user","content":"Say hello, request {os.getpid()}-{next(numbers)}."}}]{tail}}}'
                 )
-                await _request(app, body.encode())
+                await _request(app, body.encode(), authorization=authorization)
 
         await asyncio.gather(*(worker(requests // CONCURRENCY) for _ in range(CONCURRENCY)))
         await asyncio.sleep(0.3)  # let the ledger writer and the cache's stores finish

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import httpx
 import yaml
 
 from llmrouter.bench import litellm
@@ -337,7 +338,9 @@ def running_targets(
             )
             for mode in modes:
                 config = _config(targets.upstream_port, _mode_config(mode, workdir))
-                targets.children[gateway_target(mode)] = _start_gateway(config, workdir, mode)
+                child = targets.children[gateway_target(mode)] = _start_gateway(config, workdir, mode)
+                if config["accounting"]["enabled"]:
+                    targets.headers[gateway_target(mode)] = api_key_headers(child.port)
             if litellm_command is not None:
                 for mode in litellm_modes(modes):
                     target = litellm.target_name(mode)
@@ -349,6 +352,18 @@ def running_targets(
         finally:
             for child in targets.children.values():
                 child.stop()
+
+
+def api_key_headers(port: int) -> dict[str, str]:
+    """The ``Authorization`` header of a new API key of the gateway on ``port``: with
+    accounting on, requests are measured as a deployment serves them, each one's key
+    verified and its row the key's (not the fresh install's open door, where the gateway
+    looks for a first key on every request). The first key needs none to create."""
+    answer = httpx.post(
+        f"http://127.0.0.1:{port}/v1/admin/keys", json={"name": "bench", "scopes": ["user"]}, timeout=30
+    )
+    answer.raise_for_status()
+    return {"Authorization": f"Bearer {answer.json()['secret']}"}
 
 
 def litellm_modes(modes: Sequence[str]) -> list[str]:
