@@ -40,7 +40,7 @@ from llmrouter.errors import (
 from llmrouter.hooks import RouterHooks
 from llmrouter.provider import Provider
 
-__all__ = ["AttemptPlan", "dispatch_call", "dispatch_stream"]
+__all__ = ["AttemptCancelledError", "AttemptPlan", "dispatch_call", "dispatch_stream"]
 
 logger = logging.getLogger("llmrouter.dispatch")
 
@@ -50,6 +50,15 @@ Req = TypeVar("Req", bound=msgspec.Struct)
 
 # Closing an upstream stream must not hang a cancelled request for long.
 _CLOSE_GRACE_S = 5.0
+
+
+class AttemptCancelledError(LLMRouterError):
+    """What ``on_attempt`` gets for an attempt its caller cut short (cancelled mid-call, or
+    a stream closed before its end), so that every upstream call ends with exactly one
+    ``on_attempt``. Never raised, and no failure of the deployment: the caller left, the
+    deployment did nothing wrong (no failure is counted, no cooldown started)."""
+
+    default_code = "cancelled"
 
 
 def is_mismatch(exc: LLMRouterError) -> bool:
@@ -179,6 +188,12 @@ class AttemptPlan:
     def succeeded(self, deployment: DeploymentState) -> None:
         _notify(self._hooks, "on_attempt", self.ctx, deployment.id, None)
 
+    def cancelled(self, deployment: DeploymentState) -> None:
+        """Report an attempt its caller cut short (see :class:`AttemptCancelledError`);
+        unlike :meth:`failed`, the deployment is not judged by it."""
+        error = AttemptCancelledError(f"the call to deployment {deployment.id!r} was cancelled")
+        _notify(self._hooks, "on_attempt", self.ctx, deployment.id, error)
+
 
 def _notify(hooks: Sequence[RouterHooks], event: str, *args: Any) -> None:
     """Call the event method ``event`` (``on_attempt``, ``on_first_token``...) of every hook.
@@ -257,6 +272,7 @@ async def dispatch_call(
             continue
         except BaseException:
             _commit(ctx, group, deployment)  # cancelled mid-call: billed the prompt sent here
+            plan.cancelled(deployment)
             raise
         finally:
             current_context.reset(token)
@@ -292,6 +308,26 @@ def _check_deadline(deadline: float | None, deployment: DeploymentState) -> None
         )
 
 
+def _cut_short(plan: AttemptPlan, deployment: DeploymentState, last: Any, started: float) -> None:
+    """End a stream's attempt that its caller cut short (cancelled, or closed the stream).
+
+    One whose last chunk received ended the answer (a finish reason on each of its
+    choices, or the usage chunk after them) delivered everything: a success, whether or
+    not the upstream's end of stream was read. Otherwise it is reported cancelled."""
+    if last is not None and _ends_answer(last):
+        deployment.record_success(time.perf_counter() - started)
+        plan.succeeded(deployment)
+    else:
+        plan.cancelled(deployment)
+
+
+def _ends_answer(chunk: Any) -> bool:
+    choices = getattr(chunk, "choices", None)
+    if not choices:
+        return getattr(chunk, "usage", None) is not None
+    return all(getattr(choice, "finish_reason", None) is not None for choice in choices)
+
+
 async def dispatch_stream(
     ctx: RequestContext,
     groups: Sequence[GroupState],
@@ -312,6 +348,7 @@ async def dispatch_stream(
         group.acquire(deployment)
         token: Token[RequestContext | None] | None = current_context.set(ctx)
         stream: AsyncIterator[C] | None = None
+        chunk: C | None = None  # the last chunk received, for a stream cut short
         try:
             try:
                 # Inside the try: a provider whose ``stream`` is a plain method may raise on
@@ -332,15 +369,13 @@ async def dispatch_stream(
                 _record_timeout(deployment, exc, started, first_wait)
                 plan.failed(group, deployment, error)
                 continue
-            except BaseException:
-                _commit(ctx, group, deployment)  # cancelled before its first chunk: billed the prompt
-                raise
             deployment.record_ttft(time.perf_counter() - started)
             _commit(ctx, group, deployment)
             _first_token(ctx, hooks)
             if token is not None:  # the provider call has started; the context var is done
                 current_context.reset(token)
                 token = None
+            chunk = first
             yield first
             while True:
                 try:
@@ -357,6 +392,11 @@ async def dispatch_stream(
             deployment.record_success(time.perf_counter() - started)
             plan.succeeded(deployment)
             return
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled, or closed by its consumer
+                _commit(ctx, group, deployment)  # cut before its first chunk: billed the prompt
+                _cut_short(plan, deployment, chunk, started)
+            raise
         finally:
             if token is not None:
                 current_context.reset(token)

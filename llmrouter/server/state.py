@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from llmrouter.context import RequestContext
+from llmrouter.errors import LLMRouterError
 from llmrouter.extension import Extension
 from llmrouter.ids import request_id_of
 from llmrouter.server.drain import InFlight
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
 __all__ = ["STATE_KEY", "Service", "header_dict", "response_headers", "service_of"]
 
 STATE_KEY = "llmrouter"
+
+logger = logging.getLogger("llmrouter.server")
 
 
 class Service:
@@ -54,7 +58,8 @@ class Service:
         """A request context from the HTTP request, authenticated by the extensions.
 
         Raises:
-            AuthenticationError: an extension refused the credentials.
+            AuthenticationError: an extension refused the credentials (reported to the
+                router's hooks that count such refusals, see :meth:`_refused`).
         """
         headers = header_dict(request.scope["headers"])
         cache_control = ""
@@ -72,9 +77,45 @@ class Service:
             no_store="no-store" in cache_control,
             traceparent=headers.get("traceparent"),
         )
-        for ext in self._authenticators:
-            await ext.authenticate(ctx, headers)
+        try:
+            for ext in self._authenticators:
+                await ext.authenticate(ctx, headers)
+        except LLMRouterError as exc:
+            self._refused(request.scope["path"], ctx, exc)
+            raise
         return ctx
+
+    def _refused(self, path: str, ctx: RequestContext, error: LLMRouterError) -> None:
+        """Report a completion request the authentication refused (a missing or bad key)
+        to the router's hooks that count refusals, as the router reports those it makes:
+        it never reaches the router, yet it is a request refused (telemetry's
+        ``unauthorized``).
+
+        Only hooks with ``counts_unauthenticated`` are told: the others (accounting's
+        writes a ledger row for each refusal) never heard of requests without a valid
+        key, and an anonymous flood of 401s must not fill the ledger. Other routes
+        (``/v1/models``, admin) are no completion requests, and are not reported."""
+        router = self.router
+        operation = _operation_of(path)
+        if router is None or operation is None:
+            return
+        ctx.operation = operation
+        ctx.status, ctx.error = "error", error
+        for hook in router.hooks:
+            if getattr(hook, "counts_unauthenticated", False):
+                try:
+                    hook.on_rejected(ctx, error)
+                except Exception:
+                    logger.exception("hook %r failed in on_rejected", hook)
+
+
+def _operation_of(path: str) -> Literal["chat", "completion"] | None:
+    """The router operation a request path asks for (with or without ``/v1``), if any."""
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/completions"):
+        return "completion"
+    return None
 
 
 def header_dict(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:

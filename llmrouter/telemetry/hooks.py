@@ -16,6 +16,7 @@ from functools import lru_cache
 from operator import sub
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from llmrouter.dispatch import AttemptCancelledError
 from llmrouter.errors import (
     AuthenticationError,
     BudgetExceededError,
@@ -25,8 +26,15 @@ from llmrouter.errors import (
     RateLimitError,
 )
 from llmrouter.hooks import RouterHooks
+from llmrouter.registry import available_providers, load_provider_class
 from llmrouter.telemetry.local import Recorder, keep_bound
-from llmrouter.telemetry.logging import ACCESS_LOGGER, context_fields, current_access_record
+from llmrouter.telemetry.logging import (
+    ACCESS_LOGGER,
+    LIBRARY_LINE,
+    context_fields,
+    current_access_record,
+    log_request,
+)
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.tracing import (
     RequestTracer,
@@ -43,7 +51,7 @@ if TYPE_CHECKING:
     from llmrouter.context import RequestContext
     from llmrouter.errors import LLMRouterError
 
-__all__ = ["TelemetryHooks", "error_type", "rejection_reason"]
+__all__ = ["UNVERIFIED", "TelemetryHooks", "error_type", "rejection_reason", "unverified_label"]
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +60,9 @@ _NO_UPSTREAM_TOKENS = frozenset({"hit", "coalesced"})
 _INPUT = (("gen_ai.token.type", "input"),)
 _OUTPUT = (("gen_ai.token.type", "output"),)
 UNKNOWN = "unknown"
+UNVERIFIED = "unverified"
+"""What stands for the model of a direct ``provider/model`` name (and its deployment)
+that has not served a request yet: see :meth:`TelemetryHooks.model_label`."""
 _RECORDED_MEMORY = 1024
 
 
@@ -79,11 +90,10 @@ def rejection_reason(error: BaseException) -> str:
     return "other"
 
 
-def _model(ctx: RequestContext, error: BaseException | None = None) -> str:
-    # An unknown model name is whatever the client typed: never a label value.
-    if ctx.model_group is None or isinstance(error or ctx.error, ModelNotFoundError):
-        return UNKNOWN
-    return ctx.model_group
+def unverified_label(name: str) -> str:
+    """``<provider>/unverified``: the label of a direct name or deployment id that has not
+    served yet (both begin with their provider's name)."""
+    return f"{name.partition('/')[0]}/{UNVERIFIED}"
 
 
 class TelemetryHooks(RouterHooks):
@@ -98,6 +108,10 @@ class TelemetryHooks(RouterHooks):
     """
 
     settles_inline = True  # after_request records, ends the span and logs: it never waits
+    counts_unauthenticated = True
+    """The service also calls :meth:`on_rejected` for completion requests its own
+    authentication refused (``unauthorized``), which never reach the router; only hooks
+    that say so are told (see ``Service._refused``)."""
 
     def __init__(
         self,
@@ -122,6 +136,10 @@ class TelemetryHooks(RouterHooks):
         self._bound: dict[tuple[str, str | None, str], _Bound] = {}
         self._ok_attempts: dict[str, Recorder] = {}  # by deployment
         self._cache_requests: dict[tuple[str, str], Recorder] = {}  # by cache status and model
+        # Label values of model group names and deployment ids, as model_label() and
+        # deployment_label() found them: configured ones, and direct ones that served.
+        self._model_labels: dict[str, str] = {}
+        self._deployment_labels: dict[str, str] = {}
         self.metrics.add_in_flight_source(self.in_flight)
         self.metrics.add_engine_source(self.engine_stats)
 
@@ -135,7 +153,7 @@ class TelemetryHooks(RouterHooks):
         _adopt_trace(ctx)
         if not self.tracer.enabled:
             return
-        model = _model(ctx)
+        model = self.model_label(ctx)
         try:
             span = self.tracer.start_request_span(
                 f"{_OPERATION_NAMES.get(ctx.operation, ctx.operation)} {model}",
@@ -157,7 +175,7 @@ class TelemetryHooks(RouterHooks):
             1,
             (
                 ("llmrouter.rejection.reason", rejection_reason(error)),
-                ("gen_ai.request.model", _model(ctx, error)),
+                ("gen_ai.request.model", self.model_label(ctx, error)),
             ),
         )
         self._forget(ctx)
@@ -178,15 +196,13 @@ class TelemetryHooks(RouterHooks):
     # --- events on the hot path --------------------------------------------------
 
     def on_attempt(self, ctx: RequestContext, deployment: str, error: LLMRouterError | None) -> None:
+        label = deployment
         if error is None:
-            ok = self._ok_attempts.get(deployment) or keep_bound(
-                self._ok_attempts,
-                deployment,
-                self.metrics.attempts.bind(_attempt_attributes(deployment, None)),
-            )
+            ok = self._ok_attempts.get(deployment) or self._bind_ok_attempts(deployment)
             ok(1)
         else:
-            self.metrics.attempts.add(1, _attempt_attributes(deployment, error))
+            label = self.deployment_label(deployment)
+            self.metrics.attempts.add(1, _attempt_attributes(label, error))
         span = self._spans.get(id(ctx)) if self._spans else None
         if span is None:
             # No span, no call spans to time. Also: a coalesced flight goes on calling
@@ -199,7 +215,7 @@ class TelemetryHooks(RouterHooks):
         if started is not None:
             operation = _OPERATION_NAMES.get(ctx.operation, ctx.operation)
             call_attributes = {
-                **dict(_attempt_attributes(deployment, error)),
+                **dict(_attempt_attributes(label, error)),
                 "gen_ai.operation.name": operation,
             }
             # The router fills ctx.provider/upstream_model only after an attempt succeeded:
@@ -207,8 +223,15 @@ class TelemetryHooks(RouterHooks):
             described = self._describe(deployment)
             if described is not None:
                 call_attributes["gen_ai.provider.name"], call_attributes["gen_ai.request.model"] = described
-            name = f"{operation} {deployment}"
+            name = f"{operation} {label}"
             self.tracer.record_call_span(span, name, call_attributes, start_ns=started, error=error)
+
+    def _bind_ok_attempts(self, deployment: str) -> Recorder:
+        """The successful attempts' counter of ``deployment``, bound; it has served, so
+        its id is its label from now on (see :meth:`deployment_label`)."""
+        self._deployment_labels[deployment] = deployment
+        bound = self.metrics.attempts.bind(_attempt_attributes(deployment, None))
+        return keep_bound(self._ok_attempts, deployment, bound)
 
     def on_fallback(self, ctx: RequestContext, from_group: str, to_group: str) -> None:
         self.metrics.fallbacks.add(
@@ -216,7 +239,7 @@ class TelemetryHooks(RouterHooks):
         )
 
     def on_cooldown(self, deployment: str, seconds: float) -> None:
-        self.metrics.cooldowns.add(1, (("llmrouter.deployment", deployment),))
+        self.metrics.cooldowns.add(1, (("llmrouter.deployment", self.deployment_label(deployment)),))
 
     # --- settlement -----------------------------------------------------------------
 
@@ -232,7 +255,7 @@ class TelemetryHooks(RouterHooks):
 
     def _record(self, ctx: RequestContext, chunk_times: list[float] | None = None) -> None:
         metrics = self.metrics
-        model = _model(ctx)
+        model = self.model_label(ctx)
         label_set = (ctx.operation, ctx.provider, model)
         bound = self._bound.get(label_set) or self._bind(label_set)
         if chunk_times is not None and len(chunk_times) > 1:
@@ -291,7 +314,7 @@ class TelemetryHooks(RouterHooks):
             fields = context_fields(ctx)
             if outcome is not None:
                 fields["outcome"] = outcome
-            self._access_log.info("request", extra=fields)
+            log_request(self._access_log, logging.INFO, LIBRARY_LINE, fields)
 
     def _end_span(self, ctx: RequestContext) -> None:
         span = self._spans.pop(id(ctx), None) if self._spans else None
@@ -303,6 +326,8 @@ class TelemetryHooks(RouterHooks):
             span.set_attribute("gen_ai.usage.input_tokens", ctx.usage.prompt_tokens)
             span.set_attribute("gen_ai.usage.output_tokens", ctx.usage.completion_tokens)
         for key, value in (
+            # Known once a deployment answered (the span started before any did).
+            ("gen_ai.provider.name", ctx.provider),
             ("gen_ai.response.model", ctx.upstream_model),
             ("llmrouter.deployment", ctx.deployment),
             ("llmrouter.cache.status", ctx.cache_status),
@@ -317,43 +342,105 @@ class TelemetryHooks(RouterHooks):
         end = perf_to_ns(ctx.finished_at) if ctx.finished_at is not None else None
         span.end(end_time=end)
 
+    # --- label values -------------------------------------------------------------
+
+    def model_label(self, ctx: RequestContext, error: BaseException | None = None) -> str:
+        """``gen_ai.request.model`` of a request: its model group, ``unknown`` for a name
+        the router does not know, ``<provider>/unverified`` for a direct name that has
+        not served yet (see :meth:`_name_label`)."""
+        name = ctx.model_group
+        if name is None or isinstance(error or ctx.error, ModelNotFoundError):
+            return UNKNOWN
+        return self._model_labels.get(name) or self._name_label(name, served=ctx.status == "ok")
+
+    def _name_label(self, name: str, *, served: bool) -> str:
+        """The label of a model group name not labelled yet (its first request, or a
+        direct name that has not served).
+
+        A direct ``provider/model`` name is whatever a client typed: it becomes a label
+        only once it has answered a request, when the upstream has the model (and the
+        router keeps a direct group that served, so there are at most
+        ``router.max_direct_models`` of them). A configured name is one at once."""
+        if served or not self._is_direct(name):
+            self._model_labels[name] = name
+            return name
+        return unverified_label(name)
+
+    def deployment_label(self, deployment: str) -> str:
+        """``llmrouter.deployment`` of a deployment id: the id, unless it is a direct
+        group's deployment that has not served yet (``<provider>/unverified``)."""
+        label = self._deployment_labels.get(deployment)
+        if label is not None:
+            return label
+        if self._in_direct_group(deployment):
+            return unverified_label(deployment)
+        self._deployment_labels[deployment] = deployment
+        return deployment
+
+    def _is_direct(self, name: str) -> bool:
+        """Whether the model group ``name`` is a direct ``provider/model`` group, as a
+        watched router knows it; else (an unwatched router, a direct group evicted since)
+        whether it has the shape of one."""
+        for router in self._watched():
+            group = router.groups.get(name)
+            if group is not None:
+                return _direct_groups(router).get(name) is group
+        return _shaped_direct(name)
+
+    def _in_direct_group(self, deployment: str) -> bool:
+        """Whether ``deployment`` serves a direct group (see :meth:`_is_direct`)."""
+        for router in self._watched():
+            direct = _direct_groups(router)
+            for group in router.groups.values():
+                if any(d.id == deployment for d in group.deployments):
+                    return direct.get(group.name) is group
+        return _shaped_direct(deployment)
+
     # --- state ----------------------------------------------------------------------
+
+    def _watched(self) -> list[Any]:
+        """The watched routers still alive."""
+        return [router for ref in self._routers if (router := ref()) is not None]
 
     def watch_router(self, router: Any) -> None:
         """Report ``router``'s requests in flight per deployment (``llmrouter.deployment.in_flight``).
 
         The router's own counts are the truth (a deployment is busy from dispatch to the
         end of the answer, retries included) and every deployment reports, idle ones at 0.
+        The router also tells which of its groups are direct ``provider/model`` names
+        (see :meth:`model_label`); unwatched, the hooks go by a name's shape.
         The service calls this itself; a library user calls it once per router.
         """
         if not any(ref() is router for ref in self._routers):
             self._routers.append(weakref.ref(router))
 
     def _describe(self, deployment_id: str) -> tuple[str, str] | None:
-        for ref in list(self._routers):
-            router = ref()
-            for deployment in router.deployments if router is not None else ():
+        for router in self._watched():
+            for deployment in router.deployments:
                 if deployment.id == deployment_id:
                     return deployment.config.provider, deployment.config.model
         return None
 
     def in_flight(self) -> dict[str, int]:
-        """Requests in flight by deployment id, over the watched routers."""
+        """Requests in flight by deployment label (see :meth:`deployment_label`), over
+        the watched routers."""
         counts: dict[str, int] = {}
-        for ref in list(self._routers):
-            router = ref()
-            if router is None:
-                continue
-            for deployment in router.deployments:
-                counts[deployment.id] = counts.get(deployment.id, 0) + deployment.in_flight
+        for router in self._watched():
+            direct = _direct_groups(router)
+            for group in router.groups.values():
+                is_direct = direct.get(group.name) is group
+                for deployment in group.deployments:
+                    label = deployment.id
+                    if is_direct:
+                        label = self._deployment_labels.get(label) or unverified_label(label)
+                    counts[label] = counts.get(label, 0) + deployment.in_flight
         return counts
 
     def engine_stats(self) -> dict[str, dict[str, Any]]:
         """``engine_stats()`` of every watched deployment whose provider has one (vLLM)."""
         stats: dict[str, dict[str, Any]] = {}
-        for ref in list(self._routers):
-            router = ref()
-            for deployment in router.deployments if router is not None else ():
+        for router in self._watched():
+            for deployment in router.deployments:
                 read = getattr(deployment.provider, "engine_stats", None)
                 if read is None:
                     continue
@@ -384,6 +471,25 @@ class TelemetryHooks(RouterHooks):
         return True
 
 
+def _direct_groups(router: Any) -> dict[str, Any]:
+    """A router's direct ``provider/model`` groups by name (the router keeps them apart:
+    they are the names clients made up)."""
+    direct: dict[str, Any] = getattr(router, "_direct", None) or {}
+    return direct
+
+
+def _shaped_direct(name: str) -> bool:
+    """Whether ``name`` has the shape of a direct name or deployment id: ``<provider>/...``
+    of an installed provider that allows them (as ``Router._direct_group`` requires)."""
+    provider, slash, model = name.partition("/")
+    if not (slash and model) or provider not in available_providers():
+        return False
+    try:
+        return load_provider_class(provider).direct
+    except Exception:  # noqa: BLE001 - a provider that cannot load serves no direct names
+        return False
+
+
 def _adopt_trace(ctx: RequestContext) -> None:
     """Give the request its access line's record (when the HTTP middleware keeps one) and
     a valid ``traceparent``: the one the middleware made or checked, the caller's own
@@ -407,6 +513,12 @@ def _base_attributes(ctx: RequestContext, model: str) -> tuple[tuple[str, Any], 
 def _attempt_attributes(deployment: str, error: LLMRouterError | None) -> tuple[tuple[str, Any], ...]:
     if error is None:
         return (("llmrouter.deployment", deployment), ("llmrouter.outcome", "ok"))
+    if isinstance(error, AttemptCancelledError):  # the caller left: no failure of the deployment
+        return (
+            ("llmrouter.deployment", deployment),
+            ("llmrouter.outcome", "cancelled"),
+            ("error.type", "cancelled"),
+        )
     return (
         ("llmrouter.deployment", deployment),
         ("llmrouter.outcome", "error"),

@@ -26,7 +26,15 @@ from typing import Any
 from llmrouter.asgi import HEAD_KEY, request_method, scope_header
 from llmrouter.ids import request_id_of
 from llmrouter.telemetry.local import Recorder, keep_bound
-from llmrouter.telemetry.logging import ACCESS_LOGGER, AccessRecord, context_fields, current_access_record
+from llmrouter.telemetry.logging import (
+    ACCESS_LOGGER,
+    HTTP_LINE,
+    UNROUTED_LINE,
+    AccessRecord,
+    context_fields,
+    current_access_record,
+    log_request,
+)
 from llmrouter.telemetry.metrics import RouterMetrics
 from llmrouter.telemetry.tracing import (
     RequestTracer,
@@ -161,12 +169,14 @@ class TelemetryMiddleware:
             "request_id": record.request_id,
             "trace_id": trace_id_of(record.traceparent),
         }
+        line = UNROUTED_LINE
         if record.ctx is not None:
             fields.update(context_fields(record.ctx))
+            line = HTTP_LINE
         fields.update(
             method=record.method, path=record.path, status=code, latency_ms=round(elapsed * 1000, 2)
         )
-        self._logger.log(level, "request", extra=fields)
+        log_request(self._logger, level, line, fields)
 
 
 class HttpDurations:

@@ -11,6 +11,7 @@ Every record becomes one JSON object: ``timestamp`` (UTC, ISO 8601, ms), ``level
 Behind the service the HTTP middleware writes it once the response is sent (it knows
 the status); a library user gets it from :class:`~llmrouter.telemetry.TelemetryHooks`
 (without method/path, ``status`` is the router's ``ok``/``error``/``cancelled``).
+A plain text handler prints a readable line instead (see :func:`log_request`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACCESS_LOGGER",
+    "HTTP_LINE",
+    "LIBRARY_LINE",
+    "UNROUTED_LINE",
     "AccessRecord",
     "JsonFormatter",
     "configure_logging",
@@ -37,9 +41,15 @@ __all__ = [
     "context_fields",
     "current_access_record",
     "log_event",
+    "log_request",
 ]
 
 ACCESS_LOGGER = "llmrouter.access"
+ACCESS_MESSAGE = "request"
+"""The request line's ``message`` in JSON (what log queries select it by)."""
+_JSON_MESSAGE = "_json_message"
+"""A record's attribute naming its JSON ``message`` instead of the formatted one (a
+field starting with ``_``: never written as a key of its own)."""
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``
 # (``color_message`` is uvicorn's ANSI-coloured copy of the message).
@@ -62,7 +72,7 @@ class JsonFormatter(logging.Formatter):
             "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": record.__dict__.get(_JSON_MESSAGE) or record.getMessage(),
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
@@ -169,6 +179,28 @@ def context_fields(ctx: RequestContext) -> dict[str, Any]:
     if ctx.error is not None:
         fields["error"] = {"type": type(ctx.error).__name__, "code": ctx.error.code}
     return fields
+
+
+HTTP_LINE = (
+    "request %(method)s %(path)s %(status)s %(latency_ms)s ms model=%(model)s request_id=%(request_id)s"
+)
+"""The service's request line in plain text, e.g.
+``request POST /v1/chat/completions 200 12.3 ms model=m request_id=req-42``."""
+UNROUTED_LINE = "request %(method)s %(path)s %(status)s %(latency_ms)s ms request_id=%(request_id)s"
+"""The same for a request that never reached the router (a 400 before it): no model."""
+LIBRARY_LINE = "request %(operation)s %(outcome)s %(latency_ms)s ms model=%(model)s request_id=%(request_id)s"
+"""The library's line (:class:`~llmrouter.telemetry.TelemetryHooks`), without HTTP:
+``request chat ok 12.3 ms model=m request_id=...``."""
+
+
+def log_request(logger: logging.Logger, level: int, line: str, fields: dict[str, Any]) -> None:
+    """Write the request line with ``fields``: in JSON its ``message`` is ``request`` and
+    the fields are keys; a plain text formatter (``%(message)s``, as with
+    ``telemetry.json_logs: false``) prints ``line`` (:data:`HTTP_LINE`,
+    :data:`UNROUTED_LINE`, :data:`LIBRARY_LINE`) filled from them instead of the bare
+    word. Only a handler that prints the text formats it."""
+    fields[_JSON_MESSAGE] = ACCESS_MESSAGE
+    logger.log(level, line, fields, extra=fields)
 
 
 def _round(value: float | None) -> float | None:

@@ -175,7 +175,7 @@ class RouterMetrics:
         self.attempts = counter(
             "llmrouter.deployment.attempts",
             "{attempt}",
-            "Attempts on a deployment, by outcome (ok, error) and error type.",
+            "Attempts on a deployment, by outcome (ok, error, cancelled) and error type.",
         )
         self.cooldowns = counter(
             "llmrouter.deployment.cooldowns", "{cooldown}", "Times a deployment was taken out of rotation."
