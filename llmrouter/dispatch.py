@@ -34,6 +34,7 @@ from llmrouter.errors import (
     NoDeploymentAvailableError,
     PermissionDeniedError,
     UnsupportedFeatureError,
+    UpstreamAuthenticationError,
     UpstreamError,
     UpstreamTimeoutError,
 )
@@ -81,6 +82,13 @@ def as_router_error(exc: Exception, deployment: DeploymentState) -> LLMRouterErr
     if isinstance(exc, LLMRouterError):
         if exc.provider is None:
             exc.provider = deployment.config.provider
+        if exc.http_status == 401:
+            # The upstream refused this deployment's credentials: not the caller's key.
+            return UpstreamAuthenticationError(
+                f"the upstream refused the credentials of deployment {deployment.id!r} "
+                f"({exc.provider}): {exc.message}",
+                provider=exc.provider,
+            )
         return exc
     if isinstance(exc, RecursionError):
         # JSON nested just under the decoder's limit, which the provider's encoder, deeper

@@ -18,6 +18,7 @@
     ├── RateLimitError (429)              retry_after in seconds
     │   └── BudgetExceededError           code=insufficient_quota
     ├── UpstreamError (502, retryable)    a provider failed (an upstream 4xx not above: not retryable)
+    │   ├── UpstreamAuthenticationError   the upstream refused the deployment's credentials (its 401)
     │   ├── UpstreamConnectionError       connect refused / reset
     │   ├── UpstreamTimeoutError (504)    connect, first-token or total timeout
     │   └── UpstreamUnavailableError (503)
@@ -54,6 +55,7 @@ __all__ = [
     "ShuttingDownError",
     "UnprocessableEntityError",
     "UnsupportedFeatureError",
+    "UpstreamAuthenticationError",
     "UpstreamConnectionError",
     "UpstreamError",
     "UpstreamTimeoutError",
@@ -220,6 +222,19 @@ class UpstreamError(LLMRouterError):
     status = 502
     type = "upstream_error"
     default_retryable = True
+
+
+class UpstreamAuthenticationError(UpstreamError):
+    """An upstream refused the credentials configured for a deployment (its 401). Not the
+    caller's key, which the caller could fix, but the deployment's: the request moves on to
+    the next deployment, and the answer says ``x-should-retry: false`` (an SDK retrying it
+    would only present the same credentials again)."""
+
+    default_code = "upstream_authentication_failed"
+    default_retryable = False
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "x-should-retry": "false"}
 
 
 class UpstreamConnectionError(UpstreamError):

@@ -47,7 +47,9 @@ class RouterHooks:
         """Settle and record: ``ctx.status``, ``usage``, ``cost``, timings are set."""
 
     def on_attempt(self, ctx: RequestContext, deployment: str, error: LLMRouterError | None) -> None:
-        """One attempt on one deployment ended (``error`` is None on success)."""
+        """One attempt on one deployment ended: ``error`` is None on success, and an
+        :class:`~llmrouter.dispatch.AttemptCancelledError` (never raised) when the caller
+        left or the request was cancelled before the attempt's answer was complete."""
 
     def on_fallback(self, ctx: RequestContext, from_group: str, to_group: str) -> None:
         """The request moved on to a fallback model group."""

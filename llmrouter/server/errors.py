@@ -16,10 +16,10 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from llmrouter.errors import LLMRouterError, NestedTooDeeplyError, UpstreamError
+from llmrouter.errors import LLMRouterError, NestedTooDeeplyError
 from llmrouter.ids import REQUEST_ID_KEY, request_id_of
 
-__all__ = ["error_body", "error_event", "exception_handlers", "for_client", "openai_error_response"]
+__all__ = ["error_body", "error_event", "exception_handlers", "openai_error_response"]
 
 logger = logging.getLogger("llmrouter.server")
 
@@ -64,23 +64,7 @@ def _unrouted_id(request: Request[Any, Any, Any]) -> dict[str, str]:
     return {"x-request-id": request_id_of(request.scope)}
 
 
-def for_client(exc: LLMRouterError) -> LLMRouterError:
-    """``exc`` as this service's client should see it. A 401 raised by a provider is an
-    upstream refusing the credentials of a deployment, which the client neither holds nor
-    can fix; passed on as a 401 it read as the client's own key being wrong (a chained
-    llmrouter's even asked for an ``sk-llmr-`` key). It is a 502 that says so instead."""
-    if exc.http_status != 401 or exc.provider is None:
-        return exc
-    return UpstreamError(
-        f"the upstream refused the credentials of this model's deployment ({exc.provider}): {exc.message}",
-        code="upstream_authentication_failed",
-        provider=exc.provider,
-        retryable=False,
-    )
-
-
 def handle_llmrouter_error(request: Request[Any, Any, Any], exc: LLMRouterError) -> Response[bytes]:
-    exc = for_client(exc)
     if exc.http_status >= 500:
         # Upstream/server failures are worth a log line; client mistakes are not.
         logger.warning("request %s failed: %s (%s)", _request_id(request), exc.message, type(exc).__name__)
@@ -127,7 +111,6 @@ def handle_recursion(request: Request[Any, Any, Any], exc: RecursionError) -> Re
 def error_event(exc: BaseException, request_id: str | None = None) -> bytes:
     """The SSE event that reports a failure after a stream has started."""
     if isinstance(exc, LLMRouterError):
-        exc = for_client(exc)
         body = exc.to_body()
         if exc.http_status >= 500:
             logger.warning("stream %s failed: %s (%s)", request_id, exc.message, type(exc).__name__)

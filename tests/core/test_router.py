@@ -19,6 +19,7 @@ from llmrouter.errors import (
     PermissionDeniedError,
     RateLimitError,
     UnsupportedFeatureError,
+    UpstreamAuthenticationError,
     UpstreamError,
     UpstreamTimeoutError,
 )
@@ -129,6 +130,20 @@ async def test_deployment_auth_error_moves_on_without_retrying_it():
     for _ in range(2):
         await router.chat(chat_body())
     assert broken.record.calls == 2 and good.record.calls == 2
+
+
+async def test_an_upstream_401_is_the_deployments_credentials_not_the_callers():
+    """Told as the caller's own 401, it read as the caller's key being wrong; and an SDK
+    retrying the 502 presents the same credentials again."""
+    broken = ScriptedProvider(default=Step(error=AuthenticationError("bad upstream key")))
+    router = make_router(broken)
+    ctx = RequestContext()
+    with pytest.raises(UpstreamAuthenticationError) as refused:
+        await router.chat(chat_body(), context=ctx)
+    error = refused.value
+    assert (error.http_status, error.code, error.retryable) == (502, "upstream_authentication_failed", False)
+    assert "bad upstream key" in error.message and error.headers()["x-should-retry"] == "false"
+    assert ctx.error is error, "the ledger and metrics record what the caller was told"
 
 
 async def test_retries_exhausted_raise_last_error():
