@@ -45,6 +45,9 @@ class RequestContext:
     """``Cache-Control: no-cache``: skip the lookup, refresh the entry."""
     no_store: bool = False
     """``Cache-Control: no-store``: don't write the answer to the cache."""
+    max_age: float | None = None
+    """``Cache-Control: max-age=N``: a stored answer older than N seconds is a miss
+    (``max-age=0`` is ``no_cache``)."""
     traceparent: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     extra_headers: dict[str, str] | None = None

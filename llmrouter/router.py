@@ -140,7 +140,8 @@ class Router:
         self._cache = layer
         if layer is not None:
             for group in self._groups.values():
-                layer.configure_group(group.name, group.config.cache)
+                if group.config.cache is not None:  # not to undo the layer's own settings
+                    layer.configure_group(group.name, group.config.cache)
 
     @property
     def groups(self) -> dict[str, GroupState]:
@@ -207,9 +208,10 @@ class Router:
         self._groups[group.name] = state
         for name in (group.name, *group.aliases):
             self._names[name] = group.name
-        if self._cache is not None and not direct:
-            # A direct group has no cache settings (none is the layer's default), and it
-            # may be evicted: its name must not stay behind in the layer.
+        if self._cache is not None and not direct and group.cache is not None:
+            # A group without settings keeps what the layer was told (configure_group
+            # before the router was built); a direct group has none, and it may be
+            # evicted: its name must not stay behind in the layer.
             self._cache.configure_group(group.name, group.cache)
         return state
 

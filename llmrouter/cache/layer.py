@@ -290,6 +290,8 @@ class ResponseCache:
         found = self._joinable(plan.key, streaming) if coalescing else None
         if found is None:
             found = await self._lookup(plan.key)
+            if found is not None and ctx.max_age is not None and time.time() - found.stored_at > ctx.max_age:
+                found = None  # older than the client takes (Cache-Control: max-age): a miss
             if found is None and coalescing:
                 # Someone may have launched the same request while we were looking.
                 found = self._joinable(plan.key, streaming)

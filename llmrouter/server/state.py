@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -62,21 +63,20 @@ class Service:
                 router's hooks that count such refusals, see :meth:`_refused`).
         """
         headers = header_dict(request.scope["headers"])
-        cache_control = ""
+        ctx = RequestContext(request_id=request_id_of(request.scope), traceparent=headers.get("traceparent"))
         if "cache-control" in headers:
             # Every line of it: a directive may come on a second ``Cache-Control`` line
             # (RFC 9110 joins repeated lines into one list), which header_dict drops.
-            cache_control = ",".join(
-                value.decode("latin-1")
-                for name, value in request.scope["headers"]
-                if name == b"cache-control"
-            ).lower()
-        ctx = RequestContext(
-            request_id=request_id_of(request.scope),
-            no_cache="no-cache" in cache_control,
-            no_store="no-store" in cache_control,
-            traceparent=headers.get("traceparent"),
-        )
+            _read_cache_control(
+                ctx,
+                ",".join(
+                    value.decode("latin-1")
+                    for name, value in request.scope["headers"]
+                    if name == b"cache-control"
+                ).lower(),
+            )
+        elif headers.get("pragma", "").lower() == "no-cache":  # HTTP/1.0's, heeded without Cache-Control
+            ctx.no_cache = True
         try:
             for ext in self._authenticators:
                 await ext.authenticate(ctx, headers)
@@ -152,3 +152,17 @@ def service_of(request: ASGIConnection[Any, Any, Any, Any]) -> Service:
     """
     service: Service = request.app.state[STATE_KEY]
     return service
+
+
+_MAX_AGE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d+)")
+
+
+def _read_cache_control(ctx: RequestContext, directives: str) -> None:
+    """``no-cache``, ``no-store`` and ``max-age=N`` of a request's ``Cache-Control``
+    (lowercased); ``max-age=0`` asks for a fresh answer, as ``no-cache`` does."""
+    ctx.no_cache = "no-cache" in directives
+    ctx.no_store = "no-store" in directives
+    found = _MAX_AGE.search(directives)
+    if found is not None:
+        ctx.max_age = float(found.group(1))
+        ctx.no_cache = ctx.no_cache or ctx.max_age == 0

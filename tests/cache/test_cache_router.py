@@ -226,3 +226,20 @@ async def test_every_stream_closed_stops_the_provider(routed: Any, provider: Gat
         for stream in streams:
             await stream.aclose()
     assert provider.record.cancelled == 1 and len(cache.coalescer) == 0
+
+
+async def test_group_settings_given_to_the_cache_before_the_router_are_kept() -> None:
+    """docs/cache.md configures a group on the cache, then builds the Router with it: a
+    group with no ``cache:`` of its own in the config must not undo that."""
+    from llmrouter.config import Config, GroupCache, ModelGroup
+
+    cache = ResponseCache(MemoryBackend(), ttl=600)
+    cache.configure_group("summarizer", GroupCache(ttl=86400, cache_all=True))
+    router = Router(Config(models=[ModelGroup(name="summarizer", deployments=[])]), cache=cache)
+    router.add_deployment("summarizer", ScriptedProvider("m"))
+    settings = GroupCache(ttl=86400, cache_all=True)
+    assert cache._groups["summarizer"] == settings
+    cache.configure_group("later", settings)
+    router.add_group(ModelGroup(name="later", deployments=[]))
+    assert cache._groups["later"] == settings
+    await cache.aclose()

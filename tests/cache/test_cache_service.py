@@ -3,6 +3,7 @@ the admin route."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,6 +62,25 @@ def test_cache_control_no_cache_and_no_store(client: TestClient[Any], provider: 
     assert provider.record.calls == 3
     response = client.post("/v1/chat/completions", json={**CHAT, "temperature": 1})
     assert response.headers["x-llmrouter-cache"] == "bypass"
+
+
+def test_max_age_and_pragma_ask_for_a_fresh_answer(
+    client: TestClient[Any], provider: ScriptedProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert client.post("/v1/chat/completions", json=CHAT).headers["x-llmrouter-cache"] == "miss"
+    for headers in ({"Cache-Control": "max-age=0"}, {"Pragma": "no-cache"}):
+        response = client.post("/v1/chat/completions", json=CHAT, headers=headers)
+        assert response.headers["x-llmrouter-cache"] == "bypass"
+    fresh_enough = {"Cache-Control": "max-age=60"}
+    assert (
+        client.post("/v1/chat/completions", json=CHAT, headers=fresh_enough).headers["x-llmrouter-cache"]
+        == "hit"
+    )
+    stored_at = time.time()
+    monkeypatch.setattr(time, "time", lambda: stored_at + 61)  # the stored answer is now 61 s old
+    response = client.post("/v1/chat/completions", json=CHAT, headers=fresh_enough)
+    assert response.headers["x-llmrouter-cache"] == "miss"
+    assert provider.record.calls == 4
 
 
 def test_streamed_hit_is_replayed_as_the_same_sse(

@@ -491,7 +491,11 @@ def test_cache_layer_from_extension_is_installed() -> None:
         def cache_layer(self) -> Any:
             return layer
 
+    from llmrouter.config import GroupCache, ModelGroup
+
     router, _ = make_router()
+    # A group's own cache settings go to the layer (one without any leaves the layer's).
+    router.groups["m"].config = ModelGroup(name="m", deployments=[], cache=GroupCache(ttl=5))
     with TestClient(create_app(router=router, extensions=[CacheExt()])) as client:
         response = client.post("/v1/chat/completions", json=CHAT)
     assert response.headers["x-llmrouter-cache"] == "miss"
