@@ -203,11 +203,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = msgspec.structs.replace(
             config, telemetry=msgspec.structs.replace(config.telemetry, access_log=False)
         )
-    if config.telemetry.json_logs:
-        from llmrouter.telemetry.logging import configure_logging
+    from llmrouter.telemetry.logging import configure_logging
 
-        # Before uvicorn starts, so that its own start-up lines are JSON too.
-        configure_logging(config.telemetry.log_level)
+    # Before uvicorn starts, so that its own start-up lines are JSON too (when asked).
+    configure_logging(config.telemetry.log_level, json_lines=config.telemetry.json_logs)
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     workers = args.workers or config.server.workers

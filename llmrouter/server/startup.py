@@ -195,8 +195,7 @@ def serve_app_from_env() -> OneLineStartupFailure:
     from llmrouter.telemetry.logging import configure_logging, configure_plain_logging
 
     config = config_from_env()
-    if config.telemetry.json_logs:
-        configure_logging(config.telemetry.log_level)
-    else:
+    if not config.telemetry.json_logs:
         configure_plain_logging()  # as the parent's: a worker is a process of its own
+    configure_logging(config.telemetry.log_level, json_lines=config.telemetry.json_logs)
     return OneLineStartupFailure(create_app(config, extensions=default_extensions(config)))

@@ -124,8 +124,7 @@ class TelemetryExtension(Extension):
             self.metrics.add_gauge(name, gauge)
 
     async def startup(self) -> None:
-        if self.config.json_logs:
-            configure_logging(self.config.log_level)
+        configure_logging(self.config.log_level, json_lines=self.config.json_logs)
         # uvicorn's own access line is either superseded by TelemetryMiddleware's
         # (access_log on) or unwanted (off); configure_logging routes it to the root, so
         # it must be switched off here, or it comes back on every request.

@@ -91,3 +91,20 @@ def test_the_plain_library_line_is_readable(caplog: pytest.LogCaptureFixture) ->
         PLAIN.format(record),
     )
     assert json.loads(JsonFormatter().format(record))["message"] == "request"
+
+
+@pytest.mark.anyio
+async def test_the_log_level_holds_for_plain_lines_too() -> None:
+    """``telemetry.log_level`` was applied only with ``json_logs``: plain lines stayed at INFO."""
+    llmrouter_logger = logging.getLogger("llmrouter")
+    before = llmrouter_logger.level, logging.getLogger().level
+    llmrouter_logger.setLevel(logging.INFO)  # what the CLI's plain set-up leaves
+    extension = TelemetryExtension(TelemetryConfig(json_logs=False, metrics=False, log_level="ERROR"))
+    await extension.startup()
+    try:
+        assert not llmrouter_logger.isEnabledFor(logging.INFO)
+        assert llmrouter_logger.isEnabledFor(logging.ERROR)
+    finally:
+        await extension.shutdown()
+        llmrouter_logger.setLevel(before[0])
+        logging.getLogger().setLevel(before[1])
