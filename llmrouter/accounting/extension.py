@@ -39,6 +39,7 @@ from llmrouter.errors import (
 )
 from llmrouter.extension import Extension, Gauge
 from llmrouter.hooks import RouterHooks
+from llmrouter.server.openapi import documented_body
 from llmrouter.server.state import header_dict
 from llmrouter.types import error_param, json_fault
 
@@ -311,7 +312,15 @@ class AccountingExtension(Extension):
             )
             return _json({"object": "usage", "since": since, "until": until, "data": rows})
 
-        @post("/v1/admin/keys", summary="Create an API key (the secret is shown once)", status_code=201)
+        @post(
+            "/v1/admin/keys",
+            summary="Create an API key (the secret is shown once)",
+            status_code=201,
+            dependencies=documented_body(
+                CreateKeyRequest,
+                {"name": "ci-bot", "scopes": ["user"], "budget": 5.0, "budget_period": "month"},
+            ),
+        )
         async def create_key(request: Request[Any, Any, Any]) -> Response[bytes]:
             await ext._caller(request, admin=True)
             body = _decode(await request.body(), CreateKeyRequest, "key request")
@@ -363,7 +372,11 @@ class AccountingExtension(Extension):
                 raise NotFoundError(f"no API key {shown_reference(key_ref)!r}", code="key_not_found")
             return _json(key_to_json(key))
 
-        @patch("/v1/admin/keys/{key_ref:str}", summary="Change an API key's fields (admin)")
+        @patch(
+            "/v1/admin/keys/{key_ref:str}",
+            summary="Change an API key's fields (admin)",
+            dependencies=documented_body(UpdateKeyRequest, {"rpm": 120, "note": "raised for the launch"}),
+        )
         async def update_key(request: Request[Any, Any, Any], key_ref: FromPath[str]) -> Response[bytes]:
             await ext._caller(request, admin=True)
             body = _decode(await request.body(), UpdateKeyRequest, "key update")

@@ -6,11 +6,11 @@ from typing import Any
 
 from litestar import Request, post
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.openapi.spec import Example
 from litestar.response.base import ASGIResponse
 
 from llmrouter.server.answer import answer
-from llmrouter.types import ChatResponse, decode_chat_request
+from llmrouter.server.openapi import documented_body
+from llmrouter.types import ChatRequest, ChatResponse, decode_chat_request
 
 __all__ = ["chat_handlers", "create_chat_completion"]
 
@@ -23,7 +23,9 @@ _OPENAPI: dict[str, Any] = dict(
     responses={200: ResponseSpec(data_container=ChatResponse, description="The completion")},
     tags=["openai"],
     operation_id="createChatCompletion",
-    examples=[Example(value={"model": "mock-gpt", "messages": [{"role": "user", "content": "Hi"}]})],
+    dependencies=documented_body(
+        ChatRequest, {"model": "mock-gpt", "messages": [{"role": "user", "content": "Hi"}]}
+    ),
 )
 
 

@@ -9,7 +9,8 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.response.base import ASGIResponse
 
 from llmrouter.server.answer import answer
-from llmrouter.types import CompletionResponse, decode_completion_request
+from llmrouter.server.openapi import documented_body
+from llmrouter.types import CompletionRequest, CompletionResponse, decode_completion_request
 
 __all__ = ["completion_handlers", "create_completion"]
 
@@ -20,6 +21,7 @@ _OPENAPI: dict[str, Any] = dict(
     responses={200: ResponseSpec(data_container=CompletionResponse, description="The completion")},
     tags=["openai"],
     operation_id="createCompletion",
+    dependencies=documented_body(CompletionRequest, {"model": "mock-gpt", "prompt": "Say this is a test"}),
 )
 
 

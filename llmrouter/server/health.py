@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, get
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.response.base import ASGIResponse
 
 from llmrouter.server.responses import json_response
@@ -25,6 +26,7 @@ async def liveness() -> ASGIResponse:
     summary="Readiness: deployments' health and extensions' state (503 when not ready)",
     tags=["health"],
     operation_id="ready",
+    responses={503: ResponseSpec(data_container=dict[str, Any], description="Not ready: the same report")},
 )
 async def readiness(request: Request[Any, Any, Any]) -> ASGIResponse:
     service = service_of(request)

@@ -330,6 +330,18 @@ async def test_a_key_that_would_expire_as_it_is_made_is_refused(sqlite_url: str,
         assert root.expires_at is None
 
 
+async def test_the_admin_api_documents_its_request_bodies(sqlite_url: str, tmp_path: Path) -> None:
+    app, _ = _app(sqlite_url, tmp_path)
+    async with AsyncTestClient(app) as client:
+        paths = (await client.get("/schema/openapi.json")).json()["paths"]
+    for path, method, struct in (
+        ("/v1/admin/keys", "post", "CreateKeyRequest"),
+        ("/v1/admin/keys/{key_ref}", "patch", "UpdateKeyRequest"),
+    ):
+        body = paths[path][method]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["allOf"] == [{"$ref": f"#/components/schemas/{struct}"}]
+
+
 async def _admin_headers(client: Any) -> dict[str, str]:
     """Create the first key, an admin one (auth is off until then); its headers."""
     created = await client.post("/v1/admin/keys", json={"name": "root", "scopes": ["admin"]})

@@ -337,6 +337,21 @@ def test_health_and_openapi(client: TestClient[Any]) -> None:
     assert "/chat/completions" not in schema["paths"]
 
 
+def test_the_openapi_document_names_the_request_bodies(client: TestClient[Any]) -> None:
+    """The handlers read their bodies raw: without a declared body the document had none,
+    and Swagger's "Try it out" sent nothing. Unmodelled fields are top-level on the wire,
+    not an ``__extra__`` object."""
+    schema = client.get("/schema/openapi.json").json()
+    for path, struct in (("/v1/chat/completions", "ChatRequest"), ("/v1/completions", "CompletionRequest")):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["allOf"] == [{"$ref": f"#/components/schemas/{struct}"}] and body["examples"]
+        properties = schema["components"]["schemas"][struct]["properties"]
+        assert "model" in properties and "__extra__" not in properties
+    assert "503" in schema["paths"]["/ready"]["get"]["responses"]
+    answer = client.post("/v1/chat/completions", json=CHAT)  # the documenting dependency never runs
+    assert answer.status_code == 200
+
+
 def test_create_app_emits_no_litestar_deprecation_warnings() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
