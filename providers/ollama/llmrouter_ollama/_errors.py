@@ -21,7 +21,6 @@ import json
 import re
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
-from pathlib import Path
 from types import TracebackType
 
 import httpx
@@ -48,7 +47,6 @@ PROVIDER = "ollama"
 # proxies say `404 page not found` for a path nobody serves.
 _MODEL_NOT_FOUND = re.compile(r"^model\b.*\bnot found\b")
 
-_CLIENT_DIR = Path(ollama.__file__).parent
 
 # The ollama client turns an error response into ResponseError and drops its headers and
 # URL (and fails outright on a body that is not a JSON object); an httpx response hook
@@ -123,7 +121,8 @@ def _raised_by_client(exc: BaseException) -> bool:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return Path(tb.tb_frame.f_code.co_filename).is_relative_to(_CLIENT_DIR)
+    # By module, not file: compiled or bundled installs keep the paths they were built at.
+    return str(tb.tb_frame.f_globals.get("__name__", "")).partition(".")[0] == "ollama"
 
 
 def _body_text(response: httpx.Response) -> str:

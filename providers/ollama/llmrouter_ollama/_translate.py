@@ -142,6 +142,7 @@ def _top_level(request: ChatRequest | CompletionRequest, keep_alive: str | float
     reasoning effort."""
     fields: dict[str, Any] = {} if keep_alive is None else {"keep_alive": keep_alive}
     fields.update({key: value for key, value in request.extra.items() if key in _PASSTHROUGH_TOP})
+    _check_top_level(fields)
     asked = _reasoning_effort(request)
     if "think" not in fields and asked is not None:
         effort, param = asked
@@ -152,6 +153,23 @@ def _top_level(request: ChatRequest | CompletionRequest, keep_alive: str | float
             )
         fields["think"] = _THINK_FOR_EFFORT[effort]
     return fields
+
+
+def _check_top_level(fields: dict[str, Any]) -> None:
+    """The types Ollama takes for ``keep_alive`` (a duration: text or seconds) and
+    ``think`` (true/false, or a level): the client library checks them before sending a
+    completion, and its error would read as a broken daemon and cool the deployment."""
+    keep_alive, think = fields.get("keep_alive"), fields.get("think")
+    if keep_alive is not None and (
+        isinstance(keep_alive, bool) or not isinstance(keep_alive, str | int | float)
+    ):
+        raise InvalidRequestError(
+            'keep_alive must be a duration ("5m", "1h") or a number of seconds', param="keep_alive"
+        )
+    if think is not None and not isinstance(think, bool | str):
+        raise InvalidRequestError(
+            'think must be true, false or a level ("high", "medium", "low")', param="think"
+        )
 
 
 def _image_bytes(part: ImagePart, where: str) -> bytes:

@@ -658,6 +658,24 @@ async def test_complete_uses_generate_in_raw_mode(provider: OllamaProvider, fake
     assert body["options"] == {"temperature": 0.0, "num_predict": 3}
 
 
+@pytest.mark.parametrize(("field", "value"), [("keep_alive", [1]), ("keep_alive", True), ("think", 3)])
+async def test_a_top_level_field_of_the_wrong_type_is_the_requests_400(
+    provider: OllamaProvider, fake_ollama: FakeOllama, field: str, value: object
+) -> None:
+    """The client library checks these before sending a completion: its error read as a
+    broken daemon (a 502 that cooled the deployment down for everyone)."""
+    for request in (
+        decode_completion_request({"model": "llama3.2", "prompt": "Once", field: value}),
+        decode_chat_request(
+            {"model": "llama3.2", "messages": [{"role": "user", "content": "x"}], field: value}
+        ),
+    ):
+        with pytest.raises(InvalidRequestError) as refused:
+            await (provider.complete(request) if hasattr(request, "prompt") else provider.chat(request))
+        assert refused.value.param == field
+    assert not [path for path, _ in fake_ollama.requests if path in ("/api/generate", "/api/chat")]
+
+
 async def test_complete_passes_ollamas_fields_and_logprobs(
     provider: OllamaProvider, fake_ollama: FakeOllama
 ) -> None:
