@@ -41,7 +41,14 @@ from llmrouter.errors import (
 from llmrouter.hooks import RouterHooks
 from llmrouter.provider import Provider
 
-__all__ = ["AttemptCancelledError", "AttemptPlan", "dispatch_call", "dispatch_stream"]
+__all__ = [
+    "AttemptCancelledError",
+    "AttemptPlan",
+    "dispatch_call",
+    "dispatch_stream",
+    "may_use",
+    "usable_chain",
+]
 
 logger = logging.getLogger("llmrouter.dispatch")
 
@@ -107,6 +114,23 @@ def as_router_error(exc: Exception, deployment: DeploymentState) -> LLMRouterErr
     )
 
 
+def may_use(ctx: RequestContext, group: GroupState) -> bool:
+    """Whether the caller's key (its allow-list, by the group's name or an alias) lets
+    ``group`` serve as a fallback: a key allowed only a cheap group must not be served,
+    priced or billed by its dear fallback. True without a key that has a list."""
+    allows = getattr(ctx.principal, "allows_model", None)
+    return allows is None or bool(allows(group.name, *group.config.aliases))
+
+
+def usable_chain(ctx: RequestContext, groups: list[GroupState]) -> list[GroupState]:
+    """``groups`` (a model's group, then its fallbacks) without the fallbacks the
+    caller's key may not use (see :func:`may_use`); the requested group is the key's
+    own check (accounting's 403)."""
+    if len(groups) == 1 or ctx.principal is None:
+        return groups
+    return [groups[0], *(group for group in groups[1:] if may_use(ctx, group))]
+
+
 class AttemptPlan:
     """Decides which deployment each attempt goes to, and what a failure means."""
 
@@ -151,14 +175,9 @@ class AttemptPlan:
 
     def _move_to_fallback(self, group: GroupState) -> None:
         self._index += 1
-        # A fallback group the caller's key may not use (its allow-list) is passed over:
-        # a key allowed only a cheap group must not be served, and billed, by a dear one.
-        allows = getattr(self.ctx.principal, "allows_model", None)
-        while (
-            allows is not None
-            and self._index < len(self._groups)
-            and not allows(self._groups[self._index].name, *self._groups[self._index].config.aliases)
-        ):
+        # The caller's key may be known only now (a library caller's, loaded by the
+        # accounting hook after the router trimmed the chain): see usable_chain.
+        while self._index < len(self._groups) and not may_use(self.ctx, self._groups[self._index]):
             self._index += 1
         if self._index >= len(self._groups):
             return
@@ -316,24 +335,27 @@ def _check_deadline(deadline: float | None, deployment: DeploymentState) -> None
         )
 
 
-def _cut_short(plan: AttemptPlan, deployment: DeploymentState, last: Any, started: float) -> None:
+def _cut_short(
+    plan: AttemptPlan, deployment: DeploymentState, last: Any, started: float, answers: int
+) -> None:
     """End a stream's attempt that its caller cut short (cancelled, or closed the stream).
 
-    One whose last chunk received ended the answer (a finish reason on each of its
-    choices, or the usage chunk after them) delivered everything: a success, whether or
-    not the upstream's end of stream was read. Otherwise it is reported cancelled."""
-    if last is not None and _ends_answer(last):
+    One whose last chunk received ended the answer (the usage chunk after it; or, for one
+    answer, a finish reason) delivered everything: a success, whether or not the
+    upstream's end of stream was read. Otherwise it is reported cancelled. With several
+    answers (``n``), one choice's finish says nothing of the others, still streaming."""
+    if last is not None and _ends_answer(last, answers):
         deployment.record_success(time.perf_counter() - started)
         plan.succeeded(deployment)
     else:
         plan.cancelled(deployment)
 
 
-def _ends_answer(chunk: Any) -> bool:
+def _ends_answer(chunk: Any, answers: int) -> bool:
     choices = getattr(chunk, "choices", None)
     if not choices:
         return getattr(chunk, "usage", None) is not None
-    return all(getattr(choice, "finish_reason", None) is not None for choice in choices)
+    return answers == 1 and all(getattr(choice, "finish_reason", None) is not None for choice in choices)
 
 
 async def dispatch_stream(
@@ -403,7 +425,7 @@ async def dispatch_stream(
         except BaseException as exc:
             if not isinstance(exc, Exception):  # cancelled, or closed by its consumer
                 _commit(ctx, group, deployment)  # cut before its first chunk: billed the prompt
-                _cut_short(plan, deployment, chunk, started)
+                _cut_short(plan, deployment, chunk, started, getattr(request, "n", None) or 1)
             raise
         finally:
             if token is not None:

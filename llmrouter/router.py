@@ -26,7 +26,7 @@ from llmrouter.config import Config, Deployment, ModelGroup
 from llmrouter.context import RequestContext
 from llmrouter.cost import PriceTable, max_cost, usage_cost
 from llmrouter.deployments import DeploymentState, GroupState
-from llmrouter.dispatch import dispatch_call, dispatch_stream
+from llmrouter.dispatch import dispatch_call, dispatch_stream, usable_chain
 from llmrouter.errors import ConfigError, LLMRouterError, ModelNotFoundError, NestedTooDeeplyError
 from llmrouter.hooks import CacheLayer, RouterHooks
 from llmrouter.probes import SharedProbes, probe_deployment
@@ -579,7 +579,7 @@ class Router:
         ctx.request = request
         ctx.model_group = request.model
         try:
-            groups = self.resolve(request.model)
+            groups = usable_chain(ctx, self.resolve(request.model))
             ctx.model_group = groups[0].name
             if self._direct:
                 self._hold_direct(ctx, groups)

@@ -225,3 +225,29 @@ async def test_a_fallback_the_key_may_not_use_is_passed_over(sqlite_url: str, tm
         ("both", "gpt-4o", "ok"),
         ("cheap-only", "gpt-4o-mini", "error"),
     ]
+
+
+async def test_a_fallback_the_key_may_not_use_does_not_price_the_request(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """The reservation is what the request may cost where it may be served: a dear
+    fallback the key cannot use made a cheap request over its budget."""
+    from llmrouter.config import ModelGroup
+
+    async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
+        cheap_only, _ = await acct.keys.create("cheap-only", allowed_models=["gpt-4o-mini"])
+        router, _ = _router(acct, Step(text="cheap answer"))
+        dear = ScriptedProvider("gpt-4o", default=Step(text="dear answer"))
+        router.add_deployment(
+            "gpt-4o",
+            dear,
+            Deployment(provider="scripted", model="gpt-4o", price=Price(input=1000.0, output=1000.0)),
+        )
+        router.groups["gpt-4o-mini"].config = ModelGroup(
+            name="gpt-4o-mini", deployments=[], fallbacks=["gpt-4o"]
+        )
+        async with router:
+            ctx = RequestContext(principal=cheap_only)
+            await router.chat(REQUEST, context=ctx)
+    probe = await _probe()
+    assert ctx.max_cost == pytest.approx(probe.max_cost)

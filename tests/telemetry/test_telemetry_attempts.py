@@ -25,6 +25,7 @@ from llmrouter.errors import LLMRouterError
 from llmrouter.hooks import RouterHooks
 from llmrouter.telemetry import TelemetryHooks
 from llmrouter.testing.scripted import ScriptedProvider, Step
+from llmrouter.types import ChatChunk, ChunkChoice, Delta
 
 pytestmark = pytest.mark.anyio
 
@@ -40,7 +41,7 @@ class Attempts(RouterHooks):
 
 
 class Setup:
-    def __init__(self, step: Step) -> None:
+    def __init__(self, step: Step, provider: type[ScriptedProvider] = ScriptedProvider) -> None:
         self.reader = InMemoryMetricReader()
         self.spans = InMemorySpanExporter()
         tracer_provider = TracerProvider()
@@ -54,7 +55,7 @@ class Setup:
         # One failure would cool the deployment down: a cancellation must not count as one.
         config = Config(router=RouterConfig(cooldown=Cooldown(failures=1, seconds=30)))
         self.router = Router(config, hooks=[self.attempts, telemetry])
-        self.provider = ScriptedProvider(default=step)
+        self.provider = provider(default=step)
         self.deployment = self.router.add_deployment(
             "g", self.provider, Deployment(provider="scripted", model="m", id="d0")
         )
@@ -129,6 +130,36 @@ async def test_a_stream_closed_after_its_last_chunk_is_a_success() -> None:
     await stream.aclose()
     setup.assert_one_attempt("ok")
     assert setup.deployment.requests == 1
+
+
+class TwoAnswers(ScriptedProvider):
+    """``n: 2`` as OpenAI streams it: a choice a chunk, choice 0 finishing first."""
+
+    async def stream(self, request: Any) -> Any:
+        def chunk(index: int, content: str | None = None, finish: str | None = None) -> ChatChunk:
+            delta = Delta(content=content)
+            return ChatChunk(
+                id="x",
+                created=0,
+                model="m",
+                choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)],
+            )
+
+        yield chunk(0, "a")
+        yield chunk(1, "b")
+        yield chunk(0, finish="stop")
+        await anyio.sleep(10)
+        yield chunk(1, finish="stop")
+
+
+async def test_a_stream_of_two_answers_closed_after_the_first_finished_is_cancelled() -> None:
+    setup = Setup(Step(), TwoAnswers)
+    stream = setup.router.stream({**BODY, "n": 2})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].finish_reason:
+            break  # choice 1 is still being written
+    await stream.aclose()
+    setup.assert_one_attempt("cancelled")
 
 
 @pytest.mark.parametrize("stream", [False, True])
