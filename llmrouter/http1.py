@@ -12,10 +12,11 @@ recent-first and dropped after ``keepalive_expiry`` or when the server closed th
 ``Content-Length``, chunked and close-delimited bodies, back-pressure (reading pauses
 while 256 KiB are unread), a connect timeout, and a read timeout for the response head
 and for each pause between body pieces. A request whose reused connection closes
-before any byte of an answer and within ``_IDLE_RACE_S`` of the send is sent again once
-on a new connection: the server closed it as idle (its keep-alive timeout) as the request
-left, so it never worked on it. A later loss is the caller's to retry (a ``POST`` the
-server read and worked on must not run twice unseen). Closing a response before its end closes the connection: that
+before any byte of an answer, within two of the connection's round trips (as its opening
+took) and ``_IDLE_RACE_S`` of the send, is sent again once on a new connection: the server
+closed it as idle (its keep-alive timeout) as the request left, so it never worked on it.
+A later loss is the caller's to retry (a ``POST`` the server read and worked on must not
+run twice unseen). Closing a response before its end closes the connection: that
 is how a cancelled stream reaches the upstream.
 
 Errors are httpx's classes (``ConnectError``, ``ConnectTimeout``, ``ReadTimeout``,
@@ -29,6 +30,7 @@ import asyncio
 import contextlib
 import re
 import ssl
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from urllib.parse import urlsplit
@@ -47,7 +49,8 @@ a set lookup costs a tenth of the regular expression."""
 _CHECKED_NAMES_MAX = 1024
 _METHODS = frozenset({"GET", "POST"})
 # How soon after the send a reused connection's loss is the idle-close race: the server's
-# close crossing the request takes about a round trip; working on a request takes longer.
+# close crossing the request arrives within a round trip (two of them allowed, as the
+# connection's opening measured them, plus this margin); working on a request takes longer.
 _IDLE_RACE_S = 0.1
 
 
@@ -59,6 +62,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
+        self.round_trip = 0.0  # how long opening it took (connect, and TLS's handshake)
+        self.lost_at: float | None = None  # time.monotonic() when the connection closed
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[bool] | None = None
         self._reset()
@@ -98,6 +103,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost_at = time.monotonic()
         if not self._in_flight or self._complete:
             return
         if self._head_done and not self._framed and exc is None:
@@ -314,25 +320,20 @@ class HTTP1Pool:
         among them replacing the pool's own) and return once its headers arrived; the
         caller closes the response."""
         data = self._encode(method, path, headers, body)
-        loop = self._check_loop()
+        self._check_loop()
         await self._acquire()
         try:
             for attempt in (1, 2):
                 # The second attempt on a new connection: idle ones the server closed tend
                 # to go together (its keep-alive timeout, a NAT dropping idle sockets).
                 conn = (self._take_idle() if attempt == 1 else None) or await self._connect()
-                sent = loop.time()
+                sent = time.monotonic()
                 try:
                     conn.send(data)
                     await conn.head(read_timeout)
                 except (httpx.RemoteProtocolError, httpx.ReadError):
                     conn.close()
-                    if (
-                        attempt == 1
-                        and conn.reused
-                        and not conn.received
-                        and loop.time() - sent < _IDLE_RACE_S
-                    ):
+                    if attempt == 1 and conn.reused and not conn.received and _idle_race(conn, sent):
                         continue  # closed by the server as idle: it never worked on this request
                     raise
                 except BaseException:
@@ -374,9 +375,8 @@ class HTTP1Pool:
             raise httpx.LocalProtocolError(f"a header is not latin-1: {exc}") from exc
         return head + body if body else head
 
-    def _check_loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop. Connections belong to the loop that opened them; a new loop
-        starts afresh."""
+    def _check_loop(self) -> None:
+        """Connections belong to the loop that opened them; a new loop starts afresh."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             if self._loop is not None:
@@ -386,7 +386,6 @@ class HTTP1Pool:
                 self._idle.clear()
                 self._in_use, self._queue = 0, deque()
             self._loop = loop
-        return loop
 
     async def _acquire(self) -> None:
         """Take a slot, waiting (up to ``pool_timeout``) when all are in use.
@@ -438,6 +437,7 @@ class HTTP1Pool:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         tls = self._tls_context() if self._tls else None
+        began = time.monotonic()
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
@@ -447,6 +447,7 @@ class HTTP1Pool:
             raise httpx.ConnectTimeout(f"connecting to {self._authority} timed out") from exc
         except OSError as exc:
             raise httpx.ConnectError(f"cannot connect to {self._authority}: {exc}") from exc
+        conn.round_trip = time.monotonic() - began
         return conn
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -470,6 +471,14 @@ class HTTP1Pool:
             self._idle.append(conn)
         else:
             conn.close()
+
+
+def _idle_race(conn: _Connection, sent: float) -> bool:
+    """Whether ``conn`` (reused, closed before any byte of an answer) was lost soon
+    enough after the request ``sent`` (``time.monotonic()``) for the server's idle close to
+    have crossed it: timed when the loss arrived, not when this task next ran."""
+    lost = conn.lost_at if conn.lost_at is not None else time.monotonic()
+    return lost - sent < _IDLE_RACE_S + 2 * conn.round_trip
 
 
 def _valid_name(name: str) -> bool:

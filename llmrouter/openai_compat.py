@@ -76,6 +76,7 @@ _JSON = "application/json"
 _generic = msgspec.json.Decoder()
 _DRAIN_S = 1.0
 _BOM = b"\xef\xbb\xbf"
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110's token
 _DRAIN_MAX_BYTES = 65536
 
 
@@ -382,7 +383,6 @@ class OpenAICompatClient:
         self._headers = {"accept": _JSON, **{name.lower(): value for name, value in (headers or {}).items()}}
         if api_key:
             self._headers["authorization"] = f"Bearer {api_key}"
-        _check_headers(self._headers, provider)
         self._read_timeout = timeouts.first_token
         self._owns_client = http_client is None
         self._timeout_extension = self.timeout.as_dict()
@@ -402,6 +402,8 @@ class OpenAICompatClient:
         # With httpx's pool of our own (or an injected transport), requests go straight
         # to the transport (see _send); an injected http_client goes through its send().
         self._transport: httpx.AsyncBaseTransport | None = None
+        # httpx sends header values as ASCII; the built-in pool as latin-1.
+        _check_headers(self._headers, provider, ascii_only=self._pool is None)
         if http_client is None and self._pool is None:
             self._transport = transport or httpx.AsyncHTTPTransport(
                 limits=self._limits, verify=verify, trust_env=False
@@ -505,7 +507,8 @@ class OpenAICompatClient:
             where = headers.get("location") or "nowhere"
             error: LLMRouterError = error_for_status(
                 status,
-                f"{self.provider}: upstream redirected (HTTP {status}) to {where}; set base_url to it",
+                f"{self.provider}: upstream redirected (HTTP {status}) to {where}; redirects are not "
+                "followed: set base_url to where the API is served",
                 provider=self.provider,
             )
         else:
@@ -722,18 +725,25 @@ class OpenAICompatClient:
         return Health(ok=True, detail=f"{len(models)} model(s) at {self.base_url}", latency_ms=latency)
 
 
-def _check_headers(headers: Mapping[str, str], provider: str) -> None:
-    """Headers go out as latin-1 lines: one that cannot would fail every request (as a
-    retryable error, cooling the deployment down) instead of the start."""
+def _check_headers(headers: Mapping[str, str], provider: str, *, ascii_only: bool) -> None:
+    """Refuse, at construction, a header that would fail every request (as a retryable
+    error, cooling the deployment down) instead: a name that is not an HTTP token, a value
+    with a line break or NUL, or characters the transport cannot write (latin-1 for the
+    built-in pool, ASCII for httpx)."""
+    charset = "ascii" if ascii_only else "latin-1"
     for name, value in headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{provider}: {name!r} is not a header name (letters, digits and !#$%&'*+-.^_`|~)"
+            )
         try:
-            line = f"{name}: {value}".encode("latin-1")
+            value.encode(charset)
         except UnicodeEncodeError:
             raise ConfigError(
-                f"{provider}: header {name!r} holds characters HTTP headers cannot carry "
-                "(they are latin-1); percent-encode the value"
+                f"{provider}: header {name!r} holds characters this HTTP client cannot send "
+                f"(only {charset}); percent-encode the value"
             ) from None
-        if b"\r" in line or b"\n" in line or b"\x00" in line:
+        if "\r" in value or "\n" in value or "\x00" in value:
             raise ConfigError(f"{provider}: header {name!r} holds a line break or NUL")
 
 

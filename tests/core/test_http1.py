@@ -277,6 +277,34 @@ async def test_a_request_the_server_worked_on_before_dropping_is_not_sent_again(
     assert len(bodies) == 2, "the second POST reached the server once"
 
 
+async def test_on_a_slow_link_a_close_crossing_the_request_is_still_sent_again():
+    """The idle close crosses the request up to a round trip after the send: on a link of
+    200 ms round trips (as the connection's opening measured it), a drop 250 ms after the
+    send is that race, not a server that worked on the request."""
+    connections: list[int] = []
+
+    async def answer_once_then_drop_late(reader, writer):
+        connections.append(1)
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)
+        await asyncio.sleep(0.25)  # the close arriving a slow link's round trip later
+        writer.close()
+
+    server, port = await raw_server(answer_once_then_drop_late)
+    async with server:
+        pool = HTTP1Pool(f"http://127.0.0.1:{port}")
+        response = await pool.request("POST", "/", JSON, b"{}")
+        assert await response.aread() == b"ok"
+        await response.aclose()
+        pool._idle[0].round_trip = 0.2
+        response = await pool.request("POST", "/", JSON, b"{}")
+        assert await response.aread() == b"ok"
+        await response.aclose()
+    assert len(connections) == 2
+
+
 async def test_idle_connections_expire():
     with FakeUpstream() as up:
         pool = HTTP1Pool(up.base_url, keepalive_expiry=0.05)

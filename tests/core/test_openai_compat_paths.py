@@ -106,10 +106,27 @@ async def test_a_redirect_is_not_followed_and_names_where_it_points(streaming: b
 
 @pytest.mark.parametrize(
     ("headers", "api_key"),
-    [({"X-Title": "Café ☕ Bot"}, None), ({}, "sk-☕"), ({"x-a": "b\r\nx-c: d"}, None)],
+    [
+        ({"X-Title": "Café ☕ Bot"}, None),
+        ({}, "sk-☕"),
+        ({"x-a": "b\r\nx-c: d"}, None),
+        ({"X Org": "a"}, None),
+        ({"x-org:": "a"}, None),
+    ],
 )
 def test_a_header_http_cannot_carry_fails_at_construction(headers: dict[str, str], api_key: str | None):
     """Not on every request, as a retryable error that cools the deployment down."""
     with pytest.raises(ConfigError) as caught:
         OpenAICompatClient("http://upstream.test/v1", headers=headers, api_key=api_key)
     assert "☕" not in caught.value.message and "sk-" not in caught.value.message
+
+
+def test_a_header_value_is_checked_for_the_transport_that_sends_it():
+    """The built-in pool writes latin-1; httpx, ASCII."""
+    OpenAICompatClient("http://upstream.test/v1", headers={"x-org": "é"})
+    with pytest.raises(ConfigError, match="only ascii"):
+        OpenAICompatClient(
+            "http://upstream.test/v1",
+            headers={"x-org": "é"},
+            transport=httpx.MockTransport(lambda r: httpx.Response(200, content=ANSWER)),
+        )
