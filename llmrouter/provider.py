@@ -44,6 +44,7 @@ __all__ = [
     "ProviderOptions",
     "check_prompt_ids",
     "check_token_ids",
+    "refuse_tool_calling",
 ]
 
 
@@ -213,3 +214,30 @@ def check_prompt_ids(ids: list[int], vocabulary: int, *, param: str, provider: s
     if not ids:
         raise InvalidRequestError("the prompt has no tokens", param=param, provider=provider)
     check_token_ids(ids, vocabulary, param=param, provider=provider)
+
+
+def refuse_tool_calling(request: ChatRequest, provider: str) -> None:
+    """Refuse a request that asks for a tool call, from a provider that cannot make one:
+    ignored, the request would get a 200 of prose where the client expects a call. Asked
+    in today's fields or in the deprecated ``functions``/``function_call`` (which land in
+    ``extra``). Asking for no call (``"none"``, tools or not), or leaving it to the model
+    with no tools to call (``tool_choice: "auto"``), asks for nothing such a provider
+    cannot do.
+
+    Raises:
+        UnsupportedFeatureError: naming the field that asks for a call.
+    """
+    function_call = request.extra.get("function_call")
+    asked = (
+        ("tools", bool(request.tools) and request.tool_choice != "none"),
+        ("tool_choice", request.tool_choice not in (None, "none", "auto")),
+        ("functions", bool(request.extra.get("functions")) and function_call != "none"),
+        ("function_call", function_call not in (None, "none")),
+    )
+    for param, present in asked:
+        if present:
+            raise UnsupportedFeatureError(
+                f"`{param}` is not supported by the {provider} provider (no tool calling)",
+                param=param,
+                provider=provider,
+            )

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from llmrouter.errors import ContextWindowExceededError, InvalidRequestError, UnsupportedFeatureError
-from llmrouter.provider import check_token_ids
+from llmrouter.provider import check_token_ids, refuse_tool_calling
 from llmrouter.types import ChatMessage, ChatRequest, CompletionRequest, TextPart, message_text
 from llmrouter_transformers.sampling import SamplingParams
 
@@ -37,25 +37,6 @@ def _message_dict(message: ChatMessage, index: int) -> dict[str, Any]:
     return {"role": role, "content": message_text(message)}
 
 
-def _refuse_tool_calling(request: ChatRequest) -> None:
-    """Refuse tools, in today's fields and in the deprecated ``functions`` (which land in
-    ``extra``): ignored, they would get a 200 of prose where the client expects a call.
-    Asking for no call (``"none"``) is harmless."""
-    asked = [
-        ("tools", bool(request.tools)),
-        ("tool_choice", request.tool_choice not in (None, "none")),
-        ("functions", bool(request.extra.get("functions"))),
-        ("function_call", request.extra.get("function_call") not in (None, "none")),
-    ]
-    for param, present in asked:
-        if present:
-            raise UnsupportedFeatureError(
-                f"`{param}` is not supported by the transformers provider (no tool calling)",
-                param=param,
-                provider=_PROVIDER,
-            )
-
-
 def chat_prompt_ids(tokenizer: Any, request: ChatRequest, *, template: str | None, model: str) -> list[int]:
     """Render the messages with the chat template and tokenize them.
 
@@ -65,7 +46,7 @@ def chat_prompt_ids(tokenizer: Any, request: ChatRequest, *, template: str | Non
             images, JSON output).
         InvalidRequestError: the template rejected the conversation.
     """
-    _refuse_tool_calling(request)
+    refuse_tool_calling(request, _PROVIDER)
     if request.response_format is not None and request.response_format.type != "text":
         # Nothing here would hold the answer to JSON: refuse rather than let the client
         # parse free text (a deployment that can, vLLM or Ollama, takes it instead).

@@ -201,11 +201,9 @@ async def test_bad_requests_are_400s(tiny_provider: TransformersProvider) -> Non
     ("fields", "param"),
     [
         ({"tools": [TOOL]}, "tools"),
-        ({"tools": [TOOL], "tool_choice": "none"}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
         ({"functions": [FUNCTION]}, "functions"),
-        ({"functions": [FUNCTION], "function_call": "none"}, "functions"),
         ({"function_call": {"name": "f"}}, "function_call"),
         ({"function_call": "auto"}, "function_call"),
     ],
@@ -221,8 +219,13 @@ def test_asking_for_no_tool_call_is_served(tiny_llama: Path) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    request = chat(tool_choice="none", function_call="none", functions=[])
-    assert chat_prompt_ids(tokenizer, request, template=None, model="tiny")
+    for fields in (
+        {"tool_choice": "none", "function_call": "none", "functions": []},
+        {"tools": [TOOL], "tool_choice": "none"},  # tools the model is told not to call
+        {"functions": [FUNCTION], "function_call": "none"},
+        {"tool_choice": "auto"},  # no tools to call
+    ):
+        assert chat_prompt_ids(tokenizer, chat(**fields), template=None, model="tiny")
 
 
 async def test_developer_role_and_text_parts(tiny_provider: TransformersProvider) -> None:

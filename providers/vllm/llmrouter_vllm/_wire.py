@@ -15,6 +15,7 @@ from llmrouter.errors import (
     UnsupportedFeatureError,
     UpstreamError,
 )
+from llmrouter.provider import refuse_tool_calling
 from llmrouter.types import (
     ChatMessage,
     ChatRequest,
@@ -82,26 +83,9 @@ def _template_call(call: ToolCall, index: int, k: int) -> dict[str, Any]:
 
 
 def check_chat_features(request: ChatRequest) -> None:
-    """Reject what this provider cannot honour instead of silently ignoring it.
-
-    Tool calling, in today's fields and in the deprecated ``functions`` (which land in
-    ``extra``): ignored, it would answer with a 200 of prose where the client expects a
-    call. Asking for no call (``"none"``), or leaving the choice to the model
-    (``tool_choice: "auto"`` with no tools), asks for nothing this provider cannot do.
-    """
-    asked = [
-        ("tools", bool(request.tools) and request.tool_choice != "none"),
-        ("tool_choice", request.tool_choice not in (None, "none", "auto")),
-        ("functions", bool(request.extra.get("functions")) and request.extra.get("function_call") != "none"),
-        ("function_call", request.extra.get("function_call") not in (None, "none")),
-    ]
-    for param, present in asked:
-        if present:
-            raise UnsupportedFeatureError(
-                f"`{param}` is not supported by the vllm provider (no tool calling)",
-                param=param,
-                provider=PROVIDER,
-            )
+    """Reject what this provider cannot honour instead of silently ignoring it: tool
+    calling (see :func:`llmrouter.provider.refuse_tool_calling`)."""
+    refuse_tool_calling(request, PROVIDER)
 
 
 def structured_outputs(
