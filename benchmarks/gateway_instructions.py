@@ -257,6 +257,9 @@ async def _child(mode: str, stream: bool, requests: int, upstream_port: int) -> 
             # Under valgrind the default 0.25 s between ledger writes holds ~10 requests;
             # a loaded gateway writes full batches (200 rows), as the child now does.
             raw["accounting"]["ledger"]["flush_interval"] = 3600.0
+            # Likewise a verified key is read from the database again after 5 s: every
+            # few dozen requests at valgrind's pace, every ten thousand at the gateway's.
+            raw["accounting"]["auth"] = {"cache_seconds": 3600.0}
         config = parse_config(raw)
         if config.telemetry.json_logs:
             configure_logging(config.telemetry.log_level)  # as `llmrouter serve` does
