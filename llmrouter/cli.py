@@ -210,6 +210,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     workers = args.workers or config.server.workers
+    if workers != config.server.workers:
+        # What the workers build from reads it: with several, budgets must be shared
+        # (accounting's `auto` store picks the database), not kept in each one's memory.
+        config = msgspec.structs.replace(
+            config, server=msgspec.structs.replace(config.server, workers=workers)
+        )
     try:
         extensions = default_extensions(config)
     except OSError as exc:  # a file or folder an extension needs (the database's are checked at start-up)

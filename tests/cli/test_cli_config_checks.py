@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,25 @@ def test_a_model_that_is_a_hub_id_or_an_existing_folder_is_not_refused(tmp_path:
     cli._check_model_path(str(tmp_path), "serve --model")
     with pytest.raises(ConfigError, match=f"^{cli.MODEL_ENV}: ./missing does not exist"):
         cli._check_model_path("./missing", cli.MODEL_ENV)
+
+
+def test_serve_workers_from_the_flag_reach_the_workers_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--workers 2`` left ``server.workers`` at 1 in the config each worker builds from:
+    accounting's ``auto`` budget store kept budgets in each worker's memory (a key spent
+    up to twice its budget), where several workers must share them in the database."""
+    import msgspec
+
+    from llmrouter.accounting import Accounting
+    from llmrouter.config import Config
+    from llmrouter.server.app import RESOLVED_CONFIG_ENV
+
+    served: list[int] = []
+    monkeypatch.setattr(cli, "_serve_workers", lambda workers, common: served.append(workers) or 0)
+    monkeypatch.delenv(RESOLVED_CONFIG_ENV, raising=False)
+    config = write(tmp_path / "c.yaml", accounting={"enabled": True})
+    assert cli.main(["serve", "--config", str(config), "--workers", "2"]) == 0
+    handed = msgspec.json.decode(os.environ.pop(RESOLVED_CONFIG_ENV), type=Config)
+    assert served == [2] and handed.server.workers == 2
+    assert Accounting.from_config(handed).config.budget_backend == "database"
