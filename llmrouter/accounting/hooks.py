@@ -228,6 +228,10 @@ class AccountingHooks(RouterHooks):
                 error = unavailable(exc, f"admitting request {ctx.request_id}")
                 self._record(ctx, status="rejected", error_code=error.code)
                 raise error from exc
+            else:
+                # Cancelled while a store was slow (the client left, a caller's timeout):
+                # no upstream was called, but the request was made, so it has its row.
+                self._record(ctx, status="cancelled")
             raise
         line = None
         if self.ledger is not None and self.ledger.journaling:

@@ -89,3 +89,29 @@ async def test_a_budget_that_cannot_settle_still_gives_the_slot_back(caplog: pyt
         await hooks.before_request(ctx)  # would be a 429 from the second on
         await hooks.after_request(ctx)
     assert "settling request" in caplog.text
+
+
+class Rows:
+    """A ledger writer that keeps its rows (the in-process part: no journal)."""
+
+    journaling = False
+
+    def __init__(self) -> None:
+        self.rows: list[object] = []
+
+    def record(self, row: object) -> None:
+        self.rows.append(row)
+
+
+async def test_a_request_cancelled_during_admission_has_its_row():
+    """Cancelled while the budget store was slow (the client left, a caller's timeout):
+    the request was made, so it is in the ledger, as cancelled, at no cost."""
+    ledger = Rows()
+    hooks = AccountingHooks(budgets=StuckBudgets(), ledger=ledger)  # type: ignore[arg-type]
+    ctx = RequestContext(model_group="g", max_cost=0.0)
+    with anyio.move_on_after(0.05):
+        await hooks.before_request(ctx)
+    (row,) = ledger.rows
+    assert (row.status, row.cost, row.request_id) == ("cancelled", 0.0, ctx.request_id)  # type: ignore[attr-defined]
+    await hooks.after_request(ctx)  # the router's after-hooks, should they run: still one row
+    assert len(ledger.rows) == 1
