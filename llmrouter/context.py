@@ -45,6 +45,9 @@ class RequestContext:
     """``Cache-Control: no-cache``: skip the lookup, refresh the entry."""
     no_store: bool = False
     """``Cache-Control: no-store``: don't write the answer to the cache."""
+    fallback_groups: tuple[str, ...] = ()
+    """The groups after ``model_group`` that may serve the request (its fallbacks the
+    caller may use), whose per-model budgets are reserved too."""
     max_age: float | None = None
     """``Cache-Control: max-age=N``: a stored answer older than N seconds is a miss
     (``max-age=0`` is ``no_cache``)."""

@@ -581,6 +581,8 @@ class Router:
         try:
             groups = usable_chain(ctx, self.resolve(request.model))
             ctx.model_group = groups[0].name
+            if len(groups) > 1:
+                ctx.fallback_groups = tuple(group.name for group in groups[1:])
             if self._direct:
                 self._hold_direct(ctx, groups)
             if self._pending:

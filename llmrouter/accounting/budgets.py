@@ -318,16 +318,22 @@ class BudgetManager:
         max_cost: float | None,
         request_id: str,
         end_user: str | None = None,
+        fallbacks: Sequence[str] = (),
     ) -> Reservation:
-        """Reserve ``max_cost`` against every applicable budget, all or nothing.
+        """Reserve ``max_cost`` against every applicable budget, all or nothing: those of
+        ``model_group``, and the per-model budgets of its ``fallbacks`` (any of them may
+        serve the request; :meth:`settle` charges the one that did).
 
         Raises:
             BudgetExceededError: a budget cannot take it (429, ``insufficient_quota``).
         """
         amount = to_units(max_cost, round_up=True)
         reservation = Reservation(request_id=request_id)
+        windows = self.windows_for(key, model_group, end_user=end_user)
+        if fallbacks:
+            windows = self._with_fallbacks(windows, key, fallbacks, end_user)
         try:
-            for window in self.windows_for(key, model_group, end_user=end_user):
+            for window in windows:
                 ok, spent, reserved = await self.store.reserve(window, amount, request_id)
                 self._saw(window, spent)
                 if not ok:
@@ -342,12 +348,29 @@ class BudgetManager:
             raise
         return reservation
 
-    async def settle(self, reservation: Reservation, cost: float | None) -> bool:
+    def _with_fallbacks(
+        self,
+        windows: list[BudgetWindow],
+        key: ApiKey | None,
+        fallbacks: Sequence[str],
+        end_user: str | None,
+    ) -> list[BudgetWindow]:
+        """``windows`` and the per-model windows of the ``fallbacks`` groups."""
+        found = {window.counter: window for window in windows}
+        for group in fallbacks:
+            for window in self.windows_for(key, group, end_user=end_user):
+                if window.model is not None:
+                    found.setdefault(window.counter, window)
+        return list(found.values())
+
+    async def settle(self, reservation: Reservation, cost: float | None, model: str | None = None) -> bool:
         """Turn the reservation into the real cost; True if a soft limit is now crossed.
-        A window the store cannot settle now is settled later (:attr:`retries`), and
-        stays in ``reservation.windows`` meanwhile."""
+        ``model``: the group that served; another group's per-model window (a fallback's,
+        reserved in case it served) is released at no cost (None: every window pays). A
+        window the store cannot settle now is settled later (:attr:`retries`), and stays
+        in ``reservation.windows`` meanwhile."""
         soft_crossed = False
-        for window, spent in await self._settle(reservation, to_units(cost)):
+        for window, spent in await self._settle(reservation, to_units(cost), model):
             self._saw(window, spent)
             if window.soft_limit is not None and spent >= window.soft_limit:
                 soft_crossed = True
@@ -396,7 +419,9 @@ class BudgetManager:
         """Give a reservation back unused (request rejected before dispatch)."""
         await self._settle(reservation, 0)
 
-    async def settle_held(self, reservation: Reservation, cost: float | None) -> None:
+    async def settle_held(
+        self, reservation: Reservation, cost: float | None, model: str | None = None
+    ) -> None:
         """Settle the reservation of a request its process did not finish (the ledger's
         ``interrupted`` rows) to ``cost``, in each window whose store still holds it;
         one whose lease has ended was given back, and stays so. A store in memory holds
@@ -404,17 +429,19 @@ class BudgetManager:
         rows included: nothing to do there."""
         if isinstance(self.store, MemoryBudgetStore):
             return
-        await self._settle(reservation, to_units(cost), again=True)
+        await self._settle(reservation, to_units(cost), model, again=True)
 
     async def _settle(
-        self, reservation: Reservation, actual: int, *, again: bool = False
+        self, reservation: Reservation, cost: int, model: str | None = None, *, again: bool = False
     ) -> list[tuple[BudgetWindow, int]]:
-        """Settle each window on its own; those the store fails are kept for later (and
+        """Settle each window on its own to ``cost`` (0 in another group's per-model
+        window than ``model``'s, when given); those the store fails are kept for later (and
         left in ``reservation.windows``: what still waits for the store). Returns the
         windows settled, with their spend after it."""
         windows, reservation.windows = reservation.windows, []
         settled = []
         for window, amount in windows:
+            actual = cost if model is None or window.model is None or window.model == model else 0
             try:
                 settled.append(
                     (

@@ -212,7 +212,12 @@ class AccountingHooks(RouterHooks):
                 ctx.extra_headers = tickets[-1].headers()  # the key's
             if self.budgets is not None and self.budgets.may_apply(key):
                 reservation = await self.budgets.reserve(
-                    key, ctx.model_group, ctx.max_cost, new_id(), end_user=_end_user_of(ctx)
+                    key,
+                    ctx.model_group,
+                    ctx.max_cost,
+                    new_id(),
+                    end_user=_end_user_of(ctx),
+                    fallbacks=ctx.fallback_groups,
                 )
         except BaseException as exc:
             # Refused, failed or cancelled half-way: the rate-limit slots go back (shielded,
@@ -268,7 +273,7 @@ class AccountingHooks(RouterHooks):
         waiting = False
         try:
             if reservation is not None and self.budgets is not None:
-                if await self.budgets.settle(reservation, ctx.cost):
+                if await self.budgets.settle(reservation, ctx.cost, ctx.model_group):  # the group that served
                     ctx.metadata["budget"] = "soft_limit_reached"
                 waiting = bool(reservation.windows)  # those the store did not take wait in the retries
         except Exception:
@@ -276,7 +281,7 @@ class AccountingHooks(RouterHooks):
         finally:
             self._record(ctx, entry_id=admission.entry_id)
         if waiting and admission.line is not None and self.ledger is not None:
-            self.ledger.keep_unsettled(admission.line, float(ctx.cost or 0.0))
+            self.ledger.keep_unsettled(admission.line, float(ctx.cost or 0.0), ctx.model_group)
 
     def on_rejected(self, ctx: RequestContext, error: LLMRouterError) -> None:
         """Refused elsewhere (unknown model, another hook): still worth a ``rejected`` row."""
@@ -314,7 +319,7 @@ class AccountingHooks(RouterHooks):
             if held is None:
                 continue
             if held.reservation is not None and self.budgets is not None:
-                await self.budgets.settle_held(held.reservation, row.cost)
+                await self.budgets.settle_held(held.reservation, row.cost, row.model_group)
             if limiter is not None:
                 for ticket in held.tickets:
                     await self._give_back(limiter, ticket, row.request_id, ticket.tokens)
@@ -330,7 +335,7 @@ class AccountingHooks(RouterHooks):
         for line in unsettled:
             held = _read_hold(line.hold, line.request_id)
             if held is not None and held.reservation is not None:
-                await self.budgets.settle_held(held.reservation, line.unsettled_cost)
+                await self.budgets.settle_held(held.reservation, line.unsettled_cost, line.model_group)
 
     async def _give_back(
         self, limiter: Limiter, ticket: LimitTicket, request_id: str, tokens: int = 0

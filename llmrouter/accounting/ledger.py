@@ -274,7 +274,7 @@ class LedgerWriter:
         except OSError as exc:
             log.error("ledger: journaling request %s in flight failed (%s)", request.request_id, exc)
 
-    def keep_unsettled(self, request: InFlight, cost: float) -> None:
+    def keep_unsettled(self, request: InFlight, cost: float, model_group: str | None = None) -> None:
         """The request ``request`` has its row recorded, but settling what it held to
         ``cost`` waits for its store (or has yet to be tried: a request a dead process
         left, or one still running at shutdown): journal that, and keep the line (copied
@@ -284,7 +284,10 @@ class LedgerWriter:
         that went through counts once."""
         if self._journal is None:
             return
-        line = msgspec.structs.replace(request, unsettled_cost=cost)
+        # The group that served, which its settlement charges (a fallback's, perhaps).
+        line = msgspec.structs.replace(
+            request, unsettled_cost=cost, model_group=model_group or request.model_group
+        )
         try:
             segment = self._journal.append(line)
         except OSError as exc:

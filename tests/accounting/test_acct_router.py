@@ -251,3 +251,50 @@ async def test_a_fallback_the_key_may_not_use_does_not_price_the_request(
             await router.chat(REQUEST, context=ctx)
     probe = await _probe()
     assert ctx.max_cost == pytest.approx(probe.max_cost)
+
+
+async def test_a_per_model_budget_holds_for_requests_its_group_serves_as_a_fallback(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """A budget on ``gpt-4o`` counted only requests that asked for it: requests for a
+    failing group that fell back to ``gpt-4o`` spent it three times over unchecked."""
+    from llmrouter.config import ModelGroup
+    from llmrouter.errors import UpstreamError
+
+    probe = await _probe()
+    per_request = probe.max_cost
+    assert per_request
+    config = make_config(
+        sqlite_url,
+        tmp_path,
+        budgets=[BudgetRule(key="*", model="gpt-4o", period="day", limit=2.5 * per_request)],
+    )
+    async with Accounting(config) as acct:
+        router, _ = _router(acct, Step(error=UpstreamError("down", retryable=False)))
+        dear = ScriptedProvider("gpt-4o", default=Step(text="dear answer", usage=_whole_bound(probe)))
+        router.add_deployment("gpt-4o", dear, Deployment(provider="scripted", model="gpt-4o", price=PRICE))
+        router.groups["gpt-4o-mini"].config = ModelGroup(
+            name="gpt-4o-mini", deployments=[], fallbacks=["gpt-4o"]
+        )
+        outcomes = []
+        async with router:
+            for _ in range(4):
+                try:
+                    await router.chat(REQUEST)
+                    outcomes.append("served")
+                except BudgetExceededError:
+                    outcomes.append("refused")
+        assert outcomes == ["served", "served", "refused", "refused"]
+        rows = await acct.usage(by=["model", "status"])
+    served = next(row for row in rows if row["status"] == "ok")
+    assert served["model"] == "gpt-4o" and served["cost"] <= 2.5 * per_request
+
+
+def _whole_bound(probe: RequestContext) -> Usage:
+    """Usage that costs exactly what the router reserved for REQUEST."""
+    assert probe.prompt_tokens_estimate is not None
+    return Usage(
+        prompt_tokens=probe.prompt_tokens_estimate,
+        completion_tokens=REQUEST["max_tokens"],  # type: ignore[arg-type]
+        total_tokens=probe.prompt_tokens_estimate + REQUEST["max_tokens"],  # type: ignore[operator]
+    )
