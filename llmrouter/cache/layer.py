@@ -172,7 +172,7 @@ class ResponseCache:
     ) -> ChatResponse:
         """Answer from the cache, from an identical request in flight, or through ``call``."""
         plan = self._plan(ctx, request)
-        if plan is None or ctx.no_cache:
+        if plan is None or ctx.no_cache or ctx.max_age == 0:  # max-age=0: as no-cache
             self._mark(ctx, "bypass")
             response = await call()
             if plan is not None and not ctx.no_store:
@@ -215,7 +215,7 @@ class ResponseCache:
         cacheable gets ``call()``'s own iterator, with no generator of the cache's
         around it (each layer costs every chunk ~2k CPU instructions)."""
         plan = self._plan(ctx, request)
-        if plan is None or ctx.no_cache:
+        if plan is None or ctx.no_cache or ctx.max_age == 0:  # max-age=0: as no-cache
             self._mark(ctx, "bypass")
             return call() if plan is None else self._upstream(ctx, plan, call)
         return self._stream_cacheable(ctx, plan, call)

@@ -187,7 +187,9 @@ def _metrics_handler(prometheus: PrometheusMetrics, path: str) -> Any:
     )
     def metrics(request: Request[Any, Any, Any]) -> ASGIResponse:
         body, content_type = prometheus.render(request.headers.get("accept"))
-        return ASGIResponse(body=body, media_type=content_type)
+        # As the exposition format names itself: as media_type, Litestar adds a second
+        # charset to a text/* type, which strict parsers (Go's) refuse.
+        return ASGIResponse(body=body, headers={"content-type": content_type})
 
     return metrics
 

@@ -243,3 +243,17 @@ async def test_group_settings_given_to_the_cache_before_the_router_are_kept() ->
     router.add_group(ModelGroup(name="later", deployments=[]))
     assert cache._groups["later"] == settings
     await cache.aclose()
+
+
+async def test_a_library_callers_max_age_of_zero_is_no_cache() -> None:
+    """As ``Cache-Control: max-age=0`` is over HTTP (docs/cache.md)."""
+    cache = ResponseCache(MemoryBackend(), ttl=600)
+    router = Router(cache=cache)
+    router.add_deployment("m", ScriptedProvider("m"))
+    request = {"model": "m", "temperature": 0, "messages": [{"role": "user", "content": "x"}]}
+    async with router:
+        await router.chat(request)
+        ctx = RequestContext(max_age=0.0)
+        await router.chat(request, context=ctx)
+    await cache.aclose()
+    assert ctx.cache_status == "bypass"

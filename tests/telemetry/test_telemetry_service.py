@@ -78,6 +78,7 @@ def test_metrics_endpoint_after_traffic(client: TestClient[Any]) -> None:
     assert client.post("/v1/chat/completions", json={**CHAT, "stream": True}).status_code == 200
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert response.headers["content-type"].count("charset") == 1
     text = response.text
     assert (
         metric_value(
