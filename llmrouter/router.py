@@ -25,22 +25,16 @@ from llmrouter.aio import to_completion
 from llmrouter.config import Config, Deployment, ModelGroup
 from llmrouter.context import RequestContext
 from llmrouter.cost import PriceTable, max_cost, usage_cost
+from llmrouter.counting import count_in_worker, estimate_prompt
 from llmrouter.deployments import DeploymentState, GroupState
 from llmrouter.dispatch import dispatch_call, dispatch_stream, usable_chain
-from llmrouter.errors import ConfigError, LLMRouterError, ModelNotFoundError, NestedTooDeeplyError
+from llmrouter.errors import ConfigError, LLMRouterError, ModelNotFoundError
 from llmrouter.hooks import CacheLayer, RouterHooks
 from llmrouter.probes import SharedProbes, probe_deployment
 from llmrouter.provider import Provider
 from llmrouter.registry import available_providers, load_provider_class
 from llmrouter.strategies import get_strategy
-from llmrouter.tokens import (
-    count_messages,
-    count_prompt,
-    count_text,
-    encoding_loaded,
-    preload_encodings,
-    tools_text,
-)
+from llmrouter.tokens import count_text, preload_encodings
 from llmrouter.types import (
     MOST_CHOICES,
     MOST_TOKENS,
@@ -55,7 +49,6 @@ from llmrouter.types import (
     Usage,
     decode_chat_request,
     decode_completion_request,
-    message_text,
     request_to_wire,
 )
 
@@ -621,10 +614,7 @@ class Router:
             ctx.max_cost = 0.0
             return request
         model = groups[0].deployments[0].config.model if groups[0].deployments else request.model
-        if isinstance(request, ChatRequest):
-            ctx.prompt_tokens_estimate = await _count_prompt(request, model)
-        else:
-            ctx.prompt_tokens_estimate = await _count(count_prompt, request.prompt, model)
+        ctx.prompt_tokens_estimate = await estimate_prompt(request, model)
         limit = request.output_limit
         if limit is None:
             limit = self.config.router.default_max_tokens
@@ -802,33 +792,6 @@ def _record_failure(ctx: RequestContext, exc: BaseException) -> None:
             ctx.error = exc
 
 
-# Texts longer than this are counted in a worker thread: tiktoken takes ~0.1 s a
-# megabyte, which would stall every other request on the event loop.
-_INLINE_COUNT_CHARS = 64_000
-
-
-async def _count(count: Callable[[Any, str], int], text: Any, model: str, size: int | None = None) -> int:
-    """Tokens of ``text`` (a string, or messages with ``size`` characters) for ``model``,
-    never blocking the event loop on a file load or a very long text."""
-    if not encoding_loaded(model):
-        await anyio.to_thread.run_sync(preload_encodings, [model])
-    if (len(text) if size is None else size) < _INLINE_COUNT_CHARS:
-        return count(text, model)
-    return await anyio.to_thread.run_sync(count, text, model)
-
-
-async def _count_prompt(request: ChatRequest, model: str) -> int:
-    size = sum(len(message_text(message)) for message in request.messages)
-    prompt = await _count(count_messages, request.messages, model, size)
-    if request.tools:  # upstreams bill tool definitions as prompt
-        try:
-            text = tools_text(request.tools)
-        except RecursionError as exc:
-            raise NestedTooDeeplyError from exc
-        prompt += await _count(count_text, text, model)
-    return prompt
-
-
 def _choices(request: ChatRequest | CompletionRequest) -> int:
     """How many answers the upstream generates (and bills) for ``request``: ``n`` (or a
     completion's ``best_of``) for each of a completion's prompts."""
@@ -890,11 +853,8 @@ async def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:
     model = ctx.upstream_model or (request.model if request is not None else "")
     prompt = ctx.prompt_tokens_estimate
     if not prompt and request is not None:
-        if isinstance(request, ChatRequest):
-            prompt = await _count_prompt(request, model)
-        else:
-            prompt = await _count(count_prompt, request.prompt, model)
-    completion = await _count(count_text, completion_text, model)
+        prompt = await estimate_prompt(request, model)
+    completion = await count_in_worker(count_text, completion_text, model)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True
     )

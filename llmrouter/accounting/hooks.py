@@ -27,6 +27,7 @@ from llmrouter.accounting.ledger import LedgerWriter, row_from_context
 from llmrouter.accounting.limits import EffectiveLimits, KeyLimitError, Limiter, LimitTicket, MemoryLimiter
 from llmrouter.accounting.retries import Retries
 from llmrouter.context import new_id
+from llmrouter.counting import estimate_prompt
 from llmrouter.errors import (
     AccountingUnavailableError,
     AuthenticationError,
@@ -34,6 +35,7 @@ from llmrouter.errors import (
     PermissionDeniedError,
 )
 from llmrouter.hooks import RouterHooks
+from llmrouter.types import ChatRequest, CompletionRequest
 
 if TYPE_CHECKING:
     from llmrouter.accounting.keys import KeyStore
@@ -190,6 +192,13 @@ class AccountingHooks(RouterHooks):
             self._check_access(ctx, key)
             subject = key.id if key else "-"
             limits = self.effective_limits(key)
+            if (
+                not ctx.prompt_tokens_estimate
+                and self.limiter is not None
+                and self._counts_tokens(ctx, limits)
+            ):
+                # Unpriced: the router did not count the prompt, which a TPM limit charges now.
+                ctx.prompt_tokens_estimate = await _estimate_prompt(ctx)
             # The end user's limits first: a customer refused by their own must not use up
             # the requests and tokens the key's other customers share.
             if (
@@ -244,6 +253,13 @@ class AccountingHooks(RouterHooks):
             line = in_flight(ctx, new_id(), held)
             self.ledger.open(line)
         self._admitted[id(ctx)] = _Admission(ctx, tuple(tickets), reservation, line)
+
+    def _counts_tokens(self, ctx: RequestContext, limits: EffectiveLimits) -> bool:
+        """Whether a TPM limit applies to the request: the key's, or its end user's."""
+        if limits.tpm is not None:
+            return True
+        end_user = self._end_user_limits
+        return end_user is not None and end_user.tpm is not None and _end_user_of(ctx) is not None
 
     async def after_request(self, ctx: RequestContext) -> None:
         """Settle the budget, record the row, release the limits. Never raises (a failure
@@ -363,6 +379,13 @@ def unavailable(cause: Exception, doing: str) -> AccountingUnavailableError:
 
 def _end_user_of(ctx: RequestContext) -> str | None:
     return ctx.request.end_user if ctx.request is not None else None
+
+
+async def _estimate_prompt(ctx: RequestContext) -> int:
+    request = ctx.request
+    if not isinstance(request, ChatRequest | CompletionRequest):
+        return 0
+    return await estimate_prompt(request, ctx.model_group or request.model)
 
 
 async def _acquire_for_end_user(

@@ -55,7 +55,7 @@ class InFlight(msgspec.Struct, array_like=True, gc=False):
     stream: bool
     model_group: str | None
     prompt_tokens: int
-    """As estimated for pricing (0 when unpriced)."""
+    """As estimated for pricing or for a TPM limit (0 when neither needed it)."""
     cost: float
     """The prompt at the highest input price it may be sent at."""
     priced: bool

@@ -298,3 +298,26 @@ def _whole_bound(probe: RequestContext) -> Usage:
         completion_tokens=REQUEST["max_tokens"],  # type: ignore[arg-type]
         total_tokens=probe.prompt_tokens_estimate + REQUEST["max_tokens"],  # type: ignore[operator]
     )
+
+
+async def test_a_tpm_limit_charges_an_unpriced_requests_prompt_at_admission(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """The router counts a prompt only to price it: an unpriced request came to the TPM
+    limit as an empty prompt, so one over the limit was admitted (and concurrent ones
+    without bound until they ended)."""
+    from llmrouter.accounting.limits import KeyLimitError
+
+    async with Accounting(make_config(sqlite_url, tmp_path)) as acct:
+        key, _ = await acct.keys.create("k", tpm=100)
+        router = Router(hooks=[acct.hooks])
+        provider = ScriptedProvider("free")
+        router.add_deployment("free", provider, Deployment(provider="scripted", model="free"))  # no price
+        request = {"model": "free", "max_tokens": 5, "messages": [{"role": "user", "content": "word " * 300}]}
+        async with router:
+            with pytest.raises(KeyLimitError, match="request too large"):
+                await router.chat(request, context=RequestContext(principal=key))
+            ctx = RequestContext(principal=key)
+            await router.chat({**request, "messages": [{"role": "user", "content": "hi"}]}, context=ctx)
+    assert provider.record.calls == 1
+    assert ctx.extra_headers["x-ratelimit-remaining-tokens"] != "100", "the prompt is charged"

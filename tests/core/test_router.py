@@ -768,7 +768,7 @@ async def test_a_group_that_cannot_be_built_is_not_registered():
 async def test_long_texts_are_counted_off_the_event_loop():
     import threading
 
-    from llmrouter.router import _count
+    from llmrouter.counting import count_in_worker as _count
 
     threads = []
 
