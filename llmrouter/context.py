@@ -46,8 +46,9 @@ class RequestContext:
     no_store: bool = False
     """``Cache-Control: no-store``: don't write the answer to the cache."""
     fallback_groups: tuple[str, ...] = ()
-    """The groups after ``model_group`` that may serve the request (its fallbacks the
-    caller may use), whose per-model budgets are reserved too."""
+    """The groups after ``model_group`` that may serve the request: its fallbacks the
+    caller may use, less those whose per-model budgets cannot take it (accounting reserves
+    theirs too, and passes them over). Set by the router, narrowed at admission."""
     max_age: float | None = None
     """``Cache-Control: max-age=N``: a stored answer older than N seconds is a miss
     (``max-age=0`` is ``no_cache``)."""

@@ -177,7 +177,7 @@ class AttemptPlan:
         self._index += 1
         # The caller's key may be known only now (a library caller's, loaded by the
         # accounting hook after the router trimmed the chain): see usable_chain.
-        while self._index < len(self._groups) and not may_use(self.ctx, self._groups[self._index]):
+        while self._index < len(self._groups) and not self._may_fall_back_to(self._groups[self._index]):
             self._index += 1
         if self._index >= len(self._groups):
             return
@@ -187,6 +187,12 @@ class AttemptPlan:
         self._tried, self._exhausted = [], []
         self._not_before = {}
         self._attempts_left = following.retry.attempts + 1
+
+    def _may_fall_back_to(self, group: GroupState) -> bool:
+        """The caller's key may use ``group``, and it is still among the request's
+        fallbacks (``ctx.fallback_groups``: accounting passes over one whose per-model
+        budget cannot take the request)."""
+        return may_use(self.ctx, group) and group.name in self.ctx.fallback_groups
 
     def failed(self, group: GroupState, deployment: DeploymentState, error: LLMRouterError) -> None:
         """Record a failed attempt; re-raises when the request itself is at fault."""

@@ -318,27 +318,18 @@ class BudgetManager:
         max_cost: float | None,
         request_id: str,
         end_user: str | None = None,
-        fallbacks: Sequence[str] = (),
     ) -> Reservation:
-        """Reserve ``max_cost`` against every applicable budget, all or nothing: those of
-        ``model_group``, and the per-model budgets of its ``fallbacks`` (any of them may
-        serve the request; :meth:`settle` charges the one that did).
+        """Reserve ``max_cost`` against every budget of a request for ``model_group``, all
+        or nothing.
 
         Raises:
             BudgetExceededError: a budget cannot take it (429, ``insufficient_quota``).
         """
-        amount = to_units(max_cost, round_up=True)
         reservation = Reservation(request_id=request_id)
-        windows = self.windows_for(key, model_group, end_user=end_user)
-        if fallbacks:
-            windows = self._with_fallbacks(windows, key, fallbacks, end_user)
         try:
-            for window in windows:
-                ok, spent, reserved = await self.store.reserve(window, amount, request_id)
-                self._saw(window, spent)
-                if not ok:
-                    raise _exceeded(window, spent, reserved, amount)
-                reservation.windows.append((window, amount))
+            await self._reserve_all(
+                reservation, self.windows_for(key, model_group, end_user=end_user), max_cost
+            )
         except BaseException:
             # Refused, failed (the store is down) or cancelled half-way: the windows
             # already reserved go back (shielded: a cancelled request must not keep them).
@@ -348,20 +339,53 @@ class BudgetManager:
             raise
         return reservation
 
-    def _with_fallbacks(
+    async def reserve_fallbacks(
         self,
-        windows: list[BudgetWindow],
+        reservation: Reservation,
         key: ApiKey | None,
         fallbacks: Sequence[str],
-        end_user: str | None,
-    ) -> list[BudgetWindow]:
-        """``windows`` and the per-model windows of the ``fallbacks`` groups."""
-        found = {window.counter: window for window in windows}
+        max_cost: float | None,
+        end_user: str | None = None,
+    ) -> tuple[str, ...]:
+        """Add to ``reservation`` the per-model budgets of the fallback groups that may
+        serve the request (their other budgets are the requested group's already); the
+        groups whose budgets take it, which alone the request may fall back to. A
+        fallback's budget that cannot take it passes that group over rather than refuse
+        the request, which its own group may serve. :meth:`settle` charges the group that
+        served."""
+        usable = []
         for group in fallbacks:
-            for window in self.windows_for(key, group, end_user=end_user):
-                if window.model is not None:
-                    found.setdefault(window.counter, window)
-        return list(found.values())
+            own = [
+                window
+                for window in self.windows_for(key, group, end_user=end_user)
+                if window.model is not None
+            ]
+            taken = Reservation(request_id=reservation.request_id)
+            try:
+                await self._reserve_all(taken, own, max_cost)
+            except BudgetExceededError:
+                await self.release(taken)
+                continue
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self.release(taken)
+                raise
+            reservation.windows += taken.windows
+            usable.append(group)
+        return tuple(usable)
+
+    async def _reserve_all(
+        self, reservation: Reservation, windows: list[BudgetWindow], max_cost: float | None
+    ) -> None:
+        """Reserve ``max_cost`` in each of ``windows`` into ``reservation``; raises at the
+        first that cannot take it (those taken stay in ``reservation``)."""
+        amount = to_units(max_cost, round_up=True)
+        for window in windows:
+            ok, spent, reserved = await self.store.reserve(window, amount, reservation.request_id)
+            self._saw(window, spent)
+            if not ok:
+                raise _exceeded(window, spent, reserved, amount)
+            reservation.windows.append((window, amount))
 
     async def settle(self, reservation: Reservation, cost: float | None, model: str | None = None) -> bool:
         """Turn the reservation into the real cost; True if a soft limit is now crossed.
@@ -372,7 +396,8 @@ class BudgetManager:
         soft_crossed = False
         for window, spent in await self._settle(reservation, to_units(cost), model):
             self._saw(window, spent)
-            if window.soft_limit is not None and spent >= window.soft_limit:
+            charged = model is None or window.model is None or window.model == model
+            if charged and window.soft_limit is not None and spent >= window.soft_limit:
                 soft_crossed = True
                 if window.counter not in self._soft_warned:
                     if len(self._soft_warned) >= 10_000:  # mostly ended windows: a warning may repeat

@@ -220,14 +220,15 @@ class AccountingHooks(RouterHooks):
                 tickets.append(await self.limiter.acquire(subject, limits, ctx.prompt_tokens_estimate))
                 ctx.extra_headers = tickets[-1].headers()  # the key's
             if self.budgets is not None and self.budgets.may_apply(key):
+                end_user = _end_user_of(ctx)
                 reservation = await self.budgets.reserve(
-                    key,
-                    ctx.model_group,
-                    ctx.max_cost,
-                    new_id(),
-                    end_user=_end_user_of(ctx),
-                    fallbacks=ctx.fallback_groups,
+                    key, ctx.model_group, ctx.max_cost, new_id(), end_user=end_user
                 )
+                if ctx.fallback_groups:
+                    # Only those whose per-model budgets take it remain fallbacks.
+                    ctx.fallback_groups = await self.budgets.reserve_fallbacks(
+                        reservation, key, ctx.fallback_groups, ctx.max_cost, end_user=end_user
+                    )
         except BaseException as exc:
             # Refused, failed or cancelled half-way: the rate-limit slots go back (shielded,
             # so that a cancelled request does not keep a concurrency slot forever).

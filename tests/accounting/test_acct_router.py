@@ -259,7 +259,7 @@ async def test_a_per_model_budget_holds_for_requests_its_group_serves_as_a_fallb
     """A budget on ``gpt-4o`` counted only requests that asked for it: requests for a
     failing group that fell back to ``gpt-4o`` spent it three times over unchecked."""
     from llmrouter.config import ModelGroup
-    from llmrouter.errors import UpstreamError
+    from llmrouter.errors import NoDeploymentAvailableError, UpstreamError
 
     probe = await _probe()
     per_request = probe.max_cost
@@ -282,9 +282,13 @@ async def test_a_per_model_budget_holds_for_requests_its_group_serves_as_a_fallb
                 try:
                     await router.chat(REQUEST)
                     outcomes.append("served")
-                except BudgetExceededError:
-                    outcomes.append("refused")
-        assert outcomes == ["served", "served", "refused", "refused"]
+                except (
+                    UpstreamError,
+                    NoDeploymentAvailableError,
+                ):  # its group failed (then cooled); the spent fallback passed over
+                    outcomes.append("failed")
+        assert outcomes == ["served", "served", "failed", "failed"]
+        assert dear.record.calls == 2
         rows = await acct.usage(by=["model", "status"])
     served = next(row for row in rows if row["status"] == "ok")
     assert served["model"] == "gpt-4o" and served["cost"] <= 2.5 * per_request
@@ -321,3 +325,33 @@ async def test_a_tpm_limit_charges_an_unpriced_requests_prompt_at_admission(
             await router.chat({**request, "messages": [{"role": "user", "content": "hi"}]}, context=ctx)
     assert provider.record.calls == 1
     assert ctx.extra_headers["x-ratelimit-remaining-tokens"] != "100", "the prompt is charged"
+
+
+async def test_a_fallbacks_spent_budget_does_not_refuse_what_its_own_group_serves(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """A fallback's per-model budget is best effort: reserved when it takes the request,
+    the fallback passed over when not; the request itself is refused only by its own
+    group's budgets (the first fix refused a healthy group's requests for the day)."""
+    from llmrouter.config import ModelGroup
+
+    probe = await _probe()
+    assert probe.max_cost
+    config = make_config(
+        sqlite_url,
+        tmp_path,
+        budgets=[BudgetRule(key="*", model="gpt-4o", period="day", limit=0.5 * probe.max_cost)],
+    )
+    async with Accounting(config) as acct:
+        router, _ = _router(acct, Step(text="cheap answer"))
+        router.add_deployment(
+            "gpt-4o", ScriptedProvider("gpt-4o"), Deployment(provider="scripted", model="gpt-4o", price=PRICE)
+        )
+        router.groups["gpt-4o-mini"].config = ModelGroup(
+            name="gpt-4o-mini", deployments=[], fallbacks=["gpt-4o"]
+        )
+        async with router:
+            ctx = RequestContext()
+            answer = await router.chat(REQUEST, context=ctx)
+    assert answer.choices[0].message.content == "cheap answer" and ctx.fallback_groups == ()
+    assert "budget" not in ctx.metadata
