@@ -352,7 +352,8 @@ class BudgetManager:
         groups whose budgets take it, which alone the request may fall back to. A
         fallback's budget that cannot take it passes that group over rather than refuse
         the request, which its own group may serve. :meth:`settle` charges the group that
-        served."""
+        served. Should a store fail, or the request be cancelled, the whole reservation is
+        given back (the requested group's too) before the error goes on."""
         usable = []
         for group in fallbacks:
             own = [
@@ -369,6 +370,7 @@ class BudgetManager:
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self.release(taken)
+                    await self.release(reservation)
                 raise
             reservation.windows += taken.windows
             usable.append(group)

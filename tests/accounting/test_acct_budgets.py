@@ -229,6 +229,34 @@ async def test_a_store_failing_half_way_gives_back_what_was_reserved() -> None:
     assert await store.usage(day) == (0, 0)  # the day's reservation went back
 
 
+async def test_a_store_failing_on_a_fallbacks_budget_gives_back_the_whole_reservation() -> None:
+    from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore
+
+    async def nothing_spent(_: object) -> int:
+        return 0
+
+    class FallbackWindowDown(MemoryBudgetStore):
+        async def reserve(self, window: Any, amount: int, request_id: str) -> tuple[bool, int, int]:
+            if window.model == "dear":
+                raise ConnectionError("connection refused")
+            return await super().reserve(window, amount, request_id)
+
+    store = FallbackWindowDown(nothing_spent)
+    budgets = BudgetManager(
+        [
+            BudgetRule(key="*", period="day", limit=1.0),
+            BudgetRule(key="*", model="dear", period="day", limit=1.0),
+        ],
+        store,
+    )
+    day = budgets.windows_for(None, "cheap")[0]
+    reservation = await budgets.reserve(None, "cheap", 0.5, "req-1")
+    assert (await store.usage(day))[1] > 0
+    with pytest.raises(ConnectionError):
+        await budgets.reserve_fallbacks(reservation, None, ["dear"], 0.5)
+    assert await store.usage(day) == (0, 0)  # the requested group's reservation went back too
+
+
 async def test_a_refusal_says_whether_trying_again_soon_can_pass(sqlite_url: str, tmp_path: Path) -> None:
     rule = BudgetRule(key="*", period="total", limit=2 * MAX_COST)
     config = make_config(sqlite_url, tmp_path, budgets=[rule], budget_backend="memory")
