@@ -38,11 +38,12 @@ from urllib.parse import urlsplit
 import httptools
 import httpx
 
-__all__ = ["HTTP1Pool", "HTTP1Response"]
+__all__ = ["HEADER_TOKEN", "HTTP1Pool", "HTTP1Response"]
 
 _PAUSE_ABOVE = 256 * 1024
 _RESUME_BELOW = 64 * 1024
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+HEADER_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""An HTTP token (RFC 9110): what a header name must be."""
 _CHECKED_NAMES: set[str] = set()
 """Header names already found valid: a request sends the same few names each time, and
 a set lookup costs a tenth of the regular expression."""
@@ -483,7 +484,7 @@ def _idle_race(conn: _Connection, sent: float) -> bool:
 
 def _valid_name(name: str) -> bool:
     """``name`` is an HTTP token (RFC 9110), so it cannot end the header line early."""
-    if _TOKEN.fullmatch(name) is None:
+    if HEADER_TOKEN.fullmatch(name) is None:
         return False
     if len(_CHECKED_NAMES) < _CHECKED_NAMES_MAX:
         _CHECKED_NAMES.add(name)

@@ -50,7 +50,7 @@ from llmrouter.errors import (
     UpstreamTimeoutError,
     error_for_status,
 )
-from llmrouter.http1 import HTTP1Pool, HTTP1Response
+from llmrouter.http1 import HEADER_TOKEN, HTTP1Pool, HTTP1Response
 from llmrouter.provider import Health
 from llmrouter.tokens import count_messages, count_prompt, count_text
 from llmrouter.types import (
@@ -76,7 +76,6 @@ _JSON = "application/json"
 _generic = msgspec.json.Decoder()
 _DRAIN_S = 1.0
 _BOM = b"\xef\xbb\xbf"
-_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110's token
 _DRAIN_MAX_BYTES = 65536
 
 
@@ -732,7 +731,7 @@ def _check_headers(headers: Mapping[str, str], provider: str, *, ascii_only: boo
     built-in pool, ASCII for httpx)."""
     charset = "ascii" if ascii_only else "latin-1"
     for name, value in headers.items():
-        if not _HEADER_NAME.fullmatch(name):
+        if not HEADER_TOKEN.fullmatch(name):
             raise ConfigError(
                 f"{provider}: {name!r} is not a header name (letters, digits and !#$%&'*+-.^_`|~)"
             )
