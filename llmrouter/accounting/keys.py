@@ -51,8 +51,11 @@ T = TypeVar("T")
 SECRET_PREFIX = "sk-llmr-"
 _PREFIX_LEN = 8
 _ALPHABET = string.ascii_lowercase + string.digits
-_SECRET = re.compile(rf"{re.escape(SECRET_PREFIX)}([a-z0-9]{{{_PREFIX_LEN}}})-.", re.DOTALL)
+_PUBLIC_PART = rf"{re.escape(SECRET_PREFIX)}([a-z0-9]{{{_PREFIX_LEN}}})"
+_SECRET = re.compile(_PUBLIC_PART + "-.", re.DOTALL)
 """A secret: the prefix, a public part of 8 characters, a dash, then the rest."""
+_REFERENCE = re.compile(_PUBLIC_PART + r"(?:-|\Z)")
+"""A key named by its public part, as listings and 401s show it (or a whole secret)."""
 Scope = Literal["admin", "user"]
 SCOPES: frozenset[str] = frozenset({"admin", "user"})
 _TABLE = ApiKeyRow.__table__  # type: ignore[attr-defined]
@@ -121,13 +124,8 @@ def _prefix_of_reference(reference: str) -> str | None:
     ``keys list`` shows it, ``sk-llmr-<prefix>-...`` as a 401 message does, or
     ``sk-llmr-<prefix>``; also a whole secret, whose key is then found by its prefix.
     None for anything else (a bare prefix is matched as it is)."""
-    if not reference.startswith(SECRET_PREFIX):
-        return None
-    rest = reference[len(SECRET_PREFIX) :]
-    prefix = rest[:_PREFIX_LEN]
-    if len(prefix) < _PREFIX_LEN or rest[_PREFIX_LEN : _PREFIX_LEN + 1] not in ("", "-"):
-        return None
-    return prefix if all(char in _ALPHABET for char in prefix) else None
+    found = _REFERENCE.match(reference)
+    return found.group(1) if found is not None else None
 
 
 def shown_reference(reference: str) -> str:
