@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,19 +207,27 @@ async def test_redis_losing_its_data_reseeds_spend_from_the_ledger(
         assert (await acct.budgets.store.usage(window))[0] == window.limit
 
 
-async def test_a_store_failing_half_way_gives_back_what_was_reserved() -> None:
-    from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore
+def _store_down_for(is_down: Callable[[Any], bool]) -> Any:
+    """A memory budget store whose reserve fails (its database down) for the windows
+    ``is_down`` picks, nothing spent before."""
+    from llmrouter.accounting.budgets import MemoryBudgetStore
+
+    class WindowsDown(MemoryBudgetStore):
+        async def reserve(self, window: Any, amount: int, request_id: str) -> tuple[bool, int, int]:
+            if is_down(window):
+                raise ConnectionError("connection refused")
+            return await super().reserve(window, amount, request_id)
 
     async def nothing_spent(_: object) -> int:
         return 0
 
-    class SecondWindowDown(MemoryBudgetStore):
-        async def reserve(self, window: Any, amount: int, request_id: str) -> tuple[bool, int, int]:
-            if window.period == "month":
-                raise ConnectionError("connection refused")
-            return await super().reserve(window, amount, request_id)
+    return WindowsDown(nothing_spent)
 
-    store = SecondWindowDown(nothing_spent)
+
+async def test_a_store_failing_half_way_gives_back_what_was_reserved() -> None:
+    from llmrouter.accounting.budgets import BudgetManager
+
+    store = _store_down_for(lambda window: window.period == "month")
     budgets = BudgetManager(
         [BudgetRule(key="*", period="day", limit=1.0), BudgetRule(key="*", period="month", limit=1.0)], store
     )
@@ -230,18 +239,9 @@ async def test_a_store_failing_half_way_gives_back_what_was_reserved() -> None:
 
 
 async def test_a_store_failing_on_a_fallbacks_budget_gives_back_the_whole_reservation() -> None:
-    from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore
+    from llmrouter.accounting.budgets import BudgetManager
 
-    async def nothing_spent(_: object) -> int:
-        return 0
-
-    class FallbackWindowDown(MemoryBudgetStore):
-        async def reserve(self, window: Any, amount: int, request_id: str) -> tuple[bool, int, int]:
-            if window.model == "dear":
-                raise ConnectionError("connection refused")
-            return await super().reserve(window, amount, request_id)
-
-    store = FallbackWindowDown(nothing_spent)
+    store = _store_down_for(lambda window: window.model == "dear")
     budgets = BudgetManager(
         [
             BudgetRule(key="*", period="day", limit=1.0),
