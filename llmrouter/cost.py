@@ -26,9 +26,13 @@ def max_cost(prompt_tokens: int, max_output_tokens: int, price: Price) -> float:
 
 
 class PriceTable:
-    """Looks up the price of a deployment: its own ``price``, else by upstream model
-    name, else by ``provider/model``, else by model group name; None when unpriced
-    (local models cost 0 unless priced)."""
+    """Looks up the price of a deployment: its own ``price``, else by ``provider/model``,
+    else by upstream model name, else by model group name; None when unpriced (local
+    models cost 0 unless priced).
+
+    ``provider/model`` comes first because it is the more specific: the same model id
+    costs what its provider charges (``openrouter/anthropic/claude-3.5-haiku``, imported
+    from OpenRouter's own list, over the bare ``anthropic/claude-3.5-haiku``)."""
 
     def __init__(self, prices: Mapping[str, Price] | None = None) -> None:
         self._prices = dict(prices or {})
@@ -41,7 +45,7 @@ class PriceTable:
     ) -> Price | None:
         if own is not None:
             return own
-        for name in (model, f"{provider}/{model}", group):
+        for name in (f"{provider}/{model}", model, group):
             if name is not None and name in self._prices:
                 return self._prices[name]
         return None

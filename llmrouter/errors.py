@@ -281,9 +281,17 @@ class AccountingUnavailableError(LLMRouterError):
 
 
 # Servers that say so only in words: vLLM ("This model's maximum context length is 4096
-# tokens ...", code 400) and llama.cpp ("request (4476 tokens) exceeds the available
-# context size (4096 tokens)").
-_CONTEXT_TOO_SMALL = re.compile(r"maximum context length|exceeds the available context size", re.IGNORECASE)
+# tokens ...", code 400), llama.cpp ("request (4476 tokens) exceeds the available context
+# size (4096 tokens)"), and, as a gateway (OpenRouter) passes their errors on, Anthropic
+# ("prompt is too long: 208415 tokens > 200000 maximum") and Google ("The input token count
+# (1200000) exceeds the maximum number of tokens allowed (1048576)"). Only the prompt's
+# size: a max_tokens above the model's output limit is the client's to fix.
+_CONTEXT_TOO_SMALL = re.compile(
+    r"maximum context length|exceeds the available context size"
+    r"|prompt is too long: \d+ tokens > \d+ maximum"
+    r"|input token count \(\d+\) exceeds the maximum number of tokens allowed",
+    re.IGNORECASE,
+)
 
 
 def error_for_status(

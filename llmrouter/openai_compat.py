@@ -10,6 +10,7 @@ member of :mod:`llmrouter.errors`, with the provider's name on it::
     non-2xx                          -> error_for_status(status, upstream message, code, Retry-After);
                                         a 3xx (not followed) names its Location
     {"error": ...} SSE event         -> error_for_status(its code, or 502)
+    {"error": ...} in a 200 answer   -> the same, when it has no choices or one ends in "error"
     one JSON object for a stream     -> re-chunked as a stream (the server ignored "stream")
     ConnectError / ReadError / ...   -> UpstreamConnectionError
     httpx.TimeoutException           -> UpstreamTimeoutError
@@ -519,13 +520,16 @@ class OpenAICompatClient:
         if status >= 300:
             raise self._error(status, content, headers)
         answer = self._decode(content, kind, path)
-        if not answer.choices:
+        failed = any(choice.finish_reason == "error" for choice in answer.choices)
+        if failed or not answer.choices:
             payload = _generic.decode(content)
             if isinstance(payload, dict) and payload.get("error") is not None:
                 # An error answered with HTTP 200 (OpenRouter's, once the model has
-                # started): its own status and code, as in a stream's error event.
+                # started: no choices, or one that ends in "error"): its own status and
+                # code, as in a stream's error event.
                 error = _error_from_event(payload, self.provider)
                 raise error if self._refine_error is None else self._refine_error(error)
+        if not answer.choices:
             # OpenAI's answers have at least one (n >= 1); passed on, an empty list is an
             # IndexError in every client that reads choices[0].
             raise UpstreamError(f"{self.provider}: {path} answered no choices", provider=self.provider)

@@ -67,6 +67,11 @@ def test_a_remote_nodes_refusal_keeps_its_kind():
         "length is 4096 tokens and your request has 2778 input tokens (8000 > 4096 - 2778).",
         # llama.cpp's server
         "request (4476 tokens) exceeds the available context size (4096 tokens)",
+        # Anthropic's and Google's, as OpenRouter passes them on (metadata.raw appended)
+        'Provider returned error: {"type":"error","error":{"type":"invalid_request_error",'
+        '"message":"prompt is too long: 208415 tokens > 200000 maximum"}}',
+        'Provider returned error: {"error":{"code":400,"message":"The input token count (1200000) '
+        'exceeds the maximum number of tokens allowed (1048576).","status":"INVALID_ARGUMENT"}}',
     ],
 )
 def test_a_context_window_said_only_in_words_is_still_one(message):
@@ -75,6 +80,20 @@ def test_a_context_window_said_only_in_words_is_still_one(message):
     error = errors.error_for_status(400, message, code="400")
     assert isinstance(error, errors.ContextWindowExceededError)
     assert error.to_body()["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "max_tokens: 300000 > 64000, which is the maximum allowed number of output tokens for "
+        "claude-sonnet-4-20250514",
+        "max_tokens is too large: 100000. This model supports at most 16384 completion tokens, "
+        "whereas you provided 100000.",
+    ],
+)
+def test_an_output_limit_asked_too_high_stays_the_requests_fault(message):
+    # No deployment of the same model takes it: the client must lower max_tokens.
+    assert type(errors.error_for_status(400, message)) is errors.InvalidRequestError
 
 
 def test_local_rate_limit_is_not_retryable_but_upstream_is():

@@ -5,7 +5,7 @@ import asyncio
 import httpx
 import pytest
 
-from llmrouter.errors import ConfigError, UpstreamError
+from llmrouter.errors import ConfigError, RateLimitError, UpstreamError
 from llmrouter.openai_compat import OpenAICompatClient
 from llmrouter.types import ChatMessage, ChatRequest
 
@@ -102,6 +102,26 @@ async def test_a_redirect_is_not_followed_and_names_where_it_points(streaming: b
     await upstream.aclose()
     assert "redirected (HTTP 308) to https://upstream.test/v1/chat/completions" in caught.value.message
     assert not caught.value.retryable
+
+
+async def test_a_choice_failed_in_a_200_answer_raises_the_answers_error():
+    """OpenRouter's model failed mid-answer: ``finish_reason: "error"`` and the cause in
+    ``error``, whose status and words the client gets (before: a bare 502 without them)."""
+    failed = (
+        b'{"id":"x","object":"chat.completion","created":1,"model":"m",'
+        b'"error":{"code":429,"message":"Rate limit exceeded upstream: retry shortly"},'
+        b'"choices":[{"index":0,"message":{"role":"assistant","content":"par"},"finish_reason":"error"}],'
+        b'"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
+    )
+    upstream = OpenAICompatClient(
+        "http://upstream.test/v1",
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=failed)),
+    )
+    with pytest.raises(RateLimitError) as caught:
+        await upstream.chat(request())
+    await upstream.aclose()
+    assert caught.value.message == "Rate limit exceeded upstream: retry shortly"
+    assert caught.value.retryable
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ OpenRouter speaks the OpenAI API with extras, which this class adds:
 
 HTTP statuses map through :func:`llmrouter.errors.error_for_status` (401 authentication,
 402 out of credit, 429 and 5xx retryable, each with ``Retry-After`` when sent); its 404
-"No endpoints found that support …" is a 400 ``unsupported_feature``.
+"No endpoints found that support …" is a 400 ``unsupported_feature``, and its 400
+"<id> is not a valid model ID" for the deployment's own model a ``ModelNotFoundError``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import msgspec
 from llmrouter.config import Deployment, ModelGroup, Timeouts
 from llmrouter.errors import (
     AuthenticationError,
+    InvalidRequestError,
     LLMRouterError,
+    ModelNotFoundError,
     NotFoundError,
     UnsupportedFeatureError,
     UpstreamError,
@@ -65,12 +68,32 @@ _CLIENT_ROUTING_FIELDS = ("models", "route")
 _UNSUPPORTED = re.compile(r"No endpoints found that (?:support|can handle)", re.IGNORECASE)
 
 
+# OpenRouter answers 400 "<id> is not a valid model ID" for a model it does not have (retired,
+# or misspelt in the config).
+_UNKNOWN_MODEL = re.compile(r"^(?P<model>\S+) is not a valid model ID")
+
+
 def _refusal(error: LLMRouterError) -> LLMRouterError:
     """OpenRouter's "no endpoint supports that" 404 as what it is: a refusal of this
     request (400 ``unsupported_feature``), which moves the request on to a deployment that
     can take it and does not count against this one (a 404 would cool it down)."""
     if isinstance(error, NotFoundError) and _UNSUPPORTED.search(error.message):
         return UnsupportedFeatureError(error.message, provider=error.provider)
+    return error
+
+
+def _unknown_model(error: LLMRouterError, configured: set[str]) -> LLMRouterError:
+    """OpenRouter's 400 for a model id it does not know, when the id is one the deployment
+    sends (its ``model`` or ``fallback_models``): the deployment's fault, not the request's.
+    As a 400 it failed the request at once, no fallback tried, telling the client about a
+    model it never named; a ``ModelNotFoundError`` moves it on and counts against this
+    deployment. An id a client sent in ``models`` (``client_routing``) stays its 400."""
+    unknown = _UNKNOWN_MODEL.match(error.message)
+    if isinstance(error, InvalidRequestError) and unknown and unknown["model"] in configured:
+        return ModelNotFoundError(
+            f"{error.message} (this deployment's model: retired on OpenRouter, or misspelt?)",
+            provider=error.provider,
+        )
     return error
 
 
@@ -154,8 +177,12 @@ class OpenRouterProvider(OpenAICompatProvider[OpenRouterOptions]):
             http_client=self._http_client,
             transport=self._transport,
             max_connections=opts.max_connections,
-            refine_error=_refusal,
+            refine_error=self._refine_error,
         )
+
+    def _refine_error(self, error: LLMRouterError) -> LLMRouterError:
+        """An upstream error answer as what it means for this deployment (see above)."""
+        return _unknown_model(_refusal(error), {self.model, *self.options.fallback_models})
 
     # --- requests -------------------------------------------------------------------
 
@@ -188,8 +215,9 @@ class OpenRouterProvider(OpenAICompatProvider[OpenRouterOptions]):
 
     def _succeeded(self, response: _Answer) -> _Answer:
         """``response``, unless a choice failed: OpenRouter reports a failure after the
-        model started with HTTP 200 and ``finish_reason: error`` (an answer with an
-        ``error`` and no choices is already an error, OpenAICompatClient's)."""
+        model started with HTTP 200 and ``finish_reason: error`` (an answer that also
+        carries an ``error`` is already that error, OpenAICompatClient's; this is for one
+        that does not say why)."""
         if any(choice.finish_reason == "error" for choice in response.choices):
             raise UpstreamError(
                 "openrouter: the model failed while answering (finish_reason=error)", provider=self.name

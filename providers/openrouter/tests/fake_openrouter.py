@@ -12,7 +12,8 @@ status, and, once the model started, a 200 whose body or SSE event carries ``err
 Knobs (reset per test): ``reply``, ``token_delay``, ``processing_comments``,
 ``fail_status`` / ``fail_message`` / ``fail_headers`` / ``fail_metadata``, ``error_after``
 (mid-stream error after N content chunks), ``break_after`` (drop the connection after N),
-``error_in_body`` (non-streamed 200 with an error), ``error_only`` (an error object: the
+``error_in_body`` (non-streamed 200 with an error and a choice ending in ``"error"``: True,
+or the error object to send), ``error_only`` (an error object: the
 non-streamed 200 body is that error alone, no choices), ``price_in`` / ``price_out`` (USD per
 token, used to compute ``usage.cost``). Records: ``requests`` (path, headers, JSON) and
 ``disconnects``.
@@ -131,7 +132,7 @@ class FakeOpenRouter:
         self.fail_metadata: dict[str, Any] | None = None
         self.error_after: int | None = None
         self.break_after: int | None = None
-        self.error_in_body = False
+        self.error_in_body: bool | dict[str, Any] = False
         self.error_only: dict[str, Any] | None = None
         self.price_in = 0.00000015
         self.price_out = 0.0000006
@@ -281,11 +282,15 @@ class FakeOpenRouter:
                 "text": text,
             }
         if self.error_in_body:
-            out["error"] = {
-                "code": 502,
-                "message": "Provider returned error",
-                "metadata": {"provider_name": "OpenAI"},
-            }
+            out["error"] = (
+                self.error_in_body
+                if isinstance(self.error_in_body, dict)
+                else {
+                    "code": 502,
+                    "message": "Provider returned error",
+                    "metadata": {"provider_name": "OpenAI"},
+                }
+            )
             choice["finish_reason"] = "error"
         out["choices"] = [choice]
         out["usage"] = usage

@@ -13,13 +13,14 @@ from fake_openrouter import API_KEY, FakeOpenRouter
 from llmrouter_openrouter import OpenRouterOptions, OpenRouterProvider
 
 from llmrouter.cache.entry import response_from_chunks
-from llmrouter.config import Deployment
+from llmrouter.config import Deployment, parse_config
 from llmrouter.context import RequestContext
 from llmrouter.errors import (
     AuthenticationError,
     ContextWindowExceededError,
     InsufficientCreditsError,
     InvalidRequestError,
+    ModelNotFoundError,
     NotFoundError,
     RateLimitError,
     UnsupportedFeatureError,
@@ -237,6 +238,68 @@ async def test_a_404_about_the_account_stays_the_deployments_fault(
     assert not isinstance(info.value, UnsupportedFeatureError)
 
 
+RETIRED = "google/gemini-2.0-pro-exp-02-05:free"
+
+
+async def test_a_model_openrouter_does_not_know_is_the_deployments_fault(openrouter_url: str) -> None:
+    # OpenRouter's 400 "<id> is not a valid model ID": as an InvalidRequestError it was the
+    # request's fault, and no other deployment or fallback was tried.
+    async with OpenRouterProvider(RETIRED, options(openrouter_url)) as p:
+        with pytest.raises(ModelNotFoundError) as info:
+            await p.chat(chat_request())
+        assert info.value.message.startswith(f"{RETIRED} is not a valid model ID")
+        with pytest.raises(ModelNotFoundError):
+            await collect(p.stream(chat_request()))
+
+
+@pytest.mark.parametrize(
+    ("settings", "sent", "error_type"),
+    [
+        ({"fallback_models": ["anthropic/claude-3-opus"]}, {}, ModelNotFoundError),
+        ({"client_routing": True}, {"models": ["anthropic/claude-3-opus"]}, InvalidRequestError),
+    ],
+)
+async def test_an_unknown_model_the_client_sent_stays_its_own_fault(
+    openrouter_url: str,
+    fake_openrouter: FakeOpenRouter,
+    settings: dict[str, Any],
+    sent: dict[str, Any],
+    error_type: type,
+) -> None:
+    # Else a client could cool the deployment down for everyone with made-up ids.
+    fake_openrouter.fail_status = 400
+    fake_openrouter.fail_message = "anthropic/claude-3-opus is not a valid model ID"
+    async with OpenRouterProvider(MODEL, options(openrouter_url, **settings)) as p:
+        with pytest.raises(error_type) as info:
+            await p.chat(chat_request(**sent))
+    assert type(info.value) is error_type
+
+
+async def test_a_retired_model_moves_the_request_on_to_the_fallback(
+    openrouter_url: str, fake_openrouter: FakeOpenRouter
+) -> None:
+    config = parse_config(
+        {
+            "providers": {"openrouter": {"base_url": openrouter_url, "api_key": API_KEY}},
+            "models": [
+                {
+                    "name": "fast",
+                    "fallbacks": ["backup"],
+                    "deployments": [{"provider": "openrouter", "model": RETIRED}],
+                },
+                {"name": "backup", "deployments": [{"provider": "openrouter", "model": MODEL}]},
+            ],
+        },
+        env={},
+    )
+    async with Router.from_config(config) as router:
+        response = await router.chat(
+            {"model": "fast", "messages": [{"role": "user", "content": "Say hello"}]}
+        )
+    assert response.choices[0].message.content == REPLY
+    assert [body["model"] for _, _, body in fake_openrouter.requests] == [RETIRED, MODEL]
+
+
 async def test_bad_key_is_401(openrouter_url: str) -> None:
     async with OpenRouterProvider(
         MODEL, OpenRouterOptions(base_url=openrouter_url, api_key="sk-or-v1-wrong")
@@ -252,6 +315,21 @@ async def test_error_in_a_200_body(provider: OpenRouterProvider, fake_openrouter
     with pytest.raises(UpstreamError) as info:
         await provider.chat(chat_request())
     assert info.value.retryable is True
+
+
+async def test_a_failed_choice_in_a_200_body_keeps_the_errors_status_and_words(
+    provider: OpenRouterProvider, fake_openrouter: FakeOpenRouter
+) -> None:
+    # Before: a generic 502 "the model failed while answering", the cause dropped.
+    fake_openrouter.error_in_body = {"code": 429, "message": "Rate limit exceeded upstream: retry shortly"}
+    with pytest.raises(RateLimitError) as info:
+        await provider.chat(chat_request())
+    assert (info.value.http_status, info.value.message) == (
+        429,
+        "Rate limit exceeded upstream: retry shortly",
+    )
+    with pytest.raises(RateLimitError):
+        await provider.complete(decode_completion_request({"model": "x", "prompt": "Once"}))
 
 
 async def test_a_failed_legacy_completion_in_a_200_body(
