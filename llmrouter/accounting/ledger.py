@@ -226,9 +226,14 @@ class LedgerWriter:
     async def start(self) -> int:
         """Replay rows journaled by dead processes, then start the background writer.
 
+        A writer stopped and closed may be started again (an app whose lifespan runs
+        twice), in the same event loop or another one.
+
         Returns:
             The number of rows replayed.
         """
+        if self._closing:
+            self._restart()
         replayed = 0
         if self._journal_dir is not None:
             # This process's journal first: what a dead one left to settle moves into it
@@ -262,6 +267,18 @@ class LedgerWriter:
             )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="llmrouter-ledger-writer")
         return replayed
+
+    def _restart(self) -> None:
+        """Undo what :meth:`stop` and :meth:`close` left: the closing state (which ends the
+        writer's loop at once), and events bound to the previous run's event loop."""
+        self._closing = False
+        self._wake, self._stop = asyncio.Event(), asyncio.Event()
+        if self._journal_dir is not None:
+            # What a previous run left (rows not written, settlements waiting) is in its
+            # journal, which start() replays; kept here too, the rows would carry that
+            # journal's segment numbers into the new one, and trim segments still needed.
+            self._queue.clear()
+            self._unsettled.clear()
 
     def open(self, request: InFlight) -> None:
         """Journal a request in flight: its interrupted row is recorded should the process
@@ -498,10 +515,11 @@ class LedgerWriter:
         """Close the journal (after :meth:`stop`): deleted when every row is in the
         database and no settlement waits, else left for the next start to replay."""
         journal, self._journal = self._journal, None
-        close_sink, self._close_sink = self._close_sink, lambda: None
         if journal is not None:
             if self._unsettled:
                 # The next start settles them from the journal (a settled one counts once).
                 log.warning("ledger: %d settlements wait for their store at shutdown", len(self._unsettled))
             journal.close(committed=not self._queue and not self._unsettled)
-        close_sink()
+        # Kept (closing twice is harmless): a restarted writer's sink reconnects on its
+        # first write, and its next close closes that connection.
+        self._close_sink()

@@ -23,6 +23,7 @@ import msgspec
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
+from litestar.exceptions import HTTPException, MethodNotAllowedException
 from litestar.openapi import OpenAPIConfig
 
 from llmrouter.aio import on_asyncio
@@ -36,7 +37,7 @@ from llmrouter.server.cors import openai_style_cors_refusals
 from llmrouter.server.dashboard import dashboard_handlers
 from llmrouter.server.disconnect import ClientDisconnected
 from llmrouter.server.errors import exception_handlers
-from llmrouter.server.head import answer_head_as_get
+from llmrouter.server.head import allow_head_in_405, answer_head_as_get
 from llmrouter.server.health import liveness, readiness
 from llmrouter.server.middleware import RequestIdMiddleware
 from llmrouter.server.models import model_handlers
@@ -45,6 +46,7 @@ from llmrouter.server.state import STATE_KEY, Service
 if TYPE_CHECKING:
     from litestar import Request, Response
 
+    from llmrouter.hooks import RouterHooks
     from llmrouter.router import Router
 
 __all__ = [
@@ -106,13 +108,21 @@ def _build_router(config: Config) -> Router:
     return Router.from_config(config)
 
 
-def _attach_extensions(router: Router, extensions: Sequence[Extension]) -> None:
+def _attach_extensions(router: Router, extensions: Sequence[Extension], attached: list[RouterHooks]) -> None:
+    """Put the extensions' hooks and cache into ``router``, in place of the hooks an
+    earlier run of the lifespan put there (``attached``, updated): a lifespan run twice
+    (two ``with TestClient(app)`` blocks) would otherwise call each hook twice per
+    request, and keep hooks whose stores closed (accounting makes new ones per start)."""
+    earlier = {id(hook) for hook in attached}
+    router.hooks[:] = [hook for hook in router.hooks if id(hook) not in earlier]
+    attached.clear()
     for ext in extensions:
-        router.hooks.extend(ext.router_hooks())
+        attached.extend(ext.router_hooks())
         cache = ext.cache_layer()
         if cache is not None:
             router.cache = cache
         ext.attach(router)
+    router.hooks.extend(attached)
 
 
 SETTLE_SECONDS = 10.0
@@ -139,11 +149,13 @@ def shutdown_bound(config: Config) -> float:
 
 
 def _make_lifespan(service: Service, owns_router: bool) -> Any:
+    attached: list[RouterHooks] = []  # the extensions' hooks in the router, from the last start
+
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         stack = AsyncExitStack()
         try:
-            await _start(service, stack, owns_router)
+            await _start(service, stack, owns_router, attached)
             # Closed first at shutdown: requests cancelled there still record their rows.
             stack.push_async_callback(service.in_flight.wait_idle, SETTLE_SECONDS)
             if service.config.server.gc_tuning:
@@ -175,8 +187,11 @@ async def _close(stack: AsyncExitStack, bound: float) -> None:
         closing.result()
 
 
-async def _start(service: Service, stack: AsyncExitStack, owns_router: bool) -> None:
-    """Start the extensions, then the router, registering their closing on ``stack``.
+async def _start(
+    service: Service, stack: AsyncExitStack, owns_router: bool, attached: list[RouterHooks]
+) -> None:
+    """Start the extensions, then the router, registering their closing on ``stack``
+    (``attached``: see :func:`_attach_extensions`).
 
     Raises:
         StartupError: naming the part that failed and the innermost cause.
@@ -196,7 +211,7 @@ async def _start(service: Service, stack: AsyncExitStack, owns_router: bool) -> 
                 logger.info("discovery: %s", line)
             service.router = _build_router(config)
         router = service.router
-        _attach_extensions(router, service.extensions)
+        _attach_extensions(router, service.extensions, attached)
         if owns_router:
             stack.push_async_callback(router.aclose)
         await router.start()
@@ -270,7 +285,11 @@ def create_app(
     origins = config.server.cors_origins
     app = Litestar(
         route_handlers=handlers,
-        exception_handlers={**exception_handlers, ClientDisconnected: _handle_disconnect},
+        exception_handlers={
+            **exception_handlers,
+            MethodNotAllowedException: allow_head_in_405(exception_handlers[HTTPException]),
+            ClientDisconnected: _handle_disconnect,
+        },
         middleware=middleware,
         cors_config=CORSConfig(allow_origins=origins, expose_headers=_EXPOSED_HEADERS) if origins else None,
         request_max_body_size=config.server.max_request_bytes,

@@ -4,8 +4,10 @@ acknowledged row (database outages, ambiguous failures, a process killed outrigh
 from __future__ import annotations
 
 import errno
+import sqlite3
 import textwrap
 from collections.abc import Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,54 @@ async def test_shutdown_during_outage_leaves_rows_for_the_next_start(sqlite_url:
     async with Accounting(config) as restarted:  # the database is back
         rows = await _rows(restarted)
     assert sorted(r["request_id"] for r in rows) == sorted(ids)
+
+
+def test_a_restarted_ledger_writes_its_rows(sqlite_url: str, tmp_path: Path) -> None:
+    # Started, closed, started again in another event loop (an app's lifespan run twice,
+    # as two `with TestClient(app)` blocks do): the second run's rows reach the database.
+    journal = tmp_path / "journal"
+    acct = Accounting(make_config(sqlite_url, tmp_path))
+    ids: list[str] = []
+
+    async def serve_once() -> None:
+        async with acct:
+            ids.extend(await _serve(acct, 3))
+            with anyio.fail_after(10):  # by the writer in the background, not at shutdown
+                while acct.ledger.pending:  # noqa: ASYNC110 - the writer exposes a count, not an event
+                    await anyio.sleep(0.01)
+
+    anyio.run(serve_once)
+    anyio.run(serve_once)
+    assert list(journal.iterdir()) == []  # written, not left for the next start to replay
+    with closing(sqlite3.connect(tmp_path / "acct.db")) as db:
+        written = [request_id for (request_id,) in db.execute("SELECT request_id FROM llmr_ledger")]
+    assert sorted(written) == sorted(ids)
+
+
+async def test_rows_a_stopped_run_left_are_written_once_after_a_restart(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    database_up = False
+
+    async def sink(rows: Sequence[LedgerEntry]) -> None:
+        if not database_up:
+            raise ConnectionError("database is down")
+        await insert_rows(acct.engine, rows)
+
+    ledger = LedgerConfig(journal_dir=str(tmp_path / "journal"), flush_interval=0.02, shutdown_timeout=0.3)
+    acct = Accounting(make_config(sqlite_url, tmp_path, ledger=ledger), ledger_sink=sink)
+    async with acct:
+        ids = await _serve(acct, 5)
+    assert acct.ledger.pending == 5  # left in the journal
+    database_up = True
+    async with acct:
+        assert acct.ledger.pending == 0  # replayed from that journal, not queued twice
+        ids += await _serve(acct, 2)
+    assert acct.ledger.pending == 0
+    async with Accounting(make_config(sqlite_url, tmp_path, ledger=ledger)) as again:
+        rows = await _rows(again)
+    assert sorted(r["request_id"] for r in rows) == sorted(ids)
+    assert list((tmp_path / "journal").iterdir()) == []
 
 
 _CRASH = textwrap.dedent(

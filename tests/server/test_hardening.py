@@ -331,6 +331,22 @@ def test_head_is_answered_by_every_get_route_without_a_body():
         assert "POST" in not_allowed.headers["allow"]
 
 
+def test_allow_lists_head_wherever_get_is() -> None:
+    # HEAD is answered as GET in front of Litestar's router, which does not list it.
+    from litestar.testing import TestClient
+
+    from llmrouter.config import Config
+    from llmrouter.server import create_app
+
+    with TestClient(create_app(Config(discover=False))) as client:
+        for method in ("PUT", "OPTIONS"):
+            answer = client.request(method, "/health")
+            assert answer.headers["allow"] == "GET, HEAD, OPTIONS", method
+        assert client.put("/health").json()["error"]["code"] == "method_not_allowed"
+        # A route without GET answers no HEAD either.
+        assert client.put("/v1/chat/completions").headers["allow"] == "POST, OPTIONS"
+
+
 def test_header_dict_takes_the_first_of_repeated_names() -> None:
     # What the service authenticates with: the first of repeated names wins, as it did
     # with Litestar's Headers, and values are read as Latin-1.
