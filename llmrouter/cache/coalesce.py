@@ -17,9 +17,9 @@ Who runs the call, and so what cancelling a client stops, depends on the answer'
   does not take a stream away from the others. When the *last* attendee leaves before
   the answer is complete, the producer is cancelled and awaited (shielded, bounded),
   so cancellation still stops generation upstream when nobody is listening. Whoever is
-  left holding the flight when it completes pays for it: if the client that launched
-  it has gone, the next attendee in line becomes the *payer* (see :class:`Flight`), so
-  the call is billed once, to someone who got the answer.
+  left holding the flight when it ends pays for it: if the client that launched it has
+  gone, the next attendee in line becomes the *payer* (see :class:`Flight`), and so on,
+  so the call is billed once, to someone who got (all or part of) the answer.
 
 Flights wait on asyncio futures (and streams run as ``asyncio`` tasks); under another
 event loop the cache layer does not coalesce.
@@ -57,7 +57,9 @@ class Flight:
         key: the cache key.
         origin: the context of the request whose ``call`` runs upstream; the router
             fills it (deployment, usage, cost).
-        payer: the attendee billed for the call: ``origin`` unless it left early.
+        payer: the attendee billed for the call: ``origin`` unless it left early, then
+            the next in line (the last to leave keeps it: the output produced so far is
+            its to pay).
         streaming: True when upstream is streamed (chunks are published live).
         calling: False while a non-streaming flight waits for an attendee to take over
             the call its origin left (see :meth:`result`).
@@ -84,7 +86,7 @@ class Flight:
     def __init__(self, key: str, origin: RequestContext, *, streaming: bool) -> None:
         self.key = key
         self.origin = origin
-        self.payer: RequestContext | None = origin
+        self.payer: RequestContext = origin
         self.streaming = streaming
         self.calling = True
         self.attendees: list[RequestContext] = []
@@ -309,9 +311,9 @@ class Coalescer:
             if not flight.calling and not flight.attendees:
                 self.close(flight)  # the caller left, and now everyone who waited
             return False
-        if flight.payer is ctx:
-            flight.payer = flight.attendees[0] if flight.attendees else None
         if flight.attendees:
+            if flight.payer is ctx:
+                flight.payer = flight.attendees[0]
             return False
         self._forget(flight)  # a new identical request must start afresh
         if flight.task is not None:

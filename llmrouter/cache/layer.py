@@ -29,18 +29,21 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from llmrouter.aio import on_asyncio
+from llmrouter.aio import on_asyncio, to_completion
 from llmrouter.cache.base import CacheBackend
 from llmrouter.cache.breaker import Breaker
 from llmrouter.cache.coalesce import Coalescer, Flight
 from llmrouter.cache.entry import CacheEntry, decode_entry, encode_entry, is_storable, last_usage
 from llmrouter.cache.key import cache_key
+from llmrouter.counting import count_in_worker, estimate_prompt
+from llmrouter.tokens import count_text
+from llmrouter.types import Usage
 
 if TYPE_CHECKING:
     from llmrouter.cache.config import CacheConfig
     from llmrouter.config import Config, GroupCache
     from llmrouter.context import CacheStatus, RequestContext
-    from llmrouter.types import ChatChunk, ChatRequest, ChatResponse, Usage
+    from llmrouter.types import ChatChunk, ChatRequest, ChatResponse
 
 __all__ = ["CacheStats", "ResponseCache", "build_backend"]
 
@@ -195,7 +198,7 @@ class ResponseCache:
             async with self.coalescer.attend(flight, ctx):
                 answer = await flight.result(taker=ctx)
         except BaseException:
-            self._settle_leaver(ctx, flight)
+            await self._settle_leaver(ctx, flight)
             raise
         if answer is None:
             # The request calling for this flight left before the answer: this one calls.
@@ -254,7 +257,7 @@ class ResponseCache:
                     for chunk in batch:
                         yield chunk
         except BaseException:
-            self._settle_leaver(ctx, flight)
+            await self._settle_leaver(ctx, flight)
             raise
         self._settle(ctx, flight, None)
 
@@ -361,28 +364,57 @@ class ResponseCache:
         if ctx is flight.origin:
             return  # the router filled the rest while calling upstream
         origin = flight.origin
+        if ctx is flight.payer:
+            self._inherit_bill(ctx, origin)  # the launching client left early
+            return
         ctx.deployment, ctx.provider, ctx.upstream_model = (
             origin.deployment,
             origin.provider,
             origin.upstream_model,
         )
-        if ctx is flight.payer:
-            # The launching client left early: this request inherits the bill, priced by
-            # the router from the usage and deployment like any miss.
-            self._take_over(ctx)
-            ctx.attempts, ctx.fallbacks = origin.attempts, origin.fallbacks
-            return
         if response is not None:
             ctx.usage = response.usage
         elif ctx.usage is None:
             ctx.usage = origin.usage
 
-    def _settle_leaver(self, ctx: RequestContext, flight: Flight) -> None:
-        """An attendee left (cancelled, stream closed) or failed: when the flight had
-        answered and this attendee holds its bill, it still pays for the whole call (the
-        answer was produced, and stored for everyone)."""
-        if ctx is flight.payer and flight.done and flight.error is None:
+    async def _settle_leaver(self, ctx: RequestContext, flight: Flight) -> None:
+        """An attendee left (cancelled, stream closed) or failed. One request pays for a
+        streaming flight, once: the one holding its bill when it ends (see
+        :attr:`Flight.payer`), so that the call is billed neither twice nor not at all."""
+        if ctx is not flight.payer:
+            if ctx is flight.origin:
+                self._hand_over(ctx)  # the next in line holds the bill now
+            return
+        if flight.done and flight.error is None:
+            # The answer was produced, and stored for everyone: the whole call.
             self._settle(ctx, flight, None)
+        elif ctx is not flight.origin:
+            # The last one attending (its leaving stopped the call), or the call failed:
+            # it pays for the output the flight produced, not only what it read (a slow
+            # reader lags behind it; a non-streaming request read none of it).
+            self._inherit_bill(ctx, flight.origin)
+            await to_completion(_count_flight_usage(ctx, flight))
+        # else the launching client, still holding its bill: the router bills what it
+        # received, as for any cancelled or failed stream.
+
+    def _inherit_bill(self, ctx: RequestContext, origin: RequestContext) -> None:
+        """An attendee pays for a streaming flight whose launching client left: priced by
+        the router from its usage and the origin's deployment, like any miss."""
+        ctx.deployment, ctx.provider, ctx.upstream_model = (
+            origin.deployment,
+            origin.provider,
+            origin.upstream_model,
+        )
+        self._take_over(ctx)
+        ctx.attempts, ctx.fallbacks = origin.attempts, origin.fallbacks
+
+    def _hand_over(self, ctx: RequestContext) -> None:
+        """The client that launched a streaming flight left before the end while others
+        attend: its bill went to the next in line, who pays for the whole call. It is
+        billed zero, as coalesced (the router records the tokens it received)."""
+        self.stats.misses -= 1
+        self._mark(ctx, "coalesced")
+        ctx.cost, ctx.cost_source = 0.0, "cache"
 
     async def _lookup(self, key: str) -> CacheEntry | None:
         breaker = self.breaker
@@ -501,6 +533,33 @@ def _flight_usage(flight: Flight) -> Usage | None:
     if flight.response is not None:
         return flight.response.usage
     return last_usage(flight.chunks)
+
+
+async def _count_flight_usage(ctx: RequestContext, flight: Flight) -> None:
+    """Set ``ctx.usage`` to the prompt and the output the flight has published, counted
+    as the router counts a cancelled stream's (in the work :func:`to_completion` runs: a
+    cancellation it passes on afterwards must not lose the count)."""
+    usage = last_usage(flight.chunks)
+    if usage is None:
+        request = ctx.request
+        model = ctx.upstream_model or (request.model if request is not None else "")
+        text = "".join(
+            choice.delta.content
+            for chunk in flight.chunks
+            for choice in chunk.choices
+            if choice.delta.content
+        )
+        completion = await count_in_worker(count_text, text, model)
+        prompt = ctx.prompt_tokens_estimate
+        if not prompt and request is not None:
+            prompt = await estimate_prompt(request, model)
+        usage = Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            estimated=True,
+        )
+    ctx.usage = usage
 
 
 def _stream_producer(call: Callable[[], AsyncIterator[ChatChunk]]) -> Callable[[Flight], Awaitable[None]]:

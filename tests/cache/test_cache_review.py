@@ -4,6 +4,7 @@ attendees leave at awkward moments, and per-request state that must not outlive 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 import anyio
@@ -13,9 +14,11 @@ from llmrouter.cache import MemoryBackend, ResponseCache
 from llmrouter.config import Deployment, Price
 from llmrouter.context import RequestContext
 from llmrouter.cost import usage_cost
+from llmrouter.errors import UpstreamError
 from llmrouter.router import Router
 from llmrouter.telemetry.hooks import TelemetryHooks
 from llmrouter.testing.scripted import ScriptedProvider, Step
+from llmrouter.tokens import count_text
 from llmrouter.types import ChatChunk, ChatRequest, ChatResponse, Usage
 
 pytestmark = pytest.mark.anyio
@@ -26,16 +29,17 @@ FULL_COST = usage_cost(USAGE, PRICE)
 
 
 class HeldAfterFirstChunk(ScriptedProvider):
-    """Streams the first chunk, then waits for ``gate`` before the rest."""
+    """Streams the first chunk (the first ``free``), then waits for ``gate`` before the rest."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, free: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gate = anyio.Event()
+        self.free = free
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
         sent = 0
         async for chunk in super().stream(request):
-            if sent == 1:
+            if sent == self.free:
                 await self.gate.wait()
             sent += 1
             yield chunk
@@ -93,14 +97,91 @@ async def test_the_next_in_line_pays_the_whole_call_not_the_leavers_part() -> No
                 pass
     snapshot = cache.snapshot()
     await cache.aclose()
-    # Counted as the miss it is billed as (as when a non-streaming attendee takes a call
-    # over): the snapshot's misses and hit ratio match the ledger.
-    assert (snapshot["misses"], snapshot["coalesced"], snapshot["hit_ratio"]) == (2, 0, 0.0)
+    # One miss for the one upstream call, counted for the request billed for it: the
+    # snapshot's misses and hit ratio match the ledger.
+    assert (snapshot["misses"], snapshot["coalesced"], snapshot["hit_ratio"]) == (1, 1, 0.5)
     assert provider.record.calls == 1
+    # The launcher handed its bill on whole: the tokens it saw are not billed twice.
     assert origin.status == "cancelled" and origin.usage is not None and origin.usage.estimated
+    assert (origin.cache_status, origin.cost, origin.cost_source) == ("coalesced", 0.0, "cache")
     assert follower.cache_status == "miss", "the follower inherited the bill"
     assert follower.usage == USAGE
     assert follower.cost == pytest.approx(FULL_COST) and follower.cost_source == "price_table"
+
+
+def assert_pays_for_what_was_produced(ctx: RequestContext, produced: str) -> None:
+    """``ctx`` holds the flight's bill: a miss priced for the prompt and the output the
+    flight produced (counted, as for any cancelled stream), whatever it read of it."""
+    assert ctx.status in ("cancelled", "error") and ctx.cache_status == "miss"
+    assert ctx.usage is not None and ctx.usage.estimated
+    assert ctx.usage.completion_tokens == count_text(produced, "tiny")
+    assert ctx.usage.prompt_tokens == ctx.prompt_tokens_estimate > 0
+    assert ctx.cost_source == "price_table" and ctx.cost == pytest.approx(usage_cost(ctx.usage, PRICE))
+
+
+async def test_the_last_to_leave_an_unfinished_stream_pays_for_what_it_produced_once() -> None:
+    provider = HeldAfterFirstChunk(
+        "tiny", default=Step(text="Paris is the capital of France.", usage=USAGE), free=3
+    )
+    router, cache = make(provider)
+    origin, middle, last = RequestContext(), RequestContext(), RequestContext()
+    async with router:
+        first = router.stream(body(), context=origin)
+        for _ in range(3):  # all the upstream sends before it is held
+            await first.__anext__()
+        streams = [router.stream(body(), context=ctx) for ctx in (middle, last)]
+        for stream in streams:
+            await stream.__anext__()  # each reads less of it than the flight produced
+        await first.aclose()  # the bill passes to the next in line, and on
+        for stream in streams:
+            await stream.aclose()
+    await cache.aclose()
+    assert provider.record.calls == 1 and provider.record.cancelled == 1, "the last to leave stopped it"
+    assert_pays_for_what_was_produced(last, "Paris is the")
+    for ctx in (origin, middle):
+        assert (ctx.cache_status, ctx.cost, ctx.cost_source) == ("coalesced", 0.0, "cache")
+    assert cache.stats.misses == 1 and cache.stats.coalesced == 2
+
+
+async def test_a_json_request_left_holding_a_streams_bill_pays_for_what_it_produced() -> None:
+    provider = HeldAfterFirstChunk(
+        "tiny", default=Step(text="Paris is the capital of France.", usage=USAGE), free=2
+    )
+    router, cache = make(provider)
+    origin, waiter = RequestContext(), RequestContext()
+    async with router:
+        first = router.stream(body(), context=origin)
+        for _ in range(2):
+            await first.__anext__()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(router.chat, body(), context=waiter))  # attends the stream
+            await wait_until(lambda: cache.stats.coalesced == 1)
+            await first.aclose()
+            tg.cancel_scope.cancel()  # nothing read, but the upstream had produced output
+    await cache.aclose()
+    assert provider.record.calls == 1 and provider.record.cancelled == 1
+    assert_pays_for_what_was_produced(waiter, "Paris is")
+    assert (origin.cache_status, origin.cost) == ("coalesced", 0.0)
+
+
+async def test_a_stream_that_fails_after_its_launcher_left_is_billed_to_the_next_in_line() -> None:
+    step = Step(text="Paris is the capital of France.", error=UpstreamError("boom"), fail_after_chunks=3)
+    provider = HeldAfterFirstChunk("tiny", default=step)
+    router, cache = make(provider)
+    origin, follower = RequestContext(), RequestContext()
+    async with router:
+        first = router.stream(body(), context=origin)
+        await first.__anext__()
+        second = router.stream(body(), context=follower)
+        await second.__anext__()
+        await first.aclose()
+        provider.gate.set()
+        with anyio.fail_after(5), pytest.raises(UpstreamError):
+            async for _chunk in second:
+                pass
+    await cache.aclose()
+    assert_pays_for_what_was_produced(follower, "Paris is the")
+    assert (origin.cache_status, origin.cost) == ("coalesced", 0.0)
 
 
 async def test_a_caller_cancelled_as_its_call_answers_is_answered_and_pays() -> None:
