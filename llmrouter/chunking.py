@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 from llmrouter.types import (
+    AssistantMessage,
     ChatChoice,
     ChatChunk,
-    ChatMessage,
     ChatResponse,
     ChunkChoice,
     CustomCall,
@@ -142,7 +142,7 @@ class _ChoiceBuilder:
         )
         # Content is null, not "", beside a call, audio or a refusal (as OpenAI answers them).
         called = tool_calls or function_call is not None or self.audio is not None or self.refusal
-        message = ChatMessage(
+        message = AssistantMessage(
             role=self.role or "assistant",
             content="".join(self.content) if self.content or not called else None,
             tool_calls=tool_calls or None,
@@ -165,10 +165,13 @@ def response_from_chunks(chunks: list[ChatChunk]) -> ChatResponse:
     head: ChatChunk | None = None
     usage: Usage | None = None
     fingerprint: str | None = None
+    tier: str | UnsetType | None = UNSET
     for chunk in chunks:
         if head is None and chunk.id:
             head = chunk
         fingerprint = fingerprint or chunk.system_fingerprint
+        if tier is UNSET:
+            tier = chunk.service_tier
         if chunk.usage is not None:
             usage = chunk.usage
         for choice in chunk.choices:
@@ -184,6 +187,7 @@ def response_from_chunks(chunks: list[ChatChunk]) -> ChatResponse:
         choices=[builders[i].build() for i in sorted(builders)],
         usage=usage,
         system_fingerprint=fingerprint,
+        service_tier=tier,
     )
 
 
@@ -202,6 +206,7 @@ def chunks_from_response(response: ChatResponse) -> list[ChatChunk]:
             choices=choices,
             usage=usage,
             system_fingerprint=response.system_fingerprint,
+            service_tier=response.service_tier,
         )
 
     out: list[ChatChunk] = []

@@ -1,10 +1,16 @@
 import msgspec
 import pytest
 
+from llmrouter.chunking import chunks_from_response, response_from_chunks
 from llmrouter.errors import InvalidRequestError, UnsupportedFeatureError
 from llmrouter.types import (
+    AssistantMessage,
+    ChatChoice,
     ChatChunk,
+    ChatMessage,
     ChatResponse,
+    CompletionChunk,
+    CompletionResponse,
     ImagePart,
     TextPart,
     decode_chat_request,
@@ -159,3 +165,73 @@ def test_upstream_responses_decode_tolerantly():
     assert response.usage.cost == 0.0002
     chunk = msgspec.json.decode(b'{"choices":[{"delta":{"content":"a"},"index":0}]}', type=ChatChunk)
     assert chunk.choices[0].delta.content == "a"
+
+
+def _message_written(response: ChatResponse) -> dict:
+    return msgspec.json.decode(msgspec.json.encode(response))["choices"][0]["message"]
+
+
+def test_an_answers_message_writes_content_and_refusal_null_however_it_was_made():
+    # OpenAI writes both keys, null when absent; clients test `message.content === null`.
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    message = {"role": "assistant", "tool_calls": [call]}
+    raw = {"id": "x", "choices": [{"index": 0, "message": message}]}
+    decoded = msgspec.json.decode(msgspec.json.encode(raw), type=ChatResponse)
+    expected = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
+    assert _message_written(decoded) == expected
+    assembled = response_from_chunks(chunks_from_response(decoded))
+    assert _message_written(assembled) == expected
+    cached = msgspec.json.decode(msgspec.json.encode(decoded), type=ChatResponse)
+    assert _message_written(cached) == expected and cached == decoded
+    built = ChatResponse(choices=[ChatChoice(message=ChatMessage(role="assistant", content="hi"))])
+    assert _message_written(built) == {"role": "assistant", "content": "hi", "refusal": None}
+    assert _message_written(ChatResponse(choices=[ChatChoice()])) == {
+        "role": "assistant",
+        "content": None,
+        "refusal": None,
+    }
+    # A request's messages still leave them out.
+    request = decode_chat_request({"model": "m", "messages": [message]})
+    assert request_to_wire(request)["messages"] == [{"role": "assistant", "tool_calls": [call]}]
+
+
+def test_a_message_made_an_answers_keeps_every_field():
+    fields = {
+        "role": "assistant",
+        "content": "hi",
+        "name": "n",
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+        "tool_call_id": "c0",
+        "function_call": {"name": "g", "arguments": "{}"},
+        "audio": {"id": "a"},
+        "refusal": "no",
+        "reasoning_content": "r1",
+        "reasoning": "r2",
+        "reasoning_details": [{"type": "reasoning.text"}],
+        "annotations": [{"type": "url_citation"}],
+        "cache_control": {"type": "ephemeral"},
+        "prefix": True,
+    }
+    assert set(fields) == set(ChatMessage.__struct_fields__), "a new field: set it here"
+    message = msgspec.convert(fields, ChatMessage)
+    answer = ChatChoice(message=message).message
+    assert isinstance(answer, AssistantMessage)
+    assert msgspec.structs.asdict(answer) == msgspec.structs.asdict(message)
+
+
+def test_the_service_tier_of_an_answer_is_relayed_and_kept_through_chunking():
+    raw = b'{"id":"x","service_tier":"flex","choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
+    response = msgspec.json.decode(raw, type=ChatResponse)
+    assert msgspec.json.decode(msgspec.json.encode(response))["service_tier"] == "flex"
+    chunks = chunks_from_response(response)
+    assert {chunk.service_tier for chunk in chunks} == {"flex"}
+    assert response_from_chunks(chunks).service_tier == "flex"
+    chunk = msgspec.json.decode(b'{"id":"x","service_tier":"default","choices":[]}', type=ChatChunk)
+    assert msgspec.json.decode(msgspec.json.encode(chunk))["service_tier"] == "default"
+    for kind in (CompletionResponse, CompletionChunk):
+        completion = msgspec.json.decode(b'{"id":"x","service_tier":"flex","choices":[]}', type=kind)
+        assert msgspec.json.decode(msgspec.json.encode(completion))["service_tier"] == "flex"
+    # An upstream that sends none (vLLM, Ollama) gets no key added.
+    plain = msgspec.json.decode(b'{"id":"x","choices":[]}', type=ChatResponse)
+    assert b"service_tier" not in msgspec.json.encode(plain)
+    assert b"service_tier" not in msgspec.json.encode(response_from_chunks(chunks_from_response(plain)))

@@ -289,7 +289,7 @@ def test_upstream_answers_relay_function_call_and_audio() -> None:
     }
     response = msgspec.json.decode(json.dumps(raw).encode(), type=ChatResponse)
     relayed = json.loads(msgspec.json.encode(response))["choices"][0]["message"]
-    assert relayed == {k: v for k, v in raw["choices"][0]["message"].items() if v is not None}
+    assert relayed == {**raw["choices"][0]["message"], "refusal": None}
 
 
 # --- bug 2: refusal parts and custom tools ----------------------------------------------
@@ -429,6 +429,27 @@ def test_tool_types_encode_their_type_and_leave_placeholders_out() -> None:
             None,
         ),
         (b'{"model":"m","messages":[{"role":"user","content":"x"}],"top_k":1e400}', None, None),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{"50256":101}}',
+            "logit_bias",
+            None,
+        ),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{"abc":1}}',
+            "logit_bias",
+            None,
+        ),
+        (b'{"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":3}', "top_logprobs", None),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":false,"top_logprobs":0}',
+            "top_logprobs",
+            None,
+        ),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema"}}',
+            "response_format.json_schema",
+            "missing_required_parameter",
+        ),
     ],
 )
 def test_chat_errors_name_the_field(body: bytes, param: str | None, code: str | None) -> None:
@@ -446,12 +467,26 @@ def test_chat_errors_name_the_field(body: bytes, param: str | None, code: str | 
         ({"model": "m"}, "prompt", "missing_required_parameter"),
         ({"model": "m", "prompt": ["a", 1]}, "prompt", None),
         ({"model": "m", "prompt": [[1], "a"]}, "prompt", None),
+        ({"model": "m", "prompt": "a", "logit_bias": {"1": -101}}, "logit_bias", None),
+        ({"model": "m", "prompt": "a", "logit_bias": {"a": 1}}, "logit_bias", None),
     ],
 )
 def test_completion_errors_name_the_field(body: dict[str, Any], param: str, code: str | None) -> None:
     with pytest.raises(InvalidRequestError) as info:
         decode_completion_request(json.dumps(body).encode())
     assert (info.value.param, info.value.code) == (param, code)
+
+
+def test_the_bounds_of_logit_bias_and_logprobs_are_taken() -> None:
+    body = {
+        "model": "m",
+        "messages": [USER],
+        "logit_bias": {"50256": -100, "1": 100},
+        "logprobs": True,
+        "top_logprobs": 20,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s"}},
+    }
+    assert request_to_wire(decode_chat_request(body)) == body
 
 
 def test_custom_calls_and_function_call_count_as_tokens() -> None:

@@ -114,6 +114,24 @@ def test_messages_and_tools_reach_the_upstream_as_sent(
             "logit_bias",
             None,
         ),
+        (
+            "/v1/chat/completions",
+            {"model": "mock-gpt", "messages": [USER], "logit_bias": {"abc": 1}},
+            "logit_bias",
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "mock-gpt", "messages": [USER], "top_logprobs": 3},
+            "top_logprobs",
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "mock-gpt", "messages": [USER], "response_format": {"type": "json_schema"}},
+            "response_format.json_schema",
+            "missing_required_parameter",
+        ),
     ],
 )
 def test_a_refusal_names_the_field(
@@ -219,3 +237,11 @@ def test_an_upstreams_thought_signature_reaches_the_client(gemini_client: httpx.
         for call in choice["delta"].get("tool_calls") or ()
     ]
     assert [call["extra_content"] for call in calls] == [_SIGNED_CALL["extra_content"]]
+
+
+def test_an_answer_with_tool_calls_has_content_and_refusal_null(gemini_client: httpx.Client) -> None:
+    # The upstream leaves refusal out; OpenAI writes both keys, and clients test them.
+    response = gemini_client.post("/v1/chat/completions", json={"model": "gem", "messages": [USER]})
+    assert response.status_code == 200, response.text
+    message = response.json()["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": None, "refusal": None, "tool_calls": [_SIGNED_CALL]}
