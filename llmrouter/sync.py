@@ -6,8 +6,11 @@ so calls from plain synchronous code work, and iterating a stream pulls chunks a
 
 from __future__ import annotations
 
+import atexit
+import inspect
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from contextlib import ExitStack
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -43,7 +46,9 @@ class SyncRouter:
 
     A ``KeyboardInterrupt`` (Ctrl-C) while a call waits cancels the request, as cancelling
     the task would with :class:`Router` (the provider call is cancelled, the request is
-    settled as ``cancelled``), then propagates. :meth:`close` may be called again.
+    settled as ``cancelled``), then propagates. :meth:`close` ends the streams still open
+    (their provider calls are cancelled) and may be called again; calls after it raise
+    ``RuntimeError``. A router left open is closed when the interpreter exits.
 
     Example::
 
@@ -59,19 +64,28 @@ class SyncRouter:
                 f"SyncRouter got a Router and {', '.join(sorted(router_kwargs))}: pass those to the Router"
             )
         self._closed = False
+        # The streams handed out, weakly: one left open holds a task that close() must end.
+        self._streams: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
         self._stack = ExitStack()
         self._portal: BlockingPortal = self._stack.enter_context(start_blocking_portal())
         try:
             self.router = config if isinstance(config, Router) else Router(config, **router_kwargs)
             self._call(self.router.start)
         except BaseException:
-            self._closed = True
-            self._stack.close()
+            self._stop_loop()
             raise
+        # Close a router the script never closed before the interpreter finalizes: by then
+        # the loop thread can no longer run, and stopping it would hang the exit.
+        atexit.register(self.close)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("SyncRouter is closed")
 
     def _call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
         """``await func(*args)`` on the portal's loop; interrupted (Ctrl-C) while waiting,
         cancel that task and wait for it to unwind (a second interrupt stops the wait)."""
+        self._check_open()
         done = threading.Event()
 
         async def run() -> T:
@@ -98,7 +112,7 @@ class SyncRouter:
     def stream(
         self, request: ChatRequest | dict[str, Any], *, context: RequestContext | None = None
     ) -> Iterator[ChatChunk]:
-        return self._iterate(self.router.stream(request, context=context))
+        return self._stream(self.router.stream(request, context=context))
 
     def complete(
         self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None
@@ -108,9 +122,15 @@ class SyncRouter:
     def stream_complete(
         self, request: CompletionRequest | dict[str, Any], *, context: RequestContext | None = None
     ) -> Iterator[CompletionChunk]:
-        return self._iterate(self.router.stream_complete(request, context=context))
+        return self._stream(self.router.stream_complete(request, context=context))
 
-    def _iterate(self, chunks: AsyncIterator[C]) -> Iterator[C]:
+    def _stream(self, chunks: AsyncIterator[C]) -> Iterator[C]:
+        stream = self._iterate(chunks)
+        self._streams.add(stream)
+        return stream
+
+    def _iterate(self, chunks: AsyncIterator[C]) -> Generator[C, None, None]:
+        self._check_open()
         with self._portal.wrap_async_context_manager(_AsyncIterContext(chunks)) as iterator:
             while True:
                 try:
@@ -122,12 +142,29 @@ class SyncRouter:
         return self._call(self.router.list_models)
 
     def close(self) -> None:
-        """Close the router's providers and stop the loop thread (again: nothing)."""
+        """End the open streams, close the router's providers and stop the loop thread
+        (again: nothing)."""
         if self._closed:
             return
+        atexit.unregister(self.close)
+        with ExitStack() as closing:  # each step runs even if the one before it fails
+            closing.callback(self._stop_loop)
+            closing.callback(self._call, self.router.aclose)
+            self._end_streams()
+
+    def _end_streams(self) -> None:
+        """Close the streams left open, which cancels their provider calls."""
+        for stream in list(self._streams):
+            # One not started yet raises "closed" when it is; one running in another
+            # thread is cancelled with the loop's tasks.
+            if inspect.getgeneratorstate(stream) == inspect.GEN_SUSPENDED:
+                stream.close()
+
+    def _stop_loop(self) -> None:
+        """Stop the portal, cancelling the tasks still on it, so that its thread ends."""
         self._closed = True
         try:
-            self._call(self.router.aclose)
+            self._portal.call(self._portal.stop, True)
         finally:
             self._stack.close()
 
