@@ -671,7 +671,15 @@ class OpenAICompatClient:
             )
         if last.usage is None:
             usage = reported or _estimate(request, "".join(texts), model)
-            yield kind(id=last.id, created=last.created, model=last.model, choices=[], usage=usage)
+            yield kind(
+                id=last.id,
+                created=last.created,
+                model=last.model,
+                choices=[],
+                usage=usage,
+                system_fingerprint=last.system_fingerprint,
+                service_tier=last.service_tier,
+            )
 
     def _chunk(self, decoder: msgspec.json.Decoder[T], event: bytes, data: bytes, kind: type[T]) -> T:
         if event == b"error" or b'"error"' in data:

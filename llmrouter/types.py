@@ -341,7 +341,7 @@ MOST_CHOICES = 128
 PositiveInt = Annotated[int, Meta(ge=1, le=MOST_TOKENS)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Stop = str | Annotated[list[str], Meta(max_length=4)] | None
-LogitBias = dict[Annotated[str, Meta(pattern="^-?[0-9]+$")], Annotated[float, Meta(ge=-100, le=100)]]
+LogitBias = dict[Annotated[str, Meta(pattern=r"^-?[0-9]+\Z")], Annotated[float, Meta(ge=-100, le=100)]]
 """Token ids (as JSON keys, so strings) to a bias of -100 to 100, as OpenAI takes them (a
 negative id is the vocabulary check's to refuse, by the deployment that has one)."""
 

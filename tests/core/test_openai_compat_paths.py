@@ -150,3 +150,25 @@ def test_a_header_value_is_checked_for_the_transport_that_sends_it():
             headers={"x-org": "é"},
             transport=httpx.MockTransport(lambda r: httpx.Response(200, content=ANSWER)),
         )
+
+
+async def test_the_usage_chunk_made_for_a_stream_without_one_keeps_its_tier_and_fingerprint():
+    # An upstream that sends no usage: the chunk the client gets with the estimate had
+    # neither, where every chunk of the answer carried them.
+    chunk = (
+        b'data: {"id":"x","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"service_tier":"flex","system_fingerprint":"fp_1",'
+        b'"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    upstream = OpenAICompatClient(
+        "http://upstream.test/v1",
+        transport=httpx.MockTransport(
+            lambda r: httpx.Response(200, content=chunk, headers={"content-type": "text/event-stream"})
+        ),
+    )
+    chunks = [c async for c in upstream.stream(request())]
+    await upstream.aclose()
+    made = chunks[-1]
+    assert made.usage is not None and made.usage.estimated
+    assert (made.service_tier, made.system_fingerprint) == ("flex", "fp_1")

@@ -439,6 +439,11 @@ def test_tool_types_encode_their_type_and_leave_placeholders_out() -> None:
             "logit_bias",
             None,
         ),
+        (
+            b'{"model":"m","messages":[{"role":"user","content":"x"}],"logit_bias":{"5\\n":1}}',
+            "logit_bias",
+            None,
+        ),
         (b'{"model":"m","messages":[{"role":"user","content":"x"}],"top_logprobs":3}', "top_logprobs", None),
         (
             b'{"model":"m","messages":[{"role":"user","content":"x"}],"logprobs":false,"top_logprobs":0}',
