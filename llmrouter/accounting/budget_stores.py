@@ -167,8 +167,9 @@ class DatabaseBudgetStore:
     Args:
         engine: the accounting database.
         seed: returns a window's spend from the ledger.
-        timeout: seconds a reservation or a settling may take before ``TimeoutError``
-            (None: no bound); the abandoned statement is cancelled in the background.
+        timeout: seconds a reservation, a settling or a reading may take before
+            ``TimeoutError`` (None: no bound); the abandoned statement is cancelled in
+            the background.
         lease_seconds: a reservation not settled within this long is freed (its replica
             is presumed dead); keep it above the longest request.
         clock: the time for leases (Unix seconds; tests move it).
@@ -257,6 +258,9 @@ class DatabaseBudgetStore:
         return int(spent)
 
     async def usage(self, window: BudgetWindow) -> tuple[int, int]:
+        return await within(self._timeout, self._usage(window))
+
+    async def _usage(self, window: BudgetWindow) -> tuple[int, int]:
         await self._ensure(window)
         await self._sweep(window)
         return await self._read(window)

@@ -383,7 +383,16 @@ class BudgetManager:
         first that cannot take it (those taken stay in ``reservation``)."""
         amount = to_units(max_cost, round_up=True)
         for window in windows:
-            ok, spent, reserved = await self.store.reserve(window, amount, reservation.request_id)
+            try:
+                ok, spent, reserved = await self.store.reserve(window, amount, reservation.request_id)
+            except BaseException:
+                if amount and not isinstance(self.store, MemoryBudgetStore):
+                    # Failed or cancelled on its way to a shared store, the reservation may
+                    # be there all the same (its reply lost, a timeout): it goes back with
+                    # the others, by the request's id, which changes nothing where the store
+                    # does not hold it. A store in memory changes nothing unless it replies.
+                    reservation.windows.append((window, amount))
+                raise
             self._saw(window, spent)
             if not ok:
                 raise _exceeded(window, spent, reserved, amount)
@@ -534,6 +543,17 @@ def _exceeded(window: BudgetWindow, spent: int, reserved: int, amount: int) -> B
     scope = f" for model {window.model}" if window.model else ""
     if window.end_user is not None:
         scope += f" for end user {window.end_user[:100]!r}"
+    limit = f"{window.period} limit ${window.limit / UNITS_PER_USD:.6f}"
+    if amount > window.limit:
+        # Not even an empty window takes it: a Retry-After at the reset would send the
+        # client back then to be refused again.
+        return BudgetExceededError(
+            f"budget exceeded{scope}: this request may cost up to ${amount / UNITS_PER_USD:.6f}, "
+            f"more than the {limit}: lower max_tokens (or send a shorter prompt)",
+            retry_after=None,
+            retryable=False,
+            until_reset=True,  # x-should-retry: false
+        )
     # Would it fit with no reservation in the way? A free request (amount 0) does not once
     # spend reaches the limit (see fits): then too only the period's end makes room.
     until_reset = not fits(spent, 0, amount, window.limit)
@@ -542,7 +562,7 @@ def _exceeded(window: BudgetWindow, spent: int, reserved: int, amount: int) -> B
     else:  # other requests' reservations are in the way; they settle within seconds
         retry = 1.0
     return BudgetExceededError(
-        f"budget exceeded{scope}: {window.period} limit ${window.limit / UNITS_PER_USD:.6f}, "
+        f"budget exceeded{scope}: {limit}, "
         f"spent ${spent / UNITS_PER_USD:.6f}, reserved ${reserved / UNITS_PER_USD:.6f}, "
         f"this request may cost up to ${amount / UNITS_PER_USD:.6f}",
         retry_after=retry,

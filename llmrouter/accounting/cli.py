@@ -50,17 +50,22 @@ def _section(args: argparse.Namespace) -> AccountingConfig:
 
 
 def _with_db(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *, migrate: bool = True) -> int:
+    """Run ``body`` on the accounting database, its pending migrations applied first with
+    ``migrate`` and ``database.create`` (a command that changes keys may set up the
+    database, as ``serve`` does)."""
+    return _run_on(_section(args).database, body, migrate=migrate)
+
+
+def _run_on(database: DatabaseConfig, body: Callable[[Any], Awaitable[int]], *, migrate: bool) -> int:
     from llmrouter.accounting.db import create_engine
     from llmrouter.accounting.migrations import upgrade
-
-    section = _section(args)
 
     async def run() -> int:
         from sqlalchemy.exc import DBAPIError
 
-        engine = create_engine(section.database)
+        engine = create_engine(database)
         try:
-            if migrate and section.database.create:
+            if migrate and database.create:
                 await upgrade(engine)
             return await body(engine)
         except (OSError, DBAPIError) as exc:  # unreachable, refused, no such role or database
@@ -69,6 +74,74 @@ def _with_db(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *,
             await engine.dispose()
 
     return anyio.run(run)
+
+
+def _reading_db(
+    args: argparse.Namespace, body: Callable[[Any], Awaitable[int]], *, any_schema: bool = False
+) -> int:
+    """Run ``body`` of a command that only reads (``keys list``, ``usage report``, ``db
+    status``): it creates and migrates nothing, and a database without the ledger is one
+    line and exit status 1. Run from another directory (the default SQLite path is
+    relative) or given a mistyped ``--database-url``, these made an empty database and
+    reported it: no usage, no keys. ``any_schema``: a ledger whose schema is behind is
+    read all the same (``db status`` says so); otherwise it is refused too."""
+    from llmrouter.accounting.migrations import current_version, latest_version
+
+    database = _section(args).database
+    missing = f"no ledger at {_shown(database.url)} (run llmrouter db upgrade, or pass --database-url)"
+    if _missing_sqlite_file(database.url):
+        return _error(missing)
+
+    async def checked(engine: Any) -> int:
+        if not any_schema:
+            version, latest = await current_version(engine), latest_version()
+            if version == 0:
+                return _error(missing)
+            if version < latest:
+                return _error(
+                    f"the ledger at {_shown(database.url)} has schema version {version} of {latest} "
+                    "(run llmrouter db upgrade)"
+                )
+        return await body(engine)
+
+    return _run_on(database, checked, migrate=False)
+
+
+def _missing_sqlite_file(url: str) -> bool:
+    """Whether ``url`` names a SQLite file that does not exist (opening it would make it)."""
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - not a URL: create_engine says so
+        return False
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return False
+    if database.startswith("file:"):  # a URI filename (?uri=true): left to SQLite
+        return False
+    return not Path(database).expanduser().exists()
+
+
+def _shown(url: str) -> str:
+    """The database ``url`` names, for a message: a SQLite file's path, else the URL
+    without its password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001
+        return url
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        return parsed.database
+    return parsed.render_as_string(hide_password=True)
+
+
+def _error(message: str) -> int:
+    print(f"llmrouter: error: {message}", file=sys.stderr)
+    return 1
 
 
 @asynccontextmanager
@@ -264,7 +337,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         print(_plain_table(rows), end="")
         return 0
 
-    return _with_db(args, body)
+    return _reading_db(args, body)
 
 
 def _plain_table(rows: list[dict[str, str]]) -> str:
@@ -307,7 +380,7 @@ def cmd_usage_report(args: argparse.Namespace) -> int:
         sys.stdout.write(render(rows, args.format, columns=report_columns(by)))
         return 0
 
-    return _with_db(args, body)
+    return _reading_db(args, body)
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -337,7 +410,7 @@ def cmd_db_status(args: argparse.Namespace) -> int:
         )
         return 0 if version >= latest else 3
 
-    return _with_db(args, body, migrate=False)
+    return _reading_db(args, body, any_schema=True)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

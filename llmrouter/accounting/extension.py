@@ -172,6 +172,19 @@ def _json(body: Any, status: int = 200) -> Response[bytes]:
     return Response(content=_encode(body), status_code=status, media_type="application/json")
 
 
+async def _budget_status(acct: Accounting, key: ApiKey | None, end_user: str | None) -> list[dict[str, Any]]:
+    """The caller's budgets for ``/v1/usage``: a 503 the client may retry, not a 500,
+    while their store (Redis, the database) cannot be read."""
+    if acct.budgets is None:
+        return []
+    try:
+        return await acct.budgets.status(key, end_user=end_user)
+    except LLMRouterError:
+        raise
+    except Exception as exc:
+        raise unavailable(exc, "reading the caller's budgets") from exc
+
+
 class AccountingExtension(Extension):
     """Keys, limits, budgets and the ledger for ``llmrouter serve``.
 
@@ -280,7 +293,7 @@ class AccountingExtension(Extension):
                 anonymous=key is None,
                 end_user=end_user,
             )
-            budgets = await acct.budgets.status(key, end_user=end_user) if acct.budgets is not None else []
+            budgets = await _budget_status(acct, key, end_user)
             return _json(
                 {
                     "object": "usage",

@@ -26,7 +26,7 @@ from llmrouter.accounting.models import LedgerRow
 from llmrouter.accounting.reports import usage_report
 from llmrouter.accounting.retries import Retries
 from llmrouter.aio import within
-from llmrouter.errors import ConfigError
+from llmrouter.errors import ConfigError, LLMRouterError
 from llmrouter.probes import SharedProbes
 from llmrouter.redis_pool import connect
 
@@ -173,7 +173,10 @@ class Accounting:
             self._key_events.start()
         self.limiter = (
             RedisLimiter(
-                self.redis, prefix=self.config.redis.prefix, lease_seconds=self.config.limits.lease_seconds
+                self.redis,
+                prefix=self.config.redis.prefix,
+                lease_seconds=self.config.limits.lease_seconds,
+                retries=self.retries,
             )
             if self.redis is not None
             else MemoryLimiter()
@@ -272,10 +275,7 @@ class Accounting:
             raise unavailable(exc, "reading a budget's spend from the ledger") from exc
 
     async def _spent_in_ledger(self, window: BudgetWindow) -> int:
-        try:
-            await self.ledger.flush()  # rows of this process first, so the sum is current
-        except RuntimeError:
-            log.warning("accounting: ledger not flushed before reading spend: %s", self.ledger.last_error)
+        await self._flush_before_reading("spend")
         query = select(func.coalesce(func.sum(_LEDGER.c.cost), 0.0)).where(
             _LEDGER.c.created_at >= window.start
         )
@@ -294,10 +294,34 @@ class Accounting:
             raise unavailable(exc, "reading a budget's spend from the ledger") from exc
         return to_units(float(total or 0.0))
 
+    async def _flush_before_reading(self, what: str) -> None:
+        """Write this process's queued rows first, so that what is read is current; should
+        the database refuse them, they stay queued and what it has is read all the same."""
+        try:
+            await self.ledger.flush()
+        except RuntimeError:
+            log.warning("accounting: ledger not flushed before reading %s: %s", what, self.ledger.last_error)
+
     async def usage(self, **kwargs: Any) -> list[dict[str, Any]]:
-        """:func:`~llmrouter.accounting.reports.usage_report` over this ledger (flushed first)."""
-        await self.ledger.flush()
-        return await usage_report(self.engine, **kwargs)
+        """:func:`~llmrouter.accounting.reports.usage_report` over this ledger (flushed first).
+
+        Raises:
+            AccountingUnavailableError: the database cannot be read now (503, with
+                ``Retry-After``), or not within ``database.timeout``.
+        """
+        try:
+            return await within(self.config.database.timeout, self._usage(**kwargs))
+        except TimeoutError as exc:
+            raise unavailable(exc, "reading usage from the ledger") from exc
+
+    async def _usage(self, **kwargs: Any) -> list[dict[str, Any]]:
+        await self._flush_before_reading("usage")
+        try:
+            return await usage_report(self.engine, **kwargs)
+        except LLMRouterError:
+            raise  # the request's own mistake (a bad dimension)
+        except Exception as exc:
+            raise unavailable(exc, "reading usage from the ledger") from exc
 
     async def check_stores(self) -> dict[str, Any]:
         """Whether the database and Redis answer now (:data:`STORE_CHECK_SECONDS` each),

@@ -8,7 +8,9 @@ at admission and is trued up with the real token count when the request ends.
 Two backends, same semantics: :class:`MemoryLimiter` (one process; each check and
 update runs with no ``await`` between them) and :class:`RedisLimiter` (one Lua script
 per admission, using the Redis server's clock, so every replica shares the windows).
-Concurrency slots in Redis are leases, so a replica that dies frees its slots.
+Concurrency slots in Redis are leases, so a replica that dies frees its slots; an
+admission that fails or is cancelled while its script is on the wire frees the slot it
+may have taken at once (its reply was lost, not necessarily the script).
 
 A refusal is :class:`~llmrouter.errors.RateLimitError` (429, ``retryable=False``, with
 ``retry_after``), except for a request of more tokens than the TPM limit itself: no wait
@@ -17,13 +19,20 @@ can admit it, so it is refused at once as too large, without ``retry_after``.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
 
 from llmrouter.context import new_id
 from llmrouter.errors import RateLimitError
+
+if TYPE_CHECKING:
+    from llmrouter.accounting.retries import Retries
 
 __all__ = [
     "EffectiveLimits",
@@ -36,7 +45,13 @@ __all__ = [
     "seconds_until_fits",
 ]
 
+log = logging.getLogger("llmrouter.accounting")
+
 WINDOW = 60.0
+
+FREE_SLOT_SECONDS = 5.0
+"""The longest a failed admission waits to free the slot it may have taken (shielded from
+the caller's cancellation, so bounded): past it the retries free it."""
 
 
 @dataclass(frozen=True)
@@ -406,12 +421,22 @@ class RedisLimiter:
         client: a ``redis.asyncio.Redis``.
         prefix: key prefix.
         lease_seconds: a concurrency slot not released within this long is freed.
+        retries: where freeing the slot of a failed admission goes to be tried again
+            when Redis fails that too (None: logged and left to the slot's lease).
     """
 
-    def __init__(self, client: Any, *, prefix: str = "llmrouter:", lease_seconds: float = 900.0) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        prefix: str = "llmrouter:",
+        lease_seconds: float = 900.0,
+        retries: Retries | None = None,
+    ) -> None:
         self._redis = client
         self._prefix = f"{prefix}limits:"
         self._lease = lease_seconds
+        self._retries = retries
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._left = client.register_script(_LEFT)
@@ -431,7 +456,13 @@ class RedisLimiter:
             slot,
             self._lease,
         ]
-        ok, kind, wait, *rest = await self._acquire(keys=self._keys(subject), args=args)
+        keys = self._keys(subject)
+        try:
+            ok, kind, wait, *rest = await self._acquire(keys=keys, args=args)
+        except BaseException:
+            if limits.concurrency is not None:
+                await self._free_slot(keys[1], slot)
+            raise
         if int(ok) != 1:
             kind = kind.decode() if isinstance(kind, bytes) else str(kind)
             limit = {"rpm": limits.rpm, "tpm": limits.tpm, "concurrency": limits.concurrency}[kind]
@@ -446,6 +477,23 @@ class RedisLimiter:
             tokens_left=tokens_left,
             minute=float(rest[2]),
         )
+
+    async def _free_slot(self, slots: str, slot: str) -> None:
+        """Free ``slot`` after its admission failed or was cancelled: the script may have
+        run though its reply never came (a timeout, a connection cut, the client gone),
+        and a slot kept would refuse the key's requests for the whole lease (15 minutes
+        with ``concurrency: 1``). Freeing a slot never taken changes nothing, so when
+        Redis fails this too it is tried again later (``retries``)."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(FREE_SLOT_SECONDS):
+            try:
+                await self._redis.zrem(slots, slot)
+                return
+            except Exception as exc:  # noqa: BLE001 - the admission's own error goes on
+                log.warning(
+                    "accounting: freeing concurrency slot %s failed: %s: %s", slot, type(exc).__name__, exc
+                )
+        if self._retries is not None:
+            self._retries.add(f"freeing concurrency slot {slot}", partial(self._redis.zrem, slots, slot))
 
     async def release(self, ticket: LimitTicket, actual_tokens: int) -> None:
         track = "1" if ticket.limits.tpm is not None else "0"

@@ -12,7 +12,8 @@ from sqlalchemy import text
 
 from llmrouter.accounting import Accounting
 from llmrouter.accounting.budget_stores import DatabaseBudgetStore, RedisBudgetStore
-from llmrouter.accounting.budgets import BudgetWindow, MemoryBudgetStore
+from llmrouter.accounting.budgets import BudgetManager, BudgetWindow, MemoryBudgetStore
+from llmrouter.accounting.config import BudgetRule
 from llmrouter.accounting.db import create_engine
 from llmrouter.accounting.migrations import upgrade
 
@@ -174,6 +175,55 @@ async def _check_settled_once(store: Any) -> None:
     assert await store.settle(budget, 300, 50, "never-reached", again=True) == 150  # held: settled now
     assert await store.usage(budget) == (150, 0)
     assert await store.settle(budget, 0, 7, "unpriced", again=True) == 157  # nothing held to tell by
+
+
+class RepliesLost:
+    """A shared store whose reservations are made but never reply to their caller:
+    ``lose`` is called instead (it raises a timeout, or cancels the caller)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.lose: Any = None
+
+    async def reserve(self, window: BudgetWindow, amount: int, request_id: str) -> Any:
+        await self.store.reserve(window, amount, request_id)
+        self.lose()
+        await anyio.sleep_forever()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+async def test_a_reservation_whose_reply_is_lost_goes_back(db_url: str, tmp_path: Path) -> None:
+    async with Accounting(make_config(db_url, tmp_path)) as acct:
+        await _check_lost_reply_given_back(DatabaseBudgetStore(acct.engine, _nothing_spent))
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
+async def test_a_reservation_whose_reply_is_lost_goes_back_on_redis(redis_client: Any, _: int) -> None:
+    await _check_lost_reply_given_back(
+        RedisBudgetStore(redis_client, _nothing_spent, prefix=redis_client.test_prefix)
+    )
+
+
+async def _check_lost_reply_given_back(store: Any) -> None:
+    # The store took the reservation but the request saw a timeout, or was cancelled,
+    # before its reply: the window joined the reservation only once the store replied,
+    # so nothing gave it back, and the budget stayed reserved for the whole lease.
+    budgets = BudgetManager([BudgetRule(key="*", period="total", limit=1.0)], RepliesLost(store))
+    (budget,) = budgets.windows_for(None, "gpt-4o")
+
+    def time_out() -> None:
+        raise TimeoutError
+
+    budgets.store.lose = time_out  # type: ignore[attr-defined]
+    with pytest.raises(TimeoutError):
+        await budgets.reserve(None, "gpt-4o", 0.5, "timed-out")
+    with anyio.CancelScope() as scope:
+        budgets.store.lose = scope.cancel  # type: ignore[attr-defined]
+        await budgets.reserve(None, "gpt-4o", 0.5, "cancelled")
+    assert scope.cancelled_caught
+    assert await store.usage(budget) == (0, 0)
 
 
 def _day(day: int, limit: int = 1_000) -> BudgetWindow:

@@ -231,11 +231,12 @@ async def test_a_store_failing_half_way_gives_back_what_was_reserved() -> None:
     budgets = BudgetManager(
         [BudgetRule(key="*", period="day", limit=1.0), BudgetRule(key="*", period="month", limit=1.0)], store
     )
-    day = budgets.windows_for(None, "gpt-4o")[0]
-    assert day.period == "day"
+    day, month = budgets.windows_for(None, "gpt-4o")
+    assert (day.period, month.period) == ("day", "month")
     with pytest.raises(ConnectionError):
         await budgets.reserve(None, "gpt-4o", 0.5, "req-1")
     assert await store.usage(day) == (0, 0)  # the day's reservation went back
+    assert await store.usage(month) == (0, 0)  # and in memory a failed one took nothing to give back
 
 
 async def test_a_store_failing_on_a_fallbacks_budget_gives_back_the_whole_reservation() -> None:
@@ -274,6 +275,23 @@ async def test_a_refusal_says_whether_trying_again_soon_can_pass(sqlite_url: str
         with pytest.raises(BudgetExceededError) as spent:
             await acct.hooks.before_request(chat_context(max_cost=MAX_COST))
         assert spent.value.retry_after is None and spent.value.headers() == {"x-should-retry": "false"}
+
+
+async def test_a_request_costlier_than_the_limit_itself_is_not_told_to_retry(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Its maximum cost alone is over the day's limit, so no reset makes room for it: it
+    was told to retry at UTC midnight (``Retry-After`` of hours), to be refused again."""
+    config = make_config(
+        sqlite_url, tmp_path, budgets=[BudgetRule(period="day", limit=MAX_COST)], budget_backend="memory"
+    )
+    async with Accounting(config) as acct:
+        with pytest.raises(BudgetExceededError) as info:
+            await acct.hooks.before_request(chat_context(max_cost=2 * MAX_COST))
+        error = info.value
+        assert error.retry_after is None and error.headers() == {"x-should-retry": "false"}
+        assert "may cost up to $0.000100, more than the day limit $0.000050" in error.message
+        assert "lower max_tokens" in error.message
 
 
 async def test_a_used_up_budget_tells_a_free_request_to_wait_for_the_reset(

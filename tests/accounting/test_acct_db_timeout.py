@@ -164,3 +164,20 @@ async def test_a_settlement_the_database_did_not_answer_counts_once(
                 await anyio.sleep(0.05)
         window = acct.budgets.windows_for(None, "gpt-4o")[0]
         assert await acct.budgets.store.usage(window) == (to_units(0.004), 0)
+
+
+async def test_usage_on_a_database_that_stopped_answering(
+    pg_url: str, tmp_path: Path, proxy: FreezableProxy
+) -> None:
+    # What /v1/usage reads: the ledger's report, and each budget window's counter (which
+    # had no bound: the request hung on the frozen connection).
+    config = _budgets_through(pg_url, tmp_path, proxy)
+    async with Accounting(config) as acct:
+        assert acct.budgets is not None
+        window = acct.budgets.windows_for(None, "gpt-4o")[0]
+        await acct.budgets.store.usage(window)
+        proxy.freeze()
+        await _refused_within_the_timeout(lambda: acct.usage(by=["model"]))
+        with anyio.fail_after(5), pytest.raises(TimeoutError):
+            await acct.budgets.store.usage(window)
+        proxy.thaw()

@@ -4,9 +4,11 @@ expiries, prefix references as listings show them, names with ``/``, and report 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -336,6 +338,7 @@ async def test_report_columns_are_those_of_a_report(acct: Accounting) -> None:
 
 
 def test_cli_report_formats_end_with_a_newline(cli_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli(cli_dir, "db", "upgrade", capsys=capsys)[0] == 0
     empty = ("--since", "2020-01-01", "--until", "2020-01-02")
     code, out, err = _cli(cli_dir, "usage", "report", "--by", "", "--format", "json", capsys=capsys)
     assert code == 0 and out.endswith("}\n]\n") and json.loads(out)[0]["requests"] == 0, err
@@ -343,6 +346,29 @@ def test_cli_report_formats_end_with_a_newline(cli_dir: Path, capsys: pytest.Cap
     assert code == 0, err
     assert out.startswith("key,key_name,model,requests,") and out.count("\n") == 1
     assert list(csv.DictReader(io.StringIO(out))) == []
+
+
+def test_read_only_commands_make_no_database(cli_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Run from another directory (the default SQLite path is relative) or given a
+    mistyped ``--database-url``, ``usage report`` made and migrated an empty database and
+    printed "(no usage in this range)", exit 0."""
+    path = cli_dir / "cli.db"
+    missing = f"llmrouter: error: no ledger at {path} (run llmrouter db upgrade, or pass --database-url)\n"
+    for command in (("usage", "report"), ("keys", "list"), ("db", "status")):
+        assert _cli(cli_dir, *command, capsys=capsys) == (1, "", missing), command
+    assert not path.exists()
+    path.touch()  # a database without the ledger (as a fresh PostgreSQL database is)
+    assert _cli(cli_dir, "usage", "report", capsys=capsys) == (1, "", missing)
+    assert _cli(cli_dir, "db", "status", capsys=capsys)[0] == 3  # behind: what it reports
+    assert _cli(cli_dir, "db", "upgrade", capsys=capsys)[0] == 0
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(
+            "DELETE FROM llmr_schema_version WHERE version = (SELECT max(version) FROM llmr_schema_version)"
+        )
+    code, _, err = _cli(cli_dir, "keys", "list", capsys=capsys)
+    assert code == 1 and f"the ledger at {path} has schema version" in err and "db upgrade" in err
+    assert _cli(cli_dir, "db", "upgrade", capsys=capsys)[0] == 0
+    assert _cli(cli_dir, "keys", "list", capsys=capsys) == (0, "(no keys)\n", "")
 
 
 async def _admin_headers(client: Any) -> dict[str, str]:

@@ -20,6 +20,7 @@ from llmrouter.accounting.limits import (
     RedisLimiter,
     seconds_until_fits,
 )
+from llmrouter.accounting.retries import Retries
 from llmrouter.errors import RateLimitError
 
 from .conftest import REDIS_URL, _redis_client, chat_context, finish, make_config, needs_redis
@@ -141,6 +142,73 @@ async def test_redis_concurrency_slots_of_a_dead_replica_expire(redis_client: An
         await limiter.acquire("k", limits, 0)
     await anyio.sleep(0.4)
     await limiter.acquire("k", limits, 0)
+
+
+class RepliesLost:
+    """A Redis client whose scripts run but, while ``lose`` is set, never reply to their
+    caller: ``lose`` is called instead (it raises a timeout, or cancels the caller).
+    ``zrem_fails``: freeing a slot fails too (Redis went away)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.lose: Any = None
+        self.zrem_fails = False
+
+    def register_script(self, source: str) -> Any:
+        script = self._client.register_script(source)
+
+        async def run(**kwargs: Any) -> Any:
+            reply = await script(**kwargs)
+            if self.lose is not None:
+                self.lose()
+                await anyio.sleep_forever()
+            return reply
+
+        return run
+
+    async def zrem(self, *args: Any) -> Any:
+        if self.zrem_fails:
+            raise ConnectionError("connection refused")
+        return await self._client.zrem(*args)
+
+
+def _time_out() -> None:
+    raise TimeoutError("Timeout reading from 127.0.0.1:6379")
+
+
+async def test_an_admission_whose_reply_is_lost_frees_its_slot(redis_client: Any) -> None:
+    # Redis ran the script (the slot was taken) but the reply never came: the caller
+    # could not free a slot it never got the id of, and with concurrency 1 the key was
+    # refused for the whole lease (15 minutes).
+    client = RepliesLost(redis_client)
+    limiter = RedisLimiter(client, prefix=redis_client.test_prefix)
+    one = EffectiveLimits(concurrency=1)
+    client.lose = _time_out
+    with pytest.raises(TimeoutError):
+        await limiter.acquire("k", one, 0)
+    with anyio.CancelScope() as scope:  # the client left while the script was on the wire
+        client.lose = scope.cancel
+        await limiter.acquire("k", one, 0)
+    assert scope.cancelled_caught
+    client.lose = None
+    await limiter.release(await limiter.acquire("k", one, 0), 0)  # the one slot is free
+
+
+async def test_a_slot_redis_cannot_free_at_once_is_freed_by_the_retries(redis_client: Any) -> None:
+    client = RepliesLost(redis_client)
+    retries = Retries()
+    limiter = RedisLimiter(client, prefix=redis_client.test_prefix, retries=retries)
+    one = EffectiveLimits(concurrency=1)
+    client.lose, client.zrem_fails = _time_out, True
+    with pytest.raises(TimeoutError):
+        await limiter.acquire("k", one, 0)
+    client.lose = None
+    with pytest.raises(RateLimitError, match="concurrent requests"):
+        await limiter.acquire("k", one, 0)  # taken until Redis frees it
+    client.zrem_fails = False
+    assert await retries.try_all()
+    await limiter.release(await limiter.acquire("k", one, 0), 0)
+    await retries.aclose()
 
 
 async def test_a_true_up_after_the_minute_goes_to_the_minute_it_was_charged_in() -> None:

@@ -12,13 +12,14 @@ from litestar.testing import AsyncTestClient
 from llmrouter.accounting import Accounting, extension_from_config
 from llmrouter.accounting.config import RedisConfig
 from llmrouter.accounting.extension import AccountingExtension, secret_from_headers
+from llmrouter.accounting.ledger import row_from_context
 from llmrouter.config import Config, Deployment, Price, parse_config
 from llmrouter.extension import Extension
 from llmrouter.router import Router
 from llmrouter.server import create_app
 from llmrouter.testing.scripted import ScriptedProvider, Step
 
-from .conftest import make_config
+from .conftest import chat_context, finish, make_config
 
 pytestmark = pytest.mark.anyio
 
@@ -405,6 +406,54 @@ async def test_a_failing_store_answers_503_not_500(sqlite_url: str, tmp_path: Pa
         await acct.ledger.flush()
         rows = await acct.usage(by=["status"])
     assert {r["status"]: r["requests"] for r in rows} == {"rejected": 1}  # the one that reached the hooks
+
+
+def _unavailable(response: Any) -> None:
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "accounting_unavailable"
+    assert response.headers["retry-after"] == "1"
+
+
+async def test_usage_is_a_503_while_its_stores_cannot_be_read(sqlite_url: str, tmp_path: Path) -> None:
+    """The ledger's database or the budgets' store unreachable: ``/v1/usage`` and
+    ``/v1/admin/usage`` were 500 ``internal_error``, with a traceback in the log."""
+    from llmrouter.accounting.config import BudgetRule
+    from llmrouter.accounting.db import create_engine
+
+    app, acct = _app(sqlite_url, tmp_path, budgets=[BudgetRule(limit=10.0)], budget_backend="memory")
+
+    async def down(*args: object) -> None:
+        raise ConnectionError("connection refused")
+
+    async with AsyncTestClient(app) as client:
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        ledger_db, acct.engine = acct.engine, create_engine("postgresql+asyncpg://postgres@127.0.0.1:9/acct")
+        try:
+            _unavailable(await client.get("/v1/usage"))
+            _unavailable(await client.get("/v1/admin/usage"))
+        finally:
+            await acct.engine.dispose()
+            acct.engine = ledger_db
+        assert (await client.get("/v1/usage")).status_code == 200
+        assert acct.budgets is not None
+        acct.budgets.store.usage = down  # type: ignore[method-assign,assignment]  # Redis, say
+        _unavailable(await client.get("/v1/usage"))
+
+
+async def test_a_report_is_read_though_the_ledger_cannot_flush(
+    acct: Accounting, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database refusing this process's queued rows does not keep a report from
+    reading what it has (as reading a budget's spend does)."""
+    acct.ledger.record(row_from_context(finish(chat_context(), cost=0.001)))
+    await acct.ledger.flush()
+
+    async def refused() -> None:
+        raise RuntimeError("ledger flush failed: OperationalError: database is locked")
+
+    acct.ledger.flush = refused  # type: ignore[method-assign]
+    assert [row["requests"] for row in await acct.usage(by=["status"])] == [1]
+    assert "ledger not flushed before reading usage" in caplog.text
 
 
 async def test_a_key_lists_and_retrieves_only_the_models_it_may_use(sqlite_url: str, tmp_path: Path) -> None:
