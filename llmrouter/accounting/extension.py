@@ -39,6 +39,7 @@ from llmrouter.errors import (
 )
 from llmrouter.extension import Extension, Gauge
 from llmrouter.hooks import RouterHooks
+from llmrouter.server.body import read_body
 from llmrouter.server.openapi import documented_body
 from llmrouter.server.state import header_dict
 from llmrouter.types import error_param, json_fault
@@ -336,7 +337,7 @@ class AccountingExtension(Extension):
         )
         async def create_key(request: Request[Any, Any, Any]) -> Response[bytes]:
             await ext._caller(request, admin=True)
-            body = _decode(await request.body(), CreateKeyRequest, "key request")
+            body = _decode(await read_body(request), CreateKeyRequest, "key request")
             key, secret = await acct.keys.create(
                 body.name,
                 scopes=body.scopes,
@@ -392,7 +393,7 @@ class AccountingExtension(Extension):
         )
         async def update_key(request: Request[Any, Any, Any], key_ref: FromPath[str]) -> Response[bytes]:
             await ext._caller(request, admin=True)
-            body = _decode(await request.body(), UpdateKeyRequest, "key update")
+            body = _decode(await read_body(request), UpdateKeyRequest, "key update")
             return _json(key_to_json(await acct.keys.update(key_ref, body.changes(time.time()))))
 
         @post(

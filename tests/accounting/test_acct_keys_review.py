@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import gzip
 import io
 import json
 import sqlite3
@@ -391,3 +392,21 @@ async def _store(acct: Accounting, key_id: str, **values: Any) -> None:
 
 def _cli_accounting(cli_dir: Path) -> Accounting:
     return _worker(f"sqlite+aiosqlite:///{cli_dir / 'cli.db'}", cli_dir, "lib")
+
+
+async def test_the_key_routes_take_a_compressed_body(sqlite_url: str, tmp_path: Path) -> None:
+    # As the completion routes do (docs/service.md): they read the raw bytes, and a gzip
+    # body was "JSON is malformed".
+    acct = _worker(sqlite_url, tmp_path, "one")
+    async with AsyncTestClient(_app(acct)) as client:
+        admin = await _admin_headers(client)
+        gzipped = {**admin, "content-type": "application/json", "content-encoding": "gzip"}
+        created = await client.post(
+            "/v1/admin/keys", content=gzip.compress(b'{"name": "zipped"}'), headers=gzipped
+        )
+        assert created.status_code == 201, created.text
+        changed = await client.patch(
+            "/v1/admin/keys/zipped", content=gzip.compress(b'{"note": "inflated"}'), headers=gzipped
+        )
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["note"] == "inflated"
