@@ -79,6 +79,7 @@ class Flight:
         "payer",
         "response",
         "reusable",
+        "shared",
         "streaming",
         "task",
     )
@@ -98,6 +99,9 @@ class Flight:
         """True once the flight is over, storing included (a stream's producer task has ended)."""
         self._ended_event: asyncio.Event | None = None  # made only when someone waits
         self.task: asyncio.Task[None] | None = None
+        self.shared = False
+        """True once a request other than ``origin`` attended: its payer is then billed the
+        output the flight produced, which others may have read further than it did."""
         self.reusable = False
         """Set by the after-flight step when the answer is being stored: until the store
         lands, a new identical request is served from the flight as if it were a hit."""
@@ -350,8 +354,11 @@ class _Attendance:
         self.coalescer, self.flight, self.ctx = coalescer, flight, ctx
 
     async def __aenter__(self) -> Flight:
-        self.flight.attendees.append(self.ctx)
-        return self.flight
+        flight = self.flight
+        if self.ctx is not flight.origin:
+            flight.shared = True
+        flight.attendees.append(self.ctx)
+        return flight
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self.coalescer._leave(self.flight, self.ctx):

@@ -388,14 +388,19 @@ class ResponseCache:
         if flight.done and flight.error is None:
             # The answer was produced, and stored for everyone: the whole call.
             self._settle(ctx, flight, None)
+            if _flight_usage(flight) is not None:
+                return
+            # Upstream reported no usage: counted below, as all of it may not have been read.
         elif ctx is not flight.origin:
-            # The last one attending (its leaving stopped the call), or the call failed:
-            # it pays for the output the flight produced, not only what it read (a slow
-            # reader lags behind it; a non-streaming request read none of it).
             self._inherit_bill(ctx, flight.origin)
+        if flight.shared and _reached_upstream(flight):
+            # The last one attending (its leaving stopped the call), the payer of a call
+            # that failed, or of one that completed without usage: it pays for the output
+            # the flight produced, not only what it read (others may have read further; a
+            # slow reader lags behind; a non-streaming request read none of it).
             await to_completion(_count_flight_usage(ctx, flight))
-        # else the launching client, still holding its bill: the router bills what it
-        # received, as for any cancelled or failed stream.
+        # A launching client nobody joined: the router bills what it received, as for any
+        # stream without a cache.
 
     def _inherit_bill(self, ctx: RequestContext, origin: RequestContext) -> None:
         """An attendee pays for a streaming flight whose launching client left: priced by
@@ -533,6 +538,13 @@ def _flight_usage(flight: Flight) -> Usage | None:
     if flight.response is not None:
         return flight.response.usage
     return last_usage(flight.chunks)
+
+
+def _reached_upstream(flight: Flight) -> bool:
+    """Whether the flight's call has anything to bill: output, or a deployment that read
+    the prompt (the router's rule for a stream that ended early; an upstream error before
+    the first chunk is billed nothing)."""
+    return bool(flight.chunks) or flight.origin.deployment is not None
 
 
 async def _count_flight_usage(ctx: RequestContext, flight: Flight) -> None:

@@ -45,6 +45,19 @@ class HeldAfterFirstChunk(ScriptedProvider):
             yield chunk
 
 
+class HeldBeforeAnswering(ScriptedProvider):
+    """Waits for ``gate`` before it streams (or fails)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = anyio.Event()
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatChunk]:
+        await self.gate.wait()
+        async for chunk in super().stream(request):
+            yield chunk
+
+
 class CancelsOnAnswer(ScriptedProvider):
     """Cancels ``scope`` (the caller's) just before it answers: the caller is cancelled
     in the same loop step in which the shared call completes."""
@@ -182,6 +195,95 @@ async def test_a_stream_that_fails_after_its_launcher_left_is_billed_to_the_next
     await cache.aclose()
     assert_pays_for_what_was_produced(follower, "Paris is the")
     assert (origin.cache_status, origin.cost) == ("coalesced", 0.0)
+
+
+async def test_a_launcher_left_last_pays_for_what_its_followers_read_too() -> None:
+    provider = HeldAfterFirstChunk(
+        "tiny", default=Step(text="Paris is the capital of France.", usage=USAGE), free=3
+    )
+    router, cache = make(provider)
+    origin, follower = RequestContext(), RequestContext()
+    async with router:
+        first = router.stream(body(), context=origin)
+        await first.__anext__()  # the launcher reads one of the three chunks produced
+        second = router.stream(body(), context=follower)
+        for _ in range(3):
+            await second.__anext__()
+        await second.aclose()
+        await first.aclose()  # the last to leave, still holding its bill
+    await cache.aclose()
+    assert provider.record.calls == 1 and provider.record.cancelled == 1
+    assert_pays_for_what_was_produced(origin, "Paris is the")
+    assert (follower.cache_status, follower.cost) == ("coalesced", 0.0)
+
+
+async def test_a_launcher_nobody_joined_is_billed_what_it_received() -> None:
+    provider = HeldAfterFirstChunk(
+        "tiny", default=Step(text="Paris is the capital of France.", usage=USAGE), free=3
+    )
+    router, cache = make(provider)
+    ctx = RequestContext()
+    async with router:
+        stream = router.stream(body(), context=ctx)
+        await stream.__anext__()
+        await wait_until(lambda: provider.record.chunks_sent > 3)  # the flight produced three
+        await stream.aclose()
+    await cache.aclose()
+    assert provider.record.cancelled == 1
+    assert ctx.cache_status == "miss" and ctx.usage is not None
+    assert ctx.usage.completion_tokens == count_text("Paris", "tiny"), "as without a cache"
+
+
+async def test_a_payer_that_stops_reading_a_completed_flight_without_usage_pays_all_of_it() -> None:
+    text = "Paris is the capital of France."
+    provider = HeldAfterFirstChunk("tiny", default=Step(text=text, usage=False))
+    router, cache = make(provider)
+    origin, follower = RequestContext(), RequestContext()
+    async with router:
+        first = router.stream(body(), context=origin)
+        await first.__anext__()
+        second = router.stream(body(), context=follower)
+        await second.__anext__()
+        await first.aclose()  # the follower holds the bill now
+        provider.gate.set()
+        await wait_until(lambda: provider.record.completed == 1 and len(cache.coalescer) == 0)
+        await second.aclose()  # having read one chunk of the completed call
+    await cache.aclose()
+    assert follower.cache_status == "miss" and follower.usage is not None
+    assert follower.usage.completion_tokens == count_text(text, "tiny")
+    assert follower.cost_source == "price_table"
+    assert follower.cost == pytest.approx(usage_cost(follower.usage, PRICE))
+
+
+async def test_a_stream_failing_before_its_first_chunk_bills_its_next_in_line_nothing() -> None:
+    provider = HeldBeforeAnswering("tiny", default=Step(error=UpstreamError("boom")))
+    router, cache = make(provider)
+    origin, follower = RequestContext(), RequestContext()
+    launcher = anyio.CancelScope()
+
+    async def launch() -> None:
+        with launcher:
+            async for _chunk in router.stream(body(), context=origin):
+                pass
+
+    async def follow() -> None:
+        with pytest.raises(UpstreamError):
+            async for _chunk in router.stream(body(), context=follower):
+                pass
+
+    async with router, anyio.create_task_group() as tg:
+        tg.start_soon(launch)
+        await wait_until(lambda: len(cache.coalescer) == 1)
+        tg.start_soon(follow)
+        await wait_until(lambda: cache.stats.coalesced == 1)
+        launcher.cancel()  # the bill passes to the follower
+        await wait_until(lambda: origin.status == "cancelled")
+        provider.gate.set()  # upstream fails before its first chunk
+    await cache.aclose()
+    # As for a stream failing alone: no deployment answered, nothing is billed.
+    assert (follower.status, follower.cache_status) == ("error", "miss")
+    assert follower.usage is None and follower.cost == 0.0 and follower.cost_source is None
+    assert cache.stats.misses == 1 and cache.stats.coalesced == 1
 
 
 async def test_a_caller_cancelled_as_its_call_answers_is_answered_and_pays() -> None:
