@@ -15,7 +15,7 @@ import anyio
 
 from llmrouter.config import Cooldown, Deployment, ModelGroup, Retry, Timeouts
 from llmrouter.errors import NoDeploymentAvailableError
-from llmrouter.provider import Provider
+from llmrouter.provider import Capabilities, Provider
 from llmrouter.strategies import Strategy
 
 __all__ = ["DeploymentState", "GroupState"]
@@ -48,6 +48,9 @@ class DeploymentState:
     failures: int = 0
     started: bool = False
     start_error: str | None = None
+    limits: Capabilities | None = None
+    """The provider's capabilities, read when it started, when they rule out some
+    requests (None: it serves every request, and the attempt plan checks nothing)."""
 
     def cooling(self, now: float) -> bool:
         return now < self.cooldown_until
@@ -121,6 +124,8 @@ class GroupState:
     timeouts: Timeouts
     cooldown: Cooldown
     deployments: list[DeploymentState] = field(default_factory=list)
+    direct: bool = False
+    """A ``provider/model`` name a client sent, not a configured group."""
     admitted: int = 0
     """Requests admitted to this group and not yet settled, counted for a direct
     ``provider/model`` group only: one holding any is not evicted."""

@@ -5,7 +5,8 @@ group, an untried deployment is tried at once after a failure; the same deployme
 tried again only for retryable errors, after its own jittered exponential backoff (or
 the upstream's ``Retry-After``, capped). Errors that are the request's
 own fault (a bad request) end the plan at once; errors of one deployment (its 401, a
-context window too small, an unsupported feature) move on without retrying it.
+context window too small, an unsupported feature) move on without retrying it, and a
+deployment whose declared capabilities rule the request out is passed over unasked.
 
 Streams can only be retried before their first chunk: once content has reached the
 caller, a failure ends the stream with the error.
@@ -25,21 +26,25 @@ import msgspec
 
 from llmrouter.aio import time_limit
 from llmrouter.context import RequestContext, current_context
+from llmrouter.counting import estimate_prompt
 from llmrouter.deployments import DeploymentState, GroupState
 from llmrouter.errors import (
     ContextWindowExceededError,
     InvalidRequestError,
     LLMRouterError,
+    ModelNotFoundError,
     NestedTooDeeplyError,
     NoDeploymentAvailableError,
     PermissionDeniedError,
     UnsupportedFeatureError,
     UpstreamAuthenticationError,
     UpstreamError,
+    UpstreamModelNotFoundError,
     UpstreamTimeoutError,
 )
 from llmrouter.hooks import RouterHooks
 from llmrouter.provider import Provider
+from llmrouter.types import ChatRequest, CompletionRequest
 
 __all__ = [
     "AttemptCancelledError",
@@ -54,7 +59,7 @@ logger = logging.getLogger("llmrouter.dispatch")
 
 R = TypeVar("R")
 C = TypeVar("C")
-Req = TypeVar("Req", bound=msgspec.Struct)
+Req = TypeVar("Req", ChatRequest, CompletionRequest)
 
 # Closing an upstream stream must not hang a cancelled request for long.
 _CLOSE_GRACE_S = 5.0
@@ -135,9 +140,18 @@ class AttemptPlan:
     """Decides which deployment each attempt goes to, and what a failure means."""
 
     def __init__(
-        self, ctx: RequestContext, groups: Sequence[GroupState], hooks: Sequence[RouterHooks]
+        self,
+        ctx: RequestContext,
+        groups: Sequence[GroupState],
+        hooks: Sequence[RouterHooks],
+        request: ChatRequest | CompletionRequest,
+        *,
+        stream: bool,
     ) -> None:
         self.ctx = ctx
+        self._request = request
+        self._stream = stream
+        self._prompt_counted = False
         self._groups = list(groups)
         self._hooks = hooks
         self._index = 0
@@ -159,6 +173,8 @@ class AttemptPlan:
                 except NoDeploymentAvailableError as exc:
                     self._last_error = self._last_error or exc
                 else:
+                    if deployment.limits is not None and await self._passed_over(deployment):
+                        continue
                     wait = self._not_before.get(deployment, 0.0) - time.monotonic()
                     if wait > 0:
                         await anyio.sleep(wait)
@@ -172,6 +188,35 @@ class AttemptPlan:
             self._move_to_fallback(group)
         assert self._last_error is not None
         raise self._last_error
+
+    async def _passed_over(self, deployment: DeploymentState) -> bool:
+        """Whether the pick ``deployment`` is not to be used: its declared capabilities
+        (``limits``) rule the request out, or the prompt had to be counted for them first
+        (pick again: another request may have taken its slot meanwhile).
+
+        One ruled out is left out of this request with no attempt, as its refusal would
+        leave it (no failure, no cooldown); the refusal is the error raised when nothing
+        else serves the request."""
+        limits, ctx = deployment.limits, self.ctx
+        assert limits is not None
+        if limits.unchecked_context is not None and not self._prompt_counted:
+            # Counted once, and only when a deployment needs it.
+            self._prompt_counted = True
+            if not ctx.prompt_tokens_estimate:  # a priced request's is counted already
+                ctx.prompt_tokens_estimate = await estimate_prompt(self._request, deployment.config.model)
+                return True
+        refusal = limits.refusal(
+            self._request,
+            stream=self._stream,
+            prompt_tokens=ctx.prompt_tokens_estimate,
+            deployment=deployment.id,
+            provider=deployment.config.provider,
+        )
+        if refusal is None:
+            return False
+        self._last_error = refusal
+        self._exhausted.append(deployment)
+        return True
 
     def _move_to_fallback(self, group: GroupState) -> None:
         self._index += 1
@@ -200,6 +245,10 @@ class AttemptPlan:
         _notify(self._hooks, "on_attempt", self.ctx, deployment.id, error)
         if is_request_fault(error):
             raise error
+        if group.direct and isinstance(error, UpstreamModelNotFoundError):
+            # The client typed the name: a model the upstream does not have is its 404,
+            # not a failure of the name (cooled down, it would answer 503, "try later").
+            raise ModelNotFoundError(error.message, param="model", provider=error.provider) from error
         if not is_mismatch(error):
             # A refusal must not cool a deployment down: three requests with `n: 2`
             # would take it from everyone.
@@ -288,7 +337,7 @@ async def dispatch_call(
     method: Callable[[Provider[Any], Req], Awaitable[R]],
 ) -> R:
     """Run a non-streaming call (``chat`` / ``complete``) with retries and fallbacks."""
-    plan = AttemptPlan(ctx, groups, hooks)
+    plan = AttemptPlan(ctx, groups, hooks, request, stream=False)
     while True:
         group, deployment = await plan.next()
         timeout = group.timeouts_for(deployment).total
@@ -372,7 +421,7 @@ async def dispatch_stream(
     method: Callable[[Provider[Any], Req], AsyncIterator[C]],
 ) -> AsyncIterator[C]:
     """Stream from the first deployment that produces a first chunk in time."""
-    plan = AttemptPlan(ctx, groups, hooks)
+    plan = AttemptPlan(ctx, groups, hooks, request, stream=True)
     while True:
         group, deployment = await plan.next()
         timeouts = group.timeouts_for(deployment)

@@ -18,7 +18,9 @@
     ├── RateLimitError (429)              retry_after in seconds
     │   └── BudgetExceededError           code=insufficient_quota
     ├── UpstreamError (502, retryable)    a provider failed (an upstream 4xx not above: not retryable)
-    │   ├── UpstreamAuthenticationError   the upstream refused the deployment's credentials (its 401)
+    │   ├── UpstreamRefusedDeploymentError  the upstream refused the deployment itself
+    │   │   ├── UpstreamAuthenticationError  its credentials (its 401)
+    │   │   └── UpstreamModelNotFoundError   its model
     │   ├── UpstreamConnectionError       connect refused / reset
     │   ├── UpstreamTimeoutError (504)    connect, first-token or total timeout
     │   └── UpstreamUnavailableError (503)
@@ -58,6 +60,8 @@ __all__ = [
     "UpstreamAuthenticationError",
     "UpstreamConnectionError",
     "UpstreamError",
+    "UpstreamModelNotFoundError",
+    "UpstreamRefusedDeploymentError",
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
     "error_for_status",
@@ -224,17 +228,30 @@ class UpstreamError(LLMRouterError):
     default_retryable = True
 
 
-class UpstreamAuthenticationError(UpstreamError):
-    """An upstream refused the credentials configured for a deployment (its 401). Not the
-    caller's key, which the caller could fix, but the deployment's: the request moves on to
-    the next deployment, and the answer says ``x-should-retry: false`` (an SDK retrying it
-    would only present the same credentials again)."""
+class UpstreamRefusedDeploymentError(UpstreamError):
+    """An upstream refused the deployment itself, whatever the request: not what the
+    caller could fix, but the deployment's config. The request moves on to the next
+    deployment, the failure counts against this one, and the answer says
+    ``x-should-retry: false`` (an SDK retrying it would only meet the same refusal)."""
 
-    default_code = "upstream_authentication_failed"
     default_retryable = False
 
     def headers(self) -> dict[str, str]:
         return {**super().headers(), "x-should-retry": "false"}
+
+
+class UpstreamAuthenticationError(UpstreamRefusedDeploymentError):
+    """An upstream refused the credentials configured for a deployment (its 401)."""
+
+    default_code = "upstream_authentication_failed"
+
+
+class UpstreamModelNotFoundError(UpstreamRefusedDeploymentError):
+    """An upstream does not have the model a deployment names (retired, or misspelt in
+    the config). Not the caller's ``model_not_found``: the caller named a group the router
+    has."""
+
+    default_code = "upstream_model_not_found"
 
 
 class UpstreamConnectionError(UpstreamError):
@@ -283,13 +300,19 @@ class AccountingUnavailableError(LLMRouterError):
 # Servers that say so only in words: vLLM ("This model's maximum context length is 4096
 # tokens ...", code 400), llama.cpp ("request (4476 tokens) exceeds the available context
 # size (4096 tokens)"), and, as a gateway (OpenRouter) passes their errors on, Anthropic
-# ("prompt is too long: 208415 tokens > 200000 maximum") and Google ("The input token count
-# (1200000) exceeds the maximum number of tokens allowed (1048576)"). Only the prompt's
-# size: a max_tokens above the model's output limit is the client's to fix.
+# ("prompt is too long: 208415 tokens > 200000 maximum"; "input length and `max_tokens`
+# exceed context limit: 178959 + 64000 > 200000", as vLLM's "(8000 > 4096 - 2778)") and
+# Google ("The input token count (1200000) exceeds the maximum number of tokens allowed
+# (1048576)", also without the first count; Vertex: "the input token count is 1251952 but
+# model only supports up to 1048576"). Not a max_tokens alone above the model's output
+# limit ("max_tokens: 300000 > 64000, which is the maximum allowed number of output
+# tokens"): that is the client's to fix, on every deployment.
 _CONTEXT_TOO_SMALL = re.compile(
     r"maximum context length|exceeds the available context size"
     r"|prompt is too long: \d+ tokens > \d+ maximum"
-    r"|input token count \(\d+\) exceeds the maximum number of tokens allowed",
+    r"|input length and .?max_tokens.? exceed context limit"
+    r"|input token count (?:\(\d+\) )?exceeds the maximum number of tokens allowed"
+    r"|input token count is \d+ but model only supports up to \d+",
     re.IGNORECASE,
 )
 

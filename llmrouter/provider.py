@@ -24,7 +24,12 @@ from typing import Any, ClassVar, Generic, TypeVar
 import msgspec
 
 from llmrouter.config import ModelGroup
-from llmrouter.errors import ConfigError, InvalidRequestError, UnsupportedFeatureError
+from llmrouter.errors import (
+    ConfigError,
+    ContextWindowExceededError,
+    InvalidRequestError,
+    UnsupportedFeatureError,
+)
 from llmrouter.types import (
     ChatChunk,
     ChatRequest,
@@ -32,6 +37,7 @@ from llmrouter.types import (
     CompletionChunk,
     CompletionRequest,
     CompletionResponse,
+    ImagePart,
     ModelCard,
 )
 
@@ -44,6 +50,7 @@ __all__ = [
     "ProviderOptions",
     "check_prompt_ids",
     "check_token_ids",
+    "refuse_audio_output",
     "refuse_tool_calling",
 ]
 
@@ -57,7 +64,21 @@ transformers deployments starting together, some failed every time."""
 
 
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
-    """What a deployment can do; the router rejects requests it cannot serve."""
+    """What a deployment can serve, as its provider declares it (read once it started).
+
+    The router passes over a deployment that cannot serve a request (:meth:`refusal`):
+    a stream when not ``streaming``, a ``/v1/completions`` request when not
+    ``completions``, a request that asks for a tool call when not ``tools``, for JSON
+    output (``response_format``) when not ``json_mode``, with an image when not
+    ``vision``, and one whose prompt, as the router estimates it (tiktoken), has more
+    tokens than ``max_context`` (unless ``context_checked``: a provider that counts the
+    prompt exactly, with the model's own tokenizer, refuses it itself, as a
+    ``ContextWindowExceededError`` the router treats the same way; an estimate would refuse
+    prompts that fit). That is no failure of the deployment (no cooldown); the
+    request goes to the next deployment or fallback group, and gets the refusal when none
+    can serve it. Declare no less than the provider serves: what is declared missing is
+    never sent to it.
+    """
 
     streaming: bool = True
     tools: bool = False
@@ -65,6 +86,92 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     vision: bool = False
     completions: bool = False
     max_context: int | None = None
+    context_checked: bool = False
+    """The provider refuses a prompt over ``max_context`` itself, counted exactly."""
+
+    @property
+    def serves_all(self) -> bool:
+        """True when nothing declared here rules out a request (no check needed)."""
+        return (
+            self.streaming
+            and self.tools
+            and self.json_mode
+            and self.vision
+            and self.completions
+            and self.unchecked_context is None
+        )
+
+    @property
+    def unchecked_context(self) -> int | None:
+        """``max_context`` where the router must check it (the provider does not)."""
+        return None if self.context_checked else self.max_context
+
+    def refusal(
+        self,
+        request: ChatRequest | CompletionRequest,
+        *,
+        stream: bool,
+        prompt_tokens: int,
+        deployment: str,
+        provider: str,
+    ) -> InvalidRequestError | None:
+        """The error for a request these capabilities cannot serve; None when they can.
+
+        Args:
+            request: the request.
+            stream: whether it is to be streamed.
+            prompt_tokens: its prompt's estimated tokens (only read with ``unchecked_context``).
+            deployment: the deployment's id, for the message.
+            provider: the deployment's provider, for the error.
+        """
+        if isinstance(request, ChatRequest):
+            param = self._missing_chat_feature(request)
+            prompt_param = "messages"
+        else:
+            param = None if self.completions else "model"
+            prompt_param = "prompt"
+        if param is None and stream and not self.streaming:
+            param = "stream"
+        if param is not None:
+            return UnsupportedFeatureError(
+                f"deployment {deployment!r} ({provider}) does not support {_feature_name(param)}",
+                param=param,
+                provider=provider,
+            )
+        if self.unchecked_context is not None and prompt_tokens > self.unchecked_context:
+            return ContextWindowExceededError(
+                f"the prompt (about {prompt_tokens} tokens) does not fit the context window of "
+                f"deployment {deployment!r} ({self.max_context} tokens)",
+                param=prompt_param,
+                provider=provider,
+            )
+        return None
+
+    def _missing_chat_feature(self, request: ChatRequest) -> str | None:
+        """The field of ``request`` that asks for what is not declared, or None."""
+        if not self.tools and (param := _tool_calling_field(request)) is not None:
+            return param
+        if (
+            not self.json_mode
+            and request.response_format is not None
+            and request.response_format.type != "text"
+        ):
+            return "response_format"
+        if not self.vision:
+            for index, message in enumerate(request.messages):
+                if isinstance(message.content, list) and any(
+                    isinstance(p, ImagePart) for p in message.content
+                ):
+                    return f"messages[{index}].content"
+        return None
+
+
+def _feature_name(param: str) -> str:
+    """What the field ``param`` asks for, in a refusal's words."""
+    if param.startswith("messages["):
+        return f"images (`{param}`)"
+    names = {"stream": "streaming", "model": "/v1/completions", "response_format": "JSON output"}
+    return names.get(param, f"tool calling (`{param}`)")
 
 
 class Health(msgspec.Struct, kw_only=True):
@@ -218,15 +325,26 @@ def check_prompt_ids(ids: list[int], vocabulary: int, *, param: str, provider: s
 
 def refuse_tool_calling(request: ChatRequest, provider: str) -> None:
     """Refuse a request that asks for a tool call, from a provider that cannot make one:
-    ignored, the request would get a 200 of prose where the client expects a call. Asked
-    in today's fields or in the deprecated ``functions``/``function_call`` (which land in
-    ``extra``). Asking for no call (``"none"``, tools or not), or leaving it to the model
-    with no tools to call (``tool_choice: "auto"``), asks for nothing such a provider
-    cannot do.
+    ignored, the request would get a 200 of prose where the client expects a call (see
+    :func:`_tool_calling_field`).
 
     Raises:
         UnsupportedFeatureError: naming the field that asks for a call.
     """
+    param = _tool_calling_field(request)
+    if param is not None:
+        raise UnsupportedFeatureError(
+            f"`{param}` is not supported by the {provider} provider (no tool calling)",
+            param=param,
+            provider=provider,
+        )
+
+
+def _tool_calling_field(request: ChatRequest) -> str | None:
+    """The field of ``request`` that asks for a tool call, or None. Asked in today's
+    fields or in the deprecated ``functions``/``function_call`` (which land in
+    ``extra``). Asking for no call (``"none"``, tools or not), or leaving it to the model
+    with no tools to call (``tool_choice: "auto"``), asks for nothing."""
     function_call = request.extra.get("function_call")
     asked = (
         ("tools", bool(request.tools) and request.tool_choice != "none"),
@@ -236,8 +354,22 @@ def refuse_tool_calling(request: ChatRequest, provider: str) -> None:
     )
     for param, present in asked:
         if present:
-            raise UnsupportedFeatureError(
-                f"`{param}` is not supported by the {provider} provider (no tool calling)",
-                param=param,
-                provider=provider,
-            )
+            return param
+    return None
+
+
+def refuse_audio_output(request: ChatRequest, provider: str) -> None:
+    """Refuse a request for an audio answer (``modalities`` naming ``"audio"``, a field
+    that lands in ``extra``), from a provider that answers in text only: ignored, the
+    client would get text where it expects audio.
+
+    Raises:
+        UnsupportedFeatureError: naming ``modalities``.
+    """
+    modalities = request.extra.get("modalities")
+    if isinstance(modalities, list) and "audio" in modalities:
+        raise UnsupportedFeatureError(
+            f"audio output (`modalities`) is not supported by the {provider} provider",
+            param="modalities",
+            provider=provider,
+        )

@@ -38,6 +38,7 @@ from llmrouter.tokens import count_text, preload_encodings
 from llmrouter.types import (
     MOST_CHOICES,
     MOST_TOKENS,
+    AssistantMessage,
     ChatChunk,
     ChatRequest,
     ChatResponse,
@@ -197,6 +198,7 @@ class Router:
             retry=group.retry or defaults.retry,
             timeouts=group.timeouts or defaults.timeouts,
             cooldown=group.cooldown or defaults.cooldown,
+            direct=direct,
         )
         self._groups[group.name] = state
         for name in (group.name, *group.aliases):
@@ -287,6 +289,9 @@ class Router:
             try:
                 try:
                     await deployment.provider.start()
+                    # Read once started: a provider learns some (its context window) there.
+                    capabilities = deployment.provider.capabilities
+                    deployment.limits = None if capabilities.serves_all else capabilities
                 except Exception as exc:  # noqa: BLE001 - one bad deployment must not stop the rest
                     deployment.start_error = f"{type(exc).__name__}: {exc}"
                     logger.error("deployment %s failed to start: %s", deployment.id, deployment.start_error)
@@ -504,14 +509,13 @@ class Router:
             _record_failure(ctx, exc)
             raise
         finally:
-            if ctx.usage is None and ctx.deployment is not None:
-                # Cancelled while its upstream call ran: the upstream has read the prompt
-                # (as estimated for pricing; no await here, the cancellation would cut it).
-                prompt = ctx.prompt_tokens_estimate
-                ctx.usage = Usage(
-                    prompt_tokens=prompt, completion_tokens=0, total_tokens=prompt, estimated=True
-                )
-            await self._finish(ctx)
+            try:
+                if ctx.usage is None and ctx.deployment is not None:
+                    # Cancelled while its upstream call ran: the upstream has read the prompt
+                    # (counted as a stream cut before its first chunk is).
+                    await to_completion(_fill_usage(ctx, ""))
+            finally:
+                await self._finish(ctx)
 
     async def _relay(self, open_stream: Callable[[], Awaitable[_OpenStream]]) -> AsyncGenerator[Any, None]:
         """Admit the request (``open_stream``), then pass its chunks on, keep usage for
@@ -607,7 +611,8 @@ class Router:
         costs (0 when unpriced).
 
         A priced request without an output limit gets ``router.default_max_tokens``, so
-        that a budget reservation really is the maximum.
+        that a budget reservation really is the maximum: a chat request as
+        ``max_completion_tokens`` (OpenAI's reasoning models refuse ``max_tokens``).
         """
         prices = [d.price for g in groups for d in g.deployments if d.price is not None]
         if not prices:
@@ -618,7 +623,10 @@ class Router:
         limit = request.output_limit
         if limit is None:
             limit = self.config.router.default_max_tokens
-            request = msgspec.structs.replace(request, max_tokens=limit)
+            if isinstance(request, ChatRequest):
+                request = msgspec.structs.replace(request, max_completion_tokens=limit)
+            else:
+                request = msgspec.structs.replace(request, max_tokens=limit)
             ctx.request = request
         output = limit * _choices(request)  # each of n answers may use the whole limit
         ctx.max_cost = max(max_cost(ctx.prompt_tokens_estimate, output, price) for price in prices)
@@ -741,6 +749,10 @@ def _chat_request(request: ChatRequest | dict[str, Any]) -> ChatRequest:
             and (limit is None or (type(limit) is int and 0 < limit <= MOST_TOKENS))
             and (most is None or (type(most) is int and 0 < most <= MOST_TOKENS))
             and (n is None or (type(n) is int and 0 < n <= MOST_CHOICES))
+            # An answer's message sent back as is (a library caller's conversation) would
+            # write its null content and refusal upstream, and key the cache apart from
+            # the same conversation sent over HTTP: decoded, it is a request's message.
+            and AssistantMessage not in map(type, request.messages)
         ):
             return request
         return decode_chat_request(request_to_wire(request))

@@ -643,6 +643,11 @@ def _raw_request(body: bytes | str | dict[str, Any], kind: type[_R]) -> dict[str
     """The body as a dict (a copy of one given as a dict)."""
     if isinstance(body, dict):
         raw = dict(body)
+        messages = raw.get("messages")
+        if isinstance(messages, list) and any(isinstance(m, msgspec.Struct) for m in messages):
+            # A library caller's conversation holding an answer's message (an
+            # AssistantMessage, which converts to a request's message only as its fields).
+            raw["messages"] = msgspec.to_builtins(messages)
     else:
         try:
             raw = _json_decoder.decode(body)

@@ -88,7 +88,9 @@ class ScriptedProvider(Provider):
         self.steps: deque[Step] = deque(steps)
         self.default = default or Step()
         self.record = _Record()
-        self._capabilities = capabilities or Capabilities(tools=True, json_mode=True, completions=True)
+        self._capabilities = capabilities or Capabilities(
+            tools=True, json_mode=True, vision=True, completions=True
+        )
         self.started = False
         self.closed = False
 

@@ -72,6 +72,11 @@ def test_a_remote_nodes_refusal_keeps_its_kind():
         '"message":"prompt is too long: 208415 tokens > 200000 maximum"}}',
         'Provider returned error: {"error":{"code":400,"message":"The input token count (1200000) '
         'exceeds the maximum number of tokens allowed (1048576).","status":"INVALID_ARGUMENT"}}',
+        "input length and `max_tokens` exceed context limit: 178959 + 64000 > 200000, decrease "
+        "input length or `max_tokens` and try again",
+        "The input token count exceeds the maximum number of tokens allowed (1048576).",
+        "Unable to submit request because the input token count is 1251952 but model only "
+        "supports up to 1048576. Reduce the input token count and try again.",
     ],
 )
 def test_a_context_window_said_only_in_words_is_still_one(message):

@@ -23,6 +23,7 @@ from llmrouter.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
+from llmrouter.provider import Capabilities
 from llmrouter.registry import register_provider
 from llmrouter.testing.scripted import ScriptedProvider, Step
 from llmrouter.types import PromptTokensDetails, Usage
@@ -244,6 +245,90 @@ async def test_a_refusal_moves_on_to_a_deployment_that_takes_the_request():
     assert picky.record.calls == 1, "a refusal is not retried on the deployment that refused"
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+# Each case: what the deployment declares it lacks, the call and request that need it,
+# and the error's param when no deployment can serve it.
+UNSERVABLE = {
+    "stream": ({"streaming": False}, "stream", chat_body(), "stream"),
+    "completions": ({"completions": False}, "complete", {"model": "g", "prompt": "Once"}, "model"),
+    "tools": ({"tools": False}, "chat", chat_body(tools=TOOLS), "tools"),
+    "json": (
+        {"json_mode": False},
+        "chat",
+        chat_body(response_format={"type": "json_object"}),
+        "response_format",
+    ),
+    "vision": (
+        {"vision": False},
+        "chat",
+        {"model": "g", "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, IMAGE]}]},
+        "messages[0].content",
+    ),
+    "context": ({"max_context": 50}, "chat", chat_body(text="word " * 200), "messages"),
+}
+
+
+async def _ask(router, call, body, context=None):
+    if call == "stream":
+        return [chunk async for chunk in router.stream(body, context=context)]
+    return await getattr(router, call)(body, context=context)
+
+
+@pytest.mark.parametrize(("lacks", "call", "body", "param"), UNSERVABLE.values(), ids=UNSERVABLE)
+async def test_a_deployment_that_declares_it_cannot_serve_a_request_is_passed_over(lacks, call, body, param):
+    """Capabilities were never read: the request went to the deployment anyway."""
+    full = {"tools": True, "json_mode": True, "vision": True, "completions": True}
+    unable = ScriptedProvider(capabilities=Capabilities(**{**full, **lacks}))
+    able = ScriptedProvider(capabilities=Capabilities(**full))
+    router = make_router(unable, able, cooldown=Cooldown(failures=1, seconds=30))
+    ctx = RequestContext()
+    await _ask(router, call, body, ctx)
+    assert (ctx.deployment, ctx.attempts, unable.record.calls) == ("d1", 1, 0)
+    readiness = await router.readiness(probe=False)
+    assert all(d["healthy"] and d["failures"] == 0 for d in readiness["deployments"]), "no failure"
+
+    alone = make_router(ScriptedProvider(capabilities=Capabilities(**{**full, **lacks})))
+    expected = ContextWindowExceededError if "max_context" in lacks else UnsupportedFeatureError
+    with pytest.raises(expected) as info:
+        await _ask(alone, call, body)
+    assert (info.value.param, info.value.provider) == (param, "scripted")
+    assert "'d0'" in info.value.message
+
+
+async def test_a_request_no_deployment_of_its_group_can_serve_falls_back():
+    config = Config(
+        router=RouterConfig(retry=FAST_RETRY),
+        models=[ModelGroup(name="g", fallbacks=["big"], deployments=[])],
+    )
+    router = make_router(ScriptedProvider(capabilities=Capabilities(max_context=50)), config=config)
+    big = ScriptedProvider(default=Step(text="from the big one"))
+    router.add_deployment("big", big, Deployment(provider="scripted", model="big", id="big"))
+    ctx = RequestContext()
+    response = await router.chat(chat_body(text="word " * 200), context=ctx)
+    assert response.choices[0].message.content == "from the big one"
+    assert (ctx.deployment, ctx.fallbacks) == ("big", 1)
+
+
+async def test_the_prompt_is_counted_for_a_context_window_only_when_one_is_declared():
+    router = make_router(ScriptedProvider(capabilities=Capabilities(tools=True)))
+    ctx = RequestContext()
+    await router.chat(chat_body(text="a short prompt"), context=ctx)
+    assert router.groups["g"].deployments[0].limits is not None  # it declares no vision
+    assert ctx.prompt_tokens_estimate == 0, "unpriced, no max_context: nothing to count it for"
+    served = make_router(ScriptedProvider(capabilities=Capabilities(max_context=50)))
+    ctx = RequestContext()
+    await served.chat(chat_body(text="a short prompt"), context=ctx)
+    assert ctx.prompt_tokens_estimate > 0 and ctx.deployment == "d0"
+
+
+async def test_a_deployment_that_declares_it_serves_everything_is_not_checked():
+    everything = Capabilities(tools=True, json_mode=True, vision=True, completions=True)
+    router = make_router(ScriptedProvider(capabilities=everything))
+    await router.chat(chat_body())
+    assert router.groups["g"].deployments[0].limits is None
+
+
 async def test_max_concurrency_is_respected():
     provider = ScriptedProvider(default=Step(delay=0.05))
     router = make_router(provider, d0={"max_concurrency": 2})
@@ -327,12 +412,14 @@ async def test_cancelling_the_caller_cancels_the_provider():
     assert router.groups["g"].deployments[0].in_flight == 0
 
 
+@pytest.mark.parametrize("price", [Price(input=2.0, output=8.0), None], ids=["priced", "unpriced"])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_a_request_cancelled_before_its_answer_is_billed_its_prompt(stream):
+async def test_a_request_cancelled_before_its_answer_is_billed_its_prompt(stream, price):
     """The upstream has read the prompt: a client leaving before the answer (or before a
-    stream's first chunk) used to be billed nothing, and named no deployment."""
+    stream's first chunk) used to be billed nothing, and named no deployment. An unpriced
+    one counts its prompt too (a JSON call's was 0: only priced requests had it counted)."""
     provider = ScriptedProvider(default=Step(delay=10))
-    router = make_router(provider, d0={"price": Price(input=2.0, output=8.0)})
+    router = make_router(provider, d0={"price": price})
     ctx = RequestContext()
 
     async def call() -> None:
@@ -351,8 +438,11 @@ async def test_a_request_cancelled_before_its_answer_is_billed_its_prompt(stream
     assert provider.record.cancelled == 1
     assert (ctx.status, ctx.deployment) == ("cancelled", "d0")
     assert ctx.usage.estimated and ctx.usage.prompt_tokens > 0 and ctx.usage.completion_tokens == 0
-    assert ctx.cost == pytest.approx(ctx.usage.prompt_tokens * 2.0 / 1e6)
-    assert ctx.cost_source == "price_table"
+    if price is None:
+        assert (ctx.cost, ctx.cost_source) == (0.0, "unpriced")
+    else:
+        assert ctx.cost == pytest.approx(ctx.usage.prompt_tokens * 2.0 / 1e6)
+        assert ctx.cost_source == "price_table"
 
 
 async def test_a_stream_cancelled_mid_answer_is_billed_what_it_sent():
@@ -480,7 +570,13 @@ async def test_cost_from_price_table_and_max_cost_bound():
     assert ctx.max_cost == pytest.approx((ctx.prompt_tokens_estimate * 2 + 100 * 8) / 1e6)
     ctx = RequestContext()
     await router.chat(chat_body(), context=ctx)
-    assert provider.record.requests[-1].max_tokens == 4096, "priced requests get a bounded output"
+    bounded = provider.record.requests[-1]
+    # As max_completion_tokens: OpenAI's reasoning models refuse max_tokens.
+    assert (bounded.max_completion_tokens, bounded.max_tokens) == (4096, None), (
+        "priced requests get a bounded output"
+    )
+    await router.complete({"model": "g", "prompt": "Once", "max_tokens": None})
+    assert provider.record.requests[-1].max_tokens == 4096, "a completion's limit is max_tokens"
 
 
 async def test_the_cost_bound_covers_every_choice_and_the_tool_definitions():
@@ -779,3 +875,13 @@ async def test_long_texts_are_counted_off_the_event_loop():
     assert await _count(count, "short", "gpt-4o") == 5
     assert await _count(count, "x" * 100_000, "gpt-4o") == 100_000
     assert threads[0] == threading.get_ident() and threads[1] != threading.get_ident()
+
+
+async def test_a_context_window_the_provider_checks_itself_is_not_estimated():
+    # tiktoken's estimate of a prompt is not the model's count: a provider that counts it
+    # exactly (transformers, vLLM) would have its prompts that fit refused on the estimate.
+    checked = ScriptedProvider(capabilities=Capabilities(max_context=50, context_checked=True))
+    router = make_router(checked)
+    ctx = RequestContext()
+    await router.chat(chat_body(text="word " * 200), context=ctx)
+    assert (ctx.deployment, checked.record.calls, ctx.prompt_tokens_estimate) == ("d0", 1, 0)

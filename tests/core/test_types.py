@@ -235,3 +235,28 @@ def test_the_service_tier_of_an_answer_is_relayed_and_kept_through_chunking():
     plain = msgspec.json.decode(b'{"id":"x","choices":[]}', type=ChatResponse)
     assert b"service_tier" not in msgspec.json.encode(plain)
     assert b"service_tier" not in msgspec.json.encode(response_from_chunks(chunks_from_response(plain)))
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["struct", "dict"])
+def test_an_answers_message_sent_back_is_a_requests_message(as_dict):
+    # A library caller appends the answer's message to its conversation: it went upstream
+    # with "content": null and "refusal": null (and, in a dict, was refused).
+    from llmrouter.router import _chat_request
+    from llmrouter.types import AssistantMessage, ChatChoice, ChatMessage, ChatRequest, request_to_wire
+
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    answer = ChatChoice(message=ChatMessage(role="assistant", tool_calls=[call])).message
+    assert type(answer) is AssistantMessage
+    messages = [
+        {"role": "user", "content": "x"},
+        answer,
+        {"role": "tool", "content": "1", "tool_call_id": "c"},
+    ]
+    if as_dict:
+        request = _chat_request({"model": "m", "messages": messages})
+    else:
+        request = _chat_request(
+            ChatRequest(model="m", messages=[msgspec.convert(messages[0], ChatMessage), answer])
+        )
+    assert {type(m) for m in request.messages} == {ChatMessage}
+    assert request_to_wire(request)["messages"][1] == {"role": "assistant", "tool_calls": [call]}

@@ -25,6 +25,7 @@ import uuid
 from typing import Any, Literal
 
 from llmrouter.errors import InvalidRequestError, UnsupportedFeatureError
+from llmrouter.provider import refuse_audio_output
 from llmrouter.tokens import count_messages, count_text
 from llmrouter.types import (
     AudioPart,
@@ -325,6 +326,7 @@ def build_chat_body(
 ) -> dict[str, Any]:
     """The JSON body of ``POST /api/chat`` for ``request``."""
     _reject_unsupported(request)
+    refuse_audio_output(request, PROVIDER)
     body: dict[str, Any] = {"model": model, "messages": convert_messages(request.messages), "stream": stream}
     tools = _convert_tools(request)
     if tools:

@@ -316,6 +316,22 @@ async def test_tool_choice_required_is_refused(provider: OllamaProvider, fake_ol
     assert [p for p, _ in fake_ollama.requests if p == "/api/chat"] == []
 
 
+AUDIO_ANSWER = {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}
+
+
+async def test_a_request_for_an_audio_answer_is_refused(
+    provider: OllamaProvider, fake_ollama: FakeOllama
+) -> None:
+    """Before: answered in text, to a client that asked for audio."""
+    with pytest.raises(UnsupportedFeatureError) as info:
+        await provider.chat(chat_request(**AUDIO_ANSWER))
+    assert info.value.param == "modalities" and info.value.http_status == 400
+    with pytest.raises(UnsupportedFeatureError):
+        [chunk async for chunk in provider.stream(chat_request(stream=True, **AUDIO_ANSWER))]
+    assert [p for p, _ in fake_ollama.requests if p == "/api/chat"] == []
+    await provider.chat(chat_request(modalities=["text"]))
+
+
 async def test_conversation_with_images_and_tool_results(
     provider: OllamaProvider, fake_ollama: FakeOllama
 ) -> None:

@@ -13,7 +13,8 @@ OpenRouter speaks the OpenAI API with extras, which this class adds:
 HTTP statuses map through :func:`llmrouter.errors.error_for_status` (401 authentication,
 402 out of credit, 429 and 5xx retryable, each with ``Retry-After`` when sent); its 404
 "No endpoints found that support …" is a 400 ``unsupported_feature``, and its 400
-"<id> is not a valid model ID" for the deployment's own model a ``ModelNotFoundError``.
+"<id> is not a valid model ID" for the deployment's own model an
+``UpstreamModelNotFoundError`` (502 ``upstream_model_not_found``).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from llmrouter.errors import (
     AuthenticationError,
     InvalidRequestError,
     LLMRouterError,
-    ModelNotFoundError,
     NotFoundError,
     UnsupportedFeatureError,
     UpstreamError,
+    UpstreamModelNotFoundError,
     error_for_status,
 )
 from llmrouter.openai_compat import OpenAICompatClient, error_from_body
@@ -86,14 +87,13 @@ def _unknown_model(error: LLMRouterError, configured: set[str]) -> LLMRouterErro
     """OpenRouter's 400 for a model id it does not know, when the id is one the deployment
     sends (its ``model`` or ``fallback_models``): the deployment's fault, not the request's.
     As a 400 it failed the request at once, no fallback tried, telling the client about a
-    model it never named; a ``ModelNotFoundError`` moves it on and counts against this
-    deployment. An id a client sent in ``models`` (``client_routing``) stays its 400."""
+    model it never named; an ``UpstreamModelNotFoundError`` moves it on and counts against
+    this deployment (not the caller's 404 ``model_not_found``: the caller named a group the
+    router has). An id a client sent in ``models`` (``client_routing``) stays its 400; a
+    direct ``openrouter/<id>`` name the router answers as the client's own 404."""
     unknown = _UNKNOWN_MODEL.match(error.message)
     if isinstance(error, InvalidRequestError) and unknown and unknown["model"] in configured:
-        return ModelNotFoundError(
-            f"{error.message} (this deployment's model: retired on OpenRouter, or misspelt?)",
-            provider=error.provider,
-        )
+        return UpstreamModelNotFoundError(error.message, provider=error.provider)
     return error
 
 

@@ -26,6 +26,7 @@ from llmrouter.errors import (
     UnsupportedFeatureError,
     UpstreamConnectionError,
     UpstreamError,
+    UpstreamModelNotFoundError,
     UpstreamUnavailableError,
 )
 from llmrouter.router import Router
@@ -245,17 +246,17 @@ async def test_a_model_openrouter_does_not_know_is_the_deployments_fault(openrou
     # OpenRouter's 400 "<id> is not a valid model ID": as an InvalidRequestError it was the
     # request's fault, and no other deployment or fallback was tried.
     async with OpenRouterProvider(RETIRED, options(openrouter_url)) as p:
-        with pytest.raises(ModelNotFoundError) as info:
+        with pytest.raises(UpstreamModelNotFoundError) as info:
             await p.chat(chat_request())
         assert info.value.message.startswith(f"{RETIRED} is not a valid model ID")
-        with pytest.raises(ModelNotFoundError):
+        with pytest.raises(UpstreamModelNotFoundError):
             await collect(p.stream(chat_request()))
 
 
 @pytest.mark.parametrize(
     ("settings", "sent", "error_type"),
     [
-        ({"fallback_models": ["anthropic/claude-3-opus"]}, {}, ModelNotFoundError),
+        ({"fallback_models": ["anthropic/claude-3-opus"]}, {}, UpstreamModelNotFoundError),
         ({"client_routing": True}, {"models": ["anthropic/claude-3-opus"]}, InvalidRequestError),
     ],
 )
@@ -546,3 +547,27 @@ async def test_reasoning_details_and_cache_breakpoints_go_upstream_as_sent(
     ]
     await provider.chat(decode_chat_request({"model": "x", "messages": messages}))
     assert last(fake_openrouter)[1]["messages"] == messages
+
+
+async def test_a_direct_name_openrouter_does_not_know_is_the_clients_404_every_time(
+    openrouter_url: str, fake_openrouter: FakeOpenRouter
+) -> None:
+    # The client typed it: counted as the name's failure, it cooled down after three
+    # tries and then answered 503 "not available right now", which the SDKs retry.
+    config = parse_config(
+        {
+            "providers": {"openrouter": {"base_url": openrouter_url, "api_key": API_KEY}},
+            "router": {"cooldown": {"failures": 1, "seconds": 60}},
+        },
+        env={},
+    )
+    async with Router.from_config(config) as router:
+        for _ in range(3):
+            with pytest.raises(ModelNotFoundError) as info:
+                await router.chat(
+                    {"model": f"openrouter/{RETIRED}", "messages": [{"role": "user", "content": "hi"}]}
+                )
+            assert type(info.value) is ModelNotFoundError and info.value.param == "model"
+        readiness = await router.readiness(probe=False)
+    assert [d["failures"] for d in readiness["deployments"]] == [0]
+    assert len(fake_openrouter.requests) == 3

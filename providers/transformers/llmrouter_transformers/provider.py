@@ -35,6 +35,7 @@ from llmrouter.provider import (
     Provider,
     ProviderOptions,
     check_prompt_ids,
+    refuse_audio_output,
 )
 from llmrouter.types import (
     ChatChoice,
@@ -248,6 +249,7 @@ class TransformersProvider(Provider[TransformersOptions]):
         engine = await self._ensure_started()
         assert self._defaults is not None
         if isinstance(request, ChatRequest):
+            refuse_audio_output(request, self.name)
             prompt = chat_prompt_ids(engine.tokenizer, request, template=self._template, model=self.model)
             check_prompt_ids(prompt, engine.vocabulary, param="messages", provider=self.name)
         else:
@@ -360,7 +362,7 @@ class TransformersProvider(Provider[TransformersOptions]):
     @property
     def capabilities(self) -> Capabilities:
         max_context = self._defaults.max_context if self._defaults else self.options.max_context
-        return Capabilities(streaming=True, completions=True, max_context=max_context)
+        return Capabilities(streaming=True, completions=True, max_context=max_context, context_checked=True)
 
     async def list_models(self) -> list[ModelCard]:
         return [ModelCard(id=self.model, owned_by="transformers")]

@@ -197,6 +197,17 @@ async def test_bad_requests_are_400s(tiny_provider: TransformersProvider) -> Non
         await tiny_provider.chat(chat(messages=[{"role": "user", "content": image}]))
 
 
+async def test_a_request_for_an_audio_answer_is_a_400(tiny_provider: TransformersProvider) -> None:
+    """Before: answered in text, to a client that asked for audio."""
+    audio = {"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}
+    with pytest.raises(UnsupportedFeatureError) as info:
+        await tiny_provider.chat(chat(**audio))
+    assert (info.value.http_status, info.value.param) == (400, "modalities")
+    with pytest.raises(UnsupportedFeatureError):
+        [chunk async for chunk in tiny_provider.stream(chat(stream=True, **audio))]
+    assert (await tiny_provider.chat(chat(modalities=["text"]))).usage is not None
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [

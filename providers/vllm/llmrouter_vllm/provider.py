@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from llmrouter.errors import InvalidRequestError, UnsupportedFeatureError, UpstreamUnavailableError
-from llmrouter.provider import MODEL_LOADING, Capabilities, Health, Provider, check_prompt_ids
+from llmrouter.provider import (
+    MODEL_LOADING,
+    Capabilities,
+    Health,
+    Provider,
+    check_prompt_ids,
+    refuse_audio_output,
+)
 from llmrouter.types import (
     ChatChoice,
     ChatChunk,
@@ -96,6 +103,7 @@ class VLLMProvider(Provider[VLLMOptions]):
             json_mode=True,
             completions=True,
             max_context=self._max_model_len or self.options.max_model_len,
+            context_checked=True,  # the engine counts the prompt with the model's tokenizer
         )
 
     @property
@@ -330,6 +338,7 @@ class VLLMProvider(Provider[VLLMOptions]):
     async def _prepare_chat(self, request: ChatRequest, *, stream: bool) -> _Prepared:
         backend = self._require_running()
         _wire.check_chat_features(request)
+        refuse_audio_output(request, self.name)
         messages = _wire.template_messages(request)
         prompt_ids = await anyio.to_thread.run_sync(self._render_chat, messages)
         top = _wire.chat_logprobs_count(request)

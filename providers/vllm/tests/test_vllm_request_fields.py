@@ -135,3 +135,15 @@ async def test_guided_fields_reach_the_engine_as_structured_outputs(fake_vllm: M
         {"choice": ["yes", "no"]},
         {"regex": "[0-9]+"},
     ]
+
+
+@pytest.mark.anyio
+async def test_a_request_for_an_audio_answer_is_refused(fake_vllm: MakeProvider) -> None:
+    """Before: answered in text, to a client that asked for audio."""
+    backend = FakeBackend()
+    async with fake_vllm(backend) as provider:
+        with pytest.raises(UnsupportedFeatureError) as caught:
+            await provider.chat(chat(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}))
+        assert caught.value.param == "modalities" and caught.value.http_status == 400
+        await provider.chat(chat(modalities=["text"]))
+    assert len(backend.sampling) == 1, "the refused request never reached the engine"

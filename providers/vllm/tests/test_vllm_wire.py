@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+import msgspec
 import pytest
 
 from llmrouter.errors import (
@@ -20,7 +21,7 @@ from llmrouter.errors import (
     UpstreamError,
     UpstreamUnavailableError,
 )
-from llmrouter.types import decode_chat_request
+from llmrouter.types import ChatRequest, decode_chat_request
 
 llmrouter_vllm = pytest.importorskip(
     "llmrouter_vllm", reason="llmrouter-vllm is not installed here: pip install --no-deps -e providers/vllm"
@@ -180,8 +181,9 @@ def test_usage_is_exact_with_cached_tokens() -> None:
 
 
 def test_top_logprobs_needs_logprobs() -> None:
-    request = decode_chat_request(
-        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}
-    )
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}
+    with pytest.raises(InvalidRequestError):  # refused as the request is decoded
+        decode_chat_request(body)
+    built = msgspec.convert(body, ChatRequest)  # a struct built in code skips that check
     with pytest.raises(InvalidRequestError):
-        _wire.chat_logprobs_count(request)
+        _wire.chat_logprobs_count(built)
