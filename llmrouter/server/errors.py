@@ -3,7 +3,9 @@
 ``{"error": {"message", "type", "code", "param"}}`` with the matching HTTP status, for
 llmrouter's own errors, for Litestar's (unknown route 404, 405, 413 body too large,
 400 validation) and for anything unexpected (a generic 500, logged with the request
-id, never a stack trace in the body).
+id, never a stack trace in the body). An error of a request that was tried on a
+deployment carries the routing headers an answer carries (its model group, and
+``X-LLMRouter-Attempts`` after retries).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from llmrouter.errors import LLMRouterError, NestedTooDeeplyError
 from llmrouter.ids import REQUEST_ID_KEY, request_id_of
+from llmrouter.server.responses import encoded
+from llmrouter.server.state import context_of, response_headers
 
 __all__ = ["error_body", "error_event", "exception_handlers", "openai_error_response"]
 
@@ -64,11 +68,28 @@ def _unrouted_id(request: Request[Any, Any, Any]) -> dict[str, str]:
     return {"x-request-id": request_id_of(request.scope)}
 
 
+def _routing_headers(request: Request[Any, Any, Any]) -> dict[str, str]:
+    """The headers an answer to the request would carry (its cost aside: an error is no
+    answer), from its context, once a deployment was tried: before, its model group may
+    still be the client's own text (an unknown model, a newline in it). Latin-1, as an
+    answer's are (a model group named in Chinese goes percent-encoded): Litestar's
+    encoding would fail."""
+    ctx = context_of(request.scope)
+    if ctx is None or not ctx.attempts:
+        return {}
+    return {
+        name.decode("latin-1"): value.decode("latin-1")
+        for name, value in encoded(response_headers(ctx, with_cost=False))
+    }
+
+
 def handle_llmrouter_error(request: Request[Any, Any, Any], exc: LLMRouterError) -> Response[bytes]:
     if exc.http_status >= 500:
         # Upstream/server failures are worth a log line; client mistakes are not.
         logger.warning("request %s failed: %s (%s)", _request_id(request), exc.message, type(exc).__name__)
-    return openai_error_response(exc.http_status, exc.to_body(), exc.headers())
+    return openai_error_response(
+        exc.http_status, exc.to_body(), {**_routing_headers(request), **exc.headers()}
+    )
 
 
 def handle_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
@@ -98,7 +119,7 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
     return openai_error_response(
         HTTP_500_INTERNAL_SERVER_ERROR,
         error_body("internal server error", "server_error", "internal_error"),
-        _unrouted_id(request),
+        {**_routing_headers(request), **_unrouted_id(request)},
     )
 
 

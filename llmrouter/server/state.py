@@ -20,9 +20,20 @@ if TYPE_CHECKING:
     from llmrouter.config import Config
     from llmrouter.router import Router
 
-__all__ = ["STATE_KEY", "Service", "header_dict", "response_headers", "service_of"]
+__all__ = [
+    "CONTEXT_KEY",
+    "STATE_KEY",
+    "Service",
+    "context_of",
+    "header_dict",
+    "response_headers",
+    "service_of",
+]
 
 STATE_KEY = "llmrouter"
+CONTEXT_KEY = "llmrouter.context"
+"""Where :meth:`Service.new_context` keeps the request's context in the ASGI scope, for
+the exception handlers to answer an error with the same headers as an answer."""
 
 logger = logging.getLogger("llmrouter.server")
 
@@ -64,6 +75,7 @@ class Service:
         """
         headers = header_dict(request.scope["headers"])
         ctx = RequestContext(request_id=request_id_of(request.scope), traceparent=headers.get("traceparent"))
+        request.scope[CONTEXT_KEY] = ctx  # type: ignore[literal-required]  # Litestar types the scope as a TypedDict
         if "cache-control" in headers:
             # Every line of it: a directive may come on a second ``Cache-Control`` line
             # (RFC 9110 joins repeated lines into one list), which header_dict drops.
@@ -123,6 +135,12 @@ def header_dict(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     first of repeated names wins). Built once per request: each lookup in Litestar's
     ``Headers`` scans the whole list again, and a request makes several."""
     return {name.decode("latin-1"): value.decode("latin-1") for name, value in reversed(list(raw))}
+
+
+def context_of(scope: Any) -> RequestContext | None:
+    """The context :meth:`Service.new_context` made for the request of this ASGI scope, if any."""
+    ctx: RequestContext | None = scope.get(CONTEXT_KEY)
+    return ctx
 
 
 def response_headers(ctx: RequestContext, *, with_cost: bool = True) -> dict[str, str]:

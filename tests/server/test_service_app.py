@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gzip
 import re
+import sqlite3
 import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -14,13 +17,13 @@ from litestar import get
 from litestar.exceptions import LitestarDeprecationWarning
 from litestar.testing import TestClient
 
-from llmrouter.config import Config, ServerConfig
+from llmrouter.config import Config, ServerConfig, parse_config
 from llmrouter.context import RequestContext
 from llmrouter.errors import AuthenticationError, RateLimitError, UnprocessableEntityError, UpstreamError
 from llmrouter.extension import Extension
 from llmrouter.hooks import RouterHooks
 from llmrouter.router import Router
-from llmrouter.server import create_app
+from llmrouter.server import create_app, default_extensions
 from llmrouter.testing.scripted import ScriptedProvider, Step
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
@@ -70,6 +73,23 @@ def test_a_model_group_named_outside_latin_1_is_answered_with_its_name_percent_e
             assert response.status_code == 200, response.text
             assert response.headers["x-llmrouter-model-group"] == "%E6%A8%A1%E5%9E%8B"
         assert [d.in_flight for d in router.deployments] == [0]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(("group", "header"), [("m", "m"), ("模型", "%E6%A8%A1%E5%9E%8B")])
+def test_an_error_after_retries_carries_the_routing_headers(stream: bool, group: str, header: str) -> None:
+    # Before: the 502 after three attempts had no X-LLMRouter-Attempts (only answers had).
+    router = Router()
+    router.add_deployment(group, ScriptedProvider("upstream-m", default=Step(error=UpstreamError("boom"))))
+    with TestClient(create_app(router=router)) as client:
+        response = client.post("/v1/chat/completions", json={**CHAT, "model": group, "stream": stream})
+    assert response.status_code == 502
+    assert response.headers["x-llmrouter-attempts"] == "3"
+    assert response.headers["x-llmrouter-model-group"] == header
+    assert "x-llmrouter-cost" not in response.headers
+    assert response.json() == {
+        "error": {"message": "boom", "type": "upstream_error", "code": None, "param": None}
+    }
 
 
 def test_paths_without_v1_prefix(client: TestClient[Any]) -> None:
@@ -474,6 +494,31 @@ def test_extension_is_mounted_and_authenticates() -> None:
     assert ext.events == ["startup", "shutdown"]
     assert [ctx.api_key_id for ctx in ext.contexts] == ["key-1"]
     assert provider.record.calls == 1
+
+
+def test_a_lifespan_run_twice_calls_each_hook_once_and_records_every_request(tmp_path: Path) -> None:
+    # Two `with TestClient(app)` blocks over one app: the second start replaces the
+    # extensions' hooks (accounting makes new ones at each start) and its ledger writes.
+    config = parse_config(
+        {
+            "accounting": {
+                "database": {"url": f"sqlite+aiosqlite:///{tmp_path / 'acct.db'}"},
+                "ledger": {"journal_dir": str(tmp_path / "journal")},
+            }
+        },
+        env={},
+    )
+    extensions = default_extensions(config)
+    router, provider = make_router()
+    app = create_app(config, router=router, extensions=extensions)
+    for _ in range(2):
+        with TestClient(app) as client:
+            assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+            assert router.hooks == [hook for ext in extensions for hook in ext.router_hooks()]
+    assert provider.record.calls == 2
+    assert list((tmp_path / "journal").iterdir()) == []  # every row written at shutdown
+    with closing(sqlite3.connect(tmp_path / "acct.db")) as db:
+        assert db.execute("SELECT count(*) FROM llmr_ledger").fetchone() == (2,)
 
 
 def test_ready_is_503_when_an_extension_is_not_ready() -> None:

@@ -17,7 +17,7 @@ import httpx
 import msgspec
 
 from llmrouter.config import Timeouts
-from llmrouter.errors import ConfigError, LLMRouterError
+from llmrouter.errors import ConfigError, LLMRouterError, PermissionDeniedError, UpstreamAuthenticationError
 from llmrouter.openai_compat import OpenAICompatClient
 from llmrouter.openai_provider import OpenAICompatProvider
 from llmrouter.provider import Health, ProviderOptions
@@ -30,6 +30,27 @@ __all__ = ["RemoteOptions", "RemoteProvider"]
 HttpUrl = Annotated[str, msgspec.Meta(pattern=r"^https?://[^/]")]
 """``http://`` or ``https://`` and a host: what the client can connect to."""
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+# A server's 403 codes that refuse the deployment's credentials, not this request: a
+# llmrouter node's key that may not use the model, an OpenAI project without access to it
+# ("model_not_found" with 403), an account in a region OpenAI does not serve. Other 403s
+# stay the request's: a node passing on OpenRouter's moderation refusal sends no code.
+_CREDENTIAL_REFUSALS = frozenset(
+    {"model_not_allowed", "model_not_found", "unsupported_country_region_territory"}
+)
+
+
+def _credential_refusal(error: LLMRouterError) -> LLMRouterError:
+    """A 403 that refuses the deployment's credentials as what it is, like a 401: the
+    deployment's fault (502 ``upstream_authentication_failed``, counted toward its
+    cooldown), not the client's key (a 403 is a per-request refusal to the router, and told
+    the client that its own key may not use the model)."""
+    if isinstance(error, PermissionDeniedError) and error.code in _CREDENTIAL_REFUSALS:
+        return UpstreamAuthenticationError(
+            f"{error.provider}: the server refused this deployment's credentials ({error.code}): {error.message}",
+            provider=error.provider,
+        )
+    return error
 
 
 class RemoteOptions(ProviderOptions):
@@ -123,6 +144,7 @@ class RemoteProvider(OpenAICompatProvider[RemoteOptions]):
             max_keepalive=opts.max_keepalive,
             verify=opts.verify,
             stream_usage=opts.stream_usage,
+            refine_error=_credential_refusal,
         )
 
     async def health(self) -> Health:

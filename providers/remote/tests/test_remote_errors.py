@@ -14,7 +14,9 @@ from llmrouter.errors import (
     ContextWindowExceededError,
     InvalidRequestError,
     NotFoundError,
+    PermissionDeniedError,
     RateLimitError,
+    UpstreamAuthenticationError,
     UpstreamConnectionError,
     UpstreamError,
     UpstreamTimeoutError,
@@ -96,6 +98,35 @@ async def test_upstream_message_and_code_are_kept(
     assert caught.value.message == "no such model"
     assert caught.value.code == "model_not_found"
     assert caught.value.http_status == 404
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["chat", "stream"])
+@pytest.mark.parametrize(
+    "code", ["model_not_allowed", "model_not_found", "unsupported_country_region_territory"]
+)
+async def test_a_403_refusing_the_deployments_credentials_is_an_upstream_authentication_error(
+    remote: RemoteProvider, errors_upstream: FakeUpstream, streaming: bool, code: str
+) -> None:
+    # A node's key that may not use the model (an OpenAI project's, an account's region):
+    # the deployment's fault, as a 401 is, not the client's key.
+    errors_upstream.enqueue(
+        Behaviour(status=403, error_type="permission_error", error_code=code, error_message="not this key")
+    )
+    with pytest.raises(UpstreamAuthenticationError) as caught:
+        await call(remote, streaming)
+    error = caught.value
+    assert (error.http_status, error.code) == (502, "upstream_authentication_failed")
+    assert not error.retryable and error.headers()["x-should-retry"] == "false"
+    assert f"refused this deployment's credentials ({code}): not this key" in error.message
+
+
+async def test_a_403_without_a_credential_code_stays_the_requests(
+    remote: RemoteProvider, errors_upstream: FakeUpstream
+) -> None:
+    # A node passing on OpenRouter's moderation refusal sends no code: that prompt's refusal.
+    errors_upstream.enqueue(Behaviour(status=403, error_type="permission_error", error_message="flagged"))
+    with pytest.raises(PermissionDeniedError):
+        await remote.chat(chat())
 
 
 async def test_retry_after_as_http_date(remote: RemoteProvider, errors_upstream: FakeUpstream) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from llmrouter import RequestContext, Router
 from llmrouter.config import parse_config
-from llmrouter.testing.upstream import FakeUpstream
+from llmrouter.testing.upstream import Behaviour, FakeUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -63,6 +63,20 @@ async def test_router_fails_over_to_the_next_node_and_forwards_the_request_id() 
             ]
             assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "from node one"
             assert all(c.usage is None for c in chunks)  # the client did not ask for usage
+
+
+async def test_a_node_refusing_the_deployments_key_counts_against_that_deployment() -> None:
+    # The node's 403 model_not_allowed is about the deployment's key: counted as its
+    # failure (toward its cooldown), not passed over as a refusal of this one request.
+    refusal = Behaviour(status=403, error_code="model_not_allowed", error_message="this API key may not")
+    async with FakeUpstream(reply="from node one") as one, FakeUpstream(reply="from node two") as two:
+        router = Router(parse_config(two_node_config(one, two), env={}))
+        async with router:
+            one.enqueue(refusal)
+            response = await router.chat({"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
+            assert response.choices[0].message.content == "from node two"
+            failures = {d.id: d.failures for d in router.deployments}
+            assert failures == {"node-1": 1, "node-2": 0}
 
 
 async def test_router_stream_cancellation_reaches_the_upstream() -> None:
