@@ -247,20 +247,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return FORCED_EXIT if app.forced_exit else 0
 
 
+def _supervisor_class() -> type[Any]:
+    from uvicorn.supervisors import Multiprocess
+
+    class Supervisor(Multiprocess):
+        """uvicorn's, closing its own copy of the listening socket before it stops the
+        workers: kept open, the kernel went on accepting connections through the whole
+        drain, which no worker served and which were reset at the end, where one process
+        refuses them at once (docs/service.md: a stopping service accepts none)."""
+
+        def terminate_all(self) -> None:
+            for sock in self.sockets:
+                sock.close()
+            super().terminate_all()
+
+    return Supervisor
+
+
 def _serve_workers(workers: int, options: dict[str, Any]) -> int:
     """``uvicorn.run`` with ``workers``, except for the exit status: a worker that fails
     to start makes it 3, as one process's failure does (uvicorn's exits 0, and a
     supervisor's restart-on-failure would never fire)."""
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors import Multiprocess
 
     from llmrouter.telemetry.config import METRICS_DIR_ENV
 
     config = uvicorn.Config(
         "llmrouter.server.startup:serve_app_from_env", factory=True, workers=workers, **options
     )
-    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    supervisor = _supervisor_class()(config, sockets=[config.bind_socket()])
     # Where the workers share their metrics, so that /metrics shows them all.
     with tempfile.TemporaryDirectory(prefix="llmrouter-metrics-") as metrics_dir:
         os.environ[METRICS_DIR_ENV] = metrics_dir

@@ -157,6 +157,35 @@ def test_a_request_cut_by_shutdown_is_billed_and_recorded(
     assert len(rows) == 1 and rows[0][0] == "cancelled" and rows[0][1] > 0, rows
 
 
+def test_a_stopping_service_with_workers_refuses_new_connections_at_once(
+    tmp_path: Path, serve: Any, make_config: Any
+) -> None:
+    # The supervisor kept its copy of the listening socket open through the drain: new
+    # connections were accepted by the kernel, served by nobody, and reset when it exited
+    # (6 s here), where one process refuses them at once, and a load balancer needs the
+    # refusal to fail over.
+    with FakeUpstream(models=["mock-gpt"], chunks=100, delay_ms=50) as slow:  # 5 s streams
+        config = make_config(tmp_path / "llmrouter.yaml", slow.base_url, server={"drain_seconds": 10})
+        with (
+            serve(config, "--workers", "2") as server,
+            httpx.Client(base_url=server.url, timeout=30) as client,
+        ):
+            body = {"model": "mock-gpt", "messages": MESSAGES, "stream": True}
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                lines = response.iter_lines()
+                assert next(line for line in lines if line.startswith("data:"))
+                server.process.terminate()
+                time.sleep(0.5)  # the signal reaches the workers
+                started = time.monotonic()
+                with pytest.raises(httpx.ConnectError):
+                    httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=5)
+                assert time.monotonic() - started < 2
+                # The stream in flight still ends well: drained, not cut.
+                events = [line for line in lines if line.startswith("data:")]
+                assert events[-1] == "data: [DONE]"
+            server.process.wait(timeout=30)
+
+
 def test_a_json_request_cut_by_shutdown_is_a_503_to_retry(
     tmp_path: Path, serve: Any, make_config: Any
 ) -> None:
