@@ -245,9 +245,15 @@ class AttemptPlan:
         _notify(self._hooks, "on_attempt", self.ctx, deployment.id, error)
         if is_request_fault(error):
             raise error
-        if group.direct and isinstance(error, UpstreamModelNotFoundError):
+        if (
+            group.direct
+            and isinstance(error, UpstreamModelNotFoundError)
+            and error.model == deployment.config.model
+        ):
             # The client typed the name: a model the upstream does not have is its 404,
             # not a failure of the name (cooled down, it would answer 503, "try later").
+            # Not so for another id the deployment sends (a provider's fallback_models):
+            # the operator's, a failure like a configured deployment's.
             raise ModelNotFoundError(error.message, param="model", provider=error.provider) from error
         if not is_mismatch(error):
             # A refusal must not cool a deployment down: three requests with `n: 2`

@@ -249,9 +249,14 @@ class UpstreamAuthenticationError(UpstreamRefusedDeploymentError):
 class UpstreamModelNotFoundError(UpstreamRefusedDeploymentError):
     """An upstream does not have the model a deployment names (retired, or misspelt in
     the config). Not the caller's ``model_not_found``: the caller named a group the router
-    has."""
+    has. ``model``: the id the upstream does not have (a deployment may send several:
+    its model, and fallbacks)."""
 
     default_code = "upstream_model_not_found"
+
+    def __init__(self, message: str, *, model: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.model = model
 
 
 class UpstreamConnectionError(UpstreamError):

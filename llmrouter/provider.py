@@ -174,6 +174,9 @@ def _feature_name(param: str) -> str:
     return names.get(param, f"tool calling (`{param}`)")
 
 
+_SERVES_CHAT = Capabilities(tools=True, json_mode=True, vision=True)
+
+
 class Health(msgspec.Struct, kw_only=True):
     ok: bool
     detail: str = ""
@@ -229,7 +232,10 @@ class Provider(abc.ABC, Generic[OptionsT]):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities()
+        """What this deployment serves. By default everything but legacy completions (a
+        provider that implements :meth:`complete` declares them): a provider that leaves
+        this alone refuses what it cannot serve itself, as before the router read it."""
+        return _SERVES_CHAT
 
     async def start(self) -> None:
         """Load the model / open clients. Called once before the first request."""

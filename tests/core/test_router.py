@@ -23,7 +23,7 @@ from llmrouter.errors import (
     UpstreamError,
     UpstreamTimeoutError,
 )
-from llmrouter.provider import Capabilities
+from llmrouter.provider import Capabilities, Provider
 from llmrouter.registry import register_provider
 from llmrouter.testing.scripted import ScriptedProvider, Step
 from llmrouter.types import PromptTokensDetails, Usage
@@ -885,3 +885,26 @@ async def test_a_context_window_the_provider_checks_itself_is_not_estimated():
     ctx = RequestContext()
     await router.chat(chat_body(text="word " * 200), context=ctx)
     assert (ctx.deployment, checked.record.calls, ctx.prompt_tokens_estimate) == ("d0", 1, 0)
+
+
+class _Undeclared(ScriptedProvider):
+    """A plugin that leaves ``capabilities`` to the base class."""
+
+    capabilities = Provider.capabilities
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        chat_body(tools=TOOLS),
+        chat_body(response_format={"type": "json_object"}),
+        {"model": "g", "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, IMAGE]}]},
+    ],
+    ids=["tools", "json", "image"],
+)
+async def test_a_provider_that_declares_nothing_is_sent_what_it_was_before(body):
+    # The base class declared tools, JSON output and images unsupported: once the router
+    # read capabilities, every plugin that did not override them had those refused.
+    provider = _Undeclared()
+    await make_router(provider).chat(body)
+    assert provider.record.calls == 1

@@ -93,7 +93,7 @@ def _unknown_model(error: LLMRouterError, configured: set[str]) -> LLMRouterErro
     direct ``openrouter/<id>`` name the router answers as the client's own 404."""
     unknown = _UNKNOWN_MODEL.match(error.message)
     if isinstance(error, InvalidRequestError) and unknown and unknown["model"] in configured:
-        return UpstreamModelNotFoundError(error.message, provider=error.provider)
+        return UpstreamModelNotFoundError(error.message, model=unknown["model"], provider=error.provider)
     return error
 
 

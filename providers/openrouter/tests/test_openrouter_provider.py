@@ -571,3 +571,32 @@ async def test_a_direct_name_openrouter_does_not_know_is_the_clients_404_every_t
         readiness = await router.readiness(probe=False)
     assert [d["failures"] for d in readiness["deployments"]] == [0]
     assert len(fake_openrouter.requests) == 3
+
+
+async def test_a_direct_name_whose_fallback_model_is_unknown_is_the_operators_failure(
+    openrouter_url: str, fake_openrouter: FakeOpenRouter
+) -> None:
+    # The unknown id is a provider-wide fallback_models entry, not the client's model:
+    # the client was told its (valid) model did not exist, and nothing was counted.
+    fake_openrouter.fail_status = 400
+    fake_openrouter.fail_message = "anthropic/claude-3-opus is not a valid model ID"
+    config = parse_config(
+        {
+            "providers": {
+                "openrouter": {
+                    "base_url": openrouter_url,
+                    "api_key": API_KEY,
+                    "fallback_models": ["anthropic/claude-3-opus"],
+                }
+            }
+        },
+        env={},
+    )
+    async with Router.from_config(config) as router:
+        with pytest.raises(UpstreamModelNotFoundError) as info:
+            await router.chat(
+                {"model": f"openrouter/{MODEL}", "messages": [{"role": "user", "content": "hi"}]}
+            )
+        assert info.value.model == "anthropic/claude-3-opus"
+        readiness = await router.readiness(probe=False)
+    assert [d["failures"] for d in readiness["deployments"]] == [1]
