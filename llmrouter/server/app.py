@@ -33,7 +33,7 @@ from llmrouter.errors import one_line_cause
 from llmrouter.extension import Extension
 from llmrouter.server.chat import chat_handlers
 from llmrouter.server.completions import completion_handlers
-from llmrouter.server.cors import openai_style_cors_refusals
+from llmrouter.server.cors import refuse_foreign_origins
 from llmrouter.server.dashboard import dashboard_handlers
 from llmrouter.server.disconnect import ClientDisconnected
 from llmrouter.server.errors import exception_handlers
@@ -299,8 +299,7 @@ def create_app(
         logging_config=None,
     )
     app.asgi_handler = answer_head_as_get(app.asgi_handler)  # in front of the router
-    if origins:
-        app.asgi_handler = openai_style_cors_refusals(app.asgi_handler)
+    app.asgi_handler = refuse_foreign_origins(app.asgi_handler, origins)  # in front of everything
     return app
 
 

@@ -1,63 +1,131 @@
-"""A CORS preflight from an origin not in ``server.cors_origins``, refused OpenAI-style.
+"""Which web pages may use the service: the ``Origin`` and ``Host`` checks.
 
-Litestar's CORS middleware answers such a preflight itself, before any exception handler
-of the service: a plain-text ``400 Disallowed CORS Origin``, where every other error of the
-service is an OpenAI error body. :func:`openai_style_cors_refusals` goes in front of the
-app and rewrites that one answer; every other message passes through untouched.
+Before the first key exists (accounting's ``auth: auto``) the API needs none, so any page
+the operator visits could use it: a cross-site ``text/plain`` POST needs no CORS
+preflight (and the service reads its body as JSON), and after DNS rebinding (the page's
+own name made to resolve to 127.0.0.1) the page even reads the answers, an admin key's
+secret included. :func:`refuse_foreign_origins` goes in front of the app and answers 403
+with an OpenAI error body to
+
+- a request whose ``Origin`` is neither allowed by ``server.cors_origins`` (matched as
+  Litestar's CORS matches them, ``*`` included) nor its own (the ``Host`` it was sent
+  to): code ``cors_origin_not_allowed``, a CORS preflight included;
+- a request from a browser (one with an ``Origin`` or a ``Sec-Fetch-Site`` header) that
+  reached the service over loopback, sent to a ``Host`` that is not a loopback name
+  (``localhost``, ``127.0.0.1``, ``[::1]``) nor the host of an origin
+  ``server.cors_origins`` allows: code ``host_not_allowed``. This is the DNS-rebinding
+  page, whose requests are same-origin (to ``Host: attacker.example``). Which
+  connections are loopback ones is the ASGI server's to say (the scope's ``server``), not
+  the config's: ``llmrouter serve --host`` and ``uvicorn --host`` bind elsewhere than
+  ``server.host``, and a loopback connection to a ``0.0.0.0`` bind is rebound as easily.
+
+SDKs and curl send neither header: for them the check is a loop over the header names.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+from litestar.config.cors import CORSConfig
 
+from llmrouter.asgi import scope_header
 from llmrouter.server.errors import error_body
 
-__all__ = ["openai_style_cors_refusals"]
+__all__ = ["refuse_foreign_origins"]
+
+_FROM_A_BROWSER = frozenset({b"origin", b"sec-fetch-site"})
+"""Headers only browsers send (on every cross-origin or non-GET request, and on every
+request from browsers of 2023 on)."""
 
 
-def _is_preflight(scope: Any) -> bool:
-    return (
-        scope["type"] == "http"
-        and scope["method"] == "OPTIONS"
-        and any(name == b"access-control-request-method" for name, _ in scope["headers"])
-    )
-
-
-def _origin(scope: Any) -> str:
-    for name, value in scope["headers"]:
-        if name == b"origin":
-            return str(value.decode("latin-1"))
-    return ""
-
-
-def openai_style_cors_refusals(app: Any) -> Any:
-    """``app`` (an ASGI callable with CORS on), its refused preflights in OpenAI's shape."""
+def refuse_foreign_origins(app: Any, cors_origins: Sequence[str]) -> Any:
+    """``app`` (an ASGI callable), refusing what the module's notes say, where
+    ``cors_origins`` is ``server.cors_origins``."""
+    policy = _OriginPolicy(cors_origins)
 
     async def handle(scope: Any, receive: Any, send: Any) -> None:
-        if not _is_preflight(scope):
-            await app(scope, receive, send)
-            return
-        refused = False
-
-        async def send_refusal_as_json(message: Any) -> None:
-            nonlocal refused
-            if message["type"] == "http.response.start" and message["status"] == 400:
-                refused = True
-                body = msgspec.json.encode(
-                    error_body(
-                        f"origin {_origin(scope)!r} is not allowed (server.cors_origins)",
-                        "invalid_request_error",
-                        "cors_origin_not_allowed",
-                    )
-                )
-                headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-                await send({**message, "headers": headers})
-                await send({"type": "http.response.body", "body": body, "more_body": False})
-            elif not refused:
-                await send(message)
-
-        await app(scope, receive, send_refusal_as_json)
+        if scope["type"] == "http":
+            for name, _ in scope["headers"]:
+                if name in _FROM_A_BROWSER:
+                    refusal = policy.refusal(scope)
+                    if refusal is not None:
+                        await _send_403(send, refusal)
+                        return
+                    break
+        await app(scope, receive, send)
 
     return handle
+
+
+class _OriginPolicy:
+    def __init__(self, cors_origins: Sequence[str]) -> None:
+        self._cors = CORSConfig(allow_origins=list(cors_origins)) if cors_origins else None
+
+    def refusal(self, scope: Any) -> dict[str, Any] | None:
+        """The error body refusing a request from a browser, None to let it through."""
+        origin = _text(scope_header(scope, b"origin"))
+        if origin is not None and self._allows(origin):
+            return None
+        host = _text(scope_header(scope, b"host")) or ""
+        if _over_loopback(scope) and not _is_loopback_name(host) and not self._allows_host(host):
+            return error_body(
+                f"host {host!r} is not a loopback name, on a loopback connection (a page after DNS"
+                " rebinding?); add its origin to server.cors_origins to allow it",
+                "permission_error",
+                "host_not_allowed",
+            )
+        if origin is not None and origin.partition("://")[2].lower() != host.lower():
+            return error_body(
+                f"origin {origin!r} is not allowed (server.cors_origins)",
+                "permission_error",
+                "cors_origin_not_allowed",
+            )
+        return None
+
+    def _allows(self, origin: str) -> bool:
+        return self._cors is not None and self._cors.is_origin_allowed(origin)
+
+    def _allows_host(self, host: str) -> bool:
+        """A service behind a reverse proxy that keeps the ``Host`` is reached under the
+        name of an origin the operator allows."""
+        return self._allows(f"https://{host}") or self._allows(f"http://{host}")
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
+
+
+def _over_loopback(scope: Any) -> bool:
+    """Whether the connection was made to a loopback address (None for a Unix socket;
+    a test client's made-up ``testserver`` is none)."""
+    server = scope.get("server")
+    return server is not None and _is_loopback_address(str(server[0]))
+
+
+def _is_loopback_name(host: str) -> bool:
+    """Whether a ``Host`` header (``name[:port]``, ``[v6][:port]``) names this machine
+    in a way no DNS answer can change."""
+    if host.startswith("["):
+        name = host[1 : host.find("]")]
+    else:
+        name = host.rpartition(":")[0] if ":" in host else host
+    return name.lower() == "localhost" or _is_loopback_address(name)
+
+
+def _is_loopback_address(text: str) -> bool:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return bool((mapped or address).is_loopback)
+
+
+async def _send_403(send: Any, body: dict[str, Any]) -> None:
+    content = msgspec.json.encode(body)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content))]
+    await send({"type": "http.response.start", "status": 403, "headers": headers})
+    await send({"type": "http.response.body", "body": content, "more_body": False})

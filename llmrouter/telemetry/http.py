@@ -13,12 +13,17 @@ For each HTTP request it
    ``http.request.method``, ``http.route`` - the route template, never the raw path -,
    ``http.response.status_code``, ``error.type`` for 5xx) and writes the access line.
 
+The path in the access line and the span's ``url.path`` has any API key secret in it cut
+to ``sk-llmr-<prefix>-...`` (a leaked key is revoked by naming its secret in
+``/v1/admin/keys/{key}``).
+
 Plain ASGI: no Litestar import, so any ASGI application can use it.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
@@ -55,6 +60,10 @@ ASGIApp = Callable[
 
 _WATCHED_STATUS_KEY = "llmrouter.telemetry.status"
 """Where the middleware notes the response status itself when no ``status_key`` is given."""
+
+_SECRET_IN_PATH = re.compile(r"(sk-llmr-[a-z0-9]{8}-)[^/]+")
+"""An API key's secret, shaped as :mod:`llmrouter.accounting.keys` makes them (not
+imported: it brings SQLAlchemy), up to the next path segment; group 1 is its public part."""
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
@@ -116,7 +125,7 @@ class TelemetryMiddleware:
         if self.access_log:
             if traceparent is None:
                 traceparent = _header_or_new(parse_traceparent(_header(scope, b"traceparent")))
-            record = AccessRecord(method, scope["path"], request_id_of(scope), traceparent)
+            record = AccessRecord(method, _shown_path(scope["path"]), request_id_of(scope), traceparent)
             token = current_access_record.set(record)
         try:
             await self.app(scope, receive, send if self.status_key else _watching_status(scope, send))
@@ -145,7 +154,7 @@ class TelemetryMiddleware:
                 {
                     "http.request.method": _method(method),
                     "http.route": route or "",
-                    "url.path": scope["path"],
+                    "url.path": _shown_path(scope["path"]),
                 },
             )
         traceparent = (span_traceparent(span) if span is not None else None) or _header_or_new(parent)
@@ -219,6 +228,14 @@ def _watching_status(scope: Scope, send: Any) -> Callable[[Message], Awaitable[N
         return send(message)
 
     return send_and_watch
+
+
+def _shown_path(path: str) -> str:
+    """``path`` as the access line and spans show it: an API key secret in it cut to
+    ``sk-llmr-<prefix>-...``, since no secret goes into logs."""
+    if "sk-llmr-" not in path:  # nearly every request: no regex run
+        return path
+    return _SECRET_IN_PATH.sub(r"\1...", path)
 
 
 def _method(method: str) -> str:

@@ -5,15 +5,19 @@ service's RequestIdMiddleware."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from llmrouter.server.middleware import RequestIdMiddleware
 from llmrouter.telemetry.http import HttpDurations, TelemetryMiddleware
 from llmrouter.telemetry.local import LocalMetrics
 from llmrouter.telemetry.metrics import RouterMetrics
-from llmrouter.telemetry.tracing import parse_traceparent
+from llmrouter.telemetry.tracing import RequestTracer, parse_traceparent
 
 pytestmark = pytest.mark.anyio
 
@@ -43,7 +47,7 @@ def recording_status(app: Any) -> Any:
     return outer
 
 
-async def call(app: Any, method: str = "GET") -> list[dict[str, Any]]:
+async def call(app: Any, method: str = "GET", path: str = "/x") -> list[dict[str, Any]]:
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -52,7 +56,7 @@ async def call(app: Any, method: str = "GET") -> list[dict[str, Any]]:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": method, "path": "/x", "headers": [], "path_template": "/x"}
+    scope = {"type": "http", "method": method, "path": path, "headers": [], "path_template": "/x"}
     try:
         await app(scope, receive, send)
     except RuntimeError:
@@ -161,3 +165,20 @@ async def test_the_trace_header_is_made_valid_only_when_asked(trace_header: bool
         assert parse_traceparent(header.decode()) is not None
     else:
         assert header is None  # left to the router's TelemetryHooks
+
+
+async def test_a_key_secret_in_the_path_is_cut_in_the_access_line_and_the_span(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # /v1/admin/keys/{key} takes a whole secret as the key (to revoke a leaked one).
+    caplog.set_level(logging.INFO, logger="llmrouter.access")
+    exporter = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    middleware = TelemetryMiddleware(answer_204, tracer=RequestTracer(tracer_provider))
+    await call(middleware, path="/v1/admin/keys/sk-llmr-w0pckqt9-r3i5rZ3i_Kymx-TeAH5GG08m/rotate")
+    await call(middleware, path="/v1/admin/keys/sk-llmr-w0pckqt9-")  # the public form: kept
+    shown = ["/v1/admin/keys/sk-llmr-w0pckqt9-.../rotate", "/v1/admin/keys/sk-llmr-w0pckqt9-"]
+    lines = [record.__dict__["path"] for record in caplog.records if record.name == "llmrouter.access"]
+    spans = [dict(span.attributes or {})["url.path"] for span in exporter.get_finished_spans()]
+    assert lines == spans == shown

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from typing import Annotated, Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import msgspec
@@ -156,11 +157,10 @@ class RemoteProvider(OpenAICompatProvider[RemoteOptions]):
         except LLMRouterError as exc:
             return Health(ok=False, detail=exc.message, latency_ms=(time.perf_counter() - started) * 1000)
         latency = (time.perf_counter() - started) * 1000
+        where = _without_credentials(client.base_url)
         if self.options.check_model and ids and self.model not in ids:
-            return Health(
-                ok=False, latency_ms=latency, detail=f"{client.base_url} does not list model {self.model!r}"
-            )
-        return Health(ok=True, latency_ms=latency, detail=f"{client.base_url} serves {self.model!r}")
+            return Health(ok=False, latency_ms=latency, detail=f"{where} does not list model {self.model!r}")
+        return Health(ok=True, latency_ms=latency, detail=f"{where} serves {self.model!r}")
 
     @classmethod
     def discovery_note(cls) -> str:
@@ -168,3 +168,11 @@ class RemoteProvider(OpenAICompatProvider[RemoteOptions]):
 
     def __repr__(self) -> str:
         return f"RemoteProvider(model={self.model!r}, base_url={self.options.base_url!r})"
+
+
+def _without_credentials(url: str) -> str:
+    """``url`` without its user info and query string, where credentials may be
+    (``http://svc:pw@host/v1?token=...``): a health detail reaches ``/ready``, which
+    needs no key."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))

@@ -191,6 +191,15 @@ async def test_list_models_and_health(remote: RemoteProvider, echo_upstream: Fak
         assert (await lax.health()).ok
 
 
+async def test_health_detail_shows_the_base_url_without_credentials(echo_upstream: FakeUpstream) -> None:
+    # The detail reaches /ready, which needs no key.
+    host = echo_upstream.url.split("://", 1)[1]
+    base_url = f"http://svc:s3cretpw@{host}/v1?token=qs3cret"
+    async with RemoteProvider("served-model", base_url=base_url) as provider:
+        health = await provider.health()
+    assert health.ok and health.detail == f"http://{host}/v1 serves 'served-model'"
+
+
 def test_registered_under_entry_point_and_config_errors() -> None:
     assert load_provider_class("remote") is RemoteProvider
     provider = create_provider("remote", "m", {"base_url": "http://h:8000/v1", "max_connections": 8})
