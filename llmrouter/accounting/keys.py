@@ -375,12 +375,16 @@ class KeyStore:
         """
         if "\x00" in id_or_name:  # no key has one (names are printable); PostgreSQL refuses it
             return None
-        prefixes = [id_or_name, *filter(None, [_prefix_of_reference(id_or_name)])]
-        query = (
-            select(_TABLE)
-            .where(or_(_TABLE.c.id == id_or_name, _TABLE.c.prefix.in_(prefixes), _TABLE.c.name == id_or_name))
-            .order_by(_TABLE.c.created_at.desc())
-        )
+        public = _prefix_of_reference(id_or_name)
+        if public is not None and shown_reference(id_or_name) != id_or_name:
+            # A whole secret: found by its prefix alone, so that the secret is no query
+            # parameter (which the database driver's debug log writes out).
+            prefixes = [public]
+            found = _TABLE.c.prefix == public
+        else:
+            prefixes = [id_or_name, *filter(None, [public])]
+            found = or_(_TABLE.c.id == id_or_name, _TABLE.c.prefix.in_(prefixes), _TABLE.c.name == id_or_name)
+        query = select(_TABLE).where(found).order_by(_TABLE.c.created_at.desc())
         async with self._engine.connect() as conn:
             rows = [ApiKeyRow(**row) for row in (await conn.execute(query)).mappings().all()]
         for field, wanted in (("id", id_or_name), *(("prefix", prefix) for prefix in prefixes)):

@@ -410,3 +410,21 @@ async def test_the_key_routes_take_a_compressed_body(sqlite_url: str, tmp_path: 
         )
         assert changed.status_code == 200, changed.text
         assert changed.json()["note"] == "inflated"
+
+
+async def test_a_secret_given_as_a_reference_is_no_query_parameter(acct: Accounting) -> None:
+    # The database driver's debug log writes a query's parameters: the secret was one.
+    key, secret = await acct.keys.create("leaked")
+    seen: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, parameters: Any, *args: object) -> None:
+        seen.append(repr(parameters))
+
+    engine = acct.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        found = await acct.keys.get(secret)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert found is not None and found.id == key.id
+    assert seen and not any(secret[-20:] in parameters for parameters in seen)
