@@ -32,7 +32,13 @@ class BackendStats:
 
 @runtime_checkable
 class CacheBackend(Protocol):
-    """Bytes by key, with TTL. Every method may raise; the layer treats that as a miss."""
+    """Bytes by key, with TTL. Every method may raise; the layer treats that as a miss.
+
+    An entry the backend cannot read as bytes (a Redis key of another type, a SQLite row
+    of the wrong types) is the backend's to drop: ``get`` deletes it and returns None,
+    rather than raising, which would leave the whole backend alone for a while (see
+    :mod:`llmrouter.cache.breaker`).
+    """
 
     name: str
 
@@ -42,8 +48,10 @@ class CacheBackend(Protocol):
     async def get(self, key: str) -> bytes | None:
         """The value stored under ``key``, or None when absent or expired."""
 
-    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
-        """Store ``value`` for ``ttl`` seconds (None: until evicted)."""
+    async def set(self, key: str, value: bytes, ttl: float | None) -> bool:
+        """Store ``value`` for ``ttl`` seconds (None: until evicted); False when the
+        backend declined it (larger than its whole size bound), so the layer counts it
+        as skipped, not stored."""
 
     async def delete(self, key: str) -> None:
         """Forget ``key`` (no error when absent)."""

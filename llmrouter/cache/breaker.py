@@ -8,6 +8,10 @@ failure the breaker skips the backend for :data:`PAUSE_SECONDS` (lookups are mis
 answers are not stored), then lets one call through to try it; the others keep skipping
 until that one is answered. One warning when the backend is left alone, one line when it
 answers again.
+
+A failure about one entry (:func:`is_entry_error`) is no reason to leave the backend alone:
+a bad entry under one key switched the cache off for every request each time that key was
+asked for, and kept its answer from being stored over it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 
-__all__ = ["PAUSE_SECONDS", "Breaker"]
+__all__ = ["PAUSE_SECONDS", "Breaker", "is_entry_error"]
 
 log = logging.getLogger("llmrouter.cache")
 
@@ -71,3 +75,11 @@ class Breaker:
     def released(self) -> None:
         """A granted call ended without an answer (cancelled): another may try."""
         self._trying = False
+
+
+def is_entry_error(exc: Exception) -> bool:
+    """Whether ``exc`` is about the entry asked for rather than the backend: a value of a
+    type the backend cannot read (``TypeError``, ``ValueError``). Anything else (refused
+    connection, timeout, a locked or full database, a custom backend's own error) counts
+    as the backend failing."""
+    return isinstance(exc, TypeError | ValueError)

@@ -68,10 +68,17 @@ def encode_entry(*, response: ChatResponse | None = None, chunks: list[ChatChunk
 
 
 def decode_entry(data: bytes) -> CacheEntry:
-    """Decode a stored entry; raises ``msgspec.DecodeError`` for foreign or stale bytes."""
+    """Decode a stored entry; raises ``msgspec.DecodeError`` for foreign or stale bytes,
+    and for an entry without a choice (no answer: never stored, see :func:`is_storable`)."""
     entry = _decoder.decode(data)
     if (entry.response is None) == (entry.chunks is None):
         raise msgspec.DecodeError("cache entry holds neither or both answer shapes")
+    if entry.response is not None:
+        answered = bool(entry.response.choices)
+    else:
+        answered = any(chunk.choices for chunk in entry.chunks or ())  # the first chunk has one
+    if not answered:
+        raise msgspec.DecodeError("cache entry holds no choice")
     return entry
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from llmrouter.aio import on_asyncio, to_completion
 from llmrouter.cache.base import CacheBackend
-from llmrouter.cache.breaker import Breaker
+from llmrouter.cache.breaker import Breaker, is_entry_error
 from llmrouter.cache.coalesce import Coalescer, Flight
 from llmrouter.cache.entry import CacheEntry, decode_entry, encode_entry, is_storable, last_usage
 from llmrouter.cache.key import cache_key
@@ -428,6 +428,10 @@ class ResponseCache:
         try:
             data = await self.backend.get(key)
         except Exception as exc:  # noqa: BLE001 - a broken cache must never break a request
+            if is_entry_error(exc):
+                breaker.succeeded()  # the backend answered, about this entry
+                self._unreadable(exc)
+                return None
             self.stats.errors += 1
             breaker.failed("lookup", exc)
             return None
@@ -440,11 +444,13 @@ class ResponseCache:
         try:
             return decode_entry(data)
         except Exception as exc:  # noqa: BLE001 - an entry it cannot read is a miss
-            self.stats.errors += 1
-            log.warning(
-                "cache: reading the entry failed (%s: %s); treating as a miss", type(exc).__name__, exc
-            )
+            self._unreadable(exc)
             return None
+
+    def _unreadable(self, exc: Exception) -> None:
+        """An entry the cache cannot read is a miss (the answer fetched is stored over it)."""
+        self.stats.errors += 1
+        log.warning("cache: reading the entry failed (%s: %s); treating as a miss", type(exc).__name__, exc)
 
     async def _store(
         self,
@@ -470,7 +476,7 @@ class ResponseCache:
             self.stats.skipped += 1
             return
         try:
-            await self.backend.set(plan.key, data, plan.ttl)
+            stored = await self.backend.set(plan.key, data, plan.ttl)
         except Exception as exc:  # noqa: BLE001 - the answer is already on its way; only the store is lost
             self.stats.errors += 1
             self.stats.skipped += 1
@@ -480,7 +486,10 @@ class ResponseCache:
             breaker.released()
             raise
         breaker.succeeded()
-        self.stats.stores += 1
+        if stored:
+            self.stats.stores += 1
+        else:  # larger than the backend's whole bound
+            self.stats.skipped += 1
 
     async def _store_flight(self, plan: _Plan, flight: Flight, *, store: bool) -> None:
         """Store a flight's answer; until that lands, identical requests are served it."""

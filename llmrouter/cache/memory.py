@@ -54,16 +54,17 @@ class MemoryBackend:
         self._items.move_to_end(key)
         return value
 
-    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+    async def set(self, key: str, value: bytes, ttl: float | None) -> bool:
         size = _size(key, value)
         if key in self._items:
             self._drop(key)
         if self.max_bytes and size > self.max_bytes:
-            return  # it would evict everything and still not fit
+            return False  # it would evict everything and still not fit
         expires_at = None if ttl is None else self._clock() + ttl
         self._items[key] = (value, expires_at)
         self._bytes += size
         self._evict_to_bound()
+        return True
 
     async def delete(self, key: str) -> None:
         if key in self._items:

@@ -7,8 +7,11 @@ LRU policy), which is why entries and bytes are not reported here.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import ResponseError
 
 from llmrouter.cache.base import BackendStats
 from llmrouter.redis_pool import connect
@@ -17,6 +20,8 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = ["RedisBackend"]
+
+log = logging.getLogger("llmrouter.cache")
 
 _SCAN_BATCH = 500
 
@@ -55,15 +60,26 @@ class RedisBackend:
         self._redis()
 
     async def get(self, key: str) -> bytes | None:
-        value: Any = await self._redis().get(self.prefix + key)
+        name = self.prefix + key
+        try:
+            value: Any = await self._redis().get(name)
+        except ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            # A hash or list under our key is no entry of ours: a miss, not a failing
+            # Redis. Dropped, or each lookup of it would find it again.
+            log.warning("cache: dropping %s, a Redis key of another type than a string", name)
+            await self._redis().delete(name)
+            return None
         return None if value is None else bytes(value)
 
-    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+    async def set(self, key: str, value: bytes, ttl: float | None) -> bool:
         if ttl is None:
             await self._redis().set(self.prefix + key, value)
         else:
             await self._redis().set(self.prefix + key, value, px=max(1, math.ceil(ttl * 1000)))
         self._bytes_written += len(value)
+        return True  # Redis refuses an entry only by raising (a full maxmemory without eviction)
 
     async def delete(self, key: str) -> None:
         await self._redis().delete(self.prefix + key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -43,8 +44,8 @@ async def backend(
 
 async def test_set_get_overwrite_delete(backend: CacheBackend) -> None:
     assert await backend.get("k1") is None
-    await backend.set("k1", b"one", 60)
-    await backend.set("k2", b"\x00\xffbinary", None)
+    assert await backend.set("k1", b"one", 60) is True
+    assert await backend.set("k2", b"\x00\xffbinary", None) is True
     assert await backend.get("k1") == b"one"
     assert await backend.get("k2") == b"\x00\xffbinary"
     await backend.set("k1", b"uno", 60)
@@ -125,6 +126,20 @@ async def test_memory_refuses_an_entry_larger_than_the_bound() -> None:
     assert await made.get("huge") is None
     assert await made.get("small") == b"x"  # and nothing was evicted for it
     assert made.stats().evictions == 0
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_set_says_it_refused_an_entry_larger_than_the_bound(kind: str, sqlite_path: Path) -> None:
+    """The layer counts such an answer as skipped, not stored."""
+    made: CacheBackend
+    if kind == "memory":
+        made = MemoryBackend(max_bytes=100 + ENTRY_OVERHEAD)
+    else:
+        made = SQLiteBackend(sqlite_path, max_bytes=100)
+    assert await made.set("small", b"x", None) is True
+    assert await made.set("huge", b"x" * 200, None) is False
+    assert await made.get("huge") is None
+    await made.aclose()
 
 
 async def test_sqlite_lru_eviction_by_bytes_and_persistence(sqlite_path: Path, clock: Any) -> None:
@@ -269,6 +284,34 @@ async def test_sqlite_lookup_of_an_expired_entry_keeps_a_fresh_one_stored_meanwh
     assert made.stats().expirations == 1 and _stored(sqlite_path) == (0, 0)
 
 
+async def test_sqlite_a_row_of_other_types_is_a_miss_and_dropped(
+    sqlite_backends: Any, sqlite_path: Path
+) -> None:
+    """A row this cache never writes (a TEXT value, an expiry that is no number): raising,
+    the lookup left the whole backend alone for 5 s each time the key was asked for."""
+    made = sqlite_backends(max_bytes=0)
+    await made.set("good", b"fine", 60)
+    for column, value in (("value", "text"), ("expires_at", "soon")):
+        await made.set("bad", b"answer", 60)
+        with sqlite3.connect(sqlite_path) as db:
+            db.execute(f"UPDATE llmrouter_cache SET {column} = ? WHERE key = 'bad'", (value,))
+        assert await made.get("bad") is None
+        assert await made.get("good") == b"fine"
+        assert _stored(sqlite_path) == (made.stats().entries, made.stats().bytes) == (1, 8)
+
+
+async def test_sqlite_a_path_it_cannot_use_names_the_setting(tmp_path: Path) -> None:
+    not_a_database = tmp_path / "notes.txt"
+    not_a_database.write_text("x" * 300)
+    # Under a file (no directory can be made there), a directory, a file of another kind.
+    for path in (not_a_database / "cache.db", tmp_path, not_a_database):
+        made = SQLiteBackend(path)
+        with pytest.raises(ConfigError) as caught:
+            await made.start()
+        assert f"cache.sqlite_path {str(path)!r}" in caught.value.message
+        await made.aclose()
+
+
 def test_sqlite_table_name_must_be_an_identifier(sqlite_path: Path) -> None:
     with pytest.raises(ConfigError, match="sqlite_table"):
         SQLiteBackend(sqlite_path, table="x; DROP TABLE ledger")
@@ -294,6 +337,25 @@ async def test_redis_sets_ttl_and_keeps_to_its_prefix(redis_prefix: str) -> None
         await made.aclose()  # an injected client stays open
         assert await client.ping()
     finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_redis_a_key_of_another_type_is_a_miss_and_dropped(redis_prefix: str) -> None:
+    """GET on a hash raises WRONGTYPE: raising, the lookup left the whole backend alone
+    for 5 s each time the key was asked for, and the answer was never stored over it."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url("redis://127.0.0.1:6379/0")
+    try:
+        made = RedisBackend(prefix=redis_prefix, client=client)
+        await client.hset(redis_prefix + "bad", "field", "value")
+        assert await made.get("bad") is None
+        assert await client.exists(redis_prefix + "bad") == 0
+        await made.set("bad", b"answer", 60)
+        assert await made.get("bad") == b"answer"
+    finally:
+        await client.delete(redis_prefix + "bad")
         await client.aclose()
 
 

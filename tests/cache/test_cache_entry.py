@@ -206,3 +206,17 @@ def test_foreign_bytes_do_not_decode() -> None:
         decode_entry(b"not msgpack at all")
     with pytest.raises(msgspec.DecodeError):
         decode_entry(msgspec.msgpack.encode({"stored_at": 1.0}))
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"chunks": []},
+        {"chunks": [{"choices": [], "usage": {"prompt_tokens": 1}}]},  # a usage chunk alone
+        {"response": {"choices": []}},
+    ],
+)
+def test_an_entry_without_a_choice_does_not_decode(stored: dict[str, Any]) -> None:
+    """Never stored (no finish reason: not storable); replayed, it was a 200 without an answer."""
+    with pytest.raises(msgspec.DecodeError, match="no choice"):
+        decode_entry(msgspec.msgpack.encode(stored))

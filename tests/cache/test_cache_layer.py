@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from llmrouter.cache import MemoryBackend, ResponseCache
@@ -210,11 +211,11 @@ class BrokenBackend(MemoryBackend):
             raise ConnectionError("backend down")
         return await super().get(key)
 
-    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+    async def set(self, key: str, value: bytes, ttl: float | None) -> bool:
         self.calls += 1
         if self.down:
             raise ConnectionError("backend down")
-        await super().set(key, value, ttl)
+        return await super().set(key, value, ttl)
 
 
 async def test_a_broken_backend_means_misses_not_errors(upstream: Any, helpers: Any) -> None:
@@ -264,20 +265,81 @@ async def test_while_one_call_tries_the_backend_again_the_others_skip_it() -> No
     assert breaker.allow() and breaker.allow() and not breaker.paused
 
 
-async def test_garbage_in_the_backend_is_a_miss(upstream: Any, helpers: Any) -> None:
+@pytest.mark.parametrize(
+    "stored",
+    [
+        b"\x01garbage",
+        # Entries that decode but hold no answer: served, they were a 200 without choices.
+        msgspec.msgpack.encode({"chunks": []}),
+        msgspec.msgpack.encode({"response": {"choices": []}}),
+    ],
+)
+async def test_garbage_in_the_backend_is_a_miss(upstream: Any, helpers: Any, stored: bytes) -> None:
     backend = MemoryBackend()
     cache = ResponseCache(backend)
     ctx, _ = await ask(cache, upstream, helpers)
     key = next(iter(backend._items))
-    await backend.set(key, b"\x01garbage", None)
+    await backend.set(key, stored, None)
     ctx, response = await ask(cache, upstream, helpers)
     assert ctx.cache_status == "miss" and response == upstream.response()
+    assert cache.stats.errors == 1
+    ctx, chunks = await ask_stream(cache, upstream, helpers)
+    assert ctx.cache_status == "hit" and chunks  # the answer fetched was stored over it
+
+
+class OneBadEntry(MemoryBackend):
+    """Raises for the keys in ``bad`` until they are stored over, as a backend does that
+    reads a value of a type it does not expect (a SQLite TEXT value into ``bytes``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad: set[str] = set()
+
+    async def get(self, key: str) -> bytes | None:
+        if key in self.bad:
+            raise TypeError("cannot convert 'str' object to bytes")
+        return await super().get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float | None) -> bool:
+        self.bad.discard(key)
+        return await super().set(key, value, ttl)
+
+
+async def test_an_entry_the_backend_cannot_read_is_a_miss_for_its_key_only(
+    upstream: Any, helpers: Any
+) -> None:
+    """Taken for a failing backend, it left the backend alone for everyone, and its own
+    answer was never stored over it (stores skipped meanwhile)."""
+    backend = OneBadEntry()
+    cache = ResponseCache(backend)
+    victim, bystander = helpers.chat_request("victim"), helpers.chat_request("bystander")
+    await ask(cache, upstream, helpers, victim)
+    backend.bad.add(next(iter(backend._items)))
+    await ask(cache, upstream, helpers, bystander)
+    ctx, response = await ask(cache, upstream, helpers, victim)
+    assert ctx.cache_status == "miss" and response == upstream.response()
+    assert cache.stats.errors == 1 and not cache.breaker.paused
+    ctx, _ = await ask(cache, upstream, helpers, bystander)
+    assert ctx.cache_status == "hit"
+    ctx, _ = await ask(cache, upstream, helpers, victim)
+    assert ctx.cache_status == "hit"  # the answer fetched was stored over it
 
 
 async def test_entries_above_max_entry_bytes_are_not_stored(upstream: Any, helpers: Any) -> None:
     cache = ResponseCache(MemoryBackend(), max_entry_bytes=50)
     await ask(cache, upstream, helpers)
     assert cache.snapshot()["entries"] == 0 and cache.stats.skipped == 1
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_an_answer_larger_than_the_backends_bound_is_skipped_not_stored(
+    kind: str, sqlite_path: Path, upstream: Any, helpers: Any
+) -> None:
+    backend = MemoryBackend(max_bytes=300) if kind == "memory" else SQLiteBackend(sqlite_path, max_bytes=100)
+    cache = ResponseCache(backend)
+    await ask(cache, upstream, helpers)
+    assert (cache.stats.stores, cache.stats.skipped, cache.snapshot()["entries"]) == (0, 1, 0)
+    await cache.aclose()
 
 
 async def test_sqlite_backed_cache_survives_a_restart(sqlite_path: Path, upstream: Any, helpers: Any) -> None:

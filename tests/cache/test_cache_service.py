@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from litestar.testing import TestClient
 
 from llmrouter.cache import MemoryBackend, ResponseCache
 from llmrouter.cache.extension import CacheExtension, build_cache_extension
+from llmrouter.cache.redis import RedisBackend
+from llmrouter.cache.sqlite import SQLiteBackend
 from llmrouter.config import Config, parse_config
 from llmrouter.context import RequestContext
 from llmrouter.extension import Extension
@@ -108,6 +112,35 @@ def test_ready_and_admin_report_stats(client: TestClient[Any]) -> None:
     assert cleared.status_code == 200 and cleared.json() == {"cleared": 1}
     assert client.get("/v1/admin/cache").json()["entries"] == 0
     assert client.post("/v1/chat/completions", json=CHAT).headers["x-llmrouter-cache"] == "miss"
+
+
+def test_admin_clear_with_the_backend_down_is_a_503(provider: ScriptedProvider) -> None:
+    router = Router()
+    router.add_deployment("m", provider)
+    down = ResponseCache(RedisBackend("redis://127.0.0.1:1/0", timeout=0.5))
+    with TestClient(create_app(router=router, extensions=[CacheExtension(down)])) as client:
+        cleared = client.delete("/v1/admin/cache")
+        assert cleared.status_code == 503 and cleared.headers["retry-after"] == "5"
+        assert cleared.json()["error"]["code"] == "cache_unavailable"
+        assert client.get("/v1/admin/cache").json()["errors"] == 1
+
+
+def test_admin_stats_count_the_sqlite_table_every_worker_stores_into(
+    provider: ScriptedProvider, sqlite_path: Path
+) -> None:
+    async def another_worker_stores() -> None:
+        other = SQLiteBackend(sqlite_path)
+        for key in ("a", "b"):
+            await other.set(key, b"answer", None)
+        await other.aclose()
+
+    router = Router()
+    router.add_deployment("m", provider)
+    cache = ResponseCache(SQLiteBackend(sqlite_path))
+    with TestClient(create_app(router=router, extensions=[CacheExtension(cache)])) as client:
+        client.post("/v1/chat/completions", json=CHAT)
+        anyio.run(another_worker_stores)
+        assert client.get("/v1/admin/cache").json()["entries"] == 3
 
 
 class KeyAuth(Extension):
