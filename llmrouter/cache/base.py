@@ -51,7 +51,8 @@ class CacheBackend(Protocol):
     async def set(self, key: str, value: bytes, ttl: float | None) -> bool:
         """Store ``value`` for ``ttl`` seconds (None: until evicted); False when the
         backend declined it (larger than its whole size bound), so the layer counts it
-        as skipped, not stored."""
+        as skipped, not stored (None, from a backend written before this was asked, counts
+        as stored)."""
 
     async def delete(self, key: str) -> None:
         """Forget ``key`` (no error when absent)."""

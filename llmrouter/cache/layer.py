@@ -486,10 +486,10 @@ class ResponseCache:
             breaker.released()
             raise
         breaker.succeeded()
-        if stored:
-            self.stats.stores += 1
-        else:  # larger than the backend's whole bound
+        if stored is False:  # larger than the backend's whole bound
             self.stats.skipped += 1
+        else:  # True, or None from a backend written before set() said (stored, then)
+            self.stats.stores += 1
 
     async def _store_flight(self, plan: _Plan, flight: Flight, *, store: bool) -> None:
         """Store a flight's answer; until that lands, identical requests are served it."""
