@@ -38,7 +38,7 @@ import anyio
 
 from llmrouter.accounting import end_users
 from llmrouter.accounting.config import BudgetRule
-from llmrouter.accounting.retries import Retries
+from llmrouter.accounting.retries import Retries, may_have_reached
 from llmrouter.errors import BudgetExceededError
 
 if TYPE_CHECKING:
@@ -318,9 +318,11 @@ class BudgetManager:
         max_cost: float | None,
         request_id: str,
         end_user: str | None = None,
+        output_limit: int | None = None,
     ) -> Reservation:
         """Reserve ``max_cost`` against every budget of a request for ``model_group``, all
-        or nothing.
+        or nothing. ``output_limit``: the request's (its ``max_tokens``, or
+        ``router.default_max_tokens``), which a refusal names.
 
         Raises:
             BudgetExceededError: a budget cannot take it (429, ``insufficient_quota``).
@@ -328,7 +330,7 @@ class BudgetManager:
         reservation = Reservation(request_id=request_id)
         try:
             await self._reserve_all(
-                reservation, self.windows_for(key, model_group, end_user=end_user), max_cost
+                reservation, self.windows_for(key, model_group, end_user=end_user), max_cost, output_limit
             )
         except BaseException:
             # Refused, failed (the store is down) or cancelled half-way: the windows
@@ -377,7 +379,11 @@ class BudgetManager:
         return tuple(usable)
 
     async def _reserve_all(
-        self, reservation: Reservation, windows: list[BudgetWindow], max_cost: float | None
+        self,
+        reservation: Reservation,
+        windows: list[BudgetWindow],
+        max_cost: float | None,
+        output_limit: int | None = None,
     ) -> None:
         """Reserve ``max_cost`` in each of ``windows`` into ``reservation``; raises at the
         first that cannot take it (those taken stay in ``reservation``)."""
@@ -385,18 +391,23 @@ class BudgetManager:
         for window in windows:
             try:
                 ok, spent, reserved = await self.store.reserve(window, amount, reservation.request_id)
-            except BaseException:
-                if amount and not isinstance(self.store, MemoryBudgetStore):
-                    # Failed or cancelled on its way to a shared store, the reservation may
-                    # be there all the same (its reply lost, a timeout): it goes back with
-                    # the others, by the request's id, which changes nothing where the store
-                    # does not hold it. A store in memory changes nothing unless it replies.
-                    reservation.windows.append((window, amount))
+            except BaseException as exc:
+                # A store in memory changes nothing unless it replies.
+                if amount and not isinstance(self.store, MemoryBudgetStore) and may_have_reached(exc):
+                    self._give_back_lost(window, amount, reservation.request_id)
                 raise
             self._saw(window, spent)
             if not ok:
-                raise _exceeded(window, spent, reserved, amount)
+                raise _exceeded(window, spent, reserved, amount, output_limit)
             reservation.windows.append((window, amount))
+
+    def _give_back_lost(self, window: BudgetWindow, amount: int, request_id: str) -> None:
+        """Give back in the background the reservation in ``window`` that a shared store
+        may hold though its reply never came (a timeout, a cancellation), by the request's
+        id: settled "again", it changes nothing where the store does not hold it. Not
+        awaited: the request's error goes on at once, not after a second wait on a store
+        that stopped answering."""
+        self.retries.give_backs.add(partial(self.store.settle, window, amount, 0, request_id, again=True))
 
     async def settle(self, reservation: Reservation, cost: float | None, model: str | None = None) -> bool:
         """Turn the reservation into the real cost; True if a soft limit is now crossed.
@@ -539,17 +550,22 @@ class BudgetManager:
         return list(seen.values())
 
 
-def _exceeded(window: BudgetWindow, spent: int, reserved: int, amount: int) -> BudgetExceededError:
+def _exceeded(
+    window: BudgetWindow, spent: int, reserved: int, amount: int, output_limit: int | None = None
+) -> BudgetExceededError:
     scope = f" for model {window.model}" if window.model else ""
     if window.end_user is not None:
         scope += f" for end user {window.end_user[:100]!r}"
     limit = f"{window.period} limit ${window.limit / UNITS_PER_USD:.6f}"
     if amount > window.limit:
         # Not even an empty window takes it: a Retry-After at the reset would send the
-        # client back then to be refused again.
+        # client back then to be refused again. A client that sent no max_tokens is told
+        # where the bound it is charged for comes from.
+        now = f"{output_limit} for this request; " if output_limit else ""
         return BudgetExceededError(
             f"budget exceeded{scope}: this request may cost up to ${amount / UNITS_PER_USD:.6f}, "
-            f"more than the {limit}: lower max_tokens (or send a shorter prompt)",
+            f"more than the {limit}: lower max_tokens ({now}a request without it is bounded by "
+            "router.default_max_tokens) or send a shorter prompt",
             retry_after=None,
             retryable=False,
             until_reset=True,  # x-should-retry: false

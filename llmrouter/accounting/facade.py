@@ -305,23 +305,28 @@ class Accounting:
     async def usage(self, **kwargs: Any) -> list[dict[str, Any]]:
         """:func:`~llmrouter.accounting.reports.usage_report` over this ledger (flushed first).
 
+        Reaching the database, and the flush, are bounded by ``database.timeout``; the
+        report's query is not (all time over a large ledger may take minutes: only the
+        URL's ``command_timeout`` bounds it on PostgreSQL).
+
         Raises:
-            AccountingUnavailableError: the database cannot be read now (503, with
+            AccountingUnavailableError: the database cannot be reached now (503, with
                 ``Retry-After``), or not within ``database.timeout``.
         """
         try:
-            return await within(self.config.database.timeout, self._usage(**kwargs))
-        except TimeoutError as exc:
-            raise unavailable(exc, "reading usage from the ledger") from exc
-
-    async def _usage(self, **kwargs: Any) -> list[dict[str, Any]]:
-        await self._flush_before_reading("usage")
-        try:
+            await within(self.config.database.timeout, self._reach_for_reading())
             return await usage_report(self.engine, **kwargs)
         except LLMRouterError:
             raise  # the request's own mistake (a bad dimension)
         except Exception as exc:
             raise unavailable(exc, "reading usage from the ledger") from exc
+
+    async def _reach_for_reading(self) -> None:
+        """The flush before a report, and a connection to the database (on PostgreSQL,
+        checked before use), which a database down or not answering fails."""
+        await self._flush_before_reading("usage")
+        async with self.engine.connect():
+            pass
 
     async def check_stores(self) -> dict[str, Any]:
         """Whether the database and Redis answer now (:data:`STORE_CHECK_SECONDS` each),

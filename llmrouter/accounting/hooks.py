@@ -222,7 +222,12 @@ class AccountingHooks(RouterHooks):
             if self.budgets is not None and self.budgets.may_apply(key):
                 end_user = _end_user_of(ctx)
                 reservation = await self.budgets.reserve(
-                    key, ctx.model_group, ctx.max_cost, new_id(), end_user=end_user
+                    key,
+                    ctx.model_group,
+                    ctx.max_cost,
+                    new_id(),
+                    end_user=end_user,
+                    output_limit=getattr(ctx.request, "output_limit", None),
                 )
                 if ctx.fallback_groups:
                     # Only those whose per-model budgets take it remain fallbacks.

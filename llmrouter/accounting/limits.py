@@ -10,7 +10,8 @@ update runs with no ``await`` between them) and :class:`RedisLimiter` (one Lua s
 per admission, using the Redis server's clock, so every replica shares the windows).
 Concurrency slots in Redis are leases, so a replica that dies frees its slots; an
 admission that fails or is cancelled while its script is on the wire frees the slot it
-may have taken at once (its reply was lost, not necessarily the script).
+may have taken in the background (its reply was lost, not necessarily the script), its
+requests and tokens counted in their minute all the same.
 
 A refusal is :class:`~llmrouter.errors.RateLimitError` (429, ``retryable=False``, with
 ``retry_after``), except for a request of more tokens than the TPM limit itself: no wait
@@ -19,20 +20,15 @@ can admit it, so it is refused at once as too large, without ``retry_after``.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-import anyio
-
+from llmrouter.accounting.retries import Retries, may_have_reached
 from llmrouter.context import new_id
 from llmrouter.errors import RateLimitError
-
-if TYPE_CHECKING:
-    from llmrouter.accounting.retries import Retries
 
 __all__ = [
     "EffectiveLimits",
@@ -45,13 +41,7 @@ __all__ = [
     "seconds_until_fits",
 ]
 
-log = logging.getLogger("llmrouter.accounting")
-
 WINDOW = 60.0
-
-FREE_SLOT_SECONDS = 5.0
-"""The longest a failed admission waits to free the slot it may have taken (shielded from
-the caller's cancellation, so bounded): past it the retries free it."""
 
 
 @dataclass(frozen=True)
@@ -421,8 +411,8 @@ class RedisLimiter:
         client: a ``redis.asyncio.Redis``.
         prefix: key prefix.
         lease_seconds: a concurrency slot not released within this long is freed.
-        retries: where freeing the slot of a failed admission goes to be tried again
-            when Redis fails that too (None: logged and left to the slot's lease).
+        retries: whose give-backs free the slot an admission may have taken though its
+            reply was lost (None: retries of its own, tried once more by :meth:`aclose`).
     """
 
     def __init__(
@@ -436,7 +426,8 @@ class RedisLimiter:
         self._redis = client
         self._prefix = f"{prefix}limits:"
         self._lease = lease_seconds
-        self._retries = retries
+        self._own_retries = retries is None
+        self._retries = retries if retries is not None else Retries()
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._left = client.register_script(_LEFT)
@@ -459,9 +450,9 @@ class RedisLimiter:
         keys = self._keys(subject)
         try:
             ok, kind, wait, *rest = await self._acquire(keys=keys, args=args)
-        except BaseException:
-            if limits.concurrency is not None:
-                await self._free_slot(keys[1], slot)
+        except BaseException as exc:
+            if limits.concurrency is not None and may_have_reached(exc):
+                self._free_slot(keys[1], slot)
             raise
         if int(ok) != 1:
             kind = kind.decode() if isinstance(kind, bytes) else str(kind)
@@ -478,22 +469,15 @@ class RedisLimiter:
             minute=float(rest[2]),
         )
 
-    async def _free_slot(self, slots: str, slot: str) -> None:
+    def _free_slot(self, slots: str, slot: str) -> None:
         """Free ``slot`` after its admission failed or was cancelled: the script may have
         run though its reply never came (a timeout, a connection cut, the client gone),
         and a slot kept would refuse the key's requests for the whole lease (15 minutes
-        with ``concurrency: 1``). Freeing a slot never taken changes nothing, so when
-        Redis fails this too it is tried again later (``retries``)."""
-        with anyio.CancelScope(shield=True), anyio.move_on_after(FREE_SLOT_SECONDS):
-            try:
-                await self._redis.zrem(slots, slot)
-                return
-            except Exception as exc:  # noqa: BLE001 - the admission's own error goes on
-                log.warning(
-                    "accounting: freeing concurrency slot %s failed: %s: %s", slot, type(exc).__name__, exc
-                )
-        if self._retries is not None:
-            self._retries.add(f"freeing concurrency slot {slot}", partial(self._redis.zrem, slots, slot))
+        with ``concurrency: 1``). Freeing a slot never taken changes nothing. In the
+        background (:class:`~llmrouter.accounting.retries.GiveBacks`): the request's
+        error goes on at once, not after a second wait on a Redis that stopped answering.
+        """
+        self._retries.give_backs.add(partial(self._redis.zrem, slots, slot))
 
     async def release(self, ticket: LimitTicket, actual_tokens: int) -> None:
         track = "1" if ticket.limits.tpm is not None else "0"
@@ -510,4 +494,6 @@ class RedisLimiter:
         return _limit_headers(limits, int(requests_left), int(tokens_left))  # -1 where no limit: not sent
 
     async def aclose(self) -> None:
-        """The client belongs to the caller."""
+        """Tries its own retries once more; the client belongs to the caller."""
+        if self._own_retries:
+            await self._retries.aclose()

@@ -16,18 +16,23 @@ holds (its lease, in Redis and in the database), so the spend counts once whiche
 got through (a request that reserved nothing, being unpriced, has no lease to tell by).
 A slot is released once however often it is tried; a token true-up tried again may
 count twice in its one-minute window.
+
+Apart from the settlements wait the give-backs (:class:`GiveBacks`): what an admission
+may have taken though its reply never came (a timeout, a cancellation), most often
+nothing, so best effort, in a lane of their own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 
 from llmrouter.aio import on_asyncio
 
-__all__ = ["WAITING_LIMIT", "Retries"]
+__all__ = ["GIVE_BACKS_LIMIT", "WAITING_LIMIT", "GiveBacks", "Retries", "may_have_reached"]
 
 log = logging.getLogger("llmrouter.accounting")
 
@@ -57,6 +62,8 @@ class Retries:
         self._first_delay = first_delay
         self._max_delay = max_delay
         self._task: asyncio.Task[None] | None = None
+        self.give_backs = GiveBacks()
+        """What admissions whose reply was lost may hold, given back apart, best effort."""
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -105,7 +112,8 @@ class Retries:
         return True
 
     async def aclose(self) -> None:
-        """Stop the retries and try once more; what is still waiting is logged and lost."""
+        """Stop the retries and try once more; what is still waiting is logged and lost.
+        Then the give-backs, after the settlements (which hold real spend)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -115,5 +123,124 @@ class Retries:
                 "accounting: %d settlements never reached their store: budget windows miss "
                 "that spend until they end (or Redis is re-seeded from the ledger), slots wait "
                 "for their lease",
+                len(self._waiting),
+            )
+        await self.give_backs.aclose()
+
+
+GIVE_BACKS_LIMIT = 1_000
+"""How many give-backs may wait, by default."""
+
+
+def may_have_reached(exc: BaseException) -> bool:
+    """Whether the command that failed with ``exc`` may have reached its store: not when
+    the store refused the connection or its name did not resolve (nothing was sent);
+    a timeout or a cancellation may have lost only the reply."""
+    seen: BaseException | None = exc
+    for _ in range(16):  # the chain of causes, as a traceback shows it (bounded: a cycle)
+        if seen is None:
+            return True
+        if isinstance(seen, ConnectionRefusedError | socket.gaierror):
+            return False
+        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+    return True
+
+
+class GiveBacks:
+    """Give-backs of what an admission may have taken though its reply never came (a
+    Redis concurrency slot, a budget reservation), tried in the background, oldest first,
+    at once (a client retrying after its 503 finds the slot free), then after 1 s backing
+    off to 30 s, until the store takes them.
+
+    Most free nothing (the store never ran the command), so no request waits for its own
+    (awaited, it held the request's 503 for a second timeout of a store that stopped
+    answering), none is logged on its own, and they wait apart from the settlements,
+    which carry real spend: in an outage, the refused admissions' give-backs neither push
+    those out of their queue nor hold up their retries. Past ``limit`` the oldest is
+    dropped, and the drops are logged in one line per round: what they may hold waits
+    for its lease.
+
+    Args:
+        limit: how many may wait.
+        first_delay: seconds before the first retry; doubled after each failure.
+        max_delay: the longest wait between tries.
+    """
+
+    def __init__(
+        self, *, limit: int = GIVE_BACKS_LIMIT, first_delay: float = 1.0, max_delay: float = 30.0
+    ) -> None:
+        self._waiting: deque[Work] = deque()
+        self._limit = limit
+        self._first_delay = first_delay
+        self._max_delay = max_delay
+        self._dropped = 0  # since the last line that said so
+        self._task: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    def add(self, work: Work) -> None:
+        """Call ``work`` in the background (on asyncio; elsewhere, shutdown tries it)."""
+        if len(self._waiting) >= self._limit:
+            self._waiting.popleft()
+            self._dropped += 1
+        self._waiting.append(work)
+        if self._task is None and on_asyncio():
+            self._task = asyncio.get_running_loop().create_task(self._retry(), name="llmrouter-give-backs")
+
+    async def _retry(self) -> None:
+        delay = 0.0  # the first round as soon as the request that added it has gone on
+        try:
+            while self._waiting:
+                await asyncio.sleep(delay)
+                done = await self.try_all()
+                self._log_dropped()
+                if done:
+                    return
+                delay = min(max(delay * 2, self._first_delay), self._max_delay)
+        finally:
+            self._task = None
+
+    async def try_all(self) -> bool:
+        """Run the waiting ones, oldest first, stopping at the first failure (the store
+        is still down); True when none is left."""
+        while self._waiting:
+            work = self._waiting[0]
+            try:
+                await work()
+            except Exception as exc:  # noqa: BLE001 - still down: the next round tries again
+                log.debug(
+                    "accounting: %d give-backs wait for their store: %s: %s",
+                    len(self),
+                    type(exc).__name__,
+                    exc,
+                )
+                return False
+            if self._waiting and self._waiting[0] is work:
+                self._waiting.popleft()
+        return True
+
+    def _log_dropped(self) -> None:
+        if self._dropped:
+            log.warning(
+                "accounting: %d give-backs of admissions whose reply was lost were dropped (over %d "
+                "waited): what they may hold waits for its lease",
+                self._dropped,
+                self._limit,
+            )
+            self._dropped = 0
+
+    async def aclose(self) -> None:
+        """Stop the tries and try once more; what is still waiting is logged, in one
+        line, and left to its lease."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._log_dropped()
+        if self._waiting and not await self.try_all():
+            log.warning(
+                "accounting: %d give-backs of admissions whose reply was lost never reached their "
+                "store: what they may hold waits for its lease",
                 len(self._waiting),
             )

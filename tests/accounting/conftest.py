@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sized
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -198,6 +198,16 @@ def finish(
     ctx.deployment, ctx.provider = f"openai/{ctx.model_group}", "openai"
     ctx.finished_at = time.perf_counter()
     return ctx
+
+
+async def drained(waiting: Sized) -> None:
+    """Wait until ``waiting`` (settlements or give-backs, tried in the background) is
+    empty."""
+    import anyio
+
+    with anyio.fail_after(5):
+        while len(waiting):  # noqa: ASYNC110 - a count, not an event
+            await anyio.sleep(0.01)
 
 
 @pytest.fixture

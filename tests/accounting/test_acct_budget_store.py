@@ -17,7 +17,7 @@ from llmrouter.accounting.config import BudgetRule
 from llmrouter.accounting.db import create_engine
 from llmrouter.accounting.migrations import upgrade
 
-from .conftest import make_config, needs_redis
+from .conftest import drained, make_config, needs_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -179,16 +179,24 @@ async def _check_settled_once(store: Any) -> None:
 
 class RepliesLost:
     """A shared store whose reservations are made but never reply to their caller:
-    ``lose`` is called instead (it raises a timeout, or cancels the caller)."""
+    ``lose`` is called instead (it raises a timeout, or cancels the caller). ``settled``:
+    the requests a settling was tried for."""
 
     def __init__(self, store: Any) -> None:
         self.store = store
         self.lose: Any = None
+        self.settled: list[str] = []
 
     async def reserve(self, window: BudgetWindow, amount: int, request_id: str) -> Any:
         await self.store.reserve(window, amount, request_id)
         self.lose()
         await anyio.sleep_forever()
+
+    async def settle(
+        self, window: BudgetWindow, reserved: int, actual: int, request_id: str, **kwargs: Any
+    ) -> Any:
+        self.settled.append(request_id)
+        return await self.store.settle(window, reserved, actual, request_id, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.store, name)
@@ -210,20 +218,42 @@ async def _check_lost_reply_given_back(store: Any) -> None:
     # The store took the reservation but the request saw a timeout, or was cancelled,
     # before its reply: the window joined the reservation only once the store replied,
     # so nothing gave it back, and the budget stayed reserved for the whole lease.
-    budgets = BudgetManager([BudgetRule(key="*", period="total", limit=1.0)], RepliesLost(store))
+    lost = RepliesLost(store)
+    budgets = BudgetManager([BudgetRule(key="*", period="total", limit=1.0)], lost)
     (budget,) = budgets.windows_for(None, "gpt-4o")
 
     def time_out() -> None:
         raise TimeoutError
 
-    budgets.store.lose = time_out  # type: ignore[attr-defined]
+    lost.lose = time_out
     with pytest.raises(TimeoutError):
         await budgets.reserve(None, "gpt-4o", 0.5, "timed-out")
+    # Given back in the background: the request's 503 waited a second database.timeout
+    # for it.
+    assert lost.settled == [] and len(budgets.retries.give_backs) == 1
+    await drained(budgets.retries.give_backs)
     with anyio.CancelScope() as scope:
-        budgets.store.lose = scope.cancel  # type: ignore[attr-defined]
+        lost.lose = scope.cancel
         await budgets.reserve(None, "gpt-4o", 0.5, "cancelled")
     assert scope.cancelled_caught
+    await drained(budgets.retries.give_backs)
+    assert lost.settled == ["timed-out", "cancelled"]
     assert await store.usage(budget) == (0, 0)
+    await budgets.aclose()
+
+
+async def test_a_reservation_the_database_refused_has_nothing_to_give_back(tmp_path: Path) -> None:
+    # The connection refused, nothing was sent: each admission refused while PostgreSQL
+    # was down queued a give-back all the same, among the settlements.
+    engine = create_engine("postgresql+asyncpg://postgres@127.0.0.1:9/acct")
+    budgets = BudgetManager(
+        [BudgetRule(key="*", period="total", limit=1.0)], DatabaseBudgetStore(engine, _nothing_spent)
+    )
+    with pytest.raises(ConnectionRefusedError):
+        await budgets.reserve(None, "gpt-4o", 0.5, "refused")
+    assert len(budgets.retries) == 0 and len(budgets.retries.give_backs) == 0
+    await budgets.aclose()
+    await engine.dispose()
 
 
 def _day(day: int, limit: int = 1_000) -> BudgetWindow:

@@ -291,7 +291,9 @@ async def test_a_request_costlier_than_the_limit_itself_is_not_told_to_retry(
         error = info.value
         assert error.retry_after is None and error.headers() == {"x-should-retry": "false"}
         assert "may cost up to $0.000100, more than the day limit $0.000050" in error.message
-        assert "lower max_tokens" in error.message
+        assert (
+            "lower max_tokens (a request without it is bounded by router.default_max_tokens)" in error.message
+        )
 
 
 async def test_a_used_up_budget_tells_a_free_request_to_wait_for_the_reset(

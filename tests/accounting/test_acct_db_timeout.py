@@ -93,7 +93,9 @@ async def _refused_within_the_timeout(call: Any) -> None:
     with anyio.fail_after(10), pytest.raises(AccountingUnavailableError) as raised:
         await call()
     assert raised.value.http_status == 503
-    assert time.monotonic() - started < TIMEOUT + 1.5
+    # One timeout, not two: giving back what a lost reply may have reserved waited a
+    # second database.timeout before the 503.
+    assert time.monotonic() - started < 2 * TIMEOUT
 
 
 async def test_checking_a_key_on_a_database_that_stopped_answering(

@@ -3,6 +3,7 @@ replicas through Redis."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,8 +23,9 @@ from llmrouter.accounting.limits import (
 )
 from llmrouter.accounting.retries import Retries
 from llmrouter.errors import RateLimitError
+from llmrouter.redis_pool import connect
 
-from .conftest import REDIS_URL, _redis_client, chat_context, finish, make_config, needs_redis
+from .conftest import REDIS_URL, _redis_client, chat_context, drained, finish, make_config, needs_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -147,12 +149,14 @@ async def test_redis_concurrency_slots_of_a_dead_replica_expire(redis_client: An
 class RepliesLost:
     """A Redis client whose scripts run but, while ``lose`` is set, never reply to their
     caller: ``lose`` is called instead (it raises a timeout, or cancels the caller).
-    ``zrem_fails``: freeing a slot fails too (Redis went away)."""
+    ``zrem_fails``: freeing a slot fails too (Redis went away); ``freed``: the slots
+    freeing was tried for."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
         self.lose: Any = None
         self.zrem_fails = False
+        self.freed: list[str] = []
 
     def register_script(self, source: str) -> Any:
         script = self._client.register_script(source)
@@ -166,10 +170,11 @@ class RepliesLost:
 
         return run
 
-    async def zrem(self, *args: Any) -> Any:
+    async def zrem(self, key: str, slot: str) -> Any:
+        self.freed.append(slot)
         if self.zrem_fails:
-            raise ConnectionError("connection refused")
-        return await self._client.zrem(*args)
+            raise ConnectionError("connection reset")
+        return await self._client.zrem(key, slot)
 
 
 def _time_out() -> None:
@@ -181,34 +186,69 @@ async def test_an_admission_whose_reply_is_lost_frees_its_slot(redis_client: Any
     # could not free a slot it never got the id of, and with concurrency 1 the key was
     # refused for the whole lease (15 minutes).
     client = RepliesLost(redis_client)
-    limiter = RedisLimiter(client, prefix=redis_client.test_prefix)
+    retries = Retries()
+    limiter = RedisLimiter(client, prefix=redis_client.test_prefix, retries=retries)
     one = EffectiveLimits(concurrency=1)
     client.lose = _time_out
     with pytest.raises(TimeoutError):
         await limiter.acquire("k", one, 0)
+    # Freed in the background: the request's 503 waited a second redis.timeout for it.
+    assert client.freed == [] and len(retries.give_backs) == 1
+    await drained(retries.give_backs)
     with anyio.CancelScope() as scope:  # the client left while the script was on the wire
         client.lose = scope.cancel
         await limiter.acquire("k", one, 0)
     assert scope.cancelled_caught
+    await drained(retries.give_backs)
     client.lose = None
     await limiter.release(await limiter.acquire("k", one, 0), 0)  # the one slot is free
+    assert len(client.freed) == 2 and len(retries) == 0
+    await retries.aclose()
 
 
-async def test_a_slot_redis_cannot_free_at_once_is_freed_by_the_retries(redis_client: Any) -> None:
+async def test_a_slot_redis_cannot_free_at_once_is_freed_once_it_can(
+    redis_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nor does it push the settlements out of their queue: each admission refused while
+    # Redis failed queued one there, and past the limit they evicted real spend.
     client = RepliesLost(redis_client)
-    retries = Retries()
+    retries = Retries(limit=1)
+    retries.add("a settlement", _settled)
     limiter = RedisLimiter(client, prefix=redis_client.test_prefix, retries=retries)
     one = EffectiveLimits(concurrency=1)
     client.lose, client.zrem_fails = _time_out, True
-    with pytest.raises(TimeoutError):
-        await limiter.acquire("k", one, 0)
+    for _ in range(3):
+        with pytest.raises(TimeoutError):
+            await limiter.acquire("k", one, 0)
+    assert [what for what, _ in retries._waiting] == ["a settlement"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no line per request
+    assert not await retries.give_backs.try_all()
     client.lose = None
     with pytest.raises(RateLimitError, match="concurrent requests"):
         await limiter.acquire("k", one, 0)  # taken until Redis frees it
     client.zrem_fails = False
-    assert await retries.try_all()
+    assert await retries.give_backs.try_all()
     await limiter.release(await limiter.acquire("k", one, 0), 0)
     await retries.aclose()
+
+
+async def _settled() -> None:
+    pass
+
+
+async def test_an_admission_redis_refused_has_nothing_to_give_back() -> None:
+    # The connection refused, the script never left: there is no slot to free. Each
+    # admission refused while Redis was down queued a give-back all the same, and tried
+    # it first (3.5 times as slow a refusal).
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    client = connect("redis://127.0.0.1:9/0", timeout=1.0)
+    retries = Retries()
+    limiter = RedisLimiter(client, prefix="llmr-test-refused:", retries=retries)
+    with pytest.raises(RedisConnectionError, match="connecting to"):
+        await limiter.acquire("k", EffectiveLimits(concurrency=1), 0)
+    assert len(retries) == 0 and len(retries.give_backs) == 0
+    await client.aclose()
 
 
 async def test_a_true_up_after_the_minute_goes_to_the_minute_it_was_charged_in() -> None:

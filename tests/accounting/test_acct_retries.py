@@ -14,7 +14,7 @@ from llmrouter.accounting.budgets import BudgetManager, MemoryBudgetStore
 from llmrouter.accounting.config import BudgetRule, LimitsConfig
 from llmrouter.accounting.hooks import AccountingHooks
 from llmrouter.accounting.limits import MemoryLimiter
-from llmrouter.accounting.retries import Retries
+from llmrouter.accounting.retries import GiveBacks, Retries
 from llmrouter.context import RequestContext
 from llmrouter.errors import RateLimitError
 
@@ -140,3 +140,49 @@ async def test_a_rate_limit_slot_the_limiter_failed_to_release_is_released_later
     await _drained(retries)
     await hooks.before_request(RequestContext(model_group="g", max_cost=0.0))  # released by the retry
     await retries.aclose()
+
+
+async def test_give_backs_wait_apart_and_their_drops_are_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """During an outage each admission whose reply was lost leaves a give-back (most
+    free nothing): they waited among the settlements, evicting their real spend past
+    the limit, and each logged a warning."""
+    retries = Retries(limit=1, first_delay=60)
+    retries.add("a settlement", partial(anyio.sleep, 0))
+    retries.give_backs = GiveBacks(limit=2, first_delay=0.01)
+    given_back: list[int] = []
+
+    async def give_back(n: int) -> None:
+        given_back.append(n)
+
+    with caplog.at_level(logging.INFO, logger="llmrouter.accounting"):
+        for n in range(5):
+            retries.give_backs.add(partial(give_back, n))
+        assert len(retries.give_backs) == 2
+        assert [what for what, _ in retries._waiting] == ["a settlement"]
+        with anyio.fail_after(2):
+            while len(retries.give_backs):  # noqa: ASYNC110 - a count, not an event
+                await anyio.sleep(0.01)
+    assert given_back == [3, 4]
+    assert [record.getMessage() for record in caplog.records] == [
+        "accounting: 3 give-backs of admissions whose reply was lost were dropped (over 2 waited): "
+        "what they may hold waits for its lease"
+    ]
+    await retries.aclose()
+
+
+async def test_give_backs_left_at_shutdown_are_tried_then_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    give_backs = GiveBacks(first_delay=60)
+
+    async def refused() -> None:
+        raise ConnectionError("connection reset")
+
+    for _ in range(3):
+        give_backs.add(refused)
+    with caplog.at_level(logging.WARNING, logger="llmrouter.accounting"):
+        await give_backs.aclose()
+    assert [record.getMessage() for record in caplog.records] == [
+        "accounting: 3 give-backs of admissions whose reply was lost never reached their store: "
+        "what they may hold waits for its lease"
+    ]

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -454,6 +455,44 @@ async def test_a_report_is_read_though_the_ledger_cannot_flush(
     acct.ledger.flush = refused  # type: ignore[method-assign]
     assert [row["requests"] for row in await acct.usage(by=["status"])] == [1]
     assert "ledger not flushed before reading usage" in caplog.text
+
+
+async def test_a_report_is_not_cut_at_the_database_timeout(
+    acct: Accounting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Everyone's usage of all time over millions of rows takes longer than
+    ``database.timeout``, which bounds only reaching the database: with the whole report
+    bounded, it was a 503 with ``Retry-After: 1`` every time."""
+    from llmrouter.accounting import facade
+
+    acct.config.database.timeout = 0.3
+
+    async def slow_report(engine: object, **kwargs: object) -> list[dict[str, Any]]:
+        await anyio.sleep(0.6)  # a large ledger's query: past database.timeout
+        return [{"requests": 6_000_000}]
+
+    monkeypatch.setattr(facade, "usage_report", slow_report)
+    assert await acct.usage(by=["key", "model"]) == [{"requests": 6_000_000}]
+
+
+async def test_a_request_without_max_tokens_is_told_where_its_bound_comes_from(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Over a budget that its maximum cost alone exceeds, a request that sent no
+    ``max_tokens`` was told to lower it: its bound is the router's default (4096 output
+    tokens, here $0.0024576, over $0.002)."""
+    from llmrouter.accounting.config import BudgetRule
+
+    app, _acct = _app(sqlite_url, tmp_path, budgets=[BudgetRule(period="day", limit=0.002)])
+    unbounded = {key: value for key, value in CHAT.items() if key != "max_tokens"}
+    async with AsyncTestClient(app) as client:
+        refused = await client.post("/v1/chat/completions", json=unbounded)
+        assert refused.status_code == 429 and "retry-after" not in refused.headers
+        assert (
+            "lower max_tokens (4096 for this request; a request without it is bounded by "
+            "router.default_max_tokens)" in refused.json()["error"]["message"]
+        )
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
 
 
 async def test_a_key_lists_and_retrieves_only_the_models_it_may_use(sqlite_url: str, tmp_path: Path) -> None:
