@@ -32,6 +32,10 @@ class CacheEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     chunks: list[ChatChunk] | None = None
     stored_at: float = 0.0
     """Unix seconds when it was stored (for ``Age``-style reporting and debugging)."""
+    group: str | None = None
+    """The fallback group that served the answer; None when the group the request named
+    did (and in entries stored before this field). Only a caller that may use that
+    fallback is served the entry."""
 
     def as_response(self) -> ChatResponse:
         if self.response is not None:
@@ -62,9 +66,12 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(CacheEntry)
 
 
-def encode_entry(*, response: ChatResponse | None = None, chunks: list[ChatChunk] | None = None) -> bytes:
-    """Encode an answer for storage (msgpack: compact and fast to decode)."""
-    return _encoder.encode(CacheEntry(response=response, chunks=chunks, stored_at=time.time()))
+def encode_entry(
+    *, response: ChatResponse | None = None, chunks: list[ChatChunk] | None = None, group: str | None = None
+) -> bytes:
+    """Encode an answer for storage (msgpack: compact and fast to decode); ``group``:
+    the fallback group that served it, if one did (see :attr:`CacheEntry.group`)."""
+    return _encoder.encode(CacheEntry(response=response, chunks=chunks, stored_at=time.time(), group=group))
 
 
 def decode_entry(data: bytes) -> CacheEntry:

@@ -72,6 +72,11 @@ class _Plan(NamedTuple):
 
     key: str
     ttl: float | None
+    group: str
+    """The model group the request named (resolved): the one every entry may come from."""
+    flight_key: str
+    """The key of its flight: ``key``, and the caller's fallbacks when it has some (see
+    :meth:`ResponseCache._plan`)."""
 
 
 class ResponseCache:
@@ -179,7 +184,7 @@ class ResponseCache:
             self._mark(ctx, "bypass")
             response = await call()
             if plan is not None and not ctx.no_store:
-                await self._store(plan, response=response)
+                await self._store(plan, ctx, response=response)
             return response
         coalescing = self._can_coalesce()
         flight = await self._find_or_lookup(ctx, plan, coalescing, streaming=False)
@@ -191,9 +196,9 @@ class ResponseCache:
             if not coalescing:
                 response = await call()
                 if not ctx.no_store:
-                    await self._store(plan, response=response)
+                    await self._store(plan, ctx, response=response)
                 return response
-            return await self._call_for(self.coalescer.open(plan.key, ctx), plan, call)
+            return await self._call_for(self.coalescer.open(plan.flight_key, ctx), plan, call)
         try:
             async with self.coalescer.attend(flight, ctx):
                 answer = await flight.result(taker=ctx)
@@ -241,7 +246,7 @@ class ResponseCache:
                         yield chunk
                 return
             flight = self.coalescer.launch(
-                plan.key,
+                plan.flight_key,
                 ctx,
                 _stream_producer(call),
                 partial(self._store_flight, plan, store=not ctx.no_store),
@@ -283,21 +288,27 @@ class ResponseCache:
             self.stats.errors += 1
             log.exception("cache: could not key the request; passing it through")
             return None
-        return _Plan(key, ttl)
+        # A flight may end up served by any of its caller's fallbacks (final here: the
+        # accounting hooks have narrowed them), and nobody knows which until it answers:
+        # only callers with the same fallbacks share one, so none gets an answer from a
+        # group it may not use. Without fallbacks (the usual case) it is the cache key.
+        fallbacks = ctx.fallback_groups
+        flight_key = f"{key} via {fallbacks!r}" if fallbacks else key
+        return _Plan(key, ttl, group, flight_key)
 
     async def _find_or_lookup(
         self, ctx: RequestContext, plan: _Plan, coalescing: bool, *, streaming: bool
     ) -> Flight | CacheEntry | None:
         """A flight to attend (only when ``coalescing``), a stored entry (the context is
         marked as a hit), or None."""
-        found = self._joinable(plan.key, streaming) if coalescing else None
+        found = self._joinable(plan.flight_key, streaming) if coalescing else None
         if found is None:
             found = await self._lookup(plan.key)
-            if found is not None and ctx.max_age is not None and time.time() - found.stored_at > ctx.max_age:
-                found = None  # older than the client takes (Cache-Control: max-age): a miss
+            if found is not None and not _may_serve(found, ctx):
+                found = None
             if found is None and coalescing:
                 # Someone may have launched the same request while we were looking.
-                found = self._joinable(plan.key, streaming)
+                found = self._joinable(plan.flight_key, streaming)
         if isinstance(found, CacheEntry):
             self._mark(ctx, "hit")
             ctx.usage = found.usage
@@ -312,7 +323,8 @@ class ResponseCache:
     def _joinable(self, key: str, streaming: bool) -> Flight | CacheEntry | None:
         """The flight in progress for ``key``; a finished one only while its answer is
         being stored (served as a hit), never one that failed. A streaming request does
-        not attend a non-streaming flight in progress: it could not take its call over."""
+        not attend a non-streaming flight in progress: it could not take its call over.
+        (Its answer came from a group this caller may use: ``key`` holds its fallbacks.)"""
         flight = self.coalescer.find(key)
         if flight is None:
             return None
@@ -455,19 +467,22 @@ class ResponseCache:
     async def _store(
         self,
         plan: _Plan,
+        caller: RequestContext,
         *,
         response: ChatResponse | None = None,
         chunks: list[ChatChunk] | None = None,
         storable: bool | None = None,
     ) -> None:
-        """Store an answer (``storable``: already checked with :func:`is_storable`)."""
+        """Store the answer ``caller``'s upstream call got (``storable``: already checked
+        with :func:`is_storable`), with the fallback group that served it, if one did."""
         if storable is None:
             answer = response if response is not None else (chunks or [])
             storable = is_storable(answer, store_truncated=self.store_truncated)
         if not storable:
             self.stats.skipped += 1
             return
-        data = encode_entry(response=response, chunks=chunks)
+        served = caller.model_group  # the router sets it to the group that answered
+        data = encode_entry(response=response, chunks=chunks, group=served if served != plan.group else None)
         if self.max_entry_bytes is not None and len(data) > self.max_entry_bytes:
             self.stats.skipped += 1
             return
@@ -500,17 +515,19 @@ class ResponseCache:
         chunks = list(flight.chunks) if flight.streaming else None
         answer = flight.response if chunks is None else chunks
         flight.reusable = answer is not None and is_storable(answer, store_truncated=self.store_truncated)
-        await self._store(plan, response=flight.response, chunks=chunks, storable=flight.reusable)
+        await self._store(
+            plan, flight.origin, response=flight.response, chunks=chunks, storable=flight.reusable
+        )
 
     def _upstream(
         self, ctx: RequestContext, plan: _Plan, call: Callable[[], AsyncIterator[ChatChunk]]
     ) -> AsyncIterator[ChatChunk]:
         """The stream from upstream in the caller's own task: ``call()``'s own iterator
         when the request says not to store it, else stored once complete."""
-        return call() if ctx.no_store else self._pass_through(plan, call)
+        return call() if ctx.no_store else self._pass_through(ctx, plan, call)
 
     async def _pass_through(
-        self, plan: _Plan, call: Callable[[], AsyncIterator[ChatChunk]]
+        self, ctx: RequestContext, plan: _Plan, call: Callable[[], AsyncIterator[ChatChunk]]
     ) -> AsyncIterator[ChatChunk]:
         """Stream from upstream in the caller's own task, and store the stream once complete."""
         chunks: list[ChatChunk] = []
@@ -518,7 +535,7 @@ class ResponseCache:
             async for chunk in upstream:
                 chunks.append(chunk)
                 yield chunk
-        await self._store(plan, chunks=chunks)
+        await self._store(plan, ctx, chunks=chunks)
 
     def _mark(self, ctx: RequestContext, status: CacheStatus) -> None:
         ctx.cache_status = status
@@ -534,6 +551,16 @@ class ResponseCache:
     def _can_coalesce(self) -> bool:
         # Flights run as asyncio tasks detached from any client's cancel scope.
         return self.coalesce and on_asyncio()
+
+
+def _may_serve(entry: CacheEntry, ctx: RequestContext) -> bool:
+    """Whether a stored answer may answer ``ctx``: not older than it takes
+    (``Cache-Control: max-age``), and served by the group it named or by one of the
+    fallbacks it may use. A key allowed only its group, which is down, must fail as it
+    would without the cache, not get the answer a fallback gave a key allowed that."""
+    if ctx.max_age is not None and time.time() - entry.stored_at > ctx.max_age:
+        return False
+    return entry.group is None or entry.group in ctx.fallback_groups
 
 
 def _entry_of(flight: Flight) -> CacheEntry:

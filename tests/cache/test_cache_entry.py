@@ -32,6 +32,13 @@ def test_roundtrip_keeps_chunks_exactly(helpers: Any) -> None:
     assert entry.stored_at > 0
 
 
+def test_the_fallback_group_that_served_is_kept_and_old_entries_have_none(helpers: Any) -> None:
+    response = helpers.Upstream().response()
+    assert decode_entry(encode_entry(response=response, group="backup")).group == "backup"
+    old = msgspec.msgpack.encode({"response": response, "stored_at": 1.0})  # stored before the field
+    assert decode_entry(old).group is None
+
+
 def test_assembled_stream_equals_the_response(helpers: Any) -> None:
     upstream = helpers.Upstream()
     assert response_from_chunks(upstream.chunks()) == upstream.response()

@@ -257,3 +257,90 @@ async def test_a_library_callers_max_age_of_zero_is_no_cache() -> None:
         await router.chat(request, context=ctx)
     await cache.aclose()
     assert ctx.cache_status == "bypass"
+
+
+class AllowList:
+    """A key's allow-list, as the router reads one from accounting's principal."""
+
+    def __init__(self, *names: str) -> None:
+        self.names = names
+
+    def allows_model(self, *names: str) -> bool:
+        return any(name in self.names for name in names)
+
+
+@pytest.fixture
+async def fallback_routed() -> AsyncIterator[tuple[Router, ResponseCache, GatedProvider]]:
+    """``primary`` is down and falls back to ``backup`` (held at a gate when one is set)."""
+    from llmrouter.config import ModelGroup
+    from llmrouter.errors import UpstreamError
+
+    cache = ResponseCache(MemoryBackend(), ttl=60)
+    router = Router(cache=cache)
+    backup = GatedProvider("backup-model", default=Step(text="backup answer", usage=USAGE))
+    router.add_deployment("backup", backup)
+    router.add_deployment(
+        "primary", ScriptedProvider(default=Step(error=UpstreamError("down", retryable=False)))
+    )
+    router.groups["primary"].config = ModelGroup(name="primary", deployments=[], fallbacks=["backup"])
+    async with router:
+        yield router, cache, backup
+    await cache.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_fallbacks_stored_answer_is_not_served_to_a_key_that_may_not_use_it(
+    fallback_routed: Any, stream: bool
+) -> None:
+    """A key allowed only ``primary`` fails as it does without the cache; the answer
+    ``backup`` gave a key allowed both is still a hit for such keys."""
+    from llmrouter.errors import LLMRouterError
+
+    router, _, backup = fallback_routed
+    request = body(model="primary", stream=stream)
+
+    async def ask(ctx: RequestContext) -> str:
+        if not stream:
+            return (await router.chat(request, context=ctx)).choices[0].message.content or ""
+        return "".join(
+            [c.choices[0].delta.content or "" async for c in router.stream(request, context=ctx) if c.choices]
+        )
+
+    both = RequestContext(principal=AllowList("primary", "backup"))
+    assert await ask(both) == "backup answer"
+    assert (both.cache_status, both.model_group) == ("miss", "backup")
+    primary_only = RequestContext(principal=AllowList("primary"))
+    with pytest.raises(LLMRouterError):
+        await ask(primary_only)
+    assert primary_only.cache_status == "miss"
+    again = RequestContext(principal=AllowList("primary", "backup"))
+    assert await ask(again) == "backup answer"
+    assert again.cache_status == "hit" and backup.record.calls == 1
+
+
+async def test_a_flight_a_fallback_may_serve_is_not_joined_by_a_key_that_may_not_use_it(
+    fallback_routed: Any, helpers: Any
+) -> None:
+    from llmrouter.errors import LLMRouterError
+
+    router, cache, backup = fallback_routed
+    backup.gate = anyio.Event()
+    request = body(model="primary")
+    outcome: list[object] = []
+
+    async def ask(ctx: RequestContext) -> None:
+        try:
+            outcome.append(await router.chat(request, context=ctx))
+        except LLMRouterError as exc:
+            outcome.append(exc)
+
+    both = RequestContext(principal=AllowList("primary", "backup"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask, both)
+        await helpers.wait_until(lambda: both.fallbacks == 1)  # its flight waits on backup
+        tg.start_soon(ask, RequestContext(principal=AllowList("primary")))
+        await helpers.wait_until(lambda: bool(outcome) or cache.stats.coalesced > 0)
+        backup.gate.set()
+    assert cache.stats.coalesced == 0
+    assert isinstance(outcome[0], LLMRouterError)
+    assert isinstance(outcome[1], ChatResponse) and outcome[1].choices[0].message.content == "backup answer"
