@@ -191,12 +191,14 @@ def _check_new_fields(fields: Mapping[str, Any], names: Collection[str]) -> None
     """Rules on the fields ``names`` being set, that keys stored before the rules may
     break: such a key's other fields can still be changed (by its id or prefix).
 
-    A name with ``/`` cannot be given in the admin API's ``/v1/admin/keys/{key}`` paths; an
-    expiry after 9999-12-31 cannot be shown as a date (``keys list`` crashed on one)."""
-    if "name" in names and "/" in fields["name"]:
+    A name with ``/`` cannot be given in the admin API's ``/v1/admin/keys/{key}`` paths, and
+    one spelled as a secret (``sk-llmr-…``) would be taken for one there (found by its
+    prefix, not its name) and look like a leaked secret in listings; an expiry after
+    9999-12-31 cannot be shown as a date (``keys list`` crashed on one)."""
+    if "name" in names and ("/" in fields["name"] or fields["name"].startswith(SECRET_PREFIX)):
         raise InvalidRequestError(
-            f"name must be 1 to {_MAX_NAME} printable characters, without '/' "
-            "(a name stands for its key in /v1/admin/keys/{key})",
+            f"name must be 1 to {_MAX_NAME} printable characters, without '/' and not beginning "
+            f"with {SECRET_PREFIX!r} (a name stands for its key in /v1/admin/keys/{{key}})",
             param="name",
         )
     expires_at = fields["expires_at"]

@@ -10,21 +10,23 @@ with an OpenAI error body to
 - a request whose ``Origin`` is neither allowed by ``server.cors_origins`` (matched as
   Litestar's CORS matches them, ``*`` included) nor its own (the ``Host`` it was sent
   to): code ``cors_origin_not_allowed``, a CORS preflight included;
-- a request from a browser (one with an ``Origin`` or a ``Sec-Fetch-Site`` header) that
-  reached the service over loopback, sent to a ``Host`` that is not a loopback name
-  (``localhost``, ``127.0.0.1``, ``[::1]``) nor the host of an origin
-  ``server.cors_origins`` allows: code ``host_not_allowed``. This is the DNS-rebinding
+- a request from a browser (one with an ``Origin`` or a ``Sec-Fetch-Site`` header, or a
+  browser's ``User-Agent``) that reached the service over loopback, sent to a ``Host``
+  that no DNS answer can make (``localhost`` and ``*.localhost``, an IP literal) nor the
+  host of an origin ``server.cors_origins`` allows: code ``host_not_allowed``. This is the DNS-rebinding
   page, whose requests are same-origin (to ``Host: attacker.example``). Which
   connections are loopback ones is the ASGI server's to say (the scope's ``server``), not
   the config's: ``llmrouter serve --host`` and ``uvicorn --host`` bind elsewhere than
   ``server.host``, and a loopback connection to a ``0.0.0.0`` bind is rebound as easily.
 
-SDKs and curl send neither header: for them the check is a loop over the header names.
+SDKs and curl send none of these headers: for them the check is a loop over the header
+names. A refusal is logged (it is answered before the request id and telemetry layers).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,9 +38,16 @@ from llmrouter.server.errors import error_body
 
 __all__ = ["refuse_foreign_origins"]
 
+log = logging.getLogger("llmrouter.server")
+
 _FROM_A_BROWSER = frozenset({b"origin", b"sec-fetch-site"})
-"""Headers only browsers send (on every cross-origin or non-GET request, and on every
-request from browsers of 2023 on)."""
+"""Headers only browsers send (``Origin`` on every cross-origin or non-GET request;
+``Sec-Fetch-Site`` only to trustworthy origins, HTTPS or localhost: not to a rebinding
+page's plain ``http://attacker``, whose same-origin GETs carry neither, which is why a
+browser's ``User-Agent`` counts too)."""
+
+_BROWSER_AGENT = b"Mozilla/"
+"""How every browser's ``User-Agent`` begins (and no SDK's, nor curl's)."""
 
 
 def refuse_foreign_origins(app: Any, cors_origins: Sequence[str]) -> Any:
@@ -48,10 +57,18 @@ def refuse_foreign_origins(app: Any, cors_origins: Sequence[str]) -> Any:
 
     async def handle(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            for name, _ in scope["headers"]:
-                if name in _FROM_A_BROWSER:
+            for name, value in scope["headers"]:
+                if name in _FROM_A_BROWSER or (name == b"user-agent" and value.startswith(_BROWSER_AGENT)):
                     refusal = policy.refusal(scope)
                     if refusal is not None:
+                        # Outside the request-id and telemetry layers: logged here, or an
+                        # operator behind a misconfigured proxy would see nothing.
+                        log.warning(
+                            "refused %s %s: %s",
+                            scope["method"],
+                            scope["path"][:200],
+                            refusal["error"]["message"],
+                        )
                         await _send_403(send, refusal)
                         return
                     break
@@ -106,13 +123,22 @@ def _over_loopback(scope: Any) -> bool:
 
 
 def _is_loopback_name(host: str) -> bool:
-    """Whether a ``Host`` header (``name[:port]``, ``[v6][:port]``) names this machine
-    in a way no DNS answer can change."""
+    """Whether a ``Host`` header (``name[:port]``, ``[v6][:port]``) is one no DNS answer
+    can make: ``localhost`` and its subdomains (which browsers resolve to loopback
+    themselves), or an IP literal (``0.0.0.0``, the address ``serve --host 0.0.0.0``
+    prints, included)."""
     if host.startswith("["):
         name = host[1 : host.find("]")]
     else:
         name = host.rpartition(":")[0] if ":" in host else host
-    return name.lower() == "localhost" or _is_loopback_address(name)
+    name = name.lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_loopback_address(text: str) -> bool:

@@ -241,11 +241,25 @@ async def test_a_key_is_found_by_its_prefix_as_listings_and_401s_show_it(acct: A
 
 
 async def test_a_prefix_form_wins_over_a_name(acct: Accounting) -> None:
-    """Found by id, else prefix, else name: a name spelled as another key's prefix loses."""
+    """Found by id, else prefix, else name: a name spelled as another key's prefix (one
+    stored before such names were refused) loses."""
     key, _ = await acct.keys.create("real")
-    await acct.keys.create(f"sk-llmr-{key.prefix}-")
+    other, _ = await acct.keys.create("other")
+    await _store(acct, other.id, name=f"sk-llmr-{key.prefix}-")
     found = await acct.keys.get(f"sk-llmr-{key.prefix}-")
     assert found is not None and found.name == "real"
+
+
+async def test_a_name_spelled_as_a_secret_is_refused(acct: Accounting) -> None:
+    # Looked up by its prefix in /v1/admin/keys/{key}, it could not be found by name, and
+    # it reads as a leaked secret in listings.
+    secret_like = "sk-llmr-abcdefgh-xyz"
+    with pytest.raises(InvalidRequestError) as info:
+        await acct.keys.create(secret_like)
+    assert info.value.param == "name"
+    key, _ = await acct.keys.create("plain")
+    with pytest.raises(InvalidRequestError):
+        await acct.keys.update(key.id, {"name": secret_like})
 
 
 async def test_an_unknown_secret_given_as_a_reference_is_not_echoed(sqlite_url: str, tmp_path: Path) -> None:

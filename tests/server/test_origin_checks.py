@@ -52,9 +52,11 @@ def test_a_cross_site_post_is_refused(service: httpx.Client) -> None:
 
 def test_a_page_after_dns_rebinding_is_refused(service: httpx.Client) -> None:
     port = service.base_url.port
-    page = {"host": f"evil.example:{port}", "sec-fetch-site": "same-origin"}
+    page = {"host": f"evil.example:{port}", "user-agent": "Mozilla/5.0 (X11; Linux x86_64) Chrome/156"}
     posted = post_chat(service, origin=f"http://evil.example:{port}", **page)
-    read = service.get("/v1/models", headers=page)  # a same-origin GET carries no Origin
+    # A same-origin GET from a plain-http page carries no Origin and no Sec-Fetch-Site
+    # (Chromium sends those to trustworthy origins only): it was let through.
+    read = service.get("/v1/admin/keys", headers=page)
     for response in (posted, read):
         assert response.status_code == 403
         assert response.json()["error"]["code"] == "host_not_allowed"
@@ -64,7 +66,7 @@ def test_clients_without_origin_and_the_services_own_pages_pass(service: httpx.C
     port = service.base_url.port
     assert post_chat(service).status_code == 200  # an SDK, curl
     assert service.get("/v1/models", headers={"host": "anything.example"}).status_code == 200
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST"):
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", f"0.0.0.0:{port}", "app.localhost"):
         own = {"origin": f"http://{host}", "host": host, "sec-fetch-site": "same-origin"}
         assert post_chat(service, **own).status_code == 200, host
 
