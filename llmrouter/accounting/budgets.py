@@ -332,12 +332,15 @@ class BudgetManager:
             await self._reserve_all(
                 reservation, self.windows_for(key, model_group, end_user=end_user), max_cost, output_limit
             )
-        except BaseException:
-            # Refused, failed (the store is down) or cancelled half-way: the windows
-            # already reserved go back (shielded: a cancelled request must not keep them).
-            # A store that fails this too gets it later (retries).
+        except BudgetExceededError:
+            # Refused: the windows already reserved go back now, from a store that has
+            # just answered (shielded: a cancelled request must not keep them). A store
+            # that fails this gets it later (retries).
             with anyio.CancelScope(shield=True):
                 await self.release(reservation)
+            raise
+        except BaseException:
+            await self._give_back_held(reservation)  # failed (the store down or slow) or cancelled
             raise
         return reservation
 
@@ -370,9 +373,8 @@ class BudgetManager:
                 await self.release(taken)
                 continue
             except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await self.release(taken)
-                    await self.release(reservation)
+                await self._give_back_held(taken)
+                await self._give_back_held(reservation)
                 raise
             reservation.windows += taken.windows
             usable.append(group)
@@ -400,6 +402,24 @@ class BudgetManager:
             if not ok:
                 raise _exceeded(window, spent, reserved, amount, output_limit)
             reservation.windows.append((window, amount))
+
+    async def _give_back_held(self, reservation: Reservation) -> None:
+        """Give back the windows ``reservation`` holds, after a store failed or the request
+        was cancelled half-way. A shared store's in the background
+        (:meth:`~llmrouter.accounting.retries.Retries.give_back_held`): awaited, the
+        request's 503 waited a second store timeout for each, the store having often
+        stopped answering (a frozen Redis: 6 s with ``redis.timeout`` 2 s). A store in
+        memory's at once (shielded: a cancelled request must not keep them)."""
+        if isinstance(self.store, MemoryBudgetStore):
+            with anyio.CancelScope(shield=True):
+                await self.release(reservation)
+            return
+        windows, reservation.windows = reservation.windows, []
+        for window, amount in windows:
+            self.retries.give_back_held(
+                f"releasing {reservation.request_id} on {window.counter}",
+                partial(self.store.settle, window, amount, 0, reservation.request_id, again=True),
+            )
 
     def _give_back_lost(self, window: BudgetWindow, amount: int, request_id: str) -> None:
         """Give back in the background the reservation in ``window`` that a shared store

@@ -235,12 +235,11 @@ class AccountingHooks(RouterHooks):
                         reservation, key, ctx.fallback_groups, ctx.max_cost, end_user=end_user
                     )
         except BaseException as exc:
-            # Refused, failed or cancelled half-way: the rate-limit slots go back (shielded,
-            # so that a cancelled request does not keep a concurrency slot forever).
+            # Refused, failed or cancelled half-way: the rate-limit slots go back.
             if tickets and self.limiter is not None:
-                with anyio.CancelScope(shield=True):
-                    for ticket in tickets:
-                        await self._give_back(self.limiter, ticket, ctx.request_id)
+                await self._give_back_unadmitted(
+                    self.limiter, tickets, ctx.request_id, refused=isinstance(exc, LLMRouterError)
+                )
             if isinstance(exc, LLMRouterError):
                 self._record(ctx, status="rejected", error_code=exc.code)
             elif isinstance(exc, Exception):
@@ -358,6 +357,24 @@ class AccountingHooks(RouterHooks):
             held = _read_hold(line.hold, line.request_id)
             if held is not None and held.reservation is not None:
                 await self.budgets.settle_held(held.reservation, line.unsettled_cost, line.model_group)
+
+    async def _give_back_unadmitted(
+        self, limiter: Limiter, tickets: list[LimitTicket], request_id: str, *, refused: bool
+    ) -> None:
+        """Give back the limits of an admission that did not go through. Refused, its
+        stores have just answered: at once (shielded, so that a cancelled request does not
+        keep a concurrency slot), and the client's retry finds its slot free. Failed (a
+        store down or slow) or cancelled, Redis's in the background: awaited, the request's
+        503 waited another ``redis.timeout`` on a Redis that had stopped answering."""
+        if refused or self.retries is None or isinstance(limiter, MemoryLimiter):
+            with anyio.CancelScope(shield=True):
+                for ticket in tickets:
+                    await self._give_back(limiter, ticket, request_id)
+            return
+        for ticket in tickets:
+            self.retries.give_back_held(
+                f"releasing {request_id}'s limits", partial(limiter.release, ticket, 0)
+            )
 
     async def _give_back(
         self, limiter: Limiter, ticket: LimitTicket, request_id: str, tokens: int = 0

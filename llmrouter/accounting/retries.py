@@ -19,7 +19,8 @@ count twice in its one-minute window.
 
 Apart from the settlements wait the give-backs (:class:`GiveBacks`): what an admission
 may have taken though its reply never came (a timeout, a cancellation), most often
-nothing, so best effort, in a lane of their own.
+nothing, so best effort, in a lane of their own; and what an admission that failed
+half-way holds for certain (:meth:`Retries.give_back_held`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ class Retries:
 
     def __len__(self) -> int:
         return len(self._waiting)
+
+    def give_back_held(self, what: str, work: Work) -> None:
+        """Give back in the background what an admission that failed or was cancelled
+        holds for certain (a budget window it reserved, a slot, before a later step
+        failed): the request's error goes on at once, not after a wait on a store that
+        may have stopped answering. Among the give-backs (tried at once), or, when their
+        lane is full, among the settlements: never dropped."""
+        if self.give_backs.full:
+            self.add(what, work)
+        else:
+            self.give_backs.add(work)
 
     def add(self, what: str, work: Work) -> None:
         """Call ``work`` again later (``what`` names it in the logs); starts the retries
@@ -134,16 +146,38 @@ GIVE_BACKS_LIMIT = 1_000
 
 def may_have_reached(exc: BaseException) -> bool:
     """Whether the command that failed with ``exc`` may have reached its store: not when
-    the store refused the connection or its name did not resolve (nothing was sent);
-    a timeout or a cancellation may have lost only the reply."""
+    the store refused the connection, its name did not resolve, or no connection of the
+    pool came free in time (nothing was sent); a timeout or a cancellation may have lost
+    only the reply."""
     seen: BaseException | None = exc
     for _ in range(16):  # the chain of causes, as a traceback shows it (bounded: a cycle)
         if seen is None:
             return True
-        if isinstance(seen, ConnectionRefusedError | socket.gaierror):
+        if isinstance(seen, ConnectionRefusedError | socket.gaierror) or _found_no_connection(seen):
             return False
-        seen = seen.__cause__ or (None if seen.__suppress_context__ else seen.__context__)
+        seen = _cause(seen)
     return True
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    """The exception ``exc`` was raised from, or while handling, as a traceback shows it."""
+    return exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+
+
+def _found_no_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` is redis-py's pool giving up its wait for a free connection
+    (``BlockingConnectionPool.get_connection``): a ``ConnectionError`` raised from the
+    wait's own ``TimeoutError``, before any command was sent. In an outage most refused
+    admissions fail so, the pool's connections all held by commands that wait for their
+    reply. A connection that timed out in the OS (ETIMEDOUT, after its command may have
+    been sent) raises that ``ConnectionError`` too, but from a ``TimeoutError`` with an
+    errno; a reply that timed out raises redis-py's own ``TimeoutError``."""
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+    except ImportError:  # no redis-py, so no Redis store
+        return False
+    cause = _cause(exc)
+    return isinstance(exc, RedisConnectionError) and isinstance(cause, TimeoutError) and cause.errno is None
 
 
 class GiveBacks:
@@ -156,9 +190,11 @@ class GiveBacks:
     (awaited, it held the request's 503 for a second timeout of a store that stopped
     answering), none is logged on its own, and they wait apart from the settlements,
     which carry real spend: in an outage, the refused admissions' give-backs neither push
-    those out of their queue nor hold up their retries. Past ``limit`` the oldest is
-    dropped, and the drops are logged in one line per round: what they may hold waits
-    for its lease.
+    those out of their queue nor hold up their retries. Past ``limit`` a new one is
+    dropped, not one waiting: the oldest were sent as the store stopped answering, and
+    are the likeliest to hold something (a long outage's later ones mostly hold
+    nothing). The drops are logged in one line per round: what they may hold waits for
+    its lease.
 
     Args:
         limit: how many may wait.
@@ -179,11 +215,17 @@ class GiveBacks:
     def __len__(self) -> int:
         return len(self._waiting)
 
+    @property
+    def full(self) -> bool:
+        """Whether ``limit`` wait: :meth:`add` drops what it is given."""
+        return len(self._waiting) >= self._limit
+
     def add(self, work: Work) -> None:
-        """Call ``work`` in the background (on asyncio; elsewhere, shutdown tries it)."""
-        if len(self._waiting) >= self._limit:
-            self._waiting.popleft()
+        """Call ``work`` in the background (on asyncio; elsewhere, shutdown tries it);
+        dropped when :attr:`full`."""
+        if self.full:
             self._dropped += 1
+            return
         self._waiting.append(work)
         if self._task is None and on_asyncio():
             self._task = asyncio.get_running_loop().create_task(self._retry(), name="llmrouter-give-backs")

@@ -251,6 +251,27 @@ async def test_an_admission_redis_refused_has_nothing_to_give_back() -> None:
     await client.aclose()
 
 
+@pytest.mark.parametrize("_", [pytest.param(0, marks=needs_redis)])
+async def test_an_admission_that_found_no_free_connection_has_nothing_to_give_back(_: int) -> None:
+    # Redis stopped answering: commands waiting for their reply hold all of the pool's
+    # connections, and most admissions fail waiting for one, having sent nothing. Each
+    # queued a give-back all the same, and past the lane's limit they pushed out those
+    # of admissions that had reached Redis (a slot then stayed taken for its lease).
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    client = connect(REDIS_URL, timeout=0.1, max_connections=1)
+    retries = Retries()
+    limiter = RedisLimiter(client, prefix="llmr-test-no-connection:", retries=retries)
+    held = await client.connection_pool.get_connection()  # the pool's one connection
+    try:
+        with pytest.raises(RedisConnectionError, match="No connection available"):
+            await limiter.acquire("k", EffectiveLimits(concurrency=1), 0)
+    finally:
+        await client.connection_pool.release(held)
+    assert len(retries.give_backs) == 0
+    await client.aclose()
+
+
 async def test_a_true_up_after_the_minute_goes_to_the_minute_it_was_charged_in() -> None:
     # A request charged 600 tokens at 6000 ends at 6061 having used 100. Its -500 went to
     # the new minute's count, where it erased another request's 300.

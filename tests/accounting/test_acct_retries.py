@@ -145,7 +145,9 @@ async def test_a_rate_limit_slot_the_limiter_failed_to_release_is_released_later
 async def test_give_backs_wait_apart_and_their_drops_are_one_line(caplog: pytest.LogCaptureFixture) -> None:
     """During an outage each admission whose reply was lost leaves a give-back (most
     free nothing): they waited among the settlements, evicting their real spend past
-    the limit, and each logged a warning."""
+    the limit, and each logged a warning. Past their own limit the new ones are dropped:
+    dropping the oldest dropped those sent as the store stopped answering, which hold
+    what a long outage's later ones mostly do not."""
     retries = Retries(limit=1, first_delay=60)
     retries.add("a settlement", partial(anyio.sleep, 0))
     retries.give_backs = GiveBacks(limit=2, first_delay=0.01)
@@ -162,7 +164,7 @@ async def test_give_backs_wait_apart_and_their_drops_are_one_line(caplog: pytest
         with anyio.fail_after(2):
             while len(retries.give_backs):  # noqa: ASYNC110 - a count, not an event
                 await anyio.sleep(0.01)
-    assert given_back == [3, 4]
+    assert given_back == [0, 1]
     assert [record.getMessage() for record in caplog.records] == [
         "accounting: 3 give-backs of admissions whose reply was lost were dropped (over 2 waited): "
         "what they may hold waits for its lease"
@@ -186,3 +188,20 @@ async def test_give_backs_left_at_shutdown_are_tried_then_logged_once(
         "accounting: 3 give-backs of admissions whose reply was lost never reached their store: "
         "what they may hold waits for its lease"
     ]
+
+
+async def test_what_an_admission_holds_for_certain_is_never_dropped() -> None:
+    # Given back in the background (a failed admission's 503 does not wait for it), and
+    # with the settlements when the give-backs' lane is full.
+    retries = Retries(first_delay=60)
+    retries.give_backs = GiveBacks(limit=1, first_delay=60)
+    given_back: list[str] = []
+
+    async def give_back(what: str) -> None:
+        given_back.append(what)
+
+    retries.give_backs.add(partial(give_back, "maybe held"))
+    retries.give_back_held("held", partial(give_back, "held"))
+    assert len(retries.give_backs) == 1 and [what for what, _ in retries._waiting] == ["held"]
+    await retries.aclose()
+    assert sorted(given_back) == ["held", "maybe held"]
