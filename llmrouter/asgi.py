@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-__all__ = ["HEAD_KEY", "request_method", "scope_header"]
+__all__ = ["HEAD_KEY", "request_method", "scope_header", "shown_path"]
 
 HEAD_KEY = "llmrouter.head"
 """Set in the scope of a ``HEAD`` request that a ``GET`` route answers
@@ -21,6 +22,20 @@ def scope_header(scope: Any, name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+_SECRET_IN_PATH = re.compile(r"(sk-llmr-[a-z0-9]{8}-)[^/]+")
+"""An API key's secret, shaped as :mod:`llmrouter.accounting.keys` makes them (not
+imported: it brings SQLAlchemy), up to the next path segment; group 1 is its public part."""
+
+
+def shown_path(path: str) -> str:
+    """``path`` as logs and spans show it: an API key secret in it (the admin routes take
+    one as a key's reference) cut to ``sk-llmr-<prefix>-...``, since no secret goes into
+    logs."""
+    if "sk-llmr-" not in path:  # nearly every request: no regex run
+        return path
+    return _SECRET_IN_PATH.sub(r"\1...", path)
 
 
 def request_method(scope: Any) -> str:

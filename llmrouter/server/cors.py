@@ -10,44 +10,50 @@ with an OpenAI error body to
 - a request whose ``Origin`` is neither allowed by ``server.cors_origins`` (matched as
   Litestar's CORS matches them, ``*`` included) nor its own (the ``Host`` it was sent
   to): code ``cors_origin_not_allowed``, a CORS preflight included;
-- a request from a browser (one with an ``Origin`` or a ``Sec-Fetch-Site`` header, or a
-  browser's ``User-Agent``) that reached the service over loopback, sent to a ``Host``
-  that no DNS answer can make (``localhost`` and ``*.localhost``, an IP literal) nor the
-  host of an origin ``server.cors_origins`` allows: code ``host_not_allowed``. This is the DNS-rebinding
-  page, whose requests are same-origin (to ``Host: attacker.example``). Which
-  connections are loopback ones is the ASGI server's to say (the scope's ``server``), not
-  the config's: ``llmrouter serve --host`` and ``uvicorn --host`` bind elsewhere than
-  ``server.host``, and a loopback connection to a ``0.0.0.0`` bind is rebound as easily.
+- a request that reached the service over loopback sent to a ``Host`` other than those
+  no DNS answer can make (``localhost`` and ``*.localhost``, an IP literal) and the hosts
+  of origins ``server.cors_origins`` allows: code ``host_not_allowed``. This is the
+  DNS-rebinding page, whose requests are same-origin (to ``Host: attacker.example``),
+  and carry no ``Origin`` on a GET. Every request is checked, not only those that look
+  like a browser's: a page in Firefox may set its own ``User-Agent``, and a browser sends
+  ``Sec-Fetch-Site`` to trustworthy origins only. Which connections are loopback ones is
+  the ASGI server's to say (the scope's ``server``), not the config's: ``llmrouter serve
+  --host`` and ``uvicorn --host`` bind elsewhere than ``server.host``, and a loopback
+  connection to a ``0.0.0.0`` bind is rebound as easily. A reverse proxy on the same
+  machine that keeps the public ``Host`` needs that origin listed.
 
-SDKs and curl send none of these headers: for them the check is a loop over the header
-names. A refusal is logged (it is answered before the request id and telemetry layers).
+SDKs and curl on this machine name ``localhost`` or an address and pass; the check is a
+loop over the header names and two dictionary lookups. Refusals are logged, at most a
+line every :data:`LOG_EVERY_SECONDS` (they are answered before the request id and the
+telemetry layers).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 from litestar.config.cors import CORSConfig
 
-from llmrouter.asgi import scope_header
+from llmrouter.asgi import shown_path
 from llmrouter.server.errors import error_body
 
 __all__ = ["refuse_foreign_origins"]
 
 log = logging.getLogger("llmrouter.server")
 
-_FROM_A_BROWSER = frozenset({b"origin", b"sec-fetch-site"})
-"""Headers only browsers send (``Origin`` on every cross-origin or non-GET request;
-``Sec-Fetch-Site`` only to trustworthy origins, HTTPS or localhost: not to a rebinding
-page's plain ``http://attacker``, whose same-origin GETs carry neither, which is why a
-browser's ``User-Agent`` counts too)."""
+_REMEMBERED = 256
+"""How many ``Host`` values, and server addresses, the check remembers its answer for
+(nearly every request brings one it has seen: a parse and an address lookup saved)."""
 
-_BROWSER_AGENT = b"Mozilla/"
-"""How every browser's ``User-Agent`` begins (and no SDK's, nor curl's)."""
+LOG_EVERY_SECONDS = 10.0
+"""At most one line a refusal per this long, with a count of the others (any page can
+send refused requests by the hundred)."""
 
 
 def refuse_foreign_origins(app: Any, cors_origins: Sequence[str]) -> Any:
@@ -57,21 +63,11 @@ def refuse_foreign_origins(app: Any, cors_origins: Sequence[str]) -> Any:
 
     async def handle(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name in _FROM_A_BROWSER or (name == b"user-agent" and value.startswith(_BROWSER_AGENT)):
-                    refusal = policy.refusal(scope)
-                    if refusal is not None:
-                        # Outside the request-id and telemetry layers: logged here, or an
-                        # operator behind a misconfigured proxy would see nothing.
-                        log.warning(
-                            "refused %s %s: %s",
-                            scope["method"],
-                            scope["path"][:200],
-                            refusal["error"]["message"],
-                        )
-                        await _send_403(send, refusal)
-                        return
-                    break
+            refusal = policy.refusal(scope)
+            if refusal is not None:
+                policy.log(scope, refusal)
+                await _send_403(send, refusal)
+                return
         await app(scope, receive, send)
 
     return handle
@@ -80,46 +76,87 @@ def refuse_foreign_origins(app: Any, cors_origins: Sequence[str]) -> Any:
 class _OriginPolicy:
     def __init__(self, cors_origins: Sequence[str]) -> None:
         self._cors = CORSConfig(allow_origins=list(cors_origins)) if cors_origins else None
+        self._hosts: dict[bytes, bool] = {}
+        self._loopback: dict[str, bool] = {}
+        self._logged_at = -math.inf
+        self._unlogged = 0
 
     def refusal(self, scope: Any) -> dict[str, Any] | None:
-        """The error body refusing a request from a browser, None to let it through."""
-        origin = _text(scope_header(scope, b"origin"))
-        if origin is not None and self._allows(origin):
+        """The error body refusing the request, None to let it through."""
+        host = origin = None
+        for name, value in scope["headers"]:
+            if name == b"host":
+                host = value
+            elif name == b"origin":
+                origin = value
+        if origin is not None and self._allows(_text(origin)):
             return None
-        host = _text(scope_header(scope, b"host")) or ""
-        if _over_loopback(scope) and not _is_loopback_name(host) and not self._allows_host(host):
+        if host is not None and self._over_loopback(scope) and not self._host_allowed(host):
             return error_body(
-                f"host {host!r} is not a loopback name, on a loopback connection (a page after DNS"
-                " rebinding?); add its origin to server.cors_origins to allow it",
+                f"host {_text(host)[:100]!r} is not a loopback name, on a loopback connection (a"
+                " page after DNS rebinding?); add its origin to server.cors_origins to allow it",
                 "permission_error",
                 "host_not_allowed",
             )
-        if origin is not None and origin.partition("://")[2].lower() != host.lower():
+        if origin is not None and _text(origin).partition("://")[2].lower() != _text(host or b"").lower():
             return error_body(
-                f"origin {origin!r} is not allowed (server.cors_origins)",
+                f"origin {_text(origin)[:100]!r} is not allowed (server.cors_origins)",
                 "permission_error",
                 "cors_origin_not_allowed",
             )
         return None
 
+    def log(self, scope: Any, refusal: dict[str, Any]) -> None:
+        """Log a refusal (answered before the request id and telemetry layers, it would
+        leave no trace), at most one line every :data:`LOG_EVERY_SECONDS`."""
+        now = time.monotonic()
+        if now - self._logged_at < LOG_EVERY_SECONDS:
+            self._unlogged += 1
+            return
+        others = f" ({self._unlogged} more refused since the last line)" if self._unlogged else ""
+        self._logged_at, self._unlogged = now, 0
+        log.warning(
+            "refused %s %r: %s%s",
+            scope["method"],
+            shown_path(scope["path"])[:200],
+            refusal["error"]["message"],
+            others,
+        )
+
     def _allows(self, origin: str) -> bool:
         return self._cors is not None and self._cors.is_origin_allowed(origin)
 
-    def _allows_host(self, host: str) -> bool:
-        """A service behind a reverse proxy that keeps the ``Host`` is reached under the
-        name of an origin the operator allows."""
-        return self._allows(f"https://{host}") or self._allows(f"http://{host}")
+    def _host_allowed(self, host: bytes) -> bool:
+        """Whether requests over loopback may name ``host``: one no DNS answer can make,
+        or the host of an origin the operator allows (a reverse proxy on the same machine
+        that keeps the public ``Host``)."""
+        allowed = self._hosts.get(host)
+        if allowed is None:
+            text = _text(host)
+            allowed = (
+                _is_loopback_name(text) or self._allows(f"https://{text}") or self._allows(f"http://{text}")
+            )
+            if len(self._hosts) < _REMEMBERED:
+                self._hosts[host] = allowed
+        return allowed
+
+    def _over_loopback(self, scope: Any) -> bool:
+        """Whether the connection was made to a loopback address (not for a Unix socket,
+        nor a test client's made-up ``testserver``)."""
+        server = scope.get("server")
+        if server is None:
+            return False
+        address = str(server[0])
+        loopback = self._loopback.get(address)
+        if loopback is None:
+            loopback = _is_loopback_address(address)
+            if len(self._loopback) < _REMEMBERED:
+                self._loopback[address] = loopback
+        return loopback
 
 
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode("latin-1")
-
-
-def _over_loopback(scope: Any) -> bool:
-    """Whether the connection was made to a loopback address (None for a Unix socket;
-    a test client's made-up ``testserver`` is none)."""
-    server = scope.get("server")
-    return server is not None and _is_loopback_address(str(server[0]))
+def _text(value: bytes) -> str:
+    return value.decode("latin-1")
 
 
 def _is_loopback_name(host: str) -> bool:

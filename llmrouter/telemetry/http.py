@@ -23,12 +23,11 @@ Plain ASGI: no Litestar import, so any ASGI application can use it.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-from llmrouter.asgi import HEAD_KEY, request_method, scope_header
+from llmrouter.asgi import HEAD_KEY, request_method, scope_header, shown_path
 from llmrouter.ids import request_id_of
 from llmrouter.telemetry.local import Recorder, keep_bound
 from llmrouter.telemetry.logging import (
@@ -60,10 +59,6 @@ ASGIApp = Callable[
 
 _WATCHED_STATUS_KEY = "llmrouter.telemetry.status"
 """Where the middleware notes the response status itself when no ``status_key`` is given."""
-
-_SECRET_IN_PATH = re.compile(r"(sk-llmr-[a-z0-9]{8}-)[^/]+")
-"""An API key's secret, shaped as :mod:`llmrouter.accounting.keys` makes them (not
-imported: it brings SQLAlchemy), up to the next path segment; group 1 is its public part."""
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
@@ -125,7 +120,7 @@ class TelemetryMiddleware:
         if self.access_log:
             if traceparent is None:
                 traceparent = _header_or_new(parse_traceparent(_header(scope, b"traceparent")))
-            record = AccessRecord(method, _shown_path(scope["path"]), request_id_of(scope), traceparent)
+            record = AccessRecord(method, shown_path(scope["path"]), request_id_of(scope), traceparent)
             token = current_access_record.set(record)
         try:
             await self.app(scope, receive, send if self.status_key else _watching_status(scope, send))
@@ -154,7 +149,7 @@ class TelemetryMiddleware:
                 {
                     "http.request.method": _method(method),
                     "http.route": route or "",
-                    "url.path": _shown_path(scope["path"]),
+                    "url.path": shown_path(scope["path"]),
                 },
             )
         traceparent = (span_traceparent(span) if span is not None else None) or _header_or_new(parent)
@@ -228,14 +223,6 @@ def _watching_status(scope: Scope, send: Any) -> Callable[[Message], Awaitable[N
         return send(message)
 
     return send_and_watch
-
-
-def _shown_path(path: str) -> str:
-    """``path`` as the access line and spans show it: an API key secret in it cut to
-    ``sk-llmr-<prefix>-...``, since no secret goes into logs."""
-    if "sk-llmr-" not in path:  # nearly every request: no regex run
-        return path
-    return _SECRET_IN_PATH.sub(r"\1...", path)
 
 
 def _method(method: str) -> str:
