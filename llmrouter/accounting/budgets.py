@@ -39,6 +39,7 @@ import anyio
 from llmrouter.accounting import end_users
 from llmrouter.accounting.config import BudgetRule
 from llmrouter.accounting.retries import Retries, may_have_reached
+from llmrouter.aio import on_asyncio
 from llmrouter.errors import BudgetExceededError
 
 if TYPE_CHECKING:
@@ -410,7 +411,7 @@ class BudgetManager:
         request's 503 waited a second store timeout for each, the store having often
         stopped answering (a frozen Redis: 6 s with ``redis.timeout`` 2 s). A store in
         memory's at once (shielded: a cancelled request must not keep them)."""
-        if isinstance(self.store, MemoryBudgetStore):
+        if isinstance(self.store, MemoryBudgetStore) or not on_asyncio():  # trio: no background
             with anyio.CancelScope(shield=True):
                 await self.release(reservation)
             return

@@ -26,6 +26,7 @@ from llmrouter.accounting.keys import ApiKey
 from llmrouter.accounting.ledger import LedgerWriter, row_from_context
 from llmrouter.accounting.limits import EffectiveLimits, KeyLimitError, Limiter, LimitTicket, MemoryLimiter
 from llmrouter.accounting.retries import Retries
+from llmrouter.aio import on_asyncio
 from llmrouter.context import new_id
 from llmrouter.counting import estimate_prompt
 from llmrouter.errors import (
@@ -366,7 +367,8 @@ class AccountingHooks(RouterHooks):
         keep a concurrency slot), and the client's retry finds its slot free. Failed (a
         store down or slow) or cancelled, Redis's in the background: awaited, the request's
         503 waited another ``redis.timeout`` on a Redis that had stopped answering."""
-        if refused or self.retries is None or isinstance(limiter, MemoryLimiter):
+        # Off asyncio (trio) the background give-backs would wait for shutdown: at once there.
+        if refused or self.retries is None or isinstance(limiter, MemoryLimiter) or not on_asyncio():
             with anyio.CancelScope(shield=True):
                 for ticket in tickets:
                     await self._give_back(limiter, ticket, request_id)
