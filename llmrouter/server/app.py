@@ -299,7 +299,8 @@ def create_app(
         logging_config=None,
     )
     app.asgi_handler = answer_head_as_get(app.asgi_handler)  # in front of the router
-    app.asgi_handler = refuse_foreign_origins(app.asgi_handler, origins)  # in front of everything
+    # In front of everything; the configured host is a name of this machine's too.
+    app.asgi_handler = refuse_foreign_origins(app.asgi_handler, origins, own_names=[config.server.host])
     return app
 
 

@@ -19,8 +19,10 @@ with an OpenAI error body to
   ``Sec-Fetch-Site`` to trustworthy origins only. Which connections are loopback ones is
   the ASGI server's to say (the scope's ``server``), not the config's: ``llmrouter serve
   --host`` and ``uvicorn --host`` bind elsewhere than ``server.host``, and a loopback
-  connection to a ``0.0.0.0`` bind is rebound as easily. A reverse proxy on the same
-  machine that keeps the public ``Host`` needs that origin listed.
+  connection to a ``0.0.0.0`` bind is rebound as easily. The machine's host name (which
+  /etc/hosts maps to loopback) and ``server.host`` pass too: no rebinding page sends
+  them. A reverse proxy on the same machine that keeps the public ``Host`` needs that
+  origin listed.
 
 SDKs and curl on this machine name ``localhost`` or an address and pass; the check is a
 loop over the header names and two dictionary lookups. Refusals are logged, at most a
@@ -33,6 +35,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -56,10 +59,11 @@ LOG_EVERY_SECONDS = 10.0
 send refused requests by the hundred)."""
 
 
-def refuse_foreign_origins(app: Any, cors_origins: Sequence[str]) -> Any:
+def refuse_foreign_origins(app: Any, cors_origins: Sequence[str], *, own_names: Sequence[str] = ()) -> Any:
     """``app`` (an ASGI callable), refusing what the module's notes say, where
-    ``cors_origins`` is ``server.cors_origins``."""
-    policy = _OriginPolicy(cors_origins)
+    ``cors_origins`` is ``server.cors_origins``, and ``own_names`` names of this machine
+    (``server.host``) taken besides its host name."""
+    policy = _OriginPolicy(cors_origins, own_names)
 
     async def handle(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -74,8 +78,11 @@ def refuse_foreign_origins(app: Any, cors_origins: Sequence[str]) -> Any:
 
 
 class _OriginPolicy:
-    def __init__(self, cors_origins: Sequence[str]) -> None:
+    def __init__(self, cors_origins: Sequence[str], own_names: Sequence[str] = ()) -> None:
         self._cors = CORSConfig(allow_origins=list(cors_origins)) if cors_origins else None
+        # The machine's own names: programs here use them (/etc/hosts maps the host name
+        # to loopback), and a rebinding page cannot send them (its Host is its own name).
+        self._own_names = {name.lower() for name in (socket.gethostname(), *own_names) if name}
         self._hosts: dict[bytes, bool] = {}
         self._loopback: dict[str, bool] = {}
         self._logged_at = -math.inf
@@ -134,7 +141,10 @@ class _OriginPolicy:
         if allowed is None:
             text = _text(host)
             allowed = (
-                _is_loopback_name(text) or self._allows(f"https://{text}") or self._allows(f"http://{text}")
+                _is_loopback_name(text)
+                or _name_of(text) in self._own_names
+                or self._allows(f"https://{text}")
+                or self._allows(f"http://{text}")
             )
             if len(self._hosts) < _REMEMBERED:
                 self._hosts[host] = allowed
@@ -164,11 +174,7 @@ def _is_loopback_name(host: str) -> bool:
     can make: ``localhost`` and its subdomains (which browsers resolve to loopback
     themselves), or an IP literal (``0.0.0.0``, the address ``serve --host 0.0.0.0``
     prints, included)."""
-    if host.startswith("["):
-        name = host[1 : host.find("]")]
-    else:
-        name = host.rpartition(":")[0] if ":" in host else host
-    name = name.lower()
+    name = _name_of(host)
     if name == "localhost" or name.endswith(".localhost"):
         return True
     try:
@@ -176,6 +182,13 @@ def _is_loopback_name(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _name_of(host: str) -> str:
+    """The name of a ``Host`` header (``name[:port]``, ``[v6][:port]``), lowercased."""
+    if host.startswith("["):
+        return host[1 : host.find("]")].lower()
+    return (host.rpartition(":")[0] if ":" in host else host).lower()
 
 
 def _is_loopback_address(text: str) -> bool:

@@ -11,6 +11,7 @@ as its base URL.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -117,3 +118,16 @@ def test_refusals_are_logged_at_most_a_line_a_while_and_without_secrets(
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
     assert len(lines) == 1
     assert "S" * 10 not in lines[0] and "sk-llmr-abcd1234-..." in lines[0] and "\n" not in lines[0]
+
+
+def test_the_machines_own_names_pass(service: httpx.Client) -> None:
+    # /etc/hosts maps the host name to loopback: programs here used it (and
+    # `serve --host <name>` printed it) and were refused; no rebinding page sends it.
+    port = service.base_url.port
+    assert service.get("/v1/models", headers={"host": f"{socket.gethostname()}:{port}"}).status_code == 200
+    with TestClient(
+        create_app(Config(server=ServerConfig(host="llm-box")), router=Router()),
+        base_url="http://127.0.0.1:8000",
+    ) as client:
+        assert client.get("/health", headers={"host": "llm-box:8000"}).status_code == 200
+        assert client.get("/health", headers={"host": "other-box:8000"}).status_code == 403
