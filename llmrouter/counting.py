@@ -8,7 +8,7 @@ a TPM limit applies to it (nothing else needed the count).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -21,9 +21,12 @@ from llmrouter.tokens import (
     preload_encodings,
     tools_text,
 )
-from llmrouter.types import ChatRequest, CompletionRequest, message_text
+from llmrouter.types import ChatRequest, CompletionRequest, Usage, message_text
 
-__all__ = ["count_in_worker", "estimate_prompt"]
+if TYPE_CHECKING:
+    from llmrouter.context import RequestContext
+
+__all__ = ["count_in_worker", "estimate_prompt", "estimated_usage"]
 
 # Texts longer than this are counted in a worker thread: tiktoken takes ~0.1 s a
 # megabyte, which would stall every other request on the event loop.
@@ -56,3 +59,17 @@ async def estimate_prompt(request: ChatRequest | CompletionRequest, model: str) 
             raise NestedTooDeeplyError from exc
         prompt += await count_in_worker(count_text, text, model)
     return prompt
+
+
+async def estimated_usage(ctx: RequestContext, completion_text: str) -> Usage:
+    """Usage counted by llmrouter (estimated) for an answer whose provider reported none:
+    ``ctx``'s prompt (its estimate, when the router made one) and ``completion_text``."""
+    request = ctx.request
+    model = ctx.upstream_model or (request.model if request is not None else "")
+    prompt = ctx.prompt_tokens_estimate
+    if not prompt and request is not None:
+        prompt = await estimate_prompt(request, model)
+    completion = await count_in_worker(count_text, completion_text, model)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True
+    )

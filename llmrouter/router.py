@@ -25,7 +25,7 @@ from llmrouter.aio import to_completion
 from llmrouter.config import Config, Deployment, ModelGroup
 from llmrouter.context import RequestContext
 from llmrouter.cost import PriceTable, max_cost, usage_cost
-from llmrouter.counting import count_in_worker, estimate_prompt
+from llmrouter.counting import estimate_prompt, estimated_usage
 from llmrouter.deployments import DeploymentState, GroupState
 from llmrouter.dispatch import dispatch_call, dispatch_stream, usable_chain
 from llmrouter.errors import ConfigError, LLMRouterError, ModelNotFoundError
@@ -34,7 +34,7 @@ from llmrouter.probes import SharedProbes, probe_deployment
 from llmrouter.provider import Provider
 from llmrouter.registry import available_providers, load_provider_class
 from llmrouter.strategies import get_strategy
-from llmrouter.tokens import count_text, preload_encodings
+from llmrouter.tokens import preload_encodings
 from llmrouter.types import (
     MOST_CHOICES,
     MOST_TOKENS,
@@ -856,20 +856,7 @@ def _within_limit(usage: Usage, request: ChatRequest | CompletionRequest | None)
 async def _fill_usage(ctx: RequestContext, completion_text: str) -> None:
     """Set ``ctx.usage`` counted (in the work :func:`to_completion` runs: a cancellation
     it passes on afterwards must not lose the count)."""
-    ctx.usage = await _count_usage(ctx, completion_text)
-
-
-async def _count_usage(ctx: RequestContext, completion_text: str) -> Usage:
-    """Usage counted by llmrouter (estimated) for a provider that reported none."""
-    request = ctx.request
-    model = ctx.upstream_model or (request.model if request is not None else "")
-    prompt = ctx.prompt_tokens_estimate
-    if not prompt and request is not None:
-        prompt = await estimate_prompt(request, model)
-    completion = await count_in_worker(count_text, completion_text, model)
-    return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion, estimated=True
-    )
+    ctx.usage = await estimated_usage(ctx, completion_text)
 
 
 def _wants_usage(request: ChatRequest | CompletionRequest) -> bool:

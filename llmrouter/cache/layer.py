@@ -35,8 +35,7 @@ from llmrouter.cache.breaker import Breaker, is_entry_error
 from llmrouter.cache.coalesce import Coalescer, Flight
 from llmrouter.cache.entry import CacheEntry, decode_entry, encode_entry, is_storable, last_usage
 from llmrouter.cache.key import cache_key
-from llmrouter.counting import count_in_worker, estimate_prompt
-from llmrouter.tokens import count_text
+from llmrouter.counting import estimated_usage
 from llmrouter.types import Usage
 
 if TYPE_CHECKING:
@@ -589,24 +588,13 @@ async def _count_flight_usage(ctx: RequestContext, flight: Flight) -> None:
     cancellation it passes on afterwards must not lose the count)."""
     usage = last_usage(flight.chunks)
     if usage is None:
-        request = ctx.request
-        model = ctx.upstream_model or (request.model if request is not None else "")
         text = "".join(
             choice.delta.content
             for chunk in flight.chunks
             for choice in chunk.choices
             if choice.delta.content
         )
-        completion = await count_in_worker(count_text, text, model)
-        prompt = ctx.prompt_tokens_estimate
-        if not prompt and request is not None:
-            prompt = await estimate_prompt(request, model)
-        usage = Usage(
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=prompt + completion,
-            estimated=True,
-        )
+        usage = await estimated_usage(ctx, text)
     ctx.usage = usage
 
 
