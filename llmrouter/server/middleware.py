@@ -59,11 +59,13 @@ class RequestIdMiddleware(ASGIMiddleware):
             # Returns the server's awaitable: no coroutine of its own per message.
             if message["type"] == "http.response.start":
                 scope[STATUS_KEY] = message["status"]  # type: ignore[literal-required]
-                elapsed = f"{time.perf_counter() - started:.6f}".encode()
-                headers = list(message.get("headers", ()))
-                headers.append((b"x-request-id", request_id))
-                headers.append((b"x-process-time", elapsed))
-                message["headers"] = headers
+                # Formatted as bytes, in one list display: the same headers for ~1k
+                # fewer instructions than an f-string encoded and two appends.
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"x-request-id", request_id),
+                    (b"x-process-time", b"%.6f" % (time.perf_counter() - started)),
+                ]
             return send(message)
 
         self.in_flight.count += 1
@@ -71,14 +73,14 @@ class RequestIdMiddleware(ASGIMiddleware):
             await next_app(scope, receive, send_with_headers)
         finally:
             self.in_flight.leave()
+            # The observers are called here rather than from a method of their own: a
+            # call less for every request.
             if self.observers:
-                self._observe(scope, time.perf_counter() - started)
-
-    def _observe(self, scope: Scope, elapsed: float) -> None:
-        # No response started means the app raised: the server answers 500.
-        status = scope.get(STATUS_KEY, 500)
-        for observe in self.observers:
-            try:
-                observe(scope, status, elapsed)  # type: ignore[arg-type]  # Litestar types the scope as a TypedDict
-            except Exception:
-                log.exception("response observer %r failed", observe)
+                elapsed = time.perf_counter() - started
+                # No response started means the app raised: the server answers 500.
+                status = scope.get(STATUS_KEY, 500)
+                for observe in self.observers:
+                    try:
+                        observe(scope, status, elapsed)  # type: ignore[arg-type]  # Litestar types the scope as a TypedDict
+                    except Exception:
+                        log.exception("response observer %r failed", observe)

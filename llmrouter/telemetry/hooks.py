@@ -31,6 +31,7 @@ from llmrouter.telemetry.local import Recorder, keep_bound
 from llmrouter.telemetry.logging import (
     ACCESS_LOGGER,
     LIBRARY_LINE,
+    AccessRecord,
     context_fields,
     current_access_record,
     log_request,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import Span
 
-    from llmrouter.context import RequestContext
+    from llmrouter.context import CacheStatus, RequestContext
     from llmrouter.errors import LLMRouterError
 
 __all__ = ["UNVERIFIED", "TelemetryHooks", "error_type", "rejection_reason", "unverified_label"]
@@ -133,12 +134,14 @@ class TelemetryHooks(RouterHooks):
         # before it *and* on_rejected on all: _recorded makes each request count once.
         self._recorded: OrderedDict[int, weakref.ref[RequestContext]] = OrderedDict()
         # Bound instruments (see llmrouter.telemetry.local), made once per label set.
-        self._bound: dict[tuple[str, str | None, str], _Bound] = {}
+        # By operation, provider, model and cache status: one lookup a request.
+        self._bound: dict[tuple[str, str | None, str, CacheStatus | None], _Bound] = {}
         self._ok_attempts: dict[str, Recorder] = {}  # by deployment
-        self._cache_requests: dict[tuple[str, str], Recorder] = {}  # by cache status and model
         # Label values of model group names and deployment ids, as model_label() and
         # deployment_label() found them: configured ones, and direct ones that served.
         self._model_labels: dict[str, str] = {}
+        # _record reads a labelled name's label itself, unless a subclass labels models its own way.
+        self._labels_inline = type(self).model_label is TelemetryHooks.model_label
         self._deployment_labels: dict[str, str] = {}
         self.metrics.add_in_flight_source(self.in_flight)
         self.metrics.add_engine_source(self.engine_stats)
@@ -150,8 +153,15 @@ class TelemetryHooks(RouterHooks):
             # The router notes when each chunk goes out; the gaps are recorded as
             # time_per_output_chunk when the request settles, in one call.
             ctx.chunk_times = []  # a list: array("d").append parses its argument by format string
-        _adopt_trace(ctx)
-        if not self.tracer.enabled:
+        record = current_access_record.get()
+        if record is None and ctx.traceparent is None:
+            # The common case (no access line, no header from the client): a new trace.
+            ctx.traceparent = new_traceparent_header()
+        else:
+            _adopt_trace(ctx, record)
+        # The request's start stands for now: the global provider is looked up at most
+        # once a second all the same, without a clock read per request.
+        if not self.tracer.enabled_at(ctx.started_at):
             return
         model = self.model_label(ctx)
         try:
@@ -186,7 +196,7 @@ class TelemetryHooks(RouterHooks):
         if id(ctx) not in self._spans:
             # Refused before this hook's before_request (an unknown model, another hook's
             # auth or limits): its log line still names the request's trace.
-            _adopt_trace(ctx)
+            _adopt_trace(ctx, current_access_record.get())
         try:
             self._record(ctx)
         finally:
@@ -196,10 +206,12 @@ class TelemetryHooks(RouterHooks):
     # --- events on the hot path --------------------------------------------------
 
     def on_attempt(self, ctx: RequestContext, deployment: str, error: LLMRouterError | None) -> None:
-        label = deployment
         if error is None:
             ok = self._ok_attempts.get(deployment) or self._bind_ok_attempts(deployment)
             ok(1)
+            if not self._spans:  # the common case, checked first: spans off
+                return
+            label = deployment
         else:
             label = self.deployment_label(deployment)
             self.metrics.attempts.add(1, _attempt_attributes(label, error))
@@ -244,33 +256,46 @@ class TelemetryHooks(RouterHooks):
     # --- settlement -----------------------------------------------------------------
 
     async def after_request(self, ctx: RequestContext) -> None:
-        self._forget(ctx)
-        if not self._first_record(ctx):
+        # _forget, _end_span and _log's checks inlined: each was a call per request that
+        # mostly found nothing to do (no call span timed, no span, no line to write).
+        if self._attempt_started:
+            self._attempt_started.pop(id(ctx), None)
+        # A request is remembered only when it failed before any attempt (see
+        # _first_record): the lookup is needed only then, or when some are remembered.
+        if (self._recorded or ctx.status == "error") and not self._first_record(ctx):
             return
         try:
             self._record(ctx, ctx.chunk_times)
         finally:
-            self._end_span(ctx)
-            self._log(ctx)
+            if self._spans:
+                self._end_span(ctx)
+            if self.log_requests or current_access_record.get() is not None:
+                self._log(ctx)
 
     def _record(self, ctx: RequestContext, chunk_times: list[float] | None = None) -> None:
         metrics = self.metrics
-        model = self.model_label(ctx)
-        label_set = (ctx.operation, ctx.provider, model)
+        # model_label(ctx), inlined for a request without an error whose name is labelled
+        # already (the label of a labelled name is the name).
+        labelled = ctx.error is None and self._labels_inline
+        model = self._model_labels.get(ctx.model_group) if labelled else None  # type: ignore[arg-type]
+        if not model:
+            model = self.model_label(ctx)
+        label_set = (ctx.operation, ctx.provider, model, ctx.cache_status)
         bound = self._bound.get(label_set) or self._bind(label_set)
         if chunk_times is not None and len(chunk_times) > 1:
             # One observation per chunk after the first: the time since the previous one.
             metrics.record_chunk_times(map(sub, chunk_times[1:], chunk_times), bound.attributes)
         finished = ctx.finished_at if ctx.finished_at is not None else time.perf_counter()
-        failure = error_type(ctx)
+        duration = finished - ctx.started_at
+        # max(0.0, duration) without the call (~1.2k instructions); NaN is 0 alike.
+        duration = duration if duration > 0.0 else 0.0
+        failure = None if ctx.status == "ok" and ctx.error is None else error_type(ctx)
         if failure is None:
-            bound.duration(max(0.0, finished - ctx.started_at))
+            bound.duration(duration)
         else:
-            metrics.operation_duration.record(
-                max(0.0, finished - ctx.started_at), (*bound.attributes, ("error.type", failure))
-            )
+            metrics.operation_duration.record(duration, (*bound.attributes, ("error.type", failure)))
         usage = ctx.usage
-        if usage is not None and ctx.cache_status not in _NO_UPSTREAM_TOKENS:
+        if usage is not None and bound.counts_tokens:
             bound.input_tokens(usage.prompt_tokens)
             bound.output_tokens(usage.completion_tokens)
         if ctx.stream and ctx.first_token_at is not None:
@@ -280,20 +305,15 @@ class TelemetryHooks(RouterHooks):
                 ctx.cost,
                 (("llmrouter.api_key.id", ctx.api_key_id or "none"), ("gen_ai.request.model", model)),
             )
-        status = ctx.cache_status
-        if status is not None:
-            cached = self._cache_requests.get((status, model)) or keep_bound(
-                self._cache_requests,
-                (status, model),
-                metrics.cache_requests.bind(_cache_series_key(status, model)),
-            )
-            cached(1)
+        if bound.cache_requests is not None:
+            bound.cache_requests(1)
         if ctx.attempts > 1:
             metrics.retries.add(ctx.attempts - 1, (("gen_ai.request.model", model),))
 
-    def _bind(self, label_set: tuple[str, str | None, str]) -> _Bound:
-        """The bound instruments of a request's operation, provider and model."""
-        keys = _series_keys(*label_set)
+    def _bind(self, label_set: tuple[str, str | None, str, CacheStatus | None]) -> _Bound:
+        """The bound instruments of a request's operation, provider, model and cache status."""
+        operation, provider, model, status = label_set
+        keys = _series_keys(operation, provider, model)
         metrics = self.metrics
         bound = _Bound(
             keys.base,
@@ -301,6 +321,9 @@ class TelemetryHooks(RouterHooks):
             metrics.token_usage.bind(keys.input_tokens),
             metrics.token_usage.bind(keys.output_tokens),
             metrics.time_to_first_chunk.bind(keys.base),
+            # An answer from the cache or another request's call used no upstream tokens.
+            status not in _NO_UPSTREAM_TOKENS,
+            None if status is None else metrics.cache_requests.bind(_cache_series_key(status, model)),
         )
         return keep_bound(self._bound, label_set, bound)
 
@@ -490,11 +513,10 @@ def _shaped_direct(name: str) -> bool:
         return False
 
 
-def _adopt_trace(ctx: RequestContext) -> None:
-    """Give the request its access line's record (when the HTTP middleware keeps one) and
-    a valid ``traceparent``: the one the middleware made or checked, the caller's own
-    when valid, else a new trace's."""
-    record = current_access_record.get()
+def _adopt_trace(ctx: RequestContext, record: AccessRecord | None) -> None:
+    """Give the request its access line's record (``record``, when the HTTP middleware
+    keeps one) and a valid ``traceparent``: the one the middleware made or checked, the
+    caller's own when valid, else a new trace's."""
     if record is not None:
         record.ctx = ctx
         if ctx.traceparent is None:
@@ -535,6 +557,10 @@ class _Bound(NamedTuple):
     input_tokens: Recorder
     output_tokens: Recorder
     time_to_first_chunk: Recorder
+    counts_tokens: bool
+    """Whether the request's usage is recorded (not for a cache hit or a coalesced answer)."""
+    cache_requests: Recorder | None
+    """``llmrouter.cache.requests`` of the request's cache status (None: no cache)."""
 
 
 class _SeriesKeys(NamedTuple):
