@@ -101,7 +101,14 @@ PARTS: dict[str, tuple[str, str, Any]] = {
     "entry-encoding": (
         "the msgpack encoding of a cache entry",
         "llmrouter.cache.layer:encode_entry",
-        lambda response=None, chunks=None: b"x",
+        # encode_entry's own signature (its ``group`` too: a stand-in without it raised,
+        # and every store logged a traceback), returning a valid entry made once:
+        # msgpack of {"response": {"choices": [{"message": {"role": "assistant",
+        # "content": "x"}, "finish_reason": "stop"}]}}, which decode_entry reads.
+        lambda *, response=None, chunks=None, group=None: (
+            b"\x81\xa8response\x81\xa7choices\x91\x82\xa7message\x82\xa4role\xa9assistant"
+            b"\xa7content\xa1x\xadfinish_reason\xa4stop"
+        ),
     ),
     "memory-set": ("the memory backend's set", "llmrouter.cache.memory:MemoryBackend.set", _nothing),
     "telemetry-admission": (

@@ -95,18 +95,25 @@ def is_storable(answer: ChatResponse | list[ChatChunk], *, store_truncated: bool
     ``answer`` is a response, or the chunks of a streamed one: their finish reasons are
     read without assembling the answer (that costs ten times more).
     """
+    refused = _REFUSED_UNLESS_TRUNCATED if store_truncated else _REFUSED
     if isinstance(answer, ChatResponse):
-        reasons = [choice.finish_reason for choice in answer.choices]
-    else:
-        reasons = _last_finish_reasons(answer)
-    if not reasons:
-        return False
-    for reason in reasons:
-        if reason is None or reason in _INCOMPLETE_REASONS:
+        # Read in place: a list of the reasons (a comprehension is one more call on 3.11)
+        # cost every non-streamed miss ~2k CPU instructions more.
+        choices = answer.choices
+        if not choices:
             return False
-        if reason == "length" and not store_truncated:
-            return False
-    return True
+        for choice in choices:
+            if choice.finish_reason in refused:
+                return False
+        return True
+    reasons = _last_finish_reasons(answer)
+    return bool(reasons) and refused.isdisjoint(reasons)
+
+
+# The finish reasons of an answer that is not stored: none (unfinished), incomplete,
+# and cut off at the output limit unless ``store_truncated``.
+_REFUSED_UNLESS_TRUNCATED = _INCOMPLETE_REASONS | {None}
+_REFUSED = _REFUSED_UNLESS_TRUNCATED | {"length"}
 
 
 _choices_of = operator.attrgetter("choices")
