@@ -85,16 +85,24 @@ _INT_LIMITS: tuple[tuple[int, int], ...] = tuple(
 _astuple = msgspec.structs.astuple
 
 _SECONDS_PER_DAY = 86400  # Unix time has no leap seconds: every UTC day is this long
-_last_day: tuple[int, str] = (-1, "")
+_last_day: tuple[float, float, str] = (0.0, 0.0, "")
+"""The day last formatted: from, until (excluded), ``YYYY-MM-DD``; one object, so that
+another thread sees the three together."""
 
 
 def utc_day(ts: float) -> str:
-    """``YYYY-MM-DD`` of ``ts`` in UTC (formatted once per day: this runs per request)."""
+    """``YYYY-MM-DD`` of ``ts`` in UTC (formatted once per day: this runs per request; the
+    comparisons with the day's bounds cost half of finding its number, ``ts // 86400``)."""
     global _last_day
-    number = int(ts // _SECONDS_PER_DAY)
-    if number != _last_day[0]:
-        _last_day = (number, datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d"))
-    return _last_day[1]
+    start, end, day = _last_day
+    if start <= ts < end:
+        return day
+    number = int(ts // _SECONDS_PER_DAY)  # NaN or infinite: raises, as it always did
+    # Formatted from the day's start, not from ts: fromtimestamp rounds to microseconds,
+    # which put a day's last half-microsecond (and, cached, the whole day) in the next.
+    day = datetime.fromtimestamp(number * _SECONDS_PER_DAY, UTC).strftime("%Y-%m-%d")
+    _last_day = (float(number * _SECONDS_PER_DAY), float((number + 1) * _SECONDS_PER_DAY), day)
+    return day
 
 
 def as_entry(row: LedgerEntry | Mapping[str, Any]) -> LedgerEntry:

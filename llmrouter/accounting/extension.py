@@ -156,8 +156,8 @@ def secret_from_headers(headers: Mapping[str, str]) -> str | None:
     auth = headers.get("authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
+        if scheme.lower() == "bearer" and (value := value.strip()):
+            return value
     api_key = headers.get("x-api-key")
     return api_key.strip() if api_key and api_key.strip() else None
 

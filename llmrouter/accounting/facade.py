@@ -260,7 +260,8 @@ class Accounting:
         """``auth.enabled``, or with ``auto``: whether any key exists."""
         enabled = self.config.auth.enabled
         if enabled == "auto":
-            return await self.keys.any_exist()
+            # Known once a key is (for good): the count's coroutine only until then.
+            return self.keys.any_known or await self.keys.any_exist()
         return bool(enabled)
 
     async def authenticate(self, secret: str) -> ApiKey:

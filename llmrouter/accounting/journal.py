@@ -36,8 +36,12 @@ import msgspec
 
 __all__ = ["SEGMENT_BYTES", "Journal", "orphaned_rows"]
 
-_encode = msgspec.json.Encoder().encode
-"""A row as one line of compact JSON (UTF-8 bytes; msgspec: a quarter of ``json.dumps``)."""
+_encode_into = msgspec.json.Encoder().encode_into
+"""A row as one line of compact JSON (UTF-8 bytes; msgspec: a quarter of ``json.dumps``),
+into a buffer used again for every line: ~2k CPU instructions a line less than making a
+``bytes`` of it and another with the newline."""
+_LINE_KEPT = 1 << 16
+"""The longest line whose buffer is kept for the next (a longer one's is let go)."""
 
 SEGMENT_BYTES = 1 << 20
 """The size of a segment file (a bigger row gets a segment of its own size)."""
@@ -59,6 +63,7 @@ class Journal:
         self._oldest = 0  # the lowest segment not yet dropped
         self._map = self._open(self.segment, segment_bytes)
         self._used = 0
+        self._line = bytearray()
 
     def _open(self, segment: int, size: int) -> mmap.mmap:
         fd = os.open(self.folder / f"{segment:08d}.jsonl", os.O_CREAT | os.O_RDWR, 0o600)
@@ -70,11 +75,16 @@ class Journal:
 
     def append(self, row: object) -> int:
         """Copy one row in (a dict, or a Struct: one JSON object); returns the segment it went to."""
-        line = _encode(row) + b"\n"
-        end = self._used + len(line)
+        line = self._line
+        _encode_into(row, line)  # from its start, cut to what it wrote
+        line.append(10)  # b"\n"
+        size = len(line)
+        if size > _LINE_KEPT:
+            self._line = bytearray()
+        end = self._used + size
         if end > len(self._map):
-            self._next_segment(len(line))
-            end = len(line)
+            self._next_segment(size)
+            end = size
         self._map[self._used : end] = line
         self._used = end
         return self.segment
