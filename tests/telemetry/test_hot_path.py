@@ -22,19 +22,9 @@ from llmrouter.telemetry.tracing import RequestTracer, new_traceparent_header, p
 from llmrouter.testing.scripted import ScriptedProvider, Step
 from llmrouter.types import Usage
 
+from .test_telemetry_labels import points
+
 pytestmark = pytest.mark.anyio
-
-
-def points(reader: InMemoryMetricReader, name: str) -> list:
-    data = reader.get_metrics_data()
-    return [
-        point
-        for resource in data.resource_metrics
-        for scope in resource.scope_metrics
-        for metric in scope.metrics
-        if metric.name == name
-        for point in metric.data.data_points
-    ]
 
 
 @pytest.fixture
