@@ -129,7 +129,6 @@ class AccountingHooks(RouterHooks):
     def limits(self, limits: LimitsConfig) -> None:
         self._limits = limits
         self._default_limits = EffectiveLimits(rpm=limits.rpm, tpm=limits.tpm, concurrency=limits.concurrency)
-        self._default_limited = not self._default_limits.empty
         user = limits.end_user
         self._end_user_limits = (
             EffectiveLimits(rpm=user.rpm, tpm=user.tpm, concurrency=user.concurrency) if user else None
@@ -170,18 +169,16 @@ class AccountingHooks(RouterHooks):
     def _check_access(self, ctx: RequestContext, key: ApiKey | None) -> None:
         if key is None:
             return
-        if key.revoked_at is not None or key.expires_at is not None:  # else active (no clock read)
-            state = key.state()
-            if state != "active":
-                raise AuthenticationError(f"API key sk-llmr-{key.prefix}-... is {state}", code=f"key_{state}")
-        if key.allowed_models is not None:  # else every model
-            requested = getattr(ctx.request, "model", None)
-            if not key.allows_model(requested, ctx.model_group):
-                raise PermissionDeniedError(
-                    f"this API key may not use model {requested or ctx.model_group!r}",
-                    code="model_not_allowed",
-                    param="model",
-                )
+        state = key.state()
+        if state != "active":
+            raise AuthenticationError(f"API key sk-llmr-{key.prefix}-... is {state}", code=f"key_{state}")
+        requested = getattr(ctx.request, "model", None)
+        if not key.allows_model(requested, ctx.model_group):
+            raise PermissionDeniedError(
+                f"this API key may not use model {requested or ctx.model_group!r}",
+                code="model_not_allowed",
+                param="model",
+            )
 
     async def before_request(self, ctx: RequestContext) -> None:
         """Admit or refuse (401/403/429); on refusal nothing stays taken."""
@@ -196,7 +193,7 @@ class AccountingHooks(RouterHooks):
                 key = await self._load_principal(ctx, ctx.api_key_id, self.keys)
             self._check_access(ctx, key)
             limits = self.effective_limits(key)
-            limited = self._default_limited if limits is self._default_limits else not limits.empty
+            limited = not limits.empty
             limiter = self.limiter
             # Without limits (neither the key's nor its end users'), nothing below applies:
             # checked once, not step by step.
@@ -279,8 +276,7 @@ class AccountingHooks(RouterHooks):
             if admission.reservation is not None:
                 await self._settle_and_record(ctx, admission)
             else:
-                line = admission.line  # its entry_id, without the property's call
-                self._record(ctx, entry_id=line.entry_id if line is not None else None)
+                self._record(ctx, entry_id=admission.entry_id)
         finally:  # whatever the budget did: a slot kept here would refuse the key's next requests
             if admission.tickets and self.limiter is not None:
                 usage = ctx.usage

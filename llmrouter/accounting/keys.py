@@ -577,10 +577,9 @@ class KeyStore:
         ):
             cached = await self._verify_hash(secret)
         key = cached.key
-        if key.revoked_at is not None or key.expires_at is not None:  # else active (no clock read)
-            state = key.state()
-            if state != "active":
-                raise AuthenticationError(f"API key sk-llmr-{key.prefix}-... is {state}", code=f"key_{state}")
+        state = key.state()
+        if state != "active":
+            raise AuthenticationError(f"API key sk-llmr-{key.prefix}-... is {state}", code=f"key_{state}")
         return key
 
     async def _verify_hash(self, secret: str) -> _Cached:

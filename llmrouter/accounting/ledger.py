@@ -323,8 +323,7 @@ class LedgerWriter:
         is taken as the columns it names, the others at their defaults."""
         if self._closing and self._task is None:
             raise RuntimeError("ledger writer is closed")
-        if not isinstance(row, LedgerEntry):
-            row = as_entry(row)
+        row = as_entry(row)
         if self._open:
             self._open.pop(row.entry_id, None)
         segment = 0

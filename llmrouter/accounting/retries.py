@@ -30,6 +30,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from llmrouter.aio import on_asyncio
 
@@ -38,6 +39,7 @@ __all__ = ["GIVE_BACKS_LIMIT", "WAITING_LIMIT", "GiveBacks", "Retries", "may_hav
 log = logging.getLogger("llmrouter.accounting")
 
 Work = Callable[[], Awaitable[object]]
+E = TypeVar("E")
 
 WAITING_LIMIT = 10_000
 """How many settlements may wait, by default."""
@@ -105,21 +107,17 @@ class Retries:
     async def try_all(self) -> bool:
         """Run the waiting ones, oldest first, stopping at the first failure (the store
         is still down); True when none is left."""
-        while self._waiting:
-            entry = self._waiting[0]
-            try:
-                await entry[1]()
-            except Exception as exc:  # noqa: BLE001 - still down: the next round tries again
-                log.warning(
-                    "accounting: %d settlements wait for their store (%s: %s: %s)",
-                    len(self._waiting),
-                    entry[0],
-                    type(exc).__name__,
-                    exc,
-                )
-                return False
-            if self._waiting and self._waiting[0] is entry:
-                self._waiting.popleft()
+        failed = await _run_oldest_first(self._waiting, lambda entry: entry[1]())
+        if failed is not None:
+            (what, _), exc = failed
+            log.warning(
+                "accounting: %d settlements wait for their store (%s: %s: %s)",
+                len(self._waiting),
+                what,
+                type(exc).__name__,
+                exc,
+            )
+            return False
         self.on_drained()
         return True
 
@@ -138,6 +136,23 @@ class Retries:
                 len(self._waiting),
             )
         await self.give_backs.aclose()
+
+
+async def _run_oldest_first(
+    waiting: deque[E], run: Callable[[E], Awaitable[object]]
+) -> tuple[E, Exception] | None:
+    """Run ``waiting``'s entries, oldest first, each dropped once it went through (unless
+    it was dropped meanwhile); stop at the first that fails (its store is still down) and
+    return it with its error, left first in line. None when every one went through."""
+    while waiting:
+        entry = waiting[0]
+        try:
+            await run(entry)
+        except Exception as exc:  # noqa: BLE001 - still down: the caller's next round tries again
+            return entry, exc
+        if waiting and waiting[0] is entry:
+            waiting.popleft()
+    return None
 
 
 GIVE_BACKS_LIMIT = 1_000
@@ -246,20 +261,13 @@ class GiveBacks:
     async def try_all(self) -> bool:
         """Run the waiting ones, oldest first, stopping at the first failure (the store
         is still down); True when none is left."""
-        while self._waiting:
-            work = self._waiting[0]
-            try:
-                await work()
-            except Exception as exc:  # noqa: BLE001 - still down: the next round tries again
-                log.debug(
-                    "accounting: %d give-backs wait for their store: %s: %s",
-                    len(self),
-                    type(exc).__name__,
-                    exc,
-                )
-                return False
-            if self._waiting and self._waiting[0] is work:
-                self._waiting.popleft()
+        failed = await _run_oldest_first(self._waiting, lambda work: work())
+        if failed is not None:
+            _, exc = failed
+            log.debug(
+                "accounting: %d give-backs wait for their store: %s: %s", len(self), type(exc).__name__, exc
+            )
+            return False
         return True
 
     def _log_dropped(self) -> None:

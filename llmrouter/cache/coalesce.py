@@ -132,8 +132,7 @@ class Flight:
         self.response = response
         self.error = error
         self.done = True
-        if self._waiters:
-            self._signal()
+        self._signal()
 
     def _signal(self) -> None:
         if self._waiters:
@@ -225,30 +224,26 @@ class Coalescer:
 
     def __init__(self, *, cancel_grace: float = 10.0) -> None:
         self.cancel_grace = cancel_grace
-        self.flights: dict[str, Flight] = {}
-        """Flights in progress by key (the cache layer reads it directly: every cacheable
-        request looks here; only :class:`Coalescer` changes it)."""
+        self._flights: dict[str, Flight] = {}
 
     def __len__(self) -> int:
-        return len(self.flights)
+        return len(self._flights)
 
     def find(self, key: str) -> Flight | None:
         """The flight in progress for ``key``, if any (it may be finishing its store)."""
-        return self.flights.get(key)
+        return self._flights.get(key)
 
     def open(self, key: str, origin: RequestContext) -> Flight:
         """A non-streaming flight for ``key`` whose ``origin`` calls upstream in its own
         task, then publishes the outcome (:meth:`Flight.finish`) and closes the flight
         (:meth:`close`), or abandons it (:meth:`abandon`) if it leaves first."""
         flight = Flight(key, origin, False)  # positional: a keyword costs a class call ~1k instructions
-        self.flights[key] = flight
+        self._flights[key] = flight
         return flight
 
     def close(self, flight: Flight) -> None:
         """A flight :meth:`open` made has published its outcome (and stored it)."""
-        # _forget, inline: every non-streaming miss closes its flight.
-        if self.flights.get(flight.key) is flight:
-            del self.flights[flight.key]
+        self._forget(flight)
         flight.mark_ended()
 
     def abandon(self, flight: Flight) -> None:
@@ -270,7 +265,7 @@ class Coalescer:
                 takes new attendees (the layer stores the answer here).
         """
         flight = Flight(key, origin, True)
-        self.flights[key] = flight
+        self._flights[key] = flight
         flight.task = asyncio.create_task(
             self._fly(flight, produce, after), name=f"llmrouter-cache-flight-{key[-12:]}"
         )
@@ -303,8 +298,8 @@ class Coalescer:
             self._forget(flight)
 
     def _forget(self, flight: Flight) -> None:
-        if self.flights.get(flight.key) is flight:
-            del self.flights[flight.key]
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
 
     def attend(self, flight: Flight, ctx: RequestContext) -> _Attendance:
         """Attend ``flight`` for the duration of an ``async with`` block (see the module
@@ -334,8 +329,8 @@ class Coalescer:
         (bounded by ``cancel_grace``) for all producers to stop. Attendees of a flight
         that had not answered get :class:`FlightCancelledError`. The call of a flight
         :meth:`open` made is its origin's own request and goes on, as without a cache."""
-        flights = list(self.flights.values())
-        self.flights.clear()
+        flights = list(self._flights.values())
+        self._flights.clear()
         for flight in flights:
             if flight.done:
                 continue

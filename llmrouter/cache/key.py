@@ -70,11 +70,9 @@ def canonical_request(request: ChatRequest, model_group: str | None = None) -> C
     # ``0.0`` an HTTP body decodes to (msgspec decodes these float fields as floats, ints
     # included), so this changes no HTTP request's key and KEY_VERSION stays. Inline, not
     # a helper, and float() only for what is not a float already: this runs for every
-    # cacheable request. For the same reason ``output_limit`` and ``stop_list`` (Python
-    # properties) are read inline; the values, and so the key's bytes, are the same.
+    # cacheable request.
     temperature, top_p = request.temperature, request.top_p
     presence, frequency = request.presence_penalty, request.frequency_penalty
-    stop = request.stop
     return CanonicalRequest(
         KEY_VERSION,
         "chat",
@@ -86,10 +84,9 @@ def canonical_request(request: ChatRequest, model_group: str | None = None) -> C
         request.response_format,
         temperature if temperature is None or type(temperature) is float else float(temperature),
         top_p if top_p is None or type(top_p) is float else float(top_p),
-        request.max_completion_tokens or request.max_tokens,  # ChatRequest.output_limit
+        request.output_limit,
         request.n if request.n != 1 else None,
-        # ChatRequest.stop_list, or None when empty:
-        None if stop is None else [stop] if isinstance(stop, str) else list(stop) or None,
+        request.stop_list or None,
         request.seed,
         presence if presence is None or type(presence) is float else float(presence),
         frequency if frequency is None or type(frequency) is float else float(frequency),

@@ -217,8 +217,7 @@ class ResponseCache:
             # The request calling for this flight left before the answer: this one calls.
             self._take_over(ctx)
         # This request calls upstream for the flight, in its own task, publishes the answer
-        # to the flight's attendees and stores it (here, not in a method of its own: a
-        # coroutine less for every miss).
+        # to the flight's attendees and stores it.
         try:
             response = await call()
         except Exception as exc:
@@ -229,20 +228,8 @@ class ResponseCache:
             self.coalescer.abandon(flight)  # cancelled: an attendee calls again
             raise
         flight.finish(response=response)
-        origin = flight.origin  # this request
         try:
-            # As _store_flight: decided before the first await (attendees woken by the
-            # finish run after it).
-            if origin.no_store:
-                self.stats.skipped += 1
-            else:
-                # What the flight holds: nothing when it was ended without this answer
-                # (the cache closed meanwhile), which is then not stored.
-                answer = flight.response
-                flight.reusable = storable = answer is not None and is_storable(
-                    answer, store_truncated=self.store_truncated
-                )
-                await self._store(plan, origin, response=answer, storable=storable)
+            await self._store_flight(plan, flight, store=not flight.origin.no_store)
         except Exception:  # a failing store must never fail the answer
             log.exception("cache: storing the answer failed for %s", flight.key)
         finally:
@@ -337,10 +324,7 @@ class ResponseCache:
     ) -> Flight | CacheEntry | None:
         """A flight to attend (only when ``coalescing``), a stored entry (the context is
         marked as a hit), or None."""
-        # The map read directly: a miss with no flight in progress (the usual case) then
-        # costs two dict lookups rather than two calls of _joinable.
-        flights = self.coalescer.flights
-        flight = flights.get(plan.flight_key) if coalescing else None
+        flight = self.coalescer.find(plan.flight_key) if coalescing else None
         found = None if flight is None else _joinable(flight, streaming)
         if found is None:
             # The lookup, inline (a coroutine less for every request).
@@ -362,7 +346,7 @@ class ResponseCache:
                     found = None
             if found is None and coalescing:
                 # Someone may have launched the same request while we were looking.
-                flight = flights.get(plan.flight_key)
+                flight = self.coalescer.find(plan.flight_key)
                 if flight is None:
                     return None
                 found = _joinable(flight, streaming)

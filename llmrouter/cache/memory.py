@@ -55,17 +55,15 @@ class MemoryBackend:
         return value
 
     async def set(self, key: str, value: bytes, ttl: float | None) -> bool:
-        size = len(key) + len(value) + ENTRY_OVERHEAD  # _size(), inline: every store
-        items = self._items
-        if key in items:
+        size = _size(key, value)
+        if key in self._items:
             self._drop(key)
-        max_bytes = self.max_bytes
-        if max_bytes and size > max_bytes:
+        if self.max_bytes and size > self.max_bytes:
             return False  # it would evict everything and still not fit
-        items[key] = (value, None if ttl is None else self._clock() + ttl)
+        expires_at = None if ttl is None else self._clock() + ttl
+        self._items[key] = (value, expires_at)
         self._bytes += size
-        if max_bytes and self._bytes > max_bytes:
-            self._evict_to_bound()
+        self._evict_to_bound()
         return True
 
     async def delete(self, key: str) -> None:

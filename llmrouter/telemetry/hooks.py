@@ -31,7 +31,6 @@ from llmrouter.telemetry.local import Recorder, keep_bound
 from llmrouter.telemetry.logging import (
     ACCESS_LOGGER,
     LIBRARY_LINE,
-    AccessRecord,
     context_fields,
     current_access_record,
     log_request,
@@ -140,8 +139,6 @@ class TelemetryHooks(RouterHooks):
         # Label values of model group names and deployment ids, as model_label() and
         # deployment_label() found them: configured ones, and direct ones that served.
         self._model_labels: dict[str, str] = {}
-        # _record reads a labelled name's label itself, unless a subclass labels models its own way.
-        self._labels_inline = type(self).model_label is TelemetryHooks.model_label
         self._deployment_labels: dict[str, str] = {}
         self.metrics.add_in_flight_source(self.in_flight)
         self.metrics.add_engine_source(self.engine_stats)
@@ -153,12 +150,7 @@ class TelemetryHooks(RouterHooks):
             # The router notes when each chunk goes out; the gaps are recorded as
             # time_per_output_chunk when the request settles, in one call.
             ctx.chunk_times = []  # a list: array("d").append parses its argument by format string
-        record = current_access_record.get()
-        if record is None and ctx.traceparent is None:
-            # The common case (no access line, no header from the client): a new trace.
-            ctx.traceparent = new_traceparent_header()
-        else:
-            _adopt_trace(ctx, record)
+        _adopt_trace(ctx)
         # The request's start stands for now: the global provider is looked up at most
         # once a second all the same, without a clock read per request.
         if not self.tracer.enabled_at(ctx.started_at):
@@ -196,7 +188,7 @@ class TelemetryHooks(RouterHooks):
         if id(ctx) not in self._spans:
             # Refused before this hook's before_request (an unknown model, another hook's
             # auth or limits): its log line still names the request's trace.
-            _adopt_trace(ctx, current_access_record.get())
+            _adopt_trace(ctx)
         try:
             self._record(ctx)
         finally:
@@ -206,12 +198,10 @@ class TelemetryHooks(RouterHooks):
     # --- events on the hot path --------------------------------------------------
 
     def on_attempt(self, ctx: RequestContext, deployment: str, error: LLMRouterError | None) -> None:
+        label = deployment
         if error is None:
             ok = self._ok_attempts.get(deployment) or self._bind_ok_attempts(deployment)
             ok(1)
-            if not self._spans:  # the common case, checked first: spans off
-                return
-            label = deployment
         else:
             label = self.deployment_label(deployment)
             self.metrics.attempts.add(1, _attempt_attributes(label, error))
@@ -256,30 +246,18 @@ class TelemetryHooks(RouterHooks):
     # --- settlement -----------------------------------------------------------------
 
     async def after_request(self, ctx: RequestContext) -> None:
-        # _forget, _end_span and _log's checks inlined: each was a call per request that
-        # mostly found nothing to do (no call span timed, no span, no line to write).
-        if self._attempt_started:
-            self._attempt_started.pop(id(ctx), None)
-        # A request is remembered only when it failed before any attempt (see
-        # _first_record): the lookup is needed only then, or when some are remembered.
-        if (self._recorded or ctx.status == "error") and not self._first_record(ctx):
+        self._forget(ctx)
+        if not self._first_record(ctx):
             return
         try:
             self._record(ctx, ctx.chunk_times)
         finally:
-            if self._spans:
-                self._end_span(ctx)
-            if self.log_requests or current_access_record.get() is not None:
-                self._log(ctx)
+            self._end_span(ctx)
+            self._log(ctx)
 
     def _record(self, ctx: RequestContext, chunk_times: list[float] | None = None) -> None:
         metrics = self.metrics
-        # model_label(ctx), inlined for a request without an error whose name is labelled
-        # already (the label of a labelled name is the name).
-        labelled = ctx.error is None and self._labels_inline
-        model = self._model_labels.get(ctx.model_group) if labelled else None  # type: ignore[arg-type]
-        if not model:
-            model = self.model_label(ctx)
+        model = self.model_label(ctx)
         label_set = (ctx.operation, ctx.provider, model, ctx.cache_status)
         bound = self._bound.get(label_set) or self._bind(label_set)
         if chunk_times is not None and len(chunk_times) > 1:
@@ -289,7 +267,7 @@ class TelemetryHooks(RouterHooks):
         duration = finished - ctx.started_at
         # max(0.0, duration) without the call (~1.2k instructions); NaN is 0 alike.
         duration = duration if duration > 0.0 else 0.0
-        failure = None if ctx.status == "ok" and ctx.error is None else error_type(ctx)
+        failure = error_type(ctx)
         if failure is None:
             bound.duration(duration)
         else:
@@ -513,10 +491,11 @@ def _shaped_direct(name: str) -> bool:
         return False
 
 
-def _adopt_trace(ctx: RequestContext, record: AccessRecord | None) -> None:
-    """Give the request its access line's record (``record``, when the HTTP middleware
-    keeps one) and a valid ``traceparent``: the one the middleware made or checked, the
-    caller's own when valid, else a new trace's."""
+def _adopt_trace(ctx: RequestContext) -> None:
+    """Give the request its access line's record (when the HTTP middleware keeps one) and
+    a valid ``traceparent``: the one the middleware made or checked, the caller's own
+    when valid, else a new trace's."""
+    record = current_access_record.get()
     if record is not None:
         record.ctx = ctx
         if ctx.traceparent is None:

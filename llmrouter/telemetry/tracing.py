@@ -22,7 +22,6 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from random import getrandbits
 from typing import TYPE_CHECKING, Any
 
 from llmrouter.errors import ConfigError
@@ -93,10 +92,7 @@ def new_traceparent() -> TraceParent:
 
 def new_traceparent_header() -> str:
     """The header of a new, sampled trace (``new_traceparent().header()``, per request)."""
-    # random_hex(32) and random_hex(16), inlined (the same draws, in the same order):
-    # made for every request that comes without a header, and two calls were a fifth of it.
-    trace_id = (getrandbits(128) or 1).to_bytes(16).hex()
-    return f"00-{trace_id}-{(getrandbits(64) or 1).to_bytes(8).hex()}-01"
+    return f"00-{random_hex(32)}-{random_hex(16)}-01"
 
 
 def trace_id_of(value: str | None) -> str | None:

@@ -11,12 +11,12 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from llmrouter import Router
+from llmrouter import Router, ids
 from llmrouter.config import Config, Deployment, Retry, RouterConfig
 from llmrouter.context import RequestContext
 from llmrouter.hooks import RouterHooks
 from llmrouter.ids import random_hex
-from llmrouter.telemetry import TelemetryHooks, tracing
+from llmrouter.telemetry import TelemetryHooks
 from llmrouter.telemetry.logging import AccessRecord, current_access_record
 from llmrouter.telemetry.tracing import RequestTracer, new_traceparent_header, parse_traceparent
 from llmrouter.testing.scripted import ScriptedProvider, Step
@@ -54,7 +54,7 @@ def test_a_new_traceparent_is_random_hexs_draws_in_the_same_order() -> None:
 
 
 def test_a_new_traceparent_never_has_a_zero_id(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tracing, "getrandbits", lambda bits: 0)
+    monkeypatch.setattr(ids, "getrandbits", lambda bits: 0)
     header = new_traceparent_header()
     assert header == f"00-{'0' * 31}1-{'0' * 15}1-01"
     assert parse_traceparent(header) is not None
